@@ -1,0 +1,85 @@
+//! Storage devices under a Parallax store.
+//!
+//! A [`BlockDevice`] is a flat array of bytes with positional reads and
+//! writes, a durability point ([`BlockDevice::flush`]) and a way to give
+//! space back ([`BlockDevice::discard`]). Everything above this crate talks
+//! to storage only through this trait, so that tests can swap the real
+//! device for one that loses writes on command.
+//!
+//! Contract shared by every implementation:
+//! - `read_at` and `write_at` transfer the whole buffer or fail; offsets and
+//!   lengths must lie inside `[0, len())`, otherwise the call fails with
+//!   `InvalidInput` and touches nothing.
+//! - A write is *durable* only once a later `flush` has returned `Ok`.
+//!   Before that a power cut may drop it, keep it, or (for the crash
+//!   simulator) tear it.
+//! - Calls may be made from several threads at once.
+//!
+//! Implementations: [`FileDevice`] (a regular file or a raw block device,
+//! optionally `O_DIRECT`), [`MemDevice`] (a volatile byte vector), and
+//! [`CrashDevice`] (a simulator keeping durable and written state apart).
+
+mod crash;
+mod file;
+mod mem;
+
+pub use crash::{CrashDevice, CrashMode, Fault};
+pub use file::{FileDevice, OpenMode};
+pub use mem::MemDevice;
+
+use std::io;
+
+/// A flat, fixed-size array of bytes with a durability point.
+pub trait BlockDevice: Send + Sync {
+    /// Size of the device in bytes.
+    fn len(&self) -> u64;
+
+    /// True when the device holds no bytes.
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Reads exactly `buf.len()` bytes at `offset`.
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()>;
+
+    /// Writes all of `buf` at `offset`. Not durable until [`flush`](Self::flush).
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()>;
+
+    /// Makes every write that completed before this call durable
+    /// (`fdatasync` for files and block devices).
+    fn flush(&self) -> io::Result<()>;
+
+    /// Tells the device that `[offset, offset + len)` is no longer needed.
+    /// Its content becomes unspecified (files read zeros after hole
+    /// punching). Implementations may ignore the request.
+    fn discard(&self, offset: u64, len: u64) -> io::Result<()>;
+}
+
+/// Checks that `[offset, offset + len)` lies inside a device of `size` bytes.
+pub(crate) fn check_range(size: u64, offset: u64, len: u64) -> io::Result<()> {
+    match offset.checked_add(len) {
+        Some(end) if end <= size => Ok(()),
+        _ => Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("I/O range {offset}+{len} is outside the device of {size} bytes"),
+        )),
+    }
+}
+
+impl<T: BlockDevice + ?Sized> BlockDevice for std::sync::Arc<T> {
+    fn len(&self) -> u64 {
+        (**self).len()
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        (**self).read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        (**self).write_at(buf, offset)
+    }
+    fn flush(&self) -> io::Result<()> {
+        (**self).flush()
+    }
+    fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
+        (**self).discard(offset, len)
+    }
+}
