@@ -187,7 +187,9 @@ mod tests {
             Err(e) => e,
         };
         assert!(matches!(err, ImageError::Io { .. }));
-        assert!(err.to_string().contains("/nonexistent/parallax/image.qcow2"));
+        assert!(err
+            .to_string()
+            .contains("/nonexistent/parallax/image.qcow2"));
     }
 
     #[test]
