@@ -1,0 +1,312 @@
+//! Block allocation from extents.
+//!
+//! The store is divided into extents (see `parallax_format::Superblock`);
+//! each has an allocation bitmap kept in two ping-pong slots and an owner
+//! (the host id holding the extent, 0 = unowned). This allocator hands out
+//! blocks only from extents owned by its host id, and claims an unowned
+//! extent (writing its owner field) when the owned ones are full. It never
+//! touches extents owned by another host, so several appliances can later
+//! share one store; the claim itself will then run under the store lock
+//! that the multi-host work adds.
+//!
+//! Invariants (the crash-consistency argument of `docs/FORMAT.md` rests on them):
+//! - The durable bitmap of every extent is a superset of the blocks that any
+//!   durable metadata (superblock, VDI header) can reach. Hence: new
+//!   allocations reach the disk in a [`Allocator::plan_sync`] write that is
+//!   flushed *before* the header that references them; and a block is given
+//!   back ([`Allocator::release`]) only after the commit that stopped
+//!   referencing it is durable.
+//! - Bitmap slot writes are serialised (the store holds its sync lock from
+//!   plan to flush), so a slot is overwritten only while the other slot holds
+//!   the latest durable state.
+
+use crate::error::{Error, Result};
+use parallax_device::BlockDevice;
+use parallax_format::{BitmapBlock, Block, Superblock, BLOCK_SIZE, BLOCK_SIZE_U64};
+
+struct Extent {
+    bitmap: BitmapBlock,
+    /// Data blocks in this extent.
+    len: u64,
+    free: u64,
+    /// Slot (0 = A, 1 = B) that the next bitmap write goes to.
+    next_slot: u64,
+    dirty: bool,
+    /// Where to start looking for a free block.
+    hint: u64,
+}
+
+/// A bitmap write planned by [`Allocator::plan_sync`].
+pub(crate) struct BitmapWrite {
+    extent: usize,
+    pub addr: u64,
+    pub block: Box<Block>,
+    generation: u64,
+}
+
+/// See the module documentation.
+pub(crate) struct Allocator {
+    host_id: u64,
+    store_id: u64,
+    first_extent: u64,
+    extent_blocks: u64,
+    extents: Vec<Extent>,
+    cursor: usize,
+}
+
+impl Allocator {
+    /// Reads every extent's bitmap. An extent with no valid slot has never
+    /// been written completely and is unowned and empty.
+    pub fn load(dev: &dyn BlockDevice, sb: &Superblock, host_id: u64) -> Result<Self> {
+        let mut extents = Vec::with_capacity(sb.extent_count as usize);
+        let mut buf = vec![0u8; 2 * BLOCK_SIZE];
+        for index in 0..sb.extent_count {
+            let start = sb.extent_start(index);
+            dev.read_at(&mut buf, start * BLOCK_SIZE_U64)
+                .map_err(Error::io(format!("reading the bitmaps of extent {index}")))?;
+            let len = sb.extent_len(index);
+            let slots: Vec<Option<BitmapBlock>> = (0..2)
+                .map(|s| {
+                    let block = &buf[s * BLOCK_SIZE..(s + 1) * BLOCK_SIZE];
+                    BitmapBlock::decode(block, start + s as u64, Some(sb.store_id))
+                        .ok()
+                        .filter(|b| b.extent_index == index && b.data_blocks == len)
+                })
+                .collect();
+            let best = match (&slots[0], &slots[1]) {
+                (Some(a), Some(b)) if b.generation > a.generation => Some((1, b.clone())),
+                (Some(a), _) => Some((0, a.clone())),
+                (None, Some(b)) => Some((1, b.clone())),
+                (None, None) => None,
+            };
+            let (next_slot, bitmap) = match best {
+                Some((slot, bm)) => (1 - slot, bm),
+                None => (0, BitmapBlock::empty(index, len)),
+            };
+            let free = len - bitmap.count();
+            extents.push(Extent {
+                bitmap,
+                len,
+                free,
+                next_slot,
+                dirty: false,
+                hint: 0,
+            });
+        }
+        Ok(Allocator {
+            host_id,
+            store_id: sb.store_id,
+            first_extent: sb.first_extent,
+            extent_blocks: sb.extent_blocks(),
+            extents,
+            cursor: 0,
+        })
+    }
+
+    fn addr_of(&self, extent: usize, index: u64) -> u64 {
+        self.first_extent + extent as u64 * self.extent_blocks + 2 + index
+    }
+
+    fn locate(&self, addr: u64) -> Option<(usize, u64)> {
+        let rel = addr.checked_sub(self.first_extent)?;
+        let extent = (rel / self.extent_blocks) as usize;
+        let within = rel % self.extent_blocks;
+        let e = self.extents.get(extent)?;
+        (within >= 2 && within - 2 < e.len).then_some((extent, within - 2))
+    }
+
+    /// Free blocks this host may still allocate: free blocks of its own
+    /// extents and of unowned extents.
+    pub fn free_blocks(&self) -> u64 {
+        self.extents
+            .iter()
+            .filter(|e| e.bitmap.owner == self.host_id || e.bitmap.owner == 0)
+            .map(|e| e.free)
+            .sum()
+    }
+
+    /// Data blocks in the whole store, and allocated ones (all owners).
+    pub fn totals(&self) -> (u64, u64) {
+        let total = self.extents.iter().map(|e| e.len).sum();
+        let used = self.extents.iter().map(|e| e.len - e.free).sum();
+        (total, used)
+    }
+
+    /// Whether `addr` is a data block marked allocated.
+    pub fn is_allocated(&self, addr: u64) -> bool {
+        self.locate(addr)
+            .is_some_and(|(e, i)| self.extents[e].bitmap.get(i))
+    }
+
+    /// Allocates one block, refusing when no more than `reserve` free blocks
+    /// would remain (metadata allocations pass 0, data allocations keep room
+    /// for the metadata their commit will need).
+    pub fn allocate(&mut self, reserve: u64) -> Result<u64> {
+        if self.free_blocks() <= reserve {
+            return Err(Error::NoSpace);
+        }
+        let n = self.extents.len();
+        // Owned extents first, starting at the cursor; then claim one.
+        for pass in 0..2 {
+            for step in 0..n {
+                let ei = (self.cursor + step) % n;
+                let e = &self.extents[ei];
+                let usable = if pass == 0 {
+                    e.bitmap.owner == self.host_id
+                } else {
+                    e.bitmap.owner == 0
+                };
+                if !usable || e.free == 0 {
+                    continue;
+                }
+                if let Some(index) = self.find_free(ei) {
+                    let e = &mut self.extents[ei];
+                    e.bitmap.owner = self.host_id;
+                    e.bitmap.set(index, true);
+                    e.free -= 1;
+                    e.dirty = true;
+                    e.hint = index + 1;
+                    self.cursor = ei;
+                    return Ok(self.addr_of(ei, index));
+                }
+            }
+        }
+        Err(Error::NoSpace)
+    }
+
+    fn find_free(&self, ei: usize) -> Option<u64> {
+        let e = &self.extents[ei];
+        let scan = |from: u64, to: u64| (from..to).find(|&i| !e.bitmap.get(i));
+        scan(e.hint.min(e.len), e.len).or_else(|| scan(0, e.hint.min(e.len)))
+    }
+
+    /// Returns a block to the free pool. Only for blocks that no durable
+    /// metadata references any more.
+    pub fn release(&mut self, addr: u64) {
+        if let Some((ei, index)) = self.locate(addr) {
+            let e = &mut self.extents[ei];
+            if e.bitmap.get(index) {
+                e.bitmap.set(index, false);
+                e.free += 1;
+                e.dirty = true;
+                e.hint = e.hint.min(index);
+            }
+        }
+    }
+
+    /// Encodes the bitmap of every changed extent for its next slot.
+    pub fn plan_sync(&mut self) -> Vec<BitmapWrite> {
+        let mut writes = Vec::new();
+        for (ei, e) in self.extents.iter_mut().enumerate() {
+            if !e.dirty {
+                continue;
+            }
+            e.dirty = false;
+            let mut bm = e.bitmap.clone();
+            bm.generation += 1;
+            let addr = self.first_extent + ei as u64 * self.extent_blocks + e.next_slot;
+            let (block, _) = bm.encode(self.store_id, addr);
+            writes.push(BitmapWrite {
+                extent: ei,
+                addr,
+                block,
+                generation: bm.generation,
+            });
+        }
+        writes
+    }
+
+    /// Records that planned writes are durable (`ok`), or that they failed
+    /// and must be written again.
+    pub fn finish_sync(&mut self, writes: &[BitmapWrite], ok: bool) {
+        for w in writes {
+            let e = &mut self.extents[w.extent];
+            if ok {
+                e.bitmap.generation = w.generation;
+                e.next_slot = 1 - e.next_slot;
+            } else {
+                e.dirty = true;
+            }
+        }
+    }
+
+    /// Replaces every bitmap owned by this host (or unowned) with `marked`
+    /// (used by `gc`): blocks not in `marked` become free.
+    pub fn rebuild(&mut self, marked: &dyn Fn(u64) -> bool) -> u64 {
+        let mut freed = 0;
+        for ei in 0..self.extents.len() {
+            let owner = self.extents[ei].bitmap.owner;
+            if owner != self.host_id && owner != 0 {
+                continue;
+            }
+            for index in 0..self.extents[ei].len {
+                let addr = self.addr_of(ei, index);
+                if self.extents[ei].bitmap.get(index) && !marked(addr) {
+                    self.release(addr);
+                    freed += 1;
+                }
+            }
+        }
+        freed
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use parallax_device::MemDevice;
+    use parallax_format::{Ptr, SUPERBLOCK_REGISTRY_SLOTS};
+
+    fn sb() -> Superblock {
+        Superblock {
+            store_id: 1,
+            generation: 1,
+            total_blocks: 2 + 2 * 18,
+            extent_data_blocks: 16,
+            extent_count: 2,
+            first_extent: 2,
+            next_vdi_id: 1,
+            created_ns: 0,
+            registry: vec![Ptr::NULL; SUPERBLOCK_REGISTRY_SLOTS],
+        }
+    }
+
+    #[test]
+    fn allocates_claims_releases_and_persists() {
+        let dev = MemDevice::new(38 * 4096);
+        let mut a = Allocator::load(&dev, &sb(), 7).unwrap();
+        assert_eq!(a.free_blocks(), 32);
+        let mut got = Vec::new();
+        while let Ok(addr) = a.allocate(0) {
+            got.push(addr);
+        }
+        assert_eq!(got.len(), 32);
+        assert_eq!(got[0], 4);
+        assert!(got.iter().all(|&b| a.is_allocated(b)));
+        a.release(got[3]);
+        assert_eq!(a.allocate(0).unwrap(), got[3]);
+        assert!(matches!(a.allocate(0), Err(Error::NoSpace)));
+        a.release(got[5]);
+        assert!(matches!(a.allocate(1), Err(Error::NoSpace)));
+
+        let plan = a.plan_sync();
+        assert_eq!(plan.len(), 2);
+        for w in &plan {
+            dev.write_at(&w.block[..], w.addr * 4096).unwrap();
+        }
+        a.finish_sync(&plan, true);
+        let b = Allocator::load(&dev, &sb(), 7).unwrap();
+        assert_eq!(b.free_blocks(), 1);
+        assert!(!b.is_allocated(got[5]));
+        // Another host sees nothing it may allocate.
+        let c = Allocator::load(&dev, &sb(), 8).unwrap();
+        assert_eq!(c.free_blocks(), 0);
+        // Second sync goes to the other slot, and a torn slot falls back.
+        a.release(got[0]);
+        let plan = a.plan_sync();
+        assert_eq!(plan[0].addr, 3);
+        dev.write_at(&[0xff; 100], 3 * 4096).unwrap();
+        let d = Allocator::load(&dev, &sb(), 7).unwrap();
+        assert!(d.is_allocated(got[0]));
+    }
+}

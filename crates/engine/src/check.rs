@@ -1,0 +1,343 @@
+//! Consistency check and garbage collection.
+//!
+//! Both start with the same *mark* pass over the durable state: from the
+//! newest valid superblock, every registry block, every disk's newest valid
+//! header, its snapshot log, its live tree and every snapshot's tree. Every
+//! node is read from the device and verified (checksum, kind, level, store
+//! id, address, the parent's check value).
+//!
+//! `check` then verifies the invariants the crash-consistency argument
+//! relies on:
+//! - every referenced block lies in an extent's data area and is marked
+//!   allocated in the durable bitmap;
+//! - no block is used in two roles (node and data, log and header...);
+//! - every block a live tree owns (reached from its root through writable
+//!   pointers only) is referenced exactly once in the whole store, so
+//!   changing it in place cannot affect a snapshot or another disk;
+//! - names are unique, ids below the superblock's next id.
+//!
+//! Blocks marked allocated but unreferenced are *leaks*: legal after a
+//! crash or a snapshot delete, reported, and returned by `gc`.
+
+use crate::alloc::Allocator;
+use crate::error::{Error, Result};
+use crate::store::{Catalog, Store};
+use crate::vdi::{read_log_chain, VdiInner};
+use parallax_format::{
+    Ptr, Superblock, BLOCK_SIZE, BLOCK_SIZE_U64, SUPERBLOCK_ADDRS, TREE_HEIGHT,
+};
+use parking_lot::RwLockWriteGuard;
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+
+/// What `check` found.
+#[derive(Debug, Clone, Default)]
+pub struct CheckReport {
+    /// Violated invariants: the store is damaged.
+    pub errors: Vec<String>,
+    /// Harmless findings (a torn superblock copy, leaked blocks).
+    pub warnings: Vec<String>,
+    pub disks: u64,
+    pub snapshots: u64,
+    pub tree_nodes: u64,
+    pub data_blocks: u64,
+    pub metadata_blocks: u64,
+    pub leaked_blocks: u64,
+}
+
+impl CheckReport {
+    pub fn is_clean(&self) -> bool {
+        self.errors.is_empty()
+    }
+}
+
+/// What `gc` did.
+#[derive(Debug, Clone, Default)]
+pub struct GcReport {
+    pub freed_blocks: u64,
+    pub freed_bytes: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Role {
+    Registry,
+    Header,
+    Log,
+    Node(u8),
+    Data,
+}
+
+#[derive(Default)]
+struct Marking {
+    roles: HashMap<u64, Role>,
+    refs: HashMap<u64, u32>,
+    errors: Vec<String>,
+    warnings: Vec<String>,
+    /// For each disk, the blocks its live tree owns.
+    live_owned: Vec<(String, HashSet<u64>)>,
+    disks: u64,
+    snapshots: u64,
+}
+
+impl Marking {
+    /// Records a reference; returns true the first time the block is seen.
+    fn mark(&mut self, addr: u64, role: Role, who: &str) -> bool {
+        *self.refs.entry(addr).or_insert(0) += 1;
+        match self.roles.get(&addr) {
+            None => {
+                self.roles.insert(addr, role);
+                true
+            }
+            Some(r) if *r == role => false,
+            Some(r) => {
+                self.errors.push(format!(
+                    "block {addr} is used as {r:?} and as {role:?} (by {who})"
+                ));
+                false
+            }
+        }
+    }
+
+    fn walk_tree(&mut self, store: &Store, root: Ptr, who: &str, owned: Option<&mut HashSet<u64>>) {
+        let mut owned = owned;
+        self.walk(store, root, (TREE_HEIGHT - 1) as u8, who, true, &mut owned);
+    }
+
+    fn walk(
+        &mut self,
+        store: &Store,
+        ptr: Ptr,
+        level: u8,
+        who: &str,
+        path_writable: bool,
+        owned: &mut Option<&mut HashSet<u64>>,
+    ) {
+        let first = self.mark(ptr.addr(), Role::Node(level), who);
+        if path_writable {
+            if let Some(o) = owned.as_deref_mut() {
+                o.insert(ptr.addr());
+            }
+        }
+        // A node shared by several trees is descended into once. (A live
+        // tree's owned node seen before is already an error: its reference
+        // count is above one.)
+        if !first {
+            return;
+        }
+        let node = match store.inner.meta.load_node(ptr, level) {
+            Ok(n) => n,
+            Err(e) => {
+                self.errors.push(format!("{who}: {e}"));
+                return;
+            }
+        };
+        for e in node.entries.iter().filter(|e| !e.is_null()) {
+            let writable = path_writable && e.writable();
+            if level == 0 {
+                self.mark(e.addr(), Role::Data, who);
+                if writable {
+                    if let Some(o) = owned.as_deref_mut() {
+                        o.insert(e.addr());
+                    }
+                }
+            } else {
+                self.walk(store, *e, level - 1, who, writable, owned);
+            }
+        }
+    }
+}
+
+fn mark_all(store: &Store, catalog: &Catalog) -> Marking {
+    let mut m = Marking::default();
+    let meta = &store.inner.meta;
+    for (slot, p) in catalog.sb.registry.iter().enumerate() {
+        if !p.is_null() {
+            m.mark(p.addr(), Role::Registry, &format!("registry slot {slot}"));
+        }
+    }
+    let mut names = HashSet::new();
+    let mut ids = HashSet::new();
+    for entry in catalog.entries() {
+        m.disks += 1;
+        let who = format!("disk {}", entry.name);
+        if !names.insert(entry.name.clone()) {
+            m.errors.push(format!("{who}: name used twice in the registry"));
+        }
+        if !ids.insert(entry.vdi_id) || entry.vdi_id >= catalog.sb.next_vdi_id {
+            m.errors
+                .push(format!("{who}: id {} is duplicated or not yet issued", entry.vdi_id));
+        }
+        m.mark(entry.header_a, Role::Header, &who);
+        m.mark(entry.header_b, Role::Header, &who);
+        let header = match store.read_vdi_header(&entry) {
+            Ok((h, _)) => h,
+            Err(e) => {
+                m.errors.push(format!("{who}: {e}"));
+                continue;
+            }
+        };
+        if header.name != entry.name {
+            m.warnings.push(format!(
+                "{who}: header records the name {:?}",
+                header.name
+            ));
+        }
+        let log = match read_log_chain(&store.inner, header.log_head, entry.vdi_id) {
+            Ok(l) => l,
+            Err(e) => {
+                m.errors.push(format!("{who}: snapshot log: {e}"));
+                Vec::new()
+            }
+        };
+        let mut snaps: Vec<(u64, String, Ptr)> = Vec::new();
+        for (addr, block) in &log {
+            m.mark(*addr, Role::Log, &who);
+            for e in &block.entries {
+                match e.kind {
+                    parallax_format::LogEntryKind::Taken => {
+                        snaps.push((e.snapshot_id, e.name.clone(), e.root))
+                    }
+                    parallax_format::LogEntryKind::Deleted => {
+                        snaps.retain(|s| s.0 != e.snapshot_id)
+                    }
+                }
+            }
+        }
+        if snaps.len() as u64 != header.snapshot_count {
+            m.errors.push(format!(
+                "{who}: header counts {} snapshots, the log has {}",
+                header.snapshot_count,
+                snaps.len()
+            ));
+        }
+        let mut snap_names = HashSet::new();
+        for (id, name, root) in &snaps {
+            m.snapshots += 1;
+            if !snap_names.insert(name.clone()) || *id >= header.next_snapshot_id {
+                m.errors
+                    .push(format!("{who}@{name}: duplicate name or id {id} not yet issued"));
+            }
+            m.walk_tree(store, *root, &format!("{who}@{name}"), None);
+        }
+        let mut owned = HashSet::new();
+        m.walk_tree(store, header.root, &who, Some(&mut owned));
+        if let Err(e) = meta.check_ptr(header.root, "root") {
+            m.errors.push(format!("{who}: {e}"));
+        }
+        m.live_owned.push((entry.name.clone(), owned));
+    }
+    m
+}
+
+fn durable_allocator(store: &Store, sb: &Superblock) -> Result<Allocator> {
+    Allocator::load(&*store.inner.meta.dev, sb, 0)
+}
+
+impl Store {
+    /// Verifies every invariant of the durable state. Disks open in this
+    /// process should be flushed first, or their unflushed allocations are
+    /// reported as leaks.
+    pub fn check(&self) -> Result<CheckReport> {
+        let catalog = self.inner.catalog.lock();
+        let sb = catalog.sb.clone();
+        let mut report = CheckReport::default();
+        for &addr in &SUPERBLOCK_ADDRS {
+            let mut b = vec![0u8; BLOCK_SIZE];
+            self.inner
+                .meta
+                .dev
+                .read_at(&mut b, addr * BLOCK_SIZE_U64)
+                .map_err(Error::io("reading the superblock"))?;
+            if let Err(e) = Superblock::decode(&b, addr) {
+                report.warnings.push(format!(
+                    "superblock copy {addr} is not usable ({e}); the other copy is in use"
+                ));
+            }
+        }
+        let mut m = mark_all(self, &catalog);
+        drop(catalog);
+        let alloc = durable_allocator(self, &sb)?;
+        for (&addr, role) in &m.roles {
+            if sb.locate(addr).is_none() {
+                m.errors.push(format!(
+                    "block {addr} ({role:?}) is not in any extent's data area"
+                ));
+            } else if !alloc.is_allocated(addr) {
+                m.errors.push(format!(
+                    "block {addr} ({role:?}) is referenced but marked free in its extent bitmap"
+                ));
+            }
+            match role {
+                Role::Node(_) => report.tree_nodes += 1,
+                Role::Data => report.data_blocks += 1,
+                _ => report.metadata_blocks += 1,
+            }
+        }
+        for (name, owned) in &m.live_owned {
+            for addr in owned {
+                let refs = m.refs.get(addr).copied().unwrap_or(0);
+                if refs != 1 {
+                    m.errors.push(format!(
+                        "disk {name} owns block {addr} (writable path) but it is referenced {refs} times"
+                    ));
+                }
+            }
+        }
+        // Leaks: allocated, unreferenced data-area blocks.
+        for e in 0..sb.extent_count {
+            let start = sb.extent_start(e) + 2;
+            for i in 0..sb.extent_len(e) {
+                let addr = start + i;
+                if alloc.is_allocated(addr) && !m.roles.contains_key(&addr) {
+                    report.leaked_blocks += 1;
+                }
+            }
+        }
+        if report.leaked_blocks > 0 {
+            m.warnings.push(format!(
+                "{} blocks are allocated but unreferenced (leaked by a crash, a deleted snapshot or a rollback); `gc` returns them",
+                report.leaked_blocks
+            ));
+        }
+        m.errors.sort();
+        m.errors.dedup();
+        report.errors = m.errors;
+        report.warnings.append(&mut m.warnings);
+        report.disks = m.disks;
+        report.snapshots = m.snapshots;
+        Ok(report)
+    }
+
+    /// Mark and sweep: returns to the free pool every block of this host's
+    /// extents that nothing references. Open disks are flushed first and
+    /// held still while it runs.
+    pub fn gc(&self) -> Result<GcReport> {
+        let open: Vec<Arc<VdiInner>> = self.open_handles();
+        let mut guards: Vec<RwLockWriteGuard<'_, crate::vdi::VdiState>> = Vec::new();
+        for v in &open {
+            let mut st = v.state.write();
+            v.commit(&mut st, None)?;
+            guards.push(st);
+        }
+        let catalog = self.inner.catalog.lock();
+        let m = mark_all(self, &catalog);
+        if !m.errors.is_empty() {
+            return Err(Error::Inconsistent(format!(
+                "gc refuses to run on a damaged store: {}",
+                m.errors.join("; ")
+            )));
+        }
+        let freed = self
+            .inner
+            .alloc
+            .lock()
+            .rebuild(&|addr| m.roles.contains_key(&addr));
+        self.inner.sync_bitmaps()?;
+        drop(catalog);
+        drop(guards);
+        Ok(GcReport {
+            freed_blocks: freed,
+            freed_bytes: freed * BLOCK_SIZE_U64,
+        })
+    }
+}

@@ -1,0 +1,115 @@
+//! Metadata block I/O and the node cache.
+//!
+//! Tree nodes are immutable once written (copy-on-write), so the cache needs
+//! no invalidation except when a block is freed and may be reused: the store
+//! evicts it then. As a second line of defence, every cache hit is checked
+//! against the parent pointer's check value.
+
+use crate::error::{Error, Result};
+use lru::LruCache;
+use parallax_device::BlockDevice;
+use parallax_format::{zeroed_block, Block, FormatError, NodeBlock, Ptr, BLOCK_SIZE_U64};
+use parking_lot::Mutex;
+use std::num::NonZeroUsize;
+use std::sync::Arc;
+
+/// Nodes kept in memory by default (4 KiB each): 64 MiB.
+pub const DEFAULT_CACHE_NODES: usize = 16384;
+
+struct Cached {
+    node: Arc<NodeBlock>,
+    crc: u32,
+}
+
+/// See the module documentation.
+pub(crate) struct MetaIo {
+    pub dev: Arc<dyn BlockDevice>,
+    pub store_id: u64,
+    pub total_blocks: u64,
+    cache: Mutex<LruCache<u64, Cached>>,
+}
+
+impl MetaIo {
+    pub fn new(dev: Arc<dyn BlockDevice>, store_id: u64, total_blocks: u64, cache_nodes: usize) -> Self {
+        let cap = NonZeroUsize::new(cache_nodes.max(16)).unwrap_or(NonZeroUsize::MIN);
+        MetaIo {
+            dev,
+            store_id,
+            total_blocks,
+            cache: Mutex::new(LruCache::new(cap)),
+        }
+    }
+
+    /// Checks that a pointer read from metadata stays inside the store.
+    pub fn check_ptr(&self, p: Ptr, what: &str) -> Result<()> {
+        if !p.is_null() && (p.addr() < 2 || p.addr() >= self.total_blocks) {
+            return Err(Error::Inconsistent(format!(
+                "{what} points at block {}, outside the store's {} blocks",
+                p.addr(),
+                self.total_blocks
+            )));
+        }
+        Ok(())
+    }
+
+    pub fn read_block(&self, addr: u64, what: &str) -> Result<Box<Block>> {
+        let mut b = zeroed_block();
+        self.dev
+            .read_at(&mut b[..], addr * BLOCK_SIZE_U64)
+            .map_err(Error::io(format!("reading {what} at block {addr}")))?;
+        Ok(b)
+    }
+
+    pub fn write_block(&self, addr: u64, block: &Block, what: &str) -> Result<()> {
+        self.dev
+            .write_at(&block[..], addr * BLOCK_SIZE_U64)
+            .map_err(Error::io(format!("writing {what} at block {addr}")))
+    }
+
+    pub fn flush(&self) -> Result<()> {
+        self.dev.flush().map_err(Error::io("flushing the device"))
+    }
+
+    /// Loads the tree node `ptr` points at, expected at `level`.
+    pub fn load_node(&self, ptr: Ptr, level: u8) -> Result<Arc<NodeBlock>> {
+        self.check_ptr(ptr, "a tree pointer")?;
+        let addr = ptr.addr();
+        if let Some(c) = self.cache.lock().get(&addr) {
+            if ptr.matches_crc(c.crc) && c.node.level == level {
+                return Ok(c.node.clone());
+            }
+        }
+        let block = self.read_block(addr, "a tree node")?;
+        let (node, _, crc) = NodeBlock::decode(&block[..], addr, Some(self.store_id), level)?;
+        if !ptr.matches_crc(crc) {
+            return Err(FormatError::Stale {
+                addr,
+                found: crc & 0x7f_ffff,
+                expected: ptr.check(),
+            }
+            .into());
+        }
+        for p in &node.entries {
+            self.check_ptr(*p, "a tree node entry")?;
+        }
+        let node = Arc::new(node);
+        self.cache.lock().put(
+            addr,
+            Cached {
+                node: node.clone(),
+                crc,
+            },
+        );
+        Ok(node)
+    }
+
+    /// Puts a node just written into the cache.
+    pub fn cache_node(&self, addr: u64, node: Arc<NodeBlock>, crc: u32) {
+        self.cache.lock().put(addr, Cached { node, crc });
+    }
+
+    /// Forgets a block that is being freed.
+    pub fn evict(&self, addr: u64) {
+        self.cache.lock().pop(&addr);
+    }
+}

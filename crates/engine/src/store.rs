@@ -1,0 +1,666 @@
+//! The block store: superblock, registry of disks, allocation, and the
+//! operations that change the catalogue (create, clone, delete).
+//!
+//! Catalogue changes are committed through the superblock: the registry
+//! block that changes is copied to a new block, the bitmaps are synced and
+//! flushed, then the superblock copy with the lower generation is
+//! overwritten and flushed. Per-disk commits never touch the superblock
+//! (see `vdi.rs`), so several hosts will be able to commit their own disks
+//! independently and take a store-wide lock only for catalogue changes.
+
+use crate::alloc::Allocator;
+use crate::error::{Error, Result};
+use crate::meta::{MetaIo, DEFAULT_CACHE_NODES};
+use crate::time::now_ns;
+use crate::tree::Tree;
+use crate::vdi::{collect_owned, read_log_chain, SnapshotView, Vdi, VdiInner, MAX_VDI_SIZE};
+use parallax_device::BlockDevice;
+use parallax_format::{
+    validate_name, BitmapBlock, FormatError, Ptr, RegistryBlock, RegistryEntry, Superblock,
+    VdiHeader, BITMAP_BITS, BLOCK_SIZE, BLOCK_SIZE_U64, FORMAT_VERSION, MAGIC,
+    REGISTRY_ENTRIES_PER_BLOCK, SUPERBLOCK_ADDRS, SUPERBLOCK_REGISTRY_SLOTS, TREE_HEIGHT,
+};
+use parking_lot::Mutex;
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Weak};
+
+/// Options for [`Store::create`].
+#[derive(Debug, Clone)]
+pub struct CreateOptions {
+    /// Data blocks per extent (at most 31744, the default: 124 MiB).
+    pub extent_data_blocks: u64,
+    pub host_id: u64,
+}
+
+impl Default for CreateOptions {
+    fn default() -> Self {
+        CreateOptions {
+            extent_data_blocks: BITMAP_BITS as u64,
+            host_id: 1,
+        }
+    }
+}
+
+/// Options for [`Store::open`].
+#[derive(Debug, Clone)]
+pub struct OpenOptions {
+    /// This appliance's host id: it allocates only from extents it owns.
+    pub host_id: u64,
+    /// Tree nodes kept in the cache.
+    pub cache_nodes: usize,
+}
+
+impl Default for OpenOptions {
+    fn default() -> Self {
+        OpenOptions {
+            host_id: 1,
+            cache_nodes: DEFAULT_CACHE_NODES,
+        }
+    }
+}
+
+/// Space figures of a store.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoreStats {
+    pub capacity_bytes: u64,
+    pub used_bytes: u64,
+    pub free_bytes: u64,
+}
+
+pub(crate) struct Catalog {
+    pub sb: Superblock,
+    /// Superblock copy the next catalogue commit writes.
+    next_sb_slot: usize,
+    /// Decoded registry blocks, parallel to `sb.registry`.
+    pub registry: Vec<Option<RegistryBlock>>,
+    poisoned: bool,
+}
+
+impl Catalog {
+    pub fn find(&self, name: &str) -> Option<(usize, RegistryEntry)> {
+        self.registry.iter().enumerate().find_map(|(i, b)| {
+            b.as_ref()?
+                .entries
+                .iter()
+                .find(|e| e.name == name)
+                .map(|e| (i, e.clone()))
+        })
+    }
+
+    pub fn entries(&self) -> Vec<RegistryEntry> {
+        self.registry
+            .iter()
+            .flatten()
+            .flat_map(|b| b.entries.iter().cloned())
+            .collect()
+    }
+}
+
+pub(crate) struct StoreInner {
+    pub meta: MetaIo,
+    pub alloc: Mutex<Allocator>,
+    /// Held from planning a bitmap write to the flush that makes it durable.
+    sync_lock: Mutex<()>,
+    pub catalog: Mutex<Catalog>,
+    open: Mutex<HashMap<u64, Weak<VdiInner>>>,
+}
+
+impl StoreInner {
+    /// Writes changed bitmaps to their next slots and flushes the device:
+    /// after this, every allocation made so far is durable.
+    pub fn sync_bitmaps(&self) -> Result<()> {
+        let _sync = self.sync_lock.lock();
+        let plan = self.alloc.lock().plan_sync();
+        let result = plan
+            .iter()
+            .try_for_each(|w| self.meta.write_block(w.addr, &w.block, "an extent bitmap"))
+            .and_then(|_| self.meta.flush());
+        self.alloc.lock().finish_sync(&plan, result.is_ok());
+        result
+    }
+
+    /// Returns blocks that durable metadata no longer references.
+    pub fn release(&self, blocks: &[u64]) {
+        let mut alloc = self.alloc.lock();
+        for &b in blocks {
+            self.meta.evict(b);
+            alloc.release(b);
+        }
+    }
+}
+
+/// An open store. Cheap to clone.
+#[derive(Clone)]
+pub struct Store {
+    pub(crate) inner: Arc<StoreInner>,
+}
+
+fn random_id() -> u64 {
+    let mut bytes = [0u8; 8];
+    if let Ok(f) = std::fs::File::open("/dev/urandom") {
+        use std::io::Read;
+        let _ = (&f).read_exact(&mut bytes);
+    }
+    let id = u64::from_le_bytes(bytes) ^ now_ns().rotate_left(17) ^ u64::from(std::process::id());
+    id.max(1)
+}
+
+fn read_superblocks(dev: &dyn BlockDevice) -> Result<(Superblock, usize)> {
+    if dev.len() < 3 * BLOCK_SIZE_U64 {
+        return Err(Error::NotAStore(format!(
+            "the device is only {} bytes",
+            dev.len()
+        )));
+    }
+    let mut copies = Vec::new();
+    let mut errors = Vec::new();
+    for (slot, &addr) in SUPERBLOCK_ADDRS.iter().enumerate() {
+        let mut b = vec![0u8; BLOCK_SIZE];
+        dev.read_at(&mut b, addr * BLOCK_SIZE_U64)
+            .map_err(Error::io("reading the superblock"))?;
+        match Superblock::decode(&b, addr) {
+            Ok(sb) => copies.push((sb, slot)),
+            Err(e) => errors.push((b[0..4] == MAGIC, e)),
+        }
+    }
+    if let Some(best) = copies.into_iter().max_by_key(|(sb, _)| sb.generation) {
+        return Ok(best);
+    }
+    if let Some((_, FormatError::NewerVersion { found, .. })) = errors
+        .iter()
+        .find(|(_, e)| matches!(e, FormatError::NewerVersion { .. }))
+    {
+        return Err(Error::NewerVersion {
+            found: *found,
+            supported: FORMAT_VERSION,
+        });
+    }
+    if errors.iter().all(|(magic, _)| !magic) {
+        return Err(Error::NotAStore("no Parallax superblock found".into()));
+    }
+    let detail = errors
+        .into_iter()
+        .map(|(_, e)| e.to_string())
+        .collect::<Vec<_>>()
+        .join("; ");
+    Err(Error::Inconsistent(format!(
+        "both superblock copies are damaged: {detail}"
+    )))
+}
+
+impl Store {
+    /// Formats `dev` as an empty store. Everything on it is lost.
+    pub fn create(dev: Arc<dyn BlockDevice>, options: &CreateOptions) -> Result<Store> {
+        let d = options.extent_data_blocks;
+        if d == 0 || d > BITMAP_BITS as u64 {
+            return Err(Error::InvalidArgument(format!(
+                "extent size must be 1..={BITMAP_BITS} data blocks"
+            )));
+        }
+        let total_blocks = (dev.len() / BLOCK_SIZE_U64).min(parallax_format::MAX_BLOCK_ADDR);
+        let avail = total_blocks.saturating_sub(2);
+        let extent_count = avail / (d + 2) + u64::from(avail % (d + 2) >= 3);
+        if extent_count == 0 || total_blocks < 16 {
+            return Err(Error::InvalidArgument(format!(
+                "a device of {} bytes is too small for a store",
+                dev.len()
+            )));
+        }
+        let sb = Superblock {
+            store_id: random_id(),
+            generation: 1,
+            total_blocks,
+            extent_data_blocks: d,
+            extent_count,
+            first_extent: 2,
+            next_vdi_id: 1,
+            created_ns: now_ns(),
+            registry: vec![Ptr::NULL; SUPERBLOCK_REGISTRY_SLOTS],
+        };
+        let io = Error::io("formatting the store");
+        // Clear bitmap slots left by whatever was on the device before.
+        let zeros = vec![0u8; 2 * BLOCK_SIZE];
+        for e in 0..extent_count {
+            dev.write_at(&zeros, sb.extent_start(e) * BLOCK_SIZE_U64)
+                .map_err(Error::io("formatting the store"))?;
+        }
+        // Bitmaps claimed by the formatting host, so that a fresh store
+        // records who formatted it; extents stay free.
+        for e in 0..extent_count {
+            let mut bm = BitmapBlock::empty(e, sb.extent_len(e));
+            bm.generation = 1;
+            let addr = sb.extent_start(e);
+            let (b, _) = bm.encode(sb.store_id, addr);
+            dev.write_at(&b[..], addr * BLOCK_SIZE_U64)
+                .map_err(Error::io("formatting the store"))?;
+        }
+        dev.flush().map_err(Error::io("formatting the store"))?;
+        for &addr in &SUPERBLOCK_ADDRS {
+            let (b, _) = sb.encode(addr);
+            dev.write_at(&b[..], addr * BLOCK_SIZE_U64)
+                .map_err(Error::io("formatting the store"))?;
+        }
+        dev.flush().map_err(io)?;
+        Store::open(
+            dev,
+            &OpenOptions {
+                host_id: options.host_id,
+                ..OpenOptions::default()
+            },
+        )
+    }
+
+    /// Opens an existing store. Never repairs anything: a store that was
+    /// cut off at any instant opens as it is.
+    pub fn open(dev: Arc<dyn BlockDevice>, options: &OpenOptions) -> Result<Store> {
+        let (sb, slot) = read_superblocks(&*dev)?;
+        if dev.len() < sb.total_blocks * BLOCK_SIZE_U64 {
+            return Err(Error::Inconsistent(format!(
+                "the store needs {} bytes but the device has only {}",
+                sb.total_blocks * BLOCK_SIZE_U64,
+                dev.len()
+            )));
+        }
+        let meta = MetaIo::new(dev.clone(), sb.store_id, sb.total_blocks, options.cache_nodes);
+        let mut registry = Vec::with_capacity(sb.registry.len());
+        for (i, p) in sb.registry.iter().enumerate() {
+            if p.is_null() {
+                registry.push(None);
+                continue;
+            }
+            let raw = meta.read_block(p.addr(), "a registry block")?;
+            let (block, crc) = RegistryBlock::decode(&raw[..], p.addr(), Some(sb.store_id))?;
+            if !p.matches_crc(crc) {
+                return Err(FormatError::Stale {
+                    addr: p.addr(),
+                    found: crc & 0x7f_ffff,
+                    expected: p.check(),
+                }
+                .into());
+            }
+            for e in &block.entries {
+                for h in [e.header_a, e.header_b] {
+                    meta.check_ptr(Ptr::data(h.max(1), false), &format!("registry slot {i}"))?;
+                }
+            }
+            registry.push(Some(block));
+        }
+        let alloc = Allocator::load(&*dev, &sb, options.host_id)?;
+        Ok(Store {
+            inner: Arc::new(StoreInner {
+                meta,
+                alloc: Mutex::new(alloc),
+                sync_lock: Mutex::new(()),
+                catalog: Mutex::new(Catalog {
+                    sb,
+                    next_sb_slot: 1 - slot,
+                    registry,
+                    poisoned: false,
+                }),
+                open: Mutex::new(HashMap::new()),
+            }),
+        })
+    }
+
+    /// The store's random id.
+    pub fn store_id(&self) -> u64 {
+        self.inner.meta.store_id
+    }
+
+    /// Names of all disks, sorted.
+    pub fn list(&self) -> Vec<String> {
+        let mut names: Vec<String> = self
+            .inner
+            .catalog
+            .lock()
+            .entries()
+            .into_iter()
+            .map(|e| e.name)
+            .collect();
+        names.sort();
+        names
+    }
+
+    pub fn stats(&self) -> StoreStats {
+        let (total, used) = self.inner.alloc.lock().totals();
+        StoreStats {
+            capacity_bytes: total * BLOCK_SIZE_U64,
+            used_bytes: used * BLOCK_SIZE_U64,
+            free_bytes: (total - used) * BLOCK_SIZE_U64,
+        }
+    }
+
+    /// Opens a writable disk. Handles to one disk share its state.
+    pub fn open_vdi(&self, name: &str) -> Result<Vdi> {
+        let catalog = self.inner.catalog.lock();
+        let (_, entry) = catalog
+            .find(name)
+            .ok_or_else(|| Error::NotFound(format!("disk {name} does not exist")))?;
+        self.open_entry(&entry)
+    }
+
+    fn open_entry(&self, entry: &RegistryEntry) -> Result<Vdi> {
+        let mut open = self.inner.open.lock();
+        if let Some(inner) = open.get(&entry.vdi_id).and_then(Weak::upgrade) {
+            return Ok(Vdi { inner });
+        }
+        let (header, slot) = self.read_vdi_header(entry)?;
+        let inner = Arc::new(VdiInner::new(
+            self.inner.clone(),
+            [entry.header_a, entry.header_b],
+            header,
+            1 - slot,
+            entry.name.clone(),
+        )?);
+        open.insert(entry.vdi_id, Arc::downgrade(&inner));
+        Ok(Vdi { inner })
+    }
+
+    /// Reads both header copies of a disk and returns the newest valid one.
+    pub(crate) fn read_vdi_header(&self, entry: &RegistryEntry) -> Result<(VdiHeader, usize)> {
+        let meta = &self.inner.meta;
+        let mut best: Option<(VdiHeader, usize)> = None;
+        let mut errors = Vec::new();
+        for (slot, addr) in [entry.header_a, entry.header_b].into_iter().enumerate() {
+            let raw = meta.read_block(addr, "a VDI header")?;
+            match VdiHeader::decode(&raw[..], addr, Some(meta.store_id)) {
+                Ok(h) if h.vdi_id == entry.vdi_id => {
+                    if best.as_ref().is_none_or(|(b, _)| h.generation > b.generation) {
+                        best = Some((h, slot));
+                    }
+                }
+                Ok(h) => errors.push(format!(
+                    "block {addr} holds the header of disk id {}",
+                    h.vdi_id
+                )),
+                Err(e) => errors.push(e.to_string()),
+            }
+        }
+        let (header, slot) = best.ok_or_else(|| {
+            Error::Inconsistent(format!(
+                "disk {}: no valid header copy ({})",
+                entry.name,
+                errors.join("; ")
+            ))
+        })?;
+        meta.check_ptr(header.root, "a VDI root")?;
+        Ok((header, slot))
+    }
+
+    /// Creates an empty disk of `size` bytes (rounded up to 4 KiB).
+    pub fn create_vdi(&self, name: &str, size: u64) -> Result<Vdi> {
+        let size = size
+            .checked_next_multiple_of(BLOCK_SIZE_U64)
+            .filter(|s| *s > 0 && *s <= MAX_VDI_SIZE)
+            .ok_or_else(|| {
+                Error::InvalidArgument(format!(
+                    "disk size {size} must be between 1 byte and {MAX_VDI_SIZE} bytes"
+                ))
+            })?;
+        self.create_with_tree(name, size, Tree::empty(), 0, 0, String::new())
+    }
+
+    /// Clones snapshot `snapshot` of disk `disk` into a new writable disk
+    /// `new_name`, in O(1): the new root points at the snapshot's subtrees,
+    /// shared. The origin stays usable and independent.
+    pub fn clone_snapshot(&self, disk: &str, snapshot: &str, new_name: &str) -> Result<Vdi> {
+        let origin = self.open_vdi(disk)?;
+        let snap = origin.snapshot_info(snapshot)?;
+        let tree = Tree::shared_copy(&self.inner.meta, snap.root)?;
+        self.create_with_tree(
+            new_name,
+            snap.size_bytes,
+            tree,
+            origin.id(),
+            snap.id,
+            format!("{disk}@{snapshot}"),
+        )
+    }
+
+    fn create_with_tree(
+        &self,
+        name: &str,
+        size: u64,
+        tree: Tree,
+        origin_vdi: u64,
+        origin_snapshot: u64,
+        origin: String,
+    ) -> Result<Vdi> {
+        validate_name(name).map_err(Error::InvalidArgument)?;
+        let inner = &*self.inner;
+        let meta = &inner.meta;
+        let mut catalog = inner.catalog.lock();
+        if catalog.poisoned {
+            return Err(Error::Poisoned("the store catalogue".into()));
+        }
+        if catalog.find(name).is_some() {
+            return Err(Error::AlreadyExists(format!("disk {name} already exists")));
+        }
+        let slot = pick_registry_slot(&catalog)?;
+        let vdi_id = catalog.sb.next_vdi_id;
+        let mut allocated = Vec::new();
+        let result = (|| -> Result<(RegistryEntry, Ptr, Option<u64>, RegistryBlock)> {
+            let mut allocate = || inner.alloc.lock().allocate(0);
+            let header_a = allocate()?;
+            allocated.push(header_a);
+            let header_b = allocate()?;
+            allocated.push(header_b);
+            let plan = tree.write_dirty(meta, vdi_id, 1, &mut allocate, &mut allocated)?;
+            let mut header = VdiHeader {
+                vdi_id,
+                generation: 1,
+                size_bytes: size,
+                root: plan.root,
+                log_head: Ptr::NULL,
+                snapshot_count: 0,
+                next_snapshot_id: 1,
+                created_ns: now_ns(),
+                origin_vdi,
+                origin_snapshot,
+                name: name.to_string(),
+                origin,
+            };
+            let (b, _) = header.encode(meta.store_id, header_a);
+            meta.write_block(header_a, &b, "a VDI header")?;
+            header.generation = 0;
+            let (b, _) = header.encode(meta.store_id, header_b);
+            meta.write_block(header_b, &b, "a VDI header")?;
+            let entry = RegistryEntry {
+                vdi_id,
+                header_a,
+                header_b,
+                name: name.to_string(),
+            };
+            let mut block = catalog.registry[slot].clone().unwrap_or_default();
+            block.entries.push(entry.clone());
+            let (ptr, old) = write_registry_block(inner, &catalog, slot, &block, &mut allocated)?;
+            Ok((entry, ptr, old, block))
+        })();
+        let (entry, ptr, old, block) = match result {
+            Ok(r) => r,
+            Err(e) => {
+                inner.release(&allocated);
+                return Err(e);
+            }
+        };
+        let mut sb = catalog.sb.clone();
+        sb.registry[slot] = ptr;
+        sb.next_vdi_id += 1;
+        commit_superblock(inner, &mut catalog, sb, allocated)?;
+        catalog.registry[slot] = Some(block);
+        inner.release(&old.into_iter().collect::<Vec<_>>());
+        self.open_entry(&entry)
+    }
+
+    /// Deletes a disk and its snapshots. Open handles to it fail from now
+    /// on. Clones made from its snapshots keep working: they reference the
+    /// blocks they need. Blocks only the disk's live content used are freed
+    /// at once, and so is everything if no clone descends from the disk;
+    /// otherwise its snapshots' blocks wait for `gc`.
+    pub fn delete_vdi(&self, name: &str) -> Result<()> {
+        let inner = &*self.inner;
+        let vdi = self.open_vdi(name)?;
+        let mut catalog = inner.catalog.lock();
+        if catalog.poisoned {
+            return Err(Error::Poisoned("the store catalogue".into()));
+        }
+        let (slot, entry) = catalog
+            .find(name)
+            .ok_or_else(|| Error::NotFound(format!("disk {name} does not exist")))?;
+        let has_descendants = self.descendants_of(&catalog, entry.vdi_id)?;
+        let mut st = vdi.inner.state.write();
+        let mut freed: HashSet<u64> = vdi.inner.live_owned_blocks(&st)?.into_iter().collect();
+        if !has_descendants {
+            for s in &st.snapshots {
+                collect_owned(&inner.meta, s.root, (TREE_HEIGHT - 1) as u8, &mut freed)?;
+            }
+        }
+        for (addr, _) in read_log_chain(inner, st.header.log_head, entry.vdi_id)? {
+            freed.insert(addr);
+        }
+        freed.insert(entry.header_a);
+        freed.insert(entry.header_b);
+        let mut block = catalog.registry[slot].clone().unwrap_or_default();
+        block.entries.retain(|e| e.vdi_id != entry.vdi_id);
+        let mut allocated = Vec::new();
+        let (ptr, old) = if block.entries.is_empty() {
+            let old = catalog.sb.registry[slot].addr();
+            (Ptr::NULL, Some(old))
+        } else {
+            match write_registry_block(inner, &catalog, slot, &block, &mut allocated) {
+                Ok(r) => r,
+                Err(e) => {
+                    inner.release(&allocated);
+                    return Err(e);
+                }
+            }
+        };
+        let mut sb = catalog.sb.clone();
+        sb.registry[slot] = ptr;
+        commit_superblock(inner, &mut catalog, sb, allocated)?;
+        catalog.registry[slot] = (!block.entries.is_empty()).then_some(block);
+        st.deleted = true;
+        self.inner.open.lock().remove(&entry.vdi_id);
+        freed.extend(old);
+        inner.release(&freed.into_iter().collect::<Vec<_>>());
+        Ok(())
+    }
+
+    /// Whether any disk was cloned, directly or through other clones, from
+    /// a snapshot of disk `vdi_id`.
+    fn descendants_of(&self, catalog: &Catalog, vdi_id: u64) -> Result<bool> {
+        let mut parent = HashMap::new();
+        for e in catalog.entries() {
+            let (h, _) = self.read_vdi_header(&e)?;
+            parent.insert(e.vdi_id, h.origin_vdi);
+        }
+        for &start in parent.keys() {
+            let mut cur = start;
+            let mut steps = 0;
+            while let Some(&p) = parent.get(&cur) {
+                if p == 0 || steps > parent.len() {
+                    break;
+                }
+                if p == vdi_id {
+                    return Ok(true);
+                }
+                cur = p;
+                steps += 1;
+            }
+            // Also a parent that no longer exists may have been a clone of
+            // vdi_id; its own clones were made from its snapshots, which may
+            // share vdi_id's blocks. Be conservative.
+            if parent.get(&cur).is_some_and(|&p| p != 0 && !parent.contains_key(&p)) {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+
+    /// A read-only view of `disk@snapshot`.
+    pub fn open_snapshot(&self, disk: &str, snapshot: &str) -> Result<SnapshotView> {
+        let vdi = self.open_vdi(disk)?;
+        let info = vdi.snapshot_info(snapshot)?;
+        Ok(SnapshotView::new(self.inner.clone(), disk.to_string(), info))
+    }
+
+    pub(crate) fn open_handles(&self) -> Vec<Arc<VdiInner>> {
+        let mut open: Vec<Arc<VdiInner>> = self
+            .inner
+            .open
+            .lock()
+            .values()
+            .filter_map(Weak::upgrade)
+            .collect();
+        open.sort_by_key(|v| v.id);
+        open
+    }
+
+    /// Flushes every open disk.
+    pub fn flush_all(&self) -> Result<()> {
+        for inner in self.open_handles() {
+            Vdi { inner }.flush()?;
+        }
+        Ok(())
+    }
+}
+
+fn pick_registry_slot(catalog: &Catalog) -> Result<usize> {
+    let partly = catalog.registry.iter().position(|b| {
+        b.as_ref()
+            .is_some_and(|b| b.entries.len() < REGISTRY_ENTRIES_PER_BLOCK)
+    });
+    partly
+        .or_else(|| catalog.registry.iter().position(Option::is_none))
+        .ok_or_else(|| {
+            Error::InvalidArgument(format!(
+                "the store holds the maximum of {} disks",
+                SUPERBLOCK_REGISTRY_SLOTS * REGISTRY_ENTRIES_PER_BLOCK
+            ))
+        })
+}
+
+/// Writes `block` as the new content of registry slot `slot` in a new
+/// location. Returns its pointer and the old location to free after commit.
+fn write_registry_block(
+    inner: &StoreInner,
+    catalog: &Catalog,
+    slot: usize,
+    block: &RegistryBlock,
+    allocated: &mut Vec<u64>,
+) -> Result<(Ptr, Option<u64>)> {
+    let addr = inner.alloc.lock().allocate(0)?;
+    allocated.push(addr);
+    let (b, crc) = block.encode(inner.meta.store_id, addr, catalog.sb.generation + 1);
+    inner.meta.write_block(addr, &b, "a registry block")?;
+    let old = catalog.sb.registry[slot];
+    Ok((Ptr::meta(addr, crc, false), (!old.is_null()).then(|| old.addr())))
+}
+
+/// Makes `sb` (with generation bumped here) the durable superblock.
+/// `allocated` are the blocks the change allocated, released on failure.
+fn commit_superblock(
+    inner: &StoreInner,
+    catalog: &mut Catalog,
+    mut sb: Superblock,
+    allocated: Vec<u64>,
+) -> Result<()> {
+    if let Err(e) = inner.sync_bitmaps() {
+        inner.release(&allocated);
+        return Err(e);
+    }
+    sb.generation += 1;
+    let addr = SUPERBLOCK_ADDRS[catalog.next_sb_slot];
+    let (b, _) = sb.encode(addr);
+    let written = inner
+        .meta
+        .write_block(addr, &b, "the superblock")
+        .and_then(|_| inner.meta.flush());
+    if let Err(e) = written {
+        catalog.poisoned = true;
+        return Err(e);
+    }
+    catalog.next_sb_slot = 1 - catalog.next_sb_slot;
+    catalog.sb = sb;
+    Ok(())
+}

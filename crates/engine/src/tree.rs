@@ -1,0 +1,298 @@
+//! Copy-on-write radix trees with writable bits.
+//!
+//! A [`Tree`] is the mutable view of one VDI's live tree: the committed root
+//! pointer plus an in-memory overlay of *dirty* nodes (nodes changed since
+//! the last commit), keyed by position `(level, prefix)` where `prefix` is
+//! the virtual block number divided by `504^(level+1)`.
+//!
+//! Invariants:
+//! - If a node is dirty, so is its parent (so the root is dirty whenever
+//!   anything is). A dirty node takes precedence over its parent's entry.
+//! - A dirty node copied from a *shared* node (pointer without the writable
+//!   bit) has the writable bit cleared on all its entries: its children are
+//!   now reachable from two trees. A dirty node copied from an *owned* node
+//!   keeps its entries and records the old address, freed after the commit.
+//! - A data block may be written in place only if every pointer from the
+//!   root down to it is writable ([`Tree::lookup`] says so); otherwise the
+//!   write allocates a new block and dirties the path.
+//! - Committing writes dirty nodes bottom-up to newly allocated blocks, so
+//!   a committed node is never overwritten: a crash before the VDI header
+//!   is written leaves the previous tree intact.
+
+use crate::error::{Error, Result};
+use crate::meta::MetaIo;
+use parallax_format::{NodeBlock, Ptr, FAN_OUT, TREE_HEIGHT};
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+const FAN: u64 = FAN_OUT as u64;
+const ROOT_LEVEL: u8 = (TREE_HEIGHT - 1) as u8;
+
+/// Virtual blocks addressable by one tree: 504^4.
+pub const MAX_VIRTUAL_BLOCKS: u64 = FAN * FAN * FAN * FAN;
+
+fn span(level: u8) -> u64 {
+    FAN.pow(level as u32)
+}
+
+fn prefix(v: u64, level: u8) -> u64 {
+    v / span(level + 1)
+}
+
+fn index(v: u64, level: u8) -> usize {
+    ((v / span(level)) % FAN) as usize
+}
+
+#[derive(Clone)]
+struct DirtyNode {
+    entries: Vec<Ptr>,
+    /// Address of the owned node this one replaces, freed after commit.
+    old: Option<u64>,
+}
+
+/// The result of writing a tree's dirty nodes; applied with [`Tree::apply`]
+/// once the commit is durable; the caller tracks the blocks it allocated.
+pub(crate) struct TreePlan {
+    pub root: Ptr,
+    /// Blocks the committed tree no longer references (old node locations).
+    pub freed: Vec<u64>,
+}
+
+/// See the module documentation.
+#[derive(Clone)]
+pub(crate) struct Tree {
+    root: Ptr,
+    dirty: BTreeMap<(u8, u64), DirtyNode>,
+}
+
+impl Tree {
+    /// A tree whose committed root is `root` (an owned pointer).
+    pub fn open(root: Ptr) -> Self {
+        Tree {
+            root,
+            dirty: BTreeMap::new(),
+        }
+    }
+
+    /// A tree with an empty dirty root and nothing committed.
+    pub fn empty() -> Self {
+        let mut t = Tree::open(Ptr::NULL);
+        t.dirty.insert(
+            (ROOT_LEVEL, 0),
+            DirtyNode {
+                entries: vec![Ptr::NULL; FAN_OUT],
+                old: None,
+            },
+        );
+        t
+    }
+
+    /// A new tree sharing everything with the tree rooted at `root`: its
+    /// root is a dirty copy with every writable bit cleared. O(1).
+    pub fn shared_copy(meta: &MetaIo, root: Ptr) -> Result<Self> {
+        let node = meta.load_node(root, ROOT_LEVEL)?;
+        let mut t = Tree::open(Ptr::NULL);
+        t.dirty.insert(
+            (ROOT_LEVEL, 0),
+            DirtyNode {
+                entries: node.entries.iter().map(|p| p.shared()).collect(),
+                old: None,
+            },
+        );
+        Ok(t)
+    }
+
+    pub fn root(&self) -> Ptr {
+        self.root
+    }
+
+    pub fn is_dirty(&self) -> bool {
+        !self.dirty.is_empty()
+    }
+
+    pub fn dirty_nodes(&self) -> usize {
+        self.dirty.len()
+    }
+
+    /// The level-0 entry for virtual block `v`, and whether the whole path
+    /// to it is writable (so the data block may be overwritten in place).
+    pub fn lookup(&self, meta: &MetaIo, v: u64) -> Result<(Ptr, bool)> {
+        let mut ptr = self.root;
+        let mut writable = true;
+        let mut level = ROOT_LEVEL;
+        loop {
+            let i = index(v, level);
+            let entry = if let Some(d) = self.dirty.get(&(level, prefix(v, level))) {
+                d.entries[i]
+            } else if ptr.is_null() {
+                return Ok((Ptr::NULL, false));
+            } else {
+                writable &= ptr.writable();
+                meta.load_node(ptr, level)?.entries[i]
+            };
+            if level == 0 {
+                return Ok((entry, writable && entry.writable()));
+            }
+            ptr = entry;
+            level -= 1;
+        }
+    }
+
+    /// Makes the path to `v` dirty and returns the level-0 entry for `v`
+    /// with ownership made exact (writable only if this tree owns it).
+    pub fn entry_for_write(&mut self, meta: &MetaIo, v: u64) -> Result<Ptr> {
+        let mut level = ROOT_LEVEL;
+        let mut src = self.root;
+        loop {
+            let key = (level, prefix(v, level));
+            if !self.dirty.contains_key(&key) {
+                let node = if src.is_null() {
+                    DirtyNode {
+                        entries: vec![Ptr::NULL; FAN_OUT],
+                        old: None,
+                    }
+                } else {
+                    let n = meta.load_node(src, level)?;
+                    if src.writable() {
+                        DirtyNode {
+                            entries: n.entries.clone(),
+                            old: Some(src.addr()),
+                        }
+                    } else {
+                        DirtyNode {
+                            entries: n.entries.iter().map(|p| p.shared()).collect(),
+                            old: None,
+                        }
+                    }
+                };
+                self.dirty.insert(key, node);
+            }
+            let entry = self.dirty[&key].entries[index(v, level)];
+            if level == 0 {
+                return Ok(entry);
+            }
+            src = entry;
+            level -= 1;
+        }
+    }
+
+    /// Sets the level-0 entry for `v`; the path must have been made dirty
+    /// with [`Tree::entry_for_write`].
+    pub fn set_entry(&mut self, v: u64, p: Ptr) -> Result<()> {
+        match self.dirty.get_mut(&(0, prefix(v, 0))) {
+            Some(d) => {
+                d.entries[index(v, 0)] = p;
+                Ok(())
+            }
+            None => Err(Error::Inconsistent(format!(
+                "internal: set_entry on clean path for block {v}"
+            ))),
+        }
+    }
+
+    /// Writes every dirty node to a new block, children first. Nothing in
+    /// `self` changes; on error the blocks allocated so far are in the
+    /// error path's hands via `allocated` (the caller frees them).
+    pub fn write_dirty(
+        &self,
+        meta: &MetaIo,
+        owner: u64,
+        generation: u64,
+        allocate: &mut dyn FnMut() -> Result<u64>,
+        allocated: &mut Vec<u64>,
+    ) -> Result<TreePlan> {
+        let mut freed = Vec::new();
+        // Pointers to freshly written children, keyed by child position.
+        let mut written: BTreeMap<(u8, u64), Ptr> = BTreeMap::new();
+        let mut root = self.root;
+        for (&(level, pfx), node) in &self.dirty {
+            let mut entries = node.entries.clone();
+            if level > 0 {
+                for (i, e) in entries.iter_mut().enumerate() {
+                    if let Some(p) = written.get(&(level - 1, pfx * FAN + i as u64)) {
+                        *e = *p;
+                    }
+                }
+            }
+            if let Some(old) = node.old {
+                freed.push(old);
+            }
+            let ptr = if level < ROOT_LEVEL && entries.iter().all(|p| p.is_null()) {
+                // An empty subtree is dropped rather than written.
+                Ptr::NULL
+            } else {
+                let addr = allocate()?;
+                allocated.push(addr);
+                let node = NodeBlock { level, entries };
+                let (block, crc) = node.encode(meta.store_id, addr, owner, generation);
+                meta.write_block(addr, &block, "a tree node")?;
+                meta.cache_node(addr, Arc::new(node), crc);
+                Ptr::meta(addr, crc, true)
+            };
+            if level == ROOT_LEVEL {
+                root = ptr;
+            } else {
+                written.insert((level, pfx), ptr);
+            }
+        }
+        Ok(TreePlan { root, freed })
+    }
+
+    /// Adopts a durable commit: the dirty overlay is gone, `root` is the new root.
+    pub fn apply(&mut self, root: Ptr) {
+        self.dirty.clear();
+        self.root = root;
+    }
+
+    /// Calls `f(v, entry)` for every mapped virtual block in `[start, end)`,
+    /// in increasing order, skipping unmapped subtrees.
+    pub fn for_each_mapped(
+        &self,
+        meta: &MetaIo,
+        start: u64,
+        end: u64,
+        f: &mut dyn FnMut(u64, Ptr) -> Result<()>,
+    ) -> Result<()> {
+        self.visit(meta, ROOT_LEVEL, 0, self.root, start, end, f)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn visit(
+        &self,
+        meta: &MetaIo,
+        level: u8,
+        pfx: u64,
+        ptr: Ptr,
+        start: u64,
+        end: u64,
+        f: &mut dyn FnMut(u64, Ptr) -> Result<()>,
+    ) -> Result<()> {
+        let loaded;
+        let entries: &[Ptr] = if let Some(d) = self.dirty.get(&(level, pfx)) {
+            &d.entries
+        } else if ptr.is_null() {
+            return Ok(());
+        } else {
+            loaded = meta.load_node(ptr, level)?;
+            &loaded.entries
+        };
+        let base = pfx * span(level + 1);
+        let child_span = span(level);
+        let first = start.saturating_sub(base) / child_span;
+        for i in first..FAN {
+            let child_base = base + i * child_span;
+            if child_base >= end {
+                break;
+            }
+            let e = entries[i as usize];
+            if level == 0 {
+                if !e.is_null() && child_base >= start {
+                    f(child_base, e)?;
+                }
+            } else {
+                self.visit(meta, level - 1, pfx * FAN + i, e, start, end, f)?;
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,853 @@
+//! Virtual disk images: reads, writes, flush, snapshots, rollback.
+//!
+//! A [`Vdi`] is a handle on one writable disk. Its state (the live [`Tree`],
+//! the last committed header, the snapshot list, and what the next commit
+//! must add or free) sits behind a read-write lock:
+//!
+//! - Reads, and writes to blocks the disk owns along the whole path, take
+//!   the lock shared and touch no metadata. Partial-block writes of that kind
+//!   also take one of 64 stripe locks, so that read-modify-write cycles on
+//!   one block do not interleave.
+//! - Writes that must allocate (first write, or first write after a
+//!   snapshot), discards and every management operation take it exclusively.
+//! - [`Vdi::flush`] commits: dirty nodes go to new blocks, then the bitmaps
+//!   and a device flush, then the VDI header in its older slot and a second
+//!   flush. Blocks the commit stops referencing are freed only afterwards.
+//!
+//! A failure after the header write started poisons the handle: the header
+//! may or may not have reached the disk, so the only safe continuation is
+//! to reopen the store.
+
+use crate::error::{Error, Result};
+use crate::store::StoreInner;
+use crate::time::{compact_utc, now_ns};
+use crate::tree::{Tree, MAX_VIRTUAL_BLOCKS};
+use parallax_format::{
+    validate_name, LogBlock, LogEntry, LogEntryKind, NodeBlock, Ptr, VdiHeader, BLOCK_SIZE,
+    BLOCK_SIZE_U64, LOG_ENTRIES_PER_BLOCK, TREE_HEIGHT,
+};
+use parking_lot::{Mutex, RwLock};
+use std::collections::HashSet;
+use std::sync::Arc;
+
+/// Largest virtual disk: the tree's reach.
+pub const MAX_VDI_SIZE: u64 = MAX_VIRTUAL_BLOCKS * BLOCK_SIZE_U64;
+
+const STRIPES: usize = 64;
+/// Free blocks kept back from data writes for the metadata of the next commit.
+const METADATA_RESERVE: u64 = 64;
+
+/// A snapshot as listed to users.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SnapshotInfo {
+    pub id: u64,
+    pub name: String,
+    pub created_ns: u64,
+    pub size_bytes: u64,
+    pub(crate) root: Ptr,
+}
+
+/// Summary of a disk.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VdiInfo {
+    pub id: u64,
+    pub name: String,
+    pub size_bytes: u64,
+    pub created_ns: u64,
+    pub snapshot_count: u64,
+    /// `NAME@SNAP` it was cloned from, if any.
+    pub origin: Option<String>,
+    pub generation: u64,
+}
+
+/// A run of blocks with the same allocation status.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Extent {
+    pub offset: u64,
+    pub length: u64,
+    /// Backed by a data block. Unallocated ranges read as zeros.
+    pub allocated: bool,
+}
+
+pub(crate) struct VdiState {
+    pub name: String,
+    pub header: VdiHeader,
+    /// Index (0 = A, 1 = B) of the header slot the next commit writes.
+    pub next_slot: usize,
+    pub tree: Tree,
+    pub size: u64,
+    pub snapshots: Vec<SnapshotInfo>,
+    pub log_block: Option<LogBlock>,
+    pub pending_log: Vec<LogEntry>,
+    /// Blocks to free once the next commit is durable.
+    pub pending_free: Vec<u64>,
+    pub header_dirty: bool,
+    pub poisoned: bool,
+    pub deleted: bool,
+}
+
+pub(crate) struct VdiInner {
+    pub store: Arc<StoreInner>,
+    pub id: u64,
+    pub header_addrs: [u64; 2],
+    pub state: RwLock<VdiState>,
+    stripes: Vec<Mutex<()>>,
+}
+
+/// A handle on a writable disk; clones share the same disk.
+#[derive(Clone)]
+pub struct Vdi {
+    pub(crate) inner: Arc<VdiInner>,
+}
+
+/// A read-only view of a snapshot.
+pub struct SnapshotView {
+    store: Arc<StoreInner>,
+    tree: Tree,
+    info: SnapshotInfo,
+    disk: String,
+}
+
+fn check_io_range(size: u64, offset: u64, len: u64) -> Result<()> {
+    match offset.checked_add(len) {
+        Some(end) if end <= size => Ok(()),
+        _ => Err(Error::InvalidArgument(format!(
+            "range {offset}+{len} is past the end of the disk ({size} bytes)"
+        ))),
+    }
+}
+
+/// Splits `[offset, offset+len)` into per-block pieces:
+/// (virtual block, offset within block, byte range in the caller's buffer).
+fn pieces(offset: u64, len: usize) -> impl Iterator<Item = (u64, usize, std::ops::Range<usize>)> {
+    let mut done = 0usize;
+    std::iter::from_fn(move || {
+        if done >= len {
+            return None;
+        }
+        let pos = offset + done as u64;
+        let v = pos / BLOCK_SIZE_U64;
+        let within = (pos % BLOCK_SIZE_U64) as usize;
+        let n = (BLOCK_SIZE - within).min(len - done);
+        let r = done..done + n;
+        done += n;
+        Some((v, within, r))
+    })
+}
+
+impl VdiInner {
+    pub fn new(
+        store: Arc<StoreInner>,
+        header_addrs: [u64; 2],
+        header: VdiHeader,
+        next_slot: usize,
+        name: String,
+    ) -> Result<Self> {
+        let (snapshots, log_block) = load_log(&store, &header)?;
+        Ok(VdiInner {
+            id: header.vdi_id,
+            header_addrs,
+            state: RwLock::new(VdiState {
+                name,
+                tree: Tree::open(header.root),
+                size: header.size_bytes,
+                next_slot,
+                header,
+                snapshots,
+                log_block,
+                pending_log: Vec::new(),
+                pending_free: Vec::new(),
+                header_dirty: false,
+                poisoned: false,
+                deleted: false,
+            }),
+            store,
+            stripes: (0..STRIPES).map(|_| Mutex::new(())).collect(),
+        })
+    }
+
+    fn usable(&self, st: &VdiState) -> Result<()> {
+        if st.deleted {
+            return Err(Error::NotFound(format!("disk {} was deleted", st.name)));
+        }
+        if st.poisoned {
+            return Err(Error::Poisoned(st.name.clone()));
+        }
+        Ok(())
+    }
+
+    fn read_data(&self, addr: u64, buf: &mut [u8]) -> Result<()> {
+        self.store
+            .meta
+            .dev
+            .read_at(buf, addr * BLOCK_SIZE_U64)
+            .map_err(Error::io(format!("reading data block {addr}")))
+    }
+
+    fn write_data(&self, addr: u64, buf: &[u8]) -> Result<()> {
+        self.store
+            .meta
+            .dev
+            .write_at(buf, addr * BLOCK_SIZE_U64)
+            .map_err(Error::io(format!("writing data block {addr}")))
+    }
+
+    /// Writes `data` at `within` of data block `addr`, owned by this disk.
+    fn write_in_place(&self, v: u64, addr: u64, within: usize, data: &[u8]) -> Result<()> {
+        if data.len() == BLOCK_SIZE {
+            return self.write_data(addr, data);
+        }
+        let _stripe = self.stripes[(v % STRIPES as u64) as usize].lock();
+        let mut block = vec![0u8; BLOCK_SIZE];
+        self.read_data(addr, &mut block)?;
+        block[within..within + data.len()].copy_from_slice(data);
+        self.write_data(addr, &block)
+    }
+
+    /// Writes one piece of at most a block. `data: None` writes zeros.
+    fn write_piece(&self, v: u64, within: usize, data: &[u8]) -> Result<()> {
+        {
+            let st = self.state.read();
+            self.usable(&st)?;
+            let (entry, writable) = st.tree.lookup(&self.store.meta, v)?;
+            if writable {
+                return self.write_in_place(v, entry.addr(), within, data);
+            }
+        }
+        let mut st = self.state.write();
+        self.usable(&st)?;
+        let entry = st.tree.entry_for_write(&self.store.meta, v)?;
+        if entry.writable() {
+            return self.write_in_place(v, entry.addr(), within, data);
+        }
+        let mut block = vec![0u8; BLOCK_SIZE];
+        if data.len() < BLOCK_SIZE && !entry.is_null() {
+            self.read_data(entry.addr(), &mut block)?;
+        }
+        block[within..within + data.len()].copy_from_slice(data);
+        let reserve = METADATA_RESERVE + st.tree.dirty_nodes() as u64 + TREE_HEIGHT as u64;
+        let addr = self.store.alloc.lock().allocate(reserve)?;
+        if let Err(e) = self.write_data(addr, &block) {
+            self.store.alloc.lock().release(addr);
+            return Err(e);
+        }
+        st.tree.set_entry(v, Ptr::data(addr, true))
+    }
+
+    /// Unmaps whole block `v` (discard or zeroing).
+    fn unmap_block(&self, st: &mut VdiState, v: u64) -> Result<()> {
+        let (entry, _) = st.tree.lookup(&self.store.meta, v)?;
+        if entry.is_null() {
+            return Ok(());
+        }
+        let entry = st.tree.entry_for_write(&self.store.meta, v)?;
+        if entry.writable() {
+            st.pending_free.push(entry.addr());
+        }
+        st.tree.set_entry(v, Ptr::NULL)
+    }
+
+    /// Commits everything in `st` and, if `snapshot` is given, records the
+    /// committed tree as a snapshot and gives the disk a fresh shared root.
+    pub fn commit(&self, st: &mut VdiState, snapshot: Option<(u64, String)>) -> Result<()> {
+        self.usable(st)?;
+        let meta = &self.store.meta;
+        if !st.tree.is_dirty()
+            && st.pending_log.is_empty()
+            && !st.header_dirty
+            && st.pending_free.is_empty()
+            && snapshot.is_none()
+        {
+            // Also makes earlier frees durable in the bitmaps.
+            return self.store.sync_bitmaps();
+        }
+        let generation = st.header.generation + 1;
+        let mut allocated = Vec::new();
+        let prepared = self.prepare_commit(st, snapshot, generation, &mut allocated);
+        let (header, freed, new_snapshot, new_log_block) = match prepared {
+            Ok(p) => p,
+            Err(e) => {
+                let mut alloc = self.store.alloc.lock();
+                for a in allocated {
+                    meta.evict(a);
+                    alloc.release(a);
+                }
+                return Err(e);
+            }
+        };
+        // The point of no return: the header write may land or not.
+        let slot = st.next_slot;
+        let (block, _) = header.encode(meta.store_id, self.header_addrs[slot]);
+        let written = meta
+            .write_block(self.header_addrs[slot], &block, "a VDI header")
+            .and_then(|_| meta.flush());
+        if let Err(e) = written {
+            st.poisoned = true;
+            return Err(e);
+        }
+        st.next_slot = 1 - slot;
+        st.tree.apply(header.root);
+        st.header = header;
+        st.header_dirty = false;
+        st.pending_log.clear();
+        if let Some(s) = new_snapshot {
+            st.snapshots.push(s);
+        }
+        if new_log_block.is_some() {
+            st.log_block = new_log_block;
+        }
+        let mut to_free = freed;
+        to_free.append(&mut st.pending_free);
+        self.store.release(&to_free);
+        Ok(())
+    }
+
+    #[allow(clippy::type_complexity)]
+    fn prepare_commit(
+        &self,
+        st: &mut VdiState,
+        snapshot: Option<(u64, String)>,
+        generation: u64,
+        allocated: &mut Vec<u64>,
+    ) -> Result<(VdiHeader, Vec<u64>, Option<SnapshotInfo>, Option<LogBlock>)> {
+        let store = &self.store;
+        let meta = &store.meta;
+        let mut allocate = || store.alloc.lock().allocate(0);
+        let plan = st
+            .tree
+            .write_dirty(meta, self.id, generation, &mut allocate, allocated)?;
+        let mut freed = plan.freed;
+        let mut root = plan.root;
+        let mut log_entries = st.pending_log.clone();
+        let mut new_snapshot = None;
+        if let Some((id, name)) = snapshot {
+            let created_ns = now_ns();
+            log_entries.push(LogEntry {
+                kind: LogEntryKind::Taken,
+                snapshot_id: id,
+                created_ns,
+                root,
+                size_bytes: st.size,
+                name: name.clone(),
+            });
+            new_snapshot = Some(SnapshotInfo {
+                id,
+                name,
+                created_ns,
+                size_bytes: st.size,
+                root,
+            });
+            // The committed root now belongs to the snapshot; the disk gets
+            // a copy whose pointers are all shared.
+            let node = meta.load_node(root, (TREE_HEIGHT - 1) as u8)?;
+            let copy = NodeBlock {
+                level: node.level,
+                entries: node.entries.iter().map(|p| p.shared()).collect(),
+            };
+            let addr = allocate()?;
+            allocated.push(addr);
+            let (block, crc) = copy.encode(meta.store_id, addr, self.id, generation);
+            meta.write_block(addr, &block, "a tree node")?;
+            meta.cache_node(addr, Arc::new(copy), crc);
+            root = Ptr::meta(addr, crc, true);
+        }
+        let mut header = st.header.clone();
+        header.generation = generation;
+        header.root = root;
+        header.size_bytes = st.size;
+        let mut new_log_block = None;
+        if !log_entries.is_empty() {
+            let (head, block, mut log_freed) =
+                write_log(self, st, &log_entries, generation, &mut allocate, allocated)?;
+            header.log_head = head;
+            new_log_block = Some(block);
+            freed.append(&mut log_freed);
+        }
+        header.snapshot_count = st.snapshots.len() as u64 + u64::from(new_snapshot.is_some());
+        header.next_snapshot_id = header
+            .next_snapshot_id
+            .max(new_snapshot.as_ref().map_or(0, |s| s.id + 1));
+        store.sync_bitmaps()?;
+        Ok((header, freed, new_snapshot, new_log_block))
+    }
+
+    /// Every block that only this disk's live tree references: the blocks
+    /// reachable from its root through writable pointers only, committed or
+    /// dirty, plus blocks already waiting to be freed.
+    pub fn live_owned_blocks(&self, st: &VdiState) -> Result<Vec<u64>> {
+        let meta = &self.store.meta;
+        let mut owned = HashSet::new();
+        if !st.tree.root().is_null() {
+            collect_owned(meta, st.tree.root(), (TREE_HEIGHT - 1) as u8, &mut owned)?;
+        }
+        st.tree
+            .for_each_mapped(meta, 0, MAX_VIRTUAL_BLOCKS, &mut |_, p| {
+                if p.writable() {
+                    owned.insert(p.addr());
+                }
+                Ok(())
+            })?;
+        owned.extend(st.pending_free.iter().copied());
+        Ok(owned.into_iter().collect())
+    }
+}
+
+/// Adds to `out` the block `ptr` points at and everything below it reached
+/// through writable pointers.
+pub(crate) fn collect_owned(
+    meta: &crate::meta::MetaIo,
+    ptr: Ptr,
+    level: u8,
+    out: &mut HashSet<u64>,
+) -> Result<()> {
+    out.insert(ptr.addr());
+    let node = meta.load_node(ptr, level)?;
+    for e in node.entries.iter().filter(|e| e.writable()) {
+        if level == 0 {
+            out.insert(e.addr());
+        } else {
+            collect_owned(meta, *e, level - 1, out)?;
+        }
+    }
+    Ok(())
+}
+
+/// Appends `entries` to the snapshot log, copying the head block if it has
+/// room. Returns the new head, its content, and the blocks to free.
+fn write_log(
+    vdi: &VdiInner,
+    st: &VdiState,
+    entries: &[LogEntry],
+    generation: u64,
+    allocate: &mut dyn FnMut() -> Result<u64>,
+    allocated: &mut Vec<u64>,
+) -> Result<(Ptr, LogBlock, Vec<u64>)> {
+    let meta = &vdi.store.meta;
+    let mut freed = Vec::new();
+    let head = st.header.log_head;
+    let mut cur = match &st.log_block {
+        Some(b) if b.entries.len() < LOG_ENTRIES_PER_BLOCK => {
+            freed.push(head.addr());
+            b.clone()
+        }
+        _ => LogBlock {
+            prev: head,
+            entries: Vec::new(),
+        },
+    };
+    let mut write = |block: &LogBlock| -> Result<Ptr> {
+        let addr = allocate()?;
+        allocated.push(addr);
+        let (b, crc) = block.encode(meta.store_id, addr, vdi.id, generation);
+        meta.write_block(addr, &b, "a snapshot log block")?;
+        Ok(Ptr::meta(addr, crc, true))
+    };
+    for e in entries {
+        if cur.entries.len() == LOG_ENTRIES_PER_BLOCK {
+            let p = write(&cur)?;
+            cur = LogBlock {
+                prev: p,
+                entries: Vec::new(),
+            };
+        }
+        cur.entries.push(e.clone());
+    }
+    let p = write(&cur)?;
+    Ok((p, cur, freed))
+}
+
+/// Reads the whole snapshot log of a disk, oldest record first.
+pub(crate) fn read_log_chain(
+    store: &StoreInner,
+    head: Ptr,
+    owner: u64,
+) -> Result<Vec<(u64, LogBlock)>> {
+    let meta = &store.meta;
+    let mut blocks = Vec::new();
+    let mut p = head;
+    while !p.is_null() {
+        meta.check_ptr(p, "a snapshot log pointer")?;
+        if blocks.len() as u64 > meta.total_blocks {
+            return Err(Error::Inconsistent("snapshot log has a cycle".into()));
+        }
+        let raw = meta.read_block(p.addr(), "a snapshot log block")?;
+        let (block, h, crc) = LogBlock::decode(&raw[..], p.addr(), Some(meta.store_id))?;
+        if !p.matches_crc(crc) {
+            return Err(parallax_format::FormatError::Stale {
+                addr: p.addr(),
+                found: crc & 0x7f_ffff,
+                expected: p.check(),
+            }
+            .into());
+        }
+        if h.owner != owner {
+            return Err(Error::Inconsistent(format!(
+                "snapshot log block {} belongs to disk id {}, not {owner}",
+                p.addr(),
+                h.owner
+            )));
+        }
+        let prev = block.prev;
+        blocks.push((p.addr(), block));
+        p = prev;
+    }
+    blocks.reverse();
+    Ok(blocks)
+}
+
+fn load_log(store: &StoreInner, header: &VdiHeader) -> Result<(Vec<SnapshotInfo>, Option<LogBlock>)> {
+    let blocks = read_log_chain(store, header.log_head, header.vdi_id)?;
+    let mut snaps: Vec<SnapshotInfo> = Vec::new();
+    for (_, b) in &blocks {
+        for e in &b.entries {
+            match e.kind {
+                LogEntryKind::Taken => snaps.push(SnapshotInfo {
+                    id: e.snapshot_id,
+                    name: e.name.clone(),
+                    created_ns: e.created_ns,
+                    size_bytes: e.size_bytes,
+                    root: e.root,
+                }),
+                LogEntryKind::Deleted => snaps.retain(|s| s.id != e.snapshot_id),
+            }
+        }
+    }
+    Ok((snaps, blocks.last().map(|(_, b)| b.clone())))
+}
+
+impl Vdi {
+    pub fn id(&self) -> u64 {
+        self.inner.id
+    }
+
+    pub fn name(&self) -> String {
+        self.inner.state.read().name.clone()
+    }
+
+    /// Virtual size in bytes.
+    pub fn size(&self) -> u64 {
+        self.inner.state.read().size
+    }
+
+    pub fn info(&self) -> VdiInfo {
+        let st = self.inner.state.read();
+        VdiInfo {
+            id: self.inner.id,
+            name: st.name.clone(),
+            size_bytes: st.size,
+            created_ns: st.header.created_ns,
+            snapshot_count: st.snapshots.len() as u64,
+            origin: (!st.header.origin.is_empty()).then(|| st.header.origin.clone()),
+            generation: st.header.generation,
+        }
+    }
+
+    /// Reads `buf.len()` bytes at `offset`. Unwritten ranges read as zeros.
+    pub fn read(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        let inner = &*self.inner;
+        let st = inner.state.read();
+        inner.usable(&st)?;
+        check_io_range(st.size, offset, buf.len() as u64)?;
+        read_tree(&inner.store, &st.tree, buf, offset)
+    }
+
+    /// Writes `data` at `offset`. Durable after the next [`Vdi::flush`].
+    pub fn write(&self, data: &[u8], offset: u64) -> Result<()> {
+        check_io_range(self.size(), offset, data.len() as u64)?;
+        for (v, within, r) in pieces(offset, data.len()) {
+            self.inner.write_piece(v, within, &data[r])?;
+        }
+        Ok(())
+    }
+
+    /// Makes every write completed before the call durable.
+    pub fn flush(&self) -> Result<()> {
+        let mut st = self.inner.state.write();
+        self.inner.commit(&mut st, None)
+    }
+
+    /// Zeroes `[offset, offset+len)`: whole blocks are unmapped (and freed
+    /// if this disk owned them), partial blocks are written with zeros.
+    pub fn write_zeroes(&self, offset: u64, len: u64) -> Result<()> {
+        self.zero_or_discard(offset, len, true)
+    }
+
+    /// Discards `[offset, offset+len)`: whole blocks are unmapped and read
+    /// as zeros afterwards; partial blocks at the edges are left unchanged.
+    pub fn discard(&self, offset: u64, len: u64) -> Result<()> {
+        self.zero_or_discard(offset, len, false)
+    }
+
+    fn zero_or_discard(&self, offset: u64, len: u64, zero_edges: bool) -> Result<()> {
+        check_io_range(self.size(), offset, len)?;
+        let end = offset + len;
+        let first_full = offset.div_ceil(BLOCK_SIZE_U64);
+        let last_full = end / BLOCK_SIZE_U64;
+        if zero_edges {
+            let zeros = vec![0u8; BLOCK_SIZE];
+            if first_full > last_full {
+                return self.write(&zeros[..len as usize], offset);
+            }
+            let head = first_full * BLOCK_SIZE_U64 - offset;
+            if head > 0 {
+                self.write(&zeros[..head as usize], offset)?;
+            }
+            let tail = end - last_full * BLOCK_SIZE_U64;
+            if tail > 0 {
+                self.write(&zeros[..tail as usize], last_full * BLOCK_SIZE_U64)?;
+            }
+        }
+        if first_full >= last_full {
+            return Ok(());
+        }
+        let inner = &*self.inner;
+        let mut st = inner.state.write();
+        inner.usable(&st)?;
+        let mut mapped = Vec::new();
+        st.tree
+            .for_each_mapped(&inner.store.meta, first_full, last_full, &mut |v, _| {
+                mapped.push(v);
+                Ok(())
+            })?;
+        for v in mapped {
+            inner.unmap_block(&mut st, v)?;
+        }
+        Ok(())
+    }
+
+    /// Allocation status of `[offset, offset+len)`, as block-aligned runs
+    /// clipped to the range.
+    pub fn block_status(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
+        let st = self.inner.state.read();
+        self.inner.usable(&st)?;
+        check_io_range(st.size, offset, len)?;
+        tree_extents(&self.inner.store, &st.tree, offset, len)
+    }
+
+    /// Bytes backed by data blocks (shared or owned).
+    pub fn allocated_bytes(&self) -> Result<u64> {
+        let st = self.inner.state.read();
+        self.inner.usable(&st)?;
+        count_mapped(&self.inner.store, &st.tree)
+    }
+
+    /// Grows the disk to `new_size` bytes (a multiple of 4096). Durable on return.
+    pub fn grow(&self, new_size: u64) -> Result<()> {
+        let mut st = self.inner.state.write();
+        self.inner.usable(&st)?;
+        if new_size % BLOCK_SIZE_U64 != 0 || new_size > MAX_VDI_SIZE {
+            return Err(Error::InvalidArgument(format!(
+                "size {new_size} must be a multiple of 4096 and at most {MAX_VDI_SIZE}"
+            )));
+        }
+        if new_size < st.size {
+            return Err(Error::InvalidArgument(format!(
+                "disk {} is {} bytes; shrinking to {new_size} is not supported",
+                st.name, st.size
+            )));
+        }
+        st.size = new_size;
+        st.header_dirty = true;
+        self.inner.commit(&mut st, None)
+    }
+
+    /// Takes a snapshot (O(1)): commits, then records the committed root.
+    /// `name: None` names it by the current UTC time. Durable on return.
+    pub fn snapshot(&self, name: Option<&str>) -> Result<SnapshotInfo> {
+        let mut st = self.inner.state.write();
+        self.inner.usable(&st)?;
+        let id = st.header.next_snapshot_id;
+        let name = match name {
+            Some(n) => {
+                validate_name(n).map_err(Error::InvalidArgument)?;
+                n.to_string()
+            }
+            None => format!("{}-{id}", compact_utc(now_ns())),
+        };
+        if st.snapshots.iter().any(|s| s.name == name) {
+            return Err(Error::AlreadyExists(format!(
+                "snapshot {}@{name} already exists",
+                st.name
+            )));
+        }
+        self.inner.commit(&mut st, Some((id, name)))?;
+        st.snapshots
+            .last()
+            .cloned()
+            .ok_or_else(|| Error::Inconsistent("snapshot vanished after commit".into()))
+    }
+
+    /// Snapshots alive, oldest first.
+    pub fn snapshots(&self) -> Vec<SnapshotInfo> {
+        self.inner.state.read().snapshots.clone()
+    }
+
+    pub fn snapshot_info(&self, name: &str) -> Result<SnapshotInfo> {
+        let st = self.inner.state.read();
+        st.snapshots
+            .iter()
+            .find(|s| s.name == name)
+            .cloned()
+            .ok_or_else(|| Error::NotFound(format!("snapshot {}@{name} does not exist", st.name)))
+    }
+
+    /// Deletes a snapshot. Its name disappears at once; clones made from it
+    /// keep working because they reference its blocks themselves. Its
+    /// blocks are not returned to the free pool here: `gc` reclaims those no
+    /// longer reachable from any disk or snapshot.
+    pub fn delete_snapshot(&self, name: &str) -> Result<()> {
+        let mut st = self.inner.state.write();
+        self.inner.usable(&st)?;
+        let Some(pos) = st.snapshots.iter().position(|s| s.name == name) else {
+            return Err(Error::NotFound(format!(
+                "snapshot {}@{name} does not exist",
+                st.name
+            )));
+        };
+        let snap = st.snapshots.remove(pos);
+        st.pending_log.push(LogEntry {
+            kind: LogEntryKind::Deleted,
+            snapshot_id: snap.id,
+            created_ns: now_ns(),
+            root: Ptr::NULL,
+            size_bytes: 0,
+            name: String::new(),
+        });
+        let result = self.inner.commit(&mut st, None);
+        if result.is_err() && !st.poisoned {
+            st.pending_log.pop();
+            st.snapshots.insert(pos, snap);
+        }
+        result
+    }
+
+    /// Rolls the disk back to a snapshot: its content becomes the
+    /// snapshot's, and the blocks only the current content used are freed.
+    /// Durable on return. The snapshot itself stays.
+    pub fn rollback(&self, name: &str) -> Result<()> {
+        let snap = self.snapshot_info(name)?;
+        let inner = &*self.inner;
+        let mut st = inner.state.write();
+        inner.usable(&st)?;
+        let owned = inner.live_owned_blocks(&st)?;
+        let old = std::mem::replace(&mut st.tree, Tree::shared_copy(&inner.store.meta, snap.root)?);
+        let old_size = st.size;
+        let old_free = std::mem::replace(&mut st.pending_free, owned);
+        st.size = snap.size_bytes;
+        st.header_dirty = true;
+        if let Err(e) = inner.commit(&mut st, None) {
+            if !st.poisoned {
+                st.tree = old;
+                st.size = old_size;
+                st.pending_free = old_free;
+            }
+            return Err(e);
+        }
+        Ok(())
+    }
+}
+
+pub(crate) fn read_tree(store: &StoreInner, tree: &Tree, buf: &mut [u8], offset: u64) -> Result<()> {
+    let mut block = vec![0u8; BLOCK_SIZE];
+    for (v, within, r) in pieces(offset, buf.len()) {
+        let (entry, _) = tree.lookup(&store.meta, v)?;
+        let out = &mut buf[r];
+        if entry.is_null() {
+            out.fill(0);
+        } else if out.len() == BLOCK_SIZE {
+            store
+                .meta
+                .dev
+                .read_at(out, entry.addr() * BLOCK_SIZE_U64)
+                .map_err(Error::io(format!("reading data block {}", entry.addr())))?;
+        } else {
+            store
+                .meta
+                .dev
+                .read_at(&mut block, entry.addr() * BLOCK_SIZE_U64)
+                .map_err(Error::io(format!("reading data block {}", entry.addr())))?;
+            out.copy_from_slice(&block[within..within + out.len()]);
+        }
+    }
+    Ok(())
+}
+
+fn tree_extents(store: &StoreInner, tree: &Tree, offset: u64, len: u64) -> Result<Vec<Extent>> {
+    let end = offset + len;
+    let mut out: Vec<Extent> = Vec::new();
+    let mut push = |start: u64, stop: u64, allocated: bool| {
+        if stop <= start {
+            return;
+        }
+        match out.last_mut() {
+            Some(last) if last.allocated == allocated && last.offset + last.length == start => {
+                last.length += stop - start
+            }
+            _ => out.push(Extent {
+                offset: start,
+                length: stop - start,
+                allocated,
+            }),
+        }
+    };
+    let first = offset / BLOCK_SIZE_U64;
+    let last = end.div_ceil(BLOCK_SIZE_U64);
+    let mut cursor = offset;
+    tree.for_each_mapped(&store.meta, first, last, &mut |v, _| {
+        let start = (v * BLOCK_SIZE_U64).max(offset);
+        let stop = ((v + 1) * BLOCK_SIZE_U64).min(end);
+        push(cursor, start, false);
+        push(start, stop, true);
+        cursor = stop;
+        Ok(())
+    })?;
+    push(cursor, end, false);
+    Ok(out)
+}
+
+fn count_mapped(store: &StoreInner, tree: &Tree) -> Result<u64> {
+    let mut n = 0u64;
+    tree.for_each_mapped(&store.meta, 0, MAX_VIRTUAL_BLOCKS, &mut |_, _| {
+        n += 1;
+        Ok(())
+    })?;
+    Ok(n * BLOCK_SIZE_U64)
+}
+
+impl SnapshotView {
+    pub(crate) fn new(store: Arc<StoreInner>, disk: String, info: SnapshotInfo) -> Self {
+        SnapshotView {
+            store,
+            tree: Tree::open(info.root),
+            info,
+            disk,
+        }
+    }
+
+    pub fn info(&self) -> &SnapshotInfo {
+        &self.info
+    }
+
+    /// `NAME@SNAP`.
+    pub fn full_name(&self) -> String {
+        format!("{}@{}", self.disk, self.info.name)
+    }
+
+    pub fn size(&self) -> u64 {
+        self.info.size_bytes
+    }
+
+    pub fn read(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        check_io_range(self.info.size_bytes, offset, buf.len() as u64)?;
+        read_tree(&self.store, &self.tree, buf, offset)
+    }
+
+    pub fn block_status(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
+        check_io_range(self.info.size_bytes, offset, len)?;
+        tree_extents(&self.store, &self.tree, offset, len)
+    }
+
+    pub fn allocated_bytes(&self) -> Result<u64> {
+        count_mapped(&self.store, &self.tree)
+    }
+}

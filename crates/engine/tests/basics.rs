@@ -1,0 +1,257 @@
+//! Behaviour of the library API on small stores: each test names what it checks.
+
+use parallax_device::{BlockDevice, MemDevice};
+use parallax_engine::{CreateOptions, Error, OpenOptions, Store};
+use std::sync::Arc;
+
+const MIB: u64 = 1 << 20;
+
+fn small_store(bytes: u64) -> (Arc<MemDevice>, Store) {
+    let dev = Arc::new(MemDevice::new(bytes));
+    let store = Store::create(
+        dev.clone(),
+        &CreateOptions {
+            extent_data_blocks: 256,
+            host_id: 1,
+        },
+    )
+    .unwrap();
+    (dev, store)
+}
+
+fn reopen(dev: &Arc<MemDevice>) -> Store {
+    Store::open(dev.clone(), &OpenOptions::default()).unwrap()
+}
+
+fn assert_clean(store: &Store) {
+    let report = store.check().unwrap();
+    assert!(report.is_clean(), "check failed: {:#?}", report.errors);
+}
+
+#[test]
+fn write_read_flush_reopen_at_odd_offsets() {
+    let (dev, store) = small_store(64 * MIB);
+    let disk = store.create_vdi("d", 10 * MIB).unwrap();
+    let data: Vec<u8> = (0..20000u32).map(|i| (i * 7 % 251) as u8).collect();
+    disk.write(&data, 12345).unwrap();
+    let mut back = vec![0u8; 20000];
+    disk.read(&mut back, 12345).unwrap();
+    assert_eq!(back, data);
+    let mut zeros = vec![1u8; 4096];
+    disk.read(&mut zeros, 5 * MIB).unwrap();
+    assert!(zeros.iter().all(|&b| b == 0));
+    disk.flush().unwrap();
+    drop(disk);
+    drop(store);
+    let store = reopen(&dev);
+    let disk = store.open_vdi("d").unwrap();
+    let mut back = vec![0u8; 20000];
+    disk.read(&mut back, 12345).unwrap();
+    assert_eq!(back, data);
+    assert_clean(&store);
+}
+
+#[test]
+fn snapshot_is_frozen_and_clone_is_independent_both_ways() {
+    let (_dev, store) = small_store(64 * MIB);
+    let base = store.create_vdi("base", 4 * MIB).unwrap();
+    base.write(&[0xaa; 8192], 0).unwrap();
+    let snap = base.snapshot(Some("gold")).unwrap();
+    assert_eq!(snap.name, "gold");
+    base.write(&[0xbb; 4096], 0).unwrap();
+    let view = store.open_snapshot("base", "gold").unwrap();
+    let mut buf = vec![0u8; 8192];
+    view.read(&mut buf, 0).unwrap();
+    assert!(buf.iter().all(|&b| b == 0xaa));
+
+    let clone = store.clone_snapshot("base", "gold", "vm1").unwrap();
+    clone.read(&mut buf, 0).unwrap();
+    assert!(buf.iter().all(|&b| b == 0xaa));
+    clone.write(&[0xcc; 100], 4096).unwrap();
+    base.write(&[0xdd; 100], 4096 + 200).unwrap();
+    clone.read(&mut buf, 0).unwrap();
+    assert!(buf[..4096].iter().all(|&b| b == 0xaa));
+    assert!(buf[4096..4196].iter().all(|&b| b == 0xcc));
+    assert!(buf[4196..].iter().all(|&b| b == 0xaa));
+    base.read(&mut buf, 0).unwrap();
+    assert!(buf[..4096].iter().all(|&b| b == 0xbb));
+    assert!(buf[4096..4296].iter().all(|&b| b == 0xaa));
+    assert!(buf[4296..4396].iter().all(|&b| b == 0xdd));
+    view.read(&mut buf, 0).unwrap();
+    assert!(buf.iter().all(|&b| b == 0xaa));
+    store.flush_all().unwrap();
+    assert_clean(&store);
+    assert_eq!(clone.info().origin.as_deref(), Some("base@gold"));
+}
+
+#[test]
+fn rollback_restores_and_frees() {
+    let (_dev, store) = small_store(64 * MIB);
+    let d = store.create_vdi("d", 4 * MIB).unwrap();
+    d.write(&[1; 4096], 0).unwrap();
+    d.snapshot(Some("s")).unwrap();
+    let used_at_snapshot = store.stats().used_bytes;
+    for i in 0..50 {
+        d.write(&[2; 4096], i * 4096).unwrap();
+    }
+    d.flush().unwrap();
+    assert!(store.stats().used_bytes > used_at_snapshot + 40 * 4096);
+    d.rollback("s").unwrap();
+    let mut buf = vec![0u8; 8192];
+    d.read(&mut buf, 0).unwrap();
+    assert!(buf[..4096].iter().all(|&b| b == 1));
+    assert!(buf[4096..].iter().all(|&b| b == 0));
+    assert!(store.stats().used_bytes <= used_at_snapshot + 2 * 4096);
+    d.flush().unwrap();
+    assert_clean(&store);
+    assert_eq!(store.check().unwrap().leaked_blocks, 0);
+}
+
+#[test]
+fn discard_zeroes_and_block_status() {
+    let (_dev, store) = small_store(64 * MIB);
+    let d = store.create_vdi("d", MIB).unwrap();
+    d.write(&vec![9u8; 40960], 0).unwrap();
+    d.discard(4096, 8192).unwrap();
+    d.write_zeroes(20000, 10000).unwrap();
+    let ext = d.block_status(0, MIB).unwrap();
+    assert_eq!(ext[0].offset, 0);
+    assert_eq!(ext[0].length, 4096);
+    assert!(ext[0].allocated);
+    assert!(!ext[1].allocated);
+    assert_eq!((ext[1].offset, ext[1].length), (4096, 8192));
+    let mut buf = vec![0u8; 40960];
+    d.read(&mut buf, 0).unwrap();
+    assert!(buf[4096..12288].iter().all(|&b| b == 0));
+    assert!(buf[12288..20000].iter().all(|&b| b == 9));
+    assert!(buf[20000..30000].iter().all(|&b| b == 0));
+    assert!(buf[30000..].iter().all(|&b| b == 9));
+    assert_eq!(ext.last().unwrap().offset + ext.last().unwrap().length, MIB);
+    d.flush().unwrap();
+    assert_clean(&store);
+}
+
+#[test]
+fn errors_are_clear_and_harmless() {
+    let (dev, store) = small_store(8 * MIB);
+    assert!(matches!(store.open_vdi("nope"), Err(Error::NotFound(_))));
+    let d = store.create_vdi("d", 64 * MIB).unwrap();
+    assert!(matches!(store.create_vdi("d", MIB), Err(Error::AlreadyExists(_))));
+    assert!(matches!(store.create_vdi("a@b", MIB), Err(Error::InvalidArgument(_))));
+    assert!(matches!(d.write(&[1], 64 * MIB), Err(Error::InvalidArgument(_))));
+    d.write(&[7; 4096], 0).unwrap();
+    d.flush().unwrap();
+    // Fill the store: the write that cannot be placed fails with NoSpace.
+    let mut failed = None;
+    for i in 1..(64 * MIB / 4096) {
+        if let Err(e) = d.write(&[3; 4096], i * 4096) {
+            failed = Some(e);
+            break;
+        }
+    }
+    assert!(matches!(failed, Some(Error::NoSpace)), "{failed:?}");
+    d.flush().unwrap();
+    let mut buf = [0u8; 4096];
+    d.read(&mut buf, 0).unwrap();
+    assert_eq!(buf, [7; 4096]);
+    assert_clean(&store);
+    // Not a store / newer version.
+    let junk = Arc::new(MemDevice::new(MIB));
+    assert!(matches!(
+        Store::open(junk, &OpenOptions::default()),
+        Err(Error::NotAStore(_))
+    ));
+    let mut img = dev.to_bytes();
+    drop(d);
+    drop(store);
+    for copy in 0..2 {
+        img[copy * 4096 + 6] = 9;
+    }
+    let newer = Arc::new(MemDevice::from_bytes(img));
+    assert!(matches!(
+        Store::open(newer, &OpenOptions::default()),
+        Err(Error::NewerVersion { found: 9, .. })
+    ));
+}
+
+#[test]
+fn delete_disk_and_snapshot() {
+    let (dev, store) = small_store(64 * MIB);
+    let free0 = store.stats().free_bytes;
+    let a = store.create_vdi("a", MIB).unwrap();
+    a.write(&[1; 65536], 0).unwrap();
+    a.snapshot(Some("s1")).unwrap();
+    a.write(&[2; 4096], 0).unwrap();
+    a.snapshot(Some("s2")).unwrap();
+    let c = store.clone_snapshot("a", "s1", "c").unwrap();
+    a.delete_snapshot("s1").unwrap();
+    assert!(matches!(a.snapshot_info("s1"), Err(Error::NotFound(_))));
+    assert!(matches!(a.delete_snapshot("s1"), Err(Error::NotFound(_))));
+    store.delete_vdi("a").unwrap();
+    assert!(matches!(a.read(&mut [0; 10], 0), Err(Error::NotFound(_))));
+    assert_eq!(store.list(), vec!["c".to_string()]);
+    let mut buf = vec![0u8; 65536];
+    c.read(&mut buf, 0).unwrap();
+    assert!(buf.iter().all(|&b| b == 1));
+    assert_clean(&store);
+    store.delete_vdi("c").unwrap();
+    assert_clean(&store);
+    let gc = store.gc().unwrap();
+    assert!(gc.freed_blocks > 0);
+    assert_eq!(store.stats().free_bytes, free0);
+    drop(c);
+    drop(store);
+    let store = reopen(&dev);
+    assert!(store.list().is_empty());
+    assert_clean(&store);
+    assert_eq!(store.stats().free_bytes, free0);
+}
+
+#[test]
+fn concurrent_writers_on_one_disk_and_several() {
+    let (_dev, store) = small_store(256 * MIB);
+    let d = store.create_vdi("d", 16 * MIB).unwrap();
+    let e = store.create_vdi("e", 16 * MIB).unwrap();
+    std::thread::scope(|s| {
+        for t in 0..4u64 {
+            let d = d.clone();
+            let e = e.clone();
+            s.spawn(move || {
+                for i in 0..200u64 {
+                    // Disjoint 1000-byte pieces, many sharing blocks.
+                    let off = (i * 4 + t) * 1000;
+                    d.write(&[t as u8 + 1; 1000], off).unwrap();
+                    e.write(&[t as u8 + 1; 4096], (i * 4 + t) * 4096).unwrap();
+                    if i % 50 == 0 {
+                        d.flush().unwrap();
+                        d.snapshot(None).ok();
+                    }
+                }
+            });
+        }
+    });
+    let mut buf = vec![0u8; 1000];
+    for i in 0..200u64 {
+        for t in 0..4u64 {
+            d.read(&mut buf, (i * 4 + t) * 1000).unwrap();
+            assert!(buf.iter().all(|&b| b == t as u8 + 1), "piece {i}/{t}");
+        }
+    }
+    store.flush_all().unwrap();
+    assert_clean(&store);
+}
+
+#[test]
+fn grow_keeps_data_and_refuses_shrink() {
+    let (_dev, store) = small_store(32 * MIB);
+    let d = store.create_vdi("d", MIB).unwrap();
+    d.write(&[5; 10], MIB - 10).unwrap();
+    d.grow(2 * MIB).unwrap();
+    d.write(&[6; 10], 2 * MIB - 10).unwrap();
+    let mut b = [0u8; 10];
+    d.read(&mut b, MIB - 10).unwrap();
+    assert_eq!(b, [5; 10]);
+    assert!(d.grow(MIB).is_err());
+    let dev_len = _dev.len();
+    assert!(dev_len > 0);
+}
