@@ -238,6 +238,18 @@ impl Tree {
         Ok(TreePlan { root, freed })
     }
 
+    /// Data blocks that dirty level-0 nodes point at with the writable bit:
+    /// blocks this tree owns that the committed tree may not know about.
+    /// (Entries reached through clean nodes are not exact about ownership:
+    /// a clean node below a shared pointer keeps its old writable bits.)
+    pub fn dirty_owned_data(&self) -> Vec<u64> {
+        self.dirty
+            .iter()
+            .filter(|((level, _), _)| *level == 0)
+            .flat_map(|(_, d)| d.entries.iter().filter(|p| p.writable()).map(|p| p.addr()))
+            .collect()
+    }
+
     /// Adopts a durable commit: the dirty overlay is gone, `root` is the new root.
     pub fn apply(&mut self, root: Ptr) {
         self.dirty.clear();

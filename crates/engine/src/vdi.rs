@@ -380,13 +380,7 @@ impl VdiInner {
         if !st.tree.root().is_null() {
             collect_owned(meta, st.tree.root(), (TREE_HEIGHT - 1) as u8, &mut owned)?;
         }
-        st.tree
-            .for_each_mapped(meta, 0, MAX_VIRTUAL_BLOCKS, &mut |_, p| {
-                if p.writable() {
-                    owned.insert(p.addr());
-                }
-                Ok(())
-            })?;
+        owned.extend(st.tree.dirty_owned_data());
         owned.extend(st.pending_free.iter().copied());
         Ok(owned.into_iter().collect())
     }

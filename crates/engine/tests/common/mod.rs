@@ -1,0 +1,266 @@
+//! Shared by the model and crash tests: operations, an in-memory model of
+//! what every disk and snapshot must contain, and a runner applying the
+//! same operation to the store and to the model.
+
+#![allow(dead_code)]
+
+use parallax_engine::{Error, Store, Vdi};
+use std::collections::BTreeMap;
+
+pub const BLOCK: usize = 4096;
+
+/// One step of a test sequence. Disk and snapshot choices are indexes,
+/// resolved modulo what exists when the step runs.
+#[derive(Debug, Clone)]
+pub enum Op {
+    Create { blocks: u8 },
+    Write { disk: u8, offset: u32, len: u16, seed: u8 },
+    Discard { disk: u8, offset: u32, len: u32 },
+    WriteZeroes { disk: u8, offset: u32, len: u32 },
+    Flush { disk: u8 },
+    Snapshot { disk: u8 },
+    Clone { disk: u8, snap: u8 },
+    Rollback { disk: u8, snap: u8 },
+    DeleteSnapshot { disk: u8, snap: u8 },
+    DeleteDisk { disk: u8 },
+    Grow { disk: u8, blocks: u8 },
+    Reopen,
+}
+
+/// What a disk must contain.
+#[derive(Debug, Clone, Default)]
+pub struct DiskModel {
+    pub data: Vec<u8>,
+    /// Content as of the last commit of this disk (crash tests).
+    pub committed: Vec<u8>,
+    /// Per block, every content written since the last commit (crash tests).
+    pub pending: BTreeMap<usize, Vec<Vec<u8>>>,
+    pub snapshots: Vec<(String, Vec<u8>)>,
+}
+
+impl DiskModel {
+    fn new(len: usize) -> Self {
+        DiskModel {
+            data: vec![0; len],
+            committed: vec![0; len],
+            ..Default::default()
+        }
+    }
+
+    fn commit(&mut self) {
+        self.committed = self.data.clone();
+        self.pending.clear();
+    }
+
+    /// Remembers the current content of the blocks overlapping a range.
+    fn touched(&mut self, offset: usize, len: usize) {
+        if len == 0 {
+            return;
+        }
+        for b in offset / BLOCK..(offset + len).div_ceil(BLOCK) {
+            let content = self.data[b * BLOCK..(b + 1) * BLOCK].to_vec();
+            self.pending.entry(b).or_default().push(content);
+        }
+    }
+}
+
+/// The model of the whole store.
+#[derive(Debug, Clone, Default)]
+pub struct Model {
+    pub disks: BTreeMap<String, DiskModel>,
+    pub next_disk: u32,
+    pub next_snap: u32,
+}
+
+pub fn pattern(seed: u8, offset: usize, len: usize) -> Vec<u8> {
+    (0..len)
+        .map(|i| ((offset + i) as u32).wrapping_mul(31).wrapping_add(seed as u32 * 101) as u8 | 1)
+        .collect()
+}
+
+fn pick<T: Clone>(items: &[T], i: u8) -> Option<T> {
+    (!items.is_empty()).then(|| items[i as usize % items.len()].clone())
+}
+
+/// Applies `op` to the store and to the model. Returns the engine's error
+/// if the store failed (the model is then left as before the op, except
+/// for what `uncertain` describes to the caller).
+pub struct Runner {
+    pub store: Store,
+    pub model: Model,
+    pub handles: BTreeMap<String, Vdi>,
+}
+
+impl Runner {
+    pub fn new(store: Store) -> Self {
+        Runner {
+            store,
+            model: Model::default(),
+            handles: BTreeMap::new(),
+        }
+    }
+
+    fn disk_names(&self) -> Vec<String> {
+        self.model.disks.keys().cloned().collect()
+    }
+
+    fn handle(&mut self, name: &str) -> Result<Vdi, Error> {
+        if let Some(h) = self.handles.get(name) {
+            return Ok(h.clone());
+        }
+        let h = self.store.open_vdi(name)?;
+        self.handles.insert(name.to_string(), h.clone());
+        Ok(h)
+    }
+
+    /// Runs one op. `reopen` is called for `Op::Reopen` to build a new store
+    /// from the device after everything was flushed.
+    pub fn apply(&mut self, op: &Op, reopen: &mut dyn FnMut() -> Store) -> Result<(), Error> {
+        let names = self.disk_names();
+        match *op {
+            Op::Create { blocks } => {
+                let name = format!("d{}", self.model.next_disk);
+                self.model.next_disk += 1;
+                let len = (blocks as usize % 24 + 1) * BLOCK;
+                let h = self.store.create_vdi(&name, len as u64)?;
+                self.handles.insert(name.clone(), h);
+                self.model.disks.insert(name, DiskModel::new(len));
+            }
+            Op::Write { disk, offset, len, seed } => {
+                let Some(name) = pick(&names, disk) else { return Ok(()) };
+                let h = self.handle(&name)?;
+                let m = &self.model.disks[&name];
+                let size = m.data.len();
+                let offset = offset as usize % size;
+                let len = (len as usize % (3 * BLOCK)).min(size - offset);
+                let data = pattern(seed, offset, len);
+                h.write(&data, offset as u64)?;
+                let m = self.model.disks.get_mut(&name).unwrap();
+                m.data[offset..offset + len].copy_from_slice(&data);
+                m.touched(offset, len);
+            }
+            Op::Discard { disk, offset, len } | Op::WriteZeroes { disk, offset, len } => {
+                let Some(name) = pick(&names, disk) else { return Ok(()) };
+                let h = self.handle(&name)?;
+                let size = self.model.disks[&name].data.len();
+                let offset = offset as usize % size;
+                let len = (len as usize % (6 * BLOCK)).min(size - offset);
+                let zero_edges = matches!(op, Op::WriteZeroes { .. });
+                if zero_edges {
+                    h.write_zeroes(offset as u64, len as u64)?;
+                } else {
+                    h.discard(offset as u64, len as u64)?;
+                }
+                let m = self.model.disks.get_mut(&name).unwrap();
+                let (start, end) = if zero_edges {
+                    (offset, offset + len)
+                } else {
+                    (offset.div_ceil(BLOCK) * BLOCK, (offset + len) / BLOCK * BLOCK)
+                };
+                if end > start {
+                    m.data[start..end].fill(0);
+                    m.touched(start, end - start);
+                }
+            }
+            Op::Flush { disk } => {
+                let Some(name) = pick(&names, disk) else { return Ok(()) };
+                self.handle(&name)?.flush()?;
+                self.model.disks.get_mut(&name).unwrap().commit();
+            }
+            Op::Snapshot { disk } => {
+                let Some(name) = pick(&names, disk) else { return Ok(()) };
+                let snap = format!("s{}", self.model.next_snap);
+                self.model.next_snap += 1;
+                self.handle(&name)?.snapshot(Some(&snap))?;
+                let m = self.model.disks.get_mut(&name).unwrap();
+                m.commit();
+                let content = m.data.clone();
+                m.snapshots.push((snap, content));
+            }
+            Op::Clone { disk, snap } => {
+                let Some(name) = pick(&names, disk) else { return Ok(()) };
+                let Some((snap, content)) = pick(&self.model.disks[&name].snapshots, snap) else {
+                    return Ok(());
+                };
+                let new = format!("d{}", self.model.next_disk);
+                self.model.next_disk += 1;
+                let h = self.store.clone_snapshot(&name, &snap, &new)?;
+                self.handles.insert(new.clone(), h);
+                let mut m = DiskModel::new(content.len());
+                m.data = content.clone();
+                m.committed = content;
+                self.model.disks.insert(new, m);
+            }
+            Op::Rollback { disk, snap } => {
+                let Some(name) = pick(&names, disk) else { return Ok(()) };
+                let Some((snap, content)) = pick(&self.model.disks[&name].snapshots, snap) else {
+                    return Ok(());
+                };
+                self.handle(&name)?.rollback(&snap)?;
+                let m = self.model.disks.get_mut(&name).unwrap();
+                m.data = content;
+                m.commit();
+            }
+            Op::DeleteSnapshot { disk, snap } => {
+                let Some(name) = pick(&names, disk) else { return Ok(()) };
+                let Some((snap, _)) = pick(&self.model.disks[&name].snapshots, snap) else {
+                    return Ok(());
+                };
+                self.handle(&name)?.delete_snapshot(&snap)?;
+                let m = self.model.disks.get_mut(&name).unwrap();
+                m.snapshots.retain(|(s, _)| *s != snap);
+                m.commit();
+            }
+            Op::DeleteDisk { disk } => {
+                let Some(name) = pick(&names, disk) else { return Ok(()) };
+                self.store.delete_vdi(&name)?;
+                self.handles.remove(&name);
+                self.model.disks.remove(&name);
+            }
+            Op::Grow { disk, blocks } => {
+                let Some(name) = pick(&names, disk) else { return Ok(()) };
+                let h = self.handle(&name)?;
+                let len = self.model.disks[&name].data.len() + (blocks as usize % 4) * BLOCK;
+                h.grow(len as u64)?;
+                let m = self.model.disks.get_mut(&name).unwrap();
+                m.data.resize(len, 0);
+                m.commit();
+            }
+            Op::Reopen => {
+                self.store.flush_all()?;
+                for m in self.model.disks.values_mut() {
+                    m.commit();
+                }
+                self.handles.clear();
+                self.store = reopen();
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads every disk and snapshot back and compares with the model.
+    pub fn verify_exact(&mut self) {
+        for (name, m) in self.model.disks.clone() {
+            let h = self.handle(&name).unwrap();
+            assert_eq!(h.size(), m.data.len() as u64, "size of {name}");
+            let mut buf = vec![0u8; m.data.len()];
+            h.read(&mut buf, 0).unwrap();
+            if let Some(i) = (0..buf.len()).find(|&i| buf[i] != m.data[i]) {
+                panic!("disk {name} differs from the model at byte {i}: {} != {}", buf[i], m.data[i]);
+            }
+            let snaps: Vec<String> = h.snapshots().into_iter().map(|s| s.name).collect();
+            let expected: Vec<String> = m.snapshots.iter().map(|(s, _)| s.clone()).collect();
+            assert_eq!(snaps, expected, "snapshot list of {name}");
+            for (snap, content) in &m.snapshots {
+                let view = self.store.open_snapshot(&name, snap).unwrap();
+                let mut buf = vec![0u8; content.len()];
+                view.read(&mut buf, 0).unwrap();
+                assert!(buf == *content, "content of {name}@{snap} differs from the model");
+            }
+        }
+        let mut names = self.store.list();
+        names.sort();
+        let expected: Vec<String> = self.model.disks.keys().cloned().collect();
+        assert_eq!(names, expected);
+    }
+}
