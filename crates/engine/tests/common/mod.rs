@@ -52,16 +52,48 @@ impl DiskModel {
         self.pending.clear();
     }
 
-    /// Remembers the current content of the blocks overlapping a range.
-    fn touched(&mut self, offset: usize, len: usize) {
-        if len == 0 {
-            return;
+    /// Records, before the store is asked, what the blocks overlapping a
+    /// range will contain if the change lands, and returns that content.
+    fn will_write(&mut self, offset: usize, new: &[u8]) -> Vec<u8> {
+        let mut data = self.data.clone();
+        data[offset..offset + new.len()].copy_from_slice(new);
+        if !new.is_empty() {
+            for b in offset / BLOCK..(offset + new.len()).div_ceil(BLOCK) {
+                let content = data[b * BLOCK..(b + 1) * BLOCK].to_vec();
+                self.pending.entry(b).or_default().push(content);
+            }
         }
-        for b in offset / BLOCK..(offset + len).div_ceil(BLOCK) {
-            let content = self.data[b * BLOCK..(b + 1) * BLOCK].to_vec();
-            self.pending.entry(b).or_default().push(content);
-        }
+        data
     }
+
+    /// Whether `actual` is a content the disk may have after a power cut:
+    /// each half-block equals that half of the committed content or of some
+    /// content written since.
+    pub fn crash_acceptable(&self, actual: &[u8]) -> Result<(), String> {
+        for (b, chunk) in actual.chunks(BLOCK).enumerate() {
+            let committed = self.committed.get(b * BLOCK..(b + 1) * BLOCK);
+            for h in 0..2 {
+                let r = h * BLOCK / 2..(h + 1) * BLOCK / 2;
+                let ok = committed.is_some_and(|c| c[r.clone()] == chunk[r.clone()])
+                    || self
+                        .pending
+                        .get(&b)
+                        .is_some_and(|v| v.iter().any(|c| c[r.clone()] == chunk[r.clone()]));
+                if !ok {
+                    return Err(format!("block {b} half {h} matches nothing written"));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A management operation that was under way when the power went.
+#[derive(Debug, Clone)]
+pub enum InFlight {
+    NewSnapshot { disk: String, name: String, content: Vec<u8> },
+    DeletedSnapshot { disk: String, name: String, content: Vec<u8> },
+    NewDisk { name: String, content: Vec<u8> },
 }
 
 /// The model of the whole store.
@@ -89,6 +121,7 @@ pub struct Runner {
     pub store: Store,
     pub model: Model,
     pub handles: BTreeMap<String, Vdi>,
+    pub in_flight: Option<InFlight>,
 }
 
 impl Runner {
@@ -97,6 +130,7 @@ impl Runner {
             store,
             model: Model::default(),
             handles: BTreeMap::new(),
+            in_flight: None,
         }
     }
 
@@ -122,6 +156,10 @@ impl Runner {
                 let name = format!("d{}", self.model.next_disk);
                 self.model.next_disk += 1;
                 let len = (blocks as usize % 24 + 1) * BLOCK;
+                self.in_flight = Some(InFlight::NewDisk {
+                    name: name.clone(),
+                    content: vec![0; len],
+                });
                 let h = self.store.create_vdi(&name, len as u64)?;
                 self.handles.insert(name.clone(), h);
                 self.model.disks.insert(name, DiskModel::new(len));
@@ -134,10 +172,10 @@ impl Runner {
                 let offset = offset as usize % size;
                 let len = (len as usize % (3 * BLOCK)).min(size - offset);
                 let data = pattern(seed, offset, len);
-                h.write(&data, offset as u64)?;
                 let m = self.model.disks.get_mut(&name).unwrap();
-                m.data[offset..offset + len].copy_from_slice(&data);
-                m.touched(offset, len);
+                let after = m.will_write(offset, &data);
+                h.write(&data, offset as u64)?;
+                self.model.disks.get_mut(&name).unwrap().data = after;
             }
             Op::Discard { disk, offset, len } | Op::WriteZeroes { disk, offset, len } => {
                 let Some(name) = pick(&names, disk) else { return Ok(()) };
@@ -146,21 +184,19 @@ impl Runner {
                 let offset = offset as usize % size;
                 let len = (len as usize % (6 * BLOCK)).min(size - offset);
                 let zero_edges = matches!(op, Op::WriteZeroes { .. });
-                if zero_edges {
-                    h.write_zeroes(offset as u64, len as u64)?;
-                } else {
-                    h.discard(offset as u64, len as u64)?;
-                }
-                let m = self.model.disks.get_mut(&name).unwrap();
                 let (start, end) = if zero_edges {
                     (offset, offset + len)
                 } else {
                     (offset.div_ceil(BLOCK) * BLOCK, (offset + len) / BLOCK * BLOCK)
                 };
-                if end > start {
-                    m.data[start..end].fill(0);
-                    m.touched(start, end - start);
+                let m = self.model.disks.get_mut(&name).unwrap();
+                let after = m.will_write(start, &vec![0; end.saturating_sub(start)]);
+                if zero_edges {
+                    h.write_zeroes(offset as u64, len as u64)?;
+                } else {
+                    h.discard(offset as u64, len as u64)?;
                 }
+                self.model.disks.get_mut(&name).unwrap().data = after;
             }
             Op::Flush { disk } => {
                 let Some(name) = pick(&names, disk) else { return Ok(()) };
@@ -171,6 +207,11 @@ impl Runner {
                 let Some(name) = pick(&names, disk) else { return Ok(()) };
                 let snap = format!("s{}", self.model.next_snap);
                 self.model.next_snap += 1;
+                self.in_flight = Some(InFlight::NewSnapshot {
+                    disk: name.clone(),
+                    name: snap.clone(),
+                    content: self.model.disks[&name].data.clone(),
+                });
                 self.handle(&name)?.snapshot(Some(&snap))?;
                 let m = self.model.disks.get_mut(&name).unwrap();
                 m.commit();
@@ -184,6 +225,10 @@ impl Runner {
                 };
                 let new = format!("d{}", self.model.next_disk);
                 self.model.next_disk += 1;
+                self.in_flight = Some(InFlight::NewDisk {
+                    name: new.clone(),
+                    content: content.clone(),
+                });
                 let h = self.store.clone_snapshot(&name, &snap, &new)?;
                 self.handles.insert(new.clone(), h);
                 let mut m = DiskModel::new(content.len());
@@ -203,9 +248,14 @@ impl Runner {
             }
             Op::DeleteSnapshot { disk, snap } => {
                 let Some(name) = pick(&names, disk) else { return Ok(()) };
-                let Some((snap, _)) = pick(&self.model.disks[&name].snapshots, snap) else {
+                let Some((snap, content)) = pick(&self.model.disks[&name].snapshots, snap) else {
                     return Ok(());
                 };
+                self.in_flight = Some(InFlight::DeletedSnapshot {
+                    disk: name.clone(),
+                    name: snap.clone(),
+                    content,
+                });
                 self.handle(&name)?.delete_snapshot(&snap)?;
                 let m = self.model.disks.get_mut(&name).unwrap();
                 m.snapshots.retain(|(s, _)| *s != snap);
@@ -227,6 +277,7 @@ impl Runner {
                 m.commit();
             }
             Op::Reopen => {
+                self.in_flight = None;
                 self.store.flush_all()?;
                 for m in self.model.disks.values_mut() {
                     m.commit();
@@ -235,6 +286,7 @@ impl Runner {
                 self.store = reopen();
             }
         }
+        self.in_flight = None;
         Ok(())
     }
 
