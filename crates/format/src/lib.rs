@@ -27,6 +27,12 @@ mod vdi;
 
 pub use bitmap::{BitmapBlock, BITMAP_BITS};
 pub use header::{Kind, MetaHeader, MAGIC};
+
+/// crc32c of a block as stored in its header (crc field taken as zero).
+/// Public for fuzzers and tools that forge valid blocks.
+pub fn block_crc_for_fuzzing(block: &[u8]) -> u32 {
+    header::block_crc(block)
+}
 pub use log::{LogBlock, LogEntry, LogEntryKind, LOG_ENTRIES_PER_BLOCK};
 pub use node::{NodeBlock, FAN_OUT, TREE_HEIGHT};
 pub use ptr::Ptr;
