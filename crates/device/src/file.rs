@@ -75,9 +75,9 @@ impl FileDevice {
 
     fn aligned(&self, ptr: *const u8, offset: u64, len: usize) -> bool {
         !self.direct
-            || ((ptr as usize) % DIRECT_ALIGN == 0
-                && offset % DIRECT_ALIGN as u64 == 0
-                && len % DIRECT_ALIGN == 0)
+            || ((ptr as usize).is_multiple_of(DIRECT_ALIGN)
+                && offset.is_multiple_of(DIRECT_ALIGN as u64)
+                && len.is_multiple_of(DIRECT_ALIGN))
     }
 }
 

@@ -23,9 +23,7 @@ use crate::alloc::Allocator;
 use crate::error::{Error, Result};
 use crate::store::{Catalog, Store};
 use crate::vdi::{read_log_chain, VdiInner};
-use parallax_format::{
-    Ptr, Superblock, BLOCK_SIZE, BLOCK_SIZE_U64, SUPERBLOCK_ADDRS, TREE_HEIGHT,
-};
+use parallax_format::{Ptr, Superblock, BLOCK_SIZE, BLOCK_SIZE_U64, SUPERBLOCK_ADDRS, TREE_HEIGHT};
 use parking_lot::RwLockWriteGuard;
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -161,11 +159,14 @@ fn mark_all(store: &Store, catalog: &Catalog) -> Marking {
         m.disks += 1;
         let who = format!("disk {}", entry.name);
         if !names.insert(entry.name.clone()) {
-            m.errors.push(format!("{who}: name used twice in the registry"));
+            m.errors
+                .push(format!("{who}: name used twice in the registry"));
         }
         if !ids.insert(entry.vdi_id) || entry.vdi_id >= catalog.sb.next_vdi_id {
-            m.errors
-                .push(format!("{who}: id {} is duplicated or not yet issued", entry.vdi_id));
+            m.errors.push(format!(
+                "{who}: id {} is duplicated or not yet issued",
+                entry.vdi_id
+            ));
         }
         m.mark(entry.header_a, Role::Header, &who);
         m.mark(entry.header_b, Role::Header, &who);
@@ -177,10 +178,8 @@ fn mark_all(store: &Store, catalog: &Catalog) -> Marking {
             }
         };
         if header.name != entry.name {
-            m.warnings.push(format!(
-                "{who}: header records the name {:?}",
-                header.name
-            ));
+            m.warnings
+                .push(format!("{who}: header records the name {:?}", header.name));
         }
         let log = match read_log_chain(&store.inner, header.log_head, entry.vdi_id) {
             Ok(l) => l,
@@ -214,8 +213,9 @@ fn mark_all(store: &Store, catalog: &Catalog) -> Marking {
         for (id, name, root) in &snaps {
             m.snapshots += 1;
             if !snap_names.insert(name.clone()) || *id >= header.next_snapshot_id {
-                m.errors
-                    .push(format!("{who}@{name}: duplicate name or id {id} not yet issued"));
+                m.errors.push(format!(
+                    "{who}@{name}: duplicate name or id {id} not yet issued"
+                ));
             }
             m.walk_tree(store, *root, &format!("{who}@{name}"), None);
         }

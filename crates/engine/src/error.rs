@@ -34,7 +34,9 @@ pub enum Error {
     InvalidArgument(String),
     #[error("{0} is read-only")]
     ReadOnly(String),
-    #[error("disk {0} failed an earlier write and refuses further work until the store is reopened")]
+    #[error(
+        "disk {0} failed an earlier write and refuses further work until the store is reopened"
+    )]
     Poisoned(String),
 }
 

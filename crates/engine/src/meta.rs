@@ -30,7 +30,12 @@ pub(crate) struct MetaIo {
 }
 
 impl MetaIo {
-    pub fn new(dev: Arc<dyn BlockDevice>, store_id: u64, total_blocks: u64, cache_nodes: usize) -> Self {
+    pub fn new(
+        dev: Arc<dyn BlockDevice>,
+        store_id: u64,
+        total_blocks: u64,
+        cache_nodes: usize,
+    ) -> Self {
         let cap = NonZeroUsize::new(cache_nodes.max(16)).unwrap_or(NonZeroUsize::MIN);
         MetaIo {
             dev,

@@ -261,7 +261,12 @@ impl Store {
                 dev.len()
             )));
         }
-        let meta = MetaIo::new(dev.clone(), sb.store_id, sb.total_blocks, options.cache_nodes);
+        let meta = MetaIo::new(
+            dev.clone(),
+            sb.store_id,
+            sb.total_blocks,
+            options.cache_nodes,
+        );
         let mut registry = Vec::with_capacity(sb.registry.len());
         for (i, p) in sb.registry.iter().enumerate() {
             if p.is_null() {
@@ -365,7 +370,10 @@ impl Store {
             let raw = meta.read_block(addr, "a VDI header")?;
             match VdiHeader::decode(&raw[..], addr, Some(meta.store_id)) {
                 Ok(h) if h.vdi_id == entry.vdi_id => {
-                    if best.as_ref().is_none_or(|(b, _)| h.generation > b.generation) {
+                    if best
+                        .as_ref()
+                        .is_none_or(|(b, _)| h.generation > b.generation)
+                    {
                         best = Some((h, slot));
                     }
                 }
@@ -570,7 +578,10 @@ impl Store {
             // Also a parent that no longer exists may have been a clone of
             // vdi_id; its own clones were made from its snapshots, which may
             // share vdi_id's blocks. Be conservative.
-            if parent.get(&cur).is_some_and(|&p| p != 0 && !parent.contains_key(&p)) {
+            if parent
+                .get(&cur)
+                .is_some_and(|&p| p != 0 && !parent.contains_key(&p))
+            {
                 return Ok(true);
             }
         }
@@ -581,7 +592,11 @@ impl Store {
     pub fn open_snapshot(&self, disk: &str, snapshot: &str) -> Result<SnapshotView> {
         let vdi = self.open_vdi(disk)?;
         let info = vdi.snapshot_info(snapshot)?;
-        Ok(SnapshotView::new(self.inner.clone(), disk.to_string(), info))
+        Ok(SnapshotView::new(
+            self.inner.clone(),
+            disk.to_string(),
+            info,
+        ))
     }
 
     pub(crate) fn open_handles(&self) -> Vec<Arc<VdiInner>> {
@@ -634,7 +649,10 @@ fn write_registry_block(
     let (b, crc) = block.encode(inner.meta.store_id, addr, catalog.sb.generation + 1);
     inner.meta.write_block(addr, &b, "a registry block")?;
     let old = catalog.sb.registry[slot];
-    Ok((Ptr::meta(addr, crc, false), (!old.is_null()).then(|| old.addr())))
+    Ok((
+        Ptr::meta(addr, crc, false),
+        (!old.is_null()).then(|| old.addr()),
+    ))
 }
 
 /// Makes `sb` (with generation bumped here) the durable superblock.

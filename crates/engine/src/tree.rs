@@ -145,7 +145,7 @@ impl Tree {
         let mut src = self.root;
         loop {
             let key = (level, prefix(v, level));
-            if !self.dirty.contains_key(&key) {
+            if let std::collections::btree_map::Entry::Vacant(e) = self.dirty.entry(key) {
                 let node = if src.is_null() {
                     DirtyNode {
                         entries: vec![Ptr::NULL; FAN_OUT],
@@ -165,7 +165,7 @@ impl Tree {
                         }
                     }
                 };
-                self.dirty.insert(key, node);
+                e.insert(node);
             }
             let entry = self.dirty[&key].entries[index(v, level)];
             if level == 0 {

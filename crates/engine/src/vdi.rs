@@ -489,7 +489,10 @@ pub(crate) fn read_log_chain(
     Ok(blocks)
 }
 
-fn load_log(store: &StoreInner, header: &VdiHeader) -> Result<(Vec<SnapshotInfo>, Option<LogBlock>)> {
+fn load_log(
+    store: &StoreInner,
+    header: &VdiHeader,
+) -> Result<(Vec<SnapshotInfo>, Option<LogBlock>)> {
     let blocks = read_log_chain(store, header.log_head, header.vdi_id)?;
     let mut snaps: Vec<SnapshotInfo> = Vec::new();
     for (_, b) in &blocks {
@@ -629,7 +632,7 @@ impl Vdi {
     pub fn grow(&self, new_size: u64) -> Result<()> {
         let mut st = self.inner.state.write();
         self.inner.usable(&st)?;
-        if new_size % BLOCK_SIZE_U64 != 0 || new_size > MAX_VDI_SIZE {
+        if !new_size.is_multiple_of(BLOCK_SIZE_U64) || new_size > MAX_VDI_SIZE {
             return Err(Error::InvalidArgument(format!(
                 "size {new_size} must be a multiple of 4096 and at most {MAX_VDI_SIZE}"
             )));
@@ -724,7 +727,10 @@ impl Vdi {
         let mut st = inner.state.write();
         inner.usable(&st)?;
         let owned = inner.live_owned_blocks(&st)?;
-        let old = std::mem::replace(&mut st.tree, Tree::shared_copy(&inner.store.meta, snap.root)?);
+        let old = std::mem::replace(
+            &mut st.tree,
+            Tree::shared_copy(&inner.store.meta, snap.root)?,
+        );
         let old_size = st.size;
         let old_free = std::mem::replace(&mut st.pending_free, owned);
         st.size = snap.size_bytes;
@@ -741,7 +747,12 @@ impl Vdi {
     }
 }
 
-pub(crate) fn read_tree(store: &StoreInner, tree: &Tree, buf: &mut [u8], offset: u64) -> Result<()> {
+pub(crate) fn read_tree(
+    store: &StoreInner,
+    tree: &Tree,
+    buf: &mut [u8],
+    offset: u64,
+) -> Result<()> {
     let mut block = vec![0u8; BLOCK_SIZE];
     for (v, within, r) in pieces(offset, buf.len()) {
         let (entry, _) = tree.lookup(&store.meta, v)?;

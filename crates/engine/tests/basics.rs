@@ -136,9 +136,18 @@ fn errors_are_clear_and_harmless() {
     let (dev, store) = small_store(8 * MIB);
     assert!(matches!(store.open_vdi("nope"), Err(Error::NotFound(_))));
     let d = store.create_vdi("d", 64 * MIB).unwrap();
-    assert!(matches!(store.create_vdi("d", MIB), Err(Error::AlreadyExists(_))));
-    assert!(matches!(store.create_vdi("a@b", MIB), Err(Error::InvalidArgument(_))));
-    assert!(matches!(d.write(&[1], 64 * MIB), Err(Error::InvalidArgument(_))));
+    assert!(matches!(
+        store.create_vdi("d", MIB),
+        Err(Error::AlreadyExists(_))
+    ));
+    assert!(matches!(
+        store.create_vdi("a@b", MIB),
+        Err(Error::InvalidArgument(_))
+    ));
+    assert!(matches!(
+        d.write(&[1], 64 * MIB),
+        Err(Error::InvalidArgument(_))
+    ));
     d.write(&[7; 4096], 0).unwrap();
     d.flush().unwrap();
     // Fill the store: the write that cannot be placed fails with NoSpace.

@@ -115,7 +115,10 @@ fn verify_after_crash(image: Vec<u8>, runner: &Runner, what: &str) {
             let d = store.open_vdi(name).unwrap();
             let mut buf = vec![0u8; content.len()];
             d.read(&mut buf, 0).unwrap();
-            assert!(buf == *content, "{what}: half-created disk {name} has wrong content");
+            assert!(
+                buf == *content,
+                "{what}: half-created disk {name} has wrong content"
+            );
         }
     }
     expected.sort();
@@ -132,12 +135,18 @@ fn verify_after_crash(image: Vec<u8>, runner: &Runner, what: &str) {
         }
         let mut want: Vec<(String, Vec<u8>)> = m.snapshots.clone();
         match &runner.in_flight {
-            Some(InFlight::NewSnapshot { disk, name: s, content }) if disk == name => {
-                if d.snapshot_info(s).is_ok() {
-                    want.push((s.clone(), content.clone()));
-                }
+            Some(InFlight::NewSnapshot {
+                disk,
+                name: s,
+                content,
+            }) if disk == name && d.snapshot_info(s).is_ok() => {
+                want.push((s.clone(), content.clone()));
             }
-            Some(InFlight::DeletedSnapshot { disk, name: s, content }) if disk == name => {
+            Some(InFlight::DeletedSnapshot {
+                disk,
+                name: s,
+                content,
+            }) if disk == name => {
                 // The delete may or may not have landed; if the snapshot is
                 // still there it must be intact (checked below).
                 want.retain(|(n, _)| n != s);
@@ -162,7 +171,11 @@ fn verify_after_crash(image: Vec<u8>, runner: &Runner, what: &str) {
     // Leaks from the cut are found and returned.
     store.gc().unwrap();
     let report = store.check().unwrap();
-    assert!(report.is_clean(), "{what}: check after gc: {:#?}", report.errors);
+    assert!(
+        report.is_clean(),
+        "{what}: check after gc: {:#?}",
+        report.errors
+    );
     assert_eq!(report.leaked_blocks, 0, "{what}: leaks after gc");
     // And the store still works.
     let d = store.create_vdi("after-crash", 8192).unwrap();
@@ -190,8 +203,14 @@ fn crash_everywhere(seed: u64, len: usize, random_writes: u64) {
         let dev = Arc::new(CrashDevice::new(STORE_BYTES));
         dev.crash_at_flush(k, mode);
         // None: the cut came while formatting; nothing was promised yet.
-        let Some(runner) = run(&dev, &ops) else { continue };
-        verify_after_crash(dev.durable_image(), &runner, &format!("seed {seed} flush {k} {mode:?}"));
+        let Some(runner) = run(&dev, &ops) else {
+            continue;
+        };
+        verify_after_crash(
+            dev.durable_image(),
+            &runner,
+            &format!("seed {seed} flush {k} {mode:?}"),
+        );
     }
     // Random writes in between.
     let mut r = Rng(seed);
@@ -200,8 +219,14 @@ fn crash_everywhere(seed: u64, len: usize, random_writes: u64) {
         let mode = mode_for(i, seed.wrapping_add(w));
         let dev = Arc::new(CrashDevice::new(STORE_BYTES));
         dev.crash_at_write(w, mode);
-        let Some(runner) = run(&dev, &ops) else { continue };
-        verify_after_crash(dev.durable_image(), &runner, &format!("seed {seed} write {w} {mode:?}"));
+        let Some(runner) = run(&dev, &ops) else {
+            continue;
+        };
+        verify_after_crash(
+            dev.durable_image(),
+            &runner,
+            &format!("seed {seed} write {w} {mode:?}"),
+        );
     }
 }
 
@@ -234,8 +259,12 @@ fn eio_and_enospc_during_commit() {
     use parallax_device::Fault;
     for fault_at in 0..12 {
         for fault in [
-            Fault::WriteEio { after_writes: fault_at },
-            Fault::WriteEnospc { after_writes: fault_at },
+            Fault::WriteEio {
+                after_writes: fault_at,
+            },
+            Fault::WriteEnospc {
+                after_writes: fault_at,
+            },
         ] {
             let dev = Arc::new(CrashDevice::new(STORE_BYTES));
             let store = fresh_store(dev.clone());
@@ -248,8 +277,8 @@ fn eio_and_enospc_during_commit() {
             let flushed = d.flush().is_ok() && d.snapshot(Some("s")).is_ok();
             drop(d);
             drop(store);
-            let reopened = Store::open(dev.clone() as Arc<dyn BlockDevice>, &OpenOptions::default())
-                .unwrap();
+            let reopened =
+                Store::open(dev.clone() as Arc<dyn BlockDevice>, &OpenOptions::default()).unwrap();
             let report = reopened.check().unwrap();
             assert!(report.is_clean(), "{fault:?}: {:#?}", report.errors);
             let d = reopened.open_vdi("d").unwrap();
@@ -258,7 +287,10 @@ fn eio_and_enospc_during_commit() {
             assert!(buf.iter().all(|&b| b == 1), "{fault:?}: flushed data lost");
             if flushed {
                 d.read(&mut buf, 65536).unwrap();
-                assert!(buf.iter().all(|&b| b == 3), "{fault:?}: flush reported ok but data lost");
+                assert!(
+                    buf.iter().all(|&b| b == 3),
+                    "{fault:?}: flush reported ok but data lost"
+                );
             }
         }
     }

@@ -44,7 +44,9 @@ fn run(ops: &[Op]) {
     .unwrap();
     let mut runner = Runner::new(store);
     let mut reopen = || Store::open(dev.clone(), &OpenOptions::default()).unwrap();
-    runner.apply(&Op::Create { blocks: 20 }, &mut reopen).unwrap();
+    runner
+        .apply(&Op::Create { blocks: 20 }, &mut reopen)
+        .unwrap();
     for op in ops {
         runner.apply(op, &mut reopen).unwrap();
         if matches!(op, Op::Reopen) {
@@ -91,10 +93,19 @@ fn thousands_of_operations() {
 fn regression_rollback_then_zero_then_snapshots() {
     run(&[
         Op::Create { blocks: 0 },
-        Op::Write { disk: 2, offset: 0, len: 1, seed: 0 },
+        Op::Write {
+            disk: 2,
+            offset: 0,
+            len: 1,
+            seed: 0,
+        },
         Op::Snapshot { disk: 152 },
         Op::Rollback { disk: 90, snap: 0 },
-        Op::WriteZeroes { disk: 0, offset: 7057408, len: 9091866 },
+        Op::WriteZeroes {
+            disk: 0,
+            offset: 7057408,
+            len: 9091866,
+        },
         Op::Snapshot { disk: 66 },
         Op::Snapshot { disk: 222 },
         Op::Reopen,

@@ -126,7 +126,7 @@ impl LogBlock {
                 name: get_name(block, o + 4, o + 40, MAX_NAME_LEN, addr)?,
             };
             let ok = e.snapshot_id != 0
-                && e.size_bytes % crate::BLOCK_SIZE_U64 == 0
+                && e.size_bytes.is_multiple_of(crate::BLOCK_SIZE_U64)
                 && e.root.is_valid()
                 && match kind {
                     LogEntryKind::Taken => !e.root.is_null() && !e.name.is_empty(),

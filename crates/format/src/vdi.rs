@@ -86,7 +86,7 @@ impl VdiHeader {
             name: get_name(block, 128, 136, MAX_NAME_LEN, addr)?,
             origin: get_name(block, 232, 240, ORIGIN_CAP, addr)?,
         };
-        if v.size_bytes % crate::BLOCK_SIZE_U64 != 0 {
+        if !v.size_bytes.is_multiple_of(crate::BLOCK_SIZE_U64) {
             return Err(FormatError::field(
                 addr,
                 "VDI size is not a multiple of 4096",

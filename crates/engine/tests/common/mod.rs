@@ -13,17 +13,50 @@ pub const BLOCK: usize = 4096;
 /// resolved modulo what exists when the step runs.
 #[derive(Debug, Clone)]
 pub enum Op {
-    Create { blocks: u8 },
-    Write { disk: u8, offset: u32, len: u16, seed: u8 },
-    Discard { disk: u8, offset: u32, len: u32 },
-    WriteZeroes { disk: u8, offset: u32, len: u32 },
-    Flush { disk: u8 },
-    Snapshot { disk: u8 },
-    Clone { disk: u8, snap: u8 },
-    Rollback { disk: u8, snap: u8 },
-    DeleteSnapshot { disk: u8, snap: u8 },
-    DeleteDisk { disk: u8 },
-    Grow { disk: u8, blocks: u8 },
+    Create {
+        blocks: u8,
+    },
+    Write {
+        disk: u8,
+        offset: u32,
+        len: u16,
+        seed: u8,
+    },
+    Discard {
+        disk: u8,
+        offset: u32,
+        len: u32,
+    },
+    WriteZeroes {
+        disk: u8,
+        offset: u32,
+        len: u32,
+    },
+    Flush {
+        disk: u8,
+    },
+    Snapshot {
+        disk: u8,
+    },
+    Clone {
+        disk: u8,
+        snap: u8,
+    },
+    Rollback {
+        disk: u8,
+        snap: u8,
+    },
+    DeleteSnapshot {
+        disk: u8,
+        snap: u8,
+    },
+    DeleteDisk {
+        disk: u8,
+    },
+    Grow {
+        disk: u8,
+        blocks: u8,
+    },
     Reopen,
 }
 
@@ -91,9 +124,20 @@ impl DiskModel {
 /// A management operation that was under way when the power went.
 #[derive(Debug, Clone)]
 pub enum InFlight {
-    NewSnapshot { disk: String, name: String, content: Vec<u8> },
-    DeletedSnapshot { disk: String, name: String, content: Vec<u8> },
-    NewDisk { name: String, content: Vec<u8> },
+    NewSnapshot {
+        disk: String,
+        name: String,
+        content: Vec<u8>,
+    },
+    DeletedSnapshot {
+        disk: String,
+        name: String,
+        content: Vec<u8>,
+    },
+    NewDisk {
+        name: String,
+        content: Vec<u8>,
+    },
 }
 
 /// The model of the whole store.
@@ -106,7 +150,12 @@ pub struct Model {
 
 pub fn pattern(seed: u8, offset: usize, len: usize) -> Vec<u8> {
     (0..len)
-        .map(|i| ((offset + i) as u32).wrapping_mul(31).wrapping_add(seed as u32 * 101) as u8 | 1)
+        .map(|i| {
+            ((offset + i) as u32)
+                .wrapping_mul(31)
+                .wrapping_add(seed as u32 * 101) as u8
+                | 1
+        })
         .collect()
 }
 
@@ -164,8 +213,15 @@ impl Runner {
                 self.handles.insert(name.clone(), h);
                 self.model.disks.insert(name, DiskModel::new(len));
             }
-            Op::Write { disk, offset, len, seed } => {
-                let Some(name) = pick(&names, disk) else { return Ok(()) };
+            Op::Write {
+                disk,
+                offset,
+                len,
+                seed,
+            } => {
+                let Some(name) = pick(&names, disk) else {
+                    return Ok(());
+                };
                 let h = self.handle(&name)?;
                 let m = &self.model.disks[&name];
                 let size = m.data.len();
@@ -178,7 +234,9 @@ impl Runner {
                 self.model.disks.get_mut(&name).unwrap().data = after;
             }
             Op::Discard { disk, offset, len } | Op::WriteZeroes { disk, offset, len } => {
-                let Some(name) = pick(&names, disk) else { return Ok(()) };
+                let Some(name) = pick(&names, disk) else {
+                    return Ok(());
+                };
                 let h = self.handle(&name)?;
                 let size = self.model.disks[&name].data.len();
                 let offset = offset as usize % size;
@@ -187,7 +245,10 @@ impl Runner {
                 let (start, end) = if zero_edges {
                     (offset, offset + len)
                 } else {
-                    (offset.div_ceil(BLOCK) * BLOCK, (offset + len) / BLOCK * BLOCK)
+                    (
+                        offset.div_ceil(BLOCK) * BLOCK,
+                        (offset + len) / BLOCK * BLOCK,
+                    )
                 };
                 let m = self.model.disks.get_mut(&name).unwrap();
                 let after = m.will_write(start, &vec![0; end.saturating_sub(start)]);
@@ -199,12 +260,16 @@ impl Runner {
                 self.model.disks.get_mut(&name).unwrap().data = after;
             }
             Op::Flush { disk } => {
-                let Some(name) = pick(&names, disk) else { return Ok(()) };
+                let Some(name) = pick(&names, disk) else {
+                    return Ok(());
+                };
                 self.handle(&name)?.flush()?;
                 self.model.disks.get_mut(&name).unwrap().commit();
             }
             Op::Snapshot { disk } => {
-                let Some(name) = pick(&names, disk) else { return Ok(()) };
+                let Some(name) = pick(&names, disk) else {
+                    return Ok(());
+                };
                 let snap = format!("s{}", self.model.next_snap);
                 self.model.next_snap += 1;
                 self.in_flight = Some(InFlight::NewSnapshot {
@@ -219,7 +284,9 @@ impl Runner {
                 m.snapshots.push((snap, content));
             }
             Op::Clone { disk, snap } => {
-                let Some(name) = pick(&names, disk) else { return Ok(()) };
+                let Some(name) = pick(&names, disk) else {
+                    return Ok(());
+                };
                 let Some((snap, content)) = pick(&self.model.disks[&name].snapshots, snap) else {
                     return Ok(());
                 };
@@ -237,7 +304,9 @@ impl Runner {
                 self.model.disks.insert(new, m);
             }
             Op::Rollback { disk, snap } => {
-                let Some(name) = pick(&names, disk) else { return Ok(()) };
+                let Some(name) = pick(&names, disk) else {
+                    return Ok(());
+                };
                 let Some((snap, content)) = pick(&self.model.disks[&name].snapshots, snap) else {
                     return Ok(());
                 };
@@ -247,7 +316,9 @@ impl Runner {
                 m.commit();
             }
             Op::DeleteSnapshot { disk, snap } => {
-                let Some(name) = pick(&names, disk) else { return Ok(()) };
+                let Some(name) = pick(&names, disk) else {
+                    return Ok(());
+                };
                 let Some((snap, content)) = pick(&self.model.disks[&name].snapshots, snap) else {
                     return Ok(());
                 };
@@ -262,13 +333,17 @@ impl Runner {
                 m.commit();
             }
             Op::DeleteDisk { disk } => {
-                let Some(name) = pick(&names, disk) else { return Ok(()) };
+                let Some(name) = pick(&names, disk) else {
+                    return Ok(());
+                };
                 self.store.delete_vdi(&name)?;
                 self.handles.remove(&name);
                 self.model.disks.remove(&name);
             }
             Op::Grow { disk, blocks } => {
-                let Some(name) = pick(&names, disk) else { return Ok(()) };
+                let Some(name) = pick(&names, disk) else {
+                    return Ok(());
+                };
                 let h = self.handle(&name)?;
                 let len = self.model.disks[&name].data.len() + (blocks as usize % 4) * BLOCK;
                 h.grow(len as u64)?;
@@ -298,7 +373,10 @@ impl Runner {
             let mut buf = vec![0u8; m.data.len()];
             h.read(&mut buf, 0).unwrap();
             if let Some(i) = (0..buf.len()).find(|&i| buf[i] != m.data[i]) {
-                panic!("disk {name} differs from the model at byte {i}: {} != {}", buf[i], m.data[i]);
+                panic!(
+                    "disk {name} differs from the model at byte {i}: {} != {}",
+                    buf[i], m.data[i]
+                );
             }
             let snaps: Vec<String> = h.snapshots().into_iter().map(|s| s.name).collect();
             let expected: Vec<String> = m.snapshots.iter().map(|(s, _)| s.clone()).collect();
@@ -307,7 +385,10 @@ impl Runner {
                 let view = self.store.open_snapshot(&name, snap).unwrap();
                 let mut buf = vec![0u8; content.len()];
                 view.read(&mut buf, 0).unwrap();
-                assert!(buf == *content, "content of {name}@{snap} differs from the model");
+                assert!(
+                    buf == *content,
+                    "content of {name}@{snap} differs from the model"
+                );
             }
         }
         let mut names = self.store.list();
