@@ -25,7 +25,8 @@ fuzz_target!(|data: &[u8]| {
     }
     drop(store);
     let mut image = dev.to_bytes();
-    // The input is a list of (offset u16 in 64-byte units, byte) patches.
+    // The input is a list of (u16 position, xor byte) patches; positions are
+    // spread over the image by a factor of 7.
     for chunk in data.chunks_exact(3) {
         let off = (u16::from_le_bytes([chunk[0], chunk[1]]) as usize * 7) % LEN;
         image[off] ^= chunk[2];

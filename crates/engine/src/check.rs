@@ -312,14 +312,19 @@ impl Store {
     /// extents that nothing references. Open disks are flushed first and
     /// held still while it runs.
     pub fn gc(&self) -> Result<GcReport> {
+        // Lock order, as everywhere: catalogue, then disks by id. Holding
+        // the catalogue keeps disks from being opened, created or deleted
+        // while the sweep runs.
+        let catalog = self.inner.catalog.lock();
         let open: Vec<Arc<VdiInner>> = self.open_handles();
         let mut guards: Vec<RwLockWriteGuard<'_, crate::vdi::VdiState>> = Vec::new();
         for v in &open {
             let mut st = v.state.write();
-            v.commit(&mut st, None)?;
+            if !st.deleted {
+                v.commit(&mut st, None)?;
+            }
             guards.push(st);
         }
-        let catalog = self.inner.catalog.lock();
         let m = mark_all(self, &catalog);
         if !m.errors.is_empty() {
             return Err(Error::Inconsistent(format!(

@@ -218,14 +218,19 @@ impl Store {
             registry: vec![Ptr::NULL; SUPERBLOCK_REGISTRY_SLOTS],
         };
         let io = Error::io("formatting the store");
-        // Clear bitmap slots left by whatever was on the device before.
+        // Invalidate any previous store first: once both old superblocks are
+        // gone, a power cut during formatting leaves "not a store", never an
+        // old store whose bitmaps were half rewritten.
         let zeros = vec![0u8; 2 * BLOCK_SIZE];
+        dev.write_at(&zeros, 0)
+            .and_then(|_| dev.flush())
+            .map_err(Error::io("formatting the store"))?;
+        // Clear bitmap slots left by whatever was on the device before.
         for e in 0..extent_count {
             dev.write_at(&zeros, sb.extent_start(e) * BLOCK_SIZE_U64)
                 .map_err(Error::io("formatting the store"))?;
         }
-        // Bitmaps claimed by the formatting host, so that a fresh store
-        // records who formatted it; extents stay free.
+        // A valid, empty, unowned bitmap in slot A of every extent.
         for e in 0..extent_count {
             let mut bm = BitmapBlock::empty(e, sb.extent_len(e));
             bm.generation = 1;

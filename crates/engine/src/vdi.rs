@@ -194,10 +194,12 @@ impl VdiInner {
 
     /// Writes `data` at `within` of data block `addr`, owned by this disk.
     fn write_in_place(&self, v: u64, addr: u64, within: usize, data: &[u8]) -> Result<()> {
+        // Whole-block writes take the stripe too, so that a concurrent
+        // read-modify-write of the same block cannot write old bytes back.
+        let _stripe = self.stripes[(v % STRIPES as u64) as usize].lock();
         if data.len() == BLOCK_SIZE {
             return self.write_data(addr, data);
         }
-        let _stripe = self.stripes[(v % STRIPES as u64) as usize].lock();
         let mut block = vec![0u8; BLOCK_SIZE];
         self.read_data(addr, &mut block)?;
         block[within..within + data.len()].copy_from_slice(data);
