@@ -1,1 +1,285 @@
-fn main() {}
+//! `parallax`: manage a Parallax store and its thin virtual disks.
+//!
+//! This file holds the command line (clap definitions), the parsing of
+//! `NAME` and `NAME@SNAP` arguments, and the dispatch to [`commands`].
+//! Errors end the program with one line `parallax: <message>` on stderr and
+//! exit code 1; usage errors exit with 2.
+
+mod commands;
+mod open;
+mod output;
+mod size;
+mod transfer;
+
+use clap::{Parser, Subcommand};
+use commands::Context;
+use parallax_format::validate_name;
+use std::fmt;
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+/// Thin virtual disks with copy-on-write snapshots and clones.
+#[derive(Parser)]
+#[command(name = "parallax", version, about, max_term_width = 100)]
+struct Cli {
+    /// The store: a file or a block device.
+    /// [default: /var/lib/parallax/store.px for root, else
+    /// $XDG_DATA_HOME/parallax/store.px or ~/.local/share/parallax/store.px]
+    #[arg(long, global = true, env = "PARALLAX_STORE", value_name = "PATH")]
+    store: Option<PathBuf>,
+
+    /// Print machine-readable JSON.
+    #[arg(long, global = true)]
+    json: bool,
+
+    /// This host's id in a store shared by several hosts.
+    #[arg(long, global = true, value_name = "N", default_value_t = 1,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    host_id: u64,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Create a store: a new sparse file of SIZE, or a whole block device.
+    Init {
+        /// Size of a new store file, e.g. 20G (leave out for a block device).
+        #[arg(long, value_parser = size::parse_size)]
+        size: Option<u64>,
+        /// Overwrite an existing store, non-empty file or device.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Create an empty disk.
+    Create {
+        /// Name of the new disk.
+        #[arg(value_parser = parse_name)]
+        name: String,
+        /// Virtual size, e.g. 20G (rounded up to 4 KiB).
+        #[arg(long, value_parser = size::parse_size)]
+        size: u64,
+    },
+    /// List disks.
+    List,
+    /// Describe a disk or a snapshot.
+    Info {
+        /// A disk, or one of its snapshots.
+        #[arg(value_name = "NAME[@SNAP]", value_parser = parse_disk_ref)]
+        target: DiskRef,
+    },
+    /// Take a snapshot (named by the current time if @SNAP is left out).
+    Snapshot {
+        /// The disk, and optionally the snapshot's name.
+        #[arg(value_name = "NAME[@SNAP]", value_parser = parse_disk_ref)]
+        target: DiskRef,
+    },
+    /// List the snapshots of a disk.
+    Snapshots {
+        /// The disk.
+        #[arg(value_parser = parse_name)]
+        name: String,
+    },
+    /// Create a new disk from a snapshot (instant; blocks are shared).
+    Clone {
+        /// The snapshot to clone.
+        #[arg(value_name = "NAME@SNAP", value_parser = parse_snap_ref)]
+        source: SnapRef,
+        /// Name of the new disk.
+        #[arg(value_name = "NEW", value_parser = parse_name)]
+        new: String,
+    },
+    /// Return a disk to the content of one of its snapshots.
+    Rollback {
+        /// The snapshot to return to.
+        #[arg(value_name = "NAME@SNAP", value_parser = parse_snap_ref)]
+        target: SnapRef,
+    },
+    /// Delete disks (with their snapshots) or single snapshots, in order.
+    Delete {
+        /// Disks and snapshots to delete; stops at the first failure.
+        #[arg(value_name = "NAME[@SNAP]", required = true, value_parser = parse_disk_ref)]
+        targets: Vec<DiskRef>,
+    },
+    /// Create a disk from a raw or qcow2 image.
+    Import {
+        /// A raw or qcow2 image file.
+        file: PathBuf,
+        /// Name of the new disk.
+        #[arg(value_parser = parse_name)]
+        name: String,
+        /// Disk size, if larger than the image's virtual size.
+        #[arg(long, value_parser = size::parse_size)]
+        size: Option<u64>,
+    },
+    /// Write a disk or snapshot to a sparse raw image file.
+    Export {
+        /// The disk or snapshot to export.
+        #[arg(value_name = "NAME[@SNAP]", value_parser = parse_disk_ref)]
+        source: DiskRef,
+        /// The raw image file to write.
+        file: PathBuf,
+        /// Overwrite FILE if it exists.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Verify the consistency of the store (exit 1 if damaged).
+    Check,
+    /// Return unreferenced blocks to the free pool.
+    Gc,
+    /// Show the store's capacity and use.
+    Df,
+}
+
+/// `NAME` or `NAME@SNAP`.
+#[derive(Debug, Clone)]
+pub struct DiskRef {
+    pub disk: String,
+    pub snapshot: Option<String>,
+}
+
+/// `NAME@SNAP`.
+#[derive(Debug, Clone)]
+pub struct SnapRef {
+    pub disk: String,
+    pub snapshot: String,
+}
+
+impl fmt::Display for DiskRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.snapshot {
+            Some(s) => write!(f, "{}@{s}", self.disk),
+            None => f.write_str(&self.disk),
+        }
+    }
+}
+
+fn parse_name(s: &str) -> Result<String, String> {
+    validate_name(s)?;
+    Ok(s.to_string())
+}
+
+fn parse_disk_ref(s: &str) -> Result<DiskRef, String> {
+    let (disk, snapshot) = match s.split_once('@') {
+        Some((d, snap)) => (d, Some(parse_name(snap)?)),
+        None => (s, None),
+    };
+    Ok(DiskRef {
+        disk: parse_name(disk)?,
+        snapshot,
+    })
+}
+
+fn parse_snap_ref(s: &str) -> Result<SnapRef, String> {
+    match parse_disk_ref(s)? {
+        DiskRef {
+            disk,
+            snapshot: Some(snapshot),
+        } => Ok(SnapRef { disk, snapshot }),
+        _ => Err(format!("'{s}' names no snapshot: expected NAME@SNAP")),
+    }
+}
+
+/// The error and its causes on one line, leaving out causes whose text
+/// the message already contains (engine errors repeat their source).
+pub fn one_line(error: &anyhow::Error) -> String {
+    let mut message = String::new();
+    for cause in error.chain() {
+        let text = cause.to_string();
+        if message.contains(&text) {
+            continue;
+        }
+        if !message.is_empty() {
+            message.push_str(": ");
+        }
+        message.push_str(&text);
+    }
+    message.replace('\n', " ")
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    let store_path = match cli.store {
+        Some(p) => p,
+        None => open::default_store_path()?,
+    };
+    let ctx = Context {
+        store_path,
+        json: cli.json,
+        host_id: cli.host_id,
+    };
+    match &cli.command {
+        Command::Init { size, force } => commands::init(&ctx, *size, *force),
+        Command::Create { name, size } => commands::create(&ctx, name, *size),
+        Command::List => commands::list(&ctx),
+        Command::Info { target } => commands::info(&ctx, target),
+        Command::Snapshot { target } => commands::snapshot(&ctx, target),
+        Command::Snapshots { name } => commands::snapshots(&ctx, name),
+        Command::Clone { source, new } => commands::clone(&ctx, source, new),
+        Command::Rollback { target } => commands::rollback(&ctx, target),
+        Command::Delete { targets } => commands::delete(&ctx, targets),
+        Command::Import { file, name, size } => commands::import(&ctx, file, name, *size),
+        Command::Export {
+            source,
+            file,
+            force,
+        } => commands::export(&ctx, source, file, *force),
+        Command::Check => commands::check(&ctx),
+        Command::Gc => commands::gc(&ctx),
+        Command::Df => commands::df(&ctx),
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            if let Some(usage) = e.downcast_ref::<open::UsageError>() {
+                use clap::CommandFactory;
+                Cli::command()
+                    .error(clap::error::ErrorKind::ArgumentConflict, usage)
+                    .exit();
+            }
+            // Not eprintln!, which panics when stderr is closed.
+            let _ = writeln!(std::io::stderr(), "parallax: {}", one_line(&e));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn command_line_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn parses_disk_and_snapshot_refs() {
+        let r = parse_disk_ref("vm1").unwrap();
+        assert_eq!((r.disk.as_str(), r.snapshot), ("vm1", None));
+        let r = parse_disk_ref("vm1@gold").unwrap();
+        assert_eq!(r.to_string(), "vm1@gold");
+        assert!(parse_disk_ref("@gold").is_err());
+        assert!(parse_disk_ref("vm1@").is_err());
+        assert!(parse_disk_ref("vm1@a@b").is_err());
+        assert!(parse_disk_ref("a/b").is_err());
+        assert!(parse_snap_ref("vm1").is_err());
+        let s = parse_snap_ref("vm1@gold").unwrap();
+        assert_eq!((s.disk.as_str(), s.snapshot.as_str()), ("vm1", "gold"));
+    }
+
+    #[test]
+    fn one_line_drops_repeated_causes() {
+        let io = std::io::Error::other("disk on fire");
+        let e = anyhow::Error::new(io).context("while reading: disk on fire");
+        assert_eq!(one_line(&e), "while reading: disk on fire");
+        let e = anyhow::anyhow!("inner\nsecond line").context("outer");
+        assert_eq!(one_line(&e), "outer: inner second line");
+    }
+}

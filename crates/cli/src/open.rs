@@ -1,0 +1,270 @@
+//! Finding, locking, creating and opening the store.
+//!
+//! The default store is `/var/lib/parallax/store.px` for root and
+//! `$XDG_DATA_HOME/parallax/store.px` (or `~/.local/share/parallax/store.px`)
+//! for everyone else.
+//!
+//! The engine assumes that one process owns a store. Every command
+//! therefore takes an advisory `flock` on the store file for as long as it
+//! runs: shared for commands that only read, exclusive for the others. A
+//! second command that would conflict fails at once instead of waiting.
+
+use anyhow::{anyhow, bail, Context, Result};
+use parallax_device::{BlockDevice, FileDevice, OpenMode};
+use parallax_engine::{CreateOptions, Error, OpenOptions, Store};
+use parallax_format::{BLOCK_SIZE, BLOCK_SIZE_U64, MAGIC, SUPERBLOCK_ADDRS};
+use std::fs::{self, File};
+use std::io::{self, ErrorKind};
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+/// Whether a command changes the store.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Access {
+    Read,
+    Write,
+}
+
+/// An open store and the lock that keeps other commands off it.
+pub struct OpenStore {
+    pub store: Store,
+    _lock: File,
+}
+
+/// A mistake on the command line found after parsing (exit code 2).
+#[derive(Debug)]
+pub struct UsageError(pub String);
+
+impl std::fmt::Display for UsageError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for UsageError {}
+
+/// The store used when neither `--store` nor `PARALLAX_STORE` is given.
+pub fn default_store_path() -> Result<PathBuf> {
+    let is_root = fs::metadata("/proc/self").is_ok_and(|m| m.uid() == 0);
+    default_store_path_for(
+        is_root,
+        std::env::var_os("XDG_DATA_HOME").map(PathBuf::from),
+        std::env::var_os("HOME").map(PathBuf::from),
+    )
+}
+
+fn default_store_path_for(
+    is_root: bool,
+    xdg_data_home: Option<PathBuf>,
+    home: Option<PathBuf>,
+) -> Result<PathBuf> {
+    if is_root {
+        return Ok(PathBuf::from("/var/lib/parallax/store.px"));
+    }
+    // The XDG spec says to ignore relative paths.
+    let data_home = xdg_data_home
+        .filter(|p| p.is_absolute())
+        .or_else(|| {
+            home.filter(|p| p.is_absolute())
+                .map(|home| home.join(".local/share"))
+        })
+        .ok_or_else(|| {
+            anyhow!("cannot find a default store path (HOME is not set); pass --store PATH")
+        })?;
+    Ok(data_home.join("parallax").join("store.px"))
+}
+
+/// Takes the advisory lock of the store at `path`.
+fn lock(path: &Path, access: Access) -> Result<File> {
+    let file = File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+    let op = match access {
+        Access::Read => rustix::fs::FlockOperation::NonBlockingLockShared,
+        Access::Write => rustix::fs::FlockOperation::NonBlockingLockExclusive,
+    };
+    match rustix::fs::flock(&file, op) {
+        Ok(()) => Ok(file),
+        Err(rustix::io::Errno::WOULDBLOCK) => bail!(
+            "store {} is in use by another parallax command; try again when it has finished",
+            path.display()
+        ),
+        Err(e) => {
+            Err(io::Error::from(e)).with_context(|| format!("cannot lock store {}", path.display()))
+        }
+    }
+}
+
+/// Opens the existing store at `path`.
+pub fn open_store(path: &Path, access: Access, host_id: u64) -> Result<OpenStore> {
+    let shown = path.display();
+    match fs::metadata(path) {
+        Err(e) if e.kind() == ErrorKind::NotFound => {
+            bail!("store {shown} does not exist; create it with `parallax init --size SIZE`")
+        }
+        Err(e) => return Err(e).with_context(|| format!("cannot open store {shown}")),
+        Ok(m) if m.is_dir() => bail!("{shown} is a directory, not a Parallax store"),
+        Ok(_) => {}
+    }
+    let lock = lock(path, access)?;
+    let mode = OpenMode {
+        direct: false,
+        read_only: access == Access::Read,
+    };
+    let dev = FileDevice::open(path, mode).with_context(|| format!("cannot open store {shown}"))?;
+    let options = OpenOptions {
+        host_id,
+        ..OpenOptions::default()
+    };
+    let store = Store::open(Arc::new(dev), &options).map_err(|e| match e {
+        Error::NotAStore(detail) => anyhow!("{shown} is not a Parallax store: {detail}"),
+        Error::NewerVersion { .. } => anyhow!(e),
+        e => anyhow!("cannot open store {shown}: {e}"),
+    })?;
+    Ok(OpenStore { store, _lock: lock })
+}
+
+/// Whether the device starts with a Parallax superblock (either copy).
+fn holds_store(dev: &dyn BlockDevice) -> io::Result<bool> {
+    let mut block = vec![0u8; BLOCK_SIZE];
+    for addr in SUPERBLOCK_ADDRS {
+        if (addr + 1) * BLOCK_SIZE_U64 <= dev.len() {
+            dev.read_at(&mut block, addr * BLOCK_SIZE_U64)?;
+            if block[..4] == MAGIC {
+                return Ok(true);
+            }
+        }
+    }
+    Ok(false)
+}
+
+/// Whether the first MiB of the device reads as zeros.
+fn starts_empty(dev: &dyn BlockDevice) -> io::Result<bool> {
+    let mut buf = vec![0u8; dev.len().min(1 << 20) as usize];
+    dev.read_at(&mut buf, 0)?;
+    Ok(crate::transfer::is_zero(&buf))
+}
+
+/// `parallax init`: formats a new store at `path`.
+///
+/// A missing path becomes a sparse file of `size` bytes. An existing block
+/// device is formatted whole. An existing empty regular file is resized to
+/// `size`. Existing content (a store, a non-empty file, a device with data
+/// in its first MiB) is overwritten only with `force`.
+pub fn init_store(path: &Path, size: Option<u64>, force: bool, host_id: u64) -> Result<()> {
+    let shown = path.display();
+    let options = CreateOptions {
+        host_id,
+        ..CreateOptions::default()
+    };
+    let need_size = || {
+        UsageError(format!(
+            "--size SIZE is required to create the store file {shown}"
+        ))
+    };
+    let format = |dev: FileDevice| -> Result<()> {
+        Store::create(Arc::new(dev), &options)
+            .map(drop)
+            .map_err(|e| anyhow!("cannot create a store in {shown}: {e}"))
+    };
+    let metadata = match fs::metadata(path) {
+        Ok(m) => m,
+        Err(e) if e.kind() == ErrorKind::NotFound => {
+            let size = size.ok_or_else(need_size)?;
+            if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+                fs::create_dir_all(parent)
+                    .with_context(|| format!("cannot create directory {}", parent.display()))?;
+            }
+            let dev = FileDevice::create(path, size, OpenMode::default())
+                .with_context(|| format!("cannot create {shown}"))?;
+            let result = lock(path, Access::Write).and_then(|_lock| format(dev));
+            if result.is_err() {
+                let _ = fs::remove_file(path);
+            }
+            return result;
+        }
+        Err(e) => return Err(e).with_context(|| format!("cannot access {shown}")),
+    };
+    let file_type = metadata.file_type();
+    if file_type.is_block_device() {
+        let _lock = lock(path, Access::Write)?;
+        let dev = FileDevice::open(path, OpenMode::default())
+            .with_context(|| format!("cannot open {shown}"))?;
+        if let Some(size) = size.filter(|&s| s != dev.len()) {
+            return Err(UsageError(format!(
+                "{shown} is a block device of {} bytes; a store on it uses all of it, so --size {size} cannot be honoured (leave --size out)",
+                dev.len()
+            ))
+            .into());
+        }
+        if !force {
+            let read_err = |e| anyhow!("cannot read {shown}: {e}");
+            if holds_store(&dev).map_err(read_err)? {
+                bail!("{shown} already holds a Parallax store; pass --force to overwrite it");
+            }
+            if !starts_empty(&dev).map_err(read_err)? {
+                bail!("{shown} is not empty (it may hold a partition table or a file system); pass --force to overwrite it");
+            }
+        }
+        return format(dev);
+    }
+    if !file_type.is_file() {
+        bail!("{shown} is neither a regular file nor a block device");
+    }
+    let size = size.ok_or_else(need_size)?;
+    let _lock = lock(path, Access::Write)?;
+    if metadata.len() > 0 && !force {
+        let dev = FileDevice::open(
+            path,
+            OpenMode {
+                direct: false,
+                read_only: true,
+            },
+        )
+        .with_context(|| format!("cannot open {shown}"))?;
+        if holds_store(&dev).unwrap_or(false) {
+            bail!("{shown} already holds a Parallax store; pass --force to overwrite it");
+        }
+        bail!("{shown} exists and is not empty; pass --force to overwrite it");
+    }
+    let file = fs::OpenOptions::new()
+        .write(true)
+        .open(path)
+        .with_context(|| format!("cannot open {shown}"))?;
+    file.set_len(0)
+        .and_then(|_| file.set_len(size))
+        .and_then(|_| file.sync_all())
+        .with_context(|| format!("cannot resize {shown}"))?;
+    drop(file);
+    let dev = FileDevice::open(path, OpenMode::default())
+        .with_context(|| format!("cannot open {shown}"))?;
+    format(dev)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_store_paths() {
+        let path = |root, xdg: Option<&str>, home: Option<&str>| {
+            default_store_path_for(root, xdg.map(PathBuf::from), home.map(PathBuf::from))
+                .map(|p| p.display().to_string())
+                .ok()
+        };
+        let root = Some("/var/lib/parallax/store.px".to_string());
+        assert_eq!(path(true, Some("/x"), Some("/root")), root);
+        assert_eq!(
+            path(false, Some("/data"), Some("/home/u")).as_deref(),
+            Some("/data/parallax/store.px")
+        );
+        assert_eq!(
+            path(false, None, Some("/home/u")).as_deref(),
+            Some("/home/u/.local/share/parallax/store.px")
+        );
+        assert_eq!(
+            path(false, Some("relative"), Some("/home/u")).as_deref(),
+            Some("/home/u/.local/share/parallax/store.px")
+        );
+        assert_eq!(path(false, None, None), None);
+    }
+}
