@@ -34,25 +34,11 @@ impl Context {
     }
 }
 
-/// Makes the blocks freed by the last commit free on disk too.
-///
-/// The engine returns blocks to the allocator after each commit but writes
-/// the bitmaps only at the next commit, which this process will never make:
-/// without this, every command would leave its frees as leaks for `gc`.
-/// An idle flush of a disk writes the bitmaps; with no disk left, `gc`
-/// (cheap on an empty store) does the same. Best effort: if it fails, the
-/// blocks stay leaked, which `check` reports and `gc` repairs.
+/// Makes the blocks freed by the last commit free on disk too (the
+/// engine writes bitmaps lazily). Best effort: if it fails, the blocks stay
+/// leaked, which `check` reports and `gc` repairs.
 fn settle(store: &Store) {
-    let names = store.list();
-    if names.is_empty() {
-        let _ = store.gc();
-        return;
-    }
-    for name in names {
-        if store.open_vdi(&name).and_then(|v| v.flush()).is_ok() {
-            return;
-        }
-    }
+    let _ = store.flush_all();
 }
 
 /// `size (bytes)` for `key: value` output.

@@ -616,12 +616,14 @@ impl Store {
         open
     }
 
-    /// Flushes every open disk.
+    /// Flushes every open disk, then writes the bitmaps, so that blocks
+    /// freed by earlier commits (which become free in memory at once) are
+    /// free on disk too. Call before closing a store.
     pub fn flush_all(&self) -> Result<()> {
         for inner in self.open_handles() {
             Vdi { inner }.flush()?;
         }
-        Ok(())
+        self.inner.sync_bitmaps()
     }
 }
 
