@@ -1,44 +1,52 @@
-//! One function per verb. Each opens the store with the access it needs,
-//! does its work through `parallax-engine`, and prints its result as text
-//! or, with `--json`, as JSON.
+//! One function per verb. Each runs its operation through the
+//! [`Api`] trait, on the running daemon if one serves the store (its
+//! control socket answers), else on the store opened here with the lock the
+//! operation needs, and prints the result as text or, with `--json`, JSON.
 
-use crate::open::{open_store, Access, OpenStore};
-use crate::output::{key_values, print, print_json, rfc3339, Table};
+use crate::output::{key_values, print, print_json, Table};
 use crate::size::format_size;
-use crate::transfer::{self, Source};
 use crate::{DiskRef, SnapRef};
-use anyhow::{bail, Result};
-use parallax_engine::{Store, Vdi};
-use serde::Serialize;
+use anyhow::{anyhow, bail, Result};
+use parallax_server::api::{Api, ApiResult, DiskInfo};
+use parallax_server::client::Remote;
+use parallax_server::daemon::{self, ServeOptions};
+use parallax_server::service::Service;
+use parallax_server::store_file::{self, open_store, Access};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 /// What every command gets from the global options.
 pub struct Context {
     pub store_path: PathBuf,
+    /// Whether the store path is the default one (not from --store).
+    pub default_store: bool,
+    pub control: PathBuf,
     pub json: bool,
     pub host_id: u64,
 }
 
 impl Context {
-    fn open(&self, access: Access) -> Result<OpenStore> {
-        open_store(&self.store_path, access, self.host_id)
+    /// Runs `body` on the daemon serving the store, or on the store itself.
+    fn with_api<T>(
+        &self,
+        access: Access,
+        body: impl FnOnce(&dyn Api) -> ApiResult<T>,
+    ) -> Result<T> {
+        if let Some(remote) = Remote::connect(&self.control) {
+            return Ok(body(&remote)?);
+        }
+        let opened = open_store(&self.store_path, access, self.host_id)?;
+        let service = Service::new(opened.store.clone(), self.store_path.clone(), true);
+        Ok(body(&service)?)
     }
 
-    /// Runs a command that changes the store, then [`settle`]s it, also
-    /// after a failure (earlier steps of `delete` may have succeeded).
-    fn change<T>(&self, body: impl FnOnce(&Store) -> Result<T>) -> Result<T> {
-        let s = self.open(Access::Write)?;
-        let result = body(&s.store);
-        settle(&s.store);
-        result
+    fn read<T>(&self, body: impl FnOnce(&dyn Api) -> ApiResult<T>) -> Result<T> {
+        self.with_api(Access::Read, body)
     }
-}
 
-/// Makes the blocks freed by the last commit free on disk too (the
-/// engine writes bitmaps lazily). Best effort: if it fails, the blocks stay
-/// leaked, which `check` reports and `gc` repairs.
-fn settle(store: &Store) {
-    let _ = store.flush_all();
+    fn write<T>(&self, body: impl FnOnce(&dyn Api) -> ApiResult<T>) -> Result<T> {
+        self.with_api(Access::Write, body)
+    }
 }
 
 /// `size (bytes)` for `key: value` output.
@@ -46,47 +54,87 @@ fn size_with_bytes(bytes: u64) -> String {
     format!("{} ({bytes} bytes)", format_size(bytes))
 }
 
+/// A path the daemon can use whatever its working directory.
+fn absolute(path: &Path) -> Result<PathBuf> {
+    std::path::absolute(path).map_err(|e| anyhow!("cannot resolve {}: {e}", path.display()))
+}
+
 pub fn init(ctx: &Context, size: Option<u64>, force: bool) -> Result<()> {
-    crate::open::init_store(&ctx.store_path, size, force, ctx.host_id)
+    if Remote::connect(&ctx.control).is_some() {
+        bail!(
+            "a parallax daemon is serving store {}; stop it before re-initialising the store",
+            ctx.store_path.display()
+        );
+    }
+    store_file::init_store(&ctx.store_path, size, force, ctx.host_id)
 }
 
-pub fn create(ctx: &Context, name: &str, size: u64) -> Result<()> {
-    ctx.change(|store| store.create_vdi(name, size).map(drop).map_err(Into::into))
-}
-
-#[derive(Serialize)]
-struct DiskJson {
-    name: String,
-    size_bytes: u64,
-    allocated_bytes: u64,
-    snapshots: u64,
-    origin: Option<String>,
-    created: String,
-}
-
-fn disk_json(vdi: &Vdi) -> Result<DiskJson> {
-    let info = vdi.info();
-    Ok(DiskJson {
-        name: info.name,
-        size_bytes: info.size_bytes,
-        allocated_bytes: vdi.allocated_bytes()?,
-        snapshots: info.snapshot_count,
-        origin: info.origin,
-        created: rfc3339(info.created_ns),
+pub fn serve(
+    ctx: &Context,
+    nbd_listen: Option<SocketAddr>,
+    nbd_socket: Option<PathBuf>,
+    init_size: u64,
+) -> Result<()> {
+    let nbd_socket = nbd_socket.map(|p| absolute(&p)).transpose()?;
+    // Logs go to stderr; PARALLAX_LOG filters them (default `info`).
+    let filter = tracing_subscriber::EnvFilter::try_from_env("PARALLAX_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    daemon::run(ServeOptions {
+        store_path: ctx.store_path.clone(),
+        create_size: ctx.default_store.then_some(init_size),
+        host_id: ctx.host_id,
+        nbd_listen,
+        nbd_socket,
+        control: ctx.control.clone(),
     })
 }
 
-fn all_disks(store: &Store) -> Result<Vec<DiskJson>> {
-    store
-        .list()
-        .iter()
-        .map(|name| disk_json(&store.open_vdi(name)?))
-        .collect()
+pub fn status(ctx: &Context) -> Result<()> {
+    let remote = Remote::connect(&ctx.control).ok_or_else(|| {
+        anyhow!(
+            "no parallax daemon serves store {} (nothing answers on {})",
+            ctx.store_path.display(),
+            ctx.control.display()
+        )
+    })?;
+    let status = remote.status()?;
+    if ctx.json {
+        return print_json(&status);
+    }
+    let mut text = key_values(&[
+        ("pid", status.pid.to_string()),
+        ("version", status.version),
+        ("store", status.store),
+        ("nbd tcp", status.nbd_tcp.unwrap_or_else(|| "-".into())),
+        (
+            "nbd socket",
+            status.nbd_socket.unwrap_or_else(|| "-".into()),
+        ),
+        ("control", status.control),
+        ("connections", status.connections.len().to_string()),
+    ]);
+    if !status.connections.is_empty() {
+        let mut table = Table::new(&["ID", "EXPORT", "PEER", "SINCE"]);
+        for c in status.connections {
+            table.row(vec![c.id.to_string(), c.export, c.peer, c.since]);
+        }
+        text.push('\n');
+        text.push_str(&table.render());
+    }
+    print(&text)
+}
+
+pub fn create(ctx: &Context, name: &str, size: u64) -> Result<()> {
+    ctx.write(|api| api.create(name, size)).map(drop)
 }
 
 pub fn list(ctx: &Context) -> Result<()> {
-    let s = ctx.open(Access::Read)?;
-    let disks = all_disks(&s.store)?;
+    let disks = ctx.read(|api| api.list())?;
     if ctx.json {
         return print_json(&disks);
     }
@@ -103,109 +151,50 @@ pub fn list(ctx: &Context) -> Result<()> {
     print(&table.render())
 }
 
-#[derive(Serialize)]
-struct SnapshotJson {
-    disk: String,
-    name: String,
-    id: u64,
-    created: String,
-    size_bytes: u64,
-    allocated_bytes: u64,
-}
-
 pub fn info(ctx: &Context, target: &DiskRef) -> Result<()> {
-    let s = ctx.open(Access::Read)?;
     if let Some(snap) = &target.snapshot {
-        let view = s.store.open_snapshot(&target.disk, snap)?;
-        let info = view.info();
-        let j = SnapshotJson {
-            disk: target.disk.clone(),
-            name: info.name.clone(),
-            id: info.id,
-            created: rfc3339(info.created_ns),
-            size_bytes: info.size_bytes,
-            allocated_bytes: view.allocated_bytes()?,
-        };
+        let s = ctx.read(|api| api.snapshot_detail(&target.disk, snap))?;
         if ctx.json {
-            return print_json(&j);
+            return print_json(&s);
         }
         return print(&key_values(&[
-            ("disk", j.disk),
-            ("name", j.name),
-            ("id", j.id.to_string()),
-            ("created", j.created),
-            ("size", size_with_bytes(j.size_bytes)),
-            ("allocated", size_with_bytes(j.allocated_bytes)),
+            ("disk", s.disk),
+            ("name", s.name),
+            ("id", s.id.to_string()),
+            ("created", s.created),
+            ("size", size_with_bytes(s.size_bytes)),
+            (
+                "allocated",
+                size_with_bytes(s.allocated_bytes.unwrap_or_default()),
+            ),
         ]));
     }
-    let vdi = s.store.open_vdi(&target.disk)?;
-    let id = vdi.id();
-    let d = disk_json(&vdi)?;
+    let d: DiskInfo = ctx.read(|api| api.disk(&target.disk))?;
     if ctx.json {
-        #[derive(Serialize)]
-        struct InfoJson {
-            id: u64,
-            #[serde(flatten)]
-            disk: DiskJson,
-        }
-        return print_json(&InfoJson { id, disk: d });
+        return print_json(&d);
     }
     print(&key_values(&[
         ("name", d.name),
-        ("id", id.to_string()),
+        ("id", d.id.to_string()),
         ("size", size_with_bytes(d.size_bytes)),
         ("allocated", size_with_bytes(d.allocated_bytes)),
         ("snapshots", d.snapshots.to_string()),
         ("origin", d.origin.unwrap_or_else(|| "-".into())),
         ("created", d.created),
+        ("connections", d.connections.to_string()),
     ]))
 }
 
 pub fn snapshot(ctx: &Context, target: &DiskRef) -> Result<()> {
-    let info = ctx.change(|store| {
-        Ok(store
-            .open_vdi(&target.disk)?
-            .snapshot(target.snapshot.as_deref())?)
-    })?;
+    let s = ctx.write(|api| api.snapshot(&target.disk, target.snapshot.as_deref()))?;
     if ctx.json {
-        #[derive(Serialize)]
-        struct Taken {
-            disk: String,
-            name: String,
-            id: u64,
-            created: String,
-        }
-        return print_json(&Taken {
-            disk: target.disk.clone(),
-            name: info.name,
-            id: info.id,
-            created: rfc3339(info.created_ns),
-        });
+        return print_json(&s);
     }
-    print(&format!("{}@{}\n", target.disk, info.name))
+    print(&format!("{}@{}\n", s.disk, s.name))
 }
 
 pub fn snapshots(ctx: &Context, disk: &str) -> Result<()> {
-    #[derive(Serialize)]
-    struct Row {
-        id: u64,
-        name: String,
-        created: String,
-        size_bytes: u64,
-    }
-    let s = ctx.open(Access::Read)?;
-    let rows: Vec<Row> = s
-        .store
-        .open_vdi(disk)?
-        .snapshots()
-        .into_iter()
-        .map(|i| Row {
-            id: i.id,
-            name: i.name,
-            created: rfc3339(i.created_ns),
-            size_bytes: i.size_bytes,
-        })
-        .collect();
+    let rows = ctx.read(|api| api.snapshots(disk))?;
     if ctx.json {
         return print_json(&rows);
     }
@@ -222,27 +211,24 @@ pub fn snapshots(ctx: &Context, disk: &str) -> Result<()> {
 }
 
 pub fn clone(ctx: &Context, source: &SnapRef, new: &str) -> Result<()> {
-    ctx.change(|store| {
-        store.clone_snapshot(&source.disk, &source.snapshot, new)?;
-        Ok(())
-    })
+    ctx.write(|api| api.clone_snapshot(&source.disk, &source.snapshot, new))
+        .map(drop)
 }
 
 pub fn rollback(ctx: &Context, target: &SnapRef) -> Result<()> {
-    ctx.change(|store| Ok(store.open_vdi(&target.disk)?.rollback(&target.snapshot)?))
+    ctx.write(|api| api.rollback(&target.disk, &target.snapshot))
 }
 
 pub fn delete(ctx: &Context, targets: &[DiskRef]) -> Result<()> {
-    ctx.change(|store| {
+    ctx.write(|api| {
         for target in targets {
             let done = match &target.snapshot {
-                Some(snap) => store
-                    .open_vdi(&target.disk)
-                    .and_then(|v| v.delete_snapshot(snap)),
-                None => store.delete_vdi(&target.disk),
+                Some(snap) => api.delete_snapshot(&target.disk, snap),
+                None => api.delete_disk(&target.disk),
             };
-            if let Err(e) = done {
-                bail!("cannot delete {target}: {e}");
+            if let Err(mut e) = done {
+                e.message = format!("cannot delete {target}: {}", e.message);
+                return Err(e);
             }
         }
         Ok(())
@@ -250,45 +236,19 @@ pub fn delete(ctx: &Context, targets: &[DiskRef]) -> Result<()> {
 }
 
 pub fn import(ctx: &Context, file: &Path, name: &str, size: Option<u64>) -> Result<()> {
-    ctx.change(|store| transfer::import(store, file, name, size))
+    let file = absolute(file)?;
+    ctx.write(|api| api.import(&file, name, size)).map(drop)
 }
 
 pub fn export(ctx: &Context, source: &DiskRef, file: &Path, force: bool) -> Result<()> {
-    let s = ctx.open(Access::Read)?;
-    let source = match &source.snapshot {
-        Some(snap) => Source::Snapshot(s.store.open_snapshot(&source.disk, snap)?),
-        None => Source::Disk(s.store.open_vdi(&source.disk)?),
-    };
-    transfer::export(&source, file, force, &ctx.store_path)
+    let file = absolute(file)?;
+    ctx.read(|api| api.export(&source.disk, source.snapshot.as_deref(), &file, force))
 }
 
 pub fn check(ctx: &Context) -> Result<()> {
-    let s = ctx.open(Access::Read)?;
-    let r = s.store.check()?;
+    let r = ctx.read(|api| api.check())?;
     if ctx.json {
-        #[derive(Serialize)]
-        struct CheckJson<'a> {
-            clean: bool,
-            disks: u64,
-            snapshots: u64,
-            tree_nodes: u64,
-            data_blocks: u64,
-            metadata_blocks: u64,
-            leaked_blocks: u64,
-            errors: &'a [String],
-            warnings: &'a [String],
-        }
-        print_json(&CheckJson {
-            clean: r.is_clean(),
-            disks: r.disks,
-            snapshots: r.snapshots,
-            tree_nodes: r.tree_nodes,
-            data_blocks: r.data_blocks,
-            metadata_blocks: r.metadata_blocks,
-            leaked_blocks: r.leaked_blocks,
-            errors: &r.errors,
-            warnings: &r.warnings,
-        })?;
+        print_json(&r)?;
     } else {
         let mut text = key_values(&[
             ("disks", r.disks.to_string()),
@@ -316,18 +276,9 @@ pub fn check(ctx: &Context) -> Result<()> {
 }
 
 pub fn gc(ctx: &Context) -> Result<()> {
-    let s = ctx.open(Access::Write)?;
-    let r = s.store.gc()?;
+    let r = ctx.write(|api| api.gc())?;
     if ctx.json {
-        #[derive(Serialize)]
-        struct GcJson {
-            freed_blocks: u64,
-            freed_bytes: u64,
-        }
-        return print_json(&GcJson {
-            freed_blocks: r.freed_blocks,
-            freed_bytes: r.freed_bytes,
-        });
+        return print_json(&r);
     }
     print(&format!(
         "freed {} ({} blocks)\n",
@@ -337,49 +288,22 @@ pub fn gc(ctx: &Context) -> Result<()> {
 }
 
 pub fn df(ctx: &Context) -> Result<()> {
-    #[derive(Serialize)]
-    struct DiskUse {
-        name: String,
-        size_bytes: u64,
-        allocated_bytes: u64,
-    }
-    #[derive(Serialize)]
-    struct DfJson {
-        capacity_bytes: u64,
-        used_bytes: u64,
-        free_bytes: u64,
-        disks: Vec<DiskUse>,
-    }
-    let s = ctx.open(Access::Read)?;
-    let stats = s.store.stats();
-    let disks: Vec<DiskUse> = all_disks(&s.store)?
-        .into_iter()
-        .map(|d| DiskUse {
-            name: d.name,
-            size_bytes: d.size_bytes,
-            allocated_bytes: d.allocated_bytes,
-        })
-        .collect();
+    let s = ctx.read(|api| api.df())?;
     if ctx.json {
-        return print_json(&DfJson {
-            capacity_bytes: stats.capacity_bytes,
-            used_bytes: stats.used_bytes,
-            free_bytes: stats.free_bytes,
-            disks,
-        });
+        return print_json(&s);
     }
-    let percent = stats.used_bytes as f64 * 100.0 / stats.capacity_bytes.max(1) as f64;
+    let percent = s.used_bytes as f64 * 100.0 / s.capacity_bytes.max(1) as f64;
     let mut text = key_values(&[
-        ("capacity", format_size(stats.capacity_bytes)),
+        ("capacity", format_size(s.capacity_bytes)),
         (
             "used",
-            format!("{} ({percent:.1}%)", format_size(stats.used_bytes)),
+            format!("{} ({percent:.1}%)", format_size(s.used_bytes)),
         ),
-        ("free", format_size(stats.free_bytes)),
+        ("free", format_size(s.free_bytes)),
     ]);
-    if !disks.is_empty() {
+    if !s.disks.is_empty() {
         let mut table = Table::new(&["NAME", "SIZE", "ALLOCATED"]);
-        for d in disks {
+        for d in s.disks {
             table.row(vec![
                 d.name,
                 format_size(d.size_bytes),

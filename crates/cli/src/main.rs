@@ -6,14 +6,14 @@
 //! exit code 1; usage errors exit with 2.
 
 mod commands;
-mod open;
 mod output;
 mod size;
-mod transfer;
 
 use clap::{Parser, Subcommand};
 use commands::Context;
 use parallax_format::validate_name;
+use parallax_server::one_line;
+use parallax_server::store_file;
 use std::fmt;
 use std::io::Write;
 use std::path::PathBuf;
@@ -33,6 +33,12 @@ struct Cli {
     #[arg(long, global = true)]
     json: bool,
 
+    /// The control socket of the daemon serving the store; commands go
+    /// through the daemon when it answers there. [default: the store's path
+    /// with `.control` appended]
+    #[arg(long, global = true, env = "PARALLAX_CONTROL", value_name = "PATH")]
+    control: Option<PathBuf>,
+
     /// This host's id in a store shared by several hosts.
     #[arg(long, global = true, value_name = "N", default_value_t = 1,
           value_parser = clap::value_parser!(u64).range(1..))]
@@ -44,6 +50,22 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Run the appliance: serve the store's disks over NBD, with live
+    /// control through the control socket (stop with SIGINT or SIGTERM).
+    Serve {
+        /// TCP address for NBD clients, or `none`.
+        #[arg(long, value_name = "ADDR:PORT", default_value = "127.0.0.1:10809",
+              value_parser = parse_listen)]
+        nbd_listen: Listen,
+        /// Also serve NBD on this Unix socket.
+        #[arg(long, value_name = "PATH")]
+        nbd_socket: Option<PathBuf>,
+        /// Size of the default store, created on first run if it is missing.
+        #[arg(long, value_name = "SIZE", default_value = "20G", value_parser = size::parse_size)]
+        init_size: u64,
+    },
+    /// Show what the running daemon serves, and its client connections.
+    Status,
     /// Create a store: a new sparse file of SIZE, or a whole block device.
     Init {
         /// Size of a new store file, e.g. 20G (leave out for a block device).
@@ -133,6 +155,22 @@ enum Command {
     Df,
 }
 
+/// A TCP address to listen on, or none.
+#[derive(Debug, Clone)]
+struct Listen(Option<std::net::SocketAddr>);
+
+fn parse_listen(s: &str) -> Result<Listen, String> {
+    if s == "none" {
+        return Ok(Listen(None));
+    }
+    use std::net::ToSocketAddrs;
+    s.to_socket_addrs()
+        .map_err(|e| format!("'{s}' is not an ADDR:PORT: {e}"))?
+        .next()
+        .map(|a| Listen(Some(a)))
+        .ok_or_else(|| format!("'{s}' resolves to no address"))
+}
+
 /// `NAME` or `NAME@SNAP`.
 #[derive(Debug, Clone)]
 pub struct DiskRef {
@@ -182,34 +220,29 @@ fn parse_snap_ref(s: &str) -> Result<SnapRef, String> {
     }
 }
 
-/// The error and its causes on one line, leaving out causes whose text
-/// the message already contains (engine errors repeat their source).
-pub fn one_line(error: &anyhow::Error) -> String {
-    let mut message = String::new();
-    for cause in error.chain() {
-        let text = cause.to_string();
-        if message.contains(&text) {
-            continue;
-        }
-        if !message.is_empty() {
-            message.push_str(": ");
-        }
-        message.push_str(&text);
-    }
-    message.replace('\n', " ")
-}
-
 fn run(cli: Cli) -> anyhow::Result<()> {
+    let default_store = cli.store.is_none();
     let store_path = match cli.store {
-        Some(p) => p,
-        None => open::default_store_path()?,
+        Some(p) => std::path::absolute(&p).unwrap_or(p),
+        None => store_file::default_store_path()?,
     };
+    let control = cli
+        .control
+        .unwrap_or_else(|| store_file::default_control_socket(&store_path));
     let ctx = Context {
         store_path,
+        default_store,
+        control,
         json: cli.json,
         host_id: cli.host_id,
     };
     match &cli.command {
+        Command::Serve {
+            nbd_listen,
+            nbd_socket,
+            init_size,
+        } => commands::serve(&ctx, nbd_listen.0, nbd_socket.clone(), *init_size),
+        Command::Status => commands::status(&ctx),
         Command::Init { size, force } => commands::init(&ctx, *size, *force),
         Command::Create { name, size } => commands::create(&ctx, name, *size),
         Command::List => commands::list(&ctx),
@@ -236,7 +269,7 @@ fn main() -> ExitCode {
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            if let Some(usage) = e.downcast_ref::<open::UsageError>() {
+            if let Some(usage) = e.downcast_ref::<store_file::UsageError>() {
                 use clap::CommandFactory;
                 Cli::command()
                     .error(clap::error::ErrorKind::ArgumentConflict, usage)
@@ -272,14 +305,5 @@ mod tests {
         assert!(parse_snap_ref("vm1").is_err());
         let s = parse_snap_ref("vm1@gold").unwrap();
         assert_eq!((s.disk.as_str(), s.snapshot.as_str()), ("vm1", "gold"));
-    }
-
-    #[test]
-    fn one_line_drops_repeated_causes() {
-        let io = std::io::Error::other("disk on fire");
-        let e = anyhow::Error::new(io).context("while reading: disk on fire");
-        assert_eq!(one_line(&e), "while reading: disk on fire");
-        let e = anyhow::anyhow!("inner\nsecond line").context("outer");
-        assert_eq!(one_line(&e), "outer: inner second line");
     }
 }

@@ -5,7 +5,6 @@
 
 use serde::Serialize;
 use std::io::{self, Write};
-use std::time::{Duration, UNIX_EPOCH};
 
 /// Writes `text` to stdout, ignoring a reader that went away.
 pub fn print(text: &str) -> anyhow::Result<()> {
@@ -83,11 +82,6 @@ pub fn key_values(pairs: &[(&str, String)]) -> String {
         .collect()
 }
 
-/// RFC 3339 UTC time (seconds precision) of a timestamp in ns since the epoch.
-pub fn rfc3339(ns: u64) -> String {
-    humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_nanos(ns)).to_string()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -107,11 +101,5 @@ mod tests {
     fn key_values_align() {
         let text = key_values(&[("name", "vm1".into()), ("allocated", "0 B".into())]);
         assert_eq!(text, "name:      vm1\nallocated: 0 B\n");
-    }
-
-    #[test]
-    fn rfc3339_times() {
-        assert_eq!(rfc3339(0), "1970-01-01T00:00:00Z");
-        assert_eq!(rfc3339(1_709_210_096_789_000_000), "2024-02-29T12:34:56Z");
     }
 }

@@ -8,6 +8,8 @@
 //! therefore takes an advisory `flock` on the store file for as long as it
 //! runs: shared for commands that only read, exclusive for the others. A
 //! second command that would conflict fails at once instead of waiting.
+//! The daemon holds the exclusive lock for as long as it runs; commands
+//! reach the store through its control socket meanwhile.
 
 use anyhow::{anyhow, bail, Context, Result};
 use parallax_device::{BlockDevice, FileDevice, OpenMode};
@@ -73,6 +75,14 @@ fn default_store_path_for(
             anyhow!("cannot find a default store path (HOME is not set); pass --store PATH")
         })?;
     Ok(data_home.join("parallax").join("store.px"))
+}
+
+/// The control socket of the daemon serving the store at `store`, unless
+/// `--control` says otherwise: the store's path with `.control` appended.
+pub fn default_control_socket(store: &Path) -> PathBuf {
+    let mut name = store.as_os_str().to_owned();
+    name.push(".control");
+    PathBuf::from(name)
 }
 
 /// Takes the advisory lock of the store at `path`.

@@ -66,9 +66,9 @@ fn for_each_nonzero_run(
     Ok(written)
 }
 
-/// A progress bar on stderr when it is a terminal, hidden otherwise.
-fn progress(total: u64, what: &str) -> ProgressBar {
-    if !std::io::stderr().is_terminal() {
+/// A progress bar on stderr when wanted and stderr is a terminal.
+fn progress(show: bool, total: u64, what: &str) -> ProgressBar {
+    if !show || !std::io::stderr().is_terminal() {
         return ProgressBar::hidden();
     }
     let bar = ProgressBar::new(total);
@@ -82,7 +82,13 @@ fn progress(total: u64, what: &str) -> ProgressBar {
 }
 
 /// `parallax import FILE NAME [--size SIZE]`.
-pub fn import(store: &Store, file: &Path, name: &str, size: Option<u64>) -> Result<()> {
+pub fn import(
+    store: &Store,
+    file: &Path,
+    name: &str,
+    size: Option<u64>,
+    show_progress: bool,
+) -> Result<()> {
     let mut image = open_image(file).map_err(|e| anyhow!("cannot open image: {e}"))?;
     let virtual_size = image.virtual_size();
     if virtual_size == 0 {
@@ -97,7 +103,7 @@ pub fn import(store: &Store, file: &Path, name: &str, size: Option<u64>) -> Resu
         None => virtual_size,
     };
     let vdi = store.create_vdi(name, disk_size)?;
-    let copied = copy_in(&mut *image, &vdi, virtual_size);
+    let copied = copy_in(&mut *image, &vdi, virtual_size, show_progress);
     let Err(error) = copied else {
         return Ok(());
     };
@@ -119,8 +125,8 @@ pub fn import(store: &Store, file: &Path, name: &str, size: Option<u64>) -> Resu
     }
 }
 
-fn copy_in(image: &mut dyn DiskImage, vdi: &Vdi, virtual_size: u64) -> Result<()> {
-    let bar = progress(virtual_size, "importing");
+fn copy_in(image: &mut dyn DiskImage, vdi: &Vdi, virtual_size: u64, show: bool) -> Result<()> {
+    let bar = progress(show, virtual_size, "importing");
     let mut buf = vec![0u8; CHUNK];
     let mut unflushed = 0;
     let mut offset = 0;
@@ -179,7 +185,13 @@ impl Source {
 
 /// `parallax export NAME[@SNAP] FILE [--force]`. `store_path` is refused
 /// as a target, so that `--force` cannot truncate the store itself.
-pub fn export(source: &Source, file: &Path, force: bool, store_path: &Path) -> Result<()> {
+pub fn export(
+    source: &Source,
+    file: &Path,
+    force: bool,
+    store_path: &Path,
+    show_progress: bool,
+) -> Result<()> {
     let shown = file.display();
     let mut options = fs::OpenOptions::new();
     options.write(true);
@@ -205,7 +217,8 @@ pub fn export(source: &Source, file: &Path, force: bool, store_path: &Path) -> R
     let out = options
         .open(file)
         .with_context(|| format!("cannot create {shown}"))?;
-    let result = copy_out(source, &out).with_context(|| format!("exporting to {shown} failed"));
+    let result = copy_out(source, &out, show_progress)
+        .with_context(|| format!("exporting to {shown} failed"));
     if result.is_err() {
         drop(out);
         let _ = fs::remove_file(file);
@@ -213,10 +226,10 @@ pub fn export(source: &Source, file: &Path, force: bool, store_path: &Path) -> R
     result
 }
 
-fn copy_out(source: &Source, out: &File) -> Result<()> {
+fn copy_out(source: &Source, out: &File, show: bool) -> Result<()> {
     let size = source.size();
     out.set_len(size)?;
-    let bar = progress(size, "exporting");
+    let bar = progress(show, size, "exporting");
     let mut buf = vec![0u8; CHUNK];
     let mut window = 0;
     let result = (|| {

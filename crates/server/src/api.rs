@@ -1,0 +1,220 @@
+//! The management operations, as one trait with two implementations:
+//! [`crate::service::Service`] runs them on a store this process holds,
+//! [`crate::client::Remote`] sends them to a running daemon's control
+//! socket. The `parallax` command uses whichever applies, so its output is
+//! the same either way. The JSON forms of these types are the control API's
+//! bodies (`docs/API.md`).
+
+use serde::{Deserialize, Serialize};
+use std::fmt;
+use std::path::Path;
+
+/// A disk as listed and described.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiskInfo {
+    pub name: String,
+    pub id: u64,
+    pub size_bytes: u64,
+    pub allocated_bytes: u64,
+    pub snapshots: u64,
+    /// `NAME@SNAP` the disk was cloned from.
+    pub origin: Option<String>,
+    /// RFC 3339, UTC.
+    pub created: String,
+    /// NBD connections open on the disk or its snapshots (0 without a daemon).
+    #[serde(default)]
+    pub connections: u64,
+}
+
+/// A snapshot of a disk.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotDetail {
+    pub disk: String,
+    pub name: String,
+    pub id: u64,
+    pub created: String,
+    pub size_bytes: u64,
+    /// Bytes the snapshot maps (shared or not); absent in listings.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allocated_bytes: Option<u64>,
+}
+
+/// `parallax check`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CheckSummary {
+    pub clean: bool,
+    pub disks: u64,
+    pub snapshots: u64,
+    pub tree_nodes: u64,
+    pub data_blocks: u64,
+    pub metadata_blocks: u64,
+    pub leaked_blocks: u64,
+    pub errors: Vec<String>,
+    pub warnings: Vec<String>,
+}
+
+/// `parallax gc`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GcSummary {
+    pub freed_blocks: u64,
+    pub freed_bytes: u64,
+}
+
+/// One disk in `parallax df`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiskUse {
+    pub name: String,
+    pub size_bytes: u64,
+    pub allocated_bytes: u64,
+}
+
+/// `parallax df`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SpaceSummary {
+    pub capacity_bytes: u64,
+    pub used_bytes: u64,
+    pub free_bytes: u64,
+    pub disks: Vec<DiskUse>,
+}
+
+/// One NBD client connection of a daemon.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConnectionInfo {
+    pub id: u64,
+    /// `NAME` or `NAME@SNAP`.
+    pub export: String,
+    /// `127.0.0.1:PORT`, or `unix` for a Unix-socket client.
+    pub peer: String,
+    pub since: String,
+}
+
+/// `parallax status`: what a running daemon serves.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DaemonStatus {
+    pub pid: u32,
+    pub version: String,
+    pub store: String,
+    /// The bound TCP address, if the daemon listens on TCP.
+    pub nbd_tcp: Option<String>,
+    pub nbd_socket: Option<String>,
+    pub control: String,
+    pub connections: Vec<ConnectionInfo>,
+}
+
+/// What went wrong, classified for HTTP status codes and exit messages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorKind {
+    /// The request is malformed or names something invalid (HTTP 400).
+    Invalid,
+    /// A disk or snapshot does not exist (404).
+    NotFound,
+    /// It conflicts with the current state: name taken, disk in use (409).
+    Conflict,
+    /// The store is full (507).
+    NoSpace,
+    /// Anything else: I/O errors, damage (500).
+    Internal,
+}
+
+/// An error from an operation, with a message meant for people.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ApiError {
+    pub kind: ErrorKind,
+    #[serde(rename = "error")]
+    pub message: String,
+}
+
+impl ApiError {
+    pub fn new(kind: ErrorKind, message: impl Into<String>) -> ApiError {
+        ApiError {
+            kind,
+            message: message.into(),
+        }
+    }
+
+    pub fn invalid(message: impl Into<String>) -> ApiError {
+        ApiError::new(ErrorKind::Invalid, message)
+    }
+
+    pub fn internal(message: impl Into<String>) -> ApiError {
+        ApiError::new(ErrorKind::Internal, message)
+    }
+
+    /// The HTTP status the control API answers with.
+    pub fn http_status(&self) -> u16 {
+        match self.kind {
+            ErrorKind::Invalid => 400,
+            ErrorKind::NotFound => 404,
+            ErrorKind::Conflict => 409,
+            ErrorKind::NoSpace => 507,
+            ErrorKind::Internal => 500,
+        }
+    }
+
+    /// The kind an HTTP status stands for (the inverse of [`Self::http_status`]).
+    pub fn kind_of_status(status: u16) -> ErrorKind {
+        match status {
+            400 => ErrorKind::Invalid,
+            404 => ErrorKind::NotFound,
+            409 => ErrorKind::Conflict,
+            507 => ErrorKind::NoSpace,
+            _ => ErrorKind::Internal,
+        }
+    }
+}
+
+impl fmt::Display for ApiError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for ApiError {}
+
+impl From<parallax_engine::Error> for ApiError {
+    fn from(e: parallax_engine::Error) -> ApiError {
+        use parallax_engine::Error as E;
+        let kind = match &e {
+            E::NotFound(_) => ErrorKind::NotFound,
+            E::AlreadyExists(_) => ErrorKind::Conflict,
+            E::InvalidArgument(_) | E::ReadOnly(_) => ErrorKind::Invalid,
+            E::NoSpace => ErrorKind::NoSpace,
+            _ => ErrorKind::Internal,
+        };
+        ApiError::new(kind, e.to_string())
+    }
+}
+
+impl From<anyhow::Error> for ApiError {
+    fn from(e: anyhow::Error) -> ApiError {
+        if let Some(api) = e.downcast_ref::<ApiError>() {
+            return api.clone();
+        }
+        ApiError::internal(crate::one_line(&e))
+    }
+}
+
+pub type ApiResult<T> = Result<T, ApiError>;
+
+/// Every management operation. Paths are absolute (the daemon's working
+/// directory is not the caller's).
+pub trait Api {
+    fn create(&self, name: &str, size: u64) -> ApiResult<DiskInfo>;
+    fn list(&self) -> ApiResult<Vec<DiskInfo>>;
+    fn disk(&self, name: &str) -> ApiResult<DiskInfo>;
+    fn snapshot_detail(&self, disk: &str, snapshot: &str) -> ApiResult<SnapshotDetail>;
+    /// Takes a snapshot, named by the current time if `name` is `None`.
+    fn snapshot(&self, disk: &str, name: Option<&str>) -> ApiResult<SnapshotDetail>;
+    fn snapshots(&self, disk: &str) -> ApiResult<Vec<SnapshotDetail>>;
+    fn clone_snapshot(&self, disk: &str, snapshot: &str, new: &str) -> ApiResult<DiskInfo>;
+    fn rollback(&self, disk: &str, snapshot: &str) -> ApiResult<()>;
+    fn delete_disk(&self, name: &str) -> ApiResult<()>;
+    fn delete_snapshot(&self, disk: &str, snapshot: &str) -> ApiResult<()>;
+    fn import(&self, file: &Path, name: &str, size: Option<u64>) -> ApiResult<DiskInfo>;
+    fn export(&self, disk: &str, snapshot: Option<&str>, file: &Path, force: bool)
+        -> ApiResult<()>;
+    fn check(&self) -> ApiResult<CheckSummary>;
+    fn gc(&self) -> ApiResult<GcSummary>;
+    fn df(&self) -> ApiResult<SpaceSummary>;
+}

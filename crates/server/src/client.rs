@@ -1,0 +1,216 @@
+//! [`Remote`]: the management operations sent to a running daemon over its
+//! control socket (HTTP/1.1, JSON; `docs/API.md`).
+
+use crate::api::*;
+use crate::control::{CloneBody, CreateBody, ExportBody, ImportBody, RollbackBody, SnapshotBody};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Bytes;
+use hyper::{Method, Request};
+use hyper_util::rt::TokioIo;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use std::path::{Path, PathBuf};
+use tokio::net::UnixStream;
+
+/// A daemon's control socket.
+pub struct Remote {
+    socket: PathBuf,
+    runtime: tokio::runtime::Runtime,
+}
+
+impl Remote {
+    /// Connects to the daemon listening on `socket`, if one does: `None`
+    /// when the socket file is missing or nobody accepts on it (a daemon
+    /// that died leaves its socket file behind).
+    pub fn connect(socket: &Path) -> Option<Remote> {
+        std::os::unix::net::UnixStream::connect(socket).ok()?;
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .ok()?;
+        Some(Remote {
+            socket: socket.to_path_buf(),
+            runtime,
+        })
+    }
+
+    pub fn socket(&self) -> &Path {
+        &self.socket
+    }
+
+    pub fn status(&self) -> ApiResult<DaemonStatus> {
+        self.call(Method::GET, "/v1/status", None::<&()>)
+    }
+
+    fn call<T: DeserializeOwned, B: Serialize>(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&B>,
+    ) -> ApiResult<T> {
+        let body = match body {
+            Some(b) => serde_json::to_vec(b).map_err(|e| ApiError::internal(e.to_string()))?,
+            None => Vec::new(),
+        };
+        let (status, bytes) = self
+            .runtime
+            .block_on(self.exchange(method, path, body))
+            .map_err(|e| {
+                ApiError::internal(format!(
+                    "cannot talk to the parallax daemon at {}: {e}",
+                    self.socket.display()
+                ))
+            })?;
+        if status >= 400 {
+            return Err(
+                serde_json::from_slice::<ApiError>(&bytes).unwrap_or_else(|_| {
+                    ApiError::new(
+                        ApiError::kind_of_status(status),
+                        format!(
+                            "the daemon answered {status}: {}",
+                            String::from_utf8_lossy(&bytes)
+                        ),
+                    )
+                }),
+            );
+        }
+        serde_json::from_slice(&bytes)
+            .map_err(|e| ApiError::internal(format!("unexpected answer from the daemon: {e}")))
+    }
+
+    fn call_unit<B: Serialize>(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&B>,
+    ) -> ApiResult<()> {
+        self.call::<serde::de::IgnoredAny, B>(method, path, body)
+            .map(drop)
+    }
+
+    async fn exchange(
+        &self,
+        method: Method,
+        path: &str,
+        body: Vec<u8>,
+    ) -> Result<(u16, Bytes), Box<dyn std::error::Error + Send + Sync>> {
+        let stream = UnixStream::connect(&self.socket).await?;
+        let (mut sender, connection) =
+            hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+        let driver = tokio::spawn(connection);
+        let request = Request::builder()
+            .method(method)
+            .uri(path)
+            .header(hyper::header::HOST, "parallax")
+            .header(hyper::header::CONTENT_TYPE, "application/json")
+            .body(Full::new(Bytes::from(body)))?;
+        let response = sender.send_request(request).await?;
+        let status = response.status().as_u16();
+        let bytes = response.into_body().collect().await?.to_bytes();
+        drop(sender);
+        let _ = driver.await;
+        Ok((status, bytes))
+    }
+}
+
+fn disk_path(disk: &str) -> String {
+    format!("/v1/disks/{disk}")
+}
+
+impl Api for Remote {
+    fn create(&self, name: &str, size: u64) -> ApiResult<DiskInfo> {
+        let body = CreateBody {
+            name: name.to_string(),
+            size_bytes: size,
+        };
+        self.call(Method::POST, "/v1/disks", Some(&body))
+    }
+
+    fn list(&self) -> ApiResult<Vec<DiskInfo>> {
+        self.call(Method::GET, "/v1/disks", None::<&()>)
+    }
+
+    fn disk(&self, name: &str) -> ApiResult<DiskInfo> {
+        self.call(Method::GET, &disk_path(name), None::<&()>)
+    }
+
+    fn snapshot_detail(&self, disk: &str, snapshot: &str) -> ApiResult<SnapshotDetail> {
+        let path = format!("{}/snapshots/{snapshot}", disk_path(disk));
+        self.call(Method::GET, &path, None::<&()>)
+    }
+
+    fn snapshot(&self, disk: &str, name: Option<&str>) -> ApiResult<SnapshotDetail> {
+        let body = SnapshotBody {
+            name: name.map(str::to_string),
+        };
+        let path = format!("{}/snapshots", disk_path(disk));
+        self.call(Method::POST, &path, Some(&body))
+    }
+
+    fn snapshots(&self, disk: &str) -> ApiResult<Vec<SnapshotDetail>> {
+        let path = format!("{}/snapshots", disk_path(disk));
+        self.call(Method::GET, &path, None::<&()>)
+    }
+
+    fn clone_snapshot(&self, disk: &str, snapshot: &str, new: &str) -> ApiResult<DiskInfo> {
+        let body = CloneBody {
+            name: new.to_string(),
+        };
+        let path = format!("{}/snapshots/{snapshot}/clone", disk_path(disk));
+        self.call(Method::POST, &path, Some(&body))
+    }
+
+    fn rollback(&self, disk: &str, snapshot: &str) -> ApiResult<()> {
+        let body = RollbackBody {
+            snapshot: snapshot.to_string(),
+        };
+        let path = format!("{}/rollback", disk_path(disk));
+        self.call_unit(Method::POST, &path, Some(&body))
+    }
+
+    fn delete_disk(&self, name: &str) -> ApiResult<()> {
+        self.call_unit(Method::DELETE, &disk_path(name), None::<&()>)
+    }
+
+    fn delete_snapshot(&self, disk: &str, snapshot: &str) -> ApiResult<()> {
+        let path = format!("{}/snapshots/{snapshot}", disk_path(disk));
+        self.call_unit(Method::DELETE, &path, None::<&()>)
+    }
+
+    fn import(&self, file: &Path, name: &str, size: Option<u64>) -> ApiResult<DiskInfo> {
+        let body = ImportBody {
+            file: file.to_path_buf(),
+            name: name.to_string(),
+            size_bytes: size,
+        };
+        self.call(Method::POST, "/v1/import", Some(&body))
+    }
+
+    fn export(
+        &self,
+        disk: &str,
+        snapshot: Option<&str>,
+        file: &Path,
+        force: bool,
+    ) -> ApiResult<()> {
+        let body = ExportBody {
+            snapshot: snapshot.map(str::to_string),
+            file: file.to_path_buf(),
+            force,
+        };
+        let path = format!("{}/export", disk_path(disk));
+        self.call_unit(Method::POST, &path, Some(&body))
+    }
+
+    fn check(&self) -> ApiResult<CheckSummary> {
+        self.call(Method::GET, "/v1/check", None::<&()>)
+    }
+
+    fn gc(&self) -> ApiResult<GcSummary> {
+        self.call(Method::POST, "/v1/gc", None::<&()>)
+    }
+
+    fn df(&self) -> ApiResult<SpaceSummary> {
+        self.call(Method::GET, "/v1/df", None::<&()>)
+    }
+}

@@ -1,0 +1,244 @@
+//! The control API: HTTP/1.1 with JSON bodies on a Unix socket, documented
+//! in `docs/API.md`.
+//!
+//! Each request is routed to one [`Api`] operation of the daemon's
+//! [`Service`], run on the blocking pool (operations do disk I/O). The
+//! socket's file permissions are its access control: whoever may connect
+//! to it may manage every disk.
+
+use crate::api::*;
+use crate::service::Service;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::{Bytes, Incoming};
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use std::convert::Infallible;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use tokio::net::UnixListener;
+use tokio::sync::watch;
+use tracing::{debug, info, warn};
+
+/// Largest request body accepted.
+const MAX_BODY: usize = 1 << 20;
+
+/// What the control API needs besides the service: the daemon's fixed
+/// facts for `GET /v1/status`.
+pub struct ControlState {
+    pub service: Arc<Service>,
+    /// `status` without its live connection list.
+    pub status: DaemonStatus,
+}
+
+impl ControlState {
+    pub fn status(&self) -> DaemonStatus {
+        DaemonStatus {
+            connections: self.service.connections(),
+            ..self.status.clone()
+        }
+    }
+}
+
+/// Body of `POST /v1/disks`.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct CreateBody {
+    pub name: String,
+    pub size_bytes: u64,
+}
+
+/// Body of `POST /v1/disks/{disk}/snapshots`.
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub struct SnapshotBody {
+    #[serde(default)]
+    pub name: Option<String>,
+}
+
+/// Body of `POST /v1/disks/{disk}/snapshots/{snapshot}/clone`.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct CloneBody {
+    pub name: String,
+}
+
+/// Body of `POST /v1/disks/{disk}/rollback`.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct RollbackBody {
+    pub snapshot: String,
+}
+
+/// Body of `POST /v1/import`.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct ImportBody {
+    pub file: PathBuf,
+    pub name: String,
+    #[serde(default)]
+    pub size_bytes: Option<u64>,
+}
+
+/// Body of `POST /v1/disks/{disk}/export`.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct ExportBody {
+    #[serde(default)]
+    pub snapshot: Option<String>,
+    pub file: PathBuf,
+    #[serde(default)]
+    pub force: bool,
+}
+
+/// Accepts control connections until `shutdown` turns true.
+pub async fn serve(
+    listener: UnixListener,
+    state: Arc<ControlState>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    loop {
+        let stream = tokio::select! {
+            r = listener.accept() => match r {
+                Ok((s, _)) => s,
+                Err(e) => {
+                    warn!("control socket accept failed: {e}");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = shutdown.changed() => return,
+        };
+        let state = state.clone();
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |req| handle(state.clone(), req));
+            if let Err(e) = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .await
+            {
+                debug!("control connection ended: {e}");
+            }
+        });
+    }
+}
+
+fn json_response(status: u16, body: Vec<u8>) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(Bytes::from(body)));
+    *response.status_mut() = StatusCode::from_u16(status).unwrap_or(StatusCode::OK);
+    response.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static("application/json"),
+    );
+    response
+}
+
+fn error_response(e: &ApiError) -> Response<Full<Bytes>> {
+    let body = serde_json::to_vec(e).unwrap_or_default();
+    json_response(e.http_status(), body)
+}
+
+async fn handle(
+    state: Arc<ControlState>,
+    req: Request<Incoming>,
+) -> Result<Response<Full<Bytes>>, Infallible> {
+    let method = req.method().clone();
+    let path = req.uri().path().to_string();
+    let body = match Limited::new(req.into_body(), MAX_BODY).collect().await {
+        Ok(b) => b.to_bytes(),
+        Err(e) => {
+            return Ok(error_response(&ApiError::invalid(format!(
+                "cannot read the request body: {e}"
+            ))))
+        }
+    };
+    let (m, p) = (method.clone(), path.clone());
+    let routed = tokio::task::spawn_blocking(move || route(&state, &m, &p, &body)).await;
+    let response = match routed {
+        Ok(Ok((status, body))) => json_response(status, body),
+        Ok(Err(e)) => error_response(&e),
+        Err(_) => error_response(&ApiError::internal("the operation panicked")),
+    };
+    if response.status().is_success() {
+        debug!(%method, %path, status = response.status().as_u16(), "control request");
+    } else {
+        info!(%method, %path, status = response.status().as_u16(), "control request failed");
+    }
+    Ok(response)
+}
+
+fn parse<T: DeserializeOwned>(body: &[u8]) -> ApiResult<T> {
+    let body = if body.is_empty() { &b"{}"[..] } else { body };
+    serde_json::from_slice(body).map_err(|e| ApiError::invalid(format!("bad request body: {e}")))
+}
+
+fn ok<T: Serialize>(status: u16, value: ApiResult<T>) -> ApiResult<(u16, Vec<u8>)> {
+    let value = value?;
+    serde_json::to_vec(&value)
+        .map(|b| (status, b))
+        .map_err(|e| ApiError::internal(e.to_string()))
+}
+
+fn done(value: ApiResult<()>) -> ApiResult<(u16, Vec<u8>)> {
+    value.map(|()| (200, b"{}".to_vec()))
+}
+
+fn absolute(path: &Path) -> ApiResult<&Path> {
+    if path.is_absolute() {
+        Ok(path)
+    } else {
+        Err(ApiError::invalid(format!(
+            "{} is not an absolute path",
+            path.display()
+        )))
+    }
+}
+
+/// Maps one request to its operation.
+fn route(
+    state: &ControlState,
+    method: &Method,
+    path: &str,
+    body: &[u8],
+) -> ApiResult<(u16, Vec<u8>)> {
+    let api: &Service = &state.service;
+    let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
+    let get = method == Method::GET;
+    let post = method == Method::POST;
+    let delete = method == Method::DELETE;
+    match segments.as_slice() {
+        ["v1", "status"] if get => ok(200, Ok(state.status())),
+        ["v1", "connections"] if get => ok(200, Ok(state.service.connections())),
+        ["v1", "disks"] if get => ok(200, api.list()),
+        ["v1", "disks"] if post => {
+            let b: CreateBody = parse(body)?;
+            ok(201, api.create(&b.name, b.size_bytes))
+        }
+        ["v1", "disks", d] if get => ok(200, api.disk(d)),
+        ["v1", "disks", d] if delete => done(api.delete_disk(d)),
+        ["v1", "disks", d, "snapshots"] if get => ok(200, api.snapshots(d)),
+        ["v1", "disks", d, "snapshots"] if post => {
+            let b: SnapshotBody = parse(body)?;
+            ok(201, api.snapshot(d, b.name.as_deref()))
+        }
+        ["v1", "disks", d, "snapshots", s] if get => ok(200, api.snapshot_detail(d, s)),
+        ["v1", "disks", d, "snapshots", s] if delete => done(api.delete_snapshot(d, s)),
+        ["v1", "disks", d, "snapshots", s, "clone"] if post => {
+            let b: CloneBody = parse(body)?;
+            ok(201, api.clone_snapshot(d, s, &b.name))
+        }
+        ["v1", "disks", d, "rollback"] if post => {
+            let b: RollbackBody = parse(body)?;
+            done(api.rollback(d, &b.snapshot))
+        }
+        ["v1", "disks", d, "export"] if post => {
+            let b: ExportBody = parse(body)?;
+            done(api.export(d, b.snapshot.as_deref(), absolute(&b.file)?, b.force))
+        }
+        ["v1", "import"] if post => {
+            let b: ImportBody = parse(body)?;
+            ok(201, api.import(absolute(&b.file)?, &b.name, b.size_bytes))
+        }
+        ["v1", "df"] if get => ok(200, api.df()),
+        ["v1", "check"] if get => ok(200, api.check()),
+        ["v1", "gc"] if post => ok(200, api.gc()),
+        _ => Err(ApiError::new(
+            ErrorKind::NotFound,
+            format!("no such endpoint: {method} {path} (see docs/API.md)"),
+        )),
+    }
+}

@@ -1,0 +1,271 @@
+//! `parallax serve`: the per-host appliance.
+//!
+//! Startup: refuse if a daemon already answers on the control socket; create
+//! the store if asked to (the default store, on first run); open it with the
+//! exclusive lock every `parallax` process takes, held for the daemon's
+//! whole life; bind the NBD listeners and the control socket.
+//!
+//! Shutdown on SIGINT or SIGTERM: stop accepting, stop reading new requests,
+//! let the requests in flight finish and their replies go out, flush every
+//! disk, remove the socket files, release the store.
+
+use crate::api::DaemonStatus;
+use crate::control::{self, ControlState};
+use crate::nbd;
+use crate::service::Service;
+use crate::store_file::{self, Access};
+use anyhow::{bail, Context, Result};
+use std::net::SocketAddr;
+use std::os::unix::fs::FileTypeExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::{TcpListener, UnixListener};
+use tokio::sync::{mpsc, watch};
+use tracing::{info, warn};
+
+/// How long shutdown waits for clients' requests in flight.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+
+pub struct ServeOptions {
+    pub store_path: PathBuf,
+    /// Create the store with this size if it does not exist.
+    pub create_size: Option<u64>,
+    pub host_id: u64,
+    /// TCP address for NBD, if any.
+    pub nbd_listen: Option<SocketAddr>,
+    /// Unix socket for NBD, if any.
+    pub nbd_socket: Option<PathBuf>,
+    pub control: PathBuf,
+}
+
+/// Raises the soft limit on open files to the hard limit: every client
+/// connection is a descriptor.
+fn raise_fd_limit() {
+    use rustix::process::{getrlimit, setrlimit, Resource};
+    let mut limit = getrlimit(Resource::Nofile);
+    if limit.current < limit.maximum {
+        limit.current = limit.maximum;
+        let _ = setrlimit(Resource::Nofile, limit);
+    }
+}
+
+/// Removes a Unix socket file left by a process that is gone. Refuses to
+/// touch anything that is not a socket, or a socket someone listens on.
+fn clear_stale_socket(path: &Path) -> Result<()> {
+    let Ok(meta) = std::fs::symlink_metadata(path) else {
+        return Ok(());
+    };
+    if !meta.file_type().is_socket() {
+        bail!("{} exists and is not a socket", path.display());
+    }
+    if std::os::unix::net::UnixStream::connect(path).is_ok() {
+        bail!("{} is in use by another process", path.display());
+    }
+    std::fs::remove_file(path).with_context(|| format!("cannot remove {}", path.display()))
+}
+
+fn bind_unix(path: &Path) -> Result<UnixListener> {
+    clear_stale_socket(path)?;
+    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent)
+            .with_context(|| format!("cannot create directory {}", parent.display()))?;
+    }
+    UnixListener::bind(path).with_context(|| format!("cannot listen on {}", path.display()))
+}
+
+/// Runs the daemon until SIGINT or SIGTERM.
+pub fn run(options: ServeOptions) -> Result<()> {
+    raise_fd_limit();
+    let store_path = &options.store_path;
+    if std::os::unix::net::UnixStream::connect(&options.control).is_ok() {
+        bail!(
+            "a parallax daemon already serves store {} (control socket {})",
+            store_path.display(),
+            options.control.display()
+        );
+    }
+    if let Some(size) = options.create_size {
+        if !store_path.exists() {
+            store_file::init_store(store_path, Some(size), false, options.host_id)?;
+            info!(store = %store_path.display(), size, "created the store");
+        }
+    }
+    let opened =
+        store_file::open_store(store_path, Access::Write, options.host_id).map_err(|e| {
+            anyhow::anyhow!(
+                "{} (is another parallax daemon serving it?)",
+                crate::one_line(&e)
+            )
+        })?;
+    let service = Arc::new(Service::new(
+        opened.store.clone(),
+        store_path.clone(),
+        false,
+    ));
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("parallax")
+        .build()
+        .context("cannot start the async runtime")?;
+    let result = runtime.block_on(serve(&options, service.clone()));
+    drop(runtime);
+    // Every connection is gone; commit whatever is still in memory.
+    let flushed = service.store().flush_all();
+    drop(opened);
+    match (&result, flushed) {
+        (_, Err(e)) => {
+            warn!("final flush failed: {e}");
+            result.and(Err(anyhow::anyhow!("final flush failed: {e}")))
+        }
+        (Ok(()), Ok(())) => {
+            info!("store flushed and closed");
+            result
+        }
+        _ => result,
+    }
+}
+
+async fn serve(options: &ServeOptions, service: Arc<Service>) -> Result<()> {
+    let tcp = match options.nbd_listen {
+        Some(addr) => Some(
+            TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("cannot listen on {addr}"))?,
+        ),
+        None => None,
+    };
+    let tcp_addr = match &tcp {
+        Some(l) => Some(l.local_addr()?),
+        None => None,
+    };
+    let unix = match &options.nbd_socket {
+        Some(p) => Some(bind_unix(p)?),
+        None => None,
+    };
+    let control_listener = bind_unix(&options.control)?;
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    // Every connection task holds a clone of `alive`; when all are gone,
+    // `all_gone` yields None.
+    let (alive, mut all_gone) = mpsc::channel::<()>(1);
+
+    let state = Arc::new(ControlState {
+        service: service.clone(),
+        status: DaemonStatus {
+            pid: std::process::id(),
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            store: options.store_path.display().to_string(),
+            nbd_tcp: tcp_addr.map(|a| a.to_string()),
+            nbd_socket: options.nbd_socket.as_ref().map(|p| p.display().to_string()),
+            control: options.control.display().to_string(),
+            connections: Vec::new(),
+        },
+    });
+    let control_task = tokio::spawn(control::serve(control_listener, state, shutdown_rx.clone()));
+    let mut accept_tasks = Vec::new();
+    if let Some(listener) = tcp {
+        accept_tasks.push(tokio::spawn(accept_tcp(
+            listener,
+            service.clone(),
+            shutdown_rx.clone(),
+            alive.clone(),
+        )));
+    }
+    if let Some(listener) = unix {
+        accept_tasks.push(tokio::spawn(accept_unix(
+            listener,
+            service.clone(),
+            shutdown_rx.clone(),
+            alive.clone(),
+        )));
+    }
+    drop(alive);
+    info!(
+        store = %options.store_path.display(),
+        nbd_tcp = ?tcp_addr,
+        nbd_socket = ?options.nbd_socket,
+        control = %options.control.display(),
+        "serving"
+    );
+
+    wait_for_signal().await?;
+    info!("shutting down: no new connections or requests; finishing those in flight");
+    let _ = shutdown_tx.send(true);
+    for task in accept_tasks {
+        let _ = task.await;
+    }
+    if tokio::time::timeout(DRAIN_TIMEOUT, all_gone.recv())
+        .await
+        .is_err()
+    {
+        warn!("some connections did not finish within {DRAIN_TIMEOUT:?}");
+    }
+    let _ = control_task.await;
+    for path in options.nbd_socket.iter().chain([&options.control]) {
+        let _ = std::fs::remove_file(path);
+    }
+    Ok(())
+}
+
+async fn wait_for_signal() -> Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
+    let mut int = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
+    tokio::select! {
+        _ = term.recv() => info!("SIGTERM received"),
+        _ = int.recv() => info!("SIGINT received"),
+    }
+    Ok(())
+}
+
+/// Waits before retrying a failed accept (out of descriptors, usually), so
+/// that the loop does not spin.
+async fn accept_backoff(error: std::io::Error) {
+    warn!("accept failed: {error}; retrying");
+    tokio::time::sleep(Duration::from_millis(100)).await;
+}
+
+async fn accept_tcp(
+    listener: TcpListener,
+    service: Arc<Service>,
+    mut shutdown: watch::Receiver<bool>,
+    alive: mpsc::Sender<()>,
+) {
+    loop {
+        let (stream, peer) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => { accept_backoff(e).await; continue; }
+            },
+            _ = shutdown.changed() => return,
+        };
+        let _ = stream.set_nodelay(true);
+        let (service, shutdown, alive) = (service.clone(), shutdown.clone(), alive.clone());
+        tokio::spawn(async move {
+            nbd::serve_connection(stream, peer.to_string(), service, shutdown).await;
+            drop(alive);
+        });
+    }
+}
+
+async fn accept_unix(
+    listener: UnixListener,
+    service: Arc<Service>,
+    mut shutdown: watch::Receiver<bool>,
+    alive: mpsc::Sender<()>,
+) {
+    loop {
+        let stream = tokio::select! {
+            r = listener.accept() => match r {
+                Ok((s, _)) => s,
+                Err(e) => { accept_backoff(e).await; continue; }
+            },
+            _ = shutdown.changed() => return,
+        };
+        let (service, shutdown, alive) = (service.clone(), shutdown.clone(), alive.clone());
+        tokio::spawn(async move {
+            nbd::serve_connection(stream, "unix".to_string(), service, shutdown).await;
+            drop(alive);
+        });
+    }
+}

@@ -1,0 +1,528 @@
+//! The NBD server: listeners, the handshake driven over a socket, and the
+//! transmission phase.
+//!
+//! The protocol's bytes are `parallax-nbd`'s business (pure, fuzzed alone);
+//! this module moves them between sockets and the engine:
+//!
+//! - One task per connection reads request headers (and write payloads)
+//!   in order. Each request then runs on the blocking pool, and its reply
+//!   is written whole under the connection's writer lock as soon as it is
+//!   ready: requests of one connection run concurrently and complete out
+//!   of order, as the protocol allows.
+//! - A per-connection budget of bytes in flight (a semaphore) bounds the
+//!   memory one client can pin; once it is spent, the reader stops reading
+//!   from the socket until replies go out.
+//! - All connections to one disk share the engine's single handle of that
+//!   disk, so a FLUSH on any connection commits and makes durable the
+//!   writes completed on all of them: the multi-connection flag is honest.
+//! - A client that sends a bad request magic or a write larger than the
+//!   advertised maximum is disconnected (the stream can no longer be
+//!   trusted to be in sync); every other bad request gets an error reply.
+//! - When the last request of a connection is done and the client has left
+//!   (or sent DISC), the disk is flushed, so that nothing a client wrote
+//!   stays uncommitted in memory after it is gone.
+
+use crate::service::Service;
+use parallax_engine::{Error as EngineError, Extent, SnapshotView, Vdi};
+use parallax_nbd::handshake::{
+    BlockSizes, Config as HandshakeConfig, ExportInfo, Exports, Handshake, Negotiated, Progress,
+};
+use parallax_nbd::proto::{self, Command, Request};
+use std::io::{self, Cursor};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
+use tokio::sync::{watch, Semaphore};
+use tokio::task::JoinSet;
+use tracing::{debug, info, warn};
+
+/// Largest READ or WRITE payload, advertised as the maximum block size.
+pub const MAX_PAYLOAD: u32 = 32 << 20;
+/// Bytes of requests one connection may have in flight.
+const CONNECTION_BUDGET: u32 = 2 * MAX_PAYLOAD;
+/// Longest extent run examined by one BLOCK_STATUS request.
+const STATUS_WINDOW: u64 = 1 << 30;
+/// A client must finish negotiating within this time.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(60);
+/// Zeroes written per engine call for WRITE_ZEROES with NO_HOLE.
+const ZERO_CHUNK: u64 = 1 << 20;
+
+fn handshake_config() -> HandshakeConfig {
+    HandshakeConfig {
+        block_sizes: BlockSizes {
+            minimum: 1,
+            preferred: parallax_format::BLOCK_SIZE as u32,
+            maximum: MAX_PAYLOAD,
+        },
+        multi_conn: true,
+        max_option_len: 64 << 10,
+    }
+}
+
+/// What one connection serves.
+enum Target {
+    Disk(Vdi),
+    Snapshot(SnapshotView),
+}
+
+/// Splits `NAME@SNAP` into its parts.
+fn parse_export(name: &str) -> (&str, Option<&str>) {
+    match name.split_once('@') {
+        Some((d, s)) => (d, Some(s)),
+        None => (name, None),
+    }
+}
+
+fn open_target(service: &Service, name: &str) -> Result<Target, EngineError> {
+    let store = service.store();
+    match parse_export(name) {
+        (disk, Some(snap)) => Ok(Target::Snapshot(store.open_snapshot(disk, snap)?)),
+        (disk, None) => Ok(Target::Disk(store.open_vdi(disk)?)),
+    }
+}
+
+impl Target {
+    fn size(&self) -> u64 {
+        match self {
+            Target::Disk(v) => v.size(),
+            Target::Snapshot(s) => s.size(),
+        }
+    }
+
+    fn read(&self, buf: &mut [u8], offset: u64) -> Result<(), EngineError> {
+        match self {
+            Target::Disk(v) => v.read(buf, offset),
+            Target::Snapshot(s) => s.read(buf, offset),
+        }
+    }
+
+    fn block_status(&self, offset: u64, len: u64) -> Result<Vec<Extent>, EngineError> {
+        match self {
+            Target::Disk(v) => v.block_status(offset, len),
+            Target::Snapshot(s) => s.block_status(offset, len),
+        }
+    }
+
+    fn disk(&self) -> Option<&Vdi> {
+        match self {
+            Target::Disk(v) => Some(v),
+            Target::Snapshot(_) => None,
+        }
+    }
+}
+
+/// The store's disks and snapshots as the handshake sees them.
+struct StoreExports<'a> {
+    service: &'a Service,
+}
+
+impl Exports for StoreExports<'_> {
+    fn lookup(&self, name: &str) -> Option<ExportInfo> {
+        let target = open_target(self.service, name).ok()?;
+        Some(ExportInfo {
+            size: target.size(),
+            read_only: target.disk().is_none(),
+            description: None,
+        })
+    }
+
+    fn list(&self) -> Vec<(String, Option<String>)> {
+        self.service
+            .store()
+            .list()
+            .into_iter()
+            .map(|n| (n, None))
+            .collect()
+    }
+}
+
+/// Serves one client from its first byte to its last. Errors end only this
+/// connection; they are logged, never propagated to other clients.
+pub async fn serve_connection<S>(
+    stream: S,
+    peer: String,
+    service: Arc<Service>,
+    mut shutdown: watch::Receiver<bool>,
+) where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let (read_half, mut writer) = tokio::io::split(stream);
+    let mut reader = BufReader::with_capacity(256 << 10, read_half);
+    let negotiated = tokio::select! {
+        r = tokio::time::timeout(HANDSHAKE_TIMEOUT, negotiate(&mut reader, &mut writer, &service)) => match r {
+            Ok(Ok(Some(n))) => n,
+            Ok(Ok(None)) => return,
+            Ok(Err(e)) => {
+                debug!(%peer, "handshake ended: {e}");
+                return;
+            }
+            Err(_) => {
+                info!(%peer, "handshake timed out; disconnecting");
+                return;
+            }
+        },
+        _ = shutdown.changed() => return,
+    };
+    let (negotiated, leftover) = negotiated;
+    let target = match open_target(&service, &negotiated.export) {
+        Ok(t) => t,
+        Err(e) => {
+            warn!(%peer, export = %negotiated.export, "cannot open export after negotiation: {e}");
+            return;
+        }
+    };
+    let guard = service.register_connection(&negotiated.export, &peer);
+    info!(%peer, export = %negotiated.export, id = guard.id(), structured = negotiated.structured_replies, "client connected");
+    let ctx = Arc::new(Connection {
+        target,
+        size: negotiated.info.size,
+        read_only: negotiated.info.read_only,
+        structured: negotiated.structured_replies,
+        base_allocation: negotiated.base_allocation,
+    });
+    let reader = Cursor::new(leftover).chain(reader);
+    let outcome = transmission(reader, writer, ctx.clone(), &mut shutdown).await;
+    if let Some(vdi) = ctx.target.disk().cloned() {
+        let flushed = tokio::task::spawn_blocking(move || vdi.flush()).await;
+        if let Ok(Err(e)) = flushed {
+            warn!(%peer, "flush after disconnect failed: {e}");
+        }
+    }
+    match outcome {
+        Ok(()) => info!(%peer, id = guard.id(), "client disconnected"),
+        Err(e) => info!(%peer, id = guard.id(), "client dropped: {e}"),
+    }
+    drop(guard);
+}
+
+/// Runs the handshake. `Ok(None)`: the client left or aborted.
+async fn negotiate<R, W>(
+    reader: &mut R,
+    writer: &mut W,
+    service: &Service,
+) -> io::Result<Option<(Negotiated, Vec<u8>)>>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let exports = StoreExports { service };
+    let mut handshake = Handshake::new(handshake_config());
+    let mut out = Vec::new();
+    handshake.greeting(&mut out);
+    writer.write_all(&out).await?;
+    let mut input = Vec::new();
+    let mut chunk = vec![0u8; 16 << 10];
+    loop {
+        out.clear();
+        let progress = handshake.receive(&mut input, &exports, &mut out);
+        if !out.is_empty() {
+            writer.write_all(&out).await?;
+            writer.flush().await?;
+        }
+        match progress {
+            Ok(Progress::NeedInput) => {}
+            Ok(Progress::Done(n)) => return Ok(Some((n, input))),
+            Ok(Progress::Close) => return Ok(None),
+            Err(e) => return Err(io::Error::new(io::ErrorKind::InvalidData, e.to_string())),
+        }
+        let n = reader.read(&mut chunk).await?;
+        if n == 0 {
+            return Ok(None);
+        }
+        input.extend_from_slice(&chunk[..n]);
+    }
+}
+
+/// The negotiated state of one connection, shared by its requests.
+struct Connection {
+    target: Target,
+    size: u64,
+    read_only: bool,
+    structured: bool,
+    base_allocation: Option<u32>,
+}
+
+async fn transmission<R, W>(
+    mut reader: R,
+    writer: W,
+    ctx: Arc<Connection>,
+    shutdown: &mut watch::Receiver<bool>,
+) -> io::Result<()>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin + Send + 'static,
+{
+    let writer = Arc::new(tokio::sync::Mutex::new(writer));
+    let budget = Arc::new(Semaphore::new(CONNECTION_BUDGET as usize));
+    let mut in_flight = JoinSet::new();
+    let result = loop {
+        while in_flight.try_join_next().is_some() {}
+        let mut header = [0u8; proto::REQUEST_HEADER_LEN];
+        tokio::select! {
+            r = reader.read_exact(&mut header) => match r {
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => break Ok(()),
+                Err(e) => break Err(e),
+            },
+            _ = shutdown.changed() => break Ok(()),
+        }
+        let request = match Request::decode(&header) {
+            Ok(r) => r,
+            Err(e) => {
+                break Err(io::Error::new(io::ErrorKind::InvalidData, e.to_string()));
+            }
+        };
+        if request.command == Command::Disc {
+            break Ok(());
+        }
+        let payload_len = request.payload_len();
+        if payload_len > MAX_PAYLOAD {
+            break Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("write of {payload_len} bytes exceeds the maximum of {MAX_PAYLOAD}"),
+            ));
+        }
+        let cost = match request.command {
+            Command::Read | Command::Write => request.length.clamp(4096, MAX_PAYLOAD),
+            _ => 4096,
+        };
+        let permit = match budget.clone().acquire_many_owned(cost).await {
+            Ok(p) => p,
+            Err(_) => break Ok(()),
+        };
+        let mut payload = Vec::new();
+        if payload_len > 0 {
+            payload.resize(payload_len as usize, 0);
+            if let Err(e) = reader.read_exact(&mut payload).await {
+                break Err(e);
+            }
+        }
+        let ctx = ctx.clone();
+        let writer = writer.clone();
+        in_flight.spawn(async move {
+            let reply = tokio::task::spawn_blocking(move || execute(&ctx, request, payload))
+                .await
+                .unwrap_or_else(|_| {
+                    // The request panicked: answer EIO rather than leave
+                    // the client waiting forever.
+                    let mut out = Vec::new();
+                    proto::simple_reply(&mut out, request.cookie, proto::EIO);
+                    out
+                });
+            let mut w = writer.lock().await;
+            // A failed write means the client is gone; the reader notices.
+            let _ = w.write_all(&reply).await;
+            drop(permit);
+        });
+    };
+    while in_flight.join_next().await.is_some() {}
+    let mut w = writer.lock().await;
+    let _ = w.flush().await;
+    let _ = w.shutdown().await;
+    result
+}
+
+/// An error reply: the errno for the wire and a message for the log and,
+/// with structured replies, for the client.
+struct Failure {
+    errno: u32,
+    message: String,
+}
+
+impl Failure {
+    fn new(errno: u32, message: impl Into<String>) -> Failure {
+        Failure {
+            errno,
+            message: message.into(),
+        }
+    }
+}
+
+impl From<EngineError> for Failure {
+    fn from(e: EngineError) -> Failure {
+        let errno = match &e {
+            EngineError::InvalidArgument(_) => proto::EINVAL,
+            EngineError::NoSpace => proto::ENOSPC,
+            EngineError::ReadOnly(_) => proto::EPERM,
+            _ => proto::EIO,
+        };
+        if errno == proto::EIO {
+            warn!("I/O error served to a client: {e}");
+        }
+        Failure::new(errno, e.to_string())
+    }
+}
+
+/// Runs one request and returns its complete reply.
+fn execute(ctx: &Connection, req: Request, payload: Vec<u8>) -> Vec<u8> {
+    let mut out = Vec::new();
+    match req.command {
+        Command::Read => match read(ctx, &req) {
+            Ok(reply) => return reply,
+            Err(f) => error_reply(ctx, &req, f, &mut out),
+        },
+        Command::BlockStatus => match block_status(ctx, &req) {
+            Ok(extents) => {
+                let id = ctx.base_allocation.unwrap_or(0);
+                proto::structured_block_status(&mut out, req.cookie, id, &extents, true);
+            }
+            Err(f) => error_reply(ctx, &req, f, &mut out),
+        },
+        _ => match other(ctx, &req, &payload) {
+            Ok(()) => proto::simple_reply(&mut out, req.cookie, 0),
+            Err(f) => error_reply(ctx, &req, f, &mut out),
+        },
+    }
+    out
+}
+
+fn error_reply(ctx: &Connection, req: &Request, f: Failure, out: &mut Vec<u8>) {
+    debug!(cookie = req.cookie, command = ?req.command, errno = f.errno, "{}", f.message);
+    let must_be_structured = matches!(req.command, Command::Read | Command::BlockStatus);
+    if ctx.structured && must_be_structured {
+        proto::structured_error(out, req.cookie, f.errno, &f.message);
+    } else {
+        proto::simple_reply(out, req.cookie, f.errno);
+    }
+}
+
+/// Checks `[offset, offset+length)` against the disk size.
+fn check_range(ctx: &Connection, req: &Request, past_end_errno: u32) -> Result<(), Failure> {
+    match req.offset.checked_add(u64::from(req.length)) {
+        Some(end) if end <= ctx.size => Ok(()),
+        _ => Err(Failure::new(
+            past_end_errno,
+            format!(
+                "range {}+{} is past the end of the export ({} bytes)",
+                req.offset, req.length, ctx.size
+            ),
+        )),
+    }
+}
+
+fn read(ctx: &Connection, req: &Request) -> Result<Vec<u8>, Failure> {
+    if req.length > MAX_PAYLOAD {
+        return Err(Failure::new(
+            proto::EINVAL,
+            format!(
+                "read of {} bytes exceeds the maximum of {MAX_PAYLOAD}",
+                req.length
+            ),
+        ));
+    }
+    check_range(ctx, req, proto::EINVAL)?;
+    let len = req.length as usize;
+    let mut header = Vec::with_capacity(32);
+    if ctx.structured {
+        proto::structured_data_header(&mut header, req.cookie, req.offset, len, true);
+    } else {
+        proto::simple_reply(&mut header, req.cookie, 0);
+    }
+    let mut out = vec![0u8; header.len() + len];
+    out[..header.len()].copy_from_slice(&header);
+    ctx.target.read(&mut out[header.len()..], req.offset)?;
+    Ok(out)
+}
+
+fn writable(ctx: &Connection) -> Result<&Vdi, Failure> {
+    match ctx.target.disk() {
+        Some(v) if !ctx.read_only => Ok(v),
+        _ => Err(Failure::new(proto::EPERM, "the export is read-only")),
+    }
+}
+
+fn block_status(ctx: &Connection, req: &Request) -> Result<Vec<(u32, u32)>, Failure> {
+    if ctx.base_allocation.is_none() {
+        return Err(Failure::new(
+            proto::EINVAL,
+            "no metadata context was negotiated for BLOCK_STATUS",
+        ));
+    }
+    if req.length == 0 {
+        return Err(Failure::new(proto::EINVAL, "BLOCK_STATUS of length 0"));
+    }
+    check_range(ctx, req, proto::EINVAL)?;
+    let len = u64::from(req.length).min(STATUS_WINDOW);
+    let mut extents = Vec::new();
+    for e in ctx.target.block_status(req.offset, len)? {
+        let flags = if e.allocated {
+            0
+        } else {
+            proto::STATE_HOLE | proto::STATE_ZERO
+        };
+        // `len` fits in u32, so every extent does.
+        let length = e.length as u32;
+        match extents.last_mut() {
+            Some((l, f)) if *f == flags => *l += length,
+            _ => extents.push((length, flags)),
+        }
+    }
+    if extents.is_empty() {
+        return Err(Failure::new(proto::EIO, "no extent information"));
+    }
+    if req.flags & proto::CMD_FLAG_REQ_ONE != 0 {
+        extents.truncate(1);
+    }
+    Ok(extents)
+}
+
+/// WRITE, FLUSH, TRIM, WRITE_ZEROES, CACHE and unknown commands.
+fn other(ctx: &Connection, req: &Request, payload: &[u8]) -> Result<(), Failure> {
+    let fua = req.flags & proto::CMD_FLAG_FUA != 0;
+    match req.command {
+        Command::Write => {
+            let vdi = writable(ctx)?;
+            check_range(ctx, req, proto::ENOSPC)?;
+            vdi.write(payload, req.offset)?;
+            if fua {
+                vdi.flush()?;
+            }
+        }
+        Command::Flush => {
+            if let Some(vdi) = ctx.target.disk() {
+                vdi.flush()?;
+            }
+        }
+        Command::Trim => {
+            let vdi = writable(ctx)?;
+            check_range(ctx, req, proto::EINVAL)?;
+            vdi.discard(req.offset, u64::from(req.length))?;
+            if fua {
+                vdi.flush()?;
+            }
+        }
+        Command::WriteZeroes => {
+            let vdi = writable(ctx)?;
+            check_range(ctx, req, proto::ENOSPC)?;
+            let len = u64::from(req.length);
+            if req.flags & proto::CMD_FLAG_NO_HOLE != 0 {
+                if req.flags & proto::CMD_FLAG_FAST_ZERO != 0 {
+                    return Err(Failure::new(
+                        proto::ENOTSUP,
+                        "allocated zeroes are written, which is not fast",
+                    ));
+                }
+                let zeros = vec![0u8; ZERO_CHUNK.min(len) as usize];
+                let mut done = 0;
+                while done < len {
+                    let n = (len - done).min(ZERO_CHUNK);
+                    vdi.write(&zeros[..n as usize], req.offset + done)?;
+                    done += n;
+                }
+            } else {
+                vdi.write_zeroes(req.offset, len)?;
+            }
+            if fua {
+                vdi.flush()?;
+            }
+        }
+        Command::Cache => check_range(ctx, req, proto::EINVAL)?,
+        Command::Unknown(n) => {
+            return Err(Failure::new(proto::EINVAL, format!("unknown command {n}")));
+        }
+        Command::Read | Command::BlockStatus | Command::Disc => {
+            return Err(Failure::new(proto::EINVAL, "unexpected command"));
+        }
+    }
+    Ok(())
+}

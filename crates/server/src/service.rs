@@ -1,0 +1,302 @@
+//! [`Service`]: the management operations run on a store this process
+//! holds, plus the table of live NBD connections.
+//!
+//! The daemon owns one `Service` and shares it between the NBD server and
+//! the control API; the `parallax` command builds one over the store it
+//! opened when no daemon runs. Every operation that changes the store ends
+//! with [`Store::flush_all`], so that what it freed is free on disk too.
+//!
+//! Policy for disks in use: `rollback` and `delete` of a disk with live NBD
+//! connections (to the disk or to any of its snapshots), and `delete` of a
+//! snapshot that is being served, are refused with [`ErrorKind::Conflict`].
+//! The operator disconnects the clients first; nothing is pulled from under
+//! a running guest.
+
+use crate::api::*;
+use crate::transfer::{self, Source};
+use parallax_engine::{Store, Vdi};
+use parking_lot::Mutex;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, UNIX_EPOCH};
+
+/// RFC 3339 UTC time (seconds precision) of a timestamp in ns since the epoch.
+pub fn rfc3339(ns: u64) -> String {
+    humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_nanos(ns)).to_string()
+}
+
+/// The export name of a disk or snapshot: `NAME` or `NAME@SNAP`.
+pub fn export_name(disk: &str, snapshot: Option<&str>) -> String {
+    match snapshot {
+        Some(s) => format!("{disk}@{s}"),
+        None => disk.to_string(),
+    }
+}
+
+pub struct Service {
+    store: Store,
+    store_path: PathBuf,
+    /// Progress bars for import and export (the command line, on a terminal).
+    show_progress: bool,
+    connections: Mutex<HashMap<u64, ConnectionInfo>>,
+    next_connection: AtomicU64,
+}
+
+/// A registered NBD connection; unregisters itself when dropped.
+pub struct ConnectionGuard<'a> {
+    service: &'a Service,
+    id: u64,
+}
+
+impl Drop for ConnectionGuard<'_> {
+    fn drop(&mut self) {
+        self.service.connections.lock().remove(&self.id);
+    }
+}
+
+impl ConnectionGuard<'_> {
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+}
+
+impl Service {
+    pub fn new(store: Store, store_path: PathBuf, show_progress: bool) -> Service {
+        Service {
+            store,
+            store_path,
+            show_progress,
+            connections: Mutex::new(HashMap::new()),
+            next_connection: AtomicU64::new(1),
+        }
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    pub fn store_path(&self) -> &Path {
+        &self.store_path
+    }
+
+    /// Records a client connected to `export` (`NAME` or `NAME@SNAP`).
+    pub fn register_connection(&self, export: &str, peer: &str) -> ConnectionGuard<'_> {
+        let id = self.next_connection.fetch_add(1, Ordering::Relaxed);
+        let info = ConnectionInfo {
+            id,
+            export: export.to_string(),
+            peer: peer.to_string(),
+            since: rfc3339(now_ns()),
+        };
+        self.connections.lock().insert(id, info);
+        ConnectionGuard { service: self, id }
+    }
+
+    pub fn connections(&self) -> Vec<ConnectionInfo> {
+        let mut all: Vec<ConnectionInfo> = self.connections.lock().values().cloned().collect();
+        all.sort_by_key(|c| c.id);
+        all
+    }
+
+    /// Connections to `disk` itself or, with `whole_disk`, to any of its
+    /// snapshots too; or to exactly `disk@snapshot`.
+    fn connections_to(&self, disk: &str, snapshot: Option<&str>) -> usize {
+        let exact = export_name(disk, snapshot);
+        let prefix = format!("{disk}@");
+        self.connections
+            .lock()
+            .values()
+            .filter(|c| c.export == exact || (snapshot.is_none() && c.export.starts_with(&prefix)))
+            .count()
+    }
+
+    fn refuse_if_connected(&self, disk: &str, snapshot: Option<&str>, what: &str) -> ApiResult<()> {
+        match self.connections_to(disk, snapshot) {
+            0 => Ok(()),
+            n => Err(ApiError::new(
+                ErrorKind::Conflict,
+                format!(
+                    "cannot {what} {}: it has {n} live NBD connection{}; disconnect the clients first (`parallax status` lists them)",
+                    export_name(disk, snapshot),
+                    if n == 1 { "" } else { "s" }
+                ),
+            )),
+        }
+    }
+
+    /// Runs a change, then settles the store (also after a failure: earlier
+    /// steps may have succeeded).
+    fn change<T>(&self, body: impl FnOnce(&Store) -> ApiResult<T>) -> ApiResult<T> {
+        let result = body(&self.store);
+        // Best effort: if it fails, freed blocks stay leaked on disk, which
+        // `check` reports and `gc` repairs.
+        let _ = self.store.flush_all();
+        result
+    }
+
+    fn disk_info(&self, vdi: &Vdi) -> ApiResult<DiskInfo> {
+        let info = vdi.info();
+        Ok(DiskInfo {
+            connections: self.connections_to(&info.name, None) as u64,
+            id: info.id,
+            size_bytes: info.size_bytes,
+            allocated_bytes: vdi.allocated_bytes()?,
+            snapshots: info.snapshot_count,
+            origin: info.origin,
+            created: rfc3339(info.created_ns),
+            name: info.name,
+        })
+    }
+}
+
+fn now_ns() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0)
+}
+
+fn snapshot_detail(disk: &str, info: &parallax_engine::SnapshotInfo) -> SnapshotDetail {
+    SnapshotDetail {
+        disk: disk.to_string(),
+        name: info.name.clone(),
+        id: info.id,
+        created: rfc3339(info.created_ns),
+        size_bytes: info.size_bytes,
+        allocated_bytes: None,
+    }
+}
+
+impl Api for Service {
+    fn create(&self, name: &str, size: u64) -> ApiResult<DiskInfo> {
+        self.change(|store| {
+            let vdi = store.create_vdi(name, size)?;
+            self.disk_info(&vdi)
+        })
+    }
+
+    fn list(&self) -> ApiResult<Vec<DiskInfo>> {
+        self.store
+            .list()
+            .iter()
+            .map(|name| self.disk_info(&self.store.open_vdi(name)?))
+            .collect()
+    }
+
+    fn disk(&self, name: &str) -> ApiResult<DiskInfo> {
+        self.disk_info(&self.store.open_vdi(name)?)
+    }
+
+    fn snapshot_detail(&self, disk: &str, snapshot: &str) -> ApiResult<SnapshotDetail> {
+        let view = self.store.open_snapshot(disk, snapshot)?;
+        let mut detail = snapshot_detail(disk, view.info());
+        detail.allocated_bytes = Some(view.allocated_bytes()?);
+        Ok(detail)
+    }
+
+    fn snapshot(&self, disk: &str, name: Option<&str>) -> ApiResult<SnapshotDetail> {
+        self.change(|store| {
+            let info = store.open_vdi(disk)?.snapshot(name)?;
+            Ok(snapshot_detail(disk, &info))
+        })
+    }
+
+    fn snapshots(&self, disk: &str) -> ApiResult<Vec<SnapshotDetail>> {
+        let vdi = self.store.open_vdi(disk)?;
+        Ok(vdi
+            .snapshots()
+            .iter()
+            .map(|i| snapshot_detail(disk, i))
+            .collect())
+    }
+
+    fn clone_snapshot(&self, disk: &str, snapshot: &str, new: &str) -> ApiResult<DiskInfo> {
+        self.change(|store| {
+            let vdi = store.clone_snapshot(disk, snapshot, new)?;
+            self.disk_info(&vdi)
+        })
+    }
+
+    fn rollback(&self, disk: &str, snapshot: &str) -> ApiResult<()> {
+        self.refuse_if_connected(disk, None, "roll back")?;
+        self.change(|store| Ok(store.open_vdi(disk)?.rollback(snapshot)?))
+    }
+
+    fn delete_disk(&self, name: &str) -> ApiResult<()> {
+        self.refuse_if_connected(name, None, "delete")?;
+        self.change(|store| Ok(store.delete_vdi(name)?))
+    }
+
+    fn delete_snapshot(&self, disk: &str, snapshot: &str) -> ApiResult<()> {
+        self.refuse_if_connected(disk, Some(snapshot), "delete")?;
+        self.change(|store| Ok(store.open_vdi(disk)?.delete_snapshot(snapshot)?))
+    }
+
+    fn import(&self, file: &Path, name: &str, size: Option<u64>) -> ApiResult<DiskInfo> {
+        self.change(|store| {
+            transfer::import(store, file, name, size, self.show_progress)?;
+            self.disk_info(&store.open_vdi(name)?)
+        })
+    }
+
+    fn export(
+        &self,
+        disk: &str,
+        snapshot: Option<&str>,
+        file: &Path,
+        force: bool,
+    ) -> ApiResult<()> {
+        let source = match snapshot {
+            Some(snap) => Source::Snapshot(self.store.open_snapshot(disk, snap)?),
+            None => Source::Disk(self.store.open_vdi(disk)?),
+        };
+        transfer::export(&source, file, force, &self.store_path, self.show_progress)?;
+        Ok(())
+    }
+
+    fn check(&self) -> ApiResult<CheckSummary> {
+        // Commit what open disks hold in memory, so that their allocations
+        // are not reported as leaks.
+        self.store.flush_all()?;
+        let r = self.store.check()?;
+        Ok(CheckSummary {
+            clean: r.is_clean(),
+            disks: r.disks,
+            snapshots: r.snapshots,
+            tree_nodes: r.tree_nodes,
+            data_blocks: r.data_blocks,
+            metadata_blocks: r.metadata_blocks,
+            leaked_blocks: r.leaked_blocks,
+            errors: r.errors,
+            warnings: r.warnings,
+        })
+    }
+
+    fn gc(&self) -> ApiResult<GcSummary> {
+        let r = self.store.gc()?;
+        Ok(GcSummary {
+            freed_blocks: r.freed_blocks,
+            freed_bytes: r.freed_bytes,
+        })
+    }
+
+    fn df(&self) -> ApiResult<SpaceSummary> {
+        let stats = self.store.stats();
+        let disks = self
+            .list()?
+            .into_iter()
+            .map(|d| DiskUse {
+                name: d.name,
+                size_bytes: d.size_bytes,
+                allocated_bytes: d.allocated_bytes,
+            })
+            .collect();
+        Ok(SpaceSummary {
+            capacity_bytes: stats.capacity_bytes,
+            used_bytes: stats.used_bytes,
+            free_bytes: stats.free_bytes,
+            disks,
+        })
+    }
+}
