@@ -1,0 +1,601 @@
+//! Server side of the NBD handshake (fixed newstyle) as a sans-IO state
+//! machine.
+//!
+//! The caller owns the socket: it sends [`Handshake::greeting`], then feeds
+//! whatever it reads into [`Handshake::receive`] and sends whatever that
+//! appends to `out`, until `receive` returns [`Progress::Done`] (enter the
+//! transmission phase), [`Progress::Close`] or an error (send `out`, then
+//! close the connection).
+//!
+//! ```text
+//! S: "NBDMAGIC" "IHAVEOPT" u16 handshake flags (FIXED_NEWSTYLE | NO_ZEROES)
+//! C: u32 client flags
+//! C: "IHAVEOPT" u32 option u32 length, data      (repeated)
+//! S: u64 OPTION_REPLY_MAGIC u32 option u32 reply type u32 length, data
+//!    (one or more per option, the last one an ACK or an error)
+//! ```
+//!
+//! Invariants:
+//! - `receive` never panics and never buffers more than one option: an
+//!   option header announcing more than `Config::max_option_len` bytes of
+//!   data is an error as soon as its 16-byte header has arrived.
+//! - `receive` only removes whole messages from the front of `input`;
+//!   a partial message stays there until the rest arrives, so the result
+//!   does not depend on how the byte stream was split. After `Done`, the
+//!   bytes left in `input` belong to the transmission phase.
+//! - Every option other than `NBD_OPT_EXPORT_NAME` and a successful
+//!   `NBD_OPT_GO` gets a final reply (ACK or error) and negotiation goes
+//!   on; malformed option data is answered with `NBD_REP_ERR_INVALID`,
+//!   never by dropping the connection. Only unknown client flags, a bad
+//!   option magic, an over-long option, or an `NBD_OPT_EXPORT_NAME` for an
+//!   unknown export end the session.
+//! - Once `receive` has returned `Done`, `Close` or an error, every later
+//!   call returns [`HandshakeError::Finished`].
+//! - The only metadata context is `base:allocation`, with id
+//!   [`BASE_ALLOCATION_ID`]; [`Negotiated::base_allocation`] is set only if
+//!   the last `NBD_OPT_SET_META_CONTEXT` selected it for the very export
+//!   that was finally chosen.
+
+use crate::proto::*;
+
+/// Name of the only metadata context we serve.
+pub const BASE_ALLOCATION: &str = "base:allocation";
+/// Context id of `base:allocation` once selected with
+/// `NBD_OPT_SET_META_CONTEXT`.
+pub const BASE_ALLOCATION_ID: u32 = 1;
+/// Longest export name or description we handle (the protocol's limit
+/// for any string).
+pub const MAX_STRING_LEN: usize = 4096;
+/// Size of the greeting sent by [`Handshake::greeting`].
+pub const GREETING_LEN: usize = 18;
+/// Handshake flags sent in the greeting.
+pub const HANDSHAKE_FLAGS: u16 = HANDSHAKE_FLAG_FIXED_NEWSTYLE | HANDSHAKE_FLAG_NO_ZEROES;
+
+/// Exported names and descriptions are cut to this many bytes inside
+/// human-readable error messages.
+const NAME_IN_MESSAGE: usize = 64;
+const OPTION_HEADER_LEN: usize = 16;
+
+/// What the server knows about one export.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExportInfo {
+    /// Size in bytes.
+    pub size: u64,
+    /// Writes are refused.
+    pub read_only: bool,
+    /// Human readable description, sent on request.
+    pub description: Option<String>,
+}
+
+/// What the server offers; looked up during negotiation.
+pub trait Exports {
+    /// The export called `name` (`""` asks for the default export, if the
+    /// server has one).
+    fn lookup(&self, name: &str) -> Option<ExportInfo>;
+    /// Every export, as (name, description), for `NBD_OPT_LIST`.
+    fn list(&self) -> Vec<(String, Option<String>)>; // (name, description)
+}
+
+/// Block size constraints advertised with `NBD_INFO_BLOCK_SIZE`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BlockSizes {
+    /// Smallest addressable unit (power of two, at most 64 KiB).
+    pub minimum: u32,
+    /// Efficient I/O size (power of two, at least 512 and `minimum`).
+    pub preferred: u32,
+    /// Largest request the server accepts (a multiple of `minimum`).
+    pub maximum: u32,
+}
+
+impl Default for BlockSizes {
+    /// 1 / 4 KiB / 32 MiB: byte-granular access, 4 KiB preferred, and the
+    /// largest request every client can be expected to honour.
+    fn default() -> BlockSizes {
+        BlockSizes {
+            minimum: 1,
+            preferred: 4096,
+            maximum: 32 << 20,
+        }
+    }
+}
+
+/// Server policy for negotiation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Config {
+    /// Advertised to every client that asks with INFO or GO.
+    pub block_sizes: BlockSizes,
+    /// Advertise `NBD_FLAG_CAN_MULTI_CONN`.
+    pub multi_conn: bool,
+    /// Largest option data accepted; a longer option closes the connection.
+    pub max_option_len: u32,
+}
+
+impl Default for Config {
+    fn default() -> Config {
+        Config {
+            block_sizes: BlockSizes::default(),
+            multi_conn: false,
+            max_option_len: 65536,
+        }
+    }
+}
+
+/// Outcome of negotiation, handed to the transmission phase.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Negotiated {
+    /// Export name as sent by the client.
+    pub export: String,
+    /// The export, as returned by [`Exports::lookup`].
+    pub info: ExportInfo,
+    /// Transmission flags sent to the client.
+    pub transmission_flags: u16,
+    /// The client negotiated structured replies.
+    pub structured_replies: bool,
+    /// Context id chosen for `base:allocation` by SET_META_CONTEXT, if selected.
+    pub base_allocation: Option<u32>,
+}
+
+/// Result of one [`Handshake::receive`] call.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Progress {
+    /// Read more bytes from the client and call `receive` again.
+    NeedInput,
+    /// Send `out`, then enter transmission with this export.
+    Done(Negotiated),
+    /// Send `out`, then close the connection (client sent ABORT, or asked
+    /// for an unknown export via EXPORT_NAME which has no error reply).
+    Close,
+}
+
+/// A violation that ends the session; the caller sends `out` and closes
+/// the connection.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum HandshakeError {
+    /// The client flags have bits other than FIXED_NEWSTYLE and NO_ZEROES.
+    #[error("client sent unknown flags {0:#x}")]
+    BadClientFlags(u32),
+    /// An option did not start with `IHAVEOPT`.
+    #[error("bad option magic {0:#x}")]
+    BadOptionMagic(u64),
+    /// An option announced more data than `Config::max_option_len`.
+    #[error("option {option} announces {length} bytes of data, more than the limit of {max}")]
+    OptionTooLong {
+        /// The option number.
+        option: u32,
+        /// Its announced data length.
+        length: u32,
+        /// The configured limit.
+        max: u32,
+    },
+    /// `receive` was called after negotiation had ended.
+    #[error("negotiation already ended")]
+    Finished,
+}
+
+/// Transmission flags for `info`: everything we implement, minus the write
+/// features on a read-only export; `NBD_FLAG_SEND_DF` only with structured
+/// replies (the spec requires it clear otherwise).
+pub fn transmission_flags(config: &Config, info: &ExportInfo, structured_replies: bool) -> u16 {
+    let mut flags = TF_HAS_FLAGS | TF_SEND_FLUSH | TF_SEND_CACHE;
+    if info.read_only {
+        flags |= TF_READ_ONLY;
+    } else {
+        flags |= TF_SEND_FUA | TF_SEND_TRIM | TF_SEND_WRITE_ZEROES | TF_SEND_FAST_ZERO;
+    }
+    if structured_replies {
+        flags |= TF_SEND_DF;
+    }
+    if config.multi_conn {
+        flags |= TF_CAN_MULTI_CONN;
+    }
+    flags
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    ClientFlags,
+    Options,
+    Finished,
+}
+
+/// What handling one option leads to.
+enum Step {
+    Continue,
+    Done(Negotiated),
+    Close,
+}
+
+/// The negotiation state of one connection.
+#[derive(Debug)]
+pub struct Handshake {
+    config: Config,
+    state: State,
+    no_zeroes: bool,
+    structured_replies: bool,
+    /// Export named by the last SET_META_CONTEXT, if it selected
+    /// `base:allocation`.
+    meta_export: Option<String>,
+}
+
+impl Handshake {
+    /// A handshake waiting for the client flags.
+    pub fn new(config: Config) -> Handshake {
+        Handshake {
+            config,
+            state: State::ClientFlags,
+            no_zeroes: false,
+            structured_replies: false,
+            meta_export: None,
+        }
+    }
+
+    /// Appends the server greeting (NBDMAGIC, IHAVEOPT, handshake flags
+    /// FIXED_NEWSTYLE|NO_ZEROES) to `out`.
+    pub fn greeting(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(&NBD_MAGIC.to_be_bytes());
+        out.extend_from_slice(&IHAVEOPT.to_be_bytes());
+        out.extend_from_slice(&HANDSHAKE_FLAGS.to_be_bytes());
+    }
+
+    /// True once `receive` has returned `Done`, `Close` or an error.
+    pub fn is_finished(&self) -> bool {
+        self.state == State::Finished
+    }
+
+    /// Consumes as many complete messages from the front of `input` as
+    /// possible, draining the consumed bytes from `input` (so leftover
+    /// partial message stays), appending replies to `out`. Stops at
+    /// Done/Close (leaving any bytes after the final option in `input`,
+    /// they belong to the transmission phase).
+    pub fn receive(
+        &mut self,
+        input: &mut Vec<u8>,
+        exports: &dyn Exports,
+        out: &mut Vec<u8>,
+    ) -> Result<Progress, HandshakeError> {
+        let (consumed, result) = self.run(input, exports, out);
+        input.drain(..consumed.min(input.len()));
+        if !matches!(result, Ok(Progress::NeedInput)) {
+            self.state = State::Finished;
+        }
+        result
+    }
+
+    /// Handles messages from the front of `input`; returns how many bytes
+    /// were consumed (whole messages only) and the outcome.
+    fn run(
+        &mut self,
+        input: &[u8],
+        exports: &dyn Exports,
+        out: &mut Vec<u8>,
+    ) -> (usize, Result<Progress, HandshakeError>) {
+        let mut pos = 0;
+        loop {
+            let mut r = Reader::new(input.get(pos..).unwrap_or_default());
+            match self.state {
+                State::Finished => return (pos, Err(HandshakeError::Finished)),
+                State::ClientFlags => {
+                    let Some(flags) = r.u32() else {
+                        return (pos, Ok(Progress::NeedInput));
+                    };
+                    pos += 4;
+                    if flags & !(CLIENT_FLAG_FIXED_NEWSTYLE | CLIENT_FLAG_NO_ZEROES) != 0 {
+                        return (pos, Err(HandshakeError::BadClientFlags(flags)));
+                    }
+                    // A client without FIXED_NEWSTYLE is served as if it had
+                    // set it: it only differs in the replies it understands.
+                    self.no_zeroes = flags & CLIENT_FLAG_NO_ZEROES != 0;
+                    self.state = State::Options;
+                }
+                State::Options => {
+                    let (Some(magic), Some(option), Some(length)) = (r.u64(), r.u32(), r.u32())
+                    else {
+                        return (pos, Ok(Progress::NeedInput));
+                    };
+                    if magic != IHAVEOPT {
+                        return (pos, Err(HandshakeError::BadOptionMagic(magic)));
+                    }
+                    if length > self.config.max_option_len {
+                        let max = self.config.max_option_len;
+                        return (
+                            pos,
+                            Err(HandshakeError::OptionTooLong {
+                                option,
+                                length,
+                                max,
+                            }),
+                        );
+                    }
+                    let len = usize::try_from(length).unwrap_or(usize::MAX);
+                    let Some(data) = r.bytes(len) else {
+                        return (pos, Ok(Progress::NeedInput));
+                    };
+                    let step = self.option(option, data, exports, out);
+                    pos += OPTION_HEADER_LEN + len;
+                    match step {
+                        Step::Continue => {}
+                        Step::Done(negotiated) => return (pos, Ok(Progress::Done(negotiated))),
+                        Step::Close => return (pos, Ok(Progress::Close)),
+                    }
+                }
+            }
+        }
+    }
+
+    fn option(
+        &mut self,
+        option: u32,
+        data: &[u8],
+        exports: &dyn Exports,
+        out: &mut Vec<u8>,
+    ) -> Step {
+        match option {
+            OPT_EXPORT_NAME => self.export_name(data, exports, out),
+            OPT_ABORT => {
+                // The spec asks servers to ignore any data sent with ABORT.
+                option_reply(out, option, REP_ACK, &[]);
+                Step::Close
+            }
+            OPT_LIST => {
+                if data.is_empty() {
+                    list(exports, out);
+                } else {
+                    reply_error(out, option, REP_ERR_INVALID, "NBD_OPT_LIST takes no data");
+                }
+                Step::Continue
+            }
+            OPT_STARTTLS => {
+                reply_error(out, option, REP_ERR_UNSUP, "TLS is not supported");
+                Step::Continue
+            }
+            OPT_INFO | OPT_GO => self.info_or_go(option, data, exports, out),
+            OPT_STRUCTURED_REPLY => {
+                if !data.is_empty() {
+                    reply_error(
+                        out,
+                        option,
+                        REP_ERR_INVALID,
+                        "NBD_OPT_STRUCTURED_REPLY takes no data",
+                    );
+                } else if self.structured_replies {
+                    reply_error(
+                        out,
+                        option,
+                        REP_ERR_INVALID,
+                        "structured replies already negotiated",
+                    );
+                } else {
+                    self.structured_replies = true;
+                    option_reply(out, option, REP_ACK, &[]);
+                }
+                Step::Continue
+            }
+            OPT_LIST_META_CONTEXT | OPT_SET_META_CONTEXT => {
+                self.meta_context(option, data, exports, out);
+                Step::Continue
+            }
+            _ => {
+                // Includes NBD_OPT_EXTENDED_HEADERS and NBD_OPT_PEEK_EXPORT.
+                let message = format!("option {option} is not supported");
+                reply_error(out, option, REP_ERR_UNSUP, &message);
+                Step::Continue
+            }
+        }
+    }
+
+    fn negotiated(&self, export: &str, info: ExportInfo) -> Negotiated {
+        let base_allocation = (self.structured_replies
+            && self.meta_export.as_deref() == Some(export))
+        .then_some(BASE_ALLOCATION_ID);
+        Negotiated {
+            export: export.to_owned(),
+            transmission_flags: transmission_flags(&self.config, &info, self.structured_replies),
+            info,
+            structured_replies: self.structured_replies,
+            base_allocation,
+        }
+    }
+
+    /// `NBD_OPT_EXPORT_NAME`: no error reply exists, so anything but a
+    /// known export closes the connection.
+    fn export_name(&mut self, data: &[u8], exports: &dyn Exports, out: &mut Vec<u8>) -> Step {
+        let Ok(name) = export_name(data) else {
+            return Step::Close;
+        };
+        let Some(info) = exports.lookup(name) else {
+            return Step::Close;
+        };
+        let negotiated = self.negotiated(name, info);
+        out.extend_from_slice(&negotiated.info.size.to_be_bytes());
+        out.extend_from_slice(&negotiated.transmission_flags.to_be_bytes());
+        if !self.no_zeroes {
+            out.extend_from_slice(&[0u8; 124]);
+        }
+        Step::Done(negotiated)
+    }
+
+    /// `NBD_OPT_INFO` and `NBD_OPT_GO`: u32 name length, name, u16 count,
+    /// count x u16 information requests.
+    fn info_or_go(
+        &mut self,
+        option: u32,
+        data: &[u8],
+        exports: &dyn Exports,
+        out: &mut Vec<u8>,
+    ) -> Step {
+        let Some((name, requests)) = parse_info_request(data) else {
+            reply_error(
+                out,
+                option,
+                REP_ERR_INVALID,
+                "malformed NBD_OPT_INFO/NBD_OPT_GO data",
+            );
+            return Step::Continue;
+        };
+        let name = match export_name(name) {
+            Ok(name) => name,
+            Err(why) => {
+                reply_error(out, option, REP_ERR_INVALID, why);
+                return Step::Continue;
+            }
+        };
+        let Some(info) = exports.lookup(name) else {
+            let message = format!("export '{}' not found", truncate_str(name, NAME_IN_MESSAGE));
+            reply_error(out, option, REP_ERR_UNKNOWN, &message);
+            return Step::Continue;
+        };
+        let negotiated = self.negotiated(name, info);
+        let mut payload = Vec::with_capacity(14);
+        payload.extend_from_slice(&INFO_EXPORT.to_be_bytes());
+        payload.extend_from_slice(&negotiated.info.size.to_be_bytes());
+        payload.extend_from_slice(&negotiated.transmission_flags.to_be_bytes());
+        option_reply(out, option, REP_INFO, &payload);
+        if requests.contains(&INFO_NAME) {
+            payload.clear();
+            payload.extend_from_slice(&INFO_NAME.to_be_bytes());
+            payload.extend_from_slice(name.as_bytes());
+            option_reply(out, option, REP_INFO, &payload);
+        }
+        if let Some(description) = negotiated.info.description.as_deref() {
+            if requests.contains(&INFO_DESCRIPTION) {
+                payload.clear();
+                payload.extend_from_slice(&INFO_DESCRIPTION.to_be_bytes());
+                payload.extend_from_slice(truncate_str(description, MAX_STRING_LEN).as_bytes());
+                option_reply(out, option, REP_INFO, &payload);
+            }
+        }
+        let sizes = self.config.block_sizes;
+        payload.clear();
+        payload.extend_from_slice(&INFO_BLOCK_SIZE.to_be_bytes());
+        payload.extend_from_slice(&sizes.minimum.to_be_bytes());
+        payload.extend_from_slice(&sizes.preferred.to_be_bytes());
+        payload.extend_from_slice(&sizes.maximum.to_be_bytes());
+        option_reply(out, option, REP_INFO, &payload);
+        option_reply(out, option, REP_ACK, &[]);
+        if option == OPT_GO {
+            Step::Done(negotiated)
+        } else {
+            Step::Continue
+        }
+    }
+
+    /// `NBD_OPT_LIST_META_CONTEXT` and `NBD_OPT_SET_META_CONTEXT`: u32 name
+    /// length, name, u32 query count, count x (u32 length, query).
+    fn meta_context(&mut self, option: u32, data: &[u8], exports: &dyn Exports, out: &mut Vec<u8>) {
+        let set = option == OPT_SET_META_CONTEXT;
+        if set {
+            // A SET replaces the previous selection even when it fails.
+            self.meta_export = None;
+        }
+        if !self.structured_replies {
+            reply_error(
+                out,
+                option,
+                REP_ERR_INVALID,
+                "negotiate structured replies first",
+            );
+            return;
+        }
+        let Some((name, queries)) = parse_meta_request(data) else {
+            reply_error(
+                out,
+                option,
+                REP_ERR_INVALID,
+                "malformed meta context request",
+            );
+            return;
+        };
+        let name = match export_name(name) {
+            Ok(name) => name,
+            Err(why) => {
+                reply_error(out, option, REP_ERR_INVALID, why);
+                return;
+            }
+        };
+        if exports.lookup(name).is_none() {
+            let message = format!("export '{}' not found", truncate_str(name, NAME_IN_MESSAGE));
+            reply_error(out, option, REP_ERR_UNKNOWN, &message);
+            return;
+        }
+        let exact = |q: &&[u8]| *q == BASE_ALLOCATION.as_bytes();
+        if set {
+            if queries.iter().any(exact) {
+                meta_context_reply(out, option, BASE_ALLOCATION_ID);
+                self.meta_export = Some(name.to_owned());
+            }
+        } else if queries.is_empty() || queries.iter().any(|q| exact(q) || *q == b"base:") {
+            // Context ids in LIST replies are reserved: the spec says 0.
+            meta_context_reply(out, option, 0);
+        }
+        option_reply(out, option, REP_ACK, &[]);
+    }
+}
+
+fn reply_error(out: &mut Vec<u8>, option: u32, reply_type: u32, message: &str) {
+    option_reply(out, option, reply_type, message.as_bytes());
+}
+
+fn meta_context_reply(out: &mut Vec<u8>, option: u32, id: u32) {
+    let mut payload = Vec::with_capacity(4 + BASE_ALLOCATION.len());
+    payload.extend_from_slice(&id.to_be_bytes());
+    payload.extend_from_slice(BASE_ALLOCATION.as_bytes());
+    option_reply(out, option, REP_META_CONTEXT, &payload);
+}
+
+/// One `NBD_REP_SERVER` per export, then ACK.
+fn list(exports: &dyn Exports, out: &mut Vec<u8>) {
+    let mut payload = Vec::new();
+    for (name, description) in exports.list() {
+        payload.clear();
+        payload.extend_from_slice(&u32::try_from(name.len()).unwrap_or(u32::MAX).to_be_bytes());
+        payload.extend_from_slice(name.as_bytes());
+        if let Some(description) = description.as_deref() {
+            payload.extend_from_slice(truncate_str(description, MAX_STRING_LEN).as_bytes());
+        }
+        option_reply(out, OPT_LIST, REP_SERVER, &payload);
+    }
+    option_reply(out, OPT_LIST, REP_ACK, &[]);
+}
+
+/// Checks an export name received from the client.
+fn export_name(bytes: &[u8]) -> Result<&str, &'static str> {
+    if bytes.len() > MAX_STRING_LEN {
+        return Err("export name longer than 4096 bytes");
+    }
+    std::str::from_utf8(bytes).map_err(|_| "export name is not valid UTF-8")
+}
+
+/// Splits INFO/GO data; `None` unless the lengths add up exactly.
+fn parse_info_request(data: &[u8]) -> Option<(&[u8], Vec<u16>)> {
+    let mut r = Reader::new(data);
+    let name_len = usize::try_from(r.u32()?).ok()?;
+    let name = r.bytes(name_len)?;
+    let count = usize::from(r.u16()?);
+    if r.remaining() != 2 * count {
+        return None;
+    }
+    let requests = (0..count).map_while(|_| r.u16()).collect();
+    Some((name, requests))
+}
+
+/// Splits LIST/SET_META_CONTEXT data; `None` unless the lengths add up
+/// exactly. The query count is untrusted: each query takes at least four
+/// bytes, so the loop is bounded by the data length.
+fn parse_meta_request(data: &[u8]) -> Option<(&[u8], Vec<&[u8]>)> {
+    let mut r = Reader::new(data);
+    let name_len = usize::try_from(r.u32()?).ok()?;
+    let name = r.bytes(name_len)?;
+    let count = r.u32()?;
+    let mut queries = Vec::new();
+    for _ in 0..count {
+        let len = usize::try_from(r.u32()?).ok()?;
+        queries.push(r.bytes(len)?);
+    }
+    if r.remaining() != 0 {
+        return None;
+    }
+    Some((name, queries))
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,30 @@
+//! The NBD (Network Block Device) protocol, without I/O.
+//!
+//! - [`proto`]: wire constants, the request header decoder and the reply
+//!   encoders of the transmission phase.
+//! - [`handshake`]: the server side of fixed newstyle negotiation as a
+//!   sans-IO state machine: bytes in, bytes out, an outcome.
+//!
+//! Reference: the protocol document `doc/proto.md` of the
+//! NetworkBlockDevice/nbd project. What we implement is a subset: fixed
+//! newstyle only, no TLS, structured replies, the `base:allocation`
+//! metadata context, no extended headers.
+//!
+//! Invariants for the whole crate: no `unsafe`, no I/O, and no panic on
+//! any input: every decoder reads untrusted bytes through bounds-checked
+//! accessors and reports malformed input as an error or a protocol-level
+//! error reply. Encoders only append to the caller's buffer.
+
+#![forbid(unsafe_code)]
+
+pub mod handshake;
+pub mod proto;
+
+pub use handshake::{
+    transmission_flags, BlockSizes, Config, ExportInfo, Exports, Handshake, HandshakeError,
+    Negotiated, Progress, BASE_ALLOCATION, BASE_ALLOCATION_ID,
+};
+pub use proto::{
+    simple_reply, structured_block_status, structured_data_header, structured_done,
+    structured_error, structured_hole, Command, ProtoError, Request, REQUEST_HEADER_LEN,
+};
