@@ -182,12 +182,6 @@ pub async fn serve_connection<S>(
     });
     let reader = Cursor::new(leftover).chain(reader);
     let outcome = transmission(reader, writer, ctx.clone(), &mut shutdown).await;
-    if let Some(vdi) = ctx.target.disk().cloned() {
-        let flushed = tokio::task::spawn_blocking(move || vdi.flush()).await;
-        if let Ok(Err(e)) = flushed {
-            warn!(%peer, "flush after disconnect failed: {e}");
-        }
-    }
     match outcome {
         Ok(()) => info!(%peer, id = guard.id(), "client disconnected"),
         Err(e) => info!(%peer, id = guard.id(), "client dropped: {e}"),
@@ -316,6 +310,12 @@ where
         });
     };
     while in_flight.join_next().await.is_some() {}
+    if let Some(vdi) = ctx.target.disk().cloned() {
+        let flushed = tokio::task::spawn_blocking(move || vdi.flush()).await;
+        if let Ok(Err(e)) = flushed {
+            warn!("flush after the last request of a connection failed: {e}");
+        }
+    }
     let mut w = writer.lock().await;
     let _ = w.flush().await;
     let _ = w.shutdown().await;
