@@ -1,22 +1,15 @@
 #!/usr/bin/env bash
 # The whole test suite. Installs what the tests need when it is missing.
-#   scripts/test.sh            everything (lint, unit, property, crash, CLI, fuzz smoke)
+#   scripts/test.sh            everything (lint, unit, property, crash, CLI,
+#                              NBD with real clients, fuzz smoke)
 #   FUZZ_SECONDS=0 scripts/test.sh   skip the fuzz smoke run
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 FUZZ_SECONDS="${FUZZ_SECONDS:-15}"
 
-need_apt=()
-command -v qemu-img >/dev/null || need_apt+=(qemu-utils)
-command -v qemu-io >/dev/null || need_apt+=(qemu-utils)
-command -v clang >/dev/null || true
-if ((${#need_apt[@]})); then
-    echo "== installing ${need_apt[*]}"
-    SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
-    $SUDO apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${need_apt[@]}"
-fi
+# Real clients the tests drive: qemu-img/qemu-io, nbdinfo/nbdcopy, fio, nbdkit.
+bash scripts/install-deps.sh
 
 echo "== cargo fmt --check"
 cargo fmt --all -- --check

@@ -74,6 +74,7 @@ pub fn serve(
     nbd_listen: Option<SocketAddr>,
     nbd_socket: Option<PathBuf>,
     init_size: u64,
+    direct: bool,
 ) -> Result<()> {
     let nbd_socket = nbd_socket.map(|p| absolute(&p)).transpose()?;
     // Logs go to stderr; PARALLAX_LOG filters them (default `info`).
@@ -91,6 +92,7 @@ pub fn serve(
         nbd_listen,
         nbd_socket,
         control: ctx.control.clone(),
+        direct,
     })
 }
 

@@ -63,6 +63,10 @@ enum Command {
         /// Size of the default store, created on first run if it is missing.
         #[arg(long, value_name = "SIZE", default_value = "20G", value_parser = size::parse_size)]
         init_size: u64,
+        /// Read and write the store with O_DIRECT, bypassing the host's page
+        /// cache (durability still needs a flush or FUA).
+        #[arg(long)]
+        direct: bool,
     },
     /// Show what the running daemon serves, and its client connections.
     Status,
@@ -241,7 +245,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             nbd_listen,
             nbd_socket,
             init_size,
-        } => commands::serve(&ctx, nbd_listen.0, nbd_socket.clone(), *init_size),
+            direct,
+        } => commands::serve(&ctx, nbd_listen.0, nbd_socket.clone(), *init_size, *direct),
         Command::Status => commands::status(&ctx),
         Command::Init { size, force } => commands::init(&ctx, *size, *force),
         Command::Create { name, size } => commands::create(&ctx, name, *size),

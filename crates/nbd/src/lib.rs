@@ -20,11 +20,6 @@
 pub mod handshake;
 pub mod proto;
 
-pub use handshake::{
-    transmission_flags, BlockSizes, Config, ExportInfo, Exports, Handshake, HandshakeError,
-    Negotiated, Progress, BASE_ALLOCATION, BASE_ALLOCATION_ID,
-};
-pub use proto::{
-    simple_reply, structured_block_status, structured_data_header, structured_done,
-    structured_error, structured_hole, Command, ProtoError, Request, REQUEST_HEADER_LEN,
-};
+// Everything is also available at the crate root.
+pub use handshake::*;
+pub use proto::*;

@@ -209,7 +209,7 @@ pub const MAX_ERROR_MESSAGE: usize = 4096;
 pub const MAX_EXTENTS_PER_CHUNK: usize = (u32::MAX as usize - 4) / 8;
 
 /// Errors of the transmission-phase decoder.
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
 pub enum ProtoError {
     /// The header does not start with [`REQUEST_MAGIC`]; the stream is out
     /// of sync and the connection must be closed.
@@ -294,8 +294,9 @@ impl Request {
     /// Decodes a 28-byte request header. Err only on bad magic.
     pub fn decode(header: &[u8; REQUEST_HEADER_LEN]) -> Result<Request, ProtoError> {
         // Destructuring a fixed-size array cannot go out of bounds.
-        let [m0, m1, m2, m3, f0, f1, t0, t1, c0, c1, c2, c3, c4, c5, c6, c7, o0, o1, o2, o3, o4, o5, o6, o7, l0, l1, l2, l3] =
-            *header;
+        let [m0, m1, m2, m3, f0, f1, t0, t1, rest @ ..] = *header;
+        let [c0, c1, c2, c3, c4, c5, c6, c7, rest @ ..] = rest;
+        let [o0, o1, o2, o3, o4, o5, o6, o7, l0, l1, l2, l3] = rest;
         let magic = u32::from_be_bytes([m0, m1, m2, m3]);
         if magic != REQUEST_MAGIC {
             return Err(ProtoError::BadMagic(magic));

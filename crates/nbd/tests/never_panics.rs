@@ -102,6 +102,7 @@ fn option_data() -> impl Strategy<Value = Vec<u8>> {
         "[a-z:]{0,8}"
     ];
     prop_oneof![
+        Just(Vec::new()),
         proptest::collection::vec(any::<u8>(), 0..48),
         (name.clone(), proptest::collection::vec(any::<u16>(), 0..4)).prop_map(|(n, reqs)| {
             let mut v = (n.len() as u32).to_be_bytes().to_vec();
@@ -136,19 +137,53 @@ fn option_data() -> impl Strategy<Value = Vec<u8>> {
     ]
 }
 
-/// Client flags, then a few plausible options (with an occasional byte
-/// flipped), then arbitrary bytes.
+/// Client flags, then a few plausible options, often a final GO or
+/// EXPORT_NAME, then arbitrary bytes; sometimes one byte flipped.
 fn plausible_stream() -> impl Strategy<Value = Vec<u8>> {
+    let set_meta = |name: &str| {
+        let mut data = (name.len() as u32).to_be_bytes().to_vec();
+        data.extend_from_slice(name.as_bytes());
+        data.extend_from_slice(&1u32.to_be_bytes());
+        data.extend_from_slice(&15u32.to_be_bytes());
+        data.extend_from_slice(b"base:allocation");
+        option_bytes(OPT_SET_META_CONTEXT, &data)
+    };
+    let canned = prop_oneof![
+        Just(option_bytes(OPT_STRUCTURED_REPLY, &[])),
+        Just(set_meta("disk")),
+        Just(set_meta("ro")),
+    ];
+    let random = (
+        prop_oneof![1 => Just(OPT_STRUCTURED_REPLY), 1 => Just(OPT_SET_META_CONTEXT), 4 => 0u32..13],
+        option_data(),
+    )
+        .prop_map(|(option, data)| option_bytes(option, &data));
+    let option = prop_oneof![3 => random, 2 => canned];
+    let last = (
+        prop_oneof![Just(OPT_GO), Just(OPT_EXPORT_NAME)],
+        prop_oneof![Just("disk"), Just("ro")],
+    );
     (
-        prop_oneof![0u32..4, any::<u32>()],
-        proptest::collection::vec((0u32..13, option_data()), 0..6),
-        proptest::option::of((any::<prop::sample::Index>(), any::<u8>())),
+        prop_oneof![4 => 0u32..4, 1 => any::<u32>()],
+        proptest::collection::vec(option, 0..6),
+        proptest::option::weighted(0.6, last),
+        proptest::option::weighted(0.2, (any::<prop::sample::Index>(), any::<u8>())),
         proptest::collection::vec(any::<u8>(), 0..64),
     )
-        .prop_map(|(flags, options, flip, tail)| {
+        .prop_map(|(flags, options, last, flip, tail)| {
             let mut v = flags.to_be_bytes().to_vec();
-            for (option, data) in options {
-                v.extend(option_bytes(option, &data));
+            for option in options {
+                v.extend(option);
+            }
+            match last {
+                Some((OPT_GO, name)) => {
+                    let mut data = (name.len() as u32).to_be_bytes().to_vec();
+                    data.extend_from_slice(name.as_bytes());
+                    data.extend_from_slice(&[0, 0]);
+                    v.extend(option_bytes(OPT_GO, &data));
+                }
+                Some((option, name)) => v.extend(option_bytes(option, name.as_bytes())),
+                None => {}
             }
             if let Some((at, x)) = flip {
                 let i = at.index(v.len());

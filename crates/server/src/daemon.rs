@@ -37,6 +37,8 @@ pub struct ServeOptions {
     /// Unix socket for NBD, if any.
     pub nbd_socket: Option<PathBuf>,
     pub control: PathBuf,
+    /// Bypass the page cache (`O_DIRECT`).
+    pub direct: bool,
 }
 
 /// Raises the soft limit on open files to the hard limit: every client
@@ -92,12 +94,13 @@ pub fn run(options: ServeOptions) -> Result<()> {
         }
     }
     let opened =
-        store_file::open_store(store_path, Access::Write, options.host_id).map_err(|e| {
-            anyhow::anyhow!(
-                "{} (is another parallax daemon serving it?)",
-                crate::one_line(&e)
-            )
-        })?;
+        store_file::open_store_with(store_path, Access::Write, options.host_id, options.direct)
+            .map_err(|e| {
+                anyhow::anyhow!(
+                    "{} (is another parallax daemon serving it?)",
+                    crate::one_line(&e)
+                )
+            })?;
     let service = Arc::new(Service::new(
         opened.store.clone(),
         store_path.clone(),

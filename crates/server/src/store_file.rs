@@ -104,8 +104,19 @@ fn lock(path: &Path, access: Access) -> Result<File> {
     }
 }
 
-/// Opens the existing store at `path`.
+/// Opens the existing store at `path` through the page cache.
 pub fn open_store(path: &Path, access: Access, host_id: u64) -> Result<OpenStore> {
+    open_store_with(path, access, host_id, false)
+}
+
+/// Opens the existing store at `path`; with `direct`, with `O_DIRECT`,
+/// bypassing the page cache.
+pub fn open_store_with(
+    path: &Path,
+    access: Access,
+    host_id: u64,
+    direct: bool,
+) -> Result<OpenStore> {
     let shown = path.display();
     match fs::metadata(path) {
         Err(e) if e.kind() == ErrorKind::NotFound => {
@@ -117,7 +128,7 @@ pub fn open_store(path: &Path, access: Access, host_id: u64) -> Result<OpenStore
     }
     let lock = lock(path, access)?;
     let mode = OpenMode {
-        direct: false,
+        direct,
         read_only: access == Access::Read,
     };
     let dev = FileDevice::open(path, mode).with_context(|| format!("cannot open store {shown}"))?;

@@ -51,8 +51,8 @@ pub const GREETING_LEN: usize = 18;
 /// Handshake flags sent in the greeting.
 pub const HANDSHAKE_FLAGS: u16 = HANDSHAKE_FLAG_FIXED_NEWSTYLE | HANDSHAKE_FLAG_NO_ZEROES;
 
-/// Exported names and descriptions are cut to this many bytes inside
-/// human-readable error messages.
+/// Export names are cut to this many bytes inside human-readable error
+/// messages.
 const NAME_IN_MESSAGE: usize = 64;
 const OPTION_HEADER_LEN: usize = 16;
 
@@ -149,7 +149,7 @@ pub enum Progress {
 
 /// A violation that ends the session; the caller sends `out` and closes
 /// the connection.
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
 pub enum HandshakeError {
     /// The client flags have bits other than FIXED_NEWSTYLE and NO_ZEROES.
     #[error("client sent unknown flags {0:#x}")]
@@ -311,7 +311,7 @@ impl Handshake {
                         return (pos, Ok(Progress::NeedInput));
                     };
                     let step = self.option(option, data, exports, out);
-                    pos += OPTION_HEADER_LEN + len;
+                    pos = pos.saturating_add(OPTION_HEADER_LEN).saturating_add(len);
                     match step {
                         Step::Continue => {}
                         Step::Done(negotiated) => return (pos, Ok(Progress::Done(negotiated))),

@@ -655,7 +655,7 @@ fn base_allocation_follows_the_last_set() {
     let list = opt(OPT_LIST_META_CONTEXT, &meta_data("disk", &[]));
     assert_eq!(base_allocation_after(&[], "disk"), None);
     assert_eq!(
-        base_allocation_after(&[list.clone()], "disk"),
+        base_allocation_after(std::slice::from_ref(&list), "disk"),
         None,
         "LIST selects nothing"
     );

@@ -1,0 +1,2333 @@
+//! End-to-end tests of the NBD appliance (`parallax serve`) with real NBD
+//! clients: `qemu-io`, `qemu-img`, `nbdinfo`, `nbdcopy`, `fio` (nbd engine),
+//! and a raw NBD client written here for what no tool can do: garbage on
+//! the wire, and exact tracking of which writes were acknowledged and
+//! flushed before a `kill -9` of the daemon.
+//!
+//! The tests need `qemu-img`, `qemu-io` (qemu-utils), `nbdinfo`, `nbdcopy`
+//! (libnbd-bin) and `fio` with its nbd engine on `PATH`
+//! (`scripts/install-deps.sh` installs them). Without them the tests fail,
+//! unless `PARALLAX_SKIP_NBD_TESTS=1` is set, in which case they are skipped
+//! with a message.
+//!
+//! Every test starts its own daemon in its own temporary directory, serving
+//! on a Unix socket in that directory and on 127.0.0.1 port 0, and talks to
+//! nothing else. Every process a test starts is stopped by its PID, at the
+//! latest when its guard ([`Daemon`], [`Bg`]) drops; every external command
+//! runs under a timeout, so a hung daemon fails a test instead of hanging
+//! the suite.
+//!
+//! Randomness comes from a seeded generator; the seed is printed at the start
+//! of each test that uses one, and `PARALLAX_TEST_SEED=N` replays it.
+//!
+//! The crash test (`crash_kill9_keeps_flushed_writes`) runs one iteration
+//! here; `scripts/crash-loop.sh N` runs it N times.
+
+use serde_json::Value;
+use std::ffi::OsStr;
+use std::fs;
+use std::io::{self, Read, Write};
+use std::net::{Shutdown, TcpStream};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+
+const KIB: u64 = 1 << 10;
+const MIB: u64 = 1 << 20;
+/// The disk block size the daemon works in.
+const BLOCK: u64 = 4096;
+/// How long any one external command may run before the test fails.
+const TOOL_TIMEOUT: Duration = Duration::from_secs(240);
+/// How long a daemon may take to answer `status` after it is started.
+const READY_TIMEOUT: Duration = Duration::from_secs(30);
+/// Read and write timeout on the raw client's sockets.
+const IO_TIMEOUT: Duration = Duration::from_secs(30);
+
+// ---- tools ------------------------------------------------------------------
+
+/// True when every client tool is installed. Panics with a clear message
+/// when one is missing, unless `PARALLAX_SKIP_NBD_TESTS=1`; then false.
+fn have_tools() -> bool {
+    let tools = [
+        ("qemu-img", "--version"),
+        ("qemu-io", "--version"),
+        ("nbdinfo", "--version"),
+        ("nbdcopy", "--version"),
+        ("fio", "--version"),
+    ];
+    let missing: Vec<&str> = tools
+        .iter()
+        .filter(|(tool, arg)| {
+            !Command::new(tool)
+                .arg(arg)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success())
+        })
+        .map(|(tool, _)| *tool)
+        .collect();
+    if missing.is_empty() {
+        return true;
+    }
+    if std::env::var_os("PARALLAX_SKIP_NBD_TESTS").is_some_and(|v| v == "1") {
+        eprintln!("{missing:?} not found: skipping (PARALLAX_SKIP_NBD_TESTS=1)");
+        return false;
+    }
+    panic!(
+        "this test needs {missing:?} (scripts/install-deps.sh installs them); \
+         set PARALLAX_SKIP_NBD_TESTS=1 to skip it"
+    );
+}
+
+/// What a finished process left behind.
+struct Ran {
+    what: String,
+    status: ExitStatus,
+    stdout: String,
+    stderr: String,
+}
+
+impl Ran {
+    fn describe(&self) -> String {
+        format!(
+            "{} ({})\n--- stdout:\n{}\n--- stderr:\n{}",
+            self.what, self.status, self.stdout, self.stderr
+        )
+    }
+
+    /// Asserts the process exited with status 0.
+    #[track_caller]
+    fn ok(self) -> Ran {
+        assert!(self.status.success(), "failed: {}", self.describe());
+        self
+    }
+
+    /// Asserts the process exited with a non-zero status (not a signal).
+    #[track_caller]
+    fn failed(self) -> Ran {
+        assert!(
+            matches!(self.status.code(), Some(c) if c != 0),
+            "should have failed: {}",
+            self.describe()
+        );
+        self
+    }
+
+    /// Asserts the process exited with exactly `code`.
+    #[track_caller]
+    fn code(self, code: i32) -> Ran {
+        assert_eq!(
+            self.status.code(),
+            Some(code),
+            "wrong exit status: {}",
+            self.describe()
+        );
+        self
+    }
+}
+
+fn drain(mut r: impl Read + Send + 'static) -> thread::JoinHandle<String> {
+    thread::spawn(move || {
+        let mut buf = Vec::new();
+        let _ = r.read_to_end(&mut buf);
+        String::from_utf8_lossy(&buf).into_owned()
+    })
+}
+
+/// Runs `cmd` to completion and collects its output. After `timeout` the
+/// process is killed (by its PID) and the test fails.
+fn run_for(mut cmd: Command, timeout: Duration) -> Ran {
+    let what = format!("{cmd:?}");
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = cmd
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot run {what}: {e}"));
+    let out = drain(child.stdout.take().expect("stdout"));
+    let err = drain(child.stderr.take().expect("stderr"));
+    let deadline = Instant::now() + timeout;
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "{what} did not finish in {timeout:?}\n--- stdout:\n{}\n--- stderr:\n{}",
+                out.join().unwrap_or_default(),
+                err.join().unwrap_or_default()
+            );
+        }
+        thread::sleep(Duration::from_millis(10));
+    };
+    Ran {
+        what,
+        status,
+        stdout: out.join().expect("stdout reader"),
+        stderr: err.join().expect("stderr reader"),
+    }
+}
+
+fn run(cmd: Command) -> Ran {
+    run_for(cmd, TOOL_TIMEOUT)
+}
+
+/// A command for `program` with `args`.
+fn tool<S: AsRef<OsStr>>(program: &str, args: &[S]) -> Command {
+    let mut cmd = Command::new(program);
+    cmd.args(args);
+    cmd
+}
+
+/// Sends signal `sig` ("TERM", "KILL", ...) to process `pid`.
+fn signal(pid: u32, sig: &str) {
+    let status = Command::new("kill")
+        .arg(format!("-{sig}"))
+        .arg(pid.to_string())
+        .status()
+        .expect("run kill");
+    assert!(status.success(), "kill -{sig} {pid} failed");
+}
+
+/// Runs `qemu-io -f raw -d unmap -c CMD... URI` (writable; `-d unmap` so
+/// that `discard` and `write -z -u` reach the server as TRIM and
+/// WRITE_ZEROES without NO_HOLE).
+fn qemu_io<S: AsRef<str>>(uri: &str, cmds: &[S]) -> Ran {
+    let mut cmd = tool("qemu-io", &["-f", "raw", "-d", "unmap"]);
+    for c in cmds {
+        cmd.arg("-c").arg(c.as_ref());
+    }
+    cmd.arg(uri);
+    run(cmd)
+}
+
+/// Runs `qemu-io -r -f raw -c CMD... URI` (read-only).
+fn qemu_io_ro<S: AsRef<str>>(uri: &str, cmds: &[S]) -> Ran {
+    let mut cmd = tool("qemu-io", &["-r", "-f", "raw"]);
+    for c in cmds {
+        cmd.arg("-c").arg(c.as_ref());
+    }
+    cmd.arg(uri);
+    run(cmd)
+}
+
+/// `qemu-io` read commands that check every byte of `expect` (which is the
+/// content at `base`), one `read -P` per run of equal bytes.
+fn read_cmds(expect: &[u8], base: u64) -> Vec<String> {
+    let mut cmds = Vec::new();
+    let mut start = 0;
+    while start < expect.len() {
+        let byte = expect[start];
+        let end = expect[start..]
+            .iter()
+            .position(|&b| b != byte)
+            .map_or(expect.len(), |n| start + n);
+        cmds.push(format!(
+            "read -P {byte:#x} {} {}",
+            base + start as u64,
+            end - start
+        ));
+        start = end;
+    }
+    cmds
+}
+
+/// Runs fio with JSON output (to a file, as the nbd engine prints to
+/// stdout); asserts exit status 0 and `"error": 0` for every job; returns
+/// the parsed report.
+fn fio(dir: &Path, args: &[String]) -> Value {
+    static N: AtomicUsize = AtomicUsize::new(0);
+    let out = dir.join(format!("fio-{}.json", N.fetch_add(1, Ordering::Relaxed)));
+    let mut cmd = tool("fio", args);
+    cmd.arg("--output-format=json")
+        .arg(format!("--output={}", out.display()));
+    let ran = run(cmd).ok();
+    let text = fs::read_to_string(&out).unwrap_or_default();
+    let report: Value = serde_json::from_str(&text)
+        .unwrap_or_else(|e| panic!("bad fio JSON ({e}): {text}\n{}", ran.describe()));
+    let jobs = report["jobs"].as_array().expect("jobs");
+    assert!(!jobs.is_empty(), "{report}");
+    for job in jobs {
+        assert_eq!(job["error"], 0, "fio job failed: {job}\n{}", ran.describe());
+    }
+    report
+}
+
+/// Parses `nbdinfo --map` text output into (offset, length, type).
+fn parse_map_text(text: &str) -> Vec<(u64, u64, u64)> {
+    text.lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            assert!(f.len() >= 3, "bad map line {l:?}");
+            let n = |i: usize| f[i].parse::<u64>().unwrap_or_else(|_| panic!("{l:?}"));
+            (n(0), n(1), n(2))
+        })
+        .collect()
+}
+
+/// Parses `nbdinfo --map --json` output into (offset, length, type).
+fn parse_map_json(text: &str) -> Vec<(u64, u64, u64)> {
+    let v: Value = serde_json::from_str(text).unwrap_or_else(|e| panic!("{e}: {text}"));
+    v.as_array()
+        .expect("map array")
+        .iter()
+        .map(|e| {
+            let n = |k: &str| e[k].as_u64().unwrap_or_else(|| panic!("{k} in {e}"));
+            (n("offset"), n("length"), n("type"))
+        })
+        .collect()
+}
+
+/// Checks that `map` covers `[0, size)` without gaps and merges adjacent
+/// extents of the same type.
+fn merge_map(map: &[(u64, u64, u64)], size: u64) -> Vec<(u64, u64, u64)> {
+    let mut out: Vec<(u64, u64, u64)> = Vec::new();
+    let mut next = 0;
+    for &(off, len, ty) in map {
+        assert_eq!(off, next, "gap or overlap in map {map:?}");
+        assert!(len > 0, "empty extent in {map:?}");
+        next = off + len;
+        match out.last_mut() {
+            Some(last) if last.2 == ty => last.1 += len,
+            _ => out.push((off, len, ty)),
+        }
+    }
+    assert_eq!(next, size, "map does not cover the disk: {map:?}");
+    out
+}
+
+/// `nbdinfo --map` of `uri`, text and JSON, which must agree; merged.
+fn nbd_map(uri: &str, size: u64) -> Vec<(u64, u64, u64)> {
+    let text = run(tool("nbdinfo", &["--map", uri])).ok().stdout;
+    let json = run(tool("nbdinfo", &["--map", "--json", uri])).ok().stdout;
+    let a = merge_map(&parse_map_text(&text), size);
+    let b = merge_map(&parse_map_json(&json), size);
+    assert_eq!(a, b, "text and JSON maps differ:\n{text}\n{json}");
+    a
+}
+
+// ---- randomness -------------------------------------------------------------
+
+/// xorshift64*: fast, seeded, good enough for test data.
+struct Rng(u64);
+
+impl Rng {
+    fn new(seed: u64) -> Rng {
+        Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1)
+    }
+
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+
+    fn fill(&mut self, buf: &mut [u8]) {
+        for chunk in buf.chunks_mut(8) {
+            let v = self.next().to_le_bytes();
+            chunk.copy_from_slice(&v[..chunk.len()]);
+        }
+    }
+
+    fn bytes(&mut self, len: usize) -> Vec<u8> {
+        let mut buf = vec![0u8; len];
+        self.fill(&mut buf);
+        buf
+    }
+}
+
+/// The seed for a test: `PARALLAX_TEST_SEED` or a fresh one; printed.
+fn seed(test: &str) -> u64 {
+    let seed = match std::env::var("PARALLAX_TEST_SEED") {
+        Ok(s) => s.parse().expect("PARALLAX_TEST_SEED is a u64"),
+        Err(_) => {
+            let mut b = [0u8; 8];
+            fs::File::open("/dev/urandom")
+                .and_then(|mut f| f.read_exact(&mut b))
+                .expect("/dev/urandom");
+            u64::from_le_bytes(b)
+        }
+    };
+    eprintln!("{test}: PARALLAX_TEST_SEED={seed}");
+    seed
+}
+
+// ---- the daemon -------------------------------------------------------------
+
+/// Runs `parallax --store STORE ...` commands (through the daemon when one
+/// runs on STORE). Cloneable, so threads can use it.
+#[derive(Clone)]
+struct Cli {
+    store: PathBuf,
+    dir: PathBuf,
+}
+
+impl Cli {
+    fn command(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_parallax"));
+        cmd.arg("--store")
+            .arg(&self.store)
+            .args(args)
+            .current_dir(&self.dir)
+            .env_remove("PARALLAX_STORE")
+            .env_remove("PARALLAX_CONTROL");
+        cmd
+    }
+
+    /// Runs a command (under a timeout); any exit status.
+    fn run(&self, args: &[&str]) -> Ran {
+        run_for(self.command(args), Duration::from_secs(120))
+    }
+
+    /// Runs a command that must succeed; returns its stdout.
+    #[track_caller]
+    fn ok(&self, args: &[&str]) -> String {
+        self.run(args).ok().stdout
+    }
+
+    /// Runs a command with `--json` that must succeed; parses its output.
+    #[track_caller]
+    fn json(&self, args: &[&str]) -> Value {
+        let mut all = args.to_vec();
+        all.push("--json");
+        let out = self.ok(&all);
+        serde_json::from_str(&out).unwrap_or_else(|e| panic!("bad JSON from {args:?}: {e}\n{out}"))
+    }
+
+    /// Runs a command that must fail with exit status 1; returns its stderr.
+    #[track_caller]
+    fn fails(&self, args: &[&str]) -> String {
+        self.run(args).code(1).stderr
+    }
+}
+
+/// One `parallax serve` on a fresh store in a temporary directory, serving
+/// on `DIR/nbd.sock` and 127.0.0.1 (port 0: the kernel picks one; a restart
+/// may get another). Its stdout and stderr go to `DIR/serve.log`, shown
+/// when it fails to start. Dropping it kills the daemon (SIGKILL by PID).
+struct Daemon {
+    dir: tempfile::TempDir,
+    cli: Cli,
+    socket: PathBuf,
+    log: PathBuf,
+    child: Option<Child>,
+    /// The bound TCP address from `status`, "127.0.0.1:PORT".
+    tcp: String,
+}
+
+impl Daemon {
+    /// Initialises a 2 GiB store and starts a daemon on it.
+    fn new() -> Daemon {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = dir.path().join("store.px");
+        let cli = Cli {
+            store,
+            dir: dir.path().to_path_buf(),
+        };
+        cli.ok(&["init", "--size", "2G"]);
+        let mut d = Daemon {
+            socket: dir.path().join("nbd.sock"),
+            log: dir.path().join("serve.log"),
+            dir,
+            cli,
+            child: None,
+            tcp: String::new(),
+        };
+        d.start();
+        d
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// The `serve` command line this harness uses.
+    fn serve_command(&self, socket: &Path) -> Command {
+        let mut cmd = self
+            .cli
+            .command(&["serve", "--nbd-listen", "127.0.0.1:0", "--nbd-socket"]);
+        cmd.arg(socket);
+        cmd
+    }
+
+    /// Starts the daemon and waits until `status` answers (at most
+    /// [`READY_TIMEOUT`]); records the TCP address it reports.
+    fn start(&mut self) {
+        assert!(self.child.is_none(), "daemon already running");
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .expect("open serve.log");
+        let mut cmd = self.serve_command(&self.socket);
+        cmd.stdin(Stdio::null())
+            .stdout(log.try_clone().expect("dup log"))
+            .stderr(log);
+        self.child = Some(cmd.spawn().expect("spawn parallax serve"));
+        let pid = self.pid();
+        let deadline = Instant::now() + READY_TIMEOUT;
+        loop {
+            if let Some(status) = self.child.as_mut().unwrap().try_wait().expect("wait") {
+                self.child = None;
+                panic!(
+                    "parallax serve exited at startup ({status})\n{}",
+                    self.log()
+                );
+            }
+            let ran = self.cli.run(&["status", "--json"]);
+            if ran.status.success() {
+                let status: Value = serde_json::from_str(&ran.stdout)
+                    .unwrap_or_else(|e| panic!("bad status JSON: {e}\n{}", ran.stdout));
+                assert_eq!(status["pid"], pid, "status of another daemon: {status}");
+                assert_eq!(
+                    status["nbd_socket"].as_str(),
+                    Some(self.socket.to_str().unwrap()),
+                    "{status}"
+                );
+                let tcp = status["nbd_tcp"]
+                    .as_str()
+                    .unwrap_or_else(|| panic!("{status}"));
+                assert!(tcp.starts_with("127.0.0.1:"), "{status}");
+                assert!(!tcp.ends_with(":0"), "port 0 reported: {status}");
+                self.tcp = tcp.to_string();
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "parallax serve not ready after {READY_TIMEOUT:?}; last status: {}\n--- serve.log:\n{}",
+                ran.describe(),
+                self.log()
+            );
+            thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.as_ref().expect("daemon not running").id()
+    }
+
+    /// The daemon's log so far.
+    fn log(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Asserts the daemon process is still running.
+    #[track_caller]
+    fn assert_alive(&mut self) {
+        let child = self.child.as_mut().expect("daemon not started");
+        if let Some(status) = child.try_wait().expect("wait") {
+            panic!("daemon died ({status})\n--- serve.log:\n{}", self.log());
+        }
+    }
+
+    /// Graceful stop: SIGTERM by PID; the daemon must exit 0 within 30 s,
+    /// after which `status` must fail.
+    fn stop(&mut self) {
+        let pid = self.pid();
+        signal(pid, "TERM");
+        let child = self.child.as_mut().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let status = loop {
+            if let Some(status) = child.try_wait().expect("wait") {
+                break status;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                self.child = None;
+                panic!("daemon ignored SIGTERM for 30 s\n{}", self.log());
+            }
+            thread::sleep(Duration::from_millis(20));
+        };
+        self.child = None;
+        assert_eq!(
+            status.code(),
+            Some(0),
+            "daemon exit after SIGTERM: {status}\n--- serve.log:\n{}",
+            self.log()
+        );
+        let ran = self.cli.run(&["status", "--json"]);
+        assert!(
+            !ran.status.success(),
+            "status succeeds with no daemon: {}",
+            ran.describe()
+        );
+    }
+
+    /// `kill -9` the daemon.
+    fn kill9(&mut self) {
+        let mut child = self.child.take().expect("daemon not running");
+        signal(child.id(), "KILL");
+        child.wait().expect("wait");
+    }
+
+    /// Graceful stop, then start again.
+    fn restart(&mut self) {
+        self.stop();
+        self.start();
+    }
+
+    fn unix_addr(&self) -> Addr {
+        Addr::Unix(self.socket.clone())
+    }
+
+    fn tcp_addr(&self) -> Addr {
+        Addr::Tcp(self.tcp.clone())
+    }
+
+    /// `nbd+unix:///EXPORT?socket=PATH`; EXPORT is `NAME` or `NAME@SNAP`.
+    fn unix_uri(&self, export: &str) -> String {
+        format!("nbd+unix:///{export}?socket={}", self.socket.display())
+    }
+
+    /// `nbd://127.0.0.1:PORT/EXPORT`.
+    fn tcp_uri(&self, export: &str) -> String {
+        format!("nbd://{}/{export}", self.tcp)
+    }
+
+    /// The number of NBD connections `status` reports.
+    fn connections(&self) -> usize {
+        let status = self.cli.json(&["status"]);
+        status["connections"]
+            .as_array()
+            .unwrap_or_else(|| panic!("no connections array: {status}"))
+            .len()
+    }
+
+    /// Waits (at most `secs`) until `status` reports a connection count for
+    /// which `ok` holds.
+    #[track_caller]
+    fn wait_connections(&self, secs: u64, what: &str, ok: impl Fn(usize) -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        loop {
+            let n = self.connections();
+            if ok(n) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "after {secs} s status still reports {n} connections, expected {what}: {}",
+                self.cli.json(&["status"])
+            );
+            thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn ok(&self, args: &[&str]) -> String {
+        self.cli.ok(args)
+    }
+
+    fn json(&self, args: &[&str]) -> Value {
+        self.cli.json(args)
+    }
+
+    fn fails(&self, args: &[&str]) -> String {
+        self.cli.fails(args)
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill(); // SIGKILL to this PID only
+            let _ = child.wait();
+        }
+    }
+}
+
+/// A client process running in the background, its stdout and stderr in
+/// files of `dir`. Dropping it kills it (SIGKILL by PID) if still running.
+struct Bg {
+    what: String,
+    child: Child,
+    out: PathBuf,
+    err: PathBuf,
+    done: Option<ExitStatus>,
+}
+
+impl Bg {
+    fn spawn(mut cmd: Command, dir: &Path, tag: &str) -> Bg {
+        let out = dir.join(format!("{tag}.out"));
+        let err = dir.join(format!("{tag}.err"));
+        let what = format!("{cmd:?}");
+        cmd.stdin(Stdio::null())
+            .stdout(fs::File::create(&out).expect("create .out"))
+            .stderr(fs::File::create(&err).expect("create .err"));
+        let child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot run {what}: {e}"));
+        Bg {
+            what,
+            child,
+            out,
+            err,
+            done: None,
+        }
+    }
+
+    fn running(&mut self) -> bool {
+        if self.done.is_none() {
+            self.done = self.child.try_wait().expect("wait");
+        }
+        self.done.is_none()
+    }
+
+    /// Waits for the process (at most `timeout`, then kills it and fails).
+    fn wait(&mut self, timeout: Duration) -> Ran {
+        let deadline = Instant::now() + timeout;
+        while self.running() {
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+                panic!("{} did not finish in {timeout:?}", self.what);
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+        Ran {
+            what: self.what.clone(),
+            status: self.done.unwrap(),
+            stdout: fs::read_to_string(&self.out).unwrap_or_default(),
+            stderr: fs::read_to_string(&self.err).unwrap_or_default(),
+        }
+    }
+}
+
+impl Drop for Bg {
+    fn drop(&mut self) {
+        if self.running() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+// ---- a raw NBD client -------------------------------------------------------
+//
+// Fixed-newstyle handshake, NBD_OPT_GO, simple replies only (no structured
+// replies are negotiated), one request in flight per connection. See
+// https://github.com/NetworkBlockDevice/nbd/blob/master/doc/proto.md
+
+const NBDMAGIC: u64 = 0x4e42_444d_4147_4943; // "NBDMAGIC"
+const IHAVEOPT: u64 = 0x4948_4156_454f_5054; // "IHAVEOPT"
+const OPT_REPLY_MAGIC: u64 = 0x0003_e889_0455_65a9;
+const REQUEST_MAGIC: u32 = 0x2560_9513;
+const SIMPLE_REPLY_MAGIC: u32 = 0x6744_6698;
+const FLAG_FIXED_NEWSTYLE: u16 = 1;
+const FLAG_NO_ZEROES: u16 = 2;
+const OPT_GO: u32 = 7;
+const REP_ACK: u32 = 1;
+const REP_INFO: u32 = 3;
+const INFO_EXPORT: u16 = 0;
+const TF_READ_ONLY: u16 = 1 << 1;
+const TF_SEND_FLUSH: u16 = 1 << 2;
+const TF_SEND_FUA: u16 = 1 << 3;
+const TF_SEND_TRIM: u16 = 1 << 5;
+const TF_SEND_WRITE_ZEROES: u16 = 1 << 6;
+const TF_CAN_MULTI_CONN: u16 = 1 << 8;
+const CMD_READ: u16 = 0;
+const CMD_WRITE: u16 = 1;
+const CMD_DISC: u16 = 2;
+const CMD_FLUSH: u16 = 3;
+const CMD_TRIM: u16 = 4;
+const CMD_WRITE_ZEROES: u16 = 6;
+const CMD_FLAG_FUA: u16 = 1;
+const CMD_FLAG_NO_HOLE: u16 = 2;
+const EPERM: u32 = 1;
+const EINVAL: u32 = 22;
+
+/// Where the daemon listens for NBD.
+#[derive(Clone, Debug)]
+enum Addr {
+    Tcp(String),
+    Unix(PathBuf),
+}
+
+/// A connected socket, TCP or Unix.
+trait Wire: Read + Write + Send {
+    fn shut(&self, how: Shutdown);
+    fn set_read_timeout_to(&self, t: Duration);
+}
+
+impl Wire for TcpStream {
+    fn shut(&self, how: Shutdown) {
+        let _ = self.shutdown(how);
+    }
+    fn set_read_timeout_to(&self, t: Duration) {
+        self.set_read_timeout(Some(t)).expect("set_read_timeout");
+    }
+}
+
+impl Wire for UnixStream {
+    fn shut(&self, how: Shutdown) {
+        let _ = self.shutdown(how);
+    }
+    fn set_read_timeout_to(&self, t: Duration) {
+        self.set_read_timeout(Some(t)).expect("set_read_timeout");
+    }
+}
+
+/// Connects to `addr` with [`IO_TIMEOUT`] on reads and writes.
+fn connect(addr: &Addr) -> io::Result<Box<dyn Wire>> {
+    Ok(match addr {
+        Addr::Tcp(a) => {
+            let s = TcpStream::connect(a)?;
+            s.set_read_timeout(Some(IO_TIMEOUT))?;
+            s.set_write_timeout(Some(IO_TIMEOUT))?;
+            s.set_nodelay(true)?;
+            Box::new(s)
+        }
+        Addr::Unix(p) => {
+            let s = UnixStream::connect(p)?;
+            s.set_read_timeout(Some(IO_TIMEOUT))?;
+            s.set_write_timeout(Some(IO_TIMEOUT))?;
+            Box::new(s)
+        }
+    })
+}
+
+fn be_u16(b: &[u8]) -> u16 {
+    u16::from_be_bytes(b[..2].try_into().unwrap())
+}
+fn be_u32(b: &[u8]) -> u32 {
+    u32::from_be_bytes(b[..4].try_into().unwrap())
+}
+fn be_u64(b: &[u8]) -> u64 {
+    u64::from_be_bytes(b[..8].try_into().unwrap())
+}
+
+/// Reads the 18-byte server greeting; checks both magics and returns the
+/// handshake flags.
+fn read_greeting(w: &mut dyn Wire) -> io::Result<u16> {
+    let mut g = [0u8; 18];
+    w.read_exact(&mut g)?;
+    if be_u64(&g[0..]) != NBDMAGIC || be_u64(&g[8..]) != IHAVEOPT {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("bad greeting {g:02x?}"),
+        ));
+    }
+    Ok(be_u16(&g[16..]))
+}
+
+/// Sends one option request.
+fn send_option(w: &mut dyn Wire, opt: u32, data: &[u8]) -> io::Result<()> {
+    let mut buf = Vec::with_capacity(16 + data.len());
+    buf.extend_from_slice(&IHAVEOPT.to_be_bytes());
+    buf.extend_from_slice(&opt.to_be_bytes());
+    buf.extend_from_slice(&(data.len() as u32).to_be_bytes());
+    buf.extend_from_slice(data);
+    w.write_all(&buf)
+}
+
+/// Reads one option reply: (option, reply type, data).
+fn read_option_reply(w: &mut dyn Wire) -> io::Result<(u32, u32, Vec<u8>)> {
+    let mut h = [0u8; 20];
+    w.read_exact(&mut h)?;
+    if be_u64(&h) != OPT_REPLY_MAGIC {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("bad option reply magic {h:02x?}"),
+        ));
+    }
+    let len = be_u32(&h[16..]);
+    if len > 1 << 20 {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("option reply of {len} bytes"),
+        ));
+    }
+    let mut data = vec![0u8; len as usize];
+    w.read_exact(&mut data)?;
+    Ok((be_u32(&h[8..]), be_u32(&h[12..]), data))
+}
+
+/// The NBD_OPT_GO payload for `export` with no information requests.
+fn go_payload(export: &str) -> Vec<u8> {
+    let mut data = Vec::new();
+    data.extend_from_slice(&(export.len() as u32).to_be_bytes());
+    data.extend_from_slice(export.as_bytes());
+    data.extend_from_slice(&0u16.to_be_bytes());
+    data
+}
+
+/// Reads from `w` until the peer closes (EOF or reset). Panics if the
+/// connection is still open after `timeout`, or if more than 1 MiB arrives.
+#[track_caller]
+fn expect_closed(w: &mut dyn Wire, timeout: Duration, what: &str) {
+    w.set_read_timeout_to(timeout);
+    let mut buf = [0u8; 4096];
+    let mut total = 0;
+    loop {
+        match w.read(&mut buf) {
+            Ok(0) => return,
+            Ok(n) => {
+                total += n;
+                assert!(total < 1 << 20, "{what}: the server keeps sending data");
+            }
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) =>
+            {
+                panic!("{what}: the server kept the connection open for {timeout:?}")
+            }
+            Err(_) => return, // reset: closed
+        }
+    }
+}
+
+/// One negotiated NBD connection.
+struct Nbd {
+    wire: Box<dyn Wire>,
+    size: u64,
+    flags: u16,
+    cookie: u64,
+}
+
+impl Nbd {
+    /// Connects and negotiates `export`; Err(message) if the connection or
+    /// the negotiation fails (e.g. the server refuses the export).
+    fn open(addr: &Addr, export: &str) -> Result<Nbd, String> {
+        let mut w = connect(addr).map_err(|e| format!("connect {addr:?}: {e}"))?;
+        Nbd::handshake(w.as_mut(), export).map(|(size, flags)| Nbd {
+            wire: w,
+            size,
+            flags,
+            cookie: 0,
+        })
+    }
+
+    /// Connects and negotiates, panicking on failure.
+    #[track_caller]
+    fn new(addr: &Addr, export: &str) -> Nbd {
+        Nbd::open(addr, export).unwrap_or_else(|e| panic!("NBD {export} on {addr:?}: {e}"))
+    }
+
+    /// The client side of the handshake on `w`: returns (size, flags).
+    fn handshake(w: &mut dyn Wire, export: &str) -> Result<(u64, u16), String> {
+        let hflags = read_greeting(w).map_err(|e| format!("greeting: {e}"))?;
+        if hflags & FLAG_FIXED_NEWSTYLE == 0 {
+            return Err(format!("server is not fixed newstyle: flags {hflags:#x}"));
+        }
+        let cflags = u32::from(FLAG_FIXED_NEWSTYLE | (hflags & FLAG_NO_ZEROES));
+        w.write_all(&cflags.to_be_bytes())
+            .map_err(|e| format!("client flags: {e}"))?;
+        send_option(w, OPT_GO, &go_payload(export)).map_err(|e| format!("NBD_OPT_GO: {e}"))?;
+        let mut export_info = None;
+        loop {
+            let (opt, ty, data) = read_option_reply(w).map_err(|e| format!("option reply: {e}"))?;
+            if opt != OPT_GO {
+                return Err(format!("reply to option {opt}, not NBD_OPT_GO"));
+            }
+            match ty {
+                REP_ACK => break,
+                REP_INFO if data.len() >= 12 && be_u16(&data) == INFO_EXPORT => {
+                    export_info = Some((be_u64(&data[2..]), be_u16(&data[10..])));
+                }
+                REP_INFO => {}
+                t if t & 0x8000_0000 != 0 => {
+                    return Err(format!(
+                        "NBD_OPT_GO refused ({t:#x}): {}",
+                        String::from_utf8_lossy(&data)
+                    ))
+                }
+                t => return Err(format!("unexpected option reply type {t:#x}")),
+            }
+        }
+        export_info.ok_or_else(|| "no NBD_INFO_EXPORT before NBD_REP_ACK".to_string())
+    }
+
+    /// Sends one request (header, then `data`); returns its cookie.
+    fn send(&mut self, flags: u16, ty: u16, offset: u64, len: u32, data: &[u8]) -> io::Result<u64> {
+        self.cookie += 1;
+        let mut buf = Vec::with_capacity(28 + data.len());
+        buf.extend_from_slice(&REQUEST_MAGIC.to_be_bytes());
+        buf.extend_from_slice(&flags.to_be_bytes());
+        buf.extend_from_slice(&ty.to_be_bytes());
+        buf.extend_from_slice(&self.cookie.to_be_bytes());
+        buf.extend_from_slice(&offset.to_be_bytes());
+        buf.extend_from_slice(&len.to_be_bytes());
+        buf.extend_from_slice(data);
+        self.wire.write_all(&buf)?;
+        Ok(self.cookie)
+    }
+
+    /// Reads the simple reply to `cookie`: (error, data). `read_len` bytes
+    /// of data follow a successful read.
+    fn reply(&mut self, cookie: u64, read_len: usize) -> io::Result<(u32, Vec<u8>)> {
+        let mut h = [0u8; 16];
+        self.wire.read_exact(&mut h)?;
+        if be_u32(&h) != SIMPLE_REPLY_MAGIC {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("bad reply magic {h:02x?}"),
+            ));
+        }
+        let error = be_u32(&h[4..]);
+        if be_u64(&h[8..]) != cookie {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("reply for cookie {}, expected {cookie}", be_u64(&h[8..])),
+            ));
+        }
+        let mut data = Vec::new();
+        if error == 0 && read_len > 0 {
+            data.resize(read_len, 0);
+            self.wire.read_exact(&mut data)?;
+        }
+        Ok((error, data))
+    }
+
+    /// One request and its reply: (error, data).
+    fn cmd(
+        &mut self,
+        flags: u16,
+        ty: u16,
+        offset: u64,
+        len: u32,
+        data: &[u8],
+    ) -> io::Result<(u32, Vec<u8>)> {
+        let cookie = self.send(flags, ty, offset, len, data)?;
+        let read_len = if ty == CMD_READ { len as usize } else { 0 };
+        self.reply(cookie, read_len)
+    }
+
+    /// Reads `len` bytes at `offset`; panics on any error.
+    #[track_caller]
+    fn read(&mut self, offset: u64, len: u32) -> Vec<u8> {
+        let (err, data) = self
+            .cmd(0, CMD_READ, offset, len, &[])
+            .unwrap_or_else(|e| panic!("read {len} at {offset}: {e}"));
+        assert_eq!(err, 0, "read {len} at {offset}: error {err}");
+        data
+    }
+
+    /// Writes `data` at `offset`; returns the server's error (0 = ok).
+    fn write(&mut self, offset: u64, data: &[u8], flags: u16) -> io::Result<u32> {
+        Ok(self
+            .cmd(flags, CMD_WRITE, offset, data.len() as u32, data)?
+            .0)
+    }
+
+    fn flush(&mut self) -> io::Result<u32> {
+        Ok(self.cmd(0, CMD_FLUSH, 0, 0, &[])?.0)
+    }
+
+    /// Sends NBD_CMD_DISC and closes.
+    fn disconnect(mut self) {
+        let _ = self.send(0, CMD_DISC, 0, 0, &[]);
+        self.wire.shut(Shutdown::Both);
+    }
+}
+
+// ---- 1. qemu-io ---------------------------------------------------------------
+
+#[test]
+fn qemu_io_patterns_over_unix_and_tcp() {
+    if !have_tools() {
+        return;
+    }
+    let d = Daemon::new();
+    d.ok(&["create", "D", "--size", "64M"]);
+    // (pattern, offset, length) within a 6 MiB area; some unaligned, some
+    // across block boundaries, some overlapping earlier writes.
+    let writes: [(u8, u64, u64); 7] = [
+        (0xab, 0, MIB),
+        (0x11, 4095, 3),
+        (0x22, 5000, 10000),
+        (0x33, 2 * MIB - 2048, 8192),
+        (0x44, 3 * MIB + 1, 1),
+        (0x55, 4 * MIB + 512, 123_457),
+        (0x66, 5 * MIB - 1, 2),
+    ];
+    let area = 6 * MIB;
+    for (write_uri, read_uri, base) in [
+        (d.unix_uri("D"), d.tcp_uri("D"), 0),
+        (d.tcp_uri("D"), d.unix_uri("D"), 32 * MIB + 1),
+    ] {
+        let mut model = vec![0u8; area as usize];
+        let mut cmds = Vec::new();
+        for &(p, off, len) in &writes {
+            model[off as usize..(off + len) as usize].fill(p);
+            cmds.push(format!("write -P {p:#x} {} {len}", base + off));
+            cmds.push(format!("read -P {p:#x} {} {len}", base + off));
+        }
+        qemu_io(&write_uri, &cmds).ok();
+        // A separate process, over the other transport, read-only: every
+        // byte of the area, including the zeros around the writes.
+        let reads = read_cmds(&model, base);
+        assert!(reads.len() >= 10, "{reads:?}");
+        qemu_io_ro(&read_uri, &reads).ok();
+        qemu_io(&read_uri, &reads).ok();
+        // Wrong patterns fail: the checks above can fail.
+        qemu_io_ro(&read_uri, &[format!("read -P 0x12 {} 3", base + 4095)]).failed();
+        qemu_io_ro(&read_uri, &[format!("read -P 0xab {} 8192", base)]).failed();
+        qemu_io_ro(&read_uri, &[format!("read -P 0 {} 4096", base + 3 * MIB)]).failed();
+    }
+    // The raw client sees the same bytes.
+    let mut nbd = Nbd::new(&d.unix_addr(), "D");
+    assert_eq!(nbd.size, 64 * MIB);
+    let got = nbd.read(4094, 6);
+    assert_eq!(got, [0xab, 0x11, 0x11, 0x11, 0xab, 0xab]);
+    nbd.disconnect();
+}
+
+// ---- 2. qemu-img ----------------------------------------------------------------
+
+/// 64 MiB of random data with zero regions, aligned and not.
+fn random_image(rng: &mut Rng) -> Vec<u8> {
+    let mut data = rng.bytes(64 * MIB as usize);
+    for (off, len) in [
+        (0, 64 * KIB),
+        (8 * MIB, 4 * MIB),
+        (30 * MIB + 100, 5000),
+        (40 * MIB + 4096, MIB + 3000),
+        (63 * MIB, MIB),
+    ] {
+        data[off as usize..(off + len) as usize].fill(0);
+    }
+    data
+}
+
+#[test]
+fn qemu_img_convert_and_compare_survive_restarts() {
+    if !have_tools() {
+        return;
+    }
+    let mut rng = Rng::new(seed("qemu_img"));
+    let mut d = Daemon::new();
+    d.ok(&["create", "D", "--size", "64M"]);
+    let src = d.path("src.raw");
+    fs::write(&src, random_image(&mut rng)).unwrap();
+    let src = src.to_str().unwrap().to_string();
+    let compare = |uri: &str| {
+        run(tool(
+            "qemu-img",
+            &["compare", "-f", "raw", "-F", "raw", &src, uri],
+        ))
+        .ok();
+    };
+    run(tool(
+        "qemu-img",
+        &[
+            "convert",
+            "-n",
+            "-f",
+            "raw",
+            "-O",
+            "raw",
+            &src,
+            &d.unix_uri("D"),
+        ],
+    ))
+    .ok();
+    compare(&d.unix_uri("D"));
+    compare(&d.tcp_uri("D"));
+    // A different image compares unequal (exit 1): compare checks.
+    qemu_io(&d.unix_uri("D"), &["write -P 0x01 12345 1"]).ok();
+    run(tool(
+        "qemu-img",
+        &["compare", "-f", "raw", "-F", "raw", &src, &d.unix_uri("D")],
+    ))
+    .code(1);
+    // Restore the byte from the source.
+    let byte = fs::read(&src).unwrap()[12345];
+    qemu_io(&d.unix_uri("D"), &[format!("write -P {byte:#x} 12345 1")]).ok();
+    compare(&d.tcp_uri("D"));
+
+    d.restart();
+    compare(&d.tcp_uri("D"));
+    compare(&d.unix_uri("D"));
+    // qemu-img flushes before it exits: the data survives kill -9.
+    d.kill9();
+    d.start();
+    compare(&d.unix_uri("D"));
+    // The CLI's export (through the daemon) reads the same bytes.
+    let out = d.path("out.raw");
+    d.ok(&["export", "D", out.to_str().unwrap()]);
+    assert!(
+        fs::read(&out).unwrap() == fs::read(&src).unwrap(),
+        "export differs from the source"
+    );
+    assert_eq!(d.json(&["check"])["clean"], true);
+}
+
+// ---- 3. nbdinfo -------------------------------------------------------------------
+
+/// `nbdinfo --json URI`: the one export's description.
+fn nbdinfo(uri: &str) -> Value {
+    let out = run(tool("nbdinfo", &["--json", uri])).ok().stdout;
+    let v: Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"));
+    let exports = v["exports"].as_array().unwrap_or_else(|| panic!("{v}"));
+    assert_eq!(exports.len(), 1, "{v}");
+    exports[0].clone()
+}
+
+/// Hole, zero, data, as `nbdinfo --map` types.
+const DATA: u64 = 0;
+const HOLE_ZERO: u64 = 3;
+
+#[test]
+fn nbdinfo_flags_map_and_list() {
+    if !have_tools() {
+        return;
+    }
+    let d = Daemon::new();
+    let size = 16 * MIB;
+    d.ok(&["create", "D", "--size", "16M"]);
+    d.ok(&["create", "E", "--size", "1M"]);
+    for uri in [d.unix_uri("D"), d.tcp_uri("D")] {
+        let info = nbdinfo(&uri);
+        assert_eq!(info["export-size"], size, "{info}");
+        for flag in [
+            "can_multi_conn",
+            "can_trim",
+            "can_zero",
+            "can_fua",
+            "can_flush",
+        ] {
+            assert_eq!(info[flag], true, "{flag}: {info}");
+        }
+        assert_eq!(info["is_read_only"], false, "{info}");
+        assert!(
+            info["contexts"]
+                .as_array()
+                .is_some_and(|c| c.iter().any(|c| c == "base:allocation")),
+            "{info}"
+        );
+    }
+    // A fresh disk is one hole.
+    assert_eq!(nbd_map(&d.unix_uri("D"), size), [(0, size, HOLE_ZERO)]);
+
+    // Data at [0,1M), zeroes without NO_HOLE at [1M,2M) over data, trim [0,64K).
+    qemu_io(
+        &d.unix_uri("D"),
+        &["write -P 0x5a 0 2M", "write -z -u 1M 1M", "discard 0 64k"],
+    )
+    .ok();
+    let expect = vec![
+        (0, 64 * KIB, HOLE_ZERO),
+        (64 * KIB, MIB - 64 * KIB, DATA),
+        (MIB, size - MIB, HOLE_ZERO),
+    ];
+    assert_eq!(nbd_map(&d.unix_uri("D"), size), expect);
+    assert_eq!(nbd_map(&d.tcp_uri("D"), size), expect);
+    // Holes read as zeros, data as written.
+    qemu_io_ro(
+        &d.unix_uri("D"),
+        &[
+            "read -P 0 0 64k",
+            "read -P 0x5a 64k 960k",
+            "read -P 0 1M 15M",
+        ],
+    )
+    .ok();
+
+    // Zeroes with NO_HOLE (qemu-io write -z without -u) over data: reads
+    // zeros; the map may say data, zero or hole there, nothing else changes.
+    qemu_io(&d.unix_uri("D"), &["write -P 0x77 4M 1M", "write -z 4M 1M"]).ok();
+    qemu_io_ro(
+        &d.unix_uri("D"),
+        &["read -P 0 4M 1M", "read -P 0x5a 64k 960k"],
+    )
+    .ok();
+    let map = nbd_map(&d.unix_uri("D"), size);
+    let outside: Vec<(u64, u64, u64)> = map
+        .iter()
+        .filter(|e| e.0 + e.1 <= 4 * MIB || e.0 >= 5 * MIB)
+        .copied()
+        .collect();
+    assert_eq!(&outside[..2], &expect[..2], "{map:?}");
+    assert!(outside.iter().skip(2).all(|e| e.2 == HOLE_ZERO), "{map:?}");
+
+    // A snapshot is read-only, the same size, and maps the same.
+    d.ok(&["snapshot", "D@s1"]);
+    let info = nbdinfo(&d.unix_uri("D@s1"));
+    assert_eq!(info["is_read_only"], true, "{info}");
+    assert_eq!(info["export-size"], size, "{info}");
+    assert_eq!(nbd_map(&d.unix_uri("D@s1"), size), map);
+    assert_eq!(nbdinfo(&d.tcp_uri("D@s1"))["is_read_only"], true);
+
+    // The raw client sees the same flags.
+    let nbd = Nbd::new(&d.unix_addr(), "D");
+    for (flag, name) in [
+        (TF_SEND_FLUSH, "flush"),
+        (TF_SEND_FUA, "fua"),
+        (TF_SEND_TRIM, "trim"),
+        (TF_SEND_WRITE_ZEROES, "write zeroes"),
+        (TF_CAN_MULTI_CONN, "multi-conn"),
+    ] {
+        assert!(nbd.flags & flag != 0, "no {name} in {:#x}", nbd.flags);
+    }
+    assert!(nbd.flags & TF_READ_ONLY == 0);
+    nbd.disconnect();
+    let snap = Nbd::new(&d.unix_addr(), "D@s1");
+    assert!(snap.flags & TF_READ_ONLY != 0, "{:#x}", snap.flags);
+    snap.disconnect();
+    // An unknown export is refused at NBD_OPT_GO.
+    assert!(Nbd::open(&d.unix_addr(), "nope").is_err());
+    assert!(Nbd::open(&d.unix_addr(), "D@nope").is_err());
+
+    // --list shows the disks.
+    let list_uri = format!("nbd+unix:///?socket={}", d.socket.display());
+    let out = run(tool("nbdinfo", &["--list", "--json", &list_uri]))
+        .ok()
+        .stdout;
+    let v: Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"));
+    let names: Vec<&str> = v["exports"]
+        .as_array()
+        .unwrap_or_else(|| panic!("{v}"))
+        .iter()
+        .map(|e| e["export-name"].as_str().unwrap())
+        .collect();
+    for disk in ["D", "E"] {
+        assert!(names.contains(&disk), "{disk} not listed: {names:?}");
+    }
+    let text = run(tool("nbdinfo", &["--list", &list_uri])).ok().stdout;
+    assert!(
+        text.contains("export=\"D\"") && text.contains("export=\"E\""),
+        "{text}"
+    );
+}
+
+// ---- 4. nbdcopy -------------------------------------------------------------------
+
+#[test]
+fn nbdcopy_in_and_out() {
+    if !have_tools() {
+        return;
+    }
+    let mut rng = Rng::new(seed("nbdcopy"));
+    let d = Daemon::new();
+    d.ok(&["create", "D", "--size", "32M"]);
+    let src = d.path("src.raw");
+    let mut data = rng.bytes(32 * MIB as usize);
+    data[4 * MIB as usize..6 * MIB as usize].fill(0);
+    fs::write(&src, &data).unwrap();
+    let src = src.to_str().unwrap();
+    run(tool(
+        "nbdcopy",
+        &["--connections=4", "--flush", src, &d.unix_uri("D")],
+    ))
+    .ok();
+    for (i, uri) in [d.unix_uri("D"), d.tcp_uri("D")].iter().enumerate() {
+        let out = d.path(&format!("out{i}.raw"));
+        run(tool(
+            "nbdcopy",
+            &["--connections=4", uri, out.to_str().unwrap()],
+        ))
+        .ok();
+        let back = fs::read(&out).unwrap();
+        assert_eq!(back.len(), data.len());
+        assert!(
+            back == data,
+            "nbdcopy out of {uri} differs from what went in"
+        );
+    }
+    // And a snapshot of it, through the CLI and the daemon.
+    d.ok(&["snapshot", "D@s"]);
+    let out = d.path("snap.raw");
+    run(tool("nbdcopy", &[&d.tcp_uri("D@s"), out.to_str().unwrap()])).ok();
+    assert!(fs::read(&out).unwrap() == data, "snapshot differs");
+}
+
+// ---- 5. fio -------------------------------------------------------------------------
+
+#[test]
+fn fio_random_and_sequential_verify() {
+    if !have_tools() {
+        return;
+    }
+    let d = Daemon::new();
+    d.ok(&["create", "D", "--size", "256M"]);
+    let dir = d.dir.path();
+    let report = fio(
+        dir,
+        &[
+            "--name=v".into(),
+            "--ioengine=nbd".into(),
+            format!("--uri={}", d.unix_uri("D")),
+            "--rw=randwrite".into(),
+            "--bs=4k".into(),
+            "--iodepth=16".into(),
+            "--numjobs=4".into(),
+            "--size=64m".into(),
+            "--offset_increment=64m".into(),
+            "--verify=crc32c".into(),
+            "--do_verify=1".into(),
+            "--group_reporting".into(),
+        ],
+    );
+    let job = &report["jobs"][0];
+    assert_eq!(job["write"]["io_bytes"], 256 * MIB, "{job}");
+    assert_eq!(
+        job["read"]["io_bytes"],
+        256 * MIB,
+        "verify did not read: {job}"
+    );
+
+    let report = fio(
+        dir,
+        &[
+            "--name=seq".into(),
+            "--ioengine=nbd".into(),
+            format!("--uri={}", d.tcp_uri("D")),
+            "--rw=write".into(),
+            "--bs=1m".into(),
+            "--iodepth=4".into(),
+            "--size=256m".into(),
+            "--verify=crc32c".into(),
+            "--do_verify=1".into(),
+        ],
+    );
+    let job = &report["jobs"][0];
+    assert_eq!(job["write"]["io_bytes"], 256 * MIB, "{job}");
+    assert_eq!(
+        job["read"]["io_bytes"],
+        256 * MIB,
+        "verify did not read: {job}"
+    );
+    assert_eq!(d.json(&["check"])["clean"], true);
+}
+
+// ---- 6. snapshots while writing ---------------------------------------------------
+
+#[test]
+fn snapshots_and_clones_while_writing() {
+    if !have_tools() {
+        return;
+    }
+    let d = Daemon::new();
+    d.ok(&["create", "D", "--size", "64M"]);
+    let (a, b, c) = (0xaa_u8, 0xbb_u8, 0xcc_u8);
+    qemu_io(&d.unix_uri("D"), &[format!("write -P {a:#x} 0 4M")]).ok();
+    assert_eq!(d.ok(&["snapshot", "D@s1"]), "D@s1\n");
+    qemu_io(&d.tcp_uri("D"), &[format!("write -P {b:#x} 0 2M")]).ok();
+    let s1_reads = [
+        format!("read -P {a:#x} 0 4M"),
+        "read -P 0 4M 60M".to_string(),
+    ];
+    qemu_io_ro(&d.unix_uri("D@s1"), &s1_reads).ok();
+    qemu_io_ro(
+        &d.unix_uri("D"),
+        &[
+            format!("read -P {b:#x} 0 2M"),
+            format!("read -P {a:#x} 2M 2M"),
+        ],
+    )
+    .ok();
+
+    // Keep writing C over [0,4M) of D in the background while reading the
+    // snapshot and taking another one.
+    let mut writer = Bg::spawn(
+        tool(
+            "fio",
+            &[
+                "--name=bg".to_string(),
+                "--ioengine=nbd".into(),
+                format!("--uri={}", d.tcp_uri("D")),
+                "--rw=randwrite".into(),
+                "--bs=4k".into(),
+                "--iodepth=4".into(),
+                "--size=4m".into(),
+                "--time_based".into(),
+                "--runtime=120".into(),
+                "--verify=pattern".into(),
+                format!("--verify_pattern={c:#x}"),
+                "--do_verify=0".into(),
+            ],
+        ),
+        d.dir.path(),
+        "fio-bg",
+    );
+    d.wait_connections(20, "fio connected", |n| n >= 1);
+    for _ in 0..4 {
+        qemu_io_ro(&d.unix_uri("D@s1"), &s1_reads).ok();
+        thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(d.ok(&["snapshot", "D@s2"]), "D@s2\n");
+    for _ in 0..3 {
+        qemu_io_ro(&d.tcp_uri("D@s1"), &s1_reads).ok();
+    }
+    assert!(writer.running(), "the background writer stopped early");
+    signal(writer.child.id(), "TERM");
+    writer.wait(Duration::from_secs(60));
+    d.wait_connections(20, "fio gone", |n| n == 0);
+
+    // s2 was taken mid-write: every block is what it was before the writer
+    // started or what the writer wrote.
+    let s2 = d.path("s2.raw");
+    run(tool(
+        "nbdcopy",
+        &[&d.unix_uri("D@s2"), s2.to_str().unwrap()],
+    ))
+    .ok();
+    let s2 = fs::read(&s2).unwrap();
+    assert_eq!(s2.len() as u64, 64 * MIB);
+    let mut written = 0;
+    for (i, blk) in s2.chunks(BLOCK as usize).enumerate() {
+        let old = match i as u64 * BLOCK {
+            o if o < 2 * MIB => b,
+            o if o < 4 * MIB => a,
+            _ => 0,
+        };
+        let v = blk[0];
+        assert!(blk.iter().all(|&x| x == v), "D@s2 block {i} is torn");
+        assert!(
+            v == old || (v == c && i < 1024),
+            "D@s2 block {i} reads {v:#x}"
+        );
+        written += usize::from(v == c);
+    }
+    assert!(
+        written > 0,
+        "the snapshot saw none of the background writes"
+    );
+    // The CLI export of s2 (through the daemon) agrees with NBD.
+    let s2_cli = d.path("s2-cli.raw");
+    d.ok(&["export", "D@s2", s2_cli.to_str().unwrap()]);
+    assert!(
+        fs::read(&s2_cli).unwrap() == s2,
+        "CLI export of D@s2 differs"
+    );
+
+    // Snapshots are read-only: qemu-io cannot write, and the raw client's
+    // write gets EPERM.
+    qemu_io(&d.unix_uri("D@s1"), &["write -P 0x01 0 4k"]).failed();
+    let mut snap = Nbd::new(&d.unix_addr(), "D@s1");
+    assert_eq!(snap.write(0, &[1u8; 4096], 0).unwrap(), EPERM);
+    assert_eq!(snap.cmd(0, CMD_TRIM, 0, 4096, &[]).unwrap().0, EPERM);
+    assert_eq!(
+        snap.cmd(0, CMD_WRITE_ZEROES, 0, 4096, &[]).unwrap().0,
+        EPERM
+    );
+    assert_eq!(snap.read(0, 4096), vec![a; 4096]);
+    snap.disconnect();
+    qemu_io_ro(&d.unix_uri("D@s1"), &s1_reads).ok();
+
+    // A clone of s1 reads A, takes writes, and leaves D alone.
+    let before = d.path("d-before.raw");
+    run(tool(
+        "nbdcopy",
+        &[&d.unix_uri("D"), before.to_str().unwrap()],
+    ))
+    .ok();
+    d.ok(&["clone", "D@s1", "C"]);
+    qemu_io_ro(&d.unix_uri("C"), &s1_reads).ok();
+    qemu_io(
+        &d.tcp_uri("C"),
+        &["write -P 0xdd 0 1M", "write -P 0xdd 10M 4k"],
+    )
+    .ok();
+    qemu_io_ro(
+        &d.unix_uri("C"),
+        &[
+            "read -P 0xdd 0 1M".to_string(),
+            format!("read -P {a:#x} 1M 3M"),
+            "read -P 0xdd 10M 4k".into(),
+        ],
+    )
+    .ok();
+    let after = d.path("d-after.raw");
+    run(tool(
+        "nbdcopy",
+        &[&d.unix_uri("D"), after.to_str().unwrap()],
+    ))
+    .ok();
+    assert!(
+        fs::read(&before).unwrap() == fs::read(&after).unwrap(),
+        "writes to the clone changed D"
+    );
+    qemu_io_ro(&d.unix_uri("D@s1"), &s1_reads).ok();
+    assert_eq!(d.json(&["check"])["clean"], true);
+}
+
+// ---- 7. live management -----------------------------------------------------------
+
+/// Rollback and delete of D must be refused while it has connections.
+#[track_caller]
+fn assert_refused_while_connected(d: &Daemon) {
+    for args in [&["rollback", "D@s1"][..], &["delete", "D"]] {
+        let err = d.fails(args);
+        assert!(err.contains("connection"), "{args:?}: {err}");
+    }
+    // Nothing changed: D still exists with its own content.
+    assert!(d
+        .json(&["list"])
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|v| v["name"] == "D"));
+}
+
+#[test]
+fn live_disks_refuse_rollback_and_delete() {
+    if !have_tools() {
+        return;
+    }
+    let mut d = Daemon::new();
+    d.ok(&["create", "D", "--size", "64M"]);
+    qemu_io(&d.unix_uri("D"), &["write -P 0x11 0 1M"]).ok();
+    d.ok(&["snapshot", "D@s1"]);
+    qemu_io(&d.unix_uri("D"), &["write -P 0x22 0 1M"]).ok();
+    d.wait_connections(10, "none", |n| n == 0);
+
+    // An idle raw client.
+    let idle = Nbd::new(&d.unix_addr(), "D");
+    d.wait_connections(10, "1", |n| n == 1);
+    assert_refused_while_connected(&d);
+    idle.disconnect();
+    d.wait_connections(10, "none", |n| n == 0);
+
+    // A busy fio client.
+    let mut busy = Bg::spawn(
+        tool(
+            "fio",
+            &[
+                "--name=busy".to_string(),
+                "--ioengine=nbd".into(),
+                format!("--uri={}", d.tcp_uri("D")),
+                "--rw=randwrite".into(),
+                "--bs=4k".into(),
+                "--offset=8m".into(),
+                "--size=8m".into(),
+                "--time_based".into(),
+                "--runtime=120".into(),
+            ],
+        ),
+        d.dir.path(),
+        "fio-busy",
+    );
+    d.wait_connections(20, "fio connected", |n| n >= 1);
+    assert_refused_while_connected(&d);
+    // Read-only commands work while the daemon serves.
+    let list = d.json(&["list"]);
+    assert_eq!(list[0]["name"], "D", "{list}");
+    assert_eq!(list[0]["size_bytes"], 64 * MIB, "{list}");
+    let info = d.json(&["info", "D"]);
+    assert_eq!(info["name"], "D", "{info}");
+    let info = d.json(&["info", "D@s1"]);
+    assert_eq!(info["name"], "s1", "{info}");
+    let snaps = d.json(&["snapshots", "D"]);
+    assert_eq!(snaps[0]["name"], "s1", "{snaps}");
+    let df = d.json(&["df"]);
+    assert!(df["used_bytes"].as_u64().is_some_and(|u| u >= MIB), "{df}");
+    let status = d.json(&["status"]);
+    assert_eq!(status["pid"], d.pid(), "{status}");
+
+    // A second daemon on the same store is refused, and leaves the first
+    // one's sockets alone.
+    let second = run_for(d.serve_command(&d.socket), Duration::from_secs(30)).code(1);
+    assert!(
+        !second.stderr.trim().is_empty(),
+        "no message: {}",
+        second.describe()
+    );
+    assert!(busy.running(), "fio died");
+    d.assert_alive();
+    assert_eq!(d.json(&["status"])["pid"], d.pid());
+    qemu_io_ro(&d.unix_uri("D"), &["read -P 0x22 0 1M"]).ok();
+
+    signal(busy.child.id(), "TERM");
+    busy.wait(Duration::from_secs(60));
+    d.wait_connections(20, "none after fio ended", |n| n == 0);
+
+    // Now both work, and the export serves the rolled-back content.
+    d.ok(&["rollback", "D@s1"]);
+    qemu_io_ro(&d.unix_uri("D"), &["read -P 0x11 0 1M", "read -P 0 8M 8M"]).ok();
+    d.ok(&["delete", "D"]);
+    assert_eq!(d.json(&["list"]), Value::Array(vec![]));
+    qemu_io_ro(&d.unix_uri("D"), &["read 0 4k"]).failed();
+    assert!(Nbd::open(&d.unix_addr(), "D").is_err());
+    assert_eq!(d.json(&["check"])["clean"], true);
+}
+
+// ---- 8. garbage -------------------------------------------------------------------
+
+/// A connection that completed the handshake for `export`, at the socket level.
+fn negotiated(addr: &Addr, export: &str) -> Nbd {
+    Nbd::new(addr, export)
+}
+
+/// Sends `req` (a raw request) and expects either an error reply with a
+/// non-zero error, or the connection to close. Returns the error if there
+/// was a reply.
+#[track_caller]
+fn error_or_close(nbd: &mut Nbd, header_and_data: &[u8], what: &str) -> Option<u32> {
+    if nbd.wire.write_all(header_and_data).is_err() {
+        return None; // already closed
+    }
+    nbd.wire.set_read_timeout_to(Duration::from_secs(20));
+    let mut h = [0u8; 16];
+    match nbd.wire.read_exact(&mut h) {
+        Ok(()) => {
+            assert_eq!(be_u32(&h), SIMPLE_REPLY_MAGIC, "{what}: bad reply {h:02x?}");
+            let err = be_u32(&h[4..]);
+            assert_ne!(err, 0, "{what}: the server says it succeeded");
+            Some(err)
+        }
+        Err(e) => {
+            assert!(
+                !matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ),
+                "{what}: no reply and no close in 20 s"
+            );
+            None
+        }
+    }
+}
+
+/// A raw request header.
+fn request(flags: u16, ty: u16, cookie: u64, offset: u64, len: u32) -> Vec<u8> {
+    let mut buf = Vec::new();
+    buf.extend_from_slice(&REQUEST_MAGIC.to_be_bytes());
+    buf.extend_from_slice(&flags.to_be_bytes());
+    buf.extend_from_slice(&ty.to_be_bytes());
+    buf.extend_from_slice(&cookie.to_be_bytes());
+    buf.extend_from_slice(&offset.to_be_bytes());
+    buf.extend_from_slice(&len.to_be_bytes());
+    buf
+}
+
+/// After an error reply, the connection must still serve a valid read.
+#[track_caller]
+fn still_serves(nbd: &mut Nbd, what: &str) {
+    let (err, data) = nbd
+        .cmd(0, CMD_READ, 0, 4096, &[])
+        .unwrap_or_else(|e| panic!("after {what}: the connection broke: {e}"));
+    assert_eq!(err, 0, "after {what}");
+    assert_eq!(data.len(), 4096);
+}
+
+/// Soft limit on open files, from /proc/self/limits.
+fn open_files_limit() -> usize {
+    let limits = fs::read_to_string("/proc/self/limits").unwrap_or_default();
+    limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .and_then(|l| l.split_whitespace().nth(3))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(1024)
+}
+
+#[test]
+fn garbage_does_not_hurt_other_clients() {
+    if !have_tools() {
+        return;
+    }
+    let mut rng = Rng::new(seed("garbage"));
+    let mut d = Daemon::new();
+    d.ok(&["create", "A", "--size", "64M"]);
+    d.ok(&["create", "junk", "--size", "64M"]);
+    let verify_out = d.path("verify.json");
+    let mut verifier = Bg::spawn(
+        tool(
+            "fio",
+            &[
+                "--name=verify".to_string(),
+                "--ioengine=nbd".into(),
+                format!("--uri={}", d.unix_uri("A")),
+                "--rw=randwrite".into(),
+                "--bs=4k".into(),
+                "--iodepth=8".into(),
+                "--size=32m".into(),
+                "--verify=crc32c".into(),
+                "--do_verify=1".into(),
+                "--output-format=json".into(),
+                format!("--output={}", verify_out.display()),
+            ],
+        ),
+        d.dir.path(),
+        "fio-verify",
+    );
+    let addrs = [d.tcp_addr(), d.unix_addr()];
+    for addr in &addrs {
+        // Random bytes instead of a client.
+        for len in [1usize, 17, 4096, 1 << 20] {
+            let mut w = connect(addr).unwrap();
+            let _ = w.write_all(&rng.bytes(len));
+            expect_closed(w.as_mut(), Duration::from_secs(20), "random bytes");
+        }
+        // A bad reply to the greeting: unknown client flags.
+        let mut w = connect(addr).unwrap();
+        read_greeting(w.as_mut()).unwrap();
+        w.write_all(&0xffff_fffc_u32.to_be_bytes()).unwrap();
+        expect_closed(w.as_mut(), Duration::from_secs(20), "unknown client flags");
+        // Valid flags, then an option with a bad magic.
+        let mut w = connect(addr).unwrap();
+        read_greeting(w.as_mut()).unwrap();
+        w.write_all(&3u32.to_be_bytes()).unwrap();
+        w.write_all(&[0x42; 16]).unwrap();
+        expect_closed(w.as_mut(), Duration::from_secs(20), "bad option magic");
+        // An option claiming 4 GiB of data, then nothing.
+        let mut w = connect(addr).unwrap();
+        read_greeting(w.as_mut()).unwrap();
+        w.write_all(&3u32.to_be_bytes()).unwrap();
+        let mut opt = IHAVEOPT.to_be_bytes().to_vec();
+        opt.extend_from_slice(&OPT_GO.to_be_bytes());
+        opt.extend_from_slice(&u32::MAX.to_be_bytes());
+        opt.extend_from_slice(&[0; 100]);
+        w.write_all(&opt).unwrap();
+        drop(w);
+        // NBD_OPT_GO naming an export with a length beyond the option data.
+        let mut w = connect(addr).unwrap();
+        read_greeting(w.as_mut()).unwrap();
+        w.write_all(&3u32.to_be_bytes()).unwrap();
+        let mut go = 1000u32.to_be_bytes().to_vec();
+        go.extend_from_slice(b"A\0\0");
+        send_option(w.as_mut(), OPT_GO, &go).unwrap();
+        w.shut(Shutdown::Write);
+        expect_closed(
+            w.as_mut(),
+            Duration::from_secs(20),
+            "inconsistent NBD_OPT_GO",
+        );
+
+        // Negotiated connections sending bad requests.
+        let mut nbd = negotiated(addr, "junk");
+        let size = nbd.size;
+        let mut bad = request(0, CMD_READ, 1, 0, 4096);
+        bad[0] ^= 0xff;
+        error_or_close(&mut nbd, &bad, "bad request magic");
+
+        // Reads the server cannot serve. With simple replies a server may
+        // follow a read's error reply with `length` bytes or hang up (the
+        // protocol allows both), so the connection is not reused after them.
+        let mut nbd = negotiated(addr, "junk");
+        let err = error_or_close(
+            &mut nbd,
+            &request(0, CMD_READ, 7, size - 4096, 8192),
+            "read past the end",
+        );
+        assert!(matches!(err, None | Some(EINVAL)), "read past the end: {err:?}");
+        let mut nbd = negotiated(addr, "junk");
+        let err = error_or_close(
+            &mut nbd,
+            &request(0, CMD_READ, 8, u64::MAX - 100, 4096),
+            "read at offset 2^64-101",
+        );
+        assert!(matches!(err, None | Some(EINVAL)), "read at 2^64-101: {err:?}");
+        let mut nbd = negotiated(addr, "junk");
+        error_or_close(&mut nbd, &request(0, CMD_READ, 9, 0, u32::MAX), "read of 4 GiB");
+
+        let mut nbd = negotiated(addr, "junk");
+        let err = error_or_close(&mut nbd, &request(0, 99, 10, 0, 0), "command 99");
+        assert_eq!(err, Some(EINVAL), "command 99 must get an EINVAL reply");
+        still_serves(&mut nbd, "command 99");
+        let err = error_or_close(
+            &mut nbd,
+            &request(0, CMD_TRIM, 11, size, 4096),
+            "trim past the end",
+        );
+        assert!(matches!(err, None | Some(EINVAL)), "trim past the end: {err:?}");
+        if err.is_some() {
+            still_serves(&mut nbd, "trim past the end");
+        }
+        nbd.disconnect();
+
+        // Writes that announce more data than they send, then vanish.
+        let mut nbd = negotiated(addr, "junk");
+        let mut req = request(0, CMD_WRITE, 12, 0, u32::MAX);
+        req.extend_from_slice(&rng.bytes(MIB as usize));
+        let _ = nbd.wire.write_all(&req);
+        drop(nbd);
+        let mut nbd = negotiated(addr, "junk");
+        let mut req = request(0, CMD_WRITE, 13, 4096, 16 << 20);
+        req.extend_from_slice(&rng.bytes(MIB as usize + 123));
+        let _ = nbd.wire.write_all(&req);
+        drop(nbd);
+        // A write past the end with its data: EINVAL (or ENOSPC), or close.
+        let mut nbd = negotiated(addr, "junk");
+        let mut req = request(0, CMD_WRITE, 14, size - 4096, 8192);
+        req.extend_from_slice(&[0x99; 8192]);
+        if error_or_close(&mut nbd, &req, "write past the end").is_some() {
+            still_serves(&mut nbd, "write past the end");
+        }
+    }
+
+    // Many idle connections, at every stage of the handshake, while the
+    // daemon keeps serving others.
+    let count = 1000.min(open_files_limit().saturating_sub(200));
+    let mut idle: Vec<Box<dyn Wire>> = Vec::new();
+    let mut sessions: Vec<Nbd> = Vec::new();
+    for i in 0..count {
+        let addr = &addrs[i % 2];
+        match i % 4 {
+            0 | 1 => idle.push(connect(addr).unwrap()),
+            2 => {
+                let mut w = connect(addr).unwrap();
+                read_greeting(w.as_mut()).unwrap();
+                w.write_all(&3u32.to_be_bytes()).unwrap();
+                idle.push(w);
+            }
+            _ => sessions.push(negotiated(addr, "junk")),
+        }
+    }
+    d.assert_alive();
+    qemu_io_ro(&d.tcp_uri("junk"), &["read 0 64k"]).ok();
+    assert!(
+        d.connections() >= sessions.len(),
+        "status does not count the sessions"
+    );
+    drop(idle);
+    drop(sessions);
+
+    let ran = verifier.wait(TOOL_TIMEOUT);
+    let text = fs::read_to_string(&verify_out).unwrap_or_default();
+    assert!(
+        ran.status.success(),
+        "the verify client failed: {}\n{text}",
+        ran.describe()
+    );
+    let report: Value = serde_json::from_str(&text).unwrap_or_else(|e| panic!("{e}: {text}"));
+    for job in report["jobs"].as_array().unwrap() {
+        assert_eq!(job["error"], 0, "{job}");
+        assert_eq!(
+            job["read"]["io_bytes"],
+            32 * MIB,
+            "verify did not read: {job}"
+        );
+    }
+    // Everything is closed; the daemon is alive and serves a fresh client.
+    d.wait_connections(30, "none once every client is gone", |n| n == 0);
+    d.assert_alive();
+    qemu_io(
+        &d.unix_uri("A"),
+        &["write -P 0x3c 0 64k", "read -P 0x3c 0 64k"],
+    )
+    .ok();
+    qemu_io_ro(&d.tcp_uri("A"), &["read -P 0x3c 0 64k"]).ok();
+    d.assert_alive();
+    assert_eq!(d.json(&["check"])["clean"], true);
+}
+
+// ---- 9. crash ---------------------------------------------------------------------
+//
+// Writers on several connections write self-describing 4 KiB blocks to
+// disjoint regions of one disk (plus trims and write-zeroes), while a
+// separate connection sends FLUSH and the CLI takes snapshots. A ledger
+// records, per block, every operation sent, how many were acknowledged,
+// and how many are promised durable: a FLUSH makes every write
+// acknowledged (on any connection) before it was sent durable (multi-conn
+// semantics), a FUA write makes itself durable. After `kill -9` and a
+// restart, every block must read its last promised operation or a later
+// one, and every snapshot the CLI reported must exist and hold, per block,
+// an operation between the last one acknowledged before the snapshot began
+// and the last one sent before it ended.
+
+/// One operation on one block: data with a sequence number, or zeros.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Op {
+    Data(u64),
+    Zero,
+}
+
+#[derive(Clone, Default)]
+struct BlockLog {
+    /// Every operation sent for this block, in order.
+    ops: Vec<Op>,
+    /// ops[..acked] are acknowledged.
+    acked: usize,
+    /// ops[..durable] are promised durable (the last of them must survive).
+    durable: usize,
+}
+
+#[derive(Default)]
+struct Ledger {
+    blocks: Vec<BlockLog>,
+    flushes: u64,
+    /// Errors the server returned (a failure), with what was sent.
+    errors: Vec<String>,
+    /// (snapshot name, acked per block at its start, sent per block at its end).
+    snapshots: Vec<(String, Vec<usize>, Vec<usize>)>,
+}
+
+const CRASH_MAGIC: &[u8; 8] = b"PXCRASH1";
+
+/// The content of `block` written with sequence number `seq`.
+fn block_content(block: u64, seq: u64) -> Vec<u8> {
+    let mut b = vec![0u8; BLOCK as usize];
+    b[..8].copy_from_slice(CRASH_MAGIC);
+    b[8..16].copy_from_slice(&block.to_le_bytes());
+    b[16..24].copy_from_slice(&seq.to_le_bytes());
+    Rng::new(block.wrapping_mul(0x1000_0000_01b3) ^ seq).fill(&mut b[24..]);
+    b
+}
+
+/// What a block read back: an operation, or an error for garbage.
+fn identify(block: u64, got: &[u8]) -> Result<Op, String> {
+    if got.iter().all(|&b| b == 0) {
+        return Ok(Op::Zero);
+    }
+    if &got[..8] != CRASH_MAGIC {
+        return Err(format!("block {block}: garbage {:02x?}...", &got[..32]));
+    }
+    let at = u64::from_le_bytes(got[8..16].try_into().unwrap());
+    let seq = u64::from_le_bytes(got[16..24].try_into().unwrap());
+    if at != block {
+        return Err(format!(
+            "block {block} holds the data of block {at} (seq {seq})"
+        ));
+    }
+    if got != block_content(block, seq) {
+        return Err(format!(
+            "block {block}: torn or corrupt content for seq {seq}"
+        ));
+    }
+    Ok(Op::Data(seq))
+}
+
+/// Checks a block read back against ops[lo-1..hi] (any of ops[..hi] or the
+/// initial zeros when lo == 0).
+fn judge(
+    block: u64,
+    got: &[u8],
+    log: &BlockLog,
+    lo: usize,
+    hi: usize,
+    what: &str,
+) -> Result<(), String> {
+    let seen = identify(block, got).map_err(|e| format!("{what}: {e}"))?;
+    let allowed = &log.ops[lo.saturating_sub(1)..hi];
+    if (lo == 0 && seen == Op::Zero) || allowed.contains(&seen) {
+        return Ok(());
+    }
+    Err(format!(
+        "{what}: block {block} reads {seen:?}; oldest acceptable {:?}, later ones {:?} (history {:?}, acked {}, durable {})",
+        lo.checked_sub(1).map(|i| log.ops[i]),
+        &log.ops[lo..hi],
+        log.ops,
+        log.acked,
+        log.durable
+    ))
+}
+
+/// Flushes on `nbd` and, when the flush succeeds, promises everything
+/// acknowledged before it was sent. Err when the connection broke.
+fn flush_and_promise(nbd: &mut Nbd, ledger: &Mutex<Ledger>) -> io::Result<()> {
+    let acked: Vec<usize> = ledger
+        .lock()
+        .unwrap()
+        .blocks
+        .iter()
+        .map(|b| b.acked)
+        .collect();
+    let err = nbd.flush()?;
+    let mut l = ledger.lock().unwrap();
+    if err != 0 {
+        l.errors.push(format!("FLUSH: error {err}"));
+        return Ok(());
+    }
+    for (b, a) in l.blocks.iter_mut().zip(acked) {
+        b.durable = b.durable.max(a);
+    }
+    l.flushes += 1;
+    Ok(())
+}
+
+/// One writer: random operations on blocks [first, first+count) until
+/// `stop` or the connection breaks.
+fn crash_writer(
+    addr: Addr,
+    seed: u64,
+    first: u64,
+    count: u64,
+    ledger: Arc<Mutex<Ledger>>,
+    seq: Arc<AtomicU64>,
+    stop: Arc<AtomicBool>,
+) {
+    let mut rng = Rng::new(seed);
+    let Ok(mut nbd) = Nbd::open(&addr, "D") else {
+        return;
+    };
+    let mut n = 0u64;
+    while !stop.load(Ordering::Relaxed) {
+        n += 1;
+        let start = first + rng.below(count);
+        let run = (1 + rng.below(4)).min(first + count - start);
+        let kind = rng.below(100);
+        let mut flags = 0;
+        let (ty, data, op_of): (u16, Vec<u8>, Box<dyn Fn(u64) -> Op>) = match kind {
+            0..=84 => {
+                let s = seq.fetch_add(1, Ordering::Relaxed);
+                let mut data = Vec::with_capacity((run * BLOCK) as usize);
+                for b in start..start + run {
+                    data.extend_from_slice(&block_content(b, s));
+                }
+                if kind < 10 {
+                    flags |= CMD_FLAG_FUA;
+                }
+                (CMD_WRITE, data, Box::new(move |_| Op::Data(s)))
+            }
+            85..=92 => (CMD_TRIM, Vec::new(), Box::new(|_| Op::Zero)),
+            _ => {
+                if kind % 2 == 0 {
+                    flags |= CMD_FLAG_NO_HOLE;
+                }
+                (CMD_WRITE_ZEROES, Vec::new(), Box::new(|_| Op::Zero))
+            }
+        };
+        {
+            let mut l = ledger.lock().unwrap();
+            for b in start..start + run {
+                l.blocks[b as usize].ops.push(op_of(b));
+            }
+        }
+        let len = (run * BLOCK) as u32;
+        match nbd.cmd(flags, ty, start * BLOCK, len, &data) {
+            Err(_) => return, // the daemon is gone
+            Ok((0, _)) => {
+                let mut l = ledger.lock().unwrap();
+                for b in start..start + run {
+                    let log = &mut l.blocks[b as usize];
+                    log.acked = log.ops.len();
+                    if flags & CMD_FLAG_FUA != 0 {
+                        log.durable = log.ops.len();
+                    }
+                }
+            }
+            Ok((err, _)) => {
+                ledger.lock().unwrap().errors.push(format!(
+                    "command {ty} flags {flags} at block {start} x{run}: error {err}"
+                ));
+                return;
+            }
+        }
+        if n % 64 == 0 && flush_and_promise(&mut nbd, &ledger).is_err() {
+            return;
+        }
+    }
+    nbd.disconnect();
+}
+
+/// Reads blocks [first, first+count) of `export` from a fresh connection.
+fn read_blocks(addr: &Addr, export: &str, first: u64, count: u64) -> Vec<u8> {
+    let mut nbd = Nbd::new(addr, export);
+    let mut out = Vec::with_capacity((count * BLOCK) as usize);
+    let chunk = 64;
+    let mut b = first;
+    while b < first + count {
+        let n = chunk.min(first + count - b);
+        out.extend_from_slice(&nbd.read(b * BLOCK, (n * BLOCK) as u32));
+        b += n;
+    }
+    nbd.disconnect();
+    out
+}
+
+/// One crash iteration: writers, flusher and snapshots for a random time,
+/// `kill -9`, restart, check.
+fn crash_iteration(seed: u64) {
+    const WRITERS: u64 = 3;
+    const REGION: u64 = 1024; // blocks per writer
+    let mut rng = Rng::new(seed);
+    let mut d = Daemon::new();
+    d.ok(&["create", "D", "--size", "64M"]);
+    let blocks = WRITERS * REGION;
+    let ledger = Arc::new(Mutex::new(Ledger {
+        blocks: vec![BlockLog::default(); blocks as usize],
+        ..Ledger::default()
+    }));
+    let seq = Arc::new(AtomicU64::new(1));
+    let stop = Arc::new(AtomicBool::new(false));
+    let killed = Arc::new(AtomicBool::new(false));
+    let mut threads = Vec::new();
+    for w in 0..WRITERS {
+        // Alternate transports.
+        let addr = if w % 2 == 0 {
+            d.unix_addr()
+        } else {
+            d.tcp_addr()
+        };
+        let (ledger, seq, stop) = (ledger.clone(), seq.clone(), stop.clone());
+        let s = rng.next();
+        threads.push(thread::spawn(move || {
+            crash_writer(addr, s, w * REGION, REGION, ledger, seq, stop)
+        }));
+    }
+    // The flusher: its own connection, flushes only.
+    {
+        let (ledger, stop, addr) = (ledger.clone(), stop.clone(), d.unix_addr());
+        let mut r = Rng::new(rng.next());
+        threads.push(thread::spawn(move || {
+            let Ok(mut nbd) = Nbd::open(&addr, "D") else {
+                return;
+            };
+            while !stop.load(Ordering::Relaxed) {
+                thread::sleep(Duration::from_millis(2 + r.below(20)));
+                if flush_and_promise(&mut nbd, &ledger).is_err() {
+                    return;
+                }
+            }
+            nbd.disconnect();
+        }));
+    }
+    // Snapshots through the CLI.
+    {
+        let (ledger, stop, killed, cli) =
+            (ledger.clone(), stop.clone(), killed.clone(), d.cli.clone());
+        let mut r = Rng::new(rng.next());
+        threads.push(thread::spawn(move || {
+            let mut i = 0;
+            while !stop.load(Ordering::Relaxed) {
+                thread::sleep(Duration::from_millis(100 + r.below(300)));
+                i += 1;
+                let name = format!("D@c{i}");
+                let acked: Vec<usize> = ledger
+                    .lock()
+                    .unwrap()
+                    .blocks
+                    .iter()
+                    .map(|b| b.acked)
+                    .collect();
+                let ran = cli.run(&["snapshot", &name]);
+                let sent: Vec<usize> = ledger
+                    .lock()
+                    .unwrap()
+                    .blocks
+                    .iter()
+                    .map(|b| b.ops.len())
+                    .collect();
+                if ran.status.success() {
+                    ledger.lock().unwrap().snapshots.push((name, acked, sent));
+                } else if !killed.load(Ordering::Relaxed) {
+                    ledger
+                        .lock()
+                        .unwrap()
+                        .errors
+                        .push(format!("snapshot: {}", ran.describe()));
+                    return;
+                } else {
+                    return;
+                }
+            }
+        }));
+    }
+
+    // Run for 0.5–2 s and at least 3 flushes, then kill -9.
+    let run_for_ms = 500 + rng.below(1500);
+    thread::sleep(Duration::from_millis(run_for_ms));
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while ledger.lock().unwrap().flushes < 3 {
+        assert!(
+            Instant::now() < deadline,
+            "fewer than 3 flushes in 60 s\n{}",
+            d.log()
+        );
+        thread::sleep(Duration::from_millis(10));
+    }
+    killed.store(true, Ordering::Relaxed);
+    d.kill9();
+    stop.store(true, Ordering::Relaxed);
+    for t in threads {
+        t.join().expect("a client thread panicked");
+    }
+    let ledger = Arc::try_unwrap(ledger).ok().unwrap().into_inner().unwrap();
+    assert!(
+        ledger.errors.is_empty(),
+        "server errors before the crash: {:?}",
+        ledger.errors
+    );
+    let durable = ledger.blocks.iter().filter(|b| b.durable > 0).count();
+    let sent: usize = ledger.blocks.iter().map(|b| b.ops.len()).sum();
+    eprintln!(
+        "crash: ran {run_for_ms} ms, {sent} block ops, {} flushes, {durable} blocks promised, {} snapshots",
+        ledger.flushes,
+        ledger.snapshots.len()
+    );
+    assert!(
+        durable >= 100,
+        "too little was flushed to test anything: {durable} blocks"
+    );
+
+    d.start();
+    let mut failures = Vec::new();
+    for addr in [d.unix_addr(), d.tcp_addr()] {
+        let data = read_blocks(&addr, "D", 0, blocks);
+        for (b, got) in data.chunks(BLOCK as usize).enumerate() {
+            let log = &ledger.blocks[b];
+            if let Err(e) = judge(b as u64, got, log, log.durable, log.ops.len(), "D") {
+                failures.push(e);
+            }
+        }
+    }
+    let listed = d.json(&["snapshots", "D"]);
+    let names: Vec<&str> = listed
+        .as_array()
+        .unwrap_or_else(|| panic!("{listed}"))
+        .iter()
+        .map(|s| s["name"].as_str().unwrap())
+        .collect();
+    for (name, acked, sent) in &ledger.snapshots {
+        let snap = name.strip_prefix("D@").unwrap();
+        if !names.contains(&snap) {
+            failures.push(format!(
+                "snapshot {name} was reported but is gone after the crash"
+            ));
+            continue;
+        }
+        let data = read_blocks(&d.unix_addr(), name, 0, blocks);
+        for (b, got) in data.chunks(BLOCK as usize).enumerate() {
+            if let Err(e) = judge(b as u64, got, &ledger.blocks[b], acked[b], sent[b], name) {
+                failures.push(e);
+            }
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "{} blocks wrong after kill -9 (seed {seed}); first ones:\n{}\n--- serve.log:\n{}",
+        failures.len(),
+        failures
+            .iter()
+            .take(20)
+            .cloned()
+            .collect::<Vec<_>>()
+            .join("\n"),
+        d.log()
+    );
+
+    // The store is consistent, through the daemon and without it, and
+    // gc reclaims what the crash leaked.
+    let check = d.json(&["check"]);
+    assert_eq!(check["clean"], true, "{check}");
+    d.ok(&["gc"]);
+    let check = d.json(&["check"]);
+    assert_eq!(check["clean"], true, "{check}");
+    assert_eq!(check["leaked_blocks"], 0, "{check}");
+    // The disk still takes writes.
+    let mut nbd = Nbd::new(&d.tcp_addr(), "D");
+    assert_eq!(
+        nbd.write(0, &block_content(0, u64::MAX), CMD_FLAG_FUA)
+            .unwrap(),
+        0
+    );
+    assert_eq!(nbd.read(0, BLOCK as u32), block_content(0, u64::MAX));
+    nbd.disconnect();
+    d.stop();
+    let ran = d.cli.run(&["check"]);
+    assert!(ran.status.success(), "offline check: {}", ran.describe());
+}
+
+#[test]
+fn crash_kill9_keeps_flushed_writes() {
+    if !have_tools() {
+        return;
+    }
+    crash_iteration(seed("crash"));
+}
