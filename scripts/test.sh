@@ -28,6 +28,8 @@ if [ "$FUZZ_SECONDS" != 0 ]; then
     # cargo-fuzz needs nightly compiler flags; the stable toolchain accepts
     # them with RUSTC_BOOTSTRAP (the only toolchain this machine has).
     export RUSTC_BOOTSTRAP=1
+    # Valid NBD sessions as starting points (fuzz/corpus is not committed).
+    cargo test -q -p parallax-nbd --test fuzz_seeds -- --ignored >/dev/null
     for target in $(cargo fuzz list); do
         echo "== fuzz smoke: $target (${FUZZ_SECONDS}s)"
         cargo fuzz run "$target" -- -max_total_time="$FUZZ_SECONDS" -rss_limit_mb=4096
