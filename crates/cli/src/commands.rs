@@ -218,7 +218,13 @@ pub fn clone(ctx: &Context, source: &SnapRef, new: &str) -> Result<()> {
 }
 
 pub fn rollback(ctx: &Context, target: &SnapRef) -> Result<()> {
-    ctx.write(|api| api.rollback(&target.disk, &target.snapshot))
+    ctx.write(|api| {
+        api.rollback(&target.disk, &target.snapshot)
+            .map_err(|mut e| {
+                e.message = format!("cannot roll back {}: {}", target.disk, e.message);
+                e
+            })
+    })
 }
 
 pub fn delete(ctx: &Context, targets: &[DiskRef]) -> Result<()> {

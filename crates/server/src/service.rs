@@ -111,13 +111,13 @@ impl Service {
             .count()
     }
 
-    fn refuse_if_connected(&self, disk: &str, snapshot: Option<&str>, what: &str) -> ApiResult<()> {
+    fn refuse_if_connected(&self, disk: &str, snapshot: Option<&str>) -> ApiResult<()> {
         match self.connections_to(disk, snapshot) {
             0 => Ok(()),
             n => Err(ApiError::new(
                 ErrorKind::Conflict,
                 format!(
-                    "cannot {what} {}: it has {n} live NBD connection{}; disconnect the clients first (`parallax status` lists them)",
+                    "{} is in use by {n} live NBD connection{}; disconnect the clients first (`parallax status` lists them)",
                     export_name(disk, snapshot),
                     if n == 1 { "" } else { "s" }
                 ),
@@ -219,17 +219,17 @@ impl Api for Service {
     }
 
     fn rollback(&self, disk: &str, snapshot: &str) -> ApiResult<()> {
-        self.refuse_if_connected(disk, None, "roll back")?;
+        self.refuse_if_connected(disk, None)?;
         self.change(|store| Ok(store.open_vdi(disk)?.rollback(snapshot)?))
     }
 
     fn delete_disk(&self, name: &str) -> ApiResult<()> {
-        self.refuse_if_connected(name, None, "delete")?;
+        self.refuse_if_connected(name, None)?;
         self.change(|store| Ok(store.delete_vdi(name)?))
     }
 
     fn delete_snapshot(&self, disk: &str, snapshot: &str) -> ApiResult<()> {
-        self.refuse_if_connected(disk, Some(snapshot), "delete")?;
+        self.refuse_if_connected(disk, Some(snapshot))?;
         self.change(|store| Ok(store.open_vdi(disk)?.delete_snapshot(snapshot)?))
     }
 
