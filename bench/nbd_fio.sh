@@ -29,12 +29,16 @@ cleanup() {
 trap cleanup EXIT
 
 # --- servers ---------------------------------------------------------------
-"$P" --store "$TMP/store.px" init --size 8G >/dev/null
-"$P" --store "$TMP/store.px" serve --direct --nbd-listen none \
-    --nbd-socket "$TMP/px.sock" >"$TMP/px.log" 2>&1 &
-pids+=($!)
-for _ in $(seq 100); do "$P" --store "$TMP/store.px" status >/dev/null 2>&1 && break; sleep 0.1; done
-"$P" --store "$TMP/store.px" create bench --size "$SIZE"
+# Two Parallax daemons: O_DIRECT (compare with --cache=none) and page-cached.
+for mode in direct cached; do
+    flag=""; [ "$mode" = direct ] && flag="--direct"
+    "$P" --store "$TMP/$mode.px" init --size 8G >/dev/null
+    "$P" --store "$TMP/$mode.px" serve $flag --nbd-listen none \
+        --nbd-socket "$TMP/px-$mode.sock" >"$TMP/px-$mode.log" 2>&1 &
+    pids+=($!)
+    for _ in $(seq 100); do "$P" --store "$TMP/$mode.px" status >/dev/null 2>&1 && break; sleep 0.1; done
+    "$P" --store "$TMP/$mode.px" create bench --size "$SIZE"
+done
 
 qemu-img create -q -f raw "$TMP/raw.img" "$SIZE"
 qemu-img create -q -f qcow2 "$TMP/q.qcow2" "$SIZE"
@@ -45,11 +49,12 @@ qemu-nbd -f qcow2 -k "$TMP/q.sock" -x bench -t -e 8 --cache=none --aio=io_uring 
 pids+=("$(cat "$TMP/raw.pid")" "$(cat "$TMP/q.pid")")
 
 declare -A URI=(
-    [parallax]="nbd+unix:///bench?socket=$TMP/px.sock"
+    [parallax]="nbd+unix:///bench?socket=$TMP/px-direct.sock"
+    [px-cached]="nbd+unix:///bench?socket=$TMP/px-cached.sock"
     [qemu-raw]="nbd+unix:///bench?socket=$TMP/raw.sock"
     [qemu-qcow2]="nbd+unix:///bench?socket=$TMP/q.sock"
 )
-SERVERS=(parallax qemu-raw qemu-qcow2)
+SERVERS=(parallax px-cached qemu-raw qemu-qcow2)
 
 # fio_run SERVER RW BS DEPTH [extra...] -> prints "iops MiB/s"
 fio_run() {
@@ -59,7 +64,8 @@ fio_run() {
         --iodepth="$depth" --size="$SIZE" --output-format=json "$@" >"$TMP/fio.json"
     python3 - "$TMP/fio.json" <<'PY'
 import json, sys
-j = json.load(open(sys.argv[1]))["jobs"][0]
+text = open(sys.argv[1]).read()
+j = json.loads(text[text.index("{"):])["jobs"][0]  # fio's nbd engine prints a line first
 iops = j["read"]["iops"] + j["write"]["iops"]
 bw = (j["read"]["bw_bytes"] + j["write"]["bw_bytes"]) / 2**20
 print(f"{iops:.0f} {bw:.1f}")
@@ -96,14 +102,15 @@ for sc in "${SCENARIOS[@]}"; do
 done
 
 echo
-printf "%-20s %12s %12s %12s %10s %10s\n" scenario parallax qemu-raw qemu-qcow2 "P/raw" "P/qcow2"
+echo "parallax = --direct (O_DIRECT); px-cached = page cache; qemu-nbd: --cache=none --aio=io_uring"
+printf "%-18s %10s %10s %10s %10s %8s %8s %9s\n" scenario parallax px-cached qemu-raw qemu-qcow2 "P/raw" "P/qcow2" "Pc/raw"
 for sc in "${SCENARIOS[@]}"; do
     read -r name rw bs depth <<<"$sc"
-    p=${BEST[$name/parallax]}; r=${BEST[$name/qemu-raw]}; q=${BEST[$name/qemu-qcow2]}
+    p=${BEST[$name/parallax]}; c=${BEST[$name/px-cached]}; r=${BEST[$name/qemu-raw]}; q=${BEST[$name/qemu-qcow2]}
     unit=IOPS; [ "$bs" = 1M ] && unit=MiB/s
     python3 -c "
-p,r,q=$p,$r,$q
-print(f'{\"$name\":<20} {p:>12.0f} {r:>12.0f} {q:>12.0f} {p/r:>9.2f}x {p/q:>9.2f}x   ($unit)')"
+p,c,r,q=$p,$c,$r,$q
+print(f'{\"$name\":<18} {p:>10.0f} {c:>10.0f} {r:>10.0f} {q:>10.0f} {p/r:>7.2f}x {p/q:>7.2f}x {c/r:>8.2f}x  ($unit)')"
 done
 echo
-echo "fill (1 MiB sequential first write, MiB/s): parallax ${FILL[parallax]}, qemu-raw ${FILL[qemu-raw]}, qemu-qcow2 ${FILL[qemu-qcow2]}"
+echo "fill (1 MiB sequential first write, MiB/s): parallax ${FILL[parallax]}, px-cached ${FILL[px-cached]}, qemu-raw ${FILL[qemu-raw]}, qemu-qcow2 ${FILL[qemu-qcow2]}"
