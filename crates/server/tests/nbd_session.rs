@@ -133,30 +133,15 @@ impl Client {
     }
 
     async fn send(&mut self, command: Command, flags: u16, cookie: u64, offset: u64, len: u32) {
-        let code = match command {
-            Command::Read => 0,
-            Command::Write => 1,
-            Command::Disc => 2,
-            Command::Flush => 3,
-            Command::Trim => 4,
-            Command::Cache => 5,
-            Command::WriteZeroes => 6,
-            Command::BlockStatus => 7,
-            Command::Unknown(n) => n,
+        let request = Request {
+            flags,
+            command,
+            cookie,
+            offset,
+            length: len,
         };
-        let mut h = Vec::new();
-        h.extend_from_slice(&proto::REQUEST_MAGIC.to_be_bytes());
-        h.extend_from_slice(&flags.to_be_bytes());
-        h.extend_from_slice(&code.to_be_bytes());
-        h.extend_from_slice(&cookie.to_be_bytes());
-        h.extend_from_slice(&offset.to_be_bytes());
-        h.extend_from_slice(&len.to_be_bytes());
-        assert_eq!(
-            Request::decode(&h.clone().try_into().unwrap())
-                .unwrap()
-                .command,
-            command
-        );
+        let h = request.encode();
+        assert_eq!(Request::decode(&h).unwrap(), request);
         if command == Command::Read {
             self.reads.insert(cookie, len);
         }
