@@ -7,7 +7,7 @@ use crate::output::{key_values, print, print_json, Table};
 use crate::size::format_size;
 use crate::{DiskRef, SnapRef};
 use anyhow::{anyhow, bail, Result};
-use parallax_server::api::{Api, ApiResult, DiskInfo};
+use parallax_server::api::{Api, ApiResult, DiskInfo, ErrorKind};
 use parallax_server::client::Remote;
 use parallax_server::daemon::{self, ServeOptions};
 use parallax_server::service::Service;
@@ -221,7 +221,9 @@ pub fn rollback(ctx: &Context, target: &SnapRef) -> Result<()> {
     ctx.write(|api| {
         api.rollback(&target.disk, &target.snapshot)
             .map_err(|mut e| {
-                e.message = format!("cannot roll back {}: {}", target.disk, e.message);
+                if e.kind == ErrorKind::Conflict {
+                    e.message = format!("cannot roll back {}: {}", target.disk, e.message);
+                }
                 e
             })
     })
