@@ -34,10 +34,6 @@ impl Remote {
         })
     }
 
-    pub fn socket(&self) -> &Path {
-        &self.socket
-    }
-
     pub fn status(&self) -> ApiResult<DaemonStatus> {
         self.call(Method::GET, "/v1/status", None::<&()>)
     }

@@ -111,19 +111,36 @@ impl Target {
     }
 }
 
-/// The store's disks and snapshots as the handshake sees them.
+/// The store's disks and snapshots as the handshake sees them. Keeps the
+/// last export it opened, so that the one a GO chose is not opened twice.
 struct StoreExports<'a> {
     service: &'a Service,
+    last: std::sync::Mutex<Option<(String, Target)>>,
+}
+
+impl StoreExports<'_> {
+    /// The negotiated export: the one already opened, or opened now.
+    fn take(&self, name: &str) -> Result<Target, EngineError> {
+        let last = self.last.lock().ok().and_then(|mut l| l.take());
+        match last {
+            Some((n, target)) if n == name => Ok(target),
+            _ => open_target(self.service, name),
+        }
+    }
 }
 
 impl Exports for StoreExports<'_> {
     fn lookup(&self, name: &str) -> Option<ExportInfo> {
         let target = open_target(self.service, name).ok()?;
-        Some(ExportInfo {
+        let info = ExportInfo {
             size: target.size(),
             read_only: target.disk().is_none(),
             description: None,
-        })
+        };
+        if let Ok(mut last) = self.last.lock() {
+            *last = Some((name.to_string(), target));
+        }
+        Some(info)
     }
 
     fn list(&self) -> Vec<(String, Option<String>)> {
@@ -163,8 +180,8 @@ pub async fn serve_connection<S>(
         },
         _ = shutdown.changed() => return,
     };
-    let (negotiated, leftover) = negotiated;
-    let target = match open_target(&service, &negotiated.export) {
+    let (negotiated, leftover, target) = negotiated;
+    let target = match target {
         Ok(t) => t,
         Err(e) => {
             warn!(%peer, export = %negotiated.export, "cannot open export after negotiation: {e}");
@@ -189,17 +206,23 @@ pub async fn serve_connection<S>(
     drop(guard);
 }
 
+/// The outcome of a handshake, the bytes after it, and the chosen export.
+type Negotiation = (Negotiated, Vec<u8>, Result<Target, EngineError>);
+
 /// Runs the handshake. `Ok(None)`: the client left or aborted.
 async fn negotiate<R, W>(
     reader: &mut R,
     writer: &mut W,
     service: &Service,
-) -> io::Result<Option<(Negotiated, Vec<u8>)>>
+) -> io::Result<Option<Negotiation>>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
-    let exports = StoreExports { service };
+    let exports = StoreExports {
+        service,
+        last: std::sync::Mutex::new(None),
+    };
     let mut handshake = Handshake::new(handshake_config());
     let mut out = Vec::new();
     handshake.greeting(&mut out);
@@ -215,7 +238,10 @@ where
         }
         match progress {
             Ok(Progress::NeedInput) => {}
-            Ok(Progress::Done(n)) => return Ok(Some((n, input))),
+            Ok(Progress::Done(n)) => {
+                let target = exports.take(&n.export);
+                return Ok(Some((n, input, target)));
+            }
             Ok(Progress::Close) => return Ok(None),
             Err(e) => return Err(io::Error::new(io::ErrorKind::InvalidData, e.to_string())),
         }

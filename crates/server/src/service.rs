@@ -76,10 +76,6 @@ impl Service {
         &self.store
     }
 
-    pub fn store_path(&self) -> &Path {
-        &self.store_path
-    }
-
     /// Records a client connected to `export` (`NAME` or `NAME@SNAP`).
     pub fn register_connection(&self, export: &str, peer: &str) -> ConnectionGuard<'_> {
         let id = self.next_connection.fetch_add(1, Ordering::Relaxed);
