@@ -6,13 +6,12 @@
 //! buffer when the caller's buffer is not aligned, and offsets and lengths
 //! must be multiples of 4 KiB.
 
+use crate::aligned::{AlignedBuf, ALIGN as DIRECT_ALIGN};
 use crate::{check_range, BlockDevice};
 use std::fs::{File, OpenOptions};
 use std::io::{self, Seek, SeekFrom};
 use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt};
 use std::path::Path;
-
-const DIRECT_ALIGN: usize = 4096;
 
 /// How to open a [`FileDevice`].
 #[derive(Debug, Clone, Copy, Default)]
@@ -81,36 +80,6 @@ impl FileDevice {
     }
 }
 
-/// A heap buffer whose usable part starts on a 4 KiB boundary.
-struct Bounce {
-    storage: Vec<u8>,
-    start: usize,
-    len: usize,
-}
-
-impl Bounce {
-    fn new(len: usize) -> Self {
-        let storage = vec![0u8; len + DIRECT_ALIGN];
-        let misalign = storage.as_ptr() as usize % DIRECT_ALIGN;
-        let start = if misalign == 0 {
-            0
-        } else {
-            DIRECT_ALIGN - misalign
-        };
-        Bounce {
-            storage,
-            start,
-            len,
-        }
-    }
-    fn as_mut(&mut self) -> &mut [u8] {
-        &mut self.storage[self.start..self.start + self.len]
-    }
-    fn as_ref(&self) -> &[u8] {
-        &self.storage[self.start..self.start + self.len]
-    }
-}
-
 impl BlockDevice for FileDevice {
     fn len(&self) -> u64 {
         self.len
@@ -121,9 +90,9 @@ impl BlockDevice for FileDevice {
         if self.aligned(buf.as_ptr(), offset, buf.len()) {
             return self.file.read_exact_at(buf, offset);
         }
-        let mut bounce = Bounce::new(buf.len());
-        self.file.read_exact_at(bounce.as_mut(), offset)?;
-        buf.copy_from_slice(bounce.as_ref());
+        let mut bounce = AlignedBuf::zeroed(buf.len());
+        self.file.read_exact_at(&mut bounce, offset)?;
+        buf.copy_from_slice(&bounce);
         Ok(())
     }
 
@@ -132,9 +101,9 @@ impl BlockDevice for FileDevice {
         if self.aligned(buf.as_ptr(), offset, buf.len()) {
             return self.file.write_all_at(buf, offset);
         }
-        let mut bounce = Bounce::new(buf.len());
-        bounce.as_mut().copy_from_slice(buf);
-        self.file.write_all_at(bounce.as_ref(), offset)
+        let mut bounce = AlignedBuf::zeroed(buf.len());
+        bounce.copy_from_slice(buf);
+        self.file.write_all_at(&bounce, offset)
     }
 
     fn flush(&self) -> io::Result<()> {

@@ -19,10 +19,12 @@
 //! optionally `O_DIRECT`), [`MemDevice`] (a volatile byte vector), and
 //! [`CrashDevice`] (a simulator keeping durable and written state apart).
 
+mod aligned;
 mod crash;
 mod file;
 mod mem;
 
+pub use aligned::{is_aligned, AlignedBuf, ALIGN};
 pub use crash::{CrashDevice, CrashMode, Fault};
 pub use file::{FileDevice, OpenMode};
 pub use mem::MemDevice;

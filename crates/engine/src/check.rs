@@ -332,11 +332,17 @@ impl Store {
                 m.errors.join("; ")
             )));
         }
+        // Blocks that writes in progress allocated are referenced by nothing
+        // yet, but are about to be.
+        let in_flight: HashSet<u64> = guards
+            .iter()
+            .flat_map(|g| g.in_flight.iter().copied())
+            .collect();
         let freed = self
             .inner
             .alloc
             .lock()
-            .rebuild(&|addr| m.roles.contains_key(&addr));
+            .rebuild(&|addr| m.roles.contains_key(&addr) || in_flight.contains(&addr));
         self.inner.sync_bitmaps()?;
         drop(catalog);
         drop(guards);

@@ -4,6 +4,10 @@
 //! no invalidation except when a block is freed and may be reused: the store
 //! evicts it then. As a second line of defence, every cache hit is checked
 //! against the parent pointer's check value.
+//!
+//! The cache is split into [`CACHE_SHARDS`] LRU shards by block address,
+//! each behind its own mutex, so that concurrent lookups on different
+//! nodes do not contend on one lock. The bound is the sum of the shards'.
 
 use crate::error::{Error, Result};
 use lru::LruCache;
@@ -15,6 +19,8 @@ use std::sync::Arc;
 
 /// Nodes kept in memory by default (4 KiB each): 64 MiB.
 pub const DEFAULT_CACHE_NODES: usize = 16384;
+/// Independent LRU shards of the node cache.
+const CACHE_SHARDS: usize = 16;
 
 struct Cached {
     node: Arc<NodeBlock>,
@@ -26,7 +32,7 @@ pub(crate) struct MetaIo {
     pub dev: Arc<dyn BlockDevice>,
     pub store_id: u64,
     pub total_blocks: u64,
-    cache: Mutex<LruCache<u64, Cached>>,
+    cache: Vec<Mutex<LruCache<u64, Cached>>>,
 }
 
 impl MetaIo {
@@ -36,13 +42,23 @@ impl MetaIo {
         total_blocks: u64,
         cache_nodes: usize,
     ) -> Self {
-        let cap = NonZeroUsize::new(cache_nodes.max(16)).unwrap_or(NonZeroUsize::MIN);
+        let per_shard = cache_nodes.div_ceil(CACHE_SHARDS).max(4);
+        let cap = NonZeroUsize::new(per_shard).unwrap_or(NonZeroUsize::MIN);
         MetaIo {
             dev,
             store_id,
             total_blocks,
-            cache: Mutex::new(LruCache::new(cap)),
+            cache: (0..CACHE_SHARDS)
+                .map(|_| Mutex::new(LruCache::new(cap)))
+                .collect(),
         }
+    }
+
+    fn shard(&self, addr: u64) -> &Mutex<LruCache<u64, Cached>> {
+        // Nodes of one commit are allocated close together: mix the bits so
+        // that neighbours land in different shards.
+        let h = addr.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 60;
+        &self.cache[h as usize % CACHE_SHARDS]
     }
 
     /// Checks that a pointer read from metadata stays inside the store.
@@ -79,7 +95,7 @@ impl MetaIo {
     pub fn load_node(&self, ptr: Ptr, level: u8) -> Result<Arc<NodeBlock>> {
         self.check_ptr(ptr, "a tree pointer")?;
         let addr = ptr.addr();
-        if let Some(c) = self.cache.lock().get(&addr) {
+        if let Some(c) = self.shard(addr).lock().get(&addr) {
             if ptr.matches_crc(c.crc) && c.node.level == level {
                 return Ok(c.node.clone());
             }
@@ -98,7 +114,7 @@ impl MetaIo {
             self.check_ptr(*p, "a tree node entry")?;
         }
         let node = Arc::new(node);
-        self.cache.lock().put(
+        self.shard(addr).lock().put(
             addr,
             Cached {
                 node: node.clone(),
@@ -110,11 +126,11 @@ impl MetaIo {
 
     /// Puts a node just written into the cache.
     pub fn cache_node(&self, addr: u64, node: Arc<NodeBlock>, crc: u32) {
-        self.cache.lock().put(addr, Cached { node, crc });
+        self.shard(addr).lock().put(addr, Cached { node, crc });
     }
 
     /// Forgets a block that is being freed.
     pub fn evict(&self, addr: u64) {
-        self.cache.lock().pop(&addr);
+        self.shard(addr).lock().pop(&addr);
     }
 }

@@ -58,6 +58,37 @@ pub(crate) struct TreePlan {
     pub freed: Vec<u64>,
 }
 
+/// The entries of one node found by a lookup.
+enum LeafEntries<'a> {
+    /// Below a null pointer: every entry is null.
+    Empty,
+    Dirty(&'a [Ptr]),
+    Clean(Arc<NodeBlock>),
+}
+
+impl LeafEntries<'_> {
+    fn get(&self, i: usize) -> Ptr {
+        match self {
+            LeafEntries::Empty => Ptr::NULL,
+            LeafEntries::Dirty(e) => e[i],
+            LeafEntries::Clean(n) => n.entries[i],
+        }
+    }
+}
+
+/// A level-0 node and whether every pointer above it is writable.
+struct Leaf<'a> {
+    entries: LeafEntries<'a>,
+    writable: bool,
+}
+
+impl Leaf<'_> {
+    fn entry(&self, i: usize) -> (Ptr, bool) {
+        let e = self.entries.get(i);
+        (e, self.writable && e.writable())
+    }
+}
+
 /// See the module documentation.
 #[derive(Clone)]
 pub(crate) struct Tree {
@@ -117,23 +148,54 @@ impl Tree {
     /// The level-0 entry for virtual block `v`, and whether the whole path
     /// to it is writable (so the data block may be overwritten in place).
     pub fn lookup(&self, meta: &MetaIo, v: u64) -> Result<(Ptr, bool)> {
+        Ok(self.leaf(meta, v)?.entry(index(v, 0)))
+    }
+
+    /// Calls `f(v, entry, writable)` for every virtual block of
+    /// `[start, end)` in order, as [`Tree::lookup`] would answer, but
+    /// walking from the root once per leaf node rather than once per block.
+    pub fn for_each_entry(
+        &self,
+        meta: &MetaIo,
+        start: u64,
+        end: u64,
+        f: &mut dyn FnMut(u64, Ptr, bool) -> Result<()>,
+    ) -> Result<()> {
+        let mut v = start;
+        while v < end {
+            let leaf = self.leaf(meta, v)?;
+            let leaf_end = ((prefix(v, 0) + 1) * FAN).min(end);
+            while v < leaf_end {
+                let (entry, writable) = leaf.entry(index(v, 0));
+                f(v, entry, writable)?;
+                v += 1;
+            }
+        }
+        Ok(())
+    }
+
+    /// The level-0 node covering `v`, and whether the path down to it is
+    /// writable.
+    fn leaf(&self, meta: &MetaIo, v: u64) -> Result<Leaf<'_>> {
         let mut ptr = self.root;
         let mut writable = true;
         let mut level = ROOT_LEVEL;
         loop {
-            let i = index(v, level);
-            let entry = if let Some(d) = self.dirty.get(&(level, prefix(v, level))) {
-                d.entries[i]
+            let entries = if let Some(d) = self.dirty.get(&(level, prefix(v, level))) {
+                LeafEntries::Dirty(&d.entries)
             } else if ptr.is_null() {
-                return Ok((Ptr::NULL, false));
+                return Ok(Leaf {
+                    entries: LeafEntries::Empty,
+                    writable: false,
+                });
             } else {
                 writable &= ptr.writable();
-                meta.load_node(ptr, level)?.entries[i]
+                LeafEntries::Clean(meta.load_node(ptr, level)?)
             };
             if level == 0 {
-                return Ok((entry, writable && entry.writable()));
+                return Ok(Leaf { entries, writable });
             }
-            ptr = entry;
+            ptr = entries.get(index(v, level));
             level -= 1;
         }
     }

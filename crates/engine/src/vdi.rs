@@ -24,7 +24,7 @@ use crate::time::{compact_utc, now_ns};
 use crate::tree::{Tree, MAX_VIRTUAL_BLOCKS};
 use parallax_format::{
     validate_name, LogBlock, LogEntry, LogEntryKind, NodeBlock, Ptr, VdiHeader, BLOCK_SIZE,
-    BLOCK_SIZE_U64, LOG_ENTRIES_PER_BLOCK, TREE_HEIGHT,
+    BLOCK_SIZE_U64, FAN_OUT, LOG_ENTRIES_PER_BLOCK, TREE_HEIGHT,
 };
 use parking_lot::{Mutex, RwLock};
 use std::collections::HashSet;
@@ -81,6 +81,10 @@ pub(crate) struct VdiState {
     pub pending_log: Vec<LogEntry>,
     /// Blocks to free once the next commit is durable.
     pub pending_free: Vec<u64>,
+    /// Data blocks allocated by writes still in progress: their data is
+    /// being written outside the lock and no tree points at them yet.
+    /// `gc` must not take them back.
+    pub in_flight: HashSet<u64>,
     pub header_dirty: bool,
     pub poisoned: bool,
     pub deleted: bool,
@@ -157,6 +161,7 @@ impl VdiInner {
                 log_block,
                 pending_log: Vec::new(),
                 pending_free: Vec::new(),
+                in_flight: HashSet::new(),
                 header_dirty: false,
                 poisoned: false,
                 deleted: false,
@@ -206,7 +211,8 @@ impl VdiInner {
         self.write_data(addr, &block)
     }
 
-    /// Writes one piece of at most a block. `data: None` writes zeros.
+    /// Writes a piece smaller than a block: a read-modify-write, under the
+    /// disk's exclusive lock when it must allocate.
     fn write_piece(&self, v: u64, within: usize, data: &[u8]) -> Result<()> {
         {
             let st = self.state.read();
@@ -234,6 +240,117 @@ impl VdiInner {
             return Err(e);
         }
         st.tree.set_entry(v, Ptr::data(addr, true))
+    }
+
+    /// Writes whole blocks `first..first + data.len() / BLOCK_SIZE`.
+    ///
+    /// 1. Under the shared lock, blocks the disk owns are overwritten in
+    ///    place, one `write_at` per run of consecutive addresses.
+    /// 2. The rest are allocated under the exclusive lock, which is then
+    ///    dropped while their data is written (again in runs), so that
+    ///    allocating writes of one disk overlap on the device. The new
+    ///    blocks are recorded in `in_flight` meanwhile, so `gc` keeps them.
+    /// 3. The exclusive lock is taken again to point the tree at them. If
+    ///    another write replaced a block meanwhile, the one it replaced is
+    ///    freed after the next commit, like any overwritten owned block.
+    ///
+    /// Concurrent writes to the same block end with one of them whole, as
+    /// NBD allows; no reader ever sees a block that was not written.
+    fn write_blocks(&self, first: u64, data: &[u8]) -> Result<()> {
+        let meta = &self.store.meta;
+        let count = (data.len() / BLOCK_SIZE) as u64;
+        let block = |k: u64| &data[k as usize * BLOCK_SIZE..(k as usize + 1) * BLOCK_SIZE];
+        let mut missing = Vec::new();
+        {
+            let st = self.state.read();
+            self.usable(&st)?;
+            let mut runs = Runs::default();
+            st.tree
+                .for_each_entry(meta, first, first + count, &mut |v, entry, writable| {
+                    if writable {
+                        runs.push(v - first, entry.addr());
+                    } else {
+                        missing.push(v - first);
+                    }
+                    Ok(())
+                })?;
+            for run in runs.0 {
+                self.write_data(run.addr, &data[run.bytes()])?;
+            }
+        }
+        if missing.is_empty() {
+            return Ok(());
+        }
+        // Phase 2: allocate.
+        let mut allocated: Vec<(u64, u64)> = Vec::with_capacity(missing.len());
+        {
+            let mut st = self.state.write();
+            self.usable(&st)?;
+            let leaves = (first + count - 1) / FAN_OUT as u64 - first / FAN_OUT as u64 + 1;
+            let reserve = METADATA_RESERVE
+                + (st.tree.dirty_nodes() + st.in_flight.len()) as u64
+                + TREE_HEIGHT as u64 * leaves;
+            let mut alloc = self.store.alloc.lock();
+            for &k in &missing {
+                let (entry, writable) = st.tree.lookup(meta, first + k)?;
+                if writable {
+                    // Another write allocated it since the first pass.
+                    self.write_data(entry.addr(), block(k))?;
+                    continue;
+                }
+                match alloc.allocate(reserve) {
+                    Ok(addr) => allocated.push((k, addr)),
+                    Err(e) => {
+                        for &(_, addr) in &allocated {
+                            alloc.release(addr);
+                        }
+                        return Err(e);
+                    }
+                }
+            }
+            st.in_flight.extend(allocated.iter().map(|&(_, a)| a));
+        }
+        // Phase 3: the data, outside the lock.
+        let mut runs = Runs::default();
+        for &(k, addr) in &allocated {
+            runs.push(k, addr);
+        }
+        let written = runs
+            .0
+            .iter()
+            .try_for_each(|run| self.write_data(run.addr, &data[run.bytes()]));
+        // Phase 4: link them into the tree.
+        let mut st = self.state.write();
+        let linked = written.and_then(|_| {
+            self.usable(&st)?;
+            for &(k, addr) in &allocated {
+                let v = first + k;
+                let linked = st.tree.entry_for_write(meta, v).and_then(|old| {
+                    st.tree.set_entry(v, Ptr::data(addr, true))?;
+                    Ok(old)
+                });
+                match linked {
+                    Ok(old) => {
+                        st.in_flight.remove(&addr);
+                        if old.writable() {
+                            st.pending_free.push(old.addr());
+                        }
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+            Ok(())
+        });
+        if linked.is_err() {
+            // Whatever is still in flight was never linked: give it back.
+            let mut alloc = self.store.alloc.lock();
+            for &(_, addr) in &allocated {
+                if st.in_flight.remove(&addr) {
+                    alloc.release(addr);
+                }
+            }
+        }
+        linked
     }
 
     /// Unmaps whole block `v` (discard or zeroing).
@@ -553,8 +670,21 @@ impl Vdi {
     /// Writes `data` at `offset`. Durable after the next [`Vdi::flush`].
     pub fn write(&self, data: &[u8], offset: u64) -> Result<()> {
         check_io_range(self.size(), offset, data.len() as u64)?;
+        // Partial blocks at the edges one by one; the whole blocks between
+        // them in one batch.
+        let mut whole: Option<(u64, std::ops::Range<usize>)> = None;
         for (v, within, r) in pieces(offset, data.len()) {
-            self.inner.write_piece(v, within, &data[r])?;
+            if r.len() < BLOCK_SIZE {
+                self.inner.write_piece(v, within, &data[r])?;
+            } else {
+                match &mut whole {
+                    Some((_, range)) => range.end = r.end,
+                    None => whole = Some((v, r)),
+                }
+            }
+        }
+        if let Some((first, range)) = whole {
+            self.inner.write_blocks(first, &data[range])?;
         }
         Ok(())
     }
@@ -755,28 +885,89 @@ pub(crate) fn read_tree(
     buf: &mut [u8],
     offset: u64,
 ) -> Result<()> {
-    let mut block = vec![0u8; BLOCK_SIZE];
-    for (v, within, r) in pieces(offset, buf.len()) {
-        let (entry, _) = tree.lookup(&store.meta, v)?;
-        let out = &mut buf[r];
+    if buf.is_empty() {
+        return Ok(());
+    }
+    let first = offset / BLOCK_SIZE_U64;
+    let end = (offset + buf.len() as u64).div_ceil(BLOCK_SIZE_U64);
+    let mut entries = Vec::with_capacity((end - first) as usize);
+    tree.for_each_entry(&store.meta, first, end, &mut |_, entry, _| {
+        entries.push(entry);
+        Ok(())
+    })?;
+    // Whole mapped blocks are read in runs of consecutive addresses, each
+    // with one `read_at` straight into the caller's buffer.
+    let mut runs = Runs::default();
+    let mut partial = Vec::new();
+    for ((_, within, r), entry) in pieces(offset, buf.len()).zip(entries) {
         if entry.is_null() {
-            out.fill(0);
-        } else if out.len() == BLOCK_SIZE {
-            store
-                .meta
-                .dev
-                .read_at(out, entry.addr() * BLOCK_SIZE_U64)
-                .map_err(Error::io(format!("reading data block {}", entry.addr())))?;
+            buf[r].fill(0);
+        } else if r.len() == BLOCK_SIZE {
+            runs.push_range(r, entry.addr());
         } else {
-            store
-                .meta
-                .dev
-                .read_at(&mut block, entry.addr() * BLOCK_SIZE_U64)
-                .map_err(Error::io(format!("reading data block {}", entry.addr())))?;
-            out.copy_from_slice(&block[within..within + out.len()]);
+            partial.push((within, r, entry.addr()));
+        }
+    }
+    let read = |addr: u64, out: &mut [u8]| {
+        store
+            .meta
+            .dev
+            .read_at(out, addr * BLOCK_SIZE_U64)
+            .map_err(Error::io(format!("reading data block {addr}")))
+    };
+    for run in runs.0 {
+        read(run.addr, &mut buf[run.bytes()])?;
+    }
+    if !partial.is_empty() {
+        let mut block = parallax_device::AlignedBuf::zeroed(BLOCK_SIZE);
+        for (within, r, addr) in partial {
+            read(addr, &mut block)?;
+            buf[r.clone()].copy_from_slice(&block[within..within + r.len()]);
         }
     }
     Ok(())
+}
+
+/// One device transfer: consecutive blocks at consecutive addresses.
+struct Run {
+    /// First device block.
+    addr: u64,
+    /// Byte range in the caller's buffer.
+    start: usize,
+    end: usize,
+}
+
+impl Run {
+    fn bytes(&self) -> std::ops::Range<usize> {
+        self.start..self.end
+    }
+}
+
+/// Gathers whole-block transfers into [`Run`]s.
+#[derive(Default)]
+struct Runs(Vec<Run>);
+
+impl Runs {
+    /// Adds whole block `k` of the caller's buffer, at device block `addr`.
+    fn push(&mut self, k: u64, addr: u64) {
+        let start = k as usize * BLOCK_SIZE;
+        self.push_range(start..start + BLOCK_SIZE, addr);
+    }
+
+    fn push_range(&mut self, r: std::ops::Range<usize>, addr: u64) {
+        if let Some(last) = self.0.last_mut() {
+            let blocks = ((last.end - last.start) / BLOCK_SIZE) as u64;
+            if last.end == r.start && last.addr + blocks == addr {
+                last.end = r.end;
+                return;
+            }
+        }
+        self.0.push(Run {
+            addr,
+            start: r.start,
+            end: r.end,
+        });
+    }
 }
 
 fn tree_extents(store: &StoreInner, tree: &Tree, offset: u64, len: u64) -> Result<Vec<Extent>> {
