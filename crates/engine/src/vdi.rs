@@ -90,6 +90,16 @@ pub(crate) struct VdiState {
     pub deleted: bool,
 }
 
+impl VdiState {
+    /// Whether the next commit has anything to write besides bitmaps.
+    fn has_pending(&self) -> bool {
+        self.tree.is_dirty()
+            || !self.pending_log.is_empty()
+            || self.header_dirty
+            || !self.pending_free.is_empty()
+    }
+}
+
 pub(crate) struct VdiInner {
     pub store: Arc<StoreInner>,
     pub id: u64,
@@ -371,12 +381,7 @@ impl VdiInner {
     pub fn commit(&self, st: &mut VdiState, snapshot: Option<(u64, String)>) -> Result<()> {
         self.usable(st)?;
         let meta = &self.store.meta;
-        if !st.tree.is_dirty()
-            && st.pending_log.is_empty()
-            && !st.header_dirty
-            && st.pending_free.is_empty()
-            && snapshot.is_none()
-        {
+        if !st.has_pending() && snapshot.is_none() {
             // Also makes earlier frees durable in the bitmaps.
             return self.store.sync_bitmaps();
         }
@@ -690,7 +695,19 @@ impl Vdi {
     }
 
     /// Makes every write completed before the call durable.
+    ///
+    /// When no metadata is pending (every write since the last commit went
+    /// in place), this is a device flush under no disk lock: reads and
+    /// writes of the disk go on meanwhile.
     pub fn flush(&self) -> Result<()> {
+        {
+            let st = self.inner.state.read();
+            self.inner.usable(&st)?;
+            if !st.has_pending() {
+                drop(st);
+                return self.inner.store.sync_bitmaps();
+            }
+        }
         let mut st = self.inner.state.write();
         self.inner.commit(&mut st, None)
     }

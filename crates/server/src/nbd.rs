@@ -5,10 +5,13 @@
 //! this module moves them between sockets and the engine:
 //!
 //! - One task per connection reads request headers (and write payloads)
-//!   in order. Each request then runs on the blocking pool, and its reply
-//!   is written whole under the connection's writer lock as soon as it is
-//!   ready: requests of one connection run concurrently and complete out
-//!   of order, as the protocol allows.
+//!   in order. Each request then runs on the blocking pool and queues its
+//!   complete reply for the connection's writer task, which writes replies
+//!   in the order they complete, batching those that complete together:
+//!   requests of one connection run concurrently and complete out of
+//!   order, as the protocol allows.
+//! - Payloads and READ data live in 4 KiB-aligned buffers, so that an
+//!   `O_DIRECT` store moves them without a bounce copy.
 //! - A per-connection budget of bytes in flight (a semaphore) bounds the
 //!   memory one client can pin; once it is spent, the reader stops reading
 //!   from the socket until replies go out.
@@ -23,6 +26,7 @@
 //!   stays uncommitted in memory after it is gone.
 
 use crate::service::Service;
+use parallax_device::AlignedBuf;
 use parallax_engine::{Error as EngineError, Extent, SnapshotView, Vdi};
 use parallax_nbd::handshake::{
     BlockSizes, Config as HandshakeConfig, ExportInfo, Exports, Handshake, Negotiated, Progress,
@@ -31,9 +35,8 @@ use parallax_nbd::proto::{self, Command, Request};
 use std::io::{self, Cursor};
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
-use tokio::sync::{watch, Semaphore};
-use tokio::task::JoinSet;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
+use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
 use tracing::{debug, info, warn};
 
 /// Largest READ or WRITE payload, advertised as the maximum block size.
@@ -262,6 +265,15 @@ struct Connection {
     base_allocation: Option<u32>,
 }
 
+/// A complete reply, queued for the connection's writer task. The budget
+/// permit of its request is released once the reply has been written.
+struct Reply {
+    head: Vec<u8>,
+    /// READ data, in a buffer the device could fill without a bounce copy.
+    data: Option<AlignedBuf>,
+    _permit: OwnedSemaphorePermit,
+}
+
 async fn transmission<R, W>(
     mut reader: R,
     writer: W,
@@ -272,11 +284,10 @@ where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin + Send + 'static,
 {
-    let writer = Arc::new(tokio::sync::Mutex::new(writer));
     let budget = Arc::new(Semaphore::new(CONNECTION_BUDGET as usize));
-    let mut in_flight = JoinSet::new();
+    let (replies, queue) = mpsc::unbounded_channel::<Reply>();
+    let writer = tokio::spawn(write_replies(writer, queue));
     let result = loop {
-        while in_flight.try_join_next().is_some() {}
         let mut header = [0u8; proto::REQUEST_HEADER_LEN];
         tokio::select! {
             r = reader.read_exact(&mut header) => match r {
@@ -310,42 +321,74 @@ where
             Ok(p) => p,
             Err(_) => break Ok(()),
         };
-        let mut payload = Vec::new();
+        let mut payload = AlignedBuf::zeroed(payload_len as usize);
         if payload_len > 0 {
-            payload.resize(payload_len as usize, 0);
             if let Err(e) = reader.read_exact(&mut payload).await {
                 break Err(e);
             }
         }
         let ctx = ctx.clone();
-        let writer = writer.clone();
-        in_flight.spawn(async move {
-            let reply = tokio::task::spawn_blocking(move || execute(&ctx, request, payload))
-                .await
-                .unwrap_or_else(|_| {
-                    // The request panicked: answer EIO rather than leave
-                    // the client waiting forever.
-                    let mut out = Vec::new();
-                    proto::simple_reply(&mut out, request.cookie, proto::EIO);
-                    out
-                });
-            let mut w = writer.lock().await;
-            // A failed write means the client is gone; the reader notices.
-            let _ = w.write_all(&reply).await;
-            drop(permit);
+        let replies = replies.clone();
+        tokio::task::spawn_blocking(move || {
+            let run = std::panic::AssertUnwindSafe(|| execute(&ctx, request, &payload));
+            let (head, data) = std::panic::catch_unwind(run).unwrap_or_else(|_| {
+                // A bug, not the client's doing: answer EIO rather than
+                // leave the client waiting forever.
+                let mut out = Vec::new();
+                proto::simple_reply(&mut out, request.cookie, proto::EIO);
+                (out, None)
+            });
+            // Fails only when the writer is gone with the client.
+            let _ = replies.send(Reply {
+                head,
+                data,
+                _permit: permit,
+            });
         });
     };
-    while in_flight.join_next().await.is_some() {}
+    // The writer ends once every request still running has sent its reply.
+    drop(replies);
+    let writer = writer.await;
     if let Some(vdi) = ctx.target.disk().cloned() {
         let flushed = tokio::task::spawn_blocking(move || vdi.flush()).await;
         if let Ok(Err(e)) = flushed {
             warn!("flush after the last request of a connection failed: {e}");
         }
     }
-    let mut w = writer.lock().await;
-    let _ = w.flush().await;
-    let _ = w.shutdown().await;
+    if let Ok(mut w) = writer {
+        let _ = w.shutdown().await;
+    }
     result
+}
+
+/// Writes replies as they come, through a buffer flushed whenever the
+/// queue runs dry: replies that complete together leave in one syscall.
+/// After a failed write (the client is gone) replies are only drained.
+async fn write_replies<W>(writer: W, mut queue: mpsc::UnboundedReceiver<Reply>) -> W
+where
+    W: AsyncWrite + Unpin,
+{
+    let mut out = BufWriter::with_capacity(256 << 10, writer);
+    let mut broken = false;
+    while let Some(mut reply) = queue.recv().await {
+        loop {
+            if !broken {
+                let mut sent = out.write_all(&reply.head).await;
+                if let (Ok(()), Some(data)) = (&sent, &reply.data) {
+                    sent = out.write_all(data).await;
+                }
+                broken = sent.is_err();
+            }
+            match queue.try_recv() {
+                Ok(next) => reply = next,
+                Err(_) => break,
+            }
+        }
+        if !broken {
+            broken = out.flush().await.is_err();
+        }
+    }
+    out.into_inner()
 }
 
 /// An error reply: the errno for the wire and a message for the log and,
@@ -379,12 +422,26 @@ impl From<EngineError> for Failure {
     }
 }
 
-/// Runs one request and returns its complete reply.
-fn execute(ctx: &Connection, req: Request, payload: Vec<u8>) -> Vec<u8> {
+/// Runs one request and returns its complete reply: the header bytes and,
+/// for a successful READ, the data.
+fn execute(ctx: &Connection, req: Request, payload: &[u8]) -> (Vec<u8>, Option<AlignedBuf>) {
     let mut out = Vec::new();
     match req.command {
         Command::Read => match read(ctx, &req) {
-            Ok(reply) => return reply,
+            Ok(data) => {
+                if ctx.structured {
+                    proto::structured_data_header(
+                        &mut out,
+                        req.cookie,
+                        req.offset,
+                        data.len(),
+                        true,
+                    );
+                } else {
+                    proto::simple_reply(&mut out, req.cookie, 0);
+                }
+                return (out, Some(data));
+            }
             Err(f) => error_reply(ctx, &req, f, &mut out),
         },
         Command::BlockStatus => match block_status(ctx, &req) {
@@ -394,12 +451,12 @@ fn execute(ctx: &Connection, req: Request, payload: Vec<u8>) -> Vec<u8> {
             }
             Err(f) => error_reply(ctx, &req, f, &mut out),
         },
-        _ => match other(ctx, &req, &payload) {
+        _ => match other(ctx, &req, payload) {
             Ok(()) => proto::simple_reply(&mut out, req.cookie, 0),
             Err(f) => error_reply(ctx, &req, f, &mut out),
         },
     }
-    out
+    (out, None)
 }
 
 fn error_reply(ctx: &Connection, req: &Request, f: Failure, out: &mut Vec<u8>) {
@@ -426,7 +483,7 @@ fn check_range(ctx: &Connection, req: &Request, past_end_errno: u32) -> Result<(
     }
 }
 
-fn read(ctx: &Connection, req: &Request) -> Result<Vec<u8>, Failure> {
+fn read(ctx: &Connection, req: &Request) -> Result<AlignedBuf, Failure> {
     if req.length > MAX_PAYLOAD {
         return Err(Failure::new(
             proto::EINVAL,
@@ -437,17 +494,9 @@ fn read(ctx: &Connection, req: &Request) -> Result<Vec<u8>, Failure> {
         ));
     }
     check_range(ctx, req, proto::EINVAL)?;
-    let len = req.length as usize;
-    let mut header = Vec::with_capacity(32);
-    if ctx.structured {
-        proto::structured_data_header(&mut header, req.cookie, req.offset, len, true);
-    } else {
-        proto::simple_reply(&mut header, req.cookie, 0);
-    }
-    let mut out = vec![0u8; header.len() + len];
-    out[..header.len()].copy_from_slice(&header);
-    ctx.target.read(&mut out[header.len()..], req.offset)?;
-    Ok(out)
+    let mut data = AlignedBuf::zeroed(req.length as usize);
+    ctx.target.read(&mut data, req.offset)?;
+    Ok(data)
 }
 
 fn writable(ctx: &Connection) -> Result<&Vdi, Failure> {
