@@ -110,6 +110,11 @@ impl BlockDevice for FileDevice {
         self.file.sync_data()
     }
 
+    fn raw_fd(&self) -> Option<std::os::fd::RawFd> {
+        use std::os::fd::AsRawFd;
+        Some(self.file.as_raw_fd())
+    }
+
     fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
         check_range(self.len, offset, len)?;
         if self.block_device || len == 0 {

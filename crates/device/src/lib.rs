@@ -55,6 +55,13 @@ pub trait BlockDevice: Send + Sync {
     /// Its content becomes unspecified (files read zeros after hole
     /// punching). Implementations may ignore the request.
     fn discard(&self, offset: u64, len: u64) -> io::Result<()>;
+
+    /// The file descriptor behind the device, for callers that submit
+    /// their own asynchronous I/O (io_uring) at the same offsets. `None`
+    /// for devices that are not a file (memory, the crash simulator).
+    fn raw_fd(&self) -> Option<std::os::fd::RawFd> {
+        None
+    }
 }
 
 /// Checks that `[offset, offset + len)` lies inside a device of `size` bytes.
@@ -83,5 +90,8 @@ impl<T: BlockDevice + ?Sized> BlockDevice for std::sync::Arc<T> {
     }
     fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
         (**self).discard(offset, len)
+    }
+    fn raw_fd(&self) -> Option<std::os::fd::RawFd> {
+        (**self).raw_fd()
     }
 }

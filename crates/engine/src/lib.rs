@@ -24,4 +24,4 @@ pub use check::{CheckReport, GcReport};
 pub use error::{Error, Result};
 pub use store::{CreateOptions, OpenOptions, Store, StoreStats};
 pub use time::compact_utc;
-pub use vdi::{Extent, SnapshotInfo, SnapshotView, Vdi, VdiInfo, MAX_VDI_SIZE};
+pub use vdi::{Extent, IoPlan, SnapshotInfo, SnapshotView, Transfer, Vdi, VdiInfo, MAX_VDI_SIZE};

@@ -124,6 +124,15 @@ impl MetaIo {
         Ok(node)
     }
 
+    /// The node `ptr` points at if the cache holds it (checked like a hit
+    /// of [`MetaIo::load_node`]); never touches the device.
+    pub fn cached_node(&self, ptr: Ptr, level: u8) -> Option<Arc<NodeBlock>> {
+        let addr = ptr.addr();
+        let mut shard = self.shard(addr).lock();
+        let c = shard.get(&addr)?;
+        (ptr.matches_crc(c.crc) && c.node.level == level).then(|| c.node.clone())
+    }
+
     /// Puts a node just written into the cache.
     pub fn cache_node(&self, addr: u64, node: Arc<NodeBlock>, crc: u32) {
         self.shard(addr).lock().put(addr, Cached { node, crc });

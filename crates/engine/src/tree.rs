@@ -58,6 +58,9 @@ pub(crate) struct TreePlan {
     pub freed: Vec<u64>,
 }
 
+/// Loads the node a pointer points at, at a level; `Ok(None)` to give up.
+type NodeLoader<'a> = dyn Fn(Ptr, u8) -> Result<Option<Arc<NodeBlock>>> + 'a;
+
 /// The entries of one node found by a lookup.
 enum LeafEntries<'a> {
     /// Below a null pointer: every entry is null.
@@ -148,7 +151,11 @@ impl Tree {
     /// The level-0 entry for virtual block `v`, and whether the whole path
     /// to it is writable (so the data block may be overwritten in place).
     pub fn lookup(&self, meta: &MetaIo, v: u64) -> Result<(Ptr, bool)> {
-        Ok(self.leaf(meta, v)?.entry(index(v, 0)))
+        let load = |p: Ptr, level: u8| meta.load_node(p, level).map(Some);
+        match self.leaf(v, &load)? {
+            Some(leaf) => Ok(leaf.entry(index(v, 0))),
+            None => Err(Error::Inconsistent("internal: node loader gave up".into())),
+        }
     }
 
     /// Calls `f(v, entry, writable)` for every virtual block of
@@ -161,9 +168,39 @@ impl Tree {
         end: u64,
         f: &mut dyn FnMut(u64, Ptr, bool) -> Result<()>,
     ) -> Result<()> {
+        let load = |p: Ptr, level: u8| meta.load_node(p, level).map(Some);
+        self.entries_with(start, end, &load, f).map(|_| ())
+    }
+
+    /// [`Tree::for_each_entry`] using only nodes in memory: returns
+    /// `Ok(false)`, having called `f` for a prefix of the range only, when
+    /// a node would have to be read from the device.
+    pub fn for_each_cached_entry(
+        &self,
+        meta: &MetaIo,
+        start: u64,
+        end: u64,
+        f: &mut dyn FnMut(u64, Ptr, bool) -> Result<()>,
+    ) -> Result<bool> {
+        let load = |p: Ptr, level: u8| {
+            meta.check_ptr(p, "a tree pointer")?;
+            Ok(meta.cached_node(p, level))
+        };
+        self.entries_with(start, end, &load, f)
+    }
+
+    fn entries_with(
+        &self,
+        start: u64,
+        end: u64,
+        load: &NodeLoader<'_>,
+        f: &mut dyn FnMut(u64, Ptr, bool) -> Result<()>,
+    ) -> Result<bool> {
         let mut v = start;
         while v < end {
-            let leaf = self.leaf(meta, v)?;
+            let Some(leaf) = self.leaf(v, load)? else {
+                return Ok(false);
+            };
             let leaf_end = ((prefix(v, 0) + 1) * FAN).min(end);
             while v < leaf_end {
                 let (entry, writable) = leaf.entry(index(v, 0));
@@ -171,12 +208,12 @@ impl Tree {
                 v += 1;
             }
         }
-        Ok(())
+        Ok(true)
     }
 
     /// The level-0 node covering `v`, and whether the path down to it is
-    /// writable.
-    fn leaf(&self, meta: &MetaIo, v: u64) -> Result<Leaf<'_>> {
+    /// writable; `None` when `load` declines to load a node.
+    fn leaf(&self, v: u64, load: &NodeLoader<'_>) -> Result<Option<Leaf<'_>>> {
         let mut ptr = self.root;
         let mut writable = true;
         let mut level = ROOT_LEVEL;
@@ -184,16 +221,19 @@ impl Tree {
             let entries = if let Some(d) = self.dirty.get(&(level, prefix(v, level))) {
                 LeafEntries::Dirty(&d.entries)
             } else if ptr.is_null() {
-                return Ok(Leaf {
+                return Ok(Some(Leaf {
                     entries: LeafEntries::Empty,
                     writable: false,
-                });
+                }));
             } else {
                 writable &= ptr.writable();
-                LeafEntries::Clean(meta.load_node(ptr, level)?)
+                match load(ptr, level)? {
+                    Some(node) => LeafEntries::Clean(node),
+                    None => return Ok(None),
+                }
             };
             if level == 0 {
-                return Ok(Leaf { entries, writable });
+                return Ok(Some(Leaf { entries, writable }));
             }
             ptr = entries.get(index(v, level));
             level -= 1;

@@ -26,7 +26,7 @@ use parallax_format::{
     validate_name, LogBlock, LogEntry, LogEntryKind, NodeBlock, Ptr, VdiHeader, BLOCK_SIZE,
     BLOCK_SIZE_U64, FAN_OUT, LOG_ENTRIES_PER_BLOCK, TREE_HEIGHT,
 };
-use parking_lot::{Mutex, RwLock};
+use parking_lot::{ArcRwLockReadGuard, Mutex, RawRwLock, RwLock};
 use std::collections::HashSet;
 use std::sync::Arc;
 
@@ -69,6 +69,90 @@ pub struct Extent {
     pub allocated: bool,
 }
 
+/// One device transfer of an [`IoPlan`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Transfer {
+    /// Byte offset on the device ([`IoPlan::fd`]).
+    pub device_offset: u64,
+    /// Bytes of the caller's buffer it reads into or writes from.
+    pub buf: std::ops::Range<usize>,
+}
+
+/// A READ or an in-place WRITE worked out ahead, for callers that perform
+/// the device I/O themselves (asynchronously, with io_uring): the
+/// transfers, and the parts of a read buffer to fill with zeros.
+///
+/// While the plan lives, the blocks it names cannot be freed or reused: it
+/// holds the disk's lock shared (as [`Vdi::read`] does for its duration),
+/// so commits, snapshots and allocating writes of that disk wait for it.
+/// Keep it until every transfer has completed, then drop it.
+pub struct IoPlan {
+    /// The file to transfer to or from.
+    pub fd: std::os::fd::RawFd,
+    pub transfers: Vec<Transfer>,
+    /// Read only: ranges of the buffer that read as zeros.
+    pub zeros: Vec<std::ops::Range<usize>>,
+    _pin: Option<ArcRwLockReadGuard<RawRwLock, VdiState>>,
+    _store: Arc<StoreInner>,
+}
+
+impl std::fmt::Debug for IoPlan {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("IoPlan")
+            .field("fd", &self.fd)
+            .field("transfers", &self.transfers)
+            .field("zeros", &self.zeros)
+            .finish()
+    }
+}
+
+/// Plans a block-aligned read of `len` bytes at `offset` through `tree`,
+/// with nodes from the cache only. `None` if the store is not a file, the
+/// range is not block-aligned, or a node is not in memory.
+fn plan_read_tree(
+    store: &Arc<StoreInner>,
+    tree: &Tree,
+    offset: u64,
+    len: usize,
+) -> Result<Option<IoPlan>> {
+    let Some(fd) = store.meta.dev.raw_fd() else {
+        return Ok(None);
+    };
+    if !offset.is_multiple_of(BLOCK_SIZE_U64) || !len.is_multiple_of(BLOCK_SIZE) || len == 0 {
+        return Ok(None);
+    }
+    let first = offset / BLOCK_SIZE_U64;
+    let mut runs = Runs::default();
+    let mut zeros: Vec<std::ops::Range<usize>> = Vec::new();
+    let complete = tree.for_each_cached_entry(
+        &store.meta,
+        first,
+        first + (len / BLOCK_SIZE) as u64,
+        &mut |v, entry, _| {
+            let start = (v - first) as usize * BLOCK_SIZE;
+            if entry.is_null() {
+                match zeros.last_mut() {
+                    Some(z) if z.end == start => z.end += BLOCK_SIZE,
+                    _ => zeros.push(start..start + BLOCK_SIZE),
+                }
+            } else {
+                runs.push(v - first, entry.addr());
+            }
+            Ok(())
+        },
+    )?;
+    if !complete {
+        return Ok(None);
+    }
+    Ok(Some(IoPlan {
+        fd,
+        transfers: runs.into_transfers(),
+        zeros,
+        _pin: None,
+        _store: store.clone(),
+    }))
+}
+
 pub(crate) struct VdiState {
     pub name: String,
     pub header: VdiHeader,
@@ -104,7 +188,8 @@ pub(crate) struct VdiInner {
     pub store: Arc<StoreInner>,
     pub id: u64,
     pub header_addrs: [u64; 2],
-    pub state: RwLock<VdiState>,
+    /// In an `Arc` so that an [`IoPlan`] can hold a read guard of its own.
+    pub state: Arc<RwLock<VdiState>>,
     stripes: Vec<Mutex<()>>,
 }
 
@@ -161,7 +246,7 @@ impl VdiInner {
         Ok(VdiInner {
             id: header.vdi_id,
             header_addrs,
-            state: RwLock::new(VdiState {
+            state: Arc::new(RwLock::new(VdiState {
                 name,
                 tree: Tree::open(header.root),
                 size: header.size_bytes,
@@ -175,7 +260,7 @@ impl VdiInner {
                 header_dirty: false,
                 poisoned: false,
                 deleted: false,
-            }),
+            })),
             store,
             stripes: (0..STRIPES).map(|_| Mutex::new(())).collect(),
         })
@@ -672,6 +757,68 @@ impl Vdi {
         read_tree(&inner.store, &st.tree, buf, offset)
     }
 
+    /// Plans a READ for the caller to perform (see [`IoPlan`]). Never
+    /// blocks: `Ok(None)` when the disk's lock is taken exclusively, the
+    /// range is not block-aligned, a tree node is not in memory, or the
+    /// store is not a file; then use [`Vdi::read`].
+    pub fn try_plan_read(&self, offset: u64, len: usize) -> Result<Option<IoPlan>> {
+        let Some(st) = self.inner.state.try_read_arc() else {
+            return Ok(None);
+        };
+        self.inner.usable(&st)?;
+        check_io_range(st.size, offset, len as u64)?;
+        let plan = plan_read_tree(&self.inner.store, &st.tree, offset, len)?;
+        Ok(plan.map(|p| IoPlan {
+            _pin: Some(st),
+            ..p
+        }))
+    }
+
+    /// Plans a WRITE that goes entirely in place (every block already owned
+    /// by the disk), for the caller to perform (see [`IoPlan`]). Never
+    /// blocks: `Ok(None)` when the write must allocate, is not
+    /// block-aligned, or for the reasons of [`Vdi::try_plan_read`]; then
+    /// use [`Vdi::write`].
+    pub fn try_plan_write(&self, offset: u64, len: usize) -> Result<Option<IoPlan>> {
+        let Some(st) = self.inner.state.try_read_arc() else {
+            return Ok(None);
+        };
+        self.inner.usable(&st)?;
+        check_io_range(st.size, offset, len as u64)?;
+        let store = &self.inner.store;
+        let Some(fd) = store.meta.dev.raw_fd() else {
+            return Ok(None);
+        };
+        if !offset.is_multiple_of(BLOCK_SIZE_U64) || !len.is_multiple_of(BLOCK_SIZE) || len == 0 {
+            return Ok(None);
+        }
+        let first = offset / BLOCK_SIZE_U64;
+        let mut runs = Runs::default();
+        let mut in_place = true;
+        let complete = st.tree.for_each_cached_entry(
+            &store.meta,
+            first,
+            first + (len / BLOCK_SIZE) as u64,
+            &mut |v, entry, writable| {
+                in_place &= writable;
+                if writable {
+                    runs.push(v - first, entry.addr());
+                }
+                Ok(())
+            },
+        )?;
+        if !complete || !in_place {
+            return Ok(None);
+        }
+        Ok(Some(IoPlan {
+            fd,
+            transfers: runs.into_transfers(),
+            zeros: Vec::new(),
+            _pin: Some(st),
+            _store: store.clone(),
+        }))
+    }
+
     /// Writes `data` at `offset`. Durable after the next [`Vdi::flush`].
     pub fn write(&self, data: &[u8], offset: u64) -> Result<()> {
         check_io_range(self.size(), offset, data.len() as u64)?;
@@ -965,6 +1112,16 @@ impl Run {
 struct Runs(Vec<Run>);
 
 impl Runs {
+    fn into_transfers(self) -> Vec<Transfer> {
+        self.0
+            .into_iter()
+            .map(|r| Transfer {
+                device_offset: r.addr * BLOCK_SIZE_U64,
+                buf: r.start..r.end,
+            })
+            .collect()
+    }
+
     /// Adds whole block `k` of the caller's buffer, at device block `addr`.
     fn push(&mut self, k: u64, addr: u64) {
         let start = k as usize * BLOCK_SIZE;
@@ -1055,6 +1212,12 @@ impl SnapshotView {
     pub fn read(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         check_io_range(self.info.size_bytes, offset, buf.len() as u64)?;
         read_tree(&self.store, &self.tree, buf, offset)
+    }
+
+    /// Plans a READ for the caller to perform, as [`Vdi::try_plan_read`].
+    pub fn try_plan_read(&self, offset: u64, len: usize) -> Result<Option<IoPlan>> {
+        check_io_range(self.info.size_bytes, offset, len as u64)?;
+        plan_read_tree(&self.store, &self.tree, offset, len)
     }
 
     pub fn block_status(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {

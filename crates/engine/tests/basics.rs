@@ -348,3 +348,84 @@ fn grow_keeps_data_and_refuses_shrink() {
     let dev_len = _dev.len();
     assert!(dev_len > 0);
 }
+
+#[test]
+fn io_plans_name_the_blocks_read_and_write_would_use_and_pin_the_disk() {
+    use parallax_device::{FileDevice, OpenMode};
+    use std::os::unix::fs::FileExt;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("store.px");
+    let dev = Arc::new(FileDevice::create(&path, 64 * MIB, OpenMode::default()).unwrap());
+    let store = Store::create(
+        dev,
+        &CreateOptions {
+            extent_data_blocks: 256,
+            host_id: 1,
+        },
+    )
+    .unwrap();
+    let d = store.create_vdi("d", 4 * MIB).unwrap();
+    // Blocks 0..8 written, 8..12 a hole, 12..16 written.
+    d.write(&vec![0x11; 8 * 4096], 0).unwrap();
+    d.write(&vec![0x22; 4 * 4096], 12 * 4096).unwrap();
+    let file = std::fs::File::open(&path).unwrap();
+    let planned_read = |offset: u64, len: usize| {
+        let plan = d.try_plan_read(offset, len).unwrap().expect("plannable");
+        let mut buf = vec![0xffu8; len];
+        for t in &plan.transfers {
+            file.read_exact_at(&mut buf[t.buf.clone()], t.device_offset)
+                .unwrap();
+        }
+        for z in &plan.zeros {
+            buf[z.clone()].fill(0);
+        }
+        let mut want = vec![0u8; len];
+        d.read(&mut want, offset).unwrap();
+        assert_eq!(buf, want, "plan for {offset}+{len}");
+        plan
+    };
+    let plan = planned_read(0, 16 * 4096);
+    assert_eq!(plan.zeros, vec![8 * 4096..12 * 4096]);
+    drop(plan);
+    drop(planned_read(4 * 4096, 4096));
+    // Unaligned requests are not planned.
+    assert!(d.try_plan_read(100, 4096).unwrap().is_none());
+    assert!(d.try_plan_read(4 * MIB, 4096).is_err());
+
+    // Writes are planned only where the disk owns every block.
+    assert!(d.try_plan_write(8 * 4096, 4096).unwrap().is_none());
+    let plan = d
+        .try_plan_write(0, 2 * 4096)
+        .unwrap()
+        .expect("owned blocks");
+    // While a plan lives, the disk cannot commit: a snapshot waits.
+    let started = std::time::Instant::now();
+    std::thread::scope(|s| {
+        let d2 = d.clone();
+        let snap = s.spawn(move || {
+            d2.snapshot(Some("s")).unwrap();
+            std::time::Instant::now()
+        });
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        let file = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+        for t in &plan.transfers {
+            file.write_all_at(&vec![0x33; t.buf.len()], t.device_offset)
+                .unwrap();
+        }
+        let released = std::time::Instant::now();
+        drop(plan);
+        let done = snap.join().unwrap();
+        assert!(done >= released, "the snapshot did not wait for the plan");
+    });
+    assert!(started.elapsed() >= std::time::Duration::from_millis(100));
+    let mut buf = vec![0u8; 4096];
+    store
+        .open_snapshot("d", "s")
+        .unwrap()
+        .read(&mut buf, 4096)
+        .unwrap();
+    assert!(buf.iter().all(|&b| b == 0x33));
+    // After the snapshot the blocks are shared again: no in-place plan.
+    assert!(d.try_plan_write(0, 4096).unwrap().is_none());
+    assert_clean(&store);
+}

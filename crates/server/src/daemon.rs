@@ -41,6 +41,25 @@ pub struct ServeOptions {
     pub direct: bool,
 }
 
+/// The io_uring for NBD data, unless `PARALLAX_IO_URING=0` or the kernel
+/// refuses (then every request runs on the blocking thread pool).
+fn start_uring() -> Option<Arc<crate::uring::Uring>> {
+    if std::env::var("PARALLAX_IO_URING").as_deref() == Ok("0") {
+        info!("io_uring disabled by PARALLAX_IO_URING=0; data I/O on the blocking pool");
+        return None;
+    }
+    match crate::uring::Uring::new() {
+        Ok(u) => {
+            info!("data I/O through io_uring");
+            Some(u)
+        }
+        Err(e) => {
+            warn!("io_uring unavailable ({e}); data I/O on the blocking pool");
+            None
+        }
+    }
+}
+
 /// Raises the soft limit on open files to the hard limit: every client
 /// connection is a descriptor.
 fn raise_fd_limit() {
@@ -101,11 +120,9 @@ pub fn run(options: ServeOptions) -> Result<()> {
                     crate::one_line(&e)
                 )
             })?;
-    let service = Arc::new(Service::new(
-        opened.store.clone(),
-        store_path.clone(),
-        false,
-    ));
+    let service = Arc::new(
+        Service::new(opened.store.clone(), store_path.clone(), false).with_uring(start_uring()),
+    );
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("parallax")

@@ -19,6 +19,7 @@ pub mod nbd;
 pub mod service;
 pub mod store_file;
 pub mod transfer;
+pub mod uring;
 
 /// The error and its causes on one line, leaving out causes whose text
 /// the message already contains (engine errors repeat their source).

@@ -26,8 +26,9 @@
 //!   stays uncommitted in memory after it is gone.
 
 use crate::service::Service;
+use crate::uring::{Direction, Uring};
 use parallax_device::AlignedBuf;
-use parallax_engine::{Error as EngineError, Extent, SnapshotView, Vdi};
+use parallax_engine::{Error as EngineError, Extent, IoPlan, SnapshotView, Vdi};
 use parallax_nbd::handshake::{
     BlockSizes, Config as HandshakeConfig, ExportInfo, Exports, Handshake, Negotiated, Progress,
 };
@@ -199,6 +200,7 @@ pub async fn serve_connection<S>(
         read_only: negotiated.info.read_only,
         structured: negotiated.structured_replies,
         base_allocation: negotiated.base_allocation,
+        uring: service.uring().cloned(),
     });
     let reader = Cursor::new(leftover).chain(reader);
     let outcome = transmission(reader, writer, ctx.clone(), &mut shutdown).await;
@@ -263,6 +265,7 @@ struct Connection {
     read_only: bool,
     structured: bool,
     base_allocation: Option<u32>,
+    uring: Option<Arc<Uring>>,
 }
 
 /// A complete reply, queued for the connection's writer task. The budget
@@ -327,9 +330,89 @@ where
                 break Err(e);
             }
         }
-        let ctx = ctx.clone();
-        let replies = replies.clone();
+        let job = Job {
+            ctx: ctx.clone(),
+            request,
+            permit,
+            replies: replies.clone(),
+        };
+        match plan_async(&ctx, &request) {
+            Some(planned) => {
+                tokio::spawn(job.run_async(planned, payload));
+            }
+            None => job.run_blocking(payload),
+        }
+    };
+    // The writer ends once every request still running has sent its reply.
+    drop(replies);
+    let writer = writer.await;
+    if let Some(vdi) = ctx.target.disk().cloned() {
+        let flushed = tokio::task::spawn_blocking(move || vdi.flush()).await;
+        if let Ok(Err(e)) = flushed {
+            warn!("flush after the last request of a connection failed: {e}");
+        }
+    }
+    if let Ok(mut w) = writer {
+        let _ = w.shutdown().await;
+    }
+    result
+}
+
+/// One request on its way to a reply.
+struct Job {
+    ctx: Arc<Connection>,
+    request: Request,
+    permit: OwnedSemaphorePermit,
+    replies: mpsc::UnboundedSender<Reply>,
+}
+
+/// A READ or in-place WRITE that io_uring can carry, planned by the engine.
+struct Planned {
+    uring: Arc<Uring>,
+    direction: Direction,
+    plan: IoPlan,
+}
+
+/// Plans `req` for io_uring, without blocking. `None` sends it to the
+/// blocking path: no ring, not a plain aligned READ or WRITE (FUA, errors,
+/// other commands), the write must allocate, a tree node is not cached, or
+/// the disk is locked exclusively at this moment.
+fn plan_async(ctx: &Connection, req: &Request) -> Option<Planned> {
+    let uring = ctx.uring.clone()?;
+    let (direction, plan) = match req.command {
+        Command::Read if req.length <= MAX_PAYLOAD => {
+            let plan = match &ctx.target {
+                Target::Disk(v) => v.try_plan_read(req.offset, req.length as usize),
+                Target::Snapshot(s) => s.try_plan_read(req.offset, req.length as usize),
+            };
+            (Direction::Read, plan)
+        }
+        Command::Write if req.flags & proto::CMD_FLAG_FUA == 0 && !ctx.read_only => {
+            let vdi = ctx.target.disk()?;
+            (
+                Direction::Write,
+                vdi.try_plan_write(req.offset, req.length as usize),
+            )
+        }
+        _ => return None,
+    };
+    Some(Planned {
+        uring,
+        direction,
+        plan: plan.ok()??,
+    })
+}
+
+impl Job {
+    /// Runs the request on the blocking pool.
+    fn run_blocking(self, payload: AlignedBuf) {
         tokio::task::spawn_blocking(move || {
+            let Job {
+                ctx,
+                request,
+                permit,
+                replies,
+            } = self;
             let run = std::panic::AssertUnwindSafe(|| execute(&ctx, request, &payload));
             let (head, data) = std::panic::catch_unwind(run).unwrap_or_else(|_| {
                 // A bug, not the client's doing: answer EIO rather than
@@ -345,20 +428,68 @@ where
                 _permit: permit,
             });
         });
-    };
-    // The writer ends once every request still running has sent its reply.
-    drop(replies);
-    let writer = writer.await;
-    if let Some(vdi) = ctx.target.disk().cloned() {
-        let flushed = tokio::task::spawn_blocking(move || vdi.flush()).await;
-        if let Ok(Err(e)) = flushed {
-            warn!("flush after the last request of a connection failed: {e}");
+    }
+
+    /// Moves the data through io_uring; on any failure, runs the request
+    /// again on the blocking path, which reports errors properly.
+    async fn run_async(self, planned: Planned, payload: AlignedBuf) {
+        let Planned {
+            uring,
+            direction,
+            mut plan,
+        } = planned;
+        let req = self.request;
+        let buf = match direction {
+            Direction::Read => AlignedBuf::zeroed(req.length as usize),
+            Direction::Write => payload,
+        };
+        let transfers = std::mem::take(&mut plan.transfers);
+        let zeros = std::mem::take(&mut plan.zeros);
+        let fd = plan.fd;
+        let (mut buf, outcome) = uring
+            .run(direction, fd, buf, &transfers, Box::new(plan))
+            .await;
+        if let Err(e) = outcome {
+            debug!(
+                cookie = req.cookie,
+                "io_uring transfer failed, retrying on the blocking path: {e}"
+            );
+            let payload = match direction {
+                Direction::Write => buf,
+                Direction::Read => AlignedBuf::zeroed(0),
+            };
+            return self.run_blocking(payload);
         }
+        let mut head = Vec::new();
+        let data = match direction {
+            Direction::Read => {
+                for z in zeros {
+                    buf[z].fill(0);
+                }
+                if self.ctx.structured {
+                    proto::structured_data_header(
+                        &mut head,
+                        req.cookie,
+                        req.offset,
+                        buf.len(),
+                        true,
+                    );
+                } else {
+                    proto::simple_reply(&mut head, req.cookie, 0);
+                }
+                Some(buf)
+            }
+            Direction::Write => {
+                proto::simple_reply(&mut head, req.cookie, 0);
+                None
+            }
+        };
+        let _ = self.replies.send(Reply {
+            head,
+            data,
+            _permit: self.permit,
+        });
     }
-    if let Ok(mut w) = writer {
-        let _ = w.shutdown().await;
-    }
-    result
 }
 
 /// Writes replies as they come, through a buffer flushed whenever the

@@ -14,11 +14,13 @@
 
 use crate::api::*;
 use crate::transfer::{self, Source};
+use crate::uring::Uring;
 use parallax_engine::{Store, Vdi};
 use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, UNIX_EPOCH};
 
 /// RFC 3339 UTC time (seconds precision) of a timestamp in ns since the epoch.
@@ -41,6 +43,8 @@ pub struct Service {
     show_progress: bool,
     connections: Mutex<HashMap<u64, ConnectionInfo>>,
     next_connection: AtomicU64,
+    /// The daemon's io_uring, when the kernel allows one.
+    uring: Option<Arc<Uring>>,
 }
 
 /// A registered NBD connection; unregisters itself when dropped.
@@ -69,7 +73,18 @@ impl Service {
             show_progress,
             connections: Mutex::new(HashMap::new()),
             next_connection: AtomicU64::new(1),
+            uring: None,
         }
+    }
+
+    /// Serves NBD data through `uring` where the engine can plan ahead.
+    pub fn with_uring(mut self, uring: Option<Arc<Uring>>) -> Service {
+        self.uring = uring;
+        self
+    }
+
+    pub fn uring(&self) -> Option<&Arc<Uring>> {
+        self.uring.as_ref()
     }
 
     pub fn store(&self) -> &Store {

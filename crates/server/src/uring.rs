@@ -1,0 +1,443 @@
+//! Asynchronous reads and writes of the store file through io_uring.
+//!
+//! The NBD data path plans a request with the engine ([`IoPlan`]: which
+//! byte ranges of the store file to move, with the disk pinned) and hands
+//! the transfers here instead of blocking a thread on `pread`/`pwrite`.
+//! One ring serves the whole daemon:
+//!
+//! - Any task submits, under `sq_lock`: it moves its buffer and its plan
+//!   into the operation table, pushes one entry per transfer and enters
+//!   the kernel once. The buffer's heap memory never moves while the
+//!   kernel may use it, because only the operation table owns it then.
+//! - One reaper thread (not a tokio task, so that completions never wait
+//!   for a busy runtime) sleeps on an eventfd the ring signals, drains the
+//!   completion queue, drops each finished operation's plan (releasing the
+//!   disk) and hands the buffer and the result back through a oneshot.
+//! - A transfer that comes back short or failed makes the whole operation
+//!   fail; the caller then repeats the request on the blocking path, which
+//!   reports the error properly. If the submitting task is cancelled, the
+//!   operation still completes and its buffer is dropped then.
+//! - The ring lives as long as the process (the reaper holds it); should
+//!   it ever be dropped with operations in flight, their buffers are leaked
+//!   rather than freed under the kernel's feet.
+//!
+//! io_uring is often disabled (containers, seccomp, `kernel.io_uring_disabled`):
+//! [`Uring::new`] fails then, and the daemon serves every request on the
+//! blocking thread pool instead.
+
+use parallax_device::AlignedBuf;
+use parallax_engine::Transfer;
+use std::io;
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::sync::{Arc, Mutex, PoisonError};
+use tokio::sync::oneshot;
+
+/// Submission queue entries; the completion queue gets twice as many.
+const RING_ENTRIES: u32 = 1024;
+
+/// Which way an operation moves data.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Direction {
+    /// Device to buffer.
+    Read,
+    /// Buffer to device.
+    Write,
+}
+
+struct Op {
+    /// Expected byte count of each transfer, by index.
+    lens: Vec<u32>,
+    remaining: usize,
+    failure: Option<io::Error>,
+    buf: Option<AlignedBuf>,
+    /// The engine plan: keeps the blocks from being freed until the end.
+    keep: Option<Box<dyn Send>>,
+    done: Option<oneshot::Sender<(AlignedBuf, io::Result<()>)>>,
+}
+
+#[derive(Default)]
+struct OpTable {
+    slots: Vec<Option<Op>>,
+    free: Vec<usize>,
+}
+
+impl OpTable {
+    fn insert(&mut self, op: Op) -> usize {
+        match self.free.pop() {
+            Some(i) => {
+                self.slots[i] = Some(op);
+                i
+            }
+            None => {
+                self.slots.push(Some(op));
+                self.slots.len() - 1
+            }
+        }
+    }
+
+    fn remove(&mut self, i: usize) -> Option<Op> {
+        let op = self.slots.get_mut(i)?.take();
+        if op.is_some() {
+            self.free.push(i);
+        }
+        op
+    }
+}
+
+impl Drop for OpTable {
+    fn drop(&mut self) {
+        // Only reachable if the ring goes away with operations in flight:
+        // the kernel may still write into these buffers.
+        for op in self.slots.iter_mut().filter_map(Option::take) {
+            if let Some(buf) = op.buf {
+                std::mem::forget(buf);
+            }
+        }
+    }
+}
+
+/// See the module documentation.
+pub struct Uring {
+    ring: io_uring::IoUring,
+    sq_lock: Mutex<()>,
+    ops: Mutex<OpTable>,
+    event: OwnedFd,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl Uring {
+    /// Sets up the ring and starts its reaper thread.
+    pub fn new() -> io::Result<Arc<Uring>> {
+        let ring = io_uring::IoUring::new(RING_ENTRIES)?;
+        let event = rustix::event::eventfd(0, rustix::event::EventfdFlags::CLOEXEC)?;
+        ring.submitter().register_eventfd(event.as_raw_fd())?;
+        let uring = Arc::new(Uring {
+            ring,
+            sq_lock: Mutex::new(()),
+            ops: Mutex::new(OpTable::default()),
+            event,
+        });
+        let reaper = uring.clone();
+        std::thread::Builder::new()
+            .name("parallax-uring".into())
+            .spawn(move || reaper.reap())?;
+        Ok(uring)
+    }
+
+    /// Performs `transfers` between `buf` and file `fd`, all at once, and
+    /// returns the buffer with the outcome. `keep` is dropped as soon as
+    /// the last transfer has completed (even if this future is dropped).
+    pub async fn run(
+        &self,
+        direction: Direction,
+        fd: RawFd,
+        buf: AlignedBuf,
+        transfers: &[Transfer],
+        keep: Box<dyn Send>,
+    ) -> (AlignedBuf, io::Result<()>) {
+        if transfers.is_empty() {
+            drop(keep);
+            return (buf, Ok(()));
+        }
+        if transfers.len() > RING_ENTRIES as usize
+            || transfers.iter().any(|t| t.buf.end > buf.len())
+        {
+            let e = io::Error::other("transfer list does not fit the ring or the buffer");
+            return (buf, Err(e));
+        }
+        let finished = match self.start(direction, fd, buf, transfers, keep) {
+            Ok(finished) => finished,
+            Err(failed) => return failed,
+        };
+        match finished.await {
+            Ok(outcome) => outcome,
+            Err(_) => (
+                AlignedBuf::zeroed(0),
+                Err(io::Error::other("the io_uring reaper is gone")),
+            ),
+        }
+    }
+
+    /// Records the operation and submits it; on failure nothing is in
+    /// flight and the buffer comes back.
+    #[allow(clippy::type_complexity)]
+    fn start(
+        &self,
+        direction: Direction,
+        fd: RawFd,
+        mut buf: AlignedBuf,
+        transfers: &[Transfer],
+        keep: Box<dyn Send>,
+    ) -> Result<oneshot::Receiver<(AlignedBuf, io::Result<()>)>, (AlignedBuf, io::Result<()>)> {
+        let base = buf.as_mut_ptr();
+        let (done, finished) = oneshot::channel();
+        let slot = lock(&self.ops).insert(Op {
+            lens: transfers.iter().map(|t| t.buf.len() as u32).collect(),
+            remaining: transfers.len(),
+            failure: None,
+            buf: Some(buf),
+            keep: Some(keep),
+            done: Some(done),
+        });
+        if let Err(e) = self.submit(direction, fd, base, transfers, slot) {
+            let op = lock(&self.ops).remove(slot);
+            let buf = op
+                .and_then(|o| o.buf)
+                .unwrap_or_else(|| AlignedBuf::zeroed(0));
+            return Err((buf, Err(e)));
+        }
+        Ok(finished)
+    }
+
+    /// Pushes one entry per transfer and enters the kernel. Fails without
+    /// pushing anything if the queue has no room for all of them.
+    fn submit(
+        &self,
+        direction: Direction,
+        fd: RawFd,
+        base: *mut u8,
+        transfers: &[Transfer],
+        slot: usize,
+    ) -> io::Result<()> {
+        let _sq = lock(&self.sq_lock);
+        // SAFETY: submission-queue access is serialised by `sq_lock`; no
+        // other code touches the submission queue.
+        let mut sq = unsafe { self.ring.submission_shared() };
+        if sq.capacity() - sq.len() < transfers.len() {
+            drop(sq);
+            self.ring.submit()?;
+            // SAFETY: as above.
+            sq = unsafe { self.ring.submission_shared() };
+            if sq.capacity() - sq.len() < transfers.len() {
+                return Err(io::Error::other("the io_uring submission queue is full"));
+            }
+        }
+        for (i, t) in transfers.iter().enumerate() {
+            // SAFETY: `t.buf` lies inside the buffer (checked by `run`),
+            // whose heap memory the operation table owns until the
+            // operation completes.
+            let ptr = unsafe { base.add(t.buf.start) };
+            let len = t.buf.len() as u32;
+            let target = io_uring::types::Fd(fd);
+            let entry = match direction {
+                Direction::Read => io_uring::opcode::Read::new(target, ptr, len)
+                    .offset(t.device_offset)
+                    .build(),
+                Direction::Write => io_uring::opcode::Write::new(target, ptr, len)
+                    .offset(t.device_offset)
+                    .build(),
+            }
+            .user_data(((slot as u64) << 32) | i as u64);
+            // SAFETY: the entry's buffer stays valid and unaliased until
+            // its completion is reaped (see above); the file descriptor
+            // stays open because `keep` (the plan, holding the store)
+            // lives until then too. Room was checked above.
+            unsafe { sq.push(&entry) }
+                .map_err(|_| io::Error::other("the io_uring submission queue is full"))?;
+        }
+        sq.sync();
+        drop(sq);
+        let mut tries = 0;
+        loop {
+            match self.ring.submit() {
+                Ok(_) => return Ok(()),
+                // Pushed entries go with the next enter whatever happens:
+                // only retry transient refusals a few times.
+                Err(e) if tries < 100 && is_transient(&e) => {
+                    tries += 1;
+                    std::thread::yield_now();
+                }
+                Err(e) => {
+                    tracing::warn!("io_uring submit failed, entries left for the next one: {e}");
+                    return Ok(());
+                }
+            }
+        }
+    }
+
+    fn reap(&self) {
+        let mut counter = [0u8; 8];
+        loop {
+            match rustix::io::read(&self.event, &mut counter) {
+                Ok(_) | Err(rustix::io::Errno::INTR) => {}
+                Err(e) => {
+                    tracing::error!("io_uring reaper cannot wait on its eventfd: {e}");
+                    std::thread::sleep(std::time::Duration::from_millis(1));
+                }
+            }
+            let mut finished = Vec::new();
+            {
+                let mut ops = lock(&self.ops);
+                // SAFETY: only this thread touches the completion queue.
+                let cq = unsafe { self.ring.completion_shared() };
+                for cqe in cq {
+                    let slot = (cqe.user_data() >> 32) as usize;
+                    let index = (cqe.user_data() & 0xffff_ffff) as usize;
+                    let Some(Some(op)) = ops.slots.get_mut(slot) else {
+                        continue;
+                    };
+                    let expected = op.lens.get(index).copied().unwrap_or(0);
+                    let result = cqe.result();
+                    if result < 0 {
+                        op.failure
+                            .get_or_insert(io::Error::from_raw_os_error(-result));
+                    } else if result as u32 != expected {
+                        op.failure.get_or_insert(io::Error::new(
+                            io::ErrorKind::UnexpectedEof,
+                            format!("short transfer: {result} of {expected} bytes"),
+                        ));
+                    }
+                    op.remaining -= 1;
+                    if op.remaining == 0 {
+                        finished.extend(ops.remove(slot));
+                    }
+                }
+            }
+            for mut op in finished {
+                drop(op.keep.take());
+                let outcome = op.failure.take().map_or(Ok(()), Err);
+                if let (Some(done), Some(buf)) = (op.done.take(), op.buf.take()) {
+                    let _ = done.send((buf, outcome));
+                }
+            }
+        }
+    }
+}
+
+fn is_transient(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(code) if code == rustix::io::Errno::AGAIN.raw_os_error()
+            || code == rustix::io::Errno::BUSY.raw_os_error()
+            || code == rustix::io::Errno::INTR.raw_os_error()
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::FileExt;
+
+    #[test]
+    fn reads_and_writes_round_trip_and_failures_come_back() {
+        let uring = match Uring::new() {
+            Ok(u) => u,
+            // Kernels or sandboxes without io_uring: the daemon falls back,
+            // and so does this test.
+            Err(e) => return eprintln!("io_uring unavailable here: {e}"),
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)
+            .unwrap();
+        file.set_len(1 << 20).unwrap();
+        let fd = file.as_raw_fd();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            // Two transfers from one buffer, to places out of order.
+            let mut buf = AlignedBuf::zeroed(8192);
+            buf[..4096].fill(0xaa);
+            buf[4096..].fill(0xbb);
+            let transfers = [
+                Transfer {
+                    device_offset: 65536,
+                    buf: 0..4096,
+                },
+                Transfer {
+                    device_offset: 4096,
+                    buf: 4096..8192,
+                },
+            ];
+            let dropped = Arc::new(());
+            let keep = Box::new(dropped.clone());
+            let (_, outcome) = uring.run(Direction::Write, fd, buf, &transfers, keep).await;
+            outcome.unwrap();
+            assert_eq!(
+                Arc::strong_count(&dropped),
+                1,
+                "keep outlived the operation"
+            );
+            let mut back = vec![0u8; 4096];
+            file.read_exact_at(&mut back, 65536).unwrap();
+            assert!(back.iter().all(|&b| b == 0xaa));
+            file.read_exact_at(&mut back, 4096).unwrap();
+            assert!(back.iter().all(|&b| b == 0xbb));
+
+            let (buf, outcome) = uring
+                .run(
+                    Direction::Read,
+                    fd,
+                    AlignedBuf::zeroed(8192),
+                    &transfers,
+                    Box::new(()),
+                )
+                .await;
+            outcome.unwrap();
+            assert!(buf[..4096].iter().all(|&b| b == 0xaa));
+            assert!(buf[4096..].iter().all(|&b| b == 0xbb));
+
+            // Past the end of the file: a short read is an error.
+            let past = [Transfer {
+                device_offset: (1 << 20) - 4096,
+                buf: 0..8192,
+            }];
+            let (buf, outcome) = uring
+                .run(
+                    Direction::Read,
+                    fd,
+                    AlignedBuf::zeroed(8192),
+                    &past,
+                    Box::new(()),
+                )
+                .await;
+            assert!(outcome.is_err());
+            assert_eq!(buf.len(), 8192, "the buffer comes back on failure");
+            // A bad descriptor fails cleanly too.
+            let (_, outcome) = uring
+                .run(
+                    Direction::Read,
+                    -1,
+                    AlignedBuf::zeroed(4096),
+                    &past[..0],
+                    Box::new(()),
+                )
+                .await;
+            assert!(outcome.is_ok(), "no transfers, nothing to fail");
+            let one = [Transfer {
+                device_offset: 0,
+                buf: 0..4096,
+            }];
+            let (_, outcome) = uring
+                .run(
+                    Direction::Read,
+                    987_654,
+                    AlignedBuf::zeroed(4096),
+                    &one,
+                    Box::new(()),
+                )
+                .await;
+            assert!(outcome.is_err());
+            // A transfer outside the buffer is refused before submission.
+            let (_, outcome) = uring
+                .run(
+                    Direction::Read,
+                    fd,
+                    AlignedBuf::zeroed(100),
+                    &one,
+                    Box::new(()),
+                )
+                .await;
+            assert!(outcome.is_err());
+        });
+    }
+}
