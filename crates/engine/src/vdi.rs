@@ -385,14 +385,18 @@ impl VdiInner {
             let reserve = METADATA_RESERVE
                 + (st.tree.dirty_nodes() + st.in_flight.len()) as u64
                 + TREE_HEIGHT as u64 * leaves;
-            let mut alloc = self.store.alloc.lock();
+            let mut need = Vec::with_capacity(missing.len());
             for &k in &missing {
                 let (entry, writable) = st.tree.lookup(meta, first + k)?;
                 if writable {
                     // Another write allocated it since the first pass.
                     self.write_data(entry.addr(), block(k))?;
-                    continue;
+                } else {
+                    need.push(k);
                 }
+            }
+            let mut alloc = self.store.alloc.lock();
+            for k in need {
                 match alloc.allocate(reserve) {
                     Ok(addr) => allocated.push((k, addr)),
                     Err(e) => {
