@@ -36,6 +36,19 @@ impl AlignedBuf {
     pub fn truncate(&mut self, len: usize) {
         self.len = self.len.min(len);
     }
+
+    /// Bytes the buffer can hold without reallocating.
+    pub fn capacity(&self) -> usize {
+        self.storage.len() - self.start
+    }
+
+    /// Makes the buffer `len` bytes long, reusing its storage: bytes beyond
+    /// the old length hold whatever an earlier use left there (zeros if
+    /// none), so callers that recycle buffers must overwrite them all.
+    /// `None` (and no change) if `len` exceeds the capacity.
+    pub fn resize_within(&mut self, len: usize) -> Option<()> {
+        (len <= self.capacity()).then(|| self.len = len)
+    }
 }
 
 impl Deref for AlignedBuf {
@@ -79,6 +92,12 @@ mod tests {
             b.truncate(len / 2);
             assert_eq!(b.len(), len / 2);
             assert!(b.iter().all(|&x| x == 7));
+            assert!(b.capacity() >= len);
+            b.resize_within(len).unwrap();
+            assert_eq!(b.len(), len);
+            assert!(b.iter().all(|&x| x == 7), "storage is kept");
+            assert!(b.resize_within(b.capacity() + 1).is_none());
+            assert_eq!(b.len(), len);
         }
     }
 }

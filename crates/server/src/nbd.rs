@@ -268,6 +268,73 @@ struct Connection {
     uring: Option<Arc<Uring>>,
 }
 
+/// Recycled payload and READ buffers. A fresh 1 MiB buffer costs page
+/// faults and zeroing on every request; a recycled one costs nothing.
+/// Buffers are sized by powers of two from 4 KiB to 1 MiB; each size keeps
+/// at most [`POOL_BYTES_PER_SIZE`] bytes (and 64 buffers) idle. A recycled
+/// buffer holds an earlier request's bytes: every user overwrites all of
+/// it (a READ fills every byte or fails; a payload is read in full).
+struct BufPool {
+    sizes: Vec<std::sync::Mutex<Vec<AlignedBuf>>>,
+}
+
+const POOL_SMALLEST: usize = 4096;
+const POOL_LARGEST: usize = 1 << 20;
+const POOL_BYTES_PER_SIZE: usize = 8 << 20;
+
+impl BufPool {
+    fn global() -> &'static BufPool {
+        static POOL: std::sync::OnceLock<BufPool> = std::sync::OnceLock::new();
+        POOL.get_or_init(|| BufPool {
+            sizes: (POOL_SMALLEST.trailing_zeros()..=POOL_LARGEST.trailing_zeros())
+                .map(|_| std::sync::Mutex::new(Vec::new()))
+                .collect(),
+        })
+    }
+
+    fn class(len: usize) -> Option<(usize, usize)> {
+        let size = len.max(POOL_SMALLEST).next_power_of_two();
+        (size <= POOL_LARGEST).then(|| {
+            let index = (size.trailing_zeros() - POOL_SMALLEST.trailing_zeros()) as usize;
+            (index, size)
+        })
+    }
+
+    /// A buffer of `len` bytes, recycled when one is idle.
+    fn take(&self, len: usize) -> AlignedBuf {
+        let Some((index, size)) = Self::class(len) else {
+            return AlignedBuf::zeroed(len);
+        };
+        let idle = self.sizes[index]
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .pop();
+        let mut buf = idle.unwrap_or_else(|| AlignedBuf::zeroed(size));
+        if buf.resize_within(len).is_none() {
+            buf = AlignedBuf::zeroed(len);
+        }
+        buf
+    }
+
+    /// Returns a buffer for reuse (dropped if its size class is full).
+    fn give(&self, buf: AlignedBuf) {
+        let Some((index, size)) =
+            Self::class(buf.capacity().saturating_sub(parallax_device::ALIGN))
+        else {
+            return;
+        };
+        if buf.capacity() < size {
+            return;
+        }
+        let mut idle = self.sizes[index]
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if idle.len() < 64 && (idle.len() + 1) * size <= POOL_BYTES_PER_SIZE.max(size) {
+            idle.push(buf);
+        }
+    }
+}
+
 /// A complete reply, queued for the connection's writer task. The budget
 /// permit of its request is released once the reply has been written.
 struct Reply {
@@ -324,7 +391,7 @@ where
             Ok(p) => p,
             Err(_) => break Ok(()),
         };
-        let mut payload = AlignedBuf::zeroed(payload_len as usize);
+        let mut payload = BufPool::global().take(payload_len as usize);
         if payload_len > 0 {
             if let Err(e) = reader.read_exact(&mut payload).await {
                 break Err(e);
@@ -421,6 +488,7 @@ impl Job {
                 proto::simple_reply(&mut out, request.cookie, proto::EIO);
                 (out, None)
             });
+            BufPool::global().give(payload);
             // Fails only when the writer is gone with the client.
             let _ = replies.send(Reply {
                 head,
@@ -440,7 +508,7 @@ impl Job {
         } = planned;
         let req = self.request;
         let buf = match direction {
-            Direction::Read => AlignedBuf::zeroed(req.length as usize),
+            Direction::Read => BufPool::global().take(req.length as usize),
             Direction::Write => payload,
         };
         let transfers = std::mem::take(&mut plan.transfers);
@@ -480,6 +548,7 @@ impl Job {
                 Some(buf)
             }
             Direction::Write => {
+                BufPool::global().give(buf);
                 proto::simple_reply(&mut head, req.cookie, 0);
                 None
             }
@@ -509,6 +578,9 @@ where
                     sent = out.write_all(data).await;
                 }
                 broken = sent.is_err();
+            }
+            if let Some(data) = reply.data.take() {
+                BufPool::global().give(data);
             }
             match queue.try_recv() {
                 Ok(next) => reply = next,
@@ -625,7 +697,7 @@ fn read(ctx: &Connection, req: &Request) -> Result<AlignedBuf, Failure> {
         ));
     }
     check_range(ctx, req, proto::EINVAL)?;
-    let mut data = AlignedBuf::zeroed(req.length as usize);
+    let mut data = BufPool::global().take(req.length as usize);
     ctx.target.read(&mut data, req.offset)?;
     Ok(data)
 }
@@ -731,4 +803,46 @@ fn other(ctx: &Connection, req: &Request, payload: &[u8]) -> Result<(), Failure>
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn buffer_pool_recycles_by_size_and_gives_exact_lengths() {
+        let pool = BufPool {
+            sizes: BufPool::global()
+                .sizes
+                .iter()
+                .map(|_| Default::default())
+                .collect(),
+        };
+        for len in [0, 1, 512, 4096, 4097, 65536, 1 << 20] {
+            let mut b = pool.take(len);
+            assert_eq!(b.len(), len);
+            assert!(parallax_device::is_aligned(&b));
+            b.fill(0x5a);
+            let addr = b.as_ptr() as usize;
+            pool.give(b);
+            let again = pool.take(len);
+            assert_eq!(again.len(), len);
+            assert_eq!(again.as_ptr() as usize, addr, "{len}: not recycled");
+            pool.give(again);
+        }
+        // A 4097-byte request gets the 8 KiB buffer; a 3000-byte one the 4 KiB one.
+        let small = pool.take(3000);
+        assert!(small.capacity() >= 4096 && small.capacity() < 8192 + parallax_device::ALIGN);
+        // Larger than the largest class: allocated at its exact length.
+        let big = pool.take((1 << 20) + 1);
+        assert_eq!(big.len(), (1 << 20) + 1);
+        pool.give(big);
+        // At most POOL_BYTES_PER_SIZE idle per size.
+        let many: Vec<_> = (0..20).map(|_| pool.take(1 << 20)).collect();
+        for b in many {
+            pool.give(b);
+        }
+        let idle = pool.sizes.last().unwrap().lock().unwrap().len();
+        assert_eq!(idle, POOL_BYTES_PER_SIZE / (1 << 20));
+    }
 }
