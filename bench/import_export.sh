@@ -19,6 +19,7 @@
 # MB/s is the virtual size (1 GiB) over the wall-clock time, MB = 10^6 bytes.
 #
 # Usage: bench/import_export.sh   (needs qemu-img; about 3 GiB free in $TMPDIR)
+#        PARALLAX_BIN=/path/to/parallax bench/import_export.sh   (skips the build)
 set -euo pipefail
 
 root="$(cd "$(dirname "$0")/.." && pwd)"
@@ -27,9 +28,13 @@ size_mib=1024
 
 command -v qemu-img >/dev/null || { echo "qemu-img is required (apt-get install qemu-utils)" >&2; exit 1; }
 
-echo "== building the release binary" >&2
-(cd "$root" && cargo build --release -q -p parallax)
-px="${CARGO_TARGET_DIR:-$root/target}/release/parallax"
+if [ -n "${PARALLAX_BIN:-}" ]; then
+    px="$PARALLAX_BIN"
+else
+    echo "== building the release binary" >&2
+    (cd "$root" && cargo build --release -q -p parallax)
+    px="${CARGO_TARGET_DIR:-$root/target}/release/parallax"
+fi
 [ -x "$px" ] || { echo "no binary at $px" >&2; exit 1; }
 
 work="$(mktemp -d "${TMPDIR:-/tmp}/parallax-bench.XXXXXX")"
