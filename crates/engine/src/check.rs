@@ -334,9 +334,9 @@ impl Store {
         }
         // Blocks that writes in progress allocated are referenced by nothing
         // yet, but are about to be.
-        let in_flight: HashSet<u64> = guards
+        let in_flight: HashSet<u64> = open
             .iter()
-            .flat_map(|g| g.in_flight.iter().copied())
+            .flat_map(|v| v.fresh.lock().in_flight.iter().copied().collect::<Vec<_>>())
             .collect();
         let freed = self
             .inner

@@ -521,7 +521,7 @@ impl Store {
             .find(name)
             .ok_or_else(|| Error::NotFound(format!("disk {name} does not exist")))?;
         let has_descendants = self.descendants_of(&catalog, entry.vdi_id)?;
-        let mut st = vdi.inner.state.write();
+        let mut st = vdi.inner.exclusive()?;
         let mut freed: HashSet<u64> = vdi.inner.live_owned_blocks(&st)?.into_iter().collect();
         if !has_descendants {
             for s in &st.snapshots {

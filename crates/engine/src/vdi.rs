@@ -92,8 +92,39 @@ pub struct IoPlan {
     pub transfers: Vec<Transfer>,
     /// Read only: ranges of the buffer that read as zeros.
     pub zeros: Vec<std::ops::Range<usize>>,
-    _pin: Option<ArcRwLockReadGuard<RawRwLock, VdiState>>,
+    /// Write only: (virtual block, new data block) for the blocks the write
+    /// allocated; they join the disk in [`IoPlan::finish`].
+    links: Vec<(u64, u64)>,
+    disk: Option<Arc<VdiInner>>,
+    pin: Option<ArcRwLockReadGuard<RawRwLock, VdiState>>,
     _store: Arc<StoreInner>,
+}
+
+impl IoPlan {
+    /// Ends the plan after every transfer has completed. With `ok`, the
+    /// blocks a write allocated become part of the disk (visible to reads
+    /// from now on); otherwise they go back to the free pool. Dropping a
+    /// plan without calling this counts as a failure.
+    pub fn finish(mut self, ok: bool) {
+        self.complete(ok);
+    }
+
+    fn complete(&mut self, ok: bool) {
+        if self.links.is_empty() {
+            return;
+        }
+        if let (Some(disk), Some(pin)) = (&self.disk, &self.pin) {
+            // A deleted disk gives its blocks back: nothing to report.
+            let _ = disk.publish_fresh(pin, &self.links, ok);
+        }
+        self.links.clear();
+    }
+}
+
+impl Drop for IoPlan {
+    fn drop(&mut self) {
+        self.complete(false);
+    }
 }
 
 impl std::fmt::Debug for IoPlan {
@@ -106,51 +137,67 @@ impl std::fmt::Debug for IoPlan {
     }
 }
 
-/// Plans a block-aligned read of `len` bytes at `offset` through `tree`,
-/// with nodes from the cache only. `None` if the store is not a file, the
-/// range is not block-aligned, or a node is not in memory.
+/// Works out a block-aligned read of `len` bytes at `offset` through
+/// `tree` (and the fresh writes of `disk`), with tree nodes from the cache
+/// only: the device transfers and the zero ranges. `None` if the store is
+/// not a file, the range is not block-aligned, or a node is not in memory.
+#[allow(clippy::type_complexity)]
 fn plan_read_tree(
-    store: &Arc<StoreInner>,
+    store: &StoreInner,
     tree: &Tree,
+    disk: Option<&VdiInner>,
     offset: u64,
     len: usize,
-) -> Result<Option<IoPlan>> {
-    let Some(fd) = store.meta.dev.raw_fd() else {
+) -> Result<Option<(Vec<Transfer>, Vec<std::ops::Range<usize>>)>> {
+    let Some(found) = cached_entries(store, tree, disk, offset, len)? else {
         return Ok(None);
     };
-    if !offset.is_multiple_of(BLOCK_SIZE_U64) || !len.is_multiple_of(BLOCK_SIZE) || len == 0 {
+    let mut runs = Runs::default();
+    let mut zeros: Vec<std::ops::Range<usize>> = Vec::new();
+    for (k, (entry, _)) in found.into_iter().enumerate() {
+        let start = k * BLOCK_SIZE;
+        if entry.is_null() {
+            match zeros.last_mut() {
+                Some(z) if z.end == start => z.end += BLOCK_SIZE,
+                _ => zeros.push(start..start + BLOCK_SIZE),
+            }
+        } else {
+            runs.push(k as u64, entry.addr());
+        }
+    }
+    Ok(Some((runs.into_transfers(), zeros)))
+}
+
+/// The entries of the blocks of an aligned range, from cached nodes and
+/// fresh writes only; `None` when that cannot be done without I/O.
+fn cached_entries(
+    store: &StoreInner,
+    tree: &Tree,
+    disk: Option<&VdiInner>,
+    offset: u64,
+    len: usize,
+) -> Result<Option<Vec<(Ptr, bool)>>> {
+    if store.meta.dev.raw_fd().is_none()
+        || !offset.is_multiple_of(BLOCK_SIZE_U64)
+        || !len.is_multiple_of(BLOCK_SIZE)
+        || len == 0
+    {
         return Ok(None);
     }
     let first = offset / BLOCK_SIZE_U64;
-    let mut runs = Runs::default();
-    let mut zeros: Vec<std::ops::Range<usize>> = Vec::new();
-    let complete = tree.for_each_cached_entry(
-        &store.meta,
-        first,
-        first + (len / BLOCK_SIZE) as u64,
-        &mut |v, entry, _| {
-            let start = (v - first) as usize * BLOCK_SIZE;
-            if entry.is_null() {
-                match zeros.last_mut() {
-                    Some(z) if z.end == start => z.end += BLOCK_SIZE,
-                    _ => zeros.push(start..start + BLOCK_SIZE),
-                }
-            } else {
-                runs.push(v - first, entry.addr());
-            }
-            Ok(())
-        },
-    )?;
+    let end = first + (len / BLOCK_SIZE) as u64;
+    let mut found = Vec::with_capacity(len / BLOCK_SIZE);
+    let complete = tree.for_each_cached_entry(&store.meta, first, end, &mut |_, e, w| {
+        found.push((e, w));
+        Ok(())
+    })?;
     if !complete {
         return Ok(None);
     }
-    Ok(Some(IoPlan {
-        fd,
-        transfers: runs.into_transfers(),
-        zeros,
-        _pin: None,
-        _store: store.clone(),
-    }))
+    if let Some(disk) = disk {
+        disk.overlay_fresh(first, &mut found);
+    }
+    Ok(Some(found))
 }
 
 pub(crate) struct VdiState {
@@ -165,10 +212,6 @@ pub(crate) struct VdiState {
     pub pending_log: Vec<LogEntry>,
     /// Blocks to free once the next commit is durable.
     pub pending_free: Vec<u64>,
-    /// Data blocks allocated by writes still in progress: their data is
-    /// being written outside the lock and no tree points at them yet.
-    /// `gc` must not take them back.
-    pub in_flight: HashSet<u64>,
     pub header_dirty: bool,
     pub poisoned: bool,
     pub deleted: bool,
@@ -184,12 +227,43 @@ impl VdiState {
     }
 }
 
+/// Whole-block writes that allocated since the disk lock was last held
+/// exclusively, kept beside the tree so that allocating writes need only the
+/// shared lock. Invariants:
+/// - `map` entries are newer than the tree: every reader under the shared
+///   lock consults `map` first, and every holder of the exclusive lock folds
+///   `map` into the tree first ([`VdiInner::exclusive`]); `map` and the tree
+///   never change together otherwise.
+/// - Blocks in `map` and `in_flight` are owned by the live disk alone (new,
+///   never in a snapshot); `gc` keeps both.
+#[derive(Default)]
+pub(crate) struct Fresh {
+    /// Virtual block ─▶ new data block, written and complete.
+    pub map: std::collections::HashMap<u64, u64>,
+    /// Allocated for writes still moving their data; in no tree or map yet.
+    pub in_flight: HashSet<u64>,
+    /// Fresh blocks replaced by a later fresh write: freed after the next commit.
+    pub replaced: Vec<u64>,
+}
+
+impl Fresh {
+    fn is_empty(&self) -> bool {
+        self.map.is_empty() && self.replaced.is_empty()
+    }
+}
+
+/// Above this many fresh entries, the blocking write path folds them into
+/// the tree on its way out (the io_uring path leaves it to the next commit).
+const FRESH_FOLD_AT: usize = 16384;
+
 pub(crate) struct VdiInner {
     pub store: Arc<StoreInner>,
     pub id: u64,
     pub header_addrs: [u64; 2],
     /// In an `Arc` so that an [`IoPlan`] can hold a read guard of its own.
     pub state: Arc<RwLock<VdiState>>,
+    /// Always taken after `state` (shared or exclusive), never before.
+    pub fresh: Mutex<Fresh>,
     stripes: Vec<Mutex<()>>,
 }
 
@@ -256,14 +330,118 @@ impl VdiInner {
                 log_block,
                 pending_log: Vec::new(),
                 pending_free: Vec::new(),
-                in_flight: HashSet::new(),
                 header_dirty: false,
                 poisoned: false,
                 deleted: false,
             })),
             store,
+            fresh: Mutex::new(Fresh::default()),
             stripes: (0..STRIPES).map(|_| Mutex::new(())).collect(),
         })
+    }
+
+    /// Takes the disk lock exclusively, with fresh writes folded into the
+    /// tree. Every exclusive holder goes through here (or through
+    /// [`VdiInner::commit`], which folds too).
+    pub fn exclusive(&self) -> Result<parking_lot::RwLockWriteGuard<'_, VdiState>> {
+        let mut st = self.state.write();
+        self.fold_fresh(&mut st)?;
+        Ok(st)
+    }
+
+    /// Moves fresh writes into the tree (the caller holds the lock
+    /// exclusively). On error the entries not yet moved stay fresh.
+    pub fn fold_fresh(&self, st: &mut VdiState) -> Result<()> {
+        let mut fresh = self.fresh.lock();
+        if fresh.is_empty() {
+            return Ok(());
+        }
+        let entries: Vec<(u64, u64)> = fresh.map.iter().map(|(&v, &a)| (v, a)).collect();
+        for (v, addr) in entries {
+            let old = st.tree.entry_for_write(&self.store.meta, v)?;
+            st.tree.set_entry(v, Ptr::data(addr, true))?;
+            if old.writable() {
+                st.pending_free.push(old.addr());
+            }
+            fresh.map.remove(&v);
+        }
+        st.pending_free.append(&mut fresh.replaced);
+        Ok(())
+    }
+
+    /// Overrides tree answers for `first..` with fresh entries (owned,
+    /// writable). The caller holds the lock shared.
+    fn overlay_fresh(&self, first: u64, entries: &mut [(Ptr, bool)]) {
+        let fresh = self.fresh.lock();
+        if fresh.map.is_empty() {
+            return;
+        }
+        for (k, e) in entries.iter_mut().enumerate() {
+            if let Some(&addr) = fresh.map.get(&(first + k as u64)) {
+                *e = (Ptr::data(addr, true), true);
+            }
+        }
+    }
+
+    /// The tree's entries for `first..end`, fresh writes included.
+    fn entries(&self, st: &VdiState, first: u64, end: u64) -> Result<Vec<(Ptr, bool)>> {
+        let mut out = Vec::with_capacity((end - first) as usize);
+        st.tree
+            .for_each_entry(&self.store.meta, first, end, &mut |_, e, w| {
+                out.push((e, w));
+                Ok(())
+            })?;
+        self.overlay_fresh(first, &mut out);
+        Ok(out)
+    }
+
+    /// Allocates a data block per entry of `ks` for writes under the shared
+    /// lock, recording them in flight. All or nothing.
+    fn allocate_fresh(&self, st: &VdiState, first: u64, count: u64, n: usize) -> Result<Vec<u64>> {
+        let mut fresh = self.fresh.lock();
+        let leaves = (first + count - 1) / FAN_OUT as u64 - first / FAN_OUT as u64 + 1;
+        let reserve = METADATA_RESERVE
+            + st.tree.dirty_nodes() as u64
+            + TREE_HEIGHT as u64 * (leaves + (fresh.map.len() + fresh.in_flight.len()) as u64);
+        let mut alloc = self.store.alloc.lock();
+        let mut got = Vec::with_capacity(n);
+        for _ in 0..n {
+            match alloc.allocate(reserve) {
+                Ok(a) => got.push(a),
+                Err(e) => {
+                    for &a in &got {
+                        alloc.release(a);
+                    }
+                    return Err(e);
+                }
+            }
+        }
+        fresh.in_flight.extend(got.iter().copied());
+        Ok(got)
+    }
+
+    /// Ends writes of fresh blocks (the caller holds the lock shared):
+    /// with `ok`, `links` (virtual block, new block) become visible;
+    /// otherwise, or if the disk is gone, the blocks go back to the pool.
+    fn publish_fresh(&self, st: &VdiState, links: &[(u64, u64)], ok: bool) -> Result<()> {
+        let usable = self.usable(st);
+        let mut fresh = self.fresh.lock();
+        if ok && usable.is_ok() {
+            for &(v, addr) in links {
+                fresh.in_flight.remove(&addr);
+                if let Some(old) = fresh.map.insert(v, addr) {
+                    fresh.replaced.push(old);
+                }
+            }
+            return Ok(());
+        }
+        let mut alloc = self.store.alloc.lock();
+        for &(_, addr) in links {
+            if fresh.in_flight.remove(&addr) {
+                alloc.release(addr);
+            }
+        }
+        usable
     }
 
     fn usable(&self, st: &VdiState) -> Result<()> {
@@ -312,12 +490,12 @@ impl VdiInner {
         {
             let st = self.state.read();
             self.usable(&st)?;
-            let (entry, writable) = st.tree.lookup(&self.store.meta, v)?;
+            let (entry, writable) = self.entries(&st, v, v + 1)?[0];
             if writable {
                 return self.write_in_place(v, entry.addr(), within, data);
             }
         }
-        let mut st = self.state.write();
+        let mut st = self.exclusive()?;
         self.usable(&st)?;
         let entry = st.tree.entry_for_write(&self.store.meta, v)?;
         if entry.writable() {
@@ -337,119 +515,61 @@ impl VdiInner {
         st.tree.set_entry(v, Ptr::data(addr, true))
     }
 
-    /// Writes whole blocks `first..first + data.len() / BLOCK_SIZE`.
+    /// Writes whole blocks `first..first + data.len() / BLOCK_SIZE`, all
+    /// under the shared lock except the data of new blocks:
     ///
-    /// 1. Under the shared lock, blocks the disk owns are overwritten in
+    /// 1. Blocks the disk owns (in the tree or fresh) are overwritten in
     ///    place, one `write_at` per run of consecutive addresses.
-    /// 2. The rest are allocated under the exclusive lock, which is then
-    ///    dropped while their data is written (again in runs), so that
-    ///    allocating writes of one disk overlap on the device. The new
-    ///    blocks are recorded in `in_flight` meanwhile, so `gc` keeps them.
-    /// 3. The exclusive lock is taken again to point the tree at them. If
-    ///    another write replaced a block meanwhile, the one it replaced is
-    ///    freed after the next commit, like any overwritten owned block.
+    /// 2. The others get new blocks, recorded in flight (so `gc` keeps
+    ///    them); the lock is dropped while their data is written, in runs.
+    /// 3. Under the shared lock again, they are published as fresh entries
+    ///    (see [`Fresh`]), visible to every later read and write.
     ///
     /// Concurrent writes to the same block end with one of them whole, as
     /// NBD allows; no reader ever sees a block that was not written.
     fn write_blocks(&self, first: u64, data: &[u8]) -> Result<()> {
-        let meta = &self.store.meta;
         let count = (data.len() / BLOCK_SIZE) as u64;
-        let block = |k: u64| &data[k as usize * BLOCK_SIZE..(k as usize + 1) * BLOCK_SIZE];
         let mut missing = Vec::new();
-        {
+        let mut runs = Runs::default();
+        let allocated = {
             let st = self.state.read();
             self.usable(&st)?;
-            let mut runs = Runs::default();
-            st.tree
-                .for_each_entry(meta, first, first + count, &mut |v, entry, writable| {
-                    if writable {
-                        runs.push(v - first, entry.addr());
-                    } else {
-                        missing.push(v - first);
-                    }
-                    Ok(())
-                })?;
-            for run in runs.0 {
+            for (k, (entry, writable)) in self
+                .entries(&st, first, first + count)?
+                .into_iter()
+                .enumerate()
+            {
+                if writable {
+                    runs.push(k as u64, entry.addr());
+                } else {
+                    missing.push(k as u64);
+                }
+            }
+            for run in std::mem::take(&mut runs).0 {
                 self.write_data(run.addr, &data[run.bytes()])?;
             }
-        }
-        if missing.is_empty() {
-            return Ok(());
-        }
-        // Phase 2: allocate.
-        let mut allocated: Vec<(u64, u64)> = Vec::with_capacity(missing.len());
-        {
-            let mut st = self.state.write();
-            self.usable(&st)?;
-            let leaves = (first + count - 1) / FAN_OUT as u64 - first / FAN_OUT as u64 + 1;
-            let reserve = METADATA_RESERVE
-                + (st.tree.dirty_nodes() + st.in_flight.len()) as u64
-                + TREE_HEIGHT as u64 * leaves;
-            let mut need = Vec::with_capacity(missing.len());
-            for &k in &missing {
-                let (entry, writable) = st.tree.lookup(meta, first + k)?;
-                if writable {
-                    // Another write allocated it since the first pass.
-                    self.write_data(entry.addr(), block(k))?;
-                } else {
-                    need.push(k);
-                }
+            if missing.is_empty() {
+                return Ok(());
             }
-            let mut alloc = self.store.alloc.lock();
-            for k in need {
-                match alloc.allocate(reserve) {
-                    Ok(addr) => allocated.push((k, addr)),
-                    Err(e) => {
-                        for &(_, addr) in &allocated {
-                            alloc.release(addr);
-                        }
-                        return Err(e);
-                    }
-                }
-            }
-            st.in_flight.extend(allocated.iter().map(|&(_, a)| a));
-        }
-        // Phase 3: the data, outside the lock.
-        let mut runs = Runs::default();
-        for &(k, addr) in &allocated {
-            runs.push(k, addr);
+            self.allocate_fresh(&st, first, count, missing.len())?
+        };
+        let links: Vec<(u64, u64)> = missing.iter().map(|&k| first + k).zip(allocated).collect();
+        for &(v, addr) in &links {
+            runs.push(v - first, addr);
         }
         let written = runs
             .0
             .iter()
             .try_for_each(|run| self.write_data(run.addr, &data[run.bytes()]));
-        // Phase 4: link them into the tree.
-        let mut st = self.state.write();
-        let linked = written.and_then(|_| {
-            self.usable(&st)?;
-            for &(k, addr) in &allocated {
-                let v = first + k;
-                let linked = st.tree.entry_for_write(meta, v).and_then(|old| {
-                    st.tree.set_entry(v, Ptr::data(addr, true))?;
-                    Ok(old)
-                });
-                match linked {
-                    Ok(old) => {
-                        st.in_flight.remove(&addr);
-                        if old.writable() {
-                            st.pending_free.push(old.addr());
-                        }
-                    }
-                    Err(e) => return Err(e),
-                }
-            }
-            Ok(())
-        });
-        if linked.is_err() {
-            // Whatever is still in flight was never linked: give it back.
-            let mut alloc = self.store.alloc.lock();
-            for &(_, addr) in &allocated {
-                if st.in_flight.remove(&addr) {
-                    alloc.release(addr);
-                }
-            }
+        let st = self.state.read();
+        self.publish_fresh(&st, &links, written.is_ok())?;
+        written?;
+        let fold = self.fresh.lock().map.len() > FRESH_FOLD_AT;
+        drop(st);
+        if fold {
+            drop(self.exclusive()?);
         }
-        linked
+        Ok(())
     }
 
     /// Unmaps whole block `v` (discard or zeroing).
@@ -469,6 +589,7 @@ impl VdiInner {
     /// committed tree as a snapshot and gives the disk a fresh shared root.
     pub fn commit(&self, st: &mut VdiState, snapshot: Option<(u64, String)>) -> Result<()> {
         self.usable(st)?;
+        self.fold_fresh(st)?;
         let meta = &self.store.meta;
         if !st.has_pending() && snapshot.is_none() {
             // Also makes earlier frees durable in the bitmaps.
@@ -758,7 +879,7 @@ impl Vdi {
         let st = inner.state.read();
         inner.usable(&st)?;
         check_io_range(st.size, offset, buf.len() as u64)?;
-        read_tree(&inner.store, &st.tree, buf, offset)
+        read_tree(&inner.store, &st.tree, Some(inner), buf, offset)
     }
 
     /// Plans a READ for the caller to perform (see [`IoPlan`]). Never
@@ -766,60 +887,88 @@ impl Vdi {
     /// range is not block-aligned, a tree node is not in memory, or the
     /// store is not a file; then use [`Vdi::read`].
     pub fn try_plan_read(&self, offset: u64, len: usize) -> Result<Option<IoPlan>> {
-        let Some(st) = self.inner.state.try_read_arc() else {
+        let inner = &self.inner;
+        let Some(st) = inner.state.try_read_arc() else {
             return Ok(None);
         };
-        self.inner.usable(&st)?;
+        inner.usable(&st)?;
         check_io_range(st.size, offset, len as u64)?;
-        let plan = plan_read_tree(&self.inner.store, &st.tree, offset, len)?;
-        Ok(plan.map(|p| IoPlan {
-            _pin: Some(st),
-            ..p
+        let Some((transfers, zeros)) =
+            plan_read_tree(&inner.store, &st.tree, Some(inner), offset, len)?
+        else {
+            return Ok(None);
+        };
+        Ok(inner.store.meta.dev.raw_fd().map(|fd| IoPlan {
+            fd,
+            transfers,
+            zeros,
+            links: Vec::new(),
+            disk: None,
+            pin: Some(st),
+            _store: inner.store.clone(),
         }))
     }
 
-    /// Plans a WRITE that goes entirely in place (every block already owned
-    /// by the disk), for the caller to perform (see [`IoPlan`]). Never
-    /// blocks: `Ok(None)` when the write must allocate, is not
-    /// block-aligned, or for the reasons of [`Vdi::try_plan_read`]; then
-    /// use [`Vdi::write`].
+    /// Plans a block-aligned WRITE for the caller to perform (see
+    /// [`IoPlan`]): blocks the disk owns are written in place, the others
+    /// get new blocks now, which join the disk when the caller calls
+    /// [`IoPlan::finish`] after the transfers. Never blocks: `Ok(None)`
+    /// for the reasons of [`Vdi::try_plan_read`] or when the store is full;
+    /// then use [`Vdi::write`].
     pub fn try_plan_write(&self, offset: u64, len: usize) -> Result<Option<IoPlan>> {
-        let Some(st) = self.inner.state.try_read_arc() else {
+        let inner = &self.inner;
+        let Some(st) = inner.state.try_read_arc() else {
             return Ok(None);
         };
-        self.inner.usable(&st)?;
+        inner.usable(&st)?;
         check_io_range(st.size, offset, len as u64)?;
-        let store = &self.inner.store;
-        let Some(fd) = store.meta.dev.raw_fd() else {
+        let Some(found) = cached_entries(&inner.store, &st.tree, Some(inner), offset, len)? else {
             return Ok(None);
         };
-        if !offset.is_multiple_of(BLOCK_SIZE_U64) || !len.is_multiple_of(BLOCK_SIZE) || len == 0 {
+        let Some(fd) = inner.store.meta.dev.raw_fd() else {
             return Ok(None);
-        }
+        };
         let first = offset / BLOCK_SIZE_U64;
+        let count = found.len() as u64;
         let mut runs = Runs::default();
-        let mut in_place = true;
-        let complete = st.tree.for_each_cached_entry(
-            &store.meta,
-            first,
-            first + (len / BLOCK_SIZE) as u64,
-            &mut |v, entry, writable| {
-                in_place &= writable;
-                if writable {
-                    runs.push(v - first, entry.addr());
-                }
-                Ok(())
-            },
-        )?;
-        if !complete || !in_place {
-            return Ok(None);
+        let mut missing = Vec::new();
+        for (k, (entry, writable)) in found.into_iter().enumerate() {
+            if writable {
+                runs.push(k as u64, entry.addr());
+            } else {
+                missing.push(k as u64);
+            }
+        }
+        let mut links = Vec::new();
+        if !missing.is_empty() {
+            let Ok(allocated) = inner.allocate_fresh(&st, first, count, missing.len()) else {
+                return Ok(None);
+            };
+            links = missing.iter().map(|&k| first + k).zip(allocated).collect();
+            let mut all: Vec<(u64, u64)> = runs
+                .0
+                .iter()
+                .flat_map(|r| {
+                    let k0 = (r.start / BLOCK_SIZE) as u64;
+                    let n = ((r.end - r.start) / BLOCK_SIZE) as u64;
+                    (0..n).map(move |i| (k0 + i, r.addr + i))
+                })
+                .chain(links.iter().map(|&(v, a)| (v - first, a)))
+                .collect();
+            all.sort_unstable();
+            runs = Runs::default();
+            for (k, a) in all {
+                runs.push(k, a);
+            }
         }
         Ok(Some(IoPlan {
             fd,
             transfers: runs.into_transfers(),
             zeros: Vec::new(),
-            _pin: Some(st),
-            _store: store.clone(),
+            links,
+            disk: Some(inner.clone()),
+            pin: Some(st),
+            _store: inner.store.clone(),
         }))
     }
 
@@ -854,12 +1003,12 @@ impl Vdi {
         {
             let st = self.inner.state.read();
             self.inner.usable(&st)?;
-            if !st.has_pending() {
+            if !st.has_pending() && self.inner.fresh.lock().is_empty() {
                 drop(st);
                 return self.inner.store.sync_bitmaps();
             }
         }
-        let mut st = self.inner.state.write();
+        let mut st = self.inner.exclusive()?;
         self.inner.commit(&mut st, None)
     }
 
@@ -898,7 +1047,7 @@ impl Vdi {
             return Ok(());
         }
         let inner = &*self.inner;
-        let mut st = inner.state.write();
+        let mut st = inner.exclusive()?;
         inner.usable(&st)?;
         let mut mapped = Vec::new();
         st.tree
@@ -915,7 +1064,8 @@ impl Vdi {
     /// Allocation status of `[offset, offset+len)`, as block-aligned runs
     /// clipped to the range.
     pub fn block_status(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
-        let st = self.inner.state.read();
+        // Exclusive, so that fresh writes are in the tree.
+        let st = self.inner.exclusive()?;
         self.inner.usable(&st)?;
         check_io_range(st.size, offset, len)?;
         tree_extents(&self.inner.store, &st.tree, offset, len)
@@ -923,14 +1073,14 @@ impl Vdi {
 
     /// Bytes backed by data blocks (shared or owned).
     pub fn allocated_bytes(&self) -> Result<u64> {
-        let st = self.inner.state.read();
+        let st = self.inner.exclusive()?;
         self.inner.usable(&st)?;
         count_mapped(&self.inner.store, &st.tree)
     }
 
     /// Grows the disk to `new_size` bytes (a multiple of 4096). Durable on return.
     pub fn grow(&self, new_size: u64) -> Result<()> {
-        let mut st = self.inner.state.write();
+        let mut st = self.inner.exclusive()?;
         self.inner.usable(&st)?;
         if !new_size.is_multiple_of(BLOCK_SIZE_U64) || new_size > MAX_VDI_SIZE {
             return Err(Error::InvalidArgument(format!(
@@ -951,7 +1101,7 @@ impl Vdi {
     /// Takes a snapshot (O(1)): commits, then records the committed root.
     /// `name: None` names it by the current UTC time. Durable on return.
     pub fn snapshot(&self, name: Option<&str>) -> Result<SnapshotInfo> {
-        let mut st = self.inner.state.write();
+        let mut st = self.inner.exclusive()?;
         self.inner.usable(&st)?;
         let id = st.header.next_snapshot_id;
         let name = match name {
@@ -993,7 +1143,7 @@ impl Vdi {
     /// blocks are not returned to the free pool here: `gc` reclaims those no
     /// longer reachable from any disk or snapshot.
     pub fn delete_snapshot(&self, name: &str) -> Result<()> {
-        let mut st = self.inner.state.write();
+        let mut st = self.inner.exclusive()?;
         self.inner.usable(&st)?;
         let Some(pos) = st.snapshots.iter().position(|s| s.name == name) else {
             return Err(Error::NotFound(format!(
@@ -1024,7 +1174,7 @@ impl Vdi {
     pub fn rollback(&self, name: &str) -> Result<()> {
         let snap = self.snapshot_info(name)?;
         let inner = &*self.inner;
-        let mut st = inner.state.write();
+        let mut st = inner.exclusive()?;
         inner.usable(&st)?;
         let owned = inner.live_owned_blocks(&st)?;
         let old = std::mem::replace(
@@ -1047,9 +1197,12 @@ impl Vdi {
     }
 }
 
+/// Reads through `tree`, and through the fresh writes of `disk` (whose
+/// lock the caller holds shared) for a live disk.
 pub(crate) fn read_tree(
     store: &StoreInner,
     tree: &Tree,
+    disk: Option<&VdiInner>,
     buf: &mut [u8],
     offset: u64,
 ) -> Result<()> {
@@ -1058,11 +1211,15 @@ pub(crate) fn read_tree(
     }
     let first = offset / BLOCK_SIZE_U64;
     let end = (offset + buf.len() as u64).div_ceil(BLOCK_SIZE_U64);
-    let mut entries = Vec::with_capacity((end - first) as usize);
-    tree.for_each_entry(&store.meta, first, end, &mut |_, entry, _| {
-        entries.push(entry);
+    let mut found = Vec::with_capacity((end - first) as usize);
+    tree.for_each_entry(&store.meta, first, end, &mut |_, entry, w| {
+        found.push((entry, w));
         Ok(())
     })?;
+    if let Some(disk) = disk {
+        disk.overlay_fresh(first, &mut found);
+    }
+    let entries = found.into_iter().map(|(e, _)| e);
     // Whole mapped blocks are read in runs of consecutive addresses, each
     // with one `read_at` straight into the caller's buffer.
     let mut runs = Runs::default();
@@ -1215,13 +1372,25 @@ impl SnapshotView {
 
     pub fn read(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         check_io_range(self.info.size_bytes, offset, buf.len() as u64)?;
-        read_tree(&self.store, &self.tree, buf, offset)
+        read_tree(&self.store, &self.tree, None, buf, offset)
     }
 
     /// Plans a READ for the caller to perform, as [`Vdi::try_plan_read`].
     pub fn try_plan_read(&self, offset: u64, len: usize) -> Result<Option<IoPlan>> {
         check_io_range(self.info.size_bytes, offset, len as u64)?;
-        plan_read_tree(&self.store, &self.tree, offset, len)
+        let Some((transfers, zeros)) = plan_read_tree(&self.store, &self.tree, None, offset, len)?
+        else {
+            return Ok(None);
+        };
+        Ok(self.store.meta.dev.raw_fd().map(|fd| IoPlan {
+            fd,
+            transfers,
+            zeros,
+            links: Vec::new(),
+            disk: None,
+            pin: None,
+            _store: self.store.clone(),
+        }))
     }
 
     pub fn block_status(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {

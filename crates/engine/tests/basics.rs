@@ -392,8 +392,48 @@ fn io_plans_name_the_blocks_read_and_write_would_use_and_pin_the_disk() {
     assert!(d.try_plan_read(100, 4096).unwrap().is_none());
     assert!(d.try_plan_read(4 * MIB, 4096).is_err());
 
-    // Writes are planned only where the disk owns every block.
-    assert!(d.try_plan_write(8 * 4096, 4096).unwrap().is_none());
+    let wfile = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+    let perform = |plan: &parallax_engine::IoPlan, byte: u8| {
+        for t in &plan.transfers {
+            wfile
+                .write_all_at(&vec![byte; t.buf.len()], t.device_offset)
+                .unwrap();
+        }
+    };
+    let block = |v: u64| {
+        let mut b = vec![0u8; 4096];
+        d.read(&mut b, v * 4096).unwrap();
+        b
+    };
+    // A write over owned blocks (6, 7) and a hole (8, 9): new blocks for
+    // the hole, which join the disk only when the plan finishes well.
+    let free0 = store.stats().free_bytes;
+    let plan = d
+        .try_plan_write(6 * 4096, 4 * 4096)
+        .unwrap()
+        .expect("plannable");
+    let covered: usize = plan.transfers.iter().map(|t| t.buf.len()).sum();
+    assert_eq!(covered, 4 * 4096);
+    perform(&plan, 0x44);
+    assert!(block(6).iter().all(|&b| b == 0x44), "in place at once");
+    assert!(
+        block(8).iter().all(|&b| b == 0),
+        "new blocks visible too early"
+    );
+    plan.finish(true);
+    for v in 6..10 {
+        assert!(block(v).iter().all(|&b| b == 0x44), "block {v}");
+    }
+    assert_eq!(store.stats().free_bytes, free0 - 2 * 4096);
+    // A plan dropped without finishing gives its new blocks back.
+    let plan = d
+        .try_plan_write(10 * 4096, 2 * 4096)
+        .unwrap()
+        .expect("plannable");
+    perform(&plan, 0x55);
+    drop(plan);
+    assert!(block(10).iter().all(|&b| b == 0));
+    assert_eq!(store.stats().free_bytes, free0 - 2 * 4096);
     let plan = d
         .try_plan_write(0, 2 * 4096)
         .unwrap()
@@ -407,11 +447,7 @@ fn io_plans_name_the_blocks_read_and_write_would_use_and_pin_the_disk() {
             std::time::Instant::now()
         });
         std::thread::sleep(std::time::Duration::from_millis(100));
-        let file = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
-        for t in &plan.transfers {
-            file.write_all_at(&vec![0x33; t.buf.len()], t.device_offset)
-                .unwrap();
-        }
+        perform(&plan, 0x33);
         let released = std::time::Instant::now();
         drop(plan);
         let done = snap.join().unwrap();
@@ -425,7 +461,25 @@ fn io_plans_name_the_blocks_read_and_write_would_use_and_pin_the_disk() {
         .read(&mut buf, 4096)
         .unwrap();
     assert!(buf.iter().all(|&b| b == 0x33));
-    // After the snapshot the blocks are shared again: no in-place plan.
-    assert!(d.try_plan_write(0, 4096).unwrap().is_none());
-    assert_clean(&store);
+    // After the snapshot the blocks are shared: a write gets new ones.
+    let read_at = d.try_plan_read(0, 4096).unwrap().unwrap().transfers[0].device_offset;
+    let plan = d.try_plan_write(0, 4096).unwrap().unwrap();
+    assert_ne!(
+        plan.transfers[0].device_offset, read_at,
+        "wrote into a shared block"
+    );
+    perform(&plan, 0x66);
+    plan.finish(true);
+    assert!(block(0).iter().all(|&b| b == 0x66));
+    store
+        .open_snapshot("d", "s")
+        .unwrap()
+        .read(&mut buf, 0)
+        .unwrap();
+    assert!(buf.iter().all(|&b| b == 0x33), "the snapshot changed");
+    // (flush_all also writes the bitmaps that the last commit's frees changed)
+    store.flush_all().unwrap();
+    let report = store.check().unwrap();
+    assert!(report.is_clean(), "{:#?}", report.errors);
+    assert_eq!(report.leaked_blocks, 0);
 }

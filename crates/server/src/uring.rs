@@ -26,7 +26,7 @@
 //! blocking thread pool instead.
 
 use parallax_device::AlignedBuf;
-use parallax_engine::Transfer;
+use parallax_engine::{IoPlan, Transfer};
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -34,6 +34,21 @@ use tokio::sync::oneshot;
 
 /// Submission queue entries; the completion queue gets twice as many.
 const RING_ENTRIES: u32 = 1024;
+
+/// What an operation holds until its transfers are over, told how they
+/// went. The reaper calls it on its own thread as soon as the last
+/// transfer completes, even if the submitting task is gone.
+pub trait Completion: Send {
+    fn complete(self: Box<Self>, ok: bool);
+}
+
+/// An engine plan: a write's new blocks join the disk on success and go
+/// back to the pool on failure; the disk is unpinned either way.
+impl Completion for IoPlan {
+    fn complete(self: Box<Self>, ok: bool) {
+        self.finish(ok);
+    }
+}
 
 /// Which way an operation moves data.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -51,7 +66,7 @@ struct Op {
     failure: Option<io::Error>,
     buf: Option<AlignedBuf>,
     /// The engine plan: keeps the blocks from being freed until the end.
-    keep: Option<Box<dyn Send>>,
+    keep: Option<Box<dyn Completion>>,
     done: Option<oneshot::Sender<(AlignedBuf, io::Result<()>)>>,
 }
 
@@ -128,23 +143,25 @@ impl Uring {
     }
 
     /// Performs `transfers` between `buf` and file `fd`, all at once, and
-    /// returns the buffer with the outcome. `keep` is dropped as soon as
-    /// the last transfer has completed (even if this future is dropped).
+    /// returns the buffer with the outcome. `keep` is completed as soon as
+    /// the last transfer has (even if this future is dropped); if nothing
+    /// could be submitted, it is completed as failed before this returns.
     pub async fn run(
         &self,
         direction: Direction,
         fd: RawFd,
         buf: AlignedBuf,
         transfers: &[Transfer],
-        keep: Box<dyn Send>,
+        keep: Box<dyn Completion>,
     ) -> (AlignedBuf, io::Result<()>) {
         if transfers.is_empty() {
-            drop(keep);
+            keep.complete(true);
             return (buf, Ok(()));
         }
         if transfers.len() > RING_ENTRIES as usize
             || transfers.iter().any(|t| t.buf.end > buf.len())
         {
+            keep.complete(false);
             let e = io::Error::other("transfer list does not fit the ring or the buffer");
             return (buf, Err(e));
         }
@@ -170,7 +187,7 @@ impl Uring {
         fd: RawFd,
         mut buf: AlignedBuf,
         transfers: &[Transfer],
-        keep: Box<dyn Send>,
+        keep: Box<dyn Completion>,
     ) -> Result<oneshot::Receiver<(AlignedBuf, io::Result<()>)>, (AlignedBuf, io::Result<()>)> {
         let base = buf.as_mut_ptr();
         let (done, finished) = oneshot::channel();
@@ -184,10 +201,14 @@ impl Uring {
         });
         if let Err(e) = self.submit(direction, fd, base, transfers, slot) {
             let op = lock(&self.ops).remove(slot);
-            let buf = op
-                .and_then(|o| o.buf)
-                .unwrap_or_else(|| AlignedBuf::zeroed(0));
-            return Err((buf, Err(e)));
+            let (buf, keep) = match op {
+                Some(o) => (o.buf, o.keep),
+                None => (None, None),
+            };
+            if let Some(keep) = keep {
+                keep.complete(false);
+            }
+            return Err((buf.unwrap_or_else(|| AlignedBuf::zeroed(0)), Err(e)));
         }
         Ok(finished)
     }
@@ -297,8 +318,10 @@ impl Uring {
                 }
             }
             for mut op in finished {
-                drop(op.keep.take());
                 let outcome = op.failure.take().map_or(Ok(()), Err);
+                if let Some(keep) = op.keep.take() {
+                    keep.complete(outcome.is_ok());
+                }
                 if let (Some(done), Some(buf)) = (op.done.take(), op.buf.take()) {
                     let _ = done.send((buf, outcome));
                 }
@@ -320,6 +343,20 @@ fn is_transient(e: &io::Error) -> bool {
 mod tests {
     use super::*;
     use std::os::unix::fs::FileExt;
+
+    /// Records how the operation ended.
+    struct Keep(Arc<Mutex<Option<bool>>>);
+
+    impl Completion for Keep {
+        fn complete(self: Box<Self>, ok: bool) {
+            *lock(&self.0) = Some(ok);
+        }
+    }
+
+    fn keep() -> (Box<Keep>, Arc<Mutex<Option<bool>>>) {
+        let seen = Arc::new(Mutex::new(None));
+        (Box::new(Keep(seen.clone())), seen)
+    }
 
     #[test]
     fn reads_and_writes_round_trip_and_failures_come_back() {
@@ -358,15 +395,10 @@ mod tests {
                     buf: 4096..8192,
                 },
             ];
-            let dropped = Arc::new(());
-            let keep = Box::new(dropped.clone());
-            let (_, outcome) = uring.run(Direction::Write, fd, buf, &transfers, keep).await;
+            let (k, seen) = keep();
+            let (_, outcome) = uring.run(Direction::Write, fd, buf, &transfers, k).await;
             outcome.unwrap();
-            assert_eq!(
-                Arc::strong_count(&dropped),
-                1,
-                "keep outlived the operation"
-            );
+            assert_eq!(*lock(&seen), Some(true), "keep not completed as ok");
             let mut back = vec![0u8; 4096];
             file.read_exact_at(&mut back, 65536).unwrap();
             assert!(back.iter().all(|&b| b == 0xaa));
@@ -379,7 +411,7 @@ mod tests {
                     fd,
                     AlignedBuf::zeroed(8192),
                     &transfers,
-                    Box::new(()),
+                    keep().0,
                 )
                 .await;
             outcome.unwrap();
@@ -387,20 +419,20 @@ mod tests {
             assert!(buf[4096..].iter().all(|&b| b == 0xbb));
 
             // Past the end of the file: a short read is an error.
+            let (k_past, seen_past) = keep();
             let past = [Transfer {
                 device_offset: (1 << 20) - 4096,
                 buf: 0..8192,
             }];
             let (buf, outcome) = uring
-                .run(
-                    Direction::Read,
-                    fd,
-                    AlignedBuf::zeroed(8192),
-                    &past,
-                    Box::new(()),
-                )
+                .run(Direction::Read, fd, AlignedBuf::zeroed(8192), &past, k_past)
                 .await;
             assert!(outcome.is_err());
+            assert_eq!(
+                *lock(&seen_past),
+                Some(false),
+                "keep not completed as failed"
+            );
             assert_eq!(buf.len(), 8192, "the buffer comes back on failure");
             // A bad descriptor fails cleanly too.
             let (_, outcome) = uring
@@ -409,7 +441,7 @@ mod tests {
                     -1,
                     AlignedBuf::zeroed(4096),
                     &past[..0],
-                    Box::new(()),
+                    keep().0,
                 )
                 .await;
             assert!(outcome.is_ok(), "no transfers, nothing to fail");
@@ -423,19 +455,13 @@ mod tests {
                     987_654,
                     AlignedBuf::zeroed(4096),
                     &one,
-                    Box::new(()),
+                    keep().0,
                 )
                 .await;
             assert!(outcome.is_err());
             // A transfer outside the buffer is refused before submission.
             let (_, outcome) = uring
-                .run(
-                    Direction::Read,
-                    fd,
-                    AlignedBuf::zeroed(100),
-                    &one,
-                    Box::new(()),
-                )
+                .run(Direction::Read, fd, AlignedBuf::zeroed(100), &one, keep().0)
                 .await;
             assert!(outcome.is_err());
         });
