@@ -12,7 +12,9 @@
 use crate::error::{Error, Result};
 use lru::LruCache;
 use parallax_device::BlockDevice;
-use parallax_format::{zeroed_block, Block, FormatError, NodeBlock, Ptr, BLOCK_SIZE_U64};
+use parallax_format::{
+    zeroed_block, Block, FormatError, NodeBlock, Ptr, BLOCK_SIZE, BLOCK_SIZE_U64,
+};
 use parking_lot::Mutex;
 use std::num::NonZeroUsize;
 use std::sync::Arc;
@@ -85,6 +87,36 @@ impl MetaIo {
         self.dev
             .write_at(&block[..], addr * BLOCK_SIZE_U64)
             .map_err(Error::io(format!("writing {what} at block {addr}")))
+    }
+
+    /// Writes many blocks, one device write per run of consecutive
+    /// addresses (the nodes of one commit are usually allocated together).
+    pub fn write_many(&self, mut blocks: Vec<(u64, Box<Block>)>, what: &str) -> Result<()> {
+        blocks.sort_unstable_by_key(|(addr, _)| *addr);
+        let mut i = 0;
+        while i < blocks.len() {
+            let mut j = i + 1;
+            while j < blocks.len() && blocks[j].0 == blocks[j - 1].0 + 1 {
+                j += 1;
+            }
+            let first = blocks[i].0;
+            if j - i == 1 {
+                self.write_block(first, &blocks[i].1, what)?;
+            } else {
+                let mut run = parallax_device::AlignedBuf::zeroed((j - i) * BLOCK_SIZE);
+                for (k, (_, b)) in blocks[i..j].iter().enumerate() {
+                    run[k * BLOCK_SIZE..(k + 1) * BLOCK_SIZE].copy_from_slice(&b[..]);
+                }
+                self.dev
+                    .write_at(&run, first * BLOCK_SIZE_U64)
+                    .map_err(Error::io(format!(
+                        "writing {what} at blocks {first}..{}",
+                        first + (j - i) as u64
+                    )))?;
+            }
+            i = j;
+        }
+        Ok(())
     }
 
     pub fn flush(&self) -> Result<()> {

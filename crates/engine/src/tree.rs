@@ -307,6 +307,7 @@ impl Tree {
         // Pointers to freshly written children, keyed by child position.
         let mut written: BTreeMap<(u8, u64), Ptr> = BTreeMap::new();
         let mut root = self.root;
+        let mut blocks = Vec::with_capacity(self.dirty.len());
         for (&(level, pfx), node) in &self.dirty {
             let mut entries = node.entries.clone();
             if level > 0 {
@@ -327,7 +328,7 @@ impl Tree {
                 allocated.push(addr);
                 let node = NodeBlock { level, entries };
                 let (block, crc) = node.encode(meta.store_id, addr, owner, generation);
-                meta.write_block(addr, &block, "a tree node")?;
+                blocks.push((addr, block));
                 meta.cache_node(addr, Arc::new(node), crc);
                 Ptr::meta(addr, crc, true)
             };
@@ -337,6 +338,7 @@ impl Tree {
                 written.insert((level, pfx), ptr);
             }
         }
+        meta.write_many(blocks, "tree nodes")?;
         Ok(TreePlan { root, freed })
     }
 
