@@ -253,7 +253,8 @@ impl Fresh {
 }
 
 /// Above this many fresh entries, the blocking write path folds them into
-/// the tree on its way out (the io_uring path leaves it to the next commit).
+/// the tree on its way out, and allocating writes are no longer planned for
+/// io_uring (so that they take the blocking path).
 const FRESH_FOLD_AT: usize = 16384;
 
 pub(crate) struct VdiInner {
@@ -399,10 +400,18 @@ impl VdiInner {
     /// lock, recording them in flight. All or nothing.
     fn allocate_fresh(&self, st: &VdiState, first: u64, count: u64, n: usize) -> Result<Vec<u64>> {
         let mut fresh = self.fresh.lock();
-        let leaves = (first + count - 1) / FAN_OUT as u64 - first / FAN_OUT as u64 + 1;
+        // Room for the nodes the next commit may write: those already
+        // dirty, the paths of this write, and one leaf per fresh entry at
+        // most, but never more leaves than the disk has (plus their parents).
+        let fan = FAN_OUT as u64;
+        let leaves = (first + count - 1) / fan - first / fan + 1;
+        let disk_leaves = (st.size / BLOCK_SIZE_U64).div_ceil(fan);
+        let pending = ((fresh.map.len() + fresh.in_flight.len()) as u64).min(disk_leaves);
         let reserve = METADATA_RESERVE
             + st.tree.dirty_nodes() as u64
-            + TREE_HEIGHT as u64 * (leaves + (fresh.map.len() + fresh.in_flight.len()) as u64);
+            + TREE_HEIGHT as u64 * leaves
+            + pending
+            + pending.div_ceil(fan) * TREE_HEIGHT as u64;
         let mut alloc = self.store.alloc.lock();
         let mut got = Vec::with_capacity(n);
         for _ in 0..n {
@@ -941,6 +950,10 @@ impl Vdi {
         }
         let mut links = Vec::new();
         if !missing.is_empty() {
+            if inner.fresh.lock().map.len() > FRESH_FOLD_AT {
+                // The blocking path folds the backlog into the tree.
+                return Ok(None);
+            }
             let Ok(allocated) = inner.allocate_fresh(&st, first, count, missing.len()) else {
                 return Ok(None);
             };

@@ -335,6 +335,27 @@ fn concurrent_allocating_writes_race_with_snapshots_and_gc_without_loss_or_leak(
 }
 
 #[test]
+fn filling_a_disk_without_flushing_uses_the_whole_store() {
+    // Whole-block writes that allocate keep room for the metadata their
+    // commit will need; that reserve must stay small, or writes fail with
+    // ENOSPC long before the store is full.
+    let (_dev, store) = small_store(64 * MIB);
+    let free = store.stats().free_bytes;
+    let size = (free - 2 * MIB) / (1 << 20) * (1 << 20);
+    let d = store.create_vdi("d", size).unwrap();
+    let chunk = vec![0x77u8; 1 << 20];
+    for i in 0..size / (1 << 20) {
+        d.write(&chunk, i * (1 << 20))
+            .unwrap_or_else(|e| panic!("MiB {i} of {}: {e}", size >> 20));
+    }
+    d.flush().unwrap();
+    let mut back = vec![0u8; 1 << 20];
+    d.read(&mut back, size - (1 << 20)).unwrap();
+    assert_eq!(back, chunk);
+    assert_clean(&store);
+}
+
+#[test]
 fn grow_keeps_data_and_refuses_shrink() {
     let (_dev, store) = small_store(32 * MIB);
     let d = store.create_vdi("d", MIB).unwrap();
