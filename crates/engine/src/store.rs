@@ -16,7 +16,7 @@ use crate::tree::Tree;
 use crate::vdi::{collect_owned, read_log_chain, SnapshotView, Vdi, VdiInner, MAX_VDI_SIZE};
 use parallax_device::BlockDevice;
 use parallax_format::{
-    validate_name, BitmapBlock, FormatError, Ptr, RegistryBlock, RegistryEntry, Superblock,
+    validate_name, BitmapBlock, Block, FormatError, Ptr, RegistryBlock, RegistryEntry, Superblock,
     VdiHeader, BITMAP_BITS, BLOCK_SIZE, BLOCK_SIZE_U64, FORMAT_VERSION, MAGIC,
     REGISTRY_ENTRIES_PER_BLOCK, SUPERBLOCK_ADDRS, SUPERBLOCK_REGISTRY_SLOTS, TREE_HEIGHT,
 };
@@ -458,7 +458,10 @@ impl Store {
             allocated.push(header_a);
             let header_b = allocate()?;
             allocated.push(header_b);
-            let plan = tree.write_dirty(meta, vdi_id, 1, &mut allocate, &mut allocated)?;
+            // Headers, root and registry block go out in one batch.
+            let mut blocks = Vec::new();
+            let plan =
+                tree.write_dirty(meta, vdi_id, 1, &mut allocate, &mut allocated, &mut blocks)?;
             let mut header = VdiHeader {
                 vdi_id,
                 generation: 1,
@@ -474,10 +477,10 @@ impl Store {
                 origin,
             };
             let (b, _) = header.encode(meta.store_id, header_a);
-            meta.write_block(header_a, &b, "a VDI header")?;
+            blocks.push((header_a, b));
             header.generation = 0;
             let (b, _) = header.encode(meta.store_id, header_b);
-            meta.write_block(header_b, &b, "a VDI header")?;
+            blocks.push((header_b, b));
             let entry = RegistryEntry {
                 vdi_id,
                 header_a,
@@ -486,7 +489,9 @@ impl Store {
             };
             let mut block = catalog.registry[slot].clone().unwrap_or_default();
             block.entries.push(entry.clone());
-            let (ptr, old) = write_registry_block(inner, &catalog, slot, &block, &mut allocated)?;
+            let (ptr, old) =
+                write_registry_block(inner, &catalog, slot, &block, &mut allocated, &mut blocks)?;
+            meta.write_many(blocks, "a new disk's headers, root and registry block")?;
             Ok((entry, ptr, old, block))
         })();
         let (entry, ptr, old, block) = match result {
@@ -540,7 +545,14 @@ impl Store {
             let old = catalog.sb.registry[slot].addr();
             (Ptr::NULL, Some(old))
         } else {
-            match write_registry_block(inner, &catalog, slot, &block, &mut allocated) {
+            let mut blocks = Vec::new();
+            let written =
+                write_registry_block(inner, &catalog, slot, &block, &mut allocated, &mut blocks)
+                    .and_then(|r| {
+                        inner.meta.write_many(blocks, "a registry block")?;
+                        Ok(r)
+                    });
+            match written {
                 Ok(r) => r,
                 Err(e) => {
                     inner.release(&allocated);
@@ -616,6 +628,13 @@ impl Store {
         open
     }
 
+    /// Writes the extent bitmaps that changed (and flushes the device), so
+    /// that blocks freed by earlier commits are free on disk too, without
+    /// committing any disk.
+    pub fn settle_free_space(&self) -> Result<()> {
+        self.inner.sync_bitmaps()
+    }
+
     /// Flushes every open disk, then writes the bitmaps, so that blocks
     /// freed by earlier commits (which become free in memory at once) are
     /// free on disk too. Call before closing a store.
@@ -642,19 +661,20 @@ fn pick_registry_slot(catalog: &Catalog) -> Result<usize> {
         })
 }
 
-/// Writes `block` as the new content of registry slot `slot` in a new
-/// location. Returns its pointer and the old location to free after commit.
+/// Encodes `block` into `out` as the new content of registry slot `slot`
+/// in a new location (the caller writes it). Returns its pointer and the old location to free after commit.
 fn write_registry_block(
     inner: &StoreInner,
     catalog: &Catalog,
     slot: usize,
     block: &RegistryBlock,
     allocated: &mut Vec<u64>,
+    out: &mut Vec<(u64, Box<Block>)>,
 ) -> Result<(Ptr, Option<u64>)> {
     let addr = inner.alloc.lock().allocate(0)?;
     allocated.push(addr);
     let (b, crc) = block.encode(inner.meta.store_id, addr, catalog.sb.generation + 1);
-    inner.meta.write_block(addr, &b, "a registry block")?;
+    out.push((addr, b));
     let old = catalog.sb.registry[slot];
     Ok((
         Ptr::meta(addr, crc, false),

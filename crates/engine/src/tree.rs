@@ -21,7 +21,7 @@
 
 use crate::error::{Error, Result};
 use crate::meta::MetaIo;
-use parallax_format::{NodeBlock, Ptr, FAN_OUT, TREE_HEIGHT};
+use parallax_format::{Block, NodeBlock, Ptr, FAN_OUT, TREE_HEIGHT};
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
@@ -292,8 +292,9 @@ impl Tree {
         }
     }
 
-    /// Writes every dirty node to a new block, children first. Nothing in
-    /// `self` changes; on error the blocks allocated so far are in the
+    /// Encodes every dirty node for a new block, children first, into `out`
+    /// (the caller writes them, with the rest of its commit, through
+    /// `MetaIo::write_many`) and caches them. Nothing in `self` changes; on error the blocks allocated so far are in the
     /// error path's hands via `allocated` (the caller frees them).
     pub fn write_dirty(
         &self,
@@ -302,12 +303,12 @@ impl Tree {
         generation: u64,
         allocate: &mut dyn FnMut() -> Result<u64>,
         allocated: &mut Vec<u64>,
+        out: &mut Vec<(u64, Box<Block>)>,
     ) -> Result<TreePlan> {
         let mut freed = Vec::new();
         // Pointers to freshly written children, keyed by child position.
         let mut written: BTreeMap<(u8, u64), Ptr> = BTreeMap::new();
         let mut root = self.root;
-        let mut blocks = Vec::with_capacity(self.dirty.len());
         for (&(level, pfx), node) in &self.dirty {
             let mut entries = node.entries.clone();
             if level > 0 {
@@ -328,7 +329,7 @@ impl Tree {
                 allocated.push(addr);
                 let node = NodeBlock { level, entries };
                 let (block, crc) = node.encode(meta.store_id, addr, owner, generation);
-                blocks.push((addr, block));
+                out.push((addr, block));
                 meta.cache_node(addr, Arc::new(node), crc);
                 Ptr::meta(addr, crc, true)
             };
@@ -338,7 +339,6 @@ impl Tree {
                 written.insert((level, pfx), ptr);
             }
         }
-        meta.write_many(blocks, "tree nodes")?;
         Ok(TreePlan { root, freed })
     }
 

@@ -656,9 +656,16 @@ impl VdiInner {
         let store = &self.store;
         let meta = &store.meta;
         let mut allocate = || store.alloc.lock().allocate(0);
-        let plan = st
-            .tree
-            .write_dirty(meta, self.id, generation, &mut allocate, allocated)?;
+        // Everything the commit writes before its bitmaps, in one batch.
+        let mut blocks = Vec::new();
+        let plan = st.tree.write_dirty(
+            meta,
+            self.id,
+            generation,
+            &mut allocate,
+            allocated,
+            &mut blocks,
+        )?;
         let mut freed = plan.freed;
         let mut root = plan.root;
         let mut log_entries = st.pending_log.clone();
@@ -690,7 +697,7 @@ impl VdiInner {
             let addr = allocate()?;
             allocated.push(addr);
             let (block, crc) = copy.encode(meta.store_id, addr, self.id, generation);
-            meta.write_block(addr, &block, "a tree node")?;
+            blocks.push((addr, block));
             meta.cache_node(addr, Arc::new(copy), crc);
             root = Ptr::meta(addr, crc, true);
         }
@@ -700,8 +707,15 @@ impl VdiInner {
         header.size_bytes = st.size;
         let mut new_log_block = None;
         if !log_entries.is_empty() {
-            let (head, block, mut log_freed) =
-                write_log(self, st, &log_entries, generation, &mut allocate, allocated)?;
+            let (head, block, mut log_freed) = write_log(
+                self,
+                st,
+                &log_entries,
+                generation,
+                &mut allocate,
+                allocated,
+                &mut blocks,
+            )?;
             header.log_head = head;
             new_log_block = Some(block);
             freed.append(&mut log_freed);
@@ -710,6 +724,7 @@ impl VdiInner {
         header.next_snapshot_id = header
             .next_snapshot_id
             .max(new_snapshot.as_ref().map_or(0, |s| s.id + 1));
+        meta.write_many(blocks, "tree nodes and snapshot log blocks")?;
         store.sync_bitmaps()?;
         Ok((header, freed, new_snapshot, new_log_block))
     }
@@ -758,6 +773,7 @@ fn write_log(
     generation: u64,
     allocate: &mut dyn FnMut() -> Result<u64>,
     allocated: &mut Vec<u64>,
+    out: &mut Vec<(u64, Box<parallax_format::Block>)>,
 ) -> Result<(Ptr, LogBlock, Vec<u64>)> {
     let meta = &vdi.store.meta;
     let mut freed = Vec::new();
@@ -776,7 +792,7 @@ fn write_log(
         let addr = allocate()?;
         allocated.push(addr);
         let (b, crc) = block.encode(meta.store_id, addr, vdi.id, generation);
-        meta.write_block(addr, &b, "a snapshot log block")?;
+        out.push((addr, b));
         Ok(Ptr::meta(addr, crc, true))
     };
     for e in entries {

@@ -136,13 +136,15 @@ impl Service {
         }
     }
 
-    /// Runs a change, then settles the store (also after a failure: earlier
-    /// steps may have succeeded).
+    /// Runs a change, then writes the bitmaps its frees changed (also after
+    /// a failure: earlier steps may have succeeded). Every change commits
+    /// itself; other disks are left alone, so that a snapshot of one disk
+    /// does not commit every disk the daemon serves.
     fn change<T>(&self, body: impl FnOnce(&Store) -> ApiResult<T>) -> ApiResult<T> {
         let result = body(&self.store);
         // Best effort: if it fails, freed blocks stay leaked on disk, which
         // `check` reports and `gc` repairs.
-        let _ = self.store.flush_all();
+        let _ = self.store.settle_free_space();
         result
     }
 
