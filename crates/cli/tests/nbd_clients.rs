@@ -2496,3 +2496,24 @@ fn graceful_stop_flushes_and_listen_options() {
     let check = d.cli.json(&["check"]);
     assert_eq!(check["clean"], true, "{check}");
 }
+
+// ---- background settling of free space --------------------------------------
+
+#[test]
+fn space_freed_through_the_daemon_reaches_the_disk_without_a_commit() {
+    if !have_tools() {
+        return;
+    }
+    // Deleting a disk frees its blocks in memory at once; the daemon's
+    // background tick writes the bitmaps. After that, a kill -9 must leave
+    // no leaked block behind.
+    let mut d = Daemon::new();
+    d.ok(&["create", "D", "--size", "64M"]);
+    qemu_io(&d.unix_uri("D"), &["write -P 0x3c 0 8M", "flush"]).ok();
+    d.ok(&["delete", "D"]);
+    thread::sleep(Duration::from_millis(1000));
+    d.kill9();
+    let report = d.json(&["check"]);
+    assert_eq!(report["clean"], true, "{report}");
+    assert_eq!(report["leaked_blocks"], 0, "{report}");
+}

@@ -194,6 +194,11 @@ impl Allocator {
         }
     }
 
+    /// Whether some extent's bitmap changed since it was last written.
+    pub fn has_dirty(&self) -> bool {
+        self.extents.iter().any(|e| e.dirty)
+    }
+
     /// Encodes the bitmap of every changed extent for its next slot.
     pub fn plan_sync(&mut self) -> Vec<BitmapWrite> {
         let mut writes = Vec::new();

@@ -452,6 +452,8 @@ impl Store {
         let slot = pick_registry_slot(&catalog)?;
         let vdi_id = catalog.sb.next_vdi_id;
         let mut allocated = Vec::new();
+        // The header written to slot A (the newer of the two).
+        let mut newest = None;
         let result = (|| -> Result<(RegistryEntry, Ptr, Option<u64>, RegistryBlock)> {
             let mut allocate = || inner.alloc.lock().allocate(0);
             let header_a = allocate()?;
@@ -478,6 +480,7 @@ impl Store {
             };
             let (b, _) = header.encode(meta.store_id, header_a);
             blocks.push((header_a, b));
+            newest = Some(header.clone());
             header.generation = 0;
             let (b, _) = header.encode(meta.store_id, header_b);
             blocks.push((header_b, b));
@@ -507,7 +510,21 @@ impl Store {
         commit_superblock(inner, &mut catalog, sb, allocated)?;
         catalog.registry[slot] = Some(block);
         inner.release(&old.into_iter().collect::<Vec<_>>());
-        self.open_entry(&entry)
+        match newest {
+            // Opened from the header just written rather than read back.
+            Some(header) => {
+                let vdi = Arc::new(VdiInner::new(
+                    self.inner.clone(),
+                    [entry.header_a, entry.header_b],
+                    header,
+                    1,
+                    entry.name.clone(),
+                )?);
+                inner.open.lock().insert(vdi_id, Arc::downgrade(&vdi));
+                Ok(Vdi { inner: vdi })
+            }
+            None => self.open_entry(&entry),
+        }
     }
 
     /// Deletes a disk and its snapshots. Open handles to it fail from now
@@ -628,10 +645,14 @@ impl Store {
         open
     }
 
-    /// Writes the extent bitmaps that changed (and flushes the device), so
-    /// that blocks freed by earlier commits are free on disk too, without
-    /// committing any disk.
+    /// Writes the extent bitmaps that changed, if any (then flushes the
+    /// device), so that blocks freed by earlier commits are free on disk
+    /// too, without committing any disk. Cheap when nothing changed: the
+    /// daemon calls it periodically.
     pub fn settle_free_space(&self) -> Result<()> {
+        if !self.inner.alloc.lock().has_dirty() {
+            return Ok(());
+        }
         self.inner.sync_bitmaps()
     }
 

@@ -41,6 +41,26 @@ pub struct ServeOptions {
     pub direct: bool,
 }
 
+/// Every [`SETTLE_INTERVAL`], writes the extent bitmaps that frees changed
+/// since the last time (snapshot, clone and delete return without doing it,
+/// and so stay fast). Between ticks, a crash leaves those blocks leaked on
+/// disk, which `gc` repairs; the shutdown path settles everything.
+async fn settle_free_space(service: Arc<Service>) {
+    let mut tick = tokio::time::interval(SETTLE_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let svc = service.clone();
+        let settled = tokio::task::spawn_blocking(move || svc.store().settle_free_space()).await;
+        if let Ok(Err(e)) = settled {
+            warn!("writing the free-space bitmaps failed: {e}");
+        }
+    }
+}
+
+/// How often the daemon writes changed free-space bitmaps.
+const SETTLE_INTERVAL: Duration = Duration::from_millis(200);
+
 /// The io_uring for NBD data, unless `PARALLAX_IO_URING=0` or the kernel
 /// refuses (then every request runs on the blocking thread pool).
 fn start_uring() -> Option<Arc<crate::uring::Uring>> {
@@ -121,7 +141,9 @@ pub fn run(options: ServeOptions) -> Result<()> {
                 )
             })?;
     let service = Arc::new(
-        Service::new(opened.store.clone(), store_path.clone(), false).with_uring(start_uring()),
+        Service::new(opened.store.clone(), store_path.clone(), false)
+            .with_uring(start_uring())
+            .with_background_settle(),
     );
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -200,6 +222,7 @@ async fn serve(options: &ServeOptions, service: Arc<Service>) -> Result<()> {
         )));
     }
     drop(alive);
+    let settler = tokio::spawn(settle_free_space(service.clone()));
     info!(
         store = %options.store_path.display(),
         nbd_tcp = ?tcp_addr,
@@ -210,6 +233,7 @@ async fn serve(options: &ServeOptions, service: Arc<Service>) -> Result<()> {
 
     wait_for_signal().await?;
     info!("shutting down: no new connections or requests; finishing those in flight");
+    settler.abort();
     let _ = shutdown_tx.send(true);
     for task in accept_tasks {
         let _ = task.await;

@@ -45,7 +45,17 @@ pub struct Service {
     next_connection: AtomicU64,
     /// The daemon's io_uring, when the kernel allows one.
     uring: Option<Arc<Uring>>,
+    /// Disks used lately, kept open so that the next operation on them
+    /// (a clone of a gold image, a snapshot) does not read their headers
+    /// and snapshot log from the device again.
+    recent: Mutex<std::collections::VecDeque<Vdi>>,
+    /// The daemon writes changed bitmaps from a background tick instead of
+    /// after every change.
+    background_settle: bool,
 }
+
+/// Disks [`Service`] keeps open after use.
+const RECENT_DISKS: usize = 64;
 
 /// A registered NBD connection; unregisters itself when dropped.
 pub struct ConnectionGuard<'a> {
@@ -74,6 +84,8 @@ impl Service {
             connections: Mutex::new(HashMap::new()),
             next_connection: AtomicU64::new(1),
             uring: None,
+            recent: Mutex::new(std::collections::VecDeque::new()),
+            background_settle: false,
         }
     }
 
@@ -83,8 +95,33 @@ impl Service {
         self
     }
 
+    /// Leaves writing the bitmaps that changes free to the caller, which
+    /// calls [`Store::settle_free_space`] periodically (the daemon does).
+    pub fn with_background_settle(mut self) -> Service {
+        self.background_settle = true;
+        self
+    }
+
     pub fn uring(&self) -> Option<&Arc<Uring>> {
         self.uring.as_ref()
+    }
+
+    /// Opens a disk and keeps it among the recently used ones.
+    fn open(&self, name: &str) -> Result<Vdi, parallax_engine::Error> {
+        let vdi = self.store.open_vdi(name)?;
+        let mut recent = self.recent.lock();
+        if !recent.iter().any(|v| v.id() == vdi.id()) {
+            recent.push_back(vdi.clone());
+            if recent.len() > RECENT_DISKS {
+                recent.pop_front();
+            }
+        }
+        Ok(vdi)
+    }
+
+    /// Forgets a deleted disk.
+    fn forget(&self, name: &str) {
+        self.recent.lock().retain(|v| v.name() != name);
     }
 
     pub fn store(&self) -> &Store {
@@ -137,14 +174,17 @@ impl Service {
     }
 
     /// Runs a change, then writes the bitmaps its frees changed (also after
-    /// a failure: earlier steps may have succeeded). Every change commits
-    /// itself; other disks are left alone, so that a snapshot of one disk
-    /// does not commit every disk the daemon serves.
+    /// a failure: earlier steps may have succeeded), unless the daemon's
+    /// background tick does that. Every change commits itself; other disks
+    /// are left alone, so that a snapshot of one disk does not commit every
+    /// disk the daemon serves.
     fn change<T>(&self, body: impl FnOnce(&Store) -> ApiResult<T>) -> ApiResult<T> {
         let result = body(&self.store);
         // Best effort: if it fails, freed blocks stay leaked on disk, which
         // `check` reports and `gc` repairs.
-        let _ = self.store.settle_free_space();
+        if !self.background_settle {
+            let _ = self.store.settle_free_space();
+        }
         result
     }
 
@@ -193,12 +233,12 @@ impl Api for Service {
         self.store
             .list()
             .iter()
-            .map(|name| self.disk_info(&self.store.open_vdi(name)?))
+            .map(|name| self.disk_info(&self.open(name)?))
             .collect()
     }
 
     fn disk(&self, name: &str) -> ApiResult<DiskInfo> {
-        self.disk_info(&self.store.open_vdi(name)?)
+        self.disk_info(&self.open(name)?)
     }
 
     fn snapshot_detail(&self, disk: &str, snapshot: &str) -> ApiResult<SnapshotDetail> {
@@ -209,14 +249,14 @@ impl Api for Service {
     }
 
     fn snapshot(&self, disk: &str, name: Option<&str>) -> ApiResult<SnapshotDetail> {
-        self.change(|store| {
-            let info = store.open_vdi(disk)?.snapshot(name)?;
+        self.change(|_| {
+            let info = self.open(disk)?.snapshot(name)?;
             Ok(snapshot_detail(disk, &info))
         })
     }
 
     fn snapshots(&self, disk: &str) -> ApiResult<Vec<SnapshotDetail>> {
-        let vdi = self.store.open_vdi(disk)?;
+        let vdi = self.open(disk)?;
         Ok(vdi
             .snapshots()
             .iter()
@@ -226,6 +266,8 @@ impl Api for Service {
 
     fn clone_snapshot(&self, disk: &str, snapshot: &str, new: &str) -> ApiResult<DiskInfo> {
         self.change(|store| {
+            // Keeps the origin open for the next clone of the same image.
+            self.open(disk)?;
             let vdi = store.clone_snapshot(disk, snapshot, new)?;
             self.disk_info(&vdi)
         })
@@ -233,23 +275,24 @@ impl Api for Service {
 
     fn rollback(&self, disk: &str, snapshot: &str) -> ApiResult<()> {
         self.refuse_if_connected(disk, None)?;
-        self.change(|store| Ok(store.open_vdi(disk)?.rollback(snapshot)?))
+        self.change(|_| Ok(self.open(disk)?.rollback(snapshot)?))
     }
 
     fn delete_disk(&self, name: &str) -> ApiResult<()> {
         self.refuse_if_connected(name, None)?;
+        self.forget(name);
         self.change(|store| Ok(store.delete_vdi(name)?))
     }
 
     fn delete_snapshot(&self, disk: &str, snapshot: &str) -> ApiResult<()> {
         self.refuse_if_connected(disk, Some(snapshot))?;
-        self.change(|store| Ok(store.open_vdi(disk)?.delete_snapshot(snapshot)?))
+        self.change(|_| Ok(self.open(disk)?.delete_snapshot(snapshot)?))
     }
 
     fn import(&self, file: &Path, name: &str, size: Option<u64>) -> ApiResult<DiskInfo> {
         self.change(|store| {
             transfer::import(store, file, name, size, self.show_progress)?;
-            self.disk_info(&store.open_vdi(name)?)
+            self.disk_info(&self.open(name)?)
         })
     }
 
@@ -262,7 +305,7 @@ impl Api for Service {
     ) -> ApiResult<()> {
         let source = match snapshot {
             Some(snap) => Source::Snapshot(self.store.open_snapshot(disk, snap)?),
-            None => Source::Disk(self.store.open_vdi(disk)?),
+            None => Source::Disk(self.open(disk)?),
         };
         transfer::export(&source, file, force, &self.store_path, self.show_progress)?;
         Ok(())
