@@ -140,16 +140,16 @@ pub fn run(options: ServeOptions) -> Result<()> {
                     crate::one_line(&e)
                 )
             })?;
-    let service = Arc::new(
-        Service::new(opened.store.clone(), store_path.clone(), false)
-            .with_uring(start_uring())
-            .with_background_settle(),
-    );
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("parallax")
         .build()
         .context("cannot start the async runtime")?;
+    let service = Arc::new(
+        Service::new(opened.store.clone(), store_path.clone(), false)
+            .with_uring(runtime.block_on(async { start_uring() }))
+            .with_background_settle(),
+    );
     let result = runtime.block_on(serve(&options, service.clone()));
     drop(runtime);
     // Every connection is gone; commit whatever is still in memory.

@@ -236,7 +236,10 @@ where
     let mut chunk = vec![0u8; 16 << 10];
     loop {
         out.clear();
-        let progress = handshake.receive(&mut input, &exports, &mut out);
+        // Export lookups open disks (the catalogue lock, device reads): off
+        // the runtime's threads, which must never wait on disk locks (see
+        // the uring module).
+        let progress = off_runtime(|| handshake.receive(&mut input, &exports, &mut out));
         if !out.is_empty() {
             writer.write_all(&out).await?;
             writer.flush().await?;
@@ -255,6 +258,16 @@ where
             return Ok(None);
         }
         input.extend_from_slice(&chunk[..n]);
+    }
+}
+
+/// Runs `f`, which may block, letting the runtime move its other tasks to
+/// another thread meanwhile (multi-threaded runtimes; a current-thread
+/// runtime, as in the fuzz target, just runs it).
+fn off_runtime<T>(f: impl FnOnce() -> T) -> T {
+    match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
+        Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(f),
+        _ => f(),
     }
 }
 

@@ -9,15 +9,18 @@
 //!   into the operation table, pushes one entry per transfer and enters
 //!   the kernel once. The buffer's heap memory never moves while the
 //!   kernel may use it, because only the operation table owns it then.
-//! - One reaper thread (not a tokio task, so that completions never wait
-//!   for a busy runtime) sleeps on an eventfd the ring signals, drains the
-//!   completion queue, drops each finished operation's plan (releasing the
-//!   disk) and hands the buffer and the result back through a oneshot.
+//! - One reaper task waits on an eventfd the ring signals, drains the
+//!   completion queue, completes each finished operation's plan (which
+//!   releases the disk) and hands the buffer and the result back through a
+//!   oneshot. It runs on the runtime's own threads, so a completion costs
+//!   no extra thread hop. Therefore no runtime thread may block on a disk
+//!   lock: the NBD code plans with `try_read` only and runs the handshake's
+//!   export lookups under `block_in_place`.
 //! - A transfer that comes back short or failed makes the whole operation
 //!   fail; the caller then repeats the request on the blocking path, which
 //!   reports the error properly. If the submitting task is cancelled, the
 //!   operation still completes and its buffer is dropped then.
-//! - The ring lives as long as the process (the reaper holds it); should
+//! - The ring lives as long as the runtime (the reaper holds it); should
 //!   it ever be dropped with operations in flight, their buffers are leaked
 //!   rather than freed under the kernel's feet.
 //!
@@ -36,8 +39,8 @@ use tokio::sync::oneshot;
 const RING_ENTRIES: u32 = 1024;
 
 /// What an operation holds until its transfers are over, told how they
-/// went. The reaper calls it on its own thread as soon as the last
-/// transfer completes, even if the submitting task is gone.
+/// went. The reaper calls it as soon as the last transfer completes, even
+/// if the submitting task is gone.
 pub trait Completion: Send {
     fn complete(self: Box<Self>, ok: bool);
 }
@@ -115,6 +118,8 @@ impl Drop for OpTable {
 pub struct Uring {
     ring: io_uring::IoUring,
     sq_lock: Mutex<()>,
+    /// Completion-queue access (only the reaper drains it).
+    cq_lock: Mutex<()>,
     ops: Mutex<OpTable>,
     event: OwnedFd,
 }
@@ -124,21 +129,37 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl Uring {
-    /// Sets up the ring and starts its reaper thread.
+    /// Sets up the ring and spawns its reaper task on the current tokio
+    /// runtime (fails outside one).
     pub fn new() -> io::Result<Arc<Uring>> {
+        let runtime = tokio::runtime::Handle::try_current().map_err(io::Error::other)?;
         let ring = io_uring::IoUring::new(RING_ENTRIES)?;
-        let event = rustix::event::eventfd(0, rustix::event::EventfdFlags::CLOEXEC)?;
+        let event = rustix::event::eventfd(
+            0,
+            rustix::event::EventfdFlags::CLOEXEC | rustix::event::EventfdFlags::NONBLOCK,
+        )?;
         ring.submitter().register_eventfd(event.as_raw_fd())?;
+        let waker = {
+            let _entered = runtime.enter();
+            let watched = event.try_clone()?;
+            // SAFETY: `watched` is an `OwnedFd` moved into the `AsyncFd`: it
+            // is open, stays open and keeps its number until the `AsyncFd`
+            // is dropped, which closes it.
+            unsafe {
+                tokio::io::unix::AsyncFd::register_with_interest(
+                    watched,
+                    tokio::io::Interest::READABLE,
+                )
+            }?
+        };
         let uring = Arc::new(Uring {
             ring,
             sq_lock: Mutex::new(()),
+            cq_lock: Mutex::new(()),
             ops: Mutex::new(OpTable::default()),
             event,
         });
-        let reaper = uring.clone();
-        std::thread::Builder::new()
-            .name("parallax-uring".into())
-            .spawn(move || reaper.reap())?;
+        runtime.spawn(uring.clone().reap(waker));
         Ok(uring)
     }
 
@@ -279,52 +300,63 @@ impl Uring {
         }
     }
 
-    fn reap(&self) {
+    /// The reaper task: completes operations whenever the ring signals.
+    async fn reap(self: Arc<Self>, waker: tokio::io::unix::AsyncFd<OwnedFd>) {
         let mut counter = [0u8; 8];
         loop {
-            match rustix::io::read(&self.event, &mut counter) {
-                Ok(_) | Err(rustix::io::Errno::INTR) => {}
+            match waker.readable().await {
+                // Readiness is cleared before the eventfd is read and the
+                // queue drained: a completion after this point signals anew.
+                Ok(mut ready) => ready.clear_ready(),
                 Err(e) => {
                     tracing::error!("io_uring reaper cannot wait on its eventfd: {e}");
-                    std::thread::sleep(std::time::Duration::from_millis(1));
+                    tokio::time::sleep(std::time::Duration::from_millis(1)).await;
                 }
             }
-            let mut finished = Vec::new();
-            {
-                let mut ops = lock(&self.ops);
-                // SAFETY: only this thread touches the completion queue.
-                let cq = unsafe { self.ring.completion_shared() };
-                for cqe in cq {
-                    let slot = (cqe.user_data() >> 32) as usize;
-                    let index = (cqe.user_data() & 0xffff_ffff) as usize;
-                    let Some(Some(op)) = ops.slots.get_mut(slot) else {
-                        continue;
-                    };
-                    let expected = op.lens.get(index).copied().unwrap_or(0);
-                    let result = cqe.result();
-                    if result < 0 {
-                        op.failure
-                            .get_or_insert(io::Error::from_raw_os_error(-result));
-                    } else if result as u32 != expected {
-                        op.failure.get_or_insert(io::Error::new(
-                            io::ErrorKind::UnexpectedEof,
-                            format!("short transfer: {result} of {expected} bytes"),
-                        ));
-                    }
-                    op.remaining -= 1;
-                    if op.remaining == 0 {
-                        finished.extend(ops.remove(slot));
-                    }
+            let _ = rustix::io::read(&self.event, &mut counter);
+            self.complete_ready();
+        }
+    }
+
+    /// Drains the completion queue and completes finished operations.
+    fn complete_ready(&self) {
+        let mut finished = Vec::new();
+        {
+            let _cq = lock(&self.cq_lock);
+            let mut ops = lock(&self.ops);
+            // SAFETY: completion-queue access is serialised by `cq_lock`;
+            // no other code touches the completion queue.
+            let cq = unsafe { self.ring.completion_shared() };
+            for cqe in cq {
+                let slot = (cqe.user_data() >> 32) as usize;
+                let index = (cqe.user_data() & 0xffff_ffff) as usize;
+                let Some(Some(op)) = ops.slots.get_mut(slot) else {
+                    continue;
+                };
+                let expected = op.lens.get(index).copied().unwrap_or(0);
+                let result = cqe.result();
+                if result < 0 {
+                    op.failure
+                        .get_or_insert(io::Error::from_raw_os_error(-result));
+                } else if result as u32 != expected {
+                    op.failure.get_or_insert(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        format!("short transfer: {result} of {expected} bytes"),
+                    ));
+                }
+                op.remaining -= 1;
+                if op.remaining == 0 {
+                    finished.extend(ops.remove(slot));
                 }
             }
-            for mut op in finished {
-                let outcome = op.failure.take().map_or(Ok(()), Err);
-                if let Some(keep) = op.keep.take() {
-                    keep.complete(outcome.is_ok());
-                }
-                if let (Some(done), Some(buf)) = (op.done.take(), op.buf.take()) {
-                    let _ = done.send((buf, outcome));
-                }
+        }
+        for mut op in finished {
+            let outcome = op.failure.take().map_or(Ok(()), Err);
+            if let Some(keep) = op.keep.take() {
+                keep.complete(outcome.is_ok());
+            }
+            if let (Some(done), Some(buf)) = (op.done.take(), op.buf.take()) {
+                let _ = done.send((buf, outcome));
             }
         }
     }
@@ -360,7 +392,11 @@ mod tests {
 
     #[test]
     fn reads_and_writes_round_trip_and_failures_come_back() {
-        let uring = match Uring::new() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let uring = match rt.block_on(async { Uring::new() }) {
             Ok(u) => u,
             // Kernels or sandboxes without io_uring: the daemon falls back,
             // and so does this test.
@@ -377,9 +413,6 @@ mod tests {
             .unwrap();
         file.set_len(1 << 20).unwrap();
         let fd = file.as_raw_fd();
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .build()
-            .unwrap();
         rt.block_on(async {
             // Two transfers from one buffer, to places out of order.
             let mut buf = AlignedBuf::zeroed(8192);
