@@ -2,17 +2,26 @@
 //!
 //! A [`Vdi`] is a handle on one writable disk. Its state (the live [`Tree`],
 //! the last committed header, the snapshot list, and what the next commit
-//! must add or free) sits behind a read-write lock:
+//! must add or free) sits behind a read-write lock, and beside it a small
+//! [`Fresh`] table of allocating writes not yet folded into the tree:
 //!
-//! - Reads, and writes to blocks the disk owns along the whole path, take
-//!   the lock shared and touch no metadata. Partial-block writes of that kind
-//!   also take one of 64 stripe locks, so that read-modify-write cycles on
-//!   one block do not interleave.
-//! - Writes that must allocate (first write, or first write after a
-//!   snapshot), discards and every management operation take it exclusively.
-//! - [`Vdi::flush`] commits: dirty nodes go to new blocks, then the bitmaps
-//!   and a device flush, then the VDI header in its older slot and a second
-//!   flush. Blocks the commit stops referencing are freed only afterwards.
+//! - Reads, in-place writes and allocating whole-block writes take the lock
+//!   shared. An allocating write gets its new blocks under the allocator
+//!   lock, writes their data with no disk lock held, and publishes them in
+//!   `Fresh`, which every reader consults before the tree. Partial-block
+//!   writes also take one of 64 stripe locks, so that read-modify-write
+//!   cycles on one block do not interleave.
+//! - Partial writes that must allocate, discards, block status and every
+//!   management operation take it exclusively, and fold `Fresh` into the
+//!   tree first ([`VdiInner::exclusive`]).
+//! - [`Vdi::flush`] commits: fresh writes are folded in, dirty nodes go to
+//!   new blocks (one device write per run), then the bitmaps and a device
+//!   flush, then the VDI header in its older slot and a second flush.
+//!   Blocks the commit stops referencing are freed only afterwards. With
+//!   nothing to commit it is a device flush under the shared lock.
+//! - [`Vdi::try_plan_read`] and [`Vdi::try_plan_write`] hand the device
+//!   transfers of an aligned request to a caller that performs them itself
+//!   (the daemon's io_uring), holding the lock shared until it is done.
 //!
 //! A failure after the header write started poisons the handle: the header
 //! may or may not have reached the disk, so the only safe continuation is
@@ -396,8 +405,9 @@ impl VdiInner {
         Ok(out)
     }
 
-    /// Allocates a data block per entry of `ks` for writes under the shared
-    /// lock, recording them in flight. All or nothing.
+    /// Allocates `n` data blocks for a write of blocks `first..first+count`
+    /// (the caller holds the lock shared) and records them in flight. All
+    /// or nothing.
     fn allocate_fresh(&self, st: &VdiState, first: u64, count: u64, n: usize) -> Result<Vec<u64>> {
         let mut fresh = self.fresh.lock();
         // Room for the nodes the next commit may write: those already
