@@ -6,6 +6,7 @@
 # seed to replay: PARALLAX_TEST_SEED=...) are kept in a directory it names.
 #   scripts/crash-loop.sh [N]          N iterations (default 20), release build
 #   PROFILE=dev scripts/crash-loop.sh  debug build instead
+#   MODE=direct scripts/crash-loop.sh  the serve --direct (O_DIRECT, io_uring) variant
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -13,6 +14,7 @@ n="${1:-20}"
 profile_args=(--release)
 [ "${PROFILE:-release}" = dev ] && profile_args=()
 test_name=crash_kill9_keeps_flushed_writes
+[ "${MODE:-cached}" = direct ] && test_name=crash_kill9_keeps_flushed_writes_with_direct_io
 
 echo "== building"
 cargo test "${profile_args[@]}" -p parallax --test nbd_clients --no-run
