@@ -1746,6 +1746,9 @@ fn live_disks_refuse_rollback_and_delete() {
     // Now both work, and the export serves the rolled-back content.
     d.ok(&["rollback", "D@s1"]);
     qemu_io_ro(&d.unix_uri("D"), &["read -P 0x11 0 1M", "read -P 0 8M 8M"]).ok();
+    // qemu-io has exited; the daemon drops the connection once its end-of-
+    // connection flush is done, a moment later.
+    d.wait_connections(20, "none after qemu-io", |n| n == 0);
     d.ok(&["delete", "D"]);
     assert_eq!(d.json(&["list"]), Value::Array(vec![]));
     qemu_io_ro(&d.unix_uri("D"), &["read 0 4k"]).failed();
@@ -2522,6 +2525,7 @@ fn space_freed_through_the_daemon_reaches_the_disk_without_a_commit() {
     let mut d = Daemon::new();
     d.ok(&["create", "D", "--size", "64M"]);
     qemu_io(&d.unix_uri("D"), &["write -P 0x3c 0 8M", "flush"]).ok();
+    d.wait_connections(20, "none after qemu-io", |n| n == 0);
     d.ok(&["delete", "D"]);
     thread::sleep(Duration::from_millis(1000));
     d.kill9();
