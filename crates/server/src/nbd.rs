@@ -22,8 +22,8 @@
 //!   advertised maximum is disconnected (the stream can no longer be
 //!   trusted to be in sync); every other bad request gets an error reply.
 //! - When the last request of a connection is done and the client has left
-//!   (or sent DISC), the disk is flushed, so that nothing a client wrote
-//!   stays uncommitted in memory after it is gone.
+//!   (or sent DISC), the disk is flushed if that client changed it, so that
+//!   nothing a client wrote stays uncommitted in memory after it is gone.
 
 use crate::service::Service;
 use crate::uring::{Direction, Uring};
@@ -201,6 +201,7 @@ pub async fn serve_connection<S>(
         structured: negotiated.structured_replies,
         base_allocation: negotiated.base_allocation,
         uring: service.uring().cloned(),
+        wrote: std::sync::atomic::AtomicBool::new(false),
     });
     let reader = Cursor::new(leftover).chain(reader);
     let outcome = transmission(reader, writer, ctx.clone(), &mut shutdown).await;
@@ -279,6 +280,9 @@ struct Connection {
     structured: bool,
     base_allocation: Option<u32>,
     uring: Option<Arc<Uring>>,
+    /// Whether the client sent anything that changes the disk (then the
+    /// disk is flushed when it leaves).
+    wrote: std::sync::atomic::AtomicBool,
 }
 
 /// Recycled payload and READ buffers. A fresh 1 MiB buffer costs page
@@ -410,6 +414,12 @@ where
                 break Err(e);
             }
         }
+        if matches!(
+            request.command,
+            Command::Write | Command::Trim | Command::WriteZeroes
+        ) {
+            ctx.wrote.store(true, std::sync::atomic::Ordering::Relaxed);
+        }
         let job = Job {
             ctx: ctx.clone(),
             request,
@@ -426,7 +436,8 @@ where
     // The writer ends once every request still running has sent its reply.
     drop(replies);
     let writer = writer.await;
-    if let Some(vdi) = ctx.target.disk().cloned() {
+    let wrote = ctx.wrote.load(std::sync::atomic::Ordering::Relaxed);
+    if let Some(vdi) = ctx.target.disk().filter(|_| wrote).cloned() {
         let flushed = tokio::task::spawn_blocking(move || vdi.flush()).await;
         if let Ok(Err(e)) = flushed {
             warn!("flush after the last request of a connection failed: {e}");
