@@ -234,8 +234,10 @@ impl Uring {
         Ok(finished)
     }
 
-    /// Pushes one entry per transfer and enters the kernel. Fails without
-    /// pushing anything if the queue has no room for all of them.
+    /// Pushes one entry per transfer and enters the kernel. Fails only
+    /// without having pushed anything (no room for all of them); once an
+    /// entry is pushed, the operation is left to complete through the
+    /// reaper, failed if not every entry could go.
     fn submit(
         &self,
         direction: Direction,
@@ -277,8 +279,19 @@ impl Uring {
             // its completion is reaped (see above); the file descriptor
             // stays open because `keep` (the plan, holding the store)
             // lives until then too. Room was checked above.
-            unsafe { sq.push(&entry) }
-                .map_err(|_| io::Error::other("the io_uring submission queue is full"))?;
+            if unsafe { sq.push(&entry) }.is_err() {
+                // Unreachable (room was checked under the lock). Entries
+                // already pushed will complete: the operation waits for
+                // exactly those and fails, so its buffer outlives them.
+                if i == 0 {
+                    return Err(io::Error::other("the io_uring submission queue is full"));
+                }
+                if let Some(Some(op)) = lock(&self.ops).slots.get_mut(slot) {
+                    op.remaining = i;
+                    op.failure = Some(io::Error::other("the io_uring submission queue filled up"));
+                }
+                break;
+            }
         }
         sq.sync();
         drop(sq);
