@@ -965,15 +965,13 @@ impl Vdi {
         };
         let first = offset / BLOCK_SIZE_U64;
         let count = found.len() as u64;
-        let mut runs = Runs::default();
-        let mut missing = Vec::new();
-        for (k, (entry, writable)) in found.into_iter().enumerate() {
-            if writable {
-                runs.push(k as u64, entry.addr());
-            } else {
-                missing.push(k as u64);
-            }
-        }
+        // Device block of each block of the request: owned ones now, new
+        // ones once allocated.
+        let mut addrs: Vec<Option<u64>> = found
+            .iter()
+            .map(|&(entry, writable)| writable.then(|| entry.addr()))
+            .collect();
+        let missing: Vec<usize> = (0..addrs.len()).filter(|&k| addrs[k].is_none()).collect();
         let mut links = Vec::new();
         if !missing.is_empty() {
             if inner.fresh.lock().map.len() > FRESH_FOLD_AT {
@@ -983,21 +981,15 @@ impl Vdi {
             let Ok(allocated) = inner.allocate_fresh(&st, first, count, missing.len()) else {
                 return Ok(None);
             };
-            links = missing.iter().map(|&k| first + k).zip(allocated).collect();
-            let mut all: Vec<(u64, u64)> = runs
-                .0
-                .iter()
-                .flat_map(|r| {
-                    let k0 = (r.start / BLOCK_SIZE) as u64;
-                    let n = ((r.end - r.start) / BLOCK_SIZE) as u64;
-                    (0..n).map(move |i| (k0 + i, r.addr + i))
-                })
-                .chain(links.iter().map(|&(v, a)| (v - first, a)))
-                .collect();
-            all.sort_unstable();
-            runs = Runs::default();
-            for (k, a) in all {
-                runs.push(k, a);
+            for (&k, addr) in missing.iter().zip(allocated) {
+                addrs[k] = Some(addr);
+                links.push((first + k as u64, addr));
+            }
+        }
+        let mut runs = Runs::default();
+        for (k, addr) in addrs.into_iter().enumerate() {
+            if let Some(addr) = addr {
+                runs.push(k as u64, addr);
             }
         }
         Ok(Some(IoPlan {
