@@ -198,6 +198,26 @@ qnbd_start() {
 }
 
 # nbdkit_mem_start NAME SIZE: nbdkit's memory plugin on SDIR/NAME.sock.
+# The five NBD servers of scenarios a and b, each serving a fresh $SIZE
+# target named "bench": parallax (--direct), px-cached, qemu-raw
+# (--cache=none --aio=io_uring), qemu-raw-default and qemu-qcow2.
+# shellcheck disable=SC2153 # SIZE comes from bench/run.sh
+start_nbd_servers() {
+    TSIZE=$SIZE
+    px_start parallax --direct
+    px parallax create bench --size "$SIZE"
+    URI[parallax]=$(px_uri parallax bench)
+    px_start px-cached
+    px px-cached create bench --size "$SIZE"
+    URI[px-cached]=$(px_uri px-cached bench)
+    qemu-img create -q -f raw "$SDIR/raw.img" "$SIZE"
+    qemu-img create -q -f raw "$SDIR/raw-default.img" "$SIZE"
+    qemu-img create -q -f qcow2 "$SDIR/q.qcow2" "$SIZE"
+    qnbd_start qemu-raw raw "$SDIR/raw.img" --cache=none --aio=io_uring
+    qnbd_start qemu-raw-default raw "$SDIR/raw-default.img"
+    qnbd_start qemu-qcow2 qcow2 "$SDIR/q.qcow2" --cache=none --aio=io_uring
+}
+
 nbdkit_mem_start() {
     local name=$1 size=$2 i
     nbdkit --unix "$SDIR/$name.sock" -P "$SDIR/$name.pid" memory "$size" \

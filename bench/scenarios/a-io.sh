@@ -6,19 +6,7 @@
 [ -n "${BENCH_LIB:-}" ] || { echo "run through bench/run.sh" >&2; exit 2; }
 declare -gA URI PIDOF STORE # from bench/lib.sh
 
-TSIZE=$SIZE
-px_start parallax --direct
-px parallax create bench --size "$SIZE"
-URI[parallax]=$(px_uri parallax bench)
-px_start px-cached
-px px-cached create bench --size "$SIZE"
-URI[px-cached]=$(px_uri px-cached bench)
-qemu-img create -q -f raw "$SDIR/raw.img" "$SIZE"
-qemu-img create -q -f raw "$SDIR/raw-default.img" "$SIZE"
-qemu-img create -q -f qcow2 "$SDIR/q.qcow2" "$SIZE"
-qnbd_start qemu-raw raw "$SDIR/raw.img" --cache=none --aio=io_uring
-qnbd_start qemu-raw-default raw "$SDIR/raw-default.img"
-qnbd_start qemu-qcow2 qcow2 "$SDIR/q.qcow2" --cache=none --aio=io_uring
+start_nbd_servers
 URI[disk]="file:$SDIR/disk.img"
 nbdkit_mem_start nbdkit-mem "$SIZE"
 
