@@ -1432,60 +1432,44 @@ fn fio_verify_with_direct_io_through_io_uring_and_the_blocking_pool() {
     fio_verify_passes(&d);
 }
 
+/// Runs fio's nbd engine on `uri` with `job` plus crc32c verification, and
+/// checks that `bytes` were written and all of them read back and verified.
+fn fio_verified(d: &Daemon, uri: &str, job: &[&str], bytes: u64, what: &str) {
+    let mut args = vec![
+        "--name=v".to_string(),
+        "--ioengine=nbd".into(),
+        format!("--uri={uri}"),
+    ];
+    args.extend(job.iter().map(|a| a.to_string()));
+    args.extend(["--verify=crc32c".into(), "--do_verify=1".into()]);
+    let report = fio(d.dir.path(), &args);
+    let job = &report["jobs"][0];
+    assert_eq!(job["write"]["io_bytes"], bytes, "{what}: {job}");
+    assert_eq!(
+        job["read"]["io_bytes"], bytes,
+        "{what}: verify did not read: {job}"
+    );
+}
+
 /// Random 4k writes with verification on 4 connections (first writes:
 /// allocating), the same again over the same blocks (in place), then
 /// 1 MiB sequential writes over TCP; all read back and checked by fio.
 fn fio_verify_passes(d: &Daemon) {
     d.ok(&["create", "D", "--size", "256M"]);
-    let dir = d.dir.path();
     for pass in ["allocating", "in place"] {
-        let report = fio(
-            dir,
-            &[
-                "--name=v".into(),
-                "--ioengine=nbd".into(),
-                format!("--uri={}", d.unix_uri("D")),
-                "--rw=randwrite".into(),
-                "--bs=4k".into(),
-                "--iodepth=16".into(),
-                "--numjobs=4".into(),
-                "--size=64m".into(),
-                "--offset_increment=64m".into(),
-                "--verify=crc32c".into(),
-                "--do_verify=1".into(),
-                "--group_reporting".into(),
-            ],
-        );
-        let job = &report["jobs"][0];
-        assert_eq!(job["write"]["io_bytes"], 256 * MIB, "{pass}: {job}");
-        assert_eq!(
-            job["read"]["io_bytes"],
-            256 * MIB,
-            "{pass}: verify did not read: {job}"
-        );
+        let job = [
+            "--rw=randwrite",
+            "--bs=4k",
+            "--iodepth=16",
+            "--numjobs=4",
+            "--size=64m",
+            "--offset_increment=64m",
+            "--group_reporting",
+        ];
+        fio_verified(d, &d.unix_uri("D"), &job, 256 * MIB, pass);
     }
-
-    let report = fio(
-        dir,
-        &[
-            "--name=seq".into(),
-            "--ioengine=nbd".into(),
-            format!("--uri={}", d.tcp_uri("D")),
-            "--rw=write".into(),
-            "--bs=1m".into(),
-            "--iodepth=4".into(),
-            "--size=256m".into(),
-            "--verify=crc32c".into(),
-            "--do_verify=1".into(),
-        ],
-    );
-    let job = &report["jobs"][0];
-    assert_eq!(job["write"]["io_bytes"], 256 * MIB, "{job}");
-    assert_eq!(
-        job["read"]["io_bytes"],
-        256 * MIB,
-        "verify did not read: {job}"
-    );
+    let job = ["--rw=write", "--bs=1m", "--iodepth=4", "--size=256m"];
+    fio_verified(d, &d.tcp_uri("D"), &job, 256 * MIB, "sequential");
     assert_eq!(d.json(&["check"])["clean"], true);
 }
 
