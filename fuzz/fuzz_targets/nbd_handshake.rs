@@ -12,30 +12,6 @@ use libfuzzer_sys::fuzz_target;
 use parallax_nbd::handshake::*;
 use parallax_nbd::proto::*;
 
-struct FuzzExports;
-
-impl Exports for FuzzExports {
-    fn lookup(&self, name: &str) -> Option<ExportInfo> {
-        match name {
-            "disk" => Some(ExportInfo {
-                size: 1 << 20,
-                read_only: false,
-                description: Some("rw".into()),
-            }),
-            "ro" => Some(ExportInfo {
-                size: 1 << 16,
-                read_only: true,
-                description: None,
-            }),
-            _ => None,
-        }
-    }
-
-    fn list(&self) -> Vec<(String, Option<String>)> {
-        vec![("disk".into(), Some("rw".into())), ("ro".into(), None)]
-    }
-}
-
 fn config() -> Config {
     Config {
         max_option_len: 8192,
@@ -65,7 +41,7 @@ fn negotiate(stream: &[u8], split: u8) -> (Result<Progress, HandshakeError>, Vec
         input.extend_from_slice(&stream[fed..end]);
         fed = end;
         let before = input.len();
-        let result = hs.receive(&mut input, &FuzzExports, &mut out);
+        let result = hs.receive(&mut input, &ExportTable::fuzz_fixture(), &mut out);
         assert!(input.len() <= before);
         consumed += before - input.len();
         assert!(
@@ -77,7 +53,7 @@ fn negotiate(stream: &[u8], split: u8) -> (Result<Progress, HandshakeError>, Vec
             assert!(hs.is_finished());
             let mut more = vec![0; 16];
             assert_eq!(
-                hs.receive(&mut more, &FuzzExports, &mut out),
+                hs.receive(&mut more, &ExportTable::fuzz_fixture(), &mut out),
                 Err(HandshakeError::Finished)
             );
             break result;

@@ -465,6 +465,31 @@ pub fn client_option(out: &mut Vec<u8>, option: u32, data: &[u8]) {
     out.extend_from_slice(data);
 }
 
+/// Client side: the data of `NBD_OPT_INFO` / `NBD_OPT_GO`: the export
+/// name, then the information requests.
+pub fn info_request(name: &str, requests: &[u16]) -> Vec<u8> {
+    let mut v = (name.len() as u32).to_be_bytes().to_vec();
+    v.extend_from_slice(name.as_bytes());
+    v.extend_from_slice(&(requests.len() as u16).to_be_bytes());
+    for r in requests {
+        v.extend_from_slice(&r.to_be_bytes());
+    }
+    v
+}
+
+/// Client side: the data of `NBD_OPT_LIST_META_CONTEXT` /
+/// `NBD_OPT_SET_META_CONTEXT`: the export name, then the queries.
+pub fn meta_context_request(name: &str, queries: &[&str]) -> Vec<u8> {
+    let mut v = (name.len() as u32).to_be_bytes().to_vec();
+    v.extend_from_slice(name.as_bytes());
+    v.extend_from_slice(&(queries.len() as u32).to_be_bytes());
+    for q in queries {
+        v.extend_from_slice(&(q.len() as u32).to_be_bytes());
+        v.extend_from_slice(q.as_bytes());
+    }
+    v
+}
+
 /// Big-endian cursor over untrusted bytes: every read is checked and
 /// returns `None` past the end, never panics.
 pub(crate) struct Reader<'a> {

@@ -13,51 +13,6 @@
 use parallax_nbd::handshake::*;
 use parallax_nbd::proto::*;
 
-struct FuzzExports;
-
-impl Exports for FuzzExports {
-    fn lookup(&self, name: &str) -> Option<ExportInfo> {
-        match name {
-            "disk" => Some(ExportInfo {
-                size: 1 << 20,
-                read_only: false,
-                description: Some("rw".into()),
-            }),
-            "ro" => Some(ExportInfo {
-                size: 1 << 16,
-                read_only: true,
-                description: None,
-            }),
-            _ => None,
-        }
-    }
-
-    fn list(&self) -> Vec<(String, Option<String>)> {
-        vec![("disk".into(), Some("rw".into())), ("ro".into(), None)]
-    }
-}
-
-fn info_data(name: &str, requests: &[u16]) -> Vec<u8> {
-    let mut v = (name.len() as u32).to_be_bytes().to_vec();
-    v.extend_from_slice(name.as_bytes());
-    v.extend_from_slice(&(requests.len() as u16).to_be_bytes());
-    for r in requests {
-        v.extend_from_slice(&r.to_be_bytes());
-    }
-    v
-}
-
-fn meta_data(name: &str, queries: &[&str]) -> Vec<u8> {
-    let mut v = (name.len() as u32).to_be_bytes().to_vec();
-    v.extend_from_slice(name.as_bytes());
-    v.extend_from_slice(&(queries.len() as u32).to_be_bytes());
-    for q in queries {
-        v.extend_from_slice(&(q.len() as u32).to_be_bytes());
-        v.extend_from_slice(q.as_bytes());
-    }
-    v
-}
-
 fn request(command: Command, cookie: u64, offset: u64, length: u32) -> [u8; REQUEST_HEADER_LEN] {
     Request {
         flags: 0,
@@ -77,14 +32,18 @@ fn seeds() -> Vec<(&'static str, u8, Vec<u8>)> {
     client_option(
         &mut go,
         OPT_GO,
-        &info_data("disk", &[INFO_NAME, INFO_BLOCK_SIZE]),
+        &info_request("disk", &[INFO_NAME, INFO_BLOCK_SIZE]),
     );
     go.extend_from_slice(&request(Command::Read, 1, 0, 4096));
     go.extend_from_slice(&request(Command::Disc, 2, 0, 0));
 
     let mut list = CLIENT_FLAG_FIXED_NEWSTYLE.to_be_bytes().to_vec();
     client_option(&mut list, OPT_LIST, &[]);
-    client_option(&mut list, OPT_INFO, &info_data("ro", &[INFO_DESCRIPTION]));
+    client_option(
+        &mut list,
+        OPT_INFO,
+        &info_request("ro", &[INFO_DESCRIPTION]),
+    );
     client_option(&mut list, OPT_ABORT, &[]);
 
     let mut structured = both.to_be_bytes().to_vec();
@@ -92,14 +51,14 @@ fn seeds() -> Vec<(&'static str, u8, Vec<u8>)> {
     client_option(
         &mut structured,
         OPT_LIST_META_CONTEXT,
-        &meta_data("disk", &[]),
+        &meta_context_request("disk", &[]),
     );
     client_option(
         &mut structured,
         OPT_SET_META_CONTEXT,
-        &meta_data("disk", &["base:allocation"]),
+        &meta_context_request("disk", &["base:allocation"]),
     );
-    client_option(&mut structured, OPT_GO, &info_data("disk", &[]));
+    client_option(&mut structured, OPT_GO, &info_request("disk", &[]));
     structured.extend_from_slice(&request(Command::Write, 1, 512, 8));
     structured.extend_from_slice(b"payload!");
     structured.extend_from_slice(&request(Command::BlockStatus, 2, 0, 1 << 20));
@@ -126,7 +85,7 @@ fn seeds_are_valid_sessions() {
         let mut hs = Handshake::new(Config::default());
         let mut input = stream;
         let mut out = Vec::new();
-        let result = hs.receive(&mut input, &FuzzExports, &mut out);
+        let result = hs.receive(&mut input, &ExportTable::fuzz_fixture(), &mut out);
         assert!(!out.is_empty(), "{name}");
         match result {
             Ok(Progress::Done(n)) => {

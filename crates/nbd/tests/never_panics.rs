@@ -7,28 +7,10 @@ use parallax_nbd::handshake::*;
 use parallax_nbd::proto::*;
 use proptest::prelude::*;
 
-struct TwoExports;
-
-impl Exports for TwoExports {
-    fn lookup(&self, name: &str) -> Option<ExportInfo> {
-        match name {
-            "disk" => Some(ExportInfo {
-                size: 1 << 30,
-                read_only: false,
-                description: Some("d".into()),
-            }),
-            "ro" => Some(ExportInfo {
-                size: 4096,
-                read_only: true,
-                description: None,
-            }),
-            _ => None,
-        }
-    }
-
-    fn list(&self) -> Vec<(String, Option<String>)> {
-        vec![("disk".into(), Some("d".into())), ("ro".into(), None)]
-    }
+fn two_exports() -> ExportTable {
+    ExportTable::default()
+        .with("disk", 1 << 30, false, Some("d"))
+        .with("ro", 4096, true, None)
 }
 
 fn config() -> Config {
@@ -59,7 +41,7 @@ fn feed(stream: &[u8], pieces: &[usize]) -> (Result<Progress, HandshakeError>, V
         input.extend_from_slice(&stream[fed..end]);
         fed = end;
         let before = input.clone();
-        result = hs.receive(&mut input, &TwoExports, &mut out);
+        result = hs.receive(&mut input, &two_exports(), &mut out);
         assert!(input.len() <= before.len(), "consumed more than given");
         assert!(before.ends_with(&input), "consumed from the middle");
         consumed += before.len() - input.len();
@@ -74,7 +56,7 @@ fn feed(stream: &[u8], pieces: &[usize]) -> (Result<Progress, HandshakeError>, V
             let len = out.len();
             let mut more = vec![0u8; 64];
             assert_eq!(
-                hs.receive(&mut more, &TwoExports, &mut out),
+                hs.receive(&mut more, &two_exports(), &mut out),
                 Err(HandshakeError::Finished)
             );
             assert_eq!((out.len(), more.len()), (len, 64));

@@ -76,6 +76,71 @@ pub trait Exports {
     fn list(&self) -> Vec<(String, Option<String>)>; // (name, description)
 }
 
+/// A fixed set of exports: [`Exports`] for a server whose exports do not
+/// change while it runs, and for tests and fuzz targets.
+#[derive(Debug, Clone, Default)]
+pub struct ExportTable {
+    exports: Vec<(String, ExportInfo)>,
+    /// The export that `""` stands for, if any.
+    default: Option<String>,
+}
+
+impl ExportTable {
+    /// Adds an export.
+    pub fn with(
+        mut self,
+        name: &str,
+        size: u64,
+        read_only: bool,
+        description: Option<&str>,
+    ) -> Self {
+        self.exports.push((
+            name.to_string(),
+            ExportInfo {
+                size,
+                read_only,
+                description: description.map(str::to_string),
+            },
+        ));
+        self
+    }
+
+    /// Makes `name` the default export (the one `""` asks for).
+    pub fn with_default(mut self, name: &str) -> Self {
+        self.default = Some(name.to_string());
+        self
+    }
+
+    /// The exports the `nbd_handshake` fuzz target serves, shared with the
+    /// seeds that drive it: "disk" (1 MiB, read-write, "rw") and "ro"
+    /// (64 KiB, read-only).
+    pub fn fuzz_fixture() -> Self {
+        ExportTable::default()
+            .with("disk", 1 << 20, false, Some("rw"))
+            .with("ro", 1 << 16, true, None)
+    }
+}
+
+impl Exports for ExportTable {
+    fn lookup(&self, name: &str) -> Option<ExportInfo> {
+        let name = match (name, &self.default) {
+            ("", Some(d)) => d.as_str(),
+            _ => name,
+        };
+        self.exports
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, info)| info.clone())
+    }
+
+    fn list(&self) -> Vec<(String, Option<String>)> {
+        self.exports
+            .iter()
+            .map(|(n, info)| (n.clone(), info.description.clone()))
+            .collect()
+    }
+}
+
 /// Block size constraints advertised with `NBD_INFO_BLOCK_SIZE`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct BlockSizes {

@@ -2,31 +2,11 @@ use super::*;
 
 /// "disk" (1 MiB, read-write, described), "ro" (read-only, 4 KiB, no
 /// description); "" is the default export and maps to "disk".
-struct TestExports;
-
-impl Exports for TestExports {
-    fn lookup(&self, name: &str) -> Option<ExportInfo> {
-        match name {
-            "disk" | "" => Some(ExportInfo {
-                size: 1 << 20,
-                read_only: false,
-                description: Some("main disk".into()),
-            }),
-            "ro" => Some(ExportInfo {
-                size: 4096,
-                read_only: true,
-                description: None,
-            }),
-            _ => None,
-        }
-    }
-
-    fn list(&self) -> Vec<(String, Option<String>)> {
-        vec![
-            ("disk".into(), Some("main disk".into())),
-            ("ro".into(), None),
-        ]
-    }
+fn test_exports() -> ExportTable {
+    ExportTable::default()
+        .with("disk", 1 << 20, false, Some("main disk"))
+        .with("ro", 4096, true, None)
+        .with_default("disk")
 }
 
 fn config() -> Config {
@@ -75,29 +55,6 @@ fn ack(option: u32) -> Vec<u8> {
     rep(option, REP_ACK, &[])
 }
 
-/// INFO/GO data: name, then the information requests.
-fn info_data(name: &str, requests: &[u16]) -> Vec<u8> {
-    let mut v = (name.len() as u32).to_be_bytes().to_vec();
-    v.extend_from_slice(name.as_bytes());
-    v.extend_from_slice(&(requests.len() as u16).to_be_bytes());
-    for r in requests {
-        v.extend_from_slice(&r.to_be_bytes());
-    }
-    v
-}
-
-/// LIST/SET_META_CONTEXT data: export name, then the queries.
-fn meta_data(name: &str, queries: &[&str]) -> Vec<u8> {
-    let mut v = (name.len() as u32).to_be_bytes().to_vec();
-    v.extend_from_slice(name.as_bytes());
-    v.extend_from_slice(&(queries.len() as u32).to_be_bytes());
-    for q in queries {
-        v.extend_from_slice(&(q.len() as u32).to_be_bytes());
-        v.extend_from_slice(q.as_bytes());
-    }
-    v
-}
-
 fn info_export(option: u32, size: u64, flags: u16) -> Vec<u8> {
     let mut d = vec![0, 0];
     d.extend_from_slice(&size.to_be_bytes());
@@ -142,7 +99,7 @@ fn run(stream: &[u8]) -> (Result<Progress, HandshakeError>, Vec<u8>, Vec<u8>) {
     let mut hs = Handshake::new(config());
     let mut input = stream.to_vec();
     let mut out = Vec::new();
-    let result = hs.receive(&mut input, &TestExports, &mut out);
+    let result = hs.receive(&mut input, &test_exports(), &mut out);
     (result, out, input)
 }
 
@@ -180,12 +137,12 @@ fn client_flags() {
         let mut hs = Handshake::new(config());
         let mut input = session(flags, &[opt(OPT_LIST, &[])]);
         let mut out = Vec::new();
-        let result = hs.receive(&mut input, &TestExports, &mut out);
+        let result = hs.receive(&mut input, &test_exports(), &mut out);
         assert_eq!(result, Err(HandshakeError::BadClientFlags(flags)));
         assert!(out.is_empty());
         assert!(hs.is_finished());
         assert_eq!(
-            hs.receive(&mut input, &TestExports, &mut out),
+            hs.receive(&mut input, &test_exports(), &mut out),
             Err(HandshakeError::Finished)
         );
     }
@@ -197,13 +154,13 @@ fn partial_client_flags_need_input() {
     let mut out = Vec::new();
     let mut input = vec![0, 0, 0];
     assert_eq!(
-        hs.receive(&mut input, &TestExports, &mut out),
+        hs.receive(&mut input, &test_exports(), &mut out),
         Ok(Progress::NeedInput)
     );
     assert_eq!(input, [0, 0, 0], "a partial message stays in input");
     let mut input = vec![];
     assert_eq!(
-        hs.receive(&mut input, &TestExports, &mut out),
+        hs.receive(&mut input, &test_exports(), &mut out),
         Ok(Progress::NeedInput)
     );
 }
@@ -266,7 +223,7 @@ fn export_name_with_zeroes() {
         result,
         Ok(Progress::Done(Negotiated {
             export: "disk".into(),
-            info: TestExports.lookup("disk").unwrap(),
+            info: test_exports().lookup("disk").unwrap(),
             transmission_flags: RW_FLAGS,
             structured_replies: false,
             base_allocation: None,
@@ -359,7 +316,10 @@ fn unsupported_options() {
 
 #[test]
 fn info_exact_replies() {
-    let (result, out, _) = run(&session(BOTH, &[opt(OPT_INFO, &info_data("disk", &[]))]));
+    let (result, out, _) = run(&session(
+        BOTH,
+        &[opt(OPT_INFO, &crate::proto::info_request("disk", &[]))],
+    ));
     assert_eq!(
         result,
         Ok(Progress::NeedInput),
@@ -376,7 +336,10 @@ fn info_with_name_and_description() {
     let requests = [INFO_NAME, INFO_DESCRIPTION, INFO_BLOCK_SIZE, 77];
     let (_, out, _) = run(&session(
         BOTH,
-        &[opt(OPT_INFO, &info_data("disk", &requests))],
+        &[opt(
+            OPT_INFO,
+            &crate::proto::info_request("disk", &requests),
+        )],
     ));
     let mut expect = info_export(OPT_INFO, 1 << 20, RW_FLAGS);
     expect.extend(rep(OPT_INFO, REP_INFO, b"\0\x01disk"));
@@ -388,7 +351,7 @@ fn info_with_name_and_description() {
     // No description to send for "ro".
     let (_, out, _) = run(&session(
         BOTH,
-        &[opt(OPT_INFO, &info_data("ro", &requests))],
+        &[opt(OPT_INFO, &crate::proto::info_request("ro", &requests))],
     ));
     let mut expect = info_export(OPT_INFO, 4096, RO_FLAGS);
     expect.extend(rep(OPT_INFO, REP_INFO, b"\0\x01ro"));
@@ -402,8 +365,11 @@ fn go_enters_transmission() {
     let mut stream = session(
         BOTH,
         &[
-            opt(OPT_INFO, &info_data("ro", &[])),
-            opt(OPT_GO, &info_data("ro", &[INFO_BLOCK_SIZE])),
+            opt(OPT_INFO, &crate::proto::info_request("ro", &[])),
+            opt(
+                OPT_GO,
+                &crate::proto::info_request("ro", &[INFO_BLOCK_SIZE]),
+            ),
         ],
     );
     stream.extend_from_slice(&[0x25, 0x60]);
@@ -420,7 +386,7 @@ fn go_enters_transmission() {
         result,
         Ok(Progress::Done(Negotiated {
             export: "ro".into(),
-            info: TestExports.lookup("ro").unwrap(),
+            info: test_exports().lookup("ro").unwrap(),
             transmission_flags: RO_FLAGS,
             structured_replies: false,
             base_allocation: None,
@@ -430,7 +396,10 @@ fn go_enters_transmission() {
 
 #[test]
 fn go_default_export() {
-    let (result, _, _) = run(&session(BOTH, &[opt(OPT_GO, &info_data("", &[]))]));
+    let (result, _, _) = run(&session(
+        BOTH,
+        &[opt(OPT_GO, &crate::proto::info_request("", &[]))],
+    ));
     let Ok(Progress::Done(n)) = result else {
         panic!("{result:?}")
     };
@@ -443,8 +412,8 @@ fn go_unknown_export_keeps_negotiating() {
     let stream = session(
         BOTH,
         &[
-            opt(OPT_GO, &info_data("nope", &[])),
-            opt(OPT_GO, &info_data("disk", &[])),
+            opt(OPT_GO, &crate::proto::info_request("nope", &[])),
+            opt(OPT_GO, &crate::proto::info_request("disk", &[])),
         ],
     );
     let (result, out, _) = run(&stream);
@@ -459,7 +428,7 @@ fn go_unknown_export_keeps_negotiating() {
 
 #[test]
 fn info_go_malformed() {
-    let good = info_data("disk", &[INFO_NAME]);
+    let good = crate::proto::info_request("disk", &[INFO_NAME]);
     let mut name_too_long = good.clone();
     name_too_long[3] = 200;
     let mut count_too_big = good.clone();
@@ -484,7 +453,7 @@ fn info_go_malformed() {
             let mut hs = Handshake::new(cfg);
             let mut input = session(BOTH, &[opt(option, data)]);
             let mut out = Vec::new();
-            let result = hs.receive(&mut input, &TestExports, &mut out);
+            let result = hs.receive(&mut input, &test_exports(), &mut out);
             assert_eq!(result, Ok(Progress::NeedInput), "{what}");
             assert_eq!(kinds(&out), [REP_ERR_INVALID], "{what}");
             assert!(input.is_empty(), "{what}");
@@ -507,7 +476,7 @@ fn structured_reply_negotiation() {
             opt(OPT_STRUCTURED_REPLY, b"x"),
             opt(OPT_STRUCTURED_REPLY, &[]),
             opt(OPT_STRUCTURED_REPLY, &[]),
-            opt(OPT_GO, &info_data("disk", &[])),
+            opt(OPT_GO, &crate::proto::info_request("disk", &[])),
         ],
     );
     let (result, out, _) = run(&stream);
@@ -533,7 +502,10 @@ fn meta_context_requires_structured_replies() {
     for option in [OPT_LIST_META_CONTEXT, OPT_SET_META_CONTEXT] {
         let stream = session(
             BOTH,
-            &[opt(option, &meta_data("disk", &["base:allocation"]))],
+            &[opt(
+                option,
+                &crate::proto::meta_context_request("disk", &["base:allocation"]),
+            )],
         );
         let (result, out, _) = run(&stream);
         assert_eq!(result, Ok(Progress::NeedInput));
@@ -570,10 +542,16 @@ fn list_meta_context() {
         (&[""], &nothing),
     ];
     for (queries, expect) in cases {
-        let out = meta(OPT_LIST_META_CONTEXT, &meta_data("disk", queries));
+        let out = meta(
+            OPT_LIST_META_CONTEXT,
+            &crate::proto::meta_context_request("disk", queries),
+        );
         assert_eq!(&out, *expect, "{queries:?}");
     }
-    let out = meta(OPT_LIST_META_CONTEXT, &meta_data("nope", &[]));
+    let out = meta(
+        OPT_LIST_META_CONTEXT,
+        &crate::proto::meta_context_request("nope", &[]),
+    );
     assert_eq!(kinds(&out), [REP_ERR_UNKNOWN]);
 }
 
@@ -594,19 +572,22 @@ fn set_meta_context() {
         (&["base:allocationX"], &nothing),
     ];
     for (queries, expect) in cases {
-        let out = meta(OPT_SET_META_CONTEXT, &meta_data("ro", queries));
+        let out = meta(
+            OPT_SET_META_CONTEXT,
+            &crate::proto::meta_context_request("ro", queries),
+        );
         assert_eq!(&out, *expect, "{queries:?}");
     }
     let out = meta(
         OPT_SET_META_CONTEXT,
-        &meta_data("nope", &["base:allocation"]),
+        &crate::proto::meta_context_request("nope", &["base:allocation"]),
     );
     assert_eq!(kinds(&out), [REP_ERR_UNKNOWN]);
 }
 
 #[test]
 fn meta_context_malformed() {
-    let good = meta_data("disk", &["base:allocation"]);
+    let good = crate::proto::meta_context_request("disk", &["base:allocation"]);
     let mut count_too_big = good.clone();
     count_too_big[11] = 2;
     let mut count_huge = good.clone();
@@ -640,7 +621,7 @@ fn meta_context_malformed() {
 fn base_allocation_after(options: &[Vec<u8>], export: &str) -> Option<u32> {
     let mut all = vec![opt(OPT_STRUCTURED_REPLY, &[])];
     all.extend_from_slice(options);
-    all.push(opt(OPT_GO, &info_data(export, &[])));
+    all.push(opt(OPT_GO, &crate::proto::info_request(export, &[])));
     let (result, _, _) = run(&session(BOTH, &all));
     let Ok(Progress::Done(n)) = result else {
         panic!("{result:?}")
@@ -651,8 +632,16 @@ fn base_allocation_after(options: &[Vec<u8>], export: &str) -> Option<u32> {
 
 #[test]
 fn base_allocation_follows_the_last_set() {
-    let set = |name: &str, queries: &[&str]| opt(OPT_SET_META_CONTEXT, &meta_data(name, queries));
-    let list = opt(OPT_LIST_META_CONTEXT, &meta_data("disk", &[]));
+    let set = |name: &str, queries: &[&str]| {
+        opt(
+            OPT_SET_META_CONTEXT,
+            &crate::proto::meta_context_request(name, queries),
+        )
+    };
+    let list = opt(
+        OPT_LIST_META_CONTEXT,
+        &crate::proto::meta_context_request("disk", &[]),
+    );
     assert_eq!(base_allocation_after(&[], "disk"), None);
     assert_eq!(
         base_allocation_after(std::slice::from_ref(&list), "disk"),
@@ -763,7 +752,10 @@ fn transmission_flag_table() {
 #[test]
 fn finished_after_done_or_close() {
     let streams = [
-        session(BOTH, &[opt(OPT_GO, &info_data("disk", &[]))]),
+        session(
+            BOTH,
+            &[opt(OPT_GO, &crate::proto::info_request("disk", &[]))],
+        ),
         session(BOTH, &[opt(OPT_EXPORT_NAME, b"disk")]),
         session(BOTH, &[opt(OPT_EXPORT_NAME, b"nope")]),
         session(BOTH, &[opt(OPT_ABORT, &[])]),
@@ -772,13 +764,13 @@ fn finished_after_done_or_close() {
         let mut hs = Handshake::new(config());
         let mut input = stream;
         let mut out = Vec::new();
-        let first = hs.receive(&mut input, &TestExports, &mut out);
+        let first = hs.receive(&mut input, &test_exports(), &mut out);
         assert!(matches!(first, Ok(Progress::Done(_) | Progress::Close)));
         assert!(hs.is_finished());
         let len = out.len();
         let mut more = opt(OPT_LIST, &[]);
         assert_eq!(
-            hs.receive(&mut more, &TestExports, &mut out),
+            hs.receive(&mut more, &test_exports(), &mut out),
             Err(HandshakeError::Finished)
         );
         assert_eq!(out.len(), len);
@@ -813,26 +805,26 @@ fn option_table() {
         ),
         (
             "info",
-            opt(OPT_INFO, &info_data("ro", &[])),
+            opt(OPT_INFO, &crate::proto::info_request("ro", &[])),
             vec![REP_INFO, REP_INFO, REP_ACK],
             true,
         ),
         (
             "info unknown",
-            opt(OPT_INFO, &info_data("x", &[])),
+            opt(OPT_INFO, &crate::proto::info_request("x", &[])),
             vec![REP_ERR_UNKNOWN],
             true,
         ),
         ("info bad", opt(OPT_INFO, &[1]), vec![REP_ERR_INVALID], true),
         (
             "go",
-            opt(OPT_GO, &info_data("ro", &[])),
+            opt(OPT_GO, &crate::proto::info_request("ro", &[])),
             vec![REP_INFO, REP_INFO, REP_ACK],
             false,
         ),
         (
             "go unknown",
-            opt(OPT_GO, &info_data("x", &[])),
+            opt(OPT_GO, &crate::proto::info_request("x", &[])),
             vec![REP_ERR_UNKNOWN],
             true,
         ),
@@ -851,13 +843,19 @@ fn option_table() {
         ),
         (
             "list meta",
-            opt(OPT_LIST_META_CONTEXT, &meta_data("ro", &[])),
+            opt(
+                OPT_LIST_META_CONTEXT,
+                &crate::proto::meta_context_request("ro", &[]),
+            ),
             vec![REP_ERR_INVALID],
             true,
         ),
         (
             "set meta",
-            opt(OPT_SET_META_CONTEXT, &meta_data("ro", &[])),
+            opt(
+                OPT_SET_META_CONTEXT,
+                &crate::proto::meta_context_request("ro", &[]),
+            ),
             vec![REP_ERR_INVALID],
             true,
         ),
@@ -894,13 +892,19 @@ fn sample_streams() -> Vec<Vec<u8>> {
         BOTH,
         &[
             opt(OPT_STRUCTURED_REPLY, &[]),
-            opt(OPT_LIST_META_CONTEXT, &meta_data("disk", &[])),
+            opt(
+                OPT_LIST_META_CONTEXT,
+                &crate::proto::meta_context_request("disk", &[]),
+            ),
             opt(
                 OPT_SET_META_CONTEXT,
-                &meta_data("disk", &["base:allocation"]),
+                &crate::proto::meta_context_request("disk", &["base:allocation"]),
             ),
-            opt(OPT_INFO, &info_data("nope", &[])),
-            opt(OPT_GO, &info_data("disk", &[INFO_NAME, INFO_DESCRIPTION])),
+            opt(OPT_INFO, &crate::proto::info_request("nope", &[])),
+            opt(
+                OPT_GO,
+                &crate::proto::info_request("disk", &[INFO_NAME, INFO_DESCRIPTION]),
+            ),
         ],
     );
     go_then_requests.extend_from_slice(&request.encode());
@@ -919,8 +923,8 @@ fn sample_streams() -> Vec<Vec<u8>> {
             BOTH,
             &[
                 opt(OPT_LIST, &[]),
-                opt(OPT_INFO, &info_data("ro", &[])),
-                opt(OPT_GO, &info_data("", &[])),
+                opt(OPT_INFO, &crate::proto::info_request("ro", &[])),
+                opt(OPT_GO, &crate::proto::info_request("", &[])),
             ],
         ),
         session(
@@ -945,7 +949,7 @@ fn feed(stream: &[u8], cuts: &[usize]) -> (Result<Progress, HandshakeError>, Vec
     for &end in cuts.iter().chain(std::iter::once(&stream.len())) {
         input.extend_from_slice(&stream[start..end]);
         start = end;
-        result = hs.receive(&mut input, &TestExports, &mut out);
+        result = hs.receive(&mut input, &test_exports(), &mut out);
         if result != Ok(Progress::NeedInput) {
             break;
         }
