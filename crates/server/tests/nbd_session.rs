@@ -539,3 +539,32 @@ async fn unknown_export_and_shutdown() {
         .unwrap();
     assert!(back == vec![4; 4096], "the write did not reach the device");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn recycled_read_buffers_never_show_earlier_bytes() {
+    // READ buffers come from a pool and keep the bytes of earlier requests:
+    // every byte of a reply must still be the disk's, zeros for holes.
+    let f = fixture();
+    let mut c = f.connect("d", true).await;
+    let mut cookie = 1;
+    for len in [3000usize, 4096, 65536, 1 << 20] {
+        let data = pattern(len as u8, len);
+        c.write(cookie, 0, &data).await;
+        c.ok(cookie).await;
+        cookie += 1;
+        assert!(c.read(cookie, 0, len as u32).await == data, "{len}");
+        cookie += 1;
+        // A hole of the same size, and a range half data, half hole.
+        assert!(
+            c.read(cookie, 4 << 20, len as u32).await == vec![0; len],
+            "{len}"
+        );
+        cookie += 1;
+        let half = len / 2;
+        let mut want = data[half..].to_vec();
+        want.resize(len, 0);
+        let got = c.read(cookie, half as u64, len as u32).await;
+        assert!(got == want, "{len}: data then hole");
+        cookie += 1;
+    }
+}
