@@ -11,9 +11,10 @@
 //!   `Fresh`, which every reader consults before the tree. Partial-block
 //!   writes also take one of 64 stripe locks, so that read-modify-write
 //!   cycles on one block do not interleave.
-//! - Partial writes that must allocate, discards, block status and every
-//!   management operation take it exclusively, and fold `Fresh` into the
-//!   tree first ([`VdiInner::exclusive`]).
+//! - Partial writes that must allocate, discards and every management
+//!   operation take it exclusively, and fold `Fresh` into the tree first
+//!   ([`VdiInner::exclusive`]); block status does too, but only when
+//!   `Fresh` holds anything.
 //! - [`Vdi::flush`] commits: fresh writes are folded in, dirty nodes go to
 //!   new blocks (one device write per run), then the bitmaps and a device
 //!   flush, then the VDI header in its older slot and a second flush.
@@ -357,6 +358,23 @@ impl VdiInner {
         let mut st = self.state.write();
         self.fold_fresh(&mut st)?;
         Ok(st)
+    }
+
+    /// Runs `f` on a tree that includes every fresh write: under the shared
+    /// lock when there are none (the usual case: block status stays off
+    /// the exclusive lock), otherwise after folding them under the
+    /// exclusive lock.
+    fn with_whole_tree<T>(&self, f: impl FnOnce(&VdiState) -> Result<T>) -> Result<T> {
+        {
+            let st = self.state.read();
+            if self.fresh.lock().map.is_empty() {
+                self.usable(&st)?;
+                return f(&st);
+            }
+        }
+        let st = self.exclusive()?;
+        self.usable(&st)?;
+        f(&st)
     }
 
     /// Moves fresh writes into the tree (the caller holds the lock
@@ -1095,18 +1113,16 @@ impl Vdi {
     /// Allocation status of `[offset, offset+len)`, as block-aligned runs
     /// clipped to the range.
     pub fn block_status(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
-        // Exclusive, so that fresh writes are in the tree.
-        let st = self.inner.exclusive()?;
-        self.inner.usable(&st)?;
-        check_io_range(st.size, offset, len)?;
-        tree_extents(&self.inner.store, &st.tree, offset, len)
+        self.inner.with_whole_tree(|st| {
+            check_io_range(st.size, offset, len)?;
+            tree_extents(&self.inner.store, &st.tree, offset, len)
+        })
     }
 
     /// Bytes backed by data blocks (shared or owned).
     pub fn allocated_bytes(&self) -> Result<u64> {
-        let st = self.inner.exclusive()?;
-        self.inner.usable(&st)?;
-        count_mapped(&self.inner.store, &st.tree)
+        self.inner
+            .with_whole_tree(|st| count_mapped(&self.inner.store, &st.tree))
     }
 
     /// Grows the disk to `new_size` bytes (a multiple of 4096). Durable on return.
