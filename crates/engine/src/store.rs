@@ -609,13 +609,11 @@ impl Store {
                 cur = p;
                 steps += 1;
             }
-            // Also a parent that no longer exists may have been a clone of
-            // vdi_id; its own clones were made from its snapshots, which may
-            // share vdi_id's blocks. Be conservative.
-            if parent
-                .get(&cur)
-                .is_some_and(|&p| p != 0 && !parent.contains_key(&p))
-            {
+            // The walk stopped at `cur`: a disk with no origin, or one that
+            // is no longer in the catalogue. A deleted ancestor may have been
+            // a clone of vdi_id, and its clones may share vdi_id's blocks: be
+            // conservative.
+            if !parent.contains_key(&cur) {
                 return Ok(true);
             }
         }

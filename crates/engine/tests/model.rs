@@ -111,3 +111,24 @@ fn regression_rollback_then_zero_then_snapshots() {
         Op::Reopen,
     ]);
 }
+
+/// Deleting a clone that has clones of its own, then its origin: the
+/// origin's snapshot blocks are still reachable through the grandchild and
+/// must not be freed (CI found this one).
+#[test]
+fn regression_delete_middle_clone_then_origin() {
+    run(&[
+        Op::Write {
+            disk: 0,
+            offset: 0,
+            len: 1,
+            seed: 0,
+        },
+        Op::Snapshot { disk: 0 },
+        Op::Clone { disk: 0, snap: 0 },
+        Op::Snapshot { disk: 1 },
+        Op::Clone { disk: 1, snap: 0 },
+        Op::DeleteDisk { disk: 1 },
+        Op::DeleteDisk { disk: 0 },
+    ]);
+}
