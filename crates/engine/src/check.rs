@@ -21,6 +21,7 @@
 
 use crate::alloc::Allocator;
 use crate::error::{Error, Result};
+use crate::lineage::SnapSet;
 use crate::store::{Catalog, Store};
 use crate::vdi::{read_log_chain, VdiInner};
 use parallax_format::{Ptr, Superblock, BLOCK_SIZE, BLOCK_SIZE_U64, SUPERBLOCK_ADDRS, TREE_HEIGHT};
@@ -188,36 +189,38 @@ fn mark_all(store: &Store, catalog: &Catalog) -> Marking {
                 Vec::new()
             }
         };
-        let mut snaps: Vec<(u64, String, Ptr)> = Vec::new();
+        let mut snaps = SnapSet::default();
         for (addr, block) in &log {
             m.mark(*addr, Role::Log, &who);
             for e in &block.entries {
-                match e.kind {
-                    parallax_format::LogEntryKind::Taken => {
-                        snaps.push((e.snapshot_id, e.name.clone(), e.root))
-                    }
-                    parallax_format::LogEntryKind::Deleted => {
-                        snaps.retain(|s| s.0 != e.snapshot_id)
-                    }
-                }
+                snaps.apply(e);
             }
         }
-        if snaps.len() as u64 != header.snapshot_count {
+        if snaps.visible_len() as u64 != header.snapshot_count {
             m.errors.push(format!(
                 "{who}: header counts {} snapshots, the log has {}",
                 header.snapshot_count,
-                snaps.len()
+                snaps.visible_len()
             ));
         }
-        let mut snap_names = HashSet::new();
-        for (id, name, root) in &snaps {
-            m.snapshots += 1;
-            if !snap_names.insert(name.clone()) || *id >= header.next_snapshot_id {
+        if header.live_parent != 0 && snaps.get(header.live_parent).is_none() {
+            m.errors.push(format!(
+                "{who}: the live tree's parent snapshot id {} is missing",
+                header.live_parent
+            ));
+        }
+        for s in snaps.all() {
+            let name = &s.name;
+            if !s.hidden {
+                m.snapshots += 1;
+            }
+            if s.id >= header.next_snapshot_id || (s.parent != 0 && snaps.get(s.parent).is_none()) {
                 m.errors.push(format!(
-                    "{who}@{name}: duplicate name or id {id} not yet issued"
+                    "{who}@{name}: id {} not yet issued, or parent {} missing",
+                    s.id, s.parent
                 ));
             }
-            m.walk_tree(store, *root, &format!("{who}@{name}"), None);
+            m.walk_tree(store, s.root, &format!("{who}@{name}"), None);
         }
         let mut owned = HashSet::new();
         m.walk_tree(store, header.root, &who, Some(&mut owned));

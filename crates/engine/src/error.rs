@@ -32,6 +32,9 @@ pub enum Error {
     AlreadyExists(String),
     #[error("{0}")]
     InvalidArgument(String),
+    /// Refused because something else depends on the object.
+    #[error("{0}")]
+    Busy(String),
     #[error("{0} is read-only")]
     ReadOnly(String),
     #[error(

@@ -14,7 +14,10 @@
 mod alloc;
 pub mod check;
 mod error;
+mod lineage;
 mod meta;
+pub mod retention;
+mod space;
 pub mod store;
 mod time;
 mod tree;
@@ -22,6 +25,10 @@ pub mod vdi;
 
 pub use check::{CheckReport, GcReport};
 pub use error::{Error, Result};
+pub use parallax_format::Schedule;
+pub use space::{DiskSpace, SnapshotSpace};
 pub use store::{CreateOptions, OpenOptions, Store, StoreStats};
 pub use time::compact_utc;
-pub use vdi::{Extent, IoPlan, SnapshotInfo, SnapshotView, Transfer, Vdi, VdiInfo, MAX_VDI_SIZE};
+pub use vdi::{
+    DeleteReport, Extent, IoPlan, SnapshotInfo, SnapshotView, Transfer, Vdi, VdiInfo, MAX_VDI_SIZE,
+};

@@ -13,12 +13,12 @@ use crate::error::{Error, Result};
 use crate::meta::{MetaIo, DEFAULT_CACHE_NODES};
 use crate::time::now_ns;
 use crate::tree::Tree;
-use crate::vdi::{collect_owned, read_log_chain, SnapshotView, Vdi, VdiInner, MAX_VDI_SIZE};
+use crate::vdi::{read_log_chain, Origin, SnapshotView, Vdi, VdiInner, MAX_VDI_SIZE};
 use parallax_device::BlockDevice;
 use parallax_format::{
     validate_name, BitmapBlock, Block, FormatError, Ptr, RegistryBlock, RegistryEntry, Superblock,
     VdiHeader, BITMAP_BITS, BLOCK_SIZE, BLOCK_SIZE_U64, FORMAT_VERSION, MAGIC,
-    REGISTRY_ENTRIES_PER_BLOCK, SUPERBLOCK_ADDRS, SUPERBLOCK_REGISTRY_SLOTS, TREE_HEIGHT,
+    REGISTRY_ENTRIES_PER_BLOCK, SUPERBLOCK_ADDRS, SUPERBLOCK_REGISTRY_SLOTS, VDI_FLAG_LINEAGE,
 };
 use parking_lot::Mutex;
 use std::collections::{HashMap, HashSet};
@@ -103,6 +103,9 @@ pub(crate) struct StoreInner {
     sync_lock: Mutex<()>,
     pub catalog: Mutex<Catalog>,
     open: Mutex<HashMap<u64, Weak<VdiInner>>>,
+    /// (origin disk id, snapshot id) ─▶ clones made from it that exist.
+    /// Built when the store opens; a leaf lock (nothing is taken under it).
+    clones: Mutex<HashMap<(u64, u64), usize>>,
 }
 
 impl StoreInner {
@@ -120,6 +123,29 @@ impl StoreInner {
     }
 
     /// Returns blocks that durable metadata no longer references.
+    /// How many disks were cloned from snapshot `snap` of disk `vdi`.
+    pub fn clone_count(&self, vdi: u64, snap: u64) -> usize {
+        self.clones.lock().get(&(vdi, snap)).copied().unwrap_or(0)
+    }
+
+    pub(crate) fn has_clones(&self, vdi: u64) -> bool {
+        self.clones.lock().keys().any(|&(v, _)| v == vdi)
+    }
+
+    fn add_clone(&self, vdi: u64, snap: u64) {
+        *self.clones.lock().entry((vdi, snap)).or_insert(0) += 1;
+    }
+
+    fn remove_clone(&self, vdi: u64, snap: u64) {
+        let mut clones = self.clones.lock();
+        if let Some(n) = clones.get_mut(&(vdi, snap)) {
+            *n -= 1;
+            if *n == 0 {
+                clones.remove(&(vdi, snap));
+            }
+        }
+    }
+
     pub fn release(&self, blocks: &[u64]) {
         let mut alloc = self.alloc.lock();
         for &b in blocks {
@@ -296,7 +322,7 @@ impl Store {
             registry.push(Some(block));
         }
         let alloc = Allocator::load(&*dev, &sb, options.host_id)?;
-        Ok(Store {
+        let store = Store {
             inner: Arc::new(StoreInner {
                 meta,
                 alloc: Mutex::new(alloc),
@@ -308,8 +334,21 @@ impl Store {
                     poisoned: false,
                 }),
                 open: Mutex::new(HashMap::new()),
+                clones: Mutex::new(HashMap::new()),
             }),
-        })
+        };
+        // Which snapshots clones hang from: reclamation must keep them.
+        let entries = store.inner.catalog.lock().entries();
+        for e in entries {
+            // A disk whose headers cannot be read fails when it is opened;
+            // it cannot be counted here.
+            if let Ok((h, _)) = store.read_vdi_header(&e) {
+                if h.origin_vdi != 0 {
+                    store.inner.add_clone(h.origin_vdi, h.origin_snapshot);
+                }
+            }
+        }
+        Ok(store)
     }
 
     /// The store's random id.
@@ -346,21 +385,53 @@ impl Store {
         let (_, entry) = catalog
             .find(name)
             .ok_or_else(|| Error::NotFound(format!("disk {name} does not exist")))?;
-        self.open_entry(&entry)
+        self.open_entry(&catalog, &entry)
     }
 
-    fn open_entry(&self, entry: &RegistryEntry) -> Result<Vdi> {
+    /// Opens the disk of a registry entry; the caller holds the catalogue.
+    fn open_entry(&self, catalog: &Catalog, entry: &RegistryEntry) -> Result<Vdi> {
+        if let Some(inner) = self
+            .inner
+            .open
+            .lock()
+            .get(&entry.vdi_id)
+            .and_then(Weak::upgrade)
+        {
+            return Ok(Vdi { inner });
+        }
+        let (header, slot) = self.read_vdi_header(entry)?;
+        let origin = if header.origin_vdi == 0 {
+            Origin::None
+        } else {
+            // The origin disk outlives its clones (deleting it is refused
+            // while they exist), and the snapshot stays, hidden if deleted.
+            let origin = catalog
+                .entries()
+                .into_iter()
+                .find(|e| e.vdi_id == header.origin_vdi);
+            match origin {
+                Some(o) => {
+                    let o = self.open_entry(catalog, &o)?;
+                    let st = o.inner.state.read();
+                    match st.snapshots.get(header.origin_snapshot) {
+                        Some(s) => Origin::Root(s.root),
+                        None => Origin::Unknown,
+                    }
+                }
+                None => Origin::Unknown,
+            }
+        };
         let mut open = self.inner.open.lock();
         if let Some(inner) = open.get(&entry.vdi_id).and_then(Weak::upgrade) {
             return Ok(Vdi { inner });
         }
-        let (header, slot) = self.read_vdi_header(entry)?;
         let inner = Arc::new(VdiInner::new(
             self.inner.clone(),
             [entry.header_a, entry.header_b],
             header,
             1 - slot,
             entry.name.clone(),
+            origin,
         )?);
         open.insert(entry.vdi_id, Arc::downgrade(&inner));
         Ok(Vdi { inner })
@@ -410,31 +481,59 @@ impl Store {
                     "disk size {size} must be between 1 byte and {MAX_VDI_SIZE} bytes"
                 ))
             })?;
-        self.create_with_tree(name, size, Tree::empty(), 0, 0, String::new())
+        let mut catalog = self.inner.catalog.lock();
+        self.create_with_tree(
+            &mut catalog,
+            name,
+            size,
+            Tree::empty(),
+            Origin::None,
+            0,
+            0,
+            String::new(),
+        )
     }
 
     /// Clones snapshot `snapshot` of disk `disk` into a new writable disk
     /// `new_name`, in O(1): the new root points at the snapshot's subtrees,
     /// shared. The origin stays usable and independent.
     pub fn clone_snapshot(&self, disk: &str, snapshot: &str, new_name: &str) -> Result<Vdi> {
-        let origin = self.open_vdi(disk)?;
-        let snap = origin.snapshot_info(snapshot)?;
+        let mut catalog = self.inner.catalog.lock();
+        let (_, entry) = catalog
+            .find(disk)
+            .ok_or_else(|| Error::NotFound(format!("disk {disk} does not exist")))?;
+        let origin = self.open_entry(&catalog, &entry)?;
+        // The origin's lock, held shared until the clone is registered,
+        // keeps the snapshot from being reclaimed in between.
+        let origin_state = origin.inner.state.read();
+        let snap = origin_state
+            .snapshots
+            .by_name(snapshot)
+            .cloned()
+            .ok_or_else(|| Error::NotFound(format!("snapshot {disk}@{snapshot} does not exist")))?;
         let tree = Tree::shared_copy(&self.inner.meta, snap.root)?;
-        self.create_with_tree(
+        let vdi = self.create_with_tree(
+            &mut catalog,
             new_name,
             snap.size_bytes,
             tree,
+            Origin::Root(snap.root),
             origin.id(),
             snap.id,
             format!("{disk}@{snapshot}"),
-        )
+        )?;
+        self.inner.add_clone(origin.id(), snap.id);
+        Ok(vdi)
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn create_with_tree(
         &self,
+        catalog: &mut Catalog,
         name: &str,
         size: u64,
         tree: Tree,
+        origin_root: Origin,
         origin_vdi: u64,
         origin_snapshot: u64,
         origin: String,
@@ -442,14 +541,13 @@ impl Store {
         validate_name(name).map_err(Error::InvalidArgument)?;
         let inner = &*self.inner;
         let meta = &inner.meta;
-        let mut catalog = inner.catalog.lock();
         if catalog.poisoned {
             return Err(Error::Poisoned("the store catalogue".into()));
         }
         if catalog.find(name).is_some() {
             return Err(Error::AlreadyExists(format!("disk {name} already exists")));
         }
-        let slot = pick_registry_slot(&catalog)?;
+        let slot = pick_registry_slot(catalog)?;
         let vdi_id = catalog.sb.next_vdi_id;
         let mut allocated = Vec::new();
         // The header written to slot A (the newer of the two).
@@ -477,6 +575,9 @@ impl Store {
                 origin_snapshot,
                 name: name.to_string(),
                 origin,
+                flags: VDI_FLAG_LINEAGE,
+                live_parent: 0,
+                schedule: Default::default(),
             };
             let (b, _) = header.encode(meta.store_id, header_a);
             blocks.push((header_a, b));
@@ -493,7 +594,7 @@ impl Store {
             let mut block = catalog.registry[slot].clone().unwrap_or_default();
             block.entries.push(entry.clone());
             let (ptr, old) =
-                write_registry_block(inner, &catalog, slot, &block, &mut allocated, &mut blocks)?;
+                write_registry_block(inner, catalog, slot, &block, &mut allocated, &mut blocks)?;
             meta.write_many(blocks, "a new disk's headers, root and registry block")?;
             Ok((entry, ptr, old, block))
         })();
@@ -507,7 +608,7 @@ impl Store {
         let mut sb = catalog.sb.clone();
         sb.registry[slot] = ptr;
         sb.next_vdi_id += 1;
-        commit_superblock(inner, &mut catalog, sb, allocated)?;
+        commit_superblock(inner, catalog, sb, allocated)?;
         catalog.registry[slot] = Some(block);
         inner.release(&old.into_iter().collect::<Vec<_>>());
         match newest {
@@ -519,22 +620,21 @@ impl Store {
                     header,
                     1,
                     entry.name.clone(),
+                    origin_root,
                 )?);
                 inner.open.lock().insert(vdi_id, Arc::downgrade(&vdi));
                 Ok(Vdi { inner: vdi })
             }
-            None => self.open_entry(&entry),
+            None => self.open_entry(catalog, &entry),
         }
     }
 
     /// Deletes a disk and its snapshots. Open handles to it fail from now
-    /// on. Clones made from its snapshots keep working: they reference the
-    /// blocks they need. Blocks only the disk's live content used are freed
-    /// at once, and so is everything if no clone descends from the disk;
-    /// otherwise its snapshots' blocks wait for `gc`.
+    /// on. Refused while clones made from its snapshots exist (delete them
+    /// first), as ZFS and RBD do. Everything the disk held that its origin
+    /// does not returns to the free pool once the deletion is durable.
     pub fn delete_vdi(&self, name: &str) -> Result<()> {
         let inner = &*self.inner;
-        let vdi = self.open_vdi(name)?;
         let mut catalog = inner.catalog.lock();
         if catalog.poisoned {
             return Err(Error::Poisoned("the store catalogue".into()));
@@ -542,14 +642,16 @@ impl Store {
         let (slot, entry) = catalog
             .find(name)
             .ok_or_else(|| Error::NotFound(format!("disk {name} does not exist")))?;
-        let has_descendants = self.descendants_of(&catalog, entry.vdi_id)?;
-        let mut st = vdi.inner.exclusive()?;
-        let mut freed: HashSet<u64> = vdi.inner.live_owned_blocks(&st)?.into_iter().collect();
-        if !has_descendants {
-            for s in &st.snapshots {
-                collect_owned(&inner.meta, s.root, (TREE_HEIGHT - 1) as u8, &mut freed)?;
-            }
+        if inner.has_clones(entry.vdi_id) {
+            let clones = self.clone_names_in(&catalog, entry.vdi_id);
+            return Err(Error::Busy(format!(
+                "disk {name} has clones ({}); delete them first",
+                clones.join(", ")
+            )));
         }
+        let vdi = self.open_entry(&catalog, &entry)?;
+        let mut st = vdi.inner.exclusive()?;
+        let mut freed: HashSet<u64> = vdi.inner.disk_blocks(&st)?.into_iter().collect();
         for (addr, _) in read_log_chain(inner, st.header.log_head, entry.vdi_id)? {
             freed.insert(addr);
         }
@@ -585,50 +687,49 @@ impl Store {
         self.inner.open.lock().remove(&entry.vdi_id);
         freed.extend(old);
         inner.release(&freed.into_iter().collect::<Vec<_>>());
+        let (origin_vdi, origin_snap) = (st.header.origin_vdi, st.header.origin_snapshot);
+        drop(st);
+        if origin_vdi != 0 {
+            inner.remove_clone(origin_vdi, origin_snap);
+            // The origin snapshot lost a clone: if it was deleted (hidden),
+            // it may now be reclaimed.
+            let origin = catalog
+                .entries()
+                .into_iter()
+                .find(|e| e.vdi_id == origin_vdi);
+            if let Some(o) = origin {
+                let o = self.open_entry(&catalog, &o)?;
+                drop(catalog);
+                let mut ost = o.inner.exclusive()?;
+                if ost.snapshots.get(origin_snap).is_some_and(|s| s.hidden) {
+                    o.inner.delete_versions(&mut ost, &[])?;
+                }
+            }
+        }
         Ok(())
     }
 
-    /// Whether any disk was cloned, directly or through other clones, from
-    /// a snapshot of disk `vdi_id`.
-    fn descendants_of(&self, catalog: &Catalog, vdi_id: u64) -> Result<bool> {
-        let mut parent = HashMap::new();
-        for e in catalog.entries() {
-            let (h, _) = self.read_vdi_header(&e)?;
-            parent.insert(e.vdi_id, h.origin_vdi);
-        }
-        for &start in parent.keys() {
-            let mut cur = start;
-            let mut steps = 0;
-            while let Some(&p) = parent.get(&cur) {
-                if p == 0 || steps > parent.len() {
-                    break;
-                }
-                if p == vdi_id {
-                    return Ok(true);
-                }
-                cur = p;
-                steps += 1;
-            }
-            // The walk stopped at `cur`: a disk with no origin, or one that
-            // is no longer in the catalogue. A deleted ancestor may have been
-            // a clone of vdi_id, and its clones may share vdi_id's blocks: be
-            // conservative.
-            if !parent.contains_key(&cur) {
-                return Ok(true);
-            }
-        }
-        Ok(false)
+    /// Names of the disks cloned from snapshots of disk `vdi_id`.
+    pub(crate) fn clone_names(&self, vdi_id: u64) -> Result<Vec<String>> {
+        let catalog = self.inner.catalog.lock();
+        Ok(self.clone_names_in(&catalog, vdi_id))
+    }
+
+    fn clone_names_in(&self, catalog: &Catalog, vdi_id: u64) -> Vec<String> {
+        catalog
+            .entries()
+            .into_iter()
+            .filter(|e| {
+                self.read_vdi_header(e)
+                    .is_ok_and(|(h, _)| h.origin_vdi == vdi_id)
+            })
+            .map(|e| e.name)
+            .collect()
     }
 
     /// A read-only view of `disk@snapshot`.
     pub fn open_snapshot(&self, disk: &str, snapshot: &str) -> Result<SnapshotView> {
-        let vdi = self.open_vdi(disk)?;
-        let info = vdi.snapshot_info(snapshot)?;
-        Ok(SnapshotView::new(
-            self.inner.clone(),
-            disk.to_string(),
-            info,
-        ))
+        self.open_vdi(disk)?.pinned_view(disk, snapshot)
     }
 
     pub(crate) fn open_handles(&self) -> Vec<Arc<VdiInner>> {

@@ -31,7 +31,7 @@ const ROOT_LEVEL: u8 = (TREE_HEIGHT - 1) as u8;
 /// Virtual blocks addressable by one tree: 504^4.
 pub const MAX_VIRTUAL_BLOCKS: u64 = FAN * FAN * FAN * FAN;
 
-fn span(level: u8) -> u64 {
+pub(crate) fn span(level: u8) -> u64 {
     FAN.pow(level as u32)
 }
 
@@ -243,6 +243,30 @@ impl Tree {
     /// Makes the path to `v` dirty and returns the level-0 entry for `v`
     /// with ownership made exact (writable only if this tree owns it).
     pub fn entry_for_write(&mut self, meta: &MetaIo, v: u64) -> Result<Ptr> {
+        self.dirty_path(meta, v, 0)?;
+        Ok(self.dirty[&(0, prefix(v, 0))].entries[index(v, 0)])
+    }
+
+    /// Sets the writable bit of the level-`level` entry covering virtual
+    /// block `v`: this tree now holds its target alone, because the only
+    /// other version that held it was deleted. The path above must already
+    /// be writable (promote top-down); the nodes on it become dirty, and an
+    /// owned node copied on the way is freed after the commit.
+    pub fn promote(&mut self, meta: &MetaIo, level: u8, v: u64) -> Result<()> {
+        self.dirty_path(meta, v, level)?;
+        let node = self
+            .dirty
+            .get_mut(&(level, prefix(v, level)))
+            .ok_or_else(|| Error::Inconsistent("internal: promote on a clean path".into()))?;
+        let e = &mut node.entries[index(v, level)];
+        *e = e.owned();
+        Ok(())
+    }
+
+    /// Makes the nodes from the root down to the level-`down_to` node
+    /// covering `v` dirty (see the module documentation for how a copy
+    /// treats its entries).
+    fn dirty_path(&mut self, meta: &MetaIo, v: u64, down_to: u8) -> Result<()> {
         let mut level = ROOT_LEVEL;
         let mut src = self.root;
         loop {
@@ -269,11 +293,10 @@ impl Tree {
                 };
                 e.insert(node);
             }
-            let entry = self.dirty[&key].entries[index(v, level)];
-            if level == 0 {
-                return Ok(entry);
+            if level == down_to {
+                return Ok(());
             }
-            src = entry;
+            src = self.dirty[&key].entries[index(v, level)];
             level -= 1;
         }
     }

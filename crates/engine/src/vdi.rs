@@ -29,15 +29,17 @@
 //! to reopen the store.
 
 use crate::error::{Error, Result};
+use crate::lineage::{exclusive_blocks, promotions, SnapSet};
 use crate::store::StoreInner;
 use crate::time::{compact_utc, now_ns};
 use crate::tree::{Tree, MAX_VIRTUAL_BLOCKS};
 use parallax_format::{
-    validate_name, LogBlock, LogEntry, LogEntryKind, NodeBlock, Ptr, VdiHeader, BLOCK_SIZE,
-    BLOCK_SIZE_U64, FAN_OUT, LOG_ENTRIES_PER_BLOCK, TREE_HEIGHT,
+    validate_name, LogBlock, LogEntry, LogEntryKind, NodeBlock, Ptr, Schedule, VdiHeader,
+    BLOCK_SIZE, BLOCK_SIZE_U64, FAN_OUT, LOG_ENTRIES_PER_BLOCK, LOG_FLAG_HIDDEN,
+    LOG_FLAG_SCHEDULED, TREE_HEIGHT, VDI_FLAG_LINEAGE,
 };
 use parking_lot::{ArcRwLockReadGuard, Mutex, RawRwLock, RwLock};
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 /// Largest virtual disk: the tree's reach.
@@ -54,7 +56,71 @@ pub struct SnapshotInfo {
     pub name: String,
     pub created_ns: u64,
     pub size_bytes: u64,
+    /// Taken by the disk's schedule (retention may delete it); snapshots
+    /// taken by hand are kept until deleted.
+    pub scheduled: bool,
     pub(crate) root: Ptr,
+    /// The version this one derives from (see `lineage.rs`).
+    pub(crate) parent: u64,
+    /// Deleted by the user but kept: other versions branch from it.
+    pub(crate) hidden: bool,
+}
+
+impl SnapshotInfo {
+    pub(crate) fn from_record(e: &LogEntry) -> Self {
+        SnapshotInfo {
+            id: e.snapshot_id,
+            name: e.name.clone(),
+            created_ns: e.created_ns,
+            size_bytes: e.size_bytes,
+            scheduled: e.flags & LOG_FLAG_SCHEDULED != 0,
+            root: e.root,
+            parent: e.parent,
+            hidden: e.flags & LOG_FLAG_HIDDEN != 0,
+        }
+    }
+
+    /// The Taken record that recreates this snapshot (visible).
+    pub(crate) fn record(&self) -> LogEntry {
+        LogEntry {
+            kind: LogEntryKind::Taken,
+            snapshot_id: self.id,
+            created_ns: self.created_ns,
+            root: self.root,
+            size_bytes: self.size_bytes,
+            name: self.name.clone(),
+            flags: if self.scheduled {
+                LOG_FLAG_SCHEDULED
+            } else {
+                0
+            },
+            parent: self.parent,
+        }
+    }
+}
+
+/// What a snapshot deletion did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DeleteReport {
+    /// Snapshots gone from the listing.
+    pub deleted: u64,
+    /// Of those (and of snapshots hidden earlier), how many are still kept,
+    /// hidden, because clones or other branches derive from them.
+    pub hidden: u64,
+    /// Blocks returned to the free pool.
+    pub freed_blocks: u64,
+}
+
+/// Where a disk's root version comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Origin {
+    /// A disk created empty.
+    None,
+    /// A clone: the root of the snapshot it was made from.
+    Root(Ptr),
+    /// A clone whose origin could not be found (made by an older version
+    /// and orphaned): its versions are not reclaimed, `gc` does it.
+    Unknown,
 }
 
 /// Summary of a disk.
@@ -65,9 +131,12 @@ pub struct VdiInfo {
     pub size_bytes: u64,
     pub created_ns: u64,
     pub snapshot_count: u64,
+    /// Deleted snapshots kept because clones or branches derive from them.
+    pub hidden_snapshots: u64,
     /// `NAME@SNAP` it was cloned from, if any.
     pub origin: Option<String>,
     pub generation: u64,
+    pub schedule: Schedule,
 }
 
 /// A run of blocks with the same allocation status.
@@ -217,7 +286,10 @@ pub(crate) struct VdiState {
     pub next_slot: usize,
     pub tree: Tree,
     pub size: u64,
-    pub snapshots: Vec<SnapshotInfo>,
+    pub snapshots: SnapSet,
+    pub origin: Origin,
+    /// Records in the snapshot log chain (for compaction).
+    pub log_records: u64,
     pub log_block: Option<LogBlock>,
     pub pending_log: Vec<LogEntry>,
     /// Blocks to free once the next commit is durable.
@@ -262,6 +334,13 @@ impl Fresh {
     }
 }
 
+/// A snapshot for [`VdiInner::commit`] to record.
+pub(crate) struct NewSnapshot {
+    pub id: u64,
+    pub name: String,
+    pub scheduled: bool,
+}
+
 /// Above this many fresh entries, the blocking write path folds them into
 /// the tree on its way out, and allocating writes are no longer planned for
 /// io_uring (so that they take the blocking path).
@@ -276,6 +355,9 @@ pub(crate) struct VdiInner {
     /// Always taken after `state` (shared or exclusive), never before.
     pub fresh: Mutex<Fresh>,
     stripes: Vec<Mutex<()>>,
+    /// Snapshot id ─▶ open [`SnapshotView`]s; a pinned snapshot is hidden
+    /// rather than reclaimed when deleted.
+    pins: Mutex<HashMap<u64, u32>>,
 }
 
 /// A handle on a writable disk; clones share the same disk.
@@ -290,6 +372,20 @@ pub struct SnapshotView {
     tree: Tree,
     info: SnapshotInfo,
     disk: String,
+    /// Keeps the snapshot's blocks from being reclaimed while the view lives.
+    pin: Arc<VdiInner>,
+}
+
+impl Drop for SnapshotView {
+    fn drop(&mut self) {
+        let mut pins = self.pin.pins.lock();
+        if let Some(n) = pins.get_mut(&self.info.id) {
+            *n -= 1;
+            if *n == 0 {
+                pins.remove(&self.info.id);
+            }
+        }
+    }
 }
 
 fn check_io_range(size: u64, offset: u64, len: u64) -> Result<()> {
@@ -326,8 +422,9 @@ impl VdiInner {
         header: VdiHeader,
         next_slot: usize,
         name: String,
+        origin: Origin,
     ) -> Result<Self> {
-        let (snapshots, log_block) = load_log(&store, &header)?;
+        let (snapshots, log_block, log_records) = load_log(&store, &header)?;
         Ok(VdiInner {
             id: header.vdi_id,
             header_addrs,
@@ -338,6 +435,8 @@ impl VdiInner {
                 next_slot,
                 header,
                 snapshots,
+                origin,
+                log_records,
                 log_block,
                 pending_log: Vec::new(),
                 pending_free: Vec::new(),
@@ -348,6 +447,7 @@ impl VdiInner {
             store,
             fresh: Mutex::new(Fresh::default()),
             stripes: (0..STRIPES).map(|_| Mutex::new(())).collect(),
+            pins: Mutex::new(HashMap::new()),
         })
     }
 
@@ -481,7 +581,7 @@ impl VdiInner {
         usable
     }
 
-    fn usable(&self, st: &VdiState) -> Result<()> {
+    pub(crate) fn usable(&self, st: &VdiState) -> Result<()> {
         if st.deleted {
             return Err(Error::NotFound(format!("disk {} was deleted", st.name)));
         }
@@ -624,7 +724,7 @@ impl VdiInner {
 
     /// Commits everything in `st` and, if `snapshot` is given, records the
     /// committed tree as a snapshot and gives the disk a fresh shared root.
-    pub fn commit(&self, st: &mut VdiState, snapshot: Option<(u64, String)>) -> Result<()> {
+    pub fn commit(&self, st: &mut VdiState, snapshot: Option<NewSnapshot>) -> Result<()> {
         self.usable(st)?;
         self.fold_fresh(st)?;
         let meta = &self.store.meta;
@@ -635,7 +735,7 @@ impl VdiInner {
         let generation = st.header.generation + 1;
         let mut allocated = Vec::new();
         let prepared = self.prepare_commit(st, snapshot, generation, &mut allocated);
-        let (header, freed, new_snapshot, new_log_block) = match prepared {
+        let (header, freed, new_snapshot, new_log) = match prepared {
             Ok(p) => p,
             Err(e) => {
                 let mut alloc = self.store.alloc.lock();
@@ -662,10 +762,11 @@ impl VdiInner {
         st.header_dirty = false;
         st.pending_log.clear();
         if let Some(s) = new_snapshot {
-            st.snapshots.push(s);
+            st.snapshots.insert(s);
         }
-        if new_log_block.is_some() {
-            st.log_block = new_log_block;
+        if let Some((block, records)) = new_log {
+            st.log_block = Some(block);
+            st.log_records = records;
         }
         let mut to_free = freed;
         to_free.append(&mut st.pending_free);
@@ -677,10 +778,15 @@ impl VdiInner {
     fn prepare_commit(
         &self,
         st: &mut VdiState,
-        snapshot: Option<(u64, String)>,
+        snapshot: Option<NewSnapshot>,
         generation: u64,
         allocated: &mut Vec<u64>,
-    ) -> Result<(VdiHeader, Vec<u64>, Option<SnapshotInfo>, Option<LogBlock>)> {
+    ) -> Result<(
+        VdiHeader,
+        Vec<u64>,
+        Option<SnapshotInfo>,
+        Option<(LogBlock, u64)>,
+    )> {
         let store = &self.store;
         let meta = &store.meta;
         let mut allocate = || store.alloc.lock().allocate(0);
@@ -698,23 +804,26 @@ impl VdiInner {
         let mut root = plan.root;
         let mut log_entries = st.pending_log.clone();
         let mut new_snapshot = None;
-        if let Some((id, name)) = snapshot {
-            let created_ns = now_ns();
-            log_entries.push(LogEntry {
-                kind: LogEntryKind::Taken,
-                snapshot_id: id,
-                created_ns,
-                root,
-                size_bytes: st.size,
-                name: name.clone(),
-            });
-            new_snapshot = Some(SnapshotInfo {
+        let mut live_parent = st.header.live_parent;
+        if let Some(NewSnapshot {
+            id,
+            name,
+            scheduled,
+        }) = snapshot
+        {
+            let info = SnapshotInfo {
                 id,
                 name,
-                created_ns,
+                created_ns: now_ns(),
                 size_bytes: st.size,
+                scheduled,
                 root,
-            });
+                parent: live_parent,
+                hidden: false,
+            };
+            log_entries.push(info.record());
+            live_parent = id;
+            new_snapshot = Some(info);
             // The committed root now belongs to the snapshot; the disk gets
             // a copy whose pointers are all shared.
             let node = meta.load_node(root, (TREE_HEIGHT - 1) as u8)?;
@@ -733,8 +842,32 @@ impl VdiInner {
         header.generation = generation;
         header.root = root;
         header.size_bytes = st.size;
-        let mut new_log_block = None;
-        if !log_entries.is_empty() {
+        header.live_parent = live_parent;
+        let mut new_log = None;
+        let kept = st.snapshots.len() as u64 + u64::from(new_snapshot.is_some());
+        if !log_entries.is_empty() && st.log_records + log_entries.len() as u64 > 2 * kept + 96 {
+            // Compaction: most records are history. Rewrite the log as one
+            // Taken record per kept snapshot and free the old chain. Cost
+            // grows with the snapshots kept, and it happens only after at
+            // least as many records were appended since the last time.
+            let mut records = st.snapshots.records();
+            records.extend(new_snapshot.as_ref().map(SnapshotInfo::record));
+            let (head, block) = write_log_chain(
+                self,
+                Ptr::NULL,
+                None,
+                &records,
+                generation,
+                &mut allocate,
+                allocated,
+                &mut blocks,
+            )?;
+            for (addr, _) in read_log_chain(store, st.header.log_head, self.id)? {
+                freed.push(addr);
+            }
+            header.log_head = head;
+            new_log = Some((block, records.len() as u64));
+        } else if !log_entries.is_empty() {
             let (head, block, mut log_freed) = write_log(
                 self,
                 st,
@@ -745,16 +878,197 @@ impl VdiInner {
                 &mut blocks,
             )?;
             header.log_head = head;
-            new_log_block = Some(block);
+            new_log = Some((block, st.log_records + log_entries.len() as u64));
             freed.append(&mut log_freed);
         }
-        header.snapshot_count = st.snapshots.len() as u64 + u64::from(new_snapshot.is_some());
+        header.snapshot_count =
+            st.snapshots.visible_len() as u64 + u64::from(new_snapshot.is_some());
         header.next_snapshot_id = header
             .next_snapshot_id
             .max(new_snapshot.as_ref().map_or(0, |s| s.id + 1));
         meta.write_many(blocks, "tree nodes and snapshot log blocks")?;
         store.sync_bitmaps()?;
-        Ok((header, freed, new_snapshot, new_log_block))
+        Ok((header, freed, new_snapshot, new_log))
+    }
+
+    /// Whether this disk's deleted versions are reclaimed at once (see
+    /// `lineage.rs`). Disks written before lineage was recorded, and clones
+    /// whose origin is gone, leave them to `gc`.
+    pub(crate) fn reclaims(&self, st: &VdiState) -> bool {
+        st.header.flags & VDI_FLAG_LINEAGE != 0 && st.origin != Origin::Unknown
+    }
+
+    /// The root of the snapshot this disk was cloned from; null if none.
+    pub(crate) fn origin_root(&self, st: &VdiState) -> Ptr {
+        match st.origin {
+            Origin::Root(r) => r,
+            Origin::None | Origin::Unknown => Ptr::NULL,
+        }
+    }
+
+    /// The root of the version `parent` (a snapshot id, or 0 for the
+    /// disk's origin); null when there is none.
+    fn version_root(&self, st: &VdiState, parent: u64) -> Result<Ptr> {
+        if parent == 0 {
+            return Ok(self.origin_root(st));
+        }
+        st.snapshots.get(parent).map(|p| p.root).ok_or_else(|| {
+            Error::Inconsistent(format!(
+                "disk {}: snapshot parent id {parent} is missing",
+                st.name
+            ))
+        })
+    }
+
+    /// Hides the (visible) snapshots `ids`, reclaims every hidden version
+    /// that nothing derives from any more (at most one child version, no
+    /// clone, no open view), and commits. The live tree is committed first
+    /// so that the walks see it exactly.
+    pub(crate) fn delete_versions(&self, st: &mut VdiState, ids: &[u64]) -> Result<DeleteReport> {
+        if st.has_pending() {
+            self.commit(st, None)?;
+        }
+        let saved_parent = st.header.live_parent;
+        let mut report = DeleteReport {
+            deleted: ids.len() as u64,
+            ..DeleteReport::default()
+        };
+        let result = self.plan_deletion(st, ids, &mut report);
+        let result = result.and_then(|()| self.commit(st, None));
+        if let Err(e) = result {
+            if !st.poisoned {
+                // Back to the durable state: nothing above was committed.
+                match load_log(&self.store, &st.header) {
+                    Ok((snaps, _, _)) => st.snapshots = snaps,
+                    Err(_) => st.poisoned = true,
+                }
+                st.pending_log.clear();
+                st.pending_free.clear();
+                st.tree = Tree::open(st.header.root);
+                st.header.live_parent = saved_parent;
+            }
+            return Err(e);
+        }
+        report.hidden = (st.snapshots.len() - st.snapshots.visible_len()) as u64;
+        Ok(report)
+    }
+
+    /// The in-memory half of [`VdiInner::delete_versions`]: records, blocks
+    /// to free after the commit, promotions in the live tree.
+    fn plan_deletion(
+        &self,
+        st: &mut VdiState,
+        ids: &[u64],
+        report: &mut DeleteReport,
+    ) -> Result<()> {
+        let now = now_ns();
+        if !self.reclaims(st) {
+            for &id in ids {
+                st.snapshots.remove(id);
+                st.pending_log
+                    .push(LogEntry::removal(LogEntryKind::Deleted, id, now));
+            }
+            return Ok(());
+        }
+        let meta = &self.store.meta;
+        let root_level = (TREE_HEIGHT - 1) as u8;
+        for &id in ids {
+            st.snapshots.hide(id);
+        }
+        let mut candidates = st.snapshots.hidden_ids();
+        let mut deleted = Vec::new();
+        let mut freed = Vec::new();
+        while let Some(v) = candidates.pop() {
+            let Some(s) = st.snapshots.get(v).cloned() else {
+                continue;
+            };
+            let kids = st.snapshots.children(v);
+            let live_kid = st.header.live_parent == v;
+            // A clone's versions are not walked from here: a snapshot with
+            // clones stays hidden until they are deleted.
+            let uses = kids.len() + usize::from(live_kid);
+            if !s.hidden
+                || uses > 1
+                || self.store.clone_count(self.id, v) > 0
+                || self.pins.lock().contains_key(&v)
+            {
+                continue;
+            }
+            let parent_root = self.version_root(st, s.parent)?;
+            let child_root = match kids.first() {
+                Some(&k) => self.version_root(st, k)?,
+                None if live_kid => st.tree.root(),
+                None => Ptr::NULL,
+            };
+            exclusive_blocks(
+                meta,
+                root_level,
+                s.root,
+                &[parent_root, child_root],
+                &mut |addr, _| freed.push(addr),
+            )?;
+            if live_kid {
+                let mut promos = Vec::new();
+                promotions(
+                    meta,
+                    root_level,
+                    0,
+                    st.tree.root(),
+                    s.root,
+                    parent_root,
+                    &mut promos,
+                )?;
+                for (level, vb) in promos {
+                    st.tree.promote(meta, level, vb)?;
+                }
+                st.header.live_parent = s.parent;
+                st.header_dirty = true;
+            }
+            st.snapshots.remove(v);
+            deleted.push(v);
+            if st.snapshots.get(s.parent).is_some_and(|p| p.hidden) {
+                candidates.push(s.parent);
+            }
+        }
+        for &id in ids.iter().filter(|id| !deleted.contains(id)) {
+            st.pending_log
+                .push(LogEntry::removal(LogEntryKind::Hidden, id, now));
+        }
+        for id in deleted {
+            st.pending_log
+                .push(LogEntry::removal(LogEntryKind::Deleted, id, now));
+        }
+        freed.sort_unstable();
+        freed.dedup();
+        report.freed_blocks = freed.len() as u64;
+        st.pending_free.extend(freed);
+        Ok(())
+    }
+
+    /// Every block that deleting this disk frees: all it holds that its
+    /// origin does not (clones of it are refused before this is asked).
+    pub(crate) fn disk_blocks(&self, st: &VdiState) -> Result<Vec<u64>> {
+        let meta = &self.store.meta;
+        let root_level = (TREE_HEIGHT - 1) as u8;
+        let mut out: HashSet<u64> = self.live_owned_blocks(st)?.into_iter().collect();
+        if !self.reclaims(st) {
+            // Without lineage only the writable closures are known to be
+            // exclusive; the rest is left to `gc`.
+            for s in st.snapshots.all() {
+                collect_owned(meta, s.root, root_level, &mut out)?;
+            }
+            return Ok(out.into_iter().collect());
+        }
+        let mut add = |addr: u64, _| {
+            out.insert(addr);
+        };
+        let live_parent = self.version_root(st, st.header.live_parent)?;
+        exclusive_blocks(meta, root_level, st.tree.root(), &[live_parent], &mut add)?;
+        for s in st.snapshots.all() {
+            let parent = self.version_root(st, s.parent)?;
+            exclusive_blocks(meta, root_level, s.root, &[parent], &mut add)?;
+        }
+        Ok(out.into_iter().collect())
     }
 
     /// Every block that only this disk's live tree references: the blocks
@@ -803,19 +1117,39 @@ fn write_log(
     allocated: &mut Vec<u64>,
     out: &mut Vec<(u64, Box<parallax_format::Block>)>,
 ) -> Result<(Ptr, LogBlock, Vec<u64>)> {
-    let meta = &vdi.store.meta;
-    let mut freed = Vec::new();
     let head = st.header.log_head;
-    let mut cur = match &st.log_block {
+    let mut freed = Vec::new();
+    let start = match &st.log_block {
         Some(b) if b.entries.len() < LOG_ENTRIES_PER_BLOCK => {
             freed.push(head.addr());
-            b.clone()
+            Some(b.clone())
         }
-        _ => LogBlock {
-            prev: head,
-            entries: Vec::new(),
-        },
+        _ => None,
     };
+    let (p, block) = write_log_chain(
+        vdi, head, start, entries, generation, allocate, allocated, out,
+    )?;
+    Ok((p, block, freed))
+}
+
+/// Writes `entries` as new log blocks after `prev`, starting from the
+/// content `start` (a copy of the old head) if given. Returns the new head.
+#[allow(clippy::too_many_arguments)]
+fn write_log_chain(
+    vdi: &VdiInner,
+    prev: Ptr,
+    start: Option<LogBlock>,
+    entries: &[LogEntry],
+    generation: u64,
+    allocate: &mut dyn FnMut() -> Result<u64>,
+    allocated: &mut Vec<u64>,
+    out: &mut Vec<(u64, Box<parallax_format::Block>)>,
+) -> Result<(Ptr, LogBlock)> {
+    let meta = &vdi.store.meta;
+    let mut cur = start.unwrap_or(LogBlock {
+        prev,
+        entries: Vec::new(),
+    });
     let mut write = |block: &LogBlock| -> Result<Ptr> {
         let addr = allocate()?;
         allocated.push(addr);
@@ -834,7 +1168,7 @@ fn write_log(
         cur.entries.push(e.clone());
     }
     let p = write(&cur)?;
-    Ok((p, cur, freed))
+    Ok((p, cur))
 }
 
 /// Reads the whole snapshot log of a disk, oldest record first.
@@ -876,27 +1210,17 @@ pub(crate) fn read_log_chain(
     Ok(blocks)
 }
 
-fn load_log(
-    store: &StoreInner,
-    header: &VdiHeader,
-) -> Result<(Vec<SnapshotInfo>, Option<LogBlock>)> {
+fn load_log(store: &StoreInner, header: &VdiHeader) -> Result<(SnapSet, Option<LogBlock>, u64)> {
     let blocks = read_log_chain(store, header.log_head, header.vdi_id)?;
-    let mut snaps: Vec<SnapshotInfo> = Vec::new();
+    let mut snaps = SnapSet::default();
+    let mut records = 0;
     for (_, b) in &blocks {
         for e in &b.entries {
-            match e.kind {
-                LogEntryKind::Taken => snaps.push(SnapshotInfo {
-                    id: e.snapshot_id,
-                    name: e.name.clone(),
-                    created_ns: e.created_ns,
-                    size_bytes: e.size_bytes,
-                    root: e.root,
-                }),
-                LogEntryKind::Deleted => snaps.retain(|s| s.id != e.snapshot_id),
-            }
+            snaps.apply(e);
+            records += 1;
         }
     }
-    Ok((snaps, blocks.last().map(|(_, b)| b.clone())))
+    Ok((snaps, blocks.last().map(|(_, b)| b.clone()), records))
 }
 
 impl Vdi {
@@ -920,9 +1244,11 @@ impl Vdi {
             name: st.name.clone(),
             size_bytes: st.size,
             created_ns: st.header.created_ns,
-            snapshot_count: st.snapshots.len() as u64,
+            snapshot_count: st.snapshots.visible_len() as u64,
+            hidden_snapshots: (st.snapshots.len() - st.snapshots.visible_len()) as u64,
             origin: (!st.header.origin.is_empty()).then(|| st.header.origin.clone()),
             generation: st.header.generation,
+            schedule: st.header.schedule,
         }
     }
 
@@ -1148,6 +1474,37 @@ impl Vdi {
     /// Takes a snapshot (O(1)): commits, then records the committed root.
     /// `name: None` names it by the current UTC time. Durable on return.
     pub fn snapshot(&self, name: Option<&str>) -> Result<SnapshotInfo> {
+        self.take_snapshot(name, false)
+    }
+
+    /// One tick of the disk's schedule: takes a snapshot marked as taken
+    /// by the schedule, then deletes the scheduled snapshots that the
+    /// retention rules no longer keep (see [`crate::retention`]).
+    pub fn schedule_tick(&self) -> Result<(SnapshotInfo, DeleteReport)> {
+        let snap = self.take_snapshot(None, true)?;
+        let report = self.apply_retention()?;
+        Ok((snap, report))
+    }
+
+    /// Deletes the scheduled snapshots the retention rules do not keep.
+    pub fn apply_retention(&self) -> Result<DeleteReport> {
+        let inner = &*self.inner;
+        let mut st = inner.exclusive()?;
+        inner.usable(&st)?;
+        let scheduled: Vec<(u64, u64)> = st
+            .snapshots
+            .visible()
+            .filter(|s| s.scheduled)
+            .map(|s| (s.id, s.created_ns))
+            .collect();
+        let expired = crate::retention::expired(&st.header.schedule, &scheduled);
+        if expired.is_empty() {
+            return Ok(DeleteReport::default());
+        }
+        inner.delete_versions(&mut st, &expired)
+    }
+
+    fn take_snapshot(&self, name: Option<&str>, scheduled: bool) -> Result<SnapshotInfo> {
         let mut st = self.inner.exclusive()?;
         self.inner.usable(&st)?;
         let id = st.header.next_snapshot_id;
@@ -1158,87 +1515,147 @@ impl Vdi {
             }
             None => format!("{}-{id}", compact_utc(now_ns())),
         };
-        if st.snapshots.iter().any(|s| s.name == name) {
+        if st.snapshots.by_name(&name).is_some() {
             return Err(Error::AlreadyExists(format!(
                 "snapshot {}@{name} already exists",
                 st.name
             )));
         }
-        self.inner.commit(&mut st, Some((id, name)))?;
+        self.inner.commit(
+            &mut st,
+            Some(NewSnapshot {
+                id,
+                name,
+                scheduled,
+            }),
+        )?;
         st.snapshots
-            .last()
+            .get(id)
             .cloned()
             .ok_or_else(|| Error::Inconsistent("snapshot vanished after commit".into()))
     }
 
     /// Snapshots alive, oldest first.
     pub fn snapshots(&self) -> Vec<SnapshotInfo> {
-        self.inner.state.read().snapshots.clone()
+        self.inner
+            .state
+            .read()
+            .snapshots
+            .visible()
+            .cloned()
+            .collect()
     }
 
     pub fn snapshot_info(&self, name: &str) -> Result<SnapshotInfo> {
         let st = self.inner.state.read();
         st.snapshots
-            .iter()
-            .find(|s| s.name == name)
+            .by_name(name)
             .cloned()
             .ok_or_else(|| Error::NotFound(format!("snapshot {}@{name} does not exist", st.name)))
     }
 
-    /// Deletes a snapshot. Its name disappears at once; clones made from it
-    /// keep working because they reference its blocks themselves. Its
-    /// blocks are not returned to the free pool here: `gc` reclaims those no
-    /// longer reachable from any disk or snapshot.
-    pub fn delete_snapshot(&self, name: &str) -> Result<()> {
+    /// A view of snapshot `name` whose blocks stay while it lives.
+    pub(crate) fn pinned_view(&self, disk: &str, name: &str) -> Result<SnapshotView> {
+        let st = self.inner.state.read();
+        let info = st
+            .snapshots
+            .by_name(name)
+            .cloned()
+            .ok_or_else(|| Error::NotFound(format!("snapshot {disk}@{name} does not exist")))?;
+        *self.inner.pins.lock().entry(info.id).or_insert(0) += 1;
+        Ok(SnapshotView {
+            store: self.inner.store.clone(),
+            tree: Tree::open(info.root),
+            info,
+            disk: disk.to_string(),
+            pin: self.inner.clone(),
+        })
+    }
+
+    /// Sets (or, with `every_ns` 0, removes) the disk's snapshot schedule.
+    /// Durable on return.
+    pub fn set_schedule(&self, schedule: Schedule) -> Result<()> {
         let mut st = self.inner.exclusive()?;
         self.inner.usable(&st)?;
-        let Some(pos) = st.snapshots.iter().position(|s| s.name == name) else {
-            return Err(Error::NotFound(format!(
-                "snapshot {}@{name} does not exist",
-                st.name
-            )));
-        };
-        let snap = st.snapshots.remove(pos);
-        st.pending_log.push(LogEntry {
-            kind: LogEntryKind::Deleted,
-            snapshot_id: snap.id,
-            created_ns: now_ns(),
-            root: Ptr::NULL,
-            size_bytes: 0,
-            name: String::new(),
-        });
+        let old = st.header.schedule;
+        st.header.schedule = schedule;
+        st.header_dirty = true;
         let result = self.inner.commit(&mut st, None);
         if result.is_err() && !st.poisoned {
-            st.pending_log.pop();
-            st.snapshots.insert(pos, snap);
+            st.header.schedule = old;
         }
         result
     }
 
+    pub fn schedule(&self) -> Schedule {
+        self.inner.state.read().header.schedule
+    }
+
+    /// Deletes a snapshot by name: see [`Vdi::delete_snapshot_ids`].
+    pub fn delete_snapshot(&self, name: &str) -> Result<DeleteReport> {
+        let id = self.snapshot_info(name)?.id;
+        self.delete_snapshot_ids(&[id])
+    }
+
+    /// Deletes snapshots (any of them, in any order) in one commit. Their
+    /// names disappear at once. The blocks that only a deleted snapshot
+    /// held return to the free pool once the commit is durable; a snapshot
+    /// that clones or a rollback's branch derive from, or that an open
+    /// view reads, is hidden instead and reclaimed when they are gone.
+    /// Durable on return.
+    pub fn delete_snapshot_ids(&self, ids: &[u64]) -> Result<DeleteReport> {
+        let inner = &*self.inner;
+        let mut st = inner.exclusive()?;
+        inner.usable(&st)?;
+        for id in ids {
+            if st.snapshots.get(*id).is_none_or(|s| s.hidden) {
+                return Err(Error::NotFound(format!(
+                    "snapshot id {id} of disk {} does not exist",
+                    st.name
+                )));
+            }
+        }
+        inner.delete_versions(&mut st, ids)
+    }
+
     /// Rolls the disk back to a snapshot: its content becomes the
     /// snapshot's, and the blocks only the current content used are freed.
-    /// Durable on return. The snapshot itself stays.
+    /// Durable on return. The snapshot itself stays; the snapshots taken
+    /// after it stay too (the disk now continues on a new branch).
     pub fn rollback(&self, name: &str) -> Result<()> {
         let snap = self.snapshot_info(name)?;
         let inner = &*self.inner;
         let mut st = inner.exclusive()?;
         inner.usable(&st)?;
+        if st.snapshots.get(snap.id).is_none_or(|s| s.hidden) {
+            return Err(Error::NotFound(format!(
+                "snapshot {}@{name} does not exist",
+                st.name
+            )));
+        }
         let owned = inner.live_owned_blocks(&st)?;
         let old = std::mem::replace(
             &mut st.tree,
             Tree::shared_copy(&inner.store.meta, snap.root)?,
         );
         let old_size = st.size;
+        let old_parent = st.header.live_parent;
         let old_free = std::mem::replace(&mut st.pending_free, owned);
         st.size = snap.size_bytes;
+        st.header.live_parent = snap.id;
         st.header_dirty = true;
         if let Err(e) = inner.commit(&mut st, None) {
             if !st.poisoned {
                 st.tree = old;
                 st.size = old_size;
+                st.header.live_parent = old_parent;
                 st.pending_free = old_free;
             }
             return Err(e);
+        }
+        // The old branch's last snapshot lost a child: it may be reclaimable.
+        if st.snapshots.get(old_parent).is_some_and(|s| s.hidden) {
+            inner.delete_versions(&mut st, &[])?;
         }
         Ok(())
     }
@@ -1395,15 +1812,6 @@ fn count_mapped(store: &StoreInner, tree: &Tree) -> Result<u64> {
 }
 
 impl SnapshotView {
-    pub(crate) fn new(store: Arc<StoreInner>, disk: String, info: SnapshotInfo) -> Self {
-        SnapshotView {
-            store,
-            tree: Tree::open(info.root),
-            info,
-            disk,
-        }
-    }
-
     pub fn info(&self) -> &SnapshotInfo {
         &self.info
     }

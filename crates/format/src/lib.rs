@@ -33,12 +33,14 @@ pub use header::{Kind, MetaHeader, MAGIC};
 pub fn block_crc_for_fuzzing(block: &[u8]) -> u32 {
     header::block_crc(block)
 }
-pub use log::{LogBlock, LogEntry, LogEntryKind, LOG_ENTRIES_PER_BLOCK};
+pub use log::{
+    LogBlock, LogEntry, LogEntryKind, LOG_ENTRIES_PER_BLOCK, LOG_FLAG_HIDDEN, LOG_FLAG_SCHEDULED,
+};
 pub use node::{NodeBlock, FAN_OUT, TREE_HEIGHT};
 pub use ptr::Ptr;
 pub use registry::{RegistryBlock, RegistryEntry, REGISTRY_ENTRIES_PER_BLOCK};
 pub use superblock::{Superblock, SUPERBLOCK_ADDRS, SUPERBLOCK_REGISTRY_SLOTS};
-pub use vdi::VdiHeader;
+pub use vdi::{Schedule, VdiHeader, VDI_FLAG_LINEAGE};
 
 /// Size of every block, data or metadata.
 pub const BLOCK_SIZE: usize = 4096;

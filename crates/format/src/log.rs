@@ -2,7 +2,8 @@
 //!
 //! The log is a chain of blocks from newest to oldest (`prev`), headed by
 //! the VDI header's `log_head`. It is append-only: taking a snapshot appends
-//! a `Taken` record, deleting one appends a `Deleted` record naming its id.
+//! a `Taken` record, deleting one appends a `Deleted` record naming its id
+//! (or a `Hidden` record when other versions still need its tree).
 //! Appending copies the head block to a new location (copy-on-write) or
 //! starts a new head when it is full; older blocks never change.
 //!
@@ -13,8 +14,9 @@
 //!        76 52 reserved
 //!       128 records[24] of 160 bytes (3840 bytes; the last 128 bytes of the block are 0)
 //! record: offset size field
-//!              0    1 kind        1 = Taken, 2 = Deleted
-//!              1    3 reserved
+//!              0    1 kind        1 = Taken, 2 = Deleted, 3 = Hidden
+//!              1    1 flags       Taken: bit 0 = taken by the schedule, bit 1 = hidden
+//!              2    2 reserved
 //!              4    2 name_len
 //!              6    2 reserved
 //!              8    8 snapshot_id
@@ -22,7 +24,8 @@
 //!             24    8 root        Ptr to the snapshot's root node (Taken), null (Deleted)
 //!             32    8 size_bytes  virtual size of the disk when taken (Taken)
 //!             40   96 name        UTF-8 (Taken)
-//!            136   24 reserved
+//!            136    8 parent      Taken: id of the version it derives from, 0 = the disk's origin
+//!            144   16 reserved
 //! ```
 
 use crate::bytes::*;
@@ -36,8 +39,17 @@ const RECORD_LEN: usize = 160;
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub enum LogEntryKind {
     Taken = 1,
+    /// The snapshot is gone and its tree with it.
     Deleted = 2,
+    /// The snapshot is gone from the listing, but its tree stays: other
+    /// versions branch from it (clones, or a rollback's new branch).
+    Hidden = 3,
 }
+
+/// Taken record flag: the snapshot was taken by the disk's schedule.
+pub const LOG_FLAG_SCHEDULED: u8 = 1;
+/// Taken record flag: the snapshot is hidden (written by log compaction).
+pub const LOG_FLAG_HIDDEN: u8 = 2;
 
 /// One log record.
 #[derive(Clone, PartialEq, Eq, Debug)]
@@ -48,6 +60,27 @@ pub struct LogEntry {
     pub root: Ptr,
     pub size_bytes: u64,
     pub name: String,
+    /// Taken: `LOG_FLAG_*` bits.
+    pub flags: u8,
+    /// Taken: the snapshot id of the version this one derives from, 0 for
+    /// the disk's origin (nothing, or the snapshot it was cloned from).
+    pub parent: u64,
+}
+
+impl LogEntry {
+    /// A record of kind `kind` (Deleted or Hidden) for `snapshot_id`.
+    pub fn removal(kind: LogEntryKind, snapshot_id: u64, at_ns: u64) -> Self {
+        LogEntry {
+            kind,
+            snapshot_id,
+            created_ns: at_ns,
+            root: Ptr::NULL,
+            size_bytes: 0,
+            name: String::new(),
+            flags: 0,
+            parent: 0,
+        }
+    }
 }
 
 /// A decoded log block.
@@ -72,6 +105,8 @@ impl LogBlock {
         for (i, e) in self.entries.iter().take(n).enumerate() {
             let o = RECORDS_OFF + i * RECORD_LEN;
             b[o] = e.kind as u8;
+            b[o + 1] = e.flags;
+            put_u64(&mut b[..], o + 136, e.parent);
             put_u64(&mut b[..], o + 8, e.snapshot_id);
             put_u64(&mut b[..], o + 16, e.created_ns);
             put_u64(&mut b[..], o + 24, e.root.0);
@@ -110,6 +145,7 @@ impl LogBlock {
             let kind = match block[o] {
                 1 => LogEntryKind::Taken,
                 2 => LogEntryKind::Deleted,
+                3 => LogEntryKind::Hidden,
                 k => {
                     return Err(FormatError::field(
                         addr,
@@ -124,13 +160,17 @@ impl LogBlock {
                 root: Ptr(get_u64(block, o + 24)),
                 size_bytes: get_u64(block, o + 32),
                 name: get_name(block, o + 4, o + 40, MAX_NAME_LEN, addr)?,
+                flags: block[o + 1],
+                parent: get_u64(block, o + 136),
             };
             let ok = e.snapshot_id != 0
                 && e.size_bytes.is_multiple_of(crate::BLOCK_SIZE_U64)
                 && e.root.is_valid()
                 && match kind {
                     LogEntryKind::Taken => !e.root.is_null() && !e.name.is_empty(),
-                    LogEntryKind::Deleted => e.root.is_null(),
+                    LogEntryKind::Deleted | LogEntryKind::Hidden => {
+                        e.root.is_null() && e.flags == 0 && e.parent == 0
+                    }
                 };
             if !ok {
                 return Err(FormatError::field(
@@ -160,15 +200,11 @@ mod tests {
                     root: Ptr::meta(9, 3, true),
                     size_bytes: 1 << 20,
                     name: "s1".into(),
+                    flags: LOG_FLAG_SCHEDULED,
+                    parent: 7,
                 },
-                LogEntry {
-                    kind: LogEntryKind::Deleted,
-                    snapshot_id: 1,
-                    created_ns: 4,
-                    root: Ptr::NULL,
-                    size_bytes: 0,
-                    name: String::new(),
-                },
+                LogEntry::removal(LogEntryKind::Hidden, 1, 4),
+                LogEntry::removal(LogEntryKind::Deleted, 1, 5),
             ],
         };
         let (b, crc) = l.encode(1, 40, 2, 3);

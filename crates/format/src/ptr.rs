@@ -81,6 +81,14 @@ impl Ptr {
     pub fn shared(self) -> Ptr {
         Ptr(self.0 & !WRITABLE)
     }
+    /// The same pointer with the writable bit set (owned); null stays null.
+    pub fn owned(self) -> Ptr {
+        if self.is_null() {
+            self
+        } else {
+            Ptr(self.0 | WRITABLE)
+        }
+    }
     /// Well-formed: null, or a non-zero address (no bits outside the fields
     /// are possible, so only the address needs checking).
     pub fn is_valid(self) -> bool {

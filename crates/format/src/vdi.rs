@@ -21,12 +21,40 @@
 //!    130    6 reserved
 //!    232    2 origin_len        240 193 origin "NAME@SNAP" as at clone time
 //!    234    6 reserved
+//!    440    8 flags             bit 0 = LINEAGE: log records carry parent ids
+//!    448    8 live_parent       snapshot id the live tree derives from, 0 = origin
+//!    456    8 every_ns          snapshot schedule interval, 0 = no schedule
+//!    464    4 keep_last         retention of scheduled snapshots (0 = rule off)
+//!    468    4 keep_minutely
+//!    472    4 keep_hourly
+//!    476    4 keep_daily
+//!    480    4 keep_monthly
+//!    484 3612 reserved
 //! ```
 
 use crate::bytes::*;
 use crate::{zeroed_block, Block, FormatError, Kind, MetaHeader, Ptr, MAX_NAME_LEN};
 
 const ORIGIN_CAP: usize = 2 * MAX_NAME_LEN + 1;
+
+/// Header flag: the disk's log records carry parent ids and `live_parent`
+/// is meaningful (every disk created by this version).
+pub const VDI_FLAG_LINEAGE: u64 = 1;
+
+/// A disk's snapshot schedule and the retention of what it takes.
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Default)]
+pub struct Schedule {
+    /// Interval between snapshots in ns; 0 = no schedule.
+    pub every_ns: u64,
+    /// Keep the newest N scheduled snapshots.
+    pub keep_last: u32,
+    /// Keep the newest scheduled snapshot of each of the last N minutes.
+    pub keep_minutely: u32,
+    pub keep_hourly: u32,
+    pub keep_daily: u32,
+    /// Months of 30 days.
+    pub keep_monthly: u32,
+}
 
 /// A decoded VDI header.
 #[derive(Clone, PartialEq, Eq, Debug)]
@@ -43,6 +71,10 @@ pub struct VdiHeader {
     pub origin_snapshot: u64,
     pub name: String,
     pub origin: String,
+    /// `VDI_FLAG_*` bits.
+    pub flags: u64,
+    pub live_parent: u64,
+    pub schedule: Schedule,
 }
 
 impl VdiHeader {
@@ -58,6 +90,14 @@ impl VdiHeader {
         put_u64(&mut b[..], 120, self.origin_snapshot);
         put_name(&mut b[..], 128, 136, MAX_NAME_LEN, &self.name);
         put_name(&mut b[..], 232, 240, ORIGIN_CAP, &self.origin);
+        put_u64(&mut b[..], 440, self.flags);
+        put_u64(&mut b[..], 448, self.live_parent);
+        put_u64(&mut b[..], 456, self.schedule.every_ns);
+        put_u32(&mut b[..], 464, self.schedule.keep_last);
+        put_u32(&mut b[..], 468, self.schedule.keep_minutely);
+        put_u32(&mut b[..], 472, self.schedule.keep_hourly);
+        put_u32(&mut b[..], 476, self.schedule.keep_daily);
+        put_u32(&mut b[..], 480, self.schedule.keep_monthly);
         let crc = MetaHeader {
             kind: Kind::VdiHeader,
             level: 0,
@@ -85,6 +125,16 @@ impl VdiHeader {
             origin_snapshot: get_u64(block, 120),
             name: get_name(block, 128, 136, MAX_NAME_LEN, addr)?,
             origin: get_name(block, 232, 240, ORIGIN_CAP, addr)?,
+            flags: get_u64(block, 440),
+            live_parent: get_u64(block, 448),
+            schedule: Schedule {
+                every_ns: get_u64(block, 456),
+                keep_last: get_u32(block, 464),
+                keep_minutely: get_u32(block, 468),
+                keep_hourly: get_u32(block, 472),
+                keep_daily: get_u32(block, 476),
+                keep_monthly: get_u32(block, 480),
+            },
         };
         if !v.size_bytes.is_multiple_of(crate::BLOCK_SIZE_U64) {
             return Err(FormatError::field(
@@ -124,6 +174,16 @@ mod tests {
             origin_snapshot: 2,
             name: "vm1".into(),
             origin: format!("{}@{}", "a".repeat(96), "b".repeat(96)),
+            flags: VDI_FLAG_LINEAGE,
+            live_parent: 5,
+            schedule: Schedule {
+                every_ns: 10_000_000,
+                keep_last: 1000,
+                keep_minutely: 60,
+                keep_hourly: 24,
+                keep_daily: 30,
+                keep_monthly: 12,
+            },
         };
         let (b, _) = v.encode(8, 50);
         assert_eq!(VdiHeader::decode(&b[..], 50, Some(8)).unwrap(), v);

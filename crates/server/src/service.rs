@@ -286,7 +286,10 @@ impl Api for Service {
 
     fn delete_snapshot(&self, disk: &str, snapshot: &str) -> ApiResult<()> {
         self.refuse_if_connected(disk, Some(snapshot))?;
-        self.change(|_| Ok(self.open(disk)?.delete_snapshot(snapshot)?))
+        self.change(|_| {
+            self.open(disk)?.delete_snapshot(snapshot)?;
+            Ok(())
+        })
     }
 
     fn import(&self, file: &Path, name: &str, size: Option<u64>) -> ApiResult<DiskInfo> {

@@ -336,7 +336,11 @@ impl Runner {
                 let Some(name) = pick(&names, disk) else {
                     return Ok(());
                 };
-                self.store.delete_vdi(&name)?;
+                match self.store.delete_vdi(&name) {
+                    // Refused while clones of it exist: nothing changed.
+                    Err(Error::Busy(_)) => return Ok(()),
+                    r => r?,
+                }
                 self.handles.remove(&name);
                 self.model.disks.remove(&name);
             }

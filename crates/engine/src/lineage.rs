@@ -1,0 +1,244 @@
+//! The versions of a disk and what each holds alone.
+//!
+//! Every snapshot records its *parent*: the version it derives from (the
+//! disk's previous snapshot, the snapshot a rollback went back to, or 0 for
+//! the disk's origin: nothing, or the snapshot it was cloned from). The live
+//! tree's parent is the header's `live_parent`. Parents make the versions of
+//! a store a forest; clones hang below the snapshot they were made from.
+//!
+//! **Invariant (connectivity).** For every block, the versions that
+//! reference it form a connected subtree of that forest: a block is born in
+//! one version (a copy-on-write writes it to a fresh address) and inherited
+//! by the versions derived from it until one of them overwrites it.
+//! Deleting a version with at most one child keeps this true, because the
+//! child is linked to the deleted version's parent. Deleting a version with
+//! two or more children would not (two sibling branches could then share a
+//! block their new common parent lacks), so such a version is only *hidden*:
+//! gone from listings, its tree kept, until enough of its children are gone.
+//!
+//! Consequence: a block of version V that neither V's parent nor any of V's
+//! children reference at the same tree position is referenced by no other
+//! version at all. [`exclusive_blocks`] finds those blocks by walking V
+//! beside its neighbours and descending only where they differ, so the cost
+//! of reclaiming a version grows with what changed between it and its
+//! neighbours, not with the size of the disk or the number of snapshots.
+//! (Sharing is always position-aligned: copy-on-write, snapshots and clones
+//! keep every block at the tree position it was written to.)
+
+use crate::error::Result;
+use crate::meta::MetaIo;
+use crate::tree::span;
+use crate::vdi::SnapshotInfo;
+use parallax_format::{LogEntry, LogEntryKind, NodeBlock, Ptr, FAN_OUT, LOG_FLAG_HIDDEN};
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+
+/// The snapshots of one disk, by id (creation order) and by name, with
+/// their parent links.
+#[derive(Default, Clone)]
+pub(crate) struct SnapSet {
+    by_id: BTreeMap<u64, SnapshotInfo>,
+    /// Visible snapshots only.
+    by_name: HashMap<String, u64>,
+    /// Parent id (0 = the disk's origin) ─▶ snapshot ids deriving from it.
+    children: HashMap<u64, Vec<u64>>,
+}
+
+impl SnapSet {
+    pub fn get(&self, id: u64) -> Option<&SnapshotInfo> {
+        self.by_id.get(&id)
+    }
+
+    pub fn by_name(&self, name: &str) -> Option<&SnapshotInfo> {
+        self.by_name.get(name).and_then(|id| self.by_id.get(id))
+    }
+
+    /// Visible snapshots, oldest first.
+    pub fn visible(&self) -> impl Iterator<Item = &SnapshotInfo> {
+        self.by_id.values().filter(|s| !s.hidden)
+    }
+
+    /// Every version kept, hidden ones included, oldest first.
+    pub fn all(&self) -> impl Iterator<Item = &SnapshotInfo> {
+        self.by_id.values()
+    }
+
+    pub fn visible_len(&self) -> usize {
+        self.by_name.len()
+    }
+
+    pub fn len(&self) -> usize {
+        self.by_id.len()
+    }
+
+    pub fn hidden_ids(&self) -> Vec<u64> {
+        self.by_id
+            .values()
+            .filter(|s| s.hidden)
+            .map(|s| s.id)
+            .collect()
+    }
+
+    /// Snapshots whose parent is `id` (0: the disk's origin).
+    pub fn children(&self, id: u64) -> &[u64] {
+        self.children.get(&id).map_or(&[], |v| v.as_slice())
+    }
+
+    pub fn insert(&mut self, s: SnapshotInfo) {
+        if !s.hidden {
+            self.by_name.insert(s.name.clone(), s.id);
+        }
+        self.children.entry(s.parent).or_default().push(s.id);
+        self.by_id.insert(s.id, s);
+    }
+
+    /// Takes a snapshot out of the listing; its tree stays.
+    pub fn hide(&mut self, id: u64) {
+        if let Some(s) = self.by_id.get_mut(&id) {
+            if !s.hidden {
+                s.hidden = true;
+                self.by_name.remove(&s.name);
+            }
+        }
+    }
+
+    /// Removes a snapshot; its children now derive from its parent.
+    pub fn remove(&mut self, id: u64) -> Option<SnapshotInfo> {
+        let s = self.by_id.remove(&id)?;
+        if !s.hidden {
+            self.by_name.remove(&s.name);
+        }
+        if let Some(siblings) = self.children.get_mut(&s.parent) {
+            siblings.retain(|&c| c != id);
+            if siblings.is_empty() {
+                self.children.remove(&s.parent);
+            }
+        }
+        for c in self.children.remove(&id).unwrap_or_default() {
+            if let Some(child) = self.by_id.get_mut(&c) {
+                child.parent = s.parent;
+            }
+            self.children.entry(s.parent).or_default().push(c);
+        }
+        Some(s)
+    }
+
+    /// Replays one log record.
+    pub fn apply(&mut self, e: &LogEntry) {
+        match e.kind {
+            LogEntryKind::Taken => self.insert(SnapshotInfo::from_record(e)),
+            LogEntryKind::Hidden => self.hide(e.snapshot_id),
+            LogEntryKind::Deleted => {
+                self.remove(e.snapshot_id);
+            }
+        }
+    }
+
+    /// Taken records that rebuild this set (log compaction), oldest first.
+    /// A parent always precedes its children, since ids grow with time and
+    /// a snapshot derives from an older version.
+    pub fn records(&self) -> Vec<LogEntry> {
+        self.by_id
+            .values()
+            .map(|s| {
+                let mut r = s.record();
+                if s.hidden {
+                    r.flags |= LOG_FLAG_HIDDEN;
+                }
+                r
+            })
+            .collect()
+    }
+}
+
+fn same(a: Ptr, b: Ptr) -> bool {
+    !a.is_null() && !b.is_null() && a.addr() == b.addr()
+}
+
+fn load_all(meta: &MetaIo, level: u8, ptrs: &[Ptr]) -> Result<Vec<Arc<NodeBlock>>> {
+    ptrs.iter()
+        .filter(|p| !p.is_null())
+        .map(|p| meta.load_node(*p, level))
+        .collect()
+}
+
+/// Calls `f(addr, is_data)` for every block of the tree under `v` (a
+/// pointer to a node of level `level`) that none of `others` (pointers at
+/// the same tree position) references at the same position. Descends only
+/// where `v` differs from all of them.
+pub(crate) fn exclusive_blocks(
+    meta: &MetaIo,
+    level: u8,
+    v: Ptr,
+    others: &[Ptr],
+    f: &mut dyn FnMut(u64, bool),
+) -> Result<()> {
+    if v.is_null() || others.iter().any(|o| same(*o, v)) {
+        return Ok(());
+    }
+    f(v.addr(), false);
+    let node = meta.load_node(v, level)?;
+    let other_nodes = load_all(meta, level, others)?;
+    let mut below = Vec::with_capacity(other_nodes.len());
+    for (i, e) in node.entries.iter().enumerate() {
+        if e.is_null() {
+            continue;
+        }
+        below.clear();
+        below.extend(other_nodes.iter().map(|n| n.entries[i]));
+        if level == 0 {
+            if !below.iter().any(|o| same(*o, *e)) {
+                f(e.addr(), true);
+            }
+        } else {
+            exclusive_blocks(meta, level - 1, *e, &below, f)?;
+        }
+    }
+    Ok(())
+}
+
+/// Entries of the (clean, committed) live tree under `live` that point at
+/// the same block as the deleted version `gone` and not as `keep` (the
+/// deleted version's parent): once `gone` is deleted the live tree holds
+/// them alone, so their writable bits may be set. Returned as (level of the
+/// node holding the entry, a virtual block the entry covers), parents
+/// before children, ready for [`crate::tree::Tree::promote`].
+pub(crate) fn promotions(
+    meta: &MetaIo,
+    level: u8,
+    pfx: u64,
+    live: Ptr,
+    gone: Ptr,
+    keep: Ptr,
+    out: &mut Vec<(u8, u64)>,
+) -> Result<()> {
+    if live.is_null() || gone.is_null() || same(live, keep) {
+        return Ok(());
+    }
+    let live_node = meta.load_node(live, level)?;
+    let gone_node = if same(live, gone) {
+        live_node.clone()
+    } else {
+        meta.load_node(gone, level)?
+    };
+    let keep_node = if keep.is_null() {
+        None
+    } else {
+        Some(meta.load_node(keep, level)?)
+    };
+    for i in 0..FAN_OUT {
+        let (l, g) = (live_node.entries[i], gone_node.entries[i]);
+        let k = keep_node.as_ref().map_or(Ptr::NULL, |n| n.entries[i]);
+        if l.is_null() || g.is_null() || same(l, k) {
+            continue;
+        }
+        let child_pfx = pfx * FAN_OUT as u64 + i as u64;
+        if same(l, g) && !l.writable() {
+            out.push((level, child_pfx * span(level)));
+        }
+        if level > 0 && (same(l, g) || l.writable()) {
+            promotions(meta, level - 1, child_pfx, l, g, k, out)?;
+        }
+    }
+    Ok(())
+}

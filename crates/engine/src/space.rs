@@ -1,0 +1,314 @@
+//! Space accounting in the manner of ZFS `used` and `referenced`.
+//!
+//! Blocks counted are those of the trees (nodes and data blocks), plus,
+//! for a whole disk, its two header blocks and its snapshot log.
+//!
+//! - **referenced** of a version (a snapshot or the live disk): every block
+//!   its tree reaches.
+//! - **used** of a snapshot: the blocks no other version in the store
+//!   references (what deleting it frees, when nothing branches from it).
+//! - **used** of a disk: the blocks that only its own versions reference
+//!   (what deleting the disk with its snapshots frees), metadata included.
+//!
+//! All figures come from walks beside neighbouring versions (see
+//! `lineage.rs`): a version's exclusive blocks are those that neither its
+//! parent nor its children hold at the same position; a disk's blocks are
+//! the sum over its versions of what each adds to its parent (disjoint by
+//! the connectivity invariant); a version's referenced count is its
+//! parent's plus what it adds minus what it drops. One full walk per root
+//! version, then work proportional to what changed.
+
+use crate::error::{Error, Result};
+use crate::lineage::exclusive_blocks;
+use crate::store::Store;
+use crate::vdi::{Vdi, VdiState};
+use parallax_format::{Ptr, BLOCK_SIZE_U64, TREE_HEIGHT};
+use std::collections::{HashMap, HashSet};
+
+const ROOT_LEVEL: u8 = (TREE_HEIGHT - 1) as u8;
+
+/// Space of one snapshot.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SnapshotSpace {
+    pub id: u64,
+    pub name: String,
+    /// Deleted, but kept because clones or branches derive from it.
+    pub hidden: bool,
+    pub referenced_bytes: u64,
+    pub used_bytes: u64,
+}
+
+/// Space of one disk and its snapshots, as of its last commit.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiskSpace {
+    pub name: String,
+    /// What the live disk references.
+    pub referenced_bytes: u64,
+    /// What only the live disk references.
+    pub live_used_bytes: u64,
+    /// What only this disk's versions reference, headers and log included.
+    pub used_bytes: u64,
+    /// Every snapshot, hidden ones included, oldest first.
+    pub snapshots: Vec<SnapshotSpace>,
+}
+
+fn count(store: &Store, v: Ptr, others: &[Ptr]) -> Result<u64> {
+    let mut n = 0;
+    exclusive_blocks(&store.inner.meta, ROOT_LEVEL, v, others, &mut |_, _| n += 1)?;
+    Ok(n)
+}
+
+/// Root pointers of a clone's versions that derive from its origin.
+fn clone_roots(st: &VdiState) -> Vec<Ptr> {
+    let mut roots: Vec<Ptr> = st
+        .snapshots
+        .children(0)
+        .iter()
+        .filter_map(|id| st.snapshots.get(*id).map(|s| s.root))
+        .collect();
+    if st.header.live_parent == 0 {
+        roots.push(st.tree.root());
+    }
+    roots
+}
+
+impl Store {
+    /// Space figures of `disk` and its snapshots. Commits the disk first.
+    pub fn space(&self, disk: &str) -> Result<DiskSpace> {
+        let vdi = self.open_vdi(disk)?;
+        // Clones of this disk, opened before any disk lock is taken.
+        let clones: Vec<Vdi> = if self.inner.has_clones(vdi.id()) {
+            let names = self.clone_names(vdi.id())?;
+            names
+                .iter()
+                .map(|n| self.open_vdi(n))
+                .collect::<Result<_>>()?
+        } else {
+            Vec::new()
+        };
+        vdi.flush()?;
+        for c in &clones {
+            c.flush()?;
+        }
+        let st = vdi.inner.state.read();
+        vdi.inner.usable(&st)?;
+        // Origin-side lock first (lower id), then the clones'.
+        let clone_states: Vec<_> = clones.iter().map(|c| c.inner.state.read()).collect();
+        let mut clone_children: HashMap<u64, Vec<Ptr>> = HashMap::new();
+        for cs in &clone_states {
+            clone_children
+                .entry(cs.header.origin_snapshot)
+                .or_default()
+                .extend(clone_roots(cs));
+        }
+        let parent_root = |parent: u64| -> Result<Ptr> {
+            if parent == 0 {
+                return Ok(vdi.inner.origin_root(&st));
+            }
+            st.snapshots
+                .get(parent)
+                .map(|s| s.root)
+                .ok_or_else(|| Error::Inconsistent(format!("snapshot parent {parent} missing")))
+        };
+        let live = st.tree.root();
+        // Versions: snapshot ids, and 0 for the live tree (parent = live_parent).
+        let mut roots: HashMap<u64, Ptr> = st.snapshots.all().map(|s| (s.id, s.root)).collect();
+        let mut parents: HashMap<u64, u64> = st.snapshots.all().map(|s| (s.id, s.parent)).collect();
+        const LIVE: u64 = u64::MAX;
+        roots.insert(LIVE, live);
+        parents.insert(LIVE, st.header.live_parent);
+        let children = |id: u64| -> Vec<Ptr> {
+            let mut out: Vec<Ptr> = st.snapshots.children(id).iter().map(|c| roots[c]).collect();
+            if id != LIVE && st.header.live_parent == id {
+                out.push(live);
+            }
+            out.extend(clone_children.get(&id).into_iter().flatten().copied());
+            out
+        };
+        // referenced, computed parents first (ids grow with time, and a
+        // version derives from an older one; the live tree comes last).
+        let mut order: Vec<u64> = st.snapshots.all().map(|s| s.id).collect();
+        order.push(LIVE);
+        let mut referenced: HashMap<u64, u64> = HashMap::new();
+        let mut disk_blocks = 0u64;
+        for &id in &order {
+            let v = roots[&id];
+            let p = parents[&id];
+            let (added, base) = if p == 0 {
+                (count(self, v, &[parent_root(0)?])?, None)
+            } else {
+                let pr = roots[&p];
+                (count(self, v, &[pr])?, Some((p, count(self, pr, &[v])?)))
+            };
+            disk_blocks += added;
+            let r = match base {
+                None => count(self, v, &[])?,
+                Some((p, dropped)) => referenced[&p] + added - dropped,
+            };
+            referenced.insert(id, r);
+        }
+        // Blocks of this disk that clones hold too are not the disk's alone.
+        let mut shared_with_clones = HashSet::new();
+        let origin = vdi.inner.origin_root(&st);
+        for (snap, croots) in &clone_children {
+            let Some(v) = roots.get(snap).copied() else {
+                continue;
+            };
+            for c in croots {
+                shared_in(self, ROOT_LEVEL, *c, v, origin, &mut shared_with_clones)?;
+            }
+        }
+        let log_blocks =
+            crate::vdi::read_log_chain(&self.inner, st.header.log_head, vdi.id())?.len() as u64;
+        let mut snapshots = Vec::new();
+        for s in st.snapshots.all() {
+            let mut others = children(s.id);
+            others.push(parent_root(s.parent)?);
+            snapshots.push(SnapshotSpace {
+                id: s.id,
+                name: s.name.clone(),
+                hidden: s.hidden,
+                referenced_bytes: referenced[&s.id] * BLOCK_SIZE_U64,
+                used_bytes: count(self, s.root, &others)? * BLOCK_SIZE_U64,
+            });
+        }
+        let live_used = count(self, live, &[parent_root(st.header.live_parent)?])?;
+        let used = disk_blocks - shared_with_clones.len() as u64 + 2 + log_blocks;
+        Ok(DiskSpace {
+            name: st.name.clone(),
+            referenced_bytes: referenced[&LIVE] * BLOCK_SIZE_U64,
+            live_used_bytes: live_used * BLOCK_SIZE_U64,
+            used_bytes: used * BLOCK_SIZE_U64,
+            snapshots,
+        })
+    }
+}
+
+impl Store {
+    /// The same figures as [`Store::space`], for every disk, by brute
+    /// force: every version of every disk walked in full, every block
+    /// counted by who references it. Memory and time grow with the whole
+    /// store; meant for verification (`parallax df --scan`, tests).
+    pub fn space_scan(&self) -> Result<Vec<DiskSpace>> {
+        let disks: Vec<Vdi> = self
+            .list()
+            .iter()
+            .map(|n| self.open_vdi(n))
+            .collect::<Result<_>>()?;
+        for d in &disks {
+            d.flush()?;
+        }
+        let mut sorted: Vec<&Vdi> = disks.iter().collect();
+        sorted.sort_by_key(|d| d.id());
+        let states: Vec<_> = sorted.iter().map(|d| d.inner.state.read()).collect();
+        /// Who references a block: versions, and the disk if only one.
+        struct Refs {
+            versions: u32,
+            disk: Option<usize>,
+        }
+        let mut refs: HashMap<u64, Refs> = HashMap::new();
+        // Per disk, per version (snapshot id or u64::MAX for live): blocks.
+        let mut version_sets: Vec<Vec<(u64, HashSet<u64>)>> = Vec::new();
+        for (i, st) in states.iter().enumerate() {
+            let mut versions: Vec<(u64, Ptr)> =
+                st.snapshots.all().map(|s| (s.id, s.root)).collect();
+            versions.push((u64::MAX, st.tree.root()));
+            let mut sets = Vec::new();
+            for (id, root) in versions {
+                let mut set = HashSet::new();
+                exclusive_blocks(&self.inner.meta, ROOT_LEVEL, root, &[], &mut |a, _| {
+                    set.insert(a);
+                })?;
+                for &b in &set {
+                    let r = refs.entry(b).or_insert(Refs {
+                        versions: 0,
+                        disk: Some(i),
+                    });
+                    r.versions += 1;
+                    if r.disk != Some(i) {
+                        r.disk = None;
+                    }
+                }
+                sets.push((id, set));
+            }
+            version_sets.push(sets);
+        }
+        let mut out = Vec::new();
+        for (i, st) in states.iter().enumerate() {
+            let sets = &version_sets[i];
+            let only_one =
+                |set: &HashSet<u64>| set.iter().filter(|b| refs[b].versions == 1).count();
+            let mut disk_set = HashSet::new();
+            for (_, set) in sets {
+                disk_set.extend(set.iter().copied().filter(|b| refs[b].disk == Some(i)));
+            }
+            let log_blocks =
+                crate::vdi::read_log_chain(&self.inner, st.header.log_head, sorted[i].id())?.len()
+                    as u64;
+            let (_, live) = sets.last().expect("the live version is always there");
+            let snapshots = st
+                .snapshots
+                .all()
+                .zip(sets.iter())
+                .map(|(s, (_, set))| SnapshotSpace {
+                    id: s.id,
+                    name: s.name.clone(),
+                    hidden: s.hidden,
+                    referenced_bytes: set.len() as u64 * BLOCK_SIZE_U64,
+                    used_bytes: only_one(set) as u64 * BLOCK_SIZE_U64,
+                })
+                .collect();
+            out.push(DiskSpace {
+                name: st.name.clone(),
+                referenced_bytes: live.len() as u64 * BLOCK_SIZE_U64,
+                live_used_bytes: only_one(live) as u64 * BLOCK_SIZE_U64,
+                used_bytes: (disk_set.len() as u64 + 2 + log_blocks) * BLOCK_SIZE_U64,
+                snapshots,
+            });
+        }
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(out)
+    }
+}
+
+/// Adds to `out` the blocks of the clone version `c` that it shares with
+/// its origin snapshot `v` and that the disk's own origin `o` does not
+/// hold: the disk's blocks the clone keeps alive.
+fn shared_in(
+    store: &Store,
+    level: u8,
+    c: Ptr,
+    v: Ptr,
+    o: Ptr,
+    out: &mut HashSet<u64>,
+) -> Result<()> {
+    if c.is_null() || v.is_null() {
+        return Ok(());
+    }
+    if c.addr() == v.addr() {
+        return exclusive_blocks(&store.inner.meta, level, v, &[o], &mut |a, _| {
+            out.insert(a);
+        });
+    }
+    let meta = &store.inner.meta;
+    let (cn, vn) = (meta.load_node(c, level)?, meta.load_node(v, level)?);
+    let on = if o.is_null() {
+        None
+    } else {
+        Some(meta.load_node(o, level)?)
+    };
+    for i in 0..cn.entries.len() {
+        let oe = on.as_ref().map_or(Ptr::NULL, |n| n.entries[i]);
+        let (ce, ve) = (cn.entries[i], vn.entries[i]);
+        if level == 0 {
+            // Data blocks.
+            let same = |a: Ptr, b: Ptr| !a.is_null() && !b.is_null() && a.addr() == b.addr();
+            if same(ce, ve) && !same(ce, oe) {
+                out.insert(ce.addr());
+            }
+        } else {
+            shared_in(store, level - 1, ce, ve, oe, out)?;
+        }
+    }
+    Ok(())
+}
