@@ -7,7 +7,7 @@ use crate::output::{key_values, print, print_json, Table};
 use crate::size::format_size;
 use crate::{DiskRef, SnapRef};
 use anyhow::{anyhow, bail, Result};
-use parallax_server::api::{Api, ApiResult, DiskInfo, ErrorKind};
+use parallax_server::api::{Api, ApiResult, DiskInfo, ErrorKind, ScheduleSpec};
 use parallax_server::client::Remote;
 use parallax_server::daemon::{self, ServeOptions};
 use parallax_server::service::Service;
@@ -52,6 +52,31 @@ impl Context {
 /// `size (bytes)` for `key: value` output.
 fn size_with_bytes(bytes: u64) -> String {
     format!("{} ({bytes} bytes)", format_size(bytes))
+}
+
+/// `every 10ms, keep last 1000, hourly 24` (or `-`).
+pub fn describe_schedule(s: Option<&ScheduleSpec>) -> String {
+    let Some(s) = s else {
+        return "-".into();
+    };
+    let every = humantime::format_duration(std::time::Duration::from_nanos(s.every_ns));
+    let mut rules = Vec::new();
+    for (n, what) in [
+        (s.keep_last, "last"),
+        (s.keep_minutely, "minutely"),
+        (s.keep_hourly, "hourly"),
+        (s.keep_daily, "daily"),
+        (s.keep_monthly, "monthly"),
+    ] {
+        if n > 0 {
+            rules.push(format!("{what} {n}"));
+        }
+    }
+    if rules.is_empty() {
+        format!("every {every}, keep all")
+    } else {
+        format!("every {every}, keep {}", rules.join(", "))
+    }
 }
 
 /// A path the daemon can use whatever its working directory.
@@ -181,10 +206,29 @@ pub fn info(ctx: &Context, target: &DiskRef) -> Result<()> {
         ("size", size_with_bytes(d.size_bytes)),
         ("allocated", size_with_bytes(d.allocated_bytes)),
         ("snapshots", d.snapshots.to_string()),
+        ("hidden snapshots", d.hidden_snapshots.to_string()),
+        ("schedule", describe_schedule(d.schedule.as_ref())),
         ("origin", d.origin.unwrap_or_else(|| "-".into())),
         ("created", d.created),
         ("connections", d.connections.to_string()),
     ]))
+}
+
+pub fn schedule(ctx: &Context, disk: &str, spec: Option<ScheduleSpec>, off: bool) -> Result<()> {
+    let daemon = Remote::connect(&ctx.control).is_some();
+    let d: DiskInfo = if spec.is_none() && !off {
+        ctx.read(|api| api.disk(disk))?
+    } else {
+        ctx.write(|api| api.set_schedule(disk, spec.as_ref()))?
+    };
+    if ctx.json {
+        return print_json(&d.schedule);
+    }
+    let mut text = format!("{}: {}\n", d.name, describe_schedule(d.schedule.as_ref()));
+    if d.schedule.is_some() && !daemon {
+        text.push_str("(stored in the store; it runs while `parallax serve` runs)\n");
+    }
+    print(&text)
 }
 
 pub fn snapshot(ctx: &Context, target: &DiskRef) -> Result<()> {
@@ -200,13 +244,17 @@ pub fn snapshots(ctx: &Context, disk: &str) -> Result<()> {
     if ctx.json {
         return print_json(&rows);
     }
-    let mut table = Table::new(&["ID", "NAME", "CREATED", "SIZE"]);
+    let mut table = Table::new(&["ID", "NAME", "CREATED", "SIZE", "USED", "REFER", "BY"]);
     for r in rows {
+        let size = |b: Option<u64>| b.map_or_else(|| "-".into(), format_size);
         table.row(vec![
             r.id.to_string(),
             r.name,
             r.created,
             format_size(r.size_bytes),
+            size(r.used_bytes),
+            size(r.referenced_bytes),
+            if r.scheduled { "schedule" } else { "hand" }.to_string(),
         ]);
     }
     print(&table.render())
@@ -286,7 +334,33 @@ pub fn check(ctx: &Context) -> Result<()> {
 }
 
 pub fn gc(ctx: &Context) -> Result<()> {
-    let r = ctx.write(|api| api.gc())?;
+    // Through a daemon, a second connection polls its progress.
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let poller = Remote::connect(&ctx.control).map(|remote| {
+        let done = done.clone();
+        std::thread::spawn(move || {
+            let bar = parallax_server::transfer::progress_bar(
+                true,
+                0,
+                "gc: marking",
+                "{pos}/{len} blocks",
+            );
+            while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                if let Ok(Some(p)) = remote.gc_progress() {
+                    bar.set_length(p.allocated_blocks);
+                    bar.set_position(p.marked_blocks);
+                }
+                std::thread::sleep(std::time::Duration::from_millis(200));
+            }
+            bar.finish_and_clear();
+        })
+    });
+    let r = ctx.write(|api| api.gc());
+    done.store(true, std::sync::atomic::Ordering::Relaxed);
+    if let Some(p) = poller {
+        let _ = p.join();
+    }
+    let r = r?;
     if ctx.json {
         return print_json(&r);
     }
@@ -312,12 +386,15 @@ pub fn df(ctx: &Context) -> Result<()> {
         ("free", format_size(s.free_bytes)),
     ]);
     if !s.disks.is_empty() {
-        let mut table = Table::new(&["NAME", "SIZE", "ALLOCATED"]);
+        let mut table = Table::new(&["NAME", "SIZE", "USED", "REFER", "LIVE-ONLY", "SNAPSHOTS"]);
         for d in s.disks {
             table.row(vec![
                 d.name,
                 format_size(d.size_bytes),
-                format_size(d.allocated_bytes),
+                format_size(d.used_bytes),
+                format_size(d.referenced_bytes),
+                format_size(d.live_used_bytes),
+                d.snapshots.to_string(),
             ]);
         }
         text.push('\n');

@@ -12,6 +12,7 @@ mod size;
 use clap::{Parser, Subcommand};
 use commands::Context;
 use parallax_format::validate_name;
+use parallax_server::api::ScheduleSpec;
 use parallax_server::one_line;
 use parallax_server::store_file;
 use std::fmt;
@@ -155,8 +156,48 @@ enum Command {
     Check,
     /// Return unreferenced blocks to the free pool.
     Gc,
-    /// Show the store's capacity and use.
+    /// Show the store's capacity and use, and each disk's `used` (what
+    /// deleting it with its snapshots frees) and `referenced` space.
     Df,
+    /// Take snapshots of a disk on a schedule, thinned by retention rules
+    /// (kept in the store; the daemon runs them). Without options, show the
+    /// schedule.
+    Schedule {
+        /// The disk.
+        #[arg(value_parser = parse_name)]
+        name: String,
+        /// Interval between snapshots, e.g. 10ms, 1s, 15min (at least 1ms).
+        #[arg(long, value_name = "DURATION", value_parser = parse_interval)]
+        every: Option<u64>,
+        /// Keep the newest N scheduled snapshots.
+        #[arg(long, value_name = "N", default_value_t = 0)]
+        keep_last: u32,
+        /// Keep the newest scheduled snapshot of each of the last N minutes.
+        #[arg(long, value_name = "N", default_value_t = 0)]
+        keep_minutely: u32,
+        /// ... of each of the last N hours.
+        #[arg(long, value_name = "N", default_value_t = 0)]
+        keep_hourly: u32,
+        /// ... of each of the last N days.
+        #[arg(long, value_name = "N", default_value_t = 0)]
+        keep_daily: u32,
+        /// ... of each of the last N calendar months.
+        #[arg(long, value_name = "N", default_value_t = 0)]
+        keep_monthly: u32,
+        /// Remove the schedule (its snapshots stay).
+        #[arg(long, conflicts_with_all = ["every", "keep_last", "keep_minutely", "keep_hourly", "keep_daily", "keep_monthly"])]
+        off: bool,
+    },
+}
+
+/// A schedule interval in ns: a humantime duration of at least 1 ms.
+fn parse_interval(s: &str) -> Result<u64, String> {
+    let d = humantime::parse_duration(s).map_err(|e| format!("'{s}' is not a duration: {e}"))?;
+    let ns = u64::try_from(d.as_nanos()).map_err(|_| format!("'{s}' is too long"))?;
+    if ns < 1_000_000 {
+        return Err(format!("'{s}' is shorter than the 1ms minimum"));
+    }
+    Ok(ns)
 }
 
 /// A TCP address to listen on, or none.
@@ -266,6 +307,39 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Check => commands::check(&ctx),
         Command::Gc => commands::gc(&ctx),
         Command::Df => commands::df(&ctx),
+        Command::Schedule {
+            name,
+            every,
+            keep_last,
+            keep_minutely,
+            keep_hourly,
+            keep_daily,
+            keep_monthly,
+            off,
+        } => {
+            let spec = every.map(|every_ns| ScheduleSpec {
+                every_ns,
+                keep_last: *keep_last,
+                keep_minutely: *keep_minutely,
+                keep_hourly: *keep_hourly,
+                keep_daily: *keep_daily,
+                keep_monthly: *keep_monthly,
+            });
+            let keeps = [
+                keep_last,
+                keep_minutely,
+                keep_hourly,
+                keep_daily,
+                keep_monthly,
+            ];
+            if spec.is_none() && !off && keeps.iter().any(|k| **k != 0) {
+                return Err(store_file::UsageError(
+                    "retention rules need a schedule: give --every too".into(),
+                )
+                .into());
+            }
+            commands::schedule(&ctx, name, spec, *off)
+        }
     }
 }
 
@@ -310,5 +384,13 @@ mod tests {
         assert!(parse_snap_ref("vm1").is_err());
         let s = parse_snap_ref("vm1@gold").unwrap();
         assert_eq!((s.disk.as_str(), s.snapshot.as_str()), ("vm1", "gold"));
+    }
+
+    #[test]
+    fn parses_schedule_intervals() {
+        assert_eq!(parse_interval("10ms"), Ok(10_000_000));
+        assert_eq!(parse_interval("1h"), Ok(3_600_000_000_000));
+        assert!(parse_interval("500us").is_err());
+        assert!(parse_interval("often").is_err());
     }
 }

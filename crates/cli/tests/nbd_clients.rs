@@ -2517,3 +2517,151 @@ fn space_freed_through_the_daemon_reaches_the_disk_without_a_commit() {
     assert_eq!(report["clean"], true, "{report}");
     assert_eq!(report["leaked_blocks"], 0, "{report}");
 }
+
+// ---- 11. snapshot schedules ------------------------------------------------------
+
+/// A 10 ms schedule with keep-last 15 on a disk that fio writes (and
+/// verifies) while qemu-io writes numbered 1 MiB patterns to another range:
+/// retention keeps exactly 15, every kept snapshot holds exactly one
+/// pattern (each NBD write lands whole or not at all in a snapshot), the
+/// patterns never go back in time from one snapshot to the next, the
+/// schedule survives a restart, and nothing leaks.
+#[test]
+fn scheduled_snapshots_with_retention_while_writing() {
+    if !have_tools() {
+        return;
+    }
+    let mut d = Daemon::new();
+    d.ok(&["create", "D", "--size", "48M"]);
+    d.ok(&["schedule", "D", "--every", "10ms", "--keep-last", "15"]);
+    let info = d.json(&["info", "D"]);
+    assert_eq!(info["schedule"]["every_ns"], 10_000_000, "{info}");
+    assert_eq!(info["schedule"]["keep_last"], 15, "{info}");
+    let mut fio_bg = Bg::spawn(
+        tool(
+            "fio",
+            &[
+                "--name=sched".to_string(),
+                "--ioengine=nbd".into(),
+                format!("--uri={}", d.tcp_uri("D")),
+                "--rw=randwrite".into(),
+                "--bs=4k".into(),
+                "--iodepth=8".into(),
+                "--offset=8m".into(),
+                "--size=32m".into(),
+                "--loops=2".into(),
+                "--verify=crc32c".into(),
+                "--do_verify=1".into(),
+            ],
+        ),
+        d.dir.path(),
+        "fio-sched",
+    );
+    let mut round = 0u32;
+    while fio_bg.running() && round < 250 || round < 20 {
+        round += 1;
+        qemu_io(&d.unix_uri("D"), &[format!("write -P {round} 0 1M")]).ok();
+    }
+    let ran = fio_bg.wait(Duration::from_secs(300));
+    assert!(
+        ran.status.success(),
+        "fio verify failed: {}",
+        ran.describe()
+    );
+    let list = |d: &Daemon| -> Vec<Value> {
+        d.json(&["snapshots", "D"])
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+    };
+    let before = list(&d);
+    assert!(
+        (1..=16).contains(&before.len()),
+        "retention keeps 15 (16 between a snapshot and its retention pass): {}",
+        before.len()
+    );
+    let newest_before = before.last().unwrap()["id"].as_u64().unwrap();
+    // The schedule is stored in the store: it resumes after a restart.
+    d.restart();
+    thread::sleep(Duration::from_millis(500));
+    d.ok(&["schedule", "D", "--off"]);
+    assert_eq!(d.json(&["info", "D"])["schedule"], Value::Null);
+    let kept = list(&d);
+    assert_eq!(kept.len(), 15, "{kept:?}");
+    assert!(
+        kept[0]["id"].as_u64().unwrap() > newest_before,
+        "the schedule did not resume"
+    );
+    for s in &kept {
+        assert_eq!(s["scheduled"], true, "{s}");
+        assert!(s["referenced_bytes"].as_u64().unwrap() >= MIB, "{s}");
+        assert!(s["used_bytes"].is_u64(), "{s}");
+    }
+    // Between the resumed snapshots nothing was written: all hold the last
+    // pattern.
+    let (first, last, _) = check_pattern_sequence(&d, &kept);
+    assert_eq!((u32::from(first), u32::from(last)), (round, round));
+    let report = d.json(&["check"]);
+    assert_eq!(report["clean"], true, "{report}");
+    assert_eq!(report["leaked_blocks"], 0, "{report}");
+    let df = d.json(&["df"]);
+    let disk = &df["disks"][0];
+    assert!(
+        disk["used_bytes"].as_u64() >= disk["referenced_bytes"].as_u64(),
+        "{df}"
+    );
+}
+
+/// Exports every snapshot of `kept` (oldest first) and checks its first
+/// MiB, where rounds of `write -P N 0 1M` went: each snapshot holds at most
+/// two consecutive patterns (the last complete write, and the one in flight
+/// when it was taken), and no snapshot holds an older write than the one
+/// before it. Returns the lowest pattern of the first snapshot, the highest
+/// of the last, and how many snapshots saw a newer write than the previous.
+fn check_pattern_sequence(d: &Daemon, kept: &[Value]) -> (u8, u8, usize) {
+    let (mut first, mut floor, mut newer) = (None, 0u8, 0);
+    let mut top = 0u8;
+    for s in kept {
+        let name = s["name"].as_str().unwrap();
+        let file = d.path(&format!("{name}.raw"));
+        d.ok(&["export", &format!("D@{name}"), file.to_str().unwrap()]);
+        let bytes = fs::read(&file).unwrap();
+        fs::remove_file(&file).unwrap();
+        let region = &bytes[..MIB as usize];
+        let (lo, hi) = (*region.iter().min().unwrap(), *region.iter().max().unwrap());
+        assert!(hi - lo <= 1, "snapshot {name} holds patterns {lo}..={hi}");
+        assert!(
+            lo >= floor,
+            "snapshot {name} holds pattern {lo} after {floor}"
+        );
+        newer += usize::from(lo > floor);
+        first.get_or_insert(lo);
+        floor = lo;
+        top = hi;
+    }
+    (first.unwrap_or(0), top, newer)
+}
+
+/// The snapshots taken while patterns are written hold them in order: a
+/// schedule running during the writes, then every kept snapshot checked
+/// against the write sequence.
+#[test]
+fn scheduled_snapshots_hold_the_writes_of_their_time() {
+    if !have_tools() {
+        return;
+    }
+    let d = Daemon::new();
+    d.ok(&["create", "D", "--size", "8M"]);
+    d.ok(&["schedule", "D", "--every", "15ms", "--keep-last", "400"]);
+    for round in 1..=60u32 {
+        qemu_io(&d.unix_uri("D"), &[format!("write -P {round} 0 1M")]).ok();
+    }
+    // A few more ticks after the last write.
+    thread::sleep(Duration::from_millis(100));
+    d.ok(&["schedule", "D", "--off"]);
+    let kept = d.json(&["snapshots", "D"]).as_array().cloned().unwrap();
+    assert!(kept.len() > 30, "too few snapshots: {}", kept.len());
+    let (_, last, newer) = check_pattern_sequence(&d, &kept);
+    assert_eq!(last, 60, "the newest snapshot holds the last write");
+    assert!(newer > 10, "snapshots span only {newer} writes");
+}

@@ -67,7 +67,9 @@ enum Role {
 }
 
 #[derive(Default)]
-struct Marking {
+struct Marking<'p> {
+    /// Called with the number of blocks marked so far, now and then.
+    progress: Option<&'p (dyn Fn(u64) + Sync)>,
     roles: HashMap<u64, Role>,
     refs: HashMap<u64, u32>,
     errors: Vec<String>,
@@ -78,13 +80,18 @@ struct Marking {
     snapshots: u64,
 }
 
-impl Marking {
+impl Marking<'_> {
     /// Records a reference; returns true the first time the block is seen.
     fn mark(&mut self, addr: u64, role: Role, who: &str) -> bool {
         *self.refs.entry(addr).or_insert(0) += 1;
         match self.roles.get(&addr) {
             None => {
                 self.roles.insert(addr, role);
+                if self.roles.len().is_multiple_of(4096) {
+                    if let Some(p) = self.progress {
+                        p(self.roles.len() as u64);
+                    }
+                }
                 true
             }
             Some(r) if *r == role => false,
@@ -146,8 +153,15 @@ impl Marking {
     }
 }
 
-fn mark_all(store: &Store, catalog: &Catalog) -> Marking {
-    let mut m = Marking::default();
+fn mark_all<'p>(
+    store: &Store,
+    catalog: &Catalog,
+    progress: Option<&'p (dyn Fn(u64) + Sync)>,
+) -> Marking<'p> {
+    let mut m = Marking {
+        progress,
+        ..Marking::default()
+    };
     let meta = &store.inner.meta;
     for (slot, p) in catalog.sb.registry.iter().enumerate() {
         if !p.is_null() {
@@ -257,7 +271,7 @@ impl Store {
                 ));
             }
         }
-        let mut m = mark_all(self, &catalog);
+        let mut m = mark_all(self, &catalog, None);
         drop(catalog);
         let alloc = durable_allocator(self, &sb)?;
         for (&addr, role) in &m.roles {
@@ -315,6 +329,13 @@ impl Store {
     /// extents that nothing references. Open disks are flushed first and
     /// held still while it runs.
     pub fn gc(&self) -> Result<GcReport> {
+        self.gc_with_progress(&|_, _| {})
+    }
+
+    /// [`Store::gc`], calling `progress(marked, allocated)` as the mark
+    /// phase goes: blocks found referenced so far, out of the blocks the
+    /// allocator holds (the mark ends at or below that).
+    pub fn gc_with_progress(&self, progress: &(dyn Fn(u64, u64) + Sync)) -> Result<GcReport> {
         // Lock order, as everywhere: catalogue, then disks by id. Holding
         // the catalogue keeps disks from being opened, created or deleted
         // while the sweep runs.
@@ -328,7 +349,10 @@ impl Store {
             }
             guards.push(st);
         }
-        let m = mark_all(self, &catalog);
+        let (_, used) = self.inner.alloc.lock().totals();
+        let report = |marked: u64| progress(marked, used);
+        let m = mark_all(self, &catalog, Some(&report));
+        progress(m.roles.len() as u64, used);
         if !m.errors.is_empty() {
             return Err(Error::Inconsistent(format!(
                 "gc refuses to run on a damaged store: {}",

@@ -24,6 +24,54 @@ pub struct DiskInfo {
     /// NBD connections open on the disk or its snapshots (0 without a daemon).
     #[serde(default)]
     pub connections: u64,
+    /// Deleted snapshots kept because clones or branches derive from them.
+    #[serde(default)]
+    pub hidden_snapshots: u64,
+    /// The snapshot schedule, if the disk has one.
+    #[serde(default)]
+    pub schedule: Option<ScheduleSpec>,
+}
+
+/// A disk's snapshot schedule and retention rules (0 = rule off).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ScheduleSpec {
+    pub every_ns: u64,
+    #[serde(default)]
+    pub keep_last: u32,
+    #[serde(default)]
+    pub keep_minutely: u32,
+    #[serde(default)]
+    pub keep_hourly: u32,
+    #[serde(default)]
+    pub keep_daily: u32,
+    #[serde(default)]
+    pub keep_monthly: u32,
+}
+
+impl From<parallax_engine::Schedule> for ScheduleSpec {
+    fn from(s: parallax_engine::Schedule) -> Self {
+        ScheduleSpec {
+            every_ns: s.every_ns,
+            keep_last: s.keep_last,
+            keep_minutely: s.keep_minutely,
+            keep_hourly: s.keep_hourly,
+            keep_daily: s.keep_daily,
+            keep_monthly: s.keep_monthly,
+        }
+    }
+}
+
+impl From<&ScheduleSpec> for parallax_engine::Schedule {
+    fn from(s: &ScheduleSpec) -> Self {
+        parallax_engine::Schedule {
+            every_ns: s.every_ns,
+            keep_last: s.keep_last,
+            keep_minutely: s.keep_minutely,
+            keep_hourly: s.keep_hourly,
+            keep_daily: s.keep_daily,
+            keep_monthly: s.keep_monthly,
+        }
+    }
 }
 
 /// A snapshot of a disk.
@@ -37,6 +85,16 @@ pub struct SnapshotDetail {
     /// Bytes the snapshot maps (shared or not); absent in listings.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub allocated_bytes: Option<u64>,
+    /// Taken by the disk's schedule (retention may delete it).
+    #[serde(default)]
+    pub scheduled: bool,
+    /// Bytes of the store that only this snapshot references: what
+    /// deleting it frees.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub used_bytes: Option<u64>,
+    /// Bytes of the store this snapshot references (its tree and data).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub referenced_bytes: Option<u64>,
 }
 
 /// `parallax check`.
@@ -60,12 +118,29 @@ pub struct GcSummary {
     pub freed_bytes: u64,
 }
 
+/// How far a running `gc` got: its mark phase.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GcProgress {
+    /// Blocks found referenced so far.
+    pub marked_blocks: u64,
+    /// Blocks allocated when it started (the mark ends at or below this).
+    pub allocated_blocks: u64,
+}
+
 /// One disk in `parallax df`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DiskUse {
     pub name: String,
     pub size_bytes: u64,
     pub allocated_bytes: u64,
+    /// Bytes only this disk and its snapshots reference, metadata included:
+    /// what deleting the disk frees.
+    pub used_bytes: u64,
+    /// Bytes the live disk references (its tree and data).
+    pub referenced_bytes: u64,
+    /// Bytes only the live disk references.
+    pub live_used_bytes: u64,
+    pub snapshots: u64,
 }
 
 /// `parallax df`.
@@ -179,6 +254,7 @@ impl From<parallax_engine::Error> for ApiError {
             E::NotFound(_) => ErrorKind::NotFound,
             E::AlreadyExists(_) => ErrorKind::Conflict,
             E::InvalidArgument(_) | E::ReadOnly(_) => ErrorKind::Invalid,
+            E::Busy(_) => ErrorKind::Conflict,
             E::NoSpace => ErrorKind::NoSpace,
             _ => ErrorKind::Internal,
         };
@@ -211,10 +287,14 @@ pub trait Api {
     fn rollback(&self, disk: &str, snapshot: &str) -> ApiResult<()>;
     fn delete_disk(&self, name: &str) -> ApiResult<()>;
     fn delete_snapshot(&self, disk: &str, snapshot: &str) -> ApiResult<()>;
+    /// Sets a disk's snapshot schedule, or removes it with `None`.
+    fn set_schedule(&self, disk: &str, schedule: Option<&ScheduleSpec>) -> ApiResult<DiskInfo>;
     fn import(&self, file: &Path, name: &str, size: Option<u64>) -> ApiResult<DiskInfo>;
     fn export(&self, disk: &str, snapshot: Option<&str>, file: &Path, force: bool)
         -> ApiResult<()>;
     fn check(&self) -> ApiResult<CheckSummary>;
     fn gc(&self) -> ApiResult<GcSummary>;
+    /// The progress of a `gc` running now, if any.
+    fn gc_progress(&self) -> ApiResult<Option<GcProgress>>;
     fn df(&self) -> ApiResult<SpaceSummary>;
 }

@@ -173,6 +173,14 @@ impl Api for Remote {
         self.call_unit(Method::DELETE, &path, None::<&()>)
     }
 
+    fn set_schedule(&self, disk: &str, schedule: Option<&ScheduleSpec>) -> ApiResult<DiskInfo> {
+        let path = format!("{}/schedule", disk_path(disk));
+        match schedule {
+            Some(s) => self.call(Method::PUT, &path, Some(s)),
+            None => self.call(Method::DELETE, &path, None::<&()>),
+        }
+    }
+
     fn import(&self, file: &Path, name: &str, size: Option<u64>) -> ApiResult<DiskInfo> {
         let body = ImportBody {
             file: file.to_path_buf(),
@@ -204,6 +212,10 @@ impl Api for Remote {
 
     fn gc(&self) -> ApiResult<GcSummary> {
         self.call(Method::POST, "/v1/gc", None::<&()>)
+    }
+
+    fn gc_progress(&self) -> ApiResult<Option<GcProgress>> {
+        self.call(Method::GET, "/v1/gc", None::<&()>)
     }
 
     fn df(&self) -> ApiResult<SpaceSummary> {

@@ -221,6 +221,11 @@ fn route(
             let b: CloneBody = parse(body)?;
             ok(201, api.clone_snapshot(d, s, &b.name))
         }
+        ["v1", "disks", d, "schedule"] if method == Method::PUT => {
+            let b: ScheduleSpec = parse(body)?;
+            ok(200, api.set_schedule(d, Some(&b)))
+        }
+        ["v1", "disks", d, "schedule"] if delete => ok(200, api.set_schedule(d, None)),
         ["v1", "disks", d, "rollback"] if post => {
             let b: RollbackBody = parse(body)?;
             done(api.rollback(d, &b.snapshot))
@@ -236,6 +241,7 @@ fn route(
         ["v1", "df"] if get => ok(200, api.df()),
         ["v1", "check"] if get => ok(200, api.check()),
         ["v1", "gc"] if post => ok(200, api.gc()),
+        ["v1", "gc"] if get => ok(200, api.gc_progress()),
         _ => Err(ApiError::new(
             ErrorKind::NotFound,
             format!("no such endpoint: {method} {path} (see docs/API.md)"),

@@ -12,6 +12,7 @@
 use crate::api::DaemonStatus;
 use crate::control::{self, ControlState};
 use crate::nbd;
+use crate::scheduler::Scheduler;
 use crate::service::Service;
 use crate::store_file::{self, Access};
 use anyhow::{bail, Context, Result};
@@ -145,12 +146,17 @@ pub fn run(options: ServeOptions) -> Result<()> {
         .thread_name("parallax")
         .build()
         .context("cannot start the async runtime")?;
+    let scheduler = Arc::new(Scheduler::new());
     let service = Arc::new(
         Service::new(opened.store.clone(), store_path.clone(), false)
             .with_uring(runtime.block_on(async { start_uring() }))
-            .with_background_settle(),
+            .with_background_settle()
+            .with_scheduler(scheduler.clone()),
     );
+    // Snapshot schedules stored in the disks' headers resume.
+    scheduler.start_all(service.store());
     let result = runtime.block_on(serve(&options, service.clone()));
+    scheduler.stop_all();
     drop(runtime);
     // Every connection is gone; commit whatever is still in memory.
     let flushed = service.store().flush_all();

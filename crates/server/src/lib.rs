@@ -8,6 +8,7 @@
 //! - [`nbd`]: the NBD transmission phase and listeners, over
 //!   `parallax-nbd`'s pure protocol codec.
 //! - [`daemon`]: `parallax serve`: startup, signals, clean shutdown.
+//! - [`scheduler`]: the daemon's snapshot schedules.
 //! - [`store_file`]: finding, locking, creating and opening the store file.
 //! - [`transfer`]: import from and export to image files.
 
@@ -16,6 +17,7 @@ pub mod client;
 pub mod control;
 pub mod daemon;
 pub mod nbd;
+pub mod scheduler;
 pub mod service;
 pub mod store_file;
 pub mod transfer;

@@ -13,6 +13,7 @@
 //! a running guest.
 
 use crate::api::*;
+use crate::scheduler::Scheduler;
 use crate::transfer::{self, Source};
 use crate::uring::Uring;
 use parallax_engine::{Store, Vdi};
@@ -52,7 +53,14 @@ pub struct Service {
     /// The daemon writes changed bitmaps from a background tick instead of
     /// after every change.
     background_settle: bool,
+    /// The daemon's snapshot schedules (none when no daemon runs).
+    scheduler: Option<Arc<Scheduler>>,
+    /// The running gc's progress, for `GET /v1/gc`.
+    gc_progress: Mutex<Option<GcProgress>>,
 }
+
+/// Shortest schedule interval accepted.
+pub const MIN_SCHEDULE_NS: u64 = 1_000_000;
 
 /// Disks [`Service`] keeps open after use.
 const RECENT_DISKS: usize = 64;
@@ -86,7 +94,15 @@ impl Service {
             uring: None,
             recent: Mutex::new(std::collections::VecDeque::new()),
             background_settle: false,
+            scheduler: None,
+            gc_progress: Mutex::new(None),
         }
+    }
+
+    /// Runs snapshot schedules through `scheduler` (the daemon does).
+    pub fn with_scheduler(mut self, scheduler: Arc<Scheduler>) -> Service {
+        self.scheduler = Some(scheduler);
+        self
     }
 
     /// Serves NBD data through `uring` where the engine can plan ahead.
@@ -199,6 +215,8 @@ impl Service {
             origin: info.origin,
             created: rfc3339(info.created_ns),
             name: info.name,
+            hidden_snapshots: info.hidden_snapshots,
+            schedule: (info.schedule.every_ns != 0).then(|| info.schedule.into()),
         })
     }
 }
@@ -218,6 +236,9 @@ fn snapshot_detail(disk: &str, info: &parallax_engine::SnapshotInfo) -> Snapshot
         created: rfc3339(info.created_ns),
         size_bytes: info.size_bytes,
         allocated_bytes: None,
+        scheduled: info.scheduled,
+        used_bytes: None,
+        referenced_bytes: None,
     }
 }
 
@@ -257,10 +278,20 @@ impl Api for Service {
 
     fn snapshots(&self, disk: &str) -> ApiResult<Vec<SnapshotDetail>> {
         let vdi = self.open(disk)?;
+        let space = self.store.space(disk)?;
+        let by_id: HashMap<u64, &parallax_engine::SnapshotSpace> =
+            space.snapshots.iter().map(|s| (s.id, s)).collect();
         Ok(vdi
             .snapshots()
             .iter()
-            .map(|i| snapshot_detail(disk, i))
+            .map(|i| {
+                let mut d = snapshot_detail(disk, i);
+                if let Some(s) = by_id.get(&i.id) {
+                    d.used_bytes = Some(s.used_bytes);
+                    d.referenced_bytes = Some(s.referenced_bytes);
+                }
+                d
+            })
             .collect())
     }
 
@@ -289,6 +320,26 @@ impl Api for Service {
         self.change(|_| {
             self.open(disk)?.delete_snapshot(snapshot)?;
             Ok(())
+        })
+    }
+
+    fn set_schedule(&self, disk: &str, schedule: Option<&ScheduleSpec>) -> ApiResult<DiskInfo> {
+        let spec = schedule.cloned().unwrap_or_default();
+        if schedule.is_some() && spec.every_ns < MIN_SCHEDULE_NS {
+            return Err(ApiError::invalid(format!(
+                "a schedule interval must be at least 1ms (got {} ns)",
+                spec.every_ns
+            )));
+        }
+        self.change(|_| {
+            let vdi = self.open(disk)?;
+            vdi.set_schedule((&spec).into())?;
+            if let Some(s) = &self.scheduler {
+                s.refresh(&vdi);
+                // A tighter rule applies at once, not at the next tick.
+                vdi.apply_retention()?;
+            }
+            self.disk_info(&vdi)
         })
     }
 
@@ -333,11 +384,28 @@ impl Api for Service {
     }
 
     fn gc(&self) -> ApiResult<GcSummary> {
-        let r = self.store.gc()?;
+        let bar =
+            transfer::progress_bar(self.show_progress, 0, "gc: marking", "{pos}/{len} blocks");
+        let progress = |marked: u64, allocated: u64| {
+            bar.set_length(allocated);
+            bar.set_position(marked);
+            *self.gc_progress.lock() = Some(GcProgress {
+                marked_blocks: marked,
+                allocated_blocks: allocated,
+            });
+        };
+        let r = self.store.gc_with_progress(&progress);
+        bar.finish_and_clear();
+        *self.gc_progress.lock() = None;
+        let r = r?;
         Ok(GcSummary {
             freed_blocks: r.freed_blocks,
             freed_bytes: r.freed_bytes,
         })
+    }
+
+    fn gc_progress(&self) -> ApiResult<Option<GcProgress>> {
+        Ok(self.gc_progress.lock().clone())
     }
 
     fn df(&self) -> ApiResult<SpaceSummary> {
@@ -345,12 +413,19 @@ impl Api for Service {
         let disks = self
             .list()?
             .into_iter()
-            .map(|d| DiskUse {
-                name: d.name,
-                size_bytes: d.size_bytes,
-                allocated_bytes: d.allocated_bytes,
+            .map(|d| {
+                let space = self.store.space(&d.name)?;
+                Ok(DiskUse {
+                    name: d.name,
+                    size_bytes: d.size_bytes,
+                    allocated_bytes: d.allocated_bytes,
+                    used_bytes: space.used_bytes,
+                    referenced_bytes: space.referenced_bytes,
+                    live_used_bytes: space.live_used_bytes,
+                    snapshots: d.snapshots,
+                })
             })
-            .collect();
+            .collect::<ApiResult<Vec<_>>>()?;
         Ok(SpaceSummary {
             capacity_bytes: stats.capacity_bytes,
             used_bytes: stats.used_bytes,

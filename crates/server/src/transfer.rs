@@ -68,13 +68,22 @@ fn for_each_nonzero_run(
 
 /// A progress bar on stderr when wanted and stderr is a terminal.
 fn progress(show: bool, total: u64, what: &str) -> ProgressBar {
+    progress_bar(
+        show,
+        total,
+        what,
+        "{bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+    )
+}
+
+/// A progress bar on stderr, if `show` and stderr is a terminal: `what`,
+/// the bar, then `counts` (an indicatif template fragment).
+pub fn progress_bar(show: bool, total: u64, what: &str, counts: &str) -> ProgressBar {
     if !show || !std::io::stderr().is_terminal() {
         return ProgressBar::hidden();
     }
     let bar = ProgressBar::new(total);
-    if let Ok(style) = ProgressStyle::with_template(
-        "{msg} [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
-    ) {
+    if let Ok(style) = ProgressStyle::with_template(&format!("{{msg}} [{{bar:40}}] {counts}")) {
         bar.set_style(style.progress_chars("=> "));
     }
     bar.set_message(what.to_string());
