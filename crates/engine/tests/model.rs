@@ -28,6 +28,8 @@ fn op_strategy() -> impl Strategy<Value = Op> {
         3 => (any::<u8>(), any::<u8>()).prop_map(|(disk, snap)| Op::DeleteSnapshot { disk, snap }),
         1 => any::<u8>().prop_map(|disk| Op::DeleteDisk { disk }),
         1 => (any::<u8>(), any::<u8>()).prop_map(|(disk, blocks)| Op::Grow { disk, blocks }),
+        2 => (any::<u8>(), any::<u8>()).prop_map(|(disk, keep)| Op::ScheduleTick { disk, keep }),
+        1 => Just(Op::Gc),
         1 => Just(Op::Reopen),
     ]
 }

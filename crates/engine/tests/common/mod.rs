@@ -4,7 +4,7 @@
 
 #![allow(dead_code)]
 
-use parallax_engine::{Error, Store, Vdi};
+use parallax_engine::{Error, Schedule, Store, Vdi};
 use std::collections::BTreeMap;
 
 pub const BLOCK: usize = 4096;
@@ -57,6 +57,14 @@ pub enum Op {
         disk: u8,
         blocks: u8,
     },
+    /// One tick of a snapshot schedule keeping the newest `keep % 4 + 1`
+    /// scheduled snapshots: a scheduled snapshot, then a retention pass.
+    ScheduleTick {
+        disk: u8,
+        keep: u8,
+    },
+    /// Mark and sweep.
+    Gc,
     Reopen,
 }
 
@@ -69,6 +77,8 @@ pub struct DiskModel {
     /// Per block, every content written since the last commit (crash tests).
     pub pending: BTreeMap<usize, Vec<Vec<u8>>>,
     pub snapshots: Vec<(String, Vec<u8>)>,
+    /// Names of the snapshots a schedule took (retention may delete them).
+    pub scheduled: Vec<String>,
 }
 
 impl DiskModel {
@@ -137,6 +147,16 @@ pub enum InFlight {
     NewDisk {
         name: String,
         content: Vec<u8>,
+    },
+    DeletedDisk {
+        name: String,
+    },
+    /// A schedule tick: a new snapshot (name unknown beforehand) holding
+    /// `content`, and the deletion of `expired`.
+    Tick {
+        disk: String,
+        content: Vec<u8>,
+        expired: Vec<String>,
     },
 }
 
@@ -330,12 +350,14 @@ impl Runner {
                 self.handle(&name)?.delete_snapshot(&snap)?;
                 let m = self.model.disks.get_mut(&name).unwrap();
                 m.snapshots.retain(|(s, _)| *s != snap);
+                m.scheduled.retain(|s| *s != snap);
                 m.commit();
             }
             Op::DeleteDisk { disk } => {
                 let Some(name) = pick(&names, disk) else {
                     return Ok(());
                 };
+                self.in_flight = Some(InFlight::DeletedDisk { name: name.clone() });
                 match self.store.delete_vdi(&name) {
                     // Refused while clones of it exist: nothing changed.
                     Err(Error::Busy(_)) => return Ok(()),
@@ -354,6 +376,42 @@ impl Runner {
                 let m = self.model.disks.get_mut(&name).unwrap();
                 m.data.resize(len, 0);
                 m.commit();
+            }
+            Op::ScheduleTick { disk, keep } => {
+                let Some(name) = pick(&names, disk) else {
+                    return Ok(());
+                };
+                let keep = keep as usize % 4 + 1;
+                let h = self.handle(&name)?;
+                let m = &self.model.disks[&name];
+                // The newest `keep` scheduled ones stay, the new one included.
+                let expired: Vec<String> =
+                    m.scheduled.iter().rev().skip(keep - 1).cloned().collect();
+                self.in_flight = Some(InFlight::Tick {
+                    disk: name.clone(),
+                    content: m.data.clone(),
+                    expired: expired.clone(),
+                });
+                h.set_schedule(Schedule {
+                    every_ns: 1_000_000,
+                    keep_last: keep as u32,
+                    ..Schedule::default()
+                })?;
+                self.model.disks.get_mut(&name).unwrap().commit();
+                let (snap, report) = h.schedule_tick()?;
+                assert_eq!(report.deleted, expired.len() as u64, "retention of {name}");
+                let m = self.model.disks.get_mut(&name).unwrap();
+                let content = m.data.clone();
+                m.snapshots.push((snap.name.clone(), content));
+                m.snapshots.retain(|(s, _)| !expired.contains(s));
+                m.scheduled.push(snap.name);
+                m.scheduled.retain(|s| !expired.contains(s));
+            }
+            Op::Gc => {
+                self.store.gc()?;
+                for m in self.model.disks.values_mut() {
+                    m.commit();
+                }
             }
             Op::Reopen => {
                 self.in_flight = None;
