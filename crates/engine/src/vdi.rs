@@ -805,11 +805,42 @@ impl VdiInner {
         let mut log_entries = st.pending_log.clone();
         let mut new_snapshot = None;
         let mut live_parent = st.header.live_parent;
+        // Nothing changed since the parent snapshot: share its root.
+        let unchanged = match &snapshot {
+            Some(_) => self.unchanged_since_parent(st)?,
+            None => None,
+        };
+        let (shared, copied) = match unchanged {
+            Some(_) => (snapshot, None),
+            None => (None, snapshot),
+        };
         if let Some(NewSnapshot {
             id,
             name,
             scheduled,
-        }) = snapshot
+        }) = shared
+        {
+            if let Some(parent_root) = unchanged {
+                let info = SnapshotInfo {
+                    id,
+                    name,
+                    created_ns: now_ns(),
+                    size_bytes: st.size,
+                    scheduled,
+                    root: parent_root,
+                    parent: live_parent,
+                    hidden: false,
+                };
+                log_entries.push(info.record());
+                live_parent = id;
+                new_snapshot = Some(info);
+            }
+        }
+        if let Some(NewSnapshot {
+            id,
+            name,
+            scheduled,
+        }) = copied
         {
             let info = SnapshotInfo {
                 id,
@@ -889,6 +920,34 @@ impl VdiInner {
         meta.write_many(blocks, "tree nodes and snapshot log blocks")?;
         store.sync_bitmaps()?;
         Ok((header, freed, new_snapshot, new_log))
+    }
+
+    /// The root of the live tree's parent snapshot, if the live tree holds
+    /// exactly what that snapshot holds (nothing written since, nothing
+    /// pending): a new snapshot can then share that root instead of
+    /// copying one, so that snapshots of an idle disk cost a log record.
+    fn unchanged_since_parent(&self, st: &VdiState) -> Result<Option<Ptr>> {
+        if !self.reclaims(st) || st.tree.is_dirty() || st.tree.root().is_null() {
+            return Ok(None);
+        }
+        let Some(parent) = st.snapshots.get(st.header.live_parent) else {
+            return Ok(None);
+        };
+        if parent.size_bytes != st.size {
+            return Ok(None);
+        }
+        let meta = &self.store.meta;
+        let level = (TREE_HEIGHT - 1) as u8;
+        let live = meta.load_node(st.tree.root(), level)?;
+        let snap = meta.load_node(parent.root, level)?;
+        // The live root is a copy of the parent's with every bit cleared;
+        // any write since changed an entry (new blocks, or promotions).
+        let same = live
+            .entries
+            .iter()
+            .zip(snap.entries.iter())
+            .all(|(l, p)| *l == p.shared());
+        Ok(same.then_some(parent.root))
     }
 
     /// Whether this disk's deleted versions are reclaimed at once (see
