@@ -18,6 +18,8 @@
 #      disk that fio writes meanwhile (curl's time_total on the control socket)
 #   f  daemon memory (idle, 100 disks, 100 open NBD connections) and metadata
 #      bytes per GiB of data written (sequential and random 4 KiB fill)
+#   g  4 KiB random writes at QD32 with a snapshot every 10 ms (retention
+#      keeping the last 100) against the same disk without a schedule
 #
 # Methodology
 # - Same machine, same run, same file system (a fresh directory under
@@ -51,7 +53,7 @@
 #   SIZE_C (c: disk size, default 256M: one pass = 65,536 writes)
 #   DEPTH (d: 100)  E_CLONES E_SNAPS (e: 1000 each)  E_QCOW2 (e: 100 qcow2
 #   snapshots for context, 0 = skip)  F_DISKS F_MIB (f: 100 disks, 16 MiB each)
-#   META_SIZE (f: 1G written per fill pattern)
+#   META_SIZE (f: 1G written per fill pattern)  G_EVERY G_KEEP (g: 10ms, 100)
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"

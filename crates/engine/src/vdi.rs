@@ -992,24 +992,105 @@ impl VdiInner {
             deleted: ids.len() as u64,
             ..DeleteReport::default()
         };
-        let result = self.plan_deletion(st, ids, &mut report);
-        let result = result.and_then(|()| self.commit(st, None));
+        let mut ids = ids;
+        // A pass reclaims at most one version beside the live tree (its
+        // promotions change the live tree); more take another pass.
+        for _ in 0..64 {
+            let result = self.plan_deletion(st, ids, &mut report, true);
+            let deferred = match result.and_then(|d| self.commit(st, None).map(|()| d)) {
+                Ok(d) => d,
+                Err(e) => {
+                    if !st.poisoned {
+                        self.undo_deletion(st);
+                        // Promotions may have dirtied the (committed) tree.
+                        st.tree = Tree::open(st.header.root);
+                        st.header.live_parent = saved_parent;
+                    }
+                    return Err(e);
+                }
+            };
+            if !deferred {
+                break;
+            }
+            ids = &[];
+        }
+        report.hidden = (st.snapshots.len() - st.snapshots.visible_len()) as u64;
+        Ok(report)
+    }
+
+    /// After a planned deletion failed to commit: back to the durable
+    /// snapshot list, with nothing of the deletion pending. (Callers start
+    /// deletions with nothing else pending in the log or the free list.)
+    fn undo_deletion(&self, st: &mut VdiState) {
+        match load_log(&self.store, &st.header) {
+            Ok((snaps, _, _)) => st.snapshots = snaps,
+            Err(_) => st.poisoned = true,
+        }
+        st.pending_log.clear();
+        st.pending_free.clear();
+    }
+
+    /// One schedule tick in one commit: the deletions retention asks for
+    /// (counting the snapshot about to be taken) are planned against the
+    /// committed snapshot trees, then the snapshot is taken with them.
+    /// A deletion that would need the live tree as a neighbour while it has
+    /// uncommitted changes stays hidden until the next deletion pass.
+    pub(crate) fn schedule_tick(&self, st: &mut VdiState) -> Result<(SnapshotInfo, DeleteReport)> {
+        self.usable(st)?;
+        if !st.pending_log.is_empty() || !st.pending_free.is_empty() {
+            self.commit(st, None)?;
+        }
+        let id = st.header.next_snapshot_id;
+        let now = now_ns();
+        let mut scheduled: Vec<(u64, u64)> = st
+            .snapshots
+            .visible()
+            .filter(|s| s.scheduled)
+            .map(|s| (s.id, s.created_ns))
+            .collect();
+        scheduled.push((id, now));
+        let expired: Vec<u64> = crate::retention::expired(&st.header.schedule, &scheduled)
+            .into_iter()
+            .filter(|e| *e != id)
+            .collect();
+        let mut report = DeleteReport {
+            deleted: expired.len() as u64,
+            ..DeleteReport::default()
+        };
+        let name = format!("{}-{id}", compact_utc(now));
+        // With a clean tree the walks see the live tree exactly.
+        let live_ok = !st.tree.is_dirty();
+        let saved_tree = live_ok.then(|| st.tree.clone());
+        let saved_parent = st.header.live_parent;
+        let result = self
+            .plan_deletion(st, &expired, &mut report, live_ok)
+            .and_then(|_| {
+                self.commit(
+                    st,
+                    Some(NewSnapshot {
+                        id,
+                        name,
+                        scheduled: true,
+                    }),
+                )
+            });
         if let Err(e) = result {
             if !st.poisoned {
-                // Back to the durable state: nothing above was committed.
-                match load_log(&self.store, &st.header) {
-                    Ok((snaps, _, _)) => st.snapshots = snaps,
-                    Err(_) => st.poisoned = true,
+                self.undo_deletion(st);
+                if let Some(tree) = saved_tree {
+                    st.tree = tree;
                 }
-                st.pending_log.clear();
-                st.pending_free.clear();
-                st.tree = Tree::open(st.header.root);
                 st.header.live_parent = saved_parent;
             }
             return Err(e);
         }
         report.hidden = (st.snapshots.len() - st.snapshots.visible_len()) as u64;
-        Ok(report)
+        let snap = st
+            .snapshots
+            .get(id)
+            .cloned()
+            .ok_or_else(|| Error::Inconsistent("snapshot vanished after commit".into()))?;
+        Ok((snap, report))
     }
 
     /// The in-memory half of [`VdiInner::delete_versions`]: records, blocks
@@ -1019,15 +1100,17 @@ impl VdiInner {
         st: &mut VdiState,
         ids: &[u64],
         report: &mut DeleteReport,
-    ) -> Result<()> {
+        mut live_ok: bool,
+    ) -> Result<bool> {
         let now = now_ns();
+        let mut deferred = false;
         if !self.reclaims(st) {
             for &id in ids {
                 st.snapshots.remove(id);
                 st.pending_log
                     .push(LogEntry::removal(LogEntryKind::Deleted, id, now));
             }
-            return Ok(());
+            return Ok(false);
         }
         let meta = &self.store.meta;
         let root_level = (TREE_HEIGHT - 1) as u8;
@@ -1046,8 +1129,12 @@ impl VdiInner {
             // A clone's versions are not walked from here: a snapshot with
             // clones stays hidden until they are deleted.
             let uses = kids.len() + usize::from(live_kid);
+            if live_kid && !live_ok && s.hidden && uses == 1 {
+                deferred = true;
+            }
             if !s.hidden
                 || uses > 1
+                || (live_kid && !live_ok)
                 || self.store.clone_count(self.id, v) > 0
                 || self.pins.lock().contains_key(&v)
             {
@@ -1082,6 +1169,9 @@ impl VdiInner {
                 }
                 st.header.live_parent = s.parent;
                 st.header_dirty = true;
+                // The walks read the committed live tree: no second
+                // contraction beside it until this one is committed.
+                live_ok = false;
             }
             st.snapshots.remove(v);
             deleted.push(v);
@@ -1099,9 +1189,9 @@ impl VdiInner {
         }
         freed.sort_unstable();
         freed.dedup();
-        report.freed_blocks = freed.len() as u64;
+        report.freed_blocks += freed.len() as u64;
         st.pending_free.extend(freed);
-        Ok(())
+        Ok(deferred)
     }
 
     /// Every block that deleting this disk frees: all it holds that its
@@ -1539,10 +1629,14 @@ impl Vdi {
     /// One tick of the disk's schedule: takes a snapshot marked as taken
     /// by the schedule, then deletes the scheduled snapshots that the
     /// retention rules no longer keep (see [`crate::retention`]).
-    pub fn schedule_tick(&self) -> Result<(SnapshotInfo, DeleteReport)> {
-        let snap = self.take_snapshot(None, true)?;
-        let report = self.apply_retention()?;
-        Ok((snap, report))
+    /// Returns `None`, taking nothing, when the disk has no schedule (it
+    /// was switched off while the caller waited for the lock).
+    pub fn schedule_tick(&self) -> Result<Option<(SnapshotInfo, DeleteReport)>> {
+        let mut st = self.inner.exclusive()?;
+        if st.header.schedule.every_ns == 0 {
+            return Ok(None);
+        }
+        self.inner.schedule_tick(&mut st).map(Some)
     }
 
     /// Deletes the scheduled snapshots the retention rules do not keep.

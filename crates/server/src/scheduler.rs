@@ -109,7 +109,9 @@ fn run(vdi: Vdi, every_ns: u64, stop: Arc<AtomicBool>, stats: Arc<ScheduleStats>
             continue;
         }
         match vdi.schedule_tick() {
-            Ok((_, report)) => {
+            // Switched off meanwhile; `refresh` is stopping this thread.
+            Ok(None) => return,
+            Ok(Some((_, report))) => {
                 stats.taken.fetch_add(1, Ordering::Relaxed);
                 stats.deleted.fetch_add(report.deleted, Ordering::Relaxed);
                 stats

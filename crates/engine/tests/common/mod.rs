@@ -392,13 +392,18 @@ impl Runner {
                     content: m.data.clone(),
                     expired: expired.clone(),
                 });
-                h.set_schedule(Schedule {
+                let schedule = Schedule {
                     every_ns: 1_000_000,
                     keep_last: keep as u32,
                     ..Schedule::default()
-                })?;
-                self.model.disks.get_mut(&name).unwrap().commit();
-                let (snap, report) = h.schedule_tick()?;
+                };
+                // Unchanged schedules are not set again, so that ticks also
+                // run with uncommitted writes pending.
+                if h.schedule() != schedule {
+                    h.set_schedule(schedule)?;
+                    self.model.disks.get_mut(&name).unwrap().commit();
+                }
+                let (snap, report) = h.schedule_tick()?.expect("the schedule is on");
                 assert_eq!(report.deleted, expired.len() as u64, "retention of {name}");
                 let m = self.model.disks.get_mut(&name).unwrap();
                 let content = m.data.clone();

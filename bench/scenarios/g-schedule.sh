@@ -1,0 +1,53 @@
+# shellcheck shell=bash disable=SC2034,SC2153 # variables shared with bench/lib.sh
+# Scenario g: the price of frequent snapshots. 4 KiB random writes at QD32 on
+# one Parallax --direct disk (SIZE, filled), alternating runs without a
+# schedule and with `schedule --every G_EVERY --keep-last G_KEEP` (retention
+# deletes one old snapshot after each new one, so both snapshot creation
+# and reclamation run under the load). The schedule is switched on and off
+# between runs through the control API; each scheduled run reports how
+# many snapshots it took and deleted.
+[ -n "${BENCH_LIB:-}" ] || { echo "run through bench/run.sh" >&2; exit 2; }
+declare -gA URI PIDOF STORE # from bench/lib.sh
+
+TSIZE=$SIZE
+G_EVERY=${G_EVERY:-10ms}
+G_KEEP=${G_KEEP:-100}
+px_start parallax --direct
+px parallax create D --size "$SIZE"
+URI[none]=$(px_uri parallax D)
+URI[every-$G_EVERY]=$(px_uri parallax D)
+fill none
+
+newest_id() {
+    px parallax snapshots D --json | python3 -c '
+import json, sys
+s = json.load(sys.stdin)
+print(s[-1]["id"] if s else 0)'
+}
+
+log "== measuring: $ROUNDS round(s) of ${RUNTIME}s, no schedule / schedule every $G_EVERY keep-last $G_KEEP"
+: >"$SDIR/snaps.txt"
+for ((r = 1; r <= ROUNDS; r++)); do
+    measure_once randwrite-qd32 "$r" none --rw=randwrite --bs=4k --iodepth=32 --time_based --runtime="$RUNTIME"
+    px parallax schedule D --every "$G_EVERY" --keep-last "$G_KEEP" >/dev/null
+    before=$(newest_id)
+    measure_once randwrite-qd32 "$r" "every-$G_EVERY" --rw=randwrite --bs=4k --iodepth=32 --time_based --runtime="$RUNTIME"
+    px parallax schedule D --off >/dev/null
+    after=$(newest_id)
+    kept=$(px parallax snapshots D --json | python3 -c 'import json,sys; print(len(json.load(sys.stdin)))')
+    echo "r$r $((after - before)) $kept" >>"$SDIR/snaps.txt"
+    log "   r$r: $((after - before)) snapshots taken during the scheduled run (${RUNTIME}s); $kept kept"
+done
+
+px_check parallax
+log "   df: $(px_df parallax)"
+px_stop parallax
+
+echo
+print_table "scenario g: 4k random writes QD32 with and without a snapshot schedule, ${SIZE} disk, ${RUNTIME}s runs" \
+    "none every-$G_EVERY" "sched/none=every-$G_EVERY/none" \
+    "randwrite-qd32:iops:4k randwrite QD32" "randwrite-qd32:lat:4k randwrite QD32" \
+    "randwrite-qd32:p99:4k randwrite QD32"
+awk -v rt="$RUNTIME" '{ n += $2; k = $3 } END { printf "  snapshots per scheduled run: %.0f on average (%.1f per second); kept at the end: %d\n", n / NR, n / NR / rt, k }' "$SDIR/snaps.txt"
+echo "  Same disk, same daemon; the runs alternate. Each scheduled snapshot is two commits (the snapshot,"
+echo "  then the retention pass that deletes the oldest scheduled one and frees its blocks)."
