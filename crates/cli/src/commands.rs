@@ -371,10 +371,15 @@ pub fn gc(ctx: &Context) -> Result<()> {
     ))
 }
 
-pub fn df(ctx: &Context) -> Result<()> {
-    let s = ctx.read(|api| api.df())?;
+pub fn df(ctx: &Context, scan: bool) -> Result<()> {
+    let s = ctx.read(|api| api.df(scan))?;
+    let scan_failed = s.scan.as_ref().is_some_and(|r| !r.matches);
     if ctx.json {
-        return print_json(&s);
+        print_json(&s)?;
+        if scan_failed {
+            bail!("the full scan found different figures");
+        }
+        return Ok(());
     }
     let percent = s.used_bytes as f64 * 100.0 / s.capacity_bytes.max(1) as f64;
     let mut text = key_values(&[
@@ -400,5 +405,19 @@ pub fn df(ctx: &Context) -> Result<()> {
         text.push('\n');
         text.push_str(&table.render());
     }
-    print(&text)
+    if let Some(r) = &s.scan {
+        text.push_str(if r.matches {
+            "\nfull scan: every disk and snapshot figure matches\n"
+        } else {
+            "\nfull scan: figures differ\n"
+        });
+        for d in &r.differences {
+            text.push_str(&format!("  {d}\n"));
+        }
+    }
+    print(&text)?;
+    if scan_failed {
+        bail!("the full scan found different figures");
+    }
+    Ok(())
 }

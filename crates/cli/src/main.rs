@@ -158,7 +158,12 @@ enum Command {
     Gc,
     /// Show the store's capacity and use, and each disk's `used` (what
     /// deleting it with its snapshots frees) and `referenced` space.
-    Df,
+    Df {
+        /// Also recompute every figure by a full scan of the store and
+        /// compare (exit 1 if anything differs).
+        #[arg(long)]
+        scan: bool,
+    },
     /// Take snapshots of a disk on a schedule, thinned by retention rules
     /// (kept in the store; the daemon runs them). Without options, show the
     /// schedule.
@@ -306,7 +311,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         } => commands::export(&ctx, source, file, *force),
         Command::Check => commands::check(&ctx),
         Command::Gc => commands::gc(&ctx),
-        Command::Df => commands::df(&ctx),
+        Command::Df { scan } => commands::df(&ctx, *scan),
         Command::Schedule {
             name,
             every,

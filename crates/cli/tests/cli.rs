@@ -339,6 +339,11 @@ fn a_disk_with_clones_cannot_be_deleted() {
     // The snapshot can go: it stays hidden while the clones need it.
     env.ok(&["delete", "gold@v1"]);
     assert_eq!(env.json(&["info", "gold"])["hidden_snapshots"], 1);
+    let df = env.json(&["df", "--scan"]);
+    assert_eq!(df["scan"]["matches"], true, "{df}");
+    assert!(env
+        .ok(&["df", "--scan"])
+        .contains("full scan: every disk and snapshot figure matches"));
     env.ok(&["delete", "vm1", "vm2"]);
     assert_eq!(env.json(&["info", "gold"])["hidden_snapshots"], 0);
     env.ok(&["delete", "gold"]);

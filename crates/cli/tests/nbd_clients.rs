@@ -2604,7 +2604,8 @@ fn scheduled_snapshots_with_retention_while_writing() {
     let report = d.json(&["check"]);
     assert_eq!(report["clean"], true, "{report}");
     assert_eq!(report["leaked_blocks"], 0, "{report}");
-    let df = d.json(&["df"]);
+    let df = d.json(&["df", "--scan"]);
+    assert_eq!(df["scan"]["matches"], true, "{df}");
     let disk = &df["disks"][0];
     assert!(
         disk["used_bytes"].as_u64() >= disk["referenced_bytes"].as_u64(),

@@ -81,6 +81,10 @@ pub struct SnapshotDetail {
     pub name: String,
     pub id: u64,
     pub created: String,
+    /// The same instant in ns since the Unix epoch: the snapshot holds every
+    /// write acknowledged before it, and none sent after it.
+    #[serde(default)]
+    pub created_ns: u64,
     pub size_bytes: u64,
     /// Bytes the snapshot maps (shared or not); absent in listings.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -150,6 +154,18 @@ pub struct SpaceSummary {
     pub used_bytes: u64,
     pub free_bytes: u64,
     pub disks: Vec<DiskUse>,
+    /// With `df --scan`: whether a brute-force scan of every version found
+    /// exactly the same used and referenced figures (disks and snapshots),
+    /// and what differed if not.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scan: Option<ScanResult>,
+}
+
+/// The outcome of `df --scan`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ScanResult {
+    pub matches: bool,
+    pub differences: Vec<String>,
 }
 
 /// One NBD client connection of a daemon.
@@ -296,5 +312,6 @@ pub trait Api {
     fn gc(&self) -> ApiResult<GcSummary>;
     /// The progress of a `gc` running now, if any.
     fn gc_progress(&self) -> ApiResult<Option<GcProgress>>;
-    fn df(&self) -> ApiResult<SpaceSummary>;
+    /// Space figures; with `scan`, also checked against a full scan.
+    fn df(&self, scan: bool) -> ApiResult<SpaceSummary>;
 }

@@ -218,7 +218,8 @@ impl Api for Remote {
         self.call(Method::GET, "/v1/gc", None::<&()>)
     }
 
-    fn df(&self) -> ApiResult<SpaceSummary> {
-        self.call(Method::GET, "/v1/df", None::<&()>)
+    fn df(&self, scan: bool) -> ApiResult<SpaceSummary> {
+        let path = if scan { "/v1/df?scan=1" } else { "/v1/df" };
+        self.call(Method::GET, path, None::<&()>)
     }
 }

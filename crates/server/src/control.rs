@@ -138,6 +138,7 @@ async fn handle(
 ) -> Result<Response<Full<Bytes>>, Infallible> {
     let method = req.method().clone();
     let path = req.uri().path().to_string();
+    let query = req.uri().query().unwrap_or("").to_string();
     let body = match Limited::new(req.into_body(), MAX_BODY).collect().await {
         Ok(b) => b.to_bytes(),
         Err(e) => {
@@ -147,7 +148,7 @@ async fn handle(
         }
     };
     let (m, p) = (method.clone(), path.clone());
-    let routed = tokio::task::spawn_blocking(move || route(&state, &m, &p, &body)).await;
+    let routed = tokio::task::spawn_blocking(move || route(&state, &m, &p, &query, &body)).await;
     let response = match routed {
         Ok(Ok((status, body))) => json_response(status, body),
         Ok(Err(e)) => error_response(&e),
@@ -193,6 +194,7 @@ fn route(
     state: &ControlState,
     method: &Method,
     path: &str,
+    query: &str,
     body: &[u8],
 ) -> ApiResult<(u16, Vec<u8>)> {
     let api: &Service = &state.service;
@@ -238,7 +240,7 @@ fn route(
             let b: ImportBody = parse(body)?;
             ok(201, api.import(absolute(&b.file)?, &b.name, b.size_bytes))
         }
-        ["v1", "df"] if get => ok(200, api.df()),
+        ["v1", "df"] if get => ok(200, api.df(query.split('&').any(|q| q == "scan=1"))),
         ["v1", "check"] if get => ok(200, api.check()),
         ["v1", "gc"] if post => ok(200, api.gc()),
         ["v1", "gc"] if get => ok(200, api.gc_progress()),

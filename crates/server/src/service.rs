@@ -204,6 +204,51 @@ impl Service {
         result
     }
 
+    /// Every disk's and snapshot's figures from neighbour walks, compared
+    /// with a brute-force scan of the whole store.
+    fn scan_space(&self) -> ApiResult<ScanResult> {
+        let scanned = self.store.space_scan()?;
+        let mut differences = Vec::new();
+        for s in &scanned {
+            let fast = self.store.space(&s.name)?;
+            if fast.used_bytes != s.used_bytes
+                || fast.referenced_bytes != s.referenced_bytes
+                || fast.live_used_bytes != s.live_used_bytes
+            {
+                differences.push(format!(
+                    "disk {}: used/referenced/live-only {}/{}/{} by walks, {}/{}/{} by scan",
+                    s.name,
+                    fast.used_bytes,
+                    fast.referenced_bytes,
+                    fast.live_used_bytes,
+                    s.used_bytes,
+                    s.referenced_bytes,
+                    s.live_used_bytes
+                ));
+            }
+            for (a, b) in fast.snapshots.iter().zip(&s.snapshots) {
+                if a != b {
+                    differences.push(format!(
+                        "{}@{}: used/referenced {}/{} by walks, {}/{} by scan",
+                        s.name,
+                        a.name,
+                        a.used_bytes,
+                        a.referenced_bytes,
+                        b.used_bytes,
+                        b.referenced_bytes
+                    ));
+                }
+            }
+            if fast.snapshots.len() != s.snapshots.len() {
+                differences.push(format!("disk {}: snapshot counts differ", s.name));
+            }
+        }
+        Ok(ScanResult {
+            matches: differences.is_empty(),
+            differences,
+        })
+    }
+
     fn disk_info(&self, vdi: &Vdi) -> ApiResult<DiskInfo> {
         let info = vdi.info();
         Ok(DiskInfo {
@@ -234,6 +279,7 @@ fn snapshot_detail(disk: &str, info: &parallax_engine::SnapshotInfo) -> Snapshot
         name: info.name.clone(),
         id: info.id,
         created: rfc3339(info.created_ns),
+        created_ns: info.created_ns,
         size_bytes: info.size_bytes,
         allocated_bytes: None,
         scheduled: info.scheduled,
@@ -408,7 +454,7 @@ impl Api for Service {
         Ok(self.gc_progress.lock().clone())
     }
 
-    fn df(&self) -> ApiResult<SpaceSummary> {
+    fn df(&self, scan: bool) -> ApiResult<SpaceSummary> {
         let stats = self.store.stats();
         let disks = self
             .list()?
@@ -426,11 +472,13 @@ impl Api for Service {
                 })
             })
             .collect::<ApiResult<Vec<_>>>()?;
+        let scan = scan.then(|| self.scan_space()).transpose()?;
         Ok(SpaceSummary {
             capacity_bytes: stats.capacity_bytes,
             used_bytes: stats.used_bytes,
             free_bytes: stats.free_bytes,
             disks,
+            scan,
         })
     }
 }
