@@ -30,7 +30,7 @@ use crate::meta::MetaIo;
 use crate::tree::span;
 use crate::vdi::SnapshotInfo;
 use parallax_format::{LogEntry, LogEntryKind, NodeBlock, Ptr, FAN_OUT, LOG_FLAG_HIDDEN};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 
 /// The snapshots of one disk, by id (creation order) and by name, with
@@ -42,6 +42,7 @@ pub(crate) struct SnapSet {
     by_name: HashMap<String, u64>,
     /// Parent id (0 = the disk's origin) ─▶ snapshot ids deriving from it.
     children: HashMap<u64, Vec<u64>>,
+    hidden: BTreeSet<u64>,
 }
 
 impl SnapSet {
@@ -71,12 +72,9 @@ impl SnapSet {
         self.by_id.len()
     }
 
+    /// Hidden snapshots, oldest first.
     pub fn hidden_ids(&self) -> Vec<u64> {
-        self.by_id
-            .values()
-            .filter(|s| s.hidden)
-            .map(|s| s.id)
-            .collect()
+        self.hidden.iter().copied().collect()
     }
 
     /// Snapshots whose parent is `id` (0: the disk's origin).
@@ -85,7 +83,9 @@ impl SnapSet {
     }
 
     pub fn insert(&mut self, s: SnapshotInfo) {
-        if !s.hidden {
+        if s.hidden {
+            self.hidden.insert(s.id);
+        } else {
             self.by_name.insert(s.name.clone(), s.id);
         }
         self.children.entry(s.parent).or_default().push(s.id);
@@ -98,6 +98,7 @@ impl SnapSet {
             if !s.hidden {
                 s.hidden = true;
                 self.by_name.remove(&s.name);
+                self.hidden.insert(id);
             }
         }
     }
@@ -105,7 +106,9 @@ impl SnapSet {
     /// Removes a snapshot; its children now derive from its parent.
     pub fn remove(&mut self, id: u64) -> Option<SnapshotInfo> {
         let s = self.by_id.remove(&id)?;
-        if !s.hidden {
+        if s.hidden {
+            self.hidden.remove(&id);
+        } else {
             self.by_name.remove(&s.name);
         }
         if let Some(siblings) = self.children.get_mut(&s.parent) {

@@ -1179,7 +1179,8 @@ impl VdiInner {
                 candidates.push(s.parent);
             }
         }
-        for &id in ids.iter().filter(|id| !deleted.contains(id)) {
+        let gone: HashSet<u64> = deleted.iter().copied().collect();
+        for &id in ids.iter().filter(|id| !gone.contains(id)) {
             st.pending_log
                 .push(LogEntry::removal(LogEntryKind::Hidden, id, now));
         }
