@@ -92,8 +92,8 @@ fn main() {
         c *= 10;
     }
     checkpoints.push(snapshots);
-    println!("| snapshots | take (ms, mean of last 100) | list (ms) | open store+disk (ms) | read 4 KiB via oldest / newest (µs) | store used (MiB) |");
-    println!("|---|---|---|---|---|---|");
+    println!("| snapshots | take (ms, mean of last 100) | list (ms) | used/referenced of all (ms) | open store+disk (ms) | read 4 KiB via oldest / newest (µs) | store used (MiB) |");
+    println!("|---|---|---|---|---|---|---|");
     let mut store = store;
     let mut disk: Vdi = disk;
     let mut taken = 0u64;
@@ -113,6 +113,11 @@ fn main() {
         let list = disk.snapshots();
         let list_time = t.elapsed();
         assert_eq!(list.len() as u64, taken);
+        let t = Instant::now();
+        let space = store.space("idle").expect("space");
+        let space_time = t.elapsed();
+        assert_eq!(space.snapshots.len() as u64, taken);
+        drop(space);
         let (oldest, newest) = (list[0].name.clone(), list[list.len() - 1].name.clone());
         drop(list);
         store.flush_all().expect("flush");
@@ -125,9 +130,10 @@ fn main() {
         let r_old = read_through(&store, "idle", &oldest, &mut rng);
         let r_new = read_through(&store, "idle", &newest, &mut rng);
         println!(
-            "| {taken} | {:.3} | {:.1} | {:.1} | {:.1} / {:.1} | {} |",
+            "| {taken} | {:.3} | {:.1} | {:.1} | {:.1} | {:.1} / {:.1} | {} |",
             ms(take),
             ms(list_time),
+            ms(space_time),
             ms(open_time),
             r_old.as_secs_f64() * 1e6,
             r_new.as_secs_f64() * 1e6,
@@ -153,6 +159,15 @@ fn main() {
     busy.flush().expect("flush");
     store.flush_all().expect("flush");
     let used_before = store.stats().used_bytes;
+    let t = Instant::now();
+    let space = store.space("busy").expect("space");
+    println!(
+        "- used/referenced of the disk and its {} snapshots: {:.0} ms; used {} MiB, referenced {} MiB",
+        space.snapshots.len(),
+        ms(t.elapsed()),
+        space.used_bytes / MIB,
+        space.referenced_bytes / MIB
+    );
     let ids: Vec<u64> = busy.snapshots().iter().map(|s| s.id).collect();
     let t = Instant::now();
     let mut freed = 0;

@@ -235,18 +235,35 @@ impl Allocator {
         }
     }
 
-    /// Replaces every bitmap owned by this host (or unowned) with `marked`
-    /// (used by `gc`): blocks not in `marked` become free.
-    pub fn rebuild(&mut self, marked: &dyn Fn(u64) -> bool) -> u64 {
+    /// The bitmaps of the extents this host may free in (its own and
+    /// unowned ones), as they are now; `None` for the others. `gc` frees
+    /// only blocks allocated at this instant.
+    pub fn snapshot(&self) -> Vec<Option<BitmapBlock>> {
+        self.extents
+            .iter()
+            .map(|e| {
+                let owner = e.bitmap.owner;
+                (owner == self.host_id || owner == 0).then(|| e.bitmap.clone())
+            })
+            .collect()
+    }
+
+    /// Frees every block that was allocated in `snapshot` (taken by
+    /// [`Allocator::snapshot`]), is still allocated, and is not `marked`.
+    /// Blocks allocated since the snapshot are kept whatever `marked` says.
+    pub fn rebuild_since(
+        &mut self,
+        snapshot: &[Option<BitmapBlock>],
+        marked: &dyn Fn(u64) -> bool,
+    ) -> u64 {
         let mut freed = 0;
-        for ei in 0..self.extents.len() {
-            let owner = self.extents[ei].bitmap.owner;
-            if owner != self.host_id && owner != 0 {
+        for (ei, then) in snapshot.iter().enumerate() {
+            let Some(then) = then else {
                 continue;
-            }
+            };
             for index in 0..self.extents[ei].len {
                 let addr = self.addr_of(ei, index);
-                if self.extents[ei].bitmap.get(index) && !marked(addr) {
+                if then.get(index) && self.extents[ei].bitmap.get(index) && !marked(addr) {
                     self.release(addr);
                     freed += 1;
                 }

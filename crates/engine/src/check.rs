@@ -326,8 +326,9 @@ impl Store {
     }
 
     /// Mark and sweep: returns to the free pool every block of this host's
-    /// extents that nothing references. Open disks are flushed first and
-    /// held still while it runs.
+    /// extents that nothing references. Open disks keep serving while it
+    /// marks: they are held still only to commit and note what is
+    /// allocated (before the mark) and to settle the result (after).
     pub fn gc(&self) -> Result<GcReport> {
         self.gc_with_progress(&|_, _| {})
     }
@@ -335,23 +336,79 @@ impl Store {
     /// [`Store::gc`], calling `progress(marked, allocated)` as the mark
     /// phase goes: blocks found referenced so far, out of the blocks the
     /// allocator holds (the mark ends at or below that).
+    ///
+    /// 1. Holding every open disk: commit it, note the allocated blocks
+    ///    (`A0`) and the blocks of writes in flight, and start deferring
+    ///    frees (blocks freed from now on are held back, so nothing the mark
+    ///    reads is reused under it).
+    /// 2. Mark from the durable state, disks running. Whatever a commit
+    ///    adds meanwhile was allocated after `A0` and is kept; whatever it
+    ///    drops is in the deferred list.
+    /// 3. Holding every open disk again (no commit between its header and
+    ///    its release): release the deferred frees, then free every block
+    ///    of `A0` still allocated that neither the mark nor a write in
+    ///    flight claims. Then write the bitmaps.
+    ///
+    /// The catalogue stays locked throughout: disks are not created,
+    /// cloned, deleted or opened while it runs.
     pub fn gc_with_progress(&self, progress: &(dyn Fn(u64, u64) + Sync)) -> Result<GcReport> {
-        // Lock order, as everywhere: catalogue, then disks by id. Holding
-        // the catalogue keeps disks from being opened, created or deleted
-        // while the sweep runs.
         let catalog = self.inner.catalog.lock();
         let open: Vec<Arc<VdiInner>> = self.open_handles();
-        let mut guards: Vec<RwLockWriteGuard<'_, crate::vdi::VdiState>> = Vec::new();
-        for v in &open {
-            let mut st = v.state.write();
-            if !st.deleted {
-                v.commit(&mut st, None)?;
+        let (before, in_flight) = {
+            let mut guards: Vec<RwLockWriteGuard<'_, crate::vdi::VdiState>> = Vec::new();
+            for v in &open {
+                let mut st = v.state.write();
+                if !st.deleted {
+                    v.commit(&mut st, None)?;
+                }
+                guards.push(st);
             }
-            guards.push(st);
-        }
+            let in_flight: HashSet<u64> = open
+                .iter()
+                .flat_map(|v| v.fresh.lock().in_flight.iter().copied().collect::<Vec<_>>())
+                .collect();
+            *self.inner.deferred_frees.lock() = Some(Vec::new());
+            (self.inner.alloc.lock().snapshot(), in_flight)
+        };
+        let marked = self.gc_mark(&catalog, progress);
+        let guards: Vec<RwLockWriteGuard<'_, crate::vdi::VdiState>> =
+            open.iter().map(|v| v.state.write()).collect();
+        let deferred = self.inner.deferred_frees.lock().take().unwrap_or_default();
+        let m = match marked {
+            Ok(m) => m,
+            Err(e) => {
+                self.inner.release(&deferred);
+                return Err(e);
+            }
+        };
+        let freed = {
+            let mut alloc = self.inner.alloc.lock();
+            for &b in &deferred {
+                self.inner.meta.evict(b);
+                alloc.release(b);
+            }
+            alloc.rebuild_since(&before, &|addr| {
+                m.roles.contains_key(&addr) || in_flight.contains(&addr)
+            })
+        };
+        drop(guards);
+        self.inner.sync_bitmaps()?;
+        drop(catalog);
+        Ok(GcReport {
+            freed_blocks: freed,
+            freed_bytes: freed * BLOCK_SIZE_U64,
+        })
+    }
+
+    /// The mark of [`Store::gc_with_progress`]; refuses a damaged store.
+    fn gc_mark(
+        &self,
+        catalog: &Catalog,
+        progress: &(dyn Fn(u64, u64) + Sync),
+    ) -> Result<Marking<'static>> {
         let (_, used) = self.inner.alloc.lock().totals();
         let report = |marked: u64| progress(marked, used);
-        let m = mark_all(self, &catalog, Some(&report));
+        let m = mark_all(self, catalog, Some(&report));
         progress(m.roles.len() as u64, used);
         if !m.errors.is_empty() {
             return Err(Error::Inconsistent(format!(
@@ -359,23 +416,9 @@ impl Store {
                 m.errors.join("; ")
             )));
         }
-        // Blocks that writes in progress allocated are referenced by nothing
-        // yet, but are about to be.
-        let in_flight: HashSet<u64> = open
-            .iter()
-            .flat_map(|v| v.fresh.lock().in_flight.iter().copied().collect::<Vec<_>>())
-            .collect();
-        let freed = self
-            .inner
-            .alloc
-            .lock()
-            .rebuild(&|addr| m.roles.contains_key(&addr) || in_flight.contains(&addr));
-        self.inner.sync_bitmaps()?;
-        drop(catalog);
-        drop(guards);
-        Ok(GcReport {
-            freed_blocks: freed,
-            freed_bytes: freed * BLOCK_SIZE_U64,
+        Ok(Marking {
+            progress: None,
+            ..m
         })
     }
 }

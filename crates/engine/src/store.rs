@@ -106,6 +106,9 @@ pub(crate) struct StoreInner {
     /// (origin disk id, snapshot id) ─▶ clones made from it that exist.
     /// Built when the store opens; a leaf lock (nothing is taken under it).
     clones: Mutex<HashMap<(u64, u64), usize>>,
+    /// While `gc` marks: blocks freed meanwhile, held back from the
+    /// allocator so that nothing the mark may still read is reused.
+    pub(crate) deferred_frees: Mutex<Option<Vec<u64>>>,
 }
 
 impl StoreInner {
@@ -147,6 +150,10 @@ impl StoreInner {
     }
 
     pub fn release(&self, blocks: &[u64]) {
+        if let Some(deferred) = self.deferred_frees.lock().as_mut() {
+            deferred.extend_from_slice(blocks);
+            return;
+        }
         let mut alloc = self.alloc.lock();
         for &b in blocks {
             self.meta.evict(b);
@@ -335,6 +342,7 @@ impl Store {
                 }),
                 open: Mutex::new(HashMap::new()),
                 clones: Mutex::new(HashMap::new()),
+                deferred_frees: Mutex::new(None),
             }),
         };
         // Which snapshots clones hang from: reclamation must keep them.

@@ -269,13 +269,14 @@ fn concurrent_writers_on_one_disk_and_several() {
 #[test]
 fn concurrent_allocating_writes_race_with_snapshots_and_gc_without_loss_or_leak() {
     // Writers allocate with the disk lock dropped while their data goes to
-    // the device; snapshots keep forcing new allocations and `gc` keeps
-    // sweeping. Every thread owns its own blocks, written in multi-block
+    // the device; snapshots keep forcing new allocations, another thread
+    // deletes them, and `gc` keeps sweeping (marking while all of that
+    // goes on). Every thread owns its own blocks, written in multi-block
     // requests; two more threads fight over the same shared blocks.
     let (_dev, store) = small_store(256 * MIB);
     let d = store.create_vdi("d", 32 * MIB).unwrap();
     let stop = std::sync::atomic::AtomicBool::new(false);
-    const ROUNDS: u64 = 60;
+    const ROUNDS: u64 = 400;
     std::thread::scope(|s| {
         let mut writers = Vec::new();
         for t in 0..4u64 {
@@ -301,22 +302,43 @@ fn concurrent_allocating_writes_race_with_snapshots_and_gc_without_loss_or_leak(
                 }
             }));
         }
-        let store = store.clone();
-        let d2 = d.clone();
         let stop = &stop;
-        let sweeper = s.spawn(move || {
-            let mut sweeps = 0;
-            while !stop.load(std::sync::atomic::Ordering::Relaxed) || sweeps < 3 {
+        let running = || !stop.load(std::sync::atomic::Ordering::Relaxed);
+        let mut helpers = Vec::new();
+        // Snapshots, each deleted again (oldest first) by another thread:
+        // their blocks are freed while gc marks.
+        let d2 = d.clone();
+        helpers.push(s.spawn(move || {
+            let mut n = 0;
+            while running() || n < 3 {
                 d2.snapshot(None).unwrap();
-                store.gc().unwrap();
+                n += 1;
+            }
+        }));
+        let d3 = d.clone();
+        helpers.push(s.spawn(move || {
+            while running() {
+                let snaps = d3.snapshots();
+                if snaps.len() > 2 {
+                    d3.delete_snapshot(&snaps[0].name).unwrap();
+                }
+            }
+        }));
+        let store2 = store.clone();
+        helpers.push(s.spawn(move || {
+            let mut sweeps = 0;
+            while running() || sweeps < 3 {
+                store2.gc().unwrap();
                 sweeps += 1;
             }
-        });
+        }));
         for w in writers {
             w.join().unwrap();
         }
         stop.store(true, std::sync::atomic::Ordering::Relaxed);
-        sweeper.join().unwrap();
+        for h in helpers {
+            h.join().unwrap();
+        }
     });
     let mut buf = vec![0u8; 4096];
     for t in 0..4u64 {
