@@ -117,7 +117,24 @@ fn bind_unix(path: &Path) -> Result<UnixListener> {
 }
 
 /// Runs the daemon until SIGINT or SIGTERM.
+/// Caps glibc's malloc at two arenas, unless `MALLOC_ARENA_MAX` says
+/// otherwise. By default every thread that allocates under contention may
+/// get an arena of its own, and the daemon's blocking threads each kept
+/// freed I/O buffers cached in theirs: a 10-minute soak (10 ms snapshots,
+/// fio and a 1 MiB writer) held 340 to 470 MiB resident, 140 MiB with two.
+fn cap_malloc_arenas() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    if std::env::var_os("MALLOC_ARENA_MAX").is_none() {
+        // SAFETY: mallopt only tunes the allocator; it is called before the
+        // daemon starts any thread, and M_ARENA_MAX takes any positive value.
+        unsafe {
+            libc::mallopt(libc::M_ARENA_MAX, 2);
+        }
+    }
+}
+
 pub fn run(options: ServeOptions) -> Result<()> {
+    cap_malloc_arenas();
     raise_fd_limit();
     let store_path = &options.store_path;
     if std::os::unix::net::UnixStream::connect(&options.control).is_ok() {
