@@ -208,6 +208,22 @@ pub fn info(ctx: &Context, target: &DiskRef) -> Result<()> {
         ("snapshots", d.snapshots.to_string()),
         ("hidden snapshots", d.hidden_snapshots.to_string()),
         ("schedule", describe_schedule(d.schedule.as_ref())),
+        (
+            "schedule run",
+            d.schedule_run.map_or_else(
+                || "-".into(),
+                |r| {
+                    format!(
+                        "{} taken, {} deleted ({} freed), {} skipped, {} failed since the daemon started",
+                        r.taken,
+                        r.deleted,
+                        format_size(r.freed_bytes),
+                        r.skipped,
+                        r.failed
+                    )
+                },
+            ),
+        ),
         ("origin", d.origin.unwrap_or_else(|| "-".into())),
         ("created", d.created),
         ("connections", d.connections.to_string()),

@@ -30,6 +30,22 @@ pub struct DiskInfo {
     /// The snapshot schedule, if the disk has one.
     #[serde(default)]
     pub schedule: Option<ScheduleSpec>,
+    /// What the daemon's schedule did since the daemon started (absent
+    /// without a daemon, or if the disk was never scheduled since).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub schedule_run: Option<ScheduleRun>,
+}
+
+/// Counters of a disk's schedule since the daemon started.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ScheduleRun {
+    pub taken: u64,
+    /// Snapshots retention deleted (or hid, when clones need them).
+    pub deleted: u64,
+    pub freed_bytes: u64,
+    pub failed: u64,
+    /// Ticks skipped because the previous one ran past its interval.
+    pub skipped: u64,
 }
 
 /// A disk's snapshot schedule and retention rules (0 = rule off).

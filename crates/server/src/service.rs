@@ -262,6 +262,20 @@ impl Service {
             name: info.name,
             hidden_snapshots: info.hidden_snapshots,
             schedule: (info.schedule.every_ns != 0).then(|| info.schedule.into()),
+            schedule_run: self
+                .scheduler
+                .as_ref()
+                .and_then(|s| s.stats(info.id))
+                .map(|s| {
+                    use std::sync::atomic::Ordering::Relaxed;
+                    ScheduleRun {
+                        taken: s.taken.load(Relaxed),
+                        deleted: s.deleted.load(Relaxed),
+                        freed_bytes: s.freed_blocks.load(Relaxed) * 4096,
+                        failed: s.failed.load(Relaxed),
+                        skipped: s.skipped.load(Relaxed),
+                    }
+                }),
         })
     }
 }
