@@ -1,11 +1,11 @@
 # shellcheck shell=bash disable=SC2034,SC2153 # variables shared with bench/lib.sh
-# Scenario g: the price of frequent snapshots. 4 KiB random writes at QD32 on
-# one Parallax --direct disk (SIZE, filled), alternating runs without a
-# schedule and with `schedule --every G_EVERY --keep-last G_KEEP` (retention
-# deletes one old snapshot after each new one, so both snapshot creation
-# and reclamation run under the load). The schedule is switched on and off
-# between runs through the control API; each scheduled run reports how
-# many snapshots it took and deleted.
+# Scenario g: the price of frequent snapshots. 4 KiB random writes at QD32,
+# alternating between two disks of one Parallax --direct daemon (SIZE each,
+# filled): `plain`, never snapshotted, and `sched`, with `schedule --every
+# G_EVERY --keep-last G_KEEP` switched on for its runs (retention deletes one
+# old snapshot with each new one, so snapshot creation and reclamation both
+# run under the load) and off between them. Each scheduled run reports how
+# many snapshots it took.
 [ -n "${BENCH_LIB:-}" ] || { echo "run through bench/run.sh" >&2; exit 2; }
 declare -gA URI PIDOF STORE # from bench/lib.sh
 
@@ -13,13 +13,14 @@ TSIZE=$SIZE
 G_EVERY=${G_EVERY:-10ms}
 G_KEEP=${G_KEEP:-100}
 px_start parallax --direct
-px parallax create D --size "$SIZE"
-URI[none]=$(px_uri parallax D)
-URI[every-$G_EVERY]=$(px_uri parallax D)
-fill none
+px parallax create plain --size "$SIZE"
+px parallax create sched --size "$SIZE"
+URI[none]=$(px_uri parallax plain)
+URI[every-$G_EVERY]=$(px_uri parallax sched)
+fill "none every-$G_EVERY"
 
 newest_id() {
-    px parallax snapshots D --json | python3 -c '
+    px parallax snapshots sched --json | python3 -c '
 import json, sys
 s = json.load(sys.stdin)
 print(s[-1]["id"] if s else 0)'
@@ -29,12 +30,12 @@ log "== measuring: $ROUNDS round(s) of ${RUNTIME}s, no schedule / schedule every
 : >"$SDIR/snaps.txt"
 for ((r = 1; r <= ROUNDS; r++)); do
     measure_once randwrite-qd32 "$r" none --rw=randwrite --bs=4k --iodepth=32 --time_based --runtime="$RUNTIME"
-    px parallax schedule D --every "$G_EVERY" --keep-last "$G_KEEP" >/dev/null
+    px parallax schedule sched --every "$G_EVERY" --keep-last "$G_KEEP" >/dev/null
     before=$(newest_id)
     measure_once randwrite-qd32 "$r" "every-$G_EVERY" --rw=randwrite --bs=4k --iodepth=32 --time_based --runtime="$RUNTIME"
-    px parallax schedule D --off >/dev/null
+    px parallax schedule sched --off >/dev/null
     after=$(newest_id)
-    kept=$(px parallax snapshots D --json | python3 -c 'import json,sys; print(len(json.load(sys.stdin)))')
+    kept=$(px parallax snapshots sched --json | python3 -c 'import json,sys; print(len(json.load(sys.stdin)))')
     echo "r$r $((after - before)) $kept" >>"$SDIR/snaps.txt"
     log "   r$r: $((after - before)) snapshots taken during the scheduled run (${RUNTIME}s); $kept kept"
 done
@@ -49,5 +50,5 @@ print_table "scenario g: 4k random writes QD32 with and without a snapshot sched
     "randwrite-qd32:iops:4k randwrite QD32" "randwrite-qd32:lat:4k randwrite QD32" \
     "randwrite-qd32:p99:4k randwrite QD32"
 awk -v rt="$RUNTIME" '{ n += $2; k = $3 } END { printf "  snapshots per scheduled run: %.0f on average (%.1f per second); kept at the end: %d\n", n / NR, n / NR / rt, k }' "$SDIR/snaps.txt"
-echo "  Same disk, same daemon; the runs alternate. Each scheduled snapshot is two commits (the snapshot,"
-echo "  then the retention pass that deletes the oldest scheduled one and frees its blocks)."
+echo "  Same daemon, two filled disks of ${SIZE}; the runs alternate. Each tick is one commit: the snapshot, with"
+echo "  the deletion of the scheduled snapshot retention drops (its blocks freed once the commit is durable)."

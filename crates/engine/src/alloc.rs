@@ -31,7 +31,11 @@ struct Extent {
     free: u64,
     /// Slot (0 = A, 1 = B) that the next bitmap write goes to.
     next_slot: u64,
+    /// The bitmap changed since it was last written.
     dirty: bool,
+    /// Blocks were allocated since it was last written: a commit must
+    /// write it before its header (I2). Frees alone may wait.
+    allocated: bool,
     /// Where to start looking for a free block.
     hint: u64,
 }
@@ -90,6 +94,7 @@ impl Allocator {
                 free,
                 next_slot,
                 dirty: false,
+                allocated: false,
                 hint: 0,
             });
         }
@@ -165,6 +170,7 @@ impl Allocator {
                     e.bitmap.set(index, true);
                     e.free -= 1;
                     e.dirty = true;
+                    e.allocated = true;
                     e.hint = index + 1;
                     self.cursor = ei;
                     return Ok(self.addr_of(ei, index));
@@ -172,6 +178,51 @@ impl Allocator {
             }
         }
         Err(Error::NoSpace)
+    }
+
+    /// Allocates `n` blocks for one batch of metadata writes: consecutive
+    /// ones when an extent this host may use has such a free run (so that
+    /// the batch goes out in one device write), else one by one.
+    pub fn allocate_run(&mut self, n: u64) -> Result<Vec<u64>> {
+        if n == 0 {
+            return Ok(Vec::new());
+        }
+        for ei in 0..self.extents.len() {
+            let e = &self.extents[ei];
+            let usable = e.bitmap.owner == self.host_id || e.bitmap.owner == 0;
+            if !usable || e.free < n {
+                continue;
+            }
+            if let Some(start) = self.find_free_run(ei, n) {
+                let e = &mut self.extents[ei];
+                e.bitmap.owner = self.host_id;
+                for index in start..start + n {
+                    e.bitmap.set(index, true);
+                }
+                e.free -= n;
+                e.dirty = true;
+                e.allocated = true;
+                return Ok((start..start + n).map(|i| self.addr_of(ei, i)).collect());
+            }
+        }
+        (0..n).map(|_| self.allocate(0)).collect()
+    }
+
+    /// The first index of `n` consecutive free blocks in extent `ei`.
+    fn find_free_run(&self, ei: usize, n: u64) -> Option<u64> {
+        let e = &self.extents[ei];
+        let mut run = 0;
+        for i in 0..e.len {
+            if e.bitmap.get(i) {
+                run = 0;
+            } else {
+                run += 1;
+                if run == n {
+                    return Some(i + 1 - n);
+                }
+            }
+        }
+        None
     }
 
     fn find_free(&self, ei: usize) -> Option<u64> {
@@ -199,14 +250,16 @@ impl Allocator {
         self.extents.iter().any(|e| e.dirty)
     }
 
-    /// Encodes the bitmap of every changed extent for its next slot.
-    pub fn plan_sync(&mut self) -> Vec<BitmapWrite> {
+    /// Encodes the bitmap of every changed extent for its next slot; with
+    /// `allocations_only`, only of those where blocks were allocated.
+    pub fn plan_sync(&mut self, allocations_only: bool) -> Vec<BitmapWrite> {
         let mut writes = Vec::new();
         for (ei, e) in self.extents.iter_mut().enumerate() {
-            if !e.dirty {
+            if !e.dirty || (allocations_only && !e.allocated) {
                 continue;
             }
             e.dirty = false;
+            e.allocated = false;
             let mut bm = e.bitmap.clone();
             bm.generation += 1;
             let addr = self.first_extent + ei as u64 * self.extent_blocks + e.next_slot;
@@ -231,6 +284,7 @@ impl Allocator {
                 e.next_slot = 1 - e.next_slot;
             } else {
                 e.dirty = true;
+                e.allocated = true;
             }
         }
     }
@@ -311,7 +365,7 @@ mod tests {
         a.release(got[5]);
         assert!(matches!(a.allocate(1), Err(Error::NoSpace)));
 
-        let plan = a.plan_sync();
+        let plan = a.plan_sync(false);
         assert_eq!(plan.len(), 2);
         for w in &plan {
             dev.write_at(&w.block[..], w.addr * 4096).unwrap();
@@ -325,7 +379,7 @@ mod tests {
         assert_eq!(c.free_blocks(), 0);
         // Second sync goes to the other slot, and a torn slot falls back.
         a.release(got[0]);
-        let plan = a.plan_sync();
+        let plan = a.plan_sync(false);
         assert_eq!(plan[0].addr, 3);
         dev.write_at(&[0xff; 100], 3 * 4096).unwrap();
         let d = Allocator::load(&dev, &sb(), 7).unwrap();

@@ -24,6 +24,19 @@
 //! neighbours, not with the size of the disk or the number of snapshots.
 //! (Sharing is always position-aligned: copy-on-write, snapshots and clones
 //! keep every block at the tree position it was written to.)
+//!
+//! **Deltas.** Walking a version beside its neighbours reads their nodes,
+//! and the nodes of a snapshot taken a while ago are no longer cached: under
+//! a 10 ms schedule that is a thousand random reads per reclaimed snapshot.
+//! So when a snapshot is taken (its nodes and its parent's still cached) the
+//! engine records its [`Delta`]: the blocks it holds that its parent does not
+//! (`born`) and the blocks its parent holds that it does not (`dead`).
+//! Reclaiming V, with parent P and only child C, frees
+//! `born(V) ∩ dead(C)` (= V ∖ P ∖ C), or `dead(C)` when V has no parent; C's
+//! delta then becomes `born(C) ∪ (born(V) ∖ dead(C))`,
+//! `dead(V) ∪ (dead(C) ∖ born(V))`. Deltas live in memory only (derived data,
+//! no format change): after a reopen, or wherever one is missing, the walk
+//! is used. Debug builds check every delta-based reclamation against the walk.
 
 use crate::error::Result;
 use crate::meta::MetaIo;
@@ -43,6 +56,66 @@ pub(crate) struct SnapSet {
     /// Parent id (0 = the disk's origin) ─▶ snapshot ids deriving from it.
     children: HashMap<u64, Vec<u64>>,
     hidden: BTreeSet<u64>,
+    /// Known deltas to the current parent (see the module documentation).
+    deltas: HashMap<u64, Delta>,
+}
+
+/// What a version holds that its parent does not (`born`) and what its
+/// parent holds that it does not (`dead`); sorted block addresses. For a
+/// version with no parent only `dead` (empty) is meaningful.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub(crate) struct Delta {
+    pub born: Vec<u64>,
+    pub dead: Vec<u64>,
+}
+
+/// `a ∩ b`, `a ∖ b` and `a ∪ b` of sorted, deduplicated lists.
+pub(crate) fn intersect(a: &[u64], b: &[u64]) -> Vec<u64> {
+    let mut out = Vec::new();
+    let (mut i, mut j) = (0, 0);
+    while i < a.len() && j < b.len() {
+        match a[i].cmp(&b[j]) {
+            std::cmp::Ordering::Less => i += 1,
+            std::cmp::Ordering::Greater => j += 1,
+            std::cmp::Ordering::Equal => {
+                out.push(a[i]);
+                i += 1;
+                j += 1;
+            }
+        }
+    }
+    out
+}
+
+pub(crate) fn minus(a: &[u64], b: &[u64]) -> Vec<u64> {
+    let mut out = Vec::with_capacity(a.len());
+    let mut j = 0;
+    for &x in a {
+        while j < b.len() && b[j] < x {
+            j += 1;
+        }
+        if j == b.len() || b[j] != x {
+            out.push(x);
+        }
+    }
+    out
+}
+
+pub(crate) fn union(a: &[u64], b: &[u64]) -> Vec<u64> {
+    let mut out: Vec<u64> = a.iter().chain(b).copied().collect();
+    out.sort_unstable();
+    out.dedup();
+    out
+}
+
+impl Delta {
+    /// The delta of C to P once V (C's parent, P's child) is gone.
+    pub fn merged(v: &Delta, c: &Delta) -> Delta {
+        Delta {
+            born: union(&c.born, &minus(&v.born, &c.dead)),
+            dead: union(&v.dead, &minus(&c.dead, &v.born)),
+        }
+    }
 }
 
 impl SnapSet {
@@ -77,6 +150,22 @@ impl SnapSet {
         self.hidden.iter().copied().collect()
     }
 
+    pub fn delta(&self, id: u64) -> Option<&Delta> {
+        self.deltas.get(&id)
+    }
+
+    /// Records (or, with `None`, forgets) the delta of `id` to its parent.
+    pub fn set_delta(&mut self, id: u64, delta: Option<Delta>) {
+        match delta {
+            Some(d) if self.by_id.contains_key(&id) => {
+                self.deltas.insert(id, d);
+            }
+            _ => {
+                self.deltas.remove(&id);
+            }
+        }
+    }
+
     /// Snapshots whose parent is `id` (0: the disk's origin).
     pub fn children(&self, id: u64) -> &[u64] {
         self.children.get(&id).map_or(&[], |v| v.as_slice())
@@ -106,6 +195,7 @@ impl SnapSet {
     /// Removes a snapshot; its children now derive from its parent.
     pub fn remove(&mut self, id: u64) -> Option<SnapshotInfo> {
         let s = self.by_id.remove(&id)?;
+        self.deltas.remove(&id);
         if s.hidden {
             self.hidden.remove(&id);
         } else {
@@ -121,6 +211,8 @@ impl SnapSet {
             if let Some(child) = self.by_id.get_mut(&c) {
                 child.parent = s.parent;
             }
+            // Its delta was to `id`; the caller sets the new one if known.
+            self.deltas.remove(&c);
             self.children.entry(s.parent).or_default().push(c);
         }
         Some(s)

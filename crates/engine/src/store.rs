@@ -113,10 +113,23 @@ pub(crate) struct StoreInner {
 
 impl StoreInner {
     /// Writes changed bitmaps to their next slots and flushes the device:
-    /// after this, every allocation made so far is durable.
+    /// after this, every allocation and every release made so far is durable.
     pub fn sync_bitmaps(&self) -> Result<()> {
+        self.sync(false)
+    }
+
+    /// [`StoreInner::sync_bitmaps`] for the extents where blocks were
+    /// allocated: what a commit needs before its header (I2). Extents that
+    /// only had blocks released wait for the next full sync (the daemon's
+    /// settle tick, `flush_all`), so a commit writes one or two bitmaps,
+    /// not one per extent its frees touched.
+    pub fn sync_allocations(&self) -> Result<()> {
+        self.sync(true)
+    }
+
+    fn sync(&self, allocations_only: bool) -> Result<()> {
         let _sync = self.sync_lock.lock();
-        let plan = self.alloc.lock().plan_sync();
+        let plan = self.alloc.lock().plan_sync(allocations_only);
         let result = plan
             .iter()
             .try_for_each(|w| self.meta.write_block(w.addr, &w.block, "an extent bitmap"))
@@ -125,7 +138,6 @@ impl StoreInner {
         result
     }
 
-    /// Returns blocks that durable metadata no longer references.
     /// How many disks were cloned from snapshot `snap` of disk `vdi`.
     pub fn clone_count(&self, vdi: u64, snap: u64) -> usize {
         self.clones.lock().get(&(vdi, snap)).copied().unwrap_or(0)
@@ -149,6 +161,20 @@ impl StoreInner {
         }
     }
 
+    /// Returns blocks allocated in memory but never written nor referenced
+    /// (no commit can have made them durable): at once, even while `gc`
+    /// defers frees.
+    pub fn release_unreferenced(&self, blocks: &[u64]) {
+        if blocks.is_empty() {
+            return;
+        }
+        let mut alloc = self.alloc.lock();
+        for &b in blocks {
+            alloc.release(b);
+        }
+    }
+
+    /// Returns blocks that durable metadata no longer references.
     pub fn release(&self, blocks: &[u64]) {
         if let Some(deferred) = self.deferred_frees.lock().as_mut() {
             deferred.extend_from_slice(blocks);

@@ -29,7 +29,7 @@
 //! to reopen the store.
 
 use crate::error::{Error, Result};
-use crate::lineage::{exclusive_blocks, promotions, SnapSet};
+use crate::lineage::{exclusive_blocks, intersect, promotions, Delta, SnapSet};
 use crate::store::StoreInner;
 use crate::time::{compact_utc, now_ns};
 use crate::tree::{Tree, MAX_VIRTUAL_BLOCKS};
@@ -762,7 +762,11 @@ impl VdiInner {
         st.header_dirty = false;
         st.pending_log.clear();
         if let Some(s) = new_snapshot {
+            let id = s.id;
             st.snapshots.insert(s);
+            // Derived data: without it, reclaiming walks the trees instead.
+            let delta = self.delta_to_parent(st, id).unwrap_or(None);
+            st.snapshots.set_delta(id, delta);
         }
         if let Some((block, records)) = new_log {
             st.log_block = Some(block);
@@ -788,8 +792,41 @@ impl VdiInner {
         Option<(LogBlock, u64)>,
     )> {
         let store = &self.store;
+        // The nodes, root copy and log block come from one run of
+        // consecutive blocks where possible: one device write for them all.
+        let wanted = st.tree.dirty_nodes() as u64 + 2;
+        let mut run = std::collections::VecDeque::from(
+            store.alloc.lock().allocate_run(wanted).unwrap_or_default(),
+        );
+        let prepared =
+            self.prepare_commit_with(st, snapshot, generation, allocated, &mut || match run
+                .pop_front()
+            {
+                Some(a) => Ok(a),
+                None => store.alloc.lock().allocate(0),
+            });
+        // Never written nor referenced: back at once.
+        store.release_unreferenced(run.make_contiguous());
+        prepared
+    }
+
+    #[allow(clippy::type_complexity)]
+    fn prepare_commit_with(
+        &self,
+        st: &mut VdiState,
+        snapshot: Option<NewSnapshot>,
+        generation: u64,
+        allocated: &mut Vec<u64>,
+        allocate: &mut dyn FnMut() -> Result<u64>,
+    ) -> Result<(
+        VdiHeader,
+        Vec<u64>,
+        Option<SnapshotInfo>,
+        Option<(LogBlock, u64)>,
+    )> {
+        let store = &self.store;
         let meta = &store.meta;
-        let mut allocate = || store.alloc.lock().allocate(0);
+        let mut allocate = allocate;
         // Everything the commit writes before its bitmaps, in one batch.
         let mut blocks = Vec::new();
         let plan = st.tree.write_dirty(
@@ -918,7 +955,7 @@ impl VdiInner {
             .next_snapshot_id
             .max(new_snapshot.as_ref().map_or(0, |s| s.id + 1));
         meta.write_many(blocks, "tree nodes and snapshot log blocks")?;
-        store.sync_bitmaps()?;
+        store.sync_allocations()?;
         Ok((header, freed, new_snapshot, new_log))
     }
 
@@ -955,6 +992,35 @@ impl VdiInner {
     /// whose origin is gone, leave them to `gc`.
     pub(crate) fn reclaims(&self, st: &VdiState) -> bool {
         st.header.flags & VDI_FLAG_LINEAGE != 0 && st.origin != Origin::Unknown
+    }
+
+    /// The delta of snapshot `id` to its parent (see `lineage.rs`), walked
+    /// while both trees' nodes are likely cached: right after it is taken.
+    fn delta_to_parent(&self, st: &VdiState, id: u64) -> Result<Option<Delta>> {
+        if !self.reclaims(st) {
+            return Ok(None);
+        }
+        let Some(s) = st.snapshots.get(id) else {
+            return Ok(None);
+        };
+        if s.parent == 0 && st.origin == Origin::None {
+            return Ok(Some(Delta::default()));
+        }
+        let parent = self.version_root(st, s.parent)?;
+        let meta = &self.store.meta;
+        let level = (TREE_HEIGHT - 1) as u8;
+        let mut delta = Delta::default();
+        exclusive_blocks(meta, level, s.root, &[parent], &mut |a, _| {
+            delta.born.push(a)
+        })?;
+        exclusive_blocks(meta, level, parent, &[s.root], &mut |a, _| {
+            delta.dead.push(a)
+        })?;
+        for list in [&mut delta.born, &mut delta.dead] {
+            list.sort_unstable();
+            list.dedup();
+        }
+        Ok(Some(delta))
     }
 
     /// The root of the snapshot this disk was cloned from; null if none.
@@ -1141,18 +1207,70 @@ impl VdiInner {
                 continue;
             }
             let parent_root = self.version_root(st, s.parent)?;
-            let child_root = match kids.first() {
-                Some(&k) => self.version_root(st, k)?,
+            let child = kids.first().copied();
+            let child_root = match child {
+                Some(k) => self.version_root(st, k)?,
                 None if live_kid => st.tree.root(),
                 None => Ptr::NULL,
             };
-            exclusive_blocks(
-                meta,
-                root_level,
-                s.root,
-                &[parent_root, child_root],
-                &mut |addr, _| freed.push(addr),
-            )?;
+            // From the deltas when they are known: no tree is read.
+            let by_delta = child.and_then(|k| {
+                let dc = st.snapshots.delta(k)?;
+                if s.parent == 0 && st.origin == Origin::None {
+                    return Some((dc.dead.clone(), Delta::default()));
+                }
+                let dv = st.snapshots.delta(v)?;
+                Some((intersect(&dv.born, &dc.dead), Delta::merged(dv, dc)))
+            });
+            let mut child_delta = None;
+            match by_delta {
+                Some((gone, merged)) => {
+                    if cfg!(debug_assertions) {
+                        let mut walked = Vec::new();
+                        exclusive_blocks(
+                            meta,
+                            root_level,
+                            s.root,
+                            &[parent_root, child_root],
+                            &mut |addr, _| walked.push(addr),
+                        )?;
+                        walked.sort_unstable();
+                        walked.dedup();
+                        assert_eq!(gone, walked, "the deltas disagree with the walk");
+                        if s.parent != 0 || st.origin != Origin::None {
+                            let mut want = Delta::default();
+                            exclusive_blocks(
+                                meta,
+                                root_level,
+                                child_root,
+                                &[parent_root],
+                                &mut |a, _| want.born.push(a),
+                            )?;
+                            exclusive_blocks(
+                                meta,
+                                root_level,
+                                parent_root,
+                                &[child_root],
+                                &mut |a, _| want.dead.push(a),
+                            )?;
+                            want.born.sort_unstable();
+                            want.born.dedup();
+                            want.dead.sort_unstable();
+                            want.dead.dedup();
+                            assert_eq!(merged, want, "a merged delta disagrees with the walk");
+                        }
+                    }
+                    freed.extend(gone);
+                    child_delta = Some(merged);
+                }
+                None => exclusive_blocks(
+                    meta,
+                    root_level,
+                    s.root,
+                    &[parent_root, child_root],
+                    &mut |addr, _| freed.push(addr),
+                )?,
+            }
             if live_kid {
                 let mut promos = Vec::new();
                 promotions(
@@ -1174,6 +1292,9 @@ impl VdiInner {
                 live_ok = false;
             }
             st.snapshots.remove(v);
+            if let Some(k) = child {
+                st.snapshots.set_delta(k, child_delta);
+            }
             deleted.push(v);
             if st.snapshots.get(s.parent).is_some_and(|p| p.hidden) {
                 candidates.push(s.parent);
