@@ -202,27 +202,33 @@ impl Allocator {
                 e.free -= n;
                 e.dirty = true;
                 e.allocated = true;
+                e.hint = start + n;
                 return Ok((start..start + n).map(|i| self.addr_of(ei, i)).collect());
             }
         }
         (0..n).map(|_| self.allocate(0)).collect()
     }
 
-    /// The first index of `n` consecutive free blocks in extent `ei`.
+    /// The first index of `n` consecutive free blocks in extent `ei`,
+    /// looking from its hint to the end, then from the start.
     fn find_free_run(&self, ei: usize, n: u64) -> Option<u64> {
         let e = &self.extents[ei];
-        let mut run = 0;
-        for i in 0..e.len {
-            if e.bitmap.get(i) {
-                run = 0;
-            } else {
-                run += 1;
-                if run == n {
-                    return Some(i + 1 - n);
+        let scan = |from: u64, to: u64| {
+            let mut run = 0;
+            for i in from..to {
+                if e.bitmap.get(i) {
+                    run = 0;
+                } else {
+                    run += 1;
+                    if run == n {
+                        return Some(i + 1 - n);
+                    }
                 }
             }
-        }
-        None
+            None
+        };
+        let hint = e.hint.min(e.len);
+        scan(hint, e.len).or_else(|| scan(0, e.len))
     }
 
     fn find_free(&self, ei: usize) -> Option<u64> {
