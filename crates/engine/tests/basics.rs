@@ -284,7 +284,7 @@ fn concurrent_allocating_writes_race_with_snapshots_and_gc_without_loss_or_leak(
             writers.push(s.spawn(move || {
                 for i in 0..ROUNDS {
                     // 3 blocks at block (t * 1000 + i * 3): own region per thread.
-                    let fill = (t * 64 + i % 64) as u8 + 1;
+                    let fill = ((t * 64 + i % 64) % 255) as u8 + 1;
                     d.write(&vec![fill; 3 * 4096], (t * 1000 + (i % 20) * 3) * 4096)
                         .unwrap();
                 }
@@ -307,12 +307,16 @@ fn concurrent_allocating_writes_race_with_snapshots_and_gc_without_loss_or_leak(
         let mut helpers = Vec::new();
         // Snapshots, each deleted again (oldest first) by another thread:
         // their blocks are freed while gc marks.
+        let pause = std::thread::yield_now;
         let d2 = d.clone();
         helpers.push(s.spawn(move || {
             let mut n = 0;
             while running() || n < 3 {
-                d2.snapshot(None).unwrap();
-                n += 1;
+                if d2.snapshots().len() < 8 {
+                    d2.snapshot(None).unwrap();
+                    n += 1;
+                }
+                pause();
             }
         }));
         let d3 = d.clone();
@@ -322,6 +326,7 @@ fn concurrent_allocating_writes_race_with_snapshots_and_gc_without_loss_or_leak(
                 if snaps.len() > 2 {
                     d3.delete_snapshot(&snaps[0].name).unwrap();
                 }
+                pause();
             }
         }));
         let store2 = store.clone();
@@ -330,14 +335,17 @@ fn concurrent_allocating_writes_race_with_snapshots_and_gc_without_loss_or_leak(
             while running() || sweeps < 3 {
                 store2.gc().unwrap();
                 sweeps += 1;
+                pause();
             }
         }));
-        for w in writers {
-            w.join().unwrap();
-        }
+        // Stop the helpers even if a writer failed, then report.
+        let written: Vec<_> = writers.into_iter().map(|w| w.join()).collect();
         stop.store(true, std::sync::atomic::Ordering::Relaxed);
         for h in helpers {
             h.join().unwrap();
+        }
+        for w in written {
+            w.unwrap();
         }
     });
     let mut buf = vec![0u8; 4096];
@@ -345,7 +353,7 @@ fn concurrent_allocating_writes_race_with_snapshots_and_gc_without_loss_or_leak(
         for slot in 0..20u64 {
             // The last round that wrote this slot.
             let last = (0..ROUNDS).filter(|i| i % 20 == slot).max().unwrap();
-            let fill = (t * 64 + last % 64) as u8 + 1;
+            let fill = ((t * 64 + last % 64) % 255) as u8 + 1;
             for b in 0..3 {
                 d.read(&mut buf, (t * 1000 + slot * 3 + b) * 4096).unwrap();
                 assert!(buf.iter().all(|&x| x == fill), "thread {t} slot {slot}");
