@@ -64,7 +64,7 @@ fn read_through(store: &Store, disk: &str, snap: &str, rng: &mut Rng) -> Duratio
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     let Some(path) = args.get(1) else {
-        eprintln!("usage: snapshot_scale PATH [SNAPSHOTS [DELETES]]");
+        eprintln!("usage: snapshot_scale PATH [SNAPSHOTS [DELETES [GC_GIB]]]");
         std::process::exit(2);
     };
     let path = Path::new(path);
