@@ -543,3 +543,52 @@ fn io_plans_name_the_blocks_read_and_write_would_use_and_pin_the_disk() {
     assert!(report.is_clean(), "{:#?}", report.errors);
     assert_eq!(report.leaked_blocks, 0);
 }
+
+#[test]
+fn log_compaction_keeps_hidden_snapshots_and_lineage_across_reopen() {
+    let (dev, store) = small_store(64 * MIB);
+    let d = store.create_vdi("d", MIB).unwrap();
+    d.write(&[9; 8192], 0).unwrap();
+    d.snapshot(Some("gold")).unwrap();
+    store.clone_snapshot("d", "gold", "c").unwrap();
+    // Hidden: the clone still needs it.
+    assert_eq!(d.delete_snapshot("gold").unwrap().hidden, 1);
+    // Enough history for the log to be rewritten (more than 2 × kept + 96
+    // records), with a write between snapshots.
+    for i in 0..120u64 {
+        d.write(&[i as u8; 4096], (i % 16) * 4096).unwrap();
+        d.snapshot(Some(&format!("s{i}"))).unwrap();
+    }
+    for i in 0..115u64 {
+        d.delete_snapshot(&format!("s{i}")).unwrap();
+    }
+    store.flush_all().unwrap();
+    drop((d, store));
+    let store = reopen(&dev);
+    let d = store.open_vdi("d").unwrap();
+    assert_eq!(d.info().hidden_snapshots, 1);
+    let names: Vec<String> = d.snapshots().into_iter().map(|s| s.name).collect();
+    assert_eq!(
+        names,
+        (115..120).map(|i| format!("s{i}")).collect::<Vec<_>>()
+    );
+    for i in 115..120u64 {
+        let view = store.open_snapshot("d", &format!("s{i}")).unwrap();
+        let mut buf = vec![0u8; 4096];
+        view.read(&mut buf, (i % 16) * 4096).unwrap();
+        assert!(buf.iter().all(|&b| b == i as u8), "s{i}");
+    }
+    let c = store.open_vdi("c").unwrap();
+    let mut buf = vec![0u8; 8192];
+    c.read(&mut buf, 0).unwrap();
+    assert!(buf.iter().all(|&b| b == 9));
+    assert_clean(&store);
+    // Deleting the clone lets the hidden snapshot go, after the reopen too.
+    drop(c);
+    store.delete_vdi("c").unwrap();
+    assert_eq!(d.info().hidden_snapshots, 0);
+    store.flush_all().unwrap();
+    let report = store.check().unwrap();
+    assert!(report.is_clean(), "{:#?}", report.errors);
+    assert_eq!(report.leaked_blocks, 0);
+}

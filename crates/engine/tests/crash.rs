@@ -333,6 +333,25 @@ fn power_cut_during_reclamation() {
     }
 }
 
+/// Power cuts while the snapshot log is compacted: 130 snapshots, then
+/// all but a few deleted one by one, so that the log is rewritten (more than
+/// `2 × kept + 96` records) while cuts land at every flush point.
+#[test]
+fn power_cut_during_log_compaction() {
+    let mut ops = vec![Op::Create { blocks: 7 }];
+    for i in 0..130u32 {
+        ops.push(Op::Write {
+            disk: 0,
+            offset: i * 4096,
+            len: 4096,
+            seed: i as u8,
+        });
+        ops.push(Op::Snapshot { disk: 0 });
+    }
+    ops.extend((0..125).map(|_| Op::DeleteSnapshot { disk: 0, snap: 0 }));
+    crash_everywhere_in(&ops, 7, 20);
+}
+
 #[test]
 fn power_cut_at_every_flush_point_many_seeds() {
     for seed in 10..22 {
