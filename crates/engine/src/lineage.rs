@@ -137,6 +137,15 @@ impl SnapSet {
         self.by_id.values()
     }
 
+    /// Visible snapshots the schedule took, as (id, created_ns), oldest
+    /// first: what retention chooses from.
+    pub fn scheduled(&self) -> Vec<(u64, u64)> {
+        self.visible()
+            .filter(|s| s.scheduled)
+            .map(|s| (s.id, s.created_ns))
+            .collect()
+    }
+
     pub fn visible_len(&self) -> usize {
         self.by_name.len()
     }

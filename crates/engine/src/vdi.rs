@@ -180,6 +180,25 @@ pub struct IoPlan {
 }
 
 impl IoPlan {
+    /// A READ plan over `store`'s device (none if it has no descriptor),
+    /// holding `pin` until it ends.
+    fn read(
+        store: &Arc<StoreInner>,
+        transfers: Vec<Transfer>,
+        zeros: Vec<std::ops::Range<usize>>,
+        pin: Option<ArcRwLockReadGuard<RawRwLock, VdiState>>,
+    ) -> Option<IoPlan> {
+        store.meta.dev.raw_fd().map(|fd| IoPlan {
+            fd,
+            transfers,
+            zeros,
+            links: Vec::new(),
+            disk: None,
+            pin,
+            _store: store.clone(),
+        })
+    }
+
     /// Ends the plan after every transfer has completed. With `ok`, the
     /// blocks a write allocated become part of the disk (visible to reads
     /// from now on); otherwise they go back to the free pool. Dropping a
@@ -842,69 +861,42 @@ impl VdiInner {
         let mut log_entries = st.pending_log.clone();
         let mut new_snapshot = None;
         let mut live_parent = st.header.live_parent;
-        // Nothing changed since the parent snapshot: share its root.
-        let unchanged = match &snapshot {
-            Some(_) => self.unchanged_since_parent(st)?,
-            None => None,
-        };
-        let (shared, copied) = match unchanged {
-            Some(_) => (snapshot, None),
-            None => (None, snapshot),
-        };
         if let Some(NewSnapshot {
             id,
             name,
             scheduled,
-        }) = shared
+        }) = snapshot
         {
-            if let Some(parent_root) = unchanged {
-                let info = SnapshotInfo {
-                    id,
-                    name,
-                    created_ns: now_ns(),
-                    size_bytes: st.size,
-                    scheduled,
-                    root: parent_root,
-                    parent: live_parent,
-                    hidden: false,
-                };
-                log_entries.push(info.record());
-                live_parent = id;
-                new_snapshot = Some(info);
-            }
-        }
-        if let Some(NewSnapshot {
-            id,
-            name,
-            scheduled,
-        }) = copied
-        {
+            // Nothing changed since the parent snapshot: share its root.
+            // Otherwise the committed root becomes the snapshot's, and the
+            // disk gets a copy whose pointers are all shared.
+            let unchanged = self.unchanged_since_parent(st)?;
             let info = SnapshotInfo {
                 id,
                 name,
                 created_ns: now_ns(),
                 size_bytes: st.size,
                 scheduled,
-                root,
+                root: unchanged.unwrap_or(root),
                 parent: live_parent,
                 hidden: false,
             };
             log_entries.push(info.record());
             live_parent = id;
             new_snapshot = Some(info);
-            // The committed root now belongs to the snapshot; the disk gets
-            // a copy whose pointers are all shared.
-            let node = meta.load_node(root, (TREE_HEIGHT - 1) as u8)?;
-            let copy = NodeBlock {
-                level: node.level,
-                entries: node.entries.iter().map(|p| p.shared()).collect(),
-            };
-            let addr = allocate()?;
-            allocated.push(addr);
-            let (block, crc) = copy.encode(meta.store_id, addr, self.id, generation);
-            blocks.push((addr, block));
-            meta.cache_node(addr, Arc::new(copy), crc);
-            root = Ptr::meta(addr, crc, true);
+            if unchanged.is_none() {
+                let node = meta.load_node(root, (TREE_HEIGHT - 1) as u8)?;
+                let copy = NodeBlock {
+                    level: node.level,
+                    entries: node.entries.iter().map(|p| p.shared()).collect(),
+                };
+                let addr = allocate()?;
+                allocated.push(addr);
+                let (block, crc) = copy.encode(meta.store_id, addr, self.id, generation);
+                blocks.push((addr, block));
+                meta.cache_node(addr, Arc::new(copy), crc);
+                root = Ptr::meta(addr, crc, true);
+            }
         }
         let mut header = st.header.clone();
         header.generation = generation;
@@ -1108,12 +1100,7 @@ impl VdiInner {
         }
         let id = st.header.next_snapshot_id;
         let now = now_ns();
-        let mut scheduled: Vec<(u64, u64)> = st
-            .snapshots
-            .visible()
-            .filter(|s| s.scheduled)
-            .map(|s| (s.id, s.created_ns))
-            .collect();
+        let mut scheduled = st.snapshots.scheduled();
         scheduled.push((id, now));
         let expired: Vec<u64> = crate::retention::expired(&st.header.schedule, &scheduled)
             .into_iter()
@@ -1548,15 +1535,7 @@ impl Vdi {
         else {
             return Ok(None);
         };
-        Ok(inner.store.meta.dev.raw_fd().map(|fd| IoPlan {
-            fd,
-            transfers,
-            zeros,
-            links: Vec::new(),
-            disk: None,
-            pin: Some(st),
-            _store: inner.store.clone(),
-        }))
+        Ok(IoPlan::read(&inner.store, transfers, zeros, Some(st)))
     }
 
     /// Plans a block-aligned WRITE for the caller to perform (see
@@ -1766,13 +1745,7 @@ impl Vdi {
         let inner = &*self.inner;
         let mut st = inner.exclusive()?;
         inner.usable(&st)?;
-        let scheduled: Vec<(u64, u64)> = st
-            .snapshots
-            .visible()
-            .filter(|s| s.scheduled)
-            .map(|s| (s.id, s.created_ns))
-            .collect();
-        let expired = crate::retention::expired(&st.header.schedule, &scheduled);
+        let expired = crate::retention::expired(&st.header.schedule, &st.snapshots.scheduled());
         if expired.is_empty() {
             return Ok(DeleteReport::default());
         }
@@ -2112,15 +2085,7 @@ impl SnapshotView {
         else {
             return Ok(None);
         };
-        Ok(self.store.meta.dev.raw_fd().map(|fd| IoPlan {
-            fd,
-            transfers,
-            zeros,
-            links: Vec::new(),
-            disk: None,
-            pin: None,
-            _store: self.store.clone(),
-        }))
+        Ok(IoPlan::read(&self.store, transfers, zeros, None))
     }
 
     pub fn block_status(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
