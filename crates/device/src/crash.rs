@@ -62,10 +62,11 @@ pub struct CrashDevice {
     inner: Mutex<Inner>,
 }
 
-/// SplitMix64: a tiny deterministic generator, enough to pick subsets.
-struct SplitMix(u64);
+/// SplitMix64: a tiny deterministic generator, enough to pick subsets (and
+/// for tests and benchmarks to pick offsets and contents).
+pub struct SplitMix(pub u64);
 impl SplitMix {
-    fn next(&mut self) -> u64 {
+    pub fn next_u64(&mut self) -> u64 {
         self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
         let mut z = self.0;
         z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
@@ -154,7 +155,7 @@ impl CrashDevice {
                 let victim = if pending.is_empty() {
                     None
                 } else {
-                    Some((rng.next() % pending.len() as u64) as usize)
+                    Some((rng.next_u64() % pending.len() as u64) as usize)
                 };
                 (rng, victim)
             }
@@ -164,7 +165,7 @@ impl CrashDevice {
             if Some(index) == tear {
                 let half = data.len() / 2;
                 inner.durable[start..start + half].copy_from_slice(&data[..half]);
-            } else if rng.next() & 1 == 1 {
+            } else if rng.next_u64() & 1 == 1 {
                 inner.durable[start..start + data.len()].copy_from_slice(data);
             }
         }

@@ -25,7 +25,7 @@ mod file;
 mod mem;
 
 pub use aligned::{is_aligned, AlignedBuf, ALIGN};
-pub use crash::{CrashDevice, CrashMode, Fault};
+pub use crash::{CrashDevice, CrashMode, Fault, SplitMix};
 pub use file::{FileDevice, OpenMode};
 pub use mem::MemDevice;
 

@@ -20,7 +20,7 @@
 //! system where `fdatasync` costs a device flush, 1,000,000 snapshots take
 //! as many commits; a tmpfs path measures the engine without the disk.
 
-use parallax_device::{FileDevice, OpenMode};
+use parallax_device::{FileDevice, OpenMode, SplitMix as Rng};
 use parallax_engine::{CreateOptions, OpenOptions, Store, Vdi};
 use std::path::Path;
 use std::sync::Arc;
@@ -28,17 +28,6 @@ use std::time::{Duration, Instant};
 
 const MIB: u64 = 1 << 20;
 const GIB: u64 = 1 << 30;
-
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-}
 
 fn open(path: &Path) -> Store {
     let dev = FileDevice::open(path, OpenMode::default()).expect("open store file");
@@ -55,7 +44,7 @@ fn read_through(store: &Store, disk: &str, snap: &str, rng: &mut Rng) -> Duratio
     let mut buf = vec![0u8; 4096];
     let t = Instant::now();
     for _ in 0..64 {
-        let block = rng.next() % (64 * MIB / 4096);
+        let block = rng.next_u64() % (64 * MIB / 4096);
         view.read(&mut buf, block * 4096).expect("read");
     }
     t.elapsed() / 64
@@ -151,7 +140,7 @@ fn main() {
     let block = vec![0xa5u8; 4096];
     let t = Instant::now();
     for _ in 0..deletes {
-        let b = rng.next() % (64 * MIB / 4096);
+        let b = rng.next_u64() % (64 * MIB / 4096);
         busy.write(&block, b * 4096).expect("write");
         busy.snapshot(None).expect("snapshot");
     }

@@ -10,20 +10,20 @@
 mod common;
 
 use common::{InFlight, Op, Runner};
-use parallax_device::{BlockDevice, CrashDevice, CrashMode, MemDevice};
+use parallax_device::{BlockDevice, CrashDevice, CrashMode, MemDevice, SplitMix};
 use parallax_engine::{CreateOptions, OpenOptions, Store};
 use std::sync::Arc;
 
 const STORE_BYTES: u64 = 24 << 20;
 
-struct Rng(u64);
+/// Test sequences draw from the device crate's generator.
+struct Rng(SplitMix);
 impl Rng {
+    fn new(seed: u64) -> Rng {
+        Rng(SplitMix(seed))
+    }
     fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
+        self.0.next_u64()
     }
     fn byte(&mut self) -> u8 {
         self.next() as u8
@@ -31,7 +31,7 @@ impl Rng {
 }
 
 fn sequence(seed: u64, len: usize) -> Vec<Op> {
-    let mut r = Rng(seed);
+    let mut r = Rng::new(seed);
     let mut ops = vec![Op::Create { blocks: 15 }];
     for _ in 0..len {
         let op = match r.next() % 24 {
@@ -77,7 +77,7 @@ fn sequence(seed: u64, len: usize) -> Vec<Op> {
 /// A sequence heavy on what reclaims space: snapshots taken and deleted,
 /// schedule ticks with retention, clones, disk deletion and gc.
 fn deletion_sequence(seed: u64, len: usize) -> Vec<Op> {
-    let mut r = Rng(seed);
+    let mut r = Rng::new(seed);
     let mut ops = vec![Op::Create { blocks: 15 }, Op::Create { blocks: 7 }];
     for _ in 0..len {
         let op = match r.next() % 40 {
@@ -292,7 +292,7 @@ fn crash_everywhere_in(ops: &[Op], seed: u64, random_writes: u64) {
         );
     }
     // Random writes in between.
-    let mut r = Rng(seed);
+    let mut r = Rng::new(seed);
     for i in 0..random_writes {
         let w = r.next() % writes;
         let mode = mode_for(i, seed.wrapping_add(w));
