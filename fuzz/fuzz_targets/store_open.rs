@@ -5,7 +5,7 @@
 
 use libfuzzer_sys::fuzz_target;
 use parallax_device::MemDevice;
-use parallax_engine::{CreateOptions, OpenOptions, Store};
+use parallax_engine::{ReadDisk, CreateOptions, OpenOptions, Store};
 use std::sync::Arc;
 
 const LEN: usize = 96 * 4096;

@@ -21,7 +21,7 @@
 //! as many commits; a tmpfs path measures the engine without the disk.
 
 use parallax_device::{FileDevice, OpenMode, SplitMix as Rng};
-use parallax_engine::{CreateOptions, OpenOptions, Store, Vdi};
+use parallax_engine::{CreateOptions, OpenOptions, ReadDisk, Store, Vdi};
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};

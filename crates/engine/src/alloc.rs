@@ -48,6 +48,11 @@ pub(crate) struct BitmapWrite {
     generation: u64,
 }
 
+/// A block given back that was not allocated (or is outside every
+/// extent's data area): a bug in the caller.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct DoubleFree(pub u64);
+
 /// See the module documentation.
 pub(crate) struct Allocator {
     host_id: u64,
@@ -239,16 +244,17 @@ impl Allocator {
 
     /// Returns a block to the free pool. Only for blocks that no durable
     /// metadata references any more.
-    pub fn release(&mut self, addr: u64) {
-        if let Some((ei, index)) = self.locate(addr) {
-            let e = &mut self.extents[ei];
-            if e.bitmap.get(index) {
-                e.bitmap.set(index, false);
-                e.free += 1;
-                e.dirty = true;
-                e.hint = e.hint.min(index);
-            }
+    pub fn release(&mut self, addr: u64) -> std::result::Result<(), DoubleFree> {
+        let (ei, index) = self.locate(addr).ok_or(DoubleFree(addr))?;
+        let e = &mut self.extents[ei];
+        if !e.bitmap.get(index) {
+            return Err(DoubleFree(addr));
         }
+        e.bitmap.set(index, false);
+        e.free += 1;
+        e.dirty = true;
+        e.hint = e.hint.min(index);
+        Ok(())
     }
 
     /// Whether some extent's bitmap changed since it was last written.
@@ -324,7 +330,7 @@ impl Allocator {
             for index in 0..self.extents[ei].len {
                 let addr = self.addr_of(ei, index);
                 if then.get(index) && self.extents[ei].bitmap.get(index) && !marked(addr) {
-                    self.release(addr);
+                    let _ = self.release(addr);
                     freed += 1;
                 }
             }
@@ -365,10 +371,12 @@ mod tests {
         assert_eq!(got.len(), 32);
         assert_eq!(got[0], 4);
         assert!(got.iter().all(|&b| a.is_allocated(b)));
-        a.release(got[3]);
+        a.release(got[3]).unwrap();
         assert_eq!(a.allocate(0).unwrap(), got[3]);
         assert!(matches!(a.allocate(0), Err(Error::NoSpace)));
-        a.release(got[5]);
+        a.release(got[5]).unwrap();
+        // A second release of the same block is refused.
+        assert_eq!(a.release(got[5]), Err(DoubleFree(got[5])));
         assert!(matches!(a.allocate(1), Err(Error::NoSpace)));
 
         let plan = a.plan_sync(false);
@@ -384,7 +392,7 @@ mod tests {
         let c = Allocator::load(&dev, &sb(), 8).unwrap();
         assert_eq!(c.free_blocks(), 0);
         // Second sync goes to the other slot, and a torn slot falls back.
-        a.release(got[0]);
+        a.release(got[0]).unwrap();
         let plan = a.plan_sync(false);
         assert_eq!(plan[0].addr, 3);
         dev.write_at(&[0xff; 100], 3 * 4096).unwrap();

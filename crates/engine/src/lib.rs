@@ -1,34 +1,38 @@
 //! The Parallax engine: a block store carved into thin virtual disks.
 //!
-//! Layers, bottom up:
-//! - [`alloc`](crate::alloc): extents and their allocation bitmaps.
-//! - `meta`: metadata block I/O and the tree-node cache.
+//! Layers, bottom up (imports point down only):
+//! - `alloc`, `meta`, `pool`: extents and their bitmaps, metadata block
+//!   I/O and the node cache, and the pool context disks are handed (the
+//!   one release path for blocks).
 //! - `tree`: copy-on-write radix trees with writable bits.
-//! - [`vdi`]: virtual disks (read, write, flush, snapshots, rollback).
-//! - [`store`]: the superblock, the registry of disks, create, clone, delete.
-//! - [`check`]: the offline consistency checker and garbage collector.
+//! - `lineage`: the versions of a disk and what each holds alone.
+//! - [`disk`]: virtual disks (data path, planned I/O, commits, snapshot
+//!   log, reclamation, read-only views).
+//! - [`store`]: the catalogue, the table of open disks, check, gc, space.
 //!
 //! The on-disk layout lives in `parallax-format`; the crash-consistency
-//! argument is in `docs/FORMAT.md`.
+//! argument is in `docs/FORMAT.md`; the map of the code in
+//! `docs/ARCHITECTURE.md`.
 
 mod alloc;
-pub mod check;
+pub mod disk;
 mod error;
 mod lineage;
 mod meta;
+mod pool;
 pub mod retention;
-mod space;
 pub mod store;
 mod time;
 mod tree;
-pub mod vdi;
 
-pub use check::{CheckReport, GcReport};
-pub use error::{Error, Result};
-pub use parallax_format::Schedule;
-pub use space::{DiskSpace, SnapshotSpace};
-pub use store::{CreateOptions, OpenOptions, Store, StoreStats};
-pub use time::compact_utc;
-pub use vdi::{
-    DeleteReport, Extent, IoPlan, SnapshotInfo, SnapshotView, Transfer, Vdi, VdiInfo, MAX_VDI_SIZE,
+pub use disk::{
+    DeleteReport, Extent, IoPlan, ReadDisk, SnapshotView, Transfer, Vdi, VdiInfo, MAX_VDI_SIZE,
 };
+pub use error::{Error, Result};
+pub use lineage::SnapshotInfo;
+pub use parallax_format::{DiskRef, Schedule};
+pub use store::{
+    CheckReport, CreateOptions, DiskSpace, GcReport, OpenOptions, SettleReport, SnapshotSpace,
+    Store, StoreStats,
+};
+pub use time::{compact_utc, now_ns};

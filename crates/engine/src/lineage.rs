@@ -41,10 +41,61 @@
 use crate::error::Result;
 use crate::meta::MetaIo;
 use crate::tree::span;
-use crate::vdi::SnapshotInfo;
-use parallax_format::{LogEntry, LogEntryKind, NodeBlock, Ptr, FAN_OUT, LOG_FLAG_HIDDEN};
+use parallax_format::{
+    LogEntry, LogEntryKind, NodeBlock, Ptr, FAN_OUT, LOG_FLAG_HIDDEN, LOG_FLAG_SCHEDULED,
+};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
+
+/// A snapshot as listed to users.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SnapshotInfo {
+    pub id: u64,
+    pub name: String,
+    pub created_ns: u64,
+    pub size_bytes: u64,
+    /// Taken by the disk's schedule (retention may delete it); snapshots
+    /// taken by hand are kept until deleted.
+    pub scheduled: bool,
+    pub(crate) root: Ptr,
+    /// The version this one derives from (see `lineage.rs`).
+    pub(crate) parent: u64,
+    /// Deleted by the user but kept: other versions branch from it.
+    pub(crate) hidden: bool,
+}
+
+impl SnapshotInfo {
+    pub(crate) fn from_record(e: &LogEntry) -> Self {
+        SnapshotInfo {
+            id: e.snapshot_id,
+            name: e.name.clone(),
+            created_ns: e.created_ns,
+            size_bytes: e.size_bytes,
+            scheduled: e.flags & LOG_FLAG_SCHEDULED != 0,
+            root: e.root,
+            parent: e.parent,
+            hidden: e.flags & LOG_FLAG_HIDDEN != 0,
+        }
+    }
+
+    /// The Taken record that recreates this snapshot (visible).
+    pub(crate) fn record(&self) -> LogEntry {
+        LogEntry {
+            kind: LogEntryKind::Taken,
+            snapshot_id: self.id,
+            created_ns: self.created_ns,
+            root: self.root,
+            size_bytes: self.size_bytes,
+            name: self.name.clone(),
+            flags: if self.scheduled {
+                LOG_FLAG_SCHEDULED
+            } else {
+                0
+            },
+            parent: self.parent,
+        }
+    }
+}
 
 /// The snapshots of one disk, by id (creation order) and by name, with
 /// their parent links.

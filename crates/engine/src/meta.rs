@@ -12,9 +12,7 @@
 use crate::error::{Error, Result};
 use lru::LruCache;
 use parallax_device::BlockDevice;
-use parallax_format::{
-    zeroed_block, Block, FormatError, NodeBlock, Ptr, BLOCK_SIZE, BLOCK_SIZE_U64,
-};
+use parallax_format::{zeroed_block, Block, NodeBlock, Ptr, BLOCK_SIZE, BLOCK_SIZE_U64};
 use parking_lot::Mutex;
 use std::num::NonZeroUsize;
 use std::sync::Arc;
@@ -134,14 +132,7 @@ impl MetaIo {
         }
         let block = self.read_block(addr, "a tree node")?;
         let (node, _, crc) = NodeBlock::decode(&block[..], addr, Some(self.store_id), level)?;
-        if !ptr.matches_crc(crc) {
-            return Err(FormatError::Stale {
-                addr,
-                found: crc & 0x7f_ffff,
-                expected: ptr.check(),
-            }
-            .into());
-        }
+        ptr.verify_crc(crc)?;
         for p in &node.entries {
             self.check_ptr(*p, "a tree node entry")?;
         }

@@ -1,7 +1,7 @@
 //! Behaviour of the library API on small stores: each test names what it checks.
 
 use parallax_device::{BlockDevice, MemDevice};
-use parallax_engine::{CreateOptions, Error, OpenOptions, Store};
+use parallax_engine::{CreateOptions, Error, OpenOptions, ReadDisk, Store};
 use std::sync::Arc;
 
 const MIB: u64 = 1 << 20;

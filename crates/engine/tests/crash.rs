@@ -11,7 +11,7 @@ mod common;
 
 use common::{InFlight, Op, Runner};
 use parallax_device::{BlockDevice, CrashDevice, CrashMode, MemDevice, SplitMix};
-use parallax_engine::{CreateOptions, OpenOptions, Store};
+use parallax_engine::{CreateOptions, OpenOptions, ReadDisk, Store};
 use std::sync::Arc;
 
 const STORE_BYTES: u64 = 24 << 20;

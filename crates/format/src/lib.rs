@@ -19,6 +19,7 @@
 mod bitmap;
 mod header;
 mod log;
+mod name;
 mod node;
 mod ptr;
 mod registry;
@@ -36,6 +37,7 @@ pub fn block_crc_for_fuzzing(block: &[u8]) -> u32 {
 pub use log::{
     LogBlock, LogEntry, LogEntryKind, LOG_ENTRIES_PER_BLOCK, LOG_FLAG_HIDDEN, LOG_FLAG_SCHEDULED,
 };
+pub use name::{validate_name, DiskRef};
 pub use node::{NodeBlock, FAN_OUT, TREE_HEIGHT};
 pub use ptr::Ptr;
 pub use registry::{RegistryBlock, RegistryEntry, REGISTRY_ENTRIES_PER_BLOCK};
@@ -175,27 +177,4 @@ pub(crate) mod bytes {
         b[off..off + cap].fill(0);
         b[off..off + n].copy_from_slice(&name.as_bytes()[..n]);
     }
-}
-
-/// Checks a user-supplied disk or snapshot name: 1 to [`MAX_NAME_LEN`]
-/// bytes, no `@`, `/`, control characters or whitespace.
-pub fn validate_name(name: &str) -> Result<(), String> {
-    if name.is_empty() {
-        return Err("a name cannot be empty".into());
-    }
-    if name.len() > MAX_NAME_LEN {
-        return Err(format!(
-            "name '{name}' is {} bytes long; the limit is {MAX_NAME_LEN}",
-            name.len()
-        ));
-    }
-    if let Some(c) = name
-        .chars()
-        .find(|c| *c == '@' || *c == '/' || c.is_control() || c.is_whitespace())
-    {
-        return Err(format!(
-            "name '{name}' contains the forbidden character {c:?}"
-        ));
-    }
-    Ok(())
 }

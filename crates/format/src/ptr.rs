@@ -77,6 +77,18 @@ impl Ptr {
     pub fn matches_crc(self, crc: u32) -> bool {
         self.check() == crc & CHECK_MASK as u32
     }
+    /// [`Ptr::matches_crc`] as a result: the `Stale` error when the block
+    /// this pointer reaches (crc `crc`) is not the one it meant.
+    pub fn verify_crc(self, crc: u32) -> Result<(), crate::FormatError> {
+        if self.matches_crc(crc) {
+            return Ok(());
+        }
+        Err(crate::FormatError::Stale {
+            addr: self.addr(),
+            found: crc & CHECK_MASK as u32,
+            expected: self.check(),
+        })
+    }
     /// The same pointer with the writable bit cleared (shared).
     pub fn shared(self) -> Ptr {
         Ptr(self.0 & !WRITABLE)

@@ -23,7 +23,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::{mpsc, watch};
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 /// How long shutdown waits for clients' requests in flight.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
@@ -42,25 +42,44 @@ pub struct ServeOptions {
     pub direct: bool,
 }
 
-/// Every [`SETTLE_INTERVAL`], writes the extent bitmaps that frees changed
-/// since the last time (snapshot, clone and delete return without doing it,
-/// and so stay fast). Between ticks, a crash leaves those blocks leaked on
-/// disk, which `gc` repairs; the shutdown path settles everything.
-async fn settle_free_space(service: Arc<Service>) {
+/// Every [`SETTLE_INTERVAL`], the store's upkeep ([`Store::settle`]):
+/// disks idle for [`COMMIT_IDLE`] with uncommitted changes are committed
+/// (what a client wrote and left without a flush is not kept in memory),
+/// disks no client uses and idle for [`CLOSE_IDLE`] are let go, and the
+/// extent bitmaps that frees changed since the last tick are written
+/// (snapshot, clone and delete return without doing it, and so stay fast).
+/// Between ticks, a crash leaves those blocks leaked on disk, which `gc`
+/// repairs; the shutdown path settles everything.
+///
+/// [`Store::settle`]: parallax_engine::Store::settle
+async fn settle(service: Arc<Service>) {
     let mut tick = tokio::time::interval(SETTLE_INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
         let svc = service.clone();
-        let settled = tokio::task::spawn_blocking(move || svc.store().settle_free_space()).await;
-        if let Ok(Err(e)) = settled {
-            warn!("writing the free-space bitmaps failed: {e}");
+        let settled =
+            tokio::task::spawn_blocking(move || svc.store().settle(COMMIT_IDLE, CLOSE_IDLE)).await;
+        match settled {
+            Ok(Ok(r)) if r.committed + r.closed > 0 => {
+                debug!(
+                    committed = r.committed,
+                    closed = r.closed,
+                    "settled idle disks"
+                );
+            }
+            Ok(Err(e)) => warn!("settling idle disks and free space failed: {e}"),
+            _ => {}
         }
     }
 }
 
-/// How often the daemon writes changed free-space bitmaps.
+/// How often the daemon settles (see [`settle`]).
 const SETTLE_INTERVAL: Duration = Duration::from_millis(200);
+/// A disk unchanged this long has its pending changes committed.
+const COMMIT_IDLE: Duration = Duration::from_secs(1);
+/// A disk no client uses, unchanged this long, is let go.
+const CLOSE_IDLE: Duration = Duration::from_secs(60);
 
 /// The io_uring for NBD data, unless `PARALLAX_IO_URING=0` or the kernel
 /// refuses (then every request runs on the blocking thread pool).
@@ -245,7 +264,7 @@ async fn serve(options: &ServeOptions, service: Arc<Service>) -> Result<()> {
         )));
     }
     drop(alive);
-    let settler = tokio::spawn(settle_free_space(service.clone()));
+    let settler = tokio::spawn(settle(service.clone()));
     info!(
         store = %options.store_path.display(),
         nbd_tcp = ?tcp_addr,

@@ -21,14 +21,18 @@
 //! - A client that sends a bad request magic or a write larger than the
 //!   advertised maximum is disconnected (the stream can no longer be
 //!   trusted to be in sync); every other bad request gets an error reply.
-//! - When the last request of a connection is done and the client has left
-//!   (or sent DISC), the disk is flushed if that client changed it, so that
-//!   nothing a client wrote stays uncommitted in memory after it is gone.
+//! - Aligned READs, and WRITEs that allocate nothing or whose tree nodes
+//!   are cached, are planned by the engine ([`IoPlan`]) and carried by
+//!   io_uring, or, without a ring (or on a store with no file descriptor),
+//!   by the plan's own device calls on the blocking pool.
+//! - Nothing happens to a disk when its client leaves: the store owns the
+//!   disk's state and commits what a client wrote and left unflushed once
+//!   the disk has been idle a moment (the daemon's settle tick).
 
 use crate::service::Service;
 use crate::uring::{Direction, Uring};
 use parallax_device::AlignedBuf;
-use parallax_engine::{Error as EngineError, Extent, IoPlan, SnapshotView, Vdi};
+use parallax_engine::{DiskRef, Error as EngineError, IoPlan, ReadDisk, Vdi};
 use parallax_nbd::handshake::{
     BlockSizes, Config as HandshakeConfig, ExportInfo, Exports, Handshake, Negotiated, Progress,
 };
@@ -63,56 +67,16 @@ fn handshake_config() -> HandshakeConfig {
     }
 }
 
-/// What one connection serves.
-enum Target {
-    Disk(Vdi),
-    Snapshot(SnapshotView),
-}
-
-/// Splits `NAME@SNAP` into its parts.
-fn parse_export(name: &str) -> (&str, Option<&str>) {
-    match name.split_once('@') {
-        Some((d, s)) => (d, Some(s)),
-        None => (name, None),
-    }
-}
+/// What one connection serves: a disk or one of its snapshots.
+type Target = Box<dyn ReadDisk>;
 
 fn open_target(service: &Service, name: &str) -> Result<Target, EngineError> {
     let store = service.store();
-    match parse_export(name) {
-        (disk, Some(snap)) => Ok(Target::Snapshot(store.open_snapshot(disk, snap)?)),
-        (disk, None) => Ok(Target::Disk(store.open_vdi(disk)?)),
-    }
-}
-
-impl Target {
-    fn size(&self) -> u64 {
-        match self {
-            Target::Disk(v) => v.size(),
-            Target::Snapshot(s) => s.size(),
-        }
-    }
-
-    fn read(&self, buf: &mut [u8], offset: u64) -> Result<(), EngineError> {
-        match self {
-            Target::Disk(v) => v.read(buf, offset),
-            Target::Snapshot(s) => s.read(buf, offset),
-        }
-    }
-
-    fn block_status(&self, offset: u64, len: u64) -> Result<Vec<Extent>, EngineError> {
-        match self {
-            Target::Disk(v) => v.block_status(offset, len),
-            Target::Snapshot(s) => s.block_status(offset, len),
-        }
-    }
-
-    fn disk(&self) -> Option<&Vdi> {
-        match self {
-            Target::Disk(v) => Some(v),
-            Target::Snapshot(_) => None,
-        }
-    }
+    let export = DiskRef::split(name);
+    Ok(match &export.snapshot {
+        Some(snap) => Box::new(store.open_snapshot(&export.disk, snap)?),
+        None => Box::new(store.open_vdi(&export.disk)?),
+    })
 }
 
 /// The store's disks and snapshots as the handshake sees them. Keeps the
@@ -138,7 +102,7 @@ impl Exports for StoreExports<'_> {
         let target = open_target(self.service, name).ok()?;
         let info = ExportInfo {
             size: target.size(),
-            read_only: target.disk().is_none(),
+            read_only: target.writable().is_none(),
             description: None,
         };
         if let Ok(mut last) = self.last.lock() {
@@ -201,7 +165,6 @@ pub async fn serve_connection<S>(
         structured: negotiated.structured_replies,
         base_allocation: negotiated.base_allocation,
         uring: service.uring().cloned(),
-        wrote: std::sync::atomic::AtomicBool::new(false),
     });
     let reader = Cursor::new(leftover).chain(reader);
     let outcome = transmission(reader, writer, ctx.clone(), &mut shutdown).await;
@@ -280,9 +243,6 @@ struct Connection {
     structured: bool,
     base_allocation: Option<u32>,
     uring: Option<Arc<Uring>>,
-    /// Whether the client sent anything that changes the disk (then the
-    /// disk is flushed when it leaves).
-    wrote: std::sync::atomic::AtomicBool,
 }
 
 /// Recycled payload and READ buffers. A fresh 1 MiB buffer costs page
@@ -414,12 +374,6 @@ where
                 break Err(e);
             }
         }
-        if matches!(
-            request.command,
-            Command::Write | Command::Trim | Command::WriteZeroes
-        ) {
-            ctx.wrote.store(true, std::sync::atomic::Ordering::Relaxed);
-        }
         let job = Job {
             ctx: ctx.clone(),
             request,
@@ -427,22 +381,16 @@ where
             replies: replies.clone(),
         };
         match plan_async(&ctx, &request) {
-            Some(planned) => {
+            Some(planned) if planned.uring.is_some() => {
                 tokio::spawn(job.run_async(planned, payload));
             }
+            Some(planned) => job.run_planned(planned, payload),
             None => job.run_blocking(payload),
         }
     };
     // The writer ends once every request still running has sent its reply.
     drop(replies);
     let writer = writer.await;
-    let wrote = ctx.wrote.load(std::sync::atomic::Ordering::Relaxed);
-    if let Some(vdi) = ctx.target.disk().filter(|_| wrote).cloned() {
-        let flushed = tokio::task::spawn_blocking(move || vdi.flush()).await;
-        if let Ok(Err(e)) = flushed {
-            warn!("flush after the last request of a connection failed: {e}");
-        }
-    }
     if let Ok(mut w) = writer {
         let _ = w.shutdown().await;
     }
@@ -457,29 +405,26 @@ struct Job {
     replies: mpsc::UnboundedSender<Reply>,
 }
 
-/// A READ or in-place WRITE that io_uring can carry, planned by the engine.
+/// A READ or WRITE planned by the engine, carried by io_uring when there
+/// is a ring and a file, by the device's own calls otherwise.
 struct Planned {
-    uring: Arc<Uring>,
+    uring: Option<Arc<Uring>>,
     direction: Direction,
     plan: IoPlan,
 }
 
-/// Plans `req` for io_uring, without blocking. `None` sends it to the
-/// blocking path: no ring, not a plain aligned READ or WRITE (FUA, errors,
-/// other commands), the write must allocate, a tree node is not cached, or
-/// the disk is locked exclusively at this moment.
+/// Plans `req` without blocking. `None` sends it to the blocking path: not
+/// a plain aligned READ or WRITE (FUA, errors, other commands), a tree
+/// node is not cached, the store is full, or the disk is locked
+/// exclusively at this moment.
 fn plan_async(ctx: &Connection, req: &Request) -> Option<Planned> {
-    let uring = ctx.uring.clone()?;
     let (direction, plan) = match req.command {
-        Command::Read if req.length <= MAX_PAYLOAD => {
-            let plan = match &ctx.target {
-                Target::Disk(v) => v.try_plan_read(req.offset, req.length as usize),
-                Target::Snapshot(s) => s.try_plan_read(req.offset, req.length as usize),
-            };
-            (Direction::Read, plan)
-        }
+        Command::Read if req.length <= MAX_PAYLOAD => (
+            Direction::Read,
+            ctx.target.try_plan_read(req.offset, req.length as usize),
+        ),
         Command::Write if req.flags & proto::CMD_FLAG_FUA == 0 && !ctx.read_only => {
-            let vdi = ctx.target.disk()?;
+            let vdi = ctx.target.writable()?;
             (
                 Direction::Write,
                 vdi.try_plan_write(req.offset, req.length as usize),
@@ -487,10 +432,12 @@ fn plan_async(ctx: &Connection, req: &Request) -> Option<Planned> {
         }
         _ => return None,
     };
+    let plan = plan.ok()??;
+    let uring = ctx.uring.clone().filter(|_| plan.fd().is_some());
     Some(Planned {
         uring,
         direction,
-        plan: plan.ok()??,
+        plan,
     })
 }
 
@@ -522,6 +469,28 @@ impl Job {
         });
     }
 
+    /// Moves a plan's data with the device's own calls on the blocking
+    /// pool, then finishes the plan; on failure, runs the request again on
+    /// the blocking path, which reports errors properly.
+    fn run_planned(self, planned: Planned, payload: AlignedBuf) {
+        let Planned {
+            direction, plan, ..
+        } = planned;
+        let req = self.request;
+        tokio::task::spawn_blocking(move || {
+            let mut buf = match direction {
+                Direction::Read => BufPool::global().take(req.length as usize),
+                Direction::Write => payload,
+            };
+            let outcome = plan.execute(&mut buf, direction == Direction::Write);
+            plan.finish(outcome.is_ok());
+            match outcome {
+                Ok(()) => self.reply_planned(direction, buf),
+                Err(e) => self.retry_blocking(direction, buf, &e),
+            }
+        });
+    }
+
     /// Moves the data through io_uring; on any failure, runs the request
     /// again on the blocking path, which reports errors properly.
     async fn run_async(self, planned: Planned, payload: AlignedBuf) {
@@ -530,6 +499,16 @@ impl Job {
             direction,
             mut plan,
         } = planned;
+        let (Some(uring), Some(fd)) = (uring, plan.fd()) else {
+            return self.run_planned(
+                Planned {
+                    uring: None,
+                    direction,
+                    plan,
+                },
+                payload,
+            );
+        };
         let req = self.request;
         let buf = match direction {
             Direction::Read => BufPool::global().take(req.length as usize),
@@ -537,27 +516,39 @@ impl Job {
         };
         let transfers = std::mem::take(&mut plan.transfers);
         let zeros = std::mem::take(&mut plan.zeros);
-        let fd = plan.fd;
         let (mut buf, outcome) = uring
             .run(direction, fd, buf, &transfers, Box::new(plan))
             .await;
         if let Err(e) = outcome {
-            debug!(
-                cookie = req.cookie,
-                "io_uring transfer failed, retrying on the blocking path: {e}"
-            );
-            let payload = match direction {
-                Direction::Write => buf,
-                Direction::Read => AlignedBuf::zeroed(0),
-            };
-            return self.run_blocking(payload);
+            return self.retry_blocking(direction, buf, &e);
         }
+        if direction == Direction::Read {
+            for z in zeros {
+                buf[z].fill(0);
+            }
+        }
+        self.reply_planned(direction, buf);
+    }
+
+    /// After a planned transfer failed: the request again, on the blocking path.
+    fn retry_blocking(self, direction: Direction, buf: AlignedBuf, e: &io::Error) {
+        debug!(
+            cookie = self.request.cookie,
+            "planned transfer failed, retrying on the blocking path: {e}"
+        );
+        let payload = match direction {
+            Direction::Write => buf,
+            Direction::Read => AlignedBuf::zeroed(0),
+        };
+        self.run_blocking(payload)
+    }
+
+    /// Replies to a planned READ (with `buf`, complete) or WRITE.
+    fn reply_planned(self, direction: Direction, buf: AlignedBuf) {
+        let req = self.request;
         let mut head = Vec::new();
         let data = match direction {
             Direction::Read => {
-                for z in zeros {
-                    buf[z].fill(0);
-                }
                 if self.ctx.structured {
                     proto::structured_data_header(
                         &mut head,
@@ -727,7 +718,7 @@ fn read(ctx: &Connection, req: &Request) -> Result<AlignedBuf, Failure> {
 }
 
 fn writable(ctx: &Connection) -> Result<&Vdi, Failure> {
-    match ctx.target.disk() {
+    match ctx.target.writable() {
         Some(v) if !ctx.read_only => Ok(v),
         _ => Err(Failure::new(proto::EPERM, "the export is read-only")),
     }
@@ -781,7 +772,7 @@ fn other(ctx: &Connection, req: &Request, payload: &[u8]) -> Result<(), Failure>
             }
         }
         Command::Flush => {
-            if let Some(vdi) = ctx.target.disk() {
+            if let Some(vdi) = ctx.target.writable() {
                 vdi.flush()?;
             }
         }

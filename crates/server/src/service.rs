@@ -14,9 +14,9 @@
 
 use crate::api::*;
 use crate::scheduler::Scheduler;
-use crate::transfer::{self, Source};
+use crate::transfer;
 use crate::uring::Uring;
-use parallax_engine::{Store, Vdi};
+use parallax_engine::{DiskRef, ReadDisk, Store, Vdi};
 use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -29,11 +29,11 @@ pub fn rfc3339(ns: u64) -> String {
     humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_nanos(ns)).to_string()
 }
 
-/// The export name of a disk or snapshot: `NAME` or `NAME@SNAP`.
-pub fn export_name(disk: &str, snapshot: Option<&str>) -> String {
+/// `NAME` or `NAME@SNAP`.
+fn export_ref(disk: &str, snapshot: Option<&str>) -> DiskRef {
     match snapshot {
-        Some(s) => format!("{disk}@{s}"),
-        None => disk.to_string(),
+        Some(s) => DiskRef::snapshot(disk, s),
+        None => DiskRef::disk(disk),
     }
 }
 
@@ -46,10 +46,6 @@ pub struct Service {
     next_connection: AtomicU64,
     /// The daemon's io_uring, when the kernel allows one.
     uring: Option<Arc<Uring>>,
-    /// Disks used lately, kept open so that the next operation on them
-    /// (a clone of a gold image, a snapshot) does not read their headers
-    /// and snapshot log from the device again.
-    recent: Mutex<std::collections::VecDeque<Vdi>>,
     /// The daemon writes changed bitmaps from a background tick instead of
     /// after every change.
     background_settle: bool,
@@ -61,9 +57,6 @@ pub struct Service {
 
 /// Shortest schedule interval accepted.
 pub const MIN_SCHEDULE_NS: u64 = 1_000_000;
-
-/// Disks [`Service`] keeps open after use.
-const RECENT_DISKS: usize = 64;
 
 /// A registered NBD connection; unregisters itself when dropped.
 pub struct ConnectionGuard<'a> {
@@ -92,7 +85,6 @@ impl Service {
             connections: Mutex::new(HashMap::new()),
             next_connection: AtomicU64::new(1),
             uring: None,
-            recent: Mutex::new(std::collections::VecDeque::new()),
             background_settle: false,
             scheduler: None,
             gc_progress: Mutex::new(None),
@@ -122,22 +114,9 @@ impl Service {
         self.uring.as_ref()
     }
 
-    /// Opens a disk and keeps it among the recently used ones.
+    /// Opens a disk (the store keeps its state; this is a handle).
     fn open(&self, name: &str) -> Result<Vdi, parallax_engine::Error> {
-        let vdi = self.store.open_vdi(name)?;
-        let mut recent = self.recent.lock();
-        if !recent.iter().any(|v| v.id() == vdi.id()) {
-            recent.push_back(vdi.clone());
-            if recent.len() > RECENT_DISKS {
-                recent.pop_front();
-            }
-        }
-        Ok(vdi)
-    }
-
-    /// Forgets a deleted disk.
-    fn forget(&self, name: &str) {
-        self.recent.lock().retain(|v| v.name() != name);
+        self.store.open_vdi(name)
     }
 
     pub fn store(&self) -> &Store {
@@ -151,7 +130,7 @@ impl Service {
             id,
             export: export.to_string(),
             peer: peer.to_string(),
-            since: rfc3339(now_ns()),
+            since: rfc3339(parallax_engine::now_ns()),
         };
         self.connections.lock().insert(id, info);
         ConnectionGuard { service: self, id }
@@ -166,7 +145,7 @@ impl Service {
     /// Connections to `disk` itself or, with `whole_disk`, to any of its
     /// snapshots too; or to exactly `disk@snapshot`.
     fn connections_to(&self, disk: &str, snapshot: Option<&str>) -> usize {
-        let exact = export_name(disk, snapshot);
+        let exact = export_ref(disk, snapshot).to_string();
         let prefix = format!("{disk}@");
         self.connections
             .lock()
@@ -182,7 +161,7 @@ impl Service {
                 ErrorKind::Conflict,
                 format!(
                     "{} is in use by {n} live NBD connection{}; disconnect the clients first (`parallax status` lists them)",
-                    export_name(disk, snapshot),
+                    export_ref(disk, snapshot),
                     if n == 1 { "" } else { "s" }
                 ),
             )),
@@ -280,13 +259,6 @@ impl Service {
     }
 }
 
-fn now_ns() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_nanos() as u64)
-        .unwrap_or(0)
-}
-
 fn snapshot_detail(disk: &str, info: &parallax_engine::SnapshotInfo) -> SnapshotDetail {
     SnapshotDetail {
         disk: disk.to_string(),
@@ -357,8 +329,6 @@ impl Api for Service {
 
     fn clone_snapshot(&self, disk: &str, snapshot: &str, new: &str) -> ApiResult<DiskInfo> {
         self.change(|store| {
-            // Keeps the origin open for the next clone of the same image.
-            self.open(disk)?;
             let vdi = store.clone_snapshot(disk, snapshot, new)?;
             self.disk_info(&vdi)
         })
@@ -371,7 +341,6 @@ impl Api for Service {
 
     fn delete_disk(&self, name: &str) -> ApiResult<()> {
         self.refuse_if_connected(name, None)?;
-        self.forget(name);
         self.change(|store| Ok(store.delete_vdi(name)?))
     }
 
@@ -417,18 +386,15 @@ impl Api for Service {
         file: &Path,
         force: bool,
     ) -> ApiResult<()> {
-        let source = match snapshot {
-            Some(snap) => Source::Snapshot(self.store.open_snapshot(disk, snap)?),
-            None => Source::Disk(self.open(disk)?),
+        let source: Box<dyn ReadDisk> = match snapshot {
+            Some(snap) => Box::new(self.store.open_snapshot(disk, snap)?),
+            None => Box::new(self.store.open_vdi(disk)?),
         };
-        transfer::export(&source, file, force, &self.store_path, self.show_progress)?;
+        transfer::export(&*source, file, force, &self.store_path, self.show_progress)?;
         Ok(())
     }
 
     fn check(&self) -> ApiResult<CheckSummary> {
-        // Commit what open disks hold in memory, so that their allocations
-        // are not reported as leaks.
-        self.store.flush_all()?;
         let r = self.store.check()?;
         Ok(CheckSummary {
             clean: r.is_clean(),

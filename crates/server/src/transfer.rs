@@ -14,7 +14,7 @@
 
 use anyhow::{anyhow, bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
-use parallax_engine::{Extent, SnapshotView, Store, Vdi};
+use parallax_engine::{ReadDisk, Store, Vdi};
 use parallax_format::BLOCK_SIZE;
 use parallax_image::{open_image, DiskImage};
 use std::fs::{self, File};
@@ -163,39 +163,10 @@ fn copy_in(image: &mut dyn DiskImage, vdi: &Vdi, virtual_size: u64, show: bool) 
     result
 }
 
-/// What `export` reads from: a disk or a snapshot.
-pub enum Source {
-    Disk(Vdi),
-    Snapshot(SnapshotView),
-}
-
-impl Source {
-    fn size(&self) -> u64 {
-        match self {
-            Source::Disk(v) => v.size(),
-            Source::Snapshot(s) => s.size(),
-        }
-    }
-
-    fn read(&self, buf: &mut [u8], offset: u64) -> parallax_engine::Result<()> {
-        match self {
-            Source::Disk(v) => v.read(buf, offset),
-            Source::Snapshot(s) => s.read(buf, offset),
-        }
-    }
-
-    fn block_status(&self, offset: u64, len: u64) -> parallax_engine::Result<Vec<Extent>> {
-        match self {
-            Source::Disk(v) => v.block_status(offset, len),
-            Source::Snapshot(s) => s.block_status(offset, len),
-        }
-    }
-}
-
 /// `parallax export NAME[@SNAP] FILE [--force]`. `store_path` is refused
 /// as a target, so that `--force` cannot truncate the store itself.
 pub fn export(
-    source: &Source,
+    source: &dyn ReadDisk,
     file: &Path,
     force: bool,
     store_path: &Path,
@@ -235,7 +206,7 @@ pub fn export(
     result
 }
 
-fn copy_out(source: &Source, out: &File, show: bool) -> Result<()> {
+fn copy_out(source: &dyn ReadDisk, out: &File, show: bool) -> Result<()> {
     let size = source.size();
     out.set_len(size)?;
     let bar = progress(show, size, "exporting");

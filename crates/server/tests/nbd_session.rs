@@ -6,7 +6,7 @@
 //! snapshot atomicity against a writer.
 
 use parallax_device::CrashDevice;
-use parallax_engine::{CreateOptions, OpenOptions, Store};
+use parallax_engine::{CreateOptions, OpenOptions, ReadDisk, Store};
 use parallax_nbd::proto::{self, Command, Request};
 use parallax_server::nbd::serve_connection;
 use parallax_server::service::Service;

@@ -4,7 +4,7 @@
 
 #![allow(dead_code)]
 
-use parallax_engine::{Error, Schedule, Store, Vdi};
+use parallax_engine::{Error, ReadDisk, Schedule, Store, Vdi};
 use std::collections::BTreeMap;
 
 pub const BLOCK: usize = 4096;

@@ -1,4 +1,4 @@
-//! Consistency check and garbage collection.
+//! The consistency check (and the mark it shares with `gc`).
 //!
 //! Both start with the same *mark* pass over the durable state: from the
 //! newest valid superblock, every registry block, every disk's newest valid
@@ -20,14 +20,13 @@
 //! crash or a snapshot delete, reported, and returned by `gc`.
 
 use crate::alloc::Allocator;
+use crate::disk::log::read_chain;
 use crate::error::{Error, Result};
 use crate::lineage::SnapSet;
-use crate::store::{Catalog, Store};
-use crate::vdi::{read_log_chain, VdiInner};
+use crate::store::catalog::{read_vdi_header, Catalog};
+use crate::store::Store;
 use parallax_format::{Ptr, Superblock, BLOCK_SIZE, BLOCK_SIZE_U64, SUPERBLOCK_ADDRS, TREE_HEIGHT};
-use parking_lot::RwLockWriteGuard;
 use std::collections::{HashMap, HashSet};
-use std::sync::Arc;
 
 /// What `check` found.
 #[derive(Debug, Clone, Default)]
@@ -50,15 +49,8 @@ impl CheckReport {
     }
 }
 
-/// What `gc` did.
-#[derive(Debug, Clone, Default)]
-pub struct GcReport {
-    pub freed_blocks: u64,
-    pub freed_bytes: u64,
-}
-
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Role {
+pub(super) enum Role {
     Registry,
     Header,
     Log,
@@ -67,12 +59,12 @@ enum Role {
 }
 
 #[derive(Default)]
-struct Marking<'p> {
+pub(super) struct Marking<'p> {
     /// Called with the number of blocks marked so far, now and then.
     progress: Option<&'p (dyn Fn(u64) + Sync)>,
-    roles: HashMap<u64, Role>,
+    pub(super) roles: HashMap<u64, Role>,
     refs: HashMap<u64, u32>,
-    errors: Vec<String>,
+    pub(super) errors: Vec<String>,
     warnings: Vec<String>,
     /// For each disk, the blocks its live tree owns.
     live_owned: Vec<(String, HashSet<u64>)>,
@@ -130,7 +122,7 @@ impl Marking<'_> {
         if !first {
             return;
         }
-        let node = match store.inner.meta.load_node(ptr, level) {
+        let node = match store.pool().meta().load_node(ptr, level) {
             Ok(n) => n,
             Err(e) => {
                 self.errors.push(format!("{who}: {e}"));
@@ -153,7 +145,7 @@ impl Marking<'_> {
     }
 }
 
-fn mark_all<'p>(
+pub(super) fn mark_all<'p>(
     store: &Store,
     catalog: &Catalog,
     progress: Option<&'p (dyn Fn(u64) + Sync)>,
@@ -162,8 +154,8 @@ fn mark_all<'p>(
         progress,
         ..Marking::default()
     };
-    let meta = &store.inner.meta;
-    for (slot, p) in catalog.sb.registry.iter().enumerate() {
+    let meta = store.pool().meta();
+    for (slot, p) in catalog.sb().registry.iter().enumerate() {
         if !p.is_null() {
             m.mark(p.addr(), Role::Registry, &format!("registry slot {slot}"));
         }
@@ -177,7 +169,7 @@ fn mark_all<'p>(
             m.errors
                 .push(format!("{who}: name used twice in the registry"));
         }
-        if !ids.insert(entry.vdi_id) || entry.vdi_id >= catalog.sb.next_vdi_id {
+        if !ids.insert(entry.vdi_id) || entry.vdi_id >= catalog.sb().next_vdi_id {
             m.errors.push(format!(
                 "{who}: id {} is duplicated or not yet issued",
                 entry.vdi_id
@@ -185,7 +177,7 @@ fn mark_all<'p>(
         }
         m.mark(entry.header_a, Role::Header, &who);
         m.mark(entry.header_b, Role::Header, &who);
-        let header = match store.read_vdi_header(&entry) {
+        let header = match read_vdi_header(store.pool(), &entry) {
             Ok((h, _)) => h,
             Err(e) => {
                 m.errors.push(format!("{who}: {e}"));
@@ -196,7 +188,7 @@ fn mark_all<'p>(
             m.warnings
                 .push(format!("{who}: header records the name {:?}", header.name));
         }
-        let log = match read_log_chain(&store.inner, header.log_head, entry.vdi_id) {
+        let log = match read_chain(store.pool(), header.log_head, entry.vdi_id) {
             Ok(l) => l,
             Err(e) => {
                 m.errors.push(format!("{who}: snapshot log: {e}"));
@@ -247,21 +239,26 @@ fn mark_all<'p>(
 }
 
 fn durable_allocator(store: &Store, sb: &Superblock) -> Result<Allocator> {
-    Allocator::load(&*store.inner.meta.dev, sb, 0)
+    Allocator::load(&*store.pool().meta().dev, sb, 0)
 }
 
 impl Store {
-    /// Verifies every invariant of the durable state. Disks open in this
-    /// process should be flushed first, or their unflushed allocations are
-    /// reported as leaks.
+    /// Verifies every invariant of the durable state. Disks this store has
+    /// open are committed first, so that what they hold in memory is not
+    /// reported as leaked. Blocks the pool was asked to free twice since the
+    /// store was opened (a bug) are reported as an error too.
     pub fn check(&self) -> Result<CheckReport> {
         let catalog = self.inner.catalog.lock();
-        let sb = catalog.sb.clone();
+        for disk in self.open_disks() {
+            disk.commit_pending()?;
+        }
+        self.pool().sync_bitmaps()?;
+        let sb = catalog.sb().clone();
         let mut report = CheckReport::default();
         for &addr in &SUPERBLOCK_ADDRS {
             let mut b = vec![0u8; BLOCK_SIZE];
-            self.inner
-                .meta
+            self.pool()
+                .meta()
                 .dev
                 .read_at(&mut b, addr * BLOCK_SIZE_U64)
                 .map_err(Error::io("reading the superblock"))?;
@@ -316,6 +313,12 @@ impl Store {
                 report.leaked_blocks
             ));
         }
+        let double_frees = self.pool().double_frees();
+        if double_frees > 0 {
+            m.errors.push(format!(
+                "{double_frees} blocks were freed twice since the store was opened (a bug: the allocator ignored the second free)"
+            ));
+        }
         m.errors.sort();
         m.errors.dedup();
         report.errors = m.errors;
@@ -323,102 +326,5 @@ impl Store {
         report.disks = m.disks;
         report.snapshots = m.snapshots;
         Ok(report)
-    }
-
-    /// Mark and sweep: returns to the free pool every block of this host's
-    /// extents that nothing references. Open disks keep serving while it
-    /// marks: they are held still only to commit and note what is
-    /// allocated (before the mark) and to settle the result (after).
-    pub fn gc(&self) -> Result<GcReport> {
-        self.gc_with_progress(&|_, _| {})
-    }
-
-    /// [`Store::gc`], calling `progress(marked, allocated)` as the mark
-    /// phase goes: blocks found referenced so far, out of the blocks the
-    /// allocator holds (the mark ends at or below that).
-    ///
-    /// 1. Holding every open disk: commit it, note the allocated blocks
-    ///    (`A0`) and the blocks of writes in flight, and start deferring
-    ///    frees (blocks freed from now on are held back, so nothing the mark
-    ///    reads is reused under it).
-    /// 2. Mark from the durable state, disks running. Whatever a commit
-    ///    adds meanwhile was allocated after `A0` and is kept; whatever it
-    ///    drops is in the deferred list.
-    /// 3. Holding every open disk again (no commit between its header and
-    ///    its release): release the deferred frees, then free every block
-    ///    of `A0` still allocated that neither the mark nor a write in
-    ///    flight claims. Then write the bitmaps.
-    ///
-    /// The catalogue stays locked throughout: disks are not created,
-    /// cloned, deleted or opened while it runs.
-    pub fn gc_with_progress(&self, progress: &(dyn Fn(u64, u64) + Sync)) -> Result<GcReport> {
-        let catalog = self.inner.catalog.lock();
-        let open: Vec<Arc<VdiInner>> = self.open_handles();
-        let (before, in_flight) = {
-            let mut guards: Vec<RwLockWriteGuard<'_, crate::vdi::VdiState>> = Vec::new();
-            for v in &open {
-                let mut st = v.state.write();
-                if !st.deleted {
-                    v.commit(&mut st, None)?;
-                }
-                guards.push(st);
-            }
-            let in_flight: HashSet<u64> = open
-                .iter()
-                .flat_map(|v| v.fresh.lock().in_flight.iter().copied().collect::<Vec<_>>())
-                .collect();
-            *self.inner.deferred_frees.lock() = Some(Vec::new());
-            (self.inner.alloc.lock().snapshot(), in_flight)
-        };
-        let marked = self.gc_mark(&catalog, progress);
-        let guards: Vec<RwLockWriteGuard<'_, crate::vdi::VdiState>> =
-            open.iter().map(|v| v.state.write()).collect();
-        let deferred = self.inner.deferred_frees.lock().take().unwrap_or_default();
-        let m = match marked {
-            Ok(m) => m,
-            Err(e) => {
-                self.inner.release(&deferred);
-                return Err(e);
-            }
-        };
-        let freed = {
-            let mut alloc = self.inner.alloc.lock();
-            for &b in &deferred {
-                self.inner.meta.evict(b);
-                alloc.release(b);
-            }
-            alloc.rebuild_since(&before, &|addr| {
-                m.roles.contains_key(&addr) || in_flight.contains(&addr)
-            })
-        };
-        drop(guards);
-        self.inner.sync_bitmaps()?;
-        drop(catalog);
-        Ok(GcReport {
-            freed_blocks: freed,
-            freed_bytes: freed * BLOCK_SIZE_U64,
-        })
-    }
-
-    /// The mark of [`Store::gc_with_progress`]; refuses a damaged store.
-    fn gc_mark(
-        &self,
-        catalog: &Catalog,
-        progress: &(dyn Fn(u64, u64) + Sync),
-    ) -> Result<Marking<'static>> {
-        let (_, used) = self.inner.alloc.lock().totals();
-        let report = |marked: u64| progress(marked, used);
-        let m = mark_all(self, catalog, Some(&report));
-        progress(m.roles.len() as u64, used);
-        if !m.errors.is_empty() {
-            return Err(Error::Inconsistent(format!(
-                "gc refuses to run on a damaged store: {}",
-                m.errors.join("; ")
-            )));
-        }
-        Ok(Marking {
-            progress: None,
-            ..m
-        })
     }
 }

@@ -18,10 +18,11 @@
 //! parent's plus what it adds minus what it drops. One full walk per root
 //! version, then work proportional to what changed.
 
+use crate::disk::log::read_chain;
+use crate::disk::{DiskState, Vdi};
 use crate::error::{Error, Result};
 use crate::lineage::exclusive_blocks;
 use crate::store::Store;
-use crate::vdi::{Vdi, VdiState};
 use parallax_format::{Ptr, BLOCK_SIZE_U64, TREE_HEIGHT};
 use std::collections::{HashMap, HashSet};
 
@@ -54,20 +55,22 @@ pub struct DiskSpace {
 
 fn count(store: &Store, v: Ptr, others: &[Ptr]) -> Result<u64> {
     let mut n = 0;
-    exclusive_blocks(&store.inner.meta, ROOT_LEVEL, v, others, &mut |_, _| n += 1)?;
+    exclusive_blocks(store.pool().meta(), ROOT_LEVEL, v, others, &mut |_, _| {
+        n += 1
+    })?;
     Ok(n)
 }
 
 /// Root pointers of a clone's versions that derive from its origin.
-fn clone_roots(st: &VdiState) -> Vec<Ptr> {
+fn clone_roots(st: &DiskState) -> Vec<Ptr> {
     let mut roots: Vec<Ptr> = st
-        .snapshots
+        .snapshots()
         .children(0)
         .iter()
-        .filter_map(|id| st.snapshots.get(*id).map(|s| s.root))
+        .filter_map(|id| st.snapshots().get(*id).map(|s| s.root))
         .collect();
-    if st.header.live_parent == 0 {
-        roots.push(st.tree.root());
+    if st.live_parent() == 0 {
+        roots.push(st.live_root());
     }
     roots
 }
@@ -77,7 +80,7 @@ impl Store {
     pub fn space(&self, disk: &str) -> Result<DiskSpace> {
         let vdi = self.open_vdi(disk)?;
         // Clones of this disk, opened before any disk lock is taken.
-        let clones: Vec<Vdi> = if self.inner.has_clones(vdi.id()) {
+        let clones: Vec<Vdi> = if self.pool().has_clones(vdi.id()) {
             let names = self.clone_names(vdi.id())?;
             names
                 .iter()
@@ -90,36 +93,44 @@ impl Store {
         for c in &clones {
             c.flush()?;
         }
-        let st = vdi.inner.state.read();
-        vdi.inner.usable(&st)?;
+        let st = vdi.disk().read_state()?;
         // Origin-side lock first (lower id), then the clones'.
-        let clone_states: Vec<_> = clones.iter().map(|c| c.inner.state.read()).collect();
+        let clone_states: Vec<_> = clones
+            .iter()
+            .map(|c| c.disk().read_state())
+            .collect::<Result<_>>()?;
         let mut clone_children: HashMap<u64, Vec<Ptr>> = HashMap::new();
         for cs in &clone_states {
             clone_children
-                .entry(cs.header.origin_snapshot)
+                .entry(cs.origin_snapshot())
                 .or_default()
                 .extend(clone_roots(cs));
         }
         let parent_root = |parent: u64| -> Result<Ptr> {
             if parent == 0 {
-                return Ok(vdi.inner.origin_root(&st));
+                return Ok(st.origin_root());
             }
-            st.snapshots
+            st.snapshots()
                 .get(parent)
                 .map(|s| s.root)
                 .ok_or_else(|| Error::Inconsistent(format!("snapshot parent {parent} missing")))
         };
-        let live = st.tree.root();
+        let live = st.live_root();
         // Versions: snapshot ids, and 0 for the live tree (parent = live_parent).
-        let mut roots: HashMap<u64, Ptr> = st.snapshots.all().map(|s| (s.id, s.root)).collect();
-        let mut parents: HashMap<u64, u64> = st.snapshots.all().map(|s| (s.id, s.parent)).collect();
+        let mut roots: HashMap<u64, Ptr> = st.snapshots().all().map(|s| (s.id, s.root)).collect();
+        let mut parents: HashMap<u64, u64> =
+            st.snapshots().all().map(|s| (s.id, s.parent)).collect();
         const LIVE: u64 = u64::MAX;
         roots.insert(LIVE, live);
-        parents.insert(LIVE, st.header.live_parent);
+        parents.insert(LIVE, st.live_parent());
         let children = |id: u64| -> Vec<Ptr> {
-            let mut out: Vec<Ptr> = st.snapshots.children(id).iter().map(|c| roots[c]).collect();
-            if id != LIVE && st.header.live_parent == id {
+            let mut out: Vec<Ptr> = st
+                .snapshots()
+                .children(id)
+                .iter()
+                .map(|c| roots[c])
+                .collect();
+            if id != LIVE && st.live_parent() == id {
                 out.push(live);
             }
             out.extend(clone_children.get(&id).into_iter().flatten().copied());
@@ -127,7 +138,7 @@ impl Store {
         };
         // referenced, computed parents first (ids grow with time, and a
         // version derives from an older one; the live tree comes last).
-        let mut order: Vec<u64> = st.snapshots.all().map(|s| s.id).collect();
+        let mut order: Vec<u64> = st.snapshots().all().map(|s| s.id).collect();
         order.push(LIVE);
         let mut referenced: HashMap<u64, u64> = HashMap::new();
         let mut disk_blocks = 0u64;
@@ -149,7 +160,7 @@ impl Store {
         }
         // Blocks of this disk that clones hold too are not the disk's alone.
         let mut shared_with_clones = HashSet::new();
-        let origin = vdi.inner.origin_root(&st);
+        let origin = st.origin_root();
         for (snap, croots) in &clone_children {
             let Some(v) = roots.get(snap).copied() else {
                 continue;
@@ -158,10 +169,9 @@ impl Store {
                 shared_in(self, ROOT_LEVEL, *c, v, origin, &mut shared_with_clones)?;
             }
         }
-        let log_blocks =
-            crate::vdi::read_log_chain(&self.inner, st.header.log_head, vdi.id())?.len() as u64;
+        let log_blocks = read_chain(self.pool(), st.log_head(), vdi.id())?.len() as u64;
         let mut snapshots = Vec::new();
-        for s in st.snapshots.all() {
+        for s in st.snapshots().all() {
             let mut others = children(s.id);
             others.push(parent_root(s.parent)?);
             snapshots.push(SnapshotSpace {
@@ -172,10 +182,10 @@ impl Store {
                 used_bytes: count(self, s.root, &others)? * BLOCK_SIZE_U64,
             });
         }
-        let live_used = count(self, live, &[parent_root(st.header.live_parent)?])?;
+        let live_used = count(self, live, &[parent_root(st.live_parent())?])?;
         let used = disk_blocks - shared_with_clones.len() as u64 + 2 + log_blocks;
         Ok(DiskSpace {
-            name: st.name.clone(),
+            name: st.name().to_string(),
             referenced_bytes: referenced[&LIVE] * BLOCK_SIZE_U64,
             live_used_bytes: live_used * BLOCK_SIZE_U64,
             used_bytes: used * BLOCK_SIZE_U64,
@@ -200,7 +210,10 @@ impl Store {
         }
         let mut sorted: Vec<&Vdi> = disks.iter().collect();
         sorted.sort_by_key(|d| d.id());
-        let states: Vec<_> = sorted.iter().map(|d| d.inner.state.read()).collect();
+        let states: Vec<_> = sorted
+            .iter()
+            .map(|d| d.disk().read_state())
+            .collect::<Result<_>>()?;
         /// Who references a block: versions, and the disk if only one.
         struct Refs {
             versions: u32,
@@ -211,12 +224,12 @@ impl Store {
         let mut version_sets: Vec<Vec<(u64, HashSet<u64>)>> = Vec::new();
         for (i, st) in states.iter().enumerate() {
             let mut versions: Vec<(u64, Ptr)> =
-                st.snapshots.all().map(|s| (s.id, s.root)).collect();
-            versions.push((u64::MAX, st.tree.root()));
+                st.snapshots().all().map(|s| (s.id, s.root)).collect();
+            versions.push((u64::MAX, st.live_root()));
             let mut sets = Vec::new();
             for (id, root) in versions {
                 let mut set = HashSet::new();
-                exclusive_blocks(&self.inner.meta, ROOT_LEVEL, root, &[], &mut |a, _| {
+                exclusive_blocks(self.pool().meta(), ROOT_LEVEL, root, &[], &mut |a, _| {
                     set.insert(a);
                 })?;
                 for &b in &set {
@@ -242,12 +255,10 @@ impl Store {
             for (_, set) in sets {
                 disk_set.extend(set.iter().copied().filter(|b| refs[b].disk == Some(i)));
             }
-            let log_blocks =
-                crate::vdi::read_log_chain(&self.inner, st.header.log_head, sorted[i].id())?.len()
-                    as u64;
+            let log_blocks = read_chain(self.pool(), st.log_head(), sorted[i].id())?.len() as u64;
             let (_, live) = sets.last().expect("the live version is always there");
             let snapshots = st
-                .snapshots
+                .snapshots()
                 .all()
                 .zip(sets.iter())
                 .map(|(s, (_, set))| SnapshotSpace {
@@ -259,7 +270,7 @@ impl Store {
                 })
                 .collect();
             out.push(DiskSpace {
-                name: st.name.clone(),
+                name: st.name().to_string(),
                 referenced_bytes: live.len() as u64 * BLOCK_SIZE_U64,
                 live_used_bytes: only_one(live) as u64 * BLOCK_SIZE_U64,
                 used_bytes: (disk_set.len() as u64 + 2 + log_blocks) * BLOCK_SIZE_U64,
@@ -286,11 +297,11 @@ fn shared_in(
         return Ok(());
     }
     if c.addr() == v.addr() {
-        return exclusive_blocks(&store.inner.meta, level, v, &[o], &mut |a, _| {
+        return exclusive_blocks(store.pool().meta(), level, v, &[o], &mut |a, _| {
             out.insert(a);
         });
     }
-    let meta = &store.inner.meta;
+    let meta = store.pool().meta();
     let (cn, vn) = (meta.load_node(c, level)?, meta.load_node(v, level)?);
     let on = if o.is_null() {
         None

@@ -1,0 +1,269 @@
+//! Planned I/O: a READ or WRITE worked out ahead, for callers that move the
+//! data themselves (the daemon's io_uring), then finished.
+//!
+//! A plan names device ranges (`Transfer`s), the parts of a read buffer to
+//! fill with zeros, and, for a write, the blocks it allocated. It runs the
+//! same way on every device: through the device's file descriptor
+//! ([`IoPlan::fd`], io_uring), or through [`IoPlan::execute`], which uses the
+//! device's own `read_at`/`write_at`, so the memory and crash devices of the
+//! tests carry plans too.
+//!
+//! Invariants:
+//! - While a plan lives it holds its disk's lock shared (as `Vdi::read`
+//!   does for its duration), so the blocks it names cannot be freed or
+//!   reused, and commits, snapshots and allocating writes wait for it.
+//! - A write plan's new blocks join the disk only in [`IoPlan::finish`]
+//!   with `ok`; on failure, or if the plan is dropped unfinished, they go
+//!   back to the pool. They are in `Fresh.in_flight` meanwhile, so `gc`
+//!   keeps them.
+//! - Planning never blocks: it takes the lock with `try_read` and uses
+//!   cached tree nodes only; `None` sends the caller to the blocking path.
+
+use crate::disk::data::{check_io_range, Runs, FRESH_FOLD_AT};
+use crate::disk::state::{Disk, DiskState};
+use crate::disk::{Owner, Vdi};
+use crate::error::Result;
+use crate::pool::Pool;
+use crate::tree::Tree;
+use parallax_device::BlockDevice;
+use parallax_format::{Ptr, BLOCK_SIZE, BLOCK_SIZE_U64};
+use parking_lot::{ArcRwLockReadGuard, RawRwLock};
+use std::ops::Range;
+use std::sync::Arc;
+
+/// One device transfer of an [`IoPlan`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Transfer {
+    /// Byte offset on the device.
+    pub device_offset: u64,
+    /// Bytes of the caller's buffer it reads into or writes from.
+    pub buf: Range<usize>,
+}
+
+/// See the module documentation. Keep it until every transfer has
+/// completed, then call [`IoPlan::finish`].
+pub struct IoPlan {
+    pub transfers: Vec<Transfer>,
+    /// Read only: ranges of the buffer that read as zeros.
+    pub zeros: Vec<Range<usize>>,
+    dev: Arc<dyn BlockDevice>,
+    /// Write only: (virtual block, new data block) for the blocks the write
+    /// allocated; they join the disk in [`IoPlan::finish`].
+    links: Vec<(u64, u64)>,
+    disk: Option<Arc<Disk>>,
+    pin: Option<ArcRwLockReadGuard<RawRwLock, DiskState>>,
+    _owner: Owner,
+}
+
+impl IoPlan {
+    /// The file descriptor to transfer to or from, if the device has one.
+    pub fn fd(&self) -> Option<std::os::fd::RawFd> {
+        self.dev.raw_fd()
+    }
+
+    /// Performs the transfers with the device's own calls: reads fill `buf`
+    /// (zeros included), writes take their data from it. Call
+    /// [`IoPlan::finish`] afterwards with the outcome.
+    pub fn execute(&self, buf: &mut [u8], write: bool) -> std::io::Result<()> {
+        for t in &self.transfers {
+            if write {
+                self.dev.write_at(&buf[t.buf.clone()], t.device_offset)?;
+            } else {
+                self.dev.read_at(&mut buf[t.buf.clone()], t.device_offset)?;
+            }
+        }
+        if !write {
+            for z in &self.zeros {
+                buf[z.clone()].fill(0);
+            }
+        }
+        Ok(())
+    }
+
+    /// Ends the plan after every transfer has completed. With `ok`, the
+    /// blocks a write allocated become part of the disk (visible to reads
+    /// from now on); otherwise they go back to the free pool. Dropping a
+    /// plan without calling this counts as a failure.
+    pub fn finish(mut self, ok: bool) {
+        self.complete(ok);
+    }
+
+    fn complete(&mut self, ok: bool) {
+        if self.links.is_empty() {
+            return;
+        }
+        if let (Some(disk), Some(pin)) = (&self.disk, &self.pin) {
+            // A deleted disk gives its blocks back: nothing to report.
+            let _ = disk.publish_fresh(pin, &self.links, ok);
+        }
+        self.links.clear();
+    }
+}
+
+impl Drop for IoPlan {
+    fn drop(&mut self) {
+        self.complete(false);
+    }
+}
+
+impl std::fmt::Debug for IoPlan {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("IoPlan")
+            .field("transfers", &self.transfers)
+            .field("zeros", &self.zeros)
+            .finish()
+    }
+}
+
+/// Works out a block-aligned read of `len` bytes at `offset` of a tree of
+/// `size` bytes (and the fresh writes of `disk`), with cached nodes only:
+/// a read plan holding `pin`. `None` if the range is not block-aligned or
+/// a node is not in memory.
+pub(super) fn plan_read(
+    pool: &Pool,
+    owner: &Owner,
+    tree: &Tree,
+    size: u64,
+    disk: Option<&Disk>,
+    offset: u64,
+    len: usize,
+) -> Result<Option<IoPlan>> {
+    check_io_range(size, offset, len as u64)?;
+    let Some(found) = cached_entries(pool, tree, disk, offset, len)? else {
+        return Ok(None);
+    };
+    let mut runs = Runs::default();
+    let mut zeros: Vec<Range<usize>> = Vec::new();
+    for (k, (entry, _)) in found.into_iter().enumerate() {
+        let start = k * BLOCK_SIZE;
+        if entry.is_null() {
+            match zeros.last_mut() {
+                Some(z) if z.end == start => z.end += BLOCK_SIZE,
+                _ => zeros.push(start..start + BLOCK_SIZE),
+            }
+        } else {
+            runs.push(k as u64, entry.addr());
+        }
+    }
+    Ok(Some(IoPlan {
+        transfers: runs.into_transfers(),
+        zeros,
+        dev: pool.meta().dev.clone(),
+        links: Vec::new(),
+        disk: None,
+        pin: None,
+        _owner: owner.clone(),
+    }))
+}
+
+/// The entries of the blocks of an aligned range, from cached nodes and
+/// fresh writes only; `None` when that cannot be done without I/O.
+fn cached_entries(
+    pool: &Pool,
+    tree: &Tree,
+    disk: Option<&Disk>,
+    offset: u64,
+    len: usize,
+) -> Result<Option<Vec<(Ptr, bool)>>> {
+    if !offset.is_multiple_of(BLOCK_SIZE_U64) || !len.is_multiple_of(BLOCK_SIZE) || len == 0 {
+        return Ok(None);
+    }
+    let first = offset / BLOCK_SIZE_U64;
+    let end = first + (len / BLOCK_SIZE) as u64;
+    let mut found = Vec::with_capacity(len / BLOCK_SIZE);
+    let complete = tree.for_each_cached_entry(pool.meta(), first, end, &mut |_, e, w| {
+        found.push((e, w));
+        Ok(())
+    })?;
+    if !complete {
+        return Ok(None);
+    }
+    if let Some(disk) = disk {
+        disk.overlay_fresh(first, &mut found);
+    }
+    Ok(Some(found))
+}
+
+impl Vdi {
+    /// Plans a READ for the caller to perform (see [`IoPlan`]). Never
+    /// blocks: `Ok(None)` when the disk's lock is taken exclusively, the
+    /// range is not block-aligned or a tree node is not in memory; then use
+    /// [`Vdi::read`].
+    pub fn try_plan_read(&self, offset: u64, len: usize) -> Result<Option<IoPlan>> {
+        let disk = &self.disk;
+        let Some(st) = disk.state.try_read_arc() else {
+            return Ok(None);
+        };
+        disk.usable(&st)?;
+        let plan = plan_read(
+            &disk.pool,
+            &self.owner,
+            &st.tree,
+            st.size,
+            Some(disk),
+            offset,
+            len,
+        )?;
+        Ok(plan.map(|mut p| {
+            p.pin = Some(st);
+            p
+        }))
+    }
+
+    /// Plans a block-aligned WRITE for the caller to perform (see
+    /// [`IoPlan`]): blocks the disk owns are written in place, the others
+    /// get new blocks now, which join the disk when the caller calls
+    /// [`IoPlan::finish`] after the transfers. Never blocks: `Ok(None)`
+    /// for the reasons of [`Vdi::try_plan_read`] or when the store is full;
+    /// then use [`Vdi::write`].
+    pub fn try_plan_write(&self, offset: u64, len: usize) -> Result<Option<IoPlan>> {
+        let disk = &self.disk;
+        let Some(st) = disk.state.try_read_arc() else {
+            return Ok(None);
+        };
+        disk.usable(&st)?;
+        check_io_range(st.size, offset, len as u64)?;
+        let Some(found) = cached_entries(&disk.pool, &st.tree, Some(disk), offset, len)? else {
+            return Ok(None);
+        };
+        let first = offset / BLOCK_SIZE_U64;
+        let count = found.len() as u64;
+        // Device block of each block of the request: owned ones now, new
+        // ones once allocated.
+        let mut addrs: Vec<Option<u64>> = found
+            .iter()
+            .map(|&(entry, writable)| writable.then(|| entry.addr()))
+            .collect();
+        let missing: Vec<usize> = (0..addrs.len()).filter(|&k| addrs[k].is_none()).collect();
+        let mut links = Vec::new();
+        if !missing.is_empty() {
+            if disk.fresh.lock().map.len() > FRESH_FOLD_AT {
+                // The blocking path folds the backlog into the tree.
+                return Ok(None);
+            }
+            let Ok(allocated) = disk.allocate_fresh(&st, first, count, missing.len()) else {
+                return Ok(None);
+            };
+            for (&k, addr) in missing.iter().zip(allocated) {
+                addrs[k] = Some(addr);
+                links.push((first + k as u64, addr));
+            }
+        }
+        disk.touch();
+        let mut runs = Runs::default();
+        for (k, addr) in addrs.into_iter().enumerate() {
+            if let Some(addr) = addr {
+                runs.push(k as u64, addr);
+            }
+        }
+        Ok(Some(IoPlan {
+            transfers: runs.into_transfers(),
+            zeros: Vec::new(),
+            dev: disk.pool.meta().dev.clone(),
+            links,
+            disk: Some(disk.clone()),
+            pin: Some(st),
+            _owner: self.owner.clone(),
+        }))
+    }
+}

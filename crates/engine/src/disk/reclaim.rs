@@ -1,0 +1,314 @@
+//! Reclamation: deleting snapshots (in any order), schedule ticks with
+//! retention, and the blocks a whole disk frees when it is deleted.
+//!
+//! A deleted snapshot with at most one child version, no clone and no open
+//! view is reclaimed at once: the blocks that neither its parent nor its
+//! child holds at the same tree position are freed (`lineage.rs` states the
+//! connectivity invariant this rests on). When the child is the live tree,
+//! pointers to blocks the live tree now holds alone become writable
+//! ([`Tree::promote`](crate::tree::Tree::promote)). Other deleted snapshots
+//! are hidden and reclaimed later, when they have at most one child.
+//!
+//! Every deletion runs as one transaction (`commit.rs`): planned in memory,
+//! committed, and undone in memory if the commit fails before its header.
+
+use crate::disk::commit::NewSnapshot;
+use crate::disk::state::{Disk, DiskState, Origin};
+use crate::disk::DeleteReport;
+use crate::error::Result;
+use crate::lineage::{exclusive_blocks, intersect, promotions, Delta, SnapshotInfo};
+use crate::meta::MetaIo;
+use crate::time::{compact_utc, now_ns};
+use parallax_format::{LogEntry, LogEntryKind, Ptr, TREE_HEIGHT};
+use std::collections::HashSet;
+
+const ROOT_LEVEL: u8 = (TREE_HEIGHT - 1) as u8;
+
+impl Disk {
+    /// Hides the (visible) snapshots `ids`, reclaims every hidden version
+    /// that nothing derives from any more (at most one child version, no
+    /// clone, no open view), and commits. The live tree is committed first
+    /// so that the walks see it exactly.
+    pub(crate) fn delete_versions(&self, st: &mut DiskState, ids: &[u64]) -> Result<DeleteReport> {
+        if st.has_pending() {
+            self.commit(st, None)?;
+        }
+        let mut report = DeleteReport {
+            deleted: ids.len() as u64,
+            ..DeleteReport::default()
+        };
+        let mut ids = ids;
+        // A pass reclaims at most one version beside the live tree (its
+        // promotions change the live tree); more take another pass.
+        for _ in 0..64 {
+            let deferred = self.transact(st, |st| {
+                let deferred = self.plan_deletion(st, ids, &mut report, true)?;
+                Ok((deferred, None))
+            })?;
+            if !deferred {
+                break;
+            }
+            ids = &[];
+        }
+        report.hidden = (st.snapshots.len() - st.snapshots.visible_len()) as u64;
+        Ok(report)
+    }
+
+    /// One schedule tick in one commit: the deletions retention asks for
+    /// (counting the snapshot about to be taken) are planned against the
+    /// committed snapshot trees, then the snapshot is taken with them.
+    /// A deletion that would need the live tree as a neighbour while it has
+    /// uncommitted changes stays hidden until the next deletion pass.
+    pub(super) fn schedule_tick(&self, st: &mut DiskState) -> Result<(SnapshotInfo, DeleteReport)> {
+        self.usable(st)?;
+        if !st.pending_log.is_empty() || !st.pending_free.is_empty() {
+            self.commit(st, None)?;
+        }
+        let id = st.header.next_snapshot_id;
+        let now = now_ns();
+        let mut scheduled = st.snapshots.scheduled();
+        scheduled.push((id, now));
+        let expired: Vec<u64> = crate::retention::expired(&st.header.schedule, &scheduled)
+            .into_iter()
+            .filter(|e| *e != id)
+            .collect();
+        let mut report = DeleteReport {
+            deleted: expired.len() as u64,
+            ..DeleteReport::default()
+        };
+        let name = format!("{}-{id}", compact_utc(now));
+        // With a clean tree the walks see the live tree exactly.
+        let live_ok = !st.tree.is_dirty();
+        self.transact(st, |st| {
+            self.plan_deletion(st, &expired, &mut report, live_ok)?;
+            let new = NewSnapshot {
+                id,
+                name,
+                scheduled: true,
+            };
+            Ok(((), Some(new)))
+        })?;
+        report.hidden = (st.snapshots.len() - st.snapshots.visible_len()) as u64;
+        let snap = st.snapshots.get(id).cloned().ok_or_else(|| {
+            crate::error::Error::Inconsistent("snapshot vanished after commit".into())
+        })?;
+        Ok((snap, report))
+    }
+
+    /// The in-memory half of [`Disk::delete_versions`]: records, blocks
+    /// to free after the commit, promotions in the live tree.
+    /// to free after the commit, promotions in the live tree.
+    fn plan_deletion(
+        &self,
+        st: &mut DiskState,
+        ids: &[u64],
+        report: &mut DeleteReport,
+        mut live_ok: bool,
+    ) -> Result<bool> {
+        let now = now_ns();
+        let mut deferred = false;
+        if !st.reclaims() {
+            for &id in ids {
+                st.snapshots.remove(id);
+                st.pending_log
+                    .push(LogEntry::removal(LogEntryKind::Deleted, id, now));
+            }
+            return Ok(false);
+        }
+        let meta = self.pool.meta();
+        for &id in ids {
+            st.snapshots.hide(id);
+        }
+        let mut candidates = st.snapshots.hidden_ids();
+        let mut deleted = Vec::new();
+        let mut freed = Vec::new();
+        while let Some(v) = candidates.pop() {
+            let Some(s) = st.snapshots.get(v).cloned() else {
+                continue;
+            };
+            let kids = st.snapshots.children(v);
+            let live_kid = st.header.live_parent == v;
+            // A clone's versions are not walked from here: a snapshot with
+            // clones stays hidden until they are deleted.
+            let uses = kids.len() + usize::from(live_kid);
+            if live_kid && !live_ok && s.hidden && uses == 1 {
+                deferred = true;
+            }
+            if !s.hidden
+                || uses > 1
+                || (live_kid && !live_ok)
+                || self.pool.clone_count(self.id, v) > 0
+                || self.pins.lock().contains_key(&v)
+            {
+                continue;
+            }
+            let parent_root = st.version_root(s.parent)?;
+            let child = kids.first().copied();
+            let child_root = match child {
+                Some(k) => st.version_root(k)?,
+                None if live_kid => st.tree.root(),
+                None => Ptr::NULL,
+            };
+            // From the deltas when they are known: no tree is read.
+            let by_delta = child.and_then(|k| {
+                let dc = st.snapshots.delta(k)?;
+                if s.parent == 0 && st.origin == Origin::None {
+                    return Some((dc.dead.clone(), Delta::default()));
+                }
+                let dv = st.snapshots.delta(v)?;
+                Some((intersect(&dv.born, &dc.dead), Delta::merged(dv, dc)))
+            });
+            let mut child_delta = None;
+            match by_delta {
+                Some((gone, merged)) => {
+                    if cfg!(debug_assertions) {
+                        let mut walked = Vec::new();
+                        exclusive_blocks(
+                            meta,
+                            ROOT_LEVEL,
+                            s.root,
+                            &[parent_root, child_root],
+                            &mut |addr, _| walked.push(addr),
+                        )?;
+                        walked.sort_unstable();
+                        walked.dedup();
+                        assert_eq!(gone, walked, "the deltas disagree with the walk");
+                        if s.parent != 0 || st.origin != Origin::None {
+                            let mut want = Delta::default();
+                            exclusive_blocks(
+                                meta,
+                                ROOT_LEVEL,
+                                child_root,
+                                &[parent_root],
+                                &mut |a, _| want.born.push(a),
+                            )?;
+                            exclusive_blocks(
+                                meta,
+                                ROOT_LEVEL,
+                                parent_root,
+                                &[child_root],
+                                &mut |a, _| want.dead.push(a),
+                            )?;
+                            want.born.sort_unstable();
+                            want.born.dedup();
+                            want.dead.sort_unstable();
+                            want.dead.dedup();
+                            assert_eq!(merged, want, "a merged delta disagrees with the walk");
+                        }
+                    }
+                    freed.extend(gone);
+                    child_delta = Some(merged);
+                }
+                None => exclusive_blocks(
+                    meta,
+                    ROOT_LEVEL,
+                    s.root,
+                    &[parent_root, child_root],
+                    &mut |addr, _| freed.push(addr),
+                )?,
+            }
+            if live_kid {
+                let mut promos = Vec::new();
+                promotions(
+                    meta,
+                    ROOT_LEVEL,
+                    0,
+                    st.tree.root(),
+                    s.root,
+                    parent_root,
+                    &mut promos,
+                )?;
+                for (level, vb) in promos {
+                    st.tree.promote(meta, level, vb)?;
+                }
+                st.header.live_parent = s.parent;
+                st.header_dirty = true;
+                // The walks read the committed live tree: no second
+                // contraction beside it until this one is committed.
+                live_ok = false;
+            }
+            st.snapshots.remove(v);
+            if let Some(k) = child {
+                st.snapshots.set_delta(k, child_delta);
+            }
+            deleted.push(v);
+            if st.snapshots.get(s.parent).is_some_and(|p| p.hidden) {
+                candidates.push(s.parent);
+            }
+        }
+        let gone: HashSet<u64> = deleted.iter().copied().collect();
+        for &id in ids.iter().filter(|id| !gone.contains(id)) {
+            st.pending_log
+                .push(LogEntry::removal(LogEntryKind::Hidden, id, now));
+        }
+        for id in deleted {
+            st.pending_log
+                .push(LogEntry::removal(LogEntryKind::Deleted, id, now));
+        }
+        freed.sort_unstable();
+        freed.dedup();
+        report.freed_blocks += freed.len() as u64;
+        st.pending_free.extend(freed);
+        Ok(deferred)
+    }
+
+    /// Every block that deleting this disk frees: all it holds that its
+    /// origin does not (clones of it are refused before this is asked),
+    /// its snapshot log and its two headers.
+    pub(crate) fn disk_blocks(&self, st: &DiskState) -> Result<Vec<u64>> {
+        let meta = self.pool.meta();
+        let mut out: HashSet<u64> = self.live_owned_blocks(st)?.into_iter().collect();
+        out.extend(st.pending_free.iter().copied());
+        for (addr, _) in crate::disk::log::read_chain(&self.pool, st.header.log_head, self.id)? {
+            out.insert(addr);
+        }
+        out.extend(self.header_addrs);
+        if !st.reclaims() {
+            // Without lineage only the writable closures are known to be
+            // exclusive; the rest is left to `gc`.
+            for s in st.snapshots.all() {
+                collect_owned(meta, s.root, ROOT_LEVEL, &mut out)?;
+            }
+            return Ok(out.into_iter().collect());
+        }
+        let mut add = |addr: u64, _| {
+            out.insert(addr);
+        };
+        let live_parent = st.version_root(st.header.live_parent)?;
+        exclusive_blocks(meta, ROOT_LEVEL, st.tree.root(), &[live_parent], &mut add)?;
+        for s in st.snapshots.all() {
+            let parent = st.version_root(s.parent)?;
+            exclusive_blocks(meta, ROOT_LEVEL, s.root, &[parent], &mut add)?;
+        }
+        Ok(out.into_iter().collect())
+    }
+
+    /// Every block that only this disk's live tree references: the blocks
+    /// reachable from its root through writable pointers only, committed or
+    /// dirty (not those already waiting in `pending_free`).
+    pub(super) fn live_owned_blocks(&self, st: &DiskState) -> Result<Vec<u64>> {
+        let meta = self.pool.meta();
+        let mut owned = HashSet::new();
+        if !st.tree.root().is_null() {
+            collect_owned(meta, st.tree.root(), ROOT_LEVEL, &mut owned)?;
+        }
+        owned.extend(st.tree.dirty_owned_data());
+        let pending: HashSet<u64> = st.pending_free.iter().copied().collect();
+        Ok(owned.into_iter().filter(|b| !pending.contains(b)).collect())
+    }
+}
+
+/// Adds to `out` the block `ptr` points at and everything below it reached
+/// through writable pointers.
+fn collect_owned(meta: &MetaIo, ptr: Ptr, level: u8, out: &mut HashSet<u64>) -> Result<()> {
+    out.insert(ptr.addr());
+    let node = meta.load_node(ptr, level)?;
+    for e in node.entries.iter().filter(|e| e.writable()) {
+        if level == 0 {
+            out.insert(e.addr());
+        } else {
+            collect_owned(meta, *e, level - 1, out)?;
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,376 @@
+//! One open disk's state and its locks.
+//!
+//! [`Disk`] is what the store owns for each open disk (handles share it):
+//! the live [`Tree`], the last committed header, the snapshot list and what
+//! the next commit must add or free, behind a read-write lock; beside it a
+//! small [`Fresh`] table of allocating writes not yet folded into the tree.
+//!
+//! Invariants:
+//! - Every holder of the lock exclusively goes through [`Disk::exclusive`],
+//!   which folds `Fresh` into the tree first; no write adds to `Fresh`
+//!   while the lock is held exclusively (they need it shared).
+//! - `pending_free` holds blocks the committed state still references and
+//!   the next commit drops: they are freed only after its header is durable.
+//! - A failure after the header write started sets `poisoned`: the header
+//!   may or may not be on the device, so the disk refuses further work until
+//!   the store is reopened.
+//! - `deleted` is set, under the exclusive lock, by the store when it
+//!   deletes the disk; every later operation on a handle fails.
+
+use crate::disk::log::load_log;
+use crate::error::{Error, Result};
+use crate::lineage::SnapSet;
+use crate::pool::Pool;
+use crate::time::now_ns;
+use crate::tree::Tree;
+use parallax_format::{LogBlock, LogEntry, Ptr, VdiHeader, VDI_FLAG_LINEAGE};
+use parking_lot::{Mutex, RwLock, RwLockWriteGuard};
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+/// Stripe locks per disk for read-modify-write of partial blocks.
+pub(super) const STRIPES: usize = 64;
+
+/// Where a disk's root version comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Origin {
+    /// A disk created empty.
+    None,
+    /// A clone: the root of the snapshot it was made from.
+    Root(Ptr),
+    /// A clone whose origin could not be found (made by an older version
+    /// and orphaned): its versions are not reclaimed, `gc` does it.
+    Unknown,
+}
+
+/// See the module documentation.
+pub(crate) struct DiskState {
+    pub(super) name: String,
+    pub(super) header: VdiHeader,
+    /// Index (0 = A, 1 = B) of the header slot the next commit writes.
+    pub(super) next_slot: usize,
+    pub(super) tree: Tree,
+    pub(super) size: u64,
+    pub(super) snapshots: SnapSet,
+    pub(super) origin: Origin,
+    /// Records in the snapshot log chain (for compaction).
+    pub(super) log_records: u64,
+    pub(super) log_block: Option<LogBlock>,
+    pub(super) pending_log: Vec<LogEntry>,
+    /// Blocks to free once the next commit is durable.
+    pub(super) pending_free: Vec<u64>,
+    pub(super) header_dirty: bool,
+    pub(super) poisoned: bool,
+    pub(super) deleted: bool,
+}
+
+impl DiskState {
+    /// Whether the next commit has anything to write besides bitmaps.
+    pub(super) fn has_pending(&self) -> bool {
+        self.tree.is_dirty()
+            || !self.pending_log.is_empty()
+            || self.header_dirty
+            || !self.pending_free.is_empty()
+    }
+
+    /// Neither deleted nor poisoned.
+    pub(crate) fn is_live(&self) -> bool {
+        !self.deleted && !self.poisoned
+    }
+
+    /// Marks the disk deleted (the store's catalogue no longer has it):
+    /// every later operation on a handle fails.
+    pub(crate) fn mark_deleted(&mut self) {
+        self.deleted = true;
+    }
+
+    pub(crate) fn origin_vdi(&self) -> u64 {
+        self.header.origin_vdi
+    }
+
+    pub(crate) fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub(crate) fn snapshots(&self) -> &SnapSet {
+        &self.snapshots
+    }
+
+    /// The live tree's root as of the last commit.
+    pub(crate) fn live_root(&self) -> Ptr {
+        self.tree.root()
+    }
+
+    /// The snapshot the live tree derives from (0: the disk's origin).
+    pub(crate) fn live_parent(&self) -> u64 {
+        self.header.live_parent
+    }
+
+    pub(crate) fn origin_snapshot(&self) -> u64 {
+        self.header.origin_snapshot
+    }
+
+    pub(crate) fn log_head(&self) -> Ptr {
+        self.header.log_head
+    }
+
+    /// The root of the snapshot this disk was cloned from; null if none.
+    pub(crate) fn origin_root(&self) -> Ptr {
+        match self.origin {
+            Origin::Root(r) => r,
+            Origin::None | Origin::Unknown => Ptr::NULL,
+        }
+    }
+
+    /// Whether this disk's deleted versions are reclaimed at once (see
+    /// `lineage.rs`). Disks written before lineage was recorded, and clones
+    /// whose origin is gone, leave them to `gc`.
+    pub(crate) fn reclaims(&self) -> bool {
+        self.header.flags & VDI_FLAG_LINEAGE != 0 && self.origin != Origin::Unknown
+    }
+
+    /// The root of the version `parent` (a snapshot id, or 0 for the
+    /// disk's origin); null when there is none.
+    pub(crate) fn version_root(&self, parent: u64) -> Result<Ptr> {
+        if parent == 0 {
+            return Ok(self.origin_root());
+        }
+        self.snapshots.get(parent).map(|p| p.root).ok_or_else(|| {
+            Error::Inconsistent(format!(
+                "disk {}: snapshot parent id {parent} is missing",
+                self.name
+            ))
+        })
+    }
+
+    /// Everything a transaction may change, to go back to if it fails.
+    pub(super) fn savepoint(&self) -> Savepoint {
+        Savepoint {
+            tree: self.tree.clone(),
+            header: self.header.clone(),
+            size: self.size,
+            header_dirty: self.header_dirty,
+            pending_log: self.pending_log.len(),
+            pending_free: self.pending_free.len(),
+        }
+    }
+
+    /// Back to `sp` after a transaction failed before its header write
+    /// started. The snapshot list is read again from the durable log (the
+    /// only copy the failed transaction cannot have touched); if that
+    /// fails, the disk is poisoned.
+    pub(super) fn restore(&mut self, pool: &Pool, sp: Savepoint) {
+        self.tree = sp.tree;
+        self.header = sp.header;
+        self.size = sp.size;
+        self.header_dirty = sp.header_dirty;
+        self.pending_log.truncate(sp.pending_log);
+        self.pending_free.truncate(sp.pending_free);
+        match load_log(pool, &self.header) {
+            Ok((snaps, block, records)) => {
+                self.snapshots = snaps;
+                self.log_block = block;
+                self.log_records = records;
+            }
+            Err(_) => self.poisoned = true,
+        }
+    }
+}
+
+/// See [`DiskState::savepoint`].
+pub(super) struct Savepoint {
+    tree: Tree,
+    header: VdiHeader,
+    size: u64,
+    header_dirty: bool,
+    pending_log: usize,
+    pending_free: usize,
+}
+
+/// Whole-block writes that allocated since the disk lock was last held
+/// exclusively, kept beside the tree so that allocating writes need only the
+/// shared lock. Invariants:
+/// - `map` entries are newer than the tree: every reader under the shared
+///   lock consults `map` first, and every holder of the exclusive lock folds
+///   `map` into the tree first ([`Disk::exclusive`]); `map` and the tree
+///   never change together otherwise.
+/// - Blocks in `map` and `in_flight` are owned by the live disk alone (new,
+///   never in a snapshot); `gc` keeps both.
+#[derive(Default)]
+pub(crate) struct Fresh {
+    /// Virtual block ─▶ new data block, written and complete.
+    pub(super) map: HashMap<u64, u64>,
+    /// Allocated for writes still moving their data; in no tree or map yet.
+    pub(super) in_flight: HashSet<u64>,
+    /// Fresh blocks replaced by a later fresh write: freed after the next commit.
+    pub(super) replaced: Vec<u64>,
+}
+
+impl Fresh {
+    pub(super) fn is_empty(&self) -> bool {
+        self.map.is_empty() && self.replaced.is_empty()
+    }
+}
+
+/// See the module documentation.
+pub(crate) struct Disk {
+    pub(super) pool: Arc<Pool>,
+    pub(super) id: u64,
+    pub(super) header_addrs: [u64; 2],
+    /// In an `Arc` so that an `IoPlan` can hold a read guard of its own.
+    pub(super) state: Arc<RwLock<DiskState>>,
+    /// Always taken after `state` (shared or exclusive), never before.
+    pub(super) fresh: Mutex<Fresh>,
+    pub(super) stripes: Vec<Mutex<()>>,
+    /// Snapshot id ─▶ open `SnapshotView`s; a pinned snapshot is hidden
+    /// rather than reclaimed when deleted.
+    pub(super) pins: Mutex<HashMap<u64, u32>>,
+    /// When the disk last changed in memory (ns since the epoch): the
+    /// store commits a disk idle for a while.
+    last_change_ns: AtomicU64,
+}
+
+impl Disk {
+    pub(crate) fn open(
+        pool: Arc<Pool>,
+        header_addrs: [u64; 2],
+        header: VdiHeader,
+        next_slot: usize,
+        name: String,
+        origin: Origin,
+    ) -> Result<Self> {
+        let (snapshots, log_block, log_records) = load_log(&pool, &header)?;
+        Ok(Disk {
+            id: header.vdi_id,
+            header_addrs,
+            state: Arc::new(RwLock::new(DiskState {
+                name,
+                tree: Tree::open(header.root),
+                size: header.size_bytes,
+                next_slot,
+                header,
+                snapshots,
+                origin,
+                log_records,
+                log_block,
+                pending_log: Vec::new(),
+                pending_free: Vec::new(),
+                header_dirty: false,
+                poisoned: false,
+                deleted: false,
+            })),
+            pool,
+            fresh: Mutex::new(Fresh::default()),
+            stripes: (0..STRIPES).map(|_| Mutex::new(())).collect(),
+            pins: Mutex::new(HashMap::new()),
+            last_change_ns: AtomicU64::new(now_ns()),
+        })
+    }
+
+    pub(crate) fn id(&self) -> u64 {
+        self.id
+    }
+
+    /// Takes the disk lock exclusively, with fresh writes folded into the
+    /// tree. Every exclusive holder goes through here.
+    pub(crate) fn exclusive(&self) -> Result<RwLockWriteGuard<'_, DiskState>> {
+        let mut st = self.state.write();
+        self.fold_fresh(&mut st)?;
+        Ok(st)
+    }
+
+    /// The lock, exclusively, without folding fresh writes: holds the disk
+    /// still (`gc` settles its result under it).
+    pub(crate) fn hold(&self) -> RwLockWriteGuard<'_, DiskState> {
+        self.state.write()
+    }
+
+    /// The state, shared, for readers outside the disk module (space).
+    pub(crate) fn read_state(&self) -> Result<parking_lot::RwLockReadGuard<'_, DiskState>> {
+        let st = self.state.read();
+        self.usable(&st)?;
+        Ok(st)
+    }
+
+    /// Notes that the disk changed in memory now.
+    pub(super) fn touch(&self) {
+        self.last_change_ns.store(now_ns(), Ordering::Relaxed);
+    }
+
+    /// Nanoseconds since the disk last changed in memory.
+    pub(crate) fn idle_ns(&self, now: u64) -> u64 {
+        now.saturating_sub(self.last_change_ns.load(Ordering::Relaxed))
+    }
+
+    /// Whether a commit would write anything, without waiting for the lock
+    /// (`None` when it is held).
+    pub(crate) fn try_has_pending(&self) -> Option<bool> {
+        let st = self.state.try_read()?;
+        let fresh = !self.fresh.lock().is_empty();
+        Some(!st.deleted && !st.poisoned && (fresh || st.has_pending()))
+    }
+
+    /// Commits whatever is pending (nothing to do for a deleted or
+    /// poisoned disk): what the store does before it lets a disk go.
+    pub(crate) fn commit_pending(&self) -> Result<()> {
+        let mut st = self.exclusive()?;
+        if st.deleted || st.poisoned || !st.has_pending() {
+            return Ok(());
+        }
+        self.commit(&mut st, None)
+    }
+
+    /// Runs `f` on a tree that includes every fresh write: under the shared
+    /// lock when there are none (the usual case: block status stays off
+    /// the exclusive lock), otherwise after folding them under the
+    /// exclusive lock.
+    pub(super) fn with_whole_tree<T>(&self, f: impl FnOnce(&DiskState) -> Result<T>) -> Result<T> {
+        {
+            let st = self.state.read();
+            if self.fresh.lock().map.is_empty() {
+                self.usable(&st)?;
+                return f(&st);
+            }
+        }
+        let st = self.exclusive()?;
+        self.usable(&st)?;
+        f(&st)
+    }
+
+    /// Moves fresh writes into the tree (the caller holds the lock
+    /// exclusively). On error the entries not yet moved stay fresh.
+    pub(super) fn fold_fresh(&self, st: &mut DiskState) -> Result<()> {
+        let mut fresh = self.fresh.lock();
+        if fresh.is_empty() {
+            return Ok(());
+        }
+        let meta = self.pool.meta();
+        let entries: Vec<(u64, u64)> = fresh.map.iter().map(|(&v, &a)| (v, a)).collect();
+        for (v, addr) in entries {
+            let old = st.tree.entry_for_write(meta, v)?;
+            st.tree.set_entry(v, Ptr::data(addr, true))?;
+            if old.writable() {
+                st.pending_free.push(old.addr());
+            }
+            fresh.map.remove(&v);
+        }
+        st.pending_free.append(&mut fresh.replaced);
+        Ok(())
+    }
+
+    /// Blocks of writes still moving their data (for `gc`).
+    pub(crate) fn in_flight_blocks(&self) -> Vec<u64> {
+        self.fresh.lock().in_flight.iter().copied().collect()
+    }
+
+    pub(super) fn usable(&self, st: &DiskState) -> Result<()> {
+        if st.deleted {
+            return Err(Error::NotFound(format!("disk {} was deleted", st.name)));
+        }
+        if st.poisoned {
+            return Err(Error::Poisoned(st.name.clone()));
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,145 @@
+//! Read-only access: the [`ReadDisk`] trait that a disk and a snapshot view
+//! both implement, and [`SnapshotView`].
+//!
+//! Invariant: a view pins its snapshot (in its disk's `pins`) while it
+//! lives, so that deleting the snapshot hides it instead of reclaiming its
+//! blocks under a reader.
+
+use crate::disk::data::{check_io_range, count_mapped, read_tree, tree_extents};
+use crate::disk::plan::{plan_read, IoPlan};
+use crate::disk::state::Disk;
+use crate::disk::{Extent, Owner, Vdi};
+use crate::error::Result;
+use crate::lineage::SnapshotInfo;
+use crate::tree::Tree;
+use parallax_format::DiskRef;
+use std::sync::Arc;
+
+/// What readers of a disk or of a snapshot need, whichever it is: the NBD
+/// server and `export` serve both through it.
+pub trait ReadDisk: Send + Sync {
+    /// `NAME` or `NAME@SNAP`.
+    fn disk_ref(&self) -> DiskRef;
+    /// Virtual size in bytes.
+    fn size(&self) -> u64;
+    /// Reads `buf.len()` bytes at `offset`; unwritten ranges read as zeros.
+    fn read(&self, buf: &mut [u8], offset: u64) -> Result<()>;
+    /// Allocation status of `[offset, offset+len)`, as block-aligned runs
+    /// clipped to the range.
+    fn block_status(&self, offset: u64, len: u64) -> Result<Vec<Extent>>;
+    /// Plans a READ for the caller to perform (see [`IoPlan`]); `Ok(None)`
+    /// when that cannot be done without blocking: then use `read`.
+    fn try_plan_read(&self, offset: u64, len: usize) -> Result<Option<IoPlan>>;
+    /// Bytes backed by data blocks (shared or owned).
+    fn allocated_bytes(&self) -> Result<u64>;
+    /// The writable disk, if this is one.
+    fn writable(&self) -> Option<&Vdi> {
+        None
+    }
+}
+
+/// A read-only view of a snapshot. See the module documentation.
+pub struct SnapshotView {
+    tree: Tree,
+    info: SnapshotInfo,
+    disk: String,
+    /// Keeps the snapshot's blocks from being reclaimed while the view lives.
+    pin: Arc<Disk>,
+    owner: Owner,
+}
+
+impl SnapshotView {
+    /// A view of `info`, a snapshot of `vdi`, pinned while it lives.
+    pub(super) fn pinned(vdi: &Vdi, disk: String, info: SnapshotInfo) -> SnapshotView {
+        *vdi.disk.pins.lock().entry(info.id).or_insert(0) += 1;
+        SnapshotView {
+            tree: Tree::open(info.root),
+            info,
+            disk,
+            pin: vdi.disk.clone(),
+            owner: vdi.owner.clone(),
+        }
+    }
+
+    pub fn info(&self) -> &SnapshotInfo {
+        &self.info
+    }
+}
+
+impl Drop for SnapshotView {
+    fn drop(&mut self) {
+        let mut pins = self.pin.pins.lock();
+        if let Some(n) = pins.get_mut(&self.info.id) {
+            *n -= 1;
+            if *n == 0 {
+                pins.remove(&self.info.id);
+            }
+        }
+    }
+}
+
+impl ReadDisk for SnapshotView {
+    fn disk_ref(&self) -> DiskRef {
+        DiskRef::snapshot(&self.disk, &self.info.name)
+    }
+
+    fn size(&self) -> u64 {
+        self.info.size_bytes
+    }
+
+    fn read(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        check_io_range(self.info.size_bytes, offset, buf.len() as u64)?;
+        read_tree(&self.pin.pool, &self.tree, None, buf, offset)
+    }
+
+    fn block_status(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
+        check_io_range(self.info.size_bytes, offset, len)?;
+        tree_extents(&self.pin.pool, &self.tree, offset, len)
+    }
+
+    fn try_plan_read(&self, offset: u64, len: usize) -> Result<Option<IoPlan>> {
+        plan_read(
+            &self.pin.pool,
+            &self.owner,
+            &self.tree,
+            self.info.size_bytes,
+            None,
+            offset,
+            len,
+        )
+    }
+
+    fn allocated_bytes(&self) -> Result<u64> {
+        count_mapped(&self.pin.pool, &self.tree)
+    }
+}
+
+impl ReadDisk for Vdi {
+    fn disk_ref(&self) -> DiskRef {
+        DiskRef::disk(&self.name())
+    }
+
+    fn size(&self) -> u64 {
+        Vdi::size(self)
+    }
+
+    fn read(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        Vdi::read(self, buf, offset)
+    }
+
+    fn block_status(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
+        Vdi::block_status(self, offset, len)
+    }
+
+    fn try_plan_read(&self, offset: u64, len: usize) -> Result<Option<IoPlan>> {
+        Vdi::try_plan_read(self, offset, len)
+    }
+
+    fn allocated_bytes(&self) -> Result<u64> {
+        Vdi::allocated_bytes(self)
+    }
+
+    fn writable(&self) -> Option<&Vdi> {
+        Some(self)
+    }
+}

@@ -1,0 +1,203 @@
+//! The block pool as every disk sees it: metadata I/O, the allocator, the
+//! bitmap sync, the one path by which blocks return to the free pool, and
+//! the count of clones hanging from each snapshot.
+//!
+//! This is the narrow context the store hands down to its disks: a disk
+//! never sees the catalogue (superblock, registry) nor the table of open
+//! disks, only this.
+//!
+//! Invariants:
+//! - **One release path.** Every block given back goes through
+//!   [`Pool::free`]: its cached node is evicted, and while `gc` marks
+//!   ([`Pool::defer_frees`]) it is held back so that nothing the mark may
+//!   still read is reused under it. A block is given back at most once; a
+//!   second release of a free block is a bug: it panics in debug builds and
+//!   is counted ([`Pool::double_frees`]), which `check` reports as an error.
+//! - Callers free a block only when no durable metadata can reach it any
+//!   more (after the commit that dropped it is durable), or when it was
+//!   never referenced by anything written (an allocation given back).
+//! - Bitmap slot writes are serialised by the sync lock, held from planning
+//!   a write to the flush that makes it durable (see `alloc.rs`).
+
+use crate::alloc::Allocator;
+use crate::error::Result;
+use crate::meta::MetaIo;
+use parallax_format::BitmapBlock;
+use parking_lot::Mutex;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// The bitmaps of the extents this host may free in, as they were when
+/// `gc` started deferring frees (see [`Pool::defer_frees`]).
+pub(crate) type AllocatedBefore = Vec<Option<BitmapBlock>>;
+
+/// See the module documentation.
+pub(crate) struct Pool {
+    meta: MetaIo,
+    alloc: Mutex<Allocator>,
+    /// Held from planning a bitmap write to the flush that makes it durable.
+    sync_lock: Mutex<()>,
+    /// While `gc` marks: blocks freed meanwhile, held back.
+    deferred: Mutex<Option<Vec<u64>>>,
+    /// (origin disk id, snapshot id) ─▶ clones made from it that exist.
+    /// A leaf lock (nothing is taken under it).
+    clones: Mutex<HashMap<(u64, u64), usize>>,
+    double_frees: AtomicU64,
+}
+
+impl Pool {
+    pub fn new(meta: MetaIo, alloc: Allocator) -> Pool {
+        Pool {
+            meta,
+            alloc: Mutex::new(alloc),
+            sync_lock: Mutex::new(()),
+            deferred: Mutex::new(None),
+            clones: Mutex::new(HashMap::new()),
+            double_frees: AtomicU64::new(0),
+        }
+    }
+
+    pub fn meta(&self) -> &MetaIo {
+        &self.meta
+    }
+
+    /// One free block, keeping `reserve` free blocks back (for the metadata
+    /// of commits).
+    pub fn allocate(&self, reserve: u64) -> Result<u64> {
+        self.alloc.lock().allocate(reserve)
+    }
+
+    /// `n` free blocks, all or none, keeping `reserve` back.
+    pub fn allocate_many(&self, n: usize, reserve: u64) -> Result<Vec<u64>> {
+        let mut alloc = self.alloc.lock();
+        let mut got = Vec::with_capacity(n);
+        for _ in 0..n {
+            match alloc.allocate(reserve) {
+                Ok(a) => got.push(a),
+                Err(e) => {
+                    drop(alloc);
+                    self.free(&got);
+                    return Err(e);
+                }
+            }
+        }
+        Ok(got)
+    }
+
+    /// Up to `n` consecutive free blocks (fewer, or none, if no run is that long).
+    pub fn allocate_run(&self, n: u64) -> Vec<u64> {
+        self.alloc.lock().allocate_run(n).unwrap_or_default()
+    }
+
+    /// Gives blocks back: see the module documentation.
+    pub fn free(&self, blocks: &[u64]) {
+        if blocks.is_empty() {
+            return;
+        }
+        for &b in blocks {
+            self.meta.evict(b);
+        }
+        if let Some(deferred) = self.deferred.lock().as_mut() {
+            deferred.extend_from_slice(blocks);
+            return;
+        }
+        self.release_now(blocks);
+    }
+
+    fn release_now(&self, blocks: &[u64]) {
+        let mut alloc = self.alloc.lock();
+        for &b in blocks {
+            if alloc.release(b).is_err() {
+                self.double_frees.fetch_add(1, Ordering::Relaxed);
+                debug_assert!(false, "block {b} was freed twice");
+            }
+        }
+    }
+
+    /// Blocks given back twice since the store was opened (a bug; `check`
+    /// reports it).
+    pub fn double_frees(&self) -> u64 {
+        self.double_frees.load(Ordering::Relaxed)
+    }
+
+    /// Starts holding frees back (`gc` is about to mark). Returns the
+    /// allocator's bitmaps as they are now.
+    pub fn defer_frees(&self) -> AllocatedBefore {
+        *self.deferred.lock() = Some(Vec::new());
+        self.alloc.lock().snapshot()
+    }
+
+    /// Ends [`Pool::defer_frees`]: releases what was held back, then (with
+    /// a mark) every block allocated at the start that is still allocated
+    /// and not `marked`. Returns how many blocks the mark freed.
+    pub fn end_deferring(
+        &self,
+        mark: Option<(&AllocatedBefore, &dyn Fn(u64) -> bool)>,
+    ) -> u64 {
+        let deferred = self.deferred.lock().take().unwrap_or_default();
+        self.release_now(&deferred);
+        match mark {
+            Some((before, marked)) => self.alloc.lock().rebuild_since(before, marked),
+            None => 0,
+        }
+    }
+
+    /// Writes changed bitmaps to their next slots and flushes the device:
+    /// after this, every allocation and every release made so far is durable.
+    pub fn sync_bitmaps(&self) -> Result<()> {
+        self.sync(false)
+    }
+
+    /// [`Pool::sync_bitmaps`] for the extents where blocks were allocated:
+    /// what a commit needs before its header (I2). Extents that only had
+    /// blocks released wait for the next full sync (the daemon's settle
+    /// tick, `flush_all`), so a commit writes one or two bitmaps, not one
+    /// per extent its frees touched.
+    pub fn sync_allocations(&self) -> Result<()> {
+        self.sync(true)
+    }
+
+    /// Whether some bitmap changed since it was last written.
+    pub fn has_unsynced(&self) -> bool {
+        self.alloc.lock().has_dirty()
+    }
+
+    fn sync(&self, allocations_only: bool) -> Result<()> {
+        let _sync = self.sync_lock.lock();
+        let plan = self.alloc.lock().plan_sync(allocations_only);
+        let result = plan
+            .iter()
+            .try_for_each(|w| self.meta.write_block(w.addr, &w.block, "an extent bitmap"))
+            .and_then(|_| self.meta.flush());
+        self.alloc.lock().finish_sync(&plan, result.is_ok());
+        result
+    }
+
+    /// (total, used) data blocks.
+    pub fn totals(&self) -> (u64, u64) {
+        self.alloc.lock().totals()
+    }
+
+    /// How many disks were cloned from snapshot `snap` of disk `vdi`.
+    pub fn clone_count(&self, vdi: u64, snap: u64) -> usize {
+        self.clones.lock().get(&(vdi, snap)).copied().unwrap_or(0)
+    }
+
+    pub fn has_clones(&self, vdi: u64) -> bool {
+        self.clones.lock().keys().any(|&(v, _)| v == vdi)
+    }
+
+    pub fn add_clone(&self, vdi: u64, snap: u64) {
+        *self.clones.lock().entry((vdi, snap)).or_insert(0) += 1;
+    }
+
+    pub fn remove_clone(&self, vdi: u64, snap: u64) {
+        let mut clones = self.clones.lock();
+        if let Some(n) = clones.get_mut(&(vdi, snap)) {
+            *n -= 1;
+            if *n == 0 {
+                clones.remove(&(vdi, snap));
+            }
+        }
+    }
+}

@@ -1,0 +1,363 @@
+//! The store: the façade over one pool, its catalogue and its open disks.
+//!
+//! | module | concern |
+//! |---|---|
+//! | `mod` (here) | [`Store`]: create, open, the table of open disks, settle, close |
+//! | `catalog` | superblock and registry: create, clone, delete disks |
+//! | `check` | `check`: every invariant of the durable state |
+//! | `gc` | `gc`: mark and sweep with the disks running |
+//! | `space` | used/referenced figures, by walks and by brute force |
+//!
+//! **The store owns its open disks.** The table below holds every open
+//! disk's state strongly; handles ([`Vdi`], [`SnapshotView`], [`IoPlan`])
+//! share it and keep the store open. A disk's state leaves the table only
+//! through [`Store::delete_vdi`], an explicit [`Store::close_vdi`], or
+//! [`Store::settle`] (which commits a disk first and lets it go only when no
+//! handle uses it); when the last handle on the store goes, every open disk
+//! is committed. So dropping handles, in any order and at any moment,
+//! loses no write and leaks no block.
+//!
+//! [`IoPlan`]: crate::IoPlan
+
+mod catalog;
+mod check;
+mod gc;
+mod space;
+
+pub use check::CheckReport;
+pub use gc::GcReport;
+pub use space::{DiskSpace, SnapshotSpace};
+
+use crate::alloc::Allocator;
+use crate::disk::{Disk, Origin, SnapshotView, Vdi};
+use crate::error::{Error, Result};
+use crate::meta::{MetaIo, DEFAULT_CACHE_NODES};
+use crate::pool::Pool;
+use crate::time::now_ns;
+use catalog::Catalog;
+use parallax_device::BlockDevice;
+use parallax_format::{RegistryEntry, BITMAP_BITS, BLOCK_SIZE_U64};
+use parking_lot::Mutex;
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Options for [`Store::create`].
+#[derive(Debug, Clone)]
+pub struct CreateOptions {
+    /// Data blocks per extent (at most 31744, the default: 124 MiB).
+    pub extent_data_blocks: u64,
+    pub host_id: u64,
+}
+
+impl Default for CreateOptions {
+    fn default() -> Self {
+        CreateOptions {
+            extent_data_blocks: BITMAP_BITS as u64,
+            host_id: 1,
+        }
+    }
+}
+
+/// Options for [`Store::open`].
+#[derive(Debug, Clone)]
+pub struct OpenOptions {
+    /// This appliance's host id: it allocates only from extents it owns.
+    pub host_id: u64,
+    /// Tree nodes kept in the cache.
+    pub cache_nodes: usize,
+}
+
+impl Default for OpenOptions {
+    fn default() -> Self {
+        OpenOptions {
+            host_id: 1,
+            cache_nodes: DEFAULT_CACHE_NODES,
+        }
+    }
+}
+
+/// Space figures of a store.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoreStats {
+    pub capacity_bytes: u64,
+    pub used_bytes: u64,
+    pub free_bytes: u64,
+}
+
+/// What [`Store::settle`] did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SettleReport {
+    /// Idle disks whose pending changes were committed.
+    pub committed: u64,
+    /// Idle disks no handle used, let go.
+    pub closed: u64,
+}
+
+pub(crate) struct StoreInner {
+    pool: Arc<Pool>,
+    catalog: Mutex<Catalog>,
+    /// Disk id ─▶ its state: see the module documentation. Taken after the
+    /// catalogue and after disk locks, never before them (except with
+    /// `try_read`, which cannot wait).
+    open: Mutex<HashMap<u64, Arc<Disk>>>,
+}
+
+impl Drop for StoreInner {
+    /// The last handle is gone: commit every open disk (best effort: a
+    /// failure leaves the previous commit, as a crash would).
+    fn drop(&mut self) {
+        for disk in self.open.get_mut().values() {
+            let _ = disk.commit_pending();
+        }
+        let _ = self.pool.sync_bitmaps();
+    }
+}
+
+/// An open store. Cheap to clone.
+#[derive(Clone)]
+pub struct Store {
+    inner: Arc<StoreInner>,
+}
+
+impl Store {
+    /// Formats `dev` as an empty store. Everything on it is lost.
+    pub fn create(dev: Arc<dyn BlockDevice>, options: &CreateOptions) -> Result<Store> {
+        catalog::format(&*dev, options.extent_data_blocks)?;
+        Store::open(
+            dev,
+            &OpenOptions {
+                host_id: options.host_id,
+                ..OpenOptions::default()
+            },
+        )
+    }
+
+    /// Opens an existing store. Never repairs anything: a store that was
+    /// cut off at any instant opens as it is.
+    pub fn open(dev: Arc<dyn BlockDevice>, options: &OpenOptions) -> Result<Store> {
+        let (sb, slot) = catalog::read_superblocks(&*dev)?;
+        if dev.len() < sb.total_blocks * BLOCK_SIZE_U64 {
+            return Err(Error::Inconsistent(format!(
+                "the store needs {} bytes but the device has only {}",
+                sb.total_blocks * BLOCK_SIZE_U64,
+                dev.len()
+            )));
+        }
+        let meta = MetaIo::new(
+            dev.clone(),
+            sb.store_id,
+            sb.total_blocks,
+            options.cache_nodes,
+        );
+        let alloc = Allocator::load(&*dev, &sb, options.host_id)?;
+        let pool = Arc::new(Pool::new(meta, alloc));
+        let catalog = Catalog::load(&pool, sb, slot)?;
+        // Which snapshots clones hang from: reclamation must keep them. A
+        // disk whose headers cannot be read fails when it is opened; it
+        // cannot be counted here.
+        for e in catalog.entries() {
+            if let Ok((h, _)) = catalog::read_vdi_header(&pool, &e) {
+                if h.origin_vdi != 0 {
+                    pool.add_clone(h.origin_vdi, h.origin_snapshot);
+                }
+            }
+        }
+        Ok(Store {
+            inner: Arc::new(StoreInner {
+                pool,
+                catalog: Mutex::new(catalog),
+                open: Mutex::new(HashMap::new()),
+            }),
+        })
+    }
+
+    pub(crate) fn pool(&self) -> &Arc<Pool> {
+        &self.inner.pool
+    }
+
+    /// The store's random id.
+    pub fn store_id(&self) -> u64 {
+        self.inner.pool.meta().store_id
+    }
+
+    /// Names of all disks, sorted.
+    pub fn list(&self) -> Vec<String> {
+        let mut names: Vec<String> = self
+            .inner
+            .catalog
+            .lock()
+            .entries()
+            .into_iter()
+            .map(|e| e.name)
+            .collect();
+        names.sort();
+        names
+    }
+
+    pub fn stats(&self) -> StoreStats {
+        let (total, used) = self.inner.pool.totals();
+        StoreStats {
+            capacity_bytes: total * BLOCK_SIZE_U64,
+            used_bytes: used * BLOCK_SIZE_U64,
+            free_bytes: (total - used) * BLOCK_SIZE_U64,
+        }
+    }
+
+    /// A handle on `disk`, keeping this store open.
+    fn handle(&self, disk: Arc<Disk>) -> Vdi {
+        Vdi::new(disk, self.inner.clone())
+    }
+
+    /// Opens a writable disk. Handles to one disk share its state.
+    pub fn open_vdi(&self, name: &str) -> Result<Vdi> {
+        let catalog = self.inner.catalog.lock();
+        let (_, entry) = catalog
+            .find(name)
+            .ok_or_else(|| Error::NotFound(format!("disk {name} does not exist")))?;
+        self.open_entry(&catalog, &entry)
+    }
+
+    /// A read-only view of `disk@snapshot`.
+    pub fn open_snapshot(&self, disk: &str, snapshot: &str) -> Result<SnapshotView> {
+        self.open_vdi(disk)?.open_snapshot(snapshot)
+    }
+
+    /// Opens the disk of a registry entry; the caller holds the catalogue.
+    fn open_entry(&self, catalog: &Catalog, entry: &RegistryEntry) -> Result<Vdi> {
+        if let Some(disk) = self.inner.open.lock().get(&entry.vdi_id) {
+            return Ok(self.handle(disk.clone()));
+        }
+        let pool = &self.inner.pool;
+        let (header, slot) = catalog::read_vdi_header(pool, entry)?;
+        let origin = if header.origin_vdi == 0 {
+            Origin::None
+        } else {
+            // The origin disk outlives its clones (deleting it is refused
+            // while they exist), and the snapshot stays, hidden if deleted.
+            // Opened through the table, it stays open for the next clone.
+            match catalog.by_id(header.origin_vdi) {
+                Some(o) => {
+                    let o = self.open_entry(catalog, &o)?;
+                    let st = o.disk().read_state()?;
+                    match st.snapshots().get(header.origin_snapshot) {
+                        Some(s) => Origin::Root(s.root),
+                        None => Origin::Unknown,
+                    }
+                }
+                None => Origin::Unknown,
+            }
+        };
+        let disk = Arc::new(Disk::open(
+            pool.clone(),
+            [entry.header_a, entry.header_b],
+            header,
+            1 - slot,
+            entry.name.clone(),
+            origin,
+        )?);
+        Ok(self.handle(self.adopt(disk)))
+    }
+
+    /// Puts a newly opened disk in the table (or returns the one already
+    /// there).
+    fn adopt(&self, disk: Arc<Disk>) -> Arc<Disk> {
+        self.inner
+            .open
+            .lock()
+            .entry(disk.id())
+            .or_insert(disk)
+            .clone()
+    }
+
+    /// Every open disk, by id.
+    pub(crate) fn open_disks(&self) -> Vec<Arc<Disk>> {
+        let mut open: Vec<Arc<Disk>> = self.inner.open.lock().values().cloned().collect();
+        open.sort_by_key(|d| d.id());
+        open
+    }
+
+    /// Commits disk `name` and lets its state go, if it is open and no
+    /// handle uses it ([`Error::Busy`] otherwise).
+    pub fn close_vdi(&self, name: &str) -> Result<()> {
+        let catalog = self.inner.catalog.lock();
+        let (_, entry) = catalog
+            .find(name)
+            .ok_or_else(|| Error::NotFound(format!("disk {name} does not exist")))?;
+        let Some(disk) = self.inner.open.lock().get(&entry.vdi_id).cloned() else {
+            return Ok(());
+        };
+        disk.commit_pending()?;
+        drop(disk);
+        let mut open = self.inner.open.lock();
+        match open.get(&entry.vdi_id) {
+            Some(d) if Arc::strong_count(d) > 1 => Err(Error::Busy(format!(
+                "disk {name} is in use; close its handles first"
+            ))),
+            _ => {
+                open.remove(&entry.vdi_id);
+                Ok(())
+            }
+        }
+    }
+
+    /// Background upkeep (the daemon calls it every few hundred ms):
+    /// commits every open disk whose state has not changed for
+    /// `commit_after` and has something pending (so that what a client
+    /// wrote and left without a flush is committed, not kept in memory
+    /// for ever), lets go of disks that no handle uses and that have been
+    /// idle for `close_after`, then writes the bitmaps that frees changed.
+    pub fn settle(&self, commit_after: Duration, close_after: Duration) -> Result<SettleReport> {
+        let now = now_ns();
+        let mut report = SettleReport::default();
+        let mut first_error = None;
+        for disk in self.open_disks() {
+            if disk.idle_ns(now) >= commit_after.as_nanos() as u64
+                && disk.try_has_pending() == Some(true)
+            {
+                match disk.commit_pending() {
+                    Ok(()) => report.committed += 1,
+                    Err(e) => {
+                        first_error.get_or_insert(e);
+                    }
+                }
+            }
+        }
+        self.inner.open.lock().retain(|_, disk| {
+            let keep = Arc::strong_count(disk) > 1
+                || disk.idle_ns(now) < close_after.as_nanos() as u64
+                || disk.try_has_pending() != Some(false);
+            report.closed += u64::from(!keep);
+            keep
+        });
+        if self.inner.pool.has_unsynced() {
+            if let Err(e) = self.inner.pool.sync_bitmaps() {
+                first_error.get_or_insert(e);
+            }
+        }
+        match first_error {
+            Some(e) => Err(e),
+            None => Ok(report),
+        }
+    }
+
+    /// Writes the extent bitmaps that changed, if any (then flushes the
+    /// device), so that blocks freed by earlier commits are free on disk
+    /// too, without committing any disk.
+    pub fn settle_free_space(&self) -> Result<()> {
+        if !self.inner.pool.has_unsynced() {
+            return Ok(());
+        }
+        self.inner.pool.sync_bitmaps()
+    }
+
+    /// Commits every open disk, then writes the bitmaps, so that blocks
+    /// freed by earlier commits (which become free in memory at once) are
+    /// free on disk too.
+    pub fn flush_all(&self) -> Result<()> {
+        for disk in self.open_disks() {
+            disk.commit_pending()?;
+        }
+        self.inner.pool.sync_bitmaps()
+    }
+}
