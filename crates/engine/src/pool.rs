@@ -130,10 +130,7 @@ impl Pool {
     /// Ends [`Pool::defer_frees`]: releases what was held back, then (with
     /// a mark) every block allocated at the start that is still allocated
     /// and not `marked`. Returns how many blocks the mark freed.
-    pub fn end_deferring(
-        &self,
-        mark: Option<(&AllocatedBefore, &dyn Fn(u64) -> bool)>,
-    ) -> u64 {
+    pub fn end_deferring(&self, mark: Option<(&AllocatedBefore, &dyn Fn(u64) -> bool)>) -> u64 {
         let deferred = self.deferred.lock().take().unwrap_or_default();
         self.release_now(&deferred);
         match mark {

@@ -592,3 +592,23 @@ fn log_compaction_keeps_hidden_snapshots_and_lineage_across_reopen() {
     assert!(report.is_clean(), "{:#?}", report.errors);
     assert_eq!(report.leaked_blocks, 0);
 }
+
+/// Dropping every handle, then the store, without a flush: the writes are
+/// committed when the store lets its disks go, and nothing leaks.
+#[test]
+fn dropped_handles_lose_and_leak_nothing() {
+    let dev = Arc::new(parallax_device::MemDevice::new(16 << 20));
+    let store = Store::create(dev.clone(), &CreateOptions::default()).unwrap();
+    let d = store.create_vdi("d", 1 << 20).unwrap();
+    d.write(&[1; 8192], 0).unwrap();
+    d.write(&[2; 100], 9000).unwrap();
+    drop(d);
+    drop(store);
+    let store = Store::open(dev, &OpenOptions::default()).unwrap();
+    let report = store.check().unwrap();
+    assert!(report.is_clean(), "{:#?}", report.errors);
+    assert_eq!(report.leaked_blocks, 0);
+    let mut buf = vec![0u8; 8192];
+    store.open_vdi("d").unwrap().read(&mut buf, 0).unwrap();
+    assert!(buf.iter().all(|&b| b == 1), "unflushed write lost");
+}

@@ -31,10 +31,13 @@ fn op_strategy() -> impl Strategy<Value = Op> {
         2 => (any::<u8>(), any::<u8>()).prop_map(|(disk, keep)| Op::ScheduleTick { disk, keep }),
         1 => Just(Op::Gc),
         1 => Just(Op::Reopen),
+        1 => Just(Op::DropHandles),
+        1 => Just(Op::Settle),
+        1 => Just(Op::DropStore),
     ]
 }
 
-fn run(ops: &[Op]) {
+fn run(ops: &[Op]) -> Runner {
     let dev = Arc::new(MemDevice::new(64 << 20));
     let store = Store::create(
         dev.clone(),
@@ -77,6 +80,7 @@ fn run(ops: &[Op]) {
     assert_eq!(report.leaked_blocks, 0, "gc left leaks");
     runner.apply(&Op::Reopen, &mut reopen).unwrap();
     runner.verify_exact();
+    runner
 }
 
 proptest! {
@@ -98,7 +102,18 @@ fn thousands_of_operations() {
         .new_tree(&mut runner)
         .unwrap()
         .current();
-    run(&ops);
+    let runner = run(&ops);
+    // The planned (io_uring) path ran, reads and writes, on this device.
+    assert!(
+        runner.planned_writes > 100,
+        "{} planned writes",
+        runner.planned_writes
+    );
+    assert!(
+        runner.planned_reads > 100,
+        "{} planned reads",
+        runner.planned_reads
+    );
 }
 
 #[test]

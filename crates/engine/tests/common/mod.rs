@@ -65,7 +65,17 @@ pub enum Op {
     },
     /// Mark and sweep.
     Gc,
+    /// Flush everything, then reopen the store from the device.
     Reopen,
+    /// Drop every handle the test holds (pending writes included); later
+    /// ops open them again.
+    DropHandles,
+    /// The store's upkeep with no idle threshold: every disk with pending
+    /// changes is committed, every disk without handles let go.
+    Settle,
+    /// Drop every handle and the store itself, without a flush, then reopen
+    /// from the device: nothing may be lost or leaked.
+    DropStore,
 }
 
 /// What a disk must contain.
@@ -179,6 +189,56 @@ pub fn pattern(seed: u8, offset: usize, len: usize) -> Vec<u8> {
         .collect()
 }
 
+/// A throwaway store, to stand in while the real one is dropped.
+fn placeholder_store() -> Store {
+    let dev = std::sync::Arc::new(parallax_device::MemDevice::new(1 << 20));
+    Store::create(dev, &parallax_engine::CreateOptions::default()).unwrap()
+}
+
+/// Writes whole blocks through an I/O plan when the engine gives one (else
+/// through `write`). With `succeeds` false the plan is finished as failed
+/// before any transfer (its new blocks go back to the pool) and the data
+/// is written again with `write`.
+pub fn write_planned(
+    h: &Vdi,
+    data: &[u8],
+    offset: u64,
+    succeeds: bool,
+    planned: &mut u64,
+) -> Result<(), Error> {
+    let plan = h.try_plan_write(offset, data.len())?;
+    *planned += u64::from(plan.is_some());
+    match plan {
+        Some(plan) if succeeds => {
+            let mut buf = data.to_vec();
+            let done = plan.execute(&mut buf, true);
+            plan.finish(done.is_ok());
+            if let Err(e) = done {
+                // A power cut under the transfer, in the crash tests.
+                return Err(Error::Io {
+                    context: "a planned write".into(),
+                    source: e,
+                });
+            }
+            Ok(())
+        }
+        Some(plan) => {
+            plan.finish(false);
+            h.write(data, offset)
+        }
+        None => h.write(data, offset),
+    }
+}
+
+/// Reads through an I/O plan when the engine gives one; `None` otherwise.
+pub fn read_planned(r: &dyn ReadDisk, len: usize) -> Option<Vec<u8>> {
+    let plan = r.try_plan_read(0, len).unwrap()?;
+    let mut buf = vec![0xeeu8; len];
+    plan.execute(&mut buf, false).unwrap();
+    plan.finish(true);
+    Some(buf)
+}
+
 fn pick<T: Clone>(items: &[T], i: u8) -> Option<T> {
     (!items.is_empty()).then(|| items[i as usize % items.len()].clone())
 }
@@ -191,6 +251,10 @@ pub struct Runner {
     pub model: Model,
     pub handles: BTreeMap<String, Vdi>,
     pub in_flight: Option<InFlight>,
+    /// Reads `verify_exact` also made through an I/O plan.
+    pub planned_reads: u64,
+    /// Writes made through an I/O plan.
+    pub planned_writes: u64,
 }
 
 impl Runner {
@@ -200,6 +264,8 @@ impl Runner {
             model: Model::default(),
             handles: BTreeMap::new(),
             in_flight: None,
+            planned_reads: 0,
+            planned_writes: 0,
         }
     }
 
@@ -247,10 +313,33 @@ impl Runner {
                 let size = m.data.len();
                 let offset = offset as usize % size;
                 let len = (len as usize % (3 * BLOCK)).min(size - offset);
+                // A quarter of the writes are block-aligned and go through a
+                // plan (the daemon's io_uring path, here carried by the
+                // device's own calls); another quarter are planned, then
+                // "fail" before any transfer (their blocks go back) and are
+                // written again on the blocking path, as the server does.
+                let planned = match seed % 4 {
+                    0 => Some(true),
+                    1 => Some(false),
+                    _ => None,
+                };
+                let (offset, len) = match planned {
+                    Some(_) => {
+                        let start = offset / BLOCK * BLOCK;
+                        let end = (offset + len.max(1)).div_ceil(BLOCK) * BLOCK;
+                        (start, end.min(size) - start)
+                    }
+                    None => (offset, len),
+                };
                 let data = pattern(seed, offset, len);
                 let m = self.model.disks.get_mut(&name).unwrap();
                 let after = m.will_write(offset, &data);
-                h.write(&data, offset as u64)?;
+                match planned {
+                    Some(succeeds) => {
+                        write_planned(&h, &data, offset as u64, succeeds, &mut self.planned_writes)?
+                    }
+                    None => h.write(&data, offset as u64)?,
+                }
                 self.model.disks.get_mut(&name).unwrap().data = after;
             }
             Op::Discard { disk, offset, len } | Op::WriteZeroes { disk, offset, len } => {
@@ -427,6 +516,24 @@ impl Runner {
                 self.handles.clear();
                 self.store = reopen();
             }
+            Op::DropHandles => self.handles.clear(),
+            Op::Settle => {
+                let zero = std::time::Duration::ZERO;
+                self.store.settle(zero, zero)?;
+                for m in self.model.disks.values_mut() {
+                    m.commit();
+                }
+            }
+            Op::DropStore => {
+                self.in_flight = None;
+                self.handles.clear();
+                // Dropping the last handle on a store commits its disks.
+                drop(std::mem::replace(&mut self.store, placeholder_store()));
+                for m in self.model.disks.values_mut() {
+                    m.commit();
+                }
+                self.store = reopen();
+            }
         }
         self.in_flight = None;
         Ok(())
@@ -445,6 +552,10 @@ impl Runner {
                     buf[i], m.data[i]
                 );
             }
+            if let Some(planned) = read_planned(&h, buf.len()) {
+                assert!(planned == m.data, "a planned read of {name} differs");
+                self.planned_reads += 1;
+            }
             let snaps: Vec<String> = h.snapshots().into_iter().map(|s| s.name).collect();
             let expected: Vec<String> = m.snapshots.iter().map(|(s, _)| s.clone()).collect();
             assert_eq!(snaps, expected, "snapshot list of {name}");
@@ -456,6 +567,13 @@ impl Runner {
                     buf == *content,
                     "content of {name}@{snap} differs from the model"
                 );
+                if let Some(planned) = read_planned(&view, buf.len()) {
+                    assert!(
+                        planned == *content,
+                        "a planned read of {name}@{snap} differs"
+                    );
+                    self.planned_reads += 1;
+                }
             }
         }
         let mut names = self.store.list();
