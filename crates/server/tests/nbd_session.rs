@@ -530,7 +530,11 @@ async fn unknown_export_and_shutdown() {
     let mut rest = Vec::new();
     let closed = tokio::time::timeout(Duration::from_secs(10), live.s.read_to_end(&mut rest)).await;
     assert!(closed.is_ok(), "shutdown left a connection open");
-    // The disconnect flushed the disk.
+    // The client left without a flush: the store still holds its write and
+    // commits it once the disk is idle (the daemon's settle tick).
+    let zero = Duration::ZERO;
+    let settled = f.service.store().settle(zero, zero).unwrap();
+    assert_eq!(settled.committed, 1, "the idle disk was not committed");
     let mut back = vec![0u8; 4096];
     f.durable_store()
         .open_vdi("d")
