@@ -1087,6 +1087,57 @@ impl Nbd {
     }
 }
 
+// ---- 0. clients that vanish ---------------------------------------------------
+
+/// Clients that write (allocating blocks, through io_uring and through the
+/// blocking pool) and vanish without a FLUSH: one goes silent with its
+/// connection still open, one drops its socket without NBD_CMD_DISC. The
+/// daemon commits their disks once they have been idle a moment (its
+/// settle tick), so that after a `kill -9` nothing they wrote is lost and
+/// no block is leaked, with no `gc`.
+#[test]
+fn clients_that_vanish_leave_no_leaked_block() {
+    if !have_tools() {
+        return;
+    }
+    let mut d = Daemon::new();
+    d.ok(&["create", "silent", "--size", "64M"]);
+    d.ok(&["create", "gone", "--size", "64M"]);
+    let block = |k: u64| -> Vec<u8> { (0..65536u64).map(|i| (i * 7 + k) as u8).collect() };
+    let mut silent = Nbd::new(&d.unix_addr(), "silent");
+    let mut gone = Nbd::new(&d.unix_addr(), "gone");
+    for k in 0..16u64 {
+        for nbd in [&mut silent, &mut gone] {
+            assert_eq!(nbd.write(k << 20, &block(k), 0).unwrap(), 0);
+            // A partial block: the blocking path's read-modify-write.
+            assert_eq!(
+                nbd.write((k << 20) + 70_000, &[k as u8; 100], 0).unwrap(),
+                0
+            );
+        }
+    }
+    drop(gone);
+    // Idle for more than a second: the settle tick commits both disks.
+    thread::sleep(Duration::from_secs(3));
+    d.kill9();
+    drop(silent);
+    let check = d.cli.json(&["check"]);
+    assert_eq!(check["clean"], true, "{check}");
+    assert_eq!(check["leaked_blocks"], 0, "blocks leaked: {check}");
+    d.start();
+    for name in ["silent", "gone"] {
+        let mut nbd = Nbd::new(&d.unix_addr(), name);
+        for k in 0..16u64 {
+            let mut want = block(k);
+            want.resize(70_000 + 100, 0);
+            want[70_000..].fill(k as u8);
+            let got = nbd.read(k << 20, want.len() as u32);
+            assert!(got == want, "{name}: block {k} lost after kill -9");
+        }
+        nbd.disconnect();
+    }
+}
+
 // ---- 1. qemu-io ---------------------------------------------------------------
 
 #[test]

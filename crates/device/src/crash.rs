@@ -203,11 +203,11 @@ impl BlockDevice for CrashDevice {
         match inner.fault {
             Some(Fault::WriteEio { after_writes: 0 }) => {
                 inner.fault = None;
-                return Err(io::Error::from_raw_os_error(5));
+                return Err(io::Error::from(rustix::io::Errno::IO));
             }
             Some(Fault::WriteEnospc { after_writes: 0 }) => {
                 inner.fault = None;
-                return Err(io::Error::from_raw_os_error(28));
+                return Err(io::Error::from(rustix::io::Errno::NOSPC));
             }
             Some(Fault::WriteEio { after_writes }) => {
                 inner.fault = Some(Fault::WriteEio {
@@ -241,7 +241,7 @@ impl BlockDevice for CrashDevice {
         }
         if inner.fault == Some(Fault::FlushEio) {
             inner.fault = None;
-            return Err(io::Error::from_raw_os_error(5));
+            return Err(io::Error::from(rustix::io::Errno::IO));
         }
         inner.flushes += 1;
         let pending = std::mem::take(&mut inner.pending);
@@ -318,7 +318,7 @@ mod tests {
         dev.inject(Fault::WriteEnospc { after_writes: 1 });
         dev.write_at(&[1; 10], 0).unwrap();
         let err = dev.write_at(&[1; 10], 0).unwrap_err();
-        assert_eq!(err.raw_os_error(), Some(28));
+        assert_eq!(err.kind(), io::ErrorKind::StorageFull);
         dev.write_at(&[1; 10], 0).unwrap();
         dev.inject(Fault::FlushEio);
         assert!(dev.flush().is_err());

@@ -1,8 +1,11 @@
 //! Errors of the engine.
 //!
 //! Kinds are kept apart so that callers can tell them apart: I/O failures
-//! of the device, corruption found in metadata, a full store, and mistakes
-//! of the caller (unknown names, bad ranges).
+//! of the device, corruption found in metadata, a full store, a disk
+//! deleted under a handle, and mistakes of the caller (unknown names, bad
+//! ranges). Each message says what went wrong once: an error that wraps
+//! another prints the other's message itself and does not expose it again
+//! as its `source()`, so printing a chain never repeats a cause.
 
 use parallax_format::FormatError;
 use std::io;
@@ -10,24 +13,26 @@ use std::io;
 /// Every error the engine returns.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("I/O error while {context}: {source}")]
-    Io {
-        context: String,
-        #[source]
-        source: io::Error,
-    },
+    /// The device failed (other than by running out of space).
+    #[error("I/O error while {context}: {error}")]
+    Io { context: String, error: io::Error },
     #[error("corrupt metadata: {0}")]
-    Corrupt(#[from] FormatError),
+    Corrupt(FormatError),
     #[error("corrupt store: {0}")]
     Inconsistent(String),
     #[error("not a Parallax store: {0}")]
     NotAStore(String),
     #[error("the store was written by a newer Parallax (format version {found}; this program reads up to {supported})")]
     NewerVersion { found: u16, supported: u16 },
+    /// The store (or the device under it) is full.
     #[error("no space left in the store")]
     NoSpace,
+    /// No disk or snapshot of that name (or id).
     #[error("{0}")]
     NotFound(String),
+    /// The disk this handle was opened on has been deleted since.
+    #[error("disk {0} was deleted")]
+    Deleted(String),
     #[error("{0}")]
     AlreadyExists(String),
     #[error("{0}")]
@@ -46,15 +51,46 @@ pub enum Error {
 /// Result with the engine's [`Error`].
 pub type Result<T> = std::result::Result<T, Error>;
 
+impl From<FormatError> for Error {
+    fn from(e: FormatError) -> Error {
+        Error::Corrupt(e)
+    }
+}
+
 impl Error {
+    /// Maps a device error met while doing `context`: a full device
+    /// (`ENOSPC`) is [`Error::NoSpace`], anything else [`Error::Io`].
     pub(crate) fn io(context: impl Into<String>) -> impl FnOnce(io::Error) -> Error {
         let context = context.into();
-        move |source| {
-            if source.raw_os_error() == Some(28) {
+        move |error| {
+            if error.kind() == io::ErrorKind::StorageFull {
                 Error::NoSpace
             } else {
-                Error::Io { context, source }
+                Error::Io { context, error }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_full_device_is_no_space_and_causes_print_once() {
+        let full = io::Error::from(io::ErrorKind::StorageFull);
+        assert!(matches!(Error::io("writing")(full), Error::NoSpace));
+        let e = Error::io("writing block 7")(io::Error::other("disk on fire"));
+        assert_eq!(
+            e.to_string(),
+            "I/O error while writing block 7: disk on fire"
+        );
+        assert!(std::error::Error::source(&e).is_none());
+        let c = Error::from(FormatError::Stale {
+            addr: 9,
+            found: 1,
+            expected: 2,
+        });
+        assert!(std::error::Error::source(&c).is_none());
     }
 }

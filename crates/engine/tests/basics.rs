@@ -215,7 +215,7 @@ fn delete_disk_and_snapshot() {
     assert_eq!(a.info().hidden_snapshots, 0);
     assert!(store.stats().used_bytes < used);
     store.delete_vdi("a").unwrap();
-    assert!(matches!(a.read(&mut [0; 10], 0), Err(Error::NotFound(_))));
+    assert!(matches!(a.read(&mut [0; 10], 0), Err(Error::Deleted(_))));
     assert!(store.list().is_empty());
     assert_clean(&store);
     // Frees of the last commit reach the on-disk bitmaps with flush_all,

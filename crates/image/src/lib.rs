@@ -38,13 +38,13 @@ pub use raw::RawImage;
 #[derive(Debug, thiserror::Error)]
 pub enum ImageError {
     /// An I/O error on the image file.
-    #[error("I/O error on {}: {source}", path.display())]
+    #[error("I/O error on {}: {error}", path.display())]
     Io {
         /// The image file the error refers to.
         path: PathBuf,
-        /// The underlying error.
-        #[source]
-        source: io::Error,
+        /// The underlying error (printed in the message, not repeated as a
+        /// source).
+        error: io::Error,
     },
     /// The data does not start with the qcow2 magic number.
     #[error("not a qcow2 image: {0}")]
@@ -69,10 +69,10 @@ pub enum ImageError {
 
 impl ImageError {
     /// Wraps an I/O error with the path of the file it happened on.
-    pub(crate) fn io(path: &Path, source: io::Error) -> Self {
+    pub(crate) fn io(path: &Path, error: io::Error) -> Self {
         ImageError::Io {
             path: path.to_path_buf(),
-            source,
+            error,
         }
     }
 }

@@ -283,7 +283,7 @@ impl From<parallax_engine::Error> for ApiError {
     fn from(e: parallax_engine::Error) -> ApiError {
         use parallax_engine::Error as E;
         let kind = match &e {
-            E::NotFound(_) => ErrorKind::NotFound,
+            E::NotFound(_) | E::Deleted(_) => ErrorKind::NotFound,
             E::AlreadyExists(_) => ErrorKind::Conflict,
             E::InvalidArgument(_) | E::ReadOnly(_) => ErrorKind::Invalid,
             E::Busy(_) => ErrorKind::Conflict,

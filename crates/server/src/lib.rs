@@ -23,21 +23,11 @@ pub mod store_file;
 pub mod transfer;
 pub mod uring;
 
-/// The error and its causes on one line, leaving out causes whose text
-/// the message already contains (engine errors repeat their source).
+/// The error and its causes on one line.
 pub fn one_line(error: &anyhow::Error) -> String {
-    let mut message = String::new();
-    for cause in error.chain() {
-        let text = cause.to_string();
-        if message.contains(&text) {
-            continue;
-        }
-        if !message.is_empty() {
-            message.push_str(": ");
-        }
-        message.push_str(&text);
-    }
-    message.replace('\n', " ")
+    // Every error of the workspace prints its cause once (in its message or
+    // as its source, never both), so the chain joined is the whole story.
+    format!("{error:#}").replace('\n', " ")
 }
 
 #[cfg(test)]
@@ -45,10 +35,19 @@ mod tests {
     use super::*;
 
     #[test]
-    fn one_line_drops_repeated_causes() {
+    fn one_line_joins_the_chain_once() {
         let io = std::io::Error::other("disk on fire");
-        let e = anyhow::Error::new(io).context("while reading: disk on fire");
+        let e = anyhow::Error::new(io).context("while reading");
         assert_eq!(one_line(&e), "while reading: disk on fire");
+        let engine = parallax_engine::Error::Io {
+            context: "reading block 7".into(),
+            error: std::io::Error::other("disk on fire"),
+        };
+        let e = anyhow::Error::new(engine).context("cannot export x");
+        assert_eq!(
+            one_line(&e),
+            "cannot export x: I/O error while reading block 7: disk on fire"
+        );
         let e = anyhow::anyhow!("inner\nsecond line").context("outer");
         assert_eq!(one_line(&e), "outer: inner second line");
     }

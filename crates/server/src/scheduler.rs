@@ -118,7 +118,8 @@ fn run(vdi: Vdi, every_ns: u64, stop: Arc<AtomicBool>, stats: Arc<ScheduleStats>
                     .freed_blocks
                     .fetch_add(report.freed_blocks, Ordering::Relaxed);
             }
-            Err(Error::NotFound(_)) => return,
+            // The disk was deleted: its schedule ends with it.
+            Err(Error::Deleted(_)) => return,
             Err(e) => {
                 stats.failed.fetch_add(1, Ordering::Relaxed);
                 warn!(disk = %vdi.name(), "scheduled snapshot failed: {e}");

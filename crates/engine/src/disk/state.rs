@@ -366,7 +366,7 @@ impl Disk {
 
     pub(super) fn usable(&self, st: &DiskState) -> Result<()> {
         if st.deleted {
-            return Err(Error::NotFound(format!("disk {} was deleted", st.name)));
+            return Err(Error::Deleted(st.name.clone()));
         }
         if st.poisoned {
             return Err(Error::Poisoned(st.name.clone()));

@@ -217,7 +217,7 @@ pub fn write_planned(
                 // A power cut under the transfer, in the crash tests.
                 return Err(Error::Io {
                     context: "a planned write".into(),
-                    source: e,
+                    error: e,
                 });
             }
             Ok(())
