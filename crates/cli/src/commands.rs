@@ -252,7 +252,7 @@ pub fn snapshot(ctx: &Context, target: &DiskRef) -> Result<()> {
     if ctx.json {
         return print_json(&s);
     }
-    print(&format!("{}@{}\n", s.disk, s.name))
+    print(&format!("{}\n", DiskRef::snapshot(&s.disk, &s.name)))
 }
 
 pub fn snapshots(ctx: &Context, disk: &str) -> Result<()> {

@@ -15,7 +15,6 @@ use parallax_format::validate_name;
 use parallax_server::api::ScheduleSpec;
 use parallax_server::one_line;
 use parallax_server::store_file;
-use std::fmt;
 use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -221,12 +220,7 @@ fn parse_listen(s: &str) -> Result<Listen, String> {
         .ok_or_else(|| format!("'{s}' resolves to no address"))
 }
 
-/// `NAME` or `NAME@SNAP`.
-#[derive(Debug, Clone)]
-pub struct DiskRef {
-    pub disk: String,
-    pub snapshot: Option<String>,
-}
+pub use parallax_engine::DiskRef;
 
 /// `NAME@SNAP`.
 #[derive(Debug, Clone)]
@@ -235,29 +229,13 @@ pub struct SnapRef {
     pub snapshot: String,
 }
 
-impl fmt::Display for DiskRef {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match &self.snapshot {
-            Some(s) => write!(f, "{}@{s}", self.disk),
-            None => f.write_str(&self.disk),
-        }
-    }
-}
-
 fn parse_name(s: &str) -> Result<String, String> {
     validate_name(s)?;
     Ok(s.to_string())
 }
 
 fn parse_disk_ref(s: &str) -> Result<DiskRef, String> {
-    let (disk, snapshot) = match s.split_once('@') {
-        Some((d, snap)) => (d, Some(parse_name(snap)?)),
-        None => (s, None),
-    };
-    Ok(DiskRef {
-        disk: parse_name(disk)?,
-        snapshot,
-    })
+    DiskRef::parse(s)
 }
 
 fn parse_snap_ref(s: &str) -> Result<SnapRef, String> {

@@ -198,3 +198,60 @@ impl Pool {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::store::{CreateOptions, Store};
+    use parallax_device::MemDevice;
+    use std::sync::Arc;
+
+    fn store() -> Store {
+        let dev = Arc::new(MemDevice::new(8 << 20));
+        Store::create(dev, &CreateOptions::default()).unwrap()
+    }
+
+    #[test]
+    #[cfg_attr(debug_assertions, should_panic(expected = "freed twice"))]
+    fn a_double_free_is_an_error() {
+        let store = store();
+        let pool = store.pool();
+        let a = pool.allocate(0).unwrap();
+        pool.free(&[a]);
+        assert_eq!(pool.double_frees(), 0);
+        pool.free(&[a]);
+        // Release builds count it, and `check` reports it.
+        assert_eq!(pool.double_frees(), 1);
+        let report = store.check().unwrap();
+        assert!(!report.is_clean(), "check missed a double free");
+    }
+
+    #[test]
+    fn frees_wait_while_deferred() {
+        let store = store();
+        let pool = store.pool();
+        let (_, used0) = pool.totals();
+        let a = pool.allocate(0).unwrap();
+        let before = pool.defer_frees();
+        pool.free(&[a]);
+        assert_eq!(pool.totals().1, used0 + 1, "freed while gc marks");
+        let b = pool.allocate(0).unwrap();
+        assert_ne!(a, b, "a deferred block was reused");
+        // Nothing marked: `a` (allocated before) goes back; `b` (after) stays.
+        let freed = pool.end_deferring(Some((&before, &|_| false)));
+        assert_eq!(freed, 0, "only the deferred free was due");
+        assert_eq!(pool.totals().1, used0 + 1);
+        pool.free(&[b]);
+        assert_eq!(pool.totals().1, used0);
+    }
+
+    #[test]
+    fn allocate_many_is_all_or_nothing() {
+        let store = store();
+        let pool = store.pool();
+        let (total, used) = pool.totals();
+        let free = (total - used) as usize;
+        assert!(pool.allocate_many(free + 1, 0).is_err());
+        assert_eq!(pool.totals().1, used, "a failed batch kept blocks");
+        assert_eq!(pool.allocate_many(3, 0).unwrap().len(), 3);
+    }
+}

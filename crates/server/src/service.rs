@@ -208,9 +208,8 @@ impl Service {
             for (a, b) in fast.snapshots.iter().zip(&s.snapshots) {
                 if a != b {
                     differences.push(format!(
-                        "{}@{}: used/referenced {}/{} by walks, {}/{} by scan",
-                        s.name,
-                        a.name,
+                        "{}: used/referenced {}/{} by walks, {}/{} by scan",
+                        DiskRef::snapshot(&s.name, &a.name),
                         a.used_bytes,
                         a.referenced_bytes,
                         b.used_bytes,

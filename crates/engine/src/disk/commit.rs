@@ -329,3 +329,39 @@ impl Disk {
             .ok_or_else(|| Error::Inconsistent("snapshot vanished after commit".into()))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::store::{CreateOptions, Store};
+    use crate::Error;
+    use parallax_device::{CrashDevice, Fault};
+    use std::sync::Arc;
+
+    /// A transaction whose commit fails before its header goes back to its
+    /// savepoint: the in-memory change is undone, and the disk works on.
+    #[test]
+    fn a_failed_transaction_leaves_the_state_as_before() {
+        let dev = Arc::new(CrashDevice::new(16 << 20));
+        let store = Store::create(dev.clone(), &CreateOptions::default()).unwrap();
+        let d = store.create_vdi("d", 1 << 20).unwrap();
+        d.write(&[1; 4096], 0).unwrap();
+        d.snapshot(Some("s")).unwrap();
+        d.write(&[2; 4096], 0).unwrap();
+        dev.inject(Fault::WriteEio { after_writes: 0 });
+        let grown = d.grow(2 << 20);
+        assert!(matches!(grown, Err(Error::Io { .. })), "{grown:?}");
+        assert_eq!(d.size(), 1 << 20, "a failed grow changed the size");
+        dev.inject(Fault::WriteEio { after_writes: 0 });
+        assert!(d.rollback("s").is_err());
+        let mut b = vec![0u8; 4096];
+        d.read(&mut b, 0).unwrap();
+        assert_eq!(b, vec![2; 4096], "a failed rollback changed the content");
+        assert_eq!(d.info().snapshot_count, 1);
+        // The disk works on, and the same changes go through.
+        d.grow(2 << 20).unwrap();
+        d.rollback("s").unwrap();
+        d.read(&mut b, 0).unwrap();
+        assert_eq!(b, vec![1; 4096]);
+        assert!(store.check().unwrap().is_clean());
+    }
+}

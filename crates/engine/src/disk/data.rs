@@ -426,3 +426,52 @@ pub(super) fn count_mapped(pool: &Pool, tree: &Tree) -> Result<u64> {
     })?;
     Ok(n * BLOCK_SIZE_U64)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pieces_split_at_block_edges() {
+        let p: Vec<_> = pieces(4000, 5000).collect();
+        assert_eq!(
+            p,
+            vec![(0, 4000, 0..96), (1, 0, 96..4192), (2, 0, 4192..5000)]
+        );
+        assert_eq!(pieces(8192, 0).count(), 0);
+    }
+
+    #[test]
+    fn runs_merge_consecutive_blocks_only() {
+        let mut runs = Runs::default();
+        runs.push(0, 10);
+        runs.push(1, 11);
+        runs.push(2, 20);
+        runs.push(4, 21);
+        let t = runs.into_transfers();
+        assert_eq!(
+            t,
+            vec![
+                Transfer {
+                    device_offset: 10 * BLOCK_SIZE_U64,
+                    buf: 0..2 * BLOCK_SIZE
+                },
+                Transfer {
+                    device_offset: 20 * BLOCK_SIZE_U64,
+                    buf: 2 * BLOCK_SIZE..3 * BLOCK_SIZE
+                },
+                Transfer {
+                    device_offset: 21 * BLOCK_SIZE_U64,
+                    buf: 4 * BLOCK_SIZE..5 * BLOCK_SIZE
+                },
+            ]
+        );
+    }
+
+    #[test]
+    fn ranges_past_the_end_are_refused() {
+        assert!(check_io_range(8192, 4096, 4096).is_ok());
+        assert!(check_io_range(8192, 4096, 4097).is_err());
+        assert!(check_io_range(8192, u64::MAX, 2).is_err());
+    }
+}

@@ -25,7 +25,9 @@ use crate::error::{Error, Result};
 use crate::lineage::SnapSet;
 use crate::store::catalog::{read_vdi_header, Catalog};
 use crate::store::Store;
-use parallax_format::{Ptr, Superblock, BLOCK_SIZE, BLOCK_SIZE_U64, SUPERBLOCK_ADDRS, TREE_HEIGHT};
+use parallax_format::{
+    DiskRef, Ptr, Superblock, BLOCK_SIZE, BLOCK_SIZE_U64, SUPERBLOCK_ADDRS, TREE_HEIGHT,
+};
 use std::collections::{HashMap, HashSet};
 
 /// What `check` found.
@@ -216,17 +218,17 @@ pub(super) fn mark_all<'p>(
             ));
         }
         for s in snaps.all() {
-            let name = &s.name;
+            let snap = format!("snapshot {}", DiskRef::snapshot(&entry.name, &s.name));
             if !s.hidden {
                 m.snapshots += 1;
             }
             if s.id >= header.next_snapshot_id || (s.parent != 0 && snaps.get(s.parent).is_none()) {
                 m.errors.push(format!(
-                    "{who}@{name}: id {} not yet issued, or parent {} missing",
+                    "{snap}: id {} not yet issued, or parent {} missing",
                     s.id, s.parent
                 ));
             }
-            m.walk_tree(store, s.root, &format!("{who}@{name}"), None);
+            m.walk_tree(store, s.root, &snap, None);
         }
         let mut owned = HashSet::new();
         m.walk_tree(store, header.root, &who, Some(&mut owned));

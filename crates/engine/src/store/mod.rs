@@ -361,3 +361,57 @@ impl Store {
         self.inner.pool.sync_bitmaps()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use parallax_device::MemDevice;
+
+    fn store() -> (Arc<MemDevice>, Store) {
+        let dev = Arc::new(MemDevice::new(16 << 20));
+        let store = Store::create(dev.clone(), &CreateOptions::default()).unwrap();
+        (dev, store)
+    }
+
+    #[test]
+    fn settle_commits_idle_disks_and_lets_unused_ones_go() {
+        let (dev, store) = store();
+        let a = store.create_vdi("a", 1 << 20).unwrap();
+        let b = store.create_vdi("b", 1 << 20).unwrap();
+        a.write(&[1; 8192], 0).unwrap();
+        b.write(&[2; 8192], 0).unwrap();
+        drop(b);
+        // Not idle long enough: nothing happens.
+        let hour = Duration::from_secs(3600);
+        assert_eq!(store.settle(hour, hour).unwrap(), SettleReport::default());
+        let zero = Duration::ZERO;
+        let r = store.settle(zero, zero).unwrap();
+        assert_eq!(r.committed, 2);
+        // `a` has a handle and stays; `b` goes.
+        assert_eq!(r.closed, 1);
+        assert_eq!(store.open_disks().len(), 1);
+        // Both are on the device, as a second store sees them.
+        let other = Store::open(dev, &OpenOptions::default()).unwrap();
+        let mut buf = vec![0u8; 8192];
+        other.open_vdi("b").unwrap().read(&mut buf, 0).unwrap();
+        assert_eq!(buf, vec![2; 8192]);
+        other.open_vdi("a").unwrap().read(&mut buf, 0).unwrap();
+        assert_eq!(buf, vec![1; 8192]);
+    }
+
+    #[test]
+    fn close_commits_and_refuses_a_disk_in_use() {
+        let (_, store) = store();
+        let a = store.create_vdi("a", 1 << 20).unwrap();
+        a.write(&[3; 4096], 0).unwrap();
+        assert!(matches!(store.close_vdi("a"), Err(Error::Busy(_))));
+        drop(a);
+        store.close_vdi("a").unwrap();
+        assert!(store.open_disks().is_empty());
+        let report = store.check().unwrap();
+        assert!(report.is_clean() && report.leaked_blocks == 0, "{report:?}");
+        let mut buf = vec![0u8; 4096];
+        store.open_vdi("a").unwrap().read(&mut buf, 0).unwrap();
+        assert_eq!(buf, vec![3; 4096]);
+    }
+}
