@@ -311,11 +311,12 @@ impl Disk {
         Some(!st.deleted && !st.poisoned && (fresh || st.has_pending()))
     }
 
-    /// Commits whatever is pending (nothing to do for a deleted or
-    /// poisoned disk): what the store does before it lets a disk go.
+    /// Commits whatever is pending: what the store does before it lets a
+    /// disk go. Nothing to do for a deleted disk; a poisoned one reports
+    /// that it cannot.
     pub(crate) fn commit_pending(&self) -> Result<()> {
         let mut st = self.exclusive()?;
-        if st.deleted || st.poisoned || !st.has_pending() {
+        if st.deleted || (!st.poisoned && !st.has_pending()) {
             return Ok(());
         }
         self.commit(&mut st, None)
