@@ -399,6 +399,11 @@ impl Vdi {
         let disk = &*self.disk;
         let mut st = disk.exclusive()?;
         let old_parent = st.header.live_parent;
+        if st.tree.is_dirty() {
+            // The transaction replaces the tree: it must be clean to be
+            // saved cheaply (see `DiskState::savepoint`).
+            disk.commit(&mut st, None)?;
+        }
         disk.transact(&mut st, |st| {
             if st.snapshots.get(snap.id).is_none_or(|s| s.hidden) {
                 return Err(Error::NotFound(format!(

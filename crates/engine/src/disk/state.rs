@@ -145,9 +145,13 @@ impl DiskState {
     }
 
     /// Everything a transaction may change, to go back to if it fails.
+    /// The live tree is saved only when it is clean (a root pointer, no
+    /// overlay): transactions change the tree only when it is (deletion
+    /// planning promotes pointers of a committed tree; rollback commits a
+    /// dirty tree first), so a dirty overlay is never copied.
     pub(super) fn savepoint(&self) -> Savepoint {
         Savepoint {
-            tree: self.tree.clone(),
+            tree: (!self.tree.is_dirty()).then(|| self.tree.clone()),
             header: self.header.clone(),
             size: self.size,
             header_dirty: self.header_dirty,
@@ -161,7 +165,9 @@ impl DiskState {
     /// only copy the failed transaction cannot have touched); if that
     /// fails, the disk is poisoned.
     pub(super) fn restore(&mut self, pool: &Pool, sp: Savepoint) {
-        self.tree = sp.tree;
+        if let Some(tree) = sp.tree {
+            self.tree = tree;
+        }
         self.header = sp.header;
         self.size = sp.size;
         self.header_dirty = sp.header_dirty;
@@ -180,7 +186,8 @@ impl DiskState {
 
 /// See [`DiskState::savepoint`].
 pub(super) struct Savepoint {
-    tree: Tree,
+    /// `None`: the tree was dirty, and the transaction leaves it alone.
+    tree: Option<Tree>,
     header: VdiHeader,
     size: u64,
     header_dirty: bool,
