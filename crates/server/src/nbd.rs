@@ -21,10 +21,10 @@
 //! - A client that sends a bad request magic or a write larger than the
 //!   advertised maximum is disconnected (the stream can no longer be
 //!   trusted to be in sync); every other bad request gets an error reply.
-//! - Aligned READs, and WRITEs that allocate nothing or whose tree nodes
-//!   are cached, are planned by the engine ([`IoPlan`]) and carried by
-//!   io_uring, or, without a ring (or on a store with no file descriptor),
-//!   by the plan's own device calls on the blocking pool.
+//! - Aligned READs and WRITEs (without FUA) whose tree nodes are cached are
+//!   planned by the engine ([`IoPlan`]) and carried by io_uring, or, without
+//!   a ring (or on a store with no file descriptor), by the plan's own
+//!   device calls on the blocking pool.
 //! - Nothing happens to a disk when its client leaves: the store owns the
 //!   disk's state and commits what a client wrote and left unflushed once
 //!   the disk has been idle a moment (the daemon's settle tick).
