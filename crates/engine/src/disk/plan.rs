@@ -267,3 +267,102 @@ impl Vdi {
         }))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::store::{CreateOptions, Store};
+    use crate::ReadDisk;
+    use parallax_device::MemDevice;
+    use std::sync::Arc;
+
+    fn store() -> Store {
+        let dev = Arc::new(MemDevice::new(16 << 20));
+        Store::create(dev, &CreateOptions::default()).unwrap()
+    }
+
+    #[test]
+    fn a_plan_runs_on_a_device_without_a_descriptor() {
+        let store = store();
+        let d = store.create_vdi("d", 1 << 20).unwrap();
+        let plan = d.try_plan_write(8192, 8192).unwrap().expect("a plan");
+        assert!(plan.fd().is_none());
+        plan.execute(&mut vec![5; 8192], true).unwrap();
+        plan.finish(true);
+        let plan = d.try_plan_read(4096, 3 * 4096).unwrap().expect("a plan");
+        let mut buf = vec![0xee; 3 * 4096];
+        plan.execute(&mut buf, false).unwrap();
+        plan.finish(true);
+        assert!(buf[..4096].iter().all(|&b| b == 0), "a hole read as zeros");
+        assert!(buf[4096..].iter().all(|&b| b == 5));
+    }
+
+    #[test]
+    fn an_unfinished_or_failed_plan_gives_its_blocks_back() {
+        let store = store();
+        let d = store.create_vdi("d", 1 << 20).unwrap();
+        d.flush().unwrap();
+        let used = store.stats().used_bytes;
+        let plan = d.try_plan_write(0, 4 * 4096).unwrap().expect("a plan");
+        assert!(
+            store.stats().used_bytes > used,
+            "the plan allocated nothing"
+        );
+        drop(plan);
+        assert_eq!(store.stats().used_bytes, used, "a dropped plan leaked");
+        let plan = d.try_plan_write(0, 4 * 4096).unwrap().expect("a plan");
+        plan.finish(false);
+        assert_eq!(store.stats().used_bytes, used, "a failed plan leaked");
+        let mut buf = vec![1u8; 4 * 4096];
+        d.read(&mut buf, 0).unwrap();
+        assert!(buf.iter().all(|&b| b == 0), "a failed write became visible");
+    }
+
+    /// A plan holds its disk's lock shared until it is finished: commits
+    /// (and snapshots, gc) wait for the data it names to finish moving.
+    #[test]
+    fn a_plan_holds_off_commits_until_it_is_finished() {
+        let store = store();
+        let d = store.create_vdi("d", 1 << 20).unwrap();
+        let plan = d.try_plan_write(0, 2 * 4096).unwrap().expect("a plan");
+        plan.execute(&mut vec![9; 2 * 4096], true).unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let d2 = d.clone();
+        let t = std::thread::spawn(move || {
+            d2.snapshot(Some("s")).unwrap();
+            tx.send(()).unwrap();
+        });
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        assert!(
+            rx.try_recv().is_err(),
+            "a snapshot went past a plan in flight"
+        );
+        plan.finish(true);
+        t.join().unwrap();
+        let view = store.open_snapshot("d", "s").unwrap();
+        let mut buf = vec![0u8; 2 * 4096];
+        view.read(&mut buf, 0).unwrap();
+        assert!(
+            buf.iter().all(|&b| b == 9),
+            "the snapshot missed the planned write"
+        );
+        let report = store.check().unwrap();
+        assert!(report.is_clean() && report.leaked_blocks == 0, "{report:?}");
+    }
+
+    #[test]
+    fn a_snapshot_view_plans_reads_too() {
+        let store = store();
+        let d = store.create_vdi("d", 1 << 20).unwrap();
+        d.write(&[3; 4096], 0).unwrap();
+        d.snapshot(Some("s")).unwrap();
+        d.write(&[4; 4096], 0).unwrap();
+        let view = store.open_snapshot("d", "s").unwrap();
+        let mut buf = vec![0u8; 4096];
+        // Node not cached yet: fall back, then plan.
+        view.read(&mut buf, 0).unwrap();
+        let plan = view.try_plan_read(0, 4096).unwrap().expect("a plan");
+        plan.execute(&mut buf, false).unwrap();
+        plan.finish(true);
+        assert_eq!(buf, vec![3; 4096]);
+    }
+}

@@ -143,3 +143,40 @@ impl ReadDisk for Vdi {
         Some(self)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::ReadDisk;
+    use crate::store::{CreateOptions, Store};
+    use parallax_device::MemDevice;
+    use parallax_format::DiskRef;
+    use std::sync::Arc;
+
+    /// A snapshot read through a view is hidden, not reclaimed, when it is
+    /// deleted; it goes once the view is gone and deletion runs again.
+    #[test]
+    fn a_view_pins_its_snapshot() {
+        let dev = Arc::new(MemDevice::new(16 << 20));
+        let store = Store::create(dev, &CreateOptions::default()).unwrap();
+        let d = store.create_vdi("d", 1 << 20).unwrap();
+        d.write(&[1; 4096], 0).unwrap();
+        d.snapshot(Some("s")).unwrap();
+        d.write(&[2; 4096], 0).unwrap();
+        d.snapshot(Some("t")).unwrap();
+        let view = store.open_snapshot("d", "s").unwrap();
+        assert_eq!(view.disk_ref(), DiskRef::snapshot("d", "s"));
+        assert!(view.writable().is_none());
+        let report = d.delete_snapshot("s").unwrap();
+        assert_eq!(report.hidden, 1, "a pinned snapshot was not kept");
+        let mut buf = vec![0u8; 4096];
+        view.read(&mut buf, 0).unwrap();
+        assert_eq!(buf, vec![1; 4096], "a pinned snapshot changed");
+        drop(view);
+        // The next deletion pass reclaims it.
+        let report = d.delete_snapshot("t").unwrap();
+        assert_eq!(report.hidden, 0);
+        assert!(report.freed_blocks > 0);
+        let check = store.check().unwrap();
+        assert!(check.is_clean() && check.leaked_blocks == 0, "{check:?}");
+    }
+}
