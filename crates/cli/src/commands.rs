@@ -35,9 +35,24 @@ impl Context {
         if let Some(remote) = Remote::connect(&self.control) {
             return Ok(body(&remote)?);
         }
+        self.refuse_if_denied()?;
         let opened = open_store(&self.store_path, access, self.host_id)?;
         let service = Service::new(opened.store.clone(), self.store_path.clone(), true);
         Ok(body(&service)?)
+    }
+
+    /// A daemon this user may not talk to (its control socket exists but
+    /// refuses us): say so, rather than fall back to the store and report
+    /// it "in use".
+    fn refuse_if_denied(&self) -> Result<()> {
+        match std::os::unix::net::UnixStream::connect(&self.control) {
+            Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => bail!(
+                "permission denied on the daemon's control socket {}: the daemon serving {} runs as another user (its sockets are mode 0600 unless it was started with --socket-group)",
+                self.control.display(),
+                self.store_path.display()
+            ),
+            _ => Ok(()),
+        }
     }
 
     fn read<T>(&self, body: impl FnOnce(&dyn Api) -> ApiResult<T>) -> Result<T> {
@@ -100,6 +115,7 @@ pub fn serve(
     nbd_socket: Option<PathBuf>,
     init_size: u64,
     direct: bool,
+    socket_group: Option<u32>,
 ) -> Result<()> {
     let nbd_socket = nbd_socket.map(|p| absolute(&p)).transpose()?;
     // Logs go to stderr; PARALLAX_LOG filters them (default `info`).
@@ -118,6 +134,7 @@ pub fn serve(
         nbd_socket,
         control: ctx.control.clone(),
         direct,
+        socket_group,
     })
 }
 

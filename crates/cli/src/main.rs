@@ -11,7 +11,7 @@ mod size;
 
 use clap::{Parser, Subcommand};
 use commands::Context;
-use parallax_format::validate_name;
+use parallax_format::{validate_lookup_name, validate_name};
 use parallax_server::api::ScheduleSpec;
 use parallax_server::one_line;
 use parallax_server::store_file;
@@ -67,6 +67,11 @@ enum Command {
         /// cache (durability still needs a flush or FUA).
         #[arg(long)]
         direct: bool,
+        /// Let this group (a name or a number) use the NBD and control
+        /// Unix sockets (mode 0660); by default only the daemon's user may
+        /// (0600).
+        #[arg(long, value_name = "GROUP", value_parser = parse_group)]
+        socket_group: Option<u32>,
     },
     /// Show what the running daemon serves, and its client connections.
     Status,
@@ -82,7 +87,7 @@ enum Command {
     /// Create an empty disk.
     Create {
         /// Name of the new disk.
-        #[arg(value_parser = parse_name)]
+        #[arg(value_parser = parse_new_name)]
         name: String,
         /// Virtual size, e.g. 20G (rounded up to 4 KiB).
         #[arg(long, value_parser = size::parse_size)]
@@ -114,7 +119,7 @@ enum Command {
         #[arg(value_name = "NAME@SNAP", value_parser = parse_snap_ref)]
         source: SnapRef,
         /// Name of the new disk.
-        #[arg(value_name = "NEW", value_parser = parse_name)]
+        #[arg(value_name = "NEW", value_parser = parse_new_name)]
         new: String,
     },
     /// Return a disk to the content of one of its snapshots.
@@ -134,7 +139,7 @@ enum Command {
         /// A raw or qcow2 image file.
         file: PathBuf,
         /// Name of the new disk.
-        #[arg(value_parser = parse_name)]
+        #[arg(value_parser = parse_new_name)]
         name: String,
         /// Disk size, if larger than the image's virtual size.
         #[arg(long, value_parser = size::parse_size)]
@@ -229,7 +234,32 @@ pub struct SnapRef {
     pub snapshot: String,
 }
 
+/// A group id, or a group name looked up in /etc/group.
+fn parse_group(s: &str) -> Result<u32, String> {
+    if let Ok(gid) = s.parse() {
+        return Ok(gid);
+    }
+    let groups = std::fs::read_to_string("/etc/group")
+        .map_err(|e| format!("cannot read /etc/group to find group {s:?}: {e}"))?;
+    groups
+        .lines()
+        .filter_map(|l| {
+            let mut f = l.split(':');
+            Some((f.next()?, f.nth(1)?))
+        })
+        .find(|(name, _)| *name == s)
+        .and_then(|(_, gid)| gid.parse().ok())
+        .ok_or_else(|| format!("no group named {s:?} in /etc/group"))
+}
+
+/// The name of an existing disk (any name the store may hold).
 fn parse_name(s: &str) -> Result<String, String> {
+    validate_lookup_name(s)?;
+    Ok(s.to_string())
+}
+
+/// The name of a new disk (see `validate_name`).
+fn parse_new_name(s: &str) -> Result<String, String> {
     validate_name(s)?;
     Ok(s.to_string())
 }
@@ -270,7 +300,15 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             nbd_socket,
             init_size,
             direct,
-        } => commands::serve(&ctx, nbd_listen.0, nbd_socket.clone(), *init_size, *direct),
+            socket_group,
+        } => commands::serve(
+            &ctx,
+            nbd_listen.0,
+            nbd_socket.clone(),
+            *init_size,
+            *direct,
+            *socket_group,
+        ),
         Command::Status => commands::status(&ctx),
         Command::Init { size, force } => commands::init(&ctx, *size, *force),
         Command::Create { name, size } => commands::create(&ctx, name, *size),

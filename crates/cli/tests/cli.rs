@@ -496,7 +496,16 @@ fn usage_errors_exit_2() {
         assert!(stderr.contains("size"), "{stderr}");
     }
     let stderr = env.fails(&["create", "a/b", "--size", "1M"], 2);
-    assert!(stderr.contains("forbidden character"), "{stderr}");
+    assert!(stderr.contains("names use only"), "{stderr}");
+    // Names that would mislead: a path, an option, an invisible character.
+    for bad in ["..", "-rf", "vm\u{200b}1", "\u{202e}gpj.exe", &"x".repeat(65)] {
+        env.fails(&["create", bad, "--size", "1M"], 2);
+    }
+    // The store itself refuses them too (what the daemon's API reaches).
+    env.ok(&["create", "named", "--size", "1M"]);
+    let msg = env.error(&["snapshot", "named@a b"]);
+    assert!(msg.contains("names use only"), "{msg}");
+    env.ok(&["delete", "named"]);
     env.fails(&["create", "vm1"], 2);
     env.fails(&["clone", "vm1", "vm2"], 2);
     env.fails(&["rollback", "vm1"], 2);

@@ -378,6 +378,13 @@ struct Cli {
 }
 
 impl Cli {
+    /// The daemon's control socket: the store's path with `.control`.
+    fn control_path(&self) -> PathBuf {
+        let mut p = self.store.as_os_str().to_owned();
+        p.push(".control");
+        PathBuf::from(p)
+    }
+
     fn command(&self, args: &[&str]) -> Command {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_parallax"));
         cmd.arg("--store")
@@ -1135,6 +1142,63 @@ fn clients_that_vanish_leave_no_leaked_block() {
             assert!(got == want, "{name}: block {k} lost after kill -9");
         }
         nbd.disconnect();
+    }
+}
+
+// ---- 0b. local users -----------------------------------------------------------
+
+/// Mode bits of a file.
+fn mode_of(path: &Path) -> u32 {
+    use std::os::unix::fs::PermissionsExt;
+    fs::metadata(path).unwrap().permissions().mode() & 0o777
+}
+
+/// Only the daemon's user may read the store or use its sockets; another
+/// local user gets a clear "permission denied", not "in use"; a group can
+/// be let in with --socket-group.
+#[test]
+fn other_local_users_get_nothing() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    if !have_tools() {
+        return;
+    }
+    let d = Daemon::new();
+    assert_eq!(mode_of(&d.cli.store), 0o600, "store file mode");
+    assert_eq!(mode_of(&d.socket), 0o600, "NBD socket mode");
+    assert_eq!(mode_of(&d.cli.control_path()), 0o600, "control socket mode");
+    // Another user (nobody), with the directory open to everyone: the
+    // socket's own mode keeps them out, and they are told so.
+    // (A copy of the binary there, in case the build tree is not theirs to read.)
+    fs::set_permissions(d.dir.path(), fs::Permissions::from_mode(0o755)).unwrap();
+    let binary = d.path("parallax-copy");
+    fs::copy(env!("CARGO_BIN_EXE_parallax"), &binary).unwrap();
+    fs::set_permissions(&binary, fs::Permissions::from_mode(0o755)).unwrap();
+    let mut as_nobody = Command::new("setpriv");
+    as_nobody
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .arg(&binary)
+        .arg("--store")
+        .arg(&d.cli.store)
+        .arg("list")
+        .env_remove("PARALLAX_STORE")
+        .env_remove("PARALLAX_CONTROL");
+    let ran = run(as_nobody);
+    assert!(!ran.status.success(), "another user listed the disks");
+    assert!(
+        ran.stderr.contains("permission denied") && !ran.stderr.contains("in use"),
+        "{}",
+        ran.describe()
+    );
+    assert!(
+        UnixStream::connect(&d.socket).is_ok(),
+        "the daemon's own user"
+    );
+    drop(d);
+    // --socket-group: 0660 and that group.
+    let d = Daemon::with(&["--socket-group", "0"], &[]);
+    for path in [d.socket.clone(), d.cli.control_path()] {
+        assert_eq!(mode_of(&path), 0o660, "{}", path.display());
+        assert_eq!(fs::metadata(&path).unwrap().gid(), 0);
     }
 }
 

@@ -56,10 +56,12 @@ impl FileDevice {
 
     /// Creates a new sparse regular file of `len` bytes (fails if it exists).
     pub fn create(path: &Path, len: u64, mode: OpenMode) -> io::Result<Self> {
+        // Only its owner may read or lock a store: it holds every disk.
         let file = OpenOptions::new()
             .read(true)
             .write(true)
             .create_new(true)
+            .mode(0o600)
             .open(path)?;
         file.set_len(len)?;
         file.sync_all()?;

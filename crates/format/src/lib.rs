@@ -37,7 +37,7 @@ pub fn block_crc_for_fuzzing(block: &[u8]) -> u32 {
 pub use log::{
     LogBlock, LogEntry, LogEntryKind, LOG_ENTRIES_PER_BLOCK, LOG_FLAG_HIDDEN, LOG_FLAG_SCHEDULED,
 };
-pub use name::{validate_name, DiskRef};
+pub use name::{validate_lookup_name, validate_name, DiskRef, MAX_NEW_NAME_LEN};
 pub use node::{NodeBlock, FAN_OUT, TREE_HEIGHT};
 pub use ptr::Ptr;
 pub use registry::{RegistryBlock, RegistryEntry, REGISTRY_ENTRIES_PER_BLOCK};

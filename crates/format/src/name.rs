@@ -5,24 +5,57 @@
 use crate::MAX_NAME_LEN;
 use std::fmt;
 
-/// Checks a disk or snapshot name: 1 to [`MAX_NAME_LEN`] bytes, no `@`,
-/// `/`, whitespace or control characters.
+/// Longest name given to a new disk or snapshot, in characters (all ASCII).
+pub const MAX_NEW_NAME_LEN: usize = 64;
+
+/// Checks the name of a new disk or snapshot: 1 to [`MAX_NEW_NAME_LEN`]
+/// characters from `A-Z a-z 0-9 . _ -`, not starting with `.` or `-` (so
+/// no `..`, no `-rf`, nothing to escape in a path or a shell, and no two
+/// names that print alike: no control, invisible, confusable or
+/// right-to-left characters).
 pub fn validate_name(name: &str) -> Result<(), String> {
+    if name.is_empty() {
+        return Err("a name cannot be empty".into());
+    }
+    if let Some(c) = name
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
+    {
+        return Err(format!(
+            "name {name:?} contains {c:?}; names use only A-Z a-z 0-9 . _ -"
+        ));
+    }
+    if name.len() > MAX_NEW_NAME_LEN {
+        return Err(format!(
+            "name '{name}' is {} characters long; the limit is {MAX_NEW_NAME_LEN}",
+            name.len()
+        ));
+    }
+    if name.starts_with(['.', '-']) {
+        return Err(format!("name '{name}' cannot start with '.' or '-'"));
+    }
+    Ok(())
+}
+
+/// Checks a name used to look up an existing disk or snapshot: any name a
+/// store may hold (older versions accepted more than [`validate_name`]
+/// does): 1 to [`MAX_NAME_LEN`] bytes, no `@`, `/` or control characters.
+pub fn validate_lookup_name(name: &str) -> Result<(), String> {
     if name.is_empty() {
         return Err("a name cannot be empty".into());
     }
     if name.len() > MAX_NAME_LEN {
         return Err(format!(
-            "name '{name}' is {} bytes long; the limit is {MAX_NAME_LEN}",
+            "name {name:?} is {} bytes long; the limit is {MAX_NAME_LEN}",
             name.len()
         ));
     }
     if let Some(c) = name
         .chars()
-        .find(|c| *c == '@' || *c == '/' || c.is_control() || c.is_whitespace())
+        .find(|c| *c == '@' || *c == '/' || c.is_control())
     {
         return Err(format!(
-            "name '{name}' contains the forbidden character {c:?}"
+            "name {name:?} contains the forbidden character {c:?}"
         ));
     }
     Ok(())
@@ -59,12 +92,12 @@ impl DiskRef {
         }
     }
 
-    /// [`DiskRef::split`], then [`validate_name`] on each part.
+    /// [`DiskRef::split`], then [`validate_lookup_name`] on each part.
     pub fn parse(s: &str) -> Result<DiskRef, String> {
         let r = DiskRef::split(s);
-        validate_name(&r.disk)?;
+        validate_lookup_name(&r.disk)?;
         if let Some(snap) = &r.snapshot {
-            validate_name(snap)?;
+            validate_lookup_name(snap)?;
         }
         Ok(r)
     }
@@ -92,6 +125,38 @@ mod tests {
         assert!(DiskRef::parse("a@b@c").is_err());
         assert!(DiskRef::parse("a@").is_err());
         assert!(DiskRef::parse("@b").is_err());
-        assert!(DiskRef::parse("a b").is_err());
+        assert!(DiskRef::parse("a\nb").is_err());
+        // Lookups accept names older versions created.
+        assert!(DiskRef::parse("a b@é").is_ok());
+    }
+
+    #[test]
+    fn new_names_are_plain_and_unambiguous() {
+        for ok in [
+            "vm1",
+            "web-01.img",
+            "A_b",
+            "20261129T101010.123Z-7",
+            &"x".repeat(64),
+        ] {
+            assert_eq!(validate_name(ok), Ok(()), "{ok}");
+        }
+        for bad in [
+            "",
+            ".",
+            "..",
+            "-rf",
+            ".hidden",
+            "a b",
+            "a/b",
+            "a@b",
+            "evil\u{202e}gpj",
+            "zero\u{200b}width",
+            "caf\u{e9}",
+            "\u{0430}pple",
+            &"x".repeat(65),
+        ] {
+            assert!(validate_name(bad).is_err(), "{bad:?} was accepted");
+        }
     }
 }

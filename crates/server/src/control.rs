@@ -189,6 +189,30 @@ fn absolute(path: &Path) -> ApiResult<&Path> {
     }
 }
 
+/// A path segment with its `%XX` escapes decoded (clients may encode any
+/// character of a name).
+fn percent_decode(segment: &str) -> ApiResult<String> {
+    let bad = || {
+        ApiError::invalid(format!(
+            "bad percent-encoding in the path segment {segment:?}"
+        ))
+    };
+    let bytes = segment.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let hex = segment.get(i + 1..i + 3).ok_or_else(bad)?;
+            out.push(u8::from_str_radix(hex, 16).map_err(|_| bad())?);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).map_err(|_| bad())
+}
+
 /// Maps one request to its operation.
 fn route(
     state: &ControlState,
@@ -198,7 +222,12 @@ fn route(
     body: &[u8],
 ) -> ApiResult<(u16, Vec<u8>)> {
     let api: &Service = &state.service;
-    let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
+    let decoded = path
+        .trim_matches('/')
+        .split('/')
+        .map(percent_decode)
+        .collect::<ApiResult<Vec<String>>>()?;
+    let segments: Vec<&str> = decoded.iter().map(String::as_str).collect();
     let get = method == Method::GET;
     let post = method == Method::POST;
     let delete = method == Method::DELETE;
@@ -248,5 +277,19 @@ fn route(
             ErrorKind::NotFound,
             format!("no such endpoint: {method} {path} (see docs/API.md)"),
         )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::percent_decode;
+
+    #[test]
+    fn path_segments_are_percent_decoded() {
+        assert_eq!(percent_decode("vm1").unwrap(), "vm1");
+        assert_eq!(percent_decode("web%2D01%2eimg").unwrap(), "web-01.img");
+        assert!(percent_decode("a%2").is_err());
+        assert!(percent_decode("a%zz").is_err());
+        assert!(percent_decode("%ff").is_err(), "not UTF-8");
     }
 }

@@ -40,6 +40,8 @@ pub struct ServeOptions {
     pub control: PathBuf,
     /// Bypass the page cache (`O_DIRECT`).
     pub direct: bool,
+    /// Group allowed to use the Unix sockets (mode 0660 instead of 0600).
+    pub socket_group: Option<u32>,
 }
 
 /// Every [`SETTLE_INTERVAL`], the store's upkeep ([`Store::settle`]):
@@ -126,13 +128,46 @@ fn clear_stale_socket(path: &Path) -> Result<()> {
     std::fs::remove_file(path).with_context(|| format!("cannot remove {}", path.display()))
 }
 
-fn bind_unix(path: &Path) -> Result<UnixListener> {
+/// Binds a Unix socket that only the daemon's user (and `group`, if
+/// given) may connect to: created under a umask of 0177, so that it is
+/// never reachable by others, then opened to the group (0660) if asked.
+fn bind_unix(path: &Path, group: Option<u32>) -> Result<UnixListener> {
+    use rustix::fs::Mode;
     clear_stale_socket(path)?;
     if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
         std::fs::create_dir_all(parent)
             .with_context(|| format!("cannot create directory {}", parent.display()))?;
     }
-    UnixListener::bind(path).with_context(|| format!("cannot listen on {}", path.display()))
+    // The umask is process-wide; nothing else creates files while the
+    // daemon binds its sockets at startup.
+    let old = rustix::process::umask(Mode::from_bits_truncate(0o177));
+    let bound = UnixListener::bind(path);
+    rustix::process::umask(old);
+    let listener = bound.with_context(|| format!("cannot listen on {}", path.display()))?;
+    if let Some(gid) = group {
+        rustix::fs::chown(path, None, Some(rustix::fs::Gid::from_raw(gid)))
+            .map_err(std::io::Error::from)
+            .and_then(|_| {
+                std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o660))
+            })
+            .with_context(|| format!("cannot give group {gid} access to {}", path.display()))?;
+    }
+    Ok(listener)
+}
+
+/// Warns when other users may read the store (and so every disk in it),
+/// or lock it and keep the daemon from starting.
+fn warn_if_exposed(store: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    if let Ok(meta) = std::fs::metadata(store) {
+        let mode = meta.permissions().mode() & 0o777;
+        if meta.is_file() && mode & 0o077 != 0 {
+            warn!(
+                store = %store.display(),
+                "the store file has mode {mode:o}: other users can read every disk in it; `chmod 600` it"
+            );
+        }
+    }
 }
 
 /// Runs the daemon until SIGINT or SIGTERM.
@@ -169,6 +204,7 @@ pub fn run(options: ServeOptions) -> Result<()> {
             info!(store = %store_path.display(), size, "created the store");
         }
     }
+    warn_if_exposed(store_path);
     let opened =
         store_file::open_store_with(store_path, Access::Write, options.host_id, options.direct)
             .map_err(|e| {
@@ -224,10 +260,10 @@ async fn serve(options: &ServeOptions, service: Arc<Service>) -> Result<()> {
         None => None,
     };
     let unix = match &options.nbd_socket {
-        Some(p) => Some(bind_unix(p)?),
+        Some(p) => Some(bind_unix(p, options.socket_group)?),
         None => None,
     };
-    let control_listener = bind_unix(&options.control)?;
+    let control_listener = bind_unix(&options.control, options.socket_group)?;
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     // Every connection task holds a clone of `alive`; when all are gone,
     // `all_gone` yields None.
