@@ -498,7 +498,13 @@ fn usage_errors_exit_2() {
     let stderr = env.fails(&["create", "a/b", "--size", "1M"], 2);
     assert!(stderr.contains("names use only"), "{stderr}");
     // Names that would mislead: a path, an option, an invisible character.
-    for bad in ["..", "-rf", "vm\u{200b}1", "\u{202e}gpj.exe", &"x".repeat(65)] {
+    for bad in [
+        "..",
+        "-rf",
+        "vm\u{200b}1",
+        "\u{202e}gpj.exe",
+        &"x".repeat(65),
+    ] {
         env.fails(&["create", bad, "--size", "1M"], 2);
     }
     // The store itself refuses them too (what the daemon's API reaches).

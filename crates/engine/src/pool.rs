@@ -31,6 +31,15 @@ use std::sync::atomic::{AtomicU64, Ordering};
 /// `gc` started deferring frees (see [`Pool::defer_frees`]).
 pub(crate) type AllocatedBefore = Vec<Option<BitmapBlock>>;
 
+/// See [`Pool::hold_frees`]; releases what was held back when dropped.
+pub(crate) struct FreesHeld<'a>(&'a Pool);
+
+impl Drop for FreesHeld<'_> {
+    fn drop(&mut self) {
+        self.0.end_deferring(None);
+    }
+}
+
 /// See the module documentation.
 pub(crate) struct Pool {
     meta: MetaIo,
@@ -125,6 +134,15 @@ impl Pool {
     pub fn defer_frees(&self) -> AllocatedBefore {
         *self.deferred.lock() = Some(Vec::new());
         self.alloc.lock().snapshot()
+    }
+
+    /// Holds frees back for as long as the guard lives (an online `check`
+    /// reads the durable state disk by disk: no block it may still read is
+    /// freed, reused or marked free on the device meanwhile). The caller
+    /// holds the catalogue, so no `gc` defers at the same time.
+    pub fn hold_frees(&self) -> FreesHeld<'_> {
+        self.defer_frees();
+        FreesHeld(self)
     }
 
     /// Ends [`Pool::defer_frees`]: releases what was held back, then (with

@@ -612,3 +612,57 @@ fn dropped_handles_lose_and_leak_nothing() {
     store.open_vdi("d").unwrap().read(&mut buf, 0).unwrap();
     assert!(buf.iter().all(|&b| b == 1), "unflushed write lost");
 }
+
+/// `check` while a disk is written, snapshotted every tick and thinned by
+/// retention (blocks freed all the time): never a false error.
+#[test]
+fn online_check_under_load_reports_no_false_errors() {
+    use parallax_engine::Schedule;
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    let dev = Arc::new(parallax_device::MemDevice::new(64 << 20));
+    let store = Store::create(dev, &CreateOptions::default()).unwrap();
+    let d = store.create_vdi("d", 4 << 20).unwrap();
+    d.set_schedule(Schedule {
+        every_ns: 1_000_000,
+        keep_last: 3,
+        ..Schedule::default()
+    })
+    .unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let ops = Arc::new(AtomicU64::new(0));
+    let writer = {
+        let (d, stop, ops) = (d.clone(), stop.clone(), ops.clone());
+        std::thread::spawn(move || {
+            let mut i = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                let block = (i * 7919) % 1000;
+                d.write(&[i as u8; 8192], block * 4096).unwrap();
+                if i % 4 == 0 {
+                    d.schedule_tick().unwrap();
+                }
+                if i % 16 == 0 {
+                    d.discard(block * 4096, 65536).unwrap();
+                }
+                i += 1;
+                ops.store(i, Ordering::Relaxed);
+            }
+        })
+    };
+    let mut checks = 0;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while (checks < 30 || ops.load(Ordering::Relaxed) < 2000)
+        && std::time::Instant::now() < deadline
+    {
+        let report = store.check().unwrap();
+        assert!(
+            report.is_clean(),
+            "check {checks} after {} ops: {:#?}",
+            ops.load(Ordering::Relaxed),
+            report.errors
+        );
+        checks += 1;
+    }
+    stop.store(true, Ordering::Relaxed);
+    writer.join().unwrap();
+    assert!(ops.load(Ordering::Relaxed) >= 2000, "the writer hardly ran");
+}

@@ -247,7 +247,9 @@ fn durable_allocator(store: &Store, sb: &Superblock) -> Result<Allocator> {
 impl Store {
     /// Verifies every invariant of the durable state. Disks this store has
     /// open are committed first, so that what they hold in memory is not
-    /// reported as leaked. Blocks the pool was asked to free twice since the
+    /// reported as leaked; they go on serving while the check reads, with
+    /// their frees held back until it has read the bitmaps (so a commit in
+    /// between cannot make a block it read look free). Blocks the pool was asked to free twice since the
     /// store was opened (a bug) are reported as an error too.
     pub fn check(&self) -> Result<CheckReport> {
         let catalog = self.inner.catalog.lock();
@@ -261,6 +263,9 @@ impl Store {
             }
         }
         self.pool().sync_bitmaps()?;
+        // Disks keep running: nothing they free may reach the bitmaps (or be
+        // reused) until the durable state has been read whole.
+        let held = self.pool().hold_frees();
         for &addr in &SUPERBLOCK_ADDRS {
             let mut b = vec![0u8; BLOCK_SIZE];
             self.pool()
@@ -277,6 +282,7 @@ impl Store {
         let mut m = mark_all(self, &catalog, None);
         drop(catalog);
         let alloc = durable_allocator(self, &sb)?;
+        drop(held);
         for (&addr, role) in &m.roles {
             if sb.locate(addr).is_none() {
                 m.errors.push(format!(
