@@ -637,10 +637,10 @@ fn online_check_under_load_reports_no_false_errors() {
             while !stop.load(Ordering::Relaxed) {
                 let block = (i * 7919) % 1000;
                 d.write(&[i as u8; 8192], block * 4096).unwrap();
-                if i % 4 == 0 {
+                if i.is_multiple_of(4) {
                     d.schedule_tick().unwrap();
                 }
-                if i % 16 == 0 {
+                if i.is_multiple_of(16) {
                     d.discard(block * 4096, 65536).unwrap();
                 }
                 i += 1;
