@@ -188,6 +188,12 @@ impl Pool {
         result
     }
 
+    /// Whether `addr` is allocated (in memory: the durable bitmaps as loaded,
+    /// plus what this process allocated and freed since).
+    pub fn is_allocated(&self, addr: u64) -> bool {
+        self.alloc.lock().is_allocated(addr)
+    }
+
     /// (total, used) data blocks.
     pub fn totals(&self) -> (u64, u64) {
         self.alloc.lock().totals()

@@ -666,3 +666,55 @@ fn online_check_under_load_reports_no_false_errors() {
     writer.join().unwrap();
     assert!(ops.load(Ordering::Relaxed) >= 2000, "the writer hardly ran");
 }
+
+/// The newest copy of a disk's header is lost (zeroed): the older copy
+/// references blocks the newer commit freed. The disk must not be served
+/// at that generation (its blocks may be reused), and `gc` must not free
+/// around it; `check` reports it.
+#[test]
+fn a_header_gone_back_in_time_is_refused_and_gc_frees_nothing() {
+    use parallax_format::VdiHeader;
+    let dev = Arc::new(parallax_device::MemDevice::new(16 << 20));
+    let store = Store::create(dev.clone(), &CreateOptions::default()).unwrap();
+    let store_id = store.store_id();
+    let d = store.create_vdi("d", 1 << 20).unwrap();
+    let other = store.create_vdi("other", 1 << 20).unwrap();
+    other.write(&[9; 65536], 0).unwrap();
+    d.write(&[1; 65536], 0).unwrap();
+    d.flush().unwrap();
+    d.write(&[2; 65536], 0).unwrap();
+    d.write(&[2; 65536], 1 << 19).unwrap();
+    drop((d, other));
+    drop(store);
+    // The newest header of disk "d" (id 1), zeroed.
+    let mut newest: Option<(u64, u64)> = None;
+    let mut block = vec![0u8; 4096];
+    for addr in 0..dev.len() / 4096 {
+        dev.read_at(&mut block, addr * 4096).unwrap();
+        if let Ok(h) = VdiHeader::decode(&block, addr, Some(store_id)) {
+            if h.vdi_id == 1 && newest.is_none_or(|(_, g)| h.generation > g) {
+                newest = Some((addr, h.generation));
+            }
+        }
+    }
+    let (addr, generation) = newest.expect("a header of disk d");
+    assert!(generation >= 3, "generation {generation}");
+    dev.write_at(&vec![0u8; 4096], addr * 4096).unwrap();
+
+    let store = Store::open(dev.clone(), &OpenOptions::default()).unwrap();
+    match store.open_vdi("d") {
+        Err(Error::Inconsistent(msg)) => assert!(msg.contains("marks free"), "{msg}"),
+        Err(Error::Corrupt(_)) => {}
+        Ok(_) => panic!("a disk whose header went back in time was served"),
+        Err(e) => panic!("unexpected error: {e}"),
+    }
+    let report = store.check().unwrap();
+    assert!(!report.is_clean(), "check missed the damage");
+    let used = store.stats().used_bytes;
+    assert!(store.gc().is_err(), "gc ran on a damaged store");
+    assert_eq!(store.stats().used_bytes, used, "gc freed blocks");
+    // The other disk is served as it was.
+    let mut buf = vec![0u8; 65536];
+    store.open_vdi("other").unwrap().read(&mut buf, 0).unwrap();
+    assert!(buf.iter().all(|&b| b == 9));
+}

@@ -106,20 +106,31 @@ pub(crate) fn read_chain(pool: &Pool, head: Ptr, owner: u64) -> Result<Vec<(u64,
     Ok(blocks)
 }
 
-/// The snapshot set a header's log describes, the head block's content
-/// and the number of records.
-pub(super) fn load_log(
-    pool: &Pool,
-    header: &VdiHeader,
-) -> Result<(SnapSet, Option<LogBlock>, u64)> {
+/// A disk's snapshot log as read at open.
+pub(super) struct LoadedLog {
+    pub snapshots: SnapSet,
+    /// The head block's content.
+    pub head: Option<LogBlock>,
+    pub records: u64,
+    /// Every block of the chain.
+    pub addrs: Vec<u64>,
+}
+
+/// The snapshot set a header's log describes.
+pub(super) fn load_log(pool: &Pool, header: &VdiHeader) -> Result<LoadedLog> {
     let blocks = read_chain(pool, header.log_head, header.vdi_id)?;
-    let mut snaps = SnapSet::default();
+    let mut snapshots = SnapSet::default();
     let mut records = 0;
     for (_, b) in &blocks {
         for e in &b.entries {
-            snaps.apply(e);
+            snapshots.apply(e);
             records += 1;
         }
     }
-    Ok((snaps, blocks.last().map(|(_, b)| b.clone()), records))
+    Ok(LoadedLog {
+        snapshots,
+        head: blocks.last().map(|(_, b)| b.clone()),
+        records,
+        addrs: blocks.iter().map(|(a, _)| *a).collect(),
+    })
 }

@@ -23,7 +23,7 @@ use crate::lineage::SnapSet;
 use crate::pool::Pool;
 use crate::time::now_ns;
 use crate::tree::Tree;
-use parallax_format::{LogBlock, LogEntry, Ptr, VdiHeader, VDI_FLAG_LINEAGE};
+use parallax_format::{LogBlock, LogEntry, Ptr, VdiHeader, TREE_HEIGHT, VDI_FLAG_LINEAGE};
 use parking_lot::{Mutex, RwLock, RwLockWriteGuard};
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -174,10 +174,10 @@ impl DiskState {
         self.pending_log.truncate(sp.pending_log);
         self.pending_free.truncate(sp.pending_free);
         match load_log(pool, &self.header) {
-            Ok((snaps, block, records)) => {
-                self.snapshots = snaps;
-                self.log_block = block;
-                self.log_records = records;
+            Ok(log) => {
+                self.snapshots = log.snapshots;
+                self.log_block = log.head;
+                self.log_records = log.records;
             }
             Err(_) => self.poisoned = true,
         }
@@ -220,6 +220,38 @@ impl Fresh {
     }
 }
 
+/// Refuses a header whose own blocks the bitmaps call free: its root, the
+/// nodes right below it, its snapshot log. By the crash-consistency
+/// invariant (a commit's blocks are marked allocated before its header is
+/// written; a block is freed only after a newer header is durable) that
+/// never happens in a store that is merely cut off; it means a header went
+/// back a generation (its newest copy lost or damaged) or a bitmap did (a
+/// lost write), and serving the disk, or allocating over those blocks,
+/// would hand out data that is no longer there. A cheap check (one node
+/// read), not a proof: `check` walks everything.
+fn verify_allocated(pool: &Pool, name: &str, header: &VdiHeader, log: &[u64]) -> Result<()> {
+    let mut refs: Vec<(u64, &str)> = log.iter().map(|&a| (a, "a snapshot log block")).collect();
+    if !header.root.is_null() {
+        refs.push((header.root.addr(), "the root node"));
+        let root = pool
+            .meta()
+            .load_node(header.root, (TREE_HEIGHT - 1) as u8)?;
+        refs.extend(
+            root.entries
+                .iter()
+                .filter(|e| !e.is_null())
+                .map(|e| (e.addr(), "a node below the root")),
+        );
+    }
+    match refs.into_iter().find(|&(addr, _)| !pool.is_allocated(addr)) {
+        Some((addr, what)) => Err(Error::Inconsistent(format!(
+            "disk {name}: header generation {} references block {addr} ({what}), which the extent bitmap marks free: a header or bitmap write was lost or went back in time; the disk is not opened (`parallax check` reports the damage)",
+            header.generation
+        ))),
+        None => Ok(()),
+    }
+}
+
 /// See the module documentation.
 pub(crate) struct Disk {
     pub(super) pool: Arc<Pool>,
@@ -247,7 +279,9 @@ impl Disk {
         name: String,
         origin: Origin,
     ) -> Result<Self> {
-        let (snapshots, log_block, log_records) = load_log(&pool, &header)?;
+        let log = load_log(&pool, &header)?;
+        verify_allocated(&pool, &name, &header, &log.addrs)?;
+        let (snapshots, log_block, log_records) = (log.snapshots, log.head, log.records);
         Ok(Disk {
             id: header.vdi_id,
             header_addrs,

@@ -47,6 +47,13 @@ impl Catalog {
                 registry.push(None);
                 continue;
             }
+            if !pool.is_allocated(p.addr()) {
+                return Err(Error::Inconsistent(format!(
+                    "superblock generation {} references registry block {}, which the extent bitmap marks free: a bitmap or superblock write was lost or went back in time; the store is not opened (`parallax check` reports the damage)",
+                    sb.generation,
+                    p.addr()
+                )));
+            }
             let raw = meta.read_block(p.addr(), "a registry block")?;
             let (block, crc) = RegistryBlock::decode(&raw[..], p.addr(), Some(sb.store_id))?;
             p.verify_crc(crc)?;

@@ -75,6 +75,26 @@ pub(super) struct Marking<'p> {
 }
 
 impl Marking<'_> {
+    /// Every referenced block must lie in an extent's data area and be
+    /// marked allocated in the durable bitmap `alloc`: what `check` reports
+    /// and what `gc` refuses to free around.
+    pub(super) fn placement_errors(&self, sb: &Superblock, alloc: &Allocator) -> Vec<String> {
+        let mut errors = Vec::new();
+        for (&addr, role) in &self.roles {
+            if sb.locate(addr).is_none() {
+                errors.push(format!(
+                    "block {addr} ({role:?}) is not in any extent's data area"
+                ));
+            } else if !alloc.is_allocated(addr) {
+                errors.push(format!(
+                    "block {addr} ({role:?}) is referenced but marked free in its extent bitmap"
+                ));
+            }
+        }
+        errors.sort();
+        errors
+    }
+
     /// Records a reference; returns true the first time the block is seen.
     fn mark(&mut self, addr: u64, role: Role, who: &str) -> bool {
         *self.refs.entry(addr).or_insert(0) += 1;
@@ -240,7 +260,7 @@ pub(super) fn mark_all<'p>(
     m
 }
 
-fn durable_allocator(store: &Store, sb: &Superblock) -> Result<Allocator> {
+pub(super) fn durable_allocator(store: &Store, sb: &Superblock) -> Result<Allocator> {
     Allocator::load(&*store.pool().meta().dev, sb, 0)
 }
 
@@ -283,16 +303,9 @@ impl Store {
         drop(catalog);
         let alloc = durable_allocator(self, &sb)?;
         drop(held);
-        for (&addr, role) in &m.roles {
-            if sb.locate(addr).is_none() {
-                m.errors.push(format!(
-                    "block {addr} ({role:?}) is not in any extent's data area"
-                ));
-            } else if !alloc.is_allocated(addr) {
-                m.errors.push(format!(
-                    "block {addr} ({role:?}) is referenced but marked free in its extent bitmap"
-                ));
-            }
+        let mut placement = m.placement_errors(&sb, &alloc);
+        m.errors.append(&mut placement);
+        for role in m.roles.values() {
             match role {
                 Role::Node(_) => report.tree_nodes += 1,
                 Role::Data => report.data_blocks += 1,

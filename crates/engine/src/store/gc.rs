@@ -8,7 +8,7 @@
 
 use crate::error::{Error, Result};
 use crate::store::catalog::Catalog;
-use crate::store::check::{mark_all, Role};
+use crate::store::check::{durable_allocator, mark_all, Role};
 use crate::store::Store;
 use parallax_format::BLOCK_SIZE_U64;
 use std::collections::{HashMap, HashSet};
@@ -91,8 +91,15 @@ impl Store {
     ) -> Result<HashMap<u64, Role>> {
         let (_, used) = self.pool().totals();
         let report = |marked: u64| progress(marked, used);
-        let m = mark_all(self, catalog, Some(&report));
+        let mut m = mark_all(self, catalog, Some(&report));
         progress(m.roles.len() as u64, used);
+        // A referenced block the durable bitmap calls free means the bitmaps
+        // or a header went back in time: freeing around it would destroy
+        // data some generation still holds.
+        let durable = durable_allocator(self, catalog.sb())?;
+        let mut placement = m.placement_errors(catalog.sb(), &durable);
+        placement.truncate(10);
+        m.errors.append(&mut placement);
         if !m.errors.is_empty() {
             return Err(Error::Inconsistent(format!(
                 "gc refuses to run on a damaged store: {}",
