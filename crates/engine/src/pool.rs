@@ -16,11 +16,15 @@
 //! - Callers free a block only when no durable metadata can reach it any
 //!   more (after the commit that dropped it is durable), or when it was
 //!   never referenced by anything written (an allocation given back).
+//! - **Damage stops allocation.** When the store finds that a header
+//!   references blocks the bitmaps call free (a lost or reverted write),
+//!   it marks the pool damaged: nothing is allocated any more, so no block
+//!   a damaged disk still holds is handed to another.
 //! - Bitmap slot writes are serialised by the sync lock, held from planning
 //!   a write to the flush that makes it durable (see `alloc.rs`).
 
 use crate::alloc::Allocator;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::meta::MetaIo;
 use parallax_format::BitmapBlock;
 use parking_lot::Mutex;
@@ -52,6 +56,10 @@ pub(crate) struct Pool {
     /// A leaf lock (nothing is taken under it).
     clones: Mutex<HashMap<(u64, u64), usize>>,
     double_frees: AtomicU64,
+    /// Why the store's metadata cannot be trusted, if it cannot: nothing is
+    /// allocated (so no block some header still references is handed out
+    /// again) until it is repaired.
+    damaged: Mutex<Option<String>>,
 }
 
 impl Pool {
@@ -63,6 +71,26 @@ impl Pool {
             deferred: Mutex::new(None),
             clones: Mutex::new(HashMap::new()),
             double_frees: AtomicU64::new(0),
+            damaged: Mutex::new(None),
+        }
+    }
+
+    /// Stops all allocation: `reason` says what disagrees.
+    pub fn set_damaged(&self, reason: String) {
+        self.damaged.lock().get_or_insert(reason);
+    }
+
+    /// Why the store is damaged, if it is.
+    pub fn damaged(&self) -> Option<String> {
+        self.damaged.lock().clone()
+    }
+
+    fn refuse_if_damaged(&self) -> Result<()> {
+        match &*self.damaged.lock() {
+            Some(reason) => Err(Error::Inconsistent(format!(
+                "the store is damaged and takes no writes until it is repaired: {reason}"
+            ))),
+            None => Ok(()),
         }
     }
 
@@ -73,11 +101,13 @@ impl Pool {
     /// One free block, keeping `reserve` free blocks back (for the metadata
     /// of commits).
     pub fn allocate(&self, reserve: u64) -> Result<u64> {
+        self.refuse_if_damaged()?;
         self.alloc.lock().allocate(reserve)
     }
 
     /// `n` free blocks, all or none, keeping `reserve` back.
     pub fn allocate_many(&self, n: usize, reserve: u64) -> Result<Vec<u64>> {
+        self.refuse_if_damaged()?;
         let mut alloc = self.alloc.lock();
         let mut got = Vec::with_capacity(n);
         for _ in 0..n {
@@ -95,6 +125,9 @@ impl Pool {
 
     /// Up to `n` consecutive free blocks (fewer, or none, if no run is that long).
     pub fn allocate_run(&self, n: u64) -> Vec<u64> {
+        if self.damaged.lock().is_some() {
+            return Vec::new();
+        }
         self.alloc.lock().allocate_run(n).unwrap_or_default()
     }
 

@@ -713,8 +713,58 @@ fn a_header_gone_back_in_time_is_refused_and_gc_frees_nothing() {
     let used = store.stats().used_bytes;
     assert!(store.gc().is_err(), "gc ran on a damaged store");
     assert_eq!(store.stats().used_bytes, used, "gc freed blocks");
-    // The other disk is served as it was.
+    // The other disk is served as it was, but nothing is written over
+    // blocks the damaged disk may still hold.
+    assert!(store.damage().is_some());
+    let other = store.open_vdi("other").unwrap();
     let mut buf = vec![0u8; 65536];
-    store.open_vdi("other").unwrap().read(&mut buf, 0).unwrap();
+    other.read(&mut buf, 0).unwrap();
     assert!(buf.iter().all(|&b| b == 9));
+    assert!(
+        other.write(&[7; 4096], 1 << 19).is_err(),
+        "a damaged store took an allocating write"
+    );
+}
+
+/// A lost write of an extent's bitmap: both slots put back to an older
+/// valid copy. The blocks allocated since look free; a disk whose root is
+/// among them is refused, the store takes no writes (nothing is allocated
+/// over them), and `check` reports it.
+#[test]
+fn bitmaps_gone_back_in_time_stop_every_write() {
+    let dev = Arc::new(parallax_device::MemDevice::new(16 << 20));
+    let store = Store::create(dev.clone(), &CreateOptions::default()).unwrap();
+    let early = store.create_vdi("early", 1 << 20).unwrap();
+    early.write(&[5; 65536], 0).unwrap();
+    store.flush_all().unwrap();
+    // The only extent's two bitmap slots (blocks 2 and 3), as they are now.
+    let mut old = vec![0u8; 8192];
+    dev.read_at(&mut old, 2 * 4096).unwrap();
+    let late = store.create_vdi("late", 1 << 20).unwrap();
+    late.write(&[6; 262144], 0).unwrap();
+    drop((early, late));
+    store.flush_all().unwrap();
+    drop(store);
+    dev.write_at(&old, 2 * 4096).unwrap();
+
+    let store = Store::open(dev.clone(), &OpenOptions::default()).unwrap();
+    assert!(
+        store.damage().is_some(),
+        "the reverted bitmaps went unnoticed"
+    );
+    assert!(
+        store.open_vdi("late").is_err(),
+        "a disk on free blocks was served"
+    );
+    let early = store.open_vdi("early").unwrap();
+    let mut buf = vec![0u8; 65536];
+    early.read(&mut buf, 0).unwrap();
+    assert!(buf.iter().all(|&b| b == 5));
+    assert!(
+        early.write(&[1; 4096], 1 << 19).is_err(),
+        "an allocating write"
+    );
+    assert!(store.create_vdi("new", 1 << 20).is_err());
+    assert!(!store.check().unwrap().is_clean());
+    assert!(store.gc().is_err());
 }

@@ -213,6 +213,9 @@ pub fn run(options: ServeOptions) -> Result<()> {
                     crate::one_line(&e)
                 )
             })?;
+    if let Some(reason) = opened.store.damage() {
+        warn!("the store is damaged and takes no writes (reads of intact disks go on): {reason}; run `parallax check`");
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("parallax")

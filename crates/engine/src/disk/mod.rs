@@ -33,7 +33,7 @@ use parallax_format::{validate_name, DiskRef, Schedule, BLOCK_SIZE, BLOCK_SIZE_U
 use std::sync::Arc;
 
 pub use plan::{IoPlan, Transfer};
-pub(crate) use state::{Disk, DiskState, Origin};
+pub(crate) use state::{verify_allocated, Disk, DiskState, Origin};
 pub use view::{ReadDisk, SnapshotView};
 
 /// Largest virtual disk: the tree's reach.

@@ -229,7 +229,12 @@ impl Fresh {
 /// lost write), and serving the disk, or allocating over those blocks,
 /// would hand out data that is no longer there. A cheap check (one node
 /// read), not a proof: `check` walks everything.
-fn verify_allocated(pool: &Pool, name: &str, header: &VdiHeader, log: &[u64]) -> Result<()> {
+pub(crate) fn verify_allocated(
+    pool: &Pool,
+    name: &str,
+    header: &VdiHeader,
+    log: &[u64],
+) -> Result<()> {
     let mut refs: Vec<(u64, &str)> = log.iter().map(|&a| (a, "a snapshot log block")).collect();
     if !header.root.is_null() {
         refs.push((header.root.addr(), "the root node"));

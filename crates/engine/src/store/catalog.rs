@@ -48,11 +48,11 @@ impl Catalog {
                 continue;
             }
             if !pool.is_allocated(p.addr()) {
-                return Err(Error::Inconsistent(format!(
-                    "superblock generation {} references registry block {}, which the extent bitmap marks free: a bitmap or superblock write was lost or went back in time; the store is not opened (`parallax check` reports the damage)",
+                pool.set_damaged(format!(
+                    "superblock generation {} references registry block {}, which the extent bitmap marks free (a bitmap or superblock write was lost or went back in time)",
                     sb.generation,
                     p.addr()
-                )));
+                ));
             }
             let raw = meta.read_block(p.addr(), "a registry block")?;
             let (block, crc) = RegistryBlock::decode(&raw[..], p.addr(), Some(sb.store_id))?;

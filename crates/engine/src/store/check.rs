@@ -338,6 +338,11 @@ impl Store {
                 report.leaked_blocks
             ));
         }
+        if let Some(reason) = self.pool().damaged() {
+            m.errors.push(format!(
+                "the store takes no writes: when it was opened, {reason}"
+            ));
+        }
         let double_frees = self.pool().double_frees();
         if double_frees > 0 {
             m.errors.push(format!(

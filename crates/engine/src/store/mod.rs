@@ -29,7 +29,7 @@ pub use gc::GcReport;
 pub use space::{DiskSpace, SnapshotSpace};
 
 use crate::alloc::Allocator;
-use crate::disk::{Disk, Origin, SnapshotView, Vdi};
+use crate::disk::{verify_allocated, Disk, Origin, SnapshotView, Vdi};
 use crate::error::{Error, Result};
 use crate::meta::{MetaIo, DEFAULT_CACHE_NODES};
 use crate::pool::Pool;
@@ -156,11 +156,20 @@ impl Store {
         // Which snapshots clones hang from: reclamation must keep them. A
         // disk whose headers cannot be read fails when it is opened; it
         // cannot be counted here.
+        // Every disk's header and root are checked against the bitmaps now
+        // (one node read each): a disk that disagrees makes the store take
+        // no more writes, before anything could allocate over its blocks.
         for e in catalog.entries() {
-            if let Ok((h, _)) = catalog::read_vdi_header(&pool, &e) {
-                if h.origin_vdi != 0 {
-                    pool.add_clone(h.origin_vdi, h.origin_snapshot);
+            match catalog::read_vdi_header(&pool, &e) {
+                Ok((h, _)) => {
+                    if h.origin_vdi != 0 {
+                        pool.add_clone(h.origin_vdi, h.origin_snapshot);
+                    }
+                    if let Err(err) = verify_allocated(&pool, &e.name, &h, &[]) {
+                        pool.set_damaged(err.to_string());
+                    }
                 }
+                Err(err) => pool.set_damaged(err.to_string()),
             }
         }
         Ok(Store {
@@ -174,6 +183,13 @@ impl Store {
 
     pub(crate) fn pool(&self) -> &Arc<Pool> {
         &self.inner.pool
+    }
+
+    /// Why the store takes no writes, if it found its metadata disagreeing
+    /// when it was opened (see `disk::state::verify_allocated`); `check`
+    /// reports the details.
+    pub fn damage(&self) -> Option<String> {
+        self.inner.pool.damaged()
     }
 
     /// The store's random id.
