@@ -1202,6 +1202,56 @@ fn other_local_users_get_nothing() {
     }
 }
 
+// ---- 0c. hostile clients ---------------------------------------------------------
+
+/// Resident memory of a process, in MiB.
+fn rss_mib(pid: u32) -> u64 {
+    let status = fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap();
+    kb / 1024
+}
+
+/// 60 clients pipeline 1 MiB READs and never read the replies: the daemon's
+/// memory stays under its global budget (256 MiB of requests in flight, all
+/// clients together) instead of 64 MiB per client, and goes back down once
+/// they have left.
+#[test]
+fn clients_that_never_read_replies_cannot_exhaust_memory() {
+    if !have_tools() {
+        return;
+    }
+    let d = Daemon::new();
+    d.ok(&["create", "h", "--size", "64M"]);
+    let before = rss_mib(d.pid());
+    let mut clients: Vec<Nbd> = (0..60).map(|_| Nbd::new(&d.unix_addr(), "h")).collect();
+    for c in &mut clients {
+        for k in 0..64u64 {
+            c.send(0, CMD_READ, k << 20, 1 << 20, &[]).unwrap();
+        }
+    }
+    thread::sleep(Duration::from_secs(3));
+    let peak = rss_mib(d.pid());
+    drop(clients);
+    thread::sleep(Duration::from_secs(2));
+    let after = rss_mib(d.pid());
+    eprintln!(
+        "daemon RSS: {before} MiB before, {peak} MiB with 60 hostile clients, {after} MiB after"
+    );
+    assert!(
+        peak < before + 256 + 200,
+        "60 hostile clients took the daemon to {peak} MiB (from {before})"
+    );
+    assert!(
+        after < before + 100,
+        "the daemon kept {after} MiB after the clients left (from {before})"
+    );
+}
+
 // ---- 1. qemu-io ---------------------------------------------------------------
 
 #[test]

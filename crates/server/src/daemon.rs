@@ -57,8 +57,16 @@ pub struct ServeOptions {
 async fn settle(service: Arc<Service>) {
     let mut tick = tokio::time::interval(SETTLE_INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut had_clients = false;
     loop {
         tick.tick().await;
+        let clients = !service.connections().is_empty();
+        if had_clients && !clients {
+            // The last client left: its buffers go back to the system.
+            nbd::release_idle_buffers();
+            trim_malloc();
+        }
+        had_clients = clients;
         let svc = service.clone();
         let settled =
             tokio::task::spawn_blocking(move || svc.store().settle(COMMIT_IDLE, CLOSE_IDLE)).await;
@@ -73,6 +81,16 @@ async fn settle(service: Arc<Service>) {
             Ok(Err(e)) => warn!("settling idle disks and free space failed: {e}"),
             _ => {}
         }
+    }
+}
+
+/// Gives the memory glibc's malloc holds free back to the system.
+fn trim_malloc() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only returns free heap memory to the kernel; it
+    // takes malloc's own locks and is safe to call from any thread.
+    unsafe {
+        libc::malloc_trim(0);
     }
 }
 
@@ -343,6 +361,23 @@ async fn wait_for_signal() -> Result<()> {
     Ok(())
 }
 
+/// NBD connections served at once; a client beyond that is disconnected
+/// at once (its accepted socket closed), so that no client can make the
+/// daemon hold an unbounded number of sockets, tasks and buffers.
+const MAX_CONNECTIONS: usize = 4096;
+
+/// A place among the [`MAX_CONNECTIONS`], held while a connection lives;
+/// `None` (and a warning) when there is none.
+fn connection_slot() -> Option<tokio::sync::OwnedSemaphorePermit> {
+    static SLOTS: std::sync::OnceLock<Arc<tokio::sync::Semaphore>> = std::sync::OnceLock::new();
+    let slots = SLOTS.get_or_init(|| Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS)));
+    let slot = slots.clone().try_acquire_owned().ok();
+    if slot.is_none() {
+        warn!("{MAX_CONNECTIONS} NBD connections are open; refusing another");
+    }
+    slot
+}
+
 /// Waits before retrying a failed accept (out of descriptors, usually), so
 /// that the loop does not spin.
 async fn accept_backoff(error: std::io::Error) {
@@ -364,11 +399,14 @@ async fn accept_tcp(
             },
             _ = shutdown.changed() => return,
         };
+        let Some(slot) = connection_slot() else {
+            continue;
+        };
         let _ = stream.set_nodelay(true);
         let (service, shutdown, alive) = (service.clone(), shutdown.clone(), alive.clone());
         tokio::spawn(async move {
             nbd::serve_connection(stream, peer.to_string(), service, shutdown).await;
-            drop(alive);
+            drop((alive, slot));
         });
     }
 }
@@ -387,10 +425,13 @@ async fn accept_unix(
             },
             _ = shutdown.changed() => return,
         };
+        let Some(slot) = connection_slot() else {
+            continue;
+        };
         let (service, shutdown, alive) = (service.clone(), shutdown.clone(), alive.clone());
         tokio::spawn(async move {
             nbd::serve_connection(stream, "unix".to_string(), service, shutdown).await;
-            drop(alive);
+            drop((alive, slot));
         });
     }
 }

@@ -13,8 +13,10 @@
 //! - Payloads and READ data live in 4 KiB-aligned buffers, so that an
 //!   `O_DIRECT` store moves them without a bounce copy.
 //! - A per-connection budget of bytes in flight (a semaphore) bounds the
-//!   memory one client can pin; once it is spent, the reader stops reading
-//!   from the socket until replies go out.
+//!   memory one client can pin, and a daemon-wide one ([`GLOBAL_BUDGET`])
+//!   what all of them can; once either is spent, the reader stops reading
+//!   from the socket until replies go out. Idle buffers are given back
+//!   when the last client leaves ([`release_idle_buffers`]).
 //! - All connections to one disk share the engine's single handle of that
 //!   disk, so a FLUSH on any connection commits and makes durable the
 //!   writes completed on all of them: the multi-connection flag is honest.
@@ -259,6 +261,16 @@ const POOL_SMALLEST: usize = 4096;
 const POOL_LARGEST: usize = 1 << 20;
 const POOL_BYTES_PER_SIZE: usize = 8 << 20;
 
+/// Drops the recycled buffers no request holds (the daemon calls it when
+/// its last client has left, so that memory goes back to the system).
+pub fn release_idle_buffers() {
+    for size in &BufPool::global().sizes {
+        size.lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clear();
+    }
+}
+
 impl BufPool {
     fn global() -> &'static BufPool {
         static POOL: std::sync::OnceLock<BufPool> = std::sync::OnceLock::new();
@@ -312,13 +324,45 @@ impl BufPool {
     }
 }
 
+/// Bytes of requests all connections together may have in flight: the
+/// daemon's memory for payloads and READ data stays under this, whatever
+/// clients do (they wait, unread, until replies go out).
+const GLOBAL_BUDGET: u32 = 256 << 20;
+
+/// The daemon-wide budget behind [`GLOBAL_BUDGET`].
+fn global_budget() -> &'static Arc<Semaphore> {
+    static BUDGET: std::sync::OnceLock<Arc<Semaphore>> = std::sync::OnceLock::new();
+    BUDGET.get_or_init(|| Arc::new(Semaphore::new(GLOBAL_BUDGET as usize)))
+}
+
+/// The bytes one request holds of its connection's budget and of the
+/// daemon's, released when its reply has been written.
+struct Budget {
+    _connection: OwnedSemaphorePermit,
+    _daemon: OwnedSemaphorePermit,
+}
+
+/// Takes `cost` bytes of `connection`'s budget, then of the daemon's.
+async fn acquire_budget(connection: &Arc<Semaphore>, cost: u32) -> Option<Budget> {
+    let connection = connection.clone().acquire_many_owned(cost).await.ok()?;
+    let daemon = global_budget()
+        .clone()
+        .acquire_many_owned(cost)
+        .await
+        .ok()?;
+    Some(Budget {
+        _connection: connection,
+        _daemon: daemon,
+    })
+}
+
 /// A complete reply, queued for the connection's writer task. The budget
 /// permit of its request is released once the reply has been written.
 struct Reply {
     head: Vec<u8>,
     /// READ data, in a buffer the device could fill without a bounce copy.
     data: Option<AlignedBuf>,
-    _permit: OwnedSemaphorePermit,
+    _permit: Budget,
 }
 
 async fn transmission<R, W>(
@@ -364,9 +408,16 @@ where
             Command::Read | Command::Write => request.length.clamp(4096, MAX_PAYLOAD),
             _ => 4096,
         };
-        let permit = match budget.clone().acquire_many_owned(cost).await {
-            Ok(p) => p,
-            Err(_) => break Ok(()),
+        // This connection's budget first, then the daemon's: a client that
+        // pipelines without reading replies stops being read from once
+        // either is spent, and all of them together stay under the global
+        // bound.
+        let permit = tokio::select! {
+            p = acquire_budget(&budget, cost) => match p {
+                Some(p) => p,
+                None => break Ok(()),
+            },
+            _ = shutdown.changed() => break Ok(()),
         };
         let mut payload = BufPool::global().take(payload_len as usize);
         if payload_len > 0 {
@@ -401,7 +452,7 @@ where
 struct Job {
     ctx: Arc<Connection>,
     request: Request,
-    permit: OwnedSemaphorePermit,
+    permit: Budget,
     replies: mpsc::UnboundedSender<Reply>,
 }
 
