@@ -22,7 +22,7 @@ use parallax_format::{
     Superblock, VdiHeader, BITMAP_BITS, BLOCK_SIZE, BLOCK_SIZE_U64, FORMAT_VERSION, MAGIC,
     REGISTRY_ENTRIES_PER_BLOCK, SUPERBLOCK_ADDRS, SUPERBLOCK_REGISTRY_SLOTS, VDI_FLAG_LINEAGE,
 };
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 /// The superblock and the decoded registry, behind the store's catalogue
@@ -33,6 +33,10 @@ pub(crate) struct Catalog {
     next_sb_slot: usize,
     /// Decoded registry blocks, parallel to `sb.registry`.
     registry: Vec<Option<RegistryBlock>>,
+    /// Name ─▶ registry slot, and disk id ─▶ registry slot: lookups cost
+    /// one hash and one block's entries, not a scan of every disk.
+    by_name: HashMap<String, usize>,
+    by_id: HashMap<u64, usize>,
     poisoned: bool,
 }
 
@@ -64,30 +68,63 @@ impl Catalog {
             }
             registry.push(Some(block));
         }
-        Ok(Catalog {
+        let mut catalog = Catalog {
             sb,
             next_sb_slot: 1 - slot,
+            by_name: HashMap::new(),
+            by_id: HashMap::new(),
             registry,
             poisoned: false,
-        })
+        };
+        catalog.reindex();
+        Ok(catalog)
     }
 
     pub fn sb(&self) -> &Superblock {
         &self.sb
     }
 
+    /// Rebuilds the name and id indexes from the registry blocks.
+    fn reindex(&mut self) {
+        self.by_name.clear();
+        self.by_id.clear();
+        for (slot, block) in self.registry.iter().enumerate() {
+            for e in block.iter().flat_map(|b| &b.entries) {
+                self.by_name.insert(e.name.clone(), slot);
+                self.by_id.insert(e.vdi_id, slot);
+            }
+        }
+    }
+
+    /// Replaces registry slot `slot` (after a catalogue commit).
+    fn set_slot(&mut self, slot: usize, block: Option<RegistryBlock>) {
+        self.by_name.retain(|_, s| *s != slot);
+        self.by_id.retain(|_, s| *s != slot);
+        for e in block.iter().flat_map(|b| &b.entries) {
+            self.by_name.insert(e.name.clone(), slot);
+            self.by_id.insert(e.vdi_id, slot);
+        }
+        self.registry[slot] = block;
+    }
+
     pub fn find(&self, name: &str) -> Option<(usize, RegistryEntry)> {
-        self.registry.iter().enumerate().find_map(|(i, b)| {
-            b.as_ref()?
-                .entries
-                .iter()
-                .find(|e| e.name == name)
-                .map(|e| (i, e.clone()))
-        })
+        let slot = *self.by_name.get(name)?;
+        self.registry[slot]
+            .as_ref()?
+            .entries
+            .iter()
+            .find(|e| e.name == name)
+            .map(|e| (slot, e.clone()))
     }
 
     pub fn by_id(&self, vdi_id: u64) -> Option<RegistryEntry> {
-        self.entries().into_iter().find(|e| e.vdi_id == vdi_id)
+        let slot = *self.by_id.get(&vdi_id)?;
+        self.registry[slot]
+            .as_ref()?
+            .entries
+            .iter()
+            .find(|e| e.vdi_id == vdi_id)
+            .cloned()
     }
 
     pub fn entries(&self) -> Vec<RegistryEntry> {
@@ -390,7 +427,7 @@ impl Store {
         sb.registry[slot] = ptr;
         sb.next_vdi_id += 1;
         commit_superblock(pool, catalog, sb, &allocated)?;
-        catalog.registry[slot] = Some(block);
+        catalog.set_slot(slot, Some(block));
         pool.free(&old.into_iter().collect::<Vec<_>>());
         match newest {
             // Opened from the header just written rather than read back.
@@ -458,7 +495,7 @@ impl Store {
         let mut sb = catalog.sb.clone();
         sb.registry[slot] = ptr;
         commit_superblock(pool, &mut catalog, sb, &allocated)?;
-        catalog.registry[slot] = (!block.entries.is_empty()).then_some(block);
+        catalog.set_slot(slot, (!block.entries.is_empty()).then_some(block));
         st.mark_deleted();
         let (origin_vdi, origin_snap) = (st.origin_vdi(), st.origin_snapshot());
         drop(st);
