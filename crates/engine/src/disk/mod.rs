@@ -326,24 +326,13 @@ impl Vdi {
     }
 
     pub fn snapshot_info(&self, name: &str) -> Result<SnapshotInfo> {
-        let st = self.disk.state.read();
-        st.snapshots.by_name(name).cloned().ok_or_else(|| {
-            Error::NotFound(format!(
-                "snapshot {} does not exist",
-                DiskRef::snapshot(&st.name, name)
-            ))
-        })
+        self.disk.state.read().snapshot_named(name).cloned()
     }
 
     /// A read-only view of snapshot `name`, whose blocks stay while it lives.
     pub fn open_snapshot(&self, name: &str) -> Result<SnapshotView> {
         let st = self.disk.state.read();
-        let info = st.snapshots.by_name(name).cloned().ok_or_else(|| {
-            Error::NotFound(format!(
-                "snapshot {} does not exist",
-                DiskRef::snapshot(&st.name, name)
-            ))
-        })?;
+        let info = st.snapshot_named(name)?.clone();
         // Pinned under the lock: no deletion can reclaim it in between.
         Ok(SnapshotView::pinned(self, st.name.clone(), info))
     }
@@ -406,10 +395,7 @@ impl Vdi {
         }
         disk.transact(&mut st, |st| {
             if st.snapshots.get(snap.id).is_none_or(|s| s.hidden) {
-                return Err(Error::NotFound(format!(
-                    "snapshot {} does not exist",
-                    DiskRef::snapshot(&st.name, name)
-                )));
+                return Err(st.no_such_snapshot(name));
             }
             let owned = disk.live_owned_blocks(st)?;
             st.tree = crate::tree::Tree::shared_copy(disk.pool.meta(), snap.root)?;

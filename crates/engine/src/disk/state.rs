@@ -19,11 +19,11 @@
 
 use crate::disk::log::load_log;
 use crate::error::{Error, Result};
-use crate::lineage::SnapSet;
+use crate::lineage::{SnapSet, SnapshotInfo};
 use crate::pool::Pool;
 use crate::time::now_ns;
 use crate::tree::Tree;
-use parallax_format::{LogBlock, LogEntry, Ptr, VdiHeader, TREE_HEIGHT, VDI_FLAG_LINEAGE};
+use parallax_format::{DiskRef, LogBlock, LogEntry, Ptr, VdiHeader, TREE_HEIGHT, VDI_FLAG_LINEAGE};
 use parking_lot::{Mutex, RwLock, RwLockWriteGuard};
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -95,6 +95,20 @@ impl DiskState {
 
     pub(crate) fn snapshots(&self) -> &SnapSet {
         &self.snapshots
+    }
+
+    /// The visible snapshot called `name`.
+    pub(super) fn snapshot_named(&self, name: &str) -> Result<&SnapshotInfo> {
+        self.snapshots
+            .by_name(name)
+            .ok_or_else(|| self.no_such_snapshot(name))
+    }
+
+    pub(super) fn no_such_snapshot(&self, name: &str) -> Error {
+        Error::NotFound(format!(
+            "snapshot {} does not exist",
+            DiskRef::snapshot(&self.name, name)
+        ))
     }
 
     /// The live tree's root as of the last commit.

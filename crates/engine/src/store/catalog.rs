@@ -98,8 +98,10 @@ impl Catalog {
 
     /// Replaces registry slot `slot` (after a catalogue commit).
     fn set_slot(&mut self, slot: usize, block: Option<RegistryBlock>) {
-        self.by_name.retain(|_, s| *s != slot);
-        self.by_id.retain(|_, s| *s != slot);
+        for e in self.registry[slot].iter().flat_map(|b| &b.entries) {
+            self.by_name.remove(&e.name);
+            self.by_id.remove(&e.vdi_id);
+        }
         for e in block.iter().flat_map(|b| &b.entries) {
             self.by_name.insert(e.name.clone(), slot);
             self.by_id.insert(e.vdi_id, slot);
