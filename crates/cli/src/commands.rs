@@ -366,6 +366,167 @@ pub fn check(ctx: &Context) -> Result<()> {
     }
 }
 
+pub fn repair(
+    ctx: &Context,
+    apply: bool,
+    use_generation: &[(String, u64)],
+    forget: &[String],
+) -> Result<()> {
+    if Remote::connect(&ctx.control).is_some() {
+        bail!(
+            "a daemon serves {}: stop it first (repair runs on a store nothing else has open)",
+            ctx.store_path.display()
+        );
+    }
+    ctx.refuse_if_denied()?;
+    let options = parallax_engine::RepairOptions {
+        use_generation: use_generation.iter().cloned().collect(),
+        forget: forget.iter().cloned().collect(),
+        apply,
+    };
+    let report = {
+        let opened = open_store(&ctx.store_path, Access::Write, ctx.host_id)?;
+        opened.store.repair(&options)?
+    };
+    if ctx.json {
+        print_json(&repair_json(&report))?;
+    } else {
+        print(&repair_text(&report))?;
+    }
+    if !report.needed() {
+        return Ok(());
+    }
+    let undecided = report.undecided();
+    if !undecided.is_empty() {
+        let names: Vec<&str> = undecided.iter().map(|d| d.name.as_str()).collect();
+        bail!(
+            "repair needs your decision on {}: give --use NAME=GEN or --forget NAME for each (nothing was written)",
+            names.join(", ")
+        );
+    }
+    if !report.applied {
+        bail!("the store needs repair: run `parallax repair --apply` with the same options to write it");
+    }
+    // What the store looks like now, opened afresh.
+    let opened = open_store(&ctx.store_path, Access::Read, ctx.host_id)?;
+    let check = opened.store.check()?;
+    if !ctx.json {
+        print(&format!(
+            "repaired; check now finds {} errors and {} leaked blocks (`parallax gc` returns them)\n",
+            check.errors.len(),
+            check.leaked_blocks
+        ))?;
+    }
+    if !check.is_clean() {
+        bail!(
+            "the store still has errors after repair: {}",
+            check.errors.join("; ")
+        );
+    }
+    Ok(())
+}
+
+fn repair_text(r: &parallax_engine::RepairReport) -> String {
+    let mut text = String::new();
+    if !r.needed() {
+        text.push_str(&format!(
+            "nothing to repair ({} disks healthy)\n",
+            r.healthy
+        ));
+        return text;
+    }
+    text.push_str(&format!(
+        "{} disks healthy; {} referenced blocks marked free; {} extents without a valid bitmap\n",
+        r.healthy,
+        r.blocks_to_claim,
+        r.lost_bitmaps.len()
+    ));
+    for d in &r.disks {
+        let fate = match (d.forget, d.chosen) {
+            (true, _) => "forget".to_string(),
+            (false, Some(g)) if d.decision.is_some() => {
+                format!("would be served at generation {g} if you confirm")
+            }
+            (false, Some(g)) => format!("serve at generation {g}"),
+            (false, None) => "cannot be served".to_string(),
+        };
+        text.push_str(&format!("disk {}: {fate}\n", d.name));
+        for c in &d.copies {
+            let slot = ["A", "B"][c.slot];
+            match &c.generation {
+                Ok(g) => text.push_str(&format!(
+                    "  copy {slot}: generation {g}, reaches {} blocks, {} marked free, {} unreadable{}\n",
+                    c.blocks,
+                    c.marked_free,
+                    c.unreadable.len(),
+                    if c.servable { "" } else { ", cannot be served" }
+                )),
+                Err(e) => text.push_str(&format!("  copy {slot}: not valid ({e})\n")),
+            }
+            for u in &c.unreadable {
+                text.push_str(&format!("    {u}\n"));
+            }
+        }
+        if let Some(why) = &d.decision {
+            text.push_str(&format!("  DECIDE: {why}\n"));
+            let serve = match d.chosen {
+                Some(g) => format!("--use {}={g} to serve it as the plan says, ", d.name),
+                None => String::new(),
+            };
+            text.push_str(&format!(
+                "  (give {serve}--use {}=GEN for another valid generation, or --forget {})\n",
+                d.name, d.name
+            ));
+        }
+    }
+    text.push_str(if r.applied {
+        "written\n"
+    } else {
+        "nothing written\n"
+    });
+    text
+}
+
+fn repair_json(r: &parallax_engine::RepairReport) -> serde_json::Value {
+    let disks: Vec<serde_json::Value> = r
+        .disks
+        .iter()
+        .map(|d| {
+            let copies: Vec<serde_json::Value> = d
+                .copies
+                .iter()
+                .map(|c| {
+                    serde_json::json!({
+                        "slot": if c.slot == 0 { "A" } else { "B" },
+                        "generation": c.generation.as_ref().ok(),
+                        "invalid": c.generation.as_ref().err(),
+                        "blocks": c.blocks,
+                        "marked_free": c.marked_free,
+                        "unreadable": c.unreadable,
+                        "servable": c.servable,
+                    })
+                })
+                .collect();
+            serde_json::json!({
+                "name": d.name,
+                "copies": copies,
+                "chosen_generation": d.chosen,
+                "forget": d.forget,
+                "decision_needed": d.decision,
+            })
+        })
+        .collect();
+    serde_json::json!({
+        "needed": r.needed(),
+        "healthy_disks": r.healthy,
+        "disks": disks,
+        "lost_bitmaps": r.lost_bitmaps,
+        "blocks_to_claim": r.blocks_to_claim,
+        "headers_to_rewrite": r.headers_to_rewrite,
+        "applied": r.applied,
+    })
+}
+
 pub fn gc(ctx: &Context) -> Result<()> {
     // Through a daemon, a second connection polls its progress.
     let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));

@@ -160,6 +160,24 @@ enum Command {
     Check,
     /// Return unreferenced blocks to the free pool.
     Gc,
+    /// Repair a store that `check` reports damaged (the daemon stopped):
+    /// mark allocated every block the disks' metadata reaches (repair never
+    /// frees a block), and serve each disk at a header generation you
+    /// confirm. Without --apply, only shows the plan (exit 1 if repair is
+    /// needed).
+    Repair {
+        /// Write the repair.
+        #[arg(long)]
+        apply: bool,
+        /// Serve disk NAME at header generation GEN (the plan lists each
+        /// disk's valid generations and what each reaches).
+        #[arg(long = "use", value_name = "NAME=GEN", value_parser = parse_use)]
+        use_generation: Vec<(String, u64)>,
+        /// Remove disk NAME from the store (its blocks are returned by the
+        /// next `gc`).
+        #[arg(long, value_name = "NAME", value_parser = parse_name)]
+        forget: Vec<String>,
+    },
     /// Show the store's capacity and use, and each disk's `used` (what
     /// deleting it with its snapshots frees) and `referenced` space.
     Df {
@@ -258,6 +276,18 @@ fn parse_name(s: &str) -> Result<String, String> {
     Ok(s.to_string())
 }
 
+/// `NAME=GEN` of `repair --use`.
+fn parse_use(s: &str) -> Result<(String, u64), String> {
+    let (name, generation) = s
+        .rsplit_once('=')
+        .ok_or_else(|| format!("'{s}' is not NAME=GENERATION"))?;
+    validate_lookup_name(name)?;
+    let generation = generation
+        .parse()
+        .map_err(|_| format!("'{generation}' is not a generation number"))?;
+    Ok((name.to_string(), generation))
+}
+
 /// The name of a new disk (see `validate_name`).
 fn parse_new_name(s: &str) -> Result<String, String> {
     validate_name(s)?;
@@ -327,6 +357,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         } => commands::export(&ctx, source, file, *force),
         Command::Check => commands::check(&ctx),
         Command::Gc => commands::gc(&ctx),
+        Command::Repair {
+            apply,
+            use_generation,
+            forget,
+        } => commands::repair(&ctx, *apply, use_generation, forget),
         Command::Df { scan } => commands::df(&ctx, *scan),
         Command::Schedule {
             name,
@@ -403,6 +438,9 @@ mod tests {
         assert!(parse_disk_ref("vm1@a@b").is_err());
         assert!(parse_disk_ref("a/b").is_err());
         assert!(parse_snap_ref("vm1").is_err());
+        assert_eq!(parse_use("vm1=7"), Ok(("vm1".to_string(), 7)));
+        assert!(parse_use("vm1").is_err());
+        assert!(parse_use("vm1=x").is_err());
         let s = parse_snap_ref("vm1@gold").unwrap();
         assert_eq!((s.disk.as_str(), s.snapshot.as_str()), ("vm1", "gold"));
     }

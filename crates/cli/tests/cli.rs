@@ -436,6 +436,65 @@ fn check_reports_damage_with_exit_1() {
     assert!(!report["errors"].as_array().unwrap().is_empty());
 }
 
+/// The attack of issue 11: the newest header copy of a disk is zeroed.
+/// `check` reports it, `gc` refuses, and `repair` writes nothing until the
+/// operator names the generation to serve; then the store checks clean.
+#[test]
+fn repair_asks_then_restores_a_store_whose_newest_header_is_lost() {
+    let env = Env::new();
+    env.ok(&["create", "vm1", "--size", "10M"]);
+    env.ok(&["create", "vm2", "--size", "10M"]);
+    let vm2 = random_bytes(65536);
+    env.write_disk("vm2", &vm2, 0);
+    for round in 0..3u64 {
+        env.write_disk("vm1", &random_bytes(300_000), round * 4096);
+    }
+    let mut bytes = fs::read(&env.store).unwrap();
+    let mut copies = Vec::new();
+    for addr in 0..bytes.len() / 4096 {
+        let block = &bytes[addr * 4096..(addr + 1) * 4096];
+        if block[..4] == *b"PRLX" && block[4] == 4 {
+            if let Ok(h) = parallax_format::VdiHeader::decode(block, addr as u64, None) {
+                if h.name == "vm1" {
+                    copies.push((h.generation, addr));
+                }
+            }
+        }
+    }
+    copies.sort();
+    assert_eq!(copies.len(), 2, "{copies:?}");
+    let ((older, _), (_, newest_addr)) = (copies[0], copies[1]);
+    bytes[newest_addr * 4096..(newest_addr + 1) * 4096].fill(0);
+    fs::write(&env.store, &bytes).unwrap();
+
+    env.fails(&["check"], 1);
+    assert!(env.error(&["gc"]).contains("damaged"));
+    let out = env.run(&["repair"]);
+    assert_eq!(out.status.code(), Some(1));
+    let plan = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        plan.contains("disk vm1") && plan.contains("DECIDE"),
+        "{plan}"
+    );
+    let message = env.error(&["repair", "--apply"]);
+    assert!(message.contains("needs your decision on vm1"), "{message}");
+    assert!(
+        fs::read(&env.store).unwrap() == bytes,
+        "repair wrote without a decision"
+    );
+
+    let out = env.ok(&["repair", "--apply", "--use", &format!("vm1={older}")]);
+    assert!(out.contains("repaired; check now finds 0 errors"), "{out}");
+    env.ok(&["gc"]);
+    env.assert_clean();
+    assert!(env.ok(&["repair"]).contains("nothing to repair"));
+    let store = env.engine();
+    let mut buf = vec![0u8; vm2.len()];
+    store.open_vdi("vm2").unwrap().read(&mut buf, 0).unwrap();
+    assert!(buf == vm2, "vm2 changed");
+    store.open_vdi("vm1").unwrap().read(&mut buf, 0).unwrap();
+}
+
 #[test]
 fn errors_are_one_line_with_exit_1() {
     let env = Env::new();

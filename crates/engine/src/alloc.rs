@@ -61,13 +61,17 @@ pub(crate) struct Allocator {
     extent_blocks: u64,
     extents: Vec<Extent>,
     cursor: usize,
+    /// Extents neither of whose bitmap slots was valid when loaded
+    /// (formatting writes one in every extent, so this is damage).
+    lost: Vec<u64>,
 }
 
 impl Allocator {
-    /// Reads every extent's bitmap. An extent with no valid slot has never
-    /// been written completely and is unowned and empty.
+    /// Reads every extent's bitmap. An extent with no valid slot is loaded
+    /// unowned and empty, and listed by [`Allocator::lost_bitmaps`].
     pub fn load(dev: &dyn BlockDevice, sb: &Superblock, host_id: u64) -> Result<Self> {
         let mut extents = Vec::with_capacity(sb.extent_count as usize);
+        let mut lost = Vec::new();
         let mut buf = vec![0u8; 2 * BLOCK_SIZE];
         for index in 0..sb.extent_count {
             let start = sb.extent_start(index);
@@ -90,7 +94,10 @@ impl Allocator {
             };
             let (next_slot, bitmap) = match best {
                 Some((slot, bm)) => (1 - slot, bm),
-                None => (0, BitmapBlock::empty(index, len)),
+                None => {
+                    lost.push(index);
+                    (0, BitmapBlock::empty(index, len))
+                }
             };
             let free = len - bitmap.count();
             extents.push(Extent {
@@ -110,7 +117,39 @@ impl Allocator {
             extent_blocks: sb.extent_blocks(),
             extents,
             cursor: 0,
+            lost,
         })
+    }
+
+    /// Repair: every extent that had no valid bitmap is written at the
+    /// next sync (with what was claimed in it since).
+    pub fn rewrite_lost(&mut self) {
+        for ei in std::mem::take(&mut self.lost) {
+            self.extents[ei as usize].dirty = true;
+            self.extents[ei as usize].allocated = true;
+        }
+    }
+
+    /// Extents that had no valid bitmap slot when loaded.
+    pub fn lost_bitmaps(&self) -> &[u64] {
+        &self.lost
+    }
+
+    /// Repair: marks `addr` allocated if it is a data block marked free
+    /// (some metadata references it). Returns whether it changed.
+    pub fn claim(&mut self, addr: u64) -> bool {
+        let Some((ei, index)) = self.locate(addr) else {
+            return false;
+        };
+        let e = &mut self.extents[ei];
+        if e.bitmap.get(index) {
+            return false;
+        }
+        e.bitmap.set(index, true);
+        e.free -= 1;
+        e.dirty = true;
+        e.allocated = true;
+        true
     }
 
     fn addr_of(&self, extent: usize, index: u64) -> u64 {

@@ -32,7 +32,7 @@ pub use error::{Error, Result};
 pub use lineage::SnapshotInfo;
 pub use parallax_format::{DiskRef, Schedule};
 pub use store::{
-    CheckReport, CreateOptions, DiskSpace, GcReport, OpenOptions, SettleReport, SnapshotSpace,
-    Store, StoreStats,
+    CheckReport, CreateOptions, DiskRepair, DiskSpace, GcReport, HeaderCopy, OpenOptions,
+    RepairOptions, RepairReport, SettleReport, SnapshotSpace, Store, StoreStats,
 };
 pub use time::{compact_utc, now_ns};

@@ -80,6 +80,28 @@ impl Pool {
         self.damaged.lock().get_or_insert(reason);
     }
 
+    /// Repair is done: the metadata agrees again.
+    pub fn clear_damaged(&self) {
+        *self.damaged.lock() = None;
+    }
+
+    /// Repair: marks `blocks` allocated (those marked free); returns how
+    /// many changed. The next sync writes them, and every lost bitmap.
+    pub fn claim(&self, blocks: impl IntoIterator<Item = u64>) -> u64 {
+        let mut alloc = self.alloc.lock();
+        alloc.rewrite_lost();
+        let mut claimed = 0;
+        for b in blocks {
+            claimed += u64::from(alloc.claim(b));
+        }
+        claimed
+    }
+
+    /// Extents whose bitmaps were both invalid when the store was opened.
+    pub fn lost_bitmaps(&self) -> Vec<u64> {
+        self.alloc.lock().lost_bitmaps().to_vec()
+    }
+
     /// Why the store is damaged, if it is.
     pub fn damaged(&self) -> Option<String> {
         self.damaged.lock().clone()

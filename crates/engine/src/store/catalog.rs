@@ -251,15 +251,35 @@ pub(super) fn read_superblocks(dev: &dyn BlockDevice) -> Result<(Superblock, usi
         "both superblock copies are damaged: {detail}"
     )))
 }
+/// Reads both header copies (A, B) of a disk: each decoded, or why not.
+pub(crate) fn read_header_copies(
+    pool: &Pool,
+    entry: &RegistryEntry,
+) -> Result<[std::result::Result<VdiHeader, String>; 2]> {
+    let meta = pool.meta();
+    let read = |addr: u64| -> Result<std::result::Result<VdiHeader, String>> {
+        let raw = meta.read_block(addr, "a VDI header")?;
+        Ok(
+            match VdiHeader::decode(&raw[..], addr, Some(meta.store_id)) {
+                Ok(h) if h.vdi_id == entry.vdi_id => Ok(h),
+                Ok(h) => Err(format!(
+                    "block {addr} holds the header of disk id {}",
+                    h.vdi_id
+                )),
+                Err(e) => Err(e.to_string()),
+            },
+        )
+    };
+    Ok([read(entry.header_a)?, read(entry.header_b)?])
+}
+
 /// Reads both header copies of a disk and returns the newest valid one.
 pub(crate) fn read_vdi_header(pool: &Pool, entry: &RegistryEntry) -> Result<(VdiHeader, usize)> {
-    let meta = pool.meta();
     let mut best: Option<(VdiHeader, usize)> = None;
     let mut errors = Vec::new();
-    for (slot, addr) in [entry.header_a, entry.header_b].into_iter().enumerate() {
-        let raw = meta.read_block(addr, "a VDI header")?;
-        match VdiHeader::decode(&raw[..], addr, Some(meta.store_id)) {
-            Ok(h) if h.vdi_id == entry.vdi_id => {
+    for (slot, copy) in read_header_copies(pool, entry)?.into_iter().enumerate() {
+        match copy {
+            Ok(h) => {
                 if best
                     .as_ref()
                     .is_none_or(|(b, _)| h.generation > b.generation)
@@ -267,11 +287,7 @@ pub(crate) fn read_vdi_header(pool: &Pool, entry: &RegistryEntry) -> Result<(Vdi
                     best = Some((h, slot));
                 }
             }
-            Ok(h) => errors.push(format!(
-                "block {addr} holds the header of disk id {}",
-                h.vdi_id
-            )),
-            Err(e) => errors.push(e.to_string()),
+            Err(e) => errors.push(e),
         }
     }
     let (header, slot) = best.ok_or_else(|| {
@@ -281,7 +297,7 @@ pub(crate) fn read_vdi_header(pool: &Pool, entry: &RegistryEntry) -> Result<(Vdi
             errors.join("; ")
         ))
     })?;
-    meta.check_ptr(header.root, "a VDI root")?;
+    pool.meta().check_ptr(header.root, "a VDI root")?;
     Ok((header, slot))
 }
 
@@ -472,32 +488,7 @@ impl Store {
         let disk = vdi.disk().clone();
         let mut st = disk.exclusive()?;
         let mut freed: HashSet<u64> = disk.disk_blocks(&st)?.into_iter().collect();
-        let mut block = catalog.registry[slot].clone().unwrap_or_default();
-        block.entries.retain(|e| e.vdi_id != entry.vdi_id);
-        let mut allocated = Vec::new();
-        let (ptr, old) = if block.entries.is_empty() {
-            let old = catalog.sb.registry[slot].addr();
-            (Ptr::NULL, Some(old))
-        } else {
-            let mut blocks = Vec::new();
-            let written =
-                write_registry_block(pool, &catalog, slot, &block, &mut allocated, &mut blocks)
-                    .and_then(|r| {
-                        pool.meta().write_many(blocks, "a registry block")?;
-                        Ok(r)
-                    });
-            match written {
-                Ok(r) => r,
-                Err(e) => {
-                    pool.free(&allocated);
-                    return Err(e);
-                }
-            }
-        };
-        let mut sb = catalog.sb.clone();
-        sb.registry[slot] = ptr;
-        commit_superblock(pool, &mut catalog, sb, &allocated)?;
-        catalog.set_slot(slot, (!block.entries.is_empty()).then_some(block));
+        let old = remove_entry(pool, &mut catalog, slot, entry.vdi_id)?;
         st.mark_deleted();
         let (origin_vdi, origin_snap) = (st.origin_vdi(), st.origin_snapshot());
         drop(st);
@@ -536,6 +527,43 @@ impl Store {
             .map(|e| e.name)
             .collect()
     }
+}
+
+/// Removes disk `vdi_id` from registry slot `slot` and commits the
+/// superblock. Returns the registry block to free (its old location).
+pub(super) fn remove_entry(
+    pool: &Pool,
+    catalog: &mut Catalog,
+    slot: usize,
+    vdi_id: u64,
+) -> Result<Option<u64>> {
+    let mut block = catalog.registry[slot].clone().unwrap_or_default();
+    block.entries.retain(|e| e.vdi_id != vdi_id);
+    let mut allocated = Vec::new();
+    let (ptr, old) = if block.entries.is_empty() {
+        let old = catalog.sb.registry[slot].addr();
+        (Ptr::NULL, Some(old))
+    } else {
+        let mut blocks = Vec::new();
+        let written =
+            write_registry_block(pool, catalog, slot, &block, &mut allocated, &mut blocks)
+                .and_then(|r| {
+                    pool.meta().write_many(blocks, "a registry block")?;
+                    Ok(r)
+                });
+        match written {
+            Ok(r) => r,
+            Err(e) => {
+                pool.free(&allocated);
+                return Err(e);
+            }
+        }
+    };
+    let mut sb = catalog.sb.clone();
+    sb.registry[slot] = ptr;
+    commit_superblock(pool, catalog, sb, &allocated)?;
+    catalog.set_slot(slot, (!block.entries.is_empty()).then_some(block));
+    Ok(old)
 }
 
 fn pick_registry_slot(catalog: &Catalog) -> Result<usize> {

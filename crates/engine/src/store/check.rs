@@ -25,6 +25,7 @@ use crate::error::{Error, Result};
 use crate::lineage::SnapSet;
 use crate::store::catalog::{read_vdi_header, Catalog};
 use crate::store::Store;
+use parallax_format::VdiHeader;
 use parallax_format::{
     DiskRef, Ptr, Superblock, BLOCK_SIZE, BLOCK_SIZE_U64, SUPERBLOCK_ADDRS, TREE_HEIGHT,
 };
@@ -118,6 +119,65 @@ impl Marking<'_> {
         }
     }
 
+    /// Marks everything one header of disk `name` reaches: its snapshot
+    /// log, every snapshot's tree and its live tree. Returns the blocks
+    /// the live tree owns (reached through writable pointers only).
+    pub(super) fn mark_disk(
+        &mut self,
+        store: &Store,
+        name: &str,
+        header: &VdiHeader,
+    ) -> HashSet<u64> {
+        let who = format!("disk {name}");
+        let meta = store.pool().meta();
+        let log = match read_chain(store.pool(), header.log_head, header.vdi_id) {
+            Ok(l) => l,
+            Err(e) => {
+                self.errors.push(format!("{who}: snapshot log: {e}"));
+                Vec::new()
+            }
+        };
+        let mut snaps = SnapSet::default();
+        for (addr, block) in &log {
+            self.mark(*addr, Role::Log, &who);
+            for e in &block.entries {
+                snaps.apply(e);
+            }
+        }
+        if snaps.visible_len() as u64 != header.snapshot_count {
+            self.errors.push(format!(
+                "{who}: header counts {} snapshots, the log has {}",
+                header.snapshot_count,
+                snaps.visible_len()
+            ));
+        }
+        if header.live_parent != 0 && snaps.get(header.live_parent).is_none() {
+            self.errors.push(format!(
+                "{who}: the live tree's parent snapshot id {} is missing",
+                header.live_parent
+            ));
+        }
+        for s in snaps.all() {
+            let snap = format!("snapshot {}", DiskRef::snapshot(name, &s.name));
+            if !s.hidden {
+                self.snapshots += 1;
+            }
+            if s.id >= header.next_snapshot_id || (s.parent != 0 && snaps.get(s.parent).is_none()) {
+                self.errors.push(format!(
+                    "{snap}: id {} not yet issued, or parent {} missing",
+                    s.id, s.parent
+                ));
+            }
+            self.walk_tree(store, s.root, &snap, None);
+        }
+        let mut owned = HashSet::new();
+        self.walk_tree(store, header.root, &who, Some(&mut owned));
+        if let Err(e) = meta.check_ptr(header.root, "root") {
+            self.errors.push(format!("{who}: {e}"));
+        }
+        owned
+    }
+
     fn walk_tree(&mut self, store: &Store, root: Ptr, who: &str, owned: Option<&mut HashSet<u64>>) {
         let mut owned = owned;
         self.walk(store, root, (TREE_HEIGHT - 1) as u8, who, true, &mut owned);
@@ -176,7 +236,6 @@ pub(super) fn mark_all<'p>(
         progress,
         ..Marking::default()
     };
-    let meta = store.pool().meta();
     for (slot, p) in catalog.sb().registry.iter().enumerate() {
         if !p.is_null() {
             m.mark(p.addr(), Role::Registry, &format!("registry slot {slot}"));
@@ -210,51 +269,7 @@ pub(super) fn mark_all<'p>(
             m.warnings
                 .push(format!("{who}: header records the name {:?}", header.name));
         }
-        let log = match read_chain(store.pool(), header.log_head, entry.vdi_id) {
-            Ok(l) => l,
-            Err(e) => {
-                m.errors.push(format!("{who}: snapshot log: {e}"));
-                Vec::new()
-            }
-        };
-        let mut snaps = SnapSet::default();
-        for (addr, block) in &log {
-            m.mark(*addr, Role::Log, &who);
-            for e in &block.entries {
-                snaps.apply(e);
-            }
-        }
-        if snaps.visible_len() as u64 != header.snapshot_count {
-            m.errors.push(format!(
-                "{who}: header counts {} snapshots, the log has {}",
-                header.snapshot_count,
-                snaps.visible_len()
-            ));
-        }
-        if header.live_parent != 0 && snaps.get(header.live_parent).is_none() {
-            m.errors.push(format!(
-                "{who}: the live tree's parent snapshot id {} is missing",
-                header.live_parent
-            ));
-        }
-        for s in snaps.all() {
-            let snap = format!("snapshot {}", DiskRef::snapshot(&entry.name, &s.name));
-            if !s.hidden {
-                m.snapshots += 1;
-            }
-            if s.id >= header.next_snapshot_id || (s.parent != 0 && snaps.get(s.parent).is_none()) {
-                m.errors.push(format!(
-                    "{snap}: id {} not yet issued, or parent {} missing",
-                    s.id, s.parent
-                ));
-            }
-            m.walk_tree(store, s.root, &snap, None);
-        }
-        let mut owned = HashSet::new();
-        m.walk_tree(store, header.root, &who, Some(&mut owned));
-        if let Err(e) = meta.check_ptr(header.root, "root") {
-            m.errors.push(format!("{who}: {e}"));
-        }
+        let owned = m.mark_disk(store, &entry.name, &header);
         m.live_owned.push((entry.name.clone(), owned));
     }
     m
@@ -336,6 +351,11 @@ impl Store {
             m.warnings.push(format!(
                 "{} blocks are allocated but unreferenced (leaked by a crash, a deleted snapshot or a rollback); `gc` returns them",
                 report.leaked_blocks
+            ));
+        }
+        for extent in self.pool().lost_bitmaps() {
+            m.errors.push(format!(
+                "extent {extent} has no valid bitmap copy (`parallax repair` rebuilds it)"
             ));
         }
         if let Some(reason) = self.pool().damaged() {

@@ -6,6 +6,7 @@
 //! | `catalog` | superblock and registry: create, clone, delete disks |
 //! | `check` | `check`: every invariant of the durable state |
 //! | `gc` | `gc`: mark and sweep with the disks running |
+//! | `repair` | `repair`: bitmaps rebuilt from the metadata, header generations chosen with the operator |
 //! | `space` | used/referenced figures, by walks and by brute force |
 //!
 //! **The store owns its open disks.** The table below holds every open
@@ -22,10 +23,12 @@
 mod catalog;
 mod check;
 mod gc;
+mod repair;
 mod space;
 
 pub use check::CheckReport;
 pub use gc::GcReport;
+pub use repair::{DiskRepair, HeaderCopy, RepairOptions, RepairReport};
 pub use space::{DiskSpace, SnapshotSpace};
 
 use crate::alloc::Allocator;
@@ -152,6 +155,12 @@ impl Store {
         );
         let alloc = Allocator::load(&*dev, &sb, options.host_id)?;
         let pool = Arc::new(Pool::new(meta, alloc));
+        let lost = pool.lost_bitmaps();
+        if !lost.is_empty() {
+            pool.set_damaged(format!(
+                "no copy of the bitmap of extent(s) {lost:?} is valid (every extent has one from formatting on): which of their blocks are in use is unknown"
+            ));
+        }
         let catalog = Catalog::load(&pool, sb, slot)?;
         // Which snapshots clones hang from: reclamation must keep them. A
         // disk whose headers cannot be read fails when it is opened; it
