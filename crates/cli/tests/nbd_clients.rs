@@ -1252,6 +1252,119 @@ fn clients_that_never_read_replies_cannot_exhaust_memory() {
     );
 }
 
+fn threads(pid: u32) -> u64 {
+    let status = fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("Threads:"))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap()
+}
+
+/// Whether the peer has closed `s`, reading what it sent so far.
+fn is_closed(mut s: &TcpStream) -> bool {
+    s.set_nonblocking(true).unwrap();
+    let mut buf = [0u8; 64];
+    let closed = loop {
+        match s.read(&mut buf) {
+            Ok(0) => break true,
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => break false,
+            Err(_) => break true,
+        }
+    };
+    s.set_nonblocking(false).unwrap();
+    closed
+}
+
+/// Reads until the peer closes (`true`) or `within` passes (`false`).
+fn closed_within(mut s: &TcpStream, within: Duration) -> bool {
+    let deadline = Instant::now() + within;
+    let mut buf = [0u8; 64];
+    while Instant::now() < deadline {
+        s.set_read_timeout(Some(Duration::from_millis(200)))
+            .unwrap();
+        match s.read(&mut buf) {
+            Ok(0) => return true,
+            Ok(_) => {}
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) => {}
+            Err(_) => return true,
+        }
+    }
+    false
+}
+
+/// Clients that connect and never negotiate: each costs a few KiB and no
+/// thread; beyond 1,024 handshakes in progress the daemon closes new
+/// connections at once; an idle handshake is closed after 15 s; and the
+/// memory goes back when they leave.
+#[test]
+fn clients_that_never_negotiate_are_capped_and_cost_little() {
+    if !have_tools() {
+        return;
+    }
+    const CAP: usize = 1024;
+    let d = Daemon::new();
+    d.ok(&["create", "h", "--size", "64M"]);
+    let (rss_before, threads_before) = (rss_mib(d.pid()), threads(d.pid()));
+    // The daemon and this process each hold one descriptor per connection.
+    let limit = rustix::process::getrlimit(rustix::process::Resource::Nofile)
+        .current
+        .unwrap_or(u64::MAX);
+    let n = (CAP + 200).min((limit as usize).saturating_sub(200));
+    let idle: Vec<TcpStream> = (0..n)
+        .map(|_| TcpStream::connect(&d.tcp).unwrap())
+        .collect();
+    thread::sleep(Duration::from_secs(1));
+    let (rss_peak, threads_peak) = (rss_mib(d.pid()), threads(d.pid()));
+    eprintln!(
+        "{n} silent clients: daemon RSS {rss_before} -> {rss_peak} MiB, threads {threads_before} -> {threads_peak}"
+    );
+    assert!(
+        rss_peak < rss_before + 48,
+        "{n} silent clients took the daemon from {rss_before} to {rss_peak} MiB"
+    );
+    assert!(
+        threads_peak <= threads_before + 8,
+        "{n} silent clients took the daemon from {threads_before} to {threads_peak} threads"
+    );
+    if n > CAP {
+        // Connections past the cap were closed at once (which ones depends
+        // on the order their tasks ran); the others were not.
+        let refused = idle.iter().filter(|s| is_closed(s)).count();
+        assert_eq!(refused, n - CAP, "connections past {CAP} handshakes");
+    } else {
+        eprintln!("only {n} descriptors: the cap of {CAP} is not reached");
+    }
+    let start = Instant::now();
+    for s in idle.iter().filter(|s| !is_closed(s)).take(4) {
+        assert!(
+            closed_within(s, Duration::from_secs(25)),
+            "a silent handshake was not closed"
+        );
+    }
+    assert!(
+        start.elapsed() >= Duration::from_secs(10),
+        "closed too early"
+    );
+    drop(idle);
+    thread::sleep(Duration::from_secs(1));
+    // Room again: a real client negotiates and reads.
+    let mut nbd = Nbd::new(&d.unix_addr(), "h");
+    assert_eq!(nbd.read(0, 4096), vec![0u8; 4096]);
+    nbd.disconnect();
+    thread::sleep(Duration::from_secs(1));
+    let rss_after = rss_mib(d.pid());
+    assert!(
+        rss_after < rss_before + 16,
+        "the daemon kept {rss_after} MiB after the clients left (from {rss_before})"
+    );
+}
+
 // ---- 1. qemu-io ---------------------------------------------------------------
 
 #[test]

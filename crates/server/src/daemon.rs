@@ -60,9 +60,9 @@ async fn settle(service: Arc<Service>) {
     let mut had_clients = false;
     loop {
         tick.tick().await;
-        let clients = !service.connections().is_empty();
+        let clients = open_connections() > 0;
         if had_clients && !clients {
-            // The last client left: its buffers go back to the system.
+            // The last connection closed: its buffers go back to the system.
             nbd::release_idle_buffers();
             trim_malloc();
         }
@@ -369,13 +369,21 @@ const MAX_CONNECTIONS: usize = 4096;
 /// A place among the [`MAX_CONNECTIONS`], held while a connection lives;
 /// `None` (and a warning) when there is none.
 fn connection_slot() -> Option<tokio::sync::OwnedSemaphorePermit> {
-    static SLOTS: std::sync::OnceLock<Arc<tokio::sync::Semaphore>> = std::sync::OnceLock::new();
-    let slots = SLOTS.get_or_init(|| Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS)));
-    let slot = slots.clone().try_acquire_owned().ok();
+    let slot = connection_slots().clone().try_acquire_owned().ok();
     if slot.is_none() {
         warn!("{MAX_CONNECTIONS} NBD connections are open; refusing another");
     }
     slot
+}
+
+fn connection_slots() -> &'static Arc<tokio::sync::Semaphore> {
+    static SLOTS: std::sync::OnceLock<Arc<tokio::sync::Semaphore>> = std::sync::OnceLock::new();
+    SLOTS.get_or_init(|| Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS)))
+}
+
+/// NBD connections open now, negotiated or not.
+fn open_connections() -> usize {
+    MAX_CONNECTIONS - connection_slots().available_permits()
 }
 
 /// Waits before retrying a failed accept (out of descriptors, usually), so

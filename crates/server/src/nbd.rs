@@ -17,6 +17,11 @@
 //!   what all of them can; once either is spent, the reader stops reading
 //!   from the socket until replies go out. Idle buffers are given back
 //!   when the last client leaves ([`release_idle_buffers`]).
+//! - Before negotiation ends, a connection holds one of [`MAX_HANDSHAKES`]
+//!   places, a task and a 4 KiB buffer, for at most [`HANDSHAKE_TIMEOUT`];
+//!   its 256 KiB read buffer comes after. Only export lookups leave the
+//!   runtime's threads (they open disks), so clients that connect and say
+//!   nothing cost no thread.
 //! - All connections to one disk share the engine's single handle of that
 //!   disk, so a FLUSH on any connection commits and makes durable the
 //!   writes completed on all of them: the multi-connection flag is honest.
@@ -40,7 +45,7 @@ use parallax_nbd::handshake::{
 };
 use parallax_nbd::proto::{self, Command, Request};
 use std::io::{self, Cursor};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
 use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
@@ -53,7 +58,14 @@ const CONNECTION_BUDGET: u32 = 2 * MAX_PAYLOAD;
 /// Longest extent run examined by one BLOCK_STATUS request.
 const STATUS_WINDOW: u64 = 1 << 30;
 /// A client must finish negotiating within this time.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(60);
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(15);
+/// Handshakes in progress at once; a connection beyond that is closed at
+/// once. A handshake holds a task, a 4 KiB read buffer and what its
+/// options carry (at most `max_option_len`), so this bounds what clients
+/// that connect and never negotiate can pin.
+const MAX_HANDSHAKES: usize = 1024;
+/// Read buffer of a connection once negotiated.
+const READ_BUFFER: usize = 256 << 10;
 /// Zeroes written per engine call for WRITE_ZEROES with NO_HOLE.
 const ZERO_CHUNK: u64 = 1 << 20;
 
@@ -94,14 +106,17 @@ impl StoreExports<'_> {
         let last = self.last.lock().ok().and_then(|mut l| l.take());
         match last {
             Some((n, target)) if n == name => Ok(target),
-            _ => open_target(self.service, name),
+            _ => off_runtime(|| open_target(self.service, name)),
         }
     }
 }
 
 impl Exports for StoreExports<'_> {
+    // Export lookups open disks (the catalogue lock, device reads): off the
+    // runtime's threads, which must never wait on disk locks (see the uring
+    // module). Nothing else in a handshake blocks.
     fn lookup(&self, name: &str) -> Option<ExportInfo> {
-        let target = open_target(self.service, name).ok()?;
+        let target = off_runtime(|| open_target(self.service, name)).ok()?;
         let info = ExportInfo {
             size: target.size(),
             read_only: target.writable().is_none(),
@@ -114,9 +129,7 @@ impl Exports for StoreExports<'_> {
     }
 
     fn list(&self) -> Vec<(String, Option<String>)> {
-        self.service
-            .store()
-            .list()
+        off_runtime(|| self.service.store().list())
             .into_iter()
             .map(|n| (n, None))
             .collect()
@@ -133,8 +146,10 @@ pub async fn serve_connection<S>(
 ) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let (read_half, mut writer) = tokio::io::split(stream);
-    let mut reader = BufReader::with_capacity(256 << 10, read_half);
+    let Some(handshaking) = handshake_slot() else {
+        return;
+    };
+    let (mut reader, mut writer) = tokio::io::split(stream);
     let negotiated = tokio::select! {
         r = tokio::time::timeout(HANDSHAKE_TIMEOUT, negotiate(&mut reader, &mut writer, &service)) => match r {
             Ok(Ok(Some(n))) => n,
@@ -150,6 +165,7 @@ pub async fn serve_connection<S>(
         },
         _ = shutdown.changed() => return,
     };
+    drop(handshaking);
     let (negotiated, leftover, target) = negotiated;
     let target = match target {
         Ok(t) => t,
@@ -168,7 +184,7 @@ pub async fn serve_connection<S>(
         base_allocation: negotiated.base_allocation,
         uring: service.uring().cloned(),
     });
-    let reader = Cursor::new(leftover).chain(reader);
+    let reader = Cursor::new(leftover).chain(BufReader::with_capacity(READ_BUFFER, reader));
     let outcome = transmission(reader, writer, ctx.clone(), &mut shutdown).await;
     match outcome {
         Ok(()) => info!(%peer, id = guard.id(), "client disconnected"),
@@ -179,6 +195,18 @@ pub async fn serve_connection<S>(
 
 /// The outcome of a handshake, the bytes after it, and the chosen export.
 type Negotiation = (Negotiated, Vec<u8>, Result<Target, EngineError>);
+
+/// A place among the [`MAX_HANDSHAKES`], held until the handshake ends;
+/// `None` (and a warning) when there is none.
+fn handshake_slot() -> Option<OwnedSemaphorePermit> {
+    static SLOTS: OnceLock<Arc<Semaphore>> = OnceLock::new();
+    let slots = SLOTS.get_or_init(|| Arc::new(Semaphore::new(MAX_HANDSHAKES)));
+    let slot = slots.clone().try_acquire_owned().ok();
+    if slot.is_none() {
+        warn!("{MAX_HANDSHAKES} NBD handshakes are in progress; refusing another connection");
+    }
+    slot
+}
 
 /// Runs the handshake. `Ok(None)`: the client left or aborted.
 async fn negotiate<R, W>(
@@ -199,13 +227,10 @@ where
     handshake.greeting(&mut out);
     writer.write_all(&out).await?;
     let mut input = Vec::new();
-    let mut chunk = vec![0u8; 16 << 10];
+    let mut chunk = [0u8; 4096];
     loop {
         out.clear();
-        // Export lookups open disks (the catalogue lock, device reads): off
-        // the runtime's threads, which must never wait on disk locks (see
-        // the uring module).
-        let progress = off_runtime(|| handshake.receive(&mut input, &exports, &mut out));
+        let progress = handshake.receive(&mut input, &exports, &mut out);
         if !out.is_empty() {
             writer.write_all(&out).await?;
             writer.flush().await?;
@@ -273,7 +298,7 @@ pub fn release_idle_buffers() {
 
 impl BufPool {
     fn global() -> &'static BufPool {
-        static POOL: std::sync::OnceLock<BufPool> = std::sync::OnceLock::new();
+        static POOL: OnceLock<BufPool> = OnceLock::new();
         POOL.get_or_init(|| BufPool {
             sizes: (POOL_SMALLEST.trailing_zeros()..=POOL_LARGEST.trailing_zeros())
                 .map(|_| std::sync::Mutex::new(Vec::new()))
@@ -331,7 +356,7 @@ const GLOBAL_BUDGET: u32 = 256 << 20;
 
 /// The daemon-wide budget behind [`GLOBAL_BUDGET`].
 fn global_budget() -> &'static Arc<Semaphore> {
-    static BUDGET: std::sync::OnceLock<Arc<Semaphore>> = std::sync::OnceLock::new();
+    static BUDGET: OnceLock<Arc<Semaphore>> = OnceLock::new();
     BUDGET.get_or_init(|| Arc::new(Semaphore::new(GLOBAL_BUDGET as usize)))
 }
 
