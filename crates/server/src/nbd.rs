@@ -18,7 +18,8 @@
 //!   from the socket until replies go out. Idle buffers are given back
 //!   when the last client leaves ([`release_idle_buffers`]).
 //! - Before negotiation ends, a connection holds one of [`MAX_HANDSHAKES`]
-//!   places, a task and a 4 KiB buffer, for at most [`HANDSHAKE_TIMEOUT`];
+//!   places, a task and a 4 KiB buffer, for at most [`HANDSHAKE_IDLE`]
+//!   without progress and [`HANDSHAKE_TIMEOUT`] in all;
 //!   its 256 KiB read buffer comes after. Only export lookups leave the
 //!   runtime's threads (they open disks), so clients that connect and say
 //!   nothing cost no thread.
@@ -41,7 +42,8 @@ use crate::uring::{Direction, Uring};
 use parallax_device::AlignedBuf;
 use parallax_engine::{DiskRef, Error as EngineError, IoPlan, ReadDisk, Vdi};
 use parallax_nbd::handshake::{
-    BlockSizes, Config as HandshakeConfig, ExportInfo, Exports, Handshake, Negotiated, Progress,
+    BlockSizes, Config as HandshakeConfig, ExportInfo, Exports, Handshake, HandshakeError,
+    Negotiated, Progress,
 };
 use parallax_nbd::proto::{self, Command, Request};
 use std::io::{self, Cursor};
@@ -57,8 +59,14 @@ pub const MAX_PAYLOAD: u32 = 32 << 20;
 const CONNECTION_BUDGET: u32 = 2 * MAX_PAYLOAD;
 /// Longest extent run examined by one BLOCK_STATUS request.
 const STATUS_WINDOW: u64 = 1 << 30;
-/// A client must finish negotiating within this time.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(15);
+/// During negotiation, the longest wait for the client's next bytes (or
+/// for it to take our reply); past it, the connection is closed.
+const HANDSHAKE_IDLE: Duration = Duration::from_secs(15);
+/// A client must finish negotiating within this time, however busy. (Long,
+/// because `nbdinfo --list` over TCP asks about each export in turn, and
+/// libnbd 1.14 holds each NBD_OPT_LIST_META_CONTEXT back 200 ms with
+/// MSG_MORE: 3,000 exports.)
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(600);
 /// Handshakes in progress at once; a connection beyond that is closed at
 /// once. A handshake holds a task, a 4 KiB read buffer and what its
 /// options carry (at most `max_option_len`), so this bounds what clients
@@ -128,6 +136,26 @@ impl Exports for StoreExports<'_> {
         Some(info)
     }
 
+    /// A disk is described from its header, without opening it (so that
+    /// `nbdinfo --list` on 15,376 disks does not open them all); a snapshot
+    /// is looked up.
+    fn describe(&self, name: &str) -> Option<ExportInfo> {
+        let export = DiskRef::split(name);
+        if export.snapshot.is_some() {
+            return self.lookup(name);
+        }
+        let store = self.service.store();
+        let size = match store.try_disk_size(&export.disk) {
+            Some(size) => size,
+            None => off_runtime(|| store.disk_size(&export.disk)),
+        };
+        Some(ExportInfo {
+            size: size.ok()?,
+            read_only: false,
+            description: None,
+        })
+    }
+
     fn list(&self) -> Vec<(String, Option<String>)> {
         off_runtime(|| self.service.store().list())
             .into_iter()
@@ -154,6 +182,10 @@ pub async fn serve_connection<S>(
         r = tokio::time::timeout(HANDSHAKE_TIMEOUT, negotiate(&mut reader, &mut writer, &service)) => match r {
             Ok(Ok(Some(n))) => n,
             Ok(Ok(None)) => return,
+            Ok(Err(e)) if e.kind() == io::ErrorKind::TimedOut => {
+                info!(%peer, "{e}; disconnecting");
+                return;
+            }
             Ok(Err(e)) => {
                 debug!(%peer, "handshake ended: {e}");
                 return;
@@ -225,15 +257,16 @@ where
     let mut handshake = Handshake::new(handshake_config());
     let mut out = Vec::new();
     handshake.greeting(&mut out);
-    writer.write_all(&out).await?;
     let mut input = Vec::new();
     let mut chunk = [0u8; 4096];
+    let mut progress: Result<Progress, HandshakeError> = Ok(Progress::NeedInput);
     loop {
-        out.clear();
-        let progress = handshake.receive(&mut input, &exports, &mut out);
         if !out.is_empty() {
-            writer.write_all(&out).await?;
-            writer.flush().await?;
+            within_idle(async {
+                writer.write_all(&out).await?;
+                writer.flush().await
+            })
+            .await?;
         }
         match progress {
             Ok(Progress::NeedInput) => {}
@@ -244,12 +277,26 @@ where
             Ok(Progress::Close) => return Ok(None),
             Err(e) => return Err(io::Error::new(io::ErrorKind::InvalidData, e.to_string())),
         }
-        let n = reader.read(&mut chunk).await?;
+        let n = within_idle(reader.read(&mut chunk)).await?;
         if n == 0 {
             return Ok(None);
         }
         input.extend_from_slice(&chunk[..n]);
+        out.clear();
+        progress = handshake.receive(&mut input, &exports, &mut out);
     }
+}
+
+/// Runs one step of a handshake's I/O, failing after [`HANDSHAKE_IDLE`].
+async fn within_idle<T>(step: impl std::future::Future<Output = io::Result<T>>) -> io::Result<T> {
+    tokio::time::timeout(HANDSHAKE_IDLE, step)
+        .await
+        .unwrap_or_else(|_| {
+            Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "the client went quiet during the handshake",
+            ))
+        })
 }
 
 /// Runs `f`, which may block, letting the runtime move its other tasks to

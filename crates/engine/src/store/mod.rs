@@ -243,6 +243,28 @@ impl Store {
         self.open_entry(&catalog, &entry)
     }
 
+    /// The size of disk `name`, from its newest header (one block read; the
+    /// disk is not opened). Sizes never change after creation.
+    pub fn disk_size(&self, name: &str) -> Result<u64> {
+        self.disk_size_in(&self.inner.catalog.lock(), name)
+    }
+
+    /// [`Store::disk_size`], or `None` if the catalogue is busy (a `gc` or
+    /// a create holds it): for threads that must not wait.
+    pub fn try_disk_size(&self, name: &str) -> Option<Result<u64>> {
+        let catalog = self.inner.catalog.try_lock()?;
+        Some(self.disk_size_in(&catalog, name))
+    }
+
+    fn disk_size_in(&self, catalog: &Catalog, name: &str) -> Result<u64> {
+        let (_, entry) = catalog
+            .find(name)
+            .ok_or_else(|| Error::NotFound(format!("disk {name} does not exist")))?;
+        Ok(catalog::read_vdi_header(&self.inner.pool, &entry)?
+            .0
+            .size_bytes)
+    }
+
     /// A read-only view of `disk@snapshot`.
     pub fn open_snapshot(&self, disk: &str, snapshot: &str) -> Result<SnapshotView> {
         self.open_vdi(disk)?.open_snapshot(snapshot)

@@ -72,6 +72,13 @@ pub trait Exports {
     /// The export called `name` (`""` asks for the default export, if the
     /// server has one).
     fn lookup(&self, name: &str) -> Option<ExportInfo>;
+    /// What `NBD_OPT_INFO` and the meta-context options need to know of
+    /// export `name`, which the client may never use: a server can answer
+    /// it more cheaply than [`Exports::lookup`], which `NBD_OPT_GO` and
+    /// `NBD_OPT_EXPORT_NAME` call before transmission.
+    fn describe(&self, name: &str) -> Option<ExportInfo> {
+        self.lookup(name)
+    }
     /// Every export, as (name, description), for `NBD_OPT_LIST`.
     fn list(&self) -> Vec<(String, Option<String>)>; // (name, description)
 }
@@ -504,7 +511,12 @@ impl Handshake {
                 return Step::Continue;
             }
         };
-        let Some(info) = exports.lookup(name) else {
+        let found = if option == OPT_GO {
+            exports.lookup(name)
+        } else {
+            exports.describe(name)
+        };
+        let Some(info) = found else {
             let message = format!("export '{}' not found", truncate_str(name, NAME_IN_MESSAGE));
             reply_error(out, option, REP_ERR_UNKNOWN, &message);
             return Step::Continue;
@@ -577,7 +589,7 @@ impl Handshake {
                 return;
             }
         };
-        if exports.lookup(name).is_none() {
+        if exports.describe(name).is_none() {
             let message = format!("export '{}' not found", truncate_str(name, NAME_IN_MESSAGE));
             reply_error(out, option, REP_ERR_UNKNOWN, &message);
             return;

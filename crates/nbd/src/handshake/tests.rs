@@ -988,3 +988,58 @@ fn sample_stream_outcomes() {
     ));
     assert_eq!(outcomes[5], Err(HandshakeError::BadClientFlags(8)));
 }
+
+/// Exports that record which question each option asked.
+struct Recording {
+    table: ExportTable,
+    calls: std::cell::RefCell<Vec<(&'static str, String)>>,
+}
+
+impl Exports for Recording {
+    fn lookup(&self, name: &str) -> Option<ExportInfo> {
+        self.calls.borrow_mut().push(("lookup", name.to_string()));
+        self.table.lookup(name)
+    }
+    fn describe(&self, name: &str) -> Option<ExportInfo> {
+        self.calls.borrow_mut().push(("describe", name.to_string()));
+        self.table.lookup(name)
+    }
+    fn list(&self) -> Vec<(String, Option<String>)> {
+        self.table.list()
+    }
+}
+
+/// INFO and the meta-context options only describe an export (a server
+/// may answer without opening it); GO looks it up, to serve it.
+#[test]
+fn info_describes_and_go_looks_up() {
+    let exports = Recording {
+        table: test_exports(),
+        calls: Default::default(),
+    };
+    let mut meta = 4u32.to_be_bytes().to_vec();
+    meta.extend_from_slice(b"disk");
+    meta.extend_from_slice(&0u32.to_be_bytes());
+    let stream = session(
+        BOTH,
+        &[
+            opt(OPT_STRUCTURED_REPLY, &[]),
+            opt(OPT_INFO, &crate::proto::info_request("ro", &[])),
+            opt(OPT_LIST_META_CONTEXT, &meta),
+            opt(OPT_GO, &crate::proto::info_request("disk", &[])),
+        ],
+    );
+    let mut hs = Handshake::new(config());
+    let mut input = stream;
+    let mut out = Vec::new();
+    let result = hs.receive(&mut input, &exports, &mut out);
+    assert!(matches!(result, Ok(Progress::Done(_))), "{result:?}");
+    assert_eq!(
+        *exports.calls.borrow(),
+        [
+            ("describe", "ro".to_string()),
+            ("describe", "disk".to_string()),
+            ("lookup", "disk".to_string())
+        ]
+    );
+}
