@@ -57,9 +57,16 @@ struct Inner {
     fault: Option<Fault>,
 }
 
+/// Called with the flush's number when a flush starts.
+pub type FlushHook = Box<dyn Fn(u64) + Send + Sync>;
+
 /// See the module documentation.
 pub struct CrashDevice {
     inner: Mutex<Inner>,
+    /// Runs at the start of every flush, before the device's lock is
+    /// taken: a test can act (write through the engine, start a thread)
+    /// at an exact point of the code that flushes.
+    flush_hook: Mutex<Option<FlushHook>>,
 }
 
 /// SplitMix64: a tiny deterministic generator, enough to pick subsets (and
@@ -99,7 +106,14 @@ impl CrashDevice {
                 powered: true,
                 fault: None,
             }),
+            flush_hook: Mutex::new(None),
         }
+    }
+
+    /// Sets (or clears) the hook run at the start of every flush, with the
+    /// number the flush will have (see [`CrashDevice::crash_at_flush`]).
+    pub fn on_flush(&self, hook: Option<FlushHook>) {
+        *self.flush_hook.lock() = hook;
     }
 
     /// Cuts power when flush number `n` (counting from 0 since creation)
@@ -229,6 +243,10 @@ impl BlockDevice for CrashDevice {
     }
 
     fn flush(&self) -> io::Result<()> {
+        if let Some(hook) = &*self.flush_hook.lock() {
+            let n = self.inner.lock().flushes;
+            hook(n);
+        }
         let mut inner = self.inner.lock();
         if !inner.powered {
             return Err(power_off());

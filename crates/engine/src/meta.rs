@@ -5,6 +5,11 @@
 //! evicts it then. As a second line of defence, every cache hit is checked
 //! against the parent pointer's check value.
 //!
+//! Nodes of a commit not yet written (see `disk/commit.rs`) are *staged*:
+//! kept in a map beside the cache, which no eviction touches, until the
+//! commit has written them; a lookup that misses the cache finds them
+//! there before it would read the device.
+//!
 //! The cache is split into [`CACHE_SHARDS`] LRU shards by block address,
 //! each behind its own mutex, so that concurrent lookups on different
 //! nodes do not contend on one lock. The bound is the sum of the shards'.
@@ -14,6 +19,7 @@ use lru::LruCache;
 use parallax_device::BlockDevice;
 use parallax_format::{zeroed_block, Block, NodeBlock, Ptr, BLOCK_SIZE, BLOCK_SIZE_U64};
 use parking_lot::Mutex;
+use std::collections::HashMap;
 use std::num::NonZeroUsize;
 use std::sync::Arc;
 
@@ -33,6 +39,8 @@ pub(crate) struct MetaIo {
     pub store_id: u64,
     pub total_blocks: u64,
     cache: Vec<Mutex<LruCache<u64, Cached>>>,
+    /// Nodes of commits in flight, not yet on the device.
+    staged: Mutex<HashMap<u64, Cached>>,
 }
 
 impl MetaIo {
@@ -51,6 +59,7 @@ impl MetaIo {
             cache: (0..CACHE_SHARDS)
                 .map(|_| Mutex::new(LruCache::new(cap)))
                 .collect(),
+            staged: Mutex::new(HashMap::new()),
         }
     }
 
@@ -90,6 +99,11 @@ impl MetaIo {
     /// Writes many blocks, one device write per run of consecutive
     /// addresses (the nodes of one commit are usually allocated together).
     pub fn write_many(&self, mut blocks: Vec<(u64, Box<Block>)>, what: &str) -> Result<()> {
+        self.write_all(&mut blocks, what)
+    }
+
+    /// [`MetaIo::write_many`], keeping the blocks (sorted by address).
+    pub fn write_all(&self, blocks: &mut [(u64, Box<Block>)], what: &str) -> Result<()> {
         blocks.sort_unstable_by_key(|(addr, _)| *addr);
         let mut i = 0;
         while i < blocks.len() {
@@ -130,6 +144,9 @@ impl MetaIo {
                 return Ok(c.node.clone());
             }
         }
+        if let Some(node) = self.staged_node(ptr, level) {
+            return Ok(node);
+        }
         let block = self.read_block(addr, "a tree node")?;
         let (node, _, crc) = NodeBlock::decode(&block[..], addr, Some(self.store_id), level)?;
         ptr.verify_crc(crc)?;
@@ -151,9 +168,44 @@ impl MetaIo {
     /// of [`MetaIo::load_node`]); never touches the device.
     pub fn cached_node(&self, ptr: Ptr, level: u8) -> Option<Arc<NodeBlock>> {
         let addr = ptr.addr();
-        let mut shard = self.shard(addr).lock();
-        let c = shard.get(&addr)?;
+        let hit = {
+            let mut shard = self.shard(addr).lock();
+            shard
+                .get(&addr)
+                .filter(|c| ptr.matches_crc(c.crc) && c.node.level == level)
+                .map(|c| c.node.clone())
+        };
+        hit.or_else(|| self.staged_node(ptr, level))
+    }
+
+    fn staged_node(&self, ptr: Ptr, level: u8) -> Option<Arc<NodeBlock>> {
+        let staged = self.staged.lock();
+        let c = staged.get(&ptr.addr())?;
         (ptr.matches_crc(c.crc) && c.node.level == level).then(|| c.node.clone())
+    }
+
+    /// Puts a node a commit is about to write into the cache, and keeps it
+    /// staged until [`MetaIo::unstage`].
+    pub fn stage_node(&self, addr: u64, node: Arc<NodeBlock>, crc: u32) {
+        self.staged.lock().insert(
+            addr,
+            Cached {
+                node: node.clone(),
+                crc,
+            },
+        );
+        self.cache_node(addr, node, crc);
+    }
+
+    /// The commit has written these blocks: the device serves them now.
+    pub fn unstage(&self, addrs: &[u64]) {
+        let mut staged = self.staged.lock();
+        if staged.is_empty() {
+            return;
+        }
+        for a in addrs {
+            staged.remove(a);
+        }
     }
 
     /// Puts a node just written into the cache.
@@ -164,5 +216,47 @@ impl MetaIo {
     /// Forgets a block that is being freed.
     pub fn evict(&self, addr: u64) {
         self.shard(addr).lock().pop(&addr);
+        let mut staged = self.staged.lock();
+        if !staged.is_empty() {
+            staged.remove(&addr);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use parallax_device::MemDevice;
+    use parallax_format::FAN_OUT;
+
+    fn node(seed: u64) -> NodeBlock {
+        NodeBlock {
+            level: 0,
+            entries: (0..FAN_OUT as u64)
+                .map(|i| Ptr::data(1000 + seed * 1000 + i, true))
+                .collect(),
+        }
+    }
+
+    /// A staged node is found however full the cache gets, without the
+    /// device (it is not written yet); once unstaged and evicted, a lookup
+    /// goes to the device.
+    #[test]
+    fn staged_nodes_survive_eviction_until_unstaged() {
+        let meta = MetaIo::new(Arc::new(MemDevice::new(64 << 20)), 7, 16384, 1);
+        let n = node(1);
+        let (_, crc) = n.encode(7, 50, 1, 1);
+        meta.stage_node(50, Arc::new(n.clone()), crc);
+        for a in 100..1000u64 {
+            let m = node(a);
+            let (_, c) = m.encode(7, a, 1, 1);
+            meta.cache_node(a, Arc::new(m), c);
+        }
+        let ptr = Ptr::meta(50, crc, true);
+        assert_eq!(*meta.load_node(ptr, 0).unwrap(), n);
+        assert!(meta.cached_node(ptr, 0).is_some());
+        meta.unstage(&[50]);
+        meta.evict(50);
+        assert!(meta.load_node(ptr, 0).is_err(), "found on a zeroed device");
     }
 }

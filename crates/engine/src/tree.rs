@@ -353,7 +353,7 @@ impl Tree {
                 let node = NodeBlock { level, entries };
                 let (block, crc) = node.encode(meta.store_id, addr, owner, generation);
                 out.push((addr, block));
-                meta.cache_node(addr, Arc::new(node), crc);
+                meta.stage_node(addr, Arc::new(node), crc);
                 Ptr::meta(addr, crc, true)
             };
             if level == ROOT_LEVEL {

@@ -4,65 +4,116 @@
 //! nothing changed? ─▶ sync bitmaps (write changed slots, flush) ─▶ return
 //! g = header.generation + 1
 //! 1. dirty tree nodes ─▶ new blocks (one run of consecutive blocks where
-//!    the allocator has one), level 0 first
+//!    the allocator has one), level 0 first; encoded in memory
 //! 2. (snapshot) Taken record with the committed root (or the parent's
 //!    root, if nothing changed since); new live root = copy with writable
 //!    bits cleared
 //! 3. pending log records ─▶ new log head block(s), or a compacted chain
-//! 4. bitmaps of extents that allocated ─▶ older slot; FLUSH
+//! ── staged: every block of the commit is encoded, nothing written ──
+//! 4. the blocks ─▶ device; bitmaps of extents that allocated ─▶ older
+//!    slot; FLUSH
 //! 5. header g ─▶ older header slot; FLUSH                ◀── commit point
-//! 6. adopt in memory; release freed blocks
+//! 6. release the blocks the commit stopped referencing
 //! ```
 //!
+//! Two ways to run it, both under the disk's `commit` lock from start to
+//! end (so the commits of a disk never overlap, and header g+1 is never
+//! written before header g is durable):
+//!
+//! - **Pipelined** ([`Disk::commit_pipelined`], [`Disk::transact_pipelined`]:
+//!   flushes, snapshots, schedule ticks, the store's settling). Steps 1–3
+//!   and the *adoption* (the live tree becomes the committed one, the
+//!   snapshot joins the list) run with the state locked exclusively; then
+//!   the state lock is released and steps 4–6 run while reads and writes go
+//!   on against the new live tree. The commit's nodes are *staged* in the
+//!   node cache (`MetaIo::stage_node`) until they are written, so that a
+//!   reader never fetches one from the device before it is there. Writes
+//!   made after the adoption belong to the next commit: an in-place write
+//!   to a block the adopted tree owns is not made durable by this commit
+//!   (nor lost by it: it was never flushed), and everything else they
+//!   allocate or free waits for the next one. A FLUSH takes the commit lock
+//!   first, so it returns only once every commit adopted before it is
+//!   durable.
+//! - **Synchronous** ([`Disk::commit`]: transactions that must be undone
+//!   if they fail, and `gc`): steps 1–6 with the state locked throughout,
+//!   adopting only after step 5.
+//!
 //! Invariants:
-//! - Nothing in the disk's state changes before step 5 has succeeded; a
-//!   failure in steps 1–4 gives back the blocks the commit allocated and
-//!   leaves every change pending, so the caller can retry.
+//! - A failure in steps 1–3 changes nothing (the blocks allocated go back).
+//! - A failure in step 4 of a synchronous commit gives the blocks back and
+//!   leaves every change pending, so the caller can retry; of a pipelined
+//!   commit, it keeps the staged commit (`DiskState::staged`), which every
+//!   later commit writes first, and the error is reported.
 //! - A failure in step 5 poisons the disk (the header may or may not be on
 //!   the device).
 //! - An operation that changes the state before committing (deletion,
 //!   rollback, a schedule tick, grow, set schedule) runs as one
-//!   [`Disk::transact`]: a savepoint, its in-memory change, the commit; on a
-//!   failure before step 5 the state goes back to the savepoint.
+//!   transaction: a savepoint, its in-memory change, the commit; on a
+//!   failure before the adoption the state goes back to the savepoint.
 //! - Blocks the commit stops referencing are freed (through the pool's one
 //!   release path) only after step 5.
 
 use crate::disk::log::{self, LogWriter};
-use crate::disk::state::{Disk, DiskState};
+use crate::disk::state::{Disk, DiskState, Exclusive};
 use crate::error::{Error, Result};
 use crate::lineage::{exclusive_blocks, Delta, SnapshotInfo};
 use crate::time::now_ns;
-use parallax_format::{LogBlock, NodeBlock, Ptr, VdiHeader, TREE_HEIGHT};
+use parallax_format::{Block, LogBlock, NodeBlock, Ptr, VdiHeader, TREE_HEIGHT};
 use std::collections::VecDeque;
 use std::sync::Arc;
 
 const ROOT_LEVEL: u8 = (TREE_HEIGHT - 1) as u8;
 
-/// A snapshot for [`Disk::commit`] to record.
+/// A snapshot for a commit to record.
 pub(super) struct NewSnapshot {
     pub id: u64,
     pub name: String,
     pub scheduled: bool,
 }
 
-/// What steps 1–4 produced, adopted in step 6.
+/// What steps 1–3 produced: the blocks to write, the header, and what to
+/// adopt.
 struct Prepared {
     header: VdiHeader,
+    blocks: Vec<(u64, Box<Block>)>,
     freed: Vec<u64>,
     new_snapshot: Option<SnapshotInfo>,
     new_log: Option<(LogBlock, u64)>,
 }
 
+/// A commit adopted in memory whose steps 4–6 are still to run (or to run
+/// again, after a failure).
+pub(crate) struct Staged {
+    /// Tree nodes, root copy and log blocks; empty once written.
+    blocks: Vec<(u64, Box<Block>)>,
+    /// Every block the commit allocated (staged in the node cache until
+    /// written).
+    allocated: Vec<u64>,
+    header: VdiHeader,
+    header_addr: u64,
+    /// Blocks to release once the header is durable.
+    freed: Vec<u64>,
+}
+
+/// How steps 4–6 failed.
+struct StagedError {
+    error: Error,
+    /// In step 5: the header may be on the device or not.
+    poison: bool,
+}
+
 impl Disk {
     /// Runs `change` on the state, then commits it (recording the snapshot
-    /// it may return) as one transaction: see the module documentation.
+    /// it may return) synchronously, as one transaction: see the module
+    /// documentation.
     pub(super) fn transact<T>(
         &self,
-        st: &mut DiskState,
+        st: &mut Exclusive<'_>,
         change: impl FnOnce(&mut DiskState) -> Result<(T, Option<NewSnapshot>)>,
     ) -> Result<T> {
         self.usable(st)?;
         self.fold_fresh(st)?;
+        self.finish_staged(st)?;
         let savepoint = st.savepoint();
         let result = change(st).and_then(|(value, snapshot)| {
             self.commit(st, snapshot)?;
@@ -74,63 +125,199 @@ impl Disk {
         result
     }
 
-    /// Commits everything in `st`, whose lock the caller holds exclusively.
-    pub(crate) fn commit_held(&self, st: &mut DiskState) -> Result<()> {
+    /// [`Disk::transact`], pipelined: the state lock is released once the
+    /// change is adopted, before the commit's I/O (see the module
+    /// documentation). Returns the change's value and the snapshot taken.
+    /// A failure after the adoption does not undo the change: it is kept
+    /// and made durable by the next commit.
+    pub(super) fn transact_pipelined<T>(
+        &self,
+        mut ex: Exclusive<'_>,
+        change: impl FnOnce(&mut DiskState) -> Result<(T, Option<NewSnapshot>)>,
+    ) -> Result<(T, Option<SnapshotInfo>)> {
+        let st = &mut *ex;
+        self.usable(st)?;
+        self.fold_fresh(st)?;
+        self.finish_staged(st)?;
+        let savepoint = st.savepoint();
+        let (value, snapshot) = match change(st) {
+            Ok(v) => v,
+            Err(e) => {
+                st.restore(&self.pool, savepoint);
+                return Err(e);
+            }
+        };
+        if !st.has_pending() && snapshot.is_none() {
+            drop(ex.st);
+            self.pool.sync_bitmaps()?;
+            return Ok((value, None));
+        }
+        let mut allocated = Vec::new();
+        let generation = st.header.generation + 1;
+        let mut prepared = match self.prepare(st, snapshot, generation, &mut allocated) {
+            Ok(p) => p,
+            Err(e) => {
+                self.pool.free(&allocated);
+                st.restore(&self.pool, savepoint);
+                return Err(e);
+            }
+        };
+        let header_addr = self.header_addrs[st.next_slot];
+        let taken = prepared.new_snapshot.clone();
+        let blocks = std::mem::take(&mut prepared.blocks);
+        self.adopt(st, &prepared);
+        let mut freed = prepared.freed;
+        freed.append(&mut st.pending_free);
+        let mut staged = Staged {
+            blocks,
+            allocated,
+            header: prepared.header,
+            header_addr,
+            freed,
+        };
+        // Reads and writes go on from here; the commit lock stays held.
+        let Exclusive { commit, st: guard } = ex;
+        drop(guard);
+        let written = self.write_staged(&mut staged);
+        drop(commit);
+        match written {
+            Ok(()) => Ok((value, taken)),
+            Err(StagedError { error, poison }) => {
+                let mut st = self.state.write();
+                if poison {
+                    st.poisoned = true;
+                } else {
+                    st.staged = Some(staged);
+                }
+                Err(error)
+            }
+        }
+    }
+
+    /// Commits everything pending, pipelined.
+    pub(super) fn commit_pipelined(&self, ex: Exclusive<'_>) -> Result<()> {
+        self.transact_pipelined(ex, |_| Ok(((), None))).map(drop)
+    }
+
+    /// Commits everything in `st`, whose locks the caller holds.
+    pub(crate) fn commit_held(&self, st: &mut Exclusive<'_>) -> Result<()> {
         self.commit(st, None)
     }
 
-    /// Commits everything in `st` and, if `snapshot` is given, records the
-    /// committed tree as a snapshot and gives the disk a fresh shared root.
-    pub(super) fn commit(&self, st: &mut DiskState, snapshot: Option<NewSnapshot>) -> Result<()> {
+    /// Writes a commit left staged by a failed pipelined one (the caller
+    /// holds both locks), before anything else is committed.
+    fn finish_staged(&self, st: &mut DiskState) -> Result<()> {
+        let Some(mut staged) = st.staged.take() else {
+            return Ok(());
+        };
+        match self.write_staged(&mut staged) {
+            Ok(()) => Ok(()),
+            Err(StagedError { error, poison }) => {
+                if poison {
+                    st.poisoned = true;
+                } else {
+                    st.staged = Some(staged);
+                }
+                Err(error)
+            }
+        }
+    }
+
+    /// Steps 4–6 of a staged commit.
+    fn write_staged(&self, s: &mut Staged) -> std::result::Result<(), StagedError> {
+        let meta = self.pool.meta();
+        let before_header = |error| StagedError {
+            error,
+            poison: false,
+        };
+        if !s.blocks.is_empty() {
+            meta.write_all(&mut s.blocks, "tree nodes and snapshot log blocks")
+                .map_err(before_header)?;
+            s.blocks.clear();
+            meta.unstage(&s.allocated);
+        }
+        self.pool.sync_allocations().map_err(before_header)?;
+        let (block, _) = s.header.encode(meta.store_id, s.header_addr);
+        meta.write_block(s.header_addr, &block, "a VDI header")
+            .and_then(|_| meta.flush())
+            .map_err(|error| StagedError {
+                error,
+                poison: true,
+            })?;
+        self.pool.free(&std::mem::take(&mut s.freed));
+        Ok(())
+    }
+
+    /// Commits everything in `st` synchronously and, if `snapshot` is
+    /// given, records the committed tree as a snapshot and gives the disk a
+    /// fresh shared root.
+    pub(super) fn commit(
+        &self,
+        st: &mut Exclusive<'_>,
+        snapshot: Option<NewSnapshot>,
+    ) -> Result<()> {
         self.usable(st)?;
         self.fold_fresh(st)?;
-        let meta = self.pool.meta();
+        self.finish_staged(st)?;
         if !st.has_pending() && snapshot.is_none() {
             // Also makes earlier frees durable in the bitmaps.
             return self.pool.sync_bitmaps();
         }
+        let meta = self.pool.meta();
         let generation = st.header.generation + 1;
         let mut allocated = Vec::new();
-        let prepared = match self.prepare(st, snapshot, generation, &mut allocated) {
+        let mut prepared = match self.prepare(st, snapshot, generation, &mut allocated) {
             Ok(p) => p,
             Err(e) => {
-                // Written perhaps, but referenced by nothing durable.
                 self.pool.free(&allocated);
                 return Err(e);
             }
         };
-        // The point of no return: the header write may land or not.
-        let slot = st.next_slot;
-        let (block, _) = prepared
-            .header
-            .encode(meta.store_id, self.header_addrs[slot]);
         let written = meta
-            .write_block(self.header_addrs[slot], &block, "a VDI header")
+            .write_all(&mut prepared.blocks, "tree nodes and snapshot log blocks")
+            .and_then(|_| self.pool.sync_allocations());
+        if let Err(e) = written {
+            // Written perhaps, but referenced by nothing durable.
+            self.pool.free(&allocated);
+            return Err(e);
+        }
+        meta.unstage(&allocated);
+        // The point of no return: the header write may land or not.
+        let addr = self.header_addrs[st.next_slot];
+        let (block, _) = prepared.header.encode(meta.store_id, addr);
+        let written = meta
+            .write_block(addr, &block, "a VDI header")
             .and_then(|_| meta.flush());
         if let Err(e) = written {
             st.poisoned = true;
             return Err(e);
         }
-        st.next_slot = 1 - slot;
-        st.tree.apply(prepared.header.root);
-        st.header = prepared.header;
-        st.header_dirty = false;
-        st.pending_log.clear();
-        if let Some(s) = prepared.new_snapshot {
-            let id = s.id;
-            st.snapshots.insert(s);
-            // Derived data: without it, reclaiming walks the trees instead.
-            let delta = self.delta_to_parent(st, id).unwrap_or(None);
-            st.snapshots.set_delta(id, delta);
-        }
-        if let Some((block, records)) = prepared.new_log {
-            st.log_block = Some(block);
-            st.log_records = records;
-        }
+        self.adopt(st, &prepared);
         let mut to_free = prepared.freed;
         to_free.append(&mut st.pending_free);
         self.pool.free(&to_free);
         Ok(())
+    }
+
+    /// The in-memory half of a commit: the live tree becomes the committed
+    /// one, the header, log and snapshot list move on.
+    fn adopt(&self, st: &mut DiskState, p: &Prepared) {
+        st.next_slot = 1 - st.next_slot;
+        st.tree.apply(p.header.root);
+        st.header = p.header.clone();
+        st.header_dirty = false;
+        st.pending_log.clear();
+        if let Some(s) = &p.new_snapshot {
+            let id = s.id;
+            st.snapshots.insert(s.clone());
+            // Derived data: without it, reclaiming walks the trees instead.
+            let delta = self.delta_to_parent(st, id).unwrap_or(None);
+            st.snapshots.set_delta(id, delta);
+        }
+        if let Some((block, records)) = &p.new_log {
+            st.log_block = Some(block.clone());
+            st.log_records = *records;
+        }
     }
 
     /// Steps 1–4, with the nodes, root copy and log block taken from one run
@@ -207,7 +394,7 @@ impl Disk {
                 allocated.push(addr);
                 let (block, crc) = copy.encode(meta.store_id, addr, self.id, generation);
                 blocks.push((addr, block));
-                meta.cache_node(addr, Arc::new(copy), crc);
+                meta.stage_node(addr, Arc::new(copy), crc);
                 root = Ptr::meta(addr, crc, true);
             }
         }
@@ -250,10 +437,9 @@ impl Disk {
         header.next_snapshot_id = header
             .next_snapshot_id
             .max(new_snapshot.as_ref().map_or(0, |s| s.id + 1));
-        meta.write_many(blocks, "tree nodes and snapshot log blocks")?;
-        pool.sync_allocations()?;
         Ok(Prepared {
             header,
+            blocks,
             freed,
             new_snapshot,
             new_log,
@@ -315,18 +501,15 @@ impl Disk {
         Ok(Some(delta))
     }
 
-    /// Takes the snapshot `new`, committing everything pending with it.
+    /// Takes the snapshot `new`, committing everything pending with it
+    /// (pipelined).
     pub(super) fn take_snapshot(
         &self,
-        st: &mut DiskState,
+        ex: Exclusive<'_>,
         new: NewSnapshot,
     ) -> Result<SnapshotInfo> {
-        let id = new.id;
-        self.commit(st, Some(new))?;
-        st.snapshots
-            .get(id)
-            .cloned()
-            .ok_or_else(|| Error::Inconsistent("snapshot vanished after commit".into()))
+        let (_, taken) = self.transact_pipelined(ex, |_| Ok(((), Some(new))))?;
+        taken.ok_or_else(|| Error::Inconsistent("a snapshot commit recorded no snapshot".into()))
     }
 }
 

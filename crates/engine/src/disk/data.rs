@@ -187,7 +187,7 @@ impl Disk {
                 return self.write_in_place(v, entry.addr(), within, data);
             }
         }
-        let mut st = self.exclusive()?;
+        let mut st = self.lock_tree()?;
         self.usable(&st)?;
         let entry = st.tree.entry_for_write(self.pool.meta(), v)?;
         if entry.writable() {
@@ -259,7 +259,7 @@ impl Disk {
         let fold = self.fresh.lock().map.len() > FRESH_FOLD_AT;
         drop(st);
         if fold {
-            drop(self.exclusive()?);
+            drop(self.lock_tree()?);
         }
         Ok(())
     }

@@ -159,21 +159,26 @@ impl Vdi {
 
     /// Makes every write completed before the call durable.
     ///
-    /// When no metadata is pending (every write since the last commit went
-    /// in place), this is a device flush under no disk lock: reads and
-    /// writes of the disk go on meanwhile.
+    /// It first waits for a commit in flight (whose adopted tree may hold
+    /// writes completed before this call). When no metadata is pending
+    /// then (every write since the last commit went in place), this is a
+    /// device flush under no disk lock; otherwise a pipelined commit. Reads
+    /// and writes of the disk go on meanwhile, in either case.
     pub fn flush(&self) -> Result<()> {
         let disk = &*self.disk;
+        let commit = disk.commit.lock();
         {
             let st = disk.state.read();
             disk.usable(&st)?;
             if !st.has_pending() && disk.fresh.lock().is_empty() {
                 drop(st);
-                return disk.pool.sync_bitmaps();
+                let synced = disk.pool.sync_bitmaps();
+                drop(commit);
+                return synced;
             }
         }
-        let mut st = disk.exclusive()?;
-        disk.commit(&mut st, None)
+        drop(commit);
+        disk.commit_pipelined(disk.exclusive()?)
     }
 
     /// Zeroes `[offset, offset+len)`: whole blocks are unmapped (and freed
@@ -211,7 +216,7 @@ impl Vdi {
             return Ok(());
         }
         let disk = &*self.disk;
-        let mut st = disk.exclusive()?;
+        let mut st = disk.lock_tree()?;
         disk.usable(&st)?;
         disk.touch();
         let mut mapped = Vec::new();
@@ -263,9 +268,11 @@ impl Vdi {
     }
 
     /// Takes a snapshot (O(1)): commits, then records the committed root.
-    /// `name: None` names it by the current UTC time. Durable on return.
+    /// `name: None` names it by the current UTC time. Durable on return;
+    /// the disk is held still only while the snapshot is recorded in
+    /// memory, not while it is written.
     pub fn snapshot(&self, name: Option<&str>) -> Result<SnapshotInfo> {
-        let mut st = self.disk.exclusive()?;
+        let st = self.disk.exclusive()?;
         self.disk.usable(&st)?;
         let id = st.header.next_snapshot_id;
         let name = match name {
@@ -286,7 +293,7 @@ impl Vdi {
             name,
             scheduled: false,
         };
-        self.disk.take_snapshot(&mut st, new)
+        self.disk.take_snapshot(st, new)
     }
 
     /// One tick of the disk's schedule: takes a snapshot marked as taken
@@ -295,11 +302,11 @@ impl Vdi {
     /// Returns `None`, taking nothing, when the disk has no schedule (it
     /// was switched off while the caller waited for the lock).
     pub fn schedule_tick(&self) -> Result<Option<(SnapshotInfo, DeleteReport)>> {
-        let mut st = self.disk.exclusive()?;
+        let st = self.disk.exclusive()?;
         if st.header.schedule.every_ns == 0 {
             return Ok(None);
         }
-        self.disk.schedule_tick(&mut st).map(Some)
+        self.disk.schedule_tick(st).map(Some)
     }
 
     /// Deletes the scheduled snapshots the retention rules do not keep.

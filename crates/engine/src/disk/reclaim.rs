@@ -13,7 +13,7 @@
 //! committed, and undone in memory if the commit fails before its header.
 
 use crate::disk::commit::NewSnapshot;
-use crate::disk::state::{Disk, DiskState, Origin};
+use crate::disk::state::{Disk, DiskState, Exclusive, Origin};
 use crate::disk::DeleteReport;
 use crate::error::Result;
 use crate::lineage::{exclusive_blocks, intersect, promotions, Delta, SnapshotInfo};
@@ -29,7 +29,11 @@ impl Disk {
     /// that nothing derives from any more (at most one child version, no
     /// clone, no open view), and commits. The live tree is committed first
     /// so that the walks see it exactly.
-    pub(crate) fn delete_versions(&self, st: &mut DiskState, ids: &[u64]) -> Result<DeleteReport> {
+    pub(crate) fn delete_versions(
+        &self,
+        st: &mut Exclusive<'_>,
+        ids: &[u64],
+    ) -> Result<DeleteReport> {
         if st.has_pending() {
             self.commit(st, None)?;
         }
@@ -59,10 +63,13 @@ impl Disk {
     /// committed snapshot trees, then the snapshot is taken with them.
     /// A deletion that would need the live tree as a neighbour while it has
     /// uncommitted changes stays hidden until the next deletion pass.
-    pub(super) fn schedule_tick(&self, st: &mut DiskState) -> Result<(SnapshotInfo, DeleteReport)> {
-        self.usable(st)?;
+    pub(super) fn schedule_tick(
+        &self,
+        mut st: Exclusive<'_>,
+    ) -> Result<(SnapshotInfo, DeleteReport)> {
+        self.usable(&st)?;
         if !st.pending_log.is_empty() || !st.pending_free.is_empty() {
-            self.commit(st, None)?;
+            self.commit(&mut st, None)?;
         }
         let id = st.header.next_snapshot_id;
         let now = now_ns();
@@ -79,18 +86,19 @@ impl Disk {
         let name = format!("{}-{id}", compact_utc(now));
         // With a clean tree the walks see the live tree exactly.
         let live_ok = !st.tree.is_dirty();
-        self.transact(st, |st| {
+        let (report, taken) = self.transact_pipelined(st, |st| {
             self.plan_deletion(st, &expired, &mut report, live_ok)?;
+            // Adding the (visible) new snapshot does not change this.
+            report.hidden = (st.snapshots.len() - st.snapshots.visible_len()) as u64;
             let new = NewSnapshot {
                 id,
                 name,
                 scheduled: true,
             };
-            Ok(((), Some(new)))
+            Ok((report, Some(new)))
         })?;
-        report.hidden = (st.snapshots.len() - st.snapshots.visible_len()) as u64;
-        let snap = st.snapshots.get(id).cloned().ok_or_else(|| {
-            crate::error::Error::Inconsistent("snapshot vanished after commit".into())
+        let snap = taken.ok_or_else(|| {
+            crate::error::Error::Inconsistent("a snapshot commit recorded no snapshot".into())
         })?;
         Ok((snap, report))
     }

@@ -16,6 +16,17 @@
 //!   the store is reopened.
 //! - `deleted` is set, under the exclusive lock, by the store when it
 //!   deletes the disk; every later operation on a handle fails.
+//! - **Lock order: `commit`, then `state`, then `fresh`.** Every commit
+//!   holds the `commit` lock from its start until its header is durable and
+//!   its frees are released, so commits of one disk never overlap; it holds
+//!   `state` exclusively only while it changes the state in memory (see
+//!   `commit.rs`). [`Disk::exclusive`] (management: snapshots, deletions,
+//!   rollback, `gc`) takes both; [`Disk::lock_tree`] (the data path's
+//!   partial writes and discards) takes `state` alone, so it never waits
+//!   for a commit's I/O.
+//! - `staged` holds a commit adopted in memory whose device writes failed
+//!   before its header: every commit writes it first (so a later header
+//!   never lands without the blocks it builds on).
 
 use crate::disk::log::load_log;
 use crate::error::{Error, Result};
@@ -24,7 +35,7 @@ use crate::pool::Pool;
 use crate::time::now_ns;
 use crate::tree::Tree;
 use parallax_format::{DiskRef, LogBlock, LogEntry, Ptr, VdiHeader, TREE_HEIGHT, VDI_FLAG_LINEAGE};
-use parking_lot::{Mutex, RwLock, RwLockWriteGuard};
+use parking_lot::{Mutex, MutexGuard, RwLock, RwLockWriteGuard};
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -61,6 +72,9 @@ pub(crate) struct DiskState {
     /// Blocks to free once the next commit is durable.
     pub(super) pending_free: Vec<u64>,
     pub(super) header_dirty: bool,
+    /// A commit adopted in memory that did not reach the device (see the
+    /// module documentation).
+    pub(super) staged: Option<crate::disk::commit::Staged>,
     pub(super) poisoned: bool,
     pub(super) deleted: bool,
 }
@@ -72,6 +86,7 @@ impl DiskState {
             || !self.pending_log.is_empty()
             || self.header_dirty
             || !self.pending_free.is_empty()
+            || self.staged.is_some()
     }
 
     /// Neither deleted nor poisoned.
@@ -271,6 +286,25 @@ pub(crate) fn verify_allocated(
     }
 }
 
+/// The commit lock and the disk lock, held exclusively ([`Disk::exclusive`]).
+pub(crate) struct Exclusive<'a> {
+    pub(super) commit: MutexGuard<'a, ()>,
+    pub(super) st: RwLockWriteGuard<'a, DiskState>,
+}
+
+impl std::ops::Deref for Exclusive<'_> {
+    type Target = DiskState;
+    fn deref(&self) -> &DiskState {
+        &self.st
+    }
+}
+
+impl std::ops::DerefMut for Exclusive<'_> {
+    fn deref_mut(&mut self) -> &mut DiskState {
+        &mut self.st
+    }
+}
+
 /// See the module documentation.
 pub(crate) struct Disk {
     pub(super) pool: Arc<Pool>,
@@ -278,6 +312,9 @@ pub(crate) struct Disk {
     pub(super) header_addrs: [u64; 2],
     /// In an `Arc` so that an `IoPlan` can hold a read guard of its own.
     pub(super) state: Arc<RwLock<DiskState>>,
+    /// Held by every commit from start to end (see the module
+    /// documentation); always taken before `state`.
+    pub(super) commit: Mutex<()>,
     /// Always taken after `state` (shared or exclusive), never before.
     pub(super) fresh: Mutex<Fresh>,
     pub(super) stripes: Vec<Mutex<()>>,
@@ -317,9 +354,11 @@ impl Disk {
                 pending_log: Vec::new(),
                 pending_free: Vec::new(),
                 header_dirty: false,
+                staged: None,
                 poisoned: false,
                 deleted: false,
             })),
+            commit: Mutex::new(()),
             pool,
             fresh: Mutex::new(Fresh::default()),
             stripes: (0..STRIPES).map(|_| Mutex::new(())).collect(),
@@ -332,18 +371,31 @@ impl Disk {
         self.id
     }
 
-    /// Takes the disk lock exclusively, with fresh writes folded into the
-    /// tree. Every exclusive holder goes through here.
-    pub(crate) fn exclusive(&self) -> Result<RwLockWriteGuard<'_, DiskState>> {
+    /// The commit lock, then the disk lock exclusively, with fresh writes
+    /// folded into the tree: what every operation that commits, or that
+    /// needs no commit in flight, holds.
+    pub(crate) fn exclusive(&self) -> Result<Exclusive<'_>> {
+        let commit = self.commit.lock();
+        let mut st = self.state.write();
+        self.fold_fresh(&mut st)?;
+        Ok(Exclusive { commit, st })
+    }
+
+    /// The disk lock exclusively, fresh writes folded, without the commit
+    /// lock: for the data path, which changes the live tree in memory only
+    /// (a commit in flight has adopted its tree already).
+    pub(super) fn lock_tree(&self) -> Result<RwLockWriteGuard<'_, DiskState>> {
         let mut st = self.state.write();
         self.fold_fresh(&mut st)?;
         Ok(st)
     }
 
-    /// The lock, exclusively, without folding fresh writes: holds the disk
-    /// still (`gc` settles its result under it).
-    pub(crate) fn hold(&self) -> RwLockWriteGuard<'_, DiskState> {
-        self.state.write()
+    /// Both locks, without folding fresh writes: holds the disk still
+    /// (`gc` settles its result under it).
+    pub(crate) fn hold(&self) -> Exclusive<'_> {
+        let commit = self.commit.lock();
+        let st = self.state.write();
+        Exclusive { commit, st }
     }
 
     /// The state, shared, for readers outside the disk module (space).
@@ -375,11 +427,11 @@ impl Disk {
     /// disk go. Nothing to do for a deleted disk; a poisoned one reports
     /// that it cannot.
     pub(crate) fn commit_pending(&self) -> Result<()> {
-        let mut st = self.exclusive()?;
+        let st = self.exclusive()?;
         if st.deleted || (!st.poisoned && !st.has_pending()) {
             return Ok(());
         }
-        self.commit(&mut st, None)
+        self.commit_pipelined(st)
     }
 
     /// Runs `f` on a tree that includes every fresh write: under the shared
@@ -394,7 +446,7 @@ impl Disk {
                 return f(&st);
             }
         }
-        let st = self.exclusive()?;
+        let st = self.lock_tree()?;
         self.usable(&st)?;
         f(&st)
     }
