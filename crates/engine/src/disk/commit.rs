@@ -95,6 +95,14 @@ pub(crate) struct Staged {
     freed: Vec<u64>,
 }
 
+/// A snapshot's delta to compute (see [`Disk::delta_to_parent`]).
+struct DeltaJob {
+    id: u64,
+    root: Ptr,
+    /// `None`: the snapshot derives from an empty disk.
+    parent: Option<Ptr>,
+}
+
 /// How steps 4–6 failed.
 struct StagedError {
     error: Error,
@@ -165,7 +173,7 @@ impl Disk {
         let header_addr = self.header_addrs[st.next_slot];
         let taken = prepared.new_snapshot.clone();
         let blocks = std::mem::take(&mut prepared.blocks);
-        self.adopt(st, &prepared);
+        let job = self.adopt(st, &prepared);
         let mut freed = prepared.freed;
         freed.append(&mut st.pending_free);
         let mut staged = Staged {
@@ -178,6 +186,9 @@ impl Disk {
         // Reads and writes go on from here; the commit lock stays held.
         let Exclusive { commit, st: guard } = ex;
         drop(guard);
+        // Pushed before the commit lock goes: whoever holds the disk
+        // exclusively next (reclamation does) has it.
+        self.record_delta(job, None);
         let written = self.write_staged(&mut staged);
         drop(commit);
         match written {
@@ -292,7 +303,8 @@ impl Disk {
             st.poisoned = true;
             return Err(e);
         }
-        self.adopt(st, &prepared);
+        let job = self.adopt(st, &prepared);
+        self.record_delta(job, Some(st));
         let mut to_free = prepared.freed;
         to_free.append(&mut st.pending_free);
         self.pool.free(&to_free);
@@ -300,23 +312,38 @@ impl Disk {
     }
 
     /// The in-memory half of a commit: the live tree becomes the committed
-    /// one, the header, log and snapshot list move on.
-    fn adopt(&self, st: &mut DiskState, p: &Prepared) {
+    /// one, the header, log and snapshot list move on. Returns the new
+    /// snapshot's delta to compute, if one is kept.
+    fn adopt(&self, st: &mut DiskState, p: &Prepared) -> Option<DeltaJob> {
         st.next_slot = 1 - st.next_slot;
         st.tree.apply(p.header.root);
         st.header = p.header.clone();
         st.header_dirty = false;
         st.pending_log.clear();
+        let mut job = None;
         if let Some(s) = &p.new_snapshot {
-            let id = s.id;
             st.snapshots.insert(s.clone());
-            // Derived data: without it, reclaiming walks the trees instead.
-            let delta = self.delta_to_parent(st, id).unwrap_or(None);
-            st.snapshots.set_delta(id, delta);
+            job = self.delta_job(st, s.id);
         }
         if let Some((block, records)) = &p.new_log {
             st.log_block = Some(block.clone());
             st.log_records = *records;
+        }
+        job
+    }
+
+    /// Computes a new snapshot's delta (derived data: without it,
+    /// reclaiming walks the trees instead) and records it, at once under
+    /// the exclusive lock, or (pipelined) in `Disk::deltas`, which every
+    /// exclusive holder folds in first.
+    fn record_delta(&self, job: Option<DeltaJob>, st: Option<&mut DiskState>) {
+        let Some(job) = job else {
+            return;
+        };
+        let delta = self.delta_to_parent(&job).ok();
+        match st {
+            Some(st) => st.snapshots.set_delta(job.id, delta),
+            None => self.deltas.lock().push((job.id, delta)),
         }
     }
 
@@ -473,32 +500,46 @@ impl Disk {
         Ok(same.then_some(parent.root))
     }
 
-    /// The delta of snapshot `id` to its parent (see `lineage.rs`), walked
-    /// while both trees' nodes are likely cached: right after it is taken.
-    fn delta_to_parent(&self, st: &DiskState, id: u64) -> Result<Option<Delta>> {
+    /// What [`Disk::delta_to_parent`] needs of the state for snapshot
+    /// `id`: `None` when no delta is kept.
+    fn delta_job(&self, st: &DiskState, id: u64) -> Option<DeltaJob> {
         if !st.reclaims() {
-            return Ok(None);
+            return None;
         }
-        let Some(s) = st.snapshots.get(id) else {
-            return Ok(None);
+        let s = st.snapshots.get(id)?;
+        let parent = if s.parent == 0 && st.origin_root().is_null() {
+            None
+        } else {
+            Some(st.version_root(s.parent).ok()?)
         };
-        if s.parent == 0 && st.origin_root().is_null() {
-            return Ok(Some(Delta::default()));
-        }
-        let parent = st.version_root(s.parent)?;
+        Some(DeltaJob {
+            id,
+            root: s.root,
+            parent,
+        })
+    }
+
+    /// The delta of a snapshot to its parent (see `lineage.rs`), walked
+    /// while both trees' nodes are likely cached: right after it is taken.
+    /// Reads immutable trees only: no lock needed.
+    fn delta_to_parent(&self, job: &DeltaJob) -> Result<Delta> {
+        let Some(parent) = job.parent else {
+            return Ok(Delta::default());
+        };
+        let root = job.root;
         let meta = self.pool.meta();
         let mut delta = Delta::default();
-        exclusive_blocks(meta, ROOT_LEVEL, s.root, &[parent], &mut |a, _| {
+        exclusive_blocks(meta, ROOT_LEVEL, root, &[parent], &mut |a, _| {
             delta.born.push(a)
         })?;
-        exclusive_blocks(meta, ROOT_LEVEL, parent, &[s.root], &mut |a, _| {
+        exclusive_blocks(meta, ROOT_LEVEL, parent, &[root], &mut |a, _| {
             delta.dead.push(a)
         })?;
         for list in [&mut delta.born, &mut delta.dead] {
             list.sort_unstable();
             list.dedup();
         }
-        Ok(Some(delta))
+        Ok(delta)
     }
 
     /// Takes the snapshot `new`, committing everything pending with it

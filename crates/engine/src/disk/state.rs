@@ -30,7 +30,7 @@
 
 use crate::disk::log::load_log;
 use crate::error::{Error, Result};
-use crate::lineage::{SnapSet, SnapshotInfo};
+use crate::lineage::{Delta, SnapSet, SnapshotInfo};
 use crate::pool::Pool;
 use crate::time::now_ns;
 use crate::tree::Tree;
@@ -315,6 +315,9 @@ pub(crate) struct Disk {
     /// Held by every commit from start to end (see the module
     /// documentation); always taken before `state`.
     pub(super) commit: Mutex<()>,
+    /// Deltas of snapshots a pipelined commit computed after letting the
+    /// state go; folded in by every exclusive holder (see `commit.rs`).
+    pub(super) deltas: Mutex<Vec<(u64, Option<Delta>)>>,
     /// Always taken after `state` (shared or exclusive), never before.
     pub(super) fresh: Mutex<Fresh>,
     pub(super) stripes: Vec<Mutex<()>>,
@@ -359,6 +362,7 @@ impl Disk {
                 deleted: false,
             })),
             commit: Mutex::new(()),
+            deltas: Mutex::new(Vec::new()),
             pool,
             fresh: Mutex::new(Fresh::default()),
             stripes: (0..STRIPES).map(|_| Mutex::new(())).collect(),
@@ -378,6 +382,7 @@ impl Disk {
         let commit = self.commit.lock();
         let mut st = self.state.write();
         self.fold_fresh(&mut st)?;
+        self.fold_deltas(&mut st);
         Ok(Exclusive { commit, st })
     }
 
@@ -387,7 +392,14 @@ impl Disk {
     pub(super) fn lock_tree(&self) -> Result<RwLockWriteGuard<'_, DiskState>> {
         let mut st = self.state.write();
         self.fold_fresh(&mut st)?;
+        self.fold_deltas(&mut st);
         Ok(st)
+    }
+
+    fn fold_deltas(&self, st: &mut DiskState) {
+        for (id, delta) in self.deltas.lock().drain(..) {
+            st.snapshots.set_delta(id, delta);
+        }
     }
 
     /// Both locks, without folding fresh writes: holds the disk still
