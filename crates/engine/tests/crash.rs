@@ -540,3 +540,50 @@ fn power_cut_inside_the_pipelined_commit_window() {
     }
     assert!(cuts >= 12, "only {cuts} cuts landed in the window");
 }
+
+/// A pipelined commit whose node or bitmap writes fail stays adopted and
+/// staged: the operation reports the error, the disk keeps serving what it
+/// adopted, and the next commit writes the staged one first, so that after
+/// it (and a reopen) everything is there, the snapshot included.
+#[test]
+fn a_failed_pipelined_commit_is_written_by_the_next() {
+    use parallax_device::Fault;
+    // The snapshot's commit writes its nodes (one run), then a bitmap, then
+    // the header: the first two fail before the header (a failing header
+    // write poisons the disk instead, as before).
+    for after_writes in 0..2 {
+        let dev = Arc::new(CrashDevice::new(STORE_BYTES));
+        let store = fresh_store(dev.clone());
+        let d = store.create_vdi("d", 1 << 20).unwrap();
+        d.write(&[1; 65536], 0).unwrap();
+        d.flush().unwrap();
+        d.write(&[2; 8192], 4096).unwrap();
+        dev.inject(Fault::WriteEio { after_writes });
+        let failed = d.snapshot(Some("s"));
+        assert!(failed.is_err(), "after {after_writes} writes: {failed:?}");
+        // Adopted: the snapshot is listed, the disk reads as written.
+        assert!(d.snapshot_info("s").is_ok());
+        let mut buf = vec![0u8; 8192];
+        d.read(&mut buf, 4096).unwrap();
+        assert_eq!(buf, vec![2; 8192]);
+        d.write(&[3; 4096], 32768).unwrap();
+        d.flush().unwrap();
+        drop(d);
+        drop(store);
+        let store = Store::open(dev as Arc<dyn BlockDevice>, &OpenOptions::default()).unwrap();
+        let report = store.check().unwrap();
+        assert!(report.is_clean(), "{:#?}", report.errors);
+        let mut want = vec![1u8; 65536];
+        want[4096..12288].fill(2);
+        let mut buf = vec![0u8; 65536];
+        store
+            .open_snapshot("d", "s")
+            .unwrap()
+            .read(&mut buf, 0)
+            .unwrap();
+        assert!(buf == want, "after {after_writes} writes: the snapshot");
+        want[32768..36864].fill(3);
+        store.open_vdi("d").unwrap().read(&mut buf, 0).unwrap();
+        assert!(buf == want, "after {after_writes} writes: the disk");
+    }
+}

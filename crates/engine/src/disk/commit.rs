@@ -190,10 +190,11 @@ impl Disk {
         // exclusively next (reclamation does) has it.
         self.record_delta(job, None);
         let written = self.write_staged(&mut staged);
-        drop(commit);
-        match written {
+        let result = match written {
             Ok(()) => Ok((value, taken)),
             Err(StagedError { error, poison }) => {
+                // Back in the state before the commit lock goes, so that
+                // the next commit writes it first.
                 let mut st = self.state.write();
                 if poison {
                     st.poisoned = true;
@@ -202,7 +203,9 @@ impl Disk {
                 }
                 Err(error)
             }
-        }
+        };
+        drop(commit);
+        result
     }
 
     /// Commits everything pending, pipelined.
