@@ -38,18 +38,33 @@ use tokio::sync::oneshot;
 /// Submission queue entries; the completion queue gets twice as many.
 const RING_ENTRIES: u32 = 1024;
 
+/// Work a completion could not do without waiting on a disk lock; it runs
+/// on the blocking pool, and the operation's result is handed back after.
+pub type Deferred = Box<dyn FnOnce() + Send>;
+
 /// What an operation holds until its transfers are over, told how they
 /// went. The reaper calls it as soon as the last transfer completes, even
-/// if the submitting task is gone.
+/// if the submitting task is gone. It must not block: what would wait for
+/// a lock comes back as [`Deferred`].
 pub trait Completion: Send {
-    fn complete(self: Box<Self>, ok: bool);
+    fn complete(self: Box<Self>, ok: bool) -> Option<Deferred>;
 }
 
 /// An engine plan: a write's new blocks join the disk on success and go
 /// back to the pool on failure; the disk is unpinned either way.
 impl Completion for IoPlan {
-    fn complete(self: Box<Self>, ok: bool) {
-        self.finish(ok);
+    fn complete(self: Box<Self>, ok: bool) -> Option<Deferred> {
+        match (*self).try_finish(ok) {
+            Ok(()) => None,
+            Err(plan) => Some(Box::new(move || plan.finish(ok))),
+        }
+    }
+}
+
+/// Completes `keep` where waiting is allowed (failures never wait).
+fn complete_here(keep: Box<dyn Completion>, ok: bool) {
+    if let Some(work) = keep.complete(ok) {
+        work();
     }
 }
 
@@ -176,13 +191,15 @@ impl Uring {
         keep: Box<dyn Completion>,
     ) -> (AlignedBuf, io::Result<()>) {
         if transfers.is_empty() {
-            keep.complete(true);
+            if let Some(work) = keep.complete(true) {
+                let _ = tokio::task::spawn_blocking(work).await;
+            }
             return (buf, Ok(()));
         }
         if transfers.len() > RING_ENTRIES as usize
             || transfers.iter().any(|t| t.buf.end > buf.len())
         {
-            keep.complete(false);
+            complete_here(keep, false);
             let e = io::Error::other("transfer list does not fit the ring or the buffer");
             return (buf, Err(e));
         }
@@ -227,7 +244,7 @@ impl Uring {
                 None => (None, None),
             };
             if let Some(keep) = keep {
-                keep.complete(false);
+                complete_here(keep, false);
             }
             return Err((buf.unwrap_or_else(|| AlignedBuf::zeroed(0)), Err(e)));
         }
@@ -365,11 +382,23 @@ impl Uring {
         }
         for mut op in finished {
             let outcome = op.failure.take().map_or(Ok(()), Err);
-            if let Some(keep) = op.keep.take() {
-                keep.complete(outcome.is_ok());
-            }
-            if let (Some(done), Some(buf)) = (op.done.take(), op.buf.take()) {
-                let _ = done.send((buf, outcome));
+            let deferred = op.keep.take().and_then(|k| k.complete(outcome.is_ok()));
+            let reply = move || {
+                if let (Some(done), Some(buf)) = (op.done.take(), op.buf.take()) {
+                    let _ = done.send((buf, outcome));
+                }
+            };
+            match deferred {
+                None => reply(),
+                // The result goes back only once the plan is finished, so
+                // that a write's reply never precedes its blocks joining
+                // the disk.
+                Some(work) => {
+                    tokio::task::spawn_blocking(move || {
+                        work();
+                        reply();
+                    });
+                }
             }
         }
     }
@@ -393,8 +422,9 @@ mod tests {
     struct Keep(Arc<Mutex<Option<bool>>>);
 
     impl Completion for Keep {
-        fn complete(self: Box<Self>, ok: bool) {
+        fn complete(self: Box<Self>, ok: bool) -> Option<Deferred> {
             *lock(&self.0) = Some(ok);
+            None
         }
     }
 

@@ -146,6 +146,20 @@ impl Disk {
         usable
     }
 
+    /// Gives back the new blocks of writes that failed or were abandoned
+    /// (no lock needed: no tree or map has them yet).
+    pub(super) fn abandon_fresh(&self, links: &[(u64, u64)]) {
+        let unused: Vec<u64> = {
+            let mut fresh = self.fresh.lock();
+            links
+                .iter()
+                .map(|&(_, addr)| addr)
+                .filter(|addr| fresh.in_flight.remove(addr))
+                .collect()
+        };
+        self.pool.free(&unused);
+    }
+
     fn read_data(&self, addr: u64, buf: &mut [u8]) -> Result<()> {
         self.pool
             .meta()

@@ -9,9 +9,15 @@
 //! tests carry plans too.
 //!
 //! Invariants:
-//! - While a plan lives it holds its disk's lock shared (as `Vdi::read`
-//!   does for its duration), so the blocks it names cannot be freed or
-//!   reused, and commits, snapshots and allocating writes wait for it.
+//! - While a read plan, or a write plan that writes a block in place,
+//!   lives it holds its disk's lock shared (as `Vdi::read` does for its
+//!   duration), so the blocks it names cannot be freed or reused, and a
+//!   snapshot cannot share a block while it is being written in place.
+//! - A write plan whose blocks are all new holds no lock while its data
+//!   moves (no one else can see those blocks): a commit or a snapshot does
+//!   not wait for it. It takes the lock shared again to publish them
+//!   ([`IoPlan::finish`]; [`IoPlan::try_finish`] for threads that must not
+//!   wait).
 //! - A write plan's new blocks join the disk only in [`IoPlan::finish`]
 //!   with `ok`; on failure, or if the plan is dropped unfinished, they go
 //!   back to the pool. They are in `Fresh.in_flight` meanwhile, so `gc`
@@ -83,26 +89,63 @@ impl IoPlan {
     /// Ends the plan after every transfer has completed. With `ok`, the
     /// blocks a write allocated become part of the disk (visible to reads
     /// from now on); otherwise they go back to the free pool. Dropping a
-    /// plan without calling this counts as a failure.
+    /// plan without calling this counts as a failure. May wait briefly for
+    /// the disk's lock (see the module documentation).
     pub fn finish(mut self, ok: bool) {
-        self.complete(ok);
+        self.complete(ok, true);
     }
 
-    fn complete(&mut self, ok: bool) {
-        if self.links.is_empty() {
-            return;
+    /// [`IoPlan::finish`] without waiting: gives the plan back if it would
+    /// have to wait for the disk's lock (call [`IoPlan::finish`] then, on a
+    /// thread that may wait).
+    pub fn try_finish(mut self, ok: bool) -> std::result::Result<(), IoPlan> {
+        if self.complete(ok, false) {
+            Ok(())
+        } else {
+            Err(self)
         }
-        if let (Some(disk), Some(pin)) = (&self.disk, &self.pin) {
-            // A deleted disk gives its blocks back: nothing to report.
-            let _ = disk.publish_fresh(pin, &self.links, ok);
+    }
+
+    /// Publishes or gives back the plan's new blocks; `false` if that
+    /// needed the lock and `wait` is off.
+    fn complete(&mut self, ok: bool, wait: bool) -> bool {
+        if self.links.is_empty() {
+            return true;
+        }
+        let Some(disk) = &self.disk else {
+            return true;
+        };
+        if !ok {
+            disk.abandon_fresh(&self.links);
+            self.links.clear();
+            return true;
+        }
+        // A deleted disk gives its blocks back: nothing to report.
+        match &self.pin {
+            Some(pin) => {
+                let _ = disk.publish_fresh(pin, &self.links, true);
+            }
+            None => {
+                let st = if wait {
+                    Some(disk.state.read())
+                } else {
+                    disk.state.try_read()
+                };
+                let Some(st) = st else {
+                    return false;
+                };
+                let _ = disk.publish_fresh(&st, &self.links, true);
+            }
         }
         self.links.clear();
+        true
     }
 }
 
 impl Drop for IoPlan {
     fn drop(&mut self) {
-        self.complete(false);
+        // Never waits: a failure needs no lock.
+        self.complete(false, false);
     }
 }
 
@@ -256,13 +299,15 @@ impl Vdi {
                 runs.push(k as u64, addr);
             }
         }
+        // Only new blocks: nothing to hold the disk for while they move.
+        let in_place = links.len() < found.len();
         Ok(Some(IoPlan {
             transfers: runs.into_transfers(),
             zeros: Vec::new(),
             dev: disk.pool.meta().dev.clone(),
             links,
             disk: Some(disk.clone()),
-            pin: Some(st),
+            pin: in_place.then_some(st),
             _owner: self.owner.clone(),
         }))
     }
@@ -317,12 +362,15 @@ mod tests {
         assert!(buf.iter().all(|&b| b == 0), "a failed write became visible");
     }
 
-    /// A plan holds its disk's lock shared until it is finished: commits
-    /// (and snapshots, gc) wait for the data it names to finish moving.
+    /// A plan that writes in place holds its disk's lock shared until it
+    /// is finished: a snapshot waits for the data to finish moving (else
+    /// it could share a block a write is still changing).
     #[test]
-    fn a_plan_holds_off_commits_until_it_is_finished() {
+    fn an_in_place_plan_holds_off_snapshots_until_it_is_finished() {
         let store = store();
         let d = store.create_vdi("d", 1 << 20).unwrap();
+        d.write(&[1; 2 * 4096], 0).unwrap();
+        d.flush().unwrap();
         let plan = d.try_plan_write(0, 2 * 4096).unwrap().expect("a plan");
         plan.execute(&mut vec![9; 2 * 4096], true).unwrap();
         let (tx, rx) = std::sync::mpsc::channel();
@@ -334,7 +382,7 @@ mod tests {
         std::thread::sleep(std::time::Duration::from_millis(100));
         assert!(
             rx.try_recv().is_err(),
-            "a snapshot went past a plan in flight"
+            "a snapshot went past an in-place plan in flight"
         );
         plan.finish(true);
         t.join().unwrap();
@@ -345,6 +393,37 @@ mod tests {
             buf.iter().all(|&b| b == 9),
             "the snapshot missed the planned write"
         );
+        let report = store.check().unwrap();
+        assert!(report.is_clean() && report.leaked_blocks == 0, "{report:?}");
+    }
+
+    /// A plan that only writes new blocks holds nothing while its data
+    /// moves: a snapshot goes ahead (the write, not finished, is not in
+    /// it), and the blocks join the live disk when the plan finishes.
+    #[test]
+    fn a_plan_of_new_blocks_does_not_hold_off_snapshots() {
+        let store = store();
+        let d = store.create_vdi("d", 1 << 20).unwrap();
+        let plan = d.try_plan_write(0, 2 * 4096).unwrap().expect("a plan");
+        plan.execute(&mut vec![9; 2 * 4096], true).unwrap();
+        d.snapshot(Some("s")).unwrap();
+        plan.try_finish(true).expect("the lock is free");
+        let mut buf = vec![0u8; 2 * 4096];
+        store
+            .open_snapshot("d", "s")
+            .unwrap()
+            .read(&mut buf, 0)
+            .unwrap();
+        assert!(
+            buf.iter().all(|&b| b == 0),
+            "an unfinished write is in the snapshot"
+        );
+        d.read(&mut buf, 0).unwrap();
+        assert!(
+            buf.iter().all(|&b| b == 9),
+            "the finished write is not in the disk"
+        );
+        d.flush().unwrap();
         let report = store.check().unwrap();
         assert!(report.is_clean() && report.leaked_blocks == 0, "{report:?}");
     }
