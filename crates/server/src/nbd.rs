@@ -120,16 +120,21 @@ impl StoreExports<'_> {
 }
 
 impl Exports for StoreExports<'_> {
-    // Export lookups open disks (the catalogue lock, device reads): off the
-    // runtime's threads, which must never wait on disk locks (see the uring
-    // module). Nothing else in a handshake blocks.
+    // Export lookups open disks (the catalogue lock, device reads) and read
+    // their size (the disk's lock, shared: it waits behind a snapshot
+    // waiting for planned I/O that only the runtime completes): off the
+    // runtime's threads, which must never wait on disk locks (see the
+    // uring module). Nothing else in a handshake blocks.
     fn lookup(&self, name: &str) -> Option<ExportInfo> {
-        let target = off_runtime(|| open_target(self.service, name)).ok()?;
-        let info = ExportInfo {
-            size: target.size(),
-            read_only: target.writable().is_none(),
-            description: None,
-        };
+        let (target, info) = off_runtime(|| {
+            let target = open_target(self.service, name).ok()?;
+            let info = ExportInfo {
+                size: target.size(),
+                read_only: target.writable().is_none(),
+                description: None,
+            };
+            Some((target, info))
+        })?;
         if let Ok(mut last) = self.last.lock() {
             *last = Some((name.to_string(), target));
         }
