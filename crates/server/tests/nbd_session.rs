@@ -572,3 +572,44 @@ async fn recycled_read_buffers_never_show_earlier_bytes() {
         cookie += 1;
     }
 }
+
+/// A handshake that must wait for a disk's lock (here: behind a snapshot
+/// that waits for an in-place planned write to finish) waits off the
+/// runtime's threads: the runtime goes on running other tasks, among them
+/// the ones that finish planned I/O. (On its one worker thread, a lookup
+/// that blocked there stopped everything: the soak's deadlock.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+async fn a_handshake_waiting_for_a_disk_lock_leaves_the_runtime_running() {
+    let f = fixture();
+    let vdi = f.service.store().open_vdi("d").unwrap();
+    vdi.write(&[1; 4096], 0).unwrap();
+    vdi.flush().unwrap();
+    // An in-place write in flight: the disk is held shared until it ends.
+    let plan = vdi.try_plan_write(0, 4096).unwrap().expect("a plan");
+    let snapper = vdi.clone();
+    let snapshot = std::thread::spawn(move || snapper.snapshot(Some("s")).unwrap());
+    // The snapshot now waits for the plan, and new readers wait behind it.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let connecting = tokio::spawn(async move {
+        let c = f.connect("d", false).await;
+        drop(c);
+        f
+    });
+    std::thread::sleep(Duration::from_millis(100));
+    // Waited for with std primitives: with the runtime stuck, its timers
+    // would never fire.
+    let (tx, rx) = std::sync::mpsc::channel();
+    tokio::spawn(async move { tx.send(7).unwrap() });
+    let ran = rx.recv_timeout(Duration::from_secs(3));
+    plan.finish(true);
+    assert_eq!(
+        ran,
+        Ok(7),
+        "the runtime stopped while a handshake waited for a disk lock"
+    );
+    snapshot.join().unwrap();
+    tokio::time::timeout(Duration::from_secs(10), connecting)
+        .await
+        .expect("the handshake never finished")
+        .unwrap();
+}
