@@ -31,7 +31,6 @@
 //! - Nothing is written while a decision is missing.
 
 use crate::error::{Error, Result};
-use crate::meta::MetaIo;
 use crate::store::catalog::{read_header_copies, remove_entry};
 use crate::store::check::Marking;
 use crate::store::Store;
@@ -143,22 +142,18 @@ fn walk_copy(
     let pool = store.pool();
     let mut m = Marking::default();
     let owned = m.mark_disk(store, &entry.name, &header);
-    let servable = root_and_log_readable(pool.meta(), &header, store);
+    let servable = root_and_log_readable(store, &header);
     let marked_free = m.roles.keys().filter(|&&a| !pool.is_allocated(a)).count() as u64;
-    let mut unreadable = m.errors.clone();
-    unreadable.truncate(LISTED);
+    let mut unreadable: Vec<String> = m.errors.iter().take(LISTED).cloned().collect();
+    if m.errors.len() > LISTED {
+        unreadable.push(format!("and {} more", m.errors.len() - LISTED));
+    }
     let report = HeaderCopy {
         slot,
         generation: Ok(header.generation),
         blocks: m.roles.len() as u64,
         marked_free,
-        unreadable: if m.errors.len() > LISTED {
-            let more = m.errors.len() - LISTED;
-            unreadable.push(format!("and {more} more"));
-            unreadable
-        } else {
-            unreadable
-        },
+        unreadable,
         servable,
     };
     let walked = Walked {
@@ -170,7 +165,10 @@ fn walk_copy(
     (report, Some(walked))
 }
 
-fn root_and_log_readable(meta: &MetaIo, header: &VdiHeader, store: &Store) -> bool {
+/// Whether a disk can be opened at this header: its root and its snapshot
+/// log read back.
+fn root_and_log_readable(store: &Store, header: &VdiHeader) -> bool {
+    let meta = store.pool().meta();
     let root =
         header.root.is_null() || meta.load_node(header.root, (TREE_HEIGHT - 1) as u8).is_ok();
     root && crate::disk::log::read_chain(store.pool(), header.log_head, header.vdi_id).is_ok()
