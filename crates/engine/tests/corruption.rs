@@ -378,8 +378,17 @@ fn repaired(h: &History, image: Vec<u8>, what: &str) {
     );
 }
 
+/// Cases to run: `PROPTEST_CASES` overrides the count CI runs (long runs
+/// by hand).
+fn cases(ci: u32) -> u32 {
+    std::env::var("PROPTEST_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(ci)
+}
+
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 200, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: cases(200), ..ProptestConfig::default() })]
     #[test]
     fn damaged_metadata_never_serves_wrong_data(
         seed in any::<u8>(),
