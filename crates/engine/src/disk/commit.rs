@@ -564,6 +564,34 @@ mod tests {
     use parallax_device::{CrashDevice, Fault};
     use std::sync::Arc;
 
+    /// A FLUSH waits for the commit in flight (held here by taking its
+    /// lock): that commit's adopted tree may hold writes completed before
+    /// the FLUSH, durable only once its header is. This holds even when
+    /// the FLUSH itself has nothing to commit.
+    #[test]
+    fn a_flush_waits_for_the_commit_in_flight() {
+        let store = Store::create(
+            Arc::new(parallax_device::MemDevice::new(16 << 20)),
+            &CreateOptions::default(),
+        )
+        .unwrap();
+        let d = store.create_vdi("d", 1 << 20).unwrap();
+        d.write(&[1; 4096], 0).unwrap();
+        d.flush().unwrap();
+        let in_flight = d.disk().commit.lock();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let d2 = d.clone();
+        let t = std::thread::spawn(move || tx.send(d2.flush().is_ok()).unwrap());
+        let early = rx.recv_timeout(std::time::Duration::from_millis(200));
+        drop(in_flight);
+        assert!(
+            early.is_err(),
+            "a FLUSH returned while a commit was in flight"
+        );
+        assert_eq!(rx.recv().unwrap(), true);
+        t.join().unwrap();
+    }
+
     /// A transaction whose commit fails before its header goes back to its
     /// savepoint: the in-memory change is undone, and the disk works on.
     #[test]

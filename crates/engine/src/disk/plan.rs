@@ -406,8 +406,17 @@ mod tests {
         let d = store.create_vdi("d", 1 << 20).unwrap();
         let plan = d.try_plan_write(0, 2 * 4096).unwrap().expect("a plan");
         plan.execute(&mut vec![9; 2 * 4096], true).unwrap();
-        d.snapshot(Some("s")).unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let d2 = d.clone();
+        let t = std::thread::spawn(move || tx.send(d2.snapshot(Some("s")).is_ok()).unwrap());
+        let taken = rx.recv_timeout(std::time::Duration::from_secs(2));
         plan.try_finish(true).expect("the lock is free");
+        assert_eq!(
+            taken,
+            Ok(true),
+            "a snapshot waited for a plan of new blocks"
+        );
+        t.join().unwrap();
         let mut buf = vec![0u8; 2 * 4096];
         store
             .open_snapshot("d", "s")
