@@ -588,7 +588,7 @@ mod tests {
             early.is_err(),
             "a FLUSH returned while a commit was in flight"
         );
-        assert_eq!(rx.recv().unwrap(), true);
+        assert!(rx.recv().unwrap(), "the FLUSH failed");
         t.join().unwrap();
     }
 
