@@ -25,6 +25,8 @@
 //! `PROPTEST_CASES=5000 cargo test -p parallax-engine --test corruption`
 //! runs it longer.
 
+mod common;
+
 use parallax_device::{BlockDevice, MemDevice};
 use parallax_engine::{CreateOptions, OpenOptions, ReadDisk, RepairOptions, Store};
 use parallax_format::MAGIC;
@@ -378,17 +380,8 @@ fn repaired(h: &History, image: Vec<u8>, what: &str) {
     );
 }
 
-/// Cases to run: `PROPTEST_CASES` overrides the count CI runs (long runs
-/// by hand).
-fn cases(ci: u32) -> u32 {
-    std::env::var("PROPTEST_CASES")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(ci)
-}
-
 proptest! {
-    #![proptest_config(ProptestConfig { cases: cases(200), ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: common::proptest_cases(200), ..ProptestConfig::default() })]
     #[test]
     fn damaged_metadata_never_serves_wrong_data(
         seed in any::<u8>(),

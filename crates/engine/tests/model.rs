@@ -83,17 +83,8 @@ fn run(ops: &[Op]) -> Runner {
     runner
 }
 
-/// Cases to run: `PROPTEST_CASES` overrides the count CI runs (long runs
-/// by hand).
-fn cases(ci: u32) -> u32 {
-    std::env::var("PROPTEST_CASES")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(ci)
-}
-
 proptest! {
-    #![proptest_config(ProptestConfig { cases: cases(256), ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: common::proptest_cases(256), ..ProptestConfig::default() })]
     #[test]
     fn store_matches_model(ops in proptest::collection::vec(op_strategy(), 1..120)) {
         run(&ops);

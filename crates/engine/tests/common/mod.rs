@@ -1,4 +1,4 @@
-//! Shared by the model and crash tests: operations, an in-memory model of
+//! Shared by the model, crash and corruption tests: operations, an in-memory model of
 //! what every disk and snapshot must contain, and a runner applying the
 //! same operation to the store and to the model.
 
@@ -581,4 +581,13 @@ impl Runner {
         let expected: Vec<String> = self.model.disks.keys().cloned().collect();
         assert_eq!(names, expected);
     }
+}
+
+/// Property-test cases to run: `PROPTEST_CASES` overrides the count CI
+/// runs (long runs by hand).
+pub fn proptest_cases(ci: u32) -> u32 {
+    std::env::var("PROPTEST_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(ci)
 }
