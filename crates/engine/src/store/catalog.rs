@@ -388,7 +388,7 @@ impl Store {
         let mut allocated = Vec::new();
         // The header written to slot A (the newer of the two).
         let mut newest = None;
-        let result = (|| -> Result<(RegistryEntry, Ptr, Option<u64>, RegistryBlock)> {
+        let result = (|| -> Result<(RegistryEntry, Vec<NewBlock>)> {
             let mut allocate = || pool.allocate(0);
             let header_a = allocate()?;
             allocated.push(header_a);
@@ -427,25 +427,22 @@ impl Store {
                 header_b,
                 name: name.to_string(),
             };
-            let mut block = catalog.registry[slot].clone().unwrap_or_default();
-            block.entries.push(entry.clone());
-            let (ptr, old) =
-                write_registry_block(pool, catalog, slot, &block, &mut allocated, &mut blocks)?;
-            meta.write_many(blocks, "a new disk's headers, root and registry block")?;
-            Ok((entry, ptr, old, block))
+            Ok((entry, blocks))
         })();
-        let (entry, ptr, old, block) = match result {
+        let (entry, blocks) = match result {
             Ok(r) => r,
             Err(e) => {
                 pool.free(&allocated);
                 return Err(e);
             }
         };
-        let mut sb = catalog.sb.clone();
-        sb.registry[slot] = ptr;
-        sb.next_vdi_id += 1;
-        commit_superblock(pool, catalog, sb, &allocated)?;
-        catalog.set_slot(slot, Some(block));
+        let mut block = catalog.registry[slot].clone().unwrap_or_default();
+        block.entries.push(entry.clone());
+        let what = "a new disk's headers, root and registry block";
+        let old =
+            replace_registry_slot(pool, catalog, slot, block, blocks, allocated, what, |sb| {
+                sb.next_vdi_id += 1
+            })?;
         pool.free(&old.into_iter().collect::<Vec<_>>());
         match newest {
             // Opened from the header just written rather than read back.
@@ -539,28 +536,61 @@ pub(super) fn remove_entry(
 ) -> Result<Option<u64>> {
     let mut block = catalog.registry[slot].clone().unwrap_or_default();
     block.entries.retain(|e| e.vdi_id != vdi_id);
-    let mut allocated = Vec::new();
-    let (ptr, old) = if block.entries.is_empty() {
-        let old = catalog.sb.registry[slot].addr();
-        (Ptr::NULL, Some(old))
+    let what = "a registry block";
+    replace_registry_slot(
+        pool,
+        catalog,
+        slot,
+        block,
+        Vec::new(),
+        Vec::new(),
+        what,
+        |_| {},
+    )
+}
+
+/// A block to write: its address and content.
+type NewBlock = (u64, Box<Block>);
+
+/// The end of every catalogue change: registry slot `slot` becomes `block`
+/// (written to a new location together with the change's other new
+/// `blocks`; an empty block clears the slot), then the superblock, edited
+/// by `edit`, is committed. `allocated`: the blocks the change allocated,
+/// given back if it fails. Returns the slot's old block, to free.
+#[allow(clippy::too_many_arguments)]
+fn replace_registry_slot(
+    pool: &Pool,
+    catalog: &mut Catalog,
+    slot: usize,
+    block: RegistryBlock,
+    mut blocks: Vec<NewBlock>,
+    mut allocated: Vec<u64>,
+    what: &str,
+    edit: impl FnOnce(&mut Superblock),
+) -> Result<Option<u64>> {
+    let written = if block.entries.is_empty() {
+        let old = catalog.sb.registry[slot];
+        pool.meta()
+            .write_many(blocks, what)
+            .map(|_| (Ptr::NULL, (!old.is_null()).then(|| old.addr())))
     } else {
-        let mut blocks = Vec::new();
-        let written =
-            write_registry_block(pool, catalog, slot, &block, &mut allocated, &mut blocks)
-                .and_then(|r| {
-                    pool.meta().write_many(blocks, "a registry block")?;
-                    Ok(r)
-                });
-        match written {
-            Ok(r) => r,
-            Err(e) => {
-                pool.free(&allocated);
-                return Err(e);
-            }
+        write_registry_block(pool, catalog, slot, &block, &mut allocated, &mut blocks).and_then(
+            |r| {
+                pool.meta().write_many(blocks, what)?;
+                Ok(r)
+            },
+        )
+    };
+    let (ptr, old) = match written {
+        Ok(r) => r,
+        Err(e) => {
+            pool.free(&allocated);
+            return Err(e);
         }
     };
     let mut sb = catalog.sb.clone();
     sb.registry[slot] = ptr;
+    edit(&mut sb);
     commit_superblock(pool, catalog, sb, &allocated)?;
     catalog.set_slot(slot, (!block.entries.is_empty()).then_some(block));
     Ok(old)
