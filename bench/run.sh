@@ -51,7 +51,8 @@
 #
 # Knobs (environment): ROUNDS RUNTIME SIZE AGG BENCH_DIR PARALLAX_BIN QUICK
 #   SIZE_C (c: disk size, default 256M: one pass = 65,536 writes)
-#   DEPTH (d: 100)  E_CLONES E_SNAPS (e: 1000 each)  E_QCOW2 (e: 100 qcow2
+#   DEPTH (d: 100)  E_CLONES E_SNAPS (e: 1000 each)  E_EVERY_MS (e: 20, one
+#   snapshot request per 20 ms)  E_QCOW2 (e: 100 qcow2
 #   snapshots for context, 0 = skip)  F_DISKS F_MIB (f: 100 disks, 16 MiB each)
 #   META_SIZE (f: 1G written per fill pattern)  G_EVERY G_KEEP (g: 10ms, 100)
 set -euo pipefail
@@ -66,7 +67,8 @@ fi
 ROUNDS=${ROUNDS:-2} RUNTIME=${RUNTIME:-5} SIZE=${SIZE:-1G} SIZE_C=${SIZE_C:-256M}
 DEPTH=${DEPTH:-100} E_CLONES=${E_CLONES:-1000} E_SNAPS=${E_SNAPS:-1000} E_QCOW2=${E_QCOW2:-100}
 F_DISKS=${F_DISKS:-100} F_MIB=${F_MIB:-16} META_SIZE=${META_SIZE:-1G} AGG=${AGG:-best}
-export ROUNDS RUNTIME SIZE SIZE_C DEPTH E_CLONES E_SNAPS E_QCOW2 F_DISKS F_MIB META_SIZE AGG
+E_EVERY_MS=${E_EVERY_MS:-20}
+export ROUNDS RUNTIME SIZE SIZE_C DEPTH E_CLONES E_SNAPS E_EVERY_MS E_QCOW2 F_DISKS F_MIB META_SIZE AGG
 
 # shellcheck source=bench/lib.sh
 source "$ROOT/bench/lib.sh"

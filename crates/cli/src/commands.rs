@@ -264,8 +264,8 @@ pub fn schedule(ctx: &Context, disk: &str, spec: Option<ScheduleSpec>, off: bool
     print(&text)
 }
 
-pub fn snapshot(ctx: &Context, target: &DiskRef) -> Result<()> {
-    let s = ctx.write(|api| api.snapshot(&target.disk, target.snapshot.as_deref()))?;
+pub fn snapshot(ctx: &Context, target: &DiskRef, durable: bool) -> Result<()> {
+    let s = ctx.write(|api| api.snapshot(&target.disk, target.snapshot.as_deref(), durable))?;
     if ctx.json {
         return print_json(&s);
     }

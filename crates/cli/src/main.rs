@@ -106,6 +106,12 @@ enum Command {
         /// The disk, and optionally the snapshot's name.
         #[arg(value_name = "NAME[@SNAP]", value_parser = parse_disk_ref)]
         target: DiskRef,
+        /// Return once the snapshot is taken in memory (readable, listed,
+        /// and what later writes are made against) instead of once it is
+        /// durable; it becomes durable within milliseconds, or with the
+        /// disk's next flush. A crash before loses it, and no flushed write.
+        #[arg(long)]
+        no_wait: bool,
     },
     /// List the snapshots of a disk.
     Snapshots {
@@ -344,7 +350,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Create { name, size } => commands::create(&ctx, name, *size),
         Command::List => commands::list(&ctx),
         Command::Info { target } => commands::info(&ctx, target),
-        Command::Snapshot { target } => commands::snapshot(&ctx, target),
+        Command::Snapshot { target, no_wait } => commands::snapshot(&ctx, target, !no_wait),
         Command::Snapshots { name } => commands::snapshots(&ctx, name),
         Command::Clone { source, new } => commands::clone(&ctx, source, new),
         Command::Rollback { target } => commands::rollback(&ctx, target),

@@ -1764,7 +1764,7 @@ fn snapshots_and_clones_while_writing() {
     if !have_tools() {
         return;
     }
-    let d = Daemon::new();
+    let mut d = Daemon::new();
     d.ok(&["create", "D", "--size", "64M"]);
     let (a, b, c) = (0xaa_u8, 0xbb_u8, 0xcc_u8);
     qemu_io(&d.unix_uri("D"), &[format!("write -P {a:#x} 0 4M")]).ok();
@@ -1813,6 +1813,8 @@ fn snapshots_and_clones_while_writing() {
         thread::sleep(Duration::from_millis(100));
     }
     assert_eq!(d.ok(&["snapshot", "D@s2"]), "D@s2\n");
+    // One that answers before it is durable, mid-write too.
+    assert_eq!(d.ok(&["snapshot", "D@s3", "--no-wait"]), "D@s3\n");
     for _ in 0..3 {
         qemu_io_ro(&d.tcp_uri("D@s1"), &s1_reads).ok();
     }
@@ -1906,6 +1908,28 @@ fn snapshots_and_clones_while_writing() {
         "writes to the clone changed D"
     );
     qemu_io_ro(&d.unix_uri("D@s1"), &s1_reads).ok();
+    assert_eq!(d.json(&["check"])["clean"], true);
+
+    // The --no-wait snapshot was made durable in the background: after
+    // kill -9 it is there, with what it held before.
+    let s3 = d.path("s3.raw");
+    let s3_after = d.path("s3-after.raw");
+    run(tool(
+        "nbdcopy",
+        &[&d.unix_uri("D@s3"), s3.to_str().unwrap()],
+    ))
+    .ok();
+    d.kill9();
+    d.start();
+    run(tool(
+        "nbdcopy",
+        &[&d.unix_uri("D@s3"), s3_after.to_str().unwrap()],
+    ))
+    .ok();
+    assert!(
+        fs::read(&s3).unwrap() == fs::read(&s3_after).unwrap(),
+        "D@s3 changed across kill -9"
+    );
     assert_eq!(d.json(&["check"])["clean"], true);
 }
 

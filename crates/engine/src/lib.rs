@@ -26,7 +26,8 @@ mod time;
 mod tree;
 
 pub use disk::{
-    DeleteReport, Extent, IoPlan, ReadDisk, SnapshotView, Transfer, Vdi, VdiInfo, MAX_VDI_SIZE,
+    DeleteReport, Durability, Extent, IoPlan, ReadDisk, SnapshotView, Transfer, Vdi, VdiInfo,
+    MAX_VDI_SIZE,
 };
 pub use error::{Error, Result};
 pub use lineage::SnapshotInfo;

@@ -53,7 +53,11 @@ fn sequence(seed: u64, len: usize) -> Vec<Op> {
                 len: r.next() as u32,
             },
             12..=14 => Op::Flush { disk: r.byte() },
-            15 | 16 => Op::Snapshot { disk: r.byte() },
+            15 => Op::Snapshot { disk: r.byte() },
+            16 => Op::SnapshotDeferred {
+                disk: r.byte(),
+                then_durable: r.byte() % 2 == 0,
+            },
             17 | 18 => Op::Clone {
                 disk: r.byte(),
                 snap: r.byte(),
@@ -90,7 +94,11 @@ fn deletion_sequence(seed: u64, len: usize) -> Vec<Op> {
                 seed: r.byte(),
             },
             14..=16 => Op::Flush { disk: r.byte() },
-            17..=20 => Op::Snapshot { disk: r.byte() },
+            17..=19 => Op::Snapshot { disk: r.byte() },
+            20 => Op::SnapshotDeferred {
+                disk: r.byte(),
+                then_durable: r.byte() % 2 == 0,
+            },
             21..=26 => Op::ScheduleTick {
                 disk: r.byte(),
                 keep: r.byte(),
@@ -235,6 +243,9 @@ fn verify_after_crash(image: Vec<u8>, runner: &Runner, what: &str) {
             }
             _ => {}
         }
+        // A deferred snapshot not yet made durable may be lost; if it is
+        // there it must be intact (checked below).
+        want.retain(|(n, _)| !m.unsure.contains(n) || d.snapshot_info(n).is_ok());
         let mut got: Vec<String> = d.snapshots().into_iter().map(|s| s.name).collect();
         let mut want_names: Vec<String> = want.iter().map(|(n, _)| n.clone()).collect();
         got.sort();

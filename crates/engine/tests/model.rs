@@ -23,6 +23,8 @@ fn op_strategy() -> impl Strategy<Value = Op> {
             .prop_map(|(disk, offset, len)| Op::WriteZeroes { disk, offset, len }),
         3 => any::<u8>().prop_map(|disk| Op::Flush { disk }),
         3 => any::<u8>().prop_map(|disk| Op::Snapshot { disk }),
+        2 => (any::<u8>(), any::<bool>())
+            .prop_map(|(disk, then_durable)| Op::SnapshotDeferred { disk, then_durable }),
         2 => (any::<u8>(), any::<u8>()).prop_map(|(disk, snap)| Op::Clone { disk, snap }),
         1 => (any::<u8>(), any::<u8>()).prop_map(|(disk, snap)| Op::Rollback { disk, snap }),
         3 => (any::<u8>(), any::<u8>()).prop_map(|(disk, snap)| Op::DeleteSnapshot { disk, snap }),

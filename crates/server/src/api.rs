@@ -312,8 +312,10 @@ pub trait Api {
     fn list(&self) -> ApiResult<Vec<DiskInfo>>;
     fn disk(&self, name: &str) -> ApiResult<DiskInfo>;
     fn snapshot_detail(&self, disk: &str, snapshot: &str) -> ApiResult<SnapshotDetail>;
-    /// Takes a snapshot, named by the current time if `name` is `None`.
-    fn snapshot(&self, disk: &str, name: Option<&str>) -> ApiResult<SnapshotDetail>;
+    /// Takes a snapshot, named by the current time if `name` is `None`;
+    /// durable on return if `durable`, else made durable in the background
+    /// (lost by a power cut before, with nothing a FLUSH acknowledged).
+    fn snapshot(&self, disk: &str, name: Option<&str>, durable: bool) -> ApiResult<SnapshotDetail>;
     fn snapshots(&self, disk: &str) -> ApiResult<Vec<SnapshotDetail>>;
     fn clone_snapshot(&self, disk: &str, snapshot: &str, new: &str) -> ApiResult<DiskInfo>;
     fn rollback(&self, disk: &str, snapshot: &str) -> ApiResult<()>;

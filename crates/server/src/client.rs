@@ -135,9 +135,10 @@ impl Api for Remote {
         self.call(Method::GET, &path, None::<&()>)
     }
 
-    fn snapshot(&self, disk: &str, name: Option<&str>) -> ApiResult<SnapshotDetail> {
+    fn snapshot(&self, disk: &str, name: Option<&str>, durable: bool) -> ApiResult<SnapshotDetail> {
         let body = SnapshotBody {
             name: name.map(str::to_string),
+            durable,
         };
         let path = format!("{}/snapshots", disk_path(disk));
         self.call(Method::POST, &path, Some(&body))

@@ -53,6 +53,14 @@ pub struct CreateBody {
 pub struct SnapshotBody {
     #[serde(default)]
     pub name: Option<String>,
+    /// `false`: answer once the snapshot is fixed in memory, and make it
+    /// durable in the background (see `Durability::Deferred`).
+    #[serde(default = "yes")]
+    pub durable: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 /// Body of `POST /v1/disks/{disk}/snapshots/{snapshot}/clone`.
@@ -244,7 +252,7 @@ fn route(
         ["v1", "disks", d, "snapshots"] if get => ok(200, api.snapshots(d)),
         ["v1", "disks", d, "snapshots"] if post => {
             let b: SnapshotBody = parse(body)?;
-            ok(201, api.snapshot(d, b.name.as_deref()))
+            ok(201, api.snapshot(d, b.name.as_deref(), b.durable))
         }
         ["v1", "disks", d, "snapshots", s] if get => ok(200, api.snapshot_detail(d, s)),
         ["v1", "disks", d, "snapshots", s] if delete => done(api.delete_snapshot(d, s)),

@@ -16,13 +16,14 @@ use crate::api::*;
 use crate::scheduler::Scheduler;
 use crate::transfer;
 use crate::uring::Uring;
-use parallax_engine::{DiskRef, ReadDisk, Store, Vdi};
+use parallax_engine::{DiskRef, Durability, ReadDisk, Store, Vdi};
 use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, UNIX_EPOCH};
+use tracing::warn;
 
 /// RFC 3339 UTC time (seconds precision) of a timestamp in ns since the epoch.
 pub fn rfc3339(ns: u64) -> String {
@@ -300,9 +301,15 @@ impl Api for Service {
         Ok(detail)
     }
 
-    fn snapshot(&self, disk: &str, name: Option<&str>) -> ApiResult<SnapshotDetail> {
+    fn snapshot(&self, disk: &str, name: Option<&str>, durable: bool) -> ApiResult<SnapshotDetail> {
         self.change(|_| {
-            let info = self.open(disk)?.snapshot(name)?;
+            let vdi = self.open(disk)?;
+            if durable {
+                let info = vdi.snapshot(name)?;
+                return Ok(snapshot_detail(disk, &info));
+            }
+            let info = vdi.snapshot_with(name, Durability::Deferred)?;
+            make_durable_soon(vdi);
             Ok(snapshot_detail(disk, &info))
         })
     }
@@ -459,5 +466,24 @@ impl Api for Service {
             disks,
             scan,
         })
+    }
+}
+
+/// Makes a deferred snapshot durable on the runtime's blocking pool once
+/// the answer is out (at once, on this thread, outside a runtime). A
+/// failure is logged; the disk's next FLUSH or commit writes it again and
+/// reports it to its client.
+fn make_durable_soon(vdi: Vdi) {
+    let write = move || {
+        if let Err(e) = vdi.make_durable() {
+            warn!(
+                "making a snapshot of disk {} durable failed: {e}",
+                vdi.name()
+            );
+        }
+    };
+    match tokio::runtime::Handle::try_current() {
+        Ok(runtime) => drop(runtime.spawn_blocking(write)),
+        Err(_) => write(),
     }
 }

@@ -64,6 +64,18 @@ use std::sync::Arc;
 
 const ROOT_LEVEL: u8 = (TREE_HEIGHT - 1) as u8;
 
+/// When a pipelined commit's caller gets control back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Durability {
+    /// Once the commit is durable (its header flushed).
+    OnReturn,
+    /// Once the commit is adopted in memory: its writes are left staged
+    /// (`DiskState::staged`) for whoever takes the commit lock next
+    /// ([`crate::Vdi::make_durable`], a FLUSH, any later commit), and a
+    /// power cut before then loses it (and nothing flushed).
+    Deferred,
+}
+
 /// A snapshot for a commit to record.
 pub(super) struct NewSnapshot {
     pub id: u64,
@@ -141,6 +153,7 @@ impl Disk {
     pub(super) fn transact_pipelined<T>(
         &self,
         mut ex: Exclusive<'_>,
+        durability: Durability,
         change: impl FnOnce(&mut DiskState) -> Result<(T, Option<NewSnapshot>)>,
     ) -> Result<(T, Option<SnapshotInfo>)> {
         let st = &mut *ex;
@@ -183,6 +196,14 @@ impl Disk {
             header_addr,
             freed,
         };
+        if durability == Durability::Deferred {
+            // Written by whoever takes the commit lock next (see
+            // `Disk::durable`), before anything else is committed.
+            st.staged = Some(staged);
+            drop(ex);
+            self.record_delta(job, None);
+            return Ok((value, taken));
+        }
         // Reads and writes go on from here; the commit lock stays held.
         let Exclusive { commit, st: guard } = ex;
         drop(guard);
@@ -210,7 +231,28 @@ impl Disk {
 
     /// Commits everything pending, pipelined.
     pub(super) fn commit_pipelined(&self, ex: Exclusive<'_>) -> Result<()> {
-        self.transact_pipelined(ex, |_| Ok(((), None))).map(drop)
+        self.transact_pipelined(ex, Durability::OnReturn, |_| Ok(((), None)))
+            .map(drop)
+    }
+
+    /// Writes the commit left staged (deferred, or failed before), if any,
+    /// with the state locked only to take it out and to put it back: reads
+    /// and writes go on while it is written. The caller holds the commit
+    /// lock.
+    pub(super) fn write_staged_unlocked(&self) -> Result<()> {
+        let Some(mut staged) = self.state.write().staged.take() else {
+            return Ok(());
+        };
+        self.write_staged(&mut staged)
+            .map_err(|StagedError { error, poison }| {
+                let mut st = self.state.write();
+                if poison {
+                    st.poisoned = true;
+                } else {
+                    st.staged = Some(staged);
+                }
+                error
+            })
     }
 
     /// Commits everything in `st`, whose locks the caller holds.
@@ -551,8 +593,9 @@ impl Disk {
         &self,
         ex: Exclusive<'_>,
         new: NewSnapshot,
+        durability: Durability,
     ) -> Result<SnapshotInfo> {
-        let (_, taken) = self.transact_pipelined(ex, |_| Ok(((), Some(new))))?;
+        let (_, taken) = self.transact_pipelined(ex, durability, |_| Ok(((), Some(new))))?;
         taken.ok_or_else(|| Error::Inconsistent("a snapshot commit recorded no snapshot".into()))
     }
 }
@@ -590,6 +633,56 @@ mod tests {
         );
         assert!(rx.recv().unwrap(), "the FLUSH failed");
         t.join().unwrap();
+    }
+
+    /// A deferred snapshot returns with nothing written nor flushed; it is
+    /// listed and readable at once; writes after it are made against the
+    /// new live tree; a power cut before anything commits the disk loses
+    /// it; a FLUSH makes it durable, with its own content.
+    #[test]
+    fn a_deferred_snapshot_is_durable_after_the_next_flush() {
+        use crate::{Durability, OpenOptions, ReadDisk};
+        let dev = Arc::new(CrashDevice::new(16 << 20));
+        let store = Store::create(dev.clone(), &CreateOptions::default()).unwrap();
+        let d = store.create_vdi("d", 1 << 20).unwrap();
+        d.write(&[1; 4096], 0).unwrap();
+        d.flush().unwrap();
+        let before = dev.counters();
+        d.snapshot_with(Some("s"), Durability::Deferred).unwrap();
+        assert_eq!(dev.counters(), before, "a deferred snapshot wrote");
+        d.write(&[2; 4096], 0).unwrap();
+        let view = store.open_snapshot("d", "s").unwrap();
+        let mut b = vec![0u8; 4096];
+        view.read(&mut b, 0).unwrap();
+        assert_eq!(b, vec![1; 4096], "the snapshot moved with the disk");
+        drop(view);
+
+        let lost = Store::open(
+            Arc::new(parallax_device::MemDevice::from_bytes(dev.durable_image())),
+            &OpenOptions::default(),
+        )
+        .unwrap();
+        assert!(
+            lost.open_vdi("d").unwrap().snapshot_info("s").is_err(),
+            "nothing was written, yet the snapshot is on the device"
+        );
+
+        d.flush().unwrap();
+        let kept = Store::open(
+            Arc::new(parallax_device::MemDevice::from_bytes(dev.durable_image())),
+            &OpenOptions::default(),
+        )
+        .unwrap();
+        let view = kept.open_snapshot("d", "s").unwrap();
+        view.read(&mut b, 0).unwrap();
+        assert_eq!(
+            b,
+            vec![1; 4096],
+            "the durable snapshot holds the wrong data"
+        );
+        kept.open_vdi("d").unwrap().read(&mut b, 0).unwrap();
+        assert_eq!(b, vec![2; 4096], "the flushed write is not durable");
+        assert!(kept.check().unwrap().is_clean());
     }
 
     /// A transaction whose commit fails before its header goes back to its

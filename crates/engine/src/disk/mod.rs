@@ -27,6 +27,7 @@ mod view;
 use crate::error::{Error, Result};
 use crate::lineage::SnapshotInfo;
 use crate::time::{compact_utc, now_ns};
+pub use commit::Durability;
 use commit::NewSnapshot;
 use data::{check_io_range, count_mapped, pieces, tree_extents};
 use parallax_format::{validate_name, DiskRef, Schedule, BLOCK_SIZE, BLOCK_SIZE_U64};
@@ -272,6 +273,20 @@ impl Vdi {
     /// the disk is held still only while the snapshot is recorded in
     /// memory, not while it is written.
     pub fn snapshot(&self, name: Option<&str>) -> Result<SnapshotInfo> {
+        self.snapshot_with(name, Durability::OnReturn)
+    }
+
+    /// [`Vdi::snapshot`], returning at the durability asked for. With
+    /// [`Durability::Deferred`] it returns once the snapshot is fixed in
+    /// memory (readable, listed, and what every later write is made
+    /// against); it is durable after [`Vdi::make_durable`], the disk's next
+    /// FLUSH or any later commit of the disk. A power cut before loses it,
+    /// and with it nothing a FLUSH acknowledged.
+    pub fn snapshot_with(
+        &self,
+        name: Option<&str>,
+        durability: Durability,
+    ) -> Result<SnapshotInfo> {
         let st = self.disk.exclusive()?;
         self.disk.usable(&st)?;
         let id = st.header.next_snapshot_id;
@@ -293,7 +308,14 @@ impl Vdi {
             name,
             scheduled: false,
         };
-        self.disk.take_snapshot(st, new)
+        self.disk.take_snapshot(st, new, durability)
+    }
+
+    /// Makes every commit adopted so far durable (a snapshot taken with
+    /// [`Durability::Deferred`]); unlike [`Vdi::flush`], it commits no
+    /// write made since. Reads and writes go on meanwhile.
+    pub fn make_durable(&self) -> Result<()> {
+        self.disk.durable().map(drop)
     }
 
     /// One tick of the disk's schedule: takes a snapshot marked as taken

@@ -12,7 +12,7 @@
 //! Every deletion runs as one transaction (`commit.rs`): planned in memory,
 //! committed, and undone in memory if the commit fails before its header.
 
-use crate::disk::commit::NewSnapshot;
+use crate::disk::commit::{Durability, NewSnapshot};
 use crate::disk::state::{Disk, DiskState, Exclusive, Origin};
 use crate::disk::DeleteReport;
 use crate::error::Result;
@@ -86,7 +86,7 @@ impl Disk {
         let name = format!("{}-{id}", compact_utc(now));
         // With a clean tree the walks see the live tree exactly.
         let live_ok = !st.tree.is_dirty();
-        let (report, taken) = self.transact_pipelined(st, |st| {
+        let (report, taken) = self.transact_pipelined(st, Durability::OnReturn, |st| {
             self.plan_deletion(st, &expired, &mut report, live_ok)?;
             // Adding the (visible) new snapshot does not change this.
             report.hidden = (st.snapshots.len() - st.snapshots.visible_len()) as u64;

@@ -24,9 +24,12 @@
 //!   rollback, `gc`) takes both; [`Disk::lock_tree`] (the data path's
 //!   partial writes and discards) takes `state` alone, so it never waits
 //!   for a commit's I/O.
-//! - `staged` holds a commit adopted in memory whose device writes failed
-//!   before its header: every commit writes it first (so a later header
-//!   never lands without the blocks it builds on).
+//! - `staged` holds a commit adopted in memory whose device writes are
+//!   still to be made: deferred (a snapshot taken with
+//!   `Durability::Deferred`) or failed before its header. Whoever takes the
+//!   commit lock next ([`Disk::durable`]) writes it first, with the state
+//!   unlocked meanwhile, so a later header never lands without the blocks
+//!   it builds on.
 
 use crate::disk::log::load_log;
 use crate::error::{Error, Result};
@@ -379,11 +382,21 @@ impl Disk {
     /// folded into the tree: what every operation that commits, or that
     /// needs no commit in flight, holds.
     pub(crate) fn exclusive(&self) -> Result<Exclusive<'_>> {
-        let commit = self.commit.lock();
+        let commit = self.durable()?;
         let mut st = self.state.write();
         self.fold_fresh(&mut st)?;
         self.fold_deltas(&mut st);
         Ok(Exclusive { commit, st })
+    }
+
+    /// The commit lock, once every commit adopted before it is durable (a
+    /// staged one is written first, with reads and writes going on): what
+    /// the disk's durable state holds then is what its memory holds, save
+    /// the changes not yet committed.
+    pub(crate) fn durable(&self) -> Result<MutexGuard<'_, ()>> {
+        let commit = self.commit.lock();
+        self.write_staged_unlocked()?;
+        Ok(commit)
     }
 
     /// The disk lock exclusively, fresh writes folded, without the commit

@@ -334,6 +334,11 @@ impl Store {
             .find(disk)
             .ok_or_else(|| Error::NotFound(format!("disk {disk} does not exist")))?;
         let origin = self.open_entry(&catalog, &entry)?;
+        // The clone's header must never land before the snapshot it builds
+        // on: the origin's commit lock, once every commit adopted is
+        // durable, is held until the clone is registered (a deferred
+        // snapshot is durable first).
+        let _durable = origin.disk().durable()?;
         // The origin's lock, held shared until the clone is registered,
         // keeps the snapshot from being reclaimed in between.
         let origin_state = origin.disk().read_state()?;

@@ -4,7 +4,7 @@
 
 #![allow(dead_code)]
 
-use parallax_engine::{Error, ReadDisk, Schedule, Store, Vdi};
+use parallax_engine::{Durability, Error, ReadDisk, Schedule, Store, Vdi};
 use std::collections::BTreeMap;
 
 pub const BLOCK: usize = 4096;
@@ -37,6 +37,13 @@ pub enum Op {
     },
     Snapshot {
         disk: u8,
+    },
+    /// A snapshot that returns before it is durable; made durable at once
+    /// (`make_durable`) when `then_durable`, else left for whatever commits
+    /// the disk next.
+    SnapshotDeferred {
+        disk: u8,
+        then_durable: bool,
     },
     Clone {
         disk: u8,
@@ -89,6 +96,9 @@ pub struct DiskModel {
     pub snapshots: Vec<(String, Vec<u8>)>,
     /// Names of the snapshots a schedule took (retention may delete them).
     pub scheduled: Vec<String>,
+    /// Snapshots taken deferred and perhaps not durable yet: a power cut
+    /// may lose them (crash tests).
+    pub unsure: Vec<String>,
 }
 
 impl DiskModel {
@@ -103,6 +113,7 @@ impl DiskModel {
     fn commit(&mut self) {
         self.committed = self.data.clone();
         self.pending.clear();
+        self.unsure.clear();
     }
 
     /// Records, before the store is asked, what the blocks overlapping a
@@ -392,6 +403,33 @@ impl Runner {
                 let content = m.data.clone();
                 m.snapshots.push((snap, content));
             }
+            Op::SnapshotDeferred { disk, then_durable } => {
+                let Some(name) = pick(&names, disk) else {
+                    return Ok(());
+                };
+                let snap = format!("s{}", self.model.next_snap);
+                self.model.next_snap += 1;
+                let content = self.model.disks[&name].data.clone();
+                self.in_flight = Some(InFlight::NewSnapshot {
+                    disk: name.clone(),
+                    name: snap.clone(),
+                    content: content.clone(),
+                });
+                let h = self.handle(&name)?;
+                h.snapshot_with(Some(&snap), Durability::Deferred)?;
+                // From here the model knows it (as perhaps not durable).
+                self.in_flight = None;
+                let m = self.model.disks.get_mut(&name).unwrap();
+                m.snapshots.push((snap.clone(), content));
+                // Listed and readable at once, durable or not.
+                m.unsure.push(snap);
+                if then_durable {
+                    h.make_durable()?;
+                    // No write came between: the snapshot's content is
+                    // the disk's.
+                    self.model.disks.get_mut(&name).unwrap().commit();
+                }
+            }
             Op::Clone { disk, snap } => {
                 let Some(name) = pick(&names, disk) else {
                     return Ok(());
@@ -406,6 +444,8 @@ impl Runner {
                     content: content.clone(),
                 });
                 let h = self.store.clone_snapshot(&name, &snap, &new)?;
+                // The origin's adopted commits are durable before a clone.
+                self.model.disks.get_mut(&name).unwrap().unsure.clear();
                 self.handles.insert(new.clone(), h);
                 let mut m = DiskModel::new(content.len());
                 m.data = content.clone();
