@@ -56,7 +56,7 @@ fn sequence(seed: u64, len: usize) -> Vec<Op> {
             15 => Op::Snapshot { disk: r.byte() },
             16 => Op::SnapshotDeferred {
                 disk: r.byte(),
-                then_durable: r.byte() % 2 == 0,
+                then_durable: r.byte() & 1 == 0,
             },
             17 | 18 => Op::Clone {
                 disk: r.byte(),
@@ -97,7 +97,7 @@ fn deletion_sequence(seed: u64, len: usize) -> Vec<Op> {
             17..=19 => Op::Snapshot { disk: r.byte() },
             20 => Op::SnapshotDeferred {
                 disk: r.byte(),
-                then_durable: r.byte() % 2 == 0,
+                then_durable: r.byte() & 1 == 0,
             },
             21..=26 => Op::ScheduleTick {
                 disk: r.byte(),
