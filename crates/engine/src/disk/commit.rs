@@ -105,6 +105,9 @@ pub(crate) struct Staged {
     header_addr: u64,
     /// Blocks to release once the header is durable.
     freed: Vec<u64>,
+    /// The new snapshot's delta, computed once the commit is written (a
+    /// deferred commit: not while its caller waits).
+    delta: Option<DeltaJob>,
 }
 
 /// A snapshot's delta to compute (see [`Disk::delta_to_parent`]).
@@ -195,13 +198,13 @@ impl Disk {
             header: prepared.header,
             header_addr,
             freed,
+            delta: None,
         };
         if durability == Durability::Deferred {
             // Written by whoever takes the commit lock next (see
             // `Disk::durable`), before anything else is committed.
+            staged.delta = job;
             st.staged = Some(staged);
-            drop(ex);
-            self.record_delta(job, None);
             return Ok((value, taken));
         }
         // Reads and writes go on from here; the commit lock stays held.
@@ -301,6 +304,7 @@ impl Disk {
                 poison: true,
             })?;
         self.pool.free(&std::mem::take(&mut s.freed));
+        self.record_delta(s.delta.take(), None);
         Ok(())
     }
 
