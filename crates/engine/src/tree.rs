@@ -395,6 +395,37 @@ impl Tree {
         self.visit(meta, ROOT_LEVEL, 0, self.root, start, end, f)
     }
 
+    /// How many virtual blocks are mapped: [`Tree::for_each_mapped`]
+    /// over the whole tree, without a call per entry (what `info` and a
+    /// clone's answer report).
+    pub fn count_mapped(&self, meta: &MetaIo) -> Result<u64> {
+        self.count_below(meta, ROOT_LEVEL, 0, self.root)
+    }
+
+    fn count_below(&self, meta: &MetaIo, level: u8, pfx: u64, ptr: Ptr) -> Result<u64> {
+        let loaded;
+        let entries: &[Ptr] = if let Some(d) = self.dirty.get(&(level, pfx)) {
+            &d.entries
+        } else if ptr.is_null() {
+            return Ok(0);
+        } else {
+            loaded = meta.load_node(ptr, level)?;
+            &loaded.entries
+        };
+        if level == 0 {
+            return Ok(entries.iter().filter(|e| !e.is_null()).count() as u64);
+        }
+        let mut n = 0;
+        for (i, &e) in entries.iter().enumerate() {
+            // A null child may still have a dirty node (a subtree made
+            // since the last commit).
+            if !e.is_null() || !self.dirty.is_empty() {
+                n += self.count_below(meta, level - 1, pfx * FAN + i as u64, e)?;
+            }
+        }
+        Ok(n)
+    }
+
     #[allow(clippy::too_many_arguments)]
     fn visit(
         &self,

@@ -20,7 +20,7 @@ use crate::disk::state::{Disk, DiskState, STRIPES};
 use crate::disk::Extent;
 use crate::error::{Error, Result};
 use crate::pool::Pool;
-use crate::tree::{Tree, MAX_VIRTUAL_BLOCKS};
+use crate::tree::Tree;
 use parallax_format::{Ptr, BLOCK_SIZE, BLOCK_SIZE_U64, FAN_OUT, TREE_HEIGHT};
 
 /// Free blocks kept back from data writes for the metadata of the next commit.
@@ -433,12 +433,7 @@ pub(super) fn tree_extents(pool: &Pool, tree: &Tree, offset: u64, len: u64) -> R
 }
 
 pub(super) fn count_mapped(pool: &Pool, tree: &Tree) -> Result<u64> {
-    let mut n = 0u64;
-    tree.for_each_mapped(pool.meta(), 0, MAX_VIRTUAL_BLOCKS, &mut |_, _| {
-        n += 1;
-        Ok(())
-    })?;
-    Ok(n * BLOCK_SIZE_U64)
+    Ok(tree.count_mapped(pool.meta())? * BLOCK_SIZE_U64)
 }
 
 #[cfg(test)]

@@ -596,6 +596,19 @@ impl Runner {
                 assert!(planned == m.data, "a planned read of {name} differs");
                 self.planned_reads += 1;
             }
+            // The mapped count (info) agrees with block status's extents.
+            let mapped: u64 = h
+                .block_status(0, h.size())
+                .unwrap()
+                .iter()
+                .filter(|e| e.allocated)
+                .map(|e| e.length)
+                .sum();
+            assert_eq!(
+                h.allocated_bytes().unwrap(),
+                mapped,
+                "allocated bytes of {name}"
+            );
             let snaps: Vec<String> = h.snapshots().into_iter().map(|s| s.name).collect();
             let expected: Vec<String> = m.snapshots.iter().map(|(s, _)| s.clone()).collect();
             assert_eq!(snaps, expected, "snapshot list of {name}");
