@@ -23,7 +23,9 @@ use std::process::ExitCode;
 #[derive(Parser)]
 #[command(name = "parallax", version, about, max_term_width = 100)]
 struct Cli {
-    /// The store: a file or a block device.
+    /// The store: a file, a block device, or an export of an NBD server
+    /// (`nbd://HOST:PORT/EXPORT` or `nbd+unix:///EXPORT?socket=PATH`, with
+    /// `&connections=N`; then --control is needed too).
     /// [default: /var/lib/parallax/store.px for root, else
     /// $XDG_DATA_HOME/parallax/store.px or ~/.local/share/parallax/store.px]
     #[arg(long, global = true, env = "PARALLAX_STORE", value_name = "PATH")]
@@ -317,12 +319,21 @@ fn parse_snap_ref(s: &str) -> Result<SnapRef, String> {
 fn run(cli: Cli) -> anyhow::Result<()> {
     let default_store = cli.store.is_none();
     let store_path = match cli.store {
+        Some(p) if store_file::is_nbd_store(&p) => p,
         Some(p) => std::path::absolute(&p).unwrap_or(p),
         None => store_file::default_store_path()?,
     };
-    let control = cli
-        .control
-        .unwrap_or_else(|| store_file::default_control_socket(&store_path));
+    let control = match cli.control {
+        Some(c) => c,
+        None if store_file::is_nbd_store(&store_path) => {
+            return Err(store_file::UsageError(format!(
+                "the store {} is reached over NBD: pass --control PATH, the daemon's control socket",
+                store_path.display()
+            ))
+            .into())
+        }
+        None => store_file::default_control_socket(&store_path),
+    };
     let ctx = Context {
         store_path,
         default_store,

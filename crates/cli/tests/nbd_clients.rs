@@ -2974,3 +2974,127 @@ fn scheduled_snapshots_hold_the_writes_of_their_time() {
     assert_eq!(last, 60, "the newest snapshot holds the last write");
     assert!(newer > 10, "snapshots span only {newer} writes");
 }
+
+// ---- 12. a pool reached over NBD ----------------------------------------------------
+
+/// A store on an export of `qemu-nbd` (the pool reached over the network):
+/// `init` formats it (refusing a second time), commands without
+/// `--control` are refused, the daemon serves disks from it, writes
+/// survive its `kill -9`, and it rides out the pool server's restart.
+#[test]
+fn a_store_on_an_nbd_pool() {
+    if !have_tools() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let pool = dir.path().join("pool.raw");
+    fs::File::create(&pool).unwrap().set_len(1 << 30).unwrap();
+    let pool_sock = dir.path().join("pool.sock");
+    let start_pool = || {
+        let _ = fs::remove_file(&pool_sock);
+        let child = tool(
+            "qemu-nbd",
+            &[
+                "--format=raw".to_string(),
+                "--persistent".into(),
+                "--shared=16".into(),
+                format!("--socket={}", pool_sock.display()),
+                pool.display().to_string(),
+            ],
+        )
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("qemu-nbd");
+        let deadline = Instant::now() + READY_TIMEOUT;
+        while std::os::unix::net::UnixStream::connect(&pool_sock).is_err() {
+            assert!(Instant::now() < deadline, "qemu-nbd did not come up");
+            thread::sleep(Duration::from_millis(20));
+        }
+        child
+    };
+    let mut pool_server = start_pool();
+    let store = format!("nbd+unix:///?socket={}", pool_sock.display());
+    let control = dir.path().join("px.control");
+    let nbd_sock = dir.path().join("nbd.sock");
+    let px = |args: &[&str]| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_parallax"));
+        cmd.arg("--store")
+            .arg(&store)
+            .arg("--control")
+            .arg(&control);
+        cmd.args(args).current_dir(dir.path());
+        cmd.env_remove("PARALLAX_STORE")
+            .env_remove("PARALLAX_CONTROL");
+        cmd
+    };
+    run(px(&["init"])).ok();
+    let again = run(px(&["init"]));
+    assert!(
+        !again.status.success() && again.stderr.contains("already holds a Parallax store"),
+        "{}",
+        again.describe()
+    );
+    let mut no_control = Command::new(env!("CARGO_BIN_EXE_parallax"));
+    no_control.arg("--store").arg(&store).arg("list");
+    let refused = run(no_control);
+    assert_eq!(refused.status.code(), Some(2), "{}", refused.describe());
+    assert!(
+        refused.stderr.contains("--control"),
+        "{}",
+        refused.describe()
+    );
+
+    let serve = || {
+        let mut cmd = px(&["serve", "--nbd-listen", "none", "--nbd-socket"]);
+        cmd.arg(&nbd_sock)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        let child = cmd.spawn().expect("parallax serve");
+        let deadline = Instant::now() + READY_TIMEOUT;
+        while !run(px(&["status"])).status.success() {
+            assert!(Instant::now() < deadline, "the daemon did not come up");
+            thread::sleep(Duration::from_millis(50));
+        }
+        child
+    };
+    let mut daemon = serve();
+    run(px(&["create", "D", "--size", "64M"])).ok();
+    let uri = format!("nbd+unix:///D?socket={}", nbd_sock.display());
+    qemu_io(&uri, &["write -P 0x5a 0 4M", "write -P 0x6b 32M 1M"]).ok();
+    run(px(&["snapshot", "D@s"])).ok();
+
+    // The pool server restarts under the running daemon: it reconnects.
+    pool_server.kill().unwrap();
+    pool_server.wait().unwrap();
+    pool_server = start_pool();
+    qemu_io(&uri, &["write -P 0x7c 8M 1M"]).ok();
+    qemu_io_ro(&uri, &["read -P 0x5a 0 4M", "read -P 0x7c 8M 1M"]).ok();
+
+    // kill -9: every write qemu-io flushed is there after a restart.
+    signal(daemon.id(), "KILL");
+    daemon.wait().unwrap();
+    let _ = fs::remove_file(&control);
+    daemon = serve();
+    qemu_io_ro(
+        &uri,
+        &[
+            "read -P 0x5a 0 4M",
+            "read -P 0x7c 8M 1M",
+            "read -P 0x6b 32M 1M",
+        ],
+    )
+    .ok();
+    let snap = format!("nbd+unix:///D@s?socket={}", nbd_sock.display());
+    qemu_io_ro(&snap, &["read -P 0x5a 0 4M", "read -P 0 8M 1M"]).ok();
+    let check = run(px(&["check", "--json"])).ok().stdout;
+    assert!(
+        check.contains("\"clean\": true") || check.contains("\"clean\":true"),
+        "{check}"
+    );
+    signal(daemon.id(), "TERM");
+    daemon.wait().unwrap();
+    pool_server.kill().unwrap();
+    pool_server.wait().unwrap();
+}

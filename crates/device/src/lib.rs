@@ -16,18 +16,22 @@
 //! - Calls may be made from several threads at once.
 //!
 //! Implementations: [`FileDevice`] (a regular file or a raw block device,
-//! optionally `O_DIRECT`), [`MemDevice`] (a volatile byte vector), and
-//! [`CrashDevice`] (a simulator keeping durable and written state apart).
+//! optionally `O_DIRECT`), [`NbdDevice`] (an export of an NBD server: a
+//! pool reached over the network), [`MemDevice`] (a volatile byte vector),
+//! and [`CrashDevice`] (a simulator keeping durable and written state
+//! apart).
 
 mod aligned;
 mod crash;
 mod file;
 mod mem;
+mod nbd;
 
 pub use aligned::{is_aligned, AlignedBuf, ALIGN};
 pub use crash::{CrashDevice, CrashMode, Fault, SplitMix};
 pub use file::{FileDevice, OpenMode};
 pub use mem::MemDevice;
+pub use nbd::{NbdAddr, NbdDevice, NbdTarget, REPLAY_LIMIT};
 
 use std::io;
 

@@ -4,6 +4,8 @@
 //!   encoders of the transmission phase.
 //! - [`handshake`]: the server side of fixed newstyle negotiation as a
 //!   sans-IO state machine: bytes in, bytes out, an outcome.
+//! - [`client`]: decoders of what a server sends, for a client doing its
+//!   own I/O (`parallax-device`'s NBD pool backend).
 //!
 //! Reference: the protocol document `doc/proto.md` of the
 //! NetworkBlockDevice/nbd project. What we implement is a subset: fixed
@@ -17,6 +19,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod client;
 pub mod handshake;
 pub mod proto;
 

@@ -10,9 +10,15 @@
 //! second command that would conflict fails at once instead of waiting.
 //! The daemon holds the exclusive lock for as long as it runs; commands
 //! reach the store through its control socket meanwhile.
+//!
+//! A store may also be an export of an NBD server (`nbd://HOST:PORT/EXPORT`,
+//! `nbd+unix:///EXPORT?socket=PATH`: a pool reached over the network, see
+//! `parallax_device::NbdDevice`). No lock can be taken there: until cluster
+//! mode coordinates several appliances, one appliance (or one command) at a
+//! time must use such a pool, and nothing but the operator enforces it.
 
 use anyhow::{anyhow, bail, Context, Result};
-use parallax_device::{BlockDevice, FileDevice, OpenMode};
+use parallax_device::{BlockDevice, FileDevice, NbdDevice, NbdTarget, OpenMode};
 use parallax_engine::{CreateOptions, Error, OpenOptions, Store};
 use parallax_format::{BLOCK_SIZE, BLOCK_SIZE_U64, MAGIC, SUPERBLOCK_ADDRS};
 use std::fs::{self, File};
@@ -28,10 +34,22 @@ pub enum Access {
     Write,
 }
 
-/// An open store and the lock that keeps other commands off it.
+/// An open store and the lock that keeps other commands off it (none for
+/// a pool reached over NBD).
 pub struct OpenStore {
     pub store: Store,
-    _lock: File,
+    _lock: Option<File>,
+}
+
+/// Whether `store` names an NBD export rather than a file or device.
+pub fn is_nbd_store(store: &Path) -> bool {
+    store.to_str().is_some_and(NbdTarget::is_uri)
+}
+
+/// Connects to the NBD export `store` names.
+fn open_nbd(store: &Path) -> Result<NbdDevice> {
+    let uri = store.to_str().unwrap_or_default();
+    NbdDevice::open(uri).with_context(|| format!("cannot open the pool {uri}"))
 }
 
 /// A mistake on the command line found after parsing (exit code 2).
@@ -118,6 +136,21 @@ pub fn open_store_with(
     direct: bool,
 ) -> Result<OpenStore> {
     let shown = path.display();
+    let options = OpenOptions {
+        host_id,
+        ..OpenOptions::default()
+    };
+    let open = |dev: Arc<dyn BlockDevice>| {
+        Store::open(dev, &options).map_err(|e| match e {
+            Error::NotAStore(detail) => anyhow!("{shown} is not a Parallax store: {detail}"),
+            Error::NewerVersion { .. } => anyhow!(e),
+            e => anyhow!("cannot open store {shown}: {e}"),
+        })
+    };
+    if is_nbd_store(path) {
+        let store = open(Arc::new(open_nbd(path)?))?;
+        return Ok(OpenStore { store, _lock: None });
+    }
     match fs::metadata(path) {
         Err(e) if e.kind() == ErrorKind::NotFound => {
             bail!("store {shown} does not exist; create it with `parallax init --size SIZE`")
@@ -132,16 +165,11 @@ pub fn open_store_with(
         read_only: access == Access::Read,
     };
     let dev = FileDevice::open(path, mode).with_context(|| format!("cannot open store {shown}"))?;
-    let options = OpenOptions {
-        host_id,
-        ..OpenOptions::default()
-    };
-    let store = Store::open(Arc::new(dev), &options).map_err(|e| match e {
-        Error::NotAStore(detail) => anyhow!("{shown} is not a Parallax store: {detail}"),
-        Error::NewerVersion { .. } => anyhow!(e),
-        e => anyhow!("cannot open store {shown}: {e}"),
-    })?;
-    Ok(OpenStore { store, _lock: lock })
+    let store = open(Arc::new(dev))?;
+    Ok(OpenStore {
+        store,
+        _lock: Some(lock),
+    })
 }
 
 /// Whether the device starts with a Parallax superblock (either copy).
@@ -182,11 +210,37 @@ pub fn init_store(path: &Path, size: Option<u64>, force: bool, host_id: u64) -> 
             "--size SIZE is required to create the store file {shown}"
         ))
     };
-    let format = |dev: FileDevice| -> Result<()> {
-        Store::create(Arc::new(dev), &options)
+    let format = |dev: Arc<dyn BlockDevice>| -> Result<()> {
+        Store::create(dev, &options)
             .map(drop)
             .map_err(|e| anyhow!("cannot create a store in {shown}: {e}"))
     };
+    // Refuses to overwrite a store or data unless forced.
+    let check_empty = |dev: &dyn BlockDevice| -> Result<()> {
+        if force {
+            return Ok(());
+        }
+        let read_err = |e| anyhow!("cannot read {shown}: {e}");
+        if holds_store(dev).map_err(read_err)? {
+            bail!("{shown} already holds a Parallax store; pass --force to overwrite it");
+        }
+        if !starts_empty(dev).map_err(read_err)? {
+            bail!("{shown} is not empty (it may hold a partition table or a file system); pass --force to overwrite it");
+        }
+        Ok(())
+    };
+    if is_nbd_store(path) {
+        let dev = open_nbd(path)?;
+        if let Some(size) = size.filter(|&s| s != dev.len()) {
+            return Err(UsageError(format!(
+                "the export {shown} is {} bytes; a store on it uses all of it, so --size {size} cannot be honoured (leave --size out)",
+                dev.len()
+            ))
+            .into());
+        }
+        check_empty(&dev)?;
+        return format(Arc::new(dev));
+    }
     let metadata = match fs::metadata(path) {
         Ok(m) => m,
         Err(e) if e.kind() == ErrorKind::NotFound => {
@@ -197,7 +251,7 @@ pub fn init_store(path: &Path, size: Option<u64>, force: bool, host_id: u64) -> 
             }
             let dev = FileDevice::create(path, size, OpenMode::default())
                 .with_context(|| format!("cannot create {shown}"))?;
-            let result = lock(path, Access::Write).and_then(|_lock| format(dev));
+            let result = lock(path, Access::Write).and_then(|_lock| format(Arc::new(dev)));
             if result.is_err() {
                 let _ = fs::remove_file(path);
             }
@@ -217,16 +271,8 @@ pub fn init_store(path: &Path, size: Option<u64>, force: bool, host_id: u64) -> 
             ))
             .into());
         }
-        if !force {
-            let read_err = |e| anyhow!("cannot read {shown}: {e}");
-            if holds_store(&dev).map_err(read_err)? {
-                bail!("{shown} already holds a Parallax store; pass --force to overwrite it");
-            }
-            if !starts_empty(&dev).map_err(read_err)? {
-                bail!("{shown} is not empty (it may hold a partition table or a file system); pass --force to overwrite it");
-            }
-        }
-        return format(dev);
+        check_empty(&dev)?;
+        return format(Arc::new(dev));
     }
     if !file_type.is_file() {
         bail!("{shown} is neither a regular file nor a block device");
@@ -258,7 +304,7 @@ pub fn init_store(path: &Path, size: Option<u64>, force: bool, host_id: u64) -> 
     drop(file);
     let dev = FileDevice::open(path, OpenMode::default())
         .with_context(|| format!("cannot open {shown}"))?;
-    format(dev)
+    format(Arc::new(dev))
 }
 
 #[cfg(test)]
