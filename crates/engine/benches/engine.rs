@@ -135,6 +135,7 @@ fn reads(c: &mut Criterion) {
         &OpenOptions {
             host_id: 1,
             cache_nodes: 64,
+            ..OpenOptions::default()
         },
     )
     .unwrap();

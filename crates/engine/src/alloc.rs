@@ -5,9 +5,13 @@
 //! (the host id holding the extent, 0 = unowned). This allocator hands out
 //! blocks only from extents owned by its host id, and claims an unowned
 //! extent (writing its owner field) when the owned ones are full. It never
-//! touches extents owned by another host, so several appliances can later
-//! share one store; the claim itself will then run under the store lock
-//! that the multi-host work adds.
+//! touches extents owned by another host, so several appliances can share
+//! one store. In shared mode (a [`Coordinator`]) an unowned extent is
+//! taken only once the coordinator granted it (this host's view of other
+//! extents may be stale: one it sees unowned may have been taken since),
+//! and a block freed in an extent this host does not own is left
+//! allocated (counted by [`Allocator::foreign_frees`]): only an extent's
+//! owner writes its bitmap.
 //!
 //! Invariants (the crash-consistency argument of `docs/FORMAT.md` rests on them):
 //! - The durable bitmap of every extent is a superset of the blocks that any
@@ -20,8 +24,14 @@
 //!   plan to flush), so a slot is overwritten only while the other slot holds
 //!   the latest durable state.
 
+use crate::coord::Coordinator;
 use crate::error::{Error, Result};
 use parallax_device::BlockDevice;
+use std::sync::Arc;
+
+/// The owner an extent gets in this host's view when the coordinator
+/// refused it: some other host took it.
+const TAKEN_ELSEWHERE: u64 = u64::MAX;
 use parallax_format::{BitmapBlock, Block, Superblock, BLOCK_SIZE, BLOCK_SIZE_U64};
 
 struct Extent {
@@ -64,6 +74,11 @@ pub(crate) struct Allocator {
     /// Extents neither of whose bitmap slots was valid when loaded
     /// (formatting writes one in every extent, so this is damage).
     lost: Vec<u64>,
+    /// Shared mode: who grants unowned extents.
+    coord: Option<Arc<dyn Coordinator>>,
+    /// Shared mode: blocks freed in extents this host does not own, left
+    /// allocated.
+    foreign_frees: u64,
 }
 
 impl Allocator {
@@ -118,6 +133,8 @@ impl Allocator {
             extents,
             cursor: 0,
             lost,
+            coord: None,
+            foreign_frees: 0,
         })
     }
 
@@ -187,6 +204,51 @@ impl Allocator {
             .is_some_and(|(e, i)| self.extents[e].bitmap.get(i))
     }
 
+    /// [`Allocator::is_allocated`] where this host's view can tell: in
+    /// shared mode, `None` for a block of an extent it does not own (its
+    /// bitmap here may be stale).
+    pub fn vouches_for(&self, addr: u64) -> Option<bool> {
+        match self.locate(addr) {
+            Some((e, _))
+                if self.coord.is_some() && self.extents[e].bitmap.owner != self.host_id =>
+            {
+                None
+            }
+            _ => Some(self.is_allocated(addr)),
+        }
+    }
+
+    /// Shared mode: unowned extents are taken only once `coord` grants
+    /// them.
+    pub fn set_coordinator(&mut self, coord: Arc<dyn Coordinator>) {
+        self.coord = Some(coord);
+    }
+
+    /// Blocks freed in extents owned by another host, left allocated.
+    pub fn foreign_frees(&self) -> u64 {
+        self.foreign_frees
+    }
+
+    /// Whether this host may allocate in extent `ei`: it owns it, or it is
+    /// unowned and (in shared mode) the coordinator grants it now.
+    fn may_use(&mut self, ei: usize) -> Result<bool> {
+        let owner = self.extents[ei].bitmap.owner;
+        if owner == self.host_id {
+            return Ok(true);
+        }
+        if owner != 0 {
+            return Ok(false);
+        }
+        let Some(coord) = &self.coord else {
+            return Ok(true);
+        };
+        if coord.claim_extent(ei as u64)? {
+            return Ok(true);
+        }
+        self.extents[ei].bitmap.owner = TAKEN_ELSEWHERE;
+        Ok(false)
+    }
+
     /// Allocates one block, refusing when no more than `reserve` free blocks
     /// would remain (metadata allocations pass 0, data allocations keep room
     /// for the metadata their commit will need).
@@ -200,12 +262,12 @@ impl Allocator {
             for step in 0..n {
                 let ei = (self.cursor + step) % n;
                 let e = &self.extents[ei];
-                let usable = if pass == 0 {
+                let candidate = if pass == 0 {
                     e.bitmap.owner == self.host_id
                 } else {
                     e.bitmap.owner == 0
                 };
-                if !usable || e.free == 0 {
+                if !candidate || e.free == 0 || !self.may_use(ei)? {
                     continue;
                 }
                 if let Some(index) = self.find_free(ei) {
@@ -233,8 +295,12 @@ impl Allocator {
         }
         for ei in 0..self.extents.len() {
             let e = &self.extents[ei];
-            let usable = e.bitmap.owner == self.host_id || e.bitmap.owner == 0;
-            if !usable || e.free < n {
+            let candidate = e.bitmap.owner == self.host_id || e.bitmap.owner == 0;
+            if !candidate
+                || e.free < n
+                || self.find_free_run(ei, n).is_none()
+                || !self.may_use(ei)?
+            {
                 continue;
             }
             if let Some(start) = self.find_free_run(ei, n) {
@@ -286,6 +352,10 @@ impl Allocator {
     pub fn release(&mut self, addr: u64) -> std::result::Result<(), DoubleFree> {
         let (ei, index) = self.locate(addr).ok_or(DoubleFree(addr))?;
         let e = &mut self.extents[ei];
+        if self.coord.is_some() && e.bitmap.owner != self.host_id {
+            self.foreign_frees += 1;
+            return Ok(());
+        }
         if !e.bitmap.get(index) {
             return Err(DoubleFree(addr));
         }

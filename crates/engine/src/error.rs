@@ -46,6 +46,10 @@ pub enum Error {
         "disk {0} failed an earlier write and refuses further work until the store is reopened"
     )]
     Poisoned(String),
+    /// Shared mode: this host may no longer write (its lease may have
+    /// ended, or another host holds the disk's writer key now).
+    #[error("fenced: {0}")]
+    Fenced(String),
 }
 
 /// Result with the engine's [`Error`].

@@ -1,6 +1,8 @@
 //! The Parallax engine: a block store carved into thin virtual disks.
 //!
 //! Layers, bottom up (imports point down only):
+//! - [`coord`]: what a store shared by several appliances asks of the
+//!   cluster (writer keys, the catalogue lock, extent grants, fencing).
 //! - `alloc`, `meta`, `pool`: extents and their bitmaps, metadata block
 //!   I/O and the node cache, and the pool context disks are handed (the
 //!   one release path for blocks).
@@ -15,6 +17,7 @@
 //! `docs/ARCHITECTURE.md`.
 
 mod alloc;
+pub mod coord;
 pub mod disk;
 mod error;
 mod lineage;
@@ -25,6 +28,7 @@ pub mod store;
 mod time;
 mod tree;
 
+pub use coord::{CatalogLock, Coordinator, MemCluster, MemCoordinator};
 pub use disk::{
     DeleteReport, Durability, Extent, IoPlan, ReadDisk, SnapshotView, Transfer, Vdi, VdiInfo,
     MAX_VDI_SIZE,

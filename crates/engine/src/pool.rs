@@ -24,12 +24,14 @@
 //!   a write to the flush that makes it durable (see `alloc.rs`).
 
 use crate::alloc::Allocator;
+use crate::coord::Coordinator;
 use crate::error::{Error, Result};
 use crate::meta::MetaIo;
 use parallax_format::BitmapBlock;
 use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 /// The bitmaps of the extents this host may free in, as they were when
 /// `gc` started deferring frees (see [`Pool::defer_frees`]).
@@ -60,6 +62,8 @@ pub(crate) struct Pool {
     /// allocated (so no block some header still references is handed out
     /// again) until it is repaired.
     damaged: Mutex<Option<String>>,
+    /// Shared mode: the coordinator (set once, at open).
+    coord: std::sync::OnceLock<Arc<dyn Coordinator>>,
 }
 
 impl Pool {
@@ -72,6 +76,7 @@ impl Pool {
             clones: Mutex::new(HashMap::new()),
             double_frees: AtomicU64::new(0),
             damaged: Mutex::new(None),
+            coord: std::sync::OnceLock::new(),
         }
     }
 
@@ -249,6 +254,39 @@ impl Pool {
         self.alloc.lock().is_allocated(addr)
     }
 
+    /// [`Pool::is_allocated`] where this host's view can tell (see
+    /// `Allocator::vouches_for`).
+    pub fn vouches_for(&self, addr: u64) -> Option<bool> {
+        self.alloc.lock().vouches_for(addr)
+    }
+
+    /// Shared mode: who grants extents, and who may still write.
+    pub fn set_coordinator(&self, coord: Arc<dyn Coordinator>) {
+        self.alloc.lock().set_coordinator(coord.clone());
+        let _ = self.coord.set(coord);
+    }
+
+    /// The coordinator of a shared store.
+    pub fn coordinator(&self) -> Option<&Arc<dyn Coordinator>> {
+        self.coord.get()
+    }
+
+    /// Shared mode: fails once this host may no longer write to the pool.
+    pub fn check_fence(&self) -> Result<()> {
+        match self.coord.get() {
+            Some(c) if !c.may_write() => Err(Error::Fenced(format!(
+                "host {} may no longer write to the pool (its lease may have ended)",
+                c.host_id()
+            ))),
+            _ => Ok(()),
+        }
+    }
+
+    /// Blocks freed in extents another host owns, left allocated.
+    pub fn foreign_frees(&self) -> u64 {
+        self.alloc.lock().foreign_frees()
+    }
+
     /// (total, used) data blocks.
     pub fn totals(&self) -> (u64, u64) {
         self.alloc.lock().totals()
@@ -261,6 +299,12 @@ impl Pool {
 
     pub fn has_clones(&self, vdi: u64) -> bool {
         self.clones.lock().keys().any(|&(v, _)| v == vdi)
+    }
+
+    /// Replaces the whole clone count (shared mode: re-read after another
+    /// host changed the catalogue).
+    pub fn set_clones(&self, clones: HashMap<(u64, u64), usize>) {
+        *self.clones.lock() = clones;
     }
 
     pub fn add_clone(&self, vdi: u64, snap: u64) {

@@ -29,7 +29,11 @@
 //!    472    4 keep_hourly
 //!    476    4 keep_daily
 //!    480    4 keep_monthly
-//!    484 3612 reserved
+//!    484    4 reserved
+//!    488    8 writer_epoch      epoch of the writer key under which this
+//!                              commit was made (cluster mode); 0 = none
+//!    496    8 writer_host       host id of that writer; 0 = none
+//!    504 3592 reserved
 //! ```
 
 use crate::bytes::*;
@@ -75,6 +79,11 @@ pub struct VdiHeader {
     pub flags: u64,
     pub live_parent: u64,
     pub schedule: Schedule,
+    /// Epoch of the writer key this commit was made under (cluster mode;
+    /// 0 in a store no coordinator ever wrote).
+    pub writer_epoch: u64,
+    /// Host id of that writer (0 = none).
+    pub writer_host: u64,
 }
 
 impl VdiHeader {
@@ -98,6 +107,8 @@ impl VdiHeader {
         put_u32(&mut b[..], 472, self.schedule.keep_hourly);
         put_u32(&mut b[..], 476, self.schedule.keep_daily);
         put_u32(&mut b[..], 480, self.schedule.keep_monthly);
+        put_u64(&mut b[..], 488, self.writer_epoch);
+        put_u64(&mut b[..], 496, self.writer_host);
         let crc = MetaHeader {
             kind: Kind::VdiHeader,
             level: 0,
@@ -135,6 +146,8 @@ impl VdiHeader {
                 keep_daily: get_u32(block, 476),
                 keep_monthly: get_u32(block, 480),
             },
+            writer_epoch: get_u64(block, 488),
+            writer_host: get_u64(block, 496),
         };
         if !v.size_bytes.is_multiple_of(crate::BLOCK_SIZE_U64) {
             return Err(FormatError::field(
@@ -184,6 +197,8 @@ mod tests {
                 keep_daily: 30,
                 keep_monthly: 12,
             },
+            writer_epoch: 1234,
+            writer_host: 3,
         };
         let (b, _) = v.encode(8, 50);
         assert_eq!(VdiHeader::decode(&b[..], 50, Some(8)).unwrap(), v);

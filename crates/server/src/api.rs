@@ -286,7 +286,7 @@ impl From<parallax_engine::Error> for ApiError {
             E::NotFound(_) | E::Deleted(_) => ErrorKind::NotFound,
             E::AlreadyExists(_) => ErrorKind::Conflict,
             E::InvalidArgument(_) | E::ReadOnly(_) => ErrorKind::Invalid,
-            E::Busy(_) => ErrorKind::Conflict,
+            E::Busy(_) | E::Fenced(_) => ErrorKind::Conflict,
             E::NoSpace => ErrorKind::NoSpace,
             _ => ErrorKind::Internal,
         };

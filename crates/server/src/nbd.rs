@@ -759,6 +759,7 @@ impl From<EngineError> for Failure {
             EngineError::InvalidArgument(_) => proto::EINVAL,
             EngineError::NoSpace => proto::ENOSPC,
             EngineError::ReadOnly(_) => proto::EPERM,
+            EngineError::Fenced(_) => proto::ESHUTDOWN,
             _ => proto::EIO,
         };
         if errno == proto::EIO {

@@ -296,6 +296,9 @@ impl Disk {
             meta.unstage(&s.allocated);
         }
         self.pool.sync_allocations().map_err(before_header)?;
+        // A fenced host writes no header (the staged commit stays: nothing
+        // lands, as if the power went).
+        self.pool.check_fence().map_err(before_header)?;
         let (block, _) = s.header.encode(meta.store_id, s.header_addr);
         meta.write_block(s.header_addr, &block, "a VDI header")
             .and_then(|_| meta.flush())
@@ -342,6 +345,10 @@ impl Disk {
             return Err(e);
         }
         meta.unstage(&allocated);
+        if let Err(e) = self.pool.check_fence() {
+            self.pool.free(&allocated);
+            return Err(e);
+        }
         // The point of no return: the header write may land or not.
         let addr = self.header_addrs[st.next_slot];
         let (block, _) = prepared.header.encode(meta.store_id, addr);
@@ -476,6 +483,10 @@ impl Disk {
         }
         let mut header = st.header.clone();
         header.generation = generation;
+        if self.writer_epoch != 0 {
+            header.writer_epoch = self.writer_epoch;
+            header.writer_host = pool.coordinator().map_or(0, |c| c.host_id());
+        }
         header.root = root;
         header.size_bytes = st.size;
         header.live_parent = live_parent;

@@ -116,6 +116,12 @@ pub(super) struct LoadedLog {
     pub addrs: Vec<u64>,
 }
 
+/// The root of snapshot `id` of the disk `header` describes, read from the
+/// pool (shared mode: another host may be writing that disk).
+pub(crate) fn snapshot_root(pool: &Pool, header: &VdiHeader, id: u64) -> Result<Option<Ptr>> {
+    Ok(load_log(pool, header)?.snapshots.get(id).map(|s| s.root))
+}
+
 /// The snapshot set a header's log describes.
 pub(super) fn load_log(pool: &Pool, header: &VdiHeader) -> Result<LoadedLog> {
     let blocks = read_chain(pool, header.log_head, header.vdi_id)?;

@@ -280,7 +280,11 @@ pub(crate) fn verify_allocated(
                 .map(|e| (e.addr(), "a node below the root")),
         );
     }
-    match refs.into_iter().find(|&(addr, _)| !pool.is_allocated(addr)) {
+    // In shared mode, only blocks of this host's extents can be judged.
+    match refs
+        .into_iter()
+        .find(|&(addr, _)| pool.vouches_for(addr) == Some(false))
+    {
         Some((addr, what)) => Err(Error::Inconsistent(format!(
             "disk {name}: header generation {} references block {addr} ({what}), which the extent bitmap marks free: a header or bitmap write was lost or went back in time; the disk is not opened (`parallax check` reports the damage)",
             header.generation
@@ -318,6 +322,9 @@ pub(crate) struct Disk {
     /// Held by every commit from start to end (see the module
     /// documentation); always taken before `state`.
     pub(super) commit: Mutex<()>,
+    /// Shared mode: the epoch of this host's writer key for the disk, which
+    /// every commit writes into the header (0: single host).
+    pub(super) writer_epoch: u64,
     /// Deltas of snapshots a pipelined commit computed after letting the
     /// state go; folded in by every exclusive holder (see `commit.rs`).
     pub(super) deltas: Mutex<Vec<(u64, Option<Delta>)>>,
@@ -333,6 +340,9 @@ pub(crate) struct Disk {
 }
 
 impl Disk {
+    /// `writer_epoch`: in shared mode, the epoch of the writer key this
+    /// host holds for the disk (0 otherwise); refused if the disk was
+    /// committed under a newer one.
     pub(crate) fn open(
         pool: Arc<Pool>,
         header_addrs: [u64; 2],
@@ -340,12 +350,20 @@ impl Disk {
         next_slot: usize,
         name: String,
         origin: Origin,
+        writer_epoch: u64,
     ) -> Result<Self> {
+        if header.writer_epoch > writer_epoch && writer_epoch != 0 {
+            return Err(Error::Fenced(format!(
+                "disk {name} was committed by host {} under epoch {}, newer than this host's {writer_epoch}",
+                header.writer_host, header.writer_epoch
+            )));
+        }
         let log = load_log(&pool, &header)?;
         verify_allocated(&pool, &name, &header, &log.addrs)?;
         let (snapshots, log_block, log_records) = (log.snapshots, log.head, log.records);
         Ok(Disk {
             id: header.vdi_id,
+            writer_epoch,
             header_addrs,
             state: Arc::new(RwLock::new(DiskState {
                 name,
@@ -376,6 +394,16 @@ impl Disk {
 
     pub(crate) fn id(&self) -> u64 {
         self.id
+    }
+
+    /// Shared mode: gives the disk's writer key back (the store lets the
+    /// disk go).
+    pub(crate) fn release_writer(&self) {
+        if let (Some(c), e) = (self.pool.coordinator(), self.writer_epoch) {
+            if e != 0 {
+                c.release_writer(self.id, e);
+            }
+        }
     }
 
     /// The commit lock, then the disk lock exclusively, with fresh writes
@@ -503,6 +531,7 @@ impl Disk {
     }
 
     pub(super) fn usable(&self, st: &DiskState) -> Result<()> {
+        self.pool.check_fence()?;
         if st.deleted {
             return Err(Error::Deleted(st.name.clone()));
         }

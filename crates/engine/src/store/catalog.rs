@@ -41,6 +41,14 @@ pub(crate) struct Catalog {
 }
 
 impl Catalog {
+    pub(super) fn is_poisoned(&self) -> bool {
+        self.poisoned
+    }
+
+    pub(super) fn poison(&mut self) {
+        self.poisoned = true;
+    }
+
     /// Reads and checks the registry blocks of superblock `sb` (found in
     /// copy `slot`).
     pub(super) fn load(pool: &Pool, sb: Superblock, slot: usize) -> Result<Catalog> {
@@ -51,7 +59,7 @@ impl Catalog {
                 registry.push(None);
                 continue;
             }
-            if !pool.is_allocated(p.addr()) {
+            if pool.vouches_for(p.addr()) == Some(false) {
                 pool.set_damaged(format!(
                     "superblock generation {} references registry block {}, which the extent bitmap marks free (a bitmap or superblock write was lost or went back in time)",
                     sb.generation,
@@ -312,7 +320,7 @@ impl Store {
                     "disk size {size} must be between 1 byte and {MAX_VDI_SIZE} bytes"
                 ))
             })?;
-        let mut catalog = self.inner.catalog.lock();
+        let mut catalog = self.catalog()?;
         self.create_with_tree(
             &mut catalog,
             name,
@@ -329,7 +337,7 @@ impl Store {
     /// `new_name`, in O(1): the new root points at the snapshot's subtrees,
     /// shared. The origin stays usable and independent.
     pub fn clone_snapshot(&self, disk: &str, snapshot: &str, new_name: &str) -> Result<Vdi> {
-        let mut catalog = self.inner.catalog.lock();
+        let mut catalog = self.catalog()?;
         let (_, entry) = catalog
             .find(disk)
             .ok_or_else(|| Error::NotFound(format!("disk {disk} does not exist")))?;
@@ -419,6 +427,8 @@ impl Store {
                 flags: VDI_FLAG_LINEAGE,
                 live_parent: 0,
                 schedule: Default::default(),
+                writer_epoch: 0,
+                writer_host: 0,
             };
             let (b, _) = header.encode(meta.store_id, header_a);
             blocks.push((header_a, b));
@@ -450,8 +460,9 @@ impl Store {
             })?;
         pool.free(&old.into_iter().collect::<Vec<_>>());
         match newest {
-            // Opened from the header just written rather than read back.
-            Some(header) => {
+            // Opened from the header just written rather than read back
+            // (shared mode: through the writer key, like any open).
+            Some(header) if !self.is_shared() => {
                 let disk = Arc::new(Disk::open(
                     self.inner.pool.clone(),
                     [entry.header_a, entry.header_b],
@@ -459,10 +470,11 @@ impl Store {
                     1,
                     entry.name.clone(),
                     origin_root,
+                    0,
                 )?);
                 Ok(self.handle(self.adopt(disk)))
             }
-            None => self.open_entry(catalog, &entry),
+            _ => self.open_entry(catalog, &entry),
         }
     }
 
@@ -472,7 +484,7 @@ impl Store {
     /// does not returns to the free pool once the deletion is durable.
     pub fn delete_vdi(&self, name: &str) -> Result<()> {
         let pool = &*self.inner.pool;
-        let mut catalog = self.inner.catalog.lock();
+        let mut catalog = self.catalog()?;
         if catalog.poisoned {
             return Err(Error::Poisoned("the store catalogue".into()));
         }
@@ -494,20 +506,27 @@ impl Store {
         st.mark_deleted();
         let (origin_vdi, origin_snap) = (st.origin_vdi(), st.origin_snapshot());
         drop(st);
-        self.inner.open.lock().remove(&entry.vdi_id);
+        if let Some(d) = self.inner.open.lock().remove(&entry.vdi_id) {
+            d.release_writer();
+        }
         freed.extend(old);
         pool.free(&freed.into_iter().collect::<Vec<_>>());
         if origin_vdi != 0 {
             pool.remove_clone(origin_vdi, origin_snap);
             // The origin snapshot lost a clone: if it was deleted (hidden),
-            // it may now be reclaimed.
+            // it may now be reclaimed. The deletion is done: a failure here
+            // (the origin held by another host, an I/O error) only leaves
+            // the hidden snapshot for a later reclamation pass of its disk.
             if let Some(o) = catalog.by_id(origin_vdi) {
-                let o = self.open_entry(&catalog, &o)?;
-                drop(catalog);
-                let mut ost = o.disk().exclusive()?;
-                if ost.snapshots().get(origin_snap).is_some_and(|s| s.hidden) {
-                    o.disk().delete_versions(&mut ost, &[])?;
-                }
+                let _ = (|| -> Result<()> {
+                    let o = self.open_entry(&catalog, &o)?;
+                    drop(catalog);
+                    let mut ost = o.disk().exclusive()?;
+                    if ost.snapshots().get(origin_snap).is_some_and(|s| s.hidden) {
+                        o.disk().delete_versions(&mut ost, &[])?;
+                    }
+                    Ok(())
+                })();
             }
         }
         Ok(())
@@ -515,7 +534,7 @@ impl Store {
 
     /// Names of the disks cloned from snapshots of disk `vdi_id`.
     pub(crate) fn clone_names(&self, vdi_id: u64) -> Result<Vec<String>> {
-        let catalog = self.inner.catalog.lock();
+        let catalog = self.catalog()?;
         Ok(self.clone_names_in(&catalog, vdi_id))
     }
 

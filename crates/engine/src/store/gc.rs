@@ -48,6 +48,11 @@ impl Store {
     /// The catalogue stays locked throughout: disks are not created,
     /// cloned, deleted or opened while it runs.
     pub fn gc_with_progress(&self, progress: &(dyn Fn(u64, u64) + Sync)) -> Result<GcReport> {
+        if self.is_shared() {
+            return Err(Error::InvalidArgument(
+                "gc of a store several appliances share is not built yet: stop the others and open it alone".into(),
+            ));
+        }
         let catalog = self.inner.catalog.lock();
         let open = self.open_disks();
         let pool = self.pool();

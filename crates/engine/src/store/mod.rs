@@ -32,6 +32,7 @@ pub use repair::{DiskRepair, HeaderCopy, RepairOptions, RepairReport};
 pub use space::{DiskSpace, SnapshotSpace};
 
 use crate::alloc::Allocator;
+use crate::coord::{CatalogLock, Coordinator};
 use crate::disk::{verify_allocated, Disk, Origin, SnapshotView, Vdi};
 use crate::error::{Error, Result};
 use crate::meta::{MetaIo, DEFAULT_CACHE_NODES};
@@ -40,7 +41,7 @@ use crate::time::now_ns;
 use catalog::Catalog;
 use parallax_device::BlockDevice;
 use parallax_format::{RegistryEntry, BITMAP_BITS, BLOCK_SIZE_U64};
-use parking_lot::Mutex;
+use parking_lot::{Mutex, MutexGuard};
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
@@ -69,6 +70,9 @@ pub struct OpenOptions {
     pub host_id: u64,
     /// Tree nodes kept in the cache.
     pub cache_nodes: usize,
+    /// Shared mode: several appliances use the pool, coordinated by this
+    /// (see [`crate::coord`]); its host id must be `host_id`.
+    pub coordinator: Option<Arc<dyn Coordinator>>,
 }
 
 impl Default for OpenOptions {
@@ -76,6 +80,7 @@ impl Default for OpenOptions {
         OpenOptions {
             host_id: 1,
             cache_nodes: DEFAULT_CACHE_NODES,
+            coordinator: None,
         }
     }
 }
@@ -114,6 +119,9 @@ impl Drop for StoreInner {
             let _ = disk.commit_pending();
         }
         let _ = self.pool.sync_bitmaps();
+        for disk in self.open.get_mut().values() {
+            disk.release_writer();
+        }
     }
 }
 
@@ -139,6 +147,15 @@ impl Store {
     /// Opens an existing store. Never repairs anything: a store that was
     /// cut off at any instant opens as it is.
     pub fn open(dev: Arc<dyn BlockDevice>, options: &OpenOptions) -> Result<Store> {
+        if let Some(c) = &options.coordinator {
+            if c.host_id() != options.host_id || c.host_id() == 0 {
+                return Err(Error::InvalidArgument(format!(
+                    "host id {} does not match the coordinator's ({})",
+                    options.host_id,
+                    c.host_id()
+                )));
+            }
+        }
         let (sb, slot) = catalog::read_superblocks(&*dev)?;
         if dev.len() < sb.total_blocks * BLOCK_SIZE_U64 {
             return Err(Error::Inconsistent(format!(
@@ -155,6 +172,9 @@ impl Store {
         );
         let alloc = Allocator::load(&*dev, &sb, options.host_id)?;
         let pool = Arc::new(Pool::new(meta, alloc));
+        if let Some(c) = &options.coordinator {
+            pool.set_coordinator(c.clone());
+        }
         let lost = pool.lost_bitmaps();
         if !lost.is_empty() {
             pool.set_damaged(format!(
@@ -194,6 +214,66 @@ impl Store {
         &self.inner.pool
     }
 
+    /// Shared mode: blocks this host freed in extents another host owns,
+    /// left allocated (leaks `gc` will return; never a double allocation).
+    pub fn foreign_frees(&self) -> u64 {
+        self.inner.pool.foreign_frees()
+    }
+
+    /// Ids of the disks open in this store (shared mode: the disks this
+    /// host holds the writer key of).
+    pub fn open_disk_ids(&self) -> Vec<u64> {
+        self.open_disks().iter().map(|d| d.id()).collect()
+    }
+
+    /// Whether several appliances share the pool (a coordinator was given).
+    pub fn is_shared(&self) -> bool {
+        self.inner.pool.coordinator().is_some()
+    }
+
+    /// The catalogue, locked. In shared mode, under the cluster's
+    /// catalogue lock as well, and re-read from the pool first if another
+    /// host changed it: no host trusts its cached copy.
+    pub(crate) fn catalog(&self) -> Result<CatalogAccess<'_>> {
+        let cluster = match self.inner.pool.coordinator() {
+            Some(c) => Some(c.lock_catalog()?),
+            None => None,
+        };
+        let mut guard = self.inner.catalog.lock();
+        if cluster.is_some() {
+            self.refresh_catalog(&mut guard)?;
+        }
+        Ok(CatalogAccess {
+            guard,
+            _cluster: cluster,
+        })
+    }
+
+    /// Re-reads the superblock and, if its generation moved, the registry
+    /// and which snapshots clones hang from.
+    fn refresh_catalog(&self, catalog: &mut Catalog) -> Result<()> {
+        let pool = &self.inner.pool;
+        let (sb, slot) = catalog::read_superblocks(&*pool.meta().dev)?;
+        if sb.generation == catalog.sb().generation {
+            return Ok(());
+        }
+        let fresh = Catalog::load(pool, sb, slot)?;
+        let mut clones = HashMap::new();
+        for e in fresh.entries() {
+            let (h, _) = catalog::read_vdi_header(pool, &e)?;
+            if h.origin_vdi != 0 {
+                *clones.entry((h.origin_vdi, h.origin_snapshot)).or_insert(0) += 1;
+            }
+        }
+        pool.set_clones(clones);
+        let poisoned = catalog.is_poisoned();
+        *catalog = fresh;
+        if poisoned {
+            catalog.poison();
+        }
+        Ok(())
+    }
+
     /// Why the store takes no writes, if it found its metadata disagreeing
     /// when it was opened (see `disk::state::verify_allocated`); `check`
     /// reports the details.
@@ -208,14 +288,10 @@ impl Store {
 
     /// Names of all disks, sorted.
     pub fn list(&self) -> Vec<String> {
-        let mut names: Vec<String> = self
-            .inner
-            .catalog
-            .lock()
-            .entries()
-            .into_iter()
-            .map(|e| e.name)
-            .collect();
+        let Ok(catalog) = self.catalog() else {
+            return Vec::new();
+        };
+        let mut names: Vec<String> = catalog.entries().into_iter().map(|e| e.name).collect();
         names.sort();
         names
     }
@@ -236,7 +312,7 @@ impl Store {
 
     /// Opens a writable disk. Handles to one disk share its state.
     pub fn open_vdi(&self, name: &str) -> Result<Vdi> {
-        let catalog = self.inner.catalog.lock();
+        let catalog = self.catalog()?;
         let (_, entry) = catalog
             .find(name)
             .ok_or_else(|| Error::NotFound(format!("disk {name} does not exist")))?;
@@ -246,12 +322,17 @@ impl Store {
     /// The size of disk `name`, from its newest header (one block read; the
     /// disk is not opened). Sizes never change after creation.
     pub fn disk_size(&self, name: &str) -> Result<u64> {
-        self.disk_size_in(&self.inner.catalog.lock(), name)
+        let catalog = self.catalog()?;
+        self.disk_size_in(&catalog, name)
     }
 
     /// [`Store::disk_size`], or `None` if the catalogue is busy (a `gc` or
     /// a create holds it): for threads that must not wait.
     pub fn try_disk_size(&self, name: &str) -> Option<Result<u64>> {
+        if self.is_shared() {
+            // The catalogue must be re-read under the cluster's lock.
+            return None;
+        }
         let catalog = self.inner.catalog.try_lock()?;
         Some(self.disk_size_in(&catalog, name))
     }
@@ -279,6 +360,19 @@ impl Store {
         let (header, slot) = catalog::read_vdi_header(pool, entry)?;
         let origin = if header.origin_vdi == 0 {
             Origin::None
+        } else if self.is_shared() {
+            // Another host may write the origin: its snapshot list is read
+            // from the pool, not opened (its snapshots are immutable).
+            match catalog.by_id(header.origin_vdi) {
+                Some(o) => {
+                    let (oh, _) = catalog::read_vdi_header(pool, &o)?;
+                    match crate::disk::log::snapshot_root(pool, &oh, header.origin_snapshot)? {
+                        Some(root) => Origin::Root(root),
+                        None => Origin::Unknown,
+                    }
+                }
+                None => Origin::Unknown,
+            }
         } else {
             // The origin disk outlives its clones (deleting it is refused
             // while they exist), and the snapshot stays, hidden if deleted.
@@ -295,14 +389,32 @@ impl Store {
                 None => Origin::Unknown,
             }
         };
-        let disk = Arc::new(Disk::open(
+        // Shared mode: this host writes the disk only under its writer key.
+        let epoch = match pool.coordinator() {
+            Some(c) => c.acquire_writer(entry.vdi_id).map_err(|e| match e {
+                Error::Busy(why) => Error::Busy(format!("disk {}: {why}", entry.name)),
+                e => e,
+            })?,
+            None => 0,
+        };
+        let opened = Disk::open(
             pool.clone(),
             [entry.header_a, entry.header_b],
             header,
             1 - slot,
             entry.name.clone(),
             origin,
-        )?);
+            epoch,
+        );
+        let disk = match opened {
+            Ok(d) => Arc::new(d),
+            Err(e) => {
+                if let Some(c) = pool.coordinator().filter(|_| epoch != 0) {
+                    c.release_writer(entry.vdi_id, epoch);
+                }
+                return Err(e);
+            }
+        };
         Ok(self.handle(self.adopt(disk)))
     }
 
@@ -327,7 +439,7 @@ impl Store {
     /// Commits disk `name` and lets its state go, if it is open and no
     /// handle uses it ([`Error::Busy`] otherwise).
     pub fn close_vdi(&self, name: &str) -> Result<()> {
-        let catalog = self.inner.catalog.lock();
+        let catalog = self.catalog()?;
         let (_, entry) = catalog
             .find(name)
             .ok_or_else(|| Error::NotFound(format!("disk {name} does not exist")))?;
@@ -342,7 +454,9 @@ impl Store {
                 "disk {name} is in use; close its handles first"
             ))),
             _ => {
-                open.remove(&entry.vdi_id);
+                if let Some(d) = open.remove(&entry.vdi_id) {
+                    d.release_writer();
+                }
                 Ok(())
             }
         }
@@ -375,6 +489,9 @@ impl Store {
                 || disk.idle_ns(now) < close_after.as_nanos() as u64
                 || disk.try_has_pending() != Some(false);
             report.closed += u64::from(!keep);
+            if !keep {
+                disk.release_writer();
+            }
             keep
         });
         if self.inner.pool.has_unsynced() {
@@ -406,6 +523,26 @@ impl Store {
             disk.commit_pending()?;
         }
         self.inner.pool.sync_bitmaps()
+    }
+}
+
+/// The locked catalogue (see [`Store::catalog`]). The local lock goes
+/// before the cluster's (fields drop in order).
+pub(crate) struct CatalogAccess<'a> {
+    guard: MutexGuard<'a, Catalog>,
+    _cluster: Option<CatalogLock>,
+}
+
+impl std::ops::Deref for CatalogAccess<'_> {
+    type Target = Catalog;
+    fn deref(&self) -> &Catalog {
+        &self.guard
+    }
+}
+
+impl std::ops::DerefMut for CatalogAccess<'_> {
+    fn deref_mut(&mut self) -> &mut Catalog {
+        &mut self.guard
     }
 }
 

@@ -192,6 +192,11 @@ impl Store {
     /// writes it: see the module documentation. Refused while disks are
     /// open.
     pub fn repair(&self, options: &RepairOptions) -> Result<RepairReport> {
+        if self.is_shared() {
+            return Err(Error::InvalidArgument(
+                "repair of a store several appliances share is not built yet: stop the others and open it alone".into(),
+            ));
+        }
         let mut catalog = self.inner.catalog.lock();
         if !self.inner.open.lock().is_empty() {
             return Err(Error::Busy(

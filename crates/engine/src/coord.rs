@@ -1,0 +1,299 @@
+//! Coordination between appliances that share one pool (see
+//! `docs/CLUSTER.md`).
+//!
+//! A [`Store`](crate::Store) opened with a [`Coordinator`] is in *shared
+//! mode*:
+//! - it writes a disk only while it holds the disk's writer key, whose
+//!   epoch goes into every header it commits;
+//! - it changes the catalogue only under the store-wide catalogue lock,
+//!   after re-reading the catalogue from the pool;
+//! - it allocates only from extents it owns, and takes an unowned one only
+//!   after the coordinator granted it; it never writes the bitmap of an
+//!   extent another host owns (a block it frees there is left allocated:
+//!   a leak, never a double allocation);
+//! - it stops writing (data and commits) once the coordinator says its
+//!   lease may have ended ([`Coordinator::may_write`], a local check: the
+//!   data path does no coordination).
+//!
+//! Without a coordinator the store behaves as a single appliance that owns
+//! the pool (kept off it by a file lock, outside the engine).
+//!
+//! [`MemCluster`] is an in-process lease service for several stores in one
+//! process: the deterministic simulation's, and a reference for what the
+//! etcd one must guarantee.
+
+use crate::error::{Error, Result};
+use parking_lot::{Condvar, Mutex};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+/// Held while the store-wide catalogue lock is; dropping it releases it.
+pub struct CatalogLock(#[allow(dead_code)] Box<dyn Send>);
+
+impl CatalogLock {
+    pub fn new(guard: impl Send + 'static) -> CatalogLock {
+        CatalogLock(Box::new(guard))
+    }
+}
+
+/// What a shared-mode store asks of the cluster.
+pub trait Coordinator: Send + Sync + std::fmt::Debug {
+    /// This appliance's host id (nonzero).
+    fn host_id(&self) -> u64;
+
+    /// Takes disk `vdi_id`'s writer key; returns its epoch (greater than
+    /// every epoch granted before for any disk). [`Error::Busy`] naming the
+    /// holder when another host has it.
+    fn acquire_writer(&self, vdi_id: u64) -> Result<u64>;
+
+    /// Gives the key back (nothing happens if it is no longer ours).
+    fn release_writer(&self, vdi_id: u64, epoch: u64);
+
+    /// Whether this host may still write to the pool: its lease cannot
+    /// have ended. Called on every write and commit: must be cheap and
+    /// local.
+    fn may_write(&self) -> bool;
+
+    /// The store-wide catalogue lock, waiting for it.
+    fn lock_catalog(&self) -> Result<CatalogLock>;
+
+    /// Asks for extent `index`, unowned as far as this host knows: `true`
+    /// if it is granted (it was nobody's, or already ours), `false` if
+    /// another host has it.
+    fn claim_extent(&self, index: u64) -> Result<bool>;
+}
+
+/// The state of an in-process cluster.
+#[derive(Default)]
+struct ClusterState {
+    /// Disk id ─▶ (host, epoch).
+    writers: HashMap<u64, (u64, u64)>,
+    /// Extent ─▶ host.
+    extents: HashMap<u64, u64>,
+    /// Host holding the catalogue lock.
+    catalog: Option<u64>,
+    /// Grows with every grant: epochs come from it.
+    revision: u64,
+}
+
+/// An in-process lease service shared by several [`MemCoordinator`]s (one
+/// per host). Expiring a host's lease ([`MemCluster::expire`]) fences it
+/// first, then frees its keys, as a real lease service plus self-fencing
+/// must order them.
+#[derive(Default)]
+pub struct MemCluster {
+    state: Mutex<ClusterState>,
+    catalog_free: Condvar,
+    hosts: Mutex<HashMap<u64, Arc<MemCoordinator>>>,
+}
+
+impl std::fmt::Debug for MemCluster {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MemCluster").finish_non_exhaustive()
+    }
+}
+
+impl MemCluster {
+    pub fn new() -> Arc<MemCluster> {
+        Arc::new(MemCluster::default())
+    }
+
+    /// The coordinator of host `id`, with a live lease (a new one if the
+    /// host's lease expired: a restarted appliance).
+    pub fn host(self: &Arc<Self>, id: u64) -> Arc<MemCoordinator> {
+        let mut hosts = self.hosts.lock();
+        match hosts.get(&id) {
+            Some(c) if !c.fenced.load(Ordering::SeqCst) => c.clone(),
+            _ => {
+                let c = Arc::new(MemCoordinator {
+                    host_id: id,
+                    cluster: self.clone(),
+                    fenced: AtomicBool::new(false),
+                });
+                hosts.insert(id, c.clone());
+                c
+            }
+        }
+    }
+
+    /// Host `id`'s lease ends: it is fenced (its coordinator refuses every
+    /// write from now on), then its writer keys and the catalogue lock, if
+    /// it held it, are free for others. Its extents stay its own.
+    pub fn expire(&self, id: u64) {
+        if let Some(c) = self.hosts.lock().get(&id) {
+            c.fenced.store(true, Ordering::SeqCst);
+        }
+        let mut st = self.state.lock();
+        st.writers.retain(|_, (host, _)| *host != id);
+        if st.catalog == Some(id) {
+            st.catalog = None;
+            self.catalog_free.notify_all();
+        }
+    }
+
+    /// Who holds disk `vdi_id`'s writer key: (host, epoch).
+    pub fn writer(&self, vdi_id: u64) -> Option<(u64, u64)> {
+        self.state.lock().writers.get(&vdi_id).copied()
+    }
+
+    /// Every writer key: disk id ─▶ (host, epoch).
+    pub fn writers(&self) -> HashMap<u64, (u64, u64)> {
+        self.state.lock().writers.clone()
+    }
+
+    /// Every extent granted: index ─▶ host.
+    pub fn extents(&self) -> HashMap<u64, u64> {
+        self.state.lock().extents.clone()
+    }
+}
+
+/// One host's view of a [`MemCluster`].
+pub struct MemCoordinator {
+    host_id: u64,
+    cluster: Arc<MemCluster>,
+    fenced: AtomicBool,
+}
+
+impl std::fmt::Debug for MemCoordinator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "MemCoordinator(host {})", self.host_id)
+    }
+}
+
+/// Releases the in-process catalogue lock.
+struct MemCatalogLock {
+    cluster: Arc<MemCluster>,
+    host: u64,
+}
+
+impl Drop for MemCatalogLock {
+    fn drop(&mut self) {
+        let mut st = self.cluster.state.lock();
+        if st.catalog == Some(self.host) {
+            st.catalog = None;
+            self.cluster.catalog_free.notify_all();
+        }
+    }
+}
+
+impl MemCoordinator {
+    fn fenced_error(&self) -> Error {
+        Error::Fenced(format!(
+            "host {}'s lease has ended: it may no longer write to the pool",
+            self.host_id
+        ))
+    }
+}
+
+impl Coordinator for MemCoordinator {
+    fn host_id(&self) -> u64 {
+        self.host_id
+    }
+
+    fn acquire_writer(&self, vdi_id: u64) -> Result<u64> {
+        if !self.may_write() {
+            return Err(self.fenced_error());
+        }
+        let mut st = self.cluster.state.lock();
+        match st.writers.get(&vdi_id) {
+            Some(&(host, epoch)) if host == self.host_id => Ok(epoch),
+            Some(&(host, _)) => Err(Error::Busy(format!("the disk is written by host {host}"))),
+            None => {
+                st.revision += 1;
+                let epoch = st.revision;
+                st.writers.insert(vdi_id, (self.host_id, epoch));
+                Ok(epoch)
+            }
+        }
+    }
+
+    fn release_writer(&self, vdi_id: u64, epoch: u64) {
+        let mut st = self.cluster.state.lock();
+        if st.writers.get(&vdi_id) == Some(&(self.host_id, epoch)) {
+            st.writers.remove(&vdi_id);
+        }
+    }
+
+    fn may_write(&self) -> bool {
+        !self.fenced.load(Ordering::SeqCst)
+    }
+
+    fn lock_catalog(&self) -> Result<CatalogLock> {
+        let mut st = self.cluster.state.lock();
+        loop {
+            if !self.may_write() {
+                return Err(self.fenced_error());
+            }
+            match st.catalog {
+                None => break,
+                // Another host, or another thread of this one.
+                Some(_) => self.cluster.catalog_free.wait(&mut st),
+            }
+        }
+        st.catalog = Some(self.host_id);
+        Ok(CatalogLock::new(MemCatalogLock {
+            cluster: self.cluster.clone(),
+            host: self.host_id,
+        }))
+    }
+
+    fn claim_extent(&self, index: u64) -> Result<bool> {
+        if !self.may_write() {
+            return Err(self.fenced_error());
+        }
+        let mut st = self.cluster.state.lock();
+        let owner = *st.extents.entry(index).or_insert(self.host_id);
+        Ok(owner == self.host_id)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn writer_keys_epochs_and_expiry() {
+        let cluster = MemCluster::new();
+        let (a, b) = (cluster.host(1), cluster.host(2));
+        let e1 = a.acquire_writer(7).unwrap();
+        assert_eq!(a.acquire_writer(7).unwrap(), e1, "a holder asking again");
+        assert!(matches!(b.acquire_writer(7), Err(Error::Busy(_))));
+        cluster.expire(1);
+        assert!(!a.may_write(), "an expired host may still write");
+        assert!(matches!(a.acquire_writer(8), Err(Error::Fenced(_))));
+        let e2 = b.acquire_writer(7).unwrap();
+        assert!(e2 > e1, "epochs must grow");
+        b.release_writer(7, e1);
+        assert_eq!(
+            cluster.writer(7),
+            Some((2, e2)),
+            "a stale release took the key"
+        );
+        let a2 = cluster.host(1);
+        assert!(a2.may_write(), "a restarted host gets a new lease");
+        assert!(claim(&a2, 3) && !claim(&b, 3) && claim(&b, 4));
+    }
+
+    fn claim(c: &MemCoordinator, i: u64) -> bool {
+        c.claim_extent(i).unwrap()
+    }
+
+    #[test]
+    fn the_catalogue_lock_excludes_and_is_freed_by_expiry() {
+        let cluster = MemCluster::new();
+        let (a, b) = (cluster.host(1), cluster.host(2));
+        let held = a.lock_catalog().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let t = std::thread::spawn(move || tx.send(b.lock_catalog().map(drop).is_ok()).unwrap());
+        assert!(rx
+            .recv_timeout(std::time::Duration::from_millis(100))
+            .is_err());
+        drop(held);
+        assert!(rx.recv().unwrap());
+        t.join().unwrap();
+        let _held = cluster.host(2).lock_catalog().unwrap();
+        cluster.expire(2);
+        assert!(a.lock_catalog().is_ok(), "an expired holder kept the lock");
+    }
+}

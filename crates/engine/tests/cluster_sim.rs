@@ -1,0 +1,569 @@
+//! Deterministic simulation of several appliances sharing one pool: a few
+//! stores opened in shared mode on one in-memory device, coordinated by an
+//! in-process lease service (`MemCluster`), driven by a seeded sequence of
+//! operations on random hosts: create, write, flush, snapshot, clone,
+//! close, delete, list; hosts crash (their store vanishes without a
+//! commit) and have their lease expire while still running (they must then
+//! fail every write, never overwrite the next holder's).
+//!
+//! Checked after every step: every disk a live host has open is one whose
+//! writer key that host holds (so at most one writer per disk), every
+//! host's `list` is the model's. At checkpoints and at the end, every host
+//! lets its disks go and an observer store opened alone must find `check`
+//! clean (no block referenced twice: no double allocation) and every disk
+//! and snapshot holding what the model says (nothing flushed lost).
+//!
+//! `SIM_SEEDS` sets how many seeds run (CI runs a few hundred; long runs by
+//! hand), `SIM_SEED` runs one.
+
+use parallax_device::{MemDevice, SplitMix};
+use parallax_engine::{CreateOptions, Error, MemCluster, OpenOptions, ReadDisk, Store, Vdi};
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+const BLOCK: usize = 4096;
+const HOSTS: u64 = 3;
+
+/// What one disk must hold.
+#[derive(Clone, Debug)]
+struct DiskModel {
+    id: u64,
+    /// Content if every write made lands.
+    data: Vec<u8>,
+    /// Content as of the last commit.
+    committed: Vec<u8>,
+    /// Per block, contents written since the last commit.
+    pending: BTreeMap<usize, Vec<Vec<u8>>>,
+    snapshots: Vec<(String, Vec<u8>)>,
+    /// The host that has it open, if any.
+    holder: Option<u64>,
+}
+
+impl DiskModel {
+    fn commit(&mut self) {
+        self.committed = self.data.clone();
+        self.pending.clear();
+    }
+
+    /// A crash of its holder: what was not committed may or may not be
+    /// there; from now on each block is the committed content or a
+    /// pending one (the test cannot know which).
+    fn acceptable(&self, actual: &[u8]) -> Result<(), String> {
+        for (b, chunk) in actual.chunks(BLOCK).enumerate() {
+            let ok = self.committed[b * BLOCK..(b + 1) * BLOCK] == *chunk
+                || self
+                    .pending
+                    .get(&b)
+                    .is_some_and(|v| v.iter().any(|c| c[..] == *chunk));
+            if !ok {
+                return Err(format!("block {b} matches nothing written"));
+            }
+        }
+        Ok(())
+    }
+}
+
+struct Host {
+    id: u64,
+    store: Store,
+    handles: BTreeMap<String, Vdi>,
+    /// Its lease expired while it ran: every write must fail.
+    fenced: bool,
+}
+
+struct Sim {
+    dev: Arc<MemDevice>,
+    cluster: Arc<MemCluster>,
+    hosts: Vec<Host>,
+    disks: BTreeMap<String, DiskModel>,
+    rng: SplitMix,
+    next: u64,
+    writes_refused_fenced: u64,
+    busy_refusals: u64,
+    crashes: u64,
+}
+
+fn open_host(dev: &Arc<MemDevice>, cluster: &Arc<MemCluster>, id: u64) -> Host {
+    let store = Store::open(
+        dev.clone(),
+        &OpenOptions {
+            host_id: id,
+            coordinator: Some(cluster.host(id)),
+            ..OpenOptions::default()
+        },
+    )
+    .unwrap();
+    Host {
+        id,
+        store,
+        handles: BTreeMap::new(),
+        fenced: false,
+    }
+}
+
+fn pattern(seed: u64, len: usize) -> Vec<u8> {
+    (0..len)
+        .map(|i| (seed.wrapping_mul(131) as u8).wrapping_add(i as u8 / 16) | 1)
+        .collect()
+}
+
+impl Sim {
+    fn new(seed: u64) -> Sim {
+        let dev = Arc::new(MemDevice::new(48 << 20));
+        Store::create(
+            dev.clone(),
+            &CreateOptions {
+                extent_data_blocks: 256,
+                host_id: 1,
+            },
+        )
+        .map(drop)
+        .unwrap();
+        let cluster = MemCluster::new();
+        let hosts = (1..=HOSTS)
+            .map(|id| open_host(&dev, &cluster, id))
+            .collect();
+        Sim {
+            dev,
+            cluster,
+            hosts,
+            disks: BTreeMap::new(),
+            rng: SplitMix(seed),
+            next: 0,
+            writes_refused_fenced: 0,
+            busy_refusals: 0,
+            crashes: 0,
+        }
+    }
+
+    fn pick(&mut self, n: usize) -> usize {
+        (self.rng.next_u64() % n as u64) as usize
+    }
+
+    fn pick_disk(&mut self) -> Option<String> {
+        let names: Vec<String> = self.disks.keys().cloned().collect();
+        (!names.is_empty()).then(|| names[self.pick(names.len())].clone())
+    }
+
+    /// Host `h`'s handle on `name`, opening it (taking the writer key).
+    fn handle(&mut self, h: usize, name: &str) -> Result<Vdi, Error> {
+        if let Some(v) = self.hosts[h].handles.get(name) {
+            return Ok(v.clone());
+        }
+        let v = self.hosts[h].store.open_vdi(name)?;
+        self.hosts[h].handles.insert(name.to_string(), v.clone());
+        self.disks.get_mut(name).unwrap().holder = Some(self.hosts[h].id);
+        Ok(v)
+    }
+
+    /// An error a host may get: busy (another holds the disk) is counted
+    /// and must name a live holder; fenced only on a fenced host.
+    fn expected(&mut self, h: usize, name: &str, e: &Error) {
+        match e {
+            Error::Busy(_) => {
+                self.busy_refusals += 1;
+            }
+            Error::Fenced(_) => {
+                assert!(
+                    self.hosts[h].fenced,
+                    "host {} fenced without expiry: {e}",
+                    h + 1
+                );
+                self.writes_refused_fenced += 1;
+            }
+            e => {
+                let observer = Store::open(self.dev.clone(), &OpenOptions::default()).unwrap();
+                let lists: Vec<Vec<String>> = self.hosts.iter().map(|x| x.store.list()).collect();
+                panic!(
+                    "host {} on {name}: unexpected error {e}\nobserver {:?}\nhosts {lists:?}",
+                    h + 1,
+                    observer.list()
+                )
+            }
+        }
+    }
+
+    fn step(&mut self) {
+        let h = self.pick(self.hosts.len());
+        let op = self.rng.next_u64() % 20;
+        if std::env::var_os("SIM_TRACE").is_some() {
+            eprintln!(
+                "host {} op {op} disks {:?}",
+                h + 1,
+                self.disks
+                    .iter()
+                    .map(|(n, m)| (n.clone(), m.holder))
+                    .collect::<Vec<_>>()
+            );
+        }
+        match op {
+            0 | 1 => {
+                let name = format!("d{}", self.next);
+                self.next += 1;
+                let blocks = 1 + self.pick(16);
+                if self.hosts[h].fenced {
+                    let r = self.hosts[h]
+                        .store
+                        .create_vdi(&name, (blocks * BLOCK) as u64);
+                    assert!(r.is_err(), "a fenced host created a disk");
+                    return;
+                }
+                let v = self.hosts[h]
+                    .store
+                    .create_vdi(&name, (blocks * BLOCK) as u64)
+                    .unwrap();
+                let zero = vec![0; blocks * BLOCK];
+                self.disks.insert(
+                    name.clone(),
+                    DiskModel {
+                        id: v.id(),
+                        data: zero.clone(),
+                        committed: zero,
+                        pending: BTreeMap::new(),
+                        snapshots: Vec::new(),
+                        holder: Some(self.hosts[h].id),
+                    },
+                );
+                self.hosts[h].handles.insert(name, v);
+            }
+            2..=8 => {
+                let Some(name) = self.pick_disk() else { return };
+                let v = match self.handle(h, &name) {
+                    Ok(v) => v,
+                    Err(e) => return self.expected(h, &name, &e),
+                };
+                let size = self.disks[&name].data.len();
+                let first = self.pick(size / BLOCK);
+                let n = 1 + self.pick((size / BLOCK - first).min(3));
+                let seed = self.rng.next_u64();
+                let data = pattern(seed, n * BLOCK);
+                match v.write(&data, (first * BLOCK) as u64) {
+                    Ok(()) => {
+                        assert!(!self.hosts[h].fenced, "a fenced host's write succeeded");
+                        let m = self.disks.get_mut(&name).unwrap();
+                        m.data[first * BLOCK..(first + n) * BLOCK].copy_from_slice(&data);
+                        for b in first..first + n {
+                            let c = m.data[b * BLOCK..(b + 1) * BLOCK].to_vec();
+                            m.pending.entry(b).or_default().push(c);
+                        }
+                    }
+                    Err(e) => self.expected(h, &name, &e),
+                }
+            }
+            9 | 10 => {
+                let Some(name) = self.pick_disk() else { return };
+                let Some(v) = self.hosts[h].handles.get(&name).cloned() else {
+                    return;
+                };
+                match v.flush() {
+                    Ok(()) => {
+                        assert!(!self.hosts[h].fenced, "a fenced host's flush succeeded");
+                        self.commit(&name);
+                    }
+                    Err(e) => self.expected(h, &name, &e),
+                }
+            }
+            11 | 12 => {
+                let Some(name) = self.pick_disk() else { return };
+                let v = match self.handle(h, &name) {
+                    Ok(v) => v,
+                    Err(e) => return self.expected(h, &name, &e),
+                };
+                let snap = format!("s{}", self.next);
+                self.next += 1;
+                match v.snapshot(Some(&snap)) {
+                    Ok(_) => {
+                        assert!(!self.hosts[h].fenced, "a fenced host took a snapshot");
+                        self.commit(&name);
+                        let m = self.disks.get_mut(&name).unwrap();
+                        let c = m.data.clone();
+                        m.snapshots.push((snap, c));
+                    }
+                    Err(e) => self.expected(h, &name, &e),
+                }
+            }
+            13 => {
+                // Clone a snapshot (taking the origin's key for a moment).
+                let Some(name) = self.pick_disk() else { return };
+                let snaps = self.disks[&name].snapshots.clone();
+                if snaps.is_empty() {
+                    return;
+                }
+                let (snap, content) = snaps[self.pick(snaps.len())].clone();
+                let new = format!("d{}", self.next);
+                self.next += 1;
+                match self.hosts[h].store.clone_snapshot(&name, &snap, &new) {
+                    Ok(v) => {
+                        assert!(!self.hosts[h].fenced, "a fenced host made a clone");
+                        // The origin is now open here too (for the clone).
+                        self.note_open(h);
+                        self.disks.insert(
+                            new.clone(),
+                            DiskModel {
+                                id: v.id(),
+                                data: content.clone(),
+                                committed: content,
+                                pending: BTreeMap::new(),
+                                snapshots: Vec::new(),
+                                holder: Some(self.hosts[h].id),
+                            },
+                        );
+                        self.hosts[h].handles.insert(new, v);
+                    }
+                    Err(e) => self.expected(h, &name, &e),
+                }
+            }
+            14 | 15 => {
+                let Some(name) = self.pick_disk() else { return };
+                self.hosts[h].handles.remove(&name);
+                if self.hosts[h]
+                    .store
+                    .open_disk_ids()
+                    .contains(&self.disks[&name].id)
+                {
+                    match self.hosts[h].store.close_vdi(&name) {
+                        Ok(()) => {
+                            self.commit(&name);
+                            self.disks.get_mut(&name).unwrap().holder = None;
+                        }
+                        Err(e) => self.expected(h, &name, &e),
+                    }
+                }
+            }
+            16 => {
+                let Some(name) = self.pick_disk() else { return };
+                self.hosts[h].handles.remove(&name);
+                match self.hosts[h].store.delete_vdi(&name) {
+                    Ok(()) => {
+                        assert!(!self.hosts[h].fenced, "a fenced host deleted a disk");
+                        self.disks.remove(&name);
+                    }
+                    // Clones hang from it, or another host holds it.
+                    Err(Error::Busy(_)) => self.busy_refusals += 1,
+                    Err(e) => self.expected(h, &name, &e),
+                }
+            }
+            17 => {
+                // A crash: the store vanishes without committing; its lease
+                // ends; it comes back with a new one.
+                if !self.rng.next_u64().is_multiple_of(4) {
+                    return;
+                }
+                self.crash(h);
+            }
+            18 => {
+                // The lease ends while the host still runs (a pause): it is
+                // fenced; another host may take its disks.
+                if !self.rng.next_u64().is_multiple_of(4) || self.hosts[h].fenced {
+                    return;
+                }
+                let held = self.keys_of(h);
+                self.cluster.expire(self.hosts[h].id);
+                self.hosts[h].fenced = true;
+                let id = self.hosts[h].id;
+                for m in self.disks.values_mut() {
+                    if m.holder == Some(id) {
+                        m.holder = None;
+                    }
+                }
+                self.resolve(&held, "expiry");
+            }
+            _ => {
+                if self.hosts[h].fenced {
+                    // A fenced host is restarted sooner or later.
+                    self.crash(h);
+                    return;
+                }
+                let mut listed = self.hosts[h].store.list();
+                listed.sort();
+                let want: Vec<String> = self.disks.keys().cloned().collect();
+                assert_eq!(listed, want, "host {}'s list", h + 1);
+            }
+        }
+    }
+
+    /// Records that a clone opened its origin on host `h`.
+    fn note_open(&mut self, h: usize) {
+        let ids = self.hosts[h].store.open_disk_ids();
+        let id = self.hosts[h].id;
+        for m in self.disks.values_mut() {
+            if ids.contains(&m.id) {
+                m.holder = Some(id);
+            }
+        }
+    }
+
+    fn commit(&mut self, name: &str) {
+        self.disks.get_mut(name).unwrap().commit();
+    }
+
+    fn crash(&mut self, h: usize) {
+        self.crashes += 1;
+        let id = self.hosts[h].id;
+        // A fenced host holds no key any more (its disks were resolved
+        // when its lease ended).
+        let held = self.keys_of(h);
+        let old = std::mem::replace(&mut self.hosts[h], open_host_placeholder());
+        // Never committed, never dropped: what a dead process leaves.
+        std::mem::forget(old);
+        self.cluster.expire(id);
+        for m in self.disks.values_mut() {
+            if m.holder == Some(id) {
+                m.holder = None;
+            }
+        }
+        self.resolve(&held, "crash");
+        self.hosts[h] = open_host(&self.dev, &self.cluster, id);
+    }
+
+    /// The disks whose writer key host `h` holds.
+    fn keys_of(&self, h: usize) -> Vec<String> {
+        let writers = self.cluster.writers();
+        let id = self.hosts[h].id;
+        self.disks
+            .iter()
+            .filter(|(_, m)| writers.get(&m.id).is_some_and(|w| w.0 == id))
+            .map(|(n, _)| n.clone())
+            .collect()
+    }
+
+    /// The disks a host lost (crash or expiry) hold, block by block, what
+    /// was committed or something written since: read them from the pool
+    /// (an observer store, alone), check that, and take it as the new
+    /// committed content.
+    fn resolve(&mut self, names: &[String], what: &str) {
+        if names.is_empty() {
+            return;
+        }
+        let observer = Store::open(self.dev.clone(), &OpenOptions::default()).unwrap();
+        for name in names {
+            let v = observer.open_vdi(name).unwrap();
+            let m = self.disks.get_mut(name).unwrap();
+            let mut buf = vec![0u8; m.data.len()];
+            v.read(&mut buf, 0).unwrap();
+            if let Err(e) = m.acceptable(&buf) {
+                panic!("disk {name} after a {what}: {e}");
+            }
+            m.data = buf;
+            m.commit();
+        }
+    }
+
+    /// At most one writer per disk: what a live host has open, it holds
+    /// the key of.
+    fn check_writers(&self) {
+        let writers = self.cluster.writers();
+        for host in self.hosts.iter().filter(|h| !h.fenced) {
+            for id in host.store.open_disk_ids() {
+                assert_eq!(
+                    writers.get(&id).map(|w| w.0),
+                    Some(host.id),
+                    "host {} has disk {id} open without its writer key",
+                    host.id
+                );
+            }
+        }
+    }
+
+    /// Every host lets its disks go (a fenced one is restarted first); an
+    /// observer opened alone checks the pool and reads everything.
+    fn quiesce_and_verify(&mut self, what: &str) {
+        for h in 0..self.hosts.len() {
+            if self.hosts[h].fenced {
+                self.crash(h);
+            }
+            self.hosts[h].handles.clear();
+            for id in self.hosts[h].store.open_disk_ids() {
+                let name = self
+                    .disks
+                    .iter()
+                    .find(|(_, m)| m.id == id)
+                    .map(|(n, _)| n.clone());
+                if let Some(name) = name {
+                    self.hosts[h].store.close_vdi(&name).unwrap();
+                    self.commit(&name);
+                    self.disks.get_mut(&name).unwrap().holder = None;
+                }
+            }
+        }
+        assert!(
+            self.cluster.writers().is_empty(),
+            "{what}: writer keys left: {:?}",
+            self.cluster.writers()
+        );
+        let observer = Store::open(self.dev.clone(), &OpenOptions::default()).unwrap();
+        let report = observer.check().unwrap();
+        assert!(report.is_clean(), "{what}: check: {:#?}", report.errors);
+        let mut names = observer.list();
+        names.sort();
+        let want: Vec<String> = self.disks.keys().cloned().collect();
+        assert_eq!(names, want, "{what}: the observer's list");
+        for (name, m) in &self.disks {
+            let v = observer.open_vdi(name).unwrap();
+            let mut buf = vec![0u8; m.data.len()];
+            v.read(&mut buf, 0).unwrap();
+            assert!(
+                buf == m.committed,
+                "{what}: disk {name} lost a flushed write"
+            );
+            for (snap, content) in &m.snapshots {
+                let view = v.open_snapshot(snap).unwrap();
+                let mut b = vec![0u8; content.len()];
+                view.read(&mut b, 0).unwrap();
+                assert!(b == *content, "{what}: snapshot {name}@{snap} differs");
+            }
+        }
+    }
+}
+
+/// Stands in for a host's store between a crash and the restart.
+fn open_host_placeholder() -> Host {
+    let dev = Arc::new(MemDevice::new(1 << 20));
+    let store = Store::create(dev, &CreateOptions::default()).unwrap();
+    Host {
+        id: 0,
+        store,
+        handles: BTreeMap::new(),
+        fenced: false,
+    }
+}
+
+fn run(seed: u64, steps: usize) -> Sim {
+    // Shown with a failure (the test harness keeps stderr of passing tests).
+    eprintln!("seed {seed}");
+    let mut sim = Sim::new(seed);
+    for i in 0..steps {
+        sim.step();
+        sim.check_writers();
+        if i % 100 == 99 {
+            sim.quiesce_and_verify(&format!("seed {seed} step {i}"));
+        }
+    }
+    sim.quiesce_and_verify(&format!("seed {seed} end"));
+    sim
+}
+
+fn seeds() -> Vec<u64> {
+    if let Some(s) = std::env::var("SIM_SEED").ok().and_then(|v| v.parse().ok()) {
+        return vec![s];
+    }
+    let n = std::env::var("SIM_SEEDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(200);
+    (1..=n).collect()
+}
+
+#[test]
+fn appliances_sharing_a_pool() {
+    let (mut refused, mut busy, mut crashes) = (0, 0, 0);
+    for seed in seeds() {
+        let sim = run(seed, 300);
+        refused += sim.writes_refused_fenced;
+        busy += sim.busy_refusals;
+        crashes += sim.crashes;
+    }
+    eprintln!("fenced refusals {refused}, busy refusals {busy}, crashes {crashes}");
+    // The sequences reach the cases they are meant to.
+    assert!(refused > 0 && busy > 0 && crashes > 0);
+}
