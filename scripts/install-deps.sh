@@ -3,7 +3,9 @@
 # they are missing. qemu-utils 10 comes from bookworm-backports on these
 # machines; installing qemu-system-x86 from plain bookworm would downgrade it,
 # so backports is added (on the mirror the existing sources use) first.
-#   scripts/install-deps.sh          test clients: qemu-utils, libnbd-bin, fio
+#   scripts/install-deps.sh          test clients: qemu-utils, libnbd-bin, fio,
+#                                    nbdkit; etcd-server (cluster tests);
+#                                    protobuf-compiler (the etcd client's build)
 #   scripts/install-deps.sh --vm     also qemu-system-x86 (README VM walk-through)
 set -euo pipefail
 
@@ -18,6 +20,8 @@ command -v qemu-img >/dev/null || need+=(qemu-utils)
 command -v nbdinfo >/dev/null || need+=(libnbd-bin)
 command -v fio >/dev/null || need+=(fio)
 command -v nbdkit >/dev/null || need+=(nbdkit)
+command -v etcd >/dev/null || need+=(etcd-server)
+command -v protoc >/dev/null || need+=(protobuf-compiler)
 vm_needed=0
 if [ "$want_vm" = 1 ] && ! command -v qemu-system-x86_64 >/dev/null; then vm_needed=1; fi
 

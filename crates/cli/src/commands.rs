@@ -9,6 +9,7 @@ use crate::{DiskRef, SnapRef};
 use anyhow::{anyhow, bail, Result};
 use parallax_server::api::{Api, ApiResult, DiskInfo, ErrorKind, ScheduleSpec};
 use parallax_server::client::Remote;
+use parallax_server::cluster::ClusterOptions;
 use parallax_server::daemon::{self, ServeOptions};
 use parallax_server::service::Service;
 use parallax_server::store_file::{self, open_store, Access};
@@ -109,15 +110,40 @@ pub fn init(ctx: &Context, size: Option<u64>, force: bool) -> Result<()> {
     store_file::init_store(&ctx.store_path, size, force, ctx.host_id)
 }
 
-pub fn serve(
-    ctx: &Context,
-    nbd_listen: Option<SocketAddr>,
-    nbd_socket: Option<PathBuf>,
-    init_size: u64,
-    direct: bool,
-    socket_group: Option<u32>,
-) -> Result<()> {
+/// `parallax serve`'s options.
+pub struct ServeArgs {
+    pub nbd_listen: Option<SocketAddr>,
+    pub nbd_socket: Option<PathBuf>,
+    pub init_size: u64,
+    pub direct: bool,
+    pub socket_group: Option<u32>,
+    pub etcd: Option<String>,
+    pub lease_ttl: std::time::Duration,
+}
+
+pub fn serve(ctx: &Context, args: ServeArgs) -> Result<()> {
+    let ServeArgs {
+        nbd_listen,
+        nbd_socket,
+        init_size,
+        direct,
+        socket_group,
+        etcd,
+        lease_ttl,
+    } = args;
     let nbd_socket = nbd_socket.map(|p| absolute(&p)).transpose()?;
+    let cluster = etcd.map(|urls| ClusterOptions {
+        endpoints: urls.split(',').map(str::to_string).collect(),
+        lease_ttl,
+        host_id: ctx.host_id,
+        description: serde_json::json!({
+            "nbd_tcp": nbd_listen.map(|a| a.to_string()),
+            "nbd_socket": nbd_socket.as_ref().map(|p| p.display().to_string()),
+            "control": ctx.control.display().to_string(),
+            "pid": std::process::id(),
+        })
+        .to_string(),
+    });
     // Logs go to stderr; PARALLAX_LOG filters them (default `info`).
     let filter = tracing_subscriber::EnvFilter::try_from_env("PARALLAX_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
@@ -135,7 +161,28 @@ pub fn serve(
         control: ctx.control.clone(),
         direct,
         socket_group,
+        cluster,
     })
+}
+
+pub fn hosts(ctx: &Context) -> Result<()> {
+    let remote = Remote::connect(&ctx.control)
+        .ok_or_else(|| anyhow!("no daemon answers on {}", ctx.control.display()))?;
+    let hosts = remote.hosts()?;
+    if ctx.json {
+        return print_json(&hosts);
+    }
+    let mut table = Table::new(&["HOST", "NBD", "CONTROL", "WRITING"]);
+    for h in hosts {
+        let field = |k: &str| h.registered[k].as_str().unwrap_or("-").to_string();
+        table.row(vec![
+            h.host_id.to_string(),
+            field("nbd_tcp"),
+            field("control"),
+            h.writing.len().to_string(),
+        ]);
+    }
+    print(&table.render())
 }
 
 pub fn status(ctx: &Context) -> Result<()> {
@@ -187,7 +234,7 @@ pub fn list(ctx: &Context) -> Result<()> {
         table.row(vec![
             d.name,
             format_size(d.size_bytes),
-            format_size(d.allocated_bytes),
+            d.allocated_bytes.map_or_else(|| "-".into(), format_size),
             d.snapshots.to_string(),
             d.origin.unwrap_or_else(|| "-".into()),
         ]);
@@ -221,10 +268,28 @@ pub fn info(ctx: &Context, target: &DiskRef) -> Result<()> {
         ("name", d.name),
         ("id", d.id.to_string()),
         ("size", size_with_bytes(d.size_bytes)),
-        ("allocated", size_with_bytes(d.allocated_bytes)),
+        (
+            "allocated",
+            d.allocated_bytes
+                .map_or_else(|| "- (written by another appliance)".into(), size_with_bytes),
+        ),
         ("snapshots", d.snapshots.to_string()),
         ("hidden snapshots", d.hidden_snapshots.to_string()),
         ("schedule", describe_schedule(d.schedule.as_ref())),
+        (
+            "writer",
+            d.writer.as_ref().filter(|w| w.host_id != 0).map_or_else(
+                || "-".into(),
+                |w| {
+                    format!(
+                        "host {} (epoch {}){}",
+                        w.host_id,
+                        w.epoch,
+                        if w.here { ", this appliance" } else { "" }
+                    )
+                },
+            ),
+        ),
         (
             "schedule run",
             d.schedule_run.map_or_else(

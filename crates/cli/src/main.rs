@@ -74,7 +74,19 @@ enum Command {
         /// (0600).
         #[arg(long, value_name = "GROUP", value_parser = parse_group)]
         socket_group: Option<u32>,
+        /// Cluster mode: several appliances (each with its own --host-id)
+        /// share the store, coordinated through these etcd endpoints
+        /// (comma-separated http://ADDR:PORT).
+        #[arg(long, value_name = "URL[,URL...]")]
+        etcd: Option<String>,
+        /// Cluster mode: the etcd lease's time to live. An appliance that
+        /// cannot renew it stops writing before it can expire.
+        #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = parse_ttl)]
+        lease_ttl: std::time::Duration,
     },
+    /// Cluster mode: the appliances sharing the store, and the disks each
+    /// one writes.
+    Hosts,
     /// Show what the running daemon serves, and its client connections.
     Status,
     /// Create a store: a new sparse file of SIZE, or a whole block device.
@@ -225,6 +237,17 @@ enum Command {
     },
 }
 
+/// An etcd lease TTL: whole seconds, at least 2.
+fn parse_ttl(s: &str) -> Result<std::time::Duration, String> {
+    let d = humantime::parse_duration(s).map_err(|e| format!("'{s}' is not a duration: {e}"))?;
+    if d < std::time::Duration::from_secs(2) || d.subsec_nanos() != 0 {
+        return Err(format!(
+            "'{s}': the lease TTL is whole seconds, at least 2s"
+        ));
+    }
+    Ok(d)
+}
+
 /// A schedule interval in ns: a humantime duration of at least 1 ms.
 fn parse_interval(s: &str) -> Result<u64, String> {
     let d = humantime::parse_duration(s).map_err(|e| format!("'{s}' is not a duration: {e}"))?;
@@ -348,14 +371,21 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             init_size,
             direct,
             socket_group,
+            etcd,
+            lease_ttl,
         } => commands::serve(
             &ctx,
-            nbd_listen.0,
-            nbd_socket.clone(),
-            *init_size,
-            *direct,
-            *socket_group,
+            commands::ServeArgs {
+                nbd_listen: nbd_listen.0,
+                nbd_socket: nbd_socket.clone(),
+                init_size: *init_size,
+                direct: *direct,
+                socket_group: *socket_group,
+                etcd: etcd.clone(),
+                lease_ttl: *lease_ttl,
+            },
         ),
+        Command::Hosts => commands::hosts(&ctx),
         Command::Status => commands::status(&ctx),
         Command::Init { size, force } => commands::init(&ctx, *size, *force),
         Command::Create { name, size } => commands::create(&ctx, name, *size),

@@ -15,7 +15,8 @@ pub struct DiskInfo {
     pub name: String,
     pub id: u64,
     pub size_bytes: u64,
-    pub allocated_bytes: u64,
+    /// Unknown (null) for a disk another appliance of the cluster writes.
+    pub allocated_bytes: Option<u64>,
     pub snapshots: u64,
     /// `NAME@SNAP` the disk was cloned from.
     pub origin: Option<String>,
@@ -34,6 +35,19 @@ pub struct DiskInfo {
     /// without a daemon, or if the disk was never scheduled since).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub schedule_run: Option<ScheduleRun>,
+    /// Cluster mode: the appliance whose last commit the disk is at, and
+    /// the epoch of its writer key then (absent outside cluster mode).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub writer: Option<WriterInfo>,
+}
+
+/// The writer of a disk's last commit (cluster mode).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WriterInfo {
+    pub host_id: u64,
+    pub epoch: u64,
+    /// Whether this appliance holds the disk now.
+    pub here: bool,
 }
 
 /// Counters of a disk's schedule since the daemon started.
@@ -117,6 +131,16 @@ pub struct SnapshotDetail {
     pub referenced_bytes: Option<u64>,
 }
 
+/// One appliance of a cluster (`parallax hosts`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HostInfo {
+    pub host_id: u64,
+    /// What the appliance registered (its NBD and control addresses).
+    pub registered: serde_json::Value,
+    /// Disks whose writer key it holds: (disk id, epoch).
+    pub writing: Vec<(u64, u64)>,
+}
+
 /// `parallax check`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CheckSummary {
@@ -152,7 +176,7 @@ pub struct GcProgress {
 pub struct DiskUse {
     pub name: String,
     pub size_bytes: u64,
-    pub allocated_bytes: u64,
+    pub allocated_bytes: Option<u64>,
     /// Bytes only this disk and its snapshots reference, metadata included:
     /// what deleting the disk frees.
     pub used_bytes: u64,
@@ -327,6 +351,8 @@ pub trait Api {
     fn export(&self, disk: &str, snapshot: Option<&str>, file: &Path, force: bool)
         -> ApiResult<()>;
     fn check(&self) -> ApiResult<CheckSummary>;
+    /// The appliances of the cluster (cluster mode only).
+    fn hosts(&self) -> ApiResult<Vec<HostInfo>>;
     fn gc(&self) -> ApiResult<GcSummary>;
     /// The progress of a `gc` running now, if any.
     fn gc_progress(&self) -> ApiResult<Option<GcProgress>>;

@@ -211,6 +211,10 @@ impl Api for Remote {
         self.call(Method::GET, "/v1/check", None::<&()>)
     }
 
+    fn hosts(&self) -> ApiResult<Vec<HostInfo>> {
+        self.call(Method::GET, "/v1/hosts", None::<&()>)
+    }
+
     fn gc(&self) -> ApiResult<GcSummary> {
         self.call(Method::POST, "/v1/gc", None::<&()>)
     }

@@ -279,6 +279,7 @@ fn route(
         }
         ["v1", "df"] if get => ok(200, api.df(query.split('&').any(|q| q == "scan=1"))),
         ["v1", "check"] if get => ok(200, api.check()),
+        ["v1", "hosts"] if get => ok(200, api.hosts()),
         ["v1", "gc"] if post => ok(200, api.gc()),
         ["v1", "gc"] if get => ok(200, api.gc_progress()),
         _ => Err(ApiError::new(

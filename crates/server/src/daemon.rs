@@ -10,6 +10,7 @@
 //! disk, remove the socket files, release the store.
 
 use crate::api::DaemonStatus;
+use crate::cluster::{ClusterOptions, Etcd, EtcdCoordinator};
 use crate::control::{self, ControlState};
 use crate::nbd;
 use crate::scheduler::Scheduler;
@@ -42,6 +43,8 @@ pub struct ServeOptions {
     pub direct: bool,
     /// Group allowed to use the Unix sockets (mode 0660 instead of 0600).
     pub socket_group: Option<u32>,
+    /// Cluster mode: etcd and the lease (see `docs/CLUSTER.md`).
+    pub cluster: Option<ClusterOptions>,
 }
 
 /// Every [`SETTLE_INTERVAL`], the store's upkeep ([`Store::settle`]):
@@ -223,14 +226,23 @@ pub fn run(options: ServeOptions) -> Result<()> {
         }
     }
     warn_if_exposed(store_path);
-    let opened =
-        store_file::open_store_with(store_path, Access::Write, options.host_id, options.direct)
-            .map_err(|e| {
-                anyhow::anyhow!(
-                    "{} (is another parallax daemon serving it?)",
-                    crate::one_line(&e)
-                )
-            })?;
+    let mut etcd = None;
+    let opened = match &options.cluster {
+        None => {
+            store_file::open_store_with(store_path, Access::Write, options.host_id, options.direct)
+                .map_err(|e| {
+                    anyhow::anyhow!(
+                        "{} (is another parallax daemon serving it?)",
+                        crate::one_line(&e)
+                    )
+                })?
+        }
+        Some(cluster) => store_file::open_shared_store(store_path, options.host_id, |store_id| {
+            let c = EtcdCoordinator::connect(cluster, store_id)?;
+            etcd = Some(c.clone());
+            Ok(Arc::new(Etcd(c)) as Arc<dyn parallax_engine::Coordinator>)
+        })?,
+    };
     if let Some(reason) = opened.store.damage() {
         warn!("the store is damaged and takes no writes (reads of intact disks go on): {reason}; run `parallax check`");
     }
@@ -244,8 +256,10 @@ pub fn run(options: ServeOptions) -> Result<()> {
         Service::new(opened.store.clone(), store_path.clone(), false)
             .with_uring(runtime.block_on(async { start_uring() }))
             .with_background_settle()
-            .with_scheduler(scheduler.clone()),
+            .with_scheduler(scheduler.clone())
+            .with_cluster(etcd.clone()),
     );
+    let etcd_handle = etcd;
     // Snapshot schedules stored in the disks' headers resume.
     scheduler.start_all(service.store());
     let result = runtime.block_on(serve(&options, service.clone()));
@@ -254,6 +268,10 @@ pub fn run(options: ServeOptions) -> Result<()> {
     // Every connection is gone; commit whatever is still in memory.
     let flushed = service.store().flush_all();
     drop(opened);
+    drop(service);
+    if let Some(c) = etcd_handle {
+        c.leave();
+    }
     match (&result, flushed) {
         (_, Err(e)) => {
             warn!("final flush failed: {e}");

@@ -14,6 +14,7 @@
 
 pub mod api;
 pub mod client;
+pub mod cluster;
 pub mod control;
 pub mod daemon;
 pub mod nbd;

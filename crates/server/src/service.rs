@@ -13,6 +13,7 @@
 //! a running guest.
 
 use crate::api::*;
+use crate::cluster::EtcdCoordinator;
 use crate::scheduler::Scheduler;
 use crate::transfer;
 use crate::uring::Uring;
@@ -54,6 +55,8 @@ pub struct Service {
     scheduler: Option<Arc<Scheduler>>,
     /// The running gc's progress, for `GET /v1/gc`.
     gc_progress: Mutex<Option<GcProgress>>,
+    /// Cluster mode: the etcd coordinator.
+    cluster: Option<Arc<EtcdCoordinator>>,
 }
 
 /// Shortest schedule interval accepted.
@@ -89,12 +92,19 @@ impl Service {
             background_settle: false,
             scheduler: None,
             gc_progress: Mutex::new(None),
+            cluster: None,
         }
     }
 
     /// Runs snapshot schedules through `scheduler` (the daemon does).
     pub fn with_scheduler(mut self, scheduler: Arc<Scheduler>) -> Service {
         self.scheduler = Some(scheduler);
+        self
+    }
+
+    /// Cluster mode: answers `hosts` from etcd.
+    pub fn with_cluster(mut self, cluster: Option<Arc<EtcdCoordinator>>) -> Service {
+        self.cluster = cluster;
         self
     }
 
@@ -229,12 +239,39 @@ impl Service {
     }
 
     fn disk_info(&self, vdi: &Vdi) -> ApiResult<DiskInfo> {
-        let info = vdi.info();
+        self.info_from(vdi.info(), Some(vdi.allocated_bytes()?), true)
+    }
+
+    /// A disk's figures: from its open state, or (cluster mode, another
+    /// appliance writing it) from its last committed header.
+    fn disk_info_by_name(&self, name: &str) -> ApiResult<DiskInfo> {
+        if !self.store.is_shared() {
+            return self.disk_info(&self.open(name)?);
+        }
+        // Cluster mode: looking must not take the disk's writer key.
+        match self.store.open_if_held(name)? {
+            Some(vdi) => self.disk_info(&vdi),
+            None => self.info_from(self.store.peek_info(name)?, None, false),
+        }
+    }
+
+    fn info_from(
+        &self,
+        info: parallax_engine::VdiInfo,
+        allocated: Option<u64>,
+        here: bool,
+    ) -> ApiResult<DiskInfo> {
+        let writer = self.store.is_shared().then_some(WriterInfo {
+            host_id: info.writer_host,
+            epoch: info.writer_epoch,
+            here,
+        });
         Ok(DiskInfo {
+            writer,
             connections: self.connections_to(&info.name, None) as u64,
             id: info.id,
             size_bytes: info.size_bytes,
-            allocated_bytes: vdi.allocated_bytes()?,
+            allocated_bytes: allocated,
             snapshots: info.snapshot_count,
             origin: info.origin,
             created: rfc3339(info.created_ns),
@@ -286,12 +323,12 @@ impl Api for Service {
         self.store
             .list()
             .iter()
-            .map(|name| self.disk_info(&self.open(name)?))
+            .map(|name| self.disk_info_by_name(name))
             .collect()
     }
 
     fn disk(&self, name: &str) -> ApiResult<DiskInfo> {
-        self.disk_info(&self.open(name)?)
+        self.disk_info_by_name(name)
     }
 
     fn snapshot_detail(&self, disk: &str, snapshot: &str) -> ApiResult<SnapshotDetail> {
@@ -398,6 +435,28 @@ impl Api for Service {
         };
         transfer::export(&*source, file, force, &self.store_path, self.show_progress)?;
         Ok(())
+    }
+
+    fn hosts(&self) -> ApiResult<Vec<HostInfo>> {
+        let Some(c) = &self.cluster else {
+            return Err(ApiError::new(
+                ErrorKind::Invalid,
+                "this appliance is not in cluster mode (serve --etcd)",
+            ));
+        };
+        let writers = c.writers()?;
+        Ok(c.hosts()?
+            .into_iter()
+            .map(|(host_id, registered)| HostInfo {
+                host_id,
+                registered: serde_json::from_str(&registered).unwrap_or(serde_json::Value::Null),
+                writing: writers
+                    .iter()
+                    .filter(|w| w.1 == host_id)
+                    .map(|w| (w.0, w.2))
+                    .collect(),
+            })
+            .collect())
     }
 
     fn check(&self) -> ApiResult<CheckSummary> {

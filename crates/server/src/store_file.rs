@@ -19,7 +19,7 @@
 
 use anyhow::{anyhow, bail, Context, Result};
 use parallax_device::{BlockDevice, FileDevice, NbdDevice, NbdTarget, OpenMode};
-use parallax_engine::{CreateOptions, Error, OpenOptions, Store};
+use parallax_engine::{Coordinator, CreateOptions, Error, OpenOptions, Store};
 use parallax_format::{BLOCK_SIZE, BLOCK_SIZE_U64, MAGIC, SUPERBLOCK_ADDRS};
 use std::fs::{self, File};
 use std::io::{self, ErrorKind};
@@ -170,6 +170,39 @@ pub fn open_store_with(
         store,
         _lock: Some(lock),
     })
+}
+
+/// Opens the existing store at `path` in cluster mode: no lock (several
+/// appliances open it), `O_DIRECT` for a file or device (other hosts
+/// change blocks this host's page cache would keep), and the coordinator
+/// made from `connect` once the store's id is known.
+pub fn open_shared_store(
+    path: &Path,
+    host_id: u64,
+    connect: impl FnOnce(u64) -> Result<Arc<dyn Coordinator>>,
+) -> Result<OpenStore> {
+    let shown = path.display();
+    let dev: Arc<dyn BlockDevice> = if is_nbd_store(path) {
+        Arc::new(open_nbd(path)?)
+    } else {
+        let mode = OpenMode {
+            direct: true,
+            read_only: false,
+        };
+        Arc::new(FileDevice::open(path, mode).with_context(|| {
+            format!("cannot open store {shown} with O_DIRECT (cluster mode needs it)")
+        })?)
+    };
+    let store_id = Store::peek_id(&*dev).map_err(|e| anyhow!("{shown}: {e}"))?;
+    let coordinator = connect(store_id)?;
+    let options = OpenOptions {
+        host_id,
+        coordinator: Some(coordinator),
+        ..OpenOptions::default()
+    };
+    let store =
+        Store::open(dev, &options).map_err(|e| anyhow!("cannot open store {shown}: {e}"))?;
+    Ok(OpenStore { store, _lock: None })
 }
 
 /// Whether the device starts with a Parallax superblock (either copy).

@@ -70,6 +70,10 @@ pub struct VdiInfo {
     pub origin: Option<String>,
     pub generation: u64,
     pub schedule: Schedule,
+    /// Cluster mode: the host whose commit this is, and its epoch (0, 0
+    /// without cluster mode).
+    pub writer_host: u64,
+    pub writer_epoch: u64,
 }
 
 /// A run of blocks with the same allocation status.
@@ -123,6 +127,15 @@ impl Vdi {
             origin: (!st.header.origin.is_empty()).then(|| st.header.origin.clone()),
             generation: st.header.generation,
             schedule: st.header.schedule,
+            // This host's key once it holds one, before its first commit.
+            writer_host: match (self.disk.writer_epoch, self.disk.pool.coordinator()) {
+                (e, Some(c)) if e != 0 => c.host_id(),
+                _ => st.header.writer_host,
+            },
+            writer_epoch: match self.disk.writer_epoch {
+                0 => st.header.writer_epoch,
+                e => e,
+            },
         }
     }
 

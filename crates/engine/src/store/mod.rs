@@ -144,6 +144,12 @@ impl Store {
         )
     }
 
+    /// The id of the store on `dev` (from its superblock), without opening
+    /// it: what names the store's keys in a cluster's coordination service.
+    pub fn peek_id(dev: &dyn BlockDevice) -> Result<u64> {
+        Ok(catalog::read_superblocks(dev)?.0.store_id)
+    }
+
     /// Opens an existing store. Never repairs anything: a store that was
     /// cut off at any instant opens as it is.
     pub fn open(dev: Arc<dyn BlockDevice>, options: &OpenOptions) -> Result<Store> {
@@ -344,6 +350,43 @@ impl Store {
         Ok(catalog::read_vdi_header(&self.inner.pool, &entry)?
             .0
             .size_bytes)
+    }
+
+    /// A handle on disk `name` if this store has it open already (in shared
+    /// mode: if this host holds its writer key); `None` otherwise. Never
+    /// opens it.
+    pub fn open_if_held(&self, name: &str) -> Result<Option<Vdi>> {
+        let catalog = self.catalog()?;
+        let Some((_, entry)) = catalog.find(name) else {
+            return Err(Error::NotFound(format!("disk {name} does not exist")));
+        };
+        let disk = self.inner.open.lock().get(&entry.vdi_id).cloned();
+        Ok(disk.map(|d| self.handle(d)))
+    }
+
+    /// What disk `name`'s newest header says, read from the pool without
+    /// opening the disk (shared mode: another host may be writing it; the
+    /// figures are those of its last commit). `hidden_snapshots` is not
+    /// known this way (0).
+    pub fn peek_info(&self, name: &str) -> Result<crate::VdiInfo> {
+        let catalog = self.catalog()?;
+        let (_, entry) = catalog
+            .find(name)
+            .ok_or_else(|| Error::NotFound(format!("disk {name} does not exist")))?;
+        let (h, _) = catalog::read_vdi_header(&self.inner.pool, &entry)?;
+        Ok(crate::VdiInfo {
+            id: h.vdi_id,
+            name: entry.name,
+            size_bytes: h.size_bytes,
+            created_ns: h.created_ns,
+            snapshot_count: h.snapshot_count,
+            hidden_snapshots: 0,
+            origin: (!h.origin.is_empty()).then(|| h.origin.clone()),
+            generation: h.generation,
+            schedule: h.schedule,
+            writer_host: h.writer_host,
+            writer_epoch: h.writer_epoch,
+        })
     }
 
     /// A read-only view of `disk@snapshot`.

@@ -1,0 +1,440 @@
+//! Cluster mode: the engine's [`Coordinator`] on a real etcd (see
+//! `docs/CLUSTER.md` for the protocol and every key).
+//!
+//! - **Lease.** The appliance holds one etcd lease (TTL `--lease-ttl`),
+//!   kept alive every TTL/3 by a task on the coordinator's own runtime.
+//!   Its *fencing deadline* is the send time of the last keep-alive the
+//!   server answered, plus the TTL, minus a fifth of it, on the monotonic
+//!   clock: past it, [`Coordinator::may_write`] is false and the engine
+//!   writes nothing more (the lease may have ended on the server by then).
+//!   A keep-alive answered with TTL 0 means the lease is gone: the
+//!   appliance stays fenced.
+//! - **Membership.** `hosts/<id>` under the lease, created only if absent
+//!   (two live appliances never share a host id).
+//! - **Writer keys** `disks/<vdi-id>/writer` under the lease, created by a
+//!   transaction that requires the key to be absent; the epoch is the
+//!   key's create revision.
+//! - **Extents** `extents/<index>`, without lease, created the same way.
+//! - **The catalogue lock** is etcd's lock service on `catalog`, bound to
+//!   the lease.
+//!
+//! The engine calls from any thread (blocking pool, runtime workers): every
+//! call runs on the coordinator's own runtime (one worker thread) and is
+//! waited for on a channel, bounded by `RPC_TIMEOUT`.
+
+use anyhow::{anyhow, Context, Result};
+use etcd_client::{
+    Client, Compare, CompareOp, ConnectOptions, GetOptions, LockOptions, PutOptions, Txn, TxnOp,
+    TxnOpResponse,
+};
+use parallax_engine::{CatalogLock, Coordinator, Error as EngineError};
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tracing::{info, warn};
+
+/// An etcd call that takes longer fails (the caller sees an error, never
+/// a hang).
+const RPC_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How to reach etcd and what this appliance is.
+#[derive(Debug, Clone)]
+pub struct ClusterOptions {
+    pub endpoints: Vec<String>,
+    pub lease_ttl: Duration,
+    pub host_id: u64,
+    /// What `hosts/<id>` says about this appliance (JSON).
+    pub description: String,
+}
+
+/// See the module documentation.
+pub struct EtcdCoordinator {
+    host_id: u64,
+    prefix: String,
+    client: Client,
+    lease: i64,
+    runtime: tokio::runtime::Runtime,
+    /// Nanoseconds after `base` past which this host must not write.
+    deadline_ns: Arc<AtomicU64>,
+    base: Instant,
+    /// The lease is known to be gone.
+    lost: Arc<AtomicBool>,
+}
+
+impl std::fmt::Debug for EtcdCoordinator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "EtcdCoordinator(host {}, {})", self.host_id, self.prefix)
+    }
+}
+
+fn engine_error(what: &str, e: impl std::fmt::Display) -> EngineError {
+    EngineError::Io {
+        context: format!("{what} through etcd"),
+        error: std::io::Error::other(e.to_string()),
+    }
+}
+
+impl EtcdCoordinator {
+    /// Connects, takes a lease, registers this host under `store_id`'s
+    /// prefix and starts keeping the lease alive.
+    pub fn connect(options: &ClusterOptions, store_id: u64) -> Result<Arc<EtcdCoordinator>> {
+        if options.host_id == 0 {
+            return Err(anyhow!("--host-id must be at least 1 in cluster mode"));
+        }
+        let ttl = options.lease_ttl.as_secs().max(2) as i64;
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("parallax-etcd")
+            .enable_all()
+            .build()
+            .context("starting the etcd client's runtime")?;
+        let endpoints = options.endpoints.clone();
+        let prefix = format!("/parallax/{store_id:016x}/");
+        let host_key = format!("{prefix}hosts/{}", options.host_id);
+        let description = options.description.clone();
+        let (client, lease) = runtime.block_on(async {
+            let connect = ConnectOptions::new()
+                .with_connect_timeout(RPC_TIMEOUT)
+                .with_timeout(RPC_TIMEOUT);
+            let mut client = Client::connect(&endpoints, Some(connect))
+                .await
+                .with_context(|| format!("cannot reach etcd at {}", endpoints.join(",")))?;
+            // A previous run of this host that died keeps its key until its
+            // lease expires: wait that long, not longer. Each attempt takes
+            // a fresh lease (one nobody keeps alive while waiting would
+            // expire meanwhile).
+            let give_up = Instant::now() + Duration::from_secs(ttl as u64 + 2);
+            loop {
+                let lease = client.lease_grant(ttl, None).await?.id();
+                let txn = Txn::new()
+                    .when([Compare::create_revision(
+                        host_key.clone(),
+                        CompareOp::Equal,
+                        0,
+                    )])
+                    .and_then([TxnOp::put(
+                        host_key.clone(),
+                        description.clone(),
+                        Some(PutOptions::new().with_lease(lease)),
+                    )]);
+                if client.txn(txn).await?.succeeded() {
+                    break anyhow::Ok((client, lease));
+                }
+                let _ = client.lease_revoke(lease).await;
+                if Instant::now() > give_up {
+                    return Err(anyhow!(
+                        "another live appliance already uses host id {} on this store ({host_key})",
+                        options.host_id
+                    ));
+                }
+                info!(
+                    host = options.host_id,
+                    "host id registered by a previous run: waiting for its lease to expire"
+                );
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        })?;
+        let base = Instant::now();
+        let margin = Duration::from_secs(ttl as u64) / 5;
+        let deadline_ns = Arc::new(AtomicU64::new(
+            (Duration::from_secs(ttl as u64) - margin).as_nanos() as u64,
+        ));
+        let lost = Arc::new(AtomicBool::new(false));
+        let c = Arc::new(EtcdCoordinator {
+            host_id: options.host_id,
+            prefix,
+            client: client.clone(),
+            lease,
+            runtime,
+            deadline_ns: deadline_ns.clone(),
+            base,
+            lost: lost.clone(),
+        });
+        c.runtime.spawn(keep_alive(
+            client,
+            lease,
+            Duration::from_secs(ttl as u64),
+            margin,
+            base,
+            deadline_ns,
+            lost,
+        ));
+        info!(host = options.host_id, lease, ttl, "joined the cluster");
+        Ok(c)
+    }
+
+    /// Runs `f` on the coordinator's runtime and waits for it.
+    fn call<T: Send + 'static>(
+        &self,
+        what: &str,
+        f: impl Future<Output = Result<T, etcd_client::Error>> + Send + 'static,
+    ) -> parallax_engine::Result<T> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        self.runtime.spawn(async move {
+            let r = tokio::time::timeout(RPC_TIMEOUT, f).await;
+            let _ = tx.send(r);
+        });
+        match rx.recv_timeout(RPC_TIMEOUT + Duration::from_secs(1)).ok() {
+            Some(Ok(Ok(v))) => Ok(v),
+            Some(Ok(Err(e))) => Err(engine_error(what, e)),
+            Some(Err(_)) => Err(engine_error(what, "no answer within 5 s")),
+            None => Err(engine_error(what, "the etcd client stopped")),
+        }
+    }
+
+    /// Leaves the cluster (clean shutdown, after the last commit): the
+    /// lease is revoked, and with it this host's registration, writer keys
+    /// and lock.
+    pub fn leave(&self) {
+        let mut client = self.client.clone();
+        let lease = self.lease;
+        self.lost.store(true, Ordering::SeqCst);
+        match self.call("revoking the lease", async move {
+            client.lease_revoke(lease).await
+        }) {
+            Ok(_) => info!(host = self.host_id, "left the cluster"),
+            Err(e) => warn!("{e} (the lease expires on its own)"),
+        }
+    }
+
+    /// Every registered appliance: (host id, its description).
+    pub fn hosts(&self) -> parallax_engine::Result<Vec<(u64, String)>> {
+        let mut client = self.client.clone();
+        let key = format!("{}hosts/", self.prefix);
+        let resp = self.call("listing the hosts", async move {
+            client.get(key, Some(GetOptions::new().with_prefix())).await
+        })?;
+        let mut hosts: Vec<(u64, String)> = resp
+            .kvs()
+            .iter()
+            .filter_map(|kv| {
+                let id = kv.key_str().ok()?.rsplit('/').next()?.parse().ok()?;
+                Some((id, kv.value_str().ok()?.to_string()))
+            })
+            .collect();
+        hosts.sort();
+        Ok(hosts)
+    }
+
+    /// Disk id ─▶ (host, epoch) of every writer key.
+    pub fn writers(&self) -> parallax_engine::Result<Vec<(u64, u64, u64)>> {
+        let mut client = self.client.clone();
+        let key = format!("{}disks/", self.prefix);
+        let resp = self.call("listing the writers", async move {
+            client.get(key, Some(GetOptions::new().with_prefix())).await
+        })?;
+        Ok(resp
+            .kvs()
+            .iter()
+            .filter_map(|kv| {
+                let mut parts = kv.key_str().ok()?.rsplit('/');
+                let _writer = parts.next()?;
+                let disk = parts.next()?.parse().ok()?;
+                let host = kv.value_str().ok()?.parse().ok()?;
+                Some((disk, host, kv.create_revision() as u64))
+            })
+            .collect())
+    }
+
+    fn fenced(&self) -> EngineError {
+        EngineError::Fenced(format!(
+            "host {}: its etcd lease {} may have ended (no keep-alive answered in time)",
+            self.host_id, self.lease
+        ))
+    }
+}
+
+/// Keeps the lease alive every TTL/3, moving the fencing deadline on
+/// after each answered keep-alive; stops (fenced for good) when the lease
+/// is gone.
+async fn keep_alive(
+    mut client: Client,
+    lease: i64,
+    ttl: Duration,
+    margin: Duration,
+    base: Instant,
+    deadline_ns: Arc<AtomicU64>,
+    lost: Arc<AtomicBool>,
+) {
+    let mut keeper = None;
+    loop {
+        if keeper.is_none() {
+            match client.lease_keep_alive(lease).await {
+                Ok(k) => keeper = Some(k),
+                Err(e) => warn!("etcd keep-alive stream: {e}"),
+            }
+        }
+        if let Some((k, stream)) = keeper.as_mut() {
+            let sent = Instant::now();
+            let answered = async {
+                k.keep_alive().await?;
+                stream.message().await
+            };
+            match tokio::time::timeout(ttl / 3, answered).await {
+                Ok(Ok(Some(resp))) if resp.ttl() > 0 => {
+                    let until = sent + ttl - margin;
+                    deadline_ns.store(
+                        until.duration_since(base).as_nanos() as u64,
+                        Ordering::SeqCst,
+                    );
+                }
+                Ok(Ok(Some(_))) => {
+                    warn!(
+                        lease,
+                        "the etcd lease is gone: this appliance writes no more"
+                    );
+                    lost.store(true, Ordering::SeqCst);
+                    return;
+                }
+                other => {
+                    warn!(lease, "etcd keep-alive failed: {other:?}");
+                    keeper = None;
+                }
+            }
+        }
+        tokio::time::sleep(ttl / 3).await;
+    }
+}
+
+/// Releases etcd's lock on the catalogue.
+struct EtcdCatalogLock {
+    coordinator: Arc<EtcdCoordinator>,
+    key: Vec<u8>,
+}
+
+impl Drop for EtcdCatalogLock {
+    fn drop(&mut self) {
+        let mut client = self.coordinator.client.clone();
+        let key = self.key.clone();
+        if let Err(e) = self
+            .coordinator
+            .call("releasing the catalogue lock", async move {
+                client.unlock(key).await
+            })
+        {
+            // It goes with the lease at worst.
+            warn!("{e}");
+        }
+    }
+}
+
+/// The coordinator behind an `Arc`, so that the catalogue lock's guard can
+/// hold it.
+#[derive(Debug, Clone)]
+pub struct Etcd(pub Arc<EtcdCoordinator>);
+
+impl Coordinator for Etcd {
+    fn host_id(&self) -> u64 {
+        self.0.host_id
+    }
+
+    fn acquire_writer(&self, vdi_id: u64) -> parallax_engine::Result<u64> {
+        let c = &self.0;
+        if !self.may_write() {
+            return Err(c.fenced());
+        }
+        let key = format!("{}disks/{vdi_id}/writer", c.prefix);
+        let me = c.host_id.to_string();
+        let txn = Txn::new()
+            .when([Compare::create_revision(key.clone(), CompareOp::Equal, 0)])
+            .and_then([TxnOp::put(
+                key.clone(),
+                me.clone(),
+                Some(PutOptions::new().with_lease(c.lease)),
+            )])
+            .or_else([TxnOp::get(key.clone(), None)]);
+        let mut client = c.client.clone();
+        let resp = c.call("taking a writer key", async move { client.txn(txn).await })?;
+        if resp.succeeded() {
+            return resp
+                .header()
+                .map(|h| h.revision() as u64)
+                .ok_or_else(|| engine_error("taking a writer key", "no revision in the answer"));
+        }
+        for op in resp.op_responses() {
+            if let TxnOpResponse::Get(get) = op {
+                if let Some(kv) = get.kvs().first() {
+                    // Ours only under this lease: a previous run of this
+                    // host (same id, older lease) is another writer.
+                    if kv.lease() == c.lease {
+                        return Ok(kv.create_revision() as u64);
+                    }
+                    let holder = kv.value_str().unwrap_or("?");
+                    return Err(EngineError::Busy(format!(
+                        "the disk is written by host {holder}"
+                    )));
+                }
+            }
+        }
+        // Deleted in between: ask again.
+        self.acquire_writer(vdi_id)
+    }
+
+    fn release_writer(&self, vdi_id: u64, epoch: u64) {
+        let c = &self.0;
+        let key = format!("{}disks/{vdi_id}/writer", c.prefix);
+        let txn = Txn::new()
+            .when([Compare::create_revision(
+                key.clone(),
+                CompareOp::Equal,
+                epoch as i64,
+            )])
+            .and_then([TxnOp::delete(key, None)]);
+        let mut client = c.client.clone();
+        if let Err(e) = c.call(
+            "releasing a writer key",
+            async move { client.txn(txn).await },
+        ) {
+            // It goes with the lease at worst.
+            warn!("{e}");
+        }
+    }
+
+    fn may_write(&self) -> bool {
+        let c = &self.0;
+        !c.lost.load(Ordering::SeqCst)
+            && (c.base.elapsed().as_nanos() as u64) < c.deadline_ns.load(Ordering::SeqCst)
+    }
+
+    fn lock_catalog(&self) -> parallax_engine::Result<CatalogLock> {
+        let c = &self.0;
+        if !self.may_write() {
+            return Err(c.fenced());
+        }
+        let name = format!("{}catalog", c.prefix);
+        let mut client = c.client.clone();
+        let lease = c.lease;
+        let resp = c.call("taking the catalogue lock", async move {
+            client
+                .lock(name, Some(LockOptions::new().with_lease(lease)))
+                .await
+        })?;
+        Ok(CatalogLock::new(EtcdCatalogLock {
+            coordinator: c.clone(),
+            key: resp.key().to_vec(),
+        }))
+    }
+
+    fn claim_extent(&self, index: u64) -> parallax_engine::Result<bool> {
+        let c = &self.0;
+        if !self.may_write() {
+            return Err(c.fenced());
+        }
+        let key = format!("{}extents/{index}", c.prefix);
+        let me = c.host_id.to_string();
+        let txn = Txn::new()
+            .when([Compare::create_revision(key.clone(), CompareOp::Equal, 0)])
+            .and_then([TxnOp::put(key.clone(), me.clone(), None)])
+            .or_else([TxnOp::get(key, None)]);
+        let mut client = c.client.clone();
+        let resp = c.call("claiming an extent", async move { client.txn(txn).await })?;
+        if resp.succeeded() {
+            return Ok(true);
+        }
+        Ok(resp.op_responses().iter().any(|op| {
+            matches!(op, TxnOpResponse::Get(get)
+                if get.kvs().first().is_some_and(|kv| kv.value_str().ok() == Some(me.as_str())))
+        }))
+    }
+}
