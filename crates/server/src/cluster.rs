@@ -38,6 +38,9 @@ use tracing::{info, warn};
 /// a hang).
 const RPC_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// How long an appliance starting waits for etcd to answer.
+const CONNECT_PATIENCE: Duration = Duration::from_secs(30);
+
 /// How to reach etcd and what this appliance is.
 #[derive(Debug, Clone)]
 pub struct ClusterOptions {
@@ -97,9 +100,29 @@ impl EtcdCoordinator {
             let connect = ConnectOptions::new()
                 .with_connect_timeout(RPC_TIMEOUT)
                 .with_timeout(RPC_TIMEOUT);
-            let mut client = Client::connect(&endpoints, Some(connect))
-                .await
-                .with_context(|| format!("cannot reach etcd at {}", endpoints.join(",")))?;
+            // Services start in any order: wait for etcd a while.
+            let reach_by = Instant::now() + CONNECT_PATIENCE;
+            let mut client = loop {
+                let attempt = async {
+                    let mut c = Client::connect(&endpoints, Some(connect.clone())).await?;
+                    c.status().await?;
+                    Ok::<_, etcd_client::Error>(c)
+                };
+                match attempt.await {
+                    Ok(c) => break c,
+                    Err(e) if Instant::now() > reach_by => {
+                        return Err(anyhow!(
+                            "cannot reach etcd at {} within {}s: {e}",
+                            endpoints.join(","),
+                            CONNECT_PATIENCE.as_secs()
+                        ));
+                    }
+                    Err(_) => {
+                        info!("waiting for etcd at {}", endpoints.join(","));
+                        tokio::time::sleep(Duration::from_millis(500)).await;
+                    }
+                }
+            };
             // A previous run of this host that died keeps its key until its
             // lease expires: wait that long, not longer. Each attempt takes
             // a fresh lease (one nobody keeps alive while waiting would
