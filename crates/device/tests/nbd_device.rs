@@ -50,7 +50,7 @@ fn wait_for_socket(path: &Path) {
     }
 }
 
-fn qemu_nbd(file: &Path, socket: &Path) -> Server {
+fn qemu_nbd(file: &Path, socket: &Path, extra: &[&str]) -> Server {
     let child = Command::new("qemu-nbd")
         .args([
             "--format=raw",
@@ -58,6 +58,7 @@ fn qemu_nbd(file: &Path, socket: &Path) -> Server {
             "--shared=16",
             "--cache=writeback",
         ])
+        .args(extra)
         .arg(format!("--socket={}", socket.display()))
         .arg(file)
         .stdout(Stdio::null())
@@ -66,6 +67,13 @@ fn qemu_nbd(file: &Path, socket: &Path) -> Server {
         .expect("qemu-nbd");
     wait_for_socket(socket);
     Server(child)
+}
+
+/// A sparse pool file of `size` bytes in `dir`.
+fn pool_file(dir: &Path, size: u64) -> PathBuf {
+    let file = dir.join("pool.raw");
+    std::fs::File::create(&file).unwrap().set_len(size).unwrap();
+    file
 }
 
 fn nbdkit_memory(socket: &Path, size: &str) -> Server {
@@ -104,13 +112,9 @@ fn a_pool_served_by_qemu_nbd() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let file = dir.path().join("pool.raw");
-    std::fs::File::create(&file)
-        .unwrap()
-        .set_len(96 * MIB)
-        .unwrap();
+    let file = pool_file(dir.path(), 96 * MIB);
     let socket = dir.path().join("pool.sock");
-    let _server = qemu_nbd(&file, &socket);
+    let _server = qemu_nbd(&file, &socket, &[]);
     let dev = Arc::new(NbdDevice::open(&uri(&socket, 4)).unwrap());
     assert_eq!(dev.len(), 96 * MIB);
 
@@ -206,13 +210,9 @@ fn an_unreachable_server_fails_calls_until_it_is_back() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let file = dir.path().join("pool.raw");
-    std::fs::File::create(&file)
-        .unwrap()
-        .set_len(8 * MIB)
-        .unwrap();
+    let file = pool_file(dir.path(), 8 * MIB);
     let socket: PathBuf = dir.path().join("pool.sock");
-    let server = qemu_nbd(&file, &socket);
+    let server = qemu_nbd(&file, &socket, &[]);
     let target = NbdTarget::parse(&uri(&socket, 2)).unwrap();
     let dev = NbdDevice::connect(target, Duration::from_millis(700)).unwrap();
     dev.write_at(&[7; 4096], 0).unwrap();
@@ -229,7 +229,7 @@ fn an_unreachable_server_fails_calls_until_it_is_back() {
         "the failed read took {:?}",
         started.elapsed()
     );
-    let _server = qemu_nbd(&file, &socket);
+    let _server = qemu_nbd(&file, &socket, &[]);
     dev.read_at(&mut b, 0).unwrap();
     assert_eq!(b, vec![7; 4096]);
     dev.flush().unwrap();
@@ -241,19 +241,9 @@ fn refusals_at_connect() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let file = dir.path().join("pool.raw");
-    std::fs::File::create(&file).unwrap().set_len(MIB).unwrap();
+    let file = pool_file(dir.path(), MIB);
     let socket = dir.path().join("ro.sock");
-    let child = Command::new("qemu-nbd")
-        .args(["--format=raw", "--persistent", "--read-only"])
-        .arg(format!("--socket={}", socket.display()))
-        .arg(&file)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    wait_for_socket(&socket);
-    let _server = Server(child);
+    let _server = qemu_nbd(&file, &socket, &["--read-only"]);
     let e = NbdDevice::open(&uri(&socket, 1))
         .err()
         .expect("a read-only pool was taken");

@@ -321,7 +321,7 @@ impl Api for Service {
 
     fn list(&self) -> ApiResult<Vec<DiskInfo>> {
         self.store
-            .list()
+            .try_list()?
             .iter()
             .map(|name| self.disk_info_by_name(name))
             .collect()

@@ -293,13 +293,20 @@ impl Store {
     }
 
     /// Names of all disks, sorted.
+    ///
+    /// In shared mode the catalogue is read under the cluster's lock; if
+    /// that fails (the coordination service unreachable, this host fenced)
+    /// the list is empty: use [`Store::try_list`] to see the error.
     pub fn list(&self) -> Vec<String> {
-        let Ok(catalog) = self.catalog() else {
-            return Vec::new();
-        };
+        self.try_list().unwrap_or_default()
+    }
+
+    /// [`Store::list`], failing when the catalogue cannot be read.
+    pub fn try_list(&self) -> Result<Vec<String>> {
+        let catalog = self.catalog()?;
         let mut names: Vec<String> = catalog.entries().into_iter().map(|e| e.name).collect();
         names.sort();
-        names
+        Ok(names)
     }
 
     pub fn stats(&self) -> StoreStats {

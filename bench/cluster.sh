@@ -1,0 +1,96 @@
+#!/usr/bin/env bash
+# Cluster mode against a single appliance, side by side in one run:
+#   1. 4 KiB random writes, QD32, fio's nbd engine, on a disk the appliance
+#      holds: the same appliance binary on the same pool file, with and
+#      without --etcd, alternating ROUNDS times (RUNTIME seconds each).
+#   2. Control operations in cluster mode (etcd on 127.0.0.1): N creates,
+#      N snapshots of one disk, N clones of one snapshot, timed from request
+#      to answer by one client on one connection (bench/api_loop.py).
+#   The store file lives in BENCH_DIR (default /var/tmp, O_DIRECT-capable);
+#   every process started here is stopped by its PID; everything is removed.
+# Knobs: ROUNDS (3) RUNTIME (10) N (200) PARALLAX_BIN (target/release/parallax)
+# Output: stdout and bench/results/cluster-<date>.txt
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+ROUNDS=${ROUNDS:-3} RUNTIME=${RUNTIME:-10} N=${N:-200}
+P=${PARALLAX_BIN:-target/release/parallax}
+[ -x "$P" ] || cargo build --release -q -p parallax
+P="$(cd "$(dirname "$P")" && pwd)/$(basename "$P")"
+OUT="bench/results/cluster-$(date -u +%Y%m%d-%H%M%S).txt"
+TMP=$(mktemp -d -p "${BENCH_DIR:-/var/tmp}" parallax-cluster.XXXXXX)
+PIDS=()
+cleanup() {
+    for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
+    for pid in "${PIDS[@]}"; do wait "$pid" 2>/dev/null || true; done
+    rm -rf "$TMP"
+}
+trap cleanup EXIT
+exec > >(tee "$OUT") 2>&1
+
+port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+CPORT=$(port) PPORT=$(port)
+ETCD_URL="http://127.0.0.1:$CPORT"
+etcd --data-dir "$TMP/etcd" --listen-client-urls "$ETCD_URL" --advertise-client-urls "$ETCD_URL" \
+    --listen-peer-urls "http://127.0.0.1:$PPORT" --initial-advertise-peer-urls "http://127.0.0.1:$PPORT" \
+    --initial-cluster "default=http://127.0.0.1:$PPORT" >"$TMP/etcd.log" 2>&1 &
+PIDS+=($!)
+echo "== cluster benchmark $(date -u +%FT%TZ): ROUNDS=$ROUNDS RUNTIME=${RUNTIME}s N=$N; $(nproc) CPUs"
+echo "   $("$P" --version 2>/dev/null || echo parallax), $(etcd --version | head -1), $(fio --version)"
+"$P" --store "$TMP/pool.px" init --size 8G >/dev/null
+"$P" --store "$TMP/pool.px" create d --size 1G >/dev/null
+
+px() { "$P" --store "$TMP/pool.px" --control "$TMP/c" --host-id 1 "$@"; }
+start() { # start [--etcd URL]
+    "$P" --store "$TMP/pool.px" --control "$TMP/c" --host-id 1 serve --direct --nbd-listen none \
+        --nbd-socket "$TMP/n.sock" "$@" >"$TMP/serve.log" 2>&1 &
+    SERVE=$!
+    PIDS+=("$SERVE")
+    until px status >/dev/null 2>&1; do sleep 0.1; done
+}
+stop() { kill "$SERVE" || { cat "$TMP/serve.log"; exit 1; }; wait "$SERVE" || true; }
+fio_iops() {
+    fio --name=w --ioengine=nbd --uri="nbd+unix:///d?socket=$TMP/n.sock" --rw=randwrite --bs=4k \
+        --iodepth=32 --size=1G --time_based --runtime="$RUNTIME" --output-format=json \
+        --output="$TMP/fio.json" >/dev/null 2>&1
+    python3 -c 'import json,sys; print(round(json.load(open(sys.argv[1]))["jobs"][0]["write"]["iops"]))' "$TMP/fio.json"
+}
+# Fill once so that both modes write in place.
+start
+fio --name=f --ioengine=nbd --uri="nbd+unix:///d?socket=$TMP/n.sock" --rw=write --bs=1M --iodepth=8 \
+    --size=1G --output=/dev/null 2>/dev/null
+stop
+echo "== 4k randwrite QD32 on a held disk: single appliance vs cluster mode, alternating"
+SOLO=() CLUSTER=()
+for ((r = 1; r <= ROUNDS; r++)); do
+    start
+    SOLO+=("$(fio_iops)")
+    stop
+    start --etcd "$ETCD_URL" --lease-ttl 10s
+    CLUSTER+=("$(fio_iops)")
+    stop
+    echo "   r$r single ${SOLO[-1]} IOPS   cluster ${CLUSTER[-1]} IOPS"
+done
+python3 - "${SOLO[*]}" "${CLUSTER[*]}" <<'PY'
+import statistics, sys
+s = [int(x) for x in sys.argv[1].split()]; c = [int(x) for x in sys.argv[2].split()]
+ms, mc = statistics.median(s), statistics.median(c)
+print(f"   median: single {ms:.0f} IOPS, cluster {mc:.0f} IOPS: cluster/single {mc / ms:.2f}x (target >= 0.95x)")
+PY
+
+echo "== control operations in cluster mode (etcd on 127.0.0.1), $N each"
+start --etcd "$ETCD_URL" --lease-ttl 10s
+L="python3 $ROOT/bench/api_loop.py $TMP/c"
+$L POST /v1/disks '{"name":"c{i}","size_bytes":1073741824}' "$N" >"$TMP/create.txt"
+$L POST /v1/disks/d/snapshots '{"name":"s{i}"}' "$N" >"$TMP/snap.txt"
+$L POST /v1/disks/d/snapshots/s1/clone '{"name":"k{i}"}' "$N" >"$TMP/clone.txt"
+stop
+python3 - "$TMP" <<'PY'
+import statistics, sys
+d = sys.argv[1]
+for what in ("create", "snap", "clone"):
+    xs = sorted(float(l.split()[1]) * 1000 for l in open(f"{d}/{what}.txt"))
+    p = lambda q: xs[min(len(xs) - 1, int(q * (len(xs) - 1)))]
+    print(f"   {what:<7} n={len(xs)} median {statistics.median(xs):.2f} ms  p90 {p(0.9):.2f}  p99 {p(0.99):.2f}  max {xs[-1]:.2f} (target: median < 20 ms)")
+PY
+echo "== output written to $OUT"
