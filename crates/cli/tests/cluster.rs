@@ -361,3 +361,361 @@ fn three_appliances_share_one_pool() {
     c.etcd.stop();
     let _ = Path::new(&c.etcd_url);
 }
+
+// ---- several hosts: network namespaces ----------------------------------------
+
+/// Network namespaces this test created: deleted (and every process in
+/// them stopped by its PID first, by the `Proc`s' drops) when it ends.
+struct Netns {
+    names: Vec<String>,
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        for n in &self.names {
+            let _ = Command::new("ip").args(["netns", "del", n]).status();
+        }
+    }
+}
+
+fn ip(args: &[&str]) {
+    let out = Command::new("ip").args(args).output().unwrap();
+    assert!(out.status.success(), "ip {args:?}: {}", text(&out));
+}
+
+/// `timeout SECS ip netns exec NS PROGRAM ARGS...`: a command that must
+/// end.
+fn in_ns(ns: &str, secs: u32, program: &str) -> Command {
+    let mut cmd = Command::new("timeout");
+    cmd.arg(secs.to_string())
+        .args(["ip", "netns", "exec", ns, program]);
+    cmd
+}
+
+/// `ip netns exec NS PROGRAM ARGS...`: a server, stopped by its PID (`ip`
+/// execs the program, so the child's PID is the server's).
+fn server_in_ns(ns: &str, program: &str) -> Command {
+    let mut cmd = Command::new("ip");
+    cmd.args(["netns", "exec", ns, program]);
+    cmd
+}
+
+/// Three appliances, etcd and the pool's NBD server (qemu-nbd) in five
+/// network namespaces joined by a bridge in a sixth: the pool is reached
+/// over the network (`--store nbd://...`). Concurrent creates on every
+/// host; `fio --verify` on each host's own disk at once; a client on host 2
+/// reads host 1's disk through host 1, while host 2 itself refuses it; then
+/// host 3 is cut off etcd (not the pool): once its lease has run out it
+/// refuses writes, and host 1 opens host 3's disk from its last commit,
+/// flushed data intact. The pool alone then checks clean.
+#[test]
+fn appliances_in_network_namespaces() {
+    if !have("etcd", "--version")
+        || !have("qemu-nbd", "--version")
+        || !have("fio", "--version")
+        || !have("qemu-io", "--version")
+    {
+        return;
+    }
+    let tag = format!("px{}", std::process::id() % 100_000);
+    let ns = |n: &str| format!("{tag}-{n}");
+    let seed = std::process::id();
+    let net = format!("10.{}.{}", 200 + seed % 50, (seed / 50) % 250);
+    let roles = [("et", 2), ("po", 3), ("h1", 11), ("h2", 12), ("h3", 13)];
+    let mut guard = Netns {
+        names: vec![ns("br")],
+    };
+    ip(&["netns", "add", &ns("br")]);
+    ip(&["-n", &ns("br"), "link", "add", "br0", "type", "bridge"]);
+    ip(&["-n", &ns("br"), "link", "set", "br0", "up"]);
+    for (role, host) in roles {
+        let n = ns(role);
+        ip(&["netns", "add", &n]);
+        guard.names.push(n.clone());
+        let peer = format!("p-{role}");
+        ip(&[
+            "-n",
+            &n,
+            "link",
+            "add",
+            "v0",
+            "type",
+            "veth",
+            "peer",
+            "name",
+            &peer,
+            "netns",
+            &ns("br"),
+        ]);
+        ip(&["-n", &ns("br"), "link", "set", &peer, "master", "br0", "up"]);
+        ip(&[
+            "-n",
+            &n,
+            "addr",
+            "add",
+            &format!("{net}.{host}/24"),
+            "dev",
+            "v0",
+        ]);
+        ip(&["-n", &n, "link", "set", "v0", "up"]);
+        ip(&["-n", &n, "link", "set", "lo", "up"]);
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let spawn = |mut cmd: Command, log: &str| -> Proc {
+        let log = std::fs::File::create(d.join(log)).unwrap();
+        Proc(Some(
+            cmd.stdout(log.try_clone().unwrap())
+                .stderr(log)
+                .spawn()
+                .unwrap(),
+        ))
+    };
+    let etcd_url = format!("http://{net}.2:2379");
+    let mut etcd = {
+        let mut c = server_in_ns(&ns("et"), "etcd");
+        c.arg("--data-dir").arg(d.join("etcd"));
+        c.args([
+            "--listen-client-urls",
+            &etcd_url,
+            "--advertise-client-urls",
+            &etcd_url,
+        ]);
+        c.args(["--listen-peer-urls", &format!("http://{net}.2:2380")]);
+        c.args([
+            "--initial-advertise-peer-urls",
+            &format!("http://{net}.2:2380"),
+        ]);
+        c.args(["--initial-cluster", &format!("default=http://{net}.2:2380")]);
+        spawn(c, "etcd.log")
+    };
+    let pool_file = d.join("pool.raw");
+    std::fs::File::create(&pool_file)
+        .unwrap()
+        .set_len(2 << 30)
+        .unwrap();
+    let mut pool_server = {
+        let mut c = server_in_ns(&ns("po"), "qemu-nbd");
+        c.args([
+            "--format=raw",
+            "--persistent",
+            "--shared=64",
+            "--bind",
+            &format!("{net}.3"),
+            "--port",
+            "10809",
+        ]);
+        c.arg(&pool_file);
+        spawn(c, "pool.log")
+    };
+    let store = format!("nbd://{net}.3:10809/");
+    let px = |h: u64, secs: u32, args: &[&str]| -> Command {
+        let host = ns(&format!("h{h}"));
+        let program = env!("CARGO_BIN_EXE_parallax");
+        // secs == 0: a server (no timeout wrapper, so its PID is its own).
+        let mut c = if secs == 0 {
+            server_in_ns(&host, program)
+        } else {
+            in_ns(&host, secs, program)
+        };
+        c.args(["--store", &store, "--host-id", &h.to_string(), "--control"])
+            .arg(d.join(format!("c{h}")))
+            .args(args)
+            .env_remove("PARALLAX_STORE")
+            .env_remove("PARALLAX_CONTROL");
+        c
+    };
+    let ok = |mut c: Command| -> String {
+        let out = c.output().unwrap();
+        assert!(out.status.success(), "{c:?}: {}", text(&out));
+        String::from_utf8(out.stdout).unwrap()
+    };
+    // The pool server and etcd are up once init gets through.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let out = px(1, 60, &["init"]).output().unwrap();
+        if out.status.success() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "init over the network: {}",
+            text(&out)
+        );
+        thread::sleep(Duration::from_millis(200));
+    }
+    let mut hosts: Vec<Proc> = (1..=3u64)
+        .map(|h| {
+            let mut c = px(h, 0, &["serve", "--etcd", &etcd_url, "--lease-ttl", "3s"]);
+            c.args([
+                "--nbd-listen",
+                &format!("{net}.{}:10809", 10 + h),
+                "--nbd-socket",
+            ])
+            .arg(d.join(format!("n{h}.sock")));
+            spawn(c, &format!("serve{h}.log"))
+        })
+        .collect();
+    for h in 1..=3u64 {
+        let deadline = Instant::now() + Duration::from_secs(40);
+        while !px(h, 10, &["status"]).output().unwrap().status.success() {
+            assert!(
+                Instant::now() < deadline,
+                "appliance {h} did not come up:\n{}",
+                std::fs::read_to_string(d.join(format!("serve{h}.log"))).unwrap_or_default()
+            );
+            thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    // Concurrent creates on every host.
+    thread::scope(|s| {
+        for h in 1..=3u64 {
+            let (px, ok) = (&px, &ok);
+            s.spawn(move || {
+                for k in 0..2 {
+                    ok(px(
+                        h,
+                        60,
+                        &["create", &format!("h{h}d{k}"), "--size", "64M"],
+                    ));
+                }
+            });
+        }
+    });
+    for h in 1..=3 {
+        let list: Value = serde_json::from_str(&ok(px(h, 60, &["list", "--json"]))).unwrap();
+        assert_eq!(names(&list).len(), 6, "host {h}'s list: {list}");
+    }
+
+    // fio --verify on every host's own disk at once, each from inside its
+    // host, over TCP.
+    let fios: Vec<Proc> = (1..=3u64)
+        .map(|h| {
+            let mut c = in_ns(&ns(&format!("h{h}")), 300, "fio");
+            c.args([
+                "--name=v",
+                "--ioengine=nbd",
+                &format!("--uri=nbd://{net}.{}:10809/h{h}d0", 10 + h),
+                "--rw=randwrite",
+                "--bs=4k",
+                "--iodepth=8",
+                "--size=16m",
+                "--verify=crc32c",
+                "--do_verify=1",
+                "--verify_fatal=1",
+                "--end_fsync=1",
+            ]);
+            spawn(c, &format!("fio{h}.log"))
+        })
+        .collect();
+    for (i, mut f) in fios.into_iter().enumerate() {
+        let mut child = f.0.take().unwrap();
+        let status = child.wait().unwrap();
+        assert!(
+            status.success(),
+            "fio on host {}: {}",
+            i + 1,
+            std::fs::read_to_string(d.join(format!("fio{}.log", i + 1))).unwrap_or_default()
+        );
+    }
+    // A client on host 2 reaches host 1's disk through host 1; host 2
+    // itself refuses it.
+    let qio = |ns_name: &str, uri: &str, cmd: &str| {
+        let mut c = in_ns(ns_name, 60, "qemu-io");
+        c.args(["-f", "raw", "-c", cmd, uri]);
+        c.output().unwrap()
+    };
+    let w = qio(
+        &ns("h1"),
+        &format!("nbd://{net}.11:10809/h1d1"),
+        "write -P 0x51 0 1M",
+    );
+    assert!(w.status.success(), "{}", text(&w));
+    let r = qio(
+        &ns("h2"),
+        &format!("nbd://{net}.11:10809/h1d1"),
+        "read -P 0x51 0 1M",
+    );
+    assert!(
+        r.status.success(),
+        "host 2 reading host 1's disk through host 1: {}",
+        text(&r)
+    );
+    let refused = qio(
+        &ns("h2"),
+        &format!("nbd://{net}.12:10809/h1d1"),
+        "read 0 4k",
+    );
+    assert!(!refused.status.success(), "host 2 opened host 1's disk");
+    let w = qio(
+        &ns("h3"),
+        &format!("nbd://{net}.13:10809/h3d1"),
+        "write -P 0x73 0 1M",
+    );
+    assert!(w.status.success(), "{}", text(&w));
+
+    // Host 3 is cut off etcd (the pool it still reaches) while a client
+    // writes to its other disk over a connection made before: past its
+    // lease it writes nothing more (the client gets errors, in bounded
+    // time); then host 1 can open its disk, from its last commit.
+    let mut writer = {
+        let mut c = in_ns(&ns("h3"), 120, "fio");
+        c.args([
+            "--name=w",
+            "--ioengine=nbd",
+            &format!("--uri=nbd://{net}.13:10809/h3d0"),
+            "--rw=randwrite",
+            "--bs=4k",
+            "--iodepth=4",
+            "--size=16m",
+            "--time_based",
+            "--runtime=40",
+        ]);
+        spawn(c, "fio-cut.log")
+    };
+    thread::sleep(Duration::from_secs(1));
+    ip(&[
+        "-n",
+        &ns("h3"),
+        "route",
+        "add",
+        "blackhole",
+        &format!("{net}.2/32"),
+    ]);
+    let cut = Instant::now();
+    let status = writer.0.take().unwrap().wait().unwrap();
+    assert!(
+        !status.success(),
+        "host 3 took writes for 40 s after losing etcd: {}",
+        std::fs::read_to_string(d.join("fio-cut.log")).unwrap_or_default()
+    );
+    assert!(
+        cut.elapsed() < Duration::from_secs(15),
+        "host 3 refused writes only {:?} after the cut (lease TTL 3 s)",
+        cut.elapsed()
+    );
+    thread::sleep(Duration::from_secs(3));
+    let taken = qio(
+        &ns("h1"),
+        &format!("nbd://{net}.11:10809/h3d1"),
+        "read -P 0x73 0 1M",
+    );
+    assert!(
+        taken.status.success(),
+        "host 1 reading host 3's disk: {}",
+        text(&taken)
+    );
+
+    // Host 3 stays fenced (its lease is gone) until restarted; the others
+    // stop cleanly; the pool alone checks clean.
+    hosts[2].kill9();
+    for h in hosts.iter_mut().take(2) {
+        assert_eq!(h.stop(), Some(0));
+    }
+    let check = ok(px(1, 120, &["check", "--json"]));
+    let report: Value = serde_json::from_str(&check).unwrap();
+    assert_eq!(report["clean"], true, "{report}");
+    pool_server.stop();
+    etcd.stop();
+}
