@@ -33,7 +33,10 @@
 //!   (nor lost by it: it was never flushed), and everything else they
 //!   allocate or free waits for the next one. A FLUSH takes the commit lock
 //!   first, so it returns only once every commit adopted before it is
-//!   durable.
+//!   durable. With [`Durability::Deferred`] (a snapshot answered when
+//!   taken) the caller gets control back at the adoption: steps 4–6 are
+//!   left staged, and whoever takes the commit lock next runs them first
+//!   (`Disk::durable`), with the state unlocked.
 //! - **Synchronous** ([`Disk::commit`]: transactions that must be undone
 //!   if they fail, and `gc`): steps 1–6 with the state locked throughout,
 //!   adopting only after step 5.
