@@ -298,6 +298,12 @@ fn three_appliances_share_one_pool() {
             !refused.status.success(),
             "host {other} opened host {h}'s disk"
         );
+        // The client is told why.
+        assert!(
+            text(&refused).contains(&format!("written by host {h}")),
+            "{}",
+            text(&refused)
+        );
     }
     let hosts = c.json(1, &["hosts"]);
     let hosts = hosts.as_array().unwrap();

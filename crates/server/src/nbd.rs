@@ -106,6 +106,9 @@ fn open_target(service: &Service, name: &str) -> Result<Target, EngineError> {
 struct StoreExports<'a> {
     service: &'a Service,
     last: std::sync::Mutex<Option<(String, Target)>>,
+    /// Why the last lookup failed, when that is worth telling the client
+    /// (a disk another appliance of the cluster writes).
+    refused: std::sync::Mutex<Option<(String, String)>>,
 }
 
 impl StoreExports<'_> {
@@ -127,7 +130,16 @@ impl Exports for StoreExports<'_> {
     // uring module). Nothing else in a handshake blocks.
     fn lookup(&self, name: &str) -> Option<ExportInfo> {
         let (target, info) = off_runtime(|| {
-            let target = open_target(self.service, name).ok()?;
+            let target = match open_target(self.service, name) {
+                Ok(t) => t,
+                Err(e @ (EngineError::Busy(_) | EngineError::Fenced(_))) => {
+                    if let Ok(mut r) = self.refused.lock() {
+                        *r = Some((name.to_string(), format!("export '{name}' refused: {e}")));
+                    }
+                    return None;
+                }
+                Err(_) => return None,
+            };
             let info = ExportInfo {
                 size: target.size(),
                 read_only: target.writable().is_none(),
@@ -166,6 +178,11 @@ impl Exports for StoreExports<'_> {
             .into_iter()
             .map(|n| (n, None))
             .collect()
+    }
+
+    fn why_not(&self, name: &str) -> Option<String> {
+        let refused = self.refused.lock().ok()?.take()?;
+        (refused.0 == name).then_some(refused.1)
     }
 }
 
@@ -258,6 +275,7 @@ where
     let exports = StoreExports {
         service,
         last: std::sync::Mutex::new(None),
+        refused: std::sync::Mutex::new(None),
     };
     let mut handshake = Handshake::new(handshake_config());
     let mut out = Vec::new();

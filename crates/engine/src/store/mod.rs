@@ -109,12 +109,17 @@ pub(crate) struct StoreInner {
     /// catalogue and after disk locks, never before them (except with
     /// `try_read`, which cannot wait).
     open: Mutex<HashMap<u64, Arc<Disk>>>,
+    /// [`Store::abandon`]: let go as a killed process would.
+    abandoned: std::sync::atomic::AtomicBool,
 }
 
 impl Drop for StoreInner {
     /// The last handle is gone: commit every open disk (best effort: a
     /// failure leaves the previous commit, as a crash would).
     fn drop(&mut self) {
+        if self.abandoned.load(std::sync::atomic::Ordering::SeqCst) {
+            return;
+        }
         for disk in self.open.get_mut().values() {
             let _ = disk.commit_pending();
         }
@@ -212,12 +217,23 @@ impl Store {
                 pool,
                 catalog: Mutex::new(catalog),
                 open: Mutex::new(HashMap::new()),
+                abandoned: std::sync::atomic::AtomicBool::new(false),
             }),
         })
     }
 
     pub(crate) fn pool(&self) -> &Arc<Pool> {
         &self.inner.pool
+    }
+
+    /// Lets the store go as a killed process would (simulations and
+    /// tests): when its last handle goes, nothing held in memory is
+    /// committed, no bitmap is written and no writer key is given back
+    /// (a lease service ends them).
+    pub fn abandon(self) {
+        self.inner
+            .abandoned
+            .store(true, std::sync::atomic::Ordering::SeqCst);
     }
 
     /// Shared mode: blocks this host freed in extents another host owns,

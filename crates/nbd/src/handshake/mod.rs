@@ -81,6 +81,20 @@ pub trait Exports {
     }
     /// Every export, as (name, description), for `NBD_OPT_LIST`.
     fn list(&self) -> Vec<(String, Option<String>)>; // (name, description)
+    /// Why the last [`Exports::lookup`] or [`Exports::describe`] of `name`
+    /// found nothing, when the server knows better than "not found" (the
+    /// client sees it in the error reply).
+    fn why_not(&self, _name: &str) -> Option<String> {
+        None
+    }
+}
+
+/// The error message for an export `lookup`/`describe` did not find.
+fn not_found(exports: &dyn Exports, name: &str) -> String {
+    let reason = exports
+        .why_not(name)
+        .unwrap_or_else(|| format!("export '{}' not found", truncate_str(name, NAME_IN_MESSAGE)));
+    truncate_str(&reason, MAX_STRING_LEN).to_string()
 }
 
 /// A fixed set of exports: [`Exports`] for a server whose exports do not
@@ -517,8 +531,7 @@ impl Handshake {
             exports.describe(name)
         };
         let Some(info) = found else {
-            let message = format!("export '{}' not found", truncate_str(name, NAME_IN_MESSAGE));
-            reply_error(out, option, REP_ERR_UNKNOWN, &message);
+            reply_error(out, option, REP_ERR_UNKNOWN, &not_found(exports, name));
             return Step::Continue;
         };
         let negotiated = self.negotiated(name, info);
@@ -590,8 +603,7 @@ impl Handshake {
             }
         };
         if exports.describe(name).is_none() {
-            let message = format!("export '{}' not found", truncate_str(name, NAME_IN_MESSAGE));
-            reply_error(out, option, REP_ERR_UNKNOWN, &message);
+            reply_error(out, option, REP_ERR_UNKNOWN, &not_found(exports, name));
             return;
         }
         let exact = |q: &&[u8]| *q == BASE_ALLOCATION.as_bytes();

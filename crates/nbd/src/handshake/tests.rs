@@ -1043,3 +1043,38 @@ fn info_describes_and_go_looks_up() {
         ]
     );
 }
+
+/// Exports that know why they refuse one name.
+struct Refusing;
+
+impl Exports for Refusing {
+    fn lookup(&self, _name: &str) -> Option<ExportInfo> {
+        None
+    }
+    fn list(&self) -> Vec<(String, Option<String>)> {
+        Vec::new()
+    }
+    fn why_not(&self, name: &str) -> Option<String> {
+        (name == "held").then(|| "disk held is written by host 2".to_string())
+    }
+}
+
+/// A refused export's error reply carries the server's reason; other
+/// names still get "not found".
+#[test]
+fn refusals_say_why() {
+    for (name, want) in [
+        ("held", "disk held is written by host 2"),
+        ("other", "export 'other' not found"),
+    ] {
+        let stream = session(BOTH, &[opt(OPT_GO, &info_request(name, &[]))]);
+        let mut hs = Handshake::new(config());
+        let mut input = stream.clone();
+        let mut out = Vec::new();
+        let _ = hs.receive(&mut input, &Refusing, &mut out);
+        let r = replies(&out);
+        assert_eq!(r.len(), 1, "{r:?}");
+        assert_eq!(r[0].1, REP_ERR_UNKNOWN);
+        assert_eq!(String::from_utf8_lossy(&r[0].2), want);
+    }
+}
