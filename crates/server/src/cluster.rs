@@ -96,7 +96,7 @@ impl EtcdCoordinator {
         let prefix = format!("/parallax/{store_id:016x}/");
         let host_key = format!("{prefix}hosts/{}", options.host_id);
         let description = options.description.clone();
-        let (client, lease) = runtime.block_on(async {
+        let (client, lease, base) = runtime.block_on(async {
             let connect = ConnectOptions::new()
                 .with_connect_timeout(RPC_TIMEOUT)
                 .with_timeout(RPC_TIMEOUT);
@@ -129,6 +129,9 @@ impl EtcdCoordinator {
             // expire meanwhile).
             let give_up = Instant::now() + Duration::from_secs(ttl as u64 + 2);
             loop {
+                // The fencing deadline counts from before the grant was
+                // asked for: the lease cannot have started earlier.
+                let asked = Instant::now();
                 let lease = client.lease_grant(ttl, None).await?.id();
                 let txn = Txn::new()
                     .when([Compare::create_revision(
@@ -142,7 +145,7 @@ impl EtcdCoordinator {
                         Some(PutOptions::new().with_lease(lease)),
                     )]);
                 if client.txn(txn).await?.succeeded() {
-                    break anyhow::Ok((client, lease));
+                    break anyhow::Ok((client, lease, asked));
                 }
                 let _ = client.lease_revoke(lease).await;
                 if Instant::now() > give_up {
@@ -158,7 +161,6 @@ impl EtcdCoordinator {
                 tokio::time::sleep(Duration::from_millis(500)).await;
             }
         })?;
-        let base = Instant::now();
         let margin = Duration::from_secs(ttl as u64) / 5;
         let deadline_ns = Arc::new(AtomicU64::new(
             (Duration::from_secs(ttl as u64) - margin).as_nanos() as u64,
