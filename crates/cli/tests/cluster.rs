@@ -510,6 +510,8 @@ fn appliances_in_network_namespaces() {
     let d = dir.path();
     let spawn = |mut cmd: Command, log: &str| -> Proc {
         let log = std::fs::File::create(d.join(log)).unwrap();
+        // fio leaves its verify state in its working directory.
+        cmd.current_dir(d);
         Proc(Some(
             cmd.stdout(log.try_clone().unwrap())
                 .stderr(log)
