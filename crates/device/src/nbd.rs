@@ -267,6 +267,14 @@ struct Conn {
     next_cookie: u64,
 }
 
+/// What a request carries: nothing (flush, trim), the data of a write, or
+/// the buffer a read fills. Borrowed: no copy on the way to the socket.
+enum Payload<'a> {
+    None,
+    Write(&'a [u8]),
+    Read(&'a mut [u8]),
+}
+
 /// How a request failed.
 enum Failure {
     /// The server answered with an error: the call's result.
@@ -276,14 +284,13 @@ enum Failure {
 }
 
 impl Conn {
-    /// Sends one request and waits for its reply. `data`: the payload of
-    /// a write, or the buffer a read fills.
+    /// Sends one request and waits for its reply.
     fn request(
         &mut self,
         command: Command,
         offset: u64,
         length: u32,
-        data: Option<&mut [u8]>,
+        data: Payload<'_>,
     ) -> Result<(), Failure> {
         self.next_cookie += 1;
         let cookie = self.next_cookie;
@@ -296,14 +303,9 @@ impl Conn {
         }
         .encode();
         let conn = Failure::Connection;
-        match (&command, &data) {
-            (Command::Write, Some(payload)) => {
-                let mut msg = Vec::with_capacity(header.len() + payload.len());
-                msg.extend_from_slice(&header);
-                msg.extend_from_slice(payload);
-                self.stream.write_all(&msg).map_err(conn)?;
-            }
-            _ => self.stream.write_all(&header).map_err(conn)?,
+        self.stream.write_all(&header).map_err(conn)?;
+        if let Payload::Write(payload) = &data {
+            self.stream.write_all(payload).map_err(conn)?;
         }
         let mut h = [0u8; SIMPLE_REPLY_HEADER_LEN];
         self.stream.read_exact(&mut h).map_err(conn)?;
@@ -319,7 +321,7 @@ impl Conn {
                 reply.error as i32,
             )));
         }
-        if let (Command::Read, Some(buf)) = (command, data) {
+        if let Payload::Read(buf) = data {
             self.stream.read_exact(buf).map_err(conn)?;
         }
         Ok(())
@@ -442,7 +444,7 @@ impl NbdDevice {
         command: Command,
         offset: u64,
         length: u32,
-        mut data: Option<&mut [u8]>,
+        mut data: Payload<'_>,
     ) -> io::Result<()> {
         let started = Instant::now();
         loop {
@@ -450,10 +452,16 @@ impl NbdDevice {
                 let _world = self.world.read();
                 match self.take() {
                     Some((mut conn, generation)) => {
-                        match conn.request(command, offset, length, data.as_deref_mut()) {
+                        let attempt = match &mut data {
+                            Payload::None => Payload::None,
+                            Payload::Write(w) => Payload::Write(w),
+                            Payload::Read(r) => Payload::Read(r),
+                        };
+                        match conn.request(command, offset, length, attempt) {
                             Ok(()) => {
-                                if command == Command::Write {
-                                    let payload = data.as_deref().unwrap_or_default();
+                                if let Payload::Write(payload) = data {
+                                    // The one copy a write costs: kept
+                                    // until a flush covers it.
                                     self.log_write(offset, payload);
                                 }
                                 self.give_back(conn, generation);
@@ -526,11 +534,10 @@ impl NbdDevice {
             .first_mut()
             .ok_or_else(|| io::Error::other("no connection"))?;
         for (_, offset, data) in &log.writes {
-            let mut data = data.clone();
             for (at, chunk) in split(*offset, data.len(), self.facts.max_request) {
                 let start = (at - offset) as usize;
-                let piece = &mut data[start..start + chunk as usize];
-                match conn.request(Command::Write, at, chunk, Some(piece)) {
+                let piece = &data[start..start + chunk as usize];
+                match conn.request(Command::Write, at, chunk, Payload::Write(piece)) {
                     Ok(()) => {}
                     Err(Failure::Server(e)) | Err(Failure::Connection(e)) => return Err(e),
                 }
@@ -567,7 +574,7 @@ impl NbdDevice {
                 let multi = self.facts.flags & TF_CAN_MULTI_CONN != 0;
                 for (i, mut conn) in conns.into_iter().enumerate() {
                     if result.is_ok() && (i == 0 || !multi) {
-                        match conn.request(Command::Flush, 0, 0, None) {
+                        match conn.request(Command::Flush, 0, 0, Payload::None) {
                             Ok(()) => {}
                             Err(Failure::Server(e)) => result = Err(Some(e)),
                             Err(Failure::Connection(_)) => result = Err(None),
@@ -651,7 +658,7 @@ impl BlockDevice for NbdDevice {
                 Command::Read,
                 at,
                 n,
-                Some(&mut buf[start..start + n as usize]),
+                Payload::Read(&mut buf[start..start + n as usize]),
             )?;
         }
         Ok(())
@@ -661,8 +668,8 @@ impl BlockDevice for NbdDevice {
         check_range(self.facts.size, offset, buf.len() as u64)?;
         for (at, n) in split(offset, buf.len(), self.facts.max_request) {
             let start = (at - offset) as usize;
-            let mut piece = buf[start..start + n as usize].to_vec();
-            self.run(Command::Write, at, n, Some(&mut piece))?;
+            let piece = &buf[start..start + n as usize];
+            self.run(Command::Write, at, n, Payload::Write(piece))?;
         }
         if self.replay.lock().bytes > REPLAY_LIMIT {
             self.flush_all()?;
@@ -680,7 +687,7 @@ impl BlockDevice for NbdDevice {
             return Ok(());
         }
         for (at, n) in split(offset, len as usize, self.facts.max_request) {
-            self.run(Command::Trim, at, n, None)?;
+            self.run(Command::Trim, at, n, Payload::None)?;
         }
         Ok(())
     }

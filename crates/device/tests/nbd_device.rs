@@ -3,7 +3,7 @@
 //! what the replay log gives back). Every server runs on a Unix socket in a
 //! temporary directory and is stopped by its PID.
 
-use parallax_device::{BlockDevice, NbdDevice, NbdTarget};
+use parallax_device::{BlockDevice, NbdDevice, NbdTarget, REPLAY_LIMIT};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
@@ -153,6 +153,13 @@ fn a_pool_served_by_qemu_nbd() {
     let mut back = vec![0u8; 40 * MIB as usize];
     dev.read_at(&mut back, 48 * MIB).unwrap();
     assert!(back == big, "a split read differs");
+
+    // Past REPLAY_LIMIT of unflushed writes, the device flushes on its own.
+    dev.write_at(&big, 0).unwrap();
+    assert_eq!(dev.unflushed_bytes(), big.len());
+    dev.write_at(&big, 48 * MIB).unwrap();
+    assert!(2 * big.len() > REPLAY_LIMIT);
+    assert_eq!(dev.unflushed_bytes(), 0, "the replay log grew past its limit");
 
     dev.discard(0, MIB).unwrap();
     let past = dev.write_at(&[1; 4096], 96 * MIB - 2048);
