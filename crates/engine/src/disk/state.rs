@@ -530,6 +530,8 @@ impl Disk {
         self.fresh.lock().in_flight.iter().copied().collect()
     }
 
+    /// Also the fencing check of shared mode: every read, write, discard
+    /// and commit of a disk passes here, under its lock.
     pub(super) fn usable(&self, st: &DiskState) -> Result<()> {
         self.pool.check_fence()?;
         if st.deleted {
