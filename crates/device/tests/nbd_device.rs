@@ -159,7 +159,11 @@ fn a_pool_served_by_qemu_nbd() {
     assert_eq!(dev.unflushed_bytes(), big.len());
     dev.write_at(&big, 48 * MIB).unwrap();
     assert!(2 * big.len() > REPLAY_LIMIT);
-    assert_eq!(dev.unflushed_bytes(), 0, "the replay log grew past its limit");
+    assert_eq!(
+        dev.unflushed_bytes(),
+        0,
+        "the replay log grew past its limit"
+    );
 
     dev.discard(0, MIB).unwrap();
     let past = dev.write_at(&[1; 4096], 96 * MIB - 2048);

@@ -262,6 +262,44 @@ impl EtcdCoordinator {
             .collect())
     }
 
+    /// Creates `key` = this host's id (under `lease`, if given) unless it
+    /// exists: `Created(revision)`, or `Exists(the key as it is)`. Refused
+    /// once this host may no longer write.
+    fn create_if_absent(
+        &self,
+        what: &str,
+        key: String,
+        lease: Option<i64>,
+    ) -> parallax_engine::Result<Creation> {
+        if !self.may_write() {
+            return Err(self.fenced());
+        }
+        let options = lease.map(|l| PutOptions::new().with_lease(l));
+        let txn = Txn::new()
+            .when([Compare::create_revision(key.clone(), CompareOp::Equal, 0)])
+            .and_then([TxnOp::put(key.clone(), self.host_id.to_string(), options)])
+            .or_else([TxnOp::get(key, None)]);
+        let mut client = self.client.clone();
+        let resp = self.call(what, async move { client.txn(txn).await })?;
+        if resp.succeeded() {
+            let revision = resp
+                .header()
+                .map(|h| h.revision() as u64)
+                .ok_or_else(|| engine_error(what, "no revision in the answer"))?;
+            return Ok(Creation::Created(revision));
+        }
+        let existing = resp.op_responses().into_iter().find_map(|op| match op {
+            TxnOpResponse::Get(get) => get.kvs().first().cloned(),
+            _ => None,
+        });
+        Ok(existing.map_or(Creation::Vanished, Creation::Exists))
+    }
+
+    fn may_write(&self) -> bool {
+        !self.lost.load(Ordering::SeqCst)
+            && (self.base.elapsed().as_nanos() as u64) < self.deadline_ns.load(Ordering::SeqCst)
+    }
+
     fn fenced(&self) -> EngineError {
         EngineError::Fenced(format!(
             "host {}: its etcd lease {} may have ended (no keep-alive answered in time)",
@@ -322,6 +360,14 @@ async fn keep_alive(
     }
 }
 
+/// What [`EtcdCoordinator::create_if_absent`] found.
+enum Creation {
+    Created(u64),
+    Exists(etcd_client::KeyValue),
+    /// It existed, and was gone by the time it was read.
+    Vanished,
+}
+
 /// Releases etcd's lock on the catalogue.
 struct EtcdCatalogLock {
     coordinator: Arc<EtcdCoordinator>,
@@ -356,44 +402,18 @@ impl Coordinator for Etcd {
 
     fn acquire_writer(&self, vdi_id: u64) -> parallax_engine::Result<u64> {
         let c = &self.0;
-        if !self.may_write() {
-            return Err(c.fenced());
-        }
         let key = format!("{}disks/{vdi_id}/writer", c.prefix);
-        let me = c.host_id.to_string();
-        let txn = Txn::new()
-            .when([Compare::create_revision(key.clone(), CompareOp::Equal, 0)])
-            .and_then([TxnOp::put(
-                key.clone(),
-                me.clone(),
-                Some(PutOptions::new().with_lease(c.lease)),
-            )])
-            .or_else([TxnOp::get(key.clone(), None)]);
-        let mut client = c.client.clone();
-        let resp = c.call("taking a writer key", async move { client.txn(txn).await })?;
-        if resp.succeeded() {
-            return resp
-                .header()
-                .map(|h| h.revision() as u64)
-                .ok_or_else(|| engine_error("taking a writer key", "no revision in the answer"));
+        match c.create_if_absent("taking a writer key", key, Some(c.lease))? {
+            Creation::Created(epoch) => Ok(epoch),
+            // Ours only under this lease: a previous run of this host (same
+            // id, older lease) is another writer.
+            Creation::Exists(kv) if kv.lease() == c.lease => Ok(kv.create_revision() as u64),
+            Creation::Exists(kv) => Err(EngineError::Busy(format!(
+                "the disk is written by host {}",
+                kv.value_str().unwrap_or("?")
+            ))),
+            Creation::Vanished => self.acquire_writer(vdi_id),
         }
-        for op in resp.op_responses() {
-            if let TxnOpResponse::Get(get) = op {
-                if let Some(kv) = get.kvs().first() {
-                    // Ours only under this lease: a previous run of this
-                    // host (same id, older lease) is another writer.
-                    if kv.lease() == c.lease {
-                        return Ok(kv.create_revision() as u64);
-                    }
-                    let holder = kv.value_str().unwrap_or("?");
-                    return Err(EngineError::Busy(format!(
-                        "the disk is written by host {holder}"
-                    )));
-                }
-            }
-        }
-        // Deleted in between: ask again.
-        self.acquire_writer(vdi_id)
     }
 
     fn release_writer(&self, vdi_id: u64, epoch: u64) {
@@ -417,9 +437,7 @@ impl Coordinator for Etcd {
     }
 
     fn may_write(&self) -> bool {
-        let c = &self.0;
-        !c.lost.load(Ordering::SeqCst)
-            && (c.base.elapsed().as_nanos() as u64) < c.deadline_ns.load(Ordering::SeqCst)
+        self.0.may_write()
     }
 
     fn lock_catalog(&self) -> parallax_engine::Result<CatalogLock> {
@@ -443,23 +461,12 @@ impl Coordinator for Etcd {
 
     fn claim_extent(&self, index: u64) -> parallax_engine::Result<bool> {
         let c = &self.0;
-        if !self.may_write() {
-            return Err(c.fenced());
-        }
         let key = format!("{}extents/{index}", c.prefix);
-        let me = c.host_id.to_string();
-        let txn = Txn::new()
-            .when([Compare::create_revision(key.clone(), CompareOp::Equal, 0)])
-            .and_then([TxnOp::put(key.clone(), me.clone(), None)])
-            .or_else([TxnOp::get(key, None)]);
-        let mut client = c.client.clone();
-        let resp = c.call("claiming an extent", async move { client.txn(txn).await })?;
-        if resp.succeeded() {
-            return Ok(true);
-        }
-        Ok(resp.op_responses().iter().any(|op| {
-            matches!(op, TxnOpResponse::Get(get)
-                if get.kvs().first().is_some_and(|kv| kv.value_str().ok() == Some(me.as_str())))
-        }))
+        // Extents have no lease: an extent stays its owner's while it is down.
+        Ok(match c.create_if_absent("claiming an extent", key, None)? {
+            Creation::Created(_) => true,
+            Creation::Exists(kv) => kv.value_str().ok() == Some(c.host_id.to_string().as_str()),
+            Creation::Vanished => false,
+        })
     }
 }
