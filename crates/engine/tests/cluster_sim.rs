@@ -570,3 +570,72 @@ fn appliances_sharing_a_pool() {
         assert!(refused > 0 && busy > 0 && crashes > 0);
     }
 }
+
+/// A coordinator that grants every writer key with one fixed epoch (a
+/// coordination service that lost its state, or a stale one).
+#[derive(Debug)]
+struct FixedEpoch(u64);
+
+impl parallax_engine::Coordinator for FixedEpoch {
+    fn host_id(&self) -> u64 {
+        2
+    }
+    fn acquire_writer(&self, _vdi_id: u64) -> parallax_engine::Result<u64> {
+        Ok(self.0)
+    }
+    fn release_writer(&self, _vdi_id: u64, _epoch: u64) {}
+    fn may_write(&self) -> bool {
+        true
+    }
+    fn lock_catalog(&self) -> parallax_engine::Result<parallax_engine::CatalogLock> {
+        Ok(parallax_engine::CatalogLock::new(()))
+    }
+    fn claim_extent(&self, _index: u64) -> parallax_engine::Result<bool> {
+        Ok(true)
+    }
+}
+
+/// Every commit carries its writer's epoch; an appliance holding an older
+/// epoch than the disk's last commit is refused the disk (it would be a
+/// second writer), one holding a newer epoch opens it.
+#[test]
+fn a_disk_committed_under_a_newer_epoch_is_refused() {
+    let dev = Arc::new(MemDevice::new(16 << 20));
+    Store::create(dev.clone(), &CreateOptions::default())
+        .map(drop)
+        .unwrap();
+    let cluster = MemCluster::new();
+    let host1 = cluster.host(1);
+    // Epochs granted before: the disk's will be above 5.
+    for i in 0..5 {
+        use parallax_engine::Coordinator;
+        let e = host1.acquire_writer(1000 + i).unwrap();
+        host1.release_writer(1000 + i, e);
+    }
+    let shared = |c: Arc<dyn parallax_engine::Coordinator>, host_id| OpenOptions {
+        host_id,
+        coordinator: Some(c),
+        ..OpenOptions::default()
+    };
+    let store = Store::open(dev.clone(), &shared(host1, 1)).unwrap();
+    let d = store.create_vdi("d", 1 << 20).unwrap();
+    d.write(&[7; 4096], 0).unwrap();
+    d.flush().unwrap();
+    let epoch = d.info().writer_epoch;
+    assert!(epoch > 5, "epoch {epoch}");
+    drop(d);
+    drop(store);
+    let stale = Store::open(dev.clone(), &shared(Arc::new(FixedEpoch(epoch - 1)), 2)).unwrap();
+    match stale.open_vdi("d") {
+        Err(Error::Fenced(_)) => {}
+        other => panic!(
+            "an older epoch opened the disk: {:?}",
+            other.map(|v| v.id())
+        ),
+    }
+    drop(stale);
+    let newer = Store::open(dev, &shared(Arc::new(FixedEpoch(epoch + 1)), 2)).unwrap();
+    let mut b = vec![0u8; 4096];
+    newer.open_vdi("d").unwrap().read(&mut b, 0).unwrap();
+    assert_eq!(b, vec![7; 4096]);
+}
