@@ -4,6 +4,7 @@
 //! PID; everything lives in a temporary directory.
 
 use serde_json::Value;
+use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpListener;
 use std::path::PathBuf;
 use std::process::{Child, Command, Output, Stdio};
@@ -254,6 +255,15 @@ fn qemu_io(uri: &str, cmds: &[String]) -> Output {
     cmd.arg(uri).output().unwrap()
 }
 
+fn qemu_io_ro(uri: &str, cmds: &[String]) -> Output {
+    let mut cmd = Command::new("qemu-io");
+    cmd.args(["-r", "-f", "raw"]);
+    for c in cmds {
+        cmd.arg("-c").arg(c);
+    }
+    cmd.arg(uri).output().unwrap()
+}
+
 fn names(v: &Value) -> Vec<String> {
     let mut n: Vec<String> = v
         .as_array()
@@ -328,6 +338,7 @@ fn three_appliances_share_one_pool() {
     assert_eq!(info["writer"]["host_id"], 1, "{info}");
     assert_eq!(info["writer"]["here"], false, "{info}");
     c.ok(1, &["snapshot", "h1d0@s"]);
+    snapshots_across_hosts(&c);
 
     // kill -9 host 3: it comes back once its lease expired, and its
     // flushed writes (qemu-io flushes on exit) are there.
@@ -370,7 +381,12 @@ fn three_appliances_share_one_pool() {
                 .unwrap();
             assert!(export.status.success(), "{}", text(&export));
             let data = std::fs::read(&out).unwrap();
-            let p = 0x10 * h as u8 + k as u8;
+            // h1d0 was last written by `snapshots_across_hosts`.
+            let p = if (h, k) == (1, 0) {
+                0x79
+            } else {
+                0x10 * h as u8 + k as u8
+            };
             assert!(
                 data[..2 << 20].iter().all(|&b| b == p),
                 "h{h}d{k} lost its write"
@@ -378,6 +394,88 @@ fn three_appliances_share_one_pool() {
         }
     }
     c.etcd.stop();
+}
+
+/// Host 1 holds h1d0, whose snapshot `s` holds 0x10 in its first 2 MiB.
+/// Host 2 reads the snapshot and host 3 clones it and writes the clone,
+/// neither taking h1d0; host 1 deletes the snapshot while host 2 still
+/// reads it: it is hidden, host 2 goes on reading it intact while host 1
+/// writes, and it is reclaimed once host 2 lets go and the clone is gone.
+fn snapshots_across_hosts(c: &Cluster) {
+    let w = qemu_io(&c.uri(1, "h1d0"), &["write -P 0x77 0 2M".into()]);
+    assert!(w.status.success(), "{}", text(&w));
+    let r = qemu_io_ro(&c.uri(2, "h1d0@s"), &["read -P 0x10 0 2M".into()]);
+    assert!(r.status.success(), "host 2 reading h1d0@s: {}", text(&r));
+    c.ok(3, &["clone", "h1d0@s", "gold3"]);
+    let w = qemu_io(
+        &c.uri(3, "gold3"),
+        &["read -P 0x10 1M 1M".into(), "write -P 0x33 0 1M".into()],
+    );
+    assert!(w.status.success(), "host 3 on its clone: {}", text(&w));
+    assert_eq!(c.json(2, &["info", "gold3"])["origin"], "h1d0@s");
+    let listed = c.json(2, &["snapshots", "h1d0"]);
+    assert_eq!(
+        names(&listed),
+        ["s"],
+        "host 2's listing of h1d0's snapshots"
+    );
+
+    // A reader that stays connected (qemu-io reading commands from stdin).
+    let mut reader = Command::new("qemu-io")
+        .args(["-r", "-f", "raw", &c.uri(2, "h1d0@s")])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = reader.stdin.take().unwrap();
+    let mut stdout = BufReader::new(reader.stdout.take().unwrap());
+    writeln!(stdin, "read -P 0x10 0 2M").unwrap();
+    // Once a read is answered, the export is open (and pinned).
+    let mut first = String::new();
+    while !first.contains("read 2097152/") {
+        let mut line = String::new();
+        assert!(
+            stdout.read_line(&mut line).unwrap() > 0,
+            "host 2's reader ended: {first}"
+        );
+        first.push_str(&line);
+    }
+    c.ok(1, &["delete", "h1d0@s"]);
+    c.ok(3, &["delete", "gold3"]);
+    // Host 1 writes over what a reclamation would have freed.
+    for p in [0x78, 0x79] {
+        let w = qemu_io(&c.uri(1, "h1d0"), &[format!("write -P {p:#x} 0 2M")]);
+        assert!(w.status.success(), "{}", text(&w));
+    }
+    let info = c.json(1, &["info", "h1d0"]);
+    assert_eq!(
+        info["hidden_snapshots"], 1,
+        "a snapshot being read was reclaimed: {info}"
+    );
+    writeln!(stdin, "read -P 0x10 0 2M").unwrap();
+    writeln!(stdin, "quit").unwrap();
+    drop(stdin);
+    let mut said = first;
+    stdout.read_to_string(&mut said).unwrap();
+    let out = reader.wait_with_output().unwrap();
+    said.push_str(&text(&out));
+    assert!(
+        out.status.success()
+            && !said.contains("failed")
+            && said.matches("read 2097152/").count() == 2,
+        "host 2's reader: {said}"
+    );
+    // Let go: host 1's upkeep reclaims it (within its retry interval).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let info = c.json(1, &["info", "h1d0"]);
+        if info["hidden_snapshots"] == 0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "never reclaimed: {info}");
+        thread::sleep(Duration::from_millis(200));
+    }
 }
 
 /// etcd restarted (stopped by its PID, started again on the same data)

@@ -24,7 +24,7 @@
 
 use crate::error::{Error, Result};
 use parking_lot::{Condvar, Mutex};
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
@@ -62,6 +62,20 @@ pub trait Coordinator: Send + Sync + std::fmt::Debug {
     /// if it is granted (it was nobody's, or already ours), `false` if
     /// another host has it.
     fn claim_extent(&self, index: u64) -> Result<bool>;
+
+    /// Pins snapshot `snap` of disk `vdi_id` for this host, under its
+    /// lease: while any host pins a snapshot, the disk's holder hides it
+    /// instead of reclaiming its blocks. Called under the catalogue lock,
+    /// after the snapshot was found in the disk's committed log.
+    fn pin_snapshot(&self, vdi_id: u64, snap: u64) -> Result<()>;
+
+    /// Removes this host's pin (best effort: a pin left behind goes with
+    /// the lease).
+    fn unpin_snapshot(&self, vdi_id: u64, snap: u64);
+
+    /// The snapshots of disk `vdi_id` that any host pins. Called under the
+    /// catalogue lock.
+    fn pinned_snapshots(&self, vdi_id: u64) -> Result<HashSet<u64>>;
 }
 
 /// The state of an in-process cluster.
@@ -75,6 +89,8 @@ struct ClusterState {
     catalog: Option<u64>,
     /// Grows with every grant: epochs come from it.
     revision: u64,
+    /// (disk, snapshot) ─▶ hosts pinning it.
+    pins: HashMap<(u64, u64), HashSet<u64>>,
 }
 
 /// An in-process lease service shared by several [`MemCoordinator`]s (one
@@ -126,6 +142,10 @@ impl MemCluster {
         }
         let mut st = self.state.lock();
         st.writers.retain(|_, (host, _)| *host != id);
+        st.pins.retain(|_, hosts| {
+            hosts.remove(&id);
+            !hosts.is_empty()
+        });
         if st.catalog == Some(id) {
             st.catalog = None;
             self.catalog_free.notify_all();
@@ -246,6 +266,42 @@ impl Coordinator for MemCoordinator {
         let owner = *st.extents.entry(index).or_insert(self.host_id);
         Ok(owner == self.host_id)
     }
+
+    fn pin_snapshot(&self, vdi_id: u64, snap: u64) -> Result<()> {
+        if !self.may_write() {
+            return Err(self.fenced_error());
+        }
+        let mut st = self.cluster.state.lock();
+        st.pins
+            .entry((vdi_id, snap))
+            .or_default()
+            .insert(self.host_id);
+        Ok(())
+    }
+
+    fn unpin_snapshot(&self, vdi_id: u64, snap: u64) {
+        if !self.may_write() {
+            // The lease took the pins; a new one of this host may have its own.
+            return;
+        }
+        let mut st = self.cluster.state.lock();
+        if let Some(hosts) = st.pins.get_mut(&(vdi_id, snap)) {
+            hosts.remove(&self.host_id);
+            if hosts.is_empty() {
+                st.pins.remove(&(vdi_id, snap));
+            }
+        }
+    }
+
+    fn pinned_snapshots(&self, vdi_id: u64) -> Result<HashSet<u64>> {
+        let st = self.cluster.state.lock();
+        Ok(st
+            .pins
+            .keys()
+            .filter(|(v, _)| *v == vdi_id)
+            .map(|&(_, s)| s)
+            .collect())
+    }
 }
 
 #[cfg(test)]
@@ -295,5 +351,25 @@ mod tests {
         let _held = cluster.host(2).lock_catalog().unwrap();
         cluster.expire(2);
         assert!(a.lock_catalog().is_ok(), "an expired holder kept the lock");
+    }
+
+    #[test]
+    fn pins_are_per_host_and_go_with_the_lease() {
+        let cluster = MemCluster::new();
+        let (a, b) = (cluster.host(1), cluster.host(2));
+        a.pin_snapshot(7, 3).unwrap();
+        b.pin_snapshot(7, 3).unwrap();
+        b.pin_snapshot(7, 4).unwrap();
+        a.pin_snapshot(8, 5).unwrap();
+        let pinned = |c: &MemCoordinator| {
+            let mut v: Vec<u64> = c.pinned_snapshots(7).unwrap().into_iter().collect();
+            v.sort();
+            v
+        };
+        assert_eq!(pinned(&a), [3, 4]);
+        b.unpin_snapshot(7, 3);
+        assert_eq!(pinned(&a), [3, 4], "b's unpin removed a's pin");
+        cluster.expire(2);
+        assert_eq!(pinned(&a), [3], "an expired host's pin stayed");
     }
 }

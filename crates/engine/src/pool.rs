@@ -64,6 +64,11 @@ pub(crate) struct Pool {
     damaged: Mutex<Option<String>>,
     /// Shared mode: the coordinator (set once, at open).
     coord: std::sync::OnceLock<Arc<dyn Coordinator>>,
+    /// Shared mode: (disk id, snapshot id) ─▶ views of it on this host
+    /// that pin it through the coordinator (one pin per host). Held across
+    /// the coordinator call, so a pin and an unpin of one snapshot never
+    /// cross.
+    cluster_pins: Mutex<HashMap<(u64, u64), u32>>,
 }
 
 impl Pool {
@@ -77,6 +82,39 @@ impl Pool {
             double_frees: AtomicU64::new(0),
             damaged: Mutex::new(None),
             coord: std::sync::OnceLock::new(),
+            cluster_pins: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Shared mode: pins snapshot `snap` of disk `vdi` cluster-wide for one
+    /// more view on this host (see [`Coordinator::pin_snapshot`]; the
+    /// caller holds the catalogue lock).
+    pub fn pin_in_cluster(&self, vdi: u64, snap: u64) -> Result<()> {
+        let coord = self.coordinator().ok_or_else(|| {
+            Error::InvalidArgument("a cluster pin on a store that is not shared".into())
+        })?;
+        let mut pins = self.cluster_pins.lock();
+        let n = pins.get(&(vdi, snap)).copied().unwrap_or(0);
+        if n == 0 {
+            coord.pin_snapshot(vdi, snap)?;
+        }
+        pins.insert((vdi, snap), n + 1);
+        Ok(())
+    }
+
+    /// One view fewer of `vdi`'s snapshot `snap`: the last one removes the
+    /// cluster pin.
+    pub fn unpin_in_cluster(&self, vdi: u64, snap: u64) {
+        let mut pins = self.cluster_pins.lock();
+        let Some(n) = pins.get_mut(&(vdi, snap)) else {
+            return;
+        };
+        *n -= 1;
+        if *n == 0 {
+            pins.remove(&(vdi, snap));
+            if let Some(c) = self.coordinator() {
+                c.unpin_snapshot(vdi, snap);
+            }
         }
     }
 

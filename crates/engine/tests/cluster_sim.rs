@@ -2,13 +2,17 @@
 //! stores opened in shared mode on one in-memory device, coordinated by an
 //! in-process lease service (`MemCluster`), driven by a seeded sequence of
 //! operations on random hosts: create, write, flush, snapshot, clone,
-//! close, delete, list; hosts crash (their store vanishes without a
-//! commit) and have their lease expire while still running (they must then
-//! fail every write, never overwrite the next holder's).
+//! close, delete, list; snapshots read on any host (views kept open over
+//! many steps), deleted by their disk's holder, and reclaimed by the
+//! store's upkeep; hosts crash (their store vanishes without a commit) and
+//! have their lease expire while still running (they must then fail every
+//! write and read, never overwrite the next holder's).
 //!
 //! Checked after every step: every disk a live host has open is one whose
 //! writer key that host holds (so at most one writer per disk), every
-//! host's `list` is the model's. At checkpoints and at the end, every host
+//! host's `list` is the model's. A view reads what its snapshot held when
+//! it was opened, until it is closed, whatever was deleted meanwhile (no
+//! block reclaimed under a reader). At checkpoints and at the end, every host
 //! lets its disks go and an observer store opened alone must find `check`
 //! clean (no block referenced twice: no double allocation) and every disk
 //! and snapshot holding what the model says (nothing flushed lost).
@@ -17,9 +21,12 @@
 //! hand), `SIM_SEED` runs one.
 
 use parallax_device::{MemDevice, SplitMix};
-use parallax_engine::{CreateOptions, Error, MemCluster, OpenOptions, ReadDisk, Store, Vdi};
+use parallax_engine::{
+    CreateOptions, Error, MemCluster, OpenOptions, ReadDisk, SnapshotView, Store, Vdi,
+};
 use std::collections::BTreeMap;
 use std::sync::Arc;
+use std::time::Duration;
 
 const BLOCK: usize = 4096;
 const HOSTS: u64 = 3;
@@ -67,8 +74,28 @@ struct Host {
     id: u64,
     store: Store,
     handles: BTreeMap<String, Vdi>,
+    /// Snapshot views open on this host, with what they must read.
+    views: Vec<(String, Vec<u8>, SnapshotView)>,
     /// Its lease expired while it ran: every write must fail.
     fenced: bool,
+}
+
+/// Checks what a view reads: its snapshot's content, or (on a fenced host,
+/// whose pins may be gone) an error.
+fn verify_view(host: &Host, what: &str, content: &[u8], view: &SnapshotView) {
+    let mut b = vec![0u8; content.len()];
+    match view.read(&mut b, 0) {
+        Ok(()) => {
+            assert!(!host.fenced, "host {}: a fenced host read {what}", host.id);
+            assert!(
+                b == content,
+                "host {}: {what} changed under its reader",
+                host.id
+            );
+        }
+        Err(Error::Fenced(_)) if host.fenced => {}
+        Err(e) => panic!("host {}: reading {what}: {e}", host.id),
+    }
 }
 
 struct Sim {
@@ -81,6 +108,11 @@ struct Sim {
     writes_refused_fenced: u64,
     busy_refusals: u64,
     crashes: u64,
+    /// Views opened on a host that did not have the disk open (pinned
+    /// through the coordinator), and snapshots deleted while some host had
+    /// a view of them.
+    cluster_views: u64,
+    deleted_while_read: u64,
 }
 
 fn open_host(dev: &Arc<MemDevice>, cluster: &Arc<MemCluster>, id: u64) -> Host {
@@ -97,6 +129,7 @@ fn open_host(dev: &Arc<MemDevice>, cluster: &Arc<MemCluster>, id: u64) -> Host {
         id,
         store,
         handles: BTreeMap::new(),
+        views: Vec::new(),
         fenced: false,
     }
 }
@@ -133,6 +166,8 @@ impl Sim {
             writes_refused_fenced: 0,
             busy_refusals: 0,
             crashes: 0,
+            cluster_views: 0,
+            deleted_while_read: 0,
         }
     }
 
@@ -185,7 +220,7 @@ impl Sim {
 
     fn step(&mut self) {
         let h = self.pick(self.hosts.len());
-        let op = self.rng.next_u64() % 20;
+        let op = self.rng.next_u64() % 25;
         if std::env::var_os("SIM_TRACE").is_some() {
             eprintln!(
                 "host {} op {op} disks {:?}",
@@ -368,6 +403,77 @@ impl Sim {
                 }
                 self.resolve(&held, "expiry");
             }
+            20 | 21 => {
+                // A view of any snapshot on host `h`, kept open.
+                let Some(name) = self.pick_disk() else { return };
+                let snaps = self.disks[&name].snapshots.clone();
+                if snaps.is_empty() {
+                    return;
+                }
+                let (snap, content) = snaps[self.pick(snaps.len())].clone();
+                let id = self.disks[&name].id;
+                let here = self.hosts[h].store.open_disk_ids().contains(&id);
+                match self.hosts[h].store.open_snapshot(&name, &snap) {
+                    Ok(view) => {
+                        self.cluster_views += u64::from(!here);
+                        let what = format!("{name}@{snap}");
+                        verify_view(&self.hosts[h], &what, &content, &view);
+                        self.hosts[h].views.push((what, content, view));
+                    }
+                    Err(e) => self.expected(h, &name, &e),
+                }
+            }
+            22 => {
+                // Close a view, checking what it reads first.
+                if self.hosts[h].views.is_empty() {
+                    return;
+                }
+                let i = self.pick(self.hosts[h].views.len());
+                let (what, content, view) = self.hosts[h].views.remove(i);
+                verify_view(&self.hosts[h], &what, &content, &view);
+            }
+            23 => {
+                // Delete a snapshot through its disk (taking its key).
+                let Some(name) = self.pick_disk() else { return };
+                let snaps = self.disks[&name].snapshots.clone();
+                if snaps.is_empty() {
+                    return;
+                }
+                let i = self.pick(snaps.len());
+                let v = match self.handle(h, &name) {
+                    Ok(v) => v,
+                    Err(e) => return self.expected(h, &name, &e),
+                };
+                match v.delete_snapshot(&snaps[i].0) {
+                    Ok(_) => {
+                        assert!(!self.hosts[h].fenced, "a fenced host deleted a snapshot");
+                        let what = format!("{name}@{}", snaps[i].0);
+                        let read = self
+                            .hosts
+                            .iter()
+                            .any(|x| x.views.iter().any(|v| v.0 == what));
+                        self.deleted_while_read += u64::from(read);
+                        self.disks.get_mut(&name).unwrap().snapshots.remove(i);
+                    }
+                    Err(e) => self.expected(h, &name, &e),
+                }
+            }
+            24 => {
+                // The daemon's upkeep, without its commits and closes: what
+                // deletions hid is reclaimed if nothing holds it.
+                let long = Duration::from_secs(1 << 30);
+                match self.hosts[h].store.settle(long, long) {
+                    Ok(_) => {}
+                    Err(e) => self.expected(h, "(settle)", &e),
+                }
+                // What was reclaimed may be handed out again at once: a
+                // reader of it would now see other data.
+                for host in &self.hosts {
+                    for (what, content, view) in &host.views {
+                        verify_view(host, what, content, view);
+                    }
+                }
+            }
             _ => {
                 if self.hosts[h].fenced {
                     // A fenced host is restarted sooner or later.
@@ -404,7 +510,9 @@ impl Sim {
         // when its lease ended).
         let held = self.keys_of(h);
         let old = std::mem::replace(&mut self.hosts[h], open_host_placeholder());
-        // Nothing committed, nothing given back: what a dead process leaves.
+        // Nothing committed, nothing given back: what a dead process leaves
+        // (its pins go with its lease, just below).
+        drop(old.views);
         drop(old.handles);
         old.store.abandon();
         self.cluster.expire(id);
@@ -455,7 +563,15 @@ impl Sim {
     fn check_writers(&self) {
         let writers = self.cluster.writers();
         for host in self.hosts.iter().filter(|h| !h.fenced) {
-            for id in host.store.open_disk_ids() {
+            let open = host.store.open_disk_ids();
+            for (name, v) in &host.handles {
+                assert!(
+                    open.contains(&v.id()),
+                    "host {} has a handle on {name}, which its store let go",
+                    host.id
+                );
+            }
+            for id in open {
                 assert_eq!(
                     writers.get(&id).map(|w| w.0),
                     Some(host.id),
@@ -472,6 +588,9 @@ impl Sim {
         for h in 0..self.hosts.len() {
             if self.hosts[h].fenced {
                 self.crash(h);
+            }
+            for (what, content, view) in std::mem::take(&mut self.hosts[h].views) {
+                verify_view(&self.hosts[h], &what, &content, &view);
             }
             self.hosts[h].handles.clear();
             for id in self.hosts[h].store.open_disk_ids() {
@@ -525,6 +644,7 @@ fn open_host_placeholder() -> Host {
         id: 0,
         store,
         handles: BTreeMap::new(),
+        views: Vec::new(),
         fenced: false,
     }
 }
@@ -557,17 +677,22 @@ fn seeds() -> Vec<u64> {
 
 #[test]
 fn appliances_sharing_a_pool() {
-    let (mut refused, mut busy, mut crashes) = (0, 0, 0);
+    let (mut refused, mut busy, mut crashes, mut views, mut deleted) = (0, 0, 0, 0, 0);
     for seed in seeds() {
         let sim = run(seed, 300);
         refused += sim.writes_refused_fenced;
         busy += sim.busy_refusals;
         crashes += sim.crashes;
+        views += sim.cluster_views;
+        deleted += sim.deleted_while_read;
     }
-    eprintln!("fenced refusals {refused}, busy refusals {busy}, crashes {crashes}");
+    eprintln!(
+        "fenced refusals {refused}, busy refusals {busy}, crashes {crashes}, \
+         views pinned through the cluster {views}, snapshots deleted while read {deleted}"
+    );
     // The sequences reach the cases they are meant to (over many seeds).
     if seeds().len() >= 50 {
-        assert!(refused > 0 && busy > 0 && crashes > 0);
+        assert!(refused > 0 && busy > 0 && crashes > 0 && views > 0 && deleted > 0);
     }
 }
 
@@ -592,6 +717,16 @@ impl parallax_engine::Coordinator for FixedEpoch {
     }
     fn claim_extent(&self, _index: u64) -> parallax_engine::Result<bool> {
         Ok(true)
+    }
+    fn pin_snapshot(&self, _vdi_id: u64, _snap: u64) -> parallax_engine::Result<()> {
+        Ok(())
+    }
+    fn unpin_snapshot(&self, _vdi_id: u64, _snap: u64) {}
+    fn pinned_snapshots(
+        &self,
+        _vdi_id: u64,
+    ) -> parallax_engine::Result<std::collections::HashSet<u64>> {
+        Ok(Default::default())
     }
 }
 
@@ -638,4 +773,83 @@ fn a_disk_committed_under_a_newer_epoch_is_refused() {
     let mut b = vec![0u8; 4096];
     newer.open_vdi("d").unwrap().read(&mut b, 0).unwrap();
     assert_eq!(b, vec![7; 4096]);
+}
+
+/// Host 2 reads and clones snapshots of a disk host 1 writes, without
+/// opening it; host 1 deletes them: they stay (hidden) while host 2 reads
+/// or clones them, and are reclaimed once it lets go.
+#[test]
+fn snapshots_read_and_cloned_elsewhere_are_kept_until_let_go() {
+    let dev = Arc::new(MemDevice::new(32 << 20));
+    Store::create(
+        dev.clone(),
+        &CreateOptions {
+            extent_data_blocks: 256,
+            host_id: 1,
+        },
+    )
+    .map(drop)
+    .unwrap();
+    let cluster = MemCluster::new();
+    let a = open_host(&dev, &cluster, 1).store;
+    let b = open_host(&dev, &cluster, 2).store;
+    let gold = a.create_vdi("gold", 64 * 4096).unwrap();
+    gold.write(&pattern(1, 64 * 4096), 0).unwrap();
+    gold.snapshot(Some("s1")).unwrap();
+    gold.write(&pattern(2, 64 * 4096), 0).unwrap();
+    gold.snapshot(Some("s2")).unwrap();
+
+    // Host 2 neither opens gold nor takes its key.
+    let clone = b.clone_snapshot("gold", "s1", "c").unwrap();
+    let view = b.open_snapshot("gold", "s2").unwrap();
+    assert_eq!(cluster.writer(gold.id()).map(|w| w.0), Some(1));
+    assert_eq!(
+        b.open_snapshot("gold", "nope").map(drop).unwrap_err().to_string(),
+        Error::NotFound(
+            "snapshot gold@nope does not exist (one another appliance took is seen once it is committed)"
+                .into()
+        )
+        .to_string()
+    );
+    assert!(matches!(b.delete_vdi("gold"), Err(Error::Busy(_))));
+
+    gold.delete_snapshot("s1").unwrap();
+    gold.delete_snapshot("s2").unwrap();
+    // New data reuses whatever was reclaimed.
+    for i in 0..3 {
+        a.reclaim_hidden().unwrap();
+        gold.write(&pattern(10 + i, 64 * 4096), 0).unwrap();
+        gold.flush().unwrap();
+    }
+    assert_eq!(
+        gold.info().hidden_snapshots,
+        2,
+        "a read or cloned snapshot was reclaimed"
+    );
+    let read = |r: &dyn ReadDisk| {
+        let mut buf = vec![0u8; 64 * 4096];
+        r.read(&mut buf, 0).unwrap();
+        buf
+    };
+    assert!(read(&clone) == pattern(1, 64 * 4096), "the clone changed");
+    assert!(read(&view) == pattern(2, 64 * 4096), "the view changed");
+
+    drop(view);
+    assert!(
+        a.reclaim_hidden().unwrap() > 0,
+        "a snapshot no one reads was kept"
+    );
+    assert_eq!(gold.info().hidden_snapshots, 1);
+    drop(clone);
+    b.delete_vdi("c").unwrap();
+    assert!(
+        a.reclaim_hidden().unwrap() > 0,
+        "a snapshot no one clones was kept"
+    );
+    assert_eq!(gold.info().hidden_snapshots, 0);
+    drop(gold);
+    drop((a, b));
+    let observer = Store::open(dev, &OpenOptions::default()).unwrap();
+    let report = observer.check().unwrap();
+    assert!(report.is_clean(), "{:#?}", report.errors);
 }

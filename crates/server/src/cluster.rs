@@ -16,7 +16,10 @@
 //!   key's create revision.
 //! - **Extents** `extents/<index>`, without lease, created the same way.
 //! - **The catalogue lock** is etcd's lock service on `catalog`, bound to
-//!   the lease.
+//!   the lease (one holder per lease: the engine asks for it from one
+//!   thread at a time).
+//! - **Pins** `pins/<vdi-id>/<snapshot-id>/<host-id>` under the lease: a
+//!   snapshot this appliance reads without holding its disk.
 //!
 //! The engine calls from any thread (blocking pool, runtime workers): every
 //! call runs on the coordinator's own runtime (one worker thread) and is
@@ -28,6 +31,7 @@ use etcd_client::{
     TxnOpResponse,
 };
 use parallax_engine::{CatalogLock, Coordinator, Error as EngineError};
+use std::collections::HashSet;
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -457,6 +461,57 @@ impl Coordinator for Etcd {
             coordinator: c.clone(),
             key: resp.key().to_vec(),
         }))
+    }
+
+    fn pin_snapshot(&self, vdi_id: u64, snap: u64) -> parallax_engine::Result<()> {
+        let c = &self.0;
+        if !self.may_write() {
+            return Err(c.fenced());
+        }
+        let key = format!("{}pins/{vdi_id}/{snap}/{}", c.prefix, c.host_id);
+        let mut client = c.client.clone();
+        let lease = c.lease;
+        c.call("pinning a snapshot", async move {
+            client
+                .put(key, "", Some(PutOptions::new().with_lease(lease)))
+                .await
+        })
+        .map(drop)
+    }
+
+    fn unpin_snapshot(&self, vdi_id: u64, snap: u64) {
+        let c = &self.0;
+        let key = format!("{}pins/{vdi_id}/{snap}/{}", c.prefix, c.host_id);
+        let mut client = c.client.clone();
+        if let Err(e) = c.call("unpinning a snapshot", async move {
+            client.delete(key, None).await
+        }) {
+            // It goes with the lease at worst.
+            warn!("{e}");
+        }
+    }
+
+    fn pinned_snapshots(&self, vdi_id: u64) -> parallax_engine::Result<HashSet<u64>> {
+        let c = &self.0;
+        let prefix = format!("{}pins/{vdi_id}/", c.prefix);
+        let mut client = c.client.clone();
+        let resp = c.call("reading the pins of a disk", async move {
+            client
+                .get(
+                    prefix,
+                    Some(GetOptions::new().with_prefix().with_keys_only()),
+                )
+                .await
+        })?;
+        Ok(resp
+            .kvs()
+            .iter()
+            .filter_map(|kv| {
+                let mut parts = kv.key_str().ok()?.rsplit('/');
+                parts.next()?;
+                parts.next()?.parse().ok()
+            })
+            .collect())
     }
 
     fn claim_extent(&self, index: u64) -> parallax_engine::Result<bool> {

@@ -352,6 +352,12 @@ impl Api for Service {
     }
 
     fn snapshots(&self, disk: &str) -> ApiResult<Vec<SnapshotDetail>> {
+        if self.store.is_shared() && self.store.open_if_held(disk)?.is_none() {
+            // Not opened (its writer key is not taken for a listing): the
+            // last commit's snapshots, without space figures.
+            let snaps = self.store.committed_snapshots(disk)?;
+            return Ok(snaps.iter().map(|i| snapshot_detail(disk, i)).collect());
+        }
         let vdi = self.open(disk)?;
         let space = self.store.space(disk)?;
         let by_id: HashMap<u64, &parallax_engine::SnapshotSpace> =

@@ -9,7 +9,7 @@
 
 use crate::disk::state::DiskState;
 use crate::error::{Error, Result};
-use crate::lineage::SnapSet;
+use crate::lineage::{SnapSet, SnapshotInfo};
 use crate::pool::Pool;
 use parallax_format::{Block, LogBlock, LogEntry, Ptr, VdiHeader, LOG_ENTRIES_PER_BLOCK};
 
@@ -120,6 +120,26 @@ pub(super) struct LoadedLog {
 /// pool (shared mode: another host may be writing that disk).
 pub(crate) fn snapshot_root(pool: &Pool, header: &VdiHeader, id: u64) -> Result<Option<Ptr>> {
     Ok(load_log(pool, header)?.snapshots.get(id).map(|s| s.root))
+}
+
+/// Visible snapshot `name` of the disk `header` describes, from its log
+/// read from the pool (shared mode: the disk may be another host's).
+pub(crate) fn committed_snapshot(
+    pool: &Pool,
+    header: &VdiHeader,
+    name: &str,
+) -> Result<Option<SnapshotInfo>> {
+    Ok(load_log(pool, header)?.snapshots.by_name(name).cloned())
+}
+
+/// The visible snapshots of the disk `header` describes, oldest first, from
+/// its log read from the pool.
+pub(crate) fn committed_snapshots(pool: &Pool, header: &VdiHeader) -> Result<Vec<SnapshotInfo>> {
+    Ok(load_log(pool, header)?
+        .snapshots
+        .visible()
+        .cloned()
+        .collect())
 }
 
 /// The snapshot set a header's log describes.

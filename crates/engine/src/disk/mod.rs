@@ -34,6 +34,7 @@ use parallax_format::{validate_name, DiskRef, Schedule, BLOCK_SIZE, BLOCK_SIZE_U
 use std::sync::Arc;
 
 pub use plan::{IoPlan, Transfer};
+pub(crate) use reclaim::Holds;
 pub(crate) use state::{verify_allocated, Disk, DiskState, Origin};
 pub use view::{ReadDisk, SnapshotView};
 
@@ -353,7 +354,7 @@ impl Vdi {
         if expired.is_empty() {
             return Ok(DeleteReport::default());
         }
-        disk.delete_versions(&mut st, &expired)
+        disk.delete_versions(&mut st, &expired, Holds::of_disk(disk))
     }
 
     /// Snapshots alive, oldest first.
@@ -367,8 +368,11 @@ impl Vdi {
             .collect()
     }
 
+    /// Snapshot `name`; fails like any operation on a disk that is not
+    /// usable (deleted, poisoned, or, in shared mode, fenced: what it knows
+    /// may be stale).
     pub fn snapshot_info(&self, name: &str) -> Result<SnapshotInfo> {
-        self.disk.state.read().snapshot_named(name).cloned()
+        self.disk.read_state()?.snapshot_named(name).cloned()
     }
 
     /// A read-only view of snapshot `name`, whose blocks stay while it lives.
@@ -418,7 +422,7 @@ impl Vdi {
                 )));
             }
         }
-        disk.delete_versions(&mut st, ids)
+        disk.delete_versions(&mut st, ids, Holds::of_disk(disk))
     }
 
     /// Rolls the disk back to a snapshot: its content becomes the
@@ -449,7 +453,7 @@ impl Vdi {
         })?;
         // The old branch's last snapshot lost a child: it may be reclaimable.
         if st.snapshots.get(old_parent).is_some_and(|s| s.hidden) {
-            disk.delete_versions(&mut st, &[])?;
+            disk.delete_versions(&mut st, &[], Holds::of_disk(disk))?;
         }
         Ok(())
     }

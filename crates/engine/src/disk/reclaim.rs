@@ -11,6 +11,14 @@
 //!
 //! Every deletion runs as one transaction (`commit.rs`): planned in memory,
 //! committed, and undone in memory if the commit fails before its header.
+//!
+//! **Shared mode.** Other hosts may read a snapshot (pinned through the
+//! coordinator) or clone it, and this host learns of both only under the
+//! catalogue lock. So a deletion made without it ([`Holds::Unknown`]: the
+//! disk's own calls) only hides; the store reclaims hidden versions later,
+//! holding the catalogue lock until that commit is durable, with the
+//! clone counts re-read and the cluster's pins in hand
+//! ([`Holds::Cluster`]).
 
 use crate::disk::commit::{Durability, NewSnapshot};
 use crate::disk::state::{Disk, DiskState, Exclusive, Origin};
@@ -24,6 +32,38 @@ use std::collections::HashSet;
 
 const ROOT_LEVEL: u8 = (TREE_HEIGHT - 1) as u8;
 
+/// What keeps a hidden version from being reclaimed beyond this host's own
+/// views of it and the clones it knows of (see the module documentation).
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Holds<'a> {
+    /// Single mode: nothing else.
+    Local,
+    /// Shared mode, under the catalogue lock (clone counts re-read): the
+    /// snapshots any host pins.
+    Cluster(&'a HashSet<u64>),
+    /// Shared mode without the catalogue lock: nothing is reclaimed.
+    Unknown,
+}
+
+impl Holds<'_> {
+    /// The holds a deletion made through the disk alone works with.
+    pub(crate) fn of_disk(disk: &Disk) -> Holds<'static> {
+        if disk.pool.coordinator().is_some() {
+            Holds::Unknown
+        } else {
+            Holds::Local
+        }
+    }
+
+    fn keeps(&self, snapshot: u64) -> bool {
+        match self {
+            Holds::Local => false,
+            Holds::Cluster(pinned) => pinned.contains(&snapshot),
+            Holds::Unknown => true,
+        }
+    }
+}
+
 impl Disk {
     /// Hides the (visible) snapshots `ids`, reclaims every hidden version
     /// that nothing derives from any more (at most one child version, no
@@ -33,6 +73,7 @@ impl Disk {
         &self,
         st: &mut Exclusive<'_>,
         ids: &[u64],
+        holds: Holds<'_>,
     ) -> Result<DeleteReport> {
         if st.has_pending() {
             self.commit(st, None)?;
@@ -46,7 +87,7 @@ impl Disk {
         // promotions change the live tree); more take another pass.
         for _ in 0..64 {
             let deferred = self.transact(st, |st| {
-                let deferred = self.plan_deletion(st, ids, &mut report, true)?;
+                let deferred = self.plan_deletion(st, ids, &mut report, true, holds)?;
                 Ok((deferred, None))
             })?;
             if !deferred {
@@ -87,7 +128,7 @@ impl Disk {
         // With a clean tree the walks see the live tree exactly.
         let live_ok = !st.tree.is_dirty();
         let (report, taken) = self.transact_pipelined(st, Durability::OnReturn, |st| {
-            self.plan_deletion(st, &expired, &mut report, live_ok)?;
+            self.plan_deletion(st, &expired, &mut report, live_ok, Holds::of_disk(self))?;
             // Adding the (visible) new snapshot does not change this.
             report.hidden = (st.snapshots.len() - st.snapshots.visible_len()) as u64;
             let new = NewSnapshot {
@@ -105,13 +146,13 @@ impl Disk {
 
     /// The in-memory half of [`Disk::delete_versions`]: records, blocks
     /// to free after the commit, promotions in the live tree.
-    /// to free after the commit, promotions in the live tree.
     fn plan_deletion(
         &self,
         st: &mut DiskState,
         ids: &[u64],
         report: &mut DeleteReport,
         mut live_ok: bool,
+        holds: Holds<'_>,
     ) -> Result<bool> {
         let now = now_ns();
         let mut deferred = false;
@@ -126,6 +167,11 @@ impl Disk {
         let meta = self.pool.meta();
         for &id in ids {
             st.snapshots.hide(id);
+        }
+        if matches!(holds, Holds::Unknown) && !ids.is_empty() {
+            // For the store's next pass, under the catalogue lock.
+            self.reclaim_after_ns
+                .store(0, std::sync::atomic::Ordering::Relaxed);
         }
         let mut candidates = st.snapshots.hidden_ids();
         let mut deleted = Vec::new();
@@ -147,6 +193,7 @@ impl Disk {
                 || (live_kid && !live_ok)
                 || self.pool.clone_count(self.id, v) > 0
                 || self.pins.lock().contains_key(&v)
+                || holds.keeps(v)
             {
                 continue;
             }

@@ -333,10 +333,14 @@ pub(crate) struct Disk {
     pub(super) stripes: Vec<Mutex<()>>,
     /// Snapshot id ─▶ open `SnapshotView`s; a pinned snapshot is hidden
     /// rather than reclaimed when deleted.
-    pub(super) pins: Mutex<HashMap<u64, u32>>,
+    pub(crate) pins: Mutex<HashMap<u64, u32>>,
     /// When the disk last changed in memory (ns since the epoch): the
     /// store commits a disk idle for a while.
     last_change_ns: AtomicU64,
+    /// Shared mode: when the store should next try to reclaim this disk's
+    /// hidden versions (ns since the epoch; 0: at its next pass). See
+    /// `reclaim.rs`.
+    pub(crate) reclaim_after_ns: AtomicU64,
 }
 
 impl Disk {
@@ -389,7 +393,15 @@ impl Disk {
             stripes: (0..STRIPES).map(|_| Mutex::new(())).collect(),
             pins: Mutex::new(HashMap::new()),
             last_change_ns: AtomicU64::new(now_ns()),
+            reclaim_after_ns: AtomicU64::new(0),
         })
+    }
+
+    /// Versions kept hidden (deleted snapshots something still derives
+    /// from or reads); `None` if the state is locked right now.
+    pub(crate) fn try_hidden_versions(&self) -> Option<usize> {
+        let st = self.state.try_read()?;
+        Some(st.snapshots.len() - st.snapshots.visible_len())
     }
 
     pub(crate) fn id(&self) -> u64 {

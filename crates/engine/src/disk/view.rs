@@ -1,9 +1,12 @@
 //! Read-only access: the [`ReadDisk`] trait that a disk and a snapshot view
 //! both implement, and [`SnapshotView`].
 //!
-//! Invariant: a view pins its snapshot (in its disk's `pins`) while it
-//! lives, so that deleting the snapshot hides it instead of reclaiming its
-//! blocks under a reader.
+//! Invariant: a view pins its snapshot while it lives, so that deleting
+//! the snapshot hides it instead of reclaiming its blocks under a reader:
+//! in its disk's `pins` when this host has the disk open, or (shared mode,
+//! the disk held elsewhere or by nobody) cluster-wide through the
+//! coordinator, which every holder consults under the catalogue lock
+//! before it reclaims a snapshot.
 
 use crate::disk::data::{check_io_range, count_mapped, read_tree, tree_extents};
 use crate::disk::plan::{plan_read, IoPlan};
@@ -11,6 +14,7 @@ use crate::disk::state::Disk;
 use crate::disk::{Extent, Owner, Vdi};
 use crate::error::Result;
 use crate::lineage::SnapshotInfo;
+use crate::pool::Pool;
 use crate::tree::Tree;
 use parallax_format::DiskRef;
 use std::sync::Arc;
@@ -43,9 +47,18 @@ pub struct SnapshotView {
     tree: Tree,
     info: SnapshotInfo,
     disk: String,
+    pool: Arc<Pool>,
     /// Keeps the snapshot's blocks from being reclaimed while the view lives.
-    pin: Arc<Disk>,
+    pin: Pin,
     owner: Owner,
+}
+
+/// How a view pins its snapshot.
+enum Pin {
+    /// In the disk's `pins` (this host has the disk open).
+    Local(Arc<Disk>),
+    /// Through the coordinator, for disk `vdi`.
+    Cluster { vdi: u64 },
 }
 
 impl SnapshotView {
@@ -56,9 +69,32 @@ impl SnapshotView {
             tree: Tree::open(info.root),
             info,
             disk,
-            pin: vdi.disk.clone(),
+            pool: vdi.disk.pool.clone(),
+            pin: Pin::Local(vdi.disk.clone()),
             owner: vdi.owner.clone(),
         }
+    }
+
+    /// A view of `info`, a committed snapshot of disk `vdi` (named `disk`)
+    /// that this host does not have open, pinned cluster-wide while it
+    /// lives. The caller holds the catalogue lock and read `info` from the
+    /// disk's committed log under it.
+    pub(crate) fn pinned_in_cluster(
+        pool: &Arc<Pool>,
+        owner: Owner,
+        vdi: u64,
+        disk: String,
+        info: SnapshotInfo,
+    ) -> Result<SnapshotView> {
+        pool.pin_in_cluster(vdi, info.id)?;
+        Ok(SnapshotView {
+            tree: Tree::open(info.root),
+            info,
+            disk,
+            pool: pool.clone(),
+            pin: Pin::Cluster { vdi },
+            owner,
+        })
     }
 
     pub fn info(&self) -> &SnapshotInfo {
@@ -68,12 +104,17 @@ impl SnapshotView {
 
 impl Drop for SnapshotView {
     fn drop(&mut self) {
-        let mut pins = self.pin.pins.lock();
-        if let Some(n) = pins.get_mut(&self.info.id) {
-            *n -= 1;
-            if *n == 0 {
-                pins.remove(&self.info.id);
+        match &self.pin {
+            Pin::Local(disk) => {
+                let mut pins = disk.pins.lock();
+                if let Some(n) = pins.get_mut(&self.info.id) {
+                    *n -= 1;
+                    if *n == 0 {
+                        pins.remove(&self.info.id);
+                    }
+                }
             }
+            Pin::Cluster { vdi } => self.pool.unpin_in_cluster(*vdi, self.info.id),
         }
     }
 }
@@ -88,18 +129,22 @@ impl ReadDisk for SnapshotView {
     }
 
     fn read(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        // A fenced host's pins may be gone: its holder may reclaim.
+        self.pool.check_fence()?;
         check_io_range(self.info.size_bytes, offset, buf.len() as u64)?;
-        read_tree(&self.pin.pool, &self.tree, None, buf, offset)
+        read_tree(&self.pool, &self.tree, None, buf, offset)
     }
 
     fn block_status(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
+        self.pool.check_fence()?;
         check_io_range(self.info.size_bytes, offset, len)?;
-        tree_extents(&self.pin.pool, &self.tree, offset, len)
+        tree_extents(&self.pool, &self.tree, offset, len)
     }
 
     fn try_plan_read(&self, offset: u64, len: usize) -> Result<Option<IoPlan>> {
+        self.pool.check_fence()?;
         plan_read(
-            &self.pin.pool,
+            &self.pool,
             &self.owner,
             &self.tree,
             self.info.size_bytes,
@@ -110,7 +155,7 @@ impl ReadDisk for SnapshotView {
     }
 
     fn allocated_bytes(&self) -> Result<u64> {
-        count_mapped(&self.pin.pool, &self.tree)
+        count_mapped(&self.pool, &self.tree)
     }
 }
 

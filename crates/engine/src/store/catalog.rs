@@ -10,7 +10,7 @@
 //! commit their own disks independently and take a store-wide lock only
 //! for catalogue changes.
 
-use crate::disk::{Disk, Origin, Vdi, MAX_VDI_SIZE};
+use crate::disk::{Disk, Holds, Origin, Vdi, MAX_VDI_SIZE};
 use crate::error::{Error, Result};
 use crate::pool::Pool;
 use crate::store::Store;
@@ -336,11 +336,35 @@ impl Store {
     /// Clones snapshot `snapshot` of disk `disk` into a new writable disk
     /// `new_name`, in O(1): the new root points at the snapshot's subtrees,
     /// shared. The origin stays usable and independent.
+    ///
+    /// In shared mode, the origin disk is not opened if this host does not
+    /// have it open (another host may write it): the snapshot is read from
+    /// its committed log under the catalogue lock, which also keeps its
+    /// holder from reclaiming it until the clone is registered. The
+    /// catalogue commit flushes the pool before its superblock, so the
+    /// snapshot's commit is durable before the clone can be found.
     pub fn clone_snapshot(&self, disk: &str, snapshot: &str, new_name: &str) -> Result<Vdi> {
         let mut catalog = self.catalog()?;
         let (_, entry) = catalog
             .find(disk)
             .ok_or_else(|| Error::NotFound(format!("disk {disk} does not exist")))?;
+        let held = self.inner.open.lock().contains_key(&entry.vdi_id);
+        if self.is_shared() && !held {
+            let snap = self.committed_snapshot(&entry, snapshot)?;
+            let tree = Tree::shared_copy(self.inner.pool.meta(), snap.root)?;
+            let vdi = self.create_with_tree(
+                &mut catalog,
+                new_name,
+                snap.size_bytes,
+                tree,
+                Origin::Root(snap.root),
+                entry.vdi_id,
+                snap.id,
+                DiskRef::snapshot(disk, snapshot).to_string(),
+            )?;
+            self.inner.pool.add_clone(entry.vdi_id, snap.id);
+            return Ok(vdi);
+        }
         let origin = self.open_entry(&catalog, &entry)?;
         // The clone's header must never land before the snapshot it builds
         // on: the origin's commit lock, once every commit adopted is
@@ -498,9 +522,18 @@ impl Store {
                 clones.join(", ")
             )));
         }
+        self.refuse_if_pinned(&entry)?;
         let vdi = self.open_entry(&catalog, &entry)?;
         let disk = vdi.disk().clone();
         let mut st = disk.exclusive()?;
+        // Views of its snapshots on this host (under the state lock, which
+        // a new view takes too).
+        let read = disk.pins.lock().len();
+        if read > 0 {
+            return Err(Error::Busy(format!(
+                "disk {name}: {read} of its snapshots are being read; close those exports first"
+            )));
+        }
         let mut freed: HashSet<u64> = disk.disk_blocks(&st)?.into_iter().collect();
         let old = remove_entry(pool, &mut catalog, slot, entry.vdi_id)?;
         st.mark_deleted();
@@ -517,13 +550,29 @@ impl Store {
             // it may now be reclaimed. The deletion is done: a failure here
             // (the origin held by another host, an I/O error) only leaves
             // the hidden snapshot for a later reclamation pass of its disk.
+            // Shared mode: only if this host has the origin open (its
+            // writer key is not taken for this), with the catalogue lock
+            // still held and the cluster's pins in hand.
             if let Some(o) = catalog.by_id(origin_vdi) {
                 let _ = (|| -> Result<()> {
+                    let pinned = match pool.coordinator() {
+                        Some(c) if self.inner.open.lock().contains_key(&o.vdi_id) => {
+                            Some(c.pinned_snapshots(o.vdi_id)?)
+                        }
+                        Some(_) => return Ok(()),
+                        None => None,
+                    };
                     let o = self.open_entry(&catalog, &o)?;
-                    drop(catalog);
+                    let holds = match &pinned {
+                        Some(p) => Holds::Cluster(p),
+                        None => {
+                            drop(catalog);
+                            Holds::Local
+                        }
+                    };
                     let mut ost = o.disk().exclusive()?;
                     if ost.snapshots().get(origin_snap).is_some_and(|s| s.hidden) {
-                        o.disk().delete_versions(&mut ost, &[])?;
+                        o.disk().delete_versions(&mut ost, &[], holds)?;
                     }
                     Ok(())
                 })();

@@ -7,6 +7,7 @@
 //! | `check` | `check`: every invariant of the durable state |
 //! | `gc` | `gc`: mark and sweep with the disks running |
 //! | `repair` | `repair`: bitmaps rebuilt from the metadata, header generations chosen with the operator |
+//! | `shared` | shared mode: snapshots of other hosts' disks read and pinned, hidden versions reclaimed under the catalogue lock |
 //! | `space` | used/referenced figures, by walks and by brute force |
 //!
 //! **The store owns its open disks.** The table below holds every open
@@ -24,6 +25,7 @@ mod catalog;
 mod check;
 mod gc;
 mod repair;
+mod shared;
 mod space;
 
 pub use check::CheckReport;
@@ -33,7 +35,7 @@ pub use space::{DiskSpace, SnapshotSpace};
 
 use crate::alloc::Allocator;
 use crate::coord::{CatalogLock, Coordinator};
-use crate::disk::{verify_allocated, Disk, Origin, SnapshotView, Vdi};
+use crate::disk::{verify_allocated, Disk, Origin, Vdi};
 use crate::error::{Error, Result};
 use crate::meta::{MetaIo, DEFAULT_CACHE_NODES};
 use crate::pool::Pool;
@@ -257,11 +259,13 @@ impl Store {
     /// catalogue lock as well, and re-read from the pool first if another
     /// host changed it: no host trusts its cached copy.
     pub(crate) fn catalog(&self) -> Result<CatalogAccess<'_>> {
+        // The local lock first: the cluster's is one per host (etcd's lock
+        // is per lease), so two threads of one host must not both ask.
+        let mut guard = self.inner.catalog.lock();
         let cluster = match self.inner.pool.coordinator() {
             Some(c) => Some(c.lock_catalog()?),
             None => None,
         };
-        let mut guard = self.inner.catalog.lock();
         if cluster.is_some() {
             self.refresh_catalog(&mut guard)?;
         }
@@ -412,11 +416,6 @@ impl Store {
         })
     }
 
-    /// A read-only view of `disk@snapshot`.
-    pub fn open_snapshot(&self, disk: &str, snapshot: &str) -> Result<SnapshotView> {
-        self.open_vdi(disk)?.open_snapshot(snapshot)
-    }
-
     /// Opens the disk of a registry entry; the caller holds the catalogue.
     fn open_entry(&self, catalog: &Catalog, entry: &RegistryEntry) -> Result<Vdi> {
         if let Some(disk) = self.inner.open.lock().get(&entry.vdi_id) {
@@ -560,6 +559,9 @@ impl Store {
             }
             keep
         });
+        if let Err(e) = self.reclaim_in_cluster() {
+            first_error.get_or_insert(e);
+        }
         if self.inner.pool.has_unsynced() {
             if let Err(e) = self.inner.pool.sync_bitmaps() {
                 first_error.get_or_insert(e);
@@ -592,11 +594,11 @@ impl Store {
     }
 }
 
-/// The locked catalogue (see [`Store::catalog`]). The local lock goes
-/// before the cluster's (fields drop in order).
+/// The locked catalogue (see [`Store::catalog`]). The cluster's lock goes
+/// before the local one (fields drop in order), which was taken first.
 pub(crate) struct CatalogAccess<'a> {
-    guard: MutexGuard<'a, Catalog>,
     _cluster: Option<CatalogLock>,
+    guard: MutexGuard<'a, Catalog>,
 }
 
 impl std::ops::Deref for CatalogAccess<'_> {

@@ -1,0 +1,157 @@
+//! What a shared-mode store does beyond a single one with the snapshots of
+//! disks other hosts write: reading them, and reclaiming deleted ones only
+//! when no host reads or clones them (docs/CLUSTER.md, "Snapshots across
+//! hosts").
+//!
+//! Invariants:
+//! - A host reads a snapshot of a disk it does not have open only through
+//!   a view pinned cluster-wide ([`Coordinator::pin_snapshot`]), taken under
+//!   the catalogue lock after finding the snapshot in the disk's committed
+//!   log on the pool.
+//! - A clone of such a snapshot is registered under the same lock, after
+//!   the same read.
+//! - A holder reclaims a hidden version only under the catalogue lock,
+//!   with the clone counts re-read and the cluster's pins in hand, and
+//!   keeps the lock until that commit is durable.
+//!
+//! The lock serialises the three, so a reader or a cloner either finds the
+//! snapshot before the holder looks at its pins and clones (and the holder
+//! then keeps it, hidden), or finds it gone.
+//!
+//! [`Coordinator::pin_snapshot`]: crate::coord::Coordinator::pin_snapshot
+
+use crate::disk::{log, Holds, SnapshotView};
+use crate::error::{Error, Result};
+use crate::lineage::SnapshotInfo;
+use crate::store::catalog::{read_vdi_header, Catalog};
+use crate::store::Store;
+use crate::time::now_ns;
+use parallax_format::{DiskRef, RegistryEntry};
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+/// How long a disk whose hidden versions something still held waits before
+/// the store looks at them again (pins and clones of other hosts go away
+/// without telling the holder).
+const RECLAIM_RETRY: Duration = Duration::from_secs(5);
+
+impl Store {
+    /// A read-only view of `disk@snapshot`. In shared mode, a disk this
+    /// host does not have open is not opened (that would take its writer
+    /// key): the snapshot is read from its committed log and pinned
+    /// cluster-wide while the view lives. A snapshot another host took is
+    /// seen once its commit is on the pool.
+    pub fn open_snapshot(&self, disk: &str, snapshot: &str) -> Result<SnapshotView> {
+        if !self.is_shared() {
+            return self.open_vdi(disk)?.open_snapshot(snapshot);
+        }
+        let catalog = self.catalog()?;
+        let entry = find(&catalog, disk)?;
+        let held = self.inner.open.lock().get(&entry.vdi_id).cloned();
+        if let Some(d) = held {
+            return self.handle(d).open_snapshot(snapshot);
+        }
+        let info = self.committed_snapshot(&entry, snapshot)?;
+        SnapshotView::pinned_in_cluster(
+            &self.inner.pool,
+            self.inner.clone(),
+            entry.vdi_id,
+            entry.name,
+            info,
+        )
+    }
+
+    /// The visible snapshots of disk `disk` as its last commit on the pool
+    /// has them, oldest first, without opening it (shared mode: another
+    /// host may hold it).
+    pub fn committed_snapshots(&self, disk: &str) -> Result<Vec<SnapshotInfo>> {
+        let catalog = self.catalog()?;
+        let entry = find(&catalog, disk)?;
+        let (header, _) = read_vdi_header(&self.inner.pool, &entry)?;
+        log::committed_snapshots(&self.inner.pool, &header)
+    }
+
+    /// Shared mode, under the catalogue lock: snapshot `snapshot` of
+    /// `entry` as its committed log on the pool has it.
+    pub(super) fn committed_snapshot(
+        &self,
+        entry: &RegistryEntry,
+        snapshot: &str,
+    ) -> Result<SnapshotInfo> {
+        let (header, _) = read_vdi_header(&self.inner.pool, entry)?;
+        log::committed_snapshot(&self.inner.pool, &header, snapshot)?.ok_or_else(|| {
+            Error::NotFound(format!(
+                "snapshot {} does not exist (one another appliance took is seen once it is committed)",
+                DiskRef::snapshot(&entry.name, snapshot)
+            ))
+        })
+    }
+
+    /// Shared mode, under the catalogue lock: refuses to delete disk
+    /// `entry` while any host reads one of its snapshots.
+    pub(super) fn refuse_if_pinned(&self, entry: &RegistryEntry) -> Result<()> {
+        let Some(coord) = self.inner.pool.coordinator() else {
+            return Ok(());
+        };
+        let pinned = coord.pinned_snapshots(entry.vdi_id)?;
+        if pinned.is_empty() {
+            return Ok(());
+        }
+        Err(Error::Busy(format!(
+            "disk {}: {} of its snapshots are being read on some appliance; close those exports first",
+            entry.name,
+            pinned.len()
+        )))
+    }
+
+    /// Shared mode, the store's upkeep: for every open disk with hidden
+    /// versions that a deletion hid since the last pass (or that waited
+    /// [`RECLAIM_RETRY`]), reclaims those nothing holds any more, under the
+    /// catalogue lock. Returns the blocks freed.
+    pub(super) fn reclaim_in_cluster(&self) -> Result<u64> {
+        self.reclaim_hidden_when(false)
+    }
+
+    /// Shared mode: reclaims now the hidden versions of this host's open
+    /// disks that nothing holds any more (a clone deleted or a view closed
+    /// on another host is otherwise noticed within [`RECLAIM_RETRY`]).
+    /// Returns the blocks freed. Without shared mode, nothing to do (0).
+    pub fn reclaim_hidden(&self) -> Result<u64> {
+        self.reclaim_hidden_when(true)
+    }
+
+    fn reclaim_hidden_when(&self, now_anyway: bool) -> Result<u64> {
+        let Some(coord) = self.inner.pool.coordinator().cloned() else {
+            return Ok(0);
+        };
+        let mut freed = 0;
+        for disk in self.open_disks() {
+            let now = now_ns();
+            if disk.try_hidden_versions().unwrap_or(0) == 0
+                || (!now_anyway && disk.reclaim_after_ns.load(Ordering::Relaxed) > now)
+            {
+                continue;
+            }
+            disk.reclaim_after_ns
+                .store(now + RECLAIM_RETRY.as_nanos() as u64, Ordering::Relaxed);
+            // Re-reads the catalogue: the clone counts of other hosts.
+            let _catalog = self.catalog()?;
+            let pinned = coord.pinned_snapshots(disk.id())?;
+            let mut st = disk.exclusive()?;
+            if !st.is_live() {
+                continue;
+            }
+            freed += disk
+                .delete_versions(&mut st, &[], Holds::Cluster(&pinned))?
+                .freed_blocks;
+        }
+        Ok(freed)
+    }
+}
+
+fn find(catalog: &Catalog, disk: &str) -> Result<RegistryEntry> {
+    catalog
+        .find(disk)
+        .map(|(_, e)| e)
+        .ok_or_else(|| Error::NotFound(format!("disk {disk} does not exist")))
+}
