@@ -355,6 +355,8 @@ fn three_appliances_share_one_pool() {
         std::fs::read_to_string(c.dir.path().join("serve3.log")).unwrap_or_default()
     );
 
+    check_and_gc_while_running(&mut c);
+
     // Clean stop of every appliance; the pool alone checks clean and
     // holds every write.
     for h in c.hosts.iter_mut() {
@@ -368,6 +370,8 @@ fn three_appliances_share_one_pool() {
         .unwrap();
     let report: Value = serde_json::from_slice(&check.stdout).unwrap_or(Value::Null);
     assert_eq!(report["clean"], true, "{}", text(&check));
+    // Every appliance ran `gc` with the others running, then stopped.
+    assert_eq!(report["leaked_blocks"], 0, "{}", text(&check));
     for h in 1..=3u64 {
         for k in 0..3 {
             let out = c.dir.path().join(format!("h{h}d{k}.raw"));
@@ -394,6 +398,82 @@ fn three_appliances_share_one_pool() {
         }
     }
     c.etcd.stop();
+}
+
+/// `check` and `gc` on one appliance while the others write (and verify)
+/// their disks: clean, and writes intact; then, every appliance idle, `gc`
+/// on each leaves no leak in any host's extents. One disk was made on host
+/// 2 and is now written by host 1: host 2's `gc` must not free its blocks
+/// in host 2's extents, whoever holds it.
+fn check_and_gc_while_running(c: &mut Cluster) {
+    c.ok(2, &["create", "moved", "--size", "8M"]);
+    let w = qemu_io(&c.uri(2, "moved"), &["write -P 0x5a 0 4M".into()]);
+    assert!(w.status.success(), "{}", text(&w));
+    // Host 2 lets it go (a clean stop gives its keys back).
+    assert_eq!(c.hosts[1].stop(), Some(0));
+    c.hosts[1] = c.start(2);
+    let w = qemu_io(&c.uri(1, "moved"), &["write -P 0x5b 4M 4M".into()]);
+    assert!(w.status.success(), "{}", text(&w));
+    let c = &*c;
+    thread::scope(|s| {
+        let writers: Vec<_> = [1u64, 3]
+            .into_iter()
+            .map(|h| {
+                s.spawn(move || {
+                    for round in 0..4u8 {
+                        let p = 0x40 + 0x10 * h as u8 + round;
+                        let w = qemu_io(
+                            &c.uri(h, &format!("h{h}d2")),
+                            &[
+                                format!("write -P {p:#x} 2M 2M"),
+                                format!("read -P {p:#x} 2M 2M"),
+                            ],
+                        );
+                        assert!(w.status.success(), "host {h} writing: {}", text(&w));
+                    }
+                })
+            })
+            .collect();
+        for _ in 0..3 {
+            let check = c.json(2, &["check"]);
+            assert_eq!(check["clean"], true, "online check on host 2: {check}");
+            c.ok(2, &["gc"]);
+        }
+        for w in writers {
+            w.join().unwrap();
+        }
+    });
+    // Host 2 allocates again: whatever its gc freed is reused.
+    c.ok(2, &["create", "filler", "--size", "16M"]);
+    let w = qemu_io(&c.uri(2, "filler"), &["write -P 0x66 0 16M".into()]);
+    assert!(w.status.success(), "{}", text(&w));
+    let r = qemu_io(
+        &c.uri(1, "moved"),
+        &["read -P 0x5a 0 4M".into(), "read -P 0x5b 4M 4M".into()],
+    );
+    assert!(
+        r.status.success(),
+        "host 1's moved disk after host 2's gc: {}",
+        text(&r)
+    );
+    for h in 1..=3 {
+        c.ok(h, &["gc"]);
+    }
+    for h in 1..=3 {
+        let check = c.json(h, &["check"]);
+        assert_eq!(check["clean"], true, "host {h}: {check}");
+        assert_eq!(check["leaked_blocks"], 0, "host {h}: {check}");
+    }
+    for h in [1u64, 3] {
+        let r = qemu_io(
+            &c.uri(h, &format!("h{h}d2")),
+            &[
+                format!("read -P {:#x} 2M 2M", 0x40 + 0x10 * h as u8 + 3),
+                format!("read -P {:#x} 0 2M", 0x10 * h as u8 + 2),
+            ],
+        );
+        assert!(r.status.success(), "host {h} after gc: {}", text(&r));
+    }
 }
 
 /// Host 1 holds h1d0, whose snapshot `s` holds 0x10 in its first 2 MiB.

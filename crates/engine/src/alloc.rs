@@ -198,6 +198,12 @@ impl Allocator {
         (total, used)
     }
 
+    /// The owner field of the extent holding data block `addr` (0:
+    /// unowned), as this view has it.
+    pub fn owner_of(&self, addr: u64) -> Option<u64> {
+        self.locate(addr).map(|(e, _)| self.extents[e].bitmap.owner)
+    }
+
     /// Whether `addr` is a data block marked allocated.
     pub fn is_allocated(&self, addr: u64) -> bool {
         self.locate(addr)
@@ -410,15 +416,16 @@ impl Allocator {
         }
     }
 
-    /// The bitmaps of the extents this host may free in (its own and
-    /// unowned ones), as they are now; `None` for the others. `gc` frees
-    /// only blocks allocated at this instant.
+    /// The bitmaps of the extents this host may free in (its own, and
+    /// unowned ones when it owns the pool alone), as they are now; `None`
+    /// for the others. `gc` frees only blocks allocated at this instant.
     pub fn snapshot(&self) -> Vec<Option<BitmapBlock>> {
         self.extents
             .iter()
             .map(|e| {
                 let owner = e.bitmap.owner;
-                (owner == self.host_id || owner == 0).then(|| e.bitmap.clone())
+                let mine = owner == self.host_id || (owner == 0 && self.coord.is_none());
+                mine.then(|| e.bitmap.clone())
             })
             .collect()
     }

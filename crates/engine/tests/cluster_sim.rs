@@ -113,6 +113,9 @@ struct Sim {
     /// a view of them.
     cluster_views: u64,
     deleted_while_read: u64,
+    online_checks: u64,
+    online_gcs: u64,
+    gc_freed: u64,
 }
 
 fn open_host(dev: &Arc<MemDevice>, cluster: &Arc<MemCluster>, id: u64) -> Host {
@@ -168,6 +171,9 @@ impl Sim {
             crashes: 0,
             cluster_views: 0,
             deleted_while_read: 0,
+            online_checks: 0,
+            online_gcs: 0,
+            gc_freed: 0,
         }
     }
 
@@ -220,7 +226,7 @@ impl Sim {
 
     fn step(&mut self) {
         let h = self.pick(self.hosts.len());
-        let op = self.rng.next_u64() % 25;
+        let op = self.rng.next_u64() % 27;
         if std::env::var_os("SIM_TRACE").is_some() {
             eprintln!(
                 "host {} op {op} disks {:?}",
@@ -474,6 +480,39 @@ impl Sim {
                     }
                 }
             }
+            25 => {
+                // `check` with every appliance running: clean.
+                match self.hosts[h].store.check() {
+                    Ok(report) => {
+                        assert!(!self.hosts[h].fenced, "a fenced host ran check");
+                        assert!(
+                            report.is_clean(),
+                            "host {}: online check: {:#?}",
+                            h + 1,
+                            report.errors
+                        );
+                        self.online_checks += 1;
+                    }
+                    Err(e) => self.expected(h, "(check)", &e),
+                }
+            }
+            26 => {
+                // `gc` with every appliance running: it frees only what no
+                // host uses (the checkpoints read every disk and check).
+                match self.hosts[h].store.gc() {
+                    Ok(r) => {
+                        assert!(!self.hosts[h].fenced, "a fenced host ran gc");
+                        self.online_gcs += 1;
+                        self.gc_freed += r.freed_blocks;
+                    }
+                    Err(e) => self.expected(h, "(gc)", &e),
+                }
+                for host in &self.hosts {
+                    for (what, content, view) in &host.views {
+                        verify_view(host, what, content, view);
+                    }
+                }
+            }
             _ => {
                 if self.hosts[h].fenced {
                     // A fenced host is restarted sooner or later.
@@ -678,6 +717,7 @@ fn seeds() -> Vec<u64> {
 #[test]
 fn appliances_sharing_a_pool() {
     let (mut refused, mut busy, mut crashes, mut views, mut deleted) = (0, 0, 0, 0, 0);
+    let (mut checks, mut gcs, mut freed) = (0, 0, 0);
     for seed in seeds() {
         let sim = run(seed, 300);
         refused += sim.writes_refused_fenced;
@@ -685,14 +725,19 @@ fn appliances_sharing_a_pool() {
         crashes += sim.crashes;
         views += sim.cluster_views;
         deleted += sim.deleted_while_read;
+        checks += sim.online_checks;
+        gcs += sim.online_gcs;
+        freed += sim.gc_freed;
     }
     eprintln!(
         "fenced refusals {refused}, busy refusals {busy}, crashes {crashes}, \
-         views pinned through the cluster {views}, snapshots deleted while read {deleted}"
+         views pinned through the cluster {views}, snapshots deleted while read {deleted}, \
+         online checks {checks}, online gcs {gcs} (freeing {freed} blocks)"
     );
     // The sequences reach the cases they are meant to (over many seeds).
     if seeds().len() >= 50 {
         assert!(refused > 0 && busy > 0 && crashes > 0 && views > 0 && deleted > 0);
+        assert!(checks > 0 && gcs > 0 && freed > 0);
     }
 }
 

@@ -45,9 +45,22 @@ impl Scheduler {
         Scheduler::default()
     }
 
-    /// Starts the schedules stored in the store.
+    /// Starts the schedules stored in the store. In cluster mode, only
+    /// those of disks this host committed last (read from their headers,
+    /// without opening them): opening every disk would take every idle
+    /// disk's writer key from the other appliances.
     pub fn start_all(&self, store: &Store) {
         for name in store.list() {
+            if let Some(host) = store.cluster_host_id() {
+                match store.peek_info(&name) {
+                    Ok(i) if i.schedule.every_ns != 0 && i.writer_host == host => {}
+                    Ok(_) => continue,
+                    Err(e) => {
+                        warn!(disk = %name, "cannot read its schedule: {e}");
+                        continue;
+                    }
+                }
+            }
             match store.open_vdi(&name) {
                 Ok(vdi) => self.refresh(&vdi),
                 Err(e) => warn!(disk = %name, "cannot read its schedule: {e}"),

@@ -18,6 +18,16 @@
 //!
 //! Blocks marked allocated but unreferenced are *leaks*: legal after a
 //! crash or a snapshot delete, reported, and returned by `gc`.
+//!
+//! **Shared mode** (docs/CLUSTER.md, "check and gc"): both run under the
+//! catalogue lock, with every appliance running. A disk this host does not
+//! have open may be committed by its holder while it is read: a walk that
+//! fails on it is retried from a fresh header, in a scratch marking merged
+//! only when whole; a disk that kept changing is *unverified* (`check`
+//! warns, `gc` refuses). Placement and leaks are judged only in this
+//! host's extents: another host's bitmap may free a block the moment after
+//! its holder's header stopped referencing it, and its allocated but
+//! unreferenced blocks may be writes in flight there.
 
 use crate::alloc::Allocator;
 use crate::disk::log::read_chain;
@@ -25,10 +35,10 @@ use crate::error::{Error, Result};
 use crate::lineage::SnapSet;
 use crate::store::catalog::{read_vdi_header, Catalog};
 use crate::store::Store;
-use parallax_format::VdiHeader;
 use parallax_format::{
     DiskRef, Ptr, Superblock, BLOCK_SIZE, BLOCK_SIZE_U64, SUPERBLOCK_ADDRS, TREE_HEIGHT,
 };
+use parallax_format::{RegistryEntry, VdiHeader};
 use std::collections::{HashMap, HashSet};
 
 /// What `check` found.
@@ -71,17 +81,36 @@ pub(super) struct Marking<'p> {
     warnings: Vec<String>,
     /// For each disk, the blocks its live tree owns.
     live_owned: Vec<(String, HashSet<u64>)>,
+    /// Shared mode: disks that changed under every try (see the module
+    /// documentation), and why the last try failed.
+    pub(super) unverified: Vec<String>,
     disks: u64,
     snapshots: u64,
 }
+
+/// How many times a disk another host may be committing is read before it
+/// is left unverified.
+const TRIES: usize = 5;
 
 impl Marking<'_> {
     /// Every referenced block must lie in an extent's data area and be
     /// marked allocated in the durable bitmap `alloc`: what `check` reports
     /// and what `gc` refuses to free around.
-    pub(super) fn placement_errors(&self, sb: &Superblock, alloc: &Allocator) -> Vec<String> {
+    ///
+    /// With `host`, only blocks in extents `host` owns are judged (shared
+    /// mode: see the module documentation).
+    pub(super) fn placement_errors(
+        &self,
+        sb: &Superblock,
+        alloc: &Allocator,
+        host: Option<u64>,
+    ) -> Vec<String> {
         let mut errors = Vec::new();
         for (&addr, role) in &self.roles {
+            let judged = host.is_none_or(|h| alloc.owner_of(addr) == Some(h));
+            if sb.locate(addr).is_some() && !judged {
+                continue;
+            }
             if sb.locate(addr).is_none() {
                 errors.push(format!(
                     "block {addr} ({role:?}) is not in any extent's data area"
@@ -98,7 +127,12 @@ impl Marking<'_> {
 
     /// Records a reference; returns true the first time the block is seen.
     fn mark(&mut self, addr: u64, role: Role, who: &str) -> bool {
-        *self.refs.entry(addr).or_insert(0) += 1;
+        self.mark_n(addr, role, who, 1)
+    }
+
+    /// Records `n` references.
+    fn mark_n(&mut self, addr: u64, role: Role, who: &str, n: u32) -> bool {
+        *self.refs.entry(addr).or_insert(0) += n;
         match self.roles.get(&addr) {
             None => {
                 self.roles.insert(addr, role);
@@ -241,6 +275,7 @@ pub(super) fn mark_all<'p>(
             m.mark(p.addr(), Role::Registry, &format!("registry slot {slot}"));
         }
     }
+    let open_here: HashSet<u64> = store.open_disk_ids().into_iter().collect();
     let mut names = HashSet::new();
     let mut ids = HashSet::new();
     for entry in catalog.entries() {
@@ -258,6 +293,10 @@ pub(super) fn mark_all<'p>(
         }
         m.mark(entry.header_a, Role::Header, &who);
         m.mark(entry.header_b, Role::Header, &who);
+        if store.is_shared() && !open_here.contains(&entry.vdi_id) {
+            m.mark_changing(store, &entry);
+            continue;
+        }
         let header = match read_vdi_header(store.pool(), &entry) {
             Ok((h, _)) => h,
             Err(e) => {
@@ -265,14 +304,67 @@ pub(super) fn mark_all<'p>(
                 continue;
             }
         };
-        if header.name != entry.name {
-            m.warnings
-                .push(format!("{who}: header records the name {:?}", header.name));
-        }
-        let owned = m.mark_disk(store, &entry.name, &header);
-        m.live_owned.push((entry.name.clone(), owned));
+        m.mark_header(store, &entry, &header);
     }
     m
+}
+
+impl Marking<'_> {
+    /// Marks what `header`, disk `entry`'s newest header, reaches.
+    fn mark_header(&mut self, store: &Store, entry: &RegistryEntry, header: &VdiHeader) {
+        if header.name != entry.name {
+            self.warnings.push(format!(
+                "disk {}: header records the name {:?}",
+                entry.name, header.name
+            ));
+        }
+        let owned = self.mark_disk(store, &entry.name, header);
+        self.live_owned.push((entry.name.clone(), owned));
+    }
+
+    /// Shared mode: marks disk `entry`, which another host may be
+    /// committing, from a header that stays readable for the whole walk
+    /// (see the module documentation).
+    fn mark_changing(&mut self, store: &Store, entry: &RegistryEntry) {
+        let who = format!("disk {}", entry.name);
+        let mut last = String::new();
+        for _ in 0..TRIES {
+            let header = match read_vdi_header(store.pool(), entry) {
+                Ok((h, _)) => h,
+                Err(e) => {
+                    last = e.to_string();
+                    continue;
+                }
+            };
+            let mut scratch = Marking::default();
+            scratch.mark_header(store, entry, &header);
+            let unchanged = || {
+                read_vdi_header(store.pool(), entry)
+                    .is_ok_and(|(h, _)| h.generation == header.generation)
+            };
+            // Whole, or failing on a header still current: damage.
+            if scratch.errors.is_empty() || unchanged() {
+                self.absorb(scratch, &who);
+                return;
+            }
+            last = scratch.errors.join("; ");
+        }
+        self.unverified.push(format!(
+            "{who}: its holder committed while it was read, {TRIES} times ({last})"
+        ));
+    }
+
+    /// Merges a marking of one disk.
+    fn absorb(&mut self, other: Marking<'_>, who: &str) {
+        for (addr, role) in other.roles {
+            let n = other.refs.get(&addr).copied().unwrap_or(1);
+            self.mark_n(addr, role, who, n);
+        }
+        self.errors.extend(other.errors);
+        self.warnings.extend(other.warnings);
+        self.live_owned.extend(other.live_owned);
+        self.snapshots += other.snapshots;
+    }
 }
 
 pub(super) fn durable_allocator(store: &Store, sb: &Superblock) -> Result<Allocator> {
@@ -284,15 +376,14 @@ impl Store {
     /// open are committed first, so that what they hold in memory is not
     /// reported as leaked; they go on serving while the check reads, with
     /// their frees held back until it has read the bitmaps (so a commit in
-    /// between cannot make a block it read look free). Blocks the pool was asked to free twice since the
-    /// store was opened (a bug) are reported as an error too.
+    /// between cannot make a block it read look free). Blocks the pool was
+    /// asked to free twice since the store was opened (a bug) are reported
+    /// as an error too. In shared mode, it runs under the catalogue lock
+    /// with every appliance running (see the module documentation for what
+    /// it judges there).
     pub fn check(&self) -> Result<CheckReport> {
-        if self.is_shared() {
-            return Err(Error::InvalidArgument(
-                "check of a store several appliances share is not built yet: stop the others and open it alone".into(),
-            ));
-        }
-        let catalog = self.inner.catalog.lock();
+        let host = self.pool().coordinator().map(|c| c.host_id());
+        let catalog = self.catalog()?;
         let sb = catalog.sb().clone();
         let mut report = CheckReport::default();
         for disk in self.open_disks() {
@@ -323,8 +414,11 @@ impl Store {
         drop(catalog);
         let alloc = durable_allocator(self, &sb)?;
         drop(held);
-        let mut placement = m.placement_errors(&sb, &alloc);
+        let mut placement = m.placement_errors(&sb, &alloc, host);
         m.errors.append(&mut placement);
+        for why in &m.unverified {
+            m.warnings.push(format!("not verified: {why}"));
+        }
         for role in m.roles.values() {
             match role {
                 Role::Node(_) => report.tree_nodes += 1,
@@ -342,15 +436,26 @@ impl Store {
                 }
             }
         }
-        // Leaks: allocated, unreferenced data-area blocks.
+        // Leaks: allocated, unreferenced data-area blocks (shared mode: of
+        // this host's extents; elsewhere they may be writes in flight).
+        let mut elsewhere = 0u64;
         for e in 0..sb.extent_count {
             let start = sb.extent_start(e) + 2;
             for i in 0..sb.extent_len(e) {
                 let addr = start + i;
                 if alloc.is_allocated(addr) && !m.roles.contains_key(&addr) {
-                    report.leaked_blocks += 1;
+                    if host.is_none_or(|h| alloc.owner_of(addr) == Some(h)) {
+                        report.leaked_blocks += 1;
+                    } else {
+                        elsewhere += 1;
+                    }
                 }
             }
+        }
+        if elsewhere > 0 {
+            m.warnings.push(format!(
+                "{elsewhere} blocks of extents other appliances own are allocated but unreferenced by their durable state: writes in flight there, or leaks their own `gc` returns"
+            ));
         }
         if report.leaked_blocks > 0 {
             m.warnings.push(format!(

@@ -47,13 +47,18 @@ impl Store {
     ///
     /// The catalogue stays locked throughout: disks are not created,
     /// cloned, deleted or opened while it runs.
+    ///
+    /// In shared mode the catalogue lock is the cluster's, and the mark
+    /// reads the disks other hosts hold from their newest headers (see
+    /// `check.rs`); it frees only in this host's extents, and only after a
+    /// flush of the pool made the headers it read durable. Another host's
+    /// writes in flight and its frees only ever concern blocks of its own
+    /// extents or blocks its durable state still references: its new
+    /// references to older blocks come from committed roots (snapshots,
+    /// clones under the catalogue lock), so its durable header as read
+    /// covers every block of this host's extents it may still use.
     pub fn gc_with_progress(&self, progress: &(dyn Fn(u64, u64) + Sync)) -> Result<GcReport> {
-        if self.is_shared() {
-            return Err(Error::InvalidArgument(
-                "gc of a store several appliances share is not built yet: stop the others and open it alone".into(),
-            ));
-        }
-        let catalog = self.inner.catalog.lock();
+        let catalog = self.catalog()?;
         let open = self.open_disks();
         let pool = self.pool();
         let (before, in_flight) = {
@@ -68,7 +73,9 @@ impl Store {
             let in_flight: HashSet<u64> = open.iter().flat_map(|d| d.in_flight_blocks()).collect();
             (pool.defer_frees(), in_flight)
         };
-        let marked = self.gc_mark(&catalog, progress);
+        let marked = self
+            .gc_mark(&catalog, progress)
+            .and_then(|m| pool.meta().flush().map(|()| m));
         let guards: Vec<_> = open.iter().map(|d| d.hold()).collect();
         let m = match marked {
             Ok(m) => m,
@@ -98,11 +105,18 @@ impl Store {
         let report = |marked: u64| progress(marked, used);
         let mut m = mark_all(self, catalog, Some(&report));
         progress(m.roles.len() as u64, used);
+        if !m.unverified.is_empty() {
+            return Err(Error::Busy(format!(
+                "gc could not read every disk whole (try again): {}",
+                m.unverified.join("; ")
+            )));
+        }
         // A referenced block the durable bitmap calls free means the bitmaps
         // or a header went back in time: freeing around it would destroy
         // data some generation still holds.
         let durable = durable_allocator(self, catalog.sb())?;
-        let mut placement = m.placement_errors(catalog.sb(), &durable);
+        let host = self.pool().coordinator().map(|c| c.host_id());
+        let mut placement = m.placement_errors(catalog.sb(), &durable, host);
         placement.truncate(10);
         m.errors.append(&mut placement);
         if !m.errors.is_empty() {

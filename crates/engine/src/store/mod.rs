@@ -255,6 +255,11 @@ impl Store {
         self.inner.pool.coordinator().is_some()
     }
 
+    /// Shared mode: this appliance's host id (`None` alone on the pool).
+    pub fn cluster_host_id(&self) -> Option<u64> {
+        self.inner.pool.coordinator().map(|c| c.host_id())
+    }
+
     /// The catalogue, locked. In shared mode, under the cluster's
     /// catalogue lock as well, and re-read from the pool first if another
     /// host changed it: no host trusts its cached copy.
