@@ -881,6 +881,41 @@ fn appliances_in_network_namespaces() {
     );
     assert!(w.status.success(), "{}", text(&w));
 
+    // A gold image on host 1, cloned on hosts 2 and 3 and written there;
+    // its snapshot read through host 2's export, over TCP.
+    ok(px(1, 60, &["snapshot", "h1d1@gold"]));
+    for h in [2u64, 3] {
+        ok(px(h, 60, &["clone", "h1d1@gold", &format!("g{h}")]));
+        let uri = format!("nbd://{net}.{}:10809/g{h}", 10 + h);
+        for cmd in [
+            "read -P 0x51 0 1M",
+            &format!("write -P {:#x} 1M 1M", 0x60 + h),
+        ] {
+            let w = qio(&ns(&format!("h{h}")), &uri, cmd);
+            assert!(w.status.success(), "host {h} on its clone: {}", text(&w));
+        }
+    }
+    let mut ro = in_ns(&ns("h2"), 60, "qemu-io");
+    ro.args(["-r", "-f", "raw", "-c", "read -P 0x51 0 1M"])
+        .arg(format!("nbd://{net}.12:10809/h1d1@gold"));
+    let r = ro.output().unwrap();
+    assert!(r.status.success(), "host 2 reading h1d1@gold: {}", text(&r));
+    // Every host's view agrees; gc on each with the others up leaves no
+    // leak, and check is clean on each.
+    let lists: Vec<Vec<String>> = (1..=3)
+        .map(|h| names(&serde_json::from_str(&ok(px(h, 60, &["list", "--json"]))).unwrap()))
+        .collect();
+    assert_eq!(lists[0].len(), 8, "{lists:?}");
+    assert!(lists.iter().all(|l| *l == lists[0]), "{lists:?}");
+    for h in 1..=3 {
+        ok(px(h, 120, &["gc"]));
+    }
+    for h in 1..=3 {
+        let report: Value = serde_json::from_str(&ok(px(h, 120, &["check", "--json"]))).unwrap();
+        assert_eq!(report["clean"], true, "host {h}: {report}");
+        assert_eq!(report["leaked_blocks"], 0, "host {h}: {report}");
+    }
+
     // Host 3 is cut off etcd (the pool it still reaches) while a client
     // writes to its other disk over a connection made before: past its
     // lease it writes nothing more (the client gets errors, in bounded
