@@ -174,7 +174,11 @@ impl Exports for StoreExports<'_> {
     }
 
     fn list(&self) -> Vec<(String, Option<String>)> {
-        off_runtime(|| self.service.store().list())
+        off_runtime(|| self.service.store().try_list())
+            .unwrap_or_else(|e| {
+                warn!("listing exports: {e}");
+                Vec::new()
+            })
             .into_iter()
             .map(|n| (n, None))
             .collect()

@@ -50,7 +50,11 @@ impl Scheduler {
     /// without opening them): opening every disk would take every idle
     /// disk's writer key from the other appliances.
     pub fn start_all(&self, store: &Store) {
-        for name in store.list() {
+        let names = store.try_list().unwrap_or_else(|e| {
+            warn!("cannot list the disks to start their schedules: {e}");
+            Vec::new()
+        });
+        for name in names {
             if let Some(host) = store.cluster_host_id() {
                 match store.peek_info(&name) {
                     Ok(i) if i.schedule.every_ns != 0 && i.writer_host == host => {}

@@ -281,17 +281,26 @@ pub(crate) fn read_header_copies(
     Ok([read(entry.header_a)?, read(entry.header_b)?])
 }
 
-/// Reads both header copies of a disk and returns the newest valid one.
+/// Which of two valid header copies is the disk's state: the one of the
+/// newer writer epoch, then the newer generation. A commit an older writer
+/// finished after a newer writer's (a holder that lost its lease with a
+/// header write in flight) is ignored even if its generation is higher
+/// (`check` reports it). Epochs never go down (a commit without a
+/// coordinator keeps the header's), so without a cluster this is the
+/// newer generation.
+pub(crate) fn newer_header(a: &VdiHeader, b: &VdiHeader) -> bool {
+    (a.writer_epoch, a.generation) > (b.writer_epoch, b.generation)
+}
+
+/// Reads both header copies of a disk and returns the newest valid one
+/// ([`newer_header`]).
 pub(crate) fn read_vdi_header(pool: &Pool, entry: &RegistryEntry) -> Result<(VdiHeader, usize)> {
     let mut best: Option<(VdiHeader, usize)> = None;
     let mut errors = Vec::new();
     for (slot, copy) in read_header_copies(pool, entry)?.into_iter().enumerate() {
         match copy {
             Ok(h) => {
-                if best
-                    .as_ref()
-                    .is_none_or(|(b, _)| h.generation > b.generation)
-                {
+                if best.as_ref().is_none_or(|(b, _)| newer_header(&h, b)) {
                     best = Some((h, slot));
                 }
             }

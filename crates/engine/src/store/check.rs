@@ -33,7 +33,7 @@ use crate::alloc::Allocator;
 use crate::disk::log::read_chain;
 use crate::error::{Error, Result};
 use crate::lineage::SnapSet;
-use crate::store::catalog::{read_vdi_header, Catalog};
+use crate::store::catalog::{read_header_copies, read_vdi_header, Catalog};
 use crate::store::Store;
 use parallax_format::{
     DiskRef, Ptr, Superblock, BLOCK_SIZE, BLOCK_SIZE_U64, SUPERBLOCK_ADDRS, TREE_HEIGHT,
@@ -304,12 +304,30 @@ pub(super) fn mark_all<'p>(
                 continue;
             }
         };
+        m.stale_epochs(store, &entry, &header);
         m.mark_header(store, &entry, &header);
     }
     m
 }
 
 impl Marking<'_> {
+    /// Reports a header copy of a newer generation than the one in use but
+    /// an older writer epoch: a commit its writer finished after losing
+    /// the disk, ignored (see `catalog::newer_header`).
+    fn stale_epochs(&mut self, store: &Store, entry: &RegistryEntry, header: &VdiHeader) {
+        let Ok(copies) = read_header_copies(store.pool(), entry) else {
+            return;
+        };
+        for h in copies.into_iter().flatten() {
+            if h.generation > header.generation && h.writer_epoch < header.writer_epoch {
+                self.warnings.push(format!(
+                    "disk {}: a commit of generation {} by host {} under epoch {} came after that host lost the disk (epoch {} is in use); it is ignored",
+                    entry.name, h.generation, h.writer_host, h.writer_epoch, header.writer_epoch
+                ));
+            }
+        }
+    }
+
     /// Marks what `header`, disk `entry`'s newest header, reaches.
     fn mark_header(&mut self, store: &Store, entry: &RegistryEntry, header: &VdiHeader) {
         if header.name != entry.name {
@@ -345,6 +363,7 @@ impl Marking<'_> {
             // Whole, or failing on a header still current: damage.
             if scratch.errors.is_empty() || unchanged() {
                 self.absorb(scratch, &who);
+                self.stale_epochs(store, entry, &header);
                 return;
             }
             last = scratch.errors.join("; ");

@@ -169,6 +169,12 @@ impl Store {
                 )));
             }
         }
+        // Shared mode: the catalogue is read under the cluster's lock, so
+        // no other host changes it (or frees a registry block) meanwhile.
+        let _cluster = match &options.coordinator {
+            Some(c) => Some(c.lock_catalog()?),
+            None => None,
+        };
         let (sb, slot) = catalog::read_superblocks(&*dev)?;
         if dev.len() < sb.total_blocks * BLOCK_SIZE_U64 {
             return Err(Error::Inconsistent(format!(
@@ -628,6 +634,55 @@ mod tests {
         let dev = Arc::new(MemDevice::new(16 << 20));
         let store = Store::create(dev.clone(), &CreateOptions::default()).unwrap();
         (dev, store)
+    }
+
+    /// A header copy of a newer generation but an older writer epoch (a
+    /// holder that lost the disk finishing a commit late) is not the
+    /// disk's state, and `check` reports it.
+    #[test]
+    fn a_late_commit_of_an_older_epoch_is_ignored_and_reported() {
+        let (dev, store) = store();
+        let v = store.create_vdi("d", 1 << 20).unwrap();
+        v.write(&[1; 4096], 0).unwrap();
+        v.flush().unwrap();
+        drop(v);
+        store.close_vdi("d").unwrap();
+        let entry = store.catalog().unwrap().find("d").unwrap().1;
+        let pool = store.pool().clone();
+        let (current, slot) = catalog::read_vdi_header(&pool, &entry).unwrap();
+        // The current copy gets epoch 9; the other, epoch 5 and a higher
+        // generation.
+        let addrs = [entry.header_a, entry.header_b];
+        let mut newer = current.clone();
+        newer.writer_epoch = 9;
+        newer.writer_host = 2;
+        let mut late = current.clone();
+        late.writer_epoch = 5;
+        late.writer_host = 1;
+        late.generation = current.generation + 5;
+        for (h, addr) in [(newer, addrs[slot]), (late, addrs[1 - slot])] {
+            let (b, _) = h.encode(pool.meta().store_id, addr);
+            pool.meta().write_block(addr, &b, "a test header").unwrap();
+        }
+        drop(pool);
+        drop(store);
+        let store = Store::open(dev, &OpenOptions::default()).unwrap();
+        let v = store.open_vdi("d").unwrap();
+        assert_eq!(v.info().writer_epoch, 9, "the late commit won");
+        let mut b = vec![0u8; 4096];
+        v.read(&mut b, 0).unwrap();
+        assert_eq!(b, vec![1; 4096]);
+        drop(v);
+        let report = store.check().unwrap();
+        assert!(report.is_clean(), "{:?}", report.errors);
+        assert!(
+            report
+                .warnings
+                .iter()
+                .any(|w| w.contains("under epoch 5") && w.contains("ignored")),
+            "{:?}",
+            report.warnings
+        );
     }
 
     #[test]

@@ -240,11 +240,16 @@ impl Store {
             if let Some(w) = p.chosen.map(|i| &p.walked[i]) {
                 reached.extend(&w.roles);
                 reached.extend([p.entry.header_a, p.entry.header_b]);
-                let newest = p.walked.iter().map(|w| w.header.generation).max();
-                if Some(w.header.generation) != newest {
+                // The chosen copy must win the next open (`newer_header`):
+                // the highest epoch and a generation above every copy's.
+                let key = |w: &Walked| (w.header.writer_epoch, w.header.generation);
+                let newest = p.walked.iter().map(key).max();
+                if Some(key(w)) != newest {
                     let addr = [p.entry.header_a, p.entry.header_b][w.slot];
                     let mut header = w.header.clone();
-                    header.generation = newest.unwrap_or(header.generation) + 1;
+                    let top = p.walked.iter().map(|w| w.header.generation).max();
+                    header.generation = top.unwrap_or(header.generation) + 1;
+                    header.writer_epoch = newest.map_or(header.writer_epoch, |n| n.0);
                     rewrites.push((p.entry.name.clone(), addr, header));
                 }
             }
@@ -306,7 +311,8 @@ impl Store {
                 .find(|c| c.generation.as_ref().ok() == Some(&w.header.generation))
                 .expect("every walked copy has a report")
         };
-        let newest = (0..walked.len()).max_by_key(|&i| walked[i].header.generation);
+        let newest = (0..walked.len())
+            .max_by_key(|&i| (walked[i].header.writer_epoch, walked[i].header.generation));
         let chosen = match wanted {
             _ if forget => None,
             Some(g) => {
