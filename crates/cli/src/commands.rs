@@ -119,6 +119,8 @@ pub struct ServeArgs {
     pub socket_group: Option<u32>,
     pub etcd: Option<String>,
     pub lease_ttl: std::time::Duration,
+    pub takeover: bool,
+    pub takeover_grace: std::time::Duration,
 }
 
 pub fn serve(ctx: &Context, args: ServeArgs) -> Result<()> {
@@ -130,12 +132,16 @@ pub fn serve(ctx: &Context, args: ServeArgs) -> Result<()> {
         socket_group,
         etcd,
         lease_ttl,
+        takeover,
+        takeover_grace,
     } = args;
     let nbd_socket = nbd_socket.map(|p| absolute(&p)).transpose()?;
     let cluster = etcd.map(|urls| ClusterOptions {
         endpoints: urls.split(',').map(str::to_string).collect(),
         lease_ttl,
         host_id: ctx.host_id,
+        takeover,
+        takeover_grace,
         description: serde_json::json!({
             "nbd_tcp": nbd_listen.map(|a| a.to_string()),
             "nbd_socket": nbd_socket.as_ref().map(|p| p.display().to_string()),
@@ -183,6 +189,24 @@ pub fn hosts(ctx: &Context) -> Result<()> {
         ]);
     }
     print(&table.render())
+}
+
+pub fn takeover(ctx: &Context, name: &str) -> Result<()> {
+    let remote = Remote::connect(&ctx.control)
+        .ok_or_else(|| anyhow!("no daemon answers on {}", ctx.control.display()))?;
+    let r = remote.takeover(name)?;
+    if ctx.json {
+        return print_json(&r);
+    }
+    if !r.taken_over {
+        return print(&format!(
+            "{name}: nothing to take over (it was let go cleanly, or this appliance holds it); it is open here\n"
+        ));
+    }
+    print(&format!(
+        "{name}: taken over from host {} (epoch {}) under epoch {}, after {} ms for its lease and {} ms of grace\n",
+        r.from_host, r.from_epoch, r.epoch, r.waited_for_key_ms, r.grace_ms
+    ))
 }
 
 pub fn status(ctx: &Context) -> Result<()> {

@@ -83,6 +83,22 @@ enum Command {
         /// cannot renew it stops writing before it can expire.
         #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = parse_ttl)]
         lease_ttl: std::time::Duration,
+        /// Cluster mode: take over, without being asked, the disks of
+        /// appliances that left (their lease ended) without letting them
+        /// go.
+        #[arg(long)]
+        takeover: bool,
+        /// Cluster mode: how long a takeover waits, holding the disk, for
+        /// what the old holder may still have had in flight to the pool.
+        #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = parse_duration)]
+        takeover_grace: std::time::Duration,
+    },
+    /// Cluster mode: take a disk over from an appliance that stopped or
+    /// lost its lease without letting it go (waits for its lease to end,
+    /// then the takeover grace).
+    Takeover {
+        /// The disk.
+        name: String,
     },
     /// Cluster mode: the appliances sharing the store, and the disks each
     /// one writes.
@@ -248,6 +264,11 @@ fn parse_ttl(s: &str) -> Result<std::time::Duration, String> {
     Ok(d)
 }
 
+/// A duration, e.g. `5s`, `500ms`.
+fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+    humantime::parse_duration(s).map_err(|e| format!("'{s}' is not a duration: {e}"))
+}
+
 /// A schedule interval in ns: a humantime duration of at least 1 ms.
 fn parse_interval(s: &str) -> Result<u64, String> {
     let d = humantime::parse_duration(s).map_err(|e| format!("'{s}' is not a duration: {e}"))?;
@@ -373,6 +394,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             socket_group,
             etcd,
             lease_ttl,
+            takeover,
+            takeover_grace,
         } => commands::serve(
             &ctx,
             commands::ServeArgs {
@@ -383,8 +406,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 socket_group: *socket_group,
                 etcd: etcd.clone(),
                 lease_ttl: *lease_ttl,
+                takeover: *takeover,
+                takeover_grace: *takeover_grace,
             },
         ),
+        Command::Takeover { name } => commands::takeover(&ctx, name),
         Command::Hosts => commands::hosts(&ctx),
         Command::Status => commands::status(&ctx),
         Command::Init { size, force } => commands::init(&ctx, *size, *force),

@@ -209,6 +209,8 @@ impl Cluster {
                     "none",
                     "--lease-ttl",
                     self.ttl,
+                    "--takeover-grace",
+                    "1s",
                     "--etcd",
                     &self.etcd_url,
                 ],
@@ -347,6 +349,20 @@ fn three_appliances_share_one_pool() {
     let p = c.start(3);
     c.hosts[2] = p;
     eprintln!("host 3 back after {:?}", started.elapsed());
+    // Its disks were not let go: refused until taken over (by itself
+    // here, after the grace).
+    let refused = qemu_io(&c.uri(3, "h3d1"), &["read 0 4k".into()]);
+    assert!(
+        text(&refused).contains("did not let it go"),
+        "{}",
+        text(&refused)
+    );
+    for k in 0..3 {
+        let t = c.json(3, &["takeover", &format!("h3d{k}")]);
+        assert_eq!(t["taken_over"], true, "{t}");
+        assert!(t["grace_ms"].as_u64().unwrap() >= 1000, "{t}");
+        assert!(t["epoch"].as_u64() > t["from_epoch"].as_u64(), "{t}");
+    }
     let r = qemu_io(&c.uri(3, "h3d1"), &["read -P 0x31 0 2M".into()]);
     assert!(
         r.status.success(),
@@ -772,7 +788,20 @@ fn appliances_in_network_namespaces() {
     }
     let mut hosts: Vec<Proc> = (1..=3u64)
         .map(|h| {
-            let mut c = px(h, 0, &["serve", "--etcd", &etcd_url, "--lease-ttl", "3s"]);
+            let mut c = px(
+                h,
+                0,
+                &[
+                    "serve",
+                    "--etcd",
+                    &etcd_url,
+                    "--lease-ttl",
+                    "3s",
+                    "--takeover",
+                    "--takeover-grace",
+                    "1s",
+                ],
+            );
             c.args([
                 "--nbd-listen",
                 &format!("{net}.{}:10809", 10 + h),
@@ -956,16 +985,31 @@ fn appliances_in_network_namespaces() {
         "host 3 refused writes only {:?} after the cut (lease TTL 3 s)",
         cut.elapsed()
     );
-    thread::sleep(Duration::from_secs(3));
-    let taken = qio(
-        &ns("h1"),
-        &format!("nbd://{net}.11:10809/h3d1"),
-        "read -P 0x73 0 1M",
-    );
+    // Host 1 or host 2 takes host 3's disks over by itself (--takeover)
+    // once host 3's lease ended, after the grace: within TTL + 5 s.
+    let by = 'taken: loop {
+        for h in [1u64, 2] {
+            let r = qio(
+                &ns(&format!("h{h}")),
+                &format!("nbd://{net}.{}:10809/h3d1", 10 + h),
+                "read -P 0x73 0 1M",
+            );
+            if r.status.success() {
+                break 'taken h;
+            }
+        }
+        assert!(
+            cut.elapsed() < Duration::from_secs(30),
+            "nobody took host 3's disk over:\n{}",
+            std::fs::read_to_string(d.join("serve1.log")).unwrap_or_default()
+        );
+        thread::sleep(Duration::from_millis(200));
+    };
+    let took = cut.elapsed();
+    eprintln!("host 3's disk served by host {by} {took:?} after the cut");
     assert!(
-        taken.status.success(),
-        "host 1 reading host 3's disk: {}",
-        text(&taken)
+        took < Duration::from_secs(3 + 5),
+        "takeover took {took:?} (TTL 3 s)"
     );
 
     // Host 3 stays fenced (its lease is gone) until restarted; the others

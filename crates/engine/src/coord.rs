@@ -47,8 +47,19 @@ pub trait Coordinator: Send + Sync + std::fmt::Debug {
     /// holder when another host has it.
     fn acquire_writer(&self, vdi_id: u64) -> Result<u64>;
 
-    /// Gives the key back (nothing happens if it is no longer ours).
+    /// Gives the key back (nothing happens if it is no longer ours),
+    /// recording `epoch` as the disk's last clean release (see
+    /// [`Coordinator::released_epoch`]). Called only once everything
+    /// written under the key is committed and no I/O is in flight.
     fn release_writer(&self, vdi_id: u64, epoch: u64);
+
+    /// The epoch under which disk `vdi_id`'s writer key was last given
+    /// back cleanly (0: never). A disk whose last commit carries another
+    /// epoch was not let go: its holder died or lost its lease, and may
+    /// still have writes in flight (see [`Store::take_over`]).
+    ///
+    /// [`Store::take_over`]: crate::Store::take_over
+    fn released_epoch(&self, vdi_id: u64) -> Result<u64>;
 
     /// Whether this host may still write to the pool: its lease cannot
     /// have ended. Called on every write and commit: must be cheap and
@@ -91,6 +102,8 @@ struct ClusterState {
     revision: u64,
     /// (disk, snapshot) ─▶ hosts pinning it.
     pins: HashMap<(u64, u64), HashSet<u64>>,
+    /// Disk id ─▶ epoch of its last clean release.
+    released: HashMap<u64, u64>,
 }
 
 /// An in-process lease service shared by several [`MemCoordinator`]s (one
@@ -229,10 +242,26 @@ impl Coordinator for MemCoordinator {
     }
 
     fn release_writer(&self, vdi_id: u64, epoch: u64) {
+        if !self.may_write() {
+            // The lease took the key; the release was not clean.
+            return;
+        }
         let mut st = self.cluster.state.lock();
         if st.writers.get(&vdi_id) == Some(&(self.host_id, epoch)) {
             st.writers.remove(&vdi_id);
+            st.released.insert(vdi_id, epoch);
         }
+    }
+
+    fn released_epoch(&self, vdi_id: u64) -> Result<u64> {
+        Ok(self
+            .cluster
+            .state
+            .lock()
+            .released
+            .get(&vdi_id)
+            .copied()
+            .unwrap_or(0))
     }
 
     fn may_write(&self) -> bool {

@@ -38,6 +38,6 @@ pub use lineage::SnapshotInfo;
 pub use parallax_format::{DiskRef, Schedule};
 pub use store::{
     CheckReport, CreateOptions, DiskRepair, DiskSpace, GcReport, HeaderCopy, OpenOptions,
-    RepairOptions, RepairReport, SettleReport, SnapshotSpace, Store, StoreStats,
+    RepairOptions, RepairReport, SettleReport, SnapshotSpace, Store, StoreStats, TakeoverReport,
 };
 pub use time::{compact_utc, now_ns};

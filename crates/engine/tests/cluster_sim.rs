@@ -116,6 +116,7 @@ struct Sim {
     online_checks: u64,
     online_gcs: u64,
     gc_freed: u64,
+    takeovers: u64,
 }
 
 fn open_host(dev: &Arc<MemDevice>, cluster: &Arc<MemCluster>, id: u64) -> Host {
@@ -174,6 +175,7 @@ impl Sim {
             online_checks: 0,
             online_gcs: 0,
             gc_freed: 0,
+            takeovers: 0,
         }
     }
 
@@ -191,7 +193,22 @@ impl Sim {
         if let Some(v) = self.hosts[h].handles.get(name) {
             return Ok(v.clone());
         }
-        let v = self.hosts[h].store.open_vdi(name)?;
+        let v = match self.hosts[h].store.open_vdi(name) {
+            // Its holder crashed or lost its lease: take it over (the grace
+            // is 0: a crashed store has nothing in flight, and a fenced
+            // one refuses every write).
+            Err(Error::Busy(why)) if why.contains("did not let it go") => {
+                let (v, report) =
+                    self.hosts[h]
+                        .store
+                        .take_over(name, Duration::ZERO, Duration::ZERO)?;
+                assert!(report.taken_over, "{report:?}");
+                assert!(report.epoch > report.from_epoch, "{report:?}");
+                self.takeovers += 1;
+                v
+            }
+            r => r?,
+        };
         self.hosts[h].handles.insert(name.to_string(), v.clone());
         self.disks.get_mut(name).unwrap().holder = Some(self.hosts[h].id);
         Ok(v)
@@ -717,7 +734,7 @@ fn seeds() -> Vec<u64> {
 #[test]
 fn appliances_sharing_a_pool() {
     let (mut refused, mut busy, mut crashes, mut views, mut deleted) = (0, 0, 0, 0, 0);
-    let (mut checks, mut gcs, mut freed) = (0, 0, 0);
+    let (mut checks, mut gcs, mut freed, mut takeovers) = (0, 0, 0, 0);
     for seed in seeds() {
         let sim = run(seed, 300);
         refused += sim.writes_refused_fenced;
@@ -728,23 +745,26 @@ fn appliances_sharing_a_pool() {
         checks += sim.online_checks;
         gcs += sim.online_gcs;
         freed += sim.gc_freed;
+        takeovers += sim.takeovers;
     }
     eprintln!(
         "fenced refusals {refused}, busy refusals {busy}, crashes {crashes}, \
          views pinned through the cluster {views}, snapshots deleted while read {deleted}, \
-         online checks {checks}, online gcs {gcs} (freeing {freed} blocks)"
+         online checks {checks}, online gcs {gcs} (freeing {freed} blocks), \
+         takeovers {takeovers}"
     );
     // The sequences reach the cases they are meant to (over many seeds).
     if seeds().len() >= 50 {
         assert!(refused > 0 && busy > 0 && crashes > 0 && views > 0 && deleted > 0);
-        assert!(checks > 0 && gcs > 0 && freed > 0);
+        assert!(checks > 0 && gcs > 0 && freed > 0 && takeovers > 0);
     }
 }
 
 /// A coordinator that grants every writer key with one fixed epoch (a
-/// coordination service that lost its state, or a stale one).
+/// coordination service that lost its state, or a stale one), and reports
+/// every disk as let go cleanly under the second.
 #[derive(Debug)]
-struct FixedEpoch(u64);
+struct FixedEpoch(u64, u64);
 
 impl parallax_engine::Coordinator for FixedEpoch {
     fn host_id(&self) -> u64 {
@@ -754,6 +774,9 @@ impl parallax_engine::Coordinator for FixedEpoch {
         Ok(self.0)
     }
     fn release_writer(&self, _vdi_id: u64, _epoch: u64) {}
+    fn released_epoch(&self, _vdi_id: u64) -> parallax_engine::Result<u64> {
+        Ok(self.1)
+    }
     fn may_write(&self) -> bool {
         true
     }
@@ -805,7 +828,11 @@ fn a_disk_committed_under_a_newer_epoch_is_refused() {
     assert!(epoch > 5, "epoch {epoch}");
     drop(d);
     drop(store);
-    let stale = Store::open(dev.clone(), &shared(Arc::new(FixedEpoch(epoch - 1)), 2)).unwrap();
+    let stale = Store::open(
+        dev.clone(),
+        &shared(Arc::new(FixedEpoch(epoch - 1, epoch)), 2),
+    )
+    .unwrap();
     match stale.open_vdi("d") {
         Err(Error::Fenced(_)) => {}
         other => panic!(
@@ -814,7 +841,7 @@ fn a_disk_committed_under_a_newer_epoch_is_refused() {
         ),
     }
     drop(stale);
-    let newer = Store::open(dev, &shared(Arc::new(FixedEpoch(epoch + 1)), 2)).unwrap();
+    let newer = Store::open(dev, &shared(Arc::new(FixedEpoch(epoch + 1, epoch)), 2)).unwrap();
     let mut b = vec![0u8; 4096];
     newer.open_vdi("d").unwrap().read(&mut b, 0).unwrap();
     assert_eq!(b, vec![7; 4096]);
@@ -897,4 +924,63 @@ fn snapshots_read_and_cloned_elsewhere_are_kept_until_let_go() {
     let observer = Store::open(dev, &OpenOptions::default()).unwrap();
     let report = observer.check().unwrap();
     assert!(report.is_clean(), "{:#?}", report.errors);
+}
+
+/// A disk whose holder lost its lease (or died) is not opened as if it had
+/// been let go: it is taken over, after the grace, with a takeover commit
+/// under a newer epoch; the old holder's writes fail. One let go cleanly
+/// opens at once.
+#[test]
+fn a_disk_not_let_go_is_taken_over_after_the_grace() {
+    let dev = Arc::new(MemDevice::new(32 << 20));
+    Store::create(
+        dev.clone(),
+        &CreateOptions {
+            extent_data_blocks: 256,
+            host_id: 1,
+        },
+    )
+    .map(drop)
+    .unwrap();
+    let cluster = MemCluster::new();
+    let a = open_host(&dev, &cluster, 1).store;
+    let b = open_host(&dev, &cluster, 2).store;
+    let d = a.create_vdi("d", 1 << 20).unwrap();
+    d.write(&[5; 4096], 0).unwrap();
+    d.flush().unwrap();
+    let old_epoch = d.info().writer_epoch;
+    // Host 1's lease ends while it runs.
+    cluster.expire(1);
+    match b.open_vdi("d") {
+        Err(Error::Busy(why)) => assert!(why.contains("did not let it go"), "{why}"),
+        other => panic!("opened without a takeover: {:?}", other.map(|v| v.id())),
+    }
+    let grace = Duration::from_millis(150);
+    let started = std::time::Instant::now();
+    let (v, report) = b.take_over("d", Duration::from_secs(1), grace).unwrap();
+    assert!(started.elapsed() >= grace, "the grace was not waited");
+    assert!(report.taken_over && report.from_host == 1 && report.from_epoch == old_epoch);
+    assert!(report.epoch > old_epoch, "{report:?}");
+    assert_eq!(v.info().writer_epoch, report.epoch, "no takeover commit");
+    let mut buf = vec![0u8; 4096];
+    v.read(&mut buf, 0).unwrap();
+    assert_eq!(buf, vec![5; 4096]);
+    assert!(matches!(d.write(&[6; 4096], 0), Err(Error::Fenced(_))));
+    v.write(&[7; 4096], 0).unwrap();
+    v.flush().unwrap();
+    drop(v);
+    // Let go cleanly: another host opens it with no takeover.
+    b.close_vdi("d").unwrap();
+    let c = open_host(&dev, &cluster, 3).store;
+    let started = std::time::Instant::now();
+    let (v, report) = c
+        .take_over("d", Duration::ZERO, Duration::from_secs(5))
+        .unwrap();
+    assert!(!report.taken_over && started.elapsed() < Duration::from_secs(1));
+    v.read(&mut buf, 0).unwrap();
+    assert_eq!(buf, vec![7; 4096]);
+    drop(v);
+    drop((d, a, b, c));
+    let observer = Store::open(dev, &OpenOptions::default()).unwrap();
+    assert!(observer.check().unwrap().is_clean());
 }

@@ -141,6 +141,23 @@ pub struct HostInfo {
     pub writing: Vec<(u64, u64)>,
 }
 
+/// `parallax takeover`: what taking a disk over did.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TakeoverSummary {
+    pub disk: String,
+    /// False when the disk had been let go cleanly (or was held here
+    /// already): it was simply opened.
+    pub taken_over: bool,
+    /// The host and epoch of the commit it was taken over at.
+    pub from_host: u64,
+    pub from_epoch: u64,
+    /// This appliance's epoch, in the takeover commit.
+    pub epoch: u64,
+    /// Waiting for the old holder's lease to end, then the grace.
+    pub waited_for_key_ms: u64,
+    pub grace_ms: u64,
+}
+
 /// `parallax check`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CheckSummary {
@@ -353,6 +370,9 @@ pub trait Api {
     fn check(&self) -> ApiResult<CheckSummary>;
     /// The appliances of the cluster (cluster mode only).
     fn hosts(&self) -> ApiResult<Vec<HostInfo>>;
+    /// Cluster mode: takes disk `disk` over from an appliance that did not
+    /// let it go (see `Store::take_over`).
+    fn takeover(&self, disk: &str) -> ApiResult<TakeoverSummary>;
     fn gc(&self) -> ApiResult<GcSummary>;
     /// The progress of a `gc` running now, if any.
     fn gc_progress(&self) -> ApiResult<Option<GcProgress>>;

@@ -215,6 +215,11 @@ impl Api for Remote {
         self.call(Method::GET, "/v1/hosts", None::<&()>)
     }
 
+    fn takeover(&self, disk: &str) -> ApiResult<TakeoverSummary> {
+        let path = format!("{}/takeover", disk_path(disk));
+        self.call(Method::POST, &path, None::<&()>)
+    }
+
     fn gc(&self) -> ApiResult<GcSummary> {
         self.call(Method::POST, "/v1/gc", None::<&()>)
     }

@@ -13,7 +13,8 @@
 //!   (two live appliances never share a host id).
 //! - **Writer keys** `disks/<vdi-id>/writer` under the lease, created by a
 //!   transaction that requires the key to be absent; the epoch is the
-//!   key's create revision.
+//!   key's create revision. A clean release deletes it and records its
+//!   epoch in `disks/<vdi-id>/released` (no lease) in one transaction.
 //! - **Extents** `extents/<index>`, without lease, created the same way.
 //! - **The catalogue lock** is etcd's lock service on `catalog`, bound to
 //!   the lease (one holder per lease: the engine asks for it from one
@@ -51,6 +52,12 @@ pub struct ClusterOptions {
     pub endpoints: Vec<String>,
     pub lease_ttl: Duration,
     pub host_id: u64,
+    /// Take over, without being asked, the disks of appliances that left
+    /// without letting them go (`--takeover`).
+    pub takeover: bool,
+    /// How long a takeover waits, holding the disk's key, for what the old
+    /// holder may still have in flight (`--takeover-grace`).
+    pub takeover_grace: Duration,
     /// What `hosts/<id>` says about this appliance (JSON).
     pub description: String,
 }
@@ -67,6 +74,7 @@ pub struct EtcdCoordinator {
     base: Instant,
     /// The lease is known to be gone.
     lost: Arc<AtomicBool>,
+    options: ClusterOptions,
 }
 
 impl std::fmt::Debug for EtcdCoordinator {
@@ -83,6 +91,28 @@ fn engine_error(what: &str, e: impl std::fmt::Display) -> EngineError {
 }
 
 impl EtcdCoordinator {
+    /// See [`Coordinator::released_epoch`].
+    pub fn released_epoch_of(&self, vdi_id: u64) -> parallax_engine::Result<u64> {
+        let key = format!("{}disks/{vdi_id}/released", self.prefix);
+        let mut client = self.client.clone();
+        let resp = self.call("reading a disk's last release", async move {
+            client.get(key, None).await
+        })?;
+        match resp.kvs().first() {
+            None => Ok(0),
+            Some(kv) => kv
+                .value_str()
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .ok_or_else(|| engine_error("reading a disk's last release", "not a number")),
+        }
+    }
+
+    /// What this appliance was started with.
+    pub fn options(&self) -> &ClusterOptions {
+        &self.options
+    }
+
     /// Connects, takes a lease, registers this host under `store_id`'s
     /// prefix and starts keeping the lease alive.
     pub fn connect(options: &ClusterOptions, store_id: u64) -> Result<Arc<EtcdCoordinator>> {
@@ -179,6 +209,7 @@ impl EtcdCoordinator {
             deadline_ns: deadline_ns.clone(),
             base,
             lost: lost.clone(),
+            options: options.clone(),
         });
         c.runtime.spawn(keep_alive(
             client,
@@ -423,13 +454,19 @@ impl Coordinator for Etcd {
     fn release_writer(&self, vdi_id: u64, epoch: u64) {
         let c = &self.0;
         let key = format!("{}disks/{vdi_id}/writer", c.prefix);
+        let released = format!("{}disks/{vdi_id}/released", c.prefix);
+        // The key goes and the clean release is recorded in one step, only
+        // if the key is still this one.
         let txn = Txn::new()
             .when([Compare::create_revision(
                 key.clone(),
                 CompareOp::Equal,
                 epoch as i64,
             )])
-            .and_then([TxnOp::delete(key, None)]);
+            .and_then([
+                TxnOp::delete(key, None),
+                TxnOp::put(released, epoch.to_string(), None),
+            ]);
         let mut client = c.client.clone();
         if let Err(e) = c.call(
             "releasing a writer key",
@@ -438,6 +475,10 @@ impl Coordinator for Etcd {
             // It goes with the lease at worst.
             warn!("{e}");
         }
+    }
+
+    fn released_epoch(&self, vdi_id: u64) -> parallax_engine::Result<u64> {
+        self.0.released_epoch_of(vdi_id)
     }
 
     fn may_write(&self) -> bool {

@@ -265,6 +265,7 @@ fn route(
             ok(200, api.set_schedule(d, Some(&b)))
         }
         ["v1", "disks", d, "schedule"] if delete => ok(200, api.set_schedule(d, None)),
+        ["v1", "disks", d, "takeover"] if post => ok(200, api.takeover(d)),
         ["v1", "disks", d, "rollback"] if post => {
             let b: RollbackBody = parse(body)?;
             done(api.rollback(d, &b.snapshot))

@@ -87,6 +87,67 @@ async fn settle(service: Arc<Service>) {
     }
 }
 
+/// `--takeover`: every [`TAKEOVER_SCAN`], takes over the disks whose last
+/// commit is by an appliance that is no longer registered (its lease
+/// ended) and did not let them go, or by an earlier run of this one.
+/// Every appliance with `--takeover` scans; for each disk one wins the
+/// writer key and the others move on.
+async fn take_over_orphans(service: Arc<Service>, cluster: Arc<EtcdCoordinator>) {
+    let mut tick = tokio::time::interval(TAKEOVER_SCAN);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let (svc, c) = (service.clone(), cluster.clone());
+        match tokio::task::spawn_blocking(move || take_over_scan(&svc, &c)).await {
+            Ok(Err(e)) => debug!("takeover scan: {e}"),
+            Err(e) => warn!("takeover scan: {e}"),
+            Ok(Ok(())) => {}
+        }
+    }
+}
+
+fn take_over_scan(service: &Service, cluster: &EtcdCoordinator) -> Result<()> {
+    let store = service.store();
+    let me = cluster.options().host_id;
+    let live: std::collections::HashSet<u64> =
+        cluster.hosts()?.into_iter().map(|(id, _)| id).collect();
+    let held = store.open_disk_ids();
+    for name in store.try_list()? {
+        let Ok(info) = store.peek_info(&name) else {
+            continue;
+        };
+        if info.writer_epoch == 0
+            || held.contains(&info.id)
+            || (live.contains(&info.writer_host) && info.writer_host != me)
+            || cluster.released_epoch_of(info.id)? == info.writer_epoch
+        {
+            continue;
+        }
+        let grace = cluster.options().takeover_grace;
+        match store.take_over(&name, Duration::ZERO, grace) {
+            Ok((vdi, r)) if r.taken_over => {
+                info!(
+                    disk = %name,
+                    from_host = r.from_host,
+                    from_epoch = r.from_epoch,
+                    epoch = r.epoch,
+                    grace_ms = r.grace.as_millis() as u64,
+                    "took the disk over"
+                );
+                if let Some(s) = service.scheduler() {
+                    s.refresh(&vdi);
+                }
+            }
+            Ok(_) => {}
+            Err(e) => debug!(disk = %name, "not taken over: {e}"),
+        }
+    }
+    Ok(())
+}
+
+/// How often `--takeover` looks for disks to take over.
+const TAKEOVER_SCAN: Duration = Duration::from_secs(1);
+
 /// Gives the memory glibc's malloc holds free back to the system.
 fn trim_malloc() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
@@ -340,6 +401,10 @@ async fn serve(options: &ServeOptions, service: Arc<Service>) -> Result<()> {
     }
     drop(alive);
     let settler = tokio::spawn(settle(service.clone()));
+    let taker = service
+        .cluster()
+        .filter(|c| c.options().takeover)
+        .map(|c| tokio::spawn(take_over_orphans(service.clone(), c.clone())));
     info!(
         store = %options.store_path.display(),
         nbd_tcp = ?tcp_addr,
@@ -351,6 +416,9 @@ async fn serve(options: &ServeOptions, service: Arc<Service>) -> Result<()> {
     wait_for_signal().await?;
     info!("shutting down: no new connections or requests; finishing those in flight");
     settler.abort();
+    if let Some(t) = taker {
+        t.abort();
+    }
     let _ = shutdown_tx.send(true);
     for task in accept_tasks {
         let _ = task.await;

@@ -108,6 +108,16 @@ impl Service {
         self
     }
 
+    /// Cluster mode: the etcd coordinator.
+    pub fn cluster(&self) -> Option<&Arc<EtcdCoordinator>> {
+        self.cluster.as_ref()
+    }
+
+    /// The daemon's snapshot schedules.
+    pub fn scheduler(&self) -> Option<&Arc<Scheduler>> {
+        self.scheduler.as_ref()
+    }
+
     /// Serves NBD data through `uring` where the engine can plan ahead.
     pub fn with_uring(mut self, uring: Option<Arc<Uring>>) -> Service {
         self.uring = uring;
@@ -463,6 +473,33 @@ impl Api for Service {
                     .collect(),
             })
             .collect())
+    }
+
+    fn takeover(&self, disk: &str) -> ApiResult<TakeoverSummary> {
+        let Some(c) = &self.cluster else {
+            return Err(ApiError::new(
+                ErrorKind::Invalid,
+                "this appliance is not in cluster mode (serve --etcd)",
+            ));
+        };
+        let options = c.options();
+        // Long enough for the old holder's lease to end.
+        let wait = options.lease_ttl + Duration::from_secs(5);
+        self.change(|store| {
+            let (vdi, r) = store.take_over(disk, wait, options.takeover_grace)?;
+            if let Some(s) = &self.scheduler {
+                s.refresh(&vdi);
+            }
+            Ok(TakeoverSummary {
+                disk: disk.to_string(),
+                taken_over: r.taken_over,
+                from_host: r.from_host,
+                from_epoch: r.from_epoch,
+                epoch: r.epoch,
+                waited_for_key_ms: r.waited_for_key.as_millis() as u64,
+                grace_ms: r.grace.as_millis() as u64,
+            })
+        })
     }
 
     fn check(&self) -> ApiResult<CheckSummary> {

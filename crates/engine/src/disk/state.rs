@@ -491,6 +491,14 @@ impl Disk {
     /// Commits whatever is pending: what the store does before it lets a
     /// disk go. Nothing to do for a deleted disk; a poisoned one reports
     /// that it cannot.
+    /// Commits the header (with whatever is pending): shared mode, right
+    /// after opening, so that it names this writer and epoch.
+    pub(crate) fn commit_header(&self) -> Result<()> {
+        let mut st = self.exclusive()?;
+        st.header_dirty = true;
+        self.commit(&mut st, None)
+    }
+
     pub(crate) fn commit_pending(&self) -> Result<()> {
         let st = self.exclusive()?;
         if st.deleted || (!st.poisoned && !st.has_pending()) {

@@ -31,6 +31,7 @@ mod space;
 pub use check::CheckReport;
 pub use gc::GcReport;
 pub use repair::{DiskRepair, HeaderCopy, RepairOptions, RepairReport};
+pub use shared::TakeoverReport;
 pub use space::{DiskSpace, SnapshotSpace};
 
 use crate::alloc::Allocator;
@@ -113,6 +114,9 @@ pub(crate) struct StoreInner {
     open: Mutex<HashMap<u64, Arc<Disk>>>,
     /// [`Store::abandon`]: let go as a killed process would.
     abandoned: std::sync::atomic::AtomicBool,
+    /// Shared mode: disks [`Store::take_over`] holds the writer key of
+    /// while it waits out the grace; nothing else opens them meanwhile.
+    taking_over: Mutex<std::collections::HashSet<u64>>,
 }
 
 impl Drop for StoreInner {
@@ -226,6 +230,7 @@ impl Store {
                 catalog: Mutex::new(catalog),
                 open: Mutex::new(HashMap::new()),
                 abandoned: std::sync::atomic::AtomicBool::new(false),
+                taking_over: Mutex::new(Default::default()),
             }),
         })
     }
@@ -429,8 +434,32 @@ impl Store {
 
     /// Opens the disk of a registry entry; the caller holds the catalogue.
     fn open_entry(&self, catalog: &Catalog, entry: &RegistryEntry) -> Result<Vdi> {
+        self.open_entry_as(catalog, entry, false)
+    }
+
+    /// [`Store::open_entry`]; `taking_over`: the disk's last holder did not
+    /// let it go, and the caller ([`Store::take_over`]) waited the grace.
+    ///
+    /// Shared mode: a disk whose last commit was made under an epoch other
+    /// than the last clean release's is refused (Busy) unless taking it
+    /// over; once open, a header commit under this host's epoch comes
+    /// before anything else (the takeover commit, or the acquire commit
+    /// after a clean release), so that the disk's header always names its
+    /// current writer.
+    fn open_entry_as(
+        &self,
+        catalog: &Catalog,
+        entry: &RegistryEntry,
+        taking_over: bool,
+    ) -> Result<Vdi> {
         if let Some(disk) = self.inner.open.lock().get(&entry.vdi_id) {
             return Ok(self.handle(disk.clone()));
+        }
+        if !taking_over && self.inner.taking_over.lock().contains(&entry.vdi_id) {
+            return Err(Error::Busy(format!(
+                "disk {}: this appliance is taking it over",
+                entry.name
+            )));
         }
         let pool = &self.inner.pool;
         let (header, slot) = catalog::read_vdi_header(pool, entry)?;
@@ -473,6 +502,27 @@ impl Store {
             })?,
             None => 0,
         };
+        if let Some(c) = pool.coordinator() {
+            let released = c.released_epoch(entry.vdi_id);
+            let unreleased = released.as_ref().map(|&r| {
+                header.writer_epoch != 0 && header.writer_epoch != epoch && header.writer_epoch != r
+            });
+            match unreleased {
+                Ok(false) => {}
+                Ok(true) if taking_over => {}
+                Ok(true) => {
+                    c.release_writer(entry.vdi_id, epoch);
+                    return Err(Error::Busy(format!(
+                        "disk {0}: host {1} did not let it go (it stopped or lost its lease, and may still have writes in flight): take it over with `parallax takeover {0}`, or run the appliances with --takeover",
+                        entry.name, header.writer_host
+                    )));
+                }
+                Err(_) => {
+                    c.release_writer(entry.vdi_id, epoch);
+                    return Err(released.unwrap_err());
+                }
+            }
+        }
         let opened = Disk::open(
             pool.clone(),
             [entry.header_a, entry.header_b],
@@ -482,6 +532,14 @@ impl Store {
             origin,
             epoch,
         );
+        // The acquire (or takeover) commit: the header names this writer
+        // before anything is written under its key.
+        let opened = opened.and_then(|d| {
+            if epoch != 0 {
+                d.commit_header()?;
+            }
+            Ok(d)
+        });
         let disk = match opened {
             Ok(d) => Arc::new(d),
             Err(e) => {

@@ -1,7 +1,8 @@
-//! What a shared-mode store does beyond a single one with the snapshots of
-//! disks other hosts write: reading them, and reclaiming deleted ones only
-//! when no host reads or clones them (docs/CLUSTER.md, "Snapshots across
-//! hosts").
+//! What a shared-mode store does beyond a single one with the disks other
+//! hosts write: reading their snapshots, reclaiming deleted ones only when
+//! no host reads or clones them (docs/CLUSTER.md, "Snapshots across
+//! hosts"), and taking over a disk whose holder did not let it go
+//! ([`Store::take_over`]).
 //!
 //! Invariants:
 //! - A host reads a snapshot of a disk it does not have open only through
@@ -20,7 +21,7 @@
 //!
 //! [`Coordinator::pin_snapshot`]: crate::coord::Coordinator::pin_snapshot
 
-use crate::disk::{log, Holds, SnapshotView};
+use crate::disk::{log, Holds, SnapshotView, Vdi};
 use crate::error::{Error, Result};
 use crate::lineage::SnapshotInfo;
 use crate::store::catalog::{read_vdi_header, Catalog};
@@ -35,7 +36,113 @@ use std::time::Duration;
 /// without telling the holder).
 const RECLAIM_RETRY: Duration = Duration::from_secs(5);
 
+/// What [`Store::take_over`] did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TakeoverReport {
+    /// The host whose commit the disk was at, and its epoch.
+    pub from_host: u64,
+    pub from_epoch: u64,
+    /// This host's epoch, in the takeover commit.
+    pub epoch: u64,
+    /// Waiting for the old holder's key to go (its lease to end).
+    pub waited_for_key: Duration,
+    /// The grace waited after that (0 when the disk had been let go).
+    pub grace: Duration,
+    /// False when there was nothing to take over (the disk was let go
+    /// cleanly, or this host had it open already).
+    pub taken_over: bool,
+}
+
 impl Store {
+    /// Takes over disk `name`, whose holder did not let it go (it died, or
+    /// lost its lease while running): waits up to `wait` for its writer key
+    /// (the old lease to end), then `grace` with the key held (whatever the
+    /// old holder still had in flight lands, or not, before this host
+    /// writes anything), then opens the disk from its last valid commit
+    /// and writes the takeover commit under this host's epoch. A commit of
+    /// the old holder that lands later has the older epoch and is ignored
+    /// (see `catalog::newer_header`). A disk that was let go cleanly is
+    /// simply opened.
+    pub fn take_over(
+        &self,
+        name: &str,
+        wait: Duration,
+        grace: Duration,
+    ) -> Result<(Vdi, TakeoverReport)> {
+        let coord = self.inner.pool.coordinator().cloned().ok_or_else(|| {
+            Error::InvalidArgument("taking a disk over needs cluster mode (--etcd)".into())
+        })?;
+        let start = std::time::Instant::now();
+        let mut report = TakeoverReport::default();
+        let (entry, header) = loop {
+            let catalog = self.catalog()?;
+            let entry = find(&catalog, name)?;
+            if let Some(d) = self.inner.open.lock().get(&entry.vdi_id).cloned() {
+                return Ok((self.handle(d), report));
+            }
+            if !self.inner.taking_over.lock().insert(entry.vdi_id) {
+                // Another thread of this appliance is at it: wait for it.
+                if start.elapsed() >= wait {
+                    return Err(Error::Busy(format!(
+                        "disk {name}: this appliance is taking it over already"
+                    )));
+                }
+                drop(catalog);
+                std::thread::sleep(Duration::from_millis(100));
+                continue;
+            }
+            match coord.acquire_writer(entry.vdi_id) {
+                Ok(epoch) => {
+                    report.epoch = epoch;
+                    let (h, _) = read_vdi_header(&self.inner.pool, &entry)
+                        .inspect_err(|_| self.end_take_over(&entry, epoch))?;
+                    break (entry, h);
+                }
+                Err(Error::Busy(_)) if start.elapsed() < wait => {
+                    self.inner.taking_over.lock().remove(&entry.vdi_id);
+                    drop(catalog);
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+                Err(e) => {
+                    self.inner.taking_over.lock().remove(&entry.vdi_id);
+                    return Err(e);
+                }
+            }
+        };
+        report.waited_for_key = start.elapsed();
+        report.from_host = header.writer_host;
+        report.from_epoch = header.writer_epoch;
+        let released = coord
+            .released_epoch(entry.vdi_id)
+            .inspect_err(|_| self.end_take_over(&entry, report.epoch))?;
+        report.taken_over = header.writer_epoch != 0
+            && header.writer_epoch != released
+            && header.writer_epoch != report.epoch;
+        if report.taken_over {
+            std::thread::sleep(grace);
+            report.grace = grace;
+        }
+        let opened = self
+            .catalog()
+            .and_then(|catalog| self.open_entry_as(&catalog, &entry, true));
+        self.inner.taking_over.lock().remove(&entry.vdi_id);
+        match opened {
+            Ok(vdi) => Ok((vdi, report)),
+            Err(e) => {
+                coord.release_writer(entry.vdi_id, report.epoch);
+                Err(e)
+            }
+        }
+    }
+
+    /// A take-over that stops before opening: the key goes back.
+    fn end_take_over(&self, entry: &RegistryEntry, epoch: u64) {
+        self.inner.taking_over.lock().remove(&entry.vdi_id);
+        if let Some(c) = self.inner.pool.coordinator() {
+            c.release_writer(entry.vdi_id, epoch);
+        }
+    }
+
     /// A read-only view of `disk@snapshot`. In shared mode, a disk this
     /// host does not have open is not opened (that would take its writer
     /// key): the snapshot is read from its committed log and pinned
