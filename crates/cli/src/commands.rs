@@ -209,6 +209,46 @@ pub fn takeover(ctx: &Context, name: &str) -> Result<()> {
     ))
 }
 
+pub fn handoff(ctx: &Context, name: &str, to: u64) -> Result<()> {
+    let remote = Remote::connect(&ctx.control)
+        .ok_or_else(|| anyhow!("no daemon answers on {}", ctx.control.display()))?;
+    let started = std::time::Instant::now();
+    let given = remote.handoff(name, to)?;
+    // The receiving appliance opens it now (a client's first request would
+    // otherwise), if its control socket is reachable from here.
+    let target = remote
+        .hosts()?
+        .into_iter()
+        .find(|h| h.host_id == to)
+        .and_then(|h| h.registered["control"].as_str().map(PathBuf::from))
+        .and_then(|c| Remote::connect(&c));
+    let opened = match target {
+        Some(t) => Some(t.takeover(name)?),
+        None => None,
+    };
+    let total_ms = started.elapsed().as_millis() as u64;
+    if ctx.json {
+        return print_json(&serde_json::json!({
+            "disk": name,
+            "to": to,
+            "from_epoch": given.epoch,
+            "given_ms": given.took_ms,
+            "opened_there": opened.as_ref().map(|o| o.epoch),
+            "total_ms": total_ms,
+        }));
+    }
+    match opened {
+        Some(o) => print(&format!(
+            "{name}: handed off to host {to} (now under epoch {}) in {total_ms} ms\n",
+            o.epoch
+        )),
+        None => print(&format!(
+            "{name}: given up for host {to} in {} ms; it opens it at its first client (its control socket is not reachable from here)\n",
+            given.took_ms
+        )),
+    }
+}
+
 pub fn status(ctx: &Context) -> Result<()> {
     let remote = Remote::connect(&ctx.control).ok_or_else(|| {
         anyhow!(

@@ -100,6 +100,17 @@ enum Command {
         /// The disk.
         name: String,
     },
+    /// Cluster mode: hand a disk this appliance writes to another one: what
+    /// is in flight finishes, everything is committed, this appliance's
+    /// clients of the disk get errors from then on, and the other
+    /// appliance opens it (asked through its control socket).
+    Handoff {
+        /// The disk.
+        name: String,
+        /// The host id of the appliance to hand it to.
+        #[arg(long)]
+        to: u64,
+    },
     /// Cluster mode: the appliances sharing the store, and the disks each
     /// one writes.
     Hosts,
@@ -411,6 +422,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             },
         ),
         Command::Takeover { name } => commands::takeover(&ctx, name),
+        Command::Handoff { name, to } => commands::handoff(&ctx, name, *to),
         Command::Hosts => commands::hosts(&ctx),
         Command::Status => commands::status(&ctx),
         Command::Init { size, force } => commands::init(&ctx, *size, *force),

@@ -341,6 +341,7 @@ fn three_appliances_share_one_pool() {
     assert_eq!(info["writer"]["here"], false, "{info}");
     c.ok(1, &["snapshot", "h1d0@s"]);
     snapshots_across_hosts(&c);
+    hand_off_between_hosts(&c);
 
     // kill -9 host 3: it comes back once its lease expired, and its
     // flushed writes (qemu-io flushes on exit) are there.
@@ -490,6 +491,72 @@ fn check_and_gc_while_running(c: &mut Cluster) {
         );
         assert!(r.status.success(), "host {h} after gc: {}", text(&r));
     }
+}
+
+/// A disk written through host 1 by a client that stays connected is
+/// handed off to host 2: the client's earlier (unflushed) write is there on
+/// host 2, its later write is refused, host 3 is refused the disk; then an
+/// idle disk goes back and forth (the times are printed).
+fn hand_off_between_hosts(c: &Cluster) {
+    c.ok(1, &["create", "mv", "--size", "8M"]);
+    let w = qemu_io(&c.uri(1, "mv"), &["write -P 0x44 0 1M".into()]);
+    assert!(w.status.success(), "{}", text(&w));
+    let mut client = Command::new("qemu-io")
+        .args(["-f", "raw", &c.uri(1, "mv")])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = client.stdin.take().unwrap();
+    let mut stdout = BufReader::new(client.stdout.take().unwrap());
+    writeln!(stdin, "write -P 0x45 0 4k").unwrap();
+    let mut said = String::new();
+    while !said.contains("wrote 4096/") {
+        let mut line = String::new();
+        assert!(stdout.read_line(&mut line).unwrap() > 0, "{said}");
+        said.push_str(&line);
+    }
+    let h = c.json(1, &["handoff", "mv", "--to", "2"]);
+    assert!(h["opened_there"].as_u64().is_some(), "{h}");
+    eprintln!("hand-off of a disk with a connected client: {h}");
+    writeln!(stdin, "write -P 0x46 4k 4k").unwrap();
+    writeln!(stdin, "quit").unwrap();
+    drop(stdin);
+    stdout.read_to_string(&mut said).unwrap();
+    let out = client.wait_with_output().unwrap();
+    said.push_str(&text(&out));
+    assert!(
+        said.contains("write failed"),
+        "the old holder took a write after the hand-off: {said}"
+    );
+    let refused = qemu_io(&c.uri(3, "mv"), &["read 0 4k".into()]);
+    assert!(
+        text(&refused).contains("written by host 2"),
+        "{}",
+        text(&refused)
+    );
+    let r = qemu_io(
+        &c.uri(2, "mv"),
+        &["read -P 0x45 0 4k".into(), "read -P 0x44 4k 1020k".into()],
+    );
+    assert!(r.status.success(), "host 2 reading mv: {}", text(&r));
+    let info = c.json(2, &["info", "mv"]);
+    assert_eq!(info["writer"]["host_id"], 2, "{info}");
+
+    // An idle disk, back and forth.
+    let mut times = Vec::new();
+    let mut holder = 2;
+    for _ in 0..10 {
+        let to = 5 - holder;
+        let h = c.json(holder, &["handoff", "mv", "--to", &to.to_string()]);
+        times.push(h["total_ms"].as_u64().unwrap());
+        holder = to;
+    }
+    times.sort();
+    eprintln!("hand-off of an idle disk (ms, sorted): {times:?}");
+    let r = qemu_io(&c.uri(holder, "mv"), &["read -P 0x45 0 4k".into()]);
+    assert!(r.status.success(), "{}", text(&r));
 }
 
 /// Host 1 holds h1d0, whose snapshot `s` holds 0x10 in its first 2 MiB.

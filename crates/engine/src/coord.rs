@@ -53,6 +53,11 @@ pub trait Coordinator: Send + Sync + std::fmt::Debug {
     /// written under the key is committed and no I/O is in flight.
     fn release_writer(&self, vdi_id: u64, epoch: u64);
 
+    /// [`Coordinator::release_writer`], reserving the disk for host `to`:
+    /// until `to` takes the key (or this host's lease ends, or a minute
+    /// passes), every other host is refused it. A cooperative hand-off.
+    fn hand_over(&self, vdi_id: u64, epoch: u64, to: u64) -> Result<()>;
+
     /// The epoch under which disk `vdi_id`'s writer key was last given
     /// back cleanly (0: never). A disk whose last commit carries another
     /// epoch was not let go: its holder died or lost its lease, and may
@@ -104,6 +109,8 @@ struct ClusterState {
     pins: HashMap<(u64, u64), HashSet<u64>>,
     /// Disk id ─▶ epoch of its last clean release.
     released: HashMap<u64, u64>,
+    /// Disk id ─▶ (host it is handed to, host that handed it).
+    reserved: HashMap<u64, (u64, u64)>,
 }
 
 /// An in-process lease service shared by several [`MemCoordinator`]s (one
@@ -159,6 +166,7 @@ impl MemCluster {
             hosts.remove(&id);
             !hosts.is_empty()
         });
+        st.reserved.retain(|_, (_, by)| *by != id);
         if st.catalog == Some(id) {
             st.catalog = None;
             self.catalog_free.notify_all();
@@ -229,10 +237,19 @@ impl Coordinator for MemCoordinator {
             return Err(self.fenced_error());
         }
         let mut st = self.cluster.state.lock();
+        match st.reserved.get(&vdi_id) {
+            Some(&(to, _)) if to != self.host_id => {
+                return Err(Error::Busy(format!(
+                    "the disk is being handed off to host {to}"
+                )));
+            }
+            _ => {}
+        }
         match st.writers.get(&vdi_id) {
             Some(&(host, epoch)) if host == self.host_id => Ok(epoch),
             Some(&(host, _)) => Err(Error::Busy(format!("the disk is written by host {host}"))),
             None => {
+                st.reserved.remove(&vdi_id);
                 st.revision += 1;
                 let epoch = st.revision;
                 st.writers.insert(vdi_id, (self.host_id, epoch));
@@ -251,6 +268,22 @@ impl Coordinator for MemCoordinator {
             st.writers.remove(&vdi_id);
             st.released.insert(vdi_id, epoch);
         }
+    }
+
+    fn hand_over(&self, vdi_id: u64, epoch: u64, to: u64) -> Result<()> {
+        if !self.may_write() {
+            return Err(self.fenced_error());
+        }
+        let mut st = self.cluster.state.lock();
+        if st.writers.get(&vdi_id) != Some(&(self.host_id, epoch)) {
+            return Err(Error::Busy(
+                "the disk's writer key is not this host's".into(),
+            ));
+        }
+        st.writers.remove(&vdi_id);
+        st.released.insert(vdi_id, epoch);
+        st.reserved.insert(vdi_id, (to, self.host_id));
+        Ok(())
     }
 
     fn released_epoch(&self, vdi_id: u64) -> Result<u64> {

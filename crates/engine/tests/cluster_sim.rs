@@ -117,6 +117,7 @@ struct Sim {
     online_gcs: u64,
     gc_freed: u64,
     takeovers: u64,
+    handoffs: u64,
 }
 
 fn open_host(dev: &Arc<MemDevice>, cluster: &Arc<MemCluster>, id: u64) -> Host {
@@ -176,6 +177,7 @@ impl Sim {
             online_gcs: 0,
             gc_freed: 0,
             takeovers: 0,
+            handoffs: 0,
         }
     }
 
@@ -243,7 +245,7 @@ impl Sim {
 
     fn step(&mut self) {
         let h = self.pick(self.hosts.len());
-        let op = self.rng.next_u64() % 27;
+        let op = self.rng.next_u64() % 28;
         if std::env::var_os("SIM_TRACE").is_some() {
             eprintln!(
                 "host {} op {op} disks {:?}",
@@ -530,6 +532,47 @@ impl Sim {
                     }
                 }
             }
+            27 => {
+                // A cooperative hand-off of a disk host `h` holds.
+                let Some(name) = self.pick_disk() else { return };
+                let id = self.disks[&name].id;
+                if !self.hosts[h].store.open_disk_ids().contains(&id) {
+                    return;
+                }
+                let to = 1 + self.pick(HOSTS as usize - 1) as u64;
+                let to = if to >= self.hosts[h].id { to + 1 } else { to };
+                match self.hosts[h].store.hand_off(&name, to) {
+                    Ok(_) => {
+                        assert!(!self.hosts[h].fenced, "a fenced host handed a disk off");
+                        self.handoffs += 1;
+                        // Committed whole; nothing here may touch it now.
+                        self.commit(&name);
+                        self.disks.get_mut(&name).unwrap().holder = None;
+                        if let Some(v) = self.hosts[h].handles.remove(&name) {
+                            assert!(
+                                matches!(v.write(&[1; BLOCK], 0), Err(Error::Fenced(_))),
+                                "a write after the hand-off went through"
+                            );
+                        }
+                        // Reserved for `to`: a third host is refused.
+                        let third = (0..self.hosts.len())
+                            .find(|&x| x != h && self.hosts[x].id != to && !self.hosts[x].fenced);
+                        if let Some(x) = third {
+                            match self.hosts[x].store.open_vdi(&name) {
+                                Err(Error::Busy(why)) => {
+                                    assert!(why.contains("handed off"), "{why}")
+                                }
+                                other => panic!(
+                                    "host {} opened a disk handed to host {to}: {:?}",
+                                    x + 1,
+                                    other.map(|v| v.id())
+                                ),
+                            }
+                        }
+                    }
+                    Err(e) => self.expected(h, &name, &e),
+                }
+            }
             _ => {
                 if self.hosts[h].fenced {
                     // A fenced host is restarted sooner or later.
@@ -734,7 +777,7 @@ fn seeds() -> Vec<u64> {
 #[test]
 fn appliances_sharing_a_pool() {
     let (mut refused, mut busy, mut crashes, mut views, mut deleted) = (0, 0, 0, 0, 0);
-    let (mut checks, mut gcs, mut freed, mut takeovers) = (0, 0, 0, 0);
+    let (mut checks, mut gcs, mut freed, mut takeovers, mut handoffs) = (0, 0, 0, 0, 0);
     for seed in seeds() {
         let sim = run(seed, 300);
         refused += sim.writes_refused_fenced;
@@ -746,17 +789,18 @@ fn appliances_sharing_a_pool() {
         gcs += sim.online_gcs;
         freed += sim.gc_freed;
         takeovers += sim.takeovers;
+        handoffs += sim.handoffs;
     }
     eprintln!(
         "fenced refusals {refused}, busy refusals {busy}, crashes {crashes}, \
          views pinned through the cluster {views}, snapshots deleted while read {deleted}, \
          online checks {checks}, online gcs {gcs} (freeing {freed} blocks), \
-         takeovers {takeovers}"
+         takeovers {takeovers}, hand-offs {handoffs}"
     );
     // The sequences reach the cases they are meant to (over many seeds).
     if seeds().len() >= 50 {
         assert!(refused > 0 && busy > 0 && crashes > 0 && views > 0 && deleted > 0);
-        assert!(checks > 0 && gcs > 0 && freed > 0 && takeovers > 0);
+        assert!(checks > 0 && gcs > 0 && freed > 0 && takeovers > 0 && handoffs > 0);
     }
 }
 
@@ -776,6 +820,9 @@ impl parallax_engine::Coordinator for FixedEpoch {
     fn release_writer(&self, _vdi_id: u64, _epoch: u64) {}
     fn released_epoch(&self, _vdi_id: u64) -> parallax_engine::Result<u64> {
         Ok(self.1)
+    }
+    fn hand_over(&self, _vdi_id: u64, _epoch: u64, _to: u64) -> parallax_engine::Result<()> {
+        Ok(())
     }
     fn may_write(&self) -> bool {
         true

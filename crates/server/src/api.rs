@@ -158,6 +158,17 @@ pub struct TakeoverSummary {
     pub grace_ms: u64,
 }
 
+/// `parallax handoff`: what handing a disk off did on its holder.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HandoffSummary {
+    pub disk: String,
+    pub to: u64,
+    /// The epoch the disk was held under here.
+    pub epoch: u64,
+    /// From the request to the writer key given back.
+    pub took_ms: u64,
+}
+
 /// `parallax check`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CheckSummary {
@@ -373,6 +384,9 @@ pub trait Api {
     /// Cluster mode: takes disk `disk` over from an appliance that did not
     /// let it go (see `Store::take_over`).
     fn takeover(&self, disk: &str) -> ApiResult<TakeoverSummary>;
+    /// Cluster mode: hands disk `disk`, held here, to host `to` (see
+    /// `Store::hand_off`).
+    fn handoff(&self, disk: &str, to: u64) -> ApiResult<HandoffSummary>;
     fn gc(&self) -> ApiResult<GcSummary>;
     /// The progress of a `gc` running now, if any.
     fn gc_progress(&self) -> ApiResult<Option<GcProgress>>;

@@ -2,7 +2,9 @@
 //! control socket (HTTP/1.1, JSON; `docs/API.md`).
 
 use crate::api::*;
-use crate::control::{CloneBody, CreateBody, ExportBody, ImportBody, RollbackBody, SnapshotBody};
+use crate::control::{
+    CloneBody, CreateBody, ExportBody, HandoffBody, ImportBody, RollbackBody, SnapshotBody,
+};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Bytes;
 use hyper::{Method, Request};
@@ -213,6 +215,11 @@ impl Api for Remote {
 
     fn hosts(&self) -> ApiResult<Vec<HostInfo>> {
         self.call(Method::GET, "/v1/hosts", None::<&()>)
+    }
+
+    fn handoff(&self, disk: &str, to: u64) -> ApiResult<HandoffSummary> {
+        let path = format!("{}/handoff", disk_path(disk));
+        self.call(Method::POST, &path, Some(&HandoffBody { to }))
     }
 
     fn takeover(&self, disk: &str) -> ApiResult<TakeoverSummary> {

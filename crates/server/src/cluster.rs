@@ -19,6 +19,10 @@
 //! - **The catalogue lock** is etcd's lock service on `catalog`, bound to
 //!   the lease (one holder per lease: the engine asks for it from one
 //!   thread at a time).
+//! - **Hand-offs** `disks/<vdi-id>/handoff` = `<to-host>:<until-unix-ms>`
+//!   under the giver's lease, put in the txn that gives the key back: other
+//!   hosts are refused the key until then; the target deletes it in the
+//!   txn that takes the key.
 //! - **Pins** `pins/<vdi-id>/<snapshot-id>/<host-id>` under the lease: a
 //!   snapshot this appliance reads without holding its disk.
 //!
@@ -298,8 +302,8 @@ impl EtcdCoordinator {
     }
 
     /// Creates `key` = this host's id (under `lease`, if given) unless it
-    /// exists: `Created(revision)`, or `Exists(the key as it is)`. Refused
-    /// once this host may no longer write.
+    /// exists: `Created`, or `Exists(the key as it is)`. Refused once this
+    /// host may no longer write.
     fn create_if_absent(
         &self,
         what: &str,
@@ -317,11 +321,7 @@ impl EtcdCoordinator {
         let mut client = self.client.clone();
         let resp = self.call(what, async move { client.txn(txn).await })?;
         if resp.succeeded() {
-            let revision = resp
-                .header()
-                .map(|h| h.revision() as u64)
-                .ok_or_else(|| engine_error(what, "no revision in the answer"))?;
-            return Ok(Creation::Created(revision));
+            return Ok(Creation::Created);
         }
         let existing = resp.op_responses().into_iter().find_map(|op| match op {
             TxnOpResponse::Get(get) => get.kvs().first().cloned(),
@@ -397,10 +397,22 @@ async fn keep_alive(
 
 /// What [`EtcdCoordinator::create_if_absent`] found.
 enum Creation {
-    Created(u64),
+    Created,
     Exists(etcd_client::KeyValue),
     /// It existed, and was gone by the time it was read.
     Vanished,
+}
+
+/// How long a hand-off reserves a disk for its target.
+const HANDOFF_RESERVATION: Duration = Duration::from_secs(60);
+
+/// Milliseconds since the Unix epoch (hand-off reservations carry their end:
+/// hosts' clocks are assumed to agree within seconds).
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }
 
 /// Releases etcd's lock on the catalogue.
@@ -437,18 +449,109 @@ impl Coordinator for Etcd {
 
     fn acquire_writer(&self, vdi_id: u64) -> parallax_engine::Result<u64> {
         let c = &self.0;
+        if !c.may_write() {
+            return Err(c.fenced());
+        }
         let key = format!("{}disks/{vdi_id}/writer", c.prefix);
-        match c.create_if_absent("taking a writer key", key, Some(c.lease))? {
-            Creation::Created(epoch) => Ok(epoch),
+        let handoff = format!("{}disks/{vdi_id}/handoff", c.prefix);
+        // A hand-off in progress reserves the disk for its target: read the
+        // reservation, and create the key only if it did not change since.
+        let mut client = c.client.clone();
+        let (h, what) = (handoff.clone(), "reading a disk's hand-off");
+        let resp = c.call(what, async move { client.get(h, None).await })?;
+        let reservation = resp.kvs().first().map(|kv| {
+            let v = kv.value_str().unwrap_or("");
+            let mut parts = v.split(':').map(|p| p.parse::<u64>().unwrap_or(0));
+            let (to, until) = (parts.next().unwrap_or(0), parts.next().unwrap_or(0));
+            (kv.mod_revision(), to, until)
+        });
+        if let Some((_, to, until)) = reservation {
+            if to != c.host_id && unix_ms() < until {
+                return Err(EngineError::Busy(format!(
+                    "the disk is being handed off to host {to}"
+                )));
+            }
+        }
+        let unchanged = match reservation {
+            Some((rev, _, _)) => Compare::mod_revision(handoff.clone(), CompareOp::Equal, rev),
+            None => Compare::create_revision(handoff.clone(), CompareOp::Equal, 0),
+        };
+        let mut then = vec![TxnOp::put(
+            key.clone(),
+            c.host_id.to_string(),
+            Some(PutOptions::new().with_lease(c.lease)),
+        )];
+        if reservation.is_some() {
+            then.push(TxnOp::delete(handoff, None));
+        }
+        let txn = Txn::new()
+            .when([
+                Compare::create_revision(key.clone(), CompareOp::Equal, 0),
+                unchanged,
+            ])
+            .and_then(then)
+            .or_else([TxnOp::get(key, None)]);
+        let mut client = c.client.clone();
+        let what = "taking a writer key";
+        let resp = c.call(what, async move { client.txn(txn).await })?;
+        if resp.succeeded() {
+            return resp
+                .header()
+                .map(|h| h.revision() as u64)
+                .ok_or_else(|| engine_error(what, "no revision in the answer"));
+        }
+        let existing = resp.op_responses().into_iter().find_map(|op| match op {
+            TxnOpResponse::Get(get) => get.kvs().first().cloned(),
+            _ => None,
+        });
+        match existing {
             // Ours only under this lease: a previous run of this host (same
             // id, older lease) is another writer.
-            Creation::Exists(kv) if kv.lease() == c.lease => Ok(kv.create_revision() as u64),
-            Creation::Exists(kv) => Err(EngineError::Busy(format!(
+            Some(kv) if kv.lease() == c.lease => Ok(kv.create_revision() as u64),
+            Some(kv) => Err(EngineError::Busy(format!(
                 "the disk is written by host {}",
                 kv.value_str().unwrap_or("?")
             ))),
-            Creation::Vanished => self.acquire_writer(vdi_id),
+            // Gone meanwhile, or the reservation changed: look again.
+            None => self.acquire_writer(vdi_id),
         }
+    }
+
+    fn hand_over(&self, vdi_id: u64, epoch: u64, to: u64) -> parallax_engine::Result<()> {
+        let c = &self.0;
+        if !c.may_write() {
+            return Err(c.fenced());
+        }
+        let key = format!("{}disks/{vdi_id}/writer", c.prefix);
+        let released = format!("{}disks/{vdi_id}/released", c.prefix);
+        let handoff = format!("{}disks/{vdi_id}/handoff", c.prefix);
+        let until = unix_ms() + HANDOFF_RESERVATION.as_millis() as u64;
+        let txn = Txn::new()
+            .when([Compare::create_revision(
+                key.clone(),
+                CompareOp::Equal,
+                epoch as i64,
+            )])
+            .and_then([
+                TxnOp::delete(key, None),
+                TxnOp::put(released, epoch.to_string(), None),
+                TxnOp::put(
+                    handoff,
+                    format!("{to}:{until}"),
+                    Some(PutOptions::new().with_lease(c.lease)),
+                ),
+            ]);
+        let mut client = c.client.clone();
+        let resp = c.call(
+            "handing a writer key over",
+            async move { client.txn(txn).await },
+        )?;
+        if !resp.succeeded() {
+            return Err(EngineError::Busy(
+                "the disk's writer key is no longer this appliance's".into(),
+            ));
+        }
+        Ok(())
     }
 
     fn release_writer(&self, vdi_id: u64, epoch: u64) {
@@ -560,7 +663,7 @@ impl Coordinator for Etcd {
         let key = format!("{}extents/{index}", c.prefix);
         // Extents have no lease: an extent stays its owner's while it is down.
         Ok(match c.create_if_absent("claiming an extent", key, None)? {
-            Creation::Created(_) => true,
+            Creation::Created => true,
             Creation::Exists(kv) => kv.value_str().ok() == Some(c.host_id.to_string().as_str()),
             Creation::Vanished => false,
         })

@@ -69,6 +69,12 @@ pub struct CloneBody {
     pub name: String,
 }
 
+/// Body of `POST /v1/disks/{disk}/handoff`.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct HandoffBody {
+    pub to: u64,
+}
+
 /// Body of `POST /v1/disks/{disk}/rollback`.
 #[derive(Debug, Serialize, Deserialize)]
 pub struct RollbackBody {
@@ -266,6 +272,10 @@ fn route(
         }
         ["v1", "disks", d, "schedule"] if delete => ok(200, api.set_schedule(d, None)),
         ["v1", "disks", d, "takeover"] if post => ok(200, api.takeover(d)),
+        ["v1", "disks", d, "handoff"] if post => {
+            let b: HandoffBody = parse(body)?;
+            ok(200, api.handoff(d, b.to))
+        }
         ["v1", "disks", d, "rollback"] if post => {
             let b: RollbackBody = parse(body)?;
             done(api.rollback(d, &b.snapshot))

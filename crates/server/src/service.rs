@@ -475,6 +475,20 @@ impl Api for Service {
             .collect())
     }
 
+    fn handoff(&self, disk: &str, to: u64) -> ApiResult<HandoffSummary> {
+        let r = self.store.hand_off(disk, to)?;
+        if let (Some(s), Ok(info)) = (&self.scheduler, self.store.peek_info(disk)) {
+            // Its schedule runs where the disk is now.
+            s.stop(info.id);
+        }
+        Ok(HandoffSummary {
+            disk: disk.to_string(),
+            to: r.to,
+            epoch: r.epoch,
+            took_ms: r.took.as_millis() as u64,
+        })
+    }
+
     fn takeover(&self, disk: &str) -> ApiResult<TakeoverSummary> {
         let Some(c) = &self.cluster else {
             return Err(ApiError::new(

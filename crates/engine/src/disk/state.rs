@@ -80,6 +80,9 @@ pub(crate) struct DiskState {
     pub(super) staged: Option<crate::disk::commit::Staged>,
     pub(super) poisoned: bool,
     pub(super) deleted: bool,
+    /// Shared mode: the host this disk was handed off to (0: none): every
+    /// later operation on a handle here fails.
+    pub(super) handed_off_to: u64,
 }
 
 impl DiskState {
@@ -92,9 +95,14 @@ impl DiskState {
             || self.staged.is_some()
     }
 
-    /// Neither deleted nor poisoned.
+    /// Neither deleted, poisoned nor handed off.
     pub(crate) fn is_live(&self) -> bool {
-        !self.deleted && !self.poisoned
+        !self.deleted && !self.poisoned && self.handed_off_to == 0
+    }
+
+    /// Marks the disk handed off to host `to` (see `Store::hand_off`).
+    pub(crate) fn mark_handed_off(&mut self, to: u64) {
+        self.handed_off_to = to;
     }
 
     /// Marks the disk deleted (the store's catalogue no longer has it):
@@ -385,6 +393,7 @@ impl Disk {
                 staged: None,
                 poisoned: false,
                 deleted: false,
+                handed_off_to: 0,
             })),
             commit: Mutex::new(()),
             deltas: Mutex::new(Vec::new()),
@@ -491,6 +500,34 @@ impl Disk {
     /// Commits whatever is pending: what the store does before it lets a
     /// disk go. Nothing to do for a deleted disk; a poisoned one reports
     /// that it cannot.
+    /// Shared mode, a hand-off to host `to`: waits for the requests in
+    /// flight (the exclusive lock), commits whatever is pending (durable on
+    /// return), and marks the disk handed off, so that every later
+    /// operation through a handle here fails. Returns the writer epoch.
+    /// Refused while a view here reads one of its snapshots (the next
+    /// holder would not know of that pin).
+    pub(crate) fn seal_for_hand_off(&self, to: u64) -> Result<u64> {
+        let mut st = self.exclusive()?;
+        self.usable(&st)?;
+        let read = self.pins.lock().len();
+        if read > 0 {
+            return Err(Error::Busy(format!(
+                "disk {}: {read} of its snapshots are being read here; close those exports first",
+                st.name
+            )));
+        }
+        if st.has_pending() {
+            self.commit(&mut st, None)?;
+        }
+        st.mark_handed_off(to);
+        Ok(self.writer_epoch)
+    }
+
+    /// Undoes [`Disk::seal_for_hand_off`] (the hand-off could not be made).
+    pub(crate) fn unseal(&self) {
+        self.state.write().mark_handed_off(0);
+    }
+
     /// Commits the header (with whatever is pending): shared mode, right
     /// after opening, so that it names this writer and epoch.
     pub(crate) fn commit_header(&self) -> Result<()> {
@@ -556,6 +593,12 @@ impl Disk {
         self.pool.check_fence()?;
         if st.deleted {
             return Err(Error::Deleted(st.name.clone()));
+        }
+        if st.handed_off_to != 0 {
+            return Err(Error::Fenced(format!(
+                "disk {} was handed off to host {}: it is served there now",
+                st.name, st.handed_off_to
+            )));
         }
         if st.poisoned {
             return Err(Error::Poisoned(st.name.clone()));

@@ -53,7 +53,63 @@ pub struct TakeoverReport {
     pub taken_over: bool,
 }
 
+/// What [`Store::hand_off`] did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct HandoffReport {
+    /// The writer epoch this host held the disk under.
+    pub epoch: u64,
+    pub to: u64,
+    /// From the call to the key given back.
+    pub took: Duration,
+}
+
 impl Store {
+    /// Hands disk `name`, which this host holds, to host `to`: waits for
+    /// the requests in flight, commits everything (durable), then every
+    /// later operation through this host's handles fails ("handed off to
+    /// host N"), and the writer key goes back reserved for `to`, which
+    /// opens the disk from that commit (no takeover: the release is
+    /// clean). Other hosts are refused the disk meanwhile.
+    pub fn hand_off(&self, name: &str, to: u64) -> Result<HandoffReport> {
+        let coord = self.inner.pool.coordinator().cloned().ok_or_else(|| {
+            Error::InvalidArgument("handing a disk off needs cluster mode (--etcd)".into())
+        })?;
+        if to == 0 || to == coord.host_id() {
+            return Err(Error::InvalidArgument(format!(
+                "cannot hand a disk off to host {to}: it must be another appliance"
+            )));
+        }
+        let start = std::time::Instant::now();
+        let catalog = self.catalog()?;
+        let entry = find(&catalog, name)?;
+        let disk = self
+            .inner
+            .open
+            .lock()
+            .get(&entry.vdi_id)
+            .cloned()
+            .ok_or_else(|| {
+                Error::InvalidArgument(format!(
+                    "disk {name} is not held by this appliance (host {})",
+                    coord.host_id()
+                ))
+            })?;
+        let epoch = disk.seal_for_hand_off(to)?;
+        self.inner.open.lock().remove(&entry.vdi_id);
+        if let Err(e) = coord.hand_over(entry.vdi_id, epoch, to) {
+            // Still ours: back in service.
+            disk.unseal();
+            self.adopt(disk);
+            return Err(e);
+        }
+        drop(catalog);
+        Ok(HandoffReport {
+            epoch,
+            to,
+            took: start.elapsed(),
+        })
+    }
+
     /// Takes over disk `name`, whose holder did not let it go (it died, or
     /// lost its lease while running): waits up to `wait` for its writer key
     /// (the old lease to end), then `grace` with the key held (whatever the
