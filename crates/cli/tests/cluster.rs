@@ -669,6 +669,88 @@ fn an_etcd_restart_shorter_than_the_lease_is_survived() {
     c.etcd.stop();
 }
 
+/// `kill -9` of an appliance while a client writes with FUA (qemu-io,
+/// `write -f`): host 2 takes the disk over, and every write the client saw
+/// acknowledged before the kill reads back there. `FAILOVER_KILL_AFTER`
+/// sets after how many acknowledged writes the kill comes (default: from
+/// the process id, so repeated runs vary it); the loop by hand is
+/// `for i in $(seq 20); do cargo test --release -p parallax --test cluster
+/// acknowledged; done`.
+#[test]
+fn a_dead_appliances_disk_is_taken_over_with_every_acknowledged_write() {
+    if !have("etcd", "--version") || !have("qemu-io", "--version") {
+        return;
+    }
+    let mut c = Cluster::with(2, "3s");
+    c.ok(1, &["create", "w", "--size", "16M"]);
+    let kill_after: usize = std::env::var("FAILOVER_KILL_AFTER")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(100 + std::process::id() as usize % 1500);
+    let pattern = |i: usize| (i % 251) as u8 + 1;
+    let mut client = Command::new("qemu-io")
+        .args(["-f", "raw", &c.uri(1, "w")])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = client.stdin.take().unwrap();
+    let feeder = thread::spawn(move || {
+        for i in 0..4096usize {
+            let line = format!("write -f -P {} {} 4k\n", pattern(i), i * 4096);
+            if stdin.write_all(line.as_bytes()).is_err() {
+                break;
+            }
+        }
+    });
+    let mut stdout = BufReader::new(client.stdout.take().unwrap());
+    let mut acked = Vec::new();
+    let mut line = String::new();
+    while stdout.read_line(&mut line).unwrap_or(0) > 0 {
+        if let Some(rest) = line.split("wrote 4096/4096 bytes at offset ").nth(1) {
+            let off: usize = rest.trim().parse().unwrap();
+            acked.push(off / 4096);
+            if acked.len() == kill_after {
+                c.hosts[0].kill9();
+            }
+        }
+        line.clear();
+    }
+    let _ = client.wait();
+    let _ = feeder.join();
+    assert!(
+        acked.len() >= kill_after && acked.len() < 4096,
+        "{} writes acknowledged, the kill after {kill_after}",
+        acked.len()
+    );
+    let killed = Instant::now();
+    let t = c.json(2, &["takeover", "w"]);
+    assert_eq!(t["taken_over"], true, "{t}");
+    eprintln!(
+        "killed after {} acknowledged writes; host 2 took over in {:?}: {t}",
+        acked.len(),
+        killed.elapsed()
+    );
+    // Every acknowledged write, read back through host 2 (in batches).
+    for chunk in acked.chunks(512) {
+        let cmds: Vec<String> = chunk
+            .iter()
+            .map(|&i| format!("read -P {} {} 4k", pattern(i), i * 4096))
+            .collect();
+        let r = qemu_io(&c.uri(2, "w"), &cmds);
+        assert!(
+            r.status.success() && !text(&r).contains("Pattern verification failed"),
+            "an acknowledged write is missing after the takeover: {}",
+            text(&r)
+        );
+    }
+    let check = c.json(2, &["check"]);
+    assert_eq!(check["clean"], true, "{check}");
+    assert_eq!(c.hosts[1].stop(), Some(0));
+    c.etcd.stop();
+}
+
 // ---- several hosts: network namespaces ----------------------------------------
 
 /// Network namespaces this test created: deleted (and every process in
