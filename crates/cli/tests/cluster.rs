@@ -257,6 +257,43 @@ fn qemu_io(uri: &str, cmds: &[String]) -> Output {
     cmd.arg(uri).output().unwrap()
 }
 
+/// qemu-io reading its commands from a pipe: the child, its stdin, its
+/// stdout.
+fn qemu_io_interactive(
+    args: &[&str],
+    uri: &str,
+) -> (
+    Child,
+    std::process::ChildStdin,
+    BufReader<std::process::ChildStdout>,
+) {
+    let mut child = Command::new("qemu-io")
+        .args(args)
+        .arg(uri)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdin = child.stdin.take().unwrap();
+    let stdout = BufReader::new(child.stdout.take().unwrap());
+    (child, stdin, stdout)
+}
+
+/// Reads lines until one contains `marker`; returns everything read.
+fn read_until(stdout: &mut impl BufRead, marker: &str) -> String {
+    let mut said = String::new();
+    while !said.contains(marker) {
+        let mut line = String::new();
+        assert!(
+            stdout.read_line(&mut line).unwrap() > 0,
+            "qemu-io ended before {marker:?}: {said}"
+        );
+        said.push_str(&line);
+    }
+    said
+}
+
 fn qemu_io_ro(uri: &str, cmds: &[String]) -> Output {
     let mut cmd = Command::new("qemu-io");
     cmd.args(["-r", "-f", "raw"]);
@@ -501,22 +538,9 @@ fn hand_off_between_hosts(c: &Cluster) {
     c.ok(1, &["create", "mv", "--size", "8M"]);
     let w = qemu_io(&c.uri(1, "mv"), &["write -P 0x44 0 1M".into()]);
     assert!(w.status.success(), "{}", text(&w));
-    let mut client = Command::new("qemu-io")
-        .args(["-f", "raw", &c.uri(1, "mv")])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut stdin = client.stdin.take().unwrap();
-    let mut stdout = BufReader::new(client.stdout.take().unwrap());
+    let (client, mut stdin, mut stdout) = qemu_io_interactive(&["-f", "raw"], &c.uri(1, "mv"));
     writeln!(stdin, "write -P 0x45 0 4k").unwrap();
-    let mut said = String::new();
-    while !said.contains("wrote 4096/") {
-        let mut line = String::new();
-        assert!(stdout.read_line(&mut line).unwrap() > 0, "{said}");
-        said.push_str(&line);
-    }
+    let mut said = read_until(&mut stdout, "wrote 4096/");
     let h = c.json(1, &["handoff", "mv", "--to", "2"]);
     assert!(h["opened_there"].as_u64().is_some(), "{h}");
     eprintln!("hand-off of a disk with a connected client: {h}");
@@ -584,26 +608,11 @@ fn snapshots_across_hosts(c: &Cluster) {
     );
 
     // A reader that stays connected (qemu-io reading commands from stdin).
-    let mut reader = Command::new("qemu-io")
-        .args(["-r", "-f", "raw", &c.uri(2, "h1d0@s")])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut stdin = reader.stdin.take().unwrap();
-    let mut stdout = BufReader::new(reader.stdout.take().unwrap());
+    let (reader, mut stdin, mut stdout) =
+        qemu_io_interactive(&["-r", "-f", "raw"], &c.uri(2, "h1d0@s"));
     writeln!(stdin, "read -P 0x10 0 2M").unwrap();
     // Once a read is answered, the export is open (and pinned).
-    let mut first = String::new();
-    while !first.contains("read 2097152/") {
-        let mut line = String::new();
-        assert!(
-            stdout.read_line(&mut line).unwrap() > 0,
-            "host 2's reader ended: {first}"
-        );
-        first.push_str(&line);
-    }
+    let first = read_until(&mut stdout, "read 2097152/");
     c.ok(1, &["delete", "h1d0@s"]);
     c.ok(3, &["delete", "gold3"]);
     // Host 1 writes over what a reclamation would have freed.

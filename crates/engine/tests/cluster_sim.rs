@@ -899,19 +899,7 @@ fn a_disk_committed_under_a_newer_epoch_is_refused() {
 /// or clones them, and are reclaimed once it lets go.
 #[test]
 fn snapshots_read_and_cloned_elsewhere_are_kept_until_let_go() {
-    let dev = Arc::new(MemDevice::new(32 << 20));
-    Store::create(
-        dev.clone(),
-        &CreateOptions {
-            extent_data_blocks: 256,
-            host_id: 1,
-        },
-    )
-    .map(drop)
-    .unwrap();
-    let cluster = MemCluster::new();
-    let a = open_host(&dev, &cluster, 1).store;
-    let b = open_host(&dev, &cluster, 2).store;
+    let (dev, cluster, a, b) = two_hosts();
     let gold = a.create_vdi("gold", 64 * 4096).unwrap();
     gold.write(&pattern(1, 64 * 4096), 0).unwrap();
     gold.snapshot(Some("s1")).unwrap();
@@ -979,19 +967,7 @@ fn snapshots_read_and_cloned_elsewhere_are_kept_until_let_go() {
 /// opens at once.
 #[test]
 fn a_disk_not_let_go_is_taken_over_after_the_grace() {
-    let dev = Arc::new(MemDevice::new(32 << 20));
-    Store::create(
-        dev.clone(),
-        &CreateOptions {
-            extent_data_blocks: 256,
-            host_id: 1,
-        },
-    )
-    .map(drop)
-    .unwrap();
-    let cluster = MemCluster::new();
-    let a = open_host(&dev, &cluster, 1).store;
-    let b = open_host(&dev, &cluster, 2).store;
+    let (dev, cluster, a, b) = two_hosts();
     let d = a.create_vdi("d", 1 << 20).unwrap();
     d.write(&[5; 4096], 0).unwrap();
     d.flush().unwrap();
@@ -1030,4 +1006,22 @@ fn a_disk_not_let_go_is_taken_over_after_the_grace() {
     drop((d, a, b, c));
     let observer = Store::open(dev, &OpenOptions::default()).unwrap();
     assert!(observer.check().unwrap().is_clean());
+}
+
+/// A fresh 32 MiB pool shared by hosts 1 and 2.
+fn two_hosts() -> (Arc<MemDevice>, Arc<MemCluster>, Store, Store) {
+    let dev = Arc::new(MemDevice::new(32 << 20));
+    Store::create(
+        dev.clone(),
+        &CreateOptions {
+            extent_data_blocks: 256,
+            host_id: 1,
+        },
+    )
+    .map(drop)
+    .unwrap();
+    let cluster = MemCluster::new();
+    let a = open_host(&dev, &cluster, 1).store;
+    let b = open_host(&dev, &cluster, 2).store;
+    (dev, cluster, a, b)
 }

@@ -112,6 +112,26 @@ impl EtcdCoordinator {
         }
     }
 
+    /// Gives disk `vdi_id`'s writer key back and records the clean release
+    /// (plus `also`) in one step, only if the key is still the one of
+    /// `epoch`.
+    fn release_txn(&self, vdi_id: u64, epoch: u64, also: Option<TxnOp>) -> Txn {
+        let key = format!("{}disks/{vdi_id}/writer", self.prefix);
+        let released = format!("{}disks/{vdi_id}/released", self.prefix);
+        let mut ops = vec![
+            TxnOp::delete(key.clone(), None),
+            TxnOp::put(released, epoch.to_string(), None),
+        ];
+        ops.extend(also);
+        Txn::new()
+            .when([Compare::create_revision(
+                key,
+                CompareOp::Equal,
+                epoch as i64,
+            )])
+            .and_then(ops)
+    }
+
     /// What this appliance was started with.
     pub fn options(&self) -> &ClusterOptions {
         &self.options
@@ -522,25 +542,17 @@ impl Coordinator for Etcd {
         if !c.may_write() {
             return Err(c.fenced());
         }
-        let key = format!("{}disks/{vdi_id}/writer", c.prefix);
-        let released = format!("{}disks/{vdi_id}/released", c.prefix);
         let handoff = format!("{}disks/{vdi_id}/handoff", c.prefix);
         let until = unix_ms() + HANDOFF_RESERVATION.as_millis() as u64;
-        let txn = Txn::new()
-            .when([Compare::create_revision(
-                key.clone(),
-                CompareOp::Equal,
-                epoch as i64,
-            )])
-            .and_then([
-                TxnOp::delete(key, None),
-                TxnOp::put(released, epoch.to_string(), None),
-                TxnOp::put(
-                    handoff,
-                    format!("{to}:{until}"),
-                    Some(PutOptions::new().with_lease(c.lease)),
-                ),
-            ]);
+        let txn = c.release_txn(
+            vdi_id,
+            epoch,
+            Some(TxnOp::put(
+                handoff,
+                format!("{to}:{until}"),
+                Some(PutOptions::new().with_lease(c.lease)),
+            )),
+        );
         let mut client = c.client.clone();
         let resp = c.call(
             "handing a writer key over",
@@ -556,20 +568,7 @@ impl Coordinator for Etcd {
 
     fn release_writer(&self, vdi_id: u64, epoch: u64) {
         let c = &self.0;
-        let key = format!("{}disks/{vdi_id}/writer", c.prefix);
-        let released = format!("{}disks/{vdi_id}/released", c.prefix);
-        // The key goes and the clean release is recorded in one step, only
-        // if the key is still this one.
-        let txn = Txn::new()
-            .when([Compare::create_revision(
-                key.clone(),
-                CompareOp::Equal,
-                epoch as i64,
-            )])
-            .and_then([
-                TxnOp::delete(key, None),
-                TxnOp::put(released, epoch.to_string(), None),
-            ]);
+        let txn = c.release_txn(vdi_id, epoch, None);
         let mut client = c.client.clone();
         if let Err(e) = c.call(
             "releasing a writer key",

@@ -360,19 +360,7 @@ impl Store {
         let held = self.inner.open.lock().contains_key(&entry.vdi_id);
         if self.is_shared() && !held {
             let snap = self.committed_snapshot(&entry, snapshot)?;
-            let tree = Tree::shared_copy(self.inner.pool.meta(), snap.root)?;
-            let vdi = self.create_with_tree(
-                &mut catalog,
-                new_name,
-                snap.size_bytes,
-                tree,
-                Origin::Root(snap.root),
-                entry.vdi_id,
-                snap.id,
-                DiskRef::snapshot(disk, snapshot).to_string(),
-            )?;
-            self.inner.pool.add_clone(entry.vdi_id, snap.id);
-            return Ok(vdi);
+            return self.register_clone(&mut catalog, &entry, &snap, snapshot, new_name);
         }
         let origin = self.open_entry(&catalog, &entry)?;
         // The clone's header must never land before the snapshot it builds
@@ -393,18 +381,31 @@ impl Store {
                     DiskRef::snapshot(disk, snapshot)
                 ))
             })?;
+        self.register_clone(&mut catalog, &entry, &snap, snapshot, new_name)
+    }
+
+    /// Registers `new_name`, a clone of snapshot `snap` (named `snapshot`)
+    /// of disk `origin`, and counts it.
+    fn register_clone(
+        &self,
+        catalog: &mut Catalog,
+        origin: &RegistryEntry,
+        snap: &crate::lineage::SnapshotInfo,
+        snapshot: &str,
+        new_name: &str,
+    ) -> Result<Vdi> {
         let tree = Tree::shared_copy(self.inner.pool.meta(), snap.root)?;
         let vdi = self.create_with_tree(
-            &mut catalog,
+            catalog,
             new_name,
             snap.size_bytes,
             tree,
             Origin::Root(snap.root),
-            origin.id(),
+            origin.vdi_id,
             snap.id,
-            DiskRef::snapshot(disk, snapshot).to_string(),
+            DiskRef::snapshot(&origin.name, snapshot).to_string(),
         )?;
-        self.inner.pool.add_clone(origin.id(), snap.id);
+        self.inner.pool.add_clone(origin.vdi_id, snap.id);
         Ok(vdi)
     }
 
