@@ -147,16 +147,7 @@ fn pattern(seed: u64, len: usize) -> Vec<u8> {
 
 impl Sim {
     fn new(seed: u64) -> Sim {
-        let dev = Arc::new(MemDevice::new(48 << 20));
-        Store::create(
-            dev.clone(),
-            &CreateOptions {
-                extent_data_blocks: 256,
-                host_id: 1,
-            },
-        )
-        .map(drop)
-        .unwrap();
+        let dev = new_pool(48 << 20);
         let cluster = MemCluster::new();
         let hosts = (1..=HOSTS)
             .map(|id| open_host(&dev, &cluster, id))
@@ -1010,7 +1001,17 @@ fn a_disk_not_let_go_is_taken_over_after_the_grace() {
 
 /// A fresh 32 MiB pool shared by hosts 1 and 2.
 fn two_hosts() -> (Arc<MemDevice>, Arc<MemCluster>, Store, Store) {
-    let dev = Arc::new(MemDevice::new(32 << 20));
+    let dev = new_pool(32 << 20);
+    let cluster = MemCluster::new();
+    let a = open_host(&dev, &cluster, 1).store;
+    let b = open_host(&dev, &cluster, 2).store;
+    (dev, cluster, a, b)
+}
+
+/// A fresh pool of `bytes` with small extents (256 blocks), so that hosts
+/// claim several.
+fn new_pool(bytes: u64) -> Arc<MemDevice> {
+    let dev = Arc::new(MemDevice::new(bytes));
     Store::create(
         dev.clone(),
         &CreateOptions {
@@ -1020,8 +1021,5 @@ fn two_hosts() -> (Arc<MemDevice>, Arc<MemCluster>, Store, Store) {
     )
     .map(drop)
     .unwrap();
-    let cluster = MemCluster::new();
-    let a = open_host(&dev, &cluster, 1).store;
-    let b = open_host(&dev, &cluster, 2).store;
-    (dev, cluster, a, b)
+    dev
 }

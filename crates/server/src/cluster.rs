@@ -313,7 +313,10 @@ impl EtcdCoordinator {
             .iter()
             .filter_map(|kv| {
                 let mut parts = kv.key_str().ok()?.rsplit('/');
-                let _writer = parts.next()?;
+                // Not `released` or `handoff`.
+                if parts.next()? != "writer" {
+                    return None;
+                }
                 let disk = parts.next()?.parse().ok()?;
                 let host = kv.value_str().ok()?.parse().ok()?;
                 Some((disk, host, kv.create_revision() as u64))
