@@ -6,14 +6,17 @@
 #   2. Control operations in cluster mode (etcd on 127.0.0.1): N creates,
 #      N snapshots of one disk, N clones of one snapshot, timed from request
 #      to answer by one client on one connection (bench/api_loop.py).
+#   3. Hand-offs between two appliances (`parallax handoff`, until the
+#      receiver has opened the disk): H of an idle disk each way, and HL
+#      while fio writes the disk through the giver (4 KiB, QD32).
 #   The store file lives in BENCH_DIR (default /var/tmp, O_DIRECT-capable);
 #   every process started here is stopped by its PID; everything is removed.
-# Knobs: ROUNDS (3) RUNTIME (10) N (200) PARALLAX_BIN (target/release/parallax)
+# Knobs: ROUNDS (3) RUNTIME (10) N (200) H (20) HL (5) PARALLAX_BIN (target/release/parallax)
 # Output: stdout and bench/results/cluster-<date>.txt
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
-ROUNDS=${ROUNDS:-3} RUNTIME=${RUNTIME:-10} N=${N:-200}
+ROUNDS=${ROUNDS:-3} RUNTIME=${RUNTIME:-10} N=${N:-200} H=${H:-20} HL=${HL:-5}
 P=${PARALLAX_BIN:-target/release/parallax}
 [ -x "$P" ] || cargo build --release -q -p parallax
 P="$(cd "$(dirname "$P")" && pwd)/$(basename "$P")"
@@ -92,5 +95,38 @@ for what in ("create", "snap", "clone"):
     xs = sorted(float(l.split()[1]) * 1000 for l in open(f"{d}/{what}.txt"))
     p = lambda q: xs[min(len(xs) - 1, int(q * (len(xs) - 1)))]
     print(f"   {what:<7} n={len(xs)} median {statistics.median(xs):.2f} ms  p90 {p(0.9):.2f}  p99 {p(0.99):.2f}  max {xs[-1]:.2f} (target: median < 20 ms)")
+PY
+echo "== hand-offs between two appliances: $H of an idle disk each way, $HL under fio"
+start --etcd "$ETCD_URL" --lease-ttl 10s
+px2() { "$P" --store "$TMP/pool.px" --control "$TMP/c2" --host-id 2 "$@"; }
+px2 serve --direct --nbd-listen none --nbd-socket "$TMP/n2.sock" --etcd "$ETCD_URL" \
+    --lease-ttl 10s >"$TMP/serve2.log" 2>&1 &
+SERVE2=$!
+PIDS+=("$SERVE2")
+until px2 status >/dev/null 2>&1; do sleep 0.1; done
+px create h --size 1G >/dev/null
+took() { python3 -c 'import json,sys; print(json.load(sys.stdin)["total_ms"])'; }
+for ((i = 1; i <= H; i++)); do
+    px --json handoff h --to 2 | took >>"$TMP/idle.txt"
+    px2 --json handoff h --to 1 | took >>"$TMP/idle.txt"
+done
+for ((i = 1; i <= HL; i++)); do
+    fio --name=w --ioengine=nbd --uri="nbd+unix:///h?socket=$TMP/n.sock" --rw=randwrite --bs=4k \
+        --iodepth=32 --size=1G --time_based --runtime=60 --output=/dev/null >/dev/null 2>&1 &
+    FIO=$!
+    sleep 2
+    px --json handoff h --to 2 | took >>"$TMP/load.txt"
+    wait "$FIO" || true # its writes fail from the hand-off on
+    px2 --json handoff h --to 1 >/dev/null
+done
+kill "$SERVE2"
+wait "$SERVE2" || true
+stop
+python3 - "$TMP" <<'PY'
+import statistics, sys
+d = sys.argv[1]
+for what, target in (("idle", "median < 100 ms"), ("load", "< 1 s")):
+    xs = sorted(float(l) for l in open(f"{d}/{what}.txt"))
+    print(f"   {what:<5} n={len(xs)} median {statistics.median(xs):.0f} ms  max {xs[-1]:.0f} ms (target: {target})")
 PY
 echo "== output written to $OUT"
