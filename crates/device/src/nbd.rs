@@ -357,9 +357,39 @@ pub struct NbdDevice {
     world: RwLock<()>,
     replay: Mutex<ReplayLog>,
     reconnect_for: Duration,
+    /// Asked before every write is sent or replayed (see
+    /// [`NbdDevice::set_write_guard`]).
+    write_guard: std::sync::OnceLock<WriteGuard>,
 }
 
+/// Whether this appliance may still write to the pool.
+pub type WriteGuard = Box<dyn Fn() -> bool + Send + Sync>;
+
 impl NbdDevice {
+    /// Cluster mode: `may_write` is asked before every write is sent, and
+    /// before the replay log is replayed after a reconnection: once it says
+    /// no (the appliance's lease may have ended, another may have taken its
+    /// disks over), nothing more reaches the pool, not even writes
+    /// acknowledged before: the replay is dropped and the device fails
+    /// every later call. Set once.
+    pub fn set_write_guard(&self, may_write: WriteGuard) {
+        let _ = self.write_guard.set(may_write);
+    }
+
+    fn may_write(&self) -> bool {
+        self.write_guard.get().is_none_or(|g| g())
+    }
+
+    fn refused(&self) -> io::Error {
+        io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            format!(
+                "{}: this appliance may no longer write to the pool (its lease may have ended)",
+                self.target
+            ),
+        )
+    }
+
     /// Connects to `uri` (see [`NbdTarget::parse`]).
     pub fn open(uri: &str) -> io::Result<NbdDevice> {
         let target =
@@ -395,6 +425,7 @@ impl NbdDevice {
             world: RwLock::new(()),
             replay: Mutex::new(ReplayLog::default()),
             reconnect_for,
+            write_guard: std::sync::OnceLock::new(),
         })
     }
 
@@ -447,7 +478,14 @@ impl NbdDevice {
         mut data: Payload<'_>,
     ) -> io::Result<()> {
         let started = Instant::now();
+        let writes = matches!(
+            command,
+            Command::Write | Command::Trim | Command::WriteZeroes
+        );
         loop {
+            if writes && !self.may_write() {
+                return Err(self.refused());
+            }
             let failed_generation = {
                 let _world = self.world.read();
                 match self.take() {
@@ -502,6 +540,11 @@ impl NbdDevice {
         }
         let mut pause = Duration::from_millis(50);
         loop {
+            if !self.replay.lock().writes.is_empty() && !self.may_write() {
+                // Replaying now could overwrite what a new holder wrote.
+                self.pool.lock().broken = true;
+                return Err(self.refused());
+            }
             match self.rebuild() {
                 Ok(()) => return Ok(()),
                 Err(e) if started.elapsed() >= self.reconnect_for => {

@@ -213,6 +213,47 @@ fn a_restarted_server_gets_the_unflushed_writes_back() {
     assert_eq!(dev.unflushed_bytes(), 0);
 }
 
+/// Cluster mode: once the write guard says no (the appliance is fenced),
+/// no write reaches the pool, and the writes acknowledged before are not
+/// replayed after a reconnection (another appliance may own the disk by
+/// then); reads fail too, since the device cannot come back consistent.
+#[test]
+fn a_fenced_device_neither_writes_nor_replays() {
+    if !have("nbdkit") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("mem.sock");
+    let server = nbdkit_memory(&socket, "16M");
+    let dev = NbdDevice::open(&uri(&socket, 2)).unwrap();
+    let allowed = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let a = allowed.clone();
+    dev.set_write_guard(Box::new(move || {
+        a.load(std::sync::atomic::Ordering::SeqCst)
+    }));
+    dev.write_at(&[0xaa; 4096], 0).unwrap();
+    dev.flush().unwrap();
+    dev.write_at(&[0xbb; 4096], MIB).unwrap();
+    allowed.store(false, std::sync::atomic::Ordering::SeqCst);
+    assert!(
+        dev.write_at(&[0xcc; 4096], 2 * MIB).is_err(),
+        "a fenced device wrote"
+    );
+    // The server restarts (empty: nbdkit memory); a new holder writes.
+    drop(server);
+    let _server = nbdkit_memory(&socket, "16M");
+    let other = NbdDevice::open(&uri(&socket, 1)).unwrap();
+    other.write_at(&[0xdd; 4096], MIB).unwrap();
+    other.flush().unwrap();
+    let mut b = vec![0u8; 4096];
+    assert!(
+        dev.read_at(&mut b, 0).is_err(),
+        "the fenced device came back"
+    );
+    other.read_at(&mut b, MIB).unwrap();
+    assert_eq!(b, vec![0xdd; 4096], "the fenced device replayed its write");
+}
+
 /// A server gone for longer than the reconnect budget: the call fails
 /// (it does not hang), and the device works again once the server is back.
 #[test]

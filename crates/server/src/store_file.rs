@@ -182,8 +182,13 @@ pub fn open_shared_store(
     connect: impl FnOnce(u64) -> Result<Arc<dyn Coordinator>>,
 ) -> Result<OpenStore> {
     let shown = path.display();
-    let dev: Arc<dyn BlockDevice> = if is_nbd_store(path) {
-        Arc::new(open_nbd(path)?)
+    let nbd = if is_nbd_store(path) {
+        Some(Arc::new(open_nbd(path)?))
+    } else {
+        None
+    };
+    let dev: Arc<dyn BlockDevice> = if let Some(nbd) = &nbd {
+        nbd.clone()
     } else {
         let mode = OpenMode {
             direct: true,
@@ -195,6 +200,12 @@ pub fn open_shared_store(
     };
     let store_id = Store::peek_id(&*dev).map_err(|e| anyhow!("{shown}: {e}"))?;
     let coordinator = connect(store_id)?;
+    if let Some(nbd) = &nbd {
+        // No write of this appliance reaches the pool once it is fenced,
+        // not even the replay of acknowledged writes after a reconnection.
+        let c = coordinator.clone();
+        nbd.set_write_guard(Box::new(move || c.may_write()));
+    }
     let options = OpenOptions {
         host_id,
         coordinator: Some(coordinator),
