@@ -760,6 +760,92 @@ fn a_dead_appliances_disk_is_taken_over_with_every_acknowledged_write() {
     c.etcd.stop();
 }
 
+/// Revokes the etcd lease under which host `host` is registered, through
+/// etcd's JSON gateway (what an expiry does, without waiting for one).
+fn revoke_lease_of(etcd_url: &str, host: u64) {
+    let script = r#"
+import base64, json, sys, urllib.request
+url, host = sys.argv[1], sys.argv[2]
+def post(path, body):
+    req = urllib.request.Request(url + path, data=json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json"})
+    return json.load(urllib.request.urlopen(req))
+b64 = lambda s: base64.b64encode(s.encode()).decode()
+r = post("/v3/kv/range", {"key": b64("/parallax/"), "range_end": b64("/parallax0")})
+for kv in r.get("kvs", []):
+    if base64.b64decode(kv["key"]).decode().endswith("/hosts/" + host):
+        post("/v3/lease/revoke", {"ID": kv["lease"]})
+        sys.exit(0)
+sys.exit("no registration of host " + host)
+"#;
+    let out = Command::new("python3")
+        .args(["-c", script, etcd_url, &host.to_string()])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "revoking: {}", text(&out));
+}
+
+/// An appliance whose lease ended while it ran (revoked here) takes a new
+/// one, registers again, and takes back the disk nobody took meanwhile,
+/// with the write a connected client made before (unflushed); the client's
+/// writes then go on.
+#[test]
+fn a_lost_lease_is_renewed_and_the_disk_taken_back() {
+    if !have("etcd", "--version") || !have("qemu-io", "--version") || !have("python3", "--version")
+    {
+        return;
+    }
+    let c = Cluster::with(1, "3s");
+    c.ok(1, &["create", "d", "--size", "16M"]);
+    let w = qemu_io(&c.uri(1, "d"), &["write -P 0x61 0 1M".into()]);
+    assert!(w.status.success(), "{}", text(&w));
+    let (client, mut stdin, mut stdout) = qemu_io_interactive(&["-f", "raw"], &c.uri(1, "d"));
+    writeln!(stdin, "write -P 0x62 1M 4k").unwrap();
+    let mut said = read_until(&mut stdout, "wrote 4096/");
+    let before = c.json(1, &["info", "d"])["writer"]["epoch"]
+        .as_u64()
+        .unwrap();
+    revoke_lease_of(&c.etcd_url, 1);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    // Catalogue calls fail until the new lease is there.
+    loop {
+        let out = c.px(1, &["info", "d", "--json"]);
+        let info: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
+        if info["writer"]["epoch"].as_u64().is_some_and(|e| e > before) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the disk was not taken back: {}\n{}",
+            text(&out),
+            std::fs::read_to_string(c.dir.path().join("serve1.log")).unwrap_or_default()
+        );
+        thread::sleep(Duration::from_millis(200));
+    }
+    writeln!(stdin, "write -P 0x63 2M 4k").unwrap();
+    writeln!(stdin, "flush").unwrap();
+    writeln!(stdin, "quit").unwrap();
+    drop(stdin);
+    stdout.read_to_string(&mut said).unwrap();
+    let out = client.wait_with_output().unwrap();
+    said.push_str(&text(&out));
+    assert!(
+        said.matches("wrote 4096/").count() == 2 && !said.contains("failed"),
+        "the client's writes after the renewal: {said}"
+    );
+    let r = qemu_io(
+        &c.uri(1, "d"),
+        &[
+            "read -P 0x61 0 1M".into(),
+            "read -P 0x62 1M 4k".into(),
+            "read -P 0x63 2M 4k".into(),
+        ],
+    );
+    assert!(r.status.success(), "{}", text(&r));
+    let hosts = c.json(1, &["hosts"]);
+    assert_eq!(hosts.as_array().map(Vec::len), Some(1), "{hosts}");
+}
+
 // ---- several hosts: network namespaces ----------------------------------------
 
 /// Network namespaces this test created: deleted (and every process in
@@ -1168,6 +1254,39 @@ fn appliances_in_network_namespaces() {
     assert!(
         took < Duration::from_secs(3 + 5),
         "takeover took {took:?} (TTL 3 s)"
+    );
+    // The partition heals: host 3 takes a new lease and registers again,
+    // and stays off the disk another host took meanwhile.
+    ip(&[
+        "-n",
+        &ns("h3"),
+        "route",
+        "del",
+        "blackhole",
+        &format!("{net}.2/32"),
+    ]);
+    let back_by = Instant::now() + Duration::from_secs(30);
+    loop {
+        let hosts: Value = serde_json::from_str(&ok(px(1, 60, &["hosts", "--json"]))).unwrap();
+        if hosts.as_array().map(Vec::len) == Some(3) {
+            break;
+        }
+        assert!(
+            Instant::now() < back_by,
+            "host 3 did not register again: {hosts}\n{}",
+            std::fs::read_to_string(d.join("serve3.log")).unwrap_or_default()
+        );
+        thread::sleep(Duration::from_millis(300));
+    }
+    let stale = qio(
+        &ns("h3"),
+        &format!("nbd://{net}.13:10809/h3d1"),
+        "write -P 0x99 0 4k",
+    );
+    assert!(
+        !stale.status.success(),
+        "host 3 wrote a disk another host took: {}",
+        text(&stale)
     );
 
     // Host 3 stays fenced (its lease is gone) until restarted; the others

@@ -71,6 +71,12 @@ pub trait Coordinator: Send + Sync + std::fmt::Debug {
     /// local.
     fn may_write(&self) -> bool;
 
+    /// Which lease this host is on: it grows when the host, having lost
+    /// its lease, got a new one. Writer keys taken under an older one are
+    /// gone: a disk opened then is written again only once its key is
+    /// taken again (see `Store::settle`). Cheap and local.
+    fn incarnation(&self) -> u64;
+
     /// The store-wide catalogue lock, waiting for it.
     fn lock_catalog(&self) -> Result<CatalogLock>;
 
@@ -146,6 +152,7 @@ impl MemCluster {
                     host_id: id,
                     cluster: self.clone(),
                     fenced: AtomicBool::new(false),
+                    incarnation: std::sync::atomic::AtomicU64::new(1),
                 });
                 hosts.insert(id, c.clone());
                 c
@@ -173,6 +180,17 @@ impl MemCluster {
         }
     }
 
+    /// Host `id`, fenced by [`MemCluster::expire`] but still running, gets
+    /// a new lease (its coordination service came back): it may write
+    /// again, under a new incarnation; the keys of its old lease are gone.
+    pub fn renew(&self, id: u64) {
+        if let Some(c) = self.hosts.lock().get(&id) {
+            if c.fenced.swap(false, Ordering::SeqCst) {
+                c.incarnation.fetch_add(1, Ordering::SeqCst);
+            }
+        }
+    }
+
     /// Who holds disk `vdi_id`'s writer key: (host, epoch).
     pub fn writer(&self, vdi_id: u64) -> Option<(u64, u64)> {
         self.state.lock().writers.get(&vdi_id).copied()
@@ -194,6 +212,7 @@ pub struct MemCoordinator {
     host_id: u64,
     cluster: Arc<MemCluster>,
     fenced: AtomicBool,
+    incarnation: std::sync::atomic::AtomicU64,
 }
 
 impl std::fmt::Debug for MemCoordinator {
@@ -299,6 +318,10 @@ impl Coordinator for MemCoordinator {
 
     fn may_write(&self) -> bool {
         !self.fenced.load(Ordering::SeqCst)
+    }
+
+    fn incarnation(&self) -> u64 {
+        self.incarnation.load(Ordering::SeqCst)
     }
 
     fn lock_catalog(&self) -> Result<CatalogLock> {

@@ -65,10 +65,11 @@ pub(crate) struct Pool {
     /// Shared mode: the coordinator (set once, at open).
     coord: std::sync::OnceLock<Arc<dyn Coordinator>>,
     /// Shared mode: (disk id, snapshot id) ─▶ views of it on this host
-    /// that pin it through the coordinator (one pin per host). Held across
-    /// the coordinator call, so a pin and an unpin of one snapshot never
-    /// cross.
-    cluster_pins: Mutex<HashMap<(u64, u64), u32>>,
+    /// that pin it through the coordinator (one pin per host), and the
+    /// incarnation the pin was put under (a lost lease took it). Held
+    /// across the coordinator call, so a pin and an unpin of one snapshot
+    /// never cross.
+    cluster_pins: Mutex<HashMap<(u64, u64), (u32, u64)>>,
 }
 
 impl Pool {
@@ -88,33 +89,55 @@ impl Pool {
 
     /// Shared mode: pins snapshot `snap` of disk `vdi` cluster-wide for one
     /// more view on this host (see [`Coordinator::pin_snapshot`]; the
-    /// caller holds the catalogue lock).
-    pub fn pin_in_cluster(&self, vdi: u64, snap: u64) -> Result<()> {
+    /// caller holds the catalogue lock). Returns the incarnation the pin
+    /// holds under: the view is protected only while it is current.
+    pub fn pin_in_cluster(&self, vdi: u64, snap: u64) -> Result<u64> {
         let coord = self.coordinator().ok_or_else(|| {
             Error::InvalidArgument("a cluster pin on a store that is not shared".into())
         })?;
+        let incarnation = coord.incarnation();
         let mut pins = self.cluster_pins.lock();
-        let n = pins.get(&(vdi, snap)).copied().unwrap_or(0);
+        let n = match pins.get(&(vdi, snap)) {
+            Some(&(n, i)) if i == incarnation => n,
+            // None, or put under a lease that is gone with it.
+            _ => 0,
+        };
         if n == 0 {
             coord.pin_snapshot(vdi, snap)?;
         }
-        pins.insert((vdi, snap), n + 1);
-        Ok(())
+        pins.insert((vdi, snap), (n + 1, incarnation));
+        Ok(incarnation)
     }
 
-    /// One view fewer of `vdi`'s snapshot `snap`: the last one removes the
-    /// cluster pin.
-    pub fn unpin_in_cluster(&self, vdi: u64, snap: u64) {
+    /// One view fewer of `vdi`'s snapshot `snap` (pinned under
+    /// `incarnation`): the last one removes the cluster pin.
+    pub fn unpin_in_cluster(&self, vdi: u64, snap: u64, incarnation: u64) {
         let mut pins = self.cluster_pins.lock();
-        let Some(n) = pins.get_mut(&(vdi, snap)) else {
+        let Some((n, i)) = pins.get_mut(&(vdi, snap)) else {
             return;
         };
+        if *i != incarnation {
+            // A view from before a lost lease: its pin is gone already.
+            return;
+        }
         *n -= 1;
         if *n == 0 {
             pins.remove(&(vdi, snap));
             if let Some(c) = self.coordinator() {
                 c.unpin_snapshot(vdi, snap);
             }
+        }
+    }
+
+    /// Shared mode: fails unless this host may write and is still on the
+    /// lease of `incarnation` (what a view pinned under it needs).
+    pub fn check_incarnation(&self, incarnation: u64) -> Result<()> {
+        self.check_fence()?;
+        match self.coordinator() {
+            Some(c) if c.incarnation() != incarnation => Err(Error::Fenced(
+                "this view's pin went with a lease this appliance lost: open it again".into(),
+            )),
+            _ => Ok(()),
         }
     }
 

@@ -78,6 +78,10 @@ struct Host {
     views: Vec<(String, Vec<u8>, SnapshotView)>,
     /// Its lease expired while it ran: every write must fail.
     fenced: bool,
+    /// The disks it held when its lease expired, as the model had them
+    /// then (what it brings back if it renews its lease and nobody took
+    /// them).
+    held_at_expiry: BTreeMap<String, DiskModel>,
 }
 
 /// Checks what a view reads: its snapshot's content, or (on a fenced host,
@@ -118,6 +122,8 @@ struct Sim {
     gc_freed: u64,
     takeovers: u64,
     handoffs: u64,
+    renewals: u64,
+    taken_back: u64,
 }
 
 fn open_host(dev: &Arc<MemDevice>, cluster: &Arc<MemCluster>, id: u64) -> Host {
@@ -136,6 +142,7 @@ fn open_host(dev: &Arc<MemDevice>, cluster: &Arc<MemCluster>, id: u64) -> Host {
         handles: BTreeMap::new(),
         views: Vec::new(),
         fenced: false,
+        held_at_expiry: BTreeMap::new(),
     }
 }
 
@@ -169,6 +176,8 @@ impl Sim {
             gc_freed: 0,
             takeovers: 0,
             handoffs: 0,
+            renewals: 0,
+            taken_back: 0,
         }
     }
 
@@ -409,6 +418,10 @@ impl Sim {
                     return;
                 }
                 let held = self.keys_of(h);
+                self.hosts[h].held_at_expiry = held
+                    .iter()
+                    .map(|n| (n.clone(), self.disks[n].clone()))
+                    .collect();
                 self.cluster.expire(self.hosts[h].id);
                 self.hosts[h].fenced = true;
                 let id = self.hosts[h].id;
@@ -566,8 +579,12 @@ impl Sim {
             }
             _ => {
                 if self.hosts[h].fenced {
-                    // A fenced host is restarted sooner or later.
-                    self.crash(h);
+                    // A fenced host gets a new lease, or is restarted.
+                    if self.rng.next_u64().is_multiple_of(2) {
+                        self.renew(h);
+                    } else {
+                        self.crash(h);
+                    }
                     return;
                 }
                 let mut listed = self.hosts[h].store.list();
@@ -575,6 +592,64 @@ impl Sim {
                 let want: Vec<String> = self.disks.keys().cloned().collect();
                 assert_eq!(listed, want, "host {}'s list", h + 1);
             }
+        }
+    }
+
+    /// Fenced host `h` gets a new lease; its upkeep takes back the disks
+    /// nobody took meanwhile, with every write it had made to them (it
+    /// must read exactly what it had), and lets go of the others (their
+    /// handles fail).
+    fn renew(&mut self, h: usize) {
+        let id = self.hosts[h].id;
+        self.cluster.renew(id);
+        self.hosts[h].fenced = false;
+        self.renewals += 1;
+        let long = Duration::from_secs(1 << 30);
+        if let Err(e) = self.hosts[h].store.settle(long, long) {
+            self.expected(h, "(settle)", &e);
+        }
+        // Views pinned under the old lease fail from now on (their pins
+        // went with it); those of disks taken back still read.
+        let views = std::mem::take(&mut self.hosts[h].views);
+        for (what, content, view) in views {
+            let mut b = vec![0u8; content.len()];
+            match view.read(&mut b, 0) {
+                Ok(()) => {
+                    assert!(b == content, "host {id}: {what} changed under its reader");
+                    self.hosts[h].views.push((what, content, view));
+                }
+                Err(Error::Fenced(_)) => {}
+                Err(e) => panic!("host {id}: reading {what} after renewal: {e}"),
+            }
+        }
+        let open = self.hosts[h].store.open_disk_ids();
+        for (name, before) in std::mem::take(&mut self.hosts[h].held_at_expiry) {
+            let handle = self.hosts[h].handles.get(&name).cloned();
+            let back = self.disks.get(&name).is_some_and(|m| open.contains(&m.id));
+            if !back {
+                if let Some(v) = handle {
+                    assert!(
+                        matches!(v.write(&[1; BLOCK], 0), Err(Error::Fenced(_))),
+                        "host {id} wrote {name}, which it did not take back"
+                    );
+                    self.hosts[h].handles.remove(&name);
+                }
+                continue;
+            }
+            self.taken_back += 1;
+            let v = self.hosts[h].store.open_vdi(&name).unwrap();
+            let mut buf = vec![0u8; before.data.len()];
+            v.read(&mut buf, 0).unwrap();
+            assert!(
+                buf == before.data,
+                "host {id} took {name} back without what it had written"
+            );
+            let m = self.disks.get_mut(&name).unwrap();
+            m.data = buf;
+            // The takeback committed it.
+            m.commit();
+            m.holder = Some(id);
+            self.hosts[h].handles.insert(name, v);
         }
     }
 
@@ -736,6 +811,7 @@ fn open_host_placeholder() -> Host {
         handles: BTreeMap::new(),
         views: Vec::new(),
         fenced: false,
+        held_at_expiry: BTreeMap::new(),
     }
 }
 
@@ -769,6 +845,7 @@ fn seeds() -> Vec<u64> {
 fn appliances_sharing_a_pool() {
     let (mut refused, mut busy, mut crashes, mut views, mut deleted) = (0, 0, 0, 0, 0);
     let (mut checks, mut gcs, mut freed, mut takeovers, mut handoffs) = (0, 0, 0, 0, 0);
+    let (mut renewals, mut taken_back) = (0, 0);
     for seed in seeds() {
         let sim = run(seed, 300);
         refused += sim.writes_refused_fenced;
@@ -781,17 +858,21 @@ fn appliances_sharing_a_pool() {
         freed += sim.gc_freed;
         takeovers += sim.takeovers;
         handoffs += sim.handoffs;
+        renewals += sim.renewals;
+        taken_back += sim.taken_back;
     }
     eprintln!(
         "fenced refusals {refused}, busy refusals {busy}, crashes {crashes}, \
          views pinned through the cluster {views}, snapshots deleted while read {deleted}, \
          online checks {checks}, online gcs {gcs} (freeing {freed} blocks), \
-         takeovers {takeovers}, hand-offs {handoffs}"
+         takeovers {takeovers}, hand-offs {handoffs}, lease renewals {renewals} \
+         (disks taken back {taken_back})"
     );
     // The sequences reach the cases they are meant to (over many seeds).
     if seeds().len() >= 50 {
         assert!(refused > 0 && busy > 0 && crashes > 0 && views > 0 && deleted > 0);
         assert!(checks > 0 && gcs > 0 && freed > 0 && takeovers > 0 && handoffs > 0);
+        assert!(renewals > 0 && taken_back > 0);
     }
 }
 
@@ -817,6 +898,9 @@ impl parallax_engine::Coordinator for FixedEpoch {
     }
     fn may_write(&self) -> bool {
         true
+    }
+    fn incarnation(&self) -> u64 {
+        1
     }
     fn lock_catalog(&self) -> parallax_engine::Result<parallax_engine::CatalogLock> {
         Ok(parallax_engine::CatalogLock::new(()))
@@ -1022,4 +1106,73 @@ fn new_pool(bytes: u64) -> Arc<MemDevice> {
     .map(drop)
     .unwrap();
     dev
+}
+
+/// A host whose lease ended while it ran (fenced) and that got a new one
+/// takes back the keys of the disks nobody took meanwhile (their writes
+/// pending from before go on), and lets go of a disk another host took
+/// (every operation on it fails).
+#[test]
+fn a_renewed_lease_takes_back_what_nobody_took() {
+    let (dev, cluster, a, b) = two_hosts();
+    let kept = a.create_vdi("kept", 1 << 20).unwrap();
+    let taken = a.create_vdi("taken", 1 << 20).unwrap();
+    kept.write(&[1; 4096], 0).unwrap();
+    taken.write(&[2; 4096], 0).unwrap();
+    kept.flush().unwrap();
+    taken.flush().unwrap();
+    // Written before the lease ended, never flushed.
+    kept.write(&[3; 4096], 4096).unwrap();
+    let old_epoch = kept.info().writer_epoch;
+    // A view here of a snapshot of a disk host 2 holds, pinned under the
+    // lease about to end.
+    let other = b.create_vdi("other", 1 << 20).unwrap();
+    other.snapshot(Some("s")).unwrap();
+    let view = a.open_snapshot("other", "s").unwrap();
+    cluster.expire(1);
+    assert!(matches!(kept.write(&[4; 4096], 0), Err(Error::Fenced(_))));
+    let (t, _) = b
+        .take_over("taken", Duration::ZERO, Duration::ZERO)
+        .unwrap();
+    t.write(&[5; 4096], 0).unwrap();
+    t.flush().unwrap();
+    // Host 2 lets it go again: the key is free, the header is host 2's.
+    drop(t);
+    b.close_vdi("taken").unwrap();
+    cluster.renew(1);
+    // Not before the upkeep took the keys back.
+    assert!(matches!(kept.write(&[4; 4096], 0), Err(Error::Fenced(_))));
+    let long = Duration::from_secs(3600);
+    a.settle(long, long).unwrap();
+    kept.write(&[6; 4096], 8192).unwrap();
+    kept.flush().unwrap();
+    assert!(kept.info().writer_epoch > old_epoch, "no new epoch");
+    match taken.write(&[7; 4096], 0) {
+        Err(Error::Fenced(why)) => assert!(why.contains("another appliance took it"), "{why}"),
+        other => panic!("a disk another host took was written: {other:?}"),
+    }
+    // The view's pin went with the old lease: it no longer reads.
+    let mut b4 = vec![0u8; 4096];
+    assert!(
+        matches!(view.read(&mut b4, 0), Err(Error::Fenced(_))),
+        "a view read without its pin"
+    );
+    drop(view);
+    let view = a.open_snapshot("other", "s").unwrap();
+    view.read(&mut b4, 0).unwrap();
+    drop((view, other));
+    drop((kept, taken));
+    drop((a, b));
+    let observer = Store::open(dev, &OpenOptions::default()).unwrap();
+    assert!(observer.check().unwrap().is_clean());
+    let read = |name: &str, at: u64| {
+        let mut b = vec![0u8; 4096];
+        observer.open_vdi(name).unwrap().read(&mut b, at).unwrap();
+        b[0]
+    };
+    assert_eq!(
+        (read("kept", 0), read("kept", 4096), read("kept", 8192)),
+        (1, 3, 6)
+    );
+    assert_eq!(read("taken", 0), 5, "the old holder overwrote the new one");
 }

@@ -8,7 +8,9 @@
 //!   clock: past it, [`Coordinator::may_write`] is false and the engine
 //!   writes nothing more (the lease may have ended on the server by then).
 //!   A keep-alive answered with TTL 0 means the lease is gone: the
-//!   appliance stays fenced.
+//!   appliance takes a new one and registers again, under a new
+//!   *incarnation*; the engine then takes back the writer keys of the
+//!   disks no other appliance took meanwhile (`Store::settle`).
 //! - **Membership.** `hosts/<id>` under the lease, created only if absent
 //!   (two live appliances never share a host id).
 //! - **Writer keys** `disks/<vdi-id>/writer` under the lease, created by a
@@ -38,7 +40,7 @@ use etcd_client::{
 use parallax_engine::{CatalogLock, Coordinator, Error as EngineError};
 use std::collections::HashSet;
 use std::future::Future;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tracing::{info, warn};
@@ -71,14 +73,42 @@ pub struct EtcdCoordinator {
     host_id: u64,
     prefix: String,
     client: Client,
-    lease: i64,
     runtime: tokio::runtime::Runtime,
-    /// Nanoseconds after `base` past which this host must not write.
-    deadline_ns: Arc<AtomicU64>,
-    base: Instant,
-    /// The lease is known to be gone.
-    lost: Arc<AtomicBool>,
+    lease: Arc<LeaseState>,
     options: ClusterOptions,
+}
+
+/// The lease this appliance is on, shared with its keep-alive task.
+struct LeaseState {
+    /// The etcd lease id.
+    id: AtomicI64,
+    /// Grows with each new lease after a lost one (see
+    /// [`Coordinator::incarnation`]).
+    incarnation: AtomicU64,
+    /// Nanoseconds after `base` past which this host must not write.
+    deadline_ns: AtomicU64,
+    base: Instant,
+    /// The lease is known to be gone (and no new one yet), or the
+    /// appliance left.
+    lost: AtomicBool,
+    /// Left for good (a clean stop): no new lease is taken.
+    left: AtomicBool,
+}
+
+impl LeaseState {
+    fn id(&self) -> i64 {
+        self.id.load(Ordering::SeqCst)
+    }
+
+    /// A lease asked for at `asked` (or kept alive by a keep-alive sent
+    /// then) is good until `asked + ttl - margin`.
+    fn good_until(&self, asked: Instant, ttl: Duration, margin: Duration) {
+        let until = asked + ttl - margin;
+        self.deadline_ns.store(
+            until.duration_since(self.base).as_nanos() as u64,
+            Ordering::SeqCst,
+        );
+    }
 }
 
 impl std::fmt::Debug for EtcdCoordinator {
@@ -220,29 +250,29 @@ impl EtcdCoordinator {
             }
         })?;
         let margin = Duration::from_secs(ttl as u64) / 5;
-        let deadline_ns = Arc::new(AtomicU64::new(
-            (Duration::from_secs(ttl as u64) - margin).as_nanos() as u64,
-        ));
-        let lost = Arc::new(AtomicBool::new(false));
+        let state = Arc::new(LeaseState {
+            id: AtomicI64::new(lease),
+            incarnation: AtomicU64::new(1),
+            deadline_ns: AtomicU64::new(0),
+            base,
+            lost: AtomicBool::new(false),
+            left: AtomicBool::new(false),
+        });
+        state.good_until(base, Duration::from_secs(ttl as u64), margin);
         let c = Arc::new(EtcdCoordinator {
             host_id: options.host_id,
             prefix,
             client: client.clone(),
-            lease,
             runtime,
-            deadline_ns: deadline_ns.clone(),
-            base,
-            lost: lost.clone(),
+            lease: state.clone(),
             options: options.clone(),
         });
         c.runtime.spawn(keep_alive(
             client,
-            lease,
+            state,
             Duration::from_secs(ttl as u64),
             margin,
-            base,
-            deadline_ns,
-            lost,
+            (host_key, description),
         ));
         info!(host = options.host_id, lease, ttl, "joined the cluster");
         Ok(c)
@@ -261,7 +291,13 @@ impl EtcdCoordinator {
         });
         match rx.recv_timeout(RPC_TIMEOUT + Duration::from_secs(1)).ok() {
             Some(Ok(Ok(v))) => Ok(v),
-            Some(Ok(Err(e))) => Err(engine_error(what, e)),
+            Some(Ok(Err(e))) => {
+                if lease_gone(&e) {
+                    // Fenced at once; the keep-alive task takes a new one.
+                    self.lease.lost.store(true, Ordering::SeqCst);
+                }
+                Err(engine_error(what, e))
+            }
             Some(Err(_)) => Err(engine_error(what, "no answer within 5 s")),
             None => Err(engine_error(what, "the etcd client stopped")),
         }
@@ -272,8 +308,9 @@ impl EtcdCoordinator {
     /// and lock.
     pub fn leave(&self) {
         let mut client = self.client.clone();
-        let lease = self.lease;
-        self.lost.store(true, Ordering::SeqCst);
+        let lease = self.lease.id();
+        self.lease.left.store(true, Ordering::SeqCst);
+        self.lease.lost.store(true, Ordering::SeqCst);
         match self.call("revoking the lease", async move {
             client.lease_revoke(lease).await
         }) {
@@ -354,35 +391,52 @@ impl EtcdCoordinator {
     }
 
     fn may_write(&self) -> bool {
-        !self.lost.load(Ordering::SeqCst)
-            && (self.base.elapsed().as_nanos() as u64) < self.deadline_ns.load(Ordering::SeqCst)
+        let l = &self.lease;
+        !l.lost.load(Ordering::SeqCst)
+            && (l.base.elapsed().as_nanos() as u64) < l.deadline_ns.load(Ordering::SeqCst)
     }
 
     fn fenced(&self) -> EngineError {
         EngineError::Fenced(format!(
             "host {}: its etcd lease {} may have ended (no keep-alive answered in time)",
-            self.host_id, self.lease
+            self.host_id,
+            self.lease.id()
         ))
     }
 }
 
 /// Keeps the lease alive every TTL/3, moving the fencing deadline on
-/// after each answered keep-alive; stops (fenced for good) when the lease
-/// is gone.
+/// after each answered keep-alive. When the lease is gone (a keep-alive
+/// answered with TTL 0: it expired while etcd was out of reach), the
+/// appliance is fenced, then takes a new lease and registers again; the
+/// incarnation grows *before* writes are allowed again, so that disks
+/// opened under the old lease stay fenced until the engine takes their
+/// keys back (`Store::settle`).
 async fn keep_alive(
     mut client: Client,
-    lease: i64,
+    state: Arc<LeaseState>,
     ttl: Duration,
     margin: Duration,
-    base: Instant,
-    deadline_ns: Arc<AtomicU64>,
-    lost: Arc<AtomicBool>,
+    registration: (String, String),
 ) {
     let mut keeper = None;
     loop {
+        if state.left.load(Ordering::SeqCst) {
+            return;
+        }
+        let lease = state.id();
         if keeper.is_none() {
             match client.lease_keep_alive(lease).await {
                 Ok(k) => keeper = Some(k),
+                Err(e) if lease_gone(&e) => {
+                    warn!(
+                        lease,
+                        "the etcd lease is gone: this appliance writes nothing until it has a new one"
+                    );
+                    state.lost.store(true, Ordering::SeqCst);
+                    renew_lease(&mut client, &state, ttl, margin, &registration).await;
+                    continue;
+                }
                 Err(e) => warn!("etcd keep-alive stream: {e}"),
             }
         }
@@ -393,26 +447,84 @@ async fn keep_alive(
                 stream.message().await
             };
             match tokio::time::timeout(ttl / 3, answered).await {
-                Ok(Ok(Some(resp))) if resp.ttl() > 0 => {
-                    let until = sent + ttl - margin;
-                    deadline_ns.store(
-                        until.duration_since(base).as_nanos() as u64,
-                        Ordering::SeqCst,
-                    );
-                }
+                Ok(Ok(Some(resp))) if resp.ttl() > 0 => state.good_until(sent, ttl, margin),
                 Ok(Ok(Some(_))) => {
                     warn!(
                         lease,
-                        "the etcd lease is gone: this appliance writes no more"
+                        "the etcd lease is gone: this appliance writes nothing until it has a new one"
                     );
-                    lost.store(true, Ordering::SeqCst);
-                    return;
+                    state.lost.store(true, Ordering::SeqCst);
+                    keeper = None;
+                    renew_lease(&mut client, &state, ttl, margin, &registration).await;
+                    continue;
                 }
                 other => {
                     warn!(lease, "etcd keep-alive failed: {other:?}");
                     keeper = None;
                 }
             }
+        }
+        tokio::time::sleep(ttl / 3).await;
+    }
+}
+
+/// Whether etcd answered that the lease does not exist (any more).
+fn lease_gone(e: &etcd_client::Error) -> bool {
+    // etcd-client reports it as a keep-alive error or a gRPC status,
+    // with etcd's own words.
+    e.to_string().contains("lease not found")
+}
+
+/// Takes a new lease and registers this host again under it, retrying
+/// until etcd answers (or the appliance leaves).
+async fn renew_lease(
+    client: &mut Client,
+    state: &LeaseState,
+    ttl: Duration,
+    margin: Duration,
+    (host_key, description): &(String, String),
+) {
+    loop {
+        if state.left.load(Ordering::SeqCst) {
+            return;
+        }
+        let asked = Instant::now();
+        let attempt = async {
+            let lease = client.lease_grant(ttl.as_secs() as i64, None).await?.id();
+            let txn = Txn::new()
+                .when([Compare::create_revision(
+                    host_key.clone(),
+                    CompareOp::Equal,
+                    0,
+                )])
+                .and_then([TxnOp::put(
+                    host_key.clone(),
+                    description.clone(),
+                    Some(PutOptions::new().with_lease(lease)),
+                )]);
+            let registered = client.txn(txn).await?.succeeded();
+            if !registered {
+                let _ = client.lease_revoke(lease).await;
+            }
+            Ok::<_, etcd_client::Error>(registered.then_some(lease))
+        };
+        match tokio::time::timeout(RPC_TIMEOUT, attempt).await {
+            Ok(Ok(Some(lease))) => {
+                state.id.store(lease, Ordering::SeqCst);
+                state.good_until(asked, ttl, margin);
+                // First the new incarnation, then writes: a disk opened
+                // under the old lease must not pass for a current one.
+                state.incarnation.fetch_add(1, Ordering::SeqCst);
+                state.lost.store(false, Ordering::SeqCst);
+                info!(
+                    lease,
+                    "a new etcd lease: disks no other appliance took are taken back"
+                );
+                return;
+            }
+            Ok(Ok(None)) => warn!("{host_key} is registered by someone else; retrying"),
+            Ok(Err(e)) => warn!("taking a new etcd lease: {e}"),
+            Err(_) => warn!("taking a new etcd lease: timed out"),
         }
         tokio::time::sleep(ttl / 3).await;
     }
@@ -502,7 +614,7 @@ impl Coordinator for Etcd {
         let mut then = vec![TxnOp::put(
             key.clone(),
             c.host_id.to_string(),
-            Some(PutOptions::new().with_lease(c.lease)),
+            Some(PutOptions::new().with_lease(c.lease.id())),
         )];
         if reservation.is_some() {
             then.push(TxnOp::delete(handoff, None));
@@ -530,7 +642,7 @@ impl Coordinator for Etcd {
         match existing {
             // Ours only under this lease: a previous run of this host (same
             // id, older lease) is another writer.
-            Some(kv) if kv.lease() == c.lease => Ok(kv.create_revision() as u64),
+            Some(kv) if kv.lease() == c.lease.id() => Ok(kv.create_revision() as u64),
             Some(kv) => Err(EngineError::Busy(format!(
                 "the disk is written by host {}",
                 kv.value_str().unwrap_or("?")
@@ -553,7 +665,7 @@ impl Coordinator for Etcd {
             Some(TxnOp::put(
                 handoff,
                 format!("{to}:{until}"),
-                Some(PutOptions::new().with_lease(c.lease)),
+                Some(PutOptions::new().with_lease(c.lease.id())),
             )),
         );
         let mut client = c.client.clone();
@@ -590,6 +702,10 @@ impl Coordinator for Etcd {
         self.0.may_write()
     }
 
+    fn incarnation(&self) -> u64 {
+        self.0.lease.incarnation.load(Ordering::SeqCst)
+    }
+
     fn lock_catalog(&self) -> parallax_engine::Result<CatalogLock> {
         let c = &self.0;
         if !self.may_write() {
@@ -597,7 +713,7 @@ impl Coordinator for Etcd {
         }
         let name = format!("{}catalog", c.prefix);
         let mut client = c.client.clone();
-        let lease = c.lease;
+        let lease = c.lease.id();
         let resp = c.call("taking the catalogue lock", async move {
             client
                 .lock(name, Some(LockOptions::new().with_lease(lease)))
@@ -616,7 +732,7 @@ impl Coordinator for Etcd {
         }
         let key = format!("{}pins/{vdi_id}/{snap}/{}", c.prefix, c.host_id);
         let mut client = c.client.clone();
-        let lease = c.lease;
+        let lease = c.lease.id();
         c.call("pinning a snapshot", async move {
             client
                 .put(key, "", Some(PutOptions::new().with_lease(lease)))

@@ -202,9 +202,18 @@ pub fn open_shared_store(
     let coordinator = connect(store_id)?;
     if let Some(nbd) = &nbd {
         // No write of this appliance reaches the pool once it is fenced,
-        // not even the replay of acknowledged writes after a reconnection.
+        // not even the replay of acknowledged writes after a reconnection;
+        // and never again (the device's replay log cannot tell which of
+        // its writes a new lease may still make): an appliance on an NBD
+        // pool that lost its lease must be restarted.
         let c = coordinator.clone();
-        nbd.set_write_guard(Box::new(move || c.may_write()));
+        let fenced = std::sync::atomic::AtomicBool::new(false);
+        nbd.set_write_guard(Box::new(move || {
+            if !c.may_write() {
+                fenced.store(true, std::sync::atomic::Ordering::SeqCst);
+            }
+            !fenced.load(std::sync::atomic::Ordering::SeqCst)
+        }));
     }
     let options = OpenOptions {
         host_id,

@@ -486,8 +486,8 @@ impl Disk {
         }
         let mut header = st.header.clone();
         header.generation = generation;
-        if self.writer_epoch != 0 {
-            header.writer_epoch = self.writer_epoch;
+        if self.writer_epoch() != 0 {
+            header.writer_epoch = self.writer_epoch();
             header.writer_host = pool.coordinator().map_or(0, |c| c.host_id());
         }
         header.root = root;

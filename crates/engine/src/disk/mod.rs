@@ -129,11 +129,11 @@ impl Vdi {
             generation: st.header.generation,
             schedule: st.header.schedule,
             // This host's key once it holds one, before its first commit.
-            writer_host: match (self.disk.writer_epoch, self.disk.pool.coordinator()) {
+            writer_host: match (self.disk.writer_epoch(), self.disk.pool.coordinator()) {
                 (e, Some(c)) if e != 0 => c.host_id(),
                 _ => st.header.writer_host,
             },
-            writer_epoch: match self.disk.writer_epoch {
+            writer_epoch: match self.disk.writer_epoch() {
                 0 => st.header.writer_epoch,
                 e => e,
             },

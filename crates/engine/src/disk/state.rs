@@ -332,7 +332,14 @@ pub(crate) struct Disk {
     pub(super) commit: Mutex<()>,
     /// Shared mode: the epoch of this host's writer key for the disk, which
     /// every commit writes into the header (0: single host).
-    pub(super) writer_epoch: u64,
+    pub(super) writer_epoch: AtomicU64,
+    /// Shared mode: the coordinator's incarnation the key of
+    /// `writer_epoch` was taken under; the disk is written only while it
+    /// is current (see `Store::settle`, which takes the key again).
+    incarnation: AtomicU64,
+    /// Shared mode: another host took the disk while this one had lost its
+    /// lease (see [`Disk::mark_lost`]); read without the disk lock.
+    lost: std::sync::atomic::AtomicBool,
     /// Deltas of snapshots a pipelined commit computed after letting the
     /// state go; folded in by every exclusive holder (see `commit.rs`).
     pub(super) deltas: Mutex<Vec<(u64, Option<Delta>)>>,
@@ -375,7 +382,9 @@ impl Disk {
         let (snapshots, log_block, log_records) = (log.snapshots, log.head, log.records);
         Ok(Disk {
             id: header.vdi_id,
-            writer_epoch,
+            writer_epoch: AtomicU64::new(writer_epoch),
+            incarnation: AtomicU64::new(pool.coordinator().map_or(0, |c| c.incarnation())),
+            lost: std::sync::atomic::AtomicBool::new(false),
             header_addrs,
             state: Arc::new(RwLock::new(DiskState {
                 name,
@@ -420,11 +429,45 @@ impl Disk {
     /// Shared mode: gives the disk's writer key back (the store lets the
     /// disk go).
     pub(crate) fn release_writer(&self) {
-        if let (Some(c), e) = (self.pool.coordinator(), self.writer_epoch) {
-            if e != 0 {
+        if let (Some(c), e) = (self.pool.coordinator(), self.writer_epoch()) {
+            if e != 0 && self.key_is_current() {
                 c.release_writer(self.id, e);
             }
         }
+    }
+
+    /// What a view of one of its snapshots needs in shared mode: this host
+    /// may write, holds the disk's key under its current lease, and did not
+    /// lose the disk to another host.
+    pub(crate) fn still_ours(&self) -> Result<()> {
+        self.pool.check_fence()?;
+        if self.lost.load(Ordering::SeqCst) || !self.key_is_current() {
+            return Err(Error::Fenced(
+                "this appliance lost its lease meanwhile; the snapshot may not be intact here any more: open it again".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The epoch of this host's writer key for the disk (0: single host).
+    pub(crate) fn writer_epoch(&self) -> u64 {
+        self.writer_epoch.load(Ordering::SeqCst)
+    }
+
+    /// Shared mode: whether the writer key was taken under this host's
+    /// current lease.
+    pub(crate) fn key_is_current(&self) -> bool {
+        self.pool
+            .coordinator()
+            .is_none_or(|c| c.incarnation() == self.incarnation.load(Ordering::SeqCst))
+    }
+
+    /// Shared mode, the key taken again under the current lease with
+    /// `epoch` (the disk unchanged on the pool since): writes go on under
+    /// it once the header names it (the caller commits it).
+    pub(crate) fn rekey(&self, epoch: u64, incarnation: u64) {
+        self.writer_epoch.store(epoch, Ordering::SeqCst);
+        self.incarnation.store(incarnation, Ordering::SeqCst);
     }
 
     /// The commit lock, then the disk lock exclusively, with fresh writes
@@ -520,7 +563,14 @@ impl Disk {
             self.commit(&mut st, None)?;
         }
         st.mark_handed_off(to);
-        Ok(self.writer_epoch)
+        Ok(self.writer_epoch())
+    }
+
+    /// Shared mode: another host took the disk while this one had lost
+    /// its lease: every later operation through a handle here fails.
+    pub(crate) fn mark_lost(&self) {
+        self.lost.store(true, Ordering::SeqCst);
+        self.state.write().mark_handed_off(u64::MAX);
     }
 
     /// Undoes [`Disk::seal_for_hand_off`] (the hand-off could not be made).
@@ -594,6 +644,12 @@ impl Disk {
         if st.deleted {
             return Err(Error::Deleted(st.name.clone()));
         }
+        if st.handed_off_to == u64::MAX {
+            return Err(Error::Fenced(format!(
+                "disk {}: another appliance took it while this one had lost its lease",
+                st.name
+            )));
+        }
         if st.handed_off_to != 0 {
             return Err(Error::Fenced(format!(
                 "disk {} was handed off to host {}: it is served there now",
@@ -602,6 +658,12 @@ impl Disk {
         }
         if st.poisoned {
             return Err(Error::Poisoned(st.name.clone()));
+        }
+        if !self.key_is_current() {
+            return Err(Error::Fenced(format!(
+                "disk {}: this appliance lost its lease and got a new one; it writes the disk again once it took its key back (if no other appliance took the disk meanwhile)",
+                st.name
+            )));
         }
         Ok(())
     }

@@ -57,8 +57,9 @@ pub struct SnapshotView {
 enum Pin {
     /// In the disk's `pins` (this host has the disk open).
     Local(Arc<Disk>),
-    /// Through the coordinator, for disk `vdi`.
-    Cluster { vdi: u64 },
+    /// Through the coordinator, for disk `vdi`, under the lease of
+    /// `incarnation`.
+    Cluster { vdi: u64, incarnation: u64 },
 }
 
 impl SnapshotView {
@@ -86,19 +87,29 @@ impl SnapshotView {
         disk: String,
         info: SnapshotInfo,
     ) -> Result<SnapshotView> {
-        pool.pin_in_cluster(vdi, info.id)?;
+        let incarnation = pool.pin_in_cluster(vdi, info.id)?;
         Ok(SnapshotView {
             tree: Tree::open(info.root),
             info,
             disk,
             pool: pool.clone(),
-            pin: Pin::Cluster { vdi },
+            pin: Pin::Cluster { vdi, incarnation },
             owner,
         })
     }
 
     pub fn info(&self) -> &SnapshotInfo {
         &self.info
+    }
+
+    /// Whether its snapshot is still protected: in shared mode, the host
+    /// may write (a fenced host's pins may be gone), the pin's lease is
+    /// current, and a disk held here is still this host's.
+    fn protected(&self) -> Result<()> {
+        match &self.pin {
+            Pin::Cluster { incarnation, .. } => self.pool.check_incarnation(*incarnation),
+            Pin::Local(disk) => disk.still_ours(),
+        }
     }
 }
 
@@ -114,7 +125,9 @@ impl Drop for SnapshotView {
                     }
                 }
             }
-            Pin::Cluster { vdi } => self.pool.unpin_in_cluster(*vdi, self.info.id),
+            Pin::Cluster { vdi, incarnation } => {
+                self.pool.unpin_in_cluster(*vdi, self.info.id, *incarnation)
+            }
         }
     }
 }
@@ -130,19 +143,19 @@ impl ReadDisk for SnapshotView {
 
     fn read(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         // A fenced host's pins may be gone: its holder may reclaim.
-        self.pool.check_fence()?;
+        self.protected()?;
         check_io_range(self.info.size_bytes, offset, buf.len() as u64)?;
         read_tree(&self.pool, &self.tree, None, buf, offset)
     }
 
     fn block_status(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
-        self.pool.check_fence()?;
+        self.protected()?;
         check_io_range(self.info.size_bytes, offset, len)?;
         tree_extents(&self.pool, &self.tree, offset, len)
     }
 
     fn try_plan_read(&self, offset: u64, len: usize) -> Result<Option<IoPlan>> {
-        self.pool.check_fence()?;
+        self.protected()?;
         plan_read(
             &self.pool,
             &self.owner,

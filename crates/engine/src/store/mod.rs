@@ -596,8 +596,10 @@ impl Store {
         }
     }
 
-    /// Background upkeep (the daemon calls it every few hundred ms):
-    /// commits every open disk whose state has not changed for
+    /// Background upkeep (the daemon calls it every few hundred ms). In
+    /// shared mode, first takes back the writer keys a lost lease took
+    /// (see `shared.rs`), and at the end reclaims hidden snapshots nothing
+    /// holds. Then, in any mode: commits every open disk whose state has not changed for
     /// `commit_after` and has something pending (so that what a client
     /// wrote and left without a flush is committed, not kept in memory
     /// for ever), lets go of disks that no handle uses and that have been
@@ -606,6 +608,10 @@ impl Store {
         let now = now_ns();
         let mut report = SettleReport::default();
         let mut first_error = None;
+        // Shared mode: keys lost with a lease, taken back first.
+        if let Err(e) = self.reacquire_in_cluster() {
+            first_error.get_or_insert(e);
+        }
         for disk in self.open_disks() {
             if disk.idle_ns(now) >= commit_after.as_nanos() as u64
                 && disk.try_has_pending() == Some(true)

@@ -191,6 +191,67 @@ impl Store {
         }
     }
 
+    /// Shared mode, the store's upkeep after this host lost its lease and
+    /// got a new one: takes back the writer key of every open disk whose key
+    /// died with the old lease, if no other host took the disk meanwhile
+    /// (its newest header on the pool still carries this host's old
+    /// epoch), and commits its header under the new epoch before anything
+    /// else is written. A disk another host took (or holds) is let go:
+    /// every operation on it here fails from then on. Returns the disks
+    /// taken back and those let go.
+    pub(super) fn reacquire_in_cluster(&self) -> Result<(u64, u64)> {
+        let Some(coord) = self.inner.pool.coordinator().cloned() else {
+            return Ok((0, 0));
+        };
+        let stale: Vec<_> = self
+            .open_disks()
+            .into_iter()
+            .filter(|d| !d.key_is_current())
+            .collect();
+        if stale.is_empty() || !coord.may_write() {
+            return Ok((0, 0));
+        }
+        let (mut back, mut lost) = (0, 0);
+        let catalog = self.catalog()?;
+        for disk in stale {
+            let incarnation = coord.incarnation();
+            let entry = catalog.by_id(disk.id());
+            let ours = entry
+                .as_ref()
+                .and_then(|e| read_vdi_header(&self.inner.pool, e).ok());
+            let taken_back = match (entry, ours) {
+                (Some(entry), Some((h, _))) if h.writer_epoch == disk.writer_epoch() => {
+                    match coord.acquire_writer(entry.vdi_id) {
+                        Ok(epoch) => {
+                            // Unchanged since the key was taken: nobody
+                            // committed in between (a takeover commits
+                            // first).
+                            let still = read_vdi_header(&self.inner.pool, &entry)
+                                .is_ok_and(|(h2, _)| h2.generation == h.generation);
+                            if still {
+                                disk.rekey(epoch, incarnation);
+                                disk.commit_header().is_ok()
+                            } else {
+                                coord.release_writer(entry.vdi_id, epoch);
+                                false
+                            }
+                        }
+                        Err(_) => false,
+                    }
+                }
+                _ => false,
+            };
+            if taken_back {
+                back += 1;
+            } else {
+                lost += 1;
+                disk.mark_lost();
+                self.inner.open.lock().remove(&disk.id());
+            }
+        }
+        Ok((back, lost))
+    }
+
     /// A take-over that stops before opening: the key goes back.
     fn end_take_over(&self, entry: &RegistryEntry, epoch: u64) {
         self.inner.taking_over.lock().remove(&entry.vdi_id);
