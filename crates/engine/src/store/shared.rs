@@ -1,8 +1,10 @@
 //! What a shared-mode store does beyond a single one with the disks other
-//! hosts write: reading their snapshots, reclaiming deleted ones only when
-//! no host reads or clones them (docs/CLUSTER.md, "Snapshots across
-//! hosts"), and taking over a disk whose holder did not let it go
-//! ([`Store::take_over`]).
+//! hosts write (docs/CLUSTER.md): reading their snapshots, reclaiming
+//! deleted ones only when no host reads or clones them ("Snapshots across
+//! hosts"), taking over a disk whose holder did not let it go
+//! ([`Store::take_over`]), handing a disk to another host
+//! ([`Store::hand_off`]), and taking back, after a lost lease was renewed,
+//! the disks nobody took meanwhile ("A lost lease, renewed").
 //!
 //! Invariants:
 //! - A host reads a snapshot of a disk it does not have open only through
@@ -15,9 +17,14 @@
 //!   with the clone counts re-read and the cluster's pins in hand, and
 //!   keeps the lock until that commit is durable.
 //!
-//! The lock serialises the three, so a reader or a cloner either finds the
-//! snapshot before the holder looks at its pins and clones (and the holder
-//! then keeps it, hidden), or finds it gone.
+//! - A disk is opened with a header commit under this host's epoch before
+//!   anything is written; one not let go is opened only by a takeover,
+//!   after the grace; one opened under a lost lease is written again only
+//!   once its key is taken back with its header unchanged on the pool.
+//!
+//! The catalogue lock serialises the first three, so a reader or a cloner
+//! either finds the snapshot before the holder looks at its pins and
+//! clones (and the holder then keeps it, hidden), or finds it gone.
 //!
 //! [`Coordinator::pin_snapshot`]: crate::coord::Coordinator::pin_snapshot
 
