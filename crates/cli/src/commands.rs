@@ -273,6 +273,35 @@ pub fn status(ctx: &Context) -> Result<()> {
         ("control", status.control),
         ("connections", status.connections.len().to_string()),
     ]);
+    if let Some(c) = &status.cluster {
+        text.push_str(&key_values(&[
+            ("host id", c.host_id.to_string()),
+            (
+                "writes",
+                if c.may_write {
+                    "yes".into()
+                } else {
+                    "no: fenced (its etcd lease may have ended)".into()
+                },
+            ),
+            (
+                "lease",
+                format!("TTL {} s, incarnation {}", c.lease_ttl_s, c.incarnation),
+            ),
+            (
+                "takeover",
+                format!(
+                    "{}, grace {} ms",
+                    if c.takeover {
+                        "automatic"
+                    } else {
+                        "by the operator"
+                    },
+                    c.takeover_grace_ms
+                ),
+            ),
+        ]));
+    }
     if !status.connections.is_empty() {
         let mut table = Table::new(&["ID", "EXPORT", "PEER", "SINCE"]);
         for c in status.connections {

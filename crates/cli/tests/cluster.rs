@@ -844,6 +844,9 @@ fn a_lost_lease_is_renewed_and_the_disk_taken_back() {
     assert!(r.status.success(), "{}", text(&r));
     let hosts = c.json(1, &["hosts"]);
     assert_eq!(hosts.as_array().map(Vec::len), Some(1), "{hosts}");
+    let status = c.json(1, &["status"]);
+    assert_eq!(status["cluster"]["may_write"], true, "{status}");
+    assert_eq!(status["cluster"]["incarnation"], 2, "a new lease: {status}");
 }
 
 // ---- several hosts: network namespaces ----------------------------------------
@@ -1229,6 +1232,9 @@ fn appliances_in_network_namespaces() {
         "host 3 refused writes only {:?} after the cut (lease TTL 3 s)",
         cut.elapsed()
     );
+    // Host 3 says so itself.
+    let status: Value = serde_json::from_str(&ok(px(3, 30, &["status", "--json"]))).unwrap();
+    assert_eq!(status["cluster"]["may_write"], false, "{status}");
     // Host 1 or host 2 takes host 3's disks over by itself (--takeover)
     // once host 3's lease ended, after the grace: within TTL + 5 s.
     let by = 'taken: loop {

@@ -258,6 +258,23 @@ pub struct DaemonStatus {
     pub nbd_socket: Option<String>,
     pub control: String,
     pub connections: Vec<ConnectionInfo>,
+    /// Cluster mode: this appliance's standing in the cluster.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster: Option<ClusterStatus>,
+}
+
+/// `parallax status` in cluster mode.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterStatus {
+    pub host_id: u64,
+    /// Whether it may write to the pool now (its lease cannot have ended).
+    pub may_write: bool,
+    /// Which lease it is on: grows with each new lease after a lost one.
+    pub incarnation: u64,
+    pub lease_ttl_s: u64,
+    /// `--takeover`, `--takeover-grace`.
+    pub takeover: bool,
+    pub takeover_grace_ms: u64,
 }
 
 /// What went wrong, classified for HTTP status codes and exit messages.

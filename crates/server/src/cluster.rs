@@ -162,6 +162,18 @@ impl EtcdCoordinator {
             .and_then(ops)
     }
 
+    /// This appliance's standing, for `parallax status`.
+    pub fn status(&self) -> crate::api::ClusterStatus {
+        crate::api::ClusterStatus {
+            host_id: self.host_id,
+            may_write: self.may_write(),
+            incarnation: self.lease.incarnation.load(Ordering::SeqCst),
+            lease_ttl_s: self.options.lease_ttl.as_secs(),
+            takeover: self.options.takeover,
+            takeover_grace_ms: self.options.takeover_grace.as_millis() as u64,
+        }
+    }
+
     /// What this appliance was started with.
     pub fn options(&self) -> &ClusterOptions {
         &self.options

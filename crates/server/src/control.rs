@@ -36,6 +36,7 @@ impl ControlState {
     pub fn status(&self) -> DaemonStatus {
         DaemonStatus {
             connections: self.service.connections(),
+            cluster: self.service.cluster().map(|c| c.status()),
             ..self.status.clone()
         }
     }

@@ -379,6 +379,7 @@ async fn serve(options: &ServeOptions, service: Arc<Service>) -> Result<()> {
             nbd_socket: options.nbd_socket.as_ref().map(|p| p.display().to_string()),
             control: options.control.display().to_string(),
             connections: Vec::new(),
+            cluster: None,
         },
     });
     let control_task = tokio::spawn(control::serve(control_listener, state, shutdown_rx.clone()));
