@@ -280,6 +280,23 @@ fn qemu_io_interactive(
     (child, stdin, stdout)
 }
 
+/// Ends an interactive qemu-io: `quit`, then everything it said after
+/// `said` (stdout and stderr) appended to it; returns how it exited.
+fn finish_interactive(
+    mut child: Child,
+    mut stdin: std::process::ChildStdin,
+    mut stdout: BufReader<std::process::ChildStdout>,
+    said: &mut String,
+) -> std::process::ExitStatus {
+    writeln!(stdin, "quit").unwrap();
+    drop(stdin);
+    stdout.read_to_string(said).unwrap();
+    child.stdout = None;
+    let out = child.wait_with_output().unwrap();
+    said.push_str(&text(&out));
+    out.status
+}
+
 /// Reads lines until one contains `marker`; returns everything read.
 fn read_until(stdout: &mut impl BufRead, marker: &str) -> String {
     let mut said = String::new();
@@ -545,11 +562,7 @@ fn hand_off_between_hosts(c: &Cluster) {
     assert!(h["opened_there"].as_u64().is_some(), "{h}");
     eprintln!("hand-off of a disk with a connected client: {h}");
     writeln!(stdin, "write -P 0x46 4k 4k").unwrap();
-    writeln!(stdin, "quit").unwrap();
-    drop(stdin);
-    stdout.read_to_string(&mut said).unwrap();
-    let out = client.wait_with_output().unwrap();
-    said.push_str(&text(&out));
+    finish_interactive(client, stdin, stdout, &mut said);
     assert!(
         said.contains("write failed"),
         "the old holder took a write after the hand-off: {said}"
@@ -626,16 +639,10 @@ fn snapshots_across_hosts(c: &Cluster) {
         "a snapshot being read was reclaimed: {info}"
     );
     writeln!(stdin, "read -P 0x10 0 2M").unwrap();
-    writeln!(stdin, "quit").unwrap();
-    drop(stdin);
     let mut said = first;
-    stdout.read_to_string(&mut said).unwrap();
-    let out = reader.wait_with_output().unwrap();
-    said.push_str(&text(&out));
+    let status = finish_interactive(reader, stdin, stdout, &mut said);
     assert!(
-        out.status.success()
-            && !said.contains("failed")
-            && said.matches("read 2097152/").count() == 2,
+        status.success() && !said.contains("failed") && said.matches("read 2097152/").count() == 2,
         "host 2's reader: {said}"
     );
     // Let go: host 1's upkeep reclaims it (within its retry interval).
@@ -824,11 +831,7 @@ fn a_lost_lease_is_renewed_and_the_disk_taken_back() {
     }
     writeln!(stdin, "write -P 0x63 2M 4k").unwrap();
     writeln!(stdin, "flush").unwrap();
-    writeln!(stdin, "quit").unwrap();
-    drop(stdin);
-    stdout.read_to_string(&mut said).unwrap();
-    let out = client.wait_with_output().unwrap();
-    said.push_str(&text(&out));
+    finish_interactive(client, stdin, stdout, &mut said);
     assert!(
         said.matches("wrote 4096/").count() == 2 && !said.contains("failed"),
         "the client's writes after the renewal: {said}"

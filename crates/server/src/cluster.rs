@@ -232,22 +232,10 @@ impl EtcdCoordinator {
                 // The fencing deadline counts from before the grant was
                 // asked for: the lease cannot have started earlier.
                 let asked = Instant::now();
-                let lease = client.lease_grant(ttl, None).await?.id();
-                let txn = Txn::new()
-                    .when([Compare::create_revision(
-                        host_key.clone(),
-                        CompareOp::Equal,
-                        0,
-                    )])
-                    .and_then([TxnOp::put(
-                        host_key.clone(),
-                        description.clone(),
-                        Some(PutOptions::new().with_lease(lease)),
-                    )]);
-                if client.txn(txn).await?.succeeded() {
+                let reg = (host_key.clone(), description.clone());
+                if let Some(lease) = register(&mut client, ttl, &reg).await? {
                     break anyhow::Ok((client, lease, asked));
                 }
-                let _ = client.lease_revoke(lease).await;
                 if Instant::now() > give_up {
                     return Err(anyhow!(
                         "another live appliance already uses host id {} on this store ({host_key})",
@@ -480,6 +468,33 @@ async fn keep_alive(
     }
 }
 
+/// Takes a lease of `ttl` seconds and registers `registration` (host key,
+/// description) under it if the key is absent: the lease, or `None` (the
+/// lease given back) when another lease holds the key.
+async fn register(
+    client: &mut Client,
+    ttl: i64,
+    (host_key, description): &(String, String),
+) -> Result<Option<i64>, etcd_client::Error> {
+    let lease = client.lease_grant(ttl, None).await?.id();
+    let txn = Txn::new()
+        .when([Compare::create_revision(
+            host_key.clone(),
+            CompareOp::Equal,
+            0,
+        )])
+        .and_then([TxnOp::put(
+            host_key.clone(),
+            description.clone(),
+            Some(PutOptions::new().with_lease(lease)),
+        )]);
+    if client.txn(txn).await?.succeeded() {
+        return Ok(Some(lease));
+    }
+    let _ = client.lease_revoke(lease).await;
+    Ok(None)
+}
+
 /// Whether etcd answered that the lease does not exist (any more).
 fn lease_gone(e: &etcd_client::Error) -> bool {
     // etcd-client reports it as a keep-alive error or a gRPC status,
@@ -494,32 +509,15 @@ async fn renew_lease(
     state: &LeaseState,
     ttl: Duration,
     margin: Duration,
-    (host_key, description): &(String, String),
+    registration: &(String, String),
 ) {
+    let host_key = &registration.0;
     loop {
         if state.left.load(Ordering::SeqCst) {
             return;
         }
         let asked = Instant::now();
-        let attempt = async {
-            let lease = client.lease_grant(ttl.as_secs() as i64, None).await?.id();
-            let txn = Txn::new()
-                .when([Compare::create_revision(
-                    host_key.clone(),
-                    CompareOp::Equal,
-                    0,
-                )])
-                .and_then([TxnOp::put(
-                    host_key.clone(),
-                    description.clone(),
-                    Some(PutOptions::new().with_lease(lease)),
-                )]);
-            let registered = client.txn(txn).await?.succeeded();
-            if !registered {
-                let _ = client.lease_revoke(lease).await;
-            }
-            Ok::<_, etcd_client::Error>(registered.then_some(lease))
-        };
+        let attempt = register(client, ttl.as_secs() as i64, registration);
         match tokio::time::timeout(RPC_TIMEOUT, attempt).await {
             Ok(Ok(Some(lease))) => {
                 state.id.store(lease, Ordering::SeqCst);
