@@ -99,8 +99,9 @@ PY
 echo "== hand-offs between two appliances: $H of an idle disk each way, $HL under fio"
 start --etcd "$ETCD_URL" --lease-ttl 10s
 px2() { "$P" --store "$TMP/pool.px" --control "$TMP/c2" --host-id 2 "$@"; }
-px2 serve --direct --nbd-listen none --nbd-socket "$TMP/n2.sock" --etcd "$ETCD_URL" \
-    --lease-ttl 10s >"$TMP/serve2.log" 2>&1 &
+# Started directly (not through px2), so that $! is the appliance's PID.
+"$P" --store "$TMP/pool.px" --control "$TMP/c2" --host-id 2 serve --direct --nbd-listen none \
+    --nbd-socket "$TMP/n2.sock" --etcd "$ETCD_URL" --lease-ttl 10s >"$TMP/serve2.log" 2>&1 &
 SERVE2=$!
 PIDS+=("$SERVE2")
 until px2 status >/dev/null 2>&1; do sleep 0.1; done
