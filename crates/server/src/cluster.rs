@@ -361,22 +361,16 @@ impl EtcdCoordinator {
             .collect())
     }
 
-    /// Creates `key` = this host's id (under `lease`, if given) unless it
-    /// exists: `Created`, or `Exists(the key as it is)`. Refused once this
-    /// host may no longer write.
-    fn create_if_absent(
-        &self,
-        what: &str,
-        key: String,
-        lease: Option<i64>,
-    ) -> parallax_engine::Result<Creation> {
+    /// Creates `key` = this host's id (no lease) unless it exists:
+    /// `Created`, or `Exists(the key as it is)`. Refused once this host may
+    /// no longer write.
+    fn create_if_absent(&self, what: &str, key: String) -> parallax_engine::Result<Creation> {
         if !self.may_write() {
             return Err(self.fenced());
         }
-        let options = lease.map(|l| PutOptions::new().with_lease(l));
         let txn = Txn::new()
             .when([Compare::create_revision(key.clone(), CompareOp::Equal, 0)])
-            .and_then([TxnOp::put(key.clone(), self.host_id.to_string(), options)])
+            .and_then([TxnOp::put(key.clone(), self.host_id.to_string(), None)])
             .or_else([TxnOp::get(key, None)]);
         let mut client = self.client.clone();
         let resp = self.call(what, async move { client.txn(txn).await })?;
@@ -790,7 +784,7 @@ impl Coordinator for Etcd {
         let c = &self.0;
         let key = format!("{}extents/{index}", c.prefix);
         // Extents have no lease: an extent stays its owner's while it is down.
-        Ok(match c.create_if_absent("claiming an extent", key, None)? {
+        Ok(match c.create_if_absent("claiming an extent", key)? {
             Creation::Created => true,
             Creation::Exists(kv) => kv.value_str().ok() == Some(c.host_id.to_string().as_str()),
             Creation::Vanished => false,
