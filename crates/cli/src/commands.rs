@@ -121,6 +121,8 @@ pub struct ServeArgs {
     pub lease_ttl: std::time::Duration,
     pub takeover: bool,
     pub takeover_grace: std::time::Duration,
+    pub claim_wait: std::time::Duration,
+    pub yield_quiet: std::time::Duration,
 }
 
 pub fn serve(ctx: &Context, args: ServeArgs) -> Result<()> {
@@ -134,6 +136,8 @@ pub fn serve(ctx: &Context, args: ServeArgs) -> Result<()> {
         lease_ttl,
         takeover,
         takeover_grace,
+        claim_wait,
+        yield_quiet,
     } = args;
     let nbd_socket = nbd_socket.map(|p| absolute(&p)).transpose()?;
     let cluster = etcd.map(|urls| ClusterOptions {
@@ -142,6 +146,8 @@ pub fn serve(ctx: &Context, args: ServeArgs) -> Result<()> {
         host_id: ctx.host_id,
         takeover,
         takeover_grace,
+        claim_wait,
+        yield_quiet,
         description: serde_json::json!({
             "nbd_tcp": nbd_listen.map(|a| a.to_string()),
             "nbd_socket": nbd_socket.as_ref().map(|p| p.display().to_string()),
@@ -299,6 +305,21 @@ pub fn status(ctx: &Context) -> Result<()> {
                     },
                     c.takeover_grace_ms
                 ),
+            ),
+            (
+                "migration",
+                if c.claim_wait_ms == 0 {
+                    format!(
+                        "disks held elsewhere refused; one asked for is given up after {} ms quiet",
+                        c.yield_quiet_ms
+                    )
+                } else {
+                    format!(
+                        "a disk held elsewhere is asked for and waited for up to {} ms; \
+                         one asked for is given up after {} ms quiet",
+                        c.claim_wait_ms, c.yield_quiet_ms
+                    )
+                },
             ),
         ]));
     }

@@ -92,6 +92,18 @@ enum Command {
         /// what the old holder may still have had in flight to the pool.
         #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = parse_duration)]
         takeover_grace: std::time::Duration,
+        /// Cluster mode: how long a client's request waits for a disk
+        /// another appliance holds (asked for on the client's first
+        /// request, given once that appliance's clients are done with it:
+        /// a VM migrating here). 0: such a disk is refused when a client
+        /// connects.
+        #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_duration)]
+        claim_wait: std::time::Duration,
+        /// Cluster mode: a disk another appliance asks for is given up once
+        /// every client here flushed what it wrote and none used it for
+        /// this long.
+        #[arg(long, value_name = "DURATION", default_value = "500ms", value_parser = parse_duration)]
+        yield_quiet: std::time::Duration,
     },
     /// Cluster mode: take a disk over from an appliance that stopped or
     /// lost its lease without letting it go (waits for its lease to end,
@@ -407,6 +419,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             lease_ttl,
             takeover,
             takeover_grace,
+            claim_wait,
+            yield_quiet,
         } => commands::serve(
             &ctx,
             commands::ServeArgs {
@@ -419,6 +433,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 lease_ttl: *lease_ttl,
                 takeover: *takeover,
                 takeover_grace: *takeover_grace,
+                claim_wait: *claim_wait,
+                yield_quiet: *yield_quiet,
             },
         ),
         Command::Takeover { name } => commands::takeover(&ctx, name),

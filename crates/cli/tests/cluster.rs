@@ -90,6 +90,10 @@ struct Cluster {
     peer: u16,
     /// `--lease-ttl` of the appliances.
     ttl: &'static str,
+    /// `--claim-wait` of the appliances: 0 (a disk held elsewhere is
+    /// refused at connection) unless a test is about disks following
+    /// their clients.
+    claim_wait: &'static str,
     etcd: Proc,
     hosts: Vec<Proc>,
 }
@@ -102,6 +106,12 @@ impl Cluster {
 
     /// etcd and `hosts` appliances with lease TTL `ttl`.
     fn with(hosts: u64, ttl: &'static str) -> Cluster {
+        Cluster::claiming(hosts, ttl, "0s")
+    }
+
+    /// [`Cluster::with`], the appliances waiting up to `claim_wait` for a
+    /// disk another one holds.
+    fn claiming(hosts: u64, ttl: &'static str, claim_wait: &'static str) -> Cluster {
         let dir = tempfile::tempdir().unwrap();
         let (client, peer) = (free_port(), free_port());
         let etcd_url = format!("http://127.0.0.1:{client}");
@@ -112,6 +122,7 @@ impl Cluster {
             etcd_url,
             peer,
             ttl,
+            claim_wait,
             etcd: Proc(None),
             hosts: Vec::new(),
         };
@@ -211,6 +222,8 @@ impl Cluster {
                     self.ttl,
                     "--takeover-grace",
                     "1s",
+                    "--claim-wait",
+                    self.claim_wait,
                     "--etcd",
                     &self.etcd_url,
                 ],
@@ -1050,6 +1063,8 @@ fn appliances_in_network_namespaces() {
                     "--takeover",
                     "--takeover-grace",
                     "1s",
+                    "--claim-wait",
+                    "0s",
                 ],
             );
             c.args([
@@ -1309,4 +1324,78 @@ fn appliances_in_network_namespaces() {
     assert_eq!(report["clean"], true, "{report}");
     pool_server.stop();
     etcd.stop();
+}
+
+/// A disk follows its client to another appliance (the lease following a
+/// migrating VM), but never leaves a client that is using it: host 2's
+/// client waits for a disk host 1's client wrote without a flush and is
+/// refused once `--claim-wait` passes, with host 1's client unharmed;
+/// once host 1's client flushed and went quiet, host 2's next write gets
+/// the disk with everything written before, and host 1's client's later
+/// writes are refused.
+#[test]
+fn a_disk_follows_its_client_but_never_leaves_a_busy_one() {
+    if !have("etcd", "--version") || !have("qemu-io", "--version") {
+        return;
+    }
+    let c = Cluster::claiming(2, "3s", "3s");
+    c.ok(1, &["create", "vm", "--size", "8M"]);
+    // `-t writeback`: without it qemu-io writes with FUA.
+    let (client, mut stdin, mut stdout) =
+        qemu_io_interactive(&["-f", "raw", "-t", "writeback"], &c.uri(1, "vm"));
+    writeln!(stdin, "write -P 0x41 0 4k").unwrap();
+    let mut said = read_until(&mut stdout, "wrote 4096/");
+
+    // Busy: written and not flushed. Host 2's client waits, then fails.
+    let started = Instant::now();
+    let w = qemu_io(&c.uri(2, "vm"), &["write -P 0x42 4k 4k".into()]);
+    let waited = started.elapsed();
+    assert!(
+        text(&w).contains("write failed"),
+        "host 2 wrote a disk host 1's client had written without a flush: {}",
+        text(&w)
+    );
+    assert!(waited >= Duration::from_secs(3), "gave up after {waited:?}");
+    assert_eq!(c.json(2, &["info", "vm"])["writer"]["host_id"], 1);
+    writeln!(stdin, "write -P 0x43 8k 4k").unwrap();
+    said.push_str(&read_until(&mut stdout, "wrote 4096/"));
+
+    // Flushed and quiet: asked for, given.
+    writeln!(stdin, "flush").unwrap();
+    thread::sleep(Duration::from_millis(100));
+    let started = Instant::now();
+    let w = qemu_io(&c.uri(2, "vm"), &["write -P 0x42 4k 4k".into()]);
+    let took = started.elapsed();
+    assert!(w.status.success(), "host 2 asking for vm: {}", text(&w));
+    eprintln!("host 2's first write waited {took:?} for the disk (quiet 500 ms)");
+    let info = c.json(2, &["info", "vm"]);
+    assert_eq!(info["writer"]["host_id"], 2, "{info}");
+    assert_eq!(info["writer"]["here"], true, "{info}");
+
+    // Host 1's client: its later writes are refused.
+    writeln!(stdin, "write -P 0x44 12k 4k").unwrap();
+    finish_interactive(client, stdin, stdout, &mut said);
+    assert!(
+        said.contains("write failed"),
+        "host 1's client wrote after its disk went to host 2: {said}"
+    );
+    let r = qemu_io(
+        &c.uri(2, "vm"),
+        &[
+            "read -P 0x41 0 4k".into(),
+            "read -P 0x42 4k 4k".into(),
+            "read -P 0x43 8k 4k".into(),
+            "read -P 0 12k 4k".into(),
+        ],
+    );
+    assert!(
+        r.status.success(),
+        "reading vm through host 2: {}",
+        text(&r)
+    );
+    let log = std::fs::read_to_string(c.dir.path().join("serve1.log")).unwrap();
+    assert!(
+        log.contains("gave the disk to the appliance that asked for it"),
+        "{log}"
+    );
 }

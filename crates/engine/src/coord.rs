@@ -98,6 +98,20 @@ pub trait Coordinator: Send + Sync + std::fmt::Debug {
     /// The snapshots of disk `vdi_id` that any host pins. Called under the
     /// catalogue lock.
     fn pinned_snapshots(&self, vdi_id: u64) -> Result<HashSet<u64>>;
+
+    /// Asks for disk `vdi_id`, which another host holds (a client here
+    /// wants to write it: a VM migrating here): a request under this
+    /// host's lease, which the holder sees through
+    /// [`Coordinator::writer_requests`]. It stands until withdrawn or the
+    /// lease ends.
+    fn request_writer(&self, vdi_id: u64) -> Result<()>;
+
+    /// Withdraws this host's request for disk `vdi_id` (best effort: it
+    /// goes with the lease at worst).
+    fn withdraw_request(&self, vdi_id: u64);
+
+    /// Every standing request, oldest first: (disk, host asking).
+    fn writer_requests(&self) -> Result<Vec<(u64, u64)>>;
 }
 
 /// The state of an in-process cluster.
@@ -117,6 +131,8 @@ struct ClusterState {
     released: HashMap<u64, u64>,
     /// Disk id ─▶ (host it is handed to, host that handed it).
     reserved: HashMap<u64, (u64, u64)>,
+    /// Standing requests for disks, oldest first: (disk, host asking).
+    requests: Vec<(u64, u64)>,
 }
 
 /// An in-process lease service shared by several [`MemCoordinator`]s (one
@@ -174,6 +190,7 @@ impl MemCluster {
             !hosts.is_empty()
         });
         st.reserved.retain(|_, (_, by)| *by != id);
+        st.requests.retain(|&(_, host)| host != id);
         if st.catalog == Some(id) {
             st.catalog = None;
             self.catalog_free.notify_all();
@@ -386,6 +403,27 @@ impl Coordinator for MemCoordinator {
             .filter(|(v, _)| *v == vdi_id)
             .map(|&(_, s)| s)
             .collect())
+    }
+
+    fn request_writer(&self, vdi_id: u64) -> Result<()> {
+        if !self.may_write() {
+            return Err(self.fenced_error());
+        }
+        let mut st = self.cluster.state.lock();
+        let request = (vdi_id, self.host_id);
+        if !st.requests.contains(&request) {
+            st.requests.push(request);
+        }
+        Ok(())
+    }
+
+    fn withdraw_request(&self, vdi_id: u64) {
+        let mut st = self.cluster.state.lock();
+        st.requests.retain(|&r| r != (vdi_id, self.host_id));
+    }
+
+    fn writer_requests(&self) -> Result<Vec<(u64, u64)>> {
+        Ok(self.cluster.state.lock().requests.clone())
     }
 }
 

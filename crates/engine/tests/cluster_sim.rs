@@ -6,7 +6,9 @@
 //! many steps), deleted by their disk's holder, and reclaimed by the
 //! store's upkeep; hosts crash (their store vanishes without a commit) and
 //! have their lease expire while still running (they must then fail every
-//! write and read, never overwrite the next holder's).
+//! write and read, never overwrite the next holder's); hosts ask for disks
+//! others hold (a migrating VM) and holders give them up, but only disks
+//! whose clients flushed everything they wrote.
 //!
 //! Checked after every step: every disk a live host has open is one whose
 //! writer key that host holds (so at most one writer per disk), every
@@ -22,7 +24,8 @@
 
 use parallax_device::{MemDevice, SplitMix};
 use parallax_engine::{
-    CreateOptions, Error, MemCluster, OpenOptions, ReadDisk, SnapshotView, Store, Vdi,
+    Coordinator, CreateOptions, Error, MemCluster, MemCoordinator, OpenOptions, ReadDisk,
+    SnapshotView, Store, Vdi,
 };
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -44,6 +47,9 @@ struct DiskModel {
     snapshots: Vec<(String, Vec<u8>)>,
     /// The host that has it open, if any.
     holder: Option<u64>,
+    /// Written through its holder since that holder's last flush: the
+    /// holder must not give it up when asked.
+    unflushed: bool,
 }
 
 impl DiskModel {
@@ -73,6 +79,7 @@ impl DiskModel {
 struct Host {
     id: u64,
     store: Store,
+    coord: Arc<MemCoordinator>,
     handles: BTreeMap<String, Vdi>,
     /// Snapshot views open on this host, with what they must read.
     views: Vec<(String, Vec<u8>, SnapshotView)>,
@@ -124,14 +131,19 @@ struct Sim {
     handoffs: u64,
     renewals: u64,
     taken_back: u64,
+    /// Disks asked for by another host and given up by their holder.
+    yielded: u64,
+    /// Holders asked for a disk they had written without a flush since.
+    kept_unflushed: u64,
 }
 
 fn open_host(dev: &Arc<MemDevice>, cluster: &Arc<MemCluster>, id: u64) -> Host {
+    let coord = cluster.host(id);
     let store = Store::open(
         dev.clone(),
         &OpenOptions {
             host_id: id,
-            coordinator: Some(cluster.host(id)),
+            coordinator: Some(coord.clone()),
             ..OpenOptions::default()
         },
     )
@@ -139,6 +151,7 @@ fn open_host(dev: &Arc<MemDevice>, cluster: &Arc<MemCluster>, id: u64) -> Host {
     Host {
         id,
         store,
+        coord,
         handles: BTreeMap::new(),
         views: Vec::new(),
         fenced: false,
@@ -178,6 +191,8 @@ impl Sim {
             handoffs: 0,
             renewals: 0,
             taken_back: 0,
+            yielded: 0,
+            kept_unflushed: 0,
         }
     }
 
@@ -212,7 +227,12 @@ impl Sim {
             r => r?,
         };
         self.hosts[h].handles.insert(name.to_string(), v.clone());
-        self.disks.get_mut(name).unwrap().holder = Some(self.hosts[h].id);
+        let m = self.disks.get_mut(name).unwrap();
+        if m.holder != Some(self.hosts[h].id) {
+            // A disk opened anew: nothing written through it yet.
+            m.unflushed = false;
+        }
+        m.holder = Some(self.hosts[h].id);
         Ok(v)
     }
 
@@ -245,7 +265,7 @@ impl Sim {
 
     fn step(&mut self) {
         let h = self.pick(self.hosts.len());
-        let op = self.rng.next_u64() % 28;
+        let op = self.rng.next_u64() % 31;
         if std::env::var_os("SIM_TRACE").is_some() {
             eprintln!(
                 "host {} op {op} disks {:?}",
@@ -282,6 +302,7 @@ impl Sim {
                         pending: BTreeMap::new(),
                         snapshots: Vec::new(),
                         holder: Some(self.hosts[h].id),
+                        unflushed: false,
                     },
                 );
                 self.hosts[h].handles.insert(name, v);
@@ -301,6 +322,7 @@ impl Sim {
                     Ok(()) => {
                         assert!(!self.hosts[h].fenced, "a fenced host's write succeeded");
                         let m = self.disks.get_mut(&name).unwrap();
+                        m.unflushed = true;
                         m.data[first * BLOCK..(first + n) * BLOCK].copy_from_slice(&data);
                         for b in first..first + n {
                             let c = m.data[b * BLOCK..(b + 1) * BLOCK].to_vec();
@@ -318,6 +340,7 @@ impl Sim {
                 match v.flush() {
                     Ok(()) => {
                         assert!(!self.hosts[h].fenced, "a fenced host's flush succeeded");
+                        self.disks.get_mut(&name).unwrap().unflushed = false;
                         self.commit(&name);
                     }
                     Err(e) => self.expected(h, &name, &e),
@@ -366,6 +389,7 @@ impl Sim {
                                 pending: BTreeMap::new(),
                                 snapshots: Vec::new(),
                                 holder: Some(self.hosts[h].id),
+                                unflushed: false,
                             },
                         );
                         self.hosts[h].handles.insert(new, v);
@@ -577,6 +601,20 @@ impl Sim {
                     Err(e) => self.expected(h, &name, &e),
                 }
             }
+            28 => {
+                // Host `h` asks for a disk another host holds (a VM
+                // migrating to it).
+                let Some(name) = self.pick_disk() else { return };
+                let m = &self.disks[&name];
+                if m.holder.is_none() || m.holder == Some(self.hosts[h].id) {
+                    return;
+                }
+                let id = m.id;
+                if let Err(e) = self.hosts[h].coord.request_writer(id) {
+                    self.expected(h, &name, &e);
+                }
+            }
+            29 => self.yield_requested(h),
             _ => {
                 if self.hosts[h].fenced {
                     // A fenced host gets a new lease, or is restarted.
@@ -592,6 +630,75 @@ impl Sim {
                 let want: Vec<String> = self.disks.keys().cloned().collect();
                 assert_eq!(listed, want, "host {}'s list", h + 1);
             }
+        }
+    }
+
+    /// Host `h` gives up the disks others asked for whose clients are done
+    /// with them: never one written since its last flush. The host that
+    /// asked first opens it at once (it is reserved for it), with
+    /// everything written before; the old handles fail.
+    fn yield_requested(&mut self, h: usize) {
+        let quiet = if self.rng.next_u64().is_multiple_of(4) {
+            Duration::from_secs(1 << 30)
+        } else {
+            Duration::ZERO
+        };
+        let requests = self.hosts[h].coord.writer_requests().unwrap();
+        let id = self.hosts[h].id;
+        for m in self.disks.values() {
+            if m.holder == Some(id) && m.unflushed && requests.iter().any(|r| r.0 == m.id) {
+                self.kept_unflushed += 1;
+            }
+        }
+        let handed = match self.hosts[h].store.yield_requested(quiet) {
+            Ok(handed) => handed,
+            Err(e) => return self.expected(h, "(yield)", &e),
+        };
+        assert!(
+            handed.is_empty() || quiet.is_zero(),
+            "host {id} gave up disks in use: {handed:?}"
+        );
+        for (name, report) in handed {
+            assert!(!self.hosts[h].fenced, "a fenced host gave a disk up");
+            let m = self.disks.get_mut(&name).unwrap();
+            assert!(
+                !m.unflushed,
+                "host {id} gave {name} up with writes its clients never flushed"
+            );
+            let first = requests
+                .iter()
+                .find(|r| r.0 == m.id && r.1 != id)
+                .map(|r| r.1);
+            assert_eq!(
+                first,
+                Some(report.to),
+                "{name} not given to the first asker"
+            );
+            self.yielded += 1;
+            self.commit(&name);
+            self.disks.get_mut(&name).unwrap().holder = None;
+            if let Some(v) = self.hosts[h].handles.remove(&name) {
+                assert!(
+                    matches!(v.write(&[1; BLOCK], 0), Err(Error::Fenced(_))),
+                    "a write after the disk was given up went through"
+                );
+            }
+            let to = self.hosts.iter().position(|x| x.id == report.to).unwrap();
+            match self.handle(to, &name) {
+                Ok(v) => {
+                    let mut b = vec![0u8; self.disks[&name].data.len()];
+                    v.read(&mut b, 0).unwrap();
+                    assert!(
+                        b == self.disks[&name].data,
+                        "host {} got {name} without what was written before",
+                        report.to
+                    );
+                }
+                // It asked, then lost its lease.
+                Err(e) => self.expected(to, &name, &e),
+            }
+            let vdi = self.disks[&name].id;
+            self.hosts[to].coord.withdraw_request(vdi);
         }
     }
 
@@ -808,6 +915,7 @@ fn open_host_placeholder() -> Host {
     Host {
         id: 0,
         store,
+        coord: MemCluster::new().host(1),
         handles: BTreeMap::new(),
         views: Vec::new(),
         fenced: false,
@@ -845,7 +953,7 @@ fn seeds() -> Vec<u64> {
 fn appliances_sharing_a_pool() {
     let (mut refused, mut busy, mut crashes, mut views, mut deleted) = (0, 0, 0, 0, 0);
     let (mut checks, mut gcs, mut freed, mut takeovers, mut handoffs) = (0, 0, 0, 0, 0);
-    let (mut renewals, mut taken_back) = (0, 0);
+    let (mut renewals, mut taken_back, mut yielded, mut kept) = (0, 0, 0, 0);
     for seed in seeds() {
         let sim = run(seed, 300);
         refused += sim.writes_refused_fenced;
@@ -860,19 +968,22 @@ fn appliances_sharing_a_pool() {
         handoffs += sim.handoffs;
         renewals += sim.renewals;
         taken_back += sim.taken_back;
+        yielded += sim.yielded;
+        kept += sim.kept_unflushed;
     }
     eprintln!(
         "fenced refusals {refused}, busy refusals {busy}, crashes {crashes}, \
          views pinned through the cluster {views}, snapshots deleted while read {deleted}, \
          online checks {checks}, online gcs {gcs} (freeing {freed} blocks), \
          takeovers {takeovers}, hand-offs {handoffs}, lease renewals {renewals} \
-         (disks taken back {taken_back})"
+         (disks taken back {taken_back}), disks given up when asked {yielded} \
+         (kept unflushed when asked {kept})"
     );
     // The sequences reach the cases they are meant to (over many seeds).
     if seeds().len() >= 50 {
         assert!(refused > 0 && busy > 0 && crashes > 0 && views > 0 && deleted > 0);
         assert!(checks > 0 && gcs > 0 && freed > 0 && takeovers > 0 && handoffs > 0);
-        assert!(renewals > 0 && taken_back > 0);
+        assert!(renewals > 0 && taken_back > 0 && yielded > 0 && kept > 0);
     }
 }
 
@@ -917,6 +1028,13 @@ impl parallax_engine::Coordinator for FixedEpoch {
         _vdi_id: u64,
     ) -> parallax_engine::Result<std::collections::HashSet<u64>> {
         Ok(Default::default())
+    }
+    fn request_writer(&self, _vdi_id: u64) -> parallax_engine::Result<()> {
+        Ok(())
+    }
+    fn withdraw_request(&self, _vdi_id: u64) {}
+    fn writer_requests(&self) -> parallax_engine::Result<Vec<(u64, u64)>> {
+        Ok(Vec::new())
     }
 }
 

@@ -275,6 +275,9 @@ pub struct ClusterStatus {
     /// `--takeover`, `--takeover-grace`.
     pub takeover: bool,
     pub takeover_grace_ms: u64,
+    /// `--claim-wait`, `--yield-quiet`.
+    pub claim_wait_ms: u64,
+    pub yield_quiet_ms: u64,
 }
 
 /// What went wrong, classified for HTTP status codes and exit messages.

@@ -27,6 +27,9 @@
 //!   txn that takes the key.
 //! - **Pins** `pins/<vdi-id>/<snapshot-id>/<host-id>` under the lease: a
 //!   snapshot this appliance reads without holding its disk.
+//! - **Requests** `wanted/<vdi-id>/<host-id>` under the lease: a client of
+//!   this appliance waits for a disk another one holds (a migrating VM);
+//!   the holder hands it over once its own clients are done with it.
 //!
 //! The engine calls from any thread (blocking pool, runtime workers): every
 //! call runs on the coordinator's own runtime (one worker thread) and is
@@ -34,8 +37,8 @@
 
 use anyhow::{anyhow, Context, Result};
 use etcd_client::{
-    Client, Compare, CompareOp, ConnectOptions, GetOptions, LockOptions, PutOptions, Txn, TxnOp,
-    TxnOpResponse,
+    Client, Compare, CompareOp, ConnectOptions, GetOptions, LockOptions, PutOptions, SortOrder,
+    SortTarget, Txn, TxnOp, TxnOpResponse,
 };
 use parallax_engine::{CatalogLock, Coordinator, Error as EngineError};
 use std::collections::HashSet;
@@ -64,6 +67,12 @@ pub struct ClusterOptions {
     /// How long a takeover waits, holding the disk's key, for what the old
     /// holder may still have in flight (`--takeover-grace`).
     pub takeover_grace: Duration,
+    /// How long a client's request waits for a disk another appliance
+    /// holds (`--claim-wait`; zero: such a disk is refused at connection).
+    pub claim_wait: Duration,
+    /// How long this appliance's clients of a disk another one asks for
+    /// must have been done with it before it is given up (`--yield-quiet`).
+    pub yield_quiet: Duration,
     /// What `hosts/<id>` says about this appliance (JSON).
     pub description: String,
 }
@@ -171,6 +180,8 @@ impl EtcdCoordinator {
             lease_ttl_s: self.options.lease_ttl.as_secs(),
             takeover: self.options.takeover,
             takeover_grace_ms: self.options.takeover_grace.as_millis() as u64,
+            claim_wait_ms: self.options.claim_wait.as_millis() as u64,
+            yield_quiet_ms: self.options.yield_quiet.as_millis() as u64,
         }
     }
 
@@ -776,6 +787,57 @@ impl Coordinator for Etcd {
                 let mut parts = kv.key_str().ok()?.rsplit('/');
                 parts.next()?;
                 parts.next()?.parse().ok()
+            })
+            .collect())
+    }
+
+    fn request_writer(&self, vdi_id: u64) -> parallax_engine::Result<()> {
+        let c = &self.0;
+        if !self.may_write() {
+            return Err(c.fenced());
+        }
+        let key = format!("{}wanted/{vdi_id}/{}", c.prefix, c.host_id);
+        let mut client = c.client.clone();
+        let lease = c.lease.id();
+        c.call("asking for a disk", async move {
+            client
+                .put(key, "", Some(PutOptions::new().with_lease(lease)))
+                .await
+        })
+        .map(drop)
+    }
+
+    fn withdraw_request(&self, vdi_id: u64) {
+        let c = &self.0;
+        let key = format!("{}wanted/{vdi_id}/{}", c.prefix, c.host_id);
+        let mut client = c.client.clone();
+        if let Err(e) = c.call("withdrawing a request for a disk", async move {
+            client.delete(key, None).await
+        }) {
+            // It goes with the lease at worst.
+            warn!("{e}");
+        }
+    }
+
+    fn writer_requests(&self) -> parallax_engine::Result<Vec<(u64, u64)>> {
+        let c = &self.0;
+        let prefix = format!("{}wanted/", c.prefix);
+        let mut client = c.client.clone();
+        let resp = c.call("reading the requests for disks", async move {
+            let options = GetOptions::new()
+                .with_prefix()
+                .with_keys_only()
+                .with_sort(SortTarget::Create, SortOrder::Ascend);
+            client.get(prefix, Some(options)).await
+        })?;
+        Ok(resp
+            .kvs()
+            .iter()
+            .filter_map(|kv| {
+                let mut parts = kv.key_str().ok()?.rsplit('/');
+                let host = parts.next()?.parse().ok()?;
+                let vdi = parts.next()?.parse().ok()?;
+                Some((vdi, host))
             })
             .collect())
     }

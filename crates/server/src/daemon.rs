@@ -145,6 +145,26 @@ fn take_over_scan(service: &Service, cluster: &EtcdCoordinator) -> Result<()> {
     Ok(())
 }
 
+/// Cluster mode: every [`YIELD_SCAN`], hands over the disks other
+/// appliances asked for (a VM migrating there), once this one's clients
+/// are done with them.
+async fn yield_requested(service: Arc<Service>) {
+    let mut tick = tokio::time::interval(YIELD_SCAN);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let svc = service.clone();
+        match tokio::task::spawn_blocking(move || svc.yield_requested()).await {
+            Ok(Err(e)) => debug!("giving up disks asked for: {e}"),
+            Err(e) => warn!("giving up disks asked for: {e}"),
+            Ok(Ok(())) => {}
+        }
+    }
+}
+
+/// How often an appliance looks for requests for the disks it holds.
+const YIELD_SCAN: Duration = Duration::from_millis(100);
+
 /// How often `--takeover` looks for disks to take over.
 const TAKEOVER_SCAN: Duration = Duration::from_secs(1);
 
@@ -406,6 +426,10 @@ async fn serve(options: &ServeOptions, service: Arc<Service>) -> Result<()> {
         .cluster()
         .filter(|c| c.options().takeover)
         .map(|c| tokio::spawn(take_over_orphans(service.clone(), c.clone())));
+    let yielder = service
+        .cluster()
+        .is_some()
+        .then(|| tokio::spawn(yield_requested(service.clone())));
     info!(
         store = %options.store_path.display(),
         nbd_tcp = ?tcp_addr,
@@ -417,7 +441,7 @@ async fn serve(options: &ServeOptions, service: Arc<Service>) -> Result<()> {
     wait_for_signal().await?;
     info!("shutting down: no new connections or requests; finishing those in flight");
     settler.abort();
-    if let Some(t) = taker {
+    for t in taker.into_iter().chain(yielder) {
         t.abort();
     }
     let _ = shutdown_tx.send(true);

@@ -92,20 +92,26 @@ fn handshake_config() -> HandshakeConfig {
 /// What one connection serves: a disk or one of its snapshots.
 type Target = Box<dyn ReadDisk>;
 
-fn open_target(service: &Service, name: &str) -> Result<Target, EngineError> {
+/// Opens export `name`; `None` for a disk another appliance of the
+/// cluster holds, which a client may wait for (see [`Claim`]).
+fn open_target(service: &Service, name: &str) -> Result<Option<Target>, EngineError> {
     let store = service.store();
     let export = DiskRef::split(name);
-    Ok(match &export.snapshot {
+    Ok(Some(match &export.snapshot {
         Some(snap) => Box::new(store.open_snapshot(&export.disk, snap)?),
-        None => Box::new(store.open_vdi(&export.disk)?),
-    })
+        None => match store.open_vdi(&export.disk) {
+            Ok(vdi) => Box::new(vdi),
+            Err(EngineError::Busy(_)) if !service.claim_wait().is_zero() => return Ok(None),
+            Err(e) => return Err(e),
+        },
+    }))
 }
 
 /// The store's disks and snapshots as the handshake sees them. Keeps the
 /// last export it opened, so that the one a GO chose is not opened twice.
 struct StoreExports<'a> {
     service: &'a Service,
-    last: std::sync::Mutex<Option<(String, Target)>>,
+    last: std::sync::Mutex<Option<(String, Option<Target>)>>,
     /// Why the last lookup failed, when that is worth telling the client
     /// (a disk another appliance of the cluster writes).
     refused: std::sync::Mutex<Option<(String, String)>>,
@@ -113,7 +119,7 @@ struct StoreExports<'a> {
 
 impl StoreExports<'_> {
     /// The negotiated export: the one already opened, or opened now.
-    fn take(&self, name: &str) -> Result<Target, EngineError> {
+    fn take(&self, name: &str) -> Result<Option<Target>, EngineError> {
         let last = self.last.lock().ok().and_then(|mut l| l.take());
         match last {
             Some((n, target)) if n == name => Ok(target),
@@ -140,10 +146,18 @@ impl Exports for StoreExports<'_> {
                 }
                 Err(_) => return None,
             };
-            let info = ExportInfo {
-                size: target.size(),
-                read_only: target.writable().is_none(),
-                description: None,
+            let info = match &target {
+                Some(t) => ExportInfo {
+                    size: t.size(),
+                    read_only: t.writable().is_none(),
+                    description: None,
+                },
+                // Held elsewhere: writable once asked for and given.
+                None => ExportInfo {
+                    size: self.service.store().disk_size(name).ok()?,
+                    read_only: false,
+                    description: None,
+                },
             };
             Some((target, info))
         })?;
@@ -233,9 +247,15 @@ pub async fn serve_connection<S>(
         }
     };
     let guard = service.register_connection(&negotiated.export, &peer);
-    info!(%peer, export = %negotiated.export, id = guard.id(), structured = negotiated.structured_replies, "client connected");
+    info!(%peer, export = %negotiated.export, id = guard.id(), structured = negotiated.structured_replies, held_elsewhere = target.is_none(), "client connected");
+    let claim = target.is_none().then(|| Claim {
+        name: negotiated.export.clone(),
+        service: service.clone(),
+        asking: std::sync::Mutex::new(()),
+    });
     let ctx = Arc::new(Connection {
-        target,
+        target: target.map(OnceLock::from).unwrap_or_default(),
+        claim,
         size: negotiated.info.size,
         read_only: negotiated.info.read_only,
         structured: negotiated.structured_replies,
@@ -252,7 +272,7 @@ pub async fn serve_connection<S>(
 }
 
 /// The outcome of a handshake, the bytes after it, and the chosen export.
-type Negotiation = (Negotiated, Vec<u8>, Result<Target, EngineError>);
+type Negotiation = (Negotiated, Vec<u8>, Result<Option<Target>, EngineError>);
 
 /// A place among the [`MAX_HANDSHAKES`], held until the handshake ends;
 /// `None` (and a warning) when there is none.
@@ -338,12 +358,48 @@ fn off_runtime<T>(f: impl FnOnce() -> T) -> T {
 
 /// The negotiated state of one connection, shared by its requests.
 struct Connection {
-    target: Target,
+    /// Set from the start, or once claimed.
+    target: OnceLock<Target>,
+    /// A disk another appliance held when the client connected: asked for
+    /// on the first request that needs it (any but FLUSH, which has
+    /// nothing of this connection's to make durable before).
+    claim: Option<Claim>,
     size: u64,
     read_only: bool,
     structured: bool,
     base_allocation: Option<u32>,
     uring: Option<Arc<Uring>>,
+}
+
+/// A disk to ask for (see [`Service::claim`]).
+struct Claim {
+    name: String,
+    service: Arc<Service>,
+    /// Held by the one request asking; the others wait for its outcome.
+    asking: std::sync::Mutex<()>,
+}
+
+impl Connection {
+    /// The export, asked for first if another appliance held it (waiting
+    /// for it: blocking).
+    fn target(&self) -> Result<&Target, Failure> {
+        if let Some(t) = self.target.get() {
+            return Ok(t);
+        }
+        let Some(claim) = &self.claim else {
+            return Err(Failure::new(proto::EIO, "no export"));
+        };
+        let _asking = claim
+            .asking
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(t) = self.target.get() {
+            return Ok(t);
+        }
+        let vdi = claim.service.claim(&claim.name)?;
+        info!(export = %claim.name, "the disk, asked for, is now held here");
+        Ok(self.target.get_or_init(|| Box::new(vdi)))
+    }
 }
 
 /// Recycled payload and READ buffers. A fresh 1 MiB buffer costs page
@@ -571,10 +627,12 @@ fn plan_async(ctx: &Connection, req: &Request) -> Option<Planned> {
     let (direction, plan) = match req.command {
         Command::Read if req.length <= MAX_PAYLOAD => (
             Direction::Read,
-            ctx.target.try_plan_read(req.offset, req.length as usize),
+            ctx.target
+                .get()?
+                .try_plan_read(req.offset, req.length as usize),
         ),
         Command::Write if req.flags & proto::CMD_FLAG_FUA == 0 && !ctx.read_only => {
-            let vdi = ctx.target.writable()?;
+            let vdi = ctx.target.get()?.writable()?;
             (
                 Direction::Write,
                 vdi.try_plan_write(req.offset, req.length as usize),
@@ -864,15 +922,16 @@ fn read(ctx: &Connection, req: &Request) -> Result<AlignedBuf, Failure> {
     }
     check_range(ctx, req, proto::EINVAL)?;
     let mut data = BufPool::global().take(req.length as usize);
-    ctx.target.read(&mut data, req.offset)?;
+    ctx.target()?.read(&mut data, req.offset)?;
     Ok(data)
 }
 
 fn writable(ctx: &Connection) -> Result<&Vdi, Failure> {
-    match ctx.target.writable() {
-        Some(v) if !ctx.read_only => Ok(v),
-        _ => Err(Failure::new(proto::EPERM, "the export is read-only")),
+    let read_only = || Failure::new(proto::EPERM, "the export is read-only");
+    if ctx.read_only {
+        return Err(read_only());
     }
+    ctx.target()?.writable().ok_or_else(read_only)
 }
 
 fn block_status(ctx: &Connection, req: &Request) -> Result<Vec<(u32, u32)>, Failure> {
@@ -888,7 +947,7 @@ fn block_status(ctx: &Connection, req: &Request) -> Result<Vec<(u32, u32)>, Fail
     check_range(ctx, req, proto::EINVAL)?;
     let len = u64::from(req.length).min(STATUS_WINDOW);
     let mut extents = Vec::new();
-    for e in ctx.target.block_status(req.offset, len)? {
+    for e in ctx.target()?.block_status(req.offset, len)? {
         let flags = if e.allocated {
             0
         } else {
@@ -923,7 +982,8 @@ fn other(ctx: &Connection, req: &Request, payload: &[u8]) -> Result<(), Failure>
             }
         }
         Command::Flush => {
-            if let Some(vdi) = ctx.target.writable() {
+            // Not asked for yet: nothing written through this connection.
+            if let Some(vdi) = ctx.target.get().and_then(|t| t.writable()) {
                 vdi.flush()?;
             }
         }

@@ -144,6 +144,42 @@ impl Service {
         &self.store
     }
 
+    /// Cluster mode: how long a client waits for a disk another appliance
+    /// holds (zero: such a disk is refused when a client connects; always
+    /// zero outside cluster mode).
+    pub fn claim_wait(&self) -> Duration {
+        self.cluster
+            .as_ref()
+            .map_or(Duration::ZERO, |c| c.options().claim_wait)
+    }
+
+    /// Opens disk `name` for a client, asking for it if another appliance
+    /// holds it and waiting up to [`Service::claim_wait`] (see
+    /// `Store::claim`); its schedule then runs here.
+    pub fn claim(&self, name: &str) -> Result<Vdi, parallax_engine::Error> {
+        let vdi = self.store.claim(name, self.claim_wait())?;
+        if let Some(s) = &self.scheduler {
+            s.refresh(&vdi);
+        }
+        Ok(vdi)
+    }
+
+    /// Cluster mode: hands over the disks other appliances asked for once
+    /// this one's clients are done with them (`--yield-quiet`); their
+    /// schedules stop here.
+    pub fn yield_requested(&self) -> Result<(), parallax_engine::Error> {
+        let Some(c) = &self.cluster else {
+            return Ok(());
+        };
+        for (name, r) in self.store.yield_requested(c.options().yield_quiet)? {
+            tracing::info!(disk = %name, to = r.to, epoch = r.epoch, took_ms = r.took.as_millis() as u64, "gave the disk to the appliance that asked for it");
+            if let (Some(s), Ok(info)) = (&self.scheduler, self.store.peek_info(&name)) {
+                s.stop(info.id);
+            }
+        }
+        Ok(())
+    }
+
     /// Records a client connected to `export` (`NAME` or `NAME@SNAP`).
     pub fn register_connection(&self, export: &str, peer: &str) -> ConnectionGuard<'_> {
         let id = self.next_connection.fetch_add(1, Ordering::Relaxed);

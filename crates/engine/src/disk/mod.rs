@@ -143,6 +143,7 @@ impl Vdi {
     /// Reads `buf.len()` bytes at `offset`. Unwritten ranges read as zeros.
     pub fn read(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         let disk = &*self.disk;
+        disk.used();
         let st = disk.state.read();
         disk.usable(&st)?;
         check_io_range(st.size, offset, buf.len() as u64)?;
@@ -180,6 +181,15 @@ impl Vdi {
     /// device flush under no disk lock; otherwise a pipelined commit. Reads
     /// and writes of the disk go on meanwhile, in either case.
     pub fn flush(&self) -> Result<()> {
+        let had_written = self.disk.flush_begins();
+        let flushed = self.flush_now();
+        if flushed.is_err() {
+            self.disk.flush_failed(had_written);
+        }
+        flushed
+    }
+
+    fn flush_now(&self) -> Result<()> {
         let disk = &*self.disk;
         let commit = disk.commit.lock();
         {
@@ -249,6 +259,7 @@ impl Vdi {
     /// Allocation status of `[offset, offset+len)`, as block-aligned runs
     /// clipped to the range.
     pub fn block_status(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
+        self.disk.used();
         self.disk.with_whole_tree(|st| {
             check_io_range(st.size, offset, len)?;
             tree_extents(&self.disk.pool, &st.tree, offset, len)

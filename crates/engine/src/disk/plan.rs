@@ -234,6 +234,7 @@ impl Vdi {
     /// [`Vdi::read`].
     pub fn try_plan_read(&self, offset: u64, len: usize) -> Result<Option<IoPlan>> {
         let disk = &self.disk;
+        disk.used();
         let Some(st) = disk.state.try_read_arc() else {
             return Ok(None);
         };

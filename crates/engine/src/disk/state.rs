@@ -352,6 +352,12 @@ pub(crate) struct Disk {
     /// When the disk last changed in memory (ns since the epoch): the
     /// store commits a disk idle for a while.
     last_change_ns: AtomicU64,
+    /// When a client last read, wrote or flushed the disk (ns since the
+    /// epoch), and whether it wrote since its last flush: a disk another
+    /// host asks for is given up only once both say its clients are done
+    /// with it (see `Store::yield_requested`).
+    last_use_ns: AtomicU64,
+    written_since_flush: std::sync::atomic::AtomicBool,
     /// Shared mode: when the store should next try to reclaim this disk's
     /// hidden versions (ns since the epoch; 0: at its next pass). See
     /// `reclaim.rs`.
@@ -411,6 +417,8 @@ impl Disk {
             stripes: (0..STRIPES).map(|_| Mutex::new(())).collect(),
             pins: Mutex::new(HashMap::new()),
             last_change_ns: AtomicU64::new(now_ns()),
+            last_use_ns: AtomicU64::new(now_ns()),
+            written_since_flush: std::sync::atomic::AtomicBool::new(false),
             reclaim_after_ns: AtomicU64::new(0),
         })
     }
@@ -522,9 +530,39 @@ impl Disk {
         Ok(st)
     }
 
-    /// Notes that the disk changed in memory now.
+    /// Notes that a client wrote the disk now (it changed in memory).
     pub(super) fn touch(&self) {
-        self.last_change_ns.store(now_ns(), Ordering::Relaxed);
+        let now = now_ns();
+        self.last_change_ns.store(now, Ordering::Relaxed);
+        self.last_use_ns.store(now, Ordering::Relaxed);
+        self.written_since_flush.store(true, Ordering::SeqCst);
+    }
+
+    /// Notes that a client read the disk now.
+    pub(super) fn used(&self) {
+        self.last_use_ns.store(now_ns(), Ordering::Relaxed);
+    }
+
+    /// A client's flush begins: what was written so far is being made
+    /// durable. Returns whether something was written since the last one,
+    /// for [`Disk::flush_failed`].
+    pub(super) fn flush_begins(&self) -> bool {
+        self.used();
+        self.written_since_flush.swap(false, Ordering::SeqCst)
+    }
+
+    /// The flush [`Disk::flush_begins`] announced failed.
+    pub(super) fn flush_failed(&self, had_written: bool) {
+        if had_written {
+            self.written_since_flush.store(true, Ordering::SeqCst);
+        }
+    }
+
+    /// Whether the disk's clients are done with it: everything they wrote
+    /// was flushed, and none of them used it for `quiet`.
+    pub(crate) fn is_quiet(&self, quiet: std::time::Duration) -> bool {
+        let idle = now_ns().saturating_sub(self.last_use_ns.load(Ordering::Relaxed));
+        !self.written_since_flush.load(Ordering::SeqCst) && idle >= quiet.as_nanos() as u64
     }
 
     /// Nanoseconds since the disk last changed in memory.
@@ -548,10 +586,23 @@ impl Disk {
     /// return), and marks the disk handed off, so that every later
     /// operation through a handle here fails. Returns the writer epoch.
     /// Refused while a view here reads one of its snapshots (the next
-    /// holder would not know of that pin).
-    pub(crate) fn seal_for_hand_off(&self, to: u64) -> Result<u64> {
+    /// holder would not know of that pin), and, with `quiet`, unless
+    /// [`Disk::is_quiet`] (checked with the requests in flight done).
+    pub(crate) fn seal_for_hand_off(
+        &self,
+        to: u64,
+        quiet: Option<std::time::Duration>,
+    ) -> Result<u64> {
         let mut st = self.exclusive()?;
         self.usable(&st)?;
+        if let Some(quiet) = quiet {
+            if !self.is_quiet(quiet) {
+                return Err(Error::Busy(format!(
+                    "disk {}: its clients here are using it",
+                    st.name
+                )));
+            }
+        }
         let read = self.pins.lock().len();
         if read > 0 {
             return Err(Error::Busy(format!(

@@ -43,6 +43,9 @@ use std::time::Duration;
 /// without telling the holder).
 const RECLAIM_RETRY: Duration = Duration::from_secs(5);
 
+/// How often [`Store::claim`] tries again to open a disk it asked for.
+const CLAIM_POLL: Duration = Duration::from_millis(20);
+
 /// What [`Store::take_over`] did.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct TakeoverReport {
@@ -78,6 +81,14 @@ impl Store {
     /// opens the disk from that commit (no takeover: the release is
     /// clean). Other hosts are refused the disk meanwhile.
     pub fn hand_off(&self, name: &str, to: u64) -> Result<HandoffReport> {
+        self.hand_off_if(name, to, None)
+    }
+
+    /// [`Store::hand_off`], with `quiet`: only if the disk's clients here
+    /// are done with it (everything they wrote flushed, and no request for
+    /// `quiet`), checked once the requests in flight are done; otherwise
+    /// [`Error::Busy`] and the disk stays here, untouched.
+    fn hand_off_if(&self, name: &str, to: u64, quiet: Option<Duration>) -> Result<HandoffReport> {
         let coord = self.inner.pool.coordinator().cloned().ok_or_else(|| {
             Error::InvalidArgument("handing a disk off needs cluster mode (--etcd)".into())
         })?;
@@ -101,7 +112,7 @@ impl Store {
                     coord.host_id()
                 ))
             })?;
-        let epoch = disk.seal_for_hand_off(to)?;
+        let epoch = disk.seal_for_hand_off(to, quiet)?;
         self.inner.open.lock().remove(&entry.vdi_id);
         if let Err(e) = coord.hand_over(entry.vdi_id, epoch, to) {
             // Still ours: back in service.
@@ -115,6 +126,79 @@ impl Store {
             to,
             took: start.elapsed(),
         })
+    }
+
+    /// Opens disk `name` to write it, asking for it if another host holds
+    /// it: the lease following a migrating VM. The request stands (under
+    /// this host's lease) until the disk is opened here or `wait` passed;
+    /// the holder hands the disk over once its own clients are done with
+    /// it ([`Store::yield_requested`]), never while they use it. A disk
+    /// whose holder died is opened once it is taken over (by this host's
+    /// `--takeover` or the operator). [`Error::Busy`] after `wait`.
+    pub fn claim(&self, name: &str, wait: Duration) -> Result<Vdi> {
+        let start = std::time::Instant::now();
+        let mut asked: Option<(std::sync::Arc<dyn crate::coord::Coordinator>, u64)> = None;
+        let result = loop {
+            let why = match self.open_vdi(name) {
+                Err(Error::Busy(why)) => why,
+                other => break other,
+            };
+            let Some(coord) = self.inner.pool.coordinator().cloned() else {
+                break Err(Error::Busy(why));
+            };
+            if start.elapsed() >= wait {
+                break Err(Error::Busy(format!(
+                    "{why}; its holder did not give it up within {wait:?}"
+                )));
+            }
+            if asked.is_none() {
+                let vdi_id = self.peek_info(name)?.id;
+                coord.request_writer(vdi_id)?;
+                asked = Some((coord, vdi_id));
+            }
+            std::thread::sleep(CLAIM_POLL);
+        };
+        if let Some((coord, vdi_id)) = asked {
+            coord.withdraw_request(vdi_id);
+        }
+        result
+    }
+
+    /// Hands over every disk held here that another host asks for
+    /// ([`Store::claim`]) and whose clients here are done with it
+    /// (everything they wrote flushed, nothing asked for `quiet`): to the
+    /// host that asked first. A disk in use stays here; it is looked at
+    /// again at the next call. Returns the disks handed over.
+    pub fn yield_requested(&self, quiet: Duration) -> Result<Vec<(String, HandoffReport)>> {
+        let Some(coord) = self.inner.pool.coordinator().cloned() else {
+            return Ok(Vec::new());
+        };
+        if self.inner.open.lock().is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut handed = Vec::new();
+        let mut looked_at = std::collections::HashSet::new();
+        for (vdi_id, host) in coord.writer_requests()? {
+            if host == coord.host_id() || !looked_at.insert(vdi_id) {
+                continue;
+            }
+            let Some(disk) = self.inner.open.lock().get(&vdi_id).cloned() else {
+                continue;
+            };
+            if !disk.is_quiet(quiet) {
+                continue;
+            }
+            let Ok(name) = disk.read_state().map(|st| st.name().to_string()) else {
+                continue;
+            };
+            drop(disk);
+            match self.hand_off_if(&name, host, Some(quiet)) {
+                Ok(report) => handed.push((name, report)),
+                Err(Error::Busy(_)) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(handed)
     }
 
     /// Takes over disk `name`, whose holder did not let it go (it died, or
