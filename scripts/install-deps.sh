@@ -6,7 +6,8 @@
 #   scripts/install-deps.sh          test clients: qemu-utils, libnbd-bin, fio,
 #                                    nbdkit; etcd-server (cluster tests);
 #                                    protobuf-compiler (the etcd client's build)
-#   scripts/install-deps.sh --vm     also qemu-system-x86 (README VM walk-through)
+#   scripts/install-deps.sh --vm     also qemu-system-x86 and busybox-static (README
+#                                    VM walk-through; the live-migration test's guest)
 set -euo pipefail
 
 want_vm=0
@@ -24,6 +25,7 @@ command -v etcd >/dev/null || need+=(etcd-server)
 command -v protoc >/dev/null || need+=(protobuf-compiler)
 vm_needed=0
 if [ "$want_vm" = 1 ] && ! command -v qemu-system-x86_64 >/dev/null; then vm_needed=1; fi
+if [ "$want_vm" = 1 ] && [ ! -x /bin/busybox ]; then need+=(busybox-static); fi
 
 if [ ${#need[@]} -eq 0 ] && [ "$vm_needed" = 0 ]; then
     exit 0

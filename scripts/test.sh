@@ -8,8 +8,9 @@ cd "$(dirname "$0")/.."
 
 FUZZ_SECONDS="${FUZZ_SECONDS:-15}"
 
-# Real clients the tests drive: qemu-img/qemu-io, nbdinfo/nbdcopy, fio, nbdkit.
-bash scripts/install-deps.sh
+# Real clients the tests drive: qemu-img/qemu-io, nbdinfo/nbdcopy, fio, nbdkit,
+# etcd, and qemu-system-x86 with busybox for the guests (the live-migration test).
+bash scripts/install-deps.sh --vm
 
 echo "== cargo fmt --check"
 cargo fmt --all -- --check

@@ -1399,3 +1399,237 @@ fn a_disk_follows_its_client_but_never_leaves_a_busy_one() {
         "{log}"
     );
 }
+
+/// A QEMU machine monitor (QMP) on a Unix socket.
+struct Qmp {
+    reader: BufReader<std::os::unix::net::UnixStream>,
+    writer: std::os::unix::net::UnixStream,
+}
+
+impl Qmp {
+    /// Connects (waiting for QEMU to listen) and leaves capabilities
+    /// negotiation.
+    fn connect(path: &std::path::Path) -> Qmp {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let stream = loop {
+            match std::os::unix::net::UnixStream::connect(path) {
+                Ok(s) => break s,
+                Err(e) => {
+                    assert!(Instant::now() < deadline, "QMP {}: {e}", path.display());
+                    thread::sleep(Duration::from_millis(50));
+                }
+            }
+        };
+        let mut qmp = Qmp {
+            reader: BufReader::new(stream.try_clone().unwrap()),
+            writer: stream,
+        };
+        let mut greeting = String::new();
+        qmp.reader.read_line(&mut greeting).unwrap();
+        assert!(greeting.contains("QMP"), "{greeting}");
+        qmp.execute(serde_json::json!({"execute": "qmp_capabilities"}));
+        qmp
+    }
+
+    /// Runs a command; returns its `return` (events on the way are skipped).
+    fn execute(&mut self, command: Value) -> Value {
+        writeln!(self.writer, "{command}").unwrap();
+        loop {
+            let mut line = String::new();
+            assert!(self.reader.read_line(&mut line).unwrap() > 0, "QMP closed");
+            let v: Value = serde_json::from_str(&line).unwrap();
+            if let Some(r) = v.get("return") {
+                return r.clone();
+            }
+            assert!(v.get("error").is_none(), "{command}: {v}");
+        }
+    }
+}
+
+/// The `done N` lines a guest printed on its serial console.
+fn records_done(serial: &std::path::Path) -> Vec<u64> {
+    std::fs::read_to_string(serial)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("done ")?.parse().ok())
+        .collect()
+}
+
+/// Waits until the guest printed `done N` for some N ≥ `n`.
+fn wait_for_record(serial: &std::path::Path, n: u64, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while records_done(serial).last().is_none_or(|&last| last < n) {
+        assert!(
+            Instant::now() < deadline,
+            "{what}: no record {n}: {}",
+            std::fs::read_to_string(serial).unwrap_or_default()
+        );
+        thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// QEMU live migration between two appliances: a TCG guest runs the
+/// program of a clone of a gold image through host 1 (numbered records,
+/// each written with fsync and then announced on the serial console),
+/// is migrated to a QEMU whose drive goes through host 2, and writes on;
+/// host 2 gets the disk on the guest's first write after the switch-over
+/// (host 1's client, the source QEMU, flushed and went quiet). At the end
+/// every record the guest announced is on the disk, read through host 3.
+#[test]
+fn a_vm_migrates_between_appliances_with_its_disk() {
+    if !have("etcd", "--version")
+        || !have("qemu-io", "--version")
+        || !have("qemu-system-x86_64", "--version")
+    {
+        return;
+    }
+    let guest = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("guest");
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../../scripts/guest.sh");
+    let built = Command::new("bash")
+        .arg(script)
+        .arg(&guest)
+        .output()
+        .unwrap();
+    assert!(built.status.success(), "scripts/guest.sh: {}", text(&built));
+
+    let c = Cluster::claiming(3, "3s", "30s");
+    // The gold image: the guest's program in its first 4 KiB.
+    let program = "echo \"program: writer\"\n\
+        i=0\n\
+        while true; do\n\
+        printf 'record %08d\\n' $i | dd of=/dev/vda bs=4096 seek=$((16+i)) conv=sync,notrunc,fsync 2>/dev/null || { echo \"write $i failed\"; break; }\n\
+        echo \"done $i\"\n\
+        i=$((i+1))\n\
+        done\n";
+    let d = c.dir.path();
+    std::fs::write(d.join("program.sh"), program).unwrap();
+    c.ok(1, &["create", "gold", "--size", "64M"]);
+    let len = program.len();
+    let w = qemu_io(
+        &c.uri(1, "gold"),
+        &[format!(
+            "write -s {} 0 {len}",
+            d.join("program.sh").display()
+        )],
+    );
+    assert!(w.status.success(), "{}", text(&w));
+    c.ok(1, &["snapshot", "gold@v1"]);
+    c.ok(1, &["clone", "gold@v1", "vm1"]);
+
+    let qemu = |h: u64, name: &str, incoming: Option<&str>| {
+        let mut cmd = Command::new("qemu-system-x86_64");
+        cmd.args(["-accel", "tcg", "-m", "256", "-display", "none"])
+            .args(["-monitor", "none", "-no-reboot"])
+            .arg("-serial")
+            .arg(format!(
+                "file:{}",
+                d.join(format!("{name}.serial")).display()
+            ))
+            .arg("-qmp")
+            .arg(format!(
+                "unix:{},server=on,wait=off",
+                d.join(format!("{name}.qmp")).display()
+            ))
+            .arg("-kernel")
+            .arg(guest.join("vmlinuz"))
+            .arg("-initrd")
+            .arg(guest.join("initrd.img"))
+            .args(["-append", "console=ttyS0 quiet panic=-1"])
+            .arg("-drive")
+            .arg(format!(
+                "file={},format=raw,if=virtio,cache=none",
+                c.uri(h, "vm1")
+            ));
+        if let Some(uri) = incoming {
+            cmd.args(["-incoming", uri]);
+        }
+        let log = std::fs::File::create(d.join(format!("{name}.log"))).unwrap();
+        Proc(Some(
+            cmd.stdout(log.try_clone().unwrap())
+                .stderr(log)
+                .spawn()
+                .unwrap(),
+        ))
+    };
+    let mut source = qemu(1, "source", None);
+    wait_for_record(&d.join("source.serial"), 20, "the guest on host 1");
+
+    // The destination connects to host 2, which waits for the disk.
+    let incoming = format!("unix:{}", d.join("migration.sock").display());
+    let mut destination = qemu(2, "destination", Some(&incoming));
+    let mut src_qmp = Qmp::connect(&d.join("source.qmp"));
+    let mut dst_qmp = Qmp::connect(&d.join("destination.qmp"));
+    assert_eq!(c.json(2, &["info", "vm1"])["writer"]["host_id"], 1);
+    let started = Instant::now();
+    src_qmp.execute(serde_json::json!({"execute": "migrate", "arguments": {"uri": incoming}}));
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let m = src_qmp.execute(serde_json::json!({"execute": "query-migrate"}));
+        match m["status"].as_str() {
+            Some("completed") => break,
+            Some("failed") | Some("cancelled") => panic!("migration: {m}"),
+            _ => {}
+        }
+        assert!(Instant::now() < deadline, "migration still running: {m}");
+        thread::sleep(Duration::from_millis(100));
+    }
+    let migrated = started.elapsed();
+    let status = dst_qmp.execute(serde_json::json!({"execute": "query-status"}));
+    assert_eq!(status["status"], "running", "{status}");
+    let before = records_done(&d.join("source.serial"));
+    let last_on_source = *before.last().unwrap();
+
+    // The guest writes on, through host 2.
+    let after_switch = Instant::now();
+    wait_for_record(
+        &d.join("destination.serial"),
+        last_on_source + 20,
+        "the guest after migration",
+    );
+    let info = c.json(2, &["info", "vm1"]);
+    assert_eq!(info["writer"]["host_id"], 2, "{info}");
+    eprintln!(
+        "migration took {migrated:?}; 20 more records through host 2 after {:?}",
+        after_switch.elapsed()
+    );
+    destination.stop();
+    source.stop();
+
+    let serial = std::fs::read_to_string(d.join("destination.serial")).unwrap();
+    assert!(!serial.contains("failed"), "{serial}");
+    let mut done = before;
+    done.extend(records_done(&d.join("destination.serial")));
+    let last = *done.last().unwrap();
+    assert_eq!(
+        done,
+        (0..=last).collect::<Vec<_>>(),
+        "records announced out of order or twice"
+    );
+
+    // Every announced record, read through host 3 from a snapshot taken
+    // on host 2.
+    c.ok(2, &["snapshot", "vm1@end"]);
+    let image = d.join("vm1.raw");
+    let got = Command::new("qemu-img")
+        .args(["convert", "-f", "raw", "-O", "raw"])
+        .arg(c.uri(3, "vm1@end"))
+        .arg(&image)
+        .output()
+        .unwrap();
+    assert!(got.status.success(), "{}", text(&got));
+    let bytes = std::fs::read(&image).unwrap();
+    for i in 0..=last {
+        let at = ((16 + i) * 4096) as usize;
+        let want = format!("record {i:08}\n");
+        assert_eq!(
+            &bytes[at..at + want.len()],
+            want.as_bytes(),
+            "record {i} of {last} is not on the disk"
+        );
+    }
+    let log1 = std::fs::read_to_string(d.join("serve1.log")).unwrap();
+    assert!(
+        log1.contains("gave the disk to the appliance that asked for it"),
+        "{log1}"
+    );
+}
