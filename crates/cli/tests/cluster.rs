@@ -1346,6 +1346,12 @@ fn a_disk_follows_its_client_but_never_leaves_a_busy_one() {
     writeln!(stdin, "write -P 0x41 0 4k").unwrap();
     let mut said = read_until(&mut stdout, "wrote 4096/");
 
+    // A client of host 2 reads the disk as its last commit has it,
+    // without taking it.
+    let r = qemu_io(&c.uri(2, "vm"), &["read 0 4k".into()]);
+    assert!(r.status.success(), "host 2 reading vm: {}", text(&r));
+    assert_eq!(c.json(2, &["info", "vm"])["writer"]["host_id"], 1);
+
     // Busy: written and not flushed. Host 2's client waits, then fails.
     let started = Instant::now();
     let w = qemu_io(&c.uri(2, "vm"), &["write -P 0x42 4k 4k".into()]);
@@ -1471,7 +1477,8 @@ fn wait_for_record(serial: &std::path::Path, n: u64, what: &str) {
 /// QEMU live migration between two appliances: a TCG guest runs the
 /// program of a clone of a gold image through host 1 (numbered records,
 /// each written with fsync and then announced on the serial console),
-/// is migrated to a QEMU whose drive goes through host 2, and writes on;
+/// is migrated to a QEMU whose drive goes through host 2 (started with
+/// the source: its reads at start do not take the disk), and writes on;
 /// host 2 gets the disk on the guest's first write after the switch-over
 /// (host 1's client, the source QEMU, flushed and went quiet). At the end
 /// every record the guest announced is on the disk, read through host 3.
@@ -1551,12 +1558,14 @@ fn a_vm_migrates_between_appliances_with_its_disk() {
                 .unwrap(),
         ))
     };
+    // The destination starts with the source, while the guest boots (its
+    // disk quiet): it reads the first sector at start (the geometry
+    // guess), which host 2 serves from the last commit without taking the
+    // disk from host 1.
     let mut source = qemu(1, "source", None);
-    wait_for_record(&d.join("source.serial"), 20, "the guest on host 1");
-
-    // The destination connects to host 2, which waits for the disk.
     let incoming = format!("unix:{}", d.join("migration.sock").display());
     let mut destination = qemu(2, "destination", Some(&incoming));
+    wait_for_record(&d.join("source.serial"), 20, "the guest on host 1");
     let mut src_qmp = Qmp::connect(&d.join("source.qmp"));
     let mut dst_qmp = Qmp::connect(&d.join("destination.qmp"));
     assert_eq!(c.json(2, &["info", "vm1"])["writer"]["host_id"], 1);

@@ -360,9 +360,9 @@ fn off_runtime<T>(f: impl FnOnce() -> T) -> T {
 struct Connection {
     /// Set from the start, or once claimed.
     target: OnceLock<Target>,
-    /// A disk another appliance held when the client connected: asked for
-    /// on the first request that needs it (any but FLUSH, which has
-    /// nothing of this connection's to make durable before).
+    /// A disk another appliance held when the client connected: read as
+    /// its newest commit has it, and asked for on the first request that
+    /// changes it (WRITE, TRIM, WRITE_ZEROES).
     claim: Option<Claim>,
     size: u64,
     read_only: bool,
@@ -922,7 +922,13 @@ fn read(ctx: &Connection, req: &Request) -> Result<AlignedBuf, Failure> {
     }
     check_range(ctx, req, proto::EINVAL)?;
     let mut data = BufPool::global().take(req.length as usize);
-    ctx.target()?.read(&mut data, req.offset)?;
+    match (ctx.target.get(), &ctx.claim) {
+        (None, Some(claim)) => {
+            let store = claim.service.store();
+            store.read_committed(&claim.name, &mut data, req.offset)?
+        }
+        _ => ctx.target()?.read(&mut data, req.offset)?,
+    }
     Ok(data)
 }
 
@@ -947,7 +953,14 @@ fn block_status(ctx: &Connection, req: &Request) -> Result<Vec<(u32, u32)>, Fail
     check_range(ctx, req, proto::EINVAL)?;
     let len = u64::from(req.length).min(STATUS_WINDOW);
     let mut extents = Vec::new();
-    for e in ctx.target()?.block_status(req.offset, len)? {
+    let status = match (ctx.target.get(), &ctx.claim) {
+        (None, Some(claim)) => {
+            let store = claim.service.store();
+            store.committed_extents(&claim.name, req.offset, len)?
+        }
+        _ => ctx.target()?.block_status(req.offset, len)?,
+    };
+    for e in status {
         let flags = if e.allocated {
             0
         } else {

@@ -36,6 +36,7 @@ use std::sync::Arc;
 pub use plan::{IoPlan, Transfer};
 pub(crate) use reclaim::Holds;
 pub(crate) use state::{verify_allocated, Disk, DiskState, Origin};
+pub(crate) use view::{extents_at_root, read_at_root};
 pub use view::{ReadDisk, SnapshotView};
 
 /// Largest virtual disk: the tree's reach.

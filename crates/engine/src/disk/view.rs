@@ -42,6 +42,34 @@ pub trait ReadDisk: Send + Sync {
     }
 }
 
+/// Reads a disk as the commit with root `root` has it, for reads of a disk
+/// another host holds (`Store::read_committed`). Nothing pins that
+/// commit's blocks: the caller checks afterwards that the disk did not
+/// commit meanwhile (its holder frees blocks only once a newer header is
+/// durable).
+pub(crate) fn read_at_root(
+    pool: &Pool,
+    root: parallax_format::Ptr,
+    size: u64,
+    buf: &mut [u8],
+    offset: u64,
+) -> Result<()> {
+    check_io_range(size, offset, buf.len() as u64)?;
+    read_tree(pool, &Tree::open(root), None, buf, offset)
+}
+
+/// [`read_at_root`] for allocation status.
+pub(crate) fn extents_at_root(
+    pool: &Pool,
+    root: parallax_format::Ptr,
+    size: u64,
+    offset: u64,
+    len: u64,
+) -> Result<Vec<Extent>> {
+    check_io_range(size, offset, len)?;
+    tree_extents(pool, &Tree::open(root), offset, len)
+}
+
 /// A read-only view of a snapshot. See the module documentation.
 pub struct SnapshotView {
     tree: Tree,

@@ -28,7 +28,7 @@
 //!
 //! [`Coordinator::pin_snapshot`]: crate::coord::Coordinator::pin_snapshot
 
-use crate::disk::{log, Holds, SnapshotView, Vdi};
+use crate::disk::{extents_at_root, log, read_at_root, Extent, Holds, SnapshotView, Vdi};
 use crate::error::{Error, Result};
 use crate::lineage::SnapshotInfo;
 use crate::store::catalog::{read_vdi_header, Catalog};
@@ -42,6 +42,10 @@ use std::time::Duration;
 /// the store looks at them again (pins and clones of other hosts go away
 /// without telling the holder).
 const RECLAIM_RETRY: Duration = Duration::from_secs(5);
+
+/// Reads of a disk held elsewhere tried before giving up (see
+/// [`Store::read_committed`]).
+const COMMITTED_READ_TRIES: usize = 10;
 
 /// How often [`Store::claim`] tries again to open a disk it asked for.
 const CLAIM_POLL: Duration = Duration::from_millis(20);
@@ -162,6 +166,53 @@ impl Store {
             coord.withdraw_request(vdi_id);
         }
         result
+    }
+
+    /// Reads disk `name` as its newest commit on the pool has it, without
+    /// opening it (another host may hold it): what a client of this host
+    /// waiting for the disk reads until it writes (QEMU's migration
+    /// destination reads the first sector when it starts, while the source
+    /// still runs). It sees every write its holder's clients flushed, and
+    /// nothing they did not. The read is made again if the disk committed
+    /// meanwhile (its holder may then have freed and reused a block of the
+    /// older commit); [`Error::Busy`] after [`COMMITTED_READ_TRIES`].
+    pub fn read_committed(&self, name: &str, buf: &mut [u8], offset: u64) -> Result<()> {
+        self.at_newest_commit(name, |pool, header| {
+            read_at_root(pool, header.root, header.size_bytes, buf, offset)
+        })
+    }
+
+    /// [`Store::read_committed`] for allocation status.
+    pub fn committed_extents(&self, name: &str, offset: u64, len: u64) -> Result<Vec<Extent>> {
+        self.at_newest_commit(name, |pool, header| {
+            extents_at_root(pool, header.root, header.size_bytes, offset, len)
+        })
+    }
+
+    /// Runs `f` on disk `name`'s newest header on the pool, again while the
+    /// header changed under it.
+    fn at_newest_commit<T>(
+        &self,
+        name: &str,
+        mut f: impl FnMut(&crate::pool::Pool, &parallax_format::VdiHeader) -> Result<T>,
+    ) -> Result<T> {
+        let entry = {
+            let catalog = self.catalog()?;
+            find(&catalog, name)?
+        };
+        let pool = &self.inner.pool;
+        let stamp = |h: &parallax_format::VdiHeader| (h.writer_epoch, h.generation);
+        for _ in 0..COMMITTED_READ_TRIES {
+            let (header, _) = read_vdi_header(pool, &entry)?;
+            let outcome = f(pool, &header);
+            let (now, _) = read_vdi_header(pool, &entry)?;
+            if stamp(&now) == stamp(&header) {
+                return outcome;
+            }
+        }
+        Err(Error::Busy(format!(
+            "disk {name} committed under every one of {COMMITTED_READ_TRIES} reads"
+        )))
     }
 
     /// Hands over every disk held here that another host asks for
