@@ -184,14 +184,38 @@ pub fn hosts(ctx: &Context) -> Result<()> {
     if ctx.json {
         return print_json(&hosts);
     }
-    let mut table = Table::new(&["HOST", "NBD", "CONTROL", "WRITING"]);
+    let mut table = Table::new(&[
+        "HOST",
+        "NBD",
+        "CONTROL",
+        "LEASE LEFT",
+        "WRITING",
+        "HANDING OFF",
+        "ASKING FOR",
+    ]);
+    let or_dash = |v: Vec<String>| {
+        if v.is_empty() {
+            "-".to_string()
+        } else {
+            v.join(",")
+        }
+    };
     for h in hosts {
         let field = |k: &str| h.registered[k].as_str().unwrap_or("-").to_string();
         table.row(vec![
             h.host_id.to_string(),
             field("nbd_tcp"),
             field("control"),
+            h.lease_left_ms
+                .map_or("-".into(), |ms| format!("{:.0} s", ms as f64 / 1000.0)),
             h.writing.len().to_string(),
+            or_dash(
+                h.handing_off
+                    .iter()
+                    .map(|o| format!("{}->{}", o.disk, o.to))
+                    .collect(),
+            ),
+            or_dash(h.asking_for.clone()),
         ]);
     }
     print(&table.render())
@@ -395,12 +419,21 @@ pub fn info(ctx: &Context, target: &DiskRef) -> Result<()> {
             d.writer.as_ref().filter(|w| w.host_id != 0).map_or_else(
                 || "-".into(),
                 |w| {
-                    format!(
+                    let mut s = format!(
                         "host {} (epoch {}){}",
                         w.host_id,
                         w.epoch,
                         if w.here { ", this appliance" } else { "" }
-                    )
+                    );
+                    if let Some(to) = w.handing_off_to {
+                        s.push_str(&format!("; being handed off to host {to}"));
+                    }
+                    if !w.asked_for_by.is_empty() {
+                        let hosts: Vec<String> =
+                            w.asked_for_by.iter().map(u64::to_string).collect();
+                        s.push_str(&format!("; asked for by host {}", hosts.join(", ")));
+                    }
+                    s
                 },
             ),
         ),

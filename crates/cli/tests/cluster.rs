@@ -1352,9 +1352,32 @@ fn a_disk_follows_its_client_but_never_leaves_a_busy_one() {
     assert!(r.status.success(), "host 2 reading vm: {}", text(&r));
     assert_eq!(c.json(2, &["info", "vm"])["writer"]["host_id"], 1);
 
-    // Busy: written and not flushed. Host 2's client waits, then fails.
+    // Busy: written and not flushed. Host 2's client waits, then fails;
+    // meanwhile `hosts` and `info` show the request.
     let started = Instant::now();
-    let w = qemu_io(&c.uri(2, "vm"), &["write -P 0x42 4k 4k".into()]);
+    let uri = c.uri(2, "vm");
+    let asking = thread::spawn(move || qemu_io(&uri, &["write -P 0x42 4k 4k".into()]));
+    let deadline = Instant::now() + Duration::from_secs(2);
+    let hosts = loop {
+        let hosts = c.json(1, &["hosts"]);
+        if hosts[1]["asking_for"] == serde_json::json!(["vm"]) {
+            break hosts;
+        }
+        assert!(Instant::now() < deadline, "no request shown: {hosts}");
+        thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(hosts[0]["writing"][0]["disk"], "vm", "{hosts}");
+    for h in hosts.as_array().unwrap() {
+        let left = h["lease_left_ms"].as_u64().unwrap();
+        assert!(left > 0 && left <= 3000, "{h}");
+    }
+    let info = c.json(1, &["info", "vm"]);
+    assert_eq!(
+        info["writer"]["asked_for_by"],
+        serde_json::json!([2]),
+        "{info}"
+    );
+    let w = asking.join().unwrap();
     let waited = started.elapsed();
     assert!(
         text(&w).contains("write failed"),
@@ -1404,6 +1427,49 @@ fn a_disk_follows_its_client_but_never_leaves_a_busy_one() {
         log.contains("gave the disk to the appliance that asked for it"),
         "{log}"
     );
+
+    // A hand-off to a host that is not there is refused; one in progress
+    // (asked through the API, which does not make the target open it) is
+    // shown until the target's client takes the disk.
+    let typo = c.px(2, &["handoff", "vm", "--to", "9"]);
+    assert!(
+        !typo.status.success() && text(&typo).contains("host 9 is not in the cluster"),
+        "{}",
+        text(&typo)
+    );
+    let posted = api_post(&c.control(2), "/v1/disks/vm/handoff", r#"{"to": 1}"#);
+    assert!(posted.starts_with("200"), "{posted}");
+    let hosts = c.json(1, &["hosts"]);
+    assert_eq!(hosts[1]["handing_off"][0]["disk"], "vm", "{hosts}");
+    assert_eq!(hosts[1]["handing_off"][0]["to"], 1, "{hosts}");
+    let info = c.json(1, &["info", "vm"]);
+    assert_eq!(info["writer"]["handing_off_to"], 1, "{info}");
+    let r = qemu_io(&c.uri(1, "vm"), &["write -P 0x45 12k 4k".into()]);
+    assert!(r.status.success(), "{}", text(&r));
+    let hosts = c.json(1, &["hosts"]);
+    assert_eq!(hosts[1]["handing_off"], serde_json::json!([]), "{hosts}");
+    assert_eq!(hosts[0]["writing"][0]["disk"], "vm", "{hosts}");
+}
+
+/// POSTs `body` to `path` on an appliance's control socket; returns the
+/// status code and the answer.
+fn api_post(control: &std::path::Path, path: &str, body: &str) -> String {
+    let script = "import http.client, socket, sys\n\
+        class C(http.client.HTTPConnection):\n\
+        \x20   def connect(self):\n\
+        \x20       self.sock = socket.socket(socket.AF_UNIX)\n\
+        \x20       self.sock.connect(sys.argv[1])\n\
+        c = C('localhost')\n\
+        c.request('POST', sys.argv[2], body=sys.argv[3], headers={'Content-Type': 'application/json'})\n\
+        r = c.getresponse()\n\
+        print(r.status, r.read().decode())\n";
+    let out = Command::new("python3")
+        .args(["-c", script])
+        .arg(control)
+        .args([path, body])
+        .output()
+        .unwrap();
+    text(&out)
 }
 
 /// A QEMU machine monitor (QMP) on a Unix socket.

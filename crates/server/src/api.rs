@@ -48,6 +48,12 @@ pub struct WriterInfo {
     pub epoch: u64,
     /// Whether this appliance holds the disk now.
     pub here: bool,
+    /// A hand-off in progress: the host the disk is reserved for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub handing_off_to: Option<u64>,
+    /// Hosts whose clients wait for the disk.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub asked_for_by: Vec<u64>,
 }
 
 /// Counters of a disk's schedule since the daemon started.
@@ -137,8 +143,33 @@ pub struct HostInfo {
     pub host_id: u64,
     /// What the appliance registered (its NBD and control addresses).
     pub registered: serde_json::Value,
-    /// Disks whose writer key it holds: (disk id, epoch).
-    pub writing: Vec<(u64, u64)>,
+    /// What is left of its etcd lease (it renews it every third of the
+    /// TTL; one that cannot stops writing before it ends), if etcd said.
+    pub lease_left_ms: Option<u64>,
+    /// Disks whose writer key it holds.
+    pub writing: Vec<HeldDisk>,
+    /// Disks it is handing off: reserved for another host until it takes
+    /// them (or the reservation ends).
+    pub handing_off: Vec<HandingOff>,
+    /// Disks its clients wait for, held by another host.
+    pub asking_for: Vec<String>,
+}
+
+/// A disk a host writes, and the epoch of its key.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HeldDisk {
+    pub disk: String,
+    pub disk_id: u64,
+    pub epoch: u64,
+}
+
+/// A hand-off in progress.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HandingOff {
+    pub disk: String,
+    pub to: u64,
+    /// Until when (Unix ms) the disk is reserved for `to`.
+    pub until_ms: u64,
 }
 
 /// `parallax takeover`: what taking a disk over did.

@@ -349,27 +349,99 @@ impl EtcdCoordinator {
         Ok(hosts)
     }
 
-    /// Disk id ─▶ (host, epoch) of every writer key.
-    pub fn writers(&self) -> parallax_engine::Result<Vec<(u64, u64, u64)>> {
+    /// Disk `vdi_id`'s hand-off in progress (the host it is reserved for)
+    /// and the hosts asking for it (for `parallax info`).
+    pub fn transfers_of(&self, vdi_id: u64) -> parallax_engine::Result<(Option<u64>, Vec<u64>)> {
+        let (handoff, wanted) = (
+            format!("{}disks/{vdi_id}/handoff", self.prefix),
+            format!("{}wanted/{vdi_id}/", self.prefix),
+        );
         let mut client = self.client.clone();
-        let key = format!("{}disks/", self.prefix);
-        let resp = self.call("listing the writers", async move {
-            client.get(key, Some(GetOptions::new().with_prefix())).await
+        let (handoff, wanted) = self.call("reading a disk's transfers", async move {
+            let h = client.get(handoff, None).await?;
+            let w = client
+                .get(
+                    wanted,
+                    Some(GetOptions::new().with_prefix().with_keys_only()),
+                )
+                .await?;
+            Ok::<_, etcd_client::Error>((h, w))
         })?;
-        Ok(resp
-            .kvs()
-            .iter()
-            .filter_map(|kv| {
-                let mut parts = kv.key_str().ok()?.rsplit('/');
-                // Not `released` or `handoff`.
-                if parts.next()? != "writer" {
-                    return None;
-                }
-                let disk = parts.next()?.parse().ok()?;
-                let host = kv.value_str().ok()?.parse().ok()?;
-                Some((disk, host, kv.create_revision() as u64))
+        let to = handoff.kvs().first().and_then(|kv| {
+            let value = kv.value_str().ok()?;
+            let mut parts = value.split(':').map(|p| p.parse::<u64>().unwrap_or(0));
+            let (to, until) = (parts.next()?, parts.next()?);
+            (until > unix_ms()).then_some(to)
+        });
+        Ok((
+            to,
+            wanted
+                .kvs()
+                .iter()
+                .filter_map(|kv| key_field(kv, 0))
+                .collect(),
+        ))
+    }
+
+    /// What every appliance holds, hands off and asks for, from etcd (for
+    /// `parallax hosts`).
+    pub fn overview(&self) -> parallax_engine::Result<Overview> {
+        let get = |what: &'static str, key: String| {
+            let mut client = self.client.clone();
+            self.call(what, async move {
+                client.get(key, Some(GetOptions::new().with_prefix())).await
             })
-            .collect())
+        };
+        let hosts = get("listing the hosts", format!("{}hosts/", self.prefix))?;
+        let disks = get("listing the writers", format!("{}disks/", self.prefix))?;
+        let wanted = get("listing requests", format!("{}wanted/", self.prefix))?;
+        let mut overview = Overview::default();
+        for kv in hosts.kvs() {
+            let Some(id) = key_field(kv, 0) else { continue };
+            let mut client = self.client.clone();
+            let lease = kv.lease();
+            let left = self
+                .call("reading a lease", async move {
+                    client.lease_time_to_live(lease, None).await
+                })
+                .ok()
+                .map(|r| (r.ttl().max(0) as u64) * 1000);
+            let description = kv.value_str().unwrap_or("").to_string();
+            overview.hosts.push((id, description, left, lease));
+        }
+        overview.hosts.sort();
+        for kv in disks.kvs() {
+            let (Some(disk), Ok(value)) = (key_field(kv, 1), kv.value_str()) else {
+                continue;
+            };
+            match kv.key_str().ok().and_then(|k| k.rsplit('/').next()) {
+                Some("writer") => {
+                    if let Ok(host) = value.parse() {
+                        overview
+                            .writers
+                            .push((disk, host, kv.create_revision() as u64));
+                    }
+                }
+                Some("handoff") => {
+                    let mut parts = value.split(':').map(|p| p.parse::<u64>().unwrap_or(0));
+                    let (to, until) = (parts.next().unwrap_or(0), parts.next().unwrap_or(0));
+                    // The giver is the host whose lease the reservation is under.
+                    let from = overview
+                        .hosts
+                        .iter()
+                        .find(|h| h.3 == kv.lease())
+                        .map_or(0, |h| h.0);
+                    overview.handoffs.push((disk, from, to, until));
+                }
+                _ => {}
+            }
+        }
+        for kv in wanted.kvs() {
+            if let (Some(host), Some(disk)) = (key_field(kv, 0), key_field(kv, 1)) {
+                overview.requests.push((disk, host));
+            }
+        }
+        Ok(overview)
     }
 
     /// Creates `key` = this host's id (no lease) unless it exists:
@@ -555,6 +627,24 @@ enum Creation {
 
 /// How long a hand-off reserves a disk for its target.
 const HANDOFF_RESERVATION: Duration = Duration::from_secs(60);
+
+/// What `parallax hosts` shows, as etcd has it.
+#[derive(Debug, Default)]
+pub struct Overview {
+    /// (host id, its registration, lease left in ms, lease id).
+    pub hosts: Vec<(u64, String, Option<u64>, i64)>,
+    /// (disk id, host, epoch) of every writer key.
+    pub writers: Vec<(u64, u64, u64)>,
+    /// (disk id, from host, to host, until Unix ms) of every hand-off.
+    pub handoffs: Vec<(u64, u64, u64, u64)>,
+    /// (disk id, host asking) of every request.
+    pub requests: Vec<(u64, u64)>,
+}
+
+/// The number `n` places from the end of `kv`'s key (`a/b/7` ─▶ 7 at 0).
+fn key_field(kv: &etcd_client::KeyValue, n: usize) -> Option<u64> {
+    kv.key_str().ok()?.rsplit('/').nth(n)?.parse().ok()
+}
 
 /// Milliseconds since the Unix epoch (hand-off reservations carry their end:
 /// hosts' clocks are assumed to agree within seconds).

@@ -307,10 +307,16 @@ impl Service {
         allocated: Option<u64>,
         here: bool,
     ) -> ApiResult<DiskInfo> {
+        let (handing_off_to, asked_for_by) = match &self.cluster {
+            Some(c) => c.transfers_of(info.id)?,
+            None => (None, Vec::new()),
+        };
         let writer = self.store.is_shared().then_some(WriterInfo {
             host_id: info.writer_host,
             epoch: info.writer_epoch,
             here,
+            handing_off_to,
+            asked_for_by,
         });
         Ok(DiskInfo {
             writer,
@@ -496,22 +502,56 @@ impl Api for Service {
                 "this appliance is not in cluster mode (serve --etcd)",
             ));
         };
-        let writers = c.writers()?;
-        Ok(c.hosts()?
-            .into_iter()
-            .map(|(host_id, registered)| HostInfo {
+        let o = c.overview()?;
+        let names = self.store.disk_names()?;
+        let name = |id: u64| names.get(&id).cloned().unwrap_or_else(|| format!("#{id}"));
+        Ok(o.hosts
+            .iter()
+            .map(|&(host_id, ref registered, lease_left_ms, _)| HostInfo {
                 host_id,
-                registered: serde_json::from_str(&registered).unwrap_or(serde_json::Value::Null),
-                writing: writers
+                registered: serde_json::from_str(registered).unwrap_or(serde_json::Value::Null),
+                lease_left_ms,
+                writing: o
+                    .writers
                     .iter()
                     .filter(|w| w.1 == host_id)
-                    .map(|w| (w.0, w.2))
+                    .map(|&(disk_id, _, epoch)| HeldDisk {
+                        disk: name(disk_id),
+                        disk_id,
+                        epoch,
+                    })
+                    .collect(),
+                handing_off: o
+                    .handoffs
+                    .iter()
+                    .filter(|h| h.1 == host_id)
+                    .map(|&(disk, _, to, until_ms)| HandingOff {
+                        disk: name(disk),
+                        to,
+                        until_ms,
+                    })
+                    .collect(),
+                asking_for: o
+                    .requests
+                    .iter()
+                    .filter(|r| r.1 == host_id)
+                    .map(|r| name(r.0))
                     .collect(),
             })
             .collect())
     }
 
     fn handoff(&self, disk: &str, to: u64) -> ApiResult<HandoffSummary> {
+        if let Some(c) = &self.cluster {
+            // A mistyped host id would keep the disk from everyone for the
+            // reservation's minute.
+            if !c.hosts()?.iter().any(|h| h.0 == to) {
+                return Err(ApiError::new(
+                    ErrorKind::Invalid,
+                    format!("host {to} is not in the cluster (see `parallax hosts`)"),
+                ));
+            }
+        }
         let r = self.store.hand_off(disk, to)?;
         if let (Some(s), Ok(info)) = (&self.scheduler, self.store.peek_info(disk)) {
             // Its schedule runs where the disk is now.

@@ -345,6 +345,16 @@ impl Store {
         Ok(names)
     }
 
+    /// Disk id ─▶ name, for every disk.
+    pub fn disk_names(&self) -> Result<std::collections::HashMap<u64, String>> {
+        let catalog = self.catalog()?;
+        Ok(catalog
+            .entries()
+            .into_iter()
+            .map(|e| (e.vdi_id, e.name))
+            .collect())
+    }
+
     pub fn stats(&self) -> StoreStats {
         let (total, used) = self.inner.pool.totals();
         StoreStats {
