@@ -671,30 +671,77 @@ fn snapshots_across_hosts(c: &Cluster) {
 }
 
 /// etcd restarted (stopped by its PID, started again on the same data)
-/// for less than the lease TTL: the appliance's lease survives, it keeps
-/// its disk and takes writes again, with no restart of its own.
+/// for less than the lease TTL, under load: `fio --verify` writes through
+/// each of two appliances meanwhile. Their leases survive (incarnation
+/// still 1: no appliance lost its disks), fio's writes all verify, and the
+/// catalogue works again after. `ETCD_RESTARTS` restarts (2 by default;
+/// by hand, many).
 #[test]
 fn an_etcd_restart_shorter_than_the_lease_is_survived() {
-    if !have("etcd", "--version") || !have("qemu-io", "--version") {
+    if !have("etcd", "--version") || !have("qemu-io", "--version") || !have("fio", "--version") {
         return;
     }
-    let mut c = Cluster::with(1, "10s");
-    c.ok(1, &["create", "d", "--size", "16M"]);
-    let w = qemu_io(&c.uri(1, "d"), &["write -P 0x41 0 1M".into()]);
-    assert!(w.status.success(), "{}", text(&w));
-    c.etcd.stop();
-    thread::sleep(Duration::from_secs(1));
-    c.start_etcd();
-    // Past a few keep-alive periods: the lease was renewed, not lost.
-    thread::sleep(Duration::from_secs(5));
-    let w = qemu_io(
-        &c.uri(1, "d"),
-        &["write -P 0x42 1M 1M".into(), "read -P 0x41 0 1M".into()],
-    );
-    assert!(w.status.success(), "after the etcd restart: {}", text(&w));
+    let restarts: u32 = std::env::var("ETCD_RESTARTS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(2);
+    let mut c = Cluster::with(2, "10s");
+    let fios: Vec<Proc> = (1..=2u64)
+        .map(|h| {
+            let disk = format!("d{h}");
+            c.ok(h, &["create", &disk, "--size", "16M"]);
+            let log = std::fs::File::create(c.dir.path().join(format!("fio{h}.log"))).unwrap();
+            let child = Command::new("fio")
+                .current_dir(c.dir.path())
+                .args(["--name=v", "--ioengine=nbd", "--rw=randwrite", "--bs=4k"])
+                .args([
+                    "--iodepth=8",
+                    "--size=16m",
+                    "--verify=crc32c",
+                    "--do_verify=1",
+                ])
+                .args(["--verify_fatal=1", "--end_fsync=1"])
+                // Writing for about 3.5 s per restart, then verifying.
+                .arg(format!("--rate_iops={}", 4096 / (1 + 3 * restarts)))
+                .arg(format!(
+                    "--uri=nbd+unix:///{disk}?socket={}",
+                    c.nbd_socket(h).display()
+                ))
+                .stdout(log.try_clone().unwrap())
+                .stderr(log)
+                .spawn()
+                .unwrap();
+            Proc(Some(child))
+        })
+        .collect();
+    for _ in 0..restarts {
+        thread::sleep(Duration::from_secs(2));
+        c.etcd.stop();
+        thread::sleep(Duration::from_millis(1500));
+        c.start_etcd();
+    }
+    for (i, mut f) in fios.into_iter().enumerate() {
+        let status = f.0.take().unwrap().wait().unwrap();
+        let log = std::fs::read_to_string(c.dir.path().join(format!("fio{}.log", i + 1)));
+        assert!(status.success(), "fio through host {}: {log:?}", i + 1);
+    }
+    for h in 1..=2 {
+        let status = c.json(h, &["status"]);
+        assert_eq!(status["cluster"]["may_write"], true, "{status}");
+        assert_eq!(
+            status["cluster"]["incarnation"], 1,
+            "host {h} lost its lease: {status}"
+        );
+    }
     let hosts = c.json(1, &["hosts"]);
-    assert_eq!(hosts.as_array().map(Vec::len), Some(1), "{hosts}");
-    assert_eq!(c.hosts[0].stop(), Some(0));
+    for (h, disk) in hosts.as_array().unwrap().iter().zip(["d1", "d2"]) {
+        assert_eq!(h["writing"][0]["disk"], disk, "{hosts}");
+    }
+    c.ok(2, &["create", "after", "--size", "1M"]);
+    eprintln!("{restarts} etcd restarts under load survived");
+    for h in c.hosts.iter_mut() {
+        assert_eq!(h.stop(), Some(0));
+    }
     c.etcd.stop();
 }
 
@@ -903,6 +950,269 @@ fn server_in_ns(ns: &str, program: &str) -> Command {
     cmd
 }
 
+/// Appliances, etcd and the pool's NBD server (qemu-nbd) in network
+/// namespaces of their own, joined by a bridge in another: the pool is
+/// reached over the network (`--store nbd://...`), like a SAN, and either
+/// can be cut off from a host by a blackhole route in its namespace.
+/// Every process is stopped by its PID and every namespace deleted when it
+/// drops.
+struct NetCluster {
+    /// Subnet prefix (`10.x.y`): etcd is `.2`, the pool `.3`, host N `.1N`.
+    net: String,
+    tag: String,
+    etcd_url: String,
+    store: String,
+    /// `serve` arguments besides the addresses.
+    serve_args: Vec<String>,
+    hosts: Vec<Proc>,
+    etcd: Proc,
+    pool_server: Proc,
+    dir: tempfile::TempDir,
+    // Last: the namespaces go once every process in them was stopped.
+    _netns: Netns,
+}
+
+impl NetCluster {
+    /// Starts etcd, the pool server and `hosts` appliances (lease TTL 3 s,
+    /// `--takeover` with a 1 s grace, plus `extra` serve arguments) on a
+    /// fresh 2 GiB pool.
+    fn start(hosts: u64, extra: &[&str]) -> NetCluster {
+        // Unique per cluster: tests run in parallel in one process.
+        static CLUSTERS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = CLUSTERS.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let tag = format!("px{}-{n}", std::process::id() % 100_000);
+        let seed = std::process::id() + n * 7919;
+        let net = format!("10.{}.{}", 200 + seed % 50, (seed / 50) % 250);
+        let ns = |n: &str| format!("{tag}-{n}");
+        let mut netns = Netns {
+            names: vec![ns("br")],
+        };
+        ip(&["netns", "add", &ns("br")]);
+        ip(&["-n", &ns("br"), "link", "add", "br0", "type", "bridge"]);
+        ip(&["-n", &ns("br"), "link", "set", "br0", "up"]);
+        let roles = [("et".to_string(), 2), ("po".to_string(), 3)]
+            .into_iter()
+            .chain((1..=hosts).map(|h| (format!("h{h}"), 10 + h)));
+        for (role, host) in roles {
+            let n = ns(&role);
+            ip(&["netns", "add", &n]);
+            netns.names.push(n.clone());
+            let peer = format!("p-{role}");
+            ip(&[
+                "-n",
+                &n,
+                "link",
+                "add",
+                "v0",
+                "type",
+                "veth",
+                "peer",
+                "name",
+                &peer,
+                "netns",
+                &ns("br"),
+            ]);
+            ip(&["-n", &ns("br"), "link", "set", &peer, "master", "br0", "up"]);
+            let addr = format!("{net}.{host}/24");
+            ip(&["-n", &n, "addr", "add", &addr, "dev", "v0"]);
+            ip(&["-n", &n, "link", "set", "v0", "up"]);
+            ip(&["-n", &n, "link", "set", "lo", "up"]);
+        }
+        let etcd_url = format!("http://{net}.2:2379");
+        let mut c = NetCluster {
+            store: format!("nbd://{net}.3:10809/"),
+            net,
+            tag,
+            etcd_url,
+            serve_args: ["--lease-ttl", "3s", "--takeover", "--takeover-grace", "1s"]
+                .iter()
+                .chain(extra)
+                .map(|s| s.to_string())
+                .collect(),
+            hosts: Vec::new(),
+            etcd: Proc(None),
+            pool_server: Proc(None),
+            dir: tempfile::tempdir().unwrap(),
+            _netns: netns,
+        };
+        let d = c.dir.path().to_path_buf();
+        let net = &c.net;
+        let mut etcd = server_in_ns(&c.ns("et"), "etcd");
+        etcd.arg("--data-dir").arg(d.join("etcd"));
+        let (client, peer) = (&c.etcd_url, format!("http://{net}.2:2380"));
+        etcd.args([
+            "--listen-client-urls",
+            client,
+            "--advertise-client-urls",
+            client,
+        ]);
+        etcd.args([
+            "--listen-peer-urls",
+            &peer,
+            "--initial-advertise-peer-urls",
+            &peer,
+        ]);
+        etcd.args(["--initial-cluster", &format!("default={peer}")]);
+        c.etcd = c.spawn(etcd, "etcd.log");
+        let pool_file = d.join("pool.raw");
+        std::fs::File::create(&pool_file)
+            .unwrap()
+            .set_len(2 << 30)
+            .unwrap();
+        let mut pool = server_in_ns(&c.ns("po"), "qemu-nbd");
+        pool.args(["--format=raw", "--persistent", "--shared=64"]);
+        pool.args(["--bind", &format!("{net}.3"), "--port", "10809"]);
+        pool.arg(&pool_file);
+        c.pool_server = c.spawn(pool, "pool.log");
+        // The pool server and etcd are up once init gets through.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let out = c.px(1, 60, &["init"]).output().unwrap();
+            if out.status.success() {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "init over the network: {}",
+                text(&out)
+            );
+            thread::sleep(Duration::from_millis(200));
+        }
+        for h in 1..=hosts {
+            let p = c.start_host(h);
+            c.hosts.push(p);
+        }
+        c
+    }
+
+    fn ns(&self, role: &str) -> String {
+        format!("{}-{role}", self.tag)
+    }
+
+    fn log(&self, name: &str) -> String {
+        std::fs::read_to_string(self.dir.path().join(name)).unwrap_or_default()
+    }
+
+    /// Starts `cmd` with its output in `log` (in the test's directory,
+    /// which is its working directory: fio leaves its verify state there).
+    fn spawn(&self, mut cmd: Command, log: &str) -> Proc {
+        let log = std::fs::File::create(self.dir.path().join(log)).unwrap();
+        cmd.current_dir(self.dir.path());
+        Proc(Some(
+            cmd.stdout(log.try_clone().unwrap())
+                .stderr(log)
+                .spawn()
+                .unwrap(),
+        ))
+    }
+
+    /// `parallax` as host `h`, in its namespace; `secs == 0`: a server (no
+    /// timeout wrapper, so that its PID is its own).
+    fn px(&self, h: u64, secs: u32, args: &[&str]) -> Command {
+        let host = self.ns(&format!("h{h}"));
+        let program = env!("CARGO_BIN_EXE_parallax");
+        let mut c = if secs == 0 {
+            server_in_ns(&host, program)
+        } else {
+            in_ns(&host, secs, program)
+        };
+        c.args(["--store", &self.store, "--host-id", &h.to_string()])
+            .arg("--control")
+            .arg(self.dir.path().join(format!("c{h}")))
+            .args(args)
+            .env_remove("PARALLAX_STORE")
+            .env_remove("PARALLAX_CONTROL");
+        c
+    }
+
+    /// Runs `parallax` as host `h`; its stdout, which must be a success.
+    fn ok(&self, h: u64, args: &[&str]) -> String {
+        let out = self.px(h, 120, args).output().unwrap();
+        assert!(out.status.success(), "host {h} {args:?}: {}", text(&out));
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    fn json(&self, h: u64, args: &[&str]) -> Value {
+        let mut args = args.to_vec();
+        args.push("--json");
+        serde_json::from_str(&self.ok(h, &args)).unwrap()
+    }
+
+    /// Starts appliance `h` and waits until it answers.
+    fn start_host(&self, h: u64) -> Proc {
+        let mut c = self.px(h, 0, &["serve", "--etcd", &self.etcd_url]);
+        c.args(self.serve_args.iter())
+            .args(["--nbd-listen", &self.addr(h), "--nbd-socket"])
+            .arg(self.dir.path().join(format!("n{h}.sock")));
+        let p = self.spawn(c, &format!("serve{h}.log"));
+        let deadline = Instant::now() + Duration::from_secs(40);
+        while !self
+            .px(h, 10, &["status"])
+            .output()
+            .unwrap()
+            .status
+            .success()
+        {
+            assert!(
+                Instant::now() < deadline,
+                "appliance {h} did not come up:\n{}",
+                self.log(&format!("serve{h}.log"))
+            );
+            thread::sleep(Duration::from_millis(100));
+        }
+        p
+    }
+
+    /// Host `h`'s NBD address.
+    fn addr(&self, h: u64) -> String {
+        format!("{}.{}:10809", self.net, 10 + h)
+    }
+
+    /// qemu-io in host `from`'s namespace on `disk` through host `via`.
+    fn qio(&self, from: u64, via: u64, disk: &str, cmd: &str) -> Output {
+        let mut c = in_ns(&self.ns(&format!("h{from}")), 60, "qemu-io");
+        c.args(["-f", "raw", "-c", cmd])
+            .arg(format!("nbd://{}/{disk}", self.addr(via)));
+        c.output().unwrap()
+    }
+
+    /// Cuts host `h` off etcd (`.2`) and, with `pool`, off the pool (`.3`)
+    /// too; [`NetCluster::heal`] undoes it.
+    fn cut(&self, h: u64, pool: bool) {
+        for target in self.cut_targets(pool) {
+            ip(&[
+                "-n",
+                &self.ns(&format!("h{h}")),
+                "route",
+                "add",
+                "blackhole",
+                &target,
+            ]);
+        }
+    }
+
+    fn heal(&self, h: u64, pool: bool) {
+        for target in self.cut_targets(pool) {
+            ip(&[
+                "-n",
+                &self.ns(&format!("h{h}")),
+                "route",
+                "del",
+                "blackhole",
+                &target,
+            ]);
+        }
+    }
+
+    fn cut_targets(&self, pool: bool) -> Vec<String> {
+        let mut t = vec![format!("{}.2/32", self.net)];
+        if pool {
+            t.push(format!("{}.3/32", self.net));
+        }
+        t
+    }
+}
+
 /// Three appliances, etcd and the pool's NBD server (qemu-nbd) in five
 /// network namespaces joined by a bridge in a sixth: the pool is reached
 /// over the network (`--store nbd://...`). Concurrent creates on every
@@ -920,203 +1230,32 @@ fn appliances_in_network_namespaces() {
     {
         return;
     }
-    let tag = format!("px{}", std::process::id() % 100_000);
-    let ns = |n: &str| format!("{tag}-{n}");
-    let seed = std::process::id();
-    let net = format!("10.{}.{}", 200 + seed % 50, (seed / 50) % 250);
-    let roles = [("et", 2), ("po", 3), ("h1", 11), ("h2", 12), ("h3", 13)];
-    let mut guard = Netns {
-        names: vec![ns("br")],
-    };
-    ip(&["netns", "add", &ns("br")]);
-    ip(&["-n", &ns("br"), "link", "add", "br0", "type", "bridge"]);
-    ip(&["-n", &ns("br"), "link", "set", "br0", "up"]);
-    for (role, host) in roles {
-        let n = ns(role);
-        ip(&["netns", "add", &n]);
-        guard.names.push(n.clone());
-        let peer = format!("p-{role}");
-        ip(&[
-            "-n",
-            &n,
-            "link",
-            "add",
-            "v0",
-            "type",
-            "veth",
-            "peer",
-            "name",
-            &peer,
-            "netns",
-            &ns("br"),
-        ]);
-        ip(&["-n", &ns("br"), "link", "set", &peer, "master", "br0", "up"]);
-        ip(&[
-            "-n",
-            &n,
-            "addr",
-            "add",
-            &format!("{net}.{host}/24"),
-            "dev",
-            "v0",
-        ]);
-        ip(&["-n", &n, "link", "set", "v0", "up"]);
-        ip(&["-n", &n, "link", "set", "lo", "up"]);
-    }
-    let dir = tempfile::tempdir().unwrap();
-    let d = dir.path();
-    let spawn = |mut cmd: Command, log: &str| -> Proc {
-        let log = std::fs::File::create(d.join(log)).unwrap();
-        // fio leaves its verify state in its working directory.
-        cmd.current_dir(d);
-        Proc(Some(
-            cmd.stdout(log.try_clone().unwrap())
-                .stderr(log)
-                .spawn()
-                .unwrap(),
-        ))
-    };
-    let etcd_url = format!("http://{net}.2:2379");
-    let mut etcd = {
-        let mut c = server_in_ns(&ns("et"), "etcd");
-        c.arg("--data-dir").arg(d.join("etcd"));
-        c.args([
-            "--listen-client-urls",
-            &etcd_url,
-            "--advertise-client-urls",
-            &etcd_url,
-        ]);
-        c.args(["--listen-peer-urls", &format!("http://{net}.2:2380")]);
-        c.args([
-            "--initial-advertise-peer-urls",
-            &format!("http://{net}.2:2380"),
-        ]);
-        c.args(["--initial-cluster", &format!("default=http://{net}.2:2380")]);
-        spawn(c, "etcd.log")
-    };
-    let pool_file = d.join("pool.raw");
-    std::fs::File::create(&pool_file)
-        .unwrap()
-        .set_len(2 << 30)
-        .unwrap();
-    let mut pool_server = {
-        let mut c = server_in_ns(&ns("po"), "qemu-nbd");
-        c.args([
-            "--format=raw",
-            "--persistent",
-            "--shared=64",
-            "--bind",
-            &format!("{net}.3"),
-            "--port",
-            "10809",
-        ]);
-        c.arg(&pool_file);
-        spawn(c, "pool.log")
-    };
-    let store = format!("nbd://{net}.3:10809/");
-    let px = |h: u64, secs: u32, args: &[&str]| -> Command {
-        let host = ns(&format!("h{h}"));
-        let program = env!("CARGO_BIN_EXE_parallax");
-        // secs == 0: a server (no timeout wrapper, so its PID is its own).
-        let mut c = if secs == 0 {
-            server_in_ns(&host, program)
-        } else {
-            in_ns(&host, secs, program)
-        };
-        c.args(["--store", &store, "--host-id", &h.to_string(), "--control"])
-            .arg(d.join(format!("c{h}")))
-            .args(args)
-            .env_remove("PARALLAX_STORE")
-            .env_remove("PARALLAX_CONTROL");
-        c
-    };
-    let ok = |mut c: Command| -> String {
-        let out = c.output().unwrap();
-        assert!(out.status.success(), "{c:?}: {}", text(&out));
-        String::from_utf8(out.stdout).unwrap()
-    };
-    // The pool server and etcd are up once init gets through.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let out = px(1, 60, &["init"]).output().unwrap();
-        if out.status.success() {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "init over the network: {}",
-            text(&out)
-        );
-        thread::sleep(Duration::from_millis(200));
-    }
-    let mut hosts: Vec<Proc> = (1..=3u64)
-        .map(|h| {
-            let mut c = px(
-                h,
-                0,
-                &[
-                    "serve",
-                    "--etcd",
-                    &etcd_url,
-                    "--lease-ttl",
-                    "3s",
-                    "--takeover",
-                    "--takeover-grace",
-                    "1s",
-                    "--claim-wait",
-                    "0s",
-                ],
-            );
-            c.args([
-                "--nbd-listen",
-                &format!("{net}.{}:10809", 10 + h),
-                "--nbd-socket",
-            ])
-            .arg(d.join(format!("n{h}.sock")));
-            spawn(c, &format!("serve{h}.log"))
-        })
-        .collect();
-    for h in 1..=3u64 {
-        let deadline = Instant::now() + Duration::from_secs(40);
-        while !px(h, 10, &["status"]).output().unwrap().status.success() {
-            assert!(
-                Instant::now() < deadline,
-                "appliance {h} did not come up:\n{}",
-                std::fs::read_to_string(d.join(format!("serve{h}.log"))).unwrap_or_default()
-            );
-            thread::sleep(Duration::from_millis(100));
-        }
-    }
+    let mut c = NetCluster::start(3, &["--claim-wait", "0s"]);
 
     // Concurrent creates on every host.
     thread::scope(|s| {
         for h in 1..=3u64 {
-            let (px, ok) = (&px, &ok);
+            let c = &c;
             s.spawn(move || {
                 for k in 0..2 {
-                    ok(px(
-                        h,
-                        60,
-                        &["create", &format!("h{h}d{k}"), "--size", "64M"],
-                    ));
+                    c.ok(h, &["create", &format!("h{h}d{k}"), "--size", "64M"]);
                 }
             });
         }
     });
     for h in 1..=3 {
-        let list: Value = serde_json::from_str(&ok(px(h, 60, &["list", "--json"]))).unwrap();
-        assert_eq!(names(&list).len(), 6, "host {h}'s list: {list}");
+        assert_eq!(names(&c.json(h, &["list"])).len(), 6, "host {h}'s list");
     }
 
     // fio --verify on every host's own disk at once, each from inside its
     // host, over TCP.
     let fios: Vec<Proc> = (1..=3u64)
         .map(|h| {
-            let mut c = in_ns(&ns(&format!("h{h}")), 300, "fio");
-            c.args([
+            let mut cmd = in_ns(&c.ns(&format!("h{h}")), 300, "fio");
+            cmd.args([
                 "--name=v",
                 "--ioengine=nbd",
-                &format!("--uri=nbd://{net}.{}:10809/h{h}d0", 10 + h),
+                &format!("--uri=nbd://{}/h{h}d0", c.addr(h)),
                 "--rw=randwrite",
                 "--bs=4k",
                 "--iodepth=8",
@@ -1126,86 +1265,62 @@ fn appliances_in_network_namespaces() {
                 "--verify_fatal=1",
                 "--end_fsync=1",
             ]);
-            spawn(c, &format!("fio{h}.log"))
+            c.spawn(cmd, &format!("fio{h}.log"))
         })
         .collect();
     for (i, mut f) in fios.into_iter().enumerate() {
-        let mut child = f.0.take().unwrap();
-        let status = child.wait().unwrap();
+        let status = f.0.take().unwrap().wait().unwrap();
         assert!(
             status.success(),
             "fio on host {}: {}",
             i + 1,
-            std::fs::read_to_string(d.join(format!("fio{}.log", i + 1))).unwrap_or_default()
+            c.log(&format!("fio{}.log", i + 1))
         );
     }
     // A client on host 2 reaches host 1's disk through host 1; host 2
     // itself refuses it.
-    let qio = |ns_name: &str, uri: &str, cmd: &str| {
-        let mut c = in_ns(ns_name, 60, "qemu-io");
-        c.args(["-f", "raw", "-c", cmd, uri]);
-        c.output().unwrap()
-    };
-    let w = qio(
-        &ns("h1"),
-        &format!("nbd://{net}.11:10809/h1d1"),
-        "write -P 0x51 0 1M",
-    );
+    let w = c.qio(1, 1, "h1d1", "write -P 0x51 0 1M");
     assert!(w.status.success(), "{}", text(&w));
-    let r = qio(
-        &ns("h2"),
-        &format!("nbd://{net}.11:10809/h1d1"),
-        "read -P 0x51 0 1M",
-    );
+    let r = c.qio(2, 1, "h1d1", "read -P 0x51 0 1M");
     assert!(
         r.status.success(),
         "host 2 reading host 1's disk through host 1: {}",
         text(&r)
     );
-    let refused = qio(
-        &ns("h2"),
-        &format!("nbd://{net}.12:10809/h1d1"),
-        "read 0 4k",
-    );
+    let refused = c.qio(2, 2, "h1d1", "read 0 4k");
     assert!(!refused.status.success(), "host 2 opened host 1's disk");
-    let w = qio(
-        &ns("h3"),
-        &format!("nbd://{net}.13:10809/h3d1"),
-        "write -P 0x73 0 1M",
-    );
+    let w = c.qio(3, 3, "h3d1", "write -P 0x73 0 1M");
     assert!(w.status.success(), "{}", text(&w));
 
     // A gold image on host 1, cloned on hosts 2 and 3 and written there;
     // its snapshot read through host 2's export, over TCP.
-    ok(px(1, 60, &["snapshot", "h1d1@gold"]));
+    c.ok(1, &["snapshot", "h1d1@gold"]);
     for h in [2u64, 3] {
-        ok(px(h, 60, &["clone", "h1d1@gold", &format!("g{h}")]));
-        let uri = format!("nbd://{net}.{}:10809/g{h}", 10 + h);
+        let clone = format!("g{h}");
+        c.ok(h, &["clone", "h1d1@gold", &clone]);
         for cmd in [
             "read -P 0x51 0 1M",
             &format!("write -P {:#x} 1M 1M", 0x60 + h),
         ] {
-            let w = qio(&ns(&format!("h{h}")), &uri, cmd);
+            let w = c.qio(h, h, &clone, cmd);
             assert!(w.status.success(), "host {h} on its clone: {}", text(&w));
         }
     }
-    let mut ro = in_ns(&ns("h2"), 60, "qemu-io");
+    let mut ro = in_ns(&c.ns("h2"), 60, "qemu-io");
     ro.args(["-r", "-f", "raw", "-c", "read -P 0x51 0 1M"])
-        .arg(format!("nbd://{net}.12:10809/h1d1@gold"));
+        .arg(format!("nbd://{}/h1d1@gold", c.addr(2)));
     let r = ro.output().unwrap();
     assert!(r.status.success(), "host 2 reading h1d1@gold: {}", text(&r));
     // Every host's view agrees; gc on each with the others up leaves no
     // leak, and check is clean on each.
-    let lists: Vec<Vec<String>> = (1..=3)
-        .map(|h| names(&serde_json::from_str(&ok(px(h, 60, &["list", "--json"]))).unwrap()))
-        .collect();
+    let lists: Vec<Vec<String>> = (1..=3).map(|h| names(&c.json(h, &["list"]))).collect();
     assert_eq!(lists[0].len(), 8, "{lists:?}");
     assert!(lists.iter().all(|l| *l == lists[0]), "{lists:?}");
     for h in 1..=3 {
-        ok(px(h, 120, &["gc"]));
+        c.ok(h, &["gc"]);
     }
     for h in 1..=3 {
-        let report: Value = serde_json::from_str(&ok(px(h, 120, &["check", "--json"]))).unwrap();
+        let report = c.json(h, &["check"]);
         assert_eq!(report["clean"], true, "host {h}: {report}");
         assert_eq!(report["leaked_blocks"], 0, "host {h}: {report}");
     }
@@ -1215,11 +1330,11 @@ fn appliances_in_network_namespaces() {
     // lease it writes nothing more (the client gets errors, in bounded
     // time); then host 1 can open its disk, from its last commit.
     let mut writer = {
-        let mut c = in_ns(&ns("h3"), 120, "fio");
-        c.args([
+        let mut cmd = in_ns(&c.ns("h3"), 120, "fio");
+        cmd.args([
             "--name=w",
             "--ioengine=nbd",
-            &format!("--uri=nbd://{net}.13:10809/h3d0"),
+            &format!("--uri=nbd://{}/h3d0", c.addr(3)),
             "--rw=randwrite",
             "--bs=4k",
             "--iodepth=4",
@@ -1227,23 +1342,16 @@ fn appliances_in_network_namespaces() {
             "--time_based",
             "--runtime=40",
         ]);
-        spawn(c, "fio-cut.log")
+        c.spawn(cmd, "fio-cut.log")
     };
     thread::sleep(Duration::from_secs(1));
-    ip(&[
-        "-n",
-        &ns("h3"),
-        "route",
-        "add",
-        "blackhole",
-        &format!("{net}.2/32"),
-    ]);
+    c.cut(3, false);
     let cut = Instant::now();
     let status = writer.0.take().unwrap().wait().unwrap();
     assert!(
         !status.success(),
         "host 3 took writes for 40 s after losing etcd: {}",
-        std::fs::read_to_string(d.join("fio-cut.log")).unwrap_or_default()
+        c.log("fio-cut.log")
     );
     assert!(
         cut.elapsed() < Duration::from_secs(15),
@@ -1251,25 +1359,20 @@ fn appliances_in_network_namespaces() {
         cut.elapsed()
     );
     // Host 3 says so itself.
-    let status: Value = serde_json::from_str(&ok(px(3, 30, &["status", "--json"]))).unwrap();
+    let status = c.json(3, &["status"]);
     assert_eq!(status["cluster"]["may_write"], false, "{status}");
     // Host 1 or host 2 takes host 3's disks over by itself (--takeover)
     // once host 3's lease ended, after the grace: within TTL + 5 s.
     let by = 'taken: loop {
         for h in [1u64, 2] {
-            let r = qio(
-                &ns(&format!("h{h}")),
-                &format!("nbd://{net}.{}:10809/h3d1", 10 + h),
-                "read -P 0x73 0 1M",
-            );
-            if r.status.success() {
+            if c.qio(h, h, "h3d1", "read -P 0x73 0 1M").status.success() {
                 break 'taken h;
             }
         }
         assert!(
             cut.elapsed() < Duration::from_secs(30),
             "nobody took host 3's disk over:\n{}",
-            std::fs::read_to_string(d.join("serve1.log")).unwrap_or_default()
+            c.log("serve1.log")
         );
         thread::sleep(Duration::from_millis(200));
     };
@@ -1281,32 +1384,21 @@ fn appliances_in_network_namespaces() {
     );
     // The partition heals: host 3 takes a new lease and registers again,
     // and stays off the disk another host took meanwhile.
-    ip(&[
-        "-n",
-        &ns("h3"),
-        "route",
-        "del",
-        "blackhole",
-        &format!("{net}.2/32"),
-    ]);
+    c.heal(3, false);
     let back_by = Instant::now() + Duration::from_secs(30);
     loop {
-        let hosts: Value = serde_json::from_str(&ok(px(1, 60, &["hosts", "--json"]))).unwrap();
+        let hosts = c.json(1, &["hosts"]);
         if hosts.as_array().map(Vec::len) == Some(3) {
             break;
         }
         assert!(
             Instant::now() < back_by,
             "host 3 did not register again: {hosts}\n{}",
-            std::fs::read_to_string(d.join("serve3.log")).unwrap_or_default()
+            c.log("serve3.log")
         );
         thread::sleep(Duration::from_millis(300));
     }
-    let stale = qio(
-        &ns("h3"),
-        &format!("nbd://{net}.13:10809/h3d1"),
-        "write -P 0x99 0 4k",
-    );
+    let stale = c.qio(3, 3, "h3d1", "write -P 0x99 0 4k");
     assert!(
         !stale.status.success(),
         "host 3 wrote a disk another host took: {}",
@@ -1315,15 +1407,14 @@ fn appliances_in_network_namespaces() {
 
     // Host 3 stays fenced (its lease is gone) until restarted; the others
     // stop cleanly; the pool alone checks clean.
-    hosts[2].kill9();
-    for h in hosts.iter_mut().take(2) {
+    c.hosts[2].kill9();
+    for h in c.hosts.iter_mut().take(2) {
         assert_eq!(h.stop(), Some(0));
     }
-    let check = ok(px(1, 120, &["check", "--json"]));
-    let report: Value = serde_json::from_str(&check).unwrap();
+    let report = c.json(1, &["check"]);
     assert_eq!(report["clean"], true, "{report}");
-    pool_server.stop();
-    etcd.stop();
+    c.pool_server.stop();
+    c.etcd.stop();
 }
 
 /// A disk follows its client to another appliance (the lease following a
@@ -1707,4 +1798,125 @@ fn a_vm_migrates_between_appliances_with_its_disk() {
         log1.contains("gave the disk to the appliance that asked for it"),
         "{log1}"
     );
+}
+
+/// The dangerous partition: an appliance loses etcd but still reaches the
+/// pool (a SAN on its own fabric), while a client of it writes on; and the
+/// same with the pool partitioned too. A write log shows that no write of
+/// the partitioned appliance reaches the pool after the new writer's
+/// first write: the client rewrites a ring of 256 blocks (committed
+/// before, so rewritten in place, in blocks the new writer's tree holds
+/// too) again and again, a new pattern byte each round, through host 1
+/// over a connection made before the cut and kept through the heal; host 2
+/// takes the disk over (`--takeover`) and writes its own byte over the
+/// whole ring at once; 2 s later the partition heals; once host 1 is back,
+/// every block of the ring still holds host 2's byte. `PARTITION_RUNS` runs each case that many
+/// times (1 by default; by hand, many).
+#[test]
+fn a_partitioned_appliance_writes_nothing_after_the_new_writer() {
+    if !have("etcd", "--version") || !have("qemu-nbd", "--version") || !have("qemu-io", "--version")
+    {
+        return;
+    }
+    let runs: usize = std::env::var("PARTITION_RUNS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1);
+    let mut c = NetCluster::start(2, &["--claim-wait", "0s"]);
+    let ring = 256u64;
+    // The client's commands: rounds of writes over the ring, 1 ms apart.
+    let script = c.dir.path().join("ring.qio");
+    let mut commands = String::new();
+    for k in 0..60 * ring {
+        let pattern = 1 + (k / ring) % 200;
+        commands.push_str(&format!(
+            "write -P {pattern} {} 4k\nsleep 1\n",
+            (k % ring) * 4096
+        ));
+    }
+    std::fs::write(&script, commands).unwrap();
+    let mut takeovers = Vec::new();
+    for run in 0..runs {
+        for pool_cut in [false, true] {
+            let disk = format!("ring{run}{}", if pool_cut { "p" } else { "" });
+            c.ok(1, &["create", &disk, "--size", "16M"]);
+            // The ring committed first: the client then overwrites blocks
+            // in place, the blocks the new writer's tree holds too (a late
+            // write could only be seen there).
+            let w = c.qio(1, 1, &disk, &format!("write -P 0xaa 0 {}", ring * 4096));
+            assert!(w.status.success(), "{}", text(&w));
+            let mut client = {
+                let mut cmd = Command::new("ip");
+                cmd.args(["netns", "exec", &c.ns("h1"), "qemu-io"])
+                    .args(["-f", "raw", "-t", "writeback"])
+                    .arg(format!("nbd://{}/{disk}", c.addr(1)))
+                    .stdin(std::fs::File::open(&script).unwrap());
+                c.spawn(cmd, &format!("{disk}.client.log"))
+            };
+            thread::sleep(Duration::from_millis(1500));
+            c.cut(1, pool_cut);
+            let cut = Instant::now();
+            // The new writer's first write: the whole ring.
+            loop {
+                let w = c.qio(2, 2, &disk, &format!("write -P 0xee 0 {}", ring * 4096));
+                if w.status.success() {
+                    break;
+                }
+                assert!(
+                    cut.elapsed() < Duration::from_secs(30),
+                    "{disk}: host 2 never got it: {}\n{}",
+                    text(&w),
+                    c.log("serve2.log")
+                );
+                thread::sleep(Duration::from_millis(100));
+            }
+            takeovers.push(cut.elapsed());
+            // Host 1's client keeps writing, partitioned for 2 s more, then
+            // through the heal and after.
+            thread::sleep(Duration::from_secs(2));
+            c.heal(1, pool_cut);
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while c.json(2, &["hosts"]).as_array().map(Vec::len) != Some(2) {
+                assert!(
+                    Instant::now() < deadline,
+                    "host 1 did not register again:\n{}",
+                    c.log("serve1.log")
+                );
+                thread::sleep(Duration::from_millis(200));
+            }
+            thread::sleep(Duration::from_secs(3));
+            client.stop();
+            let said = c.log(&format!("{disk}.client.log"));
+            let (wrote, failed) = (
+                said.matches("wrote 4096").count(),
+                said.matches("failed").count(),
+            );
+            assert!(
+                wrote > 0 && failed > 0,
+                "{disk}: the client wrote {wrote} and failed {failed}: {said}"
+            );
+            let r = c.qio(2, 2, &disk, &format!("read -P 0xee 0 {}", ring * 4096));
+            assert!(
+                r.status.success(),
+                "{disk}: a write of the partitioned appliance landed after the new writer's: {}",
+                text(&r)
+            );
+            eprintln!(
+                "{disk}: host 2 wrote {:?} after the cut; the client had {wrote} writes acknowledged, {failed} refused",
+                takeovers.last().unwrap()
+            );
+            // An NBD-pool appliance stays fenced after a lost lease: restart it.
+            c.hosts[0].kill9();
+            c.hosts[0] = c.start_host(1);
+        }
+    }
+    takeovers.sort();
+    eprintln!(
+        "{} partitions, 0 late writes; host 2's first write after the cut: min {:?}, max {:?}",
+        takeovers.len(),
+        takeovers[0],
+        takeovers[takeovers.len() - 1]
+    );
+    let report = c.json(2, &["check"]);
+    assert_eq!(report["errors"], serde_json::json!([]), "{report}");
 }

@@ -58,7 +58,8 @@ const DEFAULT_MAX_REQUEST: u32 = 4 << 20;
 /// Past this many bytes of acknowledged, unflushed writes, the device
 /// flushes on its own.
 pub const REPLAY_LIMIT: usize = 64 << 20;
-/// A request that takes longer than this fails its connection.
+/// A request that takes longer than this fails its connection (unless
+/// [`NbdDevice::set_request_timeout`] says otherwise).
 const IO_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Where the server is.
@@ -159,23 +160,42 @@ enum Stream {
 }
 
 impl Stream {
-    fn connect(addr: &NbdAddr) -> io::Result<Stream> {
+    fn connect(addr: &NbdAddr, timeout: Duration) -> io::Result<Stream> {
         let s = match addr {
             NbdAddr::Tcp(a) => {
                 let s = TcpStream::connect(a)?;
                 s.set_nodelay(true)?;
-                s.set_read_timeout(Some(IO_TIMEOUT))?;
-                s.set_write_timeout(Some(IO_TIMEOUT))?;
                 Stream::Tcp(s)
             }
-            NbdAddr::Unix(p) => {
-                let s = UnixStream::connect(p)?;
-                s.set_read_timeout(Some(IO_TIMEOUT))?;
-                s.set_write_timeout(Some(IO_TIMEOUT))?;
-                Stream::Unix(s)
-            }
+            NbdAddr::Unix(p) => Stream::Unix(UnixStream::connect(p)?),
         };
+        s.set_timeout(timeout)?;
         Ok(s)
+    }
+
+    /// Bounds every read and write of the socket.
+    fn set_timeout(&self, timeout: Duration) -> io::Result<()> {
+        match self {
+            Stream::Tcp(s) => {
+                s.set_read_timeout(Some(timeout))?;
+                s.set_write_timeout(Some(timeout))
+            }
+            Stream::Unix(s) => {
+                s.set_read_timeout(Some(timeout))?;
+                s.set_write_timeout(Some(timeout))
+            }
+        }
+    }
+
+    /// Closes the socket so that what it still holds unsent is dropped (a
+    /// reset, not the data then a FIN): a request that timed out must not
+    /// reach the server later, when the network comes back (by then a new
+    /// holder may have written the same blocks). Unix sockets hold nothing
+    /// unsent: what was written is in the server's buffer already.
+    fn abort(self) {
+        if let Stream::Tcp(s) = &self {
+            let _ = rustix::net::sockopt::set_socket_linger(s, Some(Duration::ZERO));
+        }
     }
 }
 
@@ -360,6 +380,9 @@ pub struct NbdDevice {
     /// Asked before every write is sent or replayed (see
     /// [`NbdDevice::set_write_guard`]).
     write_guard: std::sync::OnceLock<WriteGuard>,
+    /// Bound of every socket read and write (see
+    /// [`NbdDevice::set_request_timeout`]).
+    request_timeout: Mutex<Duration>,
 }
 
 /// Whether this appliance may still write to the pool.
@@ -378,6 +401,24 @@ impl NbdDevice {
 
     fn may_write(&self) -> bool {
         self.write_guard.get().is_none_or(|g| g())
+    }
+
+    /// Cluster mode: bounds the time a request may stay in flight. A
+    /// request not answered within it fails its connection, which is reset
+    /// (what it had not sent is dropped, never delivered later), and is
+    /// retried on a new one, if the write guard still allows. Together
+    /// with the fencing deadline this bounds when the last write of an
+    /// appliance that lost its lease can reach the pool, which the
+    /// takeover grace must cover.
+    pub fn set_request_timeout(&self, timeout: Duration) {
+        *self.request_timeout.lock() = timeout;
+        for c in &self.pool.lock().idle {
+            let _ = c.stream.set_timeout(timeout);
+        }
+    }
+
+    fn request_timeout(&self) -> Duration {
+        *self.request_timeout.lock()
     }
 
     fn refused(&self) -> io::Error {
@@ -400,7 +441,7 @@ impl NbdDevice {
     /// Connects to `target`; a dropped connection is retried for up to
     /// `reconnect_for` before a call fails.
     pub fn connect(target: NbdTarget, reconnect_for: Duration) -> io::Result<NbdDevice> {
-        let (conns, facts) = open_all(&target)?;
+        let (conns, facts) = open_all(&target, IO_TIMEOUT)?;
         if facts.flags & TF_READ_ONLY != 0 {
             return Err(io::Error::new(
                 io::ErrorKind::PermissionDenied,
@@ -426,6 +467,7 @@ impl NbdDevice {
             replay: Mutex::new(ReplayLog::default()),
             reconnect_for,
             write_guard: std::sync::OnceLock::new(),
+            request_timeout: Mutex::new(IO_TIMEOUT),
         })
     }
 
@@ -509,7 +551,10 @@ impl NbdDevice {
                                 self.give_back(conn, generation);
                                 return Err(e);
                             }
-                            Err(Failure::Connection(_)) => generation,
+                            Err(Failure::Connection(_)) => {
+                                conn.stream.abort();
+                                generation
+                            }
                         }
                     }
                     None => self.pool.lock().generation,
@@ -565,7 +610,7 @@ impl NbdDevice {
     /// New connections, then the replay log written on them in order.
     /// The caller holds the world lock exclusively.
     fn rebuild(&self) -> io::Result<()> {
-        let (mut conns, facts) = open_all(&self.target)?;
+        let (mut conns, facts) = open_all(&self.target, self.request_timeout())?;
         if facts.size != self.facts.size {
             return Err(io::Error::other(format!(
                 "{}: the export is now {} bytes, not {}",
@@ -582,7 +627,12 @@ impl NbdDevice {
                 let piece = &data[start..start + chunk as usize];
                 match conn.request(Command::Write, at, chunk, Payload::Write(piece)) {
                     Ok(()) => {}
-                    Err(Failure::Server(e)) | Err(Failure::Connection(e)) => return Err(e),
+                    Err(Failure::Server(e)) | Err(Failure::Connection(e)) => {
+                        for c in conns {
+                            c.stream.abort();
+                        }
+                        return Err(e);
+                    }
                 }
             }
         }
@@ -652,11 +702,11 @@ impl NbdDevice {
 }
 
 /// Opens `target.connections` connections and checks they agree.
-fn open_all(target: &NbdTarget) -> io::Result<(Vec<Conn>, ExportFacts)> {
+fn open_all(target: &NbdTarget, timeout: Duration) -> io::Result<(Vec<Conn>, ExportFacts)> {
     let mut conns = Vec::with_capacity(target.connections);
     let mut facts = None;
     for _ in 0..target.connections {
-        let mut stream = Stream::connect(&target.addr)
+        let mut stream = Stream::connect(&target.addr, timeout)
             .map_err(|e| io::Error::new(e.kind(), format!("{target}: {e}")))?;
         let f = negotiate(&mut stream, &target.export)?;
         if facts.is_some_and(|old| old != f) {

@@ -120,6 +120,17 @@ impl LeaseState {
     }
 }
 
+impl ClusterOptions {
+    /// The longest a request of this appliance may stay in flight to the
+    /// pool (enforced on an NBD pool). Its last write can then land at most
+    /// this long after its fencing deadline, which comes a fifth of the TTL
+    /// before its lease can end; a takeover waits for the lease's end and
+    /// then the grace. Half of what that leaves, for safety.
+    pub fn in_flight_bound(&self) -> Duration {
+        (self.lease_ttl / 5 + self.takeover_grace) / 2
+    }
+}
+
 impl std::fmt::Debug for EtcdCoordinator {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "EtcdCoordinator(host {}, {})", self.host_id, self.prefix)
@@ -503,7 +514,10 @@ async fn keep_alive(
         }
         let lease = state.id();
         if keeper.is_none() {
-            match client.lease_keep_alive(lease).await {
+            let opened = tokio::time::timeout(ttl / 3, client.lease_keep_alive(lease)).await;
+            match opened
+                .unwrap_or_else(|_| Err(etcd_client::Error::InvalidArgs("timed out".into())))
+            {
                 Ok(k) => keeper = Some(k),
                 Err(e) if lease_gone(&e) => {
                     warn!(
@@ -514,7 +528,11 @@ async fn keep_alive(
                     renew_lease(&mut client, &state, ttl, margin, &registration).await;
                     continue;
                 }
-                Err(e) => warn!("etcd keep-alive stream: {e}"),
+                Err(e) => {
+                    warn!("etcd keep-alive stream: {e}");
+                    tokio::time::sleep(KEEP_ALIVE_RETRY).await;
+                    continue;
+                }
             }
         }
         if let Some((k, stream)) = keeper.as_mut() {
@@ -536,14 +554,23 @@ async fn keep_alive(
                     continue;
                 }
                 other => {
+                    // etcd restarting, or out of reach: try again soon (the
+                    // fencing deadline does not move meanwhile).
                     warn!(lease, "etcd keep-alive failed: {other:?}");
                     keeper = None;
+                    tokio::time::sleep(KEEP_ALIVE_RETRY).await;
+                    continue;
                 }
             }
         }
         tokio::time::sleep(ttl / 3).await;
     }
 }
+
+/// After a failed keep-alive, how soon the next try comes (a lease whose
+/// keep-alives failed for long enough fences its holder: it must not wait a
+/// whole period once etcd is back).
+const KEEP_ALIVE_RETRY: Duration = Duration::from_millis(250);
 
 /// Takes a lease of `ttl` seconds and registers `registration` (host key,
 /// description) under it if the key is absent: the lease, or `None` (the

@@ -318,11 +318,16 @@ pub fn run(options: ServeOptions) -> Result<()> {
                     )
                 })?
         }
-        Some(cluster) => store_file::open_shared_store(store_path, options.host_id, |store_id| {
-            let c = EtcdCoordinator::connect(cluster, store_id)?;
-            etcd = Some(c.clone());
-            Ok(Arc::new(Etcd(c)) as Arc<dyn parallax_engine::Coordinator>)
-        })?,
+        Some(cluster) => store_file::open_shared_store(
+            store_path,
+            options.host_id,
+            cluster.in_flight_bound(),
+            |store_id| {
+                let c = EtcdCoordinator::connect(cluster, store_id)?;
+                etcd = Some(c.clone());
+                Ok(Arc::new(Etcd(c)) as Arc<dyn parallax_engine::Coordinator>)
+            },
+        )?,
     };
     if let Some(reason) = opened.store.damage() {
         warn!("the store is damaged and takes no writes (reads of intact disks go on): {reason}; run `parallax check`");

@@ -175,10 +175,13 @@ pub fn open_store_with(
 /// Opens the existing store at `path` in cluster mode: no lock (several
 /// appliances open it), `O_DIRECT` for a file or device (other hosts
 /// change blocks this host's page cache would keep), and the coordinator
-/// made from `connect` once the store's id is known.
+/// made from `connect` once the store's id is known. On an NBD pool, no
+/// request stays in flight longer than `in_flight` (see
+/// `NbdDevice::set_request_timeout`).
 pub fn open_shared_store(
     path: &Path,
     host_id: u64,
+    in_flight: std::time::Duration,
     connect: impl FnOnce(u64) -> Result<Arc<dyn Coordinator>>,
 ) -> Result<OpenStore> {
     let shown = path.display();
@@ -205,15 +208,19 @@ pub fn open_shared_store(
         // not even the replay of acknowledged writes after a reconnection;
         // and never again (the device's replay log cannot tell which of
         // its writes a new lease may still make): an appliance on an NBD
-        // pool that lost its lease must be restarted.
+        // pool that lost its lease must be restarted. A lease lost and
+        // renewed while the device was not asked (its requests stuck on a
+        // dead connection) shows in the incarnation.
         let c = coordinator.clone();
+        let first = c.incarnation();
         let fenced = std::sync::atomic::AtomicBool::new(false);
         nbd.set_write_guard(Box::new(move || {
-            if !c.may_write() {
+            if !c.may_write() || c.incarnation() != first {
                 fenced.store(true, std::sync::atomic::Ordering::SeqCst);
             }
             !fenced.load(std::sync::atomic::Ordering::SeqCst)
         }));
+        nbd.set_request_timeout(in_flight);
     }
     let options = OpenOptions {
         host_id,
