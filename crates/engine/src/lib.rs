@@ -37,8 +37,8 @@ pub use error::{Error, Result};
 pub use lineage::SnapshotInfo;
 pub use parallax_format::{DiskRef, Schedule};
 pub use store::{
-    CheckReport, CreateOptions, DiskRepair, DiskSpace, GcReport, HandoffReport, HeaderCopy,
-    OpenOptions, RepairOptions, RepairReport, SettleReport, SnapshotSpace, Store, StoreStats,
-    TakeoverReport,
+    CheckReport, CommittedHead, CreateOptions, DiskRepair, DiskSpace, GcReport, HandoffReport,
+    HeaderCopy, OpenOptions, RepairOptions, RepairReport, SettleReport, SnapshotSpace, Store,
+    StoreStats, TakeoverReport,
 };
 pub use time::{compact_utc, now_ns};

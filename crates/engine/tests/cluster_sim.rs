@@ -1294,3 +1294,89 @@ fn a_renewed_lease_takes_back_what_nobody_took() {
     );
     assert_eq!(read("taken", 0), 5, "the old holder overwrote the new one");
 }
+
+/// A client of host 2 waiting for a disk host 1 holds reads it as its
+/// newest commit has it: everything host 1's clients flushed (and, in
+/// blocks the commit owns, what they wrote since in place), never a block
+/// host 1 freed and reused meanwhile (host 1 commits between and during
+/// the reads, and a snapshot deleted meanwhile frees the blocks an older
+/// commit referenced). Once host 2 holds the disk, reads go through it.
+#[test]
+fn a_disk_held_elsewhere_reads_as_its_newest_commit() {
+    let (_dev, _cluster, a, b) = two_hosts();
+    let v = a.create_vdi("d", 64 * BLOCK as u64).unwrap();
+    v.write(&vec![1; 64 * BLOCK], 0).unwrap();
+    v.flush().unwrap();
+    v.write(&vec![2; 64 * BLOCK], 0).unwrap();
+    let head = b.committed_head("d").unwrap();
+    let mut buf = vec![0u8; 64 * BLOCK];
+    head.read(&mut buf, 0).unwrap();
+    // Written in place (the blocks are the commit's own): the new data.
+    assert!(buf.iter().all(|&x| x == 2), "not the disk's data");
+    let status = head.block_status(0, 64 * BLOCK as u64).unwrap();
+    assert!(status.iter().all(|e| e.allocated), "{status:?}");
+    // Rounds: a snapshot, new data, a flush, the snapshot deleted (its
+    // blocks freed and reused by the next round's copy-on-write); every
+    // read from host 2 must be one whole flushed round.
+    for round in 3u8..40 {
+        v.snapshot(Some(&format!("s{round}"))).unwrap();
+        v.write(&vec![round; 64 * BLOCK], 0).unwrap();
+        head.read(&mut buf, 0).unwrap();
+        let first = buf[0];
+        assert!(
+            buf.iter().all(|&x| x == first) && first < round,
+            "round {round}: read a mix or an unflushed round ({first})"
+        );
+        v.flush().unwrap();
+        v.delete_snapshot(&format!("s{round}")).unwrap();
+        a.settle(Duration::from_secs(1 << 30), Duration::from_secs(1 << 30))
+            .unwrap();
+        head.read(&mut buf, 0).unwrap();
+        assert!(
+            buf.iter().all(|&x| x == round),
+            "round {round}: not the flushed data"
+        );
+    }
+    // The same rounds with host 2 reading all along, from another thread.
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    std::thread::scope(|s| {
+        let reader = s.spawn(|| {
+            let mut buf = vec![0u8; 64 * BLOCK];
+            let mut reads = 0;
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                match head.read(&mut buf, 0) {
+                    Ok(()) => {
+                        let first = buf[0];
+                        assert!(
+                            buf.iter().all(|&x| x == first),
+                            "read a mix of rounds (blocks freed and reused under it)"
+                        );
+                        reads += 1;
+                    }
+                    Err(Error::Busy(_)) => {}
+                    Err(e) => panic!("{e}"),
+                }
+            }
+            reads
+        });
+        for round in 40u8..200 {
+            v.snapshot(Some(&format!("s{round}"))).unwrap();
+            v.write(&vec![round; 64 * BLOCK], 0).unwrap();
+            v.flush().unwrap();
+            v.delete_snapshot(&format!("s{round}")).unwrap();
+            a.settle(Duration::from_secs(1 << 30), Duration::from_secs(1 << 30))
+                .unwrap();
+        }
+        stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        assert!(reader.join().unwrap() > 0);
+    });
+
+    // Host 2 holds it now: reads see what its own clients wrote.
+    v.flush().unwrap();
+    drop(v);
+    a.hand_off("d", 2).unwrap();
+    let w = b.open_vdi("d").unwrap();
+    w.write(&vec![0x77; BLOCK], 0).unwrap();
+    head.read(&mut buf[..BLOCK], 0).unwrap();
+    assert!(buf[..BLOCK].iter().all(|&x| x == 0x77));
+}

@@ -248,11 +248,21 @@ pub async fn serve_connection<S>(
     };
     let guard = service.register_connection(&negotiated.export, &peer);
     info!(%peer, export = %negotiated.export, id = guard.id(), structured = negotiated.structured_replies, held_elsewhere = target.is_none(), "client connected");
-    let claim = target.is_none().then(|| Claim {
-        name: negotiated.export.clone(),
-        service: service.clone(),
-        asking: std::sync::Mutex::new(()),
-    });
+    let claim = match target {
+        Some(_) => None,
+        None => match off_runtime(|| service.store().committed_head(&negotiated.export)) {
+            Ok(committed) => Some(Claim {
+                name: negotiated.export.clone(),
+                service: service.clone(),
+                committed,
+                asking: std::sync::Mutex::new(()),
+            }),
+            Err(e) => {
+                warn!(%peer, export = %negotiated.export, "cannot read the export after negotiation: {e}");
+                return;
+            }
+        },
+    };
     let ctx = Arc::new(Connection {
         target: target.map(OnceLock::from).unwrap_or_default(),
         claim,
@@ -375,6 +385,8 @@ struct Connection {
 struct Claim {
     name: String,
     service: Arc<Service>,
+    /// What the client reads until it writes.
+    committed: parallax_engine::CommittedHead,
     /// Held by the one request asking; the others wait for its outcome.
     asking: std::sync::Mutex<()>,
 }
@@ -923,10 +935,7 @@ fn read(ctx: &Connection, req: &Request) -> Result<AlignedBuf, Failure> {
     check_range(ctx, req, proto::EINVAL)?;
     let mut data = BufPool::global().take(req.length as usize);
     match (ctx.target.get(), &ctx.claim) {
-        (None, Some(claim)) => {
-            let store = claim.service.store();
-            store.read_committed(&claim.name, &mut data, req.offset)?
-        }
+        (None, Some(claim)) => claim.committed.read(&mut data, req.offset)?,
         _ => ctx.target()?.read(&mut data, req.offset)?,
     }
     Ok(data)
@@ -954,10 +963,7 @@ fn block_status(ctx: &Connection, req: &Request) -> Result<Vec<(u32, u32)>, Fail
     let len = u64::from(req.length).min(STATUS_WINDOW);
     let mut extents = Vec::new();
     let status = match (ctx.target.get(), &ctx.claim) {
-        (None, Some(claim)) => {
-            let store = claim.service.store();
-            store.committed_extents(&claim.name, req.offset, len)?
-        }
+        (None, Some(claim)) => claim.committed.block_status(req.offset, len)?,
         _ => ctx.target()?.block_status(req.offset, len)?,
     };
     for e in status {

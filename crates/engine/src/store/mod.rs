@@ -31,7 +31,7 @@ mod space;
 pub use check::CheckReport;
 pub use gc::GcReport;
 pub use repair::{DiskRepair, HeaderCopy, RepairOptions, RepairReport};
-pub use shared::{HandoffReport, TakeoverReport};
+pub use shared::{CommittedHead, HandoffReport, TakeoverReport};
 pub use space::{DiskSpace, SnapshotSpace};
 
 use crate::alloc::Allocator;

@@ -50,6 +50,73 @@ const COMMITTED_READ_TRIES: usize = 10;
 /// How often [`Store::claim`] tries again to open a disk it asked for.
 const CLAIM_POLL: Duration = Duration::from_millis(20);
 
+/// A disk read as its newest commit on the pool has it, without opening
+/// it: what a client of this host waiting for a disk another host holds
+/// reads until it writes (QEMU's migration destination reads the first
+/// sector when it starts, while the source still runs). It sees every
+/// write the holder's clients flushed; of those they did not, only some
+/// (the ones made in place, in blocks the commit owns). Once this host
+/// holds the disk, reads go through it (with what its clients wrote).
+///
+/// Invariant: a read of a commit is kept only if the disk's newest header
+/// is still that commit after it (its holder frees a block of an older
+/// commit only once a newer header is durable); otherwise it is made again,
+/// [`Error::Busy`] after [`COMMITTED_READ_TRIES`].
+pub struct CommittedHead {
+    entry: RegistryEntry,
+    store: Store,
+}
+
+impl CommittedHead {
+    pub fn read(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        if let Some(vdi) = self.held_here() {
+            return vdi.read(buf, offset);
+        }
+        self.at_newest_commit(|pool, header| {
+            read_at_root(pool, header.root, header.size_bytes, buf, offset)
+        })
+    }
+
+    /// Allocation status, as [`Vdi::block_status`].
+    pub fn block_status(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
+        if let Some(vdi) = self.held_here() {
+            return vdi.block_status(offset, len);
+        }
+        self.at_newest_commit(|pool, header| {
+            extents_at_root(pool, header.root, header.size_bytes, offset, len)
+        })
+    }
+
+    /// A handle on the disk if this host has it open now.
+    fn held_here(&self) -> Option<Vdi> {
+        let inner = &self.store.inner;
+        let disk = inner.open.lock().get(&self.entry.vdi_id).cloned()?;
+        Some(self.store.handle(disk))
+    }
+
+    /// Runs `f` on the disk's newest header on the pool, again while the
+    /// header changed under it.
+    fn at_newest_commit<T>(
+        &self,
+        mut f: impl FnMut(&crate::pool::Pool, &parallax_format::VdiHeader) -> Result<T>,
+    ) -> Result<T> {
+        let pool = &self.store.inner.pool;
+        let stamp = |h: &parallax_format::VdiHeader| (h.writer_epoch, h.generation);
+        for _ in 0..COMMITTED_READ_TRIES {
+            let (header, _) = read_vdi_header(pool, &self.entry)?;
+            let outcome = f(pool, &header);
+            let (now, _) = read_vdi_header(pool, &self.entry)?;
+            if stamp(&now) == stamp(&header) {
+                return outcome;
+            }
+        }
+        Err(Error::Busy(format!(
+            "disk {} committed under every one of {COMMITTED_READ_TRIES} reads",
+            self.entry.name
+        )))
+    }
+}
+
 /// What [`Store::take_over`] did.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct TakeoverReport {
@@ -168,51 +235,15 @@ impl Store {
         result
     }
 
-    /// Reads disk `name` as its newest commit on the pool has it, without
-    /// opening it (another host may hold it): what a client of this host
-    /// waiting for the disk reads until it writes (QEMU's migration
-    /// destination reads the first sector when it starts, while the source
-    /// still runs). It sees every write its holder's clients flushed, and
-    /// nothing they did not. The read is made again if the disk committed
-    /// meanwhile (its holder may then have freed and reused a block of the
-    /// older commit); [`Error::Busy`] after [`COMMITTED_READ_TRIES`].
-    pub fn read_committed(&self, name: &str, buf: &mut [u8], offset: u64) -> Result<()> {
-        self.at_newest_commit(name, |pool, header| {
-            read_at_root(pool, header.root, header.size_bytes, buf, offset)
+    /// Disk `name` as its newest commit on the pool has it, for reading
+    /// without opening it (another host may hold it): see
+    /// [`CommittedHead`].
+    pub fn committed_head(&self, name: &str) -> Result<CommittedHead> {
+        let catalog = self.catalog()?;
+        Ok(CommittedHead {
+            entry: find(&catalog, name)?,
+            store: self.clone(),
         })
-    }
-
-    /// [`Store::read_committed`] for allocation status.
-    pub fn committed_extents(&self, name: &str, offset: u64, len: u64) -> Result<Vec<Extent>> {
-        self.at_newest_commit(name, |pool, header| {
-            extents_at_root(pool, header.root, header.size_bytes, offset, len)
-        })
-    }
-
-    /// Runs `f` on disk `name`'s newest header on the pool, again while the
-    /// header changed under it.
-    fn at_newest_commit<T>(
-        &self,
-        name: &str,
-        mut f: impl FnMut(&crate::pool::Pool, &parallax_format::VdiHeader) -> Result<T>,
-    ) -> Result<T> {
-        let entry = {
-            let catalog = self.catalog()?;
-            find(&catalog, name)?
-        };
-        let pool = &self.inner.pool;
-        let stamp = |h: &parallax_format::VdiHeader| (h.writer_epoch, h.generation);
-        for _ in 0..COMMITTED_READ_TRIES {
-            let (header, _) = read_vdi_header(pool, &entry)?;
-            let outcome = f(pool, &header);
-            let (now, _) = read_vdi_header(pool, &entry)?;
-            if stamp(&now) == stamp(&header) {
-                return outcome;
-            }
-        }
-        Err(Error::Busy(format!(
-            "disk {name} committed under every one of {COMMITTED_READ_TRIES} reads"
-        )))
     }
 
     /// Hands over every disk held here that another host asks for
