@@ -9,14 +9,22 @@
 #   3. Hand-offs between two appliances (`parallax handoff`, until the
 #      receiver has opened the disk): H of an idle disk each way, and HL
 #      while fio writes the disk through the giver (4 KiB, QD32).
+#   4. A disk following its client: a client of appliance 2 writes a disk
+#      appliance 1 holds idle (its client flushed and left), F times each
+#      way: the time of that first write (the ask, the quiet period, the
+#      hand-off).
+#   5. Takeover of every disk of a dead appliance: appliance 1 holds K
+#      written disks and is killed (-9); appliance 2 runs with --takeover
+#      and the default lease TTL (10 s) and grace (5 s): the time from the
+#      kill until appliance 2 holds all K.
 #   The store file lives in BENCH_DIR (default /var/tmp, O_DIRECT-capable);
 #   every process started here is stopped by its PID; everything is removed.
-# Knobs: ROUNDS (3) RUNTIME (10) N (200) H (20) HL (5) PARALLAX_BIN (target/release/parallax)
+# Knobs: ROUNDS (3) RUNTIME (10) N (200) H (20) HL (5) F (10) K (20) PARALLAX_BIN (target/release/parallax)
 # Output: stdout and bench/results/cluster-<date>.txt
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
-ROUNDS=${ROUNDS:-3} RUNTIME=${RUNTIME:-10} N=${N:-200} H=${H:-20} HL=${HL:-5}
+ROUNDS=${ROUNDS:-3} RUNTIME=${RUNTIME:-10} N=${N:-200} H=${H:-20} HL=${HL:-5} F=${F:-10} K=${K:-20}
 P=${PARALLAX_BIN:-target/release/parallax}
 [ -x "$P" ] || cargo build --release -q -p parallax
 P="$(cd "$(dirname "$P")" && pwd)/$(basename "$P")"
@@ -120,9 +128,6 @@ for ((i = 1; i <= HL; i++)); do
     wait "$FIO" || true # its writes fail from the hand-off on
     px2 --json handoff h --to 1 >/dev/null
 done
-kill "$SERVE2"
-wait "$SERVE2" || true
-stop
 python3 - "$TMP" <<'PY'
 import statistics, sys
 d = sys.argv[1]
@@ -130,4 +135,45 @@ for what, target in (("idle", "median < 100 ms"), ("load", "< 1 s")):
     xs = sorted(float(l) for l in open(f"{d}/{what}.txt"))
     print(f"   {what:<5} n={len(xs)} median {statistics.median(xs):.0f} ms  max {xs[-1]:.0f} ms (target: {target})")
 PY
+
+echo "== a disk following its client: $F first writes each way through the appliance that does not hold it"
+ms() { python3 -c 'import time; print(int(time.monotonic() * 1000))'; }
+px create m --size 64M >/dev/null
+qemu-io -f raw -c 'write 0 4k' "nbd+unix:///m?socket=$TMP/n.sock" >/dev/null
+for ((i = 1; i <= F; i++)); do
+    for sock in n2 n; do
+        sleep 1 # the holder's client left a moment ago: quiet
+        t0=$(ms)
+        qemu-io -f raw -c 'write 0 4k' "nbd+unix:///m?socket=$TMP/$sock.sock" >/dev/null
+        echo $(($(ms) - t0)) >>"$TMP/follow.txt"
+    done
+done
+python3 - "$TMP" <<'PY'
+import statistics, sys
+xs = sorted(float(l) for l in open(f"{sys.argv[1]}/follow.txt"))
+print(f"   first write n={len(xs)} median {statistics.median(xs):.0f} ms  max {xs[-1]:.0f} ms (quiet period 500 ms; qemu-io start included)")
+PY
+kill "$SERVE2"
+wait "$SERVE2" || true
+stop
+
+echo "== takeover of all $K disks of a dead appliance (TTL 10 s, grace 5 s: target TTL + 5 s)"
+start --etcd "$ETCD_URL"
+"$P" --store "$TMP/pool.px" --control "$TMP/c2" --host-id 2 serve --direct --nbd-listen none \
+    --nbd-socket "$TMP/n2.sock" --etcd "$ETCD_URL" --takeover >"$TMP/serve2.log" 2>&1 &
+SERVE2=$!
+PIDS+=("$SERVE2")
+until px2 status >/dev/null 2>&1; do sleep 0.1; done
+for ((i = 1; i <= K; i++)); do
+    px create "t$i" --size 64M >/dev/null
+    qemu-io -f raw -t writeback -c 'write 0 1M' "nbd+unix:///t$i?socket=$TMP/n.sock" >/dev/null
+done
+held() { px2 --json hosts | python3 -c 'import json,sys; print(sum(len(h["writing"]) for h in json.load(sys.stdin) if h["host_id"] == 2))'; }
+kill -9 "$SERVE"
+wait "$SERVE" 2>/dev/null || true
+t0=$(ms)
+until [ "$(held)" -ge "$K" ]; do sleep 0.2; done
+echo "   all $K disks held by appliance 2 $(($(ms) - t0)) ms after the kill"
+kill "$SERVE2"
+wait "$SERVE2" || true
 echo "== output written to $OUT"

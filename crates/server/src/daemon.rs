@@ -112,6 +112,7 @@ fn take_over_scan(service: &Service, cluster: &EtcdCoordinator) -> Result<()> {
     let live: std::collections::HashSet<u64> =
         cluster.hosts()?.into_iter().map(|(id, _)| id).collect();
     let held = store.open_disk_ids();
+    let mut orphans = Vec::new();
     for name in store.try_list()? {
         let Ok(info) = store.peek_info(&name) else {
             continue;
@@ -123,27 +124,40 @@ fn take_over_scan(service: &Service, cluster: &EtcdCoordinator) -> Result<()> {
         {
             continue;
         }
-        let grace = cluster.options().takeover_grace;
-        match store.take_over(&name, Duration::ZERO, grace) {
-            Ok((vdi, r)) if r.taken_over => {
-                info!(
-                    disk = %name,
-                    from_host = r.from_host,
-                    from_epoch = r.from_epoch,
-                    epoch = r.epoch,
-                    grace_ms = r.grace.as_millis() as u64,
-                    "took the disk over"
-                );
-                if let Some(s) = service.scheduler() {
-                    s.refresh(&vdi);
-                }
+        orphans.push(name);
+    }
+    // Each takeover waits the grace with its key held: all of a dead
+    // appliance's disks wait it together, not one after the other.
+    let grace = cluster.options().takeover_grace;
+    for batch in orphans.chunks(TAKEOVERS_AT_ONCE) {
+        std::thread::scope(|s| {
+            for name in batch {
+                s.spawn(move || match store.take_over(name, Duration::ZERO, grace) {
+                    Ok((vdi, r)) if r.taken_over => {
+                        info!(
+                            disk = %name,
+                            from_host = r.from_host,
+                            from_epoch = r.from_epoch,
+                            epoch = r.epoch,
+                            grace_ms = r.grace.as_millis() as u64,
+                            "took the disk over"
+                        );
+                        if let Some(s) = service.scheduler() {
+                            s.refresh(&vdi);
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(e) => debug!(disk = %name, "not taken over: {e}"),
+                });
             }
-            Ok(_) => {}
-            Err(e) => debug!(disk = %name, "not taken over: {e}"),
-        }
+        });
     }
     Ok(())
 }
+
+/// Disks one takeover scan takes over at once (each a thread waiting the
+/// grace).
+const TAKEOVERS_AT_ONCE: usize = 64;
 
 /// Cluster mode: every [`YIELD_SCAN`], hands over the disks other
 /// appliances asked for (a VM migrating there), once this one's clients
