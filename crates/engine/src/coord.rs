@@ -112,6 +112,10 @@ pub trait Coordinator: Send + Sync + std::fmt::Debug {
 
     /// Every standing request, oldest first: (disk, host asking).
     fn writer_requests(&self) -> Result<Vec<(u64, u64)>>;
+
+    /// The host holding disk `vdi_id`'s writer key, if any: a cheap look
+    /// (no lock) for a host waiting for the disk.
+    fn writer_host(&self, vdi_id: u64) -> Result<Option<u64>>;
 }
 
 /// The state of an in-process cluster.
@@ -424,6 +428,10 @@ impl Coordinator for MemCoordinator {
 
     fn writer_requests(&self) -> Result<Vec<(u64, u64)>> {
         Ok(self.cluster.state.lock().requests.clone())
+    }
+
+    fn writer_host(&self, vdi_id: u64) -> Result<Option<u64>> {
+        Ok(self.cluster.writer(vdi_id).map(|(host, _)| host))
     }
 }
 

@@ -1036,6 +1036,9 @@ impl parallax_engine::Coordinator for FixedEpoch {
     fn writer_requests(&self) -> parallax_engine::Result<Vec<(u64, u64)>> {
         Ok(Vec::new())
     }
+    fn writer_host(&self, _vdi_id: u64) -> parallax_engine::Result<Option<u64>> {
+        Ok(None)
+    }
 }
 
 /// Every commit carries its writer's epoch; an appliance holding an older

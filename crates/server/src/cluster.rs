@@ -959,6 +959,19 @@ impl Coordinator for Etcd {
             .collect())
     }
 
+    fn writer_host(&self, vdi_id: u64) -> parallax_engine::Result<Option<u64>> {
+        let c = &self.0;
+        let key = format!("{}disks/{vdi_id}/writer", c.prefix);
+        let mut client = c.client.clone();
+        let resp = c.call("reading a disk's writer", async move {
+            client.get(key, None).await
+        })?;
+        Ok(resp
+            .kvs()
+            .first()
+            .and_then(|kv| kv.value_str().ok()?.parse().ok()))
+    }
+
     fn claim_extent(&self, index: u64) -> parallax_engine::Result<bool> {
         let c = &self.0;
         let key = format!("{}extents/{index}", c.prefix);

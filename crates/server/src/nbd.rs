@@ -33,6 +33,11 @@
 //!   planned by the engine ([`IoPlan`]) and carried by io_uring, or, without
 //!   a ring (or on a store with no file descriptor), by the plan's own
 //!   device calls on the blocking pool.
+//! - Cluster mode: a client naming a disk another appliance holds
+//!   negotiates as usual (the size from the disk's header); it reads the
+//!   disk as its newest commit on the pool has it, and its first request
+//!   that changes the disk asks for it and waits, up to `--claim-wait`
+//!   (`Service::claim`): how a disk follows a migrating VM.
 //! - Nothing happens to a disk when its client leaves: the store owns the
 //!   disk's state and commits what a client wrote and left unflushed once
 //!   the disk has been idle a moment (the daemon's settle tick).

@@ -47,8 +47,12 @@ const RECLAIM_RETRY: Duration = Duration::from_secs(5);
 /// [`Store::read_committed`]).
 const COMMITTED_READ_TRIES: usize = 10;
 
-/// How often [`Store::claim`] tries again to open a disk it asked for.
+/// How often [`Store::claim`] looks whether a disk it asked for is free.
 const CLAIM_POLL: Duration = Duration::from_millis(20);
+
+/// How often [`Store::claim`] tries again to open a disk whose key stays
+/// free (a disk whose holder died, waiting for its takeover).
+const CLAIM_RETRY: Duration = Duration::from_millis(250);
 
 /// A disk read as its newest commit on the pool has it, without opening
 /// it: what a client of this host waiting for a disk another host holds
@@ -208,31 +212,63 @@ impl Store {
     /// `--takeover` or the operator). [`Error::Busy`] after `wait`.
     pub fn claim(&self, name: &str, wait: Duration) -> Result<Vdi> {
         let start = std::time::Instant::now();
-        let mut asked: Option<(std::sync::Arc<dyn crate::coord::Coordinator>, u64)> = None;
-        let result = loop {
-            let why = match self.open_vdi(name) {
-                Err(Error::Busy(why)) => why,
-                other => break other,
-            };
-            let Some(coord) = self.inner.pool.coordinator().cloned() else {
-                break Err(Error::Busy(why));
-            };
-            if start.elapsed() >= wait {
-                break Err(Error::Busy(format!(
-                    "{why}; its holder did not give it up within {wait:?}"
-                )));
-            }
-            if asked.is_none() {
-                let vdi_id = self.peek_info(name)?.id;
-                coord.request_writer(vdi_id)?;
-                asked = Some((coord, vdi_id));
-            }
-            std::thread::sleep(CLAIM_POLL);
+        let why = match self.open_vdi(name) {
+            Err(Error::Busy(why)) => why,
+            other => return other,
         };
-        if let Some((coord, vdi_id)) = asked {
-            coord.withdraw_request(vdi_id);
+        let Some(coord) = self.inner.pool.coordinator().cloned() else {
+            return Err(Error::Busy(why));
+        };
+        if wait.is_zero() {
+            return Err(Error::Busy(why));
         }
-        result
+        let vdi_id = self.peek_info(name)?.id;
+        coord.request_writer(vdi_id)?;
+        let claimed = self.claim_asked(name, vdi_id, &*coord, start, wait);
+        // Always: a request left standing would move the disk here later,
+        // with no client waiting for it.
+        coord.withdraw_request(vdi_id);
+        claimed
+    }
+
+    /// [`Store::claim`] once the request stands: tries to open the disk
+    /// again (under the catalogue lock) once its key is free or this
+    /// host's (a takeover here done), at once the first time it is seen
+    /// free (a hand-off to this host), then at most every [`CLAIM_RETRY`]
+    /// while it stays free (a disk not let go, waiting for its takeover).
+    fn claim_asked(
+        &self,
+        name: &str,
+        vdi_id: u64,
+        coord: &dyn crate::coord::Coordinator,
+        start: std::time::Instant,
+        wait: Duration,
+    ) -> Result<Vdi> {
+        let mut failed_while_free = false;
+        loop {
+            let tried = std::time::Instant::now();
+            let mut free = false;
+            while !free {
+                if start.elapsed() >= wait {
+                    let why = match self.open_vdi(name) {
+                        Err(Error::Busy(why)) => why,
+                        other => return other,
+                    };
+                    return Err(Error::Busy(format!(
+                        "{why}; its holder did not give it up within {wait:?}"
+                    )));
+                }
+                std::thread::sleep(CLAIM_POLL);
+                free = match coord.writer_host(vdi_id)? {
+                    None => !failed_while_free || tried.elapsed() >= CLAIM_RETRY,
+                    Some(h) => h == coord.host_id() && self.open_disk_ids().contains(&vdi_id),
+                };
+            }
+            match self.open_vdi(name) {
+                Err(Error::Busy(_)) => failed_while_free = true,
+                other => return other,
+            }
+        }
     }
 
     /// Disk `name` as its newest commit on the pool has it, for reading
