@@ -17,6 +17,7 @@ use crate::scheduler::Scheduler;
 use crate::service::Service;
 use crate::store_file::{self, Access};
 use anyhow::{bail, Context, Result};
+use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
@@ -87,18 +88,37 @@ async fn settle(service: Arc<Service>) {
     }
 }
 
-/// `--takeover`: every [`TAKEOVER_SCAN`], takes over the disks whose last
-/// commit is by an appliance that is no longer registered (its lease
-/// ended) and did not let them go, or by an earlier run of this one.
+/// `--takeover`: every [`TAKEOVER_SCAN`], and within [`HOSTS_LOOK`] of an
+/// appliance leaving the registry, takes over the disks whose last commit
+/// is by an appliance that is no longer registered (its lease ended) and
+/// did not let them go, or by an earlier run of this one.
 /// Every appliance with `--takeover` scans; for each disk one wins the
 /// writer key and the others move on.
 async fn take_over_orphans(service: Arc<Service>, cluster: Arc<EtcdCoordinator>) {
-    let mut tick = tokio::time::interval(TAKEOVER_SCAN);
+    let mut tick = tokio::time::interval(HOSTS_LOOK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut known = HashSet::new();
+    let mut scanned = std::time::Instant::now();
     loop {
         tick.tick().await;
         let (svc, c) = (service.clone(), cluster.clone());
-        match tokio::task::spawn_blocking(move || take_over_scan(&svc, &c)).await {
+        // A full scan every TAKEOVER_SCAN, or at once when an appliance
+        // left (its lease ended): its disks wait for nothing else.
+        let live = match tokio::task::spawn_blocking(move || c.hosts()).await {
+            Ok(Ok(hosts)) => hosts
+                .into_iter()
+                .map(|(id, _)| id)
+                .collect::<HashSet<u64>>(),
+            _ => continue,
+        };
+        let someone_left = known.iter().any(|h| !live.contains(h));
+        known = live.clone();
+        if !someone_left && scanned.elapsed() < TAKEOVER_SCAN {
+            continue;
+        }
+        scanned = std::time::Instant::now();
+        let c = cluster.clone();
+        match tokio::task::spawn_blocking(move || take_over_scan(&svc, &c, &live)).await {
             Ok(Err(e)) => debug!("takeover scan: {e}"),
             Err(e) => warn!("takeover scan: {e}"),
             Ok(Ok(())) => {}
@@ -106,11 +126,9 @@ async fn take_over_orphans(service: Arc<Service>, cluster: Arc<EtcdCoordinator>)
     }
 }
 
-fn take_over_scan(service: &Service, cluster: &EtcdCoordinator) -> Result<()> {
+fn take_over_scan(service: &Service, cluster: &EtcdCoordinator, live: &HashSet<u64>) -> Result<()> {
     let store = service.store();
     let me = cluster.options().host_id;
-    let live: std::collections::HashSet<u64> =
-        cluster.hosts()?.into_iter().map(|(id, _)| id).collect();
     let held = store.open_disk_ids();
     let mut orphans = Vec::new();
     for name in store.try_list()? {
@@ -181,6 +199,10 @@ const YIELD_SCAN: Duration = Duration::from_millis(100);
 
 /// How often `--takeover` looks for disks to take over.
 const TAKEOVER_SCAN: Duration = Duration::from_secs(1);
+
+/// How often `--takeover` looks at the registered appliances (one etcd
+/// read): one gone starts a scan at once.
+const HOSTS_LOOK: Duration = Duration::from_millis(250);
 
 /// Gives the memory glibc's malloc holds free back to the system.
 fn trim_malloc() {
