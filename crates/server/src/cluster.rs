@@ -455,6 +455,31 @@ impl EtcdCoordinator {
         Ok(overview)
     }
 
+    /// Puts `key` (empty) under this host's lease; refused once this host
+    /// may no longer write.
+    fn put_under_lease(&self, what: &str, key: String) -> parallax_engine::Result<()> {
+        if !self.may_write() {
+            return Err(self.fenced());
+        }
+        let mut client = self.client.clone();
+        let lease = self.lease.id();
+        self.call(what, async move {
+            client
+                .put(key, "", Some(PutOptions::new().with_lease(lease)))
+                .await
+        })
+        .map(drop)
+    }
+
+    /// Deletes a key put by [`EtcdCoordinator::put_under_lease`], best
+    /// effort: it goes with the lease at worst.
+    fn delete_lease_key(&self, what: &str, key: String) {
+        let mut client = self.client.clone();
+        if let Err(e) = self.call(what, async move { client.delete(key, None).await }) {
+            warn!("{e}");
+        }
+    }
+
     /// Creates `key` = this host's id (no lease) unless it exists:
     /// `Created`, or `Exists(the key as it is)`. Refused once this host may
     /// no longer write.
@@ -859,30 +884,14 @@ impl Coordinator for Etcd {
 
     fn pin_snapshot(&self, vdi_id: u64, snap: u64) -> parallax_engine::Result<()> {
         let c = &self.0;
-        if !self.may_write() {
-            return Err(c.fenced());
-        }
         let key = format!("{}pins/{vdi_id}/{snap}/{}", c.prefix, c.host_id);
-        let mut client = c.client.clone();
-        let lease = c.lease.id();
-        c.call("pinning a snapshot", async move {
-            client
-                .put(key, "", Some(PutOptions::new().with_lease(lease)))
-                .await
-        })
-        .map(drop)
+        c.put_under_lease("pinning a snapshot", key)
     }
 
     fn unpin_snapshot(&self, vdi_id: u64, snap: u64) {
         let c = &self.0;
         let key = format!("{}pins/{vdi_id}/{snap}/{}", c.prefix, c.host_id);
-        let mut client = c.client.clone();
-        if let Err(e) = c.call("unpinning a snapshot", async move {
-            client.delete(key, None).await
-        }) {
-            // It goes with the lease at worst.
-            warn!("{e}");
-        }
+        c.delete_lease_key("unpinning a snapshot", key);
     }
 
     fn pinned_snapshots(&self, vdi_id: u64) -> parallax_engine::Result<HashSet<u64>> {
@@ -910,30 +919,14 @@ impl Coordinator for Etcd {
 
     fn request_writer(&self, vdi_id: u64) -> parallax_engine::Result<()> {
         let c = &self.0;
-        if !self.may_write() {
-            return Err(c.fenced());
-        }
         let key = format!("{}wanted/{vdi_id}/{}", c.prefix, c.host_id);
-        let mut client = c.client.clone();
-        let lease = c.lease.id();
-        c.call("asking for a disk", async move {
-            client
-                .put(key, "", Some(PutOptions::new().with_lease(lease)))
-                .await
-        })
-        .map(drop)
+        c.put_under_lease("asking for a disk", key)
     }
 
     fn withdraw_request(&self, vdi_id: u64) {
         let c = &self.0;
         let key = format!("{}wanted/{vdi_id}/{}", c.prefix, c.host_id);
-        let mut client = c.client.clone();
-        if let Err(e) = c.call("withdrawing a request for a disk", async move {
-            client.delete(key, None).await
-        }) {
-            // It goes with the lease at worst.
-            warn!("{e}");
-        }
+        c.delete_lease_key("withdrawing a request for a disk", key);
     }
 
     fn writer_requests(&self) -> parallax_engine::Result<Vec<(u64, u64)>> {
