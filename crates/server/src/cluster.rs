@@ -906,14 +906,11 @@ impl Coordinator for Etcd {
                 )
                 .await
         })?;
+        // pins/<vdi>/<snapshot>/<host>
         Ok(resp
             .kvs()
             .iter()
-            .filter_map(|kv| {
-                let mut parts = kv.key_str().ok()?.rsplit('/');
-                parts.next()?;
-                parts.next()?.parse().ok()
-            })
+            .filter_map(|kv| key_field(kv, 1))
             .collect())
     }
 
@@ -940,15 +937,11 @@ impl Coordinator for Etcd {
                 .with_sort(SortTarget::Create, SortOrder::Ascend);
             client.get(prefix, Some(options)).await
         })?;
+        // wanted/<vdi>/<host>
         Ok(resp
             .kvs()
             .iter()
-            .filter_map(|kv| {
-                let mut parts = kv.key_str().ok()?.rsplit('/');
-                let host = parts.next()?.parse().ok()?;
-                let vdi = parts.next()?.parse().ok()?;
-                Some((vdi, host))
-            })
+            .filter_map(|kv| Some((key_field(kv, 1)?, key_field(kv, 0)?)))
             .collect())
     }
 
