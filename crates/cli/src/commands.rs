@@ -123,6 +123,7 @@ pub struct ServeArgs {
     pub takeover_grace: std::time::Duration,
     pub claim_wait: std::time::Duration,
     pub yield_quiet: std::time::Duration,
+    pub list_snapshots: bool,
 }
 
 pub fn serve(ctx: &Context, args: ServeArgs) -> Result<()> {
@@ -138,6 +139,7 @@ pub fn serve(ctx: &Context, args: ServeArgs) -> Result<()> {
         takeover_grace,
         claim_wait,
         yield_quiet,
+        list_snapshots,
     } = args;
     let nbd_socket = nbd_socket.map(|p| absolute(&p)).transpose()?;
     let cluster = etcd.map(|urls| ClusterOptions {
@@ -174,6 +176,7 @@ pub fn serve(ctx: &Context, args: ServeArgs) -> Result<()> {
         direct,
         socket_group,
         cluster,
+        list_snapshots,
     })
 }
 

@@ -104,6 +104,12 @@ enum Command {
         /// this long.
         #[arg(long, value_name = "DURATION", default_value = "500ms", value_parser = parse_duration)]
         yield_quiet: std::time::Duration,
+        /// List every disk's snapshots (`NAME@SNAP`) to NBD clients that
+        /// ask for the list of exports (`nbdinfo --list`), not only the
+        /// disks. Off by default: a scheduled disk has hundreds, and such
+        /// clients then describe each one.
+        #[arg(long)]
+        list_snapshots: bool,
     },
     /// Cluster mode: take a disk over from an appliance that stopped or
     /// lost its lease without letting it go (waits for its lease to end,
@@ -421,6 +427,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             takeover_grace,
             claim_wait,
             yield_quiet,
+            list_snapshots,
         } => commands::serve(
             &ctx,
             commands::ServeArgs {
@@ -435,6 +442,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 takeover_grace: *takeover_grace,
                 claim_wait: *claim_wait,
                 yield_quiet: *yield_quiet,
+                list_snapshots: *list_snapshots,
             },
         ),
         Command::Takeover { name } => commands::takeover(&ctx, name),

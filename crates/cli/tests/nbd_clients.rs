@@ -1872,6 +1872,17 @@ fn snapshots_and_clones_while_writing() {
     );
     assert_eq!(snap.read(0, 4096), vec![a; 4096]);
     snap.disconnect();
+    // Each refusal is in the daemon's log, with the client, the export and
+    // the reason.
+    let log = d.log();
+    let refused: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("request failed") && l.contains("export=D@s1"))
+        .collect();
+    assert!(
+        refused.len() >= 3 && refused.iter().all(|l| l.contains("read-only")),
+        "{log}"
+    );
     qemu_io_ro(&d.unix_uri("D@s1"), &s1_reads).ok();
 
     // A clone of s1 reads A, takes writes, and leaves D alone.

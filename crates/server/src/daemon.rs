@@ -46,6 +46,8 @@ pub struct ServeOptions {
     pub socket_group: Option<u32>,
     /// Cluster mode: etcd and the lease (see `docs/CLUSTER.md`).
     pub cluster: Option<ClusterOptions>,
+    /// `NBD_OPT_LIST` lists snapshot exports too.
+    pub list_snapshots: bool,
 }
 
 /// Every [`SETTLE_INTERVAL`], the store's upkeep ([`Store::settle`]):
@@ -379,7 +381,8 @@ pub fn run(options: ServeOptions) -> Result<()> {
             .with_uring(runtime.block_on(async { start_uring() }))
             .with_background_settle()
             .with_scheduler(scheduler.clone())
-            .with_cluster(etcd.clone()),
+            .with_cluster(etcd.clone())
+            .with_listed_snapshots(options.list_snapshots),
     );
     let etcd_handle = etcd;
     // Snapshot schedules stored in the disks' headers resume.

@@ -193,7 +193,7 @@ impl Exports for StoreExports<'_> {
     }
 
     fn list(&self) -> Vec<(String, Option<String>)> {
-        off_runtime(|| self.service.store().try_list())
+        off_runtime(|| self.service.exports())
             .unwrap_or_else(|e| {
                 warn!("listing exports: {e}");
                 Vec::new()
@@ -269,6 +269,8 @@ pub async fn serve_connection<S>(
         },
     };
     let ctx = Arc::new(Connection {
+        peer: peer.clone(),
+        export: negotiated.export.clone(),
         target: target.map(OnceLock::from).unwrap_or_default(),
         claim,
         size: negotiated.info.size,
@@ -373,6 +375,9 @@ fn off_runtime<T>(f: impl FnOnce() -> T) -> T {
 
 /// The negotiated state of one connection, shared by its requests.
 struct Connection {
+    /// Who and what, for the log.
+    peer: String,
+    export: String,
     /// Set from the start, or once claimed.
     target: OnceLock<Target>,
     /// A disk another appliance held when the client connected: read as
@@ -641,14 +646,18 @@ struct Planned {
 /// node is not cached, the store is full, or the disk is locked
 /// exclusively at this moment.
 fn plan_async(ctx: &Connection, req: &Request) -> Option<Planned> {
+    // Requests with flags go the blocking way, which checks them.
+    if req.flags != 0 {
+        return None;
+    }
     let (direction, plan) = match req.command {
-        Command::Read if req.length <= MAX_PAYLOAD => (
+        Command::Read if req.length > 0 && req.length <= MAX_PAYLOAD => (
             Direction::Read,
             ctx.target
                 .get()?
                 .try_plan_read(req.offset, req.length as usize),
         ),
-        Command::Write if req.flags & proto::CMD_FLAG_FUA == 0 && !ctx.read_only => {
+        Command::Write if !ctx.read_only => {
             let vdi = ctx.target.get()?.writable()?;
             (
                 Direction::Write,
@@ -870,6 +879,10 @@ impl From<EngineError> for Failure {
 /// for a successful READ, the data.
 fn execute(ctx: &Connection, req: Request, payload: &[u8]) -> (Vec<u8>, Option<AlignedBuf>) {
     let mut out = Vec::new();
+    if let Err(f) = check_flags(ctx, &req) {
+        error_reply(ctx, &req, f, &mut out);
+        return (out, None);
+    }
     match req.command {
         Command::Read => match read(ctx, &req) {
             Ok(data) => {
@@ -904,12 +917,83 @@ fn execute(ctx: &Connection, req: Request, payload: &[u8]) -> (Vec<u8>, Option<A
 }
 
 fn error_reply(ctx: &Connection, req: &Request, f: Failure, out: &mut Vec<u8>) {
-    debug!(cookie = req.cookie, command = ?req.command, errno = f.errno, "{}", f.message);
+    if failures_to_log() {
+        info!(
+            peer = %ctx.peer,
+            export = %ctx.export,
+            command = ?req.command,
+            offset = req.offset,
+            length = req.length,
+            flags = req.flags,
+            errno = f.errno,
+            "request failed: {}",
+            f.message
+        );
+    }
     let must_be_structured = matches!(req.command, Command::Read | Command::BlockStatus);
     if ctx.structured && must_be_structured {
         proto::structured_error(out, req.cookie, f.errno, &f.message);
     } else {
         proto::simple_reply(out, req.cookie, f.errno);
+    }
+}
+
+/// Failed requests logged per second at most; the others are counted, and
+/// the count logged when the next second begins.
+const FAILURES_LOGGED_PER_SECOND: u32 = 20;
+
+/// Whether this failed request may be logged (see
+/// [`FAILURES_LOGGED_PER_SECOND`]).
+fn failures_to_log() -> bool {
+    // (second, logged in it, not logged in it)
+    static WINDOW: std::sync::Mutex<(u64, u32, u64)> = std::sync::Mutex::new((0, 0, 0));
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let mut w = WINDOW
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    if w.0 != now {
+        if w.2 > 0 {
+            info!(
+                suppressed = w.2,
+                "failed requests not logged in the last second"
+            );
+        }
+        *w = (now, 0, 0);
+    }
+    if w.1 < FAILURES_LOGGED_PER_SECOND {
+        w.1 += 1;
+        true
+    } else {
+        w.2 += 1;
+        false
+    }
+}
+
+/// The command flags `req` may carry: FUA on any command of a writable
+/// export (where it is advertised), DF on READ with structured replies,
+/// NO_HOLE and FAST_ZERO on WRITE_ZEROES, REQ_ONE on BLOCK_STATUS. Any
+/// other flag, known or not, is EINVAL: the spec's SHOULD (a MUST for
+/// CACHE).
+fn check_flags(ctx: &Connection, req: &Request) -> Result<(), Failure> {
+    let mut allowed = if ctx.read_only {
+        0
+    } else {
+        proto::CMD_FLAG_FUA
+    };
+    allowed |= match req.command {
+        Command::Read if ctx.structured => proto::CMD_FLAG_DF,
+        Command::WriteZeroes => proto::CMD_FLAG_NO_HOLE | proto::CMD_FLAG_FAST_ZERO,
+        Command::BlockStatus => proto::CMD_FLAG_REQ_ONE,
+        _ => 0,
+    };
+    match req.flags & !allowed {
+        0 => Ok(()),
+        stray => Err(Failure::new(
+            proto::EINVAL,
+            format!("flags {stray:#x} do not apply to {:?}", req.command),
+        )),
     }
 }
 
@@ -928,6 +1012,10 @@ fn check_range(ctx: &Connection, req: &Request, past_end_errno: u32) -> Result<(
 }
 
 fn read(ctx: &Connection, req: &Request) -> Result<AlignedBuf, Failure> {
+    if req.length == 0 {
+        // A data chunk cannot carry 0 bytes (its length must be at least 9).
+        return Err(Failure::new(proto::EINVAL, "READ of length 0"));
+    }
     if req.length > MAX_PAYLOAD {
         return Err(Failure::new(
             proto::EINVAL,

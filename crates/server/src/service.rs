@@ -57,6 +57,8 @@ pub struct Service {
     gc_progress: Mutex<Option<GcProgress>>,
     /// Cluster mode: the etcd coordinator.
     cluster: Option<Arc<EtcdCoordinator>>,
+    /// `NBD_OPT_LIST` lists every snapshot export too (`--list-snapshots`).
+    list_snapshots: bool,
 }
 
 /// Shortest schedule interval accepted.
@@ -93,7 +95,34 @@ impl Service {
             scheduler: None,
             gc_progress: Mutex::new(None),
             cluster: None,
+            list_snapshots: false,
         }
+    }
+
+    /// `NBD_OPT_LIST` lists every disk's snapshots (`NAME@SNAP`) too.
+    pub fn with_listed_snapshots(mut self, list: bool) -> Service {
+        self.list_snapshots = list;
+        self
+    }
+
+    /// Every export a client may open: the disks and, with
+    /// `--list-snapshots`, their snapshots. A disk this appliance does not
+    /// hold lists the snapshots of its last commit.
+    pub fn exports(&self) -> Result<Vec<String>, parallax_engine::Error> {
+        let disks = self.store.try_list()?;
+        if !self.list_snapshots {
+            return Ok(disks);
+        }
+        let mut names = Vec::with_capacity(disks.len());
+        for disk in disks {
+            let snaps = match self.store.open_if_held(&disk)? {
+                Some(vdi) => vdi.snapshots(),
+                None => self.store.committed_snapshots(&disk)?,
+            };
+            names.extend(snaps.iter().map(|s| format!("{disk}@{}", s.name)));
+            names.push(disk);
+        }
+        Ok(names)
     }
 
     /// Runs snapshot schedules through `scheduler` (the daemon does).

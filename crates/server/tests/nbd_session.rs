@@ -190,7 +190,11 @@ impl Client {
                 let mut p = vec![0u8; len as usize];
                 self.s.read_exact(&mut p).await.ok()?;
                 match kind {
-                    proto::REPLY_TYPE_OFFSET_DATA => r.data.extend_from_slice(&p[8..]),
+                    proto::REPLY_TYPE_OFFSET_DATA => {
+                        // The spec: at least the offset and one byte.
+                        assert!(len >= 9, "an OFFSET_DATA chunk of length {len}");
+                        r.data.extend_from_slice(&p[8..])
+                    }
                     proto::REPLY_TYPE_ERROR => {
                         r.error = u32::from_be_bytes(p[..4].try_into().unwrap())
                     }
@@ -612,4 +616,142 @@ async fn a_handshake_waiting_for_a_disk_lock_leaves_the_runtime_running() {
         .await
         .expect("the handshake never finished")
         .unwrap();
+}
+
+/// What `doc/proto.md` says a server SHOULD (for CACHE: MUST) reject gets
+/// EINVAL, with simple and structured replies alike: a READ of length 0
+/// (no valid data chunk can carry it), command flags nobody defined, and
+/// flags that do not apply to the command. The flags that do apply are
+/// accepted, and the connection goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_the_spec_rejects_get_einval() {
+    use proto::{
+        CMD_FLAG_DF, CMD_FLAG_FAST_ZERO, CMD_FLAG_FUA, CMD_FLAG_NO_HOLE, CMD_FLAG_REQ_ONE,
+    };
+    for structured in [false, true] {
+        let f = fixture();
+        let mut c = f.connect("d", structured).await;
+        let mut cookie = 0;
+        let mut rejected = |command, flags: u16, len: u32| {
+            cookie += 1;
+            (command, flags, len, cookie)
+        };
+        let mut cases = vec![
+            rejected(Command::Read, 0, 0),
+            rejected(Command::Read, CMD_FLAG_NO_HOLE, 4096),
+            rejected(Command::Read, CMD_FLAG_REQ_ONE, 4096),
+            rejected(Command::Read, CMD_FLAG_FAST_ZERO, 4096),
+            rejected(Command::Trim, CMD_FLAG_FAST_ZERO, 4096),
+            rejected(Command::Trim, CMD_FLAG_NO_HOLE, 4096),
+            rejected(Command::Flush, CMD_FLAG_REQ_ONE, 0),
+            rejected(Command::Cache, CMD_FLAG_REQ_ONE, 4096),
+            rejected(Command::Cache, CMD_FLAG_NO_HOLE, 4096),
+            rejected(Command::WriteZeroes, CMD_FLAG_REQ_ONE, 4096),
+        ];
+        for unknown in [0x20u16, 0x40, 0x80, 0x8000] {
+            for command in [Command::Read, Command::Flush, Command::Trim, Command::Cache] {
+                cases.push(rejected(command, unknown, 4096));
+            }
+        }
+        if !structured {
+            // DF applies only with structured replies.
+            cases.push(rejected(Command::Read, CMD_FLAG_DF, 4096));
+        }
+        for &(command, flags, len, cookie) in &cases {
+            c.send(command, flags, cookie, 0, len).await;
+            let r = c.reply().await.expect("connection closed");
+            assert_eq!(
+                (r.cookie, r.error),
+                (cookie, proto::EINVAL),
+                "{command:?} with flags {flags:#x}, length {len} (structured={structured})"
+            );
+        }
+        // A WRITE with a flag that is not its own: EINVAL, its payload
+        // consumed, nothing written.
+        for (k, flags) in [CMD_FLAG_DF, CMD_FLAG_NO_HOLE, 0x40]
+            .into_iter()
+            .enumerate()
+        {
+            let cookie = 100 + k as u64;
+            c.send(Command::Write, flags, cookie, 0, 4096).await;
+            c.s.write_all(&[0xee; 4096]).await.unwrap();
+            assert_eq!(c.reply().await.unwrap().error, proto::EINVAL);
+        }
+        assert!(c.read(200, 0, 4096).await == vec![0; 4096]);
+        // The flags that apply are taken.
+        c.send(Command::Read, CMD_FLAG_FUA, 201, 0, 4096).await;
+        c.ok(201).await;
+        c.send(Command::Flush, CMD_FLAG_FUA, 202, 0, 0).await;
+        c.ok(202).await;
+        c.send(Command::Cache, 0, 203, 0, 4096).await;
+        c.ok(203).await;
+        c.send(
+            Command::WriteZeroes,
+            CMD_FLAG_NO_HOLE | CMD_FLAG_FUA,
+            204,
+            0,
+            4096,
+        )
+        .await;
+        c.ok(204).await;
+        if structured {
+            c.send(Command::Read, CMD_FLAG_DF, 205, 0, 4096).await;
+            c.ok(205).await;
+            c.send(Command::BlockStatus, CMD_FLAG_REQ_ONE, 206, 0, 4096)
+                .await;
+            c.ok(206).await;
+        }
+        c.write(207, 0, &[5u8; 512]).await;
+        c.ok(207).await;
+        assert!(c.read(208, 0, 512).await == vec![5u8; 512]);
+    }
+}
+
+/// `NBD_OPT_LIST`: the disks; with `--list-snapshots`, their snapshot
+/// exports (`NAME@SNAP`) too, which `NBD_OPT_GO` opens.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_export_list_has_snapshots_when_asked() {
+    async fn listed(f: &Fixture) -> Vec<String> {
+        let mut s = f.raw();
+        let mut greeting = [0u8; 18];
+        s.read_exact(&mut greeting).await.unwrap();
+        s.write_all(&3u32.to_be_bytes()).await.unwrap();
+        let mut c = Client {
+            s,
+            reads: Default::default(),
+        };
+        c.option(proto::OPT_LIST, &[]).await;
+        let mut names = Vec::new();
+        loop {
+            let (kind, data) = c.option_reply().await;
+            if kind == proto::REP_ACK {
+                break;
+            }
+            assert_eq!(kind, proto::REP_SERVER);
+            let len = u32::from_be_bytes(data[..4].try_into().unwrap()) as usize;
+            names.push(String::from_utf8(data[4..4 + len].to_vec()).unwrap());
+        }
+        names.sort();
+        names
+    }
+    let f = fixture();
+    f.service
+        .store()
+        .open_vdi("d")
+        .unwrap()
+        .snapshot(Some("s1"))
+        .unwrap();
+    assert_eq!(listed(&f).await, ["d"]);
+    let dev = Arc::new(CrashDevice::from_durable(f.dev.durable_image()));
+    let store = Store::open(dev, &OpenOptions::default()).unwrap();
+    let listing = Fixture {
+        dev: f.dev.clone(),
+        service: Arc::new(
+            Service::new(store, "/nonexistent".into(), false).with_listed_snapshots(true),
+        ),
+        shutdown: watch::channel(false).0,
+    };
+    assert_eq!(listed(&listing).await, ["d", "d@s1"]);
+    let mut c = listing.connect("d@s1", true).await;
+    assert!(c.read(1, 0, 4096).await == vec![0; 4096]);
 }
