@@ -257,7 +257,6 @@ pub async fn serve_connection<S>(
         Some(_) => None,
         None => match off_runtime(|| service.store().committed_head(&negotiated.export)) {
             Ok(committed) => Some(Claim {
-                name: negotiated.export.clone(),
                 service: service.clone(),
                 committed,
                 asking: std::sync::Mutex::new(()),
@@ -393,7 +392,6 @@ struct Connection {
 
 /// A disk to ask for (see [`Service::claim`]).
 struct Claim {
-    name: String,
     service: Arc<Service>,
     /// What the client reads until it writes.
     committed: parallax_engine::CommittedHead,
@@ -418,8 +416,8 @@ impl Connection {
         if let Some(t) = self.target.get() {
             return Ok(t);
         }
-        let vdi = claim.service.claim(&claim.name)?;
-        info!(export = %claim.name, "the disk, asked for, is now held here");
+        let vdi = claim.service.claim(&self.export)?;
+        info!(export = %self.export, "the disk, asked for, is now held here");
         Ok(self.target.get_or_init(|| Box::new(vdi)))
     }
 }

@@ -37,6 +37,12 @@ fn fixture() -> Fixture {
 }
 
 impl Fixture {
+    /// Takes snapshot `name` of disk `d` (durable on return).
+    fn snapshot(&self, name: &str) {
+        let vdi = self.service.store().open_vdi("d").unwrap();
+        vdi.snapshot(Some(name)).unwrap();
+    }
+
     /// The store as it would reopen after a power cut now.
     fn durable_store(&self) -> Store {
         let dev = Arc::new(CrashDevice::from_durable(self.dev.durable_image()));
@@ -358,12 +364,7 @@ async fn snapshot_exports_are_read_only() {
     let mut c = f.connect("d", true).await;
     c.write(1, 0, &[0xab; 4096]).await;
     c.ok(1).await;
-    f.service
-        .store()
-        .open_vdi("d")
-        .unwrap()
-        .snapshot(Some("s1"))
-        .unwrap();
+    f.snapshot("s1");
     c.write(2, 0, &[0xcd; 4096]).await;
     c.ok(2).await;
     let mut s = f.connect("d@s1", true).await;
@@ -735,12 +736,7 @@ async fn the_export_list_has_snapshots_when_asked() {
         names
     }
     let f = fixture();
-    f.service
-        .store()
-        .open_vdi("d")
-        .unwrap()
-        .snapshot(Some("s1"))
-        .unwrap();
+    f.snapshot("s1");
     assert_eq!(listed(&f).await, ["d"]);
     let dev = Arc::new(CrashDevice::from_durable(f.dev.durable_image()));
     let store = Store::open(dev, &OpenOptions::default()).unwrap();
@@ -776,12 +772,7 @@ async fn every_flag_on_every_command_gets_the_reply_the_spec_asks_for() {
         Command::BlockStatus,
     ];
     let f = fixture();
-    f.service
-        .store()
-        .open_vdi("d")
-        .unwrap()
-        .snapshot(Some("s1"))
-        .unwrap();
+    f.snapshot("s1");
     let mut checked = 0;
     for export in ["d", "d@s1"] {
         let read_only = export.contains('@');

@@ -538,9 +538,12 @@ impl Disk {
         self.written_since_flush.store(true, Ordering::SeqCst);
     }
 
-    /// Notes that a client read the disk now.
+    /// Notes that a client read the disk now (shared mode only: nothing
+    /// else asks, and it costs a clock read per request).
     pub(super) fn used(&self) {
-        self.last_use_ns.store(now_ns(), Ordering::Relaxed);
+        if self.pool.coordinator().is_some() {
+            self.last_use_ns.store(now_ns(), Ordering::Relaxed);
+        }
     }
 
     /// A client's flush begins: what was written so far is being made
