@@ -31,7 +31,7 @@ pub use aligned::{is_aligned, AlignedBuf, ALIGN};
 pub use crash::{CrashDevice, CrashMode, Fault, SplitMix};
 pub use file::{FileDevice, OpenMode};
 pub use mem::MemDevice;
-pub use nbd::{NbdAddr, NbdDevice, NbdTarget, REPLAY_LIMIT};
+pub use nbd::{NbdAddr, NbdDevice, NbdTarget, WriteGuard, REPLAY_LIMIT};
 
 use std::io;
 

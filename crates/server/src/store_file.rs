@@ -172,6 +172,24 @@ pub fn open_store_with(
     })
 }
 
+/// The NBD pool's write guard in cluster mode: no write of this appliance
+/// reaches the pool once it is fenced, not even the replay of acknowledged
+/// writes after a reconnection; and never again (the device's replay log
+/// cannot tell which of its writes a new lease may still make): an
+/// appliance on an NBD pool that lost its lease must be restarted. A lease
+/// lost and renewed while the device was not asked (its requests stuck on
+/// a dead connection) shows in the incarnation.
+fn fencing_guard(c: Arc<dyn Coordinator>) -> parallax_device::WriteGuard {
+    let first = c.incarnation();
+    let fenced = std::sync::atomic::AtomicBool::new(false);
+    Box::new(move || {
+        if !c.may_write() || c.incarnation() != first {
+            fenced.store(true, std::sync::atomic::Ordering::SeqCst);
+        }
+        !fenced.load(std::sync::atomic::Ordering::SeqCst)
+    })
+}
+
 /// Opens the existing store at `path` in cluster mode: no lock (several
 /// appliances open it), `O_DIRECT` for a file or device (other hosts
 /// change blocks this host's page cache would keep), and the coordinator
@@ -204,22 +222,7 @@ pub fn open_shared_store(
     let store_id = Store::peek_id(&*dev).map_err(|e| anyhow!("{shown}: {e}"))?;
     let coordinator = connect(store_id)?;
     if let Some(nbd) = &nbd {
-        // No write of this appliance reaches the pool once it is fenced,
-        // not even the replay of acknowledged writes after a reconnection;
-        // and never again (the device's replay log cannot tell which of
-        // its writes a new lease may still make): an appliance on an NBD
-        // pool that lost its lease must be restarted. A lease lost and
-        // renewed while the device was not asked (its requests stuck on a
-        // dead connection) shows in the incarnation.
-        let c = coordinator.clone();
-        let first = c.incarnation();
-        let fenced = std::sync::atomic::AtomicBool::new(false);
-        nbd.set_write_guard(Box::new(move || {
-            if !c.may_write() || c.incarnation() != first {
-                fenced.store(true, std::sync::atomic::Ordering::SeqCst);
-            }
-            !fenced.load(std::sync::atomic::Ordering::SeqCst)
-        }));
+        nbd.set_write_guard(fencing_guard(coordinator.clone()));
         nbd.set_request_timeout(in_flight);
     }
     let options = OpenOptions {
@@ -370,6 +373,28 @@ pub fn init_store(path: &Path, size: Option<u64>, force: bool, host_id: u64) -> 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The NBD pool's guard says no once the lease ended, and stays so
+    /// after a renewal, even when nothing asked it while fenced (its
+    /// requests were stuck on a dead connection then).
+    #[test]
+    fn the_fencing_guard_latches_even_unasked() {
+        let cluster = parallax_engine::MemCluster::new();
+        let asked = fencing_guard(cluster.host(1));
+        let unasked = fencing_guard(cluster.host(1));
+        assert!(asked() && unasked());
+        cluster.expire(1);
+        assert!(!asked());
+        cluster.renew(1);
+        assert!(
+            !asked(),
+            "the guard let writes through again after a renewal"
+        );
+        assert!(
+            !unasked(),
+            "a guard not asked while fenced let writes through"
+        );
+    }
 
     #[test]
     fn default_store_paths() {
