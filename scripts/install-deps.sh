@@ -5,7 +5,8 @@
 # so backports is added (on the mirror the existing sources use) first.
 #   scripts/install-deps.sh          test clients: qemu-utils, libnbd-bin, fio,
 #                                    nbdkit; etcd-server (cluster tests);
-#                                    protobuf-compiler (the etcd client's build)
+#                                    protobuf-compiler (the etcd client's build);
+#                                    openssl (the TLS tests' certificates)
 #   scripts/install-deps.sh --vm     also qemu-system-x86 and busybox-static (README
 #                                    VM walk-through; the live-migration test's guest)
 set -euo pipefail
@@ -23,6 +24,7 @@ command -v fio >/dev/null || need+=(fio)
 command -v nbdkit >/dev/null || need+=(nbdkit)
 command -v etcd >/dev/null || need+=(etcd-server)
 command -v protoc >/dev/null || need+=(protobuf-compiler)
+command -v openssl >/dev/null || need+=(openssl)
 vm_needed=0
 if [ "$want_vm" = 1 ] && ! command -v qemu-system-x86_64 >/dev/null; then vm_needed=1; fi
 if [ "$want_vm" = 1 ] && [ ! -x /bin/busybox ]; then need+=(busybox-static); fi

@@ -5,7 +5,7 @@
 
 use crate::output::{key_values, print, print_json, Table};
 use crate::size::format_size;
-use crate::{DiskRef, SnapRef};
+use crate::{DiskRef, Listen, ServeFlags, SnapRef};
 use anyhow::{anyhow, bail, Result};
 use parallax_server::api::{Api, ApiResult, DiskInfo, ErrorKind, ScheduleSpec};
 use parallax_server::client::Remote;
@@ -13,7 +13,7 @@ use parallax_server::cluster::ClusterOptions;
 use parallax_server::daemon::{self, ServeOptions};
 use parallax_server::service::Service;
 use parallax_server::store_file::{self, open_store, Access};
-use std::net::SocketAddr;
+use parallax_server::tls::{NbdTls, TlsFiles};
 use std::path::{Path, PathBuf};
 
 /// What every command gets from the global options.
@@ -111,24 +111,9 @@ pub fn init(ctx: &Context, size: Option<u64>, force: bool) -> Result<()> {
 }
 
 /// `parallax serve`'s options.
-pub struct ServeArgs {
-    pub nbd_listen: Option<SocketAddr>,
-    pub nbd_socket: Option<PathBuf>,
-    pub init_size: u64,
-    pub direct: bool,
-    pub socket_group: Option<u32>,
-    pub etcd: Option<String>,
-    pub lease_ttl: std::time::Duration,
-    pub takeover: bool,
-    pub takeover_grace: std::time::Duration,
-    pub claim_wait: std::time::Duration,
-    pub yield_quiet: std::time::Duration,
-    pub list_snapshots: bool,
-}
-
-pub fn serve(ctx: &Context, args: ServeArgs) -> Result<()> {
-    let ServeArgs {
-        nbd_listen,
+pub fn serve(ctx: &Context, flags: ServeFlags) -> Result<()> {
+    let ServeFlags {
+        nbd_listen: Listen(nbd_listen),
         nbd_socket,
         init_size,
         direct,
@@ -140,7 +125,11 @@ pub fn serve(ctx: &Context, args: ServeArgs) -> Result<()> {
         claim_wait,
         yield_quiet,
         list_snapshots,
-    } = args;
+        tls,
+        tls_cert,
+        tls_key,
+        tls_ca,
+    } = flags;
     let nbd_socket = nbd_socket.map(|p| absolute(&p)).transpose()?;
     let cluster = etcd.map(|urls| ClusterOptions {
         endpoints: urls.split(',').map(str::to_string).collect(),
@@ -177,6 +166,14 @@ pub fn serve(ctx: &Context, args: ServeArgs) -> Result<()> {
         socket_group,
         cluster,
         list_snapshots,
+        tls: NbdTls::load(
+            tls,
+            &TlsFiles {
+                cert: tls_cert,
+                key: tls_key,
+                ca: tls_ca,
+            },
+        )?,
     })
 }
 
@@ -302,6 +299,14 @@ pub fn status(ctx: &Context) -> Result<()> {
         (
             "nbd socket",
             status.nbd_socket.unwrap_or_else(|| "-".into()),
+        ),
+        (
+            "nbd tls",
+            match (status.nbd_tls.as_str(), status.nbd_tls_verifies_clients) {
+                ("", _) => "-".into(),
+                (mode, true) => format!("{mode}, client certificates verified"),
+                (mode, false) => mode.to_string(),
+            },
         ),
         ("control", status.control),
         ("connections", status.connections.len().to_string()),

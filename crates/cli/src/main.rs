@@ -50,67 +50,86 @@ struct Cli {
     command: Command,
 }
 
+/// `parallax serve`'s flags.
+#[derive(clap::Args, Clone)]
+pub(crate) struct ServeFlags {
+    /// TCP address for NBD clients, or `none`.
+    #[arg(long, value_name = "ADDR:PORT", default_value = "127.0.0.1:10809",
+          value_parser = parse_listen)]
+    pub nbd_listen: Listen,
+    /// Also serve NBD on this Unix socket.
+    #[arg(long, value_name = "PATH")]
+    pub nbd_socket: Option<PathBuf>,
+    /// Size of the default store, created on first run if it is missing.
+    #[arg(long, value_name = "SIZE", default_value = "20G", value_parser = size::parse_size)]
+    pub init_size: u64,
+    /// Read and write the store with O_DIRECT, bypassing the host's page
+    /// cache (durability still needs a flush or FUA).
+    #[arg(long)]
+    pub direct: bool,
+    /// Let this group (a name or a number) use the NBD and control
+    /// Unix sockets (mode 0660); by default only the daemon's user may
+    /// (0600). See also --control-group and --nbd-socket-mode.
+    #[arg(long, value_name = "GROUP", value_parser = parse_group)]
+    pub socket_group: Option<u32>,
+    /// Cluster mode: several appliances (each with its own --host-id)
+    /// share the store, coordinated through these etcd endpoints
+    /// (comma-separated http://ADDR:PORT).
+    #[arg(long, value_name = "URL[,URL...]")]
+    pub etcd: Option<String>,
+    /// Cluster mode: the etcd lease's time to live. An appliance that
+    /// cannot renew it stops writing before it can expire.
+    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = parse_ttl)]
+    pub lease_ttl: std::time::Duration,
+    /// Cluster mode: take over, without being asked, the disks of
+    /// appliances that left (their lease ended) without letting them
+    /// go.
+    #[arg(long)]
+    pub takeover: bool,
+    /// Cluster mode: how long a takeover waits, holding the disk, for
+    /// what the old holder may still have had in flight to the pool.
+    #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = parse_duration)]
+    pub takeover_grace: std::time::Duration,
+    /// Cluster mode: how long a client's request waits for a disk
+    /// another appliance holds (asked for on the client's first
+    /// request, given once that appliance's clients are done with it:
+    /// a VM migrating here). 0: such a disk is refused when a client
+    /// connects.
+    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_duration)]
+    pub claim_wait: std::time::Duration,
+    /// Cluster mode: a disk another appliance asks for is given up once
+    /// every client here flushed what it wrote and none used it for
+    /// this long.
+    #[arg(long, value_name = "DURATION", default_value = "500ms", value_parser = parse_duration)]
+    pub yield_quiet: std::time::Duration,
+    /// List every disk's snapshots (`NAME@SNAP`) to NBD clients that
+    /// ask for the list of exports (`nbdinfo --list`), not only the
+    /// disks. Off by default: a scheduled disk has hundreds, and such
+    /// clients then describe each one.
+    #[arg(long)]
+    pub list_snapshots: bool,
+    /// NBD over TLS: `off`, `optional` (clients choose) or `require`
+    /// (nothing but STARTTLS before TLS runs). [default: require when
+    /// --tls-cert is given, else off]
+    #[arg(long, value_name = "MODE", value_parser = parallax_server::tls::parse_mode)]
+    pub tls: Option<parallax_server::tls::TlsMode>,
+    /// The server's TLS certificate chain (PEM), for NBD over TLS.
+    #[arg(long, value_name = "FILE", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// The private key of --tls-cert (PEM).
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// CA certificates (PEM): NBD clients must present a certificate
+    /// signed by one of them. Without it, TLS encrypts but lets any client in.
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    pub tls_ca: Option<PathBuf>,
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Run the appliance: serve the store's disks over NBD, with live
     /// control through the control socket (stop with SIGINT or SIGTERM).
-    Serve {
-        /// TCP address for NBD clients, or `none`.
-        #[arg(long, value_name = "ADDR:PORT", default_value = "127.0.0.1:10809",
-              value_parser = parse_listen)]
-        nbd_listen: Listen,
-        /// Also serve NBD on this Unix socket.
-        #[arg(long, value_name = "PATH")]
-        nbd_socket: Option<PathBuf>,
-        /// Size of the default store, created on first run if it is missing.
-        #[arg(long, value_name = "SIZE", default_value = "20G", value_parser = size::parse_size)]
-        init_size: u64,
-        /// Read and write the store with O_DIRECT, bypassing the host's page
-        /// cache (durability still needs a flush or FUA).
-        #[arg(long)]
-        direct: bool,
-        /// Let this group (a name or a number) use the NBD and control
-        /// Unix sockets (mode 0660); by default only the daemon's user may
-        /// (0600).
-        #[arg(long, value_name = "GROUP", value_parser = parse_group)]
-        socket_group: Option<u32>,
-        /// Cluster mode: several appliances (each with its own --host-id)
-        /// share the store, coordinated through these etcd endpoints
-        /// (comma-separated http://ADDR:PORT).
-        #[arg(long, value_name = "URL[,URL...]")]
-        etcd: Option<String>,
-        /// Cluster mode: the etcd lease's time to live. An appliance that
-        /// cannot renew it stops writing before it can expire.
-        #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = parse_ttl)]
-        lease_ttl: std::time::Duration,
-        /// Cluster mode: take over, without being asked, the disks of
-        /// appliances that left (their lease ended) without letting them
-        /// go.
-        #[arg(long)]
-        takeover: bool,
-        /// Cluster mode: how long a takeover waits, holding the disk, for
-        /// what the old holder may still have had in flight to the pool.
-        #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = parse_duration)]
-        takeover_grace: std::time::Duration,
-        /// Cluster mode: how long a client's request waits for a disk
-        /// another appliance holds (asked for on the client's first
-        /// request, given once that appliance's clients are done with it:
-        /// a VM migrating here). 0: such a disk is refused when a client
-        /// connects.
-        #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_duration)]
-        claim_wait: std::time::Duration,
-        /// Cluster mode: a disk another appliance asks for is given up once
-        /// every client here flushed what it wrote and none used it for
-        /// this long.
-        #[arg(long, value_name = "DURATION", default_value = "500ms", value_parser = parse_duration)]
-        yield_quiet: std::time::Duration,
-        /// List every disk's snapshots (`NAME@SNAP`) to NBD clients that
-        /// ask for the list of exports (`nbdinfo --list`), not only the
-        /// disks. Off by default: a scheduled disk has hundreds, and such
-        /// clients then describe each one.
-        #[arg(long)]
-        list_snapshots: bool,
-    },
+    Serve(ServeFlags),
     /// Cluster mode: take a disk over from an appliance that stopped or
     /// lost its lease without letting it go (waits for its lease to end,
     /// then the takeover grace).
@@ -309,8 +328,8 @@ fn parse_interval(s: &str) -> Result<u64, String> {
 }
 
 /// A TCP address to listen on, or none.
-#[derive(Debug, Clone)]
-struct Listen(Option<std::net::SocketAddr>);
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Listen(pub Option<std::net::SocketAddr>);
 
 fn parse_listen(s: &str) -> Result<Listen, String> {
     if s == "none" {
@@ -415,36 +434,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         host_id: cli.host_id,
     };
     match &cli.command {
-        Command::Serve {
-            nbd_listen,
-            nbd_socket,
-            init_size,
-            direct,
-            socket_group,
-            etcd,
-            lease_ttl,
-            takeover,
-            takeover_grace,
-            claim_wait,
-            yield_quiet,
-            list_snapshots,
-        } => commands::serve(
-            &ctx,
-            commands::ServeArgs {
-                nbd_listen: nbd_listen.0,
-                nbd_socket: nbd_socket.clone(),
-                init_size: *init_size,
-                direct: *direct,
-                socket_group: *socket_group,
-                etcd: etcd.clone(),
-                lease_ttl: *lease_ttl,
-                takeover: *takeover,
-                takeover_grace: *takeover_grace,
-                claim_wait: *claim_wait,
-                yield_quiet: *yield_quiet,
-                list_snapshots: *list_snapshots,
-            },
-        ),
+        Command::Serve(flags) => commands::serve(&ctx, flags.clone()),
         Command::Takeover { name } => commands::takeover(&ctx, name),
         Command::Handoff { name, to } => commands::handoff(&ctx, name, *to),
         Command::Hosts => commands::hosts(&ctx),

@@ -287,6 +287,12 @@ pub struct DaemonStatus {
     /// The bound TCP address, if the daemon listens on TCP.
     pub nbd_tcp: Option<String>,
     pub nbd_socket: Option<String>,
+    /// NBD over TLS: `off`, `optional` or `require`.
+    #[serde(default)]
+    pub nbd_tls: String,
+    /// TLS clients must present a certificate signed by `--tls-ca`.
+    #[serde(default)]
+    pub nbd_tls_verifies_clients: bool,
     pub control: String,
     pub connections: Vec<ConnectionInfo>,
     /// Cluster mode: this appliance's standing in the cluster.

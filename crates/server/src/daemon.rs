@@ -48,6 +48,8 @@ pub struct ServeOptions {
     pub cluster: Option<ClusterOptions>,
     /// `NBD_OPT_LIST` lists snapshot exports too.
     pub list_snapshots: bool,
+    /// NBD over TLS.
+    pub tls: crate::tls::NbdTls,
 }
 
 /// Every [`SETTLE_INTERVAL`], the store's upkeep ([`Store::settle`]):
@@ -382,7 +384,8 @@ pub fn run(options: ServeOptions) -> Result<()> {
             .with_background_settle()
             .with_scheduler(scheduler.clone())
             .with_cluster(etcd.clone())
-            .with_listed_snapshots(options.list_snapshots),
+            .with_listed_snapshots(options.list_snapshots)
+            .with_tls(options.tls.clone()),
     );
     let etcd_handle = etcd;
     // Snapshot schedules stored in the disks' headers resume.
@@ -441,6 +444,8 @@ async fn serve(options: &ServeOptions, service: Arc<Service>) -> Result<()> {
             store: options.store_path.display().to_string(),
             nbd_tcp: tcp_addr.map(|a| a.to_string()),
             nbd_socket: options.nbd_socket.as_ref().map(|p| p.display().to_string()),
+            nbd_tls: options.tls.mode_name().to_string(),
+            nbd_tls_verifies_clients: options.tls.verifies_clients,
             control: options.control.display().to_string(),
             connections: Vec::new(),
             cluster: None,
@@ -479,6 +484,7 @@ async fn serve(options: &ServeOptions, service: Arc<Service>) -> Result<()> {
         nbd_tcp = ?tcp_addr,
         nbd_socket = ?options.nbd_socket,
         control = %options.control.display(),
+        tls = options.tls.mode_name(),
         "serving"
     );
 

@@ -10,6 +10,7 @@
 //! - [`daemon`]: `parallax serve`: startup, signals, clean shutdown.
 //! - [`scheduler`]: the daemon's snapshot schedules.
 //! - [`store_file`]: finding, locking, creating and opening the store file.
+//! - [`tls`]: NBD over TLS: credentials and policy.
 //! - [`transfer`]: import from and export to image files.
 
 pub mod api;
@@ -21,6 +22,7 @@ pub mod nbd;
 pub mod scheduler;
 pub mod service;
 pub mod store_file;
+pub mod tls;
 pub mod transfer;
 pub mod uring;
 

@@ -48,7 +48,7 @@ use parallax_device::AlignedBuf;
 use parallax_engine::{DiskRef, Error as EngineError, IoPlan, ReadDisk, Vdi};
 use parallax_nbd::handshake::{
     BlockSizes, Config as HandshakeConfig, ExportInfo, Exports, Handshake, HandshakeError,
-    Negotiated, Progress,
+    Negotiated, Progress, TlsMode,
 };
 use parallax_nbd::proto::{self, Command, Request};
 use std::io::{self, Cursor};
@@ -82,7 +82,7 @@ const READ_BUFFER: usize = 256 << 10;
 /// Zeroes written per engine call for WRITE_ZEROES with NO_HOLE.
 const ZERO_CHUNK: u64 = 1 << 20;
 
-fn handshake_config() -> HandshakeConfig {
+fn handshake_config(tls: TlsMode) -> HandshakeConfig {
     HandshakeConfig {
         block_sizes: BlockSizes {
             minimum: 1,
@@ -91,6 +91,7 @@ fn handshake_config() -> HandshakeConfig {
         },
         multi_conn: true,
         max_option_len: 64 << 10,
+        tls,
     }
 }
 
@@ -222,9 +223,8 @@ pub async fn serve_connection<S>(
     let Some(handshaking) = handshake_slot() else {
         return;
     };
-    let (mut reader, mut writer) = tokio::io::split(stream);
     let negotiated = tokio::select! {
-        r = tokio::time::timeout(HANDSHAKE_TIMEOUT, negotiate(&mut reader, &mut writer, &service)) => match r {
+        r = tokio::time::timeout(HANDSHAKE_TIMEOUT, negotiate(Box::new(stream), &service, &peer)) => match r {
             Ok(Ok(Some(n))) => n,
             Ok(Ok(None)) => return,
             Ok(Err(e)) if e.kind() == io::ErrorKind::TimedOut => {
@@ -243,7 +243,8 @@ pub async fn serve_connection<S>(
         _ = shutdown.changed() => return,
     };
     drop(handshaking);
-    let (negotiated, leftover, target) = negotiated;
+    let (negotiated, leftover, target, stream) = negotiated;
+    let (reader, writer) = tokio::io::split(stream);
     let target = match target {
         Ok(t) => t,
         Err(e) => {
@@ -252,7 +253,7 @@ pub async fn serve_connection<S>(
         }
     };
     let guard = service.register_connection(&negotiated.export, &peer);
-    info!(%peer, export = %negotiated.export, id = guard.id(), structured = negotiated.structured_replies, held_elsewhere = target.is_none(), "client connected");
+    info!(%peer, export = %negotiated.export, id = guard.id(), structured = negotiated.structured_replies, tls = negotiated.tls, held_elsewhere = target.is_none(), "client connected");
     let claim = match target {
         Some(_) => None,
         None => match off_runtime(|| service.store().committed_head(&negotiated.export)) {
@@ -287,8 +288,18 @@ pub async fn serve_connection<S>(
     drop(guard);
 }
 
-/// The outcome of a handshake, the bytes after it, and the chosen export.
-type Negotiation = (Negotiated, Vec<u8>, Result<Option<Target>, EngineError>);
+/// A client's byte stream: the socket, or a TLS session over it.
+trait ClientStream: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> ClientStream for T {}
+
+/// The outcome of a handshake, the bytes after it, the chosen export, and
+/// the stream to go on with (inside TLS if the client started it).
+type Negotiation = (
+    Negotiated,
+    Vec<u8>,
+    Result<Option<Target>, EngineError>,
+    Box<dyn ClientStream>,
+);
 
 /// A place among the [`MAX_HANDSHAKES`], held until the handshake ends;
 /// `None` (and a warning) when there is none.
@@ -302,22 +313,20 @@ fn handshake_slot() -> Option<OwnedSemaphorePermit> {
     slot
 }
 
-/// Runs the handshake. `Ok(None)`: the client left or aborted.
-async fn negotiate<R, W>(
-    reader: &mut R,
-    writer: &mut W,
+/// Runs the handshake, upgrading `stream` to TLS when the client asks
+/// (and the policy allows). `Ok(None)`: the client left or aborted.
+async fn negotiate(
+    mut stream: Box<dyn ClientStream>,
     service: &Service,
-) -> io::Result<Option<Negotiation>>
-where
-    R: AsyncRead + Unpin,
-    W: AsyncWrite + Unpin,
-{
+    peer: &str,
+) -> io::Result<Option<Negotiation>> {
     let exports = StoreExports {
         service,
         last: std::sync::Mutex::new(None),
         refused: std::sync::Mutex::new(None),
     };
-    let mut handshake = Handshake::new(handshake_config());
+    let tls = service.tls();
+    let mut handshake = Handshake::new(handshake_config(tls.mode));
     let mut out = Vec::new();
     handshake.greeting(&mut out);
     let mut input = Vec::new();
@@ -326,27 +335,54 @@ where
     loop {
         if !out.is_empty() {
             within_idle(async {
-                writer.write_all(&out).await?;
-                writer.flush().await
+                stream.write_all(&out).await?;
+                stream.flush().await
             })
             .await?;
         }
         match progress {
             Ok(Progress::NeedInput) => {}
+            Ok(Progress::StartTls) => {
+                let Some(acceptor) = &tls.acceptor else {
+                    return Err(io::Error::other(
+                        "STARTTLS accepted without TLS credentials",
+                    ));
+                };
+                stream = match within_idle(acceptor.accept(stream)).await {
+                    Ok(s) => Box::new(s),
+                    Err(e) => {
+                        info!(%peer, "TLS handshake failed: {e}; disconnecting");
+                        return Ok(None);
+                    }
+                };
+                debug!(%peer, "TLS started");
+            }
             Ok(Progress::Done(n)) => {
                 let target = exports.take(&n.export);
-                return Ok(Some((n, input, target)));
+                return Ok(Some((n, input, target, stream)));
             }
-            Ok(Progress::Close) => return Ok(None),
+            Ok(Progress::Close) => {
+                refused_without_tls(&handshake, tls.mode, peer);
+                return Ok(None);
+            }
             Err(e) => return Err(io::Error::new(io::ErrorKind::InvalidData, e.to_string())),
         }
-        let n = within_idle(reader.read(&mut chunk)).await?;
+        let n = within_idle(stream.read(&mut chunk)).await?;
         if n == 0 {
+            refused_without_tls(&handshake, tls.mode, peer);
             return Ok(None);
         }
         input.extend_from_slice(&chunk[..n]);
         out.clear();
         progress = handshake.receive(&mut input, &exports, &mut out);
+    }
+}
+
+/// Logs a client that left a server requiring TLS without starting it:
+/// it was refused everything it asked for.
+fn refused_without_tls(handshake: &Handshake, mode: TlsMode, peer: &str) {
+    if mode == TlsMode::Require && !handshake.in_tls() {
+        info!(%peer, "client left without starting TLS, which this server requires");
     }
 }
 

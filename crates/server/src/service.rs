@@ -59,6 +59,8 @@ pub struct Service {
     cluster: Option<Arc<EtcdCoordinator>>,
     /// `NBD_OPT_LIST` lists every snapshot export too (`--list-snapshots`).
     list_snapshots: bool,
+    /// NBD over TLS (`--tls`).
+    tls: crate::tls::NbdTls,
 }
 
 /// Shortest schedule interval accepted.
@@ -96,7 +98,19 @@ impl Service {
             gc_progress: Mutex::new(None),
             cluster: None,
             list_snapshots: false,
+            tls: crate::tls::NbdTls::off(),
         }
+    }
+
+    /// NBD clients may, or must, use TLS.
+    pub fn with_tls(mut self, tls: crate::tls::NbdTls) -> Service {
+        self.tls = tls;
+        self
+    }
+
+    /// The NBD server's TLS policy.
+    pub fn tls(&self) -> &crate::tls::NbdTls {
+        &self.tls
     }
 
     /// `NBD_OPT_LIST` lists every disk's snapshots (`NAME@SNAP`) too.

@@ -31,6 +31,18 @@
 //!   unknown export end the session.
 //! - Once `receive` has returned `Done`, `Close` or an error, every later
 //!   call returns [`HandshakeError::Finished`].
+//! - TLS (`Config::tls`): with [`TlsMode::Off`], `NBD_OPT_STARTTLS` gets
+//!   `NBD_REP_ERR_UNSUP`. Otherwise it gets an ACK and `receive` returns
+//!   [`Progress::StartTls`]: the caller sends `out`, runs the TLS handshake
+//!   on the socket and goes on feeding `receive` with what it reads inside
+//!   TLS. Everything negotiated before (structured replies, meta context)
+//!   is forgotten. Bytes the client sent after `NBD_OPT_STARTTLS`, before
+//!   our ACK, are an error (they would be plain text smuggled into the TLS
+//!   session). With [`TlsMode::Require`], before TLS every option but
+//!   STARTTLS and ABORT gets `NBD_REP_ERR_TLS_REQD`, `NBD_OPT_EXPORT_NAME`
+//!   ends the session, and a client without `FIXED_NEWSTYLE` (which cannot
+//!   ask for TLS) is refused at once; once TLS is up, `NBD_REP_ERR_TLS_REQD`
+//!   is never sent and a second STARTTLS gets `NBD_REP_ERR_INVALID`.
 //! - The only metadata context is `base:allocation`, with id
 //!   [`BASE_ALLOCATION_ID`]; [`Negotiated::base_allocation`] is set only if
 //!   the last `NBD_OPT_SET_META_CONTEXT` selected it for the very export
@@ -185,6 +197,20 @@ impl Default for BlockSizes {
     }
 }
 
+/// Whether a connection may, or must, upgrade to TLS (`doc/proto.md`, "TLS
+/// support").
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum TlsMode {
+    /// No TLS ("NOTLS"): `NBD_OPT_STARTTLS` is refused as unsupported.
+    #[default]
+    Off,
+    /// TLS on the client's request; every export is available with or
+    /// without it ("SELECTIVETLS" with no TLS-only export).
+    Optional,
+    /// Nothing but STARTTLS and ABORT before TLS ("FORCEDTLS").
+    Require,
+}
+
 /// Server policy for negotiation.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Config {
@@ -194,6 +220,8 @@ pub struct Config {
     pub multi_conn: bool,
     /// Largest option data accepted; a longer option closes the connection.
     pub max_option_len: u32,
+    /// TLS policy; anything but `Off` needs a caller able to run TLS.
+    pub tls: TlsMode,
 }
 
 impl Default for Config {
@@ -202,6 +230,7 @@ impl Default for Config {
             block_sizes: BlockSizes::default(),
             multi_conn: false,
             max_option_len: 65536,
+            tls: TlsMode::Off,
         }
     }
 }
@@ -219,6 +248,8 @@ pub struct Negotiated {
     pub structured_replies: bool,
     /// Context id chosen for `base:allocation` by SET_META_CONTEXT, if selected.
     pub base_allocation: Option<u32>,
+    /// The connection was upgraded to TLS before the export was chosen.
+    pub tls: bool,
 }
 
 /// Result of one [`Handshake::receive`] call.
@@ -231,6 +262,10 @@ pub enum Progress {
     /// Send `out`, then close the connection (client sent ABORT, or asked
     /// for an unknown export via EXPORT_NAME which has no error reply).
     Close,
+    /// Send `out` (the ACK of `NBD_OPT_STARTTLS`), run the TLS handshake as
+    /// the server, then call `receive` with the bytes read inside TLS. A
+    /// failed TLS handshake ends the session: the ACK cannot be taken back.
+    StartTls,
 }
 
 /// A violation that ends the session; the caller sends `out` and closes
@@ -256,6 +291,14 @@ pub enum HandshakeError {
     /// `receive` was called after negotiation had ended.
     #[error("negotiation already ended")]
     Finished,
+    /// The client sent bytes after `NBD_OPT_STARTTLS` without waiting for
+    /// the reply: they would be plain text taken as coming from inside TLS.
+    #[error("data after NBD_OPT_STARTTLS, before the TLS handshake")]
+    DataAfterStartTls,
+    /// TLS is required and the client did not set `FIXED_NEWSTYLE`, without
+    /// which it cannot ask for TLS.
+    #[error("TLS is required and the client does not speak fixed newstyle")]
+    TlsNeedsFixedNewstyle,
 }
 
 /// Transmission flags for `info`: everything we implement, minus the write
@@ -289,6 +332,7 @@ enum Step {
     Continue,
     Done(Negotiated),
     Close,
+    StartTls,
 }
 
 /// The negotiation state of one connection.
@@ -301,6 +345,8 @@ pub struct Handshake {
     /// Export named by the last SET_META_CONTEXT, if it selected
     /// `base:allocation`.
     meta_export: Option<String>,
+    /// The session runs inside TLS.
+    tls: bool,
 }
 
 impl Handshake {
@@ -312,6 +358,7 @@ impl Handshake {
             no_zeroes: false,
             structured_replies: false,
             meta_export: None,
+            tls: false,
         }
     }
 
@@ -321,6 +368,12 @@ impl Handshake {
         out.extend_from_slice(&NBD_MAGIC.to_be_bytes());
         out.extend_from_slice(&IHAVEOPT.to_be_bytes());
         out.extend_from_slice(&HANDSHAKE_FLAGS.to_be_bytes());
+    }
+
+    /// True once `receive` has returned `StartTls`: the session runs inside
+    /// TLS.
+    pub fn in_tls(&self) -> bool {
+        self.tls
     }
 
     /// True once `receive` has returned `Done`, `Close` or an error.
@@ -341,7 +394,7 @@ impl Handshake {
     ) -> Result<Progress, HandshakeError> {
         let (consumed, result) = self.run(input, exports, out);
         input.drain(..consumed.min(input.len()));
-        if !matches!(result, Ok(Progress::NeedInput)) {
+        if !matches!(result, Ok(Progress::NeedInput | Progress::StartTls)) {
             self.state = State::Finished;
         }
         result
@@ -367,6 +420,11 @@ impl Handshake {
                     pos += 4;
                     if flags & !(CLIENT_FLAG_FIXED_NEWSTYLE | CLIENT_FLAG_NO_ZEROES) != 0 {
                         return (pos, Err(HandshakeError::BadClientFlags(flags)));
+                    }
+                    if self.config.tls == TlsMode::Require
+                        && flags & CLIENT_FLAG_FIXED_NEWSTYLE == 0
+                    {
+                        return (pos, Err(HandshakeError::TlsNeedsFixedNewstyle));
                     }
                     // A client without FIXED_NEWSTYLE is served as if it had
                     // set it: it only differs in the replies it understands.
@@ -402,6 +460,16 @@ impl Handshake {
                         Step::Continue => {}
                         Step::Done(negotiated) => return (pos, Ok(Progress::Done(negotiated))),
                         Step::Close => return (pos, Ok(Progress::Close)),
+                        Step::StartTls => {
+                            if pos != input.len() {
+                                return (pos, Err(HandshakeError::DataAfterStartTls));
+                            }
+                            option_reply(out, option, REP_ACK, &[]);
+                            self.tls = true;
+                            self.structured_replies = false;
+                            self.meta_export = None;
+                            return (pos, Ok(Progress::StartTls));
+                        }
                     }
                 }
             }
@@ -409,6 +477,28 @@ impl Handshake {
     }
 
     fn option(
+        &mut self,
+        option: u32,
+        data: &[u8],
+        exports: &dyn Exports,
+        out: &mut Vec<u8>,
+    ) -> Step {
+        if self.config.tls == TlsMode::Require && !self.tls {
+            return match option {
+                OPT_STARTTLS | OPT_ABORT => self.option_any_tls(option, data, exports, out),
+                // No error reply exists for EXPORT_NAME.
+                OPT_EXPORT_NAME => Step::Close,
+                _ => {
+                    reply_error(out, option, REP_ERR_TLS_REQD, "TLS is required");
+                    Step::Continue
+                }
+            };
+        }
+        self.option_any_tls(option, data, exports, out)
+    }
+
+    /// Handles an option the TLS policy lets through.
+    fn option_any_tls(
         &mut self,
         option: u32,
         data: &[u8],
@@ -431,7 +521,20 @@ impl Handshake {
                 Step::Continue
             }
             OPT_STARTTLS => {
-                reply_error(out, option, REP_ERR_UNSUP, "TLS is not supported");
+                if self.config.tls == TlsMode::Off {
+                    reply_error(out, option, REP_ERR_UNSUP, "TLS is not offered");
+                } else if self.tls {
+                    reply_error(out, option, REP_ERR_INVALID, "TLS is already running");
+                } else if !data.is_empty() {
+                    reply_error(
+                        out,
+                        option,
+                        REP_ERR_INVALID,
+                        "NBD_OPT_STARTTLS takes no data",
+                    );
+                } else {
+                    return Step::StartTls;
+                }
                 Step::Continue
             }
             OPT_INFO | OPT_GO => self.info_or_go(option, data, exports, out),
@@ -479,6 +582,7 @@ impl Handshake {
             info,
             structured_replies: self.structured_replies,
             base_allocation,
+            tls: self.tls,
         }
     }
 

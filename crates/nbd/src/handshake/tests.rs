@@ -18,6 +18,7 @@ fn config() -> Config {
         },
         multi_conn: true,
         max_option_len: 1024,
+        tls: TlsMode::Off,
     }
 }
 
@@ -227,6 +228,7 @@ fn export_name_with_zeroes() {
             transmission_flags: RW_FLAGS,
             structured_replies: false,
             base_allocation: None,
+            tls: false,
         }))
     );
 }
@@ -390,6 +392,7 @@ fn go_enters_transmission() {
             transmission_flags: RO_FLAGS,
             structured_replies: false,
             base_allocation: None,
+            tls: false,
         }))
     );
 }
@@ -1077,4 +1080,162 @@ fn refusals_say_why() {
         assert_eq!(r[0].1, REP_ERR_UNKNOWN);
         assert_eq!(String::from_utf8_lossy(&r[0].2), want);
     }
+}
+
+// ---- TLS ---------------------------------------------------------------------
+
+/// A handshake with TLS policy `tls`, fed `stream` in one call.
+fn start(tls: TlsMode, stream: &[u8]) -> (Handshake, Result<Progress, HandshakeError>, Vec<u8>) {
+    let mut hs = Handshake::new(Config { tls, ..config() });
+    let mut input = stream.to_vec();
+    let mut out = Vec::new();
+    let result = hs.receive(&mut input, &test_exports(), &mut out);
+    assert!(
+        input.is_empty() || result.is_err(),
+        "unconsumed input {input:?} after {result:?}"
+    );
+    (hs, result, out)
+}
+
+/// Feeds `options` to a handshake that is past its client flags.
+fn more(hs: &mut Handshake, options: &[Vec<u8>]) -> (Result<Progress, HandshakeError>, Vec<u8>) {
+    let mut input = options.concat();
+    let mut out = Vec::new();
+    let result = hs.receive(&mut input, &test_exports(), &mut out);
+    (result, out)
+}
+
+#[test]
+fn starttls_acks_and_forgets_what_was_negotiated_before() {
+    for mode in [TlsMode::Optional, TlsMode::Require] {
+        let before = if mode == TlsMode::Optional {
+            vec![
+                opt(OPT_STRUCTURED_REPLY, &[]),
+                opt(
+                    OPT_SET_META_CONTEXT,
+                    &crate::proto::meta_context_request("disk", &["base:allocation"]),
+                ),
+            ]
+        } else {
+            vec![]
+        };
+        let mut options = before.clone();
+        options.push(opt(OPT_STARTTLS, &[]));
+        let (mut hs, result, out) = start(mode, &session(BOTH, &options));
+        assert_eq!(result, Ok(Progress::StartTls), "{mode:?}");
+        assert_eq!(kinds(&out).last(), Some(&REP_ACK));
+        assert!(out.ends_with(&ack(OPT_STARTTLS)), "{mode:?}");
+        assert!(!hs.is_finished());
+        // Inside TLS: a GO without structured replies negotiated again.
+        let (result, out) = more(
+            &mut hs,
+            &[opt(OPT_GO, &crate::proto::info_request("disk", &[]))],
+        );
+        let Ok(Progress::Done(n)) = result else {
+            panic!("{mode:?}: {result:?}")
+        };
+        assert!(n.tls);
+        assert!(
+            !n.structured_replies,
+            "structured replies outlived STARTTLS"
+        );
+        assert_eq!(n.base_allocation, None, "meta context outlived STARTTLS");
+        assert!(!kinds(&out).contains(&REP_ERR_TLS_REQD));
+    }
+}
+
+#[test]
+fn starttls_twice_or_with_data_is_invalid_and_off_means_unsupported() {
+    let (mut hs, result, _) = start(TlsMode::Optional, &session(BOTH, &[opt(OPT_STARTTLS, &[])]));
+    assert_eq!(result, Ok(Progress::StartTls));
+    let (result, out) = more(&mut hs, &[opt(OPT_STARTTLS, &[])]);
+    assert_eq!(result, Ok(Progress::NeedInput));
+    assert_eq!(kinds(&out), [REP_ERR_INVALID]);
+
+    let (_, result, out) = start(TlsMode::Require, &session(BOTH, &[opt(OPT_STARTTLS, b"x")]));
+    assert_eq!(result, Ok(Progress::NeedInput));
+    assert_eq!(kinds(&out), [REP_ERR_INVALID]);
+
+    let (_, result, out) = start(TlsMode::Off, &session(BOTH, &[opt(OPT_STARTTLS, &[])]));
+    assert_eq!(result, Ok(Progress::NeedInput));
+    assert_eq!(kinds(&out), [REP_ERR_UNSUP]);
+}
+
+#[test]
+fn bytes_sent_behind_starttls_end_the_session_without_an_ack() {
+    // A client (or a man in the middle) that sends plain text after
+    // STARTTLS would have it taken as coming from inside TLS.
+    for mode in [TlsMode::Optional, TlsMode::Require] {
+        let stream = session(BOTH, &[opt(OPT_STARTTLS, &[]), opt(OPT_LIST, &[])]);
+        let mut hs = Handshake::new(Config {
+            tls: mode,
+            ..config()
+        });
+        let mut input = stream.clone();
+        let mut out = Vec::new();
+        let result = hs.receive(&mut input, &test_exports(), &mut out);
+        assert_eq!(result, Err(HandshakeError::DataAfterStartTls), "{mode:?}");
+        assert!(!kinds(&out).contains(&REP_ACK), "{mode:?}: STARTTLS acked");
+        assert!(hs.is_finished());
+    }
+}
+
+#[test]
+fn required_tls_refuses_every_other_option_until_it_runs() {
+    let refused = [
+        opt(OPT_LIST, &[]),
+        opt(OPT_INFO, &crate::proto::info_request("disk", &[])),
+        opt(OPT_GO, &crate::proto::info_request("disk", &[])),
+        opt(OPT_STRUCTURED_REPLY, &[]),
+        opt(
+            OPT_LIST_META_CONTEXT,
+            &crate::proto::meta_context_request("disk", &[]),
+        ),
+        opt(
+            OPT_SET_META_CONTEXT,
+            &crate::proto::meta_context_request("disk", &["base:allocation"]),
+        ),
+        opt(OPT_EXTENDED_HEADERS, &[]),
+        opt(12, b"abc"),
+    ];
+    let (mut hs, result, out) = start(TlsMode::Require, &session(BOTH, &refused));
+    assert_eq!(result, Ok(Progress::NeedInput));
+    assert_eq!(kinds(&out), vec![REP_ERR_TLS_REQD; refused.len()]);
+    // EXPORT_NAME has no error reply: the session ends.
+    let (result, out) = more(&mut hs, &[opt(OPT_EXPORT_NAME, b"disk")]);
+    assert_eq!(result, Ok(Progress::Close));
+    assert!(out.is_empty());
+    // ABORT is still acknowledged.
+    let (_, result, out) = start(TlsMode::Require, &session(BOTH, &[opt(OPT_ABORT, &[])]));
+    assert_eq!((result, out), (Ok(Progress::Close), ack(OPT_ABORT)));
+    // A client that cannot ask for TLS is turned away at once.
+    let (_, result, _) = start(TlsMode::Require, &session(CLIENT_FLAG_NO_ZEROES, &[]));
+    assert_eq!(result, Err(HandshakeError::TlsNeedsFixedNewstyle));
+    // Once TLS runs, nothing is refused for its sake.
+    let (mut hs, result, _) = start(TlsMode::Require, &session(BOTH, &[opt(OPT_STARTTLS, &[])]));
+    assert_eq!(result, Ok(Progress::StartTls));
+    let (result, out) = more(&mut hs, &refused[..6]);
+    assert!(
+        matches!(result, Ok(Progress::NeedInput | Progress::Done(_))),
+        "{result:?}"
+    );
+    assert!(
+        !kinds(&out).contains(&REP_ERR_TLS_REQD),
+        "{:?}",
+        kinds(&out)
+    );
+}
+
+#[test]
+fn optional_tls_serves_plain_clients_as_before() {
+    let options = [
+        opt(OPT_LIST, &[]),
+        opt(OPT_GO, &crate::proto::info_request("disk", &[])),
+    ];
+    let (_, result, out) = start(TlsMode::Optional, &session(BOTH, &options));
+    let Ok(Progress::Done(n)) = result else {
+        panic!("{result:?}")
+    };
+    assert!(!n.tls);
+    assert!(!kinds(&out).contains(&REP_ERR_TLS_REQD));
 }
