@@ -67,7 +67,14 @@ impl Error {
     pub(crate) fn io(context: impl Into<String>) -> impl FnOnce(io::Error) -> Error {
         let context = context.into();
         move |error| {
-            if error.kind() == io::ErrorKind::StorageFull {
+            // A quota or a file-size limit on the store's file is a full
+            // store too (NBD's ENOSPC).
+            if matches!(
+                error.kind(),
+                io::ErrorKind::StorageFull
+                    | io::ErrorKind::QuotaExceeded
+                    | io::ErrorKind::FileTooLarge
+            ) {
                 Error::NoSpace
             } else {
                 Error::Io { context, error }
@@ -84,6 +91,10 @@ mod tests {
     fn a_full_device_is_no_space_and_causes_print_once() {
         let full = io::Error::from(io::ErrorKind::StorageFull);
         assert!(matches!(Error::io("writing")(full), Error::NoSpace));
+        for errno in [122 /* EDQUOT */, 27 /* EFBIG */] {
+            let e = io::Error::from_raw_os_error(errno);
+            assert!(matches!(Error::io("writing")(e), Error::NoSpace), "{errno}");
+        }
         let e = Error::io("writing block 7")(io::Error::other("disk on fire"));
         assert_eq!(
             e.to_string(),

@@ -724,7 +724,8 @@ impl Job {
                 // A bug, not the client's doing: answer EIO rather than
                 // leave the client waiting forever.
                 let mut out = Vec::new();
-                proto::simple_reply(&mut out, request.cookie, proto::EIO);
+                let bug = Failure::new(proto::EIO, "internal error (a bug): see the daemon's log");
+                error_reply(&ctx, &request, bug, &mut out);
                 (out, None)
             });
             BufPool::global().give(payload);
@@ -964,8 +965,10 @@ fn error_reply(ctx: &Connection, req: &Request, f: Failure, out: &mut Vec<u8>) {
             f.message
         );
     }
-    let must_be_structured = matches!(req.command, Command::Read | Command::BlockStatus);
-    if ctx.structured && must_be_structured {
+    // With structured replies, every error goes as an error chunk: it
+    // carries the message (the spec's SHOULD; a READ or BLOCK_STATUS error
+    // MUST).
+    if ctx.structured {
         proto::structured_error(out, req.cookie, f.errno, &f.message);
     } else {
         proto::simple_reply(out, req.cookie, f.errno);
@@ -1128,9 +1131,16 @@ fn other(ctx: &Connection, req: &Request, payload: &[u8]) -> Result<(), Failure>
             }
         }
         Command::Flush => {
-            // Not asked for yet: nothing written through this connection.
             if let Some(vdi) = ctx.target.get().and_then(|t| t.writable()) {
                 vdi.flush()?;
+            } else if let Some(claim) = &ctx.claim {
+                // Nothing was written through this connection, but another
+                // connection here may have asked for the disk and written:
+                // a FLUSH covers what every connection had acknowledged
+                // (the multi-connection flag).
+                if let Some(vdi) = claim.service.store().open_if_held(&ctx.export)? {
+                    vdi.flush()?;
+                }
             }
         }
         Command::Trim => {

@@ -116,6 +116,10 @@ struct Reply {
     data: Vec<u8>,
     /// (length, flags) of a block status reply.
     extents: Vec<(u32, u32)>,
+    /// It came as structured reply chunks.
+    structured: bool,
+    /// The message of an error chunk.
+    message: String,
 }
 
 impl Client {
@@ -170,6 +174,8 @@ impl Client {
             error: 0,
             data: Vec::new(),
             extents: Vec::new(),
+            structured: false,
+            message: String::new(),
         };
         match u32::from_be_bytes(magic) {
             proto::SIMPLE_REPLY_MAGIC => {
@@ -186,6 +192,7 @@ impl Client {
                 Some(r)
             }
             proto::STRUCTURED_REPLY_MAGIC => loop {
+                r.structured = true;
                 let mut h = [0u8; 16];
                 self.s.read_exact(&mut h).await.ok()?;
                 let flags = u16::from_be_bytes(h[..2].try_into().unwrap());
@@ -202,7 +209,9 @@ impl Client {
                         r.data.extend_from_slice(&p[8..])
                     }
                     proto::REPLY_TYPE_ERROR => {
-                        r.error = u32::from_be_bytes(p[..4].try_into().unwrap())
+                        r.error = u32::from_be_bytes(p[..4].try_into().unwrap());
+                        let n = u16::from_be_bytes(p[4..6].try_into().unwrap()) as usize;
+                        r.message = String::from_utf8_lossy(&p[6..6 + n]).into_owned();
                     }
                     proto::REPLY_TYPE_BLOCK_STATUS => {
                         for d in p[4..].chunks(8) {
@@ -811,6 +820,16 @@ async fn every_flag_on_every_command_gets_the_reply_the_spec_asks_for() {
                         (cookie, want),
                         "{command:?} flag {flag:#x} on {export} (structured={structured})"
                     );
+                    // With structured replies, every error is an error
+                    // chunk with a message (a READ's MUST, the others'
+                    // SHOULD).
+                    if structured && want != 0 {
+                        assert!(r.structured, "{command:?} flag {flag:#x}: a simple error");
+                        assert!(
+                            !r.message.is_empty(),
+                            "{command:?} flag {flag:#x}: no message"
+                        );
+                    }
                     checked += 1;
                 }
             }
