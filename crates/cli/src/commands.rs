@@ -129,6 +129,8 @@ pub fn serve(ctx: &Context, flags: ServeFlags) -> Result<()> {
         tls_cert,
         tls_key,
         tls_ca,
+        metrics_listen,
+        metrics_per_disk,
     } = flags;
     let nbd_socket = nbd_socket.map(|p| absolute(&p)).transpose()?;
     let cluster = etcd.map(|urls| ClusterOptions {
@@ -174,6 +176,8 @@ pub fn serve(ctx: &Context, flags: ServeFlags) -> Result<()> {
                 ca: tls_ca,
             },
         )?,
+        metrics_listen,
+        metrics_per_disk,
     })
 }
 
@@ -309,6 +313,13 @@ pub fn status(ctx: &Context) -> Result<()> {
             },
         ),
         ("control", status.control),
+        (
+            "metrics",
+            match &status.metrics_tcp {
+                Some(a) => format!("GET /metrics on the control socket and http://{a}/metrics"),
+                None => "GET /metrics on the control socket".into(),
+            },
+        ),
         ("connections", status.connections.len().to_string()),
     ]);
     if let Some(c) = &status.cluster {

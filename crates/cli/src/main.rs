@@ -123,6 +123,14 @@ pub(crate) struct ServeFlags {
     /// signed by one of them. Without it, TLS encrypts but lets any client in.
     #[arg(long, value_name = "FILE", requires = "tls_cert")]
     pub tls_ca: Option<PathBuf>,
+    /// Also serve the metrics (`GET /metrics`, Prometheus text; the
+    /// control socket always does) on this TCP address: a bare port
+    /// means 127.0.0.1:PORT.
+    #[arg(long, value_name = "[ADDR:]PORT", value_parser = parse_metrics_listen)]
+    pub metrics_listen: Option<std::net::SocketAddr>,
+    /// Keep metrics by disk too: a series per disk and operation.
+    #[arg(long)]
+    pub metrics_per_disk: bool,
 }
 
 #[derive(Subcommand)]
@@ -353,6 +361,15 @@ pub struct SnapRef {
 }
 
 /// A group id, or a group name looked up in /etc/group.
+/// `--metrics-listen`: `ADDR:PORT`, or a port on the loopback address.
+fn parse_metrics_listen(s: &str) -> Result<std::net::SocketAddr, String> {
+    if let Ok(port) = s.parse::<u16>() {
+        return Ok(std::net::SocketAddr::from(([127, 0, 0, 1], port)));
+    }
+    s.parse()
+        .map_err(|e| format!("'{s}' is not PORT or ADDR:PORT: {e}"))
+}
+
 fn parse_group(s: &str) -> Result<u32, String> {
     if let Ok(gid) = s.parse() {
         return Ok(gid);

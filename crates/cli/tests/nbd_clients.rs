@@ -3314,3 +3314,127 @@ fn tls_optional_serves_plain_and_tls_clients_alike() {
     drop(d);
     let _ = fs::remove_dir_all(&pki);
 }
+
+// ---- 13. metrics --------------------------------------------------------------------
+
+/// `GET PATH` over HTTP/1.0 on `stream`; (status code, body).
+fn http_get(mut stream: impl Read + Write, path: &str) -> (u32, String) {
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: parallax\r\n\r\n").expect("send request");
+    let mut text = String::new();
+    stream.read_to_string(&mut text).expect("read response");
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let code = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or_else(|| panic!("bad HTTP response: {text}"));
+    (code, body.to_string())
+}
+
+/// The samples of a Prometheus text page: `name{labels}` → value.
+fn samples(page: &str) -> std::collections::HashMap<String, f64> {
+    page.lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+        .filter_map(|l| {
+            let (k, v) = l.rsplit_once(' ')?;
+            Some((k.to_string(), v.parse().ok()?))
+        })
+        .collect()
+}
+
+#[test]
+fn metrics_count_requests_errors_commits_and_schedules() {
+    if !have_tools() {
+        return;
+    }
+    let d = Daemon::with(&["--metrics-listen", "0", "--metrics-per-disk"], &[]);
+    let status = d.json(&["status"]);
+    let metrics_tcp = status["metrics_tcp"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no metrics_tcp: {status}"))
+        .to_string();
+    assert!(metrics_tcp.starts_with("127.0.0.1:"), "{status}");
+    d.ok(&["create", "D", "--size", "64M"]);
+    d.ok(&["snapshot", "D@s"]);
+    qemu_io(
+        &d.unix_uri("D"),
+        &["write -P 7 0 1M", "read -P 7 0 1M", "flush"],
+    )
+    .ok();
+    // A write to a read-only export fails: one error. (qemu-io would not
+    // even send it.)
+    let mut raw = Nbd::new(&d.unix_addr(), "D@s");
+    assert_ne!(raw.write(0, &[1; 4096], 0).expect("write reply"), 0);
+    raw.disconnect();
+    d.ok(&["schedule", "D", "--every", "10ms", "--keep-last", "2"]);
+    thread::sleep(Duration::from_millis(300));
+    d.ok(&["schedule", "D", "--off"]);
+    d.wait_connections(10, "none", |n| n == 0);
+
+    let control = UnixStream::connect(d.cli.control_path()).expect("control socket");
+    let (code, page) = http_get(control, "/metrics");
+    assert_eq!(code, 200, "{page}");
+    let m = samples(&page);
+    let get = |k: &str| *m.get(k).unwrap_or_else(|| panic!("no {k} in\n{page}"));
+    assert_eq!(get(r#"parallax_nbd_bytes_total{op="write"}"#), MIB as f64);
+    assert_eq!(get(r#"parallax_nbd_bytes_total{op="read"}"#), MIB as f64);
+    assert_eq!(get(r#"parallax_nbd_request_errors_total{op="write"}"#), 1.0);
+    assert_eq!(get(r#"parallax_nbd_request_errors_total{op="read"}"#), 0.0);
+    assert!(get(r#"parallax_nbd_requests_total{op="flush"}"#) >= 1.0);
+    assert_eq!(
+        get(r#"parallax_nbd_request_duration_seconds_count{op="read"}"#),
+        get(r#"parallax_nbd_requests_total{op="read"}"#)
+    );
+    assert_eq!(get("parallax_nbd_requests_in_flight"), 0.0);
+    assert_eq!(get("parallax_nbd_connections"), 0.0);
+    assert!(get("parallax_nbd_connections_opened_total") >= 2.0);
+    assert_eq!(
+        get(r#"parallax_nbd_disk_bytes_total{disk="D",op="write"}"#),
+        MIB as f64
+    );
+    assert_eq!(
+        get(r#"parallax_nbd_disk_requests_total{disk="D@s",op="write"}"#),
+        1.0
+    );
+    let taken = get("parallax_scheduled_snapshots_taken_total");
+    assert!(
+        taken >= 5.0,
+        "{taken} scheduled snapshots in 300 ms at 10 ms"
+    );
+    // Keep-last 2: all but the last two scheduled ones were deleted.
+    assert!(get("parallax_scheduled_snapshots_deleted_total") >= taken - 2.0);
+    assert!(get("parallax_commits_total") >= taken);
+    assert!(get("parallax_commit_duration_seconds_count") >= taken);
+    assert!(get("parallax_store_used_bytes") >= MIB as f64);
+    assert_eq!(get("parallax_disks"), 1.0);
+
+    // The same page on the TCP port, and nothing else there.
+    let tcp = TcpStream::connect(&metrics_tcp).expect("metrics port");
+    let (code, page) = http_get(tcp, "/metrics");
+    assert_eq!(code, 200);
+    assert!(page.contains("parallax_nbd_requests_total"), "{page}");
+    let tcp = TcpStream::connect(&metrics_tcp).expect("metrics port");
+    assert_eq!(http_get(tcp, "/v1/status").0, 404);
+}
+
+#[test]
+fn metrics_have_no_per_disk_series_unless_asked() {
+    if !have_tools() {
+        return;
+    }
+    let d = Daemon::new();
+    assert!(d.json(&["status"]).get("metrics_tcp").is_none());
+    d.ok(&["create", "D", "--size", "16M"]);
+    qemu_io(&d.unix_uri("D"), &["write 0 64k"]).ok();
+    let control = UnixStream::connect(d.cli.control_path()).expect("control socket");
+    let (code, page) = http_get(control, "/metrics");
+    assert_eq!(code, 200);
+    assert!(
+        page.contains(r#"parallax_nbd_bytes_total{op="write"} 65536"#),
+        "{page}"
+    );
+    assert!(
+        !page.contains("disk=\""),
+        "per-disk series by default:\n{page}"
+    );
+}

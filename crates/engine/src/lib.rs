@@ -11,6 +11,7 @@
 //! - [`disk`]: virtual disks (data path, planned I/O, commits, snapshot
 //!   log, reclamation, read-only views).
 //! - [`store`]: the catalogue, the table of open disks, check, gc, space.
+//! - [`observe`]: hooks reporting events (commits) to the daemon's metrics.
 //!
 //! The on-disk layout lives in `parallax-format`; the crash-consistency
 //! argument is in `docs/FORMAT.md`; the map of the code in
@@ -22,6 +23,7 @@ pub mod disk;
 mod error;
 mod lineage;
 mod meta;
+pub mod observe;
 mod pool;
 pub mod retention;
 pub mod store;

@@ -293,6 +293,10 @@ pub struct DaemonStatus {
     /// TLS clients must present a certificate signed by `--tls-ca`.
     #[serde(default)]
     pub nbd_tls_verifies_clients: bool,
+    /// The TCP address serving `GET /metrics`, if any (the control socket
+    /// always does).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metrics_tcp: Option<String>,
     pub control: String,
     pub connections: Vec<ConnectionInfo>,
     /// Cluster mode: this appliance's standing in the cluster.

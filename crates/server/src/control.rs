@@ -142,6 +142,64 @@ fn json_response(status: u16, body: Vec<u8>) -> Response<Full<Bytes>> {
     response
 }
 
+/// `GET /metrics`: the daemon's metrics as Prometheus text.
+pub async fn metrics_response(service: Arc<Service>) -> Response<Full<Bytes>> {
+    let text = tokio::task::spawn_blocking(move || crate::metrics::global().render(&service))
+        .await
+        .unwrap_or_default();
+    let mut response = Response::new(Full::new(Bytes::from(text)));
+    response.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static(crate::metrics::CONTENT_TYPE),
+    );
+    response
+}
+
+/// Serves `GET /metrics` (and nothing else: 404) on `listener`, a TCP port
+/// given by `serve --metrics-listen`, until `shutdown` turns true.
+pub async fn serve_metrics(
+    listener: tokio::net::TcpListener,
+    service: Arc<Service>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    loop {
+        let stream = tokio::select! {
+            r = listener.accept() => match r {
+                Ok((s, _)) => s,
+                Err(e) => {
+                    warn!("metrics port accept failed: {e}");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = shutdown.changed() => return,
+        };
+        let service = service.clone();
+        tokio::spawn(async move {
+            let handler = hyper::service::service_fn(move |req: Request<Incoming>| {
+                let service = service.clone();
+                async move {
+                    if req.method() == Method::GET && req.uri().path() == "/metrics" {
+                        Ok::<_, Infallible>(metrics_response(service).await)
+                    } else {
+                        let mut r = Response::new(Full::new(Bytes::from_static(
+                            b"only GET /metrics is served here\n",
+                        )));
+                        *r.status_mut() = StatusCode::NOT_FOUND;
+                        Ok(r)
+                    }
+                }
+            });
+            if let Err(e) = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), handler)
+                .await
+            {
+                debug!("metrics connection ended: {e}");
+            }
+        });
+    }
+}
+
 fn error_response(e: &ApiError) -> Response<Full<Bytes>> {
     let body = serde_json::to_vec(e).unwrap_or_default();
     json_response(e.http_status(), body)
@@ -162,6 +220,9 @@ async fn handle(
             ))))
         }
     };
+    if method == Method::GET && path == "/metrics" {
+        return Ok(metrics_response(state.service.clone()).await);
+    }
     let (m, p) = (method.clone(), path.clone());
     let routed = tokio::task::spawn_blocking(move || route(&state, &m, &p, &query, &body)).await;
     let response = match routed {

@@ -50,6 +50,10 @@ pub struct ServeOptions {
     pub list_snapshots: bool,
     /// NBD over TLS.
     pub tls: crate::tls::NbdTls,
+    /// Also serve `GET /metrics` on this TCP address.
+    pub metrics_listen: Option<SocketAddr>,
+    /// Metrics by disk too (a series per disk and operation).
+    pub metrics_per_disk: bool,
 }
 
 /// Every [`SETTLE_INTERVAL`], the store's upkeep ([`Store::settle`]):
@@ -331,6 +335,7 @@ fn cap_malloc_arenas() {
 
 pub fn run(options: ServeOptions) -> Result<()> {
     cap_malloc_arenas();
+    crate::metrics::init(options.metrics_per_disk);
     raise_fd_limit();
     let store_path = &options.store_path;
     if std::os::unix::net::UnixStream::connect(&options.control).is_ok() {
@@ -431,6 +436,18 @@ async fn serve(options: &ServeOptions, service: Arc<Service>) -> Result<()> {
         None => None,
     };
     let control_listener = bind_unix(&options.control, options.socket_group)?;
+    let metrics_listener = match options.metrics_listen {
+        Some(addr) => Some(
+            TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("cannot listen for metrics on {addr}"))?,
+        ),
+        None => None,
+    };
+    let metrics_addr = match &metrics_listener {
+        Some(l) => Some(l.local_addr()?),
+        None => None,
+    };
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     // Every connection task holds a clone of `alive`; when all are gone,
     // `all_gone` yields None.
@@ -446,6 +463,7 @@ async fn serve(options: &ServeOptions, service: Arc<Service>) -> Result<()> {
             nbd_socket: options.nbd_socket.as_ref().map(|p| p.display().to_string()),
             nbd_tls: options.tls.mode_name().to_string(),
             nbd_tls_verifies_clients: options.tls.verifies_clients,
+            metrics_tcp: metrics_addr.map(|a| a.to_string()),
             control: options.control.display().to_string(),
             connections: Vec::new(),
             cluster: None,
@@ -453,6 +471,13 @@ async fn serve(options: &ServeOptions, service: Arc<Service>) -> Result<()> {
     });
     let control_task = tokio::spawn(control::serve(control_listener, state, shutdown_rx.clone()));
     let mut accept_tasks = Vec::new();
+    if let Some(listener) = metrics_listener {
+        accept_tasks.push(tokio::spawn(control::serve_metrics(
+            listener,
+            service.clone(),
+            shutdown_rx.clone(),
+        )));
+    }
     if let Some(listener) = tcp {
         accept_tasks.push(tokio::spawn(accept_tcp(
             listener,
@@ -485,6 +510,7 @@ async fn serve(options: &ServeOptions, service: Arc<Service>) -> Result<()> {
         nbd_socket = ?options.nbd_socket,
         control = %options.control.display(),
         tls = options.tls.mode_name(),
+        metrics_tcp = ?metrics_addr,
         "serving"
     );
 

@@ -7,6 +7,7 @@
 //! - [`control`]: the daemon's HTTP/JSON control socket (`docs/API.md`).
 //! - [`nbd`]: the NBD transmission phase and listeners, over
 //!   `parallax-nbd`'s pure protocol codec.
+//! - [`metrics`]: the daemon's Prometheus metrics.
 //! - [`daemon`]: `parallax serve`: startup, signals, clean shutdown.
 //! - [`scheduler`]: the daemon's snapshot schedules.
 //! - [`store_file`]: finding, locking, creating and opening the store file.
@@ -18,6 +19,7 @@ pub mod client;
 pub mod cluster;
 pub mod control;
 pub mod daemon;
+pub mod metrics;
 pub mod nbd;
 pub mod scheduler;
 pub mod service;

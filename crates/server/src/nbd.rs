@@ -42,6 +42,7 @@
 //!   disk's state and commits what a client wrote and left unflushed once
 //!   the disk has been idle a moment (the daemon's settle tick).
 
+use crate::metrics::{self, DiskMetrics};
 use crate::service::Service;
 use crate::uring::{Direction, Uring};
 use parallax_device::AlignedBuf;
@@ -268,7 +269,9 @@ pub async fn serve_connection<S>(
             }
         },
     };
+    let disk_metrics = metrics::global().connected(&negotiated.export);
     let ctx = Arc::new(Connection {
+        disk_metrics,
         peer: peer.clone(),
         export: negotiated.export.clone(),
         target: target.map(OnceLock::from).unwrap_or_default(),
@@ -281,6 +284,7 @@ pub async fn serve_connection<S>(
     });
     let reader = Cursor::new(leftover).chain(BufReader::with_capacity(READ_BUFFER, reader));
     let outcome = transmission(reader, writer, ctx.clone(), &mut shutdown).await;
+    metrics::global().disconnected();
     match outcome {
         Ok(()) => info!(%peer, id = guard.id(), "client disconnected"),
         Err(e) => info!(%peer, id = guard.id(), "client dropped: {e}"),
@@ -424,6 +428,8 @@ struct Connection {
     structured: bool,
     base_allocation: Option<u32>,
     uring: Option<Arc<Uring>>,
+    /// This connection's per-disk counters (`--metrics-per-disk`).
+    disk_metrics: Option<DiskMetrics>,
 }
 
 /// A disk to ask for (see [`Service::claim`]).
@@ -636,11 +642,13 @@ where
                 break Err(e);
             }
         }
+        metrics::global().received();
         let job = Job {
             ctx: ctx.clone(),
             request,
             permit,
             replies: replies.clone(),
+            received: std::time::Instant::now(),
         };
         match plan_async(&ctx, &request) {
             Some(planned) if planned.uring.is_some() => {
@@ -665,6 +673,26 @@ struct Job {
     request: Request,
     permit: Budget,
     replies: mpsc::UnboundedSender<Reply>,
+    /// When its header and payload had been read.
+    received: std::time::Instant,
+}
+
+impl Job {
+    /// Counts the request as answered, `ok` or not.
+    fn count(&self, ok: bool) {
+        let req = &self.request;
+        let bytes = match req.command {
+            Command::Read | Command::Write => u64::from(req.length),
+            _ => 0,
+        };
+        metrics::global().answered(
+            req.command,
+            ok,
+            bytes,
+            self.received.elapsed(),
+            self.ctx.disk_metrics.as_ref(),
+        );
+    }
 }
 
 /// A READ or WRITE planned by the engine, carried by io_uring when there
@@ -713,21 +741,19 @@ impl Job {
     /// Runs the request on the blocking pool.
     fn run_blocking(self, payload: AlignedBuf) {
         tokio::task::spawn_blocking(move || {
-            let Job {
-                ctx,
-                request,
-                permit,
-                replies,
-            } = self;
-            let run = std::panic::AssertUnwindSafe(|| execute(&ctx, request, &payload));
-            let (head, data) = std::panic::catch_unwind(run).unwrap_or_else(|_| {
+            let run = std::panic::AssertUnwindSafe(|| execute(&self.ctx, self.request, &payload));
+            let (head, data, ok) = std::panic::catch_unwind(run).unwrap_or_else(|_| {
                 // A bug, not the client's doing: answer EIO rather than
                 // leave the client waiting forever.
                 let mut out = Vec::new();
                 let bug = Failure::new(proto::EIO, "internal error (a bug): see the daemon's log");
-                error_reply(&ctx, &request, bug, &mut out);
-                (out, None)
+                error_reply(&self.ctx, &self.request, bug, &mut out);
+                (out, None, false)
             });
+            self.count(ok);
+            let Job {
+                permit, replies, ..
+            } = self;
             BufPool::global().give(payload);
             // Fails only when the writer is gone with the client.
             let _ = replies.send(Reply {
@@ -837,6 +863,7 @@ impl Job {
                 None
             }
         };
+        self.count(true);
         let _ = self.replies.send(Reply {
             head,
             data,
@@ -910,13 +937,13 @@ impl From<EngineError> for Failure {
     }
 }
 
-/// Runs one request and returns its complete reply: the header bytes and,
-/// for a successful READ, the data.
-fn execute(ctx: &Connection, req: Request, payload: &[u8]) -> (Vec<u8>, Option<AlignedBuf>) {
+/// Runs one request and returns its complete reply (the header bytes and,
+/// for a successful READ, the data) and whether it succeeded.
+fn execute(ctx: &Connection, req: Request, payload: &[u8]) -> (Vec<u8>, Option<AlignedBuf>, bool) {
     let mut out = Vec::new();
     if let Err(f) = check_flags(ctx, &req) {
         error_reply(ctx, &req, f, &mut out);
-        return (out, None);
+        return (out, None, false);
     }
     match req.command {
         Command::Read => match read(ctx, &req) {
@@ -932,7 +959,7 @@ fn execute(ctx: &Connection, req: Request, payload: &[u8]) -> (Vec<u8>, Option<A
                 } else {
                     proto::simple_reply(&mut out, req.cookie, 0);
                 }
-                return (out, Some(data));
+                return (out, Some(data), true);
             }
             Err(f) => error_reply(ctx, &req, f, &mut out),
         },
@@ -940,15 +967,19 @@ fn execute(ctx: &Connection, req: Request, payload: &[u8]) -> (Vec<u8>, Option<A
             Ok(extents) => {
                 let id = ctx.base_allocation.unwrap_or(0);
                 proto::structured_block_status(&mut out, req.cookie, id, &extents, true);
+                return (out, None, true);
             }
             Err(f) => error_reply(ctx, &req, f, &mut out),
         },
         _ => match other(ctx, &req, payload) {
-            Ok(()) => proto::simple_reply(&mut out, req.cookie, 0),
+            Ok(()) => {
+                proto::simple_reply(&mut out, req.cookie, 0);
+                return (out, None, true);
+            }
             Err(f) => error_reply(ctx, &req, f, &mut out),
         },
     }
-    (out, None)
+    (out, None, false)
 }
 
 fn error_reply(ctx: &Connection, req: &Request, f: Failure, out: &mut Vec<u8>) {

@@ -131,6 +131,7 @@ fn run(vdi: Vdi, every_ns: u64, stop: Arc<AtomicBool>, stats: Arc<ScheduleStats>
             Ok(Some((_, report))) => {
                 stats.taken.fetch_add(1, Ordering::Relaxed);
                 stats.deleted.fetch_add(report.deleted, Ordering::Relaxed);
+                crate::metrics::global().scheduled(report.deleted);
                 stats
                     .freed_blocks
                     .fetch_add(report.freed_blocks, Ordering::Relaxed);

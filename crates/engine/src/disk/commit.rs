@@ -287,6 +287,7 @@ impl Disk {
 
     /// Steps 4–6 of a staged commit.
     fn write_staged(&self, s: &mut Staged) -> std::result::Result<(), StagedError> {
+        let started = std::time::Instant::now();
         let meta = self.pool.meta();
         let before_header = |error| StagedError {
             error,
@@ -311,6 +312,7 @@ impl Disk {
             })?;
         self.pool.free(&std::mem::take(&mut s.freed));
         self.record_delta(s.delta.take(), None);
+        crate::observe::commit_written(started.elapsed());
         Ok(())
     }
 

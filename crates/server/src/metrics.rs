@@ -1,0 +1,360 @@
+//! The daemon's metrics, in the Prometheus (OpenMetrics) text format:
+//! `GET /metrics` on the control socket and, with `serve --metrics-listen
+//! ADDR:PORT`, on a TCP port of their own.
+//!
+//! - NBD requests, their bytes, errors and latency by operation; requests
+//!   in flight; connections open and opened.
+//! - Snapshots taken and deleted by schedules; commits written and their
+//!   latency (from the engine's hook, [`parallax_engine::observe`]).
+//! - The store's capacity and use, read when scraped.
+//! - Per-disk request and byte counts only with `--metrics-per-disk`: a
+//!   label per disk multiplies the series (Ceph keeps its per-image
+//!   metrics off by default for the same reason).
+//!
+//! One set per process ([`global`]); the hot path touches only atomics
+//! and, for the latency histograms, one short lock.
+
+use crate::service::Service;
+use parallax_nbd::proto::Command;
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+use std::sync::OnceLock;
+use std::time::Duration;
+
+/// An NBD operation, as a label value.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+enum Op {
+    read,
+    write,
+    flush,
+    trim,
+    write_zeroes,
+    cache,
+    block_status,
+}
+
+const OPS: [Op; 7] = [
+    Op::read,
+    Op::write,
+    Op::flush,
+    Op::trim,
+    Op::write_zeroes,
+    Op::cache,
+    Op::block_status,
+];
+
+/// The index of `command` in [`OPS`]; `None` for DISC and unknown ones.
+fn op_index(command: Command) -> Option<usize> {
+    Some(match command {
+        Command::Read => 0,
+        Command::Write => 1,
+        Command::Flush => 2,
+        Command::Trim => 3,
+        Command::WriteZeroes => 4,
+        Command::Cache => 5,
+        Command::BlockStatus => 6,
+        _ => return None,
+    })
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OpLabels {
+    op: Op,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DiskOpLabels {
+    disk: String,
+    op: Op,
+}
+
+/// The counters of one operation, taken out of their families once.
+struct OpMetrics {
+    requests: Counter,
+    errors: Counter,
+    bytes: Counter,
+    seconds: Histogram,
+}
+
+/// One connection's per-disk counters (`--metrics-per-disk`), looked up
+/// once when it connects.
+pub struct DiskMetrics {
+    requests: Vec<Counter>,
+    bytes: Vec<Counter>,
+}
+
+pub struct Metrics {
+    registry: Registry,
+    ops: Vec<OpMetrics>,
+    in_flight: Gauge,
+    connections: Gauge,
+    connections_opened: Counter,
+    disk_requests: Family<DiskOpLabels, Counter>,
+    disk_bytes: Family<DiskOpLabels, Counter>,
+    per_disk: bool,
+    scheduled_taken: Counter,
+    scheduled_deleted: Counter,
+    commits: Counter,
+    commit_seconds: Histogram,
+    capacity: Gauge,
+    used: Gauge,
+    disks: Gauge,
+}
+
+static GLOBAL: OnceLock<Metrics> = OnceLock::new();
+
+/// Sets up the process's metrics (per-disk series or not) and hooks the
+/// engine's commits to them. Later calls change nothing.
+pub fn init(per_disk: bool) -> &'static Metrics {
+    GLOBAL.get_or_init(|| {
+        let m = Metrics::new(per_disk);
+        parallax_engine::observe::on_commit(|d| {
+            if let Some(m) = GLOBAL.get() {
+                m.commits.inc();
+                m.commit_seconds.observe(d.as_secs_f64());
+            }
+        });
+        m
+    })
+}
+
+/// The process's metrics ([`init`] with no per-disk series if nothing
+/// called it).
+pub fn global() -> &'static Metrics {
+    init(false)
+}
+
+impl Metrics {
+    fn new(per_disk: bool) -> Metrics {
+        let mut registry = Registry::with_prefix("parallax");
+        let requests = Family::<OpLabels, Counter>::default();
+        let errors = Family::<OpLabels, Counter>::default();
+        let bytes = Family::<OpLabels, Counter>::default();
+        // 16 µs .. 16 s: NBD requests on memory take microseconds, commits
+        // under load tens of milliseconds.
+        let latency = || Histogram::new(exponential_buckets(16e-6, 2.0, 21));
+        let seconds = Family::<OpLabels, Histogram>::new_with_constructor(latency);
+        registry.register(
+            "nbd_requests",
+            "NBD requests answered, by operation",
+            requests.clone(),
+        );
+        registry.register(
+            "nbd_request_errors",
+            "NBD requests answered with an error, by operation",
+            errors.clone(),
+        );
+        registry.register(
+            "nbd_bytes",
+            "Bytes read and written by NBD requests that succeeded",
+            bytes.clone(),
+        );
+        registry.register(
+            "nbd_request_duration_seconds",
+            "Time from an NBD request's arrival to its reply being queued",
+            seconds.clone(),
+        );
+        let ops = OPS
+            .iter()
+            .map(|&op| {
+                let l = OpLabels { op };
+                OpMetrics {
+                    requests: requests.get_or_create(&l).clone(),
+                    errors: errors.get_or_create(&l).clone(),
+                    bytes: bytes.get_or_create(&l).clone(),
+                    seconds: seconds.get_or_create(&l).clone(),
+                }
+            })
+            .collect();
+        let m = Metrics {
+            ops,
+            in_flight: Gauge::default(),
+            connections: Gauge::default(),
+            connections_opened: Counter::default(),
+            disk_requests: Family::default(),
+            disk_bytes: Family::default(),
+            per_disk,
+            scheduled_taken: Counter::default(),
+            scheduled_deleted: Counter::default(),
+            commits: Counter::default(),
+            commit_seconds: latency(),
+            capacity: Gauge::default(),
+            used: Gauge::default(),
+            disks: Gauge::default(),
+            registry: Registry::default(),
+        };
+        registry.register(
+            "nbd_requests_in_flight",
+            "NBD requests received and not yet answered",
+            m.in_flight.clone(),
+        );
+        registry.register(
+            "nbd_connections",
+            "NBD connections open now (negotiated)",
+            m.connections.clone(),
+        );
+        registry.register(
+            "nbd_connections_opened",
+            "NBD connections that finished negotiating",
+            m.connections_opened.clone(),
+        );
+        if per_disk {
+            registry.register(
+                "nbd_disk_requests",
+                "NBD requests answered, by export and operation",
+                m.disk_requests.clone(),
+            );
+            registry.register(
+                "nbd_disk_bytes",
+                "Bytes read and written by NBD requests that succeeded, by export",
+                m.disk_bytes.clone(),
+            );
+        }
+        registry.register(
+            "scheduled_snapshots_taken",
+            "Snapshots taken by schedules",
+            m.scheduled_taken.clone(),
+        );
+        registry.register(
+            "scheduled_snapshots_deleted",
+            "Snapshots deleted by schedules' retention",
+            m.scheduled_deleted.clone(),
+        );
+        registry.register(
+            "commits",
+            "Disk commits written (flushes, snapshots, settling)",
+            m.commits.clone(),
+        );
+        registry.register(
+            "commit_duration_seconds",
+            "Time a commit takes to write its blocks, bitmaps and header, flushes included",
+            m.commit_seconds.clone(),
+        );
+        registry.register(
+            "store_capacity_bytes",
+            "Bytes of the store's extents",
+            m.capacity.clone(),
+        );
+        registry.register(
+            "store_used_bytes",
+            "Bytes of the store allocated",
+            m.used.clone(),
+        );
+        registry.register("disks", "Disks in the store", m.disks.clone());
+        Metrics { registry, ..m }
+    }
+
+    /// A connection to `export` is open; [`Metrics::disconnected`] when it
+    /// closes. Returns its per-disk counters, if kept.
+    pub fn connected(&self, export: &str) -> Option<DiskMetrics> {
+        self.connections.inc();
+        self.connections_opened.inc();
+        self.per_disk.then(|| {
+            let each = |family: &Family<DiskOpLabels, Counter>| {
+                OPS.iter()
+                    .map(|&op| {
+                        let labels = DiskOpLabels {
+                            disk: export.to_string(),
+                            op,
+                        };
+                        family.get_or_create(&labels).clone()
+                    })
+                    .collect()
+            };
+            DiskMetrics {
+                requests: each(&self.disk_requests),
+                bytes: each(&self.disk_bytes),
+            }
+        })
+    }
+
+    pub fn disconnected(&self) {
+        self.connections.dec();
+    }
+
+    /// A request was read; [`Metrics::answered`] follows once its reply is
+    /// queued.
+    pub fn received(&self) {
+        self.in_flight.inc();
+    }
+
+    /// A request of `command` was answered after `elapsed`, successfully
+    /// or not, moving `bytes` of data.
+    pub fn answered(
+        &self,
+        command: Command,
+        ok: bool,
+        bytes: u64,
+        elapsed: Duration,
+        disk: Option<&DiskMetrics>,
+    ) {
+        self.in_flight.dec();
+        let Some(i) = op_index(command) else {
+            return;
+        };
+        let m = &self.ops[i];
+        m.requests.inc();
+        m.seconds.observe(elapsed.as_secs_f64());
+        if ok {
+            m.bytes.inc_by(bytes);
+        } else {
+            m.errors.inc();
+        }
+        if let Some(d) = disk {
+            d.requests[i].inc();
+            if ok {
+                d.bytes[i].inc_by(bytes);
+            }
+        }
+    }
+
+    /// A schedule took a snapshot and its retention deleted `deleted`.
+    pub fn scheduled(&self, deleted: u64) {
+        self.scheduled_taken.inc();
+        self.scheduled_deleted.inc_by(deleted);
+    }
+
+    /// The metrics as text, with the store's figures read now.
+    pub fn render(&self, service: &Service) -> String {
+        let stats = service.store().stats();
+        self.capacity.set(stats.capacity_bytes as i64);
+        self.used.set(stats.used_bytes as i64);
+        if let Ok(disks) = service.store().try_list() {
+            self.disks.set(disks.len() as i64);
+        }
+        let mut text = String::new();
+        // Writing to a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut text, &self.registry);
+        text
+    }
+}
+
+/// The content type of [`Metrics::render`]'s text.
+pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_command_but_disc_has_its_series() {
+        for (i, op) in OPS.iter().enumerate() {
+            let command = [
+                Command::Read,
+                Command::Write,
+                Command::Flush,
+                Command::Trim,
+                Command::WriteZeroes,
+                Command::Cache,
+                Command::BlockStatus,
+            ][i];
+            assert_eq!(op_index(command), Some(i), "{op:?}");
+        }
+        assert_eq!(op_index(Command::Disc), None);
+    }
+}
