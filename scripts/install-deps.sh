@@ -6,7 +6,9 @@
 #   scripts/install-deps.sh          test clients: qemu-utils, libnbd-bin, fio,
 #                                    nbdkit; etcd-server (cluster tests);
 #                                    protobuf-compiler (the etcd client's build);
-#                                    openssl (the TLS tests' certificates)
+#                                    openssl (the TLS tests' certificates);
+#                                    systemd-analyze, virt-xml-validate and
+#                                    xmllint (the contrib/ files' checks)
 #   scripts/install-deps.sh --vm     also qemu-system-x86 and busybox-static (README
 #                                    VM walk-through; the live-migration test's guest)
 set -euo pipefail
@@ -25,6 +27,9 @@ command -v nbdkit >/dev/null || need+=(nbdkit)
 command -v etcd >/dev/null || need+=(etcd-server)
 command -v protoc >/dev/null || need+=(protobuf-compiler)
 command -v openssl >/dev/null || need+=(openssl)
+command -v systemd-analyze >/dev/null || need+=(systemd)
+command -v virt-xml-validate >/dev/null || need+=(libvirt-clients)
+command -v xmllint >/dev/null || need+=(libxml2-utils)
 vm_needed=0
 if [ "$want_vm" = 1 ] && ! command -v qemu-system-x86_64 >/dev/null; then vm_needed=1; fi
 if [ "$want_vm" = 1 ] && [ ! -x /bin/busybox ]; then need+=(busybox-static); fi

@@ -131,6 +131,9 @@ pub fn serve(ctx: &Context, flags: ServeFlags) -> Result<()> {
         tls_ca,
         metrics_listen,
         metrics_per_disk,
+        control_group,
+        nbd_socket_mode,
+        config: _,
     } = flags;
     let nbd_socket = nbd_socket.map(|p| absolute(&p)).transpose()?;
     let cluster = etcd.map(|urls| ClusterOptions {
@@ -178,6 +181,8 @@ pub fn serve(ctx: &Context, flags: ServeFlags) -> Result<()> {
         )?,
         metrics_listen,
         metrics_per_disk,
+        control_group,
+        nbd_socket_mode,
     })
 }
 

@@ -6,6 +6,7 @@
 //! exit code 1; usage errors exit with 2.
 
 mod commands;
+mod config;
 mod output;
 mod size;
 
@@ -131,6 +132,20 @@ pub(crate) struct ServeFlags {
     /// Keep metrics by disk too: a series per disk and operation.
     #[arg(long)]
     pub metrics_per_disk: bool,
+    /// Let this group (a name or a number) use the control socket (mode
+    /// 0660), whatever --socket-group says.
+    #[arg(long, value_name = "GROUP", value_parser = parse_group)]
+    pub control_group: Option<u32>,
+    /// Mode of the NBD Unix socket, in octal (0600, 0660, 0666...): 0666
+    /// lets every local user read and write every disk. [default: 0600, or
+    /// 0660 with --socket-group]
+    #[arg(long, value_name = "MODE", value_parser = parse_socket_mode)]
+    pub nbd_socket_mode: Option<u32>,
+    /// Settings file: a TOML table of these flags without their dashes
+    /// (`nbd_listen = "0.0.0.0:10809"`, `direct = true`); flags given here
+    /// win. [default: /etc/parallax/parallax.toml, when it exists]
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
 }
 
 #[derive(Subcommand)]
@@ -361,6 +376,19 @@ pub struct SnapRef {
 }
 
 /// A group id, or a group name looked up in /etc/group.
+/// `--nbd-socket-mode`: octal permission bits that keep the owner's read
+/// and write.
+fn parse_socket_mode(s: &str) -> Result<u32, String> {
+    let mode = u32::from_str_radix(s.trim_start_matches("0o"), 8)
+        .map_err(|_| format!("'{s}' is not an octal mode such as 0660"))?;
+    if mode > 0o777 || mode & 0o600 != 0o600 {
+        return Err(format!(
+            "'{s}': a socket mode is at most 0777 and keeps the owner's 06"
+        ));
+    }
+    Ok(mode)
+}
+
 /// `--metrics-listen`: `ADDR:PORT`, or a port on the loopback address.
 fn parse_metrics_listen(s: &str) -> Result<std::net::SocketAddr, String> {
     if let Ok(port) = s.parse::<u16>() {
@@ -516,7 +544,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let args = match config::with_config_file::<Cli>(std::env::args_os().collect()) {
+        Ok(args) => args,
+        Err(e) => {
+            let _ = writeln!(std::io::stderr(), "parallax: {}", one_line(&e));
+            return ExitCode::from(2);
+        }
+    };
+    let cli = Cli::parse_from(args);
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -3438,3 +3438,83 @@ fn metrics_have_no_per_disk_series_unless_asked() {
         "per-disk series by default:\n{page}"
     );
 }
+
+// ---- 14. settings file, systemd, sockets ------------------------------------------------
+
+#[test]
+fn serve_takes_its_settings_from_a_file_and_flags_win() {
+    if !have_tools() {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let conf = dir.path().join("parallax.toml");
+    let gid = rustix::process::getgid().as_raw();
+    fs::write(
+        &conf,
+        format!(
+            "nbd_listen = \"none\"\nmetrics-listen = \"0\"\nnbd_socket_mode = \"0660\"\n\
+             control_group = \"{gid}\"\nlist_snapshots = true\n"
+        ),
+    )
+    .unwrap();
+    let d = Daemon::with(&["--config", conf.to_str().unwrap()], &[]);
+    // The command line's --nbd-listen 127.0.0.1:0 won over the file's
+    // "none" (the harness checked that status reports a TCP address).
+    assert!(d.tcp.starts_with("127.0.0.1:"), "{}", d.tcp);
+    let status = d.json(&["status"]);
+    assert!(status["metrics_tcp"].is_string(), "{status}");
+    assert_eq!(mode_of(&d.socket), 0o660);
+    assert_eq!(mode_of(&d.cli.control_path()), 0o660);
+    drop(d);
+
+    // The example in contrib/ is a settings file `serve` takes as it is.
+    let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../contrib/parallax.toml");
+    let d = Daemon::with(&["--config", example.to_str().unwrap()], &[]);
+    assert_eq!(mode_of(&d.socket), 0o600);
+    drop(d);
+
+    // A key that is no flag, a value of the wrong kind, a missing file:
+    // refused before anything starts.
+    let d = Daemon::new();
+    for (text, says) in [
+        ("bogus = 1", "'bogus' is not a setting"),
+        ("direct = \"yes\"", "'direct' is a switch"),
+        ("metrics_listen = [1]", "expected a string or a number"),
+        ("nbd_socket_mode = \"0400\"", "keeps the owner's"),
+        ("config = \"x\"", "cannot name another"),
+    ] {
+        let bad = dir.path().join("bad.toml");
+        fs::write(&bad, text).unwrap();
+        let ran = d.cli.run(&["serve", "--config", bad.to_str().unwrap()]);
+        assert_eq!(ran.status.code(), Some(2), "{text}: {}", ran.describe());
+        assert!(ran.stderr.contains(says), "{text}: {}", ran.describe());
+    }
+    let ran = d
+        .cli
+        .run(&["serve", "--config", "/nonexistent/parallax.toml"]);
+    assert_eq!(ran.status.code(), Some(2), "{}", ran.describe());
+}
+
+#[test]
+fn serve_tells_systemd_when_it_is_ready_and_when_it_stops() {
+    if !have_tools() {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("notify.sock");
+    let systemd = std::os::unix::net::UnixDatagram::bind(&path).expect("bind");
+    systemd
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    let mut d = Daemon::with(&[], &[("NOTIFY_SOCKET", path.to_str().unwrap())]);
+    let mut buf = [0u8; 512];
+    let n = systemd.recv(&mut buf).expect("no READY=1 from the daemon");
+    let said = String::from_utf8_lossy(&buf[..n]).to_string();
+    assert!(said.lines().any(|l| l == "READY=1"), "{said}");
+    d.stop();
+    let n = systemd
+        .recv(&mut buf)
+        .expect("no STOPPING=1 from the daemon");
+    let said = String::from_utf8_lossy(&buf[..n]).to_string();
+    assert!(said.lines().any(|l| l == "STOPPING=1"), "{said}");
+}

@@ -54,6 +54,11 @@ pub struct ServeOptions {
     pub metrics_listen: Option<SocketAddr>,
     /// Metrics by disk too (a series per disk and operation).
     pub metrics_per_disk: bool,
+    /// Group allowed to use the control socket (0660), instead of
+    /// `socket_group`.
+    pub control_group: Option<u32>,
+    /// Mode of the NBD Unix socket (default 0600, 0660 with a group).
+    pub nbd_socket_mode: Option<u32>,
 }
 
 /// Every [`SETTLE_INTERVAL`], the store's upkeep ([`Store::settle`]):
@@ -274,10 +279,9 @@ fn clear_stale_socket(path: &Path) -> Result<()> {
     std::fs::remove_file(path).with_context(|| format!("cannot remove {}", path.display()))
 }
 
-/// Binds a Unix socket that only the daemon's user (and `group`, if
-/// given) may connect to: created under a umask of 0177, so that it is
-/// never reachable by others, then opened to the group (0660) if asked.
-fn bind_unix(path: &Path, group: Option<u32>) -> Result<UnixListener> {
+/// Binds a Unix socket: created under a umask of 0177, so that only the
+/// daemon's user can reach it at first, then given to `group` and `mode`.
+fn bind_unix(path: &Path, group: Option<u32>, mode: u32) -> Result<UnixListener> {
     use rustix::fs::Mode;
     clear_stale_socket(path)?;
     if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
@@ -293,10 +297,11 @@ fn bind_unix(path: &Path, group: Option<u32>) -> Result<UnixListener> {
     if let Some(gid) = group {
         rustix::fs::chown(path, None, Some(rustix::fs::Gid::from_raw(gid)))
             .map_err(std::io::Error::from)
-            .and_then(|_| {
-                std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o660))
-            })
             .with_context(|| format!("cannot give group {gid} access to {}", path.display()))?;
+    }
+    if mode != 0o600 {
+        std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(mode))
+            .with_context(|| format!("cannot set mode {mode:o} on {}", path.display()))?;
     }
     Ok(listener)
 }
@@ -432,10 +437,26 @@ async fn serve(options: &ServeOptions, service: Arc<Service>) -> Result<()> {
         None => None,
     };
     let unix = match &options.nbd_socket {
-        Some(p) => Some(bind_unix(p, options.socket_group)?),
+        Some(p) => {
+            let group = options.socket_group;
+            let mode =
+                options
+                    .nbd_socket_mode
+                    .unwrap_or(if group.is_some() { 0o660 } else { 0o600 });
+            if mode & 0o006 != 0 {
+                warn!(socket = %p.display(), "the NBD socket has mode {mode:o}: every local user can read and write every disk");
+            }
+            Some(bind_unix(p, group, mode)?)
+        }
         None => None,
     };
-    let control_listener = bind_unix(&options.control, options.socket_group)?;
+    let control_group = options.control_group.or(options.socket_group);
+    let control_mode = if control_group.is_some() {
+        0o660
+    } else {
+        0o600
+    };
+    let control_listener = bind_unix(&options.control, control_group, control_mode)?;
     let metrics_listener = match options.metrics_listen {
         Some(addr) => Some(
             TcpListener::bind(addr)
@@ -514,7 +535,10 @@ async fn serve(options: &ServeOptions, service: Arc<Service>) -> Result<()> {
         "serving"
     );
 
+    // Type=notify under systemd: the sockets are bound, clients may come.
+    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
     wait_for_signal().await?;
+    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
     info!("shutting down: no new connections or requests; finishing those in flight");
     settler.abort();
     for t in taker.into_iter().chain(yielder) {
