@@ -152,7 +152,7 @@ pub(crate) struct ServeFlags {
 enum Command {
     /// Run the appliance: serve the store's disks over NBD, with live
     /// control through the control socket (stop with SIGINT or SIGTERM).
-    Serve(ServeFlags),
+    Serve(Box<ServeFlags>),
     /// Cluster mode: take a disk over from an appliance that stopped or
     /// lost its lease without letting it go (waits for its lease to end,
     /// then the takeover grace).
@@ -479,7 +479,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         host_id: cli.host_id,
     };
     match &cli.command {
-        Command::Serve(flags) => commands::serve(&ctx, flags.clone()),
+        Command::Serve(flags) => commands::serve(&ctx, (**flags).clone()),
         Command::Takeover { name } => commands::takeover(&ctx, name),
         Command::Handoff { name, to } => commands::handoff(&ctx, name, *to),
         Command::Hosts => commands::hosts(&ctx),
