@@ -253,6 +253,39 @@ impl Cluster {
     }
 }
 
+const REP_ACK: u32 = 1;
+const REP_ERR_UNKNOWN: u32 = (1 << 31) + 6;
+
+/// Negotiates on the NBD socket `path` up to one `NBD_OPT_INFO` for
+/// `export`; the type of its final reply (`REP_ACK` or an error).
+fn opt_info_reply(path: &std::path::Path, export: &str) -> u32 {
+    let mut s = std::os::unix::net::UnixStream::connect(path).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let mut greeting = [0u8; 18];
+    s.read_exact(&mut greeting).expect("greeting");
+    s.write_all(&3u32.to_be_bytes()).unwrap(); // FIXED_NEWSTYLE | NO_ZEROES
+    let mut data = (export.len() as u32).to_be_bytes().to_vec();
+    data.extend_from_slice(export.as_bytes());
+    data.extend_from_slice(&0u16.to_be_bytes());
+    let mut option = b"IHAVEOPT".to_vec();
+    option.extend_from_slice(&6u32.to_be_bytes()); // NBD_OPT_INFO
+    option.extend_from_slice(&(data.len() as u32).to_be_bytes());
+    option.extend_from_slice(&data);
+    s.write_all(&option).unwrap();
+    loop {
+        let mut h = [0u8; 20];
+        s.read_exact(&mut h).expect("option reply");
+        let kind = u32::from_be_bytes(h[12..16].try_into().unwrap());
+        let len = u32::from_be_bytes(h[16..20].try_into().unwrap());
+        let mut rest = vec![0u8; len as usize];
+        s.read_exact(&mut rest).expect("option reply data");
+        if kind != 3 {
+            // Not NBD_REP_INFO: the final reply.
+            return kind;
+        }
+    }
+}
+
 fn text(o: &Output) -> String {
     format!(
         "{}\n{}",
@@ -395,6 +428,16 @@ fn three_appliances_share_one_pool() {
             text(&refused).contains(&format!("written by host {h}")),
             "{}",
             text(&refused)
+        );
+        // NBD_OPT_INFO must not promise what NBD_OPT_GO refuses.
+        let info = opt_info_reply(&c.nbd_socket(other), &format!("h{h}d0"));
+        assert_eq!(
+            info, REP_ERR_UNKNOWN,
+            "INFO on host {other} for host {h}'s disk"
+        );
+        assert_eq!(
+            opt_info_reply(&c.nbd_socket(h), &format!("h{h}d0")),
+            REP_ACK
         );
     }
     let hosts = c.json(1, &["hosts"]);

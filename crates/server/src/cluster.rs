@@ -503,7 +503,8 @@ impl EtcdCoordinator {
         Ok(existing.map_or(Creation::Vanished, Creation::Exists))
     }
 
-    fn may_write(&self) -> bool {
+    /// This appliance's lease cannot have ended: it may write to the pool.
+    pub fn may_write(&self) -> bool {
         let l = &self.lease;
         !l.lost.load(Ordering::SeqCst)
             && (l.base.elapsed().as_nanos() as u64) < l.deadline_ns.load(Ordering::SeqCst)

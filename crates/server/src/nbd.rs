@@ -176,10 +176,16 @@ impl Exports for StoreExports<'_> {
 
     /// A disk is described from its header, without opening it (so that
     /// `nbdinfo --list` on 15,376 disks does not open them all); a snapshot
-    /// is looked up.
+    /// is looked up. So is a disk in cluster mode when a GO could be
+    /// refused (without `--claim-wait`, or fenced): INFO must not promise
+    /// what GO then refuses.
     fn describe(&self, name: &str) -> Option<ExportInfo> {
         let export = DiskRef::split(name);
-        if export.snapshot.is_some() {
+        let go_may_refuse = self
+            .service
+            .cluster()
+            .is_some_and(|c| self.service.claim_wait().is_zero() || !c.may_write());
+        if export.snapshot.is_some() || go_may_refuse {
             return self.lookup(name);
         }
         let store = self.service.store();
