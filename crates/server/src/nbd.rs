@@ -230,24 +230,22 @@ pub async fn serve_connection<S>(
     let Some(handshaking) = handshake_slot() else {
         return;
     };
-    let negotiated = tokio::select! {
-        r = tokio::time::timeout(HANDSHAKE_TIMEOUT, negotiate(Box::new(stream), &service, &peer)) => match r {
-            Ok(Ok(Some(n))) => n,
-            Ok(Ok(None)) => return,
-            Ok(Err(e)) if e.kind() == io::ErrorKind::TimedOut => {
-                info!(%peer, "{e}; disconnecting");
-                return;
-            }
-            Ok(Err(e)) => {
-                debug!(%peer, "handshake ended: {e}");
-                return;
-            }
-            Err(_) => {
-                info!(%peer, "handshake timed out; disconnecting");
-                return;
-            }
-        },
-        _ = shutdown.changed() => return,
+    let negotiation = negotiate(Box::new(stream), &service, &peer, &mut shutdown);
+    let negotiated = match tokio::time::timeout(HANDSHAKE_TIMEOUT, negotiation).await {
+        Ok(Ok(Some(n))) => n,
+        Ok(Ok(None)) => return,
+        Ok(Err(e)) if e.kind() == io::ErrorKind::TimedOut => {
+            info!(%peer, "{e}; disconnecting");
+            return;
+        }
+        Ok(Err(e)) => {
+            debug!(%peer, "handshake ended: {e}");
+            return;
+        }
+        Err(_) => {
+            info!(%peer, "handshake timed out; disconnecting");
+            return;
+        }
     };
     drop(handshaking);
     let (negotiated, leftover, target, stream) = negotiated;
@@ -324,11 +322,14 @@ fn handshake_slot() -> Option<OwnedSemaphorePermit> {
 }
 
 /// Runs the handshake, upgrading `stream` to TLS when the client asks
-/// (and the policy allows). `Ok(None)`: the client left or aborted.
+/// (and the policy allows). Once `shutdown` turns true, every option gets
+/// `NBD_REP_ERR_SHUTDOWN` for [`SHUTDOWN_GRACE`], then the connection
+/// closes. `Ok(None)`: the client left or aborted.
 async fn negotiate(
     mut stream: Box<dyn ClientStream>,
     service: &Service,
     peer: &str,
+    shutdown: &mut watch::Receiver<bool>,
 ) -> io::Result<Option<Negotiation>> {
     let exports = StoreExports {
         service,
@@ -342,6 +343,8 @@ async fn negotiate(
     let mut input = Vec::new();
     let mut chunk = [0u8; 4096];
     let mut progress: Result<Progress, HandshakeError> = Ok(Progress::NeedInput);
+    // Set once the daemon is shutting down.
+    let mut closing_at = None;
     loop {
         if !out.is_empty() {
             within_idle(async {
@@ -377,7 +380,24 @@ async fn negotiate(
             }
             Err(e) => return Err(io::Error::new(io::ErrorKind::InvalidData, e.to_string())),
         }
-        let n = within_idle(stream.read(&mut chunk)).await?;
+        let n = if let Some(deadline) = closing_at {
+            match tokio::time::timeout_at(deadline, stream.read(&mut chunk)).await {
+                Ok(n) => n?,
+                Err(_) => return Ok(None),
+            }
+        } else {
+            tokio::select! {
+                n = within_idle(stream.read(&mut chunk)) => n?,
+                _ = shutdown.changed() => {
+                    handshake.shut_down();
+                    closing_at = Some(tokio::time::Instant::now() + SHUTDOWN_GRACE);
+                    // Options already received are answered now.
+                    out.clear();
+                    progress = handshake.receive(&mut input, &exports, &mut out);
+                    continue;
+                }
+            }
+        };
         if n == 0 {
             refused_without_tls(&handshake, tls.mode, peer);
             return Ok(None);
@@ -395,6 +415,10 @@ fn refused_without_tls(handshake: &Handshake, mode: TlsMode, peer: &str) {
         info!(%peer, "client left without starting TLS, which this server requires");
     }
 }
+
+/// How long a connection still negotiating when the daemon shuts down is
+/// told so (`NBD_REP_ERR_SHUTDOWN`) before it is closed.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(1);
 
 /// Runs one step of a handshake's I/O, failing after [`HANDSHAKE_IDLE`].
 async fn within_idle<T>(step: impl std::future::Future<Output = io::Result<T>>) -> io::Result<T> {

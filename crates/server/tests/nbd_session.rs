@@ -837,3 +837,32 @@ async fn every_flag_on_every_command_gets_the_reply_the_spec_asks_for() {
     }
     assert_eq!(checked, 2 * 2 * 7 * 16);
 }
+
+/// A daemon shutting down answers a client still negotiating with
+/// NBD_REP_ERR_SHUTDOWN (the spec's SHOULD), then closes the connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shutdown_during_negotiation_is_told_to_the_client() {
+    let f = fixture();
+    let mut s = f.raw();
+    let mut greeting = [0u8; 18];
+    s.read_exact(&mut greeting).await.unwrap();
+    s.write_all(&3u32.to_be_bytes()).await.unwrap();
+    let mut c = Client {
+        s,
+        reads: Default::default(),
+    };
+    c.option(proto::OPT_STRUCTURED_REPLY, &[]).await;
+    assert_eq!(c.option_reply().await.0, proto::REP_ACK);
+    f.shutdown.send(true).unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    c.option(proto::OPT_LIST, &[]).await;
+    assert_eq!(c.option_reply().await.0, proto::REP_ERR_SHUTDOWN);
+    // Then the connection closes, even if the client says nothing more.
+    let mut rest = Vec::new();
+    let closed = tokio::time::timeout(
+        std::time::Duration::from_secs(5),
+        c.s.read_to_end(&mut rest),
+    )
+    .await;
+    assert!(matches!(closed, Ok(Ok(0))), "{closed:?}");
+}

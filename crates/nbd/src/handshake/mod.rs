@@ -347,6 +347,8 @@ pub struct Handshake {
     meta_export: Option<String>,
     /// The session runs inside TLS.
     tls: bool,
+    /// The server is shutting down ([`Handshake::shut_down`]).
+    shutting_down: bool,
 }
 
 impl Handshake {
@@ -359,7 +361,16 @@ impl Handshake {
             structured_replies: false,
             meta_export: None,
             tls: false,
+            shutting_down: false,
         }
+    }
+
+    /// The server is shutting down: from now on every option but ABORT
+    /// gets `NBD_REP_ERR_SHUTDOWN` (`NBD_OPT_EXPORT_NAME`, which has no
+    /// error reply, ends the session), so that the client can leave
+    /// cleanly.
+    pub fn shut_down(&mut self) {
+        self.shutting_down = true;
     }
 
     /// Appends the server greeting (NBDMAGIC, IHAVEOPT, handshake flags
@@ -483,6 +494,16 @@ impl Handshake {
         exports: &dyn Exports,
         out: &mut Vec<u8>,
     ) -> Step {
+        if self.shutting_down {
+            return match option {
+                OPT_ABORT => self.option_any_tls(option, data, exports, out),
+                OPT_EXPORT_NAME => Step::Close,
+                _ => {
+                    reply_error(out, option, REP_ERR_SHUTDOWN, "the server is shutting down");
+                    Step::Continue
+                }
+            };
+        }
         if self.config.tls == TlsMode::Require && !self.tls {
             return match option {
                 OPT_STARTTLS | OPT_ABORT => self.option_any_tls(option, data, exports, out),

@@ -1239,3 +1239,26 @@ fn optional_tls_serves_plain_clients_as_before() {
     assert!(!n.tls);
     assert!(!kinds(&out).contains(&REP_ERR_TLS_REQD));
 }
+
+#[test]
+fn a_server_shutting_down_refuses_every_option_but_abort() {
+    let mut hs = Handshake::new(config());
+    let mut input = session(BOTH, &[opt(OPT_LIST, &[])]);
+    let mut out = Vec::new();
+    assert_eq!(
+        hs.receive(&mut input, &test_exports(), &mut out),
+        Ok(Progress::NeedInput)
+    );
+    hs.shut_down();
+    let options = [
+        opt(OPT_LIST, &[]),
+        opt(OPT_GO, &crate::proto::info_request("disk", &[])),
+        opt(OPT_STARTTLS, &[]),
+        opt(12, b"x"),
+    ];
+    let (result, out) = more(&mut hs, &options);
+    assert_eq!(result, Ok(Progress::NeedInput));
+    assert_eq!(kinds(&out), vec![REP_ERR_SHUTDOWN; options.len()]);
+    let (result, out) = more(&mut hs, &[opt(OPT_ABORT, &[])]);
+    assert_eq!((result, out), (Ok(Progress::Close), ack(OPT_ABORT)));
+}
