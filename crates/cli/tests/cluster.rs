@@ -1467,6 +1467,101 @@ fn appliances_in_network_namespaces() {
 /// once host 1's client flushed and went quiet, host 2's next write gets
 /// the disk with everything written before, and host 1's client's later
 /// writes are refused.
+/// NBD's multi-connection promise across a claim: a FLUSH on a connection
+/// of host 2 that never wrote (opened while host 1 held the disk, so it
+/// has no handle of its own) makes durable what another connection of
+/// host 2 wrote after asking for the disk. Host 1 then reads the pool's
+/// newest commit within the daemon's settle tick (1 s idle), so only the
+/// FLUSH can have put the write there.
+#[test]
+fn a_flush_on_a_connection_that_never_wrote_covers_what_another_claimed_and_wrote() {
+    if !have("etcd", "--version") || !have("qemu-io", "--version") {
+        return;
+    }
+    let c = Cluster::claiming(2, "3s", "3s");
+    c.ok(1, &["create", "vm", "--size", "8M"]);
+    let w = qemu_io(&c.uri(1, "vm"), &["write -P 0x41 0 4k".into()]);
+    assert!(w.status.success(), "host 1 writing vm: {}", text(&w));
+    // X: a raw client of host 2 that never writes (qemu-io skips a FLUSH
+    // when it wrote nothing).
+    let mut x = RawNbd::go(&c.nbd_socket(2), "vm");
+    let args = ["-f", "raw", "-t", "writeback"];
+    let (y, mut y_in, mut y_out) = qemu_io_interactive(&args, &c.uri(2, "vm"));
+    // A block never written: a new block, which only a commit links in
+    // (block 0, written by host 1, would be rewritten in place, where a
+    // reader of the commit sees it at once).
+    writeln!(y_in, "write -P 0x42 1M 4k").unwrap();
+    let mut y_said = read_until(&mut y_out, "wrote 4096/");
+    assert_eq!(c.json(2, &["info", "vm"])["writer"]["host_id"], 2);
+    let started = Instant::now();
+    assert_eq!(x.flush(), 0, "X's FLUSH failed");
+    let r = qemu_io_ro(&c.uri(1, "vm"), &["read -P 0x42 1M 4k".into()]);
+    let took = started.elapsed();
+    assert!(
+        r.status.success(),
+        "host 2's FLUSH left its other connection's write out of the pool's commit ({took:?} after it): {}",
+        text(&r)
+    );
+    if took >= Duration::from_secs(1) {
+        eprintln!("inconclusive: {took:?} after the FLUSH, the settle tick may have committed");
+    }
+    finish_interactive(y, y_in, y_out, &mut y_said);
+}
+
+/// A minimal NBD client on a Unix socket: negotiated with NBD_OPT_GO,
+/// simple replies; sends FLUSH.
+struct RawNbd(std::os::unix::net::UnixStream);
+
+impl RawNbd {
+    fn go(path: &std::path::Path, export: &str) -> RawNbd {
+        let mut s = std::os::unix::net::UnixStream::connect(path).expect("connect");
+        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        let mut greeting = [0u8; 18];
+        s.read_exact(&mut greeting).expect("greeting");
+        s.write_all(&3u32.to_be_bytes()).unwrap();
+        let mut data = (export.len() as u32).to_be_bytes().to_vec();
+        data.extend_from_slice(export.as_bytes());
+        data.extend_from_slice(&0u16.to_be_bytes());
+        let mut option = b"IHAVEOPT".to_vec();
+        option.extend_from_slice(&7u32.to_be_bytes()); // NBD_OPT_GO
+        option.extend_from_slice(&(data.len() as u32).to_be_bytes());
+        option.extend_from_slice(&data);
+        s.write_all(&option).unwrap();
+        loop {
+            let mut h = [0u8; 20];
+            s.read_exact(&mut h).expect("option reply");
+            let kind = u32::from_be_bytes(h[12..16].try_into().unwrap());
+            let len = u32::from_be_bytes(h[16..20].try_into().unwrap());
+            let mut rest = vec![0u8; len as usize];
+            s.read_exact(&mut rest).expect("option reply data");
+            match kind {
+                REP_ACK => return RawNbd(s),
+                3 => continue, // NBD_REP_INFO
+                other => panic!("NBD_OPT_GO for {export}: reply {other:#x}"),
+            }
+        }
+    }
+
+    /// Sends NBD_CMD_FLUSH; the reply's error.
+    fn flush(&mut self) -> u32 {
+        let mut req = 0x2560_9513u32.to_be_bytes().to_vec();
+        req.extend_from_slice(&0u16.to_be_bytes()); // flags
+        req.extend_from_slice(&3u16.to_be_bytes()); // NBD_CMD_FLUSH
+        req.extend_from_slice(&1u64.to_be_bytes()); // cookie
+        req.extend_from_slice(&0u64.to_be_bytes()); // offset
+        req.extend_from_slice(&0u32.to_be_bytes()); // length
+        self.0.write_all(&req).unwrap();
+        let mut reply = [0u8; 16];
+        self.0.read_exact(&mut reply).expect("FLUSH reply");
+        assert_eq!(
+            &reply[..4],
+            &0x6744_6698u32.to_be_bytes(),
+            "simple reply magic"
+        );
+        u32::from_be_bytes(reply[4..8].try_into().unwrap())
+    }
+}
+
 #[test]
 fn a_disk_follows_its_client_but_never_leaves_a_busy_one() {
     if !have("etcd", "--version") || !have("qemu-io", "--version") {
