@@ -16,14 +16,84 @@
 
 use crate::service::Service;
 use parallax_nbd::proto::Command;
-use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue};
+use prometheus_client::encoding::{
+    EncodeLabelSet, EncodeLabelValue, EncodeMetric, MetricEncoder, NoLabelSet,
+};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
-use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::metrics::{MetricType, TypedMetric};
 use prometheus_client::registry::Registry;
-use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
+
+/// Upper bound of the first latency bucket; bucket k ends at `FIRST << k`.
+const FIRST_BUCKET_NS: u64 = 16_000;
+/// Finite latency buckets: 16 µs .. 16.8 s (NBD requests on memory take
+/// microseconds, commits under load tens of milliseconds).
+const BUCKETS: usize = 21;
+
+/// A latency histogram that observes with two relaxed atomic adds and no
+/// lock (prometheus-client's `Histogram` takes a lock per observation: one
+/// per NBD request here). Buckets `16 µs × 2^k`, then +Inf.
+#[derive(Clone, Debug, Default)]
+pub struct Latency(Arc<LatencyCounts>);
+
+#[derive(Debug, Default)]
+struct LatencyCounts {
+    /// Observations per bucket (not cumulative); the last is +Inf.
+    buckets: [AtomicU64; BUCKETS + 1],
+    sum_ns: AtomicU64,
+}
+
+/// The bucket of an observation of `ns` nanoseconds: the first whose upper
+/// bound is at least `ns`.
+fn bucket_of(ns: u64) -> usize {
+    let over = ns.saturating_sub(1) / FIRST_BUCKET_NS;
+    ((u64::BITS - over.leading_zeros()) as usize).min(BUCKETS)
+}
+
+impl Latency {
+    pub fn observe(&self, d: Duration) {
+        let ns = u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
+        self.0.buckets[bucket_of(ns)].fetch_add(1, Ordering::Relaxed);
+        self.0.sum_ns.fetch_add(ns, Ordering::Relaxed);
+    }
+}
+
+impl TypedMetric for Latency {
+    const TYPE: MetricType = MetricType::Histogram;
+}
+
+impl EncodeMetric for Latency {
+    fn encode(&self, mut encoder: MetricEncoder) -> Result<(), std::fmt::Error> {
+        let counts: Vec<u64> = self
+            .0
+            .buckets
+            .iter()
+            .map(|b| b.load(Ordering::Relaxed))
+            .collect();
+        let buckets: Vec<(f64, u64)> = counts
+            .iter()
+            .enumerate()
+            .map(|(k, &n)| {
+                let bound = if k < BUCKETS {
+                    (FIRST_BUCKET_NS << k) as f64 / 1e9
+                } else {
+                    f64::MAX
+                };
+                (bound, n)
+            })
+            .collect();
+        let sum = self.0.sum_ns.load(Ordering::Relaxed) as f64 / 1e9;
+        encoder.encode_histogram::<NoLabelSet>(sum, counts.iter().sum(), &buckets, None)
+    }
+
+    fn metric_type(&self) -> MetricType {
+        Self::TYPE
+    }
+}
 
 /// An NBD operation, as a label value.
 #[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
@@ -78,7 +148,7 @@ struct OpMetrics {
     requests: Counter,
     errors: Counter,
     bytes: Counter,
-    seconds: Histogram,
+    seconds: Latency,
 }
 
 /// One connection's per-disk counters (`--metrics-per-disk`), looked up
@@ -100,7 +170,7 @@ pub struct Metrics {
     scheduled_taken: Counter,
     scheduled_deleted: Counter,
     commits: Counter,
-    commit_seconds: Histogram,
+    commit_seconds: Latency,
     capacity: Gauge,
     used: Gauge,
     disks: Gauge,
@@ -116,7 +186,7 @@ pub fn init(per_disk: bool) -> &'static Metrics {
         parallax_engine::observe::on_commit(|d| {
             if let Some(m) = GLOBAL.get() {
                 m.commits.inc();
-                m.commit_seconds.observe(d.as_secs_f64());
+                m.commit_seconds.observe(d);
             }
         });
         m
@@ -135,10 +205,7 @@ impl Metrics {
         let requests = Family::<OpLabels, Counter>::default();
         let errors = Family::<OpLabels, Counter>::default();
         let bytes = Family::<OpLabels, Counter>::default();
-        // 16 µs .. 16 s: NBD requests on memory take microseconds, commits
-        // under load tens of milliseconds.
-        let latency = || Histogram::new(exponential_buckets(16e-6, 2.0, 21));
-        let seconds = Family::<OpLabels, Histogram>::new_with_constructor(latency);
+        let seconds = Family::<OpLabels, Latency>::default();
         registry.register(
             "nbd_requests",
             "NBD requests answered, by operation",
@@ -182,7 +249,7 @@ impl Metrics {
             scheduled_taken: Counter::default(),
             scheduled_deleted: Counter::default(),
             commits: Counter::default(),
-            commit_seconds: latency(),
+            commit_seconds: Latency::default(),
             capacity: Gauge::default(),
             used: Gauge::default(),
             disks: Gauge::default(),
@@ -299,7 +366,7 @@ impl Metrics {
         };
         let m = &self.ops[i];
         m.requests.inc();
-        m.seconds.observe(elapsed.as_secs_f64());
+        m.seconds.observe(elapsed);
         if ok {
             m.bytes.inc_by(bytes);
         } else {
@@ -340,6 +407,39 @@ pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; cha
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn latencies_land_in_the_first_bucket_that_holds_them() {
+        assert_eq!(bucket_of(0), 0);
+        assert_eq!(bucket_of(16_000), 0);
+        assert_eq!(bucket_of(16_001), 1);
+        assert_eq!(bucket_of(32_000), 1);
+        assert_eq!(bucket_of(32_001), 2);
+        assert_eq!(bucket_of(FIRST_BUCKET_NS << 20), 20);
+        assert_eq!(bucket_of((FIRST_BUCKET_NS << 20) + 1), BUCKETS);
+        assert_eq!(bucket_of(u64::MAX), BUCKETS);
+        for ns in [1, 999, 16_000, 70_000, 5_000_000, 3_000_000_000] {
+            let k = bucket_of(ns);
+            assert!(ns <= FIRST_BUCKET_NS << k, "{ns} above bucket {k}");
+            assert!(
+                k == 0 || ns > FIRST_BUCKET_NS << (k - 1),
+                "{ns} fits bucket {}",
+                k - 1
+            );
+        }
+        let h = Latency::default();
+        h.observe(Duration::from_micros(20));
+        h.observe(Duration::from_micros(20));
+        h.observe(Duration::from_secs(60));
+        let mut registry = Registry::default();
+        registry.register("t", "test", h);
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+        assert!(text.contains("t_bucket{le=\"0.000016\"} 0"), "{text}");
+        assert!(text.contains("t_bucket{le=\"0.000032\"} 2"), "{text}");
+        assert!(text.contains("t_bucket{le=\"+Inf\"} 3"), "{text}");
+        assert!(text.contains("t_count 3"), "{text}");
+    }
 
     #[test]
     fn every_command_but_disc_has_its_series() {

@@ -145,13 +145,17 @@ impl Exports for StoreExports<'_> {
         let (target, info) = off_runtime(|| {
             let target = match open_target(self.service, name) {
                 Ok(t) => t,
-                Err(e @ (EngineError::Busy(_) | EngineError::Fenced(_))) => {
-                    if let Ok(mut r) = self.refused.lock() {
-                        *r = Some((name.to_string(), format!("export '{name}' refused: {e}")));
+                Err(e) => {
+                    if failures_to_log() {
+                        info!(export = %name, "export refused during negotiation: {e}");
+                    }
+                    if matches!(e, EngineError::Busy(_) | EngineError::Fenced(_)) {
+                        if let Ok(mut r) = self.refused.lock() {
+                            *r = Some((name.to_string(), format!("export '{name}' refused: {e}")));
+                        }
                     }
                     return None;
                 }
-                Err(_) => return None,
             };
             let info = match &target {
                 Some(t) => ExportInfo {
