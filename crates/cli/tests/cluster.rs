@@ -6,6 +6,7 @@
 use serde_json::Value;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpListener;
+use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::process::{Child, Command, Output, Stdio};
 use std::thread;
@@ -253,13 +254,11 @@ impl Cluster {
     }
 }
 
-const REP_ACK: u32 = 1;
-const REP_ERR_UNKNOWN: u32 = (1 << 31) + 6;
-
-/// Negotiates on the NBD socket `path` up to one `NBD_OPT_INFO` for
-/// `export`; the type of its final reply (`REP_ACK` or an error).
-fn opt_info_reply(path: &std::path::Path, export: &str) -> u32 {
-    let mut s = std::os::unix::net::UnixStream::connect(path).expect("connect");
+/// Connects to the NBD socket `path` and sends the client flags and one
+/// `NBD_OPT_INFO` or `NBD_OPT_GO` (`option`) for `export`: the socket, and
+/// the type of the option's final reply (`REP_ACK` or an error).
+fn nbd_option(path: &std::path::Path, option: u32, export: &str) -> (UnixStream, u32) {
+    let mut s = UnixStream::connect(path).expect("connect");
     s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
     let mut greeting = [0u8; 18];
     s.read_exact(&mut greeting).expect("greeting");
@@ -267,11 +266,11 @@ fn opt_info_reply(path: &std::path::Path, export: &str) -> u32 {
     let mut data = (export.len() as u32).to_be_bytes().to_vec();
     data.extend_from_slice(export.as_bytes());
     data.extend_from_slice(&0u16.to_be_bytes());
-    let mut option = b"IHAVEOPT".to_vec();
-    option.extend_from_slice(&6u32.to_be_bytes()); // NBD_OPT_INFO
-    option.extend_from_slice(&(data.len() as u32).to_be_bytes());
-    option.extend_from_slice(&data);
-    s.write_all(&option).unwrap();
+    let mut message = b"IHAVEOPT".to_vec();
+    message.extend_from_slice(&option.to_be_bytes());
+    message.extend_from_slice(&(data.len() as u32).to_be_bytes());
+    message.extend_from_slice(&data);
+    s.write_all(&message).unwrap();
     loop {
         let mut h = [0u8; 20];
         s.read_exact(&mut h).expect("option reply");
@@ -279,11 +278,22 @@ fn opt_info_reply(path: &std::path::Path, export: &str) -> u32 {
         let len = u32::from_be_bytes(h[16..20].try_into().unwrap());
         let mut rest = vec![0u8; len as usize];
         s.read_exact(&mut rest).expect("option reply data");
-        if kind != 3 {
-            // Not NBD_REP_INFO: the final reply.
-            return kind;
+        if kind != REP_INFO {
+            return (s, kind);
         }
     }
+}
+
+const REP_ACK: u32 = 1;
+const REP_INFO: u32 = 3;
+const REP_ERR_UNKNOWN: u32 = (1 << 31) + 6;
+const OPT_INFO: u32 = 6;
+const OPT_GO: u32 = 7;
+
+/// The type of the final reply to `NBD_OPT_INFO` for `export` on the NBD
+/// socket `path`.
+fn opt_info_reply(path: &std::path::Path, export: &str) -> u32 {
+    nbd_option(path, OPT_INFO, export).1
 }
 
 fn text(o: &Output) -> String {
@@ -1510,36 +1520,13 @@ fn a_flush_on_a_connection_that_never_wrote_covers_what_another_claimed_and_wrot
 
 /// A minimal NBD client on a Unix socket: negotiated with NBD_OPT_GO,
 /// simple replies; sends FLUSH.
-struct RawNbd(std::os::unix::net::UnixStream);
+struct RawNbd(UnixStream);
 
 impl RawNbd {
     fn go(path: &std::path::Path, export: &str) -> RawNbd {
-        let mut s = std::os::unix::net::UnixStream::connect(path).expect("connect");
-        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-        let mut greeting = [0u8; 18];
-        s.read_exact(&mut greeting).expect("greeting");
-        s.write_all(&3u32.to_be_bytes()).unwrap();
-        let mut data = (export.len() as u32).to_be_bytes().to_vec();
-        data.extend_from_slice(export.as_bytes());
-        data.extend_from_slice(&0u16.to_be_bytes());
-        let mut option = b"IHAVEOPT".to_vec();
-        option.extend_from_slice(&7u32.to_be_bytes()); // NBD_OPT_GO
-        option.extend_from_slice(&(data.len() as u32).to_be_bytes());
-        option.extend_from_slice(&data);
-        s.write_all(&option).unwrap();
-        loop {
-            let mut h = [0u8; 20];
-            s.read_exact(&mut h).expect("option reply");
-            let kind = u32::from_be_bytes(h[12..16].try_into().unwrap());
-            let len = u32::from_be_bytes(h[16..20].try_into().unwrap());
-            let mut rest = vec![0u8; len as usize];
-            s.read_exact(&mut rest).expect("option reply data");
-            match kind {
-                REP_ACK => return RawNbd(s),
-                3 => continue, // NBD_REP_INFO
-                other => panic!("NBD_OPT_GO for {export}: reply {other:#x}"),
-            }
-        }
+        let (s, kind) = nbd_option(path, OPT_GO, export);
+        assert_eq!(kind, REP_ACK, "NBD_OPT_GO for {export}");
+        RawNbd(s)
     }
 
     /// Sends NBD_CMD_FLUSH; the reply's error.
