@@ -171,14 +171,14 @@ pub fn serve(ctx: &Context, flags: ServeFlags) -> Result<()> {
         socket_group,
         cluster,
         list_snapshots,
-        tls: NbdTls::load(
+        tls: std::sync::Arc::new(NbdTls::load(
             tls,
             &TlsFiles {
                 cert: tls_cert,
                 key: tls_key,
                 ca: tls_ca,
             },
-        )?,
+        )?),
         metrics_listen,
         metrics_per_disk,
         control_group,

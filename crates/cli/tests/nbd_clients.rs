@@ -3518,3 +3518,43 @@ fn serve_tells_systemd_when_it_is_ready_and_when_it_stops() {
     let said = String::from_utf8_lossy(&buf[..n]).to_string();
     assert!(said.lines().any(|l| l == "STOPPING=1"), "{said}");
 }
+
+#[test]
+fn tls_credentials_are_reloaded_on_sighup_and_a_bad_reload_changes_nothing() {
+    if !have_tools() {
+        return;
+    }
+    let (d, pki) = tls_daemon("require", true);
+    d.ok(&["create", "D", "--size", "16M"]);
+    let works = |pki: &Path| {
+        run(tool("nbdinfo", &["--is", "tls", &tls_uri(&d, pki, "D", "client")]))
+            .status
+            .success()
+    };
+    // A second PKI: another CA, its server certificate and its client.
+    let next = tempfile::tempdir().expect("tempdir");
+    make_pki(next.path());
+    assert!(works(&pki));
+    assert!(!works(next.path()), "a client of the next CA got in early");
+    for f in ["server-cert.pem", "server-key.pem", "ca-cert.pem"] {
+        fs::copy(next.path().join(f), pki.join(f)).unwrap();
+    }
+    let wait_log = |what: &str, n: usize| {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while d.log().matches(what).count() < n {
+            assert!(Instant::now() < deadline, "no {what:?} in the log:\n{}", d.log());
+            thread::sleep(Duration::from_millis(20));
+        }
+    };
+    signal(d.pid(), "HUP");
+    wait_log("TLS credentials reloaded", 1);
+    assert!(works(next.path()), "the new credentials are not in use");
+    assert!(!works(&pki), "the old CA's client still gets in");
+    // A key that cannot be read: the reload fails, the credentials stay.
+    fs::write(pki.join("server-key.pem"), "not a key").unwrap();
+    signal(d.pid(), "HUP");
+    wait_log("TLS credentials not reloaded", 1);
+    assert!(works(next.path()), "a failed reload broke TLS");
+    drop(d);
+    let _ = fs::remove_dir_all(&pki);
+}

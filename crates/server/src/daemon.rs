@@ -49,7 +49,7 @@ pub struct ServeOptions {
     /// `NBD_OPT_LIST` lists snapshot exports too.
     pub list_snapshots: bool,
     /// NBD over TLS.
-    pub tls: crate::tls::NbdTls,
+    pub tls: Arc<crate::tls::NbdTls>,
     /// Also serve `GET /metrics` on this TCP address.
     pub metrics_listen: Option<SocketAddr>,
     /// Metrics by disk too (a series per disk and operation).
@@ -525,6 +525,7 @@ async fn serve(options: &ServeOptions, service: Arc<Service>) -> Result<()> {
         .cluster()
         .is_some()
         .then(|| tokio::spawn(yield_requested(service.clone())));
+    let reloader = tokio::spawn(reload_tls_on_hangup(options.tls.clone()));
     info!(
         store = %options.store_path.display(),
         nbd_tcp = ?tcp_addr,
@@ -541,7 +542,7 @@ async fn serve(options: &ServeOptions, service: Arc<Service>) -> Result<()> {
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
     info!("shutting down: no new connections or requests; finishing those in flight");
     settler.abort();
-    for t in taker.into_iter().chain(yielder) {
+    for t in taker.into_iter().chain(yielder).chain([reloader]) {
         t.abort();
     }
     let _ = shutdown_tx.send(true);
@@ -559,6 +560,27 @@ async fn serve(options: &ServeOptions, service: Arc<Service>) -> Result<()> {
         let _ = std::fs::remove_file(path);
     }
     Ok(())
+}
+
+/// SIGHUP: the TLS certificate, key and CA files are read again (see
+/// [`crate::tls`]); a failure is logged and changes nothing.
+async fn reload_tls_on_hangup(tls: Arc<crate::tls::NbdTls>) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let Ok(mut hangups) = signal(SignalKind::hangup()) else {
+        warn!("cannot handle SIGHUP: TLS credentials are not reloadable");
+        return;
+    };
+    while hangups.recv().await.is_some() {
+        let tls = tls.clone();
+        match tokio::task::spawn_blocking(move || tls.reload()).await {
+            Ok(Ok(())) => info!("SIGHUP: TLS credentials reloaded"),
+            Ok(Err(e)) => warn!(
+                "SIGHUP: TLS credentials not reloaded (the old ones stay): {}",
+                crate::one_line(&e)
+            ),
+            Err(e) => warn!("SIGHUP: TLS reload failed: {e}"),
+        }
+    }
 }
 
 async fn wait_for_signal() -> Result<()> {

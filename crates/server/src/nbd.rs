@@ -360,7 +360,7 @@ async fn negotiate(
         match progress {
             Ok(Progress::NeedInput) => {}
             Ok(Progress::StartTls) => {
-                let Some(acceptor) = &tls.acceptor else {
+                let Some(acceptor) = tls.acceptor() else {
                     return Err(io::Error::other(
                         "STARTTLS accepted without TLS credentials",
                     ));

@@ -60,7 +60,7 @@ pub struct Service {
     /// `NBD_OPT_LIST` lists every snapshot export too (`--list-snapshots`).
     list_snapshots: bool,
     /// NBD over TLS (`--tls`).
-    tls: crate::tls::NbdTls,
+    tls: Arc<crate::tls::NbdTls>,
 }
 
 /// Shortest schedule interval accepted.
@@ -98,12 +98,12 @@ impl Service {
             gc_progress: Mutex::new(None),
             cluster: None,
             list_snapshots: false,
-            tls: crate::tls::NbdTls::off(),
+            tls: Arc::new(crate::tls::NbdTls::off()),
         }
     }
 
     /// NBD clients may, or must, use TLS.
-    pub fn with_tls(mut self, tls: crate::tls::NbdTls) -> Service {
+    pub fn with_tls(mut self, tls: Arc<crate::tls::NbdTls>) -> Service {
         self.tls = tls;
         self
     }

@@ -12,7 +12,10 @@
 //! - External PSK (QEMU's `tls-creds-psk`, libnbd's `tls-psk-file`) is not
 //!   offered: rustls does not implement it.
 //!
-//! Certificates are read once, at startup; changing them needs a restart.
+//! Certificates are read at startup and again on SIGHUP
+//! ([`NbdTls::reload`]): new connections get the new ones, connections
+//! already in TLS keep their session; a reload that fails keeps the old
+//! credentials. The mode cannot change without a restart.
 
 use anyhow::{bail, Context, Result};
 pub use parallax_nbd::handshake::TlsMode;
@@ -34,13 +37,14 @@ pub struct TlsFiles {
 }
 
 /// The daemon's TLS policy and, unless it is off, what runs the sessions.
-#[derive(Clone)]
 pub struct NbdTls {
     pub mode: TlsMode,
-    /// Present exactly when `mode` is not `Off`.
-    pub acceptor: Option<TlsAcceptor>,
+    /// Present exactly when `mode` is not `Off`; replaced by a reload.
+    acceptor: parking_lot::RwLock<Option<TlsAcceptor>>,
     /// Clients must present a certificate.
     pub verifies_clients: bool,
+    /// Where the credentials were read from, for [`NbdTls::reload`].
+    files: TlsFiles,
 }
 
 impl NbdTls {
@@ -48,9 +52,26 @@ impl NbdTls {
     pub fn off() -> NbdTls {
         NbdTls {
             mode: TlsMode::Off,
-            acceptor: None,
+            acceptor: parking_lot::RwLock::new(None),
             verifies_clients: false,
+            files: TlsFiles::default(),
         }
+    }
+
+    /// What runs a TLS session now (`None` with TLS off).
+    pub fn acceptor(&self) -> Option<TlsAcceptor> {
+        self.acceptor.read().clone()
+    }
+
+    /// Reads the certificate, key and CA files again; on success, new TLS
+    /// sessions use them. On failure nothing changes.
+    pub fn reload(&self) -> Result<()> {
+        if self.mode == TlsMode::Off {
+            bail!("TLS is off");
+        }
+        let acceptor = acceptor(&self.files)?;
+        *self.acceptor.write() = Some(acceptor);
+        Ok(())
     }
 
     /// The policy for `mode` (`None`: `require` when a certificate is
@@ -67,46 +88,11 @@ impl NbdTls {
             }
             return Ok(NbdTls::off());
         }
-        let (Some(cert), Some(key)) = (&files.cert, &files.key) else {
-            bail!("TLS needs both --tls-cert and --tls-key");
-        };
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
-            .with_safe_default_protocol_versions()
-            .context("TLS protocol versions")?;
-        let builder = match &files.ca {
-            Some(ca) => {
-                let mut roots = rustls::RootCertStore::empty();
-                for c in read_certs(ca)? {
-                    roots
-                        .add(c)
-                        .with_context(|| format!("bad CA certificate in {}", ca.display()))?;
-                }
-                let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
-                    Arc::new(roots),
-                    provider,
-                )
-                .build()
-                .with_context(|| format!("cannot verify clients with {}", ca.display()))?;
-                builder.with_client_cert_verifier(verifier)
-            }
-            None => builder.with_no_client_auth(),
-        };
-        let key_der = PrivateKeyDer::from_pem_file(key)
-            .with_context(|| format!("cannot read a private key from {}", key.display()))?;
-        let config = builder
-            .with_single_cert(read_certs(cert)?, key_der)
-            .with_context(|| {
-                format!(
-                    "certificate {} and key {} do not make a server identity",
-                    cert.display(),
-                    key.display()
-                )
-            })?;
         Ok(NbdTls {
             mode,
-            acceptor: Some(TlsAcceptor::from(Arc::new(config))),
+            acceptor: parking_lot::RwLock::new(Some(acceptor(files)?)),
             verifies_clients: files.ca.is_some(),
+            files: files.clone(),
         })
     }
 
@@ -114,6 +100,47 @@ impl NbdTls {
     pub fn mode_name(&self) -> &'static str {
         mode_name(self.mode)
     }
+}
+
+/// A TLS server for the credentials in `files`.
+fn acceptor(files: &TlsFiles) -> Result<TlsAcceptor> {
+    let (Some(cert), Some(key)) = (&files.cert, &files.key) else {
+        bail!("TLS needs both --tls-cert and --tls-key");
+    };
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .context("TLS protocol versions")?;
+    let builder = match &files.ca {
+        Some(ca) => {
+            let mut roots = rustls::RootCertStore::empty();
+            for c in read_certs(ca)? {
+                roots
+                    .add(c)
+                    .with_context(|| format!("bad CA certificate in {}", ca.display()))?;
+            }
+            let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+                Arc::new(roots),
+                provider,
+            )
+            .build()
+            .with_context(|| format!("cannot verify clients with {}", ca.display()))?;
+            builder.with_client_cert_verifier(verifier)
+        }
+        None => builder.with_no_client_auth(),
+    };
+    let key_der = PrivateKeyDer::from_pem_file(key)
+        .with_context(|| format!("cannot read a private key from {}", key.display()))?;
+    let config = builder
+        .with_single_cert(read_certs(cert)?, key_der)
+        .with_context(|| {
+            format!(
+                "certificate {} and key {} do not make a server identity",
+                cert.display(),
+                key.display()
+            )
+        })?;
+    Ok(TlsAcceptor::from(Arc::new(config)))
 }
 
 /// `off`, `optional` or `require`.
