@@ -4,25 +4,38 @@
 //! outcome as feeding the whole stream at once.
 //!
 //! Input: one byte that drives the chunking (255: one chunk; otherwise
-//! chunks of 1..=byte+1 bytes from a small xorshift sequence seeded by it),
-//! then the client stream. Seeds: `crates/nbd/tests/fuzz_seeds.rs`.
+//! chunks of 1..=byte+1 bytes from a small xorshift sequence seeded by it)
+//! and the TLS mode (byte % 3: off, optional, require), then the client
+//! stream. After `StartTls` the stream goes on as if inside TLS. Seeds:
+//! `crates/nbd/tests/fuzz_seeds.rs`.
+//!
+//! The outcome may depend on the cuts in one case only: bytes already
+//! received behind `NBD_OPT_STARTTLS` are refused, bytes arriving after it
+//! are not (the server cannot tell them apart from bytes sent inside TLS),
+//! so streams that reach STARTTLS are not compared across cuts.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
 use parallax_nbd::handshake::*;
 use parallax_nbd::proto::*;
 
-fn config() -> Config {
+fn config(tls: TlsMode) -> Config {
     Config {
         max_option_len: 8192,
+        tls,
         ..Config::default()
     }
 }
 
+/// What a run gives: the outcome, the output, the bytes not consumed, and
+/// whether STARTTLS was accepted or refused for data behind it.
+type Run = (Result<Progress, HandshakeError>, Vec<u8>, Vec<u8>, bool);
+
 /// Feeds `stream` in chunks; returns the outcome, the output, and every
 /// byte not consumed by the handshake (left in input, then never fed).
-fn negotiate(stream: &[u8], split: u8) -> (Result<Progress, HandshakeError>, Vec<u8>, Vec<u8>) {
-    let mut hs = Handshake::new(config());
+fn negotiate(stream: &[u8], split: u8, tls: TlsMode) -> Run {
+    let mut hs = Handshake::new(config(tls));
+    let mut started_tls = false;
     let mut input = Vec::new();
     let mut out = Vec::new();
     let mut fed = 0;
@@ -49,7 +62,11 @@ fn negotiate(stream: &[u8], split: u8) -> (Result<Progress, HandshakeError>, Vec
             "out {} for {consumed} in",
             out.len()
         );
-        if result != Ok(Progress::NeedInput) {
+        if result == Ok(Progress::StartTls) {
+            assert_ne!(tls, TlsMode::Off);
+            assert!(hs.in_tls() && !hs.is_finished());
+            started_tls = true;
+        } else if result != Ok(Progress::NeedInput) {
             assert!(hs.is_finished());
             let mut more = vec![0; 16];
             assert_eq!(
@@ -63,17 +80,26 @@ fn negotiate(stream: &[u8], split: u8) -> (Result<Progress, HandshakeError>, Vec
         }
     };
     input.extend_from_slice(&stream[fed..]);
-    (result, out, input)
+    started_tls |= result == Err(HandshakeError::DataAfterStartTls);
+    (result, out, input, started_tls)
 }
 
 fuzz_target!(|data: &[u8]| {
     let Some((&split, stream)) = data.split_first() else {
         return;
     };
-    let (result, out, rest) = negotiate(stream, split);
-    if split != 255 {
+    let tls = [TlsMode::Off, TlsMode::Optional, TlsMode::Require][usize::from(split % 3)];
+    let (result, out, rest, started_tls) = negotiate(stream, split, tls);
+    if split != 255 && !started_tls {
         // However the stream was cut, the outcome is the same.
-        assert_eq!(negotiate(stream, 255), (result.clone(), out, rest.clone()));
+        let whole = negotiate(stream, 255, tls);
+        if !whole.3 {
+            assert_eq!(whole, (result.clone(), out, rest.clone(), false));
+        }
+    }
+    if let Ok(Progress::Done(n)) = &result {
+        // Under `require`, nothing is chosen outside TLS.
+        assert!(tls != TlsMode::Require || n.tls);
     }
     let Ok(Progress::Done(negotiated)) = result else {
         return;
