@@ -3527,9 +3527,12 @@ fn tls_credentials_are_reloaded_on_sighup_and_a_bad_reload_changes_nothing() {
     let (d, pki) = tls_daemon("require", true);
     d.ok(&["create", "D", "--size", "16M"]);
     let works = |pki: &Path| {
-        run(tool("nbdinfo", &["--is", "tls", &tls_uri(&d, pki, "D", "client")]))
-            .status
-            .success()
+        run(tool(
+            "nbdinfo",
+            &["--is", "tls", &tls_uri(&d, pki, "D", "client")],
+        ))
+        .status
+        .success()
     };
     // A second PKI: another CA, its server certificate and its client.
     let next = tempfile::tempdir().expect("tempdir");
@@ -3542,7 +3545,11 @@ fn tls_credentials_are_reloaded_on_sighup_and_a_bad_reload_changes_nothing() {
     let wait_log = |what: &str, n: usize| {
         let deadline = Instant::now() + Duration::from_secs(10);
         while d.log().matches(what).count() < n {
-            assert!(Instant::now() < deadline, "no {what:?} in the log:\n{}", d.log());
+            assert!(
+                Instant::now() < deadline,
+                "no {what:?} in the log:\n{}",
+                d.log()
+            );
             thread::sleep(Duration::from_millis(20));
         }
     };

@@ -105,28 +105,64 @@ pub struct ExportBody {
 pub async fn serve(
     listener: UnixListener,
     state: Arc<ControlState>,
-    mut shutdown: watch::Receiver<bool>,
+    shutdown: watch::Receiver<bool>,
 ) {
+    let handler = move |req| handle(state.clone(), req);
+    serve_http(listener, "control socket", shutdown, handler).await
+}
+
+/// A listener whose connections speak HTTP/1.
+trait HttpListener: Send {
+    type Stream: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static;
+    fn next(&self) -> impl std::future::Future<Output = std::io::Result<Self::Stream>> + Send;
+}
+
+impl HttpListener for UnixListener {
+    type Stream = tokio::net::UnixStream;
+    async fn next(&self) -> std::io::Result<Self::Stream> {
+        self.accept().await.map(|(s, _)| s)
+    }
+}
+
+impl HttpListener for tokio::net::TcpListener {
+    type Stream = tokio::net::TcpStream;
+    async fn next(&self) -> std::io::Result<Self::Stream> {
+        self.accept().await.map(|(s, _)| s)
+    }
+}
+
+/// Serves HTTP/1 on `listener` with `handler` until `shutdown` turns
+/// true; `what` names the listener in the log.
+async fn serve_http<L, H, F>(
+    listener: L,
+    what: &'static str,
+    mut shutdown: watch::Receiver<bool>,
+    handler: H,
+) where
+    L: HttpListener,
+    H: Fn(Request<Incoming>) -> F + Clone + Send + Sync + 'static,
+    F: std::future::Future<Output = Result<Response<Full<Bytes>>, Infallible>> + Send + 'static,
+{
     loop {
         let stream = tokio::select! {
-            r = listener.accept() => match r {
-                Ok((s, _)) => s,
+            r = listener.next() => match r {
+                Ok(s) => s,
                 Err(e) => {
-                    warn!("control socket accept failed: {e}");
+                    warn!("{what} accept failed: {e}");
                     tokio::time::sleep(std::time::Duration::from_millis(50)).await;
                     continue;
                 }
             },
             _ = shutdown.changed() => return,
         };
-        let state = state.clone();
+        let handler = handler.clone();
         tokio::spawn(async move {
-            let service = hyper::service::service_fn(move |req| handle(state.clone(), req));
+            let service = hyper::service::service_fn(handler);
             if let Err(e) = hyper::server::conn::http1::Builder::new()
                 .serve_connection(TokioIo::new(stream), service)
                 .await
             {
-                debug!("control connection ended: {e}");
+                debug!("{what} connection ended: {e}");
             }
         });
     }
@@ -160,44 +196,23 @@ pub async fn metrics_response(service: Arc<Service>) -> Response<Full<Bytes>> {
 pub async fn serve_metrics(
     listener: tokio::net::TcpListener,
     service: Arc<Service>,
-    mut shutdown: watch::Receiver<bool>,
+    shutdown: watch::Receiver<bool>,
 ) {
-    loop {
-        let stream = tokio::select! {
-            r = listener.accept() => match r {
-                Ok((s, _)) => s,
-                Err(e) => {
-                    warn!("metrics port accept failed: {e}");
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-            _ = shutdown.changed() => return,
-        };
+    let handler = move |req: Request<Incoming>| {
         let service = service.clone();
-        tokio::spawn(async move {
-            let handler = hyper::service::service_fn(move |req: Request<Incoming>| {
-                let service = service.clone();
-                async move {
-                    if req.method() == Method::GET && req.uri().path() == "/metrics" {
-                        Ok::<_, Infallible>(metrics_response(service).await)
-                    } else {
-                        let mut r = Response::new(Full::new(Bytes::from_static(
-                            b"only GET /metrics is served here\n",
-                        )));
-                        *r.status_mut() = StatusCode::NOT_FOUND;
-                        Ok(r)
-                    }
-                }
-            });
-            if let Err(e) = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), handler)
-                .await
-            {
-                debug!("metrics connection ended: {e}");
+        async move {
+            if req.method() == Method::GET && req.uri().path() == "/metrics" {
+                Ok::<_, Infallible>(metrics_response(service).await)
+            } else {
+                let mut r = Response::new(Full::new(Bytes::from_static(
+                    b"only GET /metrics is served here\n",
+                )));
+                *r.status_mut() = StatusCode::NOT_FOUND;
+                Ok(r)
             }
-        });
-    }
+        }
+    };
+    serve_http(listener, "metrics port", shutdown, handler).await
 }
 
 fn error_response(e: &ApiError) -> Response<Full<Bytes>> {
