@@ -179,6 +179,18 @@ impl Cluster {
         self.dir.path().join(format!("n{h}.sock"))
     }
 
+    /// Appliance `h`'s metric `name` (a sample without labels) from
+    /// `GET /metrics` on its control socket.
+    fn metric(&self, h: u64, name: &str) -> f64 {
+        let mut s = UnixStream::connect(self.control(h)).expect("control socket");
+        write!(s, "GET /metrics HTTP/1.0\r\nHost: parallax\r\n\r\n").unwrap();
+        let mut page = String::new();
+        s.read_to_string(&mut page).unwrap();
+        page.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in host {h}'s metrics:\n{page}"))
+    }
+
     fn command(&self, h: u64, args: &[&str]) -> Command {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_parallax"));
         cmd.arg("--store")
@@ -856,6 +868,7 @@ fn a_dead_appliances_disk_is_taken_over_with_every_acknowledged_write() {
     let killed = Instant::now();
     let t = c.json(2, &["takeover", "w"]);
     assert_eq!(t["taken_over"], true, "{t}");
+    assert_eq!(c.metric(2, "parallax_cluster_disks_taken_over_total"), 1.0);
     eprintln!(
         "killed after {} acknowledged writes; host 2 took over in {:?}: {t}",
         acked.len(),
@@ -1616,6 +1629,10 @@ fn a_disk_follows_its_client_but_never_leaves_a_busy_one() {
     let info = c.json(2, &["info", "vm"]);
     assert_eq!(info["writer"]["host_id"], 2, "{info}");
     assert_eq!(info["writer"]["here"], true, "{info}");
+    assert_eq!(c.metric(1, "parallax_cluster_disks_given_total"), 1.0);
+    assert_eq!(c.metric(2, "parallax_cluster_disks_claimed_total"), 1.0);
+    assert_eq!(c.metric(2, "parallax_cluster_disks_given_total"), 0.0);
+    assert_eq!(c.metric(2, "parallax_cluster_may_write"), 1.0);
 
     // Host 1's client: its later writes are refused.
     writeln!(stdin, "write -P 0x44 12k 4k").unwrap();

@@ -165,6 +165,7 @@ fn take_over_scan(service: &Service, cluster: &EtcdCoordinator, live: &HashSet<u
             for name in batch {
                 s.spawn(move || match store.take_over(name, Duration::ZERO, grace) {
                     Ok((vdi, r)) if r.taken_over => {
+                        crate::metrics::global().disk_taken_over();
                         info!(
                             disk = %name,
                             from_host = r.from_host,

@@ -7,6 +7,8 @@
 //! - Snapshots taken and deleted by schedules; commits written and their
 //!   latency (from the engine's hook, [`parallax_engine::observe`]).
 //! - The store's capacity and use, read when scraped.
+//! - Cluster mode: disks given to other appliances, obtained by asking,
+//!   taken over; whether the lease allows writing, and its incarnation.
 //! - Per-disk request and byte counts only with `--metrics-per-disk`: a
 //!   label per disk multiplies the series (Ceph keeps its per-image
 //!   metrics off by default for the same reason).
@@ -174,6 +176,11 @@ pub struct Metrics {
     capacity: Gauge,
     used: Gauge,
     disks: Gauge,
+    given: Counter,
+    claimed: Counter,
+    taken_over: Counter,
+    may_write: Gauge,
+    incarnation: Gauge,
 }
 
 static GLOBAL: OnceLock<Metrics> = OnceLock::new();
@@ -253,6 +260,11 @@ impl Metrics {
             capacity: Gauge::default(),
             used: Gauge::default(),
             disks: Gauge::default(),
+            given: Counter::default(),
+            claimed: Counter::default(),
+            taken_over: Counter::default(),
+            may_write: Gauge::default(),
+            incarnation: Gauge::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -313,6 +325,31 @@ impl Metrics {
             m.used.clone(),
         );
         registry.register("disks", "Disks in the store", m.disks.clone());
+        registry.register(
+            "cluster_disks_given",
+            "Disks this appliance handed to another (by `handoff` or because it asked)",
+            m.given.clone(),
+        );
+        registry.register(
+            "cluster_disks_claimed",
+            "Disks this appliance obtained by asking for them (a client wrote here)",
+            m.claimed.clone(),
+        );
+        registry.register(
+            "cluster_disks_taken_over",
+            "Disks this appliance took over from one that left without letting them go",
+            m.taken_over.clone(),
+        );
+        registry.register(
+            "cluster_may_write",
+            "1 while this appliance's etcd lease allows it to write, 0 when fenced (cluster mode)",
+            m.may_write.clone(),
+        );
+        registry.register(
+            "cluster_lease_incarnation",
+            "Which lease this appliance is on; grows with each new lease after a lost one",
+            m.incarnation.clone(),
+        );
         Metrics { registry, ..m }
     }
 
@@ -386,8 +423,28 @@ impl Metrics {
         self.scheduled_deleted.inc_by(deleted);
     }
 
+    /// Cluster mode: a disk was handed to another appliance.
+    pub fn disk_given(&self) {
+        self.given.inc();
+    }
+
+    /// Cluster mode: a disk asked for was obtained.
+    pub fn disk_claimed(&self) {
+        self.claimed.inc();
+    }
+
+    /// Cluster mode: a disk was taken over.
+    pub fn disk_taken_over(&self) {
+        self.taken_over.inc();
+    }
+
     /// The metrics as text, with the store's figures read now.
     pub fn render(&self, service: &Service) -> String {
+        if let Some(c) = service.cluster() {
+            let status = c.status();
+            self.may_write.set(i64::from(status.may_write));
+            self.incarnation.set(status.incarnation as i64);
+        }
         let stats = service.store().stats();
         self.capacity.set(stats.capacity_bytes as i64);
         self.used.set(stats.used_bytes as i64);

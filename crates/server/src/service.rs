@@ -200,7 +200,11 @@ impl Service {
     /// holds it and waiting up to [`Service::claim_wait`] (see
     /// `Store::claim`); its schedule then runs here.
     pub fn claim(&self, name: &str) -> Result<Vdi, parallax_engine::Error> {
+        let held_here = self.store.open_if_held(name)?.is_some();
         let vdi = self.store.claim(name, self.claim_wait())?;
+        if !held_here {
+            crate::metrics::global().disk_claimed();
+        }
         if let Some(s) = &self.scheduler {
             s.refresh(&vdi);
         }
@@ -216,6 +220,7 @@ impl Service {
         };
         for (name, r) in self.store.yield_requested(c.options().yield_quiet)? {
             tracing::info!(disk = %name, to = r.to, epoch = r.epoch, took_ms = r.took.as_millis() as u64, "gave the disk to the appliance that asked for it");
+            crate::metrics::global().disk_given();
             if let (Some(s), Ok(info)) = (&self.scheduler, self.store.peek_info(&name)) {
                 s.stop(info.id);
             }
@@ -596,6 +601,7 @@ impl Api for Service {
             }
         }
         let r = self.store.hand_off(disk, to)?;
+        crate::metrics::global().disk_given();
         if let (Some(s), Ok(info)) = (&self.scheduler, self.store.peek_info(disk)) {
             // Its schedule runs where the disk is now.
             s.stop(info.id);
@@ -620,6 +626,9 @@ impl Api for Service {
         let wait = options.lease_ttl + Duration::from_secs(5);
         self.change(|store| {
             let (vdi, r) = store.take_over(disk, wait, options.takeover_grace)?;
+            if r.taken_over {
+                crate::metrics::global().disk_taken_over();
+            }
             if let Some(s) = &self.scheduler {
                 s.refresh(&vdi);
             }
