@@ -3408,6 +3408,13 @@ fn metrics_count_requests_errors_commits_and_schedules() {
     assert!(get("parallax_store_used_bytes") >= MIB as f64);
     assert_eq!(get("parallax_disks"), 1.0);
 
+    // Deleting the snapshot takes its series away; the disk's stay.
+    d.ok(&["delete", "D@s"]);
+    let control = UnixStream::connect(d.cli.control_path()).expect("control socket");
+    let (_, page) = http_get(control, "/metrics");
+    assert!(!page.contains("disk=\"D@s\""), "{page}");
+    assert!(page.contains("disk=\"D\""), "{page}");
+
     // The same page on the TCP port, and nothing else there.
     let tcp = TcpStream::connect(&metrics_tcp).expect("metrics port");
     let (code, page) = http_get(tcp, "/metrics");

@@ -169,6 +169,9 @@ pub struct Metrics {
     disk_requests: Family<DiskOpLabels, Counter>,
     disk_bytes: Family<DiskOpLabels, Counter>,
     per_disk: bool,
+    /// The exports that have per-disk series, so that deleting a disk or
+    /// a snapshot removes them.
+    disk_exports: parking_lot::Mutex<std::collections::HashSet<String>>,
     scheduled_taken: Counter,
     scheduled_deleted: Counter,
     commits: Counter,
@@ -253,6 +256,7 @@ impl Metrics {
             disk_requests: Family::default(),
             disk_bytes: Family::default(),
             per_disk,
+            disk_exports: Default::default(),
             scheduled_taken: Counter::default(),
             scheduled_deleted: Counter::default(),
             commits: Counter::default(),
@@ -359,6 +363,7 @@ impl Metrics {
         self.connections.inc();
         self.connections_opened.inc();
         self.per_disk.then(|| {
+            self.disk_exports.lock().insert(export.to_string());
             let each = |family: &Family<DiskOpLabels, Counter>| {
                 OPS.iter()
                     .map(|&op| {
@@ -379,6 +384,39 @@ impl Metrics {
 
     pub fn disconnected(&self) {
         self.connections.dec();
+    }
+
+    /// Disk `disk` was deleted, or snapshot export `disk@snap` when
+    /// `snapshot` is given: their per-disk series go (a disk takes its
+    /// snapshots' with it).
+    pub fn forget(&self, disk: &str, snapshot: Option<&str>) {
+        if !self.per_disk {
+            return;
+        }
+        let gone = |export: &str| match snapshot {
+            Some(snap) => export.strip_prefix(disk).and_then(|r| r.strip_prefix('@')) == Some(snap),
+            None => {
+                export == disk
+                    || export
+                        .strip_prefix(disk)
+                        .is_some_and(|r| r.starts_with('@'))
+            }
+        };
+        let mut exports = self.disk_exports.lock();
+        exports.retain(|export| {
+            if !gone(export) {
+                return true;
+            }
+            for &op in &OPS {
+                let labels = DiskOpLabels {
+                    disk: export.clone(),
+                    op,
+                };
+                self.disk_requests.remove(&labels);
+                self.disk_bytes.remove(&labels);
+            }
+            false
+        });
     }
 
     /// A request was read; [`Metrics::answered`] follows once its reply is

@@ -490,7 +490,9 @@ impl Api for Service {
 
     fn delete_disk(&self, name: &str) -> ApiResult<()> {
         self.refuse_if_connected(name, None)?;
-        self.change(|store| Ok(store.delete_vdi(name)?))
+        self.change(|store| Ok(store.delete_vdi(name)?))?;
+        crate::metrics::global().forget(name, None);
+        Ok(())
     }
 
     fn delete_snapshot(&self, disk: &str, snapshot: &str) -> ApiResult<()> {
@@ -498,7 +500,9 @@ impl Api for Service {
         self.change(|_| {
             self.open(disk)?.delete_snapshot(snapshot)?;
             Ok(())
-        })
+        })?;
+        crate::metrics::global().forget(disk, Some(snapshot));
+        Ok(())
     }
 
     fn set_schedule(&self, disk: &str, schedule: Option<&ScheduleSpec>) -> ApiResult<DiskInfo> {
