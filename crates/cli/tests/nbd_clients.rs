@@ -3189,13 +3189,15 @@ fn qemu_tls_args(d: &Daemon, creds: &Path, host: &str, export: &str) -> Vec<Stri
     ]
 }
 
-/// Starts a daemon whose TLS files live in a PKI made in its own directory.
-fn tls_daemon(mode: &str, verify: bool) -> (Daemon, PathBuf) {
-    let pki = tempfile::tempdir().expect("tempdir").keep();
+/// Starts a daemon whose TLS files live in a PKI made in a directory of
+/// its own, removed when the returned guard drops (also on a failure).
+fn tls_daemon(mode: &str, verify: bool) -> (Daemon, PathBuf, tempfile::TempDir) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let pki = dir.path().to_path_buf();
     make_pki(&pki);
     let args = tls_args(&pki, mode, verify);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    (Daemon::with(&args, &[]), pki)
+    (Daemon::with(&args, &[]), pki, dir)
 }
 
 #[test]
@@ -3203,7 +3205,7 @@ fn tls_required_lets_in_only_the_clients_the_ca_signed() {
     if !have_tools() {
         return;
     }
-    let (d, pki) = tls_daemon("require", true);
+    let (d, pki, _pki_dir) = tls_daemon("require", true);
     let status = d.json(&["status"]);
     assert_eq!(status["nbd_tls"], "require", "{status}");
     assert_eq!(status["nbd_tls_verifies_clients"], true, "{status}");
@@ -3264,7 +3266,6 @@ fn tls_required_lets_in_only_the_clients_the_ca_signed() {
     assert!(bytes[4 << 20..].iter().all(|&b| b == 0));
     assert_eq!(d.json(&["check"])["clean"], true);
     drop(d);
-    let _ = fs::remove_dir_all(&pki);
 }
 
 #[test]
@@ -3272,7 +3273,7 @@ fn tls_optional_serves_plain_and_tls_clients_alike() {
     if !have_tools() {
         return;
     }
-    let (d, pki) = tls_daemon("optional", false);
+    let (d, pki, _pki_dir) = tls_daemon("optional", false);
     assert_eq!(d.json(&["status"])["nbd_tls"], "optional");
     d.ok(&["create", "D", "--size", "16M"]);
     qemu_io(&d.tcp_uri("D"), &["write -P 0x33 0 1M"]).ok();
@@ -3312,7 +3313,6 @@ fn tls_optional_serves_plain_and_tls_clients_alike() {
     assert!(log.matches("tls=true").count() >= 3, "{log}");
     assert_eq!(d.json(&["check"])["clean"], true);
     drop(d);
-    let _ = fs::remove_dir_all(&pki);
 }
 
 // ---- 13. metrics --------------------------------------------------------------------
@@ -3531,7 +3531,7 @@ fn tls_credentials_are_reloaded_on_sighup_and_a_bad_reload_changes_nothing() {
     if !have_tools() {
         return;
     }
-    let (d, pki) = tls_daemon("require", true);
+    let (d, pki, _pki_dir) = tls_daemon("require", true);
     d.ok(&["create", "D", "--size", "16M"]);
     let works = |pki: &Path| {
         run(tool(
@@ -3570,5 +3570,4 @@ fn tls_credentials_are_reloaded_on_sighup_and_a_bad_reload_changes_nothing() {
     wait_log("TLS credentials not reloaded", 1);
     assert!(works(next.path()), "a failed reload broke TLS");
     drop(d);
-    let _ = fs::remove_dir_all(&pki);
 }
