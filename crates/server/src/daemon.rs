@@ -424,19 +424,24 @@ pub fn run(options: ServeOptions) -> Result<()> {
     }
 }
 
+/// A TCP listener on `addr`, if given, and the address it is bound to
+/// (port 0 picks one).
+async fn bind_tcp(
+    addr: Option<SocketAddr>,
+    what: &str,
+) -> Result<(Option<TcpListener>, Option<SocketAddr>)> {
+    let Some(addr) = addr else {
+        return Ok((None, None));
+    };
+    let listener = TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("cannot listen for {what} on {addr}"))?;
+    let bound = listener.local_addr()?;
+    Ok((Some(listener), Some(bound)))
+}
+
 async fn serve(options: &ServeOptions, service: Arc<Service>) -> Result<()> {
-    let tcp = match options.nbd_listen {
-        Some(addr) => Some(
-            TcpListener::bind(addr)
-                .await
-                .with_context(|| format!("cannot listen on {addr}"))?,
-        ),
-        None => None,
-    };
-    let tcp_addr = match &tcp {
-        Some(l) => Some(l.local_addr()?),
-        None => None,
-    };
+    let (tcp, tcp_addr) = bind_tcp(options.nbd_listen, "NBD").await?;
     let unix = match &options.nbd_socket {
         Some(p) => {
             let group = options.socket_group;
@@ -458,18 +463,7 @@ async fn serve(options: &ServeOptions, service: Arc<Service>) -> Result<()> {
         0o600
     };
     let control_listener = bind_unix(&options.control, control_group, control_mode)?;
-    let metrics_listener = match options.metrics_listen {
-        Some(addr) => Some(
-            TcpListener::bind(addr)
-                .await
-                .with_context(|| format!("cannot listen for metrics on {addr}"))?,
-        ),
-        None => None,
-    };
-    let metrics_addr = match &metrics_listener {
-        Some(l) => Some(l.local_addr()?),
-        None => None,
-    };
+    let (metrics_listener, metrics_addr) = bind_tcp(options.metrics_listen, "metrics").await?;
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     // Every connection task holds a clone of `alive`; when all are gone,
     // `all_gone` yields None.

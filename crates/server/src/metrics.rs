@@ -110,28 +110,21 @@ enum Op {
     block_status,
 }
 
-const OPS: [Op; 7] = [
-    Op::read,
-    Op::write,
-    Op::flush,
-    Op::trim,
-    Op::write_zeroes,
-    Op::cache,
-    Op::block_status,
+/// Every answered command and its label; per-operation metrics are kept
+/// in this order.
+const OPS: [(Command, Op); 7] = [
+    (Command::Read, Op::read),
+    (Command::Write, Op::write),
+    (Command::Flush, Op::flush),
+    (Command::Trim, Op::trim),
+    (Command::WriteZeroes, Op::write_zeroes),
+    (Command::Cache, Op::cache),
+    (Command::BlockStatus, Op::block_status),
 ];
 
 /// The index of `command` in [`OPS`]; `None` for DISC and unknown ones.
 fn op_index(command: Command) -> Option<usize> {
-    Some(match command {
-        Command::Read => 0,
-        Command::Write => 1,
-        Command::Flush => 2,
-        Command::Trim => 3,
-        Command::WriteZeroes => 4,
-        Command::Cache => 5,
-        Command::BlockStatus => 6,
-        _ => return None,
-    })
+    OPS.iter().position(|&(c, _)| c == command)
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -238,7 +231,7 @@ impl Metrics {
         );
         let ops = OPS
             .iter()
-            .map(|&op| {
+            .map(|&(_, op)| {
                 let l = OpLabels { op };
                 OpMetrics {
                     requests: requests.get_or_create(&l).clone(),
@@ -366,7 +359,7 @@ impl Metrics {
             self.disk_exports.lock().insert(export.to_string());
             let each = |family: &Family<DiskOpLabels, Counter>| {
                 OPS.iter()
-                    .map(|&op| {
+                    .map(|&(_, op)| {
                         let labels = DiskOpLabels {
                             disk: export.to_string(),
                             op,
@@ -407,7 +400,7 @@ impl Metrics {
             if !gone(export) {
                 return true;
             }
-            for &op in &OPS {
+            for &(_, op) in &OPS {
                 let labels = DiskOpLabels {
                     disk: export.clone(),
                     op,
@@ -537,19 +530,9 @@ mod tests {
     }
 
     #[test]
-    fn every_command_but_disc_has_its_series() {
-        for (i, op) in OPS.iter().enumerate() {
-            let command = [
-                Command::Read,
-                Command::Write,
-                Command::Flush,
-                Command::Trim,
-                Command::WriteZeroes,
-                Command::Cache,
-                Command::BlockStatus,
-            ][i];
-            assert_eq!(op_index(command), Some(i), "{op:?}");
-        }
+    fn disc_and_unknown_commands_have_no_series() {
+        assert_eq!(op_index(Command::Read), Some(0));
+        assert_eq!(op_index(Command::BlockStatus), Some(6));
         assert_eq!(op_index(Command::Disc), None);
     }
 }

@@ -393,11 +393,13 @@ async fn negotiate(
             tokio::select! {
                 n = within_idle(stream.read(&mut chunk)) => n?,
                 _ = shutdown.changed() => {
+                    // Only a partial option can be waiting in `input`:
+                    // nothing to answer yet; the client's next options
+                    // get NBD_REP_ERR_SHUTDOWN.
                     handshake.shut_down();
                     closing_at = Some(tokio::time::Instant::now() + SHUTDOWN_GRACE);
-                    // Options already received are answered now.
                     out.clear();
-                    progress = handshake.receive(&mut input, &exports, &mut out);
+                    progress = Ok(Progress::NeedInput);
                     continue;
                 }
             }
@@ -495,6 +497,22 @@ impl Connection {
         let vdi = claim.service.claim(&self.export)?;
         info!(export = %self.export, "the disk, asked for, is now held here");
         Ok(self.target.get_or_init(|| Box::new(vdi)))
+    }
+
+    /// The export if this appliance holds it now, without asking for it:
+    /// set from the start, or held since another connection here asked
+    /// for it (then it becomes this connection's target too).
+    fn held_here(&self) -> Result<Option<&Target>, Failure> {
+        if let Some(t) = self.target.get() {
+            return Ok(Some(t));
+        }
+        let Some(claim) = &self.claim else {
+            return Ok(None);
+        };
+        Ok(match claim.service.store().open_if_held(&self.export)? {
+            Some(vdi) => Some(self.target.get_or_init(|| Box::new(vdi))),
+            None => None,
+        })
     }
 }
 
@@ -1196,16 +1214,12 @@ fn other(ctx: &Connection, req: &Request, payload: &[u8]) -> Result<(), Failure>
             }
         }
         Command::Flush => {
-            if let Some(vdi) = ctx.target.get().and_then(|t| t.writable()) {
+            // A connection that never wrote may find the disk held here
+            // since another connection asked for it and wrote: a FLUSH
+            // covers what every connection had acknowledged (the
+            // multi-connection flag).
+            if let Some(vdi) = ctx.held_here()?.and_then(|t| t.writable()) {
                 vdi.flush()?;
-            } else if let Some(claim) = &ctx.claim {
-                // Nothing was written through this connection, but another
-                // connection here may have asked for the disk and written:
-                // a FLUSH covers what every connection had acknowledged
-                // (the multi-connection flag).
-                if let Some(vdi) = claim.service.store().open_if_held(&ctx.export)? {
-                    vdi.flush()?;
-                }
             }
         }
         Command::Trim => {
