@@ -71,6 +71,10 @@ pub(crate) struct Allocator {
     extent_blocks: u64,
     extents: Vec<Extent>,
     cursor: usize,
+    /// The extent the last run of metadata blocks came from: the next
+    /// search starts there, so extents that frees left fragmented are not
+    /// scanned again on every commit.
+    run_cursor: usize,
     /// Extents neither of whose bitmap slots was valid when loaded
     /// (formatting writes one in every extent, so this is damage).
     lost: Vec<u64>,
@@ -132,6 +136,7 @@ impl Allocator {
             extent_blocks: sb.extent_blocks(),
             extents,
             cursor: 0,
+            run_cursor: 0,
             lost,
             coord: None,
             foreign_frees: 0,
@@ -299,28 +304,31 @@ impl Allocator {
         if n == 0 {
             return Ok(Vec::new());
         }
-        for ei in 0..self.extents.len() {
+        let count = self.extents.len();
+        for step in 0..count {
+            let ei = (self.run_cursor + step) % count;
             let e = &self.extents[ei];
             let candidate = e.bitmap.owner == self.host_id || e.bitmap.owner == 0;
-            if !candidate
-                || e.free < n
-                || self.find_free_run(ei, n).is_none()
-                || !self.may_use(ei)?
-            {
+            if !candidate || e.free < n {
                 continue;
             }
-            if let Some(start) = self.find_free_run(ei, n) {
-                let e = &mut self.extents[ei];
-                e.bitmap.owner = self.host_id;
-                for index in start..start + n {
-                    e.bitmap.set(index, true);
-                }
-                e.free -= n;
-                e.dirty = true;
-                e.allocated = true;
-                e.hint = start + n;
-                return Ok((start..start + n).map(|i| self.addr_of(ei, i)).collect());
+            let Some(start) = self.find_free_run(ei, n) else {
+                continue;
+            };
+            if !self.may_use(ei)? {
+                continue;
             }
+            let e = &mut self.extents[ei];
+            e.bitmap.owner = self.host_id;
+            for index in start..start + n {
+                e.bitmap.set(index, true);
+            }
+            e.free -= n;
+            e.dirty = true;
+            e.allocated = true;
+            e.hint = start + n;
+            self.run_cursor = ei;
+            return Ok((start..start + n).map(|i| self.addr_of(ei, i)).collect());
         }
         (0..n).map(|_| self.allocate(0)).collect()
     }
@@ -329,28 +337,18 @@ impl Allocator {
     /// looking from its hint to the end, then from the start.
     fn find_free_run(&self, ei: usize, n: u64) -> Option<u64> {
         let e = &self.extents[ei];
-        let scan = |from: u64, to: u64| {
-            let mut run = 0;
-            for i in from..to {
-                if e.bitmap.get(i) {
-                    run = 0;
-                } else {
-                    run += 1;
-                    if run == n {
-                        return Some(i + 1 - n);
-                    }
-                }
-            }
-            None
-        };
         let hint = e.hint.min(e.len);
-        scan(hint, e.len).or_else(|| scan(0, e.len))
+        e.bitmap
+            .find_clear_run(hint, e.len, n)
+            .or_else(|| e.bitmap.find_clear_run(0, e.len, n))
     }
 
     fn find_free(&self, ei: usize) -> Option<u64> {
         let e = &self.extents[ei];
-        let scan = |from: u64, to: u64| (from..to).find(|&i| !e.bitmap.get(i));
-        scan(e.hint.min(e.len), e.len).or_else(|| scan(0, e.hint.min(e.len)))
+        let hint = e.hint.min(e.len);
+        e.bitmap
+            .find_clear_run(hint, e.len, 1)
+            .or_else(|| e.bitmap.find_clear_run(0, hint, 1))
     }
 
     /// Returns a block to the free pool. Only for blocks that no durable

@@ -334,6 +334,14 @@ pub(crate) fn exclusive_blocks(
     f(v.addr(), false);
     let node = meta.load_node(v, level)?;
     let other_nodes = load_all(meta, level, others)?;
+    if level == 0 {
+        for (i, e) in node.entries.iter().enumerate() {
+            if !e.is_null() && !other_nodes.iter().any(|n| same(n.entries[i], *e)) {
+                f(e.addr(), true);
+            }
+        }
+        return Ok(());
+    }
     let mut below = Vec::with_capacity(other_nodes.len());
     for (i, e) in node.entries.iter().enumerate() {
         if e.is_null() {
@@ -341,12 +349,44 @@ pub(crate) fn exclusive_blocks(
         }
         below.clear();
         below.extend(other_nodes.iter().map(|n| n.entries[i]));
-        if level == 0 {
-            if !below.iter().any(|o| same(*o, *e)) {
-                f(e.addr(), true);
+        exclusive_blocks(meta, level - 1, *e, &below, f)?;
+    }
+    Ok(())
+}
+
+/// The blocks of the tree under `a` that the tree under `b` does not hold
+/// at the same position (`only_a`), and those of `b` that `a` does not
+/// (`only_b`): what `exclusive_blocks(a, [b])` and `exclusive_blocks(b,
+/// [a])` give, in one walk of both trees that descends only where they
+/// differ, loading each node once.
+pub(crate) fn diff_blocks(
+    meta: &MetaIo,
+    level: u8,
+    a: Ptr,
+    b: Ptr,
+    only_a: &mut dyn FnMut(u64),
+    only_b: &mut dyn FnMut(u64),
+) -> Result<()> {
+    if same(a, b) {
+        return Ok(());
+    }
+    if a.is_null() || b.is_null() {
+        exclusive_blocks(meta, level, a, &[], &mut |x, _| only_a(x))?;
+        return exclusive_blocks(meta, level, b, &[], &mut |x, _| only_b(x));
+    }
+    only_a(a.addr());
+    only_b(b.addr());
+    let (node_a, node_b) = (meta.load_node(a, level)?, meta.load_node(b, level)?);
+    for (ea, eb) in node_a.entries.iter().zip(node_b.entries.iter()) {
+        if level > 0 {
+            diff_blocks(meta, level - 1, *ea, *eb, only_a, only_b)?;
+        } else if !same(*ea, *eb) {
+            if !ea.is_null() {
+                only_a(ea.addr());
             }
-        } else {
-            exclusive_blocks(meta, level - 1, *e, &below, f)?;
+            if !eb.is_null() {
+                only_b(eb.addr());
+            }
         }
     }
     Ok(())

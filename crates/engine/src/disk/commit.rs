@@ -59,7 +59,7 @@
 use crate::disk::log::{self, LogWriter};
 use crate::disk::state::{Disk, DiskState, Exclusive};
 use crate::error::{Error, Result};
-use crate::lineage::{exclusive_blocks, Delta, SnapshotInfo};
+use crate::lineage::{diff_blocks, Delta, SnapshotInfo};
 use crate::time::now_ns;
 use parallax_format::{Block, LogBlock, NodeBlock, Ptr, VdiHeader, TREE_HEIGHT};
 use std::collections::VecDeque;
@@ -594,12 +594,17 @@ impl Disk {
         let root = job.root;
         let meta = self.pool.meta();
         let mut delta = Delta::default();
-        exclusive_blocks(meta, ROOT_LEVEL, root, &[parent], &mut |a, _| {
-            delta.born.push(a)
-        })?;
-        exclusive_blocks(meta, ROOT_LEVEL, parent, &[root], &mut |a, _| {
-            delta.dead.push(a)
-        })?;
+        let (mut born, mut dead) = (Vec::new(), Vec::new());
+        diff_blocks(
+            meta,
+            ROOT_LEVEL,
+            root,
+            parent,
+            &mut |a| born.push(a),
+            &mut |a| dead.push(a),
+        )?;
+        delta.born = born;
+        delta.dead = dead;
         for list in [&mut delta.born, &mut delta.dead] {
             list.sort_unstable();
             list.dedup();
