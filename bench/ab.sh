@@ -6,11 +6,17 @@
 #
 #   bash bench/ab.sh OLD_BINARY NEW_BINARY
 #   ROUNDS=5 RUNTIME=4 JOBS="randread:1 randwrite:32 randread:32" bash bench/ab.sh ...
+#
+# SERVE_ARGS adds options to both daemons' `serve` (for example --direct).
+# SCHEDULE="10ms 100" switches a snapshot schedule (every 10 ms, keep-last
+# 100) on for each run and off after it, as scenario g does, and prints how
+# many snapshots each run took.
 set -euo pipefail
 OLD=${1:?usage: bench/ab.sh OLD_BINARY NEW_BINARY}
 NEW=${2:?usage: bench/ab.sh OLD_BINARY NEW_BINARY}
 ROUNDS=${ROUNDS:-5} RUNTIME=${RUNTIME:-4}
 JOBS=${JOBS:-"randread:1 randwrite:32 randread:32"}
+SERVE_ARGS=${SERVE_ARGS:-} SCHEDULE=${SCHEDULE:-}
 DIR=$(mktemp -d "${BENCH_DIR:-/var/tmp}/parallax-ab.XXXXXX")
 PIDS=()
 cleanup() {
@@ -22,7 +28,8 @@ trap cleanup EXIT
 declare -A BIN=([old]="$OLD" [new]="$NEW")
 for v in old new; do
     "${BIN[$v]}" --store "$DIR/$v.px" init --size 2G >/dev/null
-    "${BIN[$v]}" --store "$DIR/$v.px" serve --nbd-listen none --nbd-socket "$DIR/$v.sock" \
+    # shellcheck disable=SC2086 # SERVE_ARGS is a list of options
+    "${BIN[$v]}" --store "$DIR/$v.px" serve $SERVE_ARGS --nbd-listen none --nbd-socket "$DIR/$v.sock" \
         >"$DIR/$v.log" 2>&1 &
     PIDS+=($!)
 done
@@ -39,13 +46,27 @@ iops() { # rw iodepth socket
         python3 -c 'import json,sys; t=sys.stdin.read(); j=json.loads(t[t.index("{"):])["jobs"][0]
 print(int(j["read"]["iops"] + j["write"]["iops"]))'
 }
+newest() { # side: the id of the disk's newest snapshot (0 if none)
+    "${BIN[$1]}" --store "$DIR/$1.px" snapshots d --json |
+        python3 -c 'import json, sys; s = json.load(sys.stdin); print(s[-1]["id"] if s else 0)'
+}
 for job in $JOBS; do
     rw=${job%:*} qd=${job#*:}
     declare -a got_old=() got_new=()
     for r in $(seq "$ROUNDS"); do
         for v in old new; do
+            if [ -n "$SCHEDULE" ]; then
+                read -r every keep <<<"$SCHEDULE"
+                before=$(newest "$v")
+                "${BIN[$v]}" --store "$DIR/$v.px" schedule d --every "$every" --keep-last "$keep" >/dev/null
+            fi
             n=$(iops "$rw" "$qd" "$DIR/$v.sock")
-            echo "   r$r 4k $rw QD$qd $v $n IOPS"
+            taken=""
+            if [ -n "$SCHEDULE" ]; then
+                "${BIN[$v]}" --store "$DIR/$v.px" schedule d --off >/dev/null
+                taken=", $(($(newest "$v") - before)) snapshots"
+            fi
+            echo "   r$r 4k $rw QD$qd $v $n IOPS$taken"
             if [ "$v" = old ]; then got_old+=("$n"); else got_new+=("$n"); fi
         done
     done
