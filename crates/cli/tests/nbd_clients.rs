@@ -3405,6 +3405,9 @@ fn metrics_count_requests_errors_commits_and_schedules() {
     assert!(get("parallax_scheduled_snapshots_deleted_total") >= taken - 2.0);
     assert!(get("parallax_commits_total") >= taken);
     assert!(get("parallax_commit_duration_seconds_count") >= taken);
+    // Every scheduled snapshot held its disk once, at least.
+    assert!(get("parallax_disk_held_seconds_count") >= taken);
+    assert!(get("parallax_disk_held_seconds_sum") > 0.0);
     assert!(get("parallax_store_used_bytes") >= MIB as f64);
     assert_eq!(get("parallax_disks"), 1.0);
 

@@ -5,9 +5,10 @@
 use std::sync::OnceLock;
 use std::time::Duration;
 
-type CommitHook = Box<dyn Fn(Duration) + Send + Sync>;
+type DurationHook = Box<dyn Fn(Duration) + Send + Sync>;
 
-static COMMIT: OnceLock<CommitHook> = OnceLock::new();
+static COMMIT: OnceLock<DurationHook> = OnceLock::new();
+static HELD: OnceLock<DurationHook> = OnceLock::new();
 
 /// Calls `hook` after every commit the engine writes, with the time its
 /// I/O took (blocks, bitmaps, header, device flushes). Only the first
@@ -19,6 +20,21 @@ pub fn on_commit(hook: impl Fn(Duration) + Send + Sync + 'static) {
 /// A commit was written in `took`.
 pub(crate) fn commit_written(took: Duration) {
     if let Some(hook) = COMMIT.get() {
+        hook(took);
+    }
+}
+
+/// Calls `hook` each time a disk was held exclusively (by a commit, a
+/// snapshot, a schedule tick, a deletion, a rollback: anything that stops
+/// the disk's reads and writes), with how long it was held. Only the
+/// first call sets a hook.
+pub fn on_disk_held(hook: impl Fn(Duration) + Send + Sync + 'static) {
+    let _ = HELD.set(Box::new(hook));
+}
+
+/// A disk was held exclusively for `took`.
+pub(crate) fn disk_held(took: Duration) {
+    if let Some(hook) = HELD.get() {
         hook(took);
     }
 }

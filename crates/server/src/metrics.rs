@@ -5,7 +5,8 @@
 //! - NBD requests, their bytes, errors and latency by operation; requests
 //!   in flight; connections open and opened.
 //! - Snapshots taken and deleted by schedules; commits written and their
-//!   latency (from the engine's hook, [`parallax_engine::observe`]).
+//!   latency, and how long disks were held exclusively (reads and writes
+//!   waiting), from the engine's hooks ([`parallax_engine::observe`]).
 //! - The store's capacity and use, read when scraped.
 //! - Cluster mode: disks given to other appliances, obtained by asking,
 //!   taken over; whether the lease allows writing, and its incarnation.
@@ -169,6 +170,7 @@ pub struct Metrics {
     scheduled_deleted: Counter,
     commits: Counter,
     commit_seconds: Latency,
+    held_seconds: Latency,
     capacity: Gauge,
     used: Gauge,
     disks: Gauge,
@@ -190,6 +192,11 @@ pub fn init(per_disk: bool) -> &'static Metrics {
             if let Some(m) = GLOBAL.get() {
                 m.commits.inc();
                 m.commit_seconds.observe(d);
+            }
+        });
+        parallax_engine::observe::on_disk_held(|d| {
+            if let Some(m) = GLOBAL.get() {
+                m.held_seconds.observe(d);
             }
         });
         m
@@ -254,6 +261,7 @@ impl Metrics {
             scheduled_deleted: Counter::default(),
             commits: Counter::default(),
             commit_seconds: Latency::default(),
+            held_seconds: Latency::default(),
             capacity: Gauge::default(),
             used: Gauge::default(),
             disks: Gauge::default(),
@@ -310,6 +318,11 @@ impl Metrics {
             "commit_duration_seconds",
             "Time a commit takes to write its blocks, bitmaps and header, flushes included",
             m.commit_seconds.clone(),
+        );
+        registry.register(
+            "disk_held_seconds",
+            "Time a disk was held exclusively, its reads and writes waiting: by a commit's in-memory part, a snapshot, a schedule tick, a deletion, a rollback",
+            m.held_seconds.clone(),
         );
         registry.register(
             "store_capacity_bytes",

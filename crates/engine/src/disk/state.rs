@@ -41,6 +41,7 @@ use parallax_format::{DiskRef, LogBlock, LogEntry, Ptr, VdiHeader, TREE_HEIGHT, 
 use parking_lot::{Mutex, MutexGuard, RwLock, RwLockWriteGuard};
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
 use std::sync::Arc;
 
 /// Stripe locks per disk for read-modify-write of partial blocks.
@@ -304,7 +305,7 @@ pub(crate) fn verify_allocated(
 /// The commit lock and the disk lock, held exclusively ([`Disk::exclusive`]).
 pub(crate) struct Exclusive<'a> {
     pub(super) commit: MutexGuard<'a, ()>,
-    pub(super) st: RwLockWriteGuard<'a, DiskState>,
+    pub(super) st: Held<'a>,
 }
 
 impl std::ops::Deref for Exclusive<'_> {
@@ -317,6 +318,42 @@ impl std::ops::Deref for Exclusive<'_> {
 impl std::ops::DerefMut for Exclusive<'_> {
     fn deref_mut(&mut self) -> &mut DiskState {
         &mut self.st
+    }
+}
+
+/// The disk lock held exclusively, timed: when it goes, the time it was
+/// held (the time the disk's reads and writes waited at most) is reported
+/// to [`crate::observe::on_disk_held`].
+pub(crate) struct Held<'a> {
+    guard: RwLockWriteGuard<'a, DiskState>,
+    since: Instant,
+}
+
+impl<'a> Held<'a> {
+    fn new(guard: RwLockWriteGuard<'a, DiskState>) -> Self {
+        Held {
+            guard,
+            since: Instant::now(),
+        }
+    }
+}
+
+impl Drop for Held<'_> {
+    fn drop(&mut self) {
+        crate::observe::disk_held(self.since.elapsed());
+    }
+}
+
+impl std::ops::Deref for Held<'_> {
+    type Target = DiskState;
+    fn deref(&self) -> &DiskState {
+        &self.guard
+    }
+}
+
+impl std::ops::DerefMut for Held<'_> {
+    fn deref_mut(&mut self) -> &mut DiskState {
+        &mut self.guard
     }
 }
 
@@ -483,7 +520,7 @@ impl Disk {
     /// needs no commit in flight, holds.
     pub(crate) fn exclusive(&self) -> Result<Exclusive<'_>> {
         let commit = self.durable()?;
-        let mut st = self.state.write();
+        let mut st = Held::new(self.state.write());
         self.fold_fresh(&mut st)?;
         self.fold_deltas(&mut st);
         Ok(Exclusive { commit, st })
@@ -519,7 +556,7 @@ impl Disk {
     /// (`gc` settles its result under it).
     pub(crate) fn hold(&self) -> Exclusive<'_> {
         let commit = self.commit.lock();
-        let st = self.state.write();
+        let st = Held::new(self.state.write());
         Exclusive { commit, st }
     }
 
