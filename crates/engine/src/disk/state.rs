@@ -41,8 +41,8 @@ use parallax_format::{DiskRef, LogBlock, LogEntry, Ptr, VdiHeader, TREE_HEIGHT, 
 use parking_lot::{Mutex, MutexGuard, RwLock, RwLockWriteGuard};
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Instant;
 use std::sync::Arc;
+use std::time::Instant;
 
 /// Stripe locks per disk for read-modify-write of partial blocks.
 pub(super) const STRIPES: usize = 64;
@@ -321,26 +321,29 @@ impl std::ops::DerefMut for Exclusive<'_> {
     }
 }
 
-/// The disk lock held exclusively, timed: when it goes, the time it was
-/// held (the time the disk's reads and writes waited at most) is reported
-/// to [`crate::observe::on_disk_held`].
+/// The disk lock held exclusively, timed: when it goes, the time from
+/// asking for it to letting it go (the longest the disk's reads and
+/// writes waited for it, the drain of requests in flight included) is
+/// reported to [`crate::observe::on_disk_held`].
 pub(crate) struct Held<'a> {
     guard: RwLockWriteGuard<'a, DiskState>,
-    since: Instant,
+    asked: Instant,
 }
 
 impl<'a> Held<'a> {
-    fn new(guard: RwLockWriteGuard<'a, DiskState>) -> Self {
+    /// Takes the disk lock exclusively.
+    pub(super) fn lock(state: &'a RwLock<DiskState>) -> Self {
+        let asked = Instant::now();
         Held {
-            guard,
-            since: Instant::now(),
+            guard: state.write(),
+            asked,
         }
     }
 }
 
 impl Drop for Held<'_> {
     fn drop(&mut self) {
-        crate::observe::disk_held(self.since.elapsed());
+        crate::observe::disk_held(self.asked.elapsed());
     }
 }
 
@@ -520,7 +523,7 @@ impl Disk {
     /// needs no commit in flight, holds.
     pub(crate) fn exclusive(&self) -> Result<Exclusive<'_>> {
         let commit = self.durable()?;
-        let mut st = Held::new(self.state.write());
+        let mut st = Held::lock(&self.state);
         self.fold_fresh(&mut st)?;
         self.fold_deltas(&mut st);
         Ok(Exclusive { commit, st })
@@ -556,7 +559,7 @@ impl Disk {
     /// (`gc` settles its result under it).
     pub(crate) fn hold(&self) -> Exclusive<'_> {
         let commit = self.commit.lock();
-        let st = Held::new(self.state.write());
+        let st = Held::lock(&self.state);
         Exclusive { commit, st }
     }
 
