@@ -243,8 +243,15 @@ impl Tree {
     /// Makes the path to `v` dirty and returns the level-0 entry for `v`
     /// with ownership made exact (writable only if this tree owns it).
     pub fn entry_for_write(&mut self, meta: &MetaIo, v: u64) -> Result<Ptr> {
-        self.dirty_path(meta, v, 0)?;
-        Ok(self.dirty[&(0, prefix(v, 0))].entries[index(v, 0)])
+        Ok(self.dirty_path(meta, v, 0)?.entries[index(v, 0)])
+    }
+
+    /// [`Tree::entry_for_write`] and [`Tree::set_entry`] in one walk: sets
+    /// the level-0 entry for `v` to `p` and returns the entry it replaced,
+    /// with ownership made exact.
+    pub fn replace_entry(&mut self, meta: &MetaIo, v: u64, p: Ptr) -> Result<Ptr> {
+        let leaf = self.dirty_path(meta, v, 0)?;
+        Ok(std::mem::replace(&mut leaf.entries[index(v, 0)], p))
     }
 
     /// Sets the writable bit of the level-`level` entry covering virtual
@@ -253,52 +260,53 @@ impl Tree {
     /// be writable (promote top-down); the nodes on it become dirty, and an
     /// owned node copied on the way is freed after the commit.
     pub fn promote(&mut self, meta: &MetaIo, level: u8, v: u64) -> Result<()> {
-        self.dirty_path(meta, v, level)?;
-        let node = self
-            .dirty
-            .get_mut(&(level, prefix(v, level)))
-            .ok_or_else(|| Error::Inconsistent("internal: promote on a clean path".into()))?;
+        let node = self.dirty_path(meta, v, level)?;
         let e = &mut node.entries[index(v, level)];
         *e = e.owned();
         Ok(())
     }
 
     /// Makes the nodes from the root down to the level-`down_to` node
-    /// covering `v` dirty (see the module documentation for how a copy
-    /// treats its entries).
-    fn dirty_path(&mut self, meta: &MetaIo, v: u64, down_to: u8) -> Result<()> {
+    /// covering `v` dirty, and returns that node.
+    fn dirty_path(&mut self, meta: &MetaIo, v: u64, down_to: u8) -> Result<&mut DirtyNode> {
         let mut level = ROOT_LEVEL;
         let mut src = self.root;
-        loop {
-            let key = (level, prefix(v, level));
-            if let std::collections::btree_map::Entry::Vacant(e) = self.dirty.entry(key) {
-                let node = if src.is_null() {
-                    DirtyNode {
-                        entries: vec![Ptr::NULL; FAN_OUT],
-                        old: None,
-                    }
-                } else {
-                    let n = meta.load_node(src, level)?;
-                    if src.writable() {
-                        DirtyNode {
-                            entries: n.entries.clone(),
-                            old: Some(src.addr()),
-                        }
-                    } else {
-                        DirtyNode {
-                            entries: n.entries.iter().map(|p| p.shared()).collect(),
-                            old: None,
-                        }
-                    }
-                };
-                e.insert(node);
-            }
-            if level == down_to {
-                return Ok(());
-            }
-            src = self.dirty[&key].entries[index(v, level)];
+        while level > down_to {
+            src = self.dirty_node(meta, level, v, src)?.entries[index(v, level)];
             level -= 1;
         }
+        self.dirty_node(meta, down_to, v, src)
+    }
+
+    /// The dirty level-`level` node covering `v`, copied from `src` (its
+    /// parent's entry) if it is not dirty yet (see the module
+    /// documentation for how a copy treats its entries). One map lookup.
+    fn dirty_node(&mut self, meta: &MetaIo, level: u8, v: u64, src: Ptr) -> Result<&mut DirtyNode> {
+        use std::collections::btree_map::Entry;
+        let vacant = match self.dirty.entry((level, prefix(v, level))) {
+            Entry::Occupied(e) => return Ok(e.into_mut()),
+            Entry::Vacant(e) => e,
+        };
+        let node = if src.is_null() {
+            DirtyNode {
+                entries: vec![Ptr::NULL; FAN_OUT],
+                old: None,
+            }
+        } else {
+            let n = meta.load_node(src, level)?;
+            if src.writable() {
+                DirtyNode {
+                    entries: n.entries.clone(),
+                    old: Some(src.addr()),
+                }
+            } else {
+                DirtyNode {
+                    entries: n.entries.iter().map(|p| p.shared()).collect(),
+                    old: None,
+                }
+            }
+        };
+        Ok(vacant.insert(node))
     }
 
     /// Sets the level-0 entry for `v`; the path must have been made dirty

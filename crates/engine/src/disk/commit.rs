@@ -594,17 +594,14 @@ impl Disk {
         let root = job.root;
         let meta = self.pool.meta();
         let mut delta = Delta::default();
-        let (mut born, mut dead) = (Vec::new(), Vec::new());
         diff_blocks(
             meta,
             ROOT_LEVEL,
             root,
             parent,
-            &mut |a| born.push(a),
-            &mut |a| dead.push(a),
+            &mut |a| delta.born.push(a),
+            &mut |a| delta.dead.push(a),
         )?;
-        delta.born = born;
-        delta.dead = dead;
         for list in [&mut delta.born, &mut delta.dead] {
             list.sort_unstable();
             list.dedup();

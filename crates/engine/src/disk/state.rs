@@ -715,8 +715,7 @@ impl Disk {
         let meta = self.pool.meta();
         let entries: Vec<(u64, u64)> = fresh.map.iter().map(|(&v, &a)| (v, a)).collect();
         for (v, addr) in entries {
-            let old = st.tree.entry_for_write(meta, v)?;
-            st.tree.set_entry(v, Ptr::data(addr, true))?;
+            let old = st.tree.replace_entry(meta, v, Ptr::data(addr, true))?;
             if old.writable() {
                 st.pending_free.push(old.addr());
             }
