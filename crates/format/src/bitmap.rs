@@ -167,7 +167,7 @@ impl BitmapBlock {
 mod tests {
     use super::*;
 
-    /// The byte-skipping scan finds what a bit-by-bit scan finds, on
+    /// The word-skipping scan finds what a bit-by-bit scan finds, on
     /// bitmaps mixing full, empty and partial bytes, for any range.
     #[test]
     fn find_clear_run_matches_a_bit_by_bit_scan() {
