@@ -168,7 +168,7 @@ mod tests {
     use super::*;
 
     /// The word-skipping scan finds what a bit-by-bit scan finds, on
-    /// bitmaps mixing full, empty and partial bytes, for any range.
+    /// bitmaps mixing full, empty and partial words, for any range.
     #[test]
     fn find_clear_run_matches_a_bit_by_bit_scan() {
         use proptest::prelude::*;
