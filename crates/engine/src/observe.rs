@@ -5,36 +5,49 @@
 use std::sync::OnceLock;
 use std::time::Duration;
 
-type DurationHook = Box<dyn Fn(Duration) + Send + Sync>;
+/// A hook taking a duration, set at most once.
+struct Hook(OnceLock<Box<dyn Fn(Duration) + Send + Sync>>);
 
-static COMMIT: OnceLock<DurationHook> = OnceLock::new();
-static HELD: OnceLock<DurationHook> = OnceLock::new();
+impl Hook {
+    const fn new() -> Self {
+        Hook(OnceLock::new())
+    }
+
+    fn set(&self, hook: impl Fn(Duration) + Send + Sync + 'static) {
+        let _ = self.0.set(Box::new(hook));
+    }
+
+    fn call(&self, took: Duration) {
+        if let Some(hook) = self.0.get() {
+            hook(took);
+        }
+    }
+}
+
+static COMMIT: Hook = Hook::new();
+static HELD: Hook = Hook::new();
 
 /// Calls `hook` after every commit the engine writes, with the time its
 /// I/O took (blocks, bitmaps, header, device flushes). Only the first
 /// call sets a hook.
 pub fn on_commit(hook: impl Fn(Duration) + Send + Sync + 'static) {
-    let _ = COMMIT.set(Box::new(hook));
+    COMMIT.set(hook);
 }
 
 /// A commit was written in `took`.
 pub(crate) fn commit_written(took: Duration) {
-    if let Some(hook) = COMMIT.get() {
-        hook(took);
-    }
+    COMMIT.call(took);
 }
 
 /// Calls `hook` each time a disk was held exclusively (by a commit, a
-/// snapshot, a schedule tick, a deletion, a rollback: anything that stops
-/// the disk's reads and writes), with how long it was held. Only the
-/// first call sets a hook.
+/// snapshot, a schedule tick, a deletion, a rollback, or the data path's
+/// own short exclusive sections: anything that stops the disk's reads and
+/// writes), with how long it was held. Only the first call sets a hook.
 pub fn on_disk_held(hook: impl Fn(Duration) + Send + Sync + 'static) {
-    let _ = HELD.set(Box::new(hook));
+    HELD.set(hook);
 }
 
 /// A disk was held exclusively for `took`.
 pub(crate) fn disk_held(took: Duration) {
-    if let Some(hook) = HELD.get() {
-        hook(took);
-    }
+    HELD.call(took);
 }

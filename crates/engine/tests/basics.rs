@@ -270,12 +270,14 @@ fn concurrent_writers_on_one_disk_and_several() {
 /// the counter k into block 1 + k (never written before: a new block) and,
 /// once that is acknowledged, into block 0 (the disk's own block after the
 /// first commit: written in place). A snapshot that holds block 0 = k must
-/// hold block 1 + k = k too. This breaks as soon as a write may land in
+/// hold block 1 + k = k too, and what a snapshot holds when it is
+/// answered never changes after. The first breaks as soon as a write may land in
 /// place in a block a snapshot takes while an earlier write went to a new
 /// block it does not: for instance if the snapshot's commit let the data
 /// path in before its adoption (tried once, by downgrading the disk lock
 /// while the commit's nodes are encoded: without also making every write
-/// allocate meanwhile, this test failed every run).
+/// allocate meanwhile, this test failed every run); the second as soon as
+/// an in-place write stops holding the disk shared while its data moves.
 #[test]
 fn a_snapshot_holding_a_write_holds_every_write_acknowledged_before_it() {
     let (_dev, store) = small_store(256 * MIB);
@@ -286,6 +288,11 @@ fn a_snapshot_holding_a_write_holds_every_write_acknowledged_before_it() {
         let mut b = vec![0u8; 4096];
         b[..8].copy_from_slice(&k.to_le_bytes());
         b
+    };
+    let counter = |view: &dyn ReadDisk, v: u64| {
+        let mut b = vec![0u8; 4096];
+        view.read(&mut b, v * 4096).unwrap();
+        u64::from_le_bytes(b[..8].try_into().unwrap())
     };
     let done = std::sync::atomic::AtomicBool::new(false);
     let mut taken = Vec::new();
@@ -300,19 +307,19 @@ fn a_snapshot_holding_a_write_holds_every_write_acknowledged_before_it() {
             done.store(true, std::sync::atomic::Ordering::Relaxed);
         });
         while !done.load(std::sync::atomic::Ordering::Relaxed) && taken.len() < SNAPSHOTS {
-            taken.push(d.snapshot(None).unwrap().name);
+            let name = d.snapshot(None).unwrap().name;
+            // What block 0 holds once the snapshot is answered: it must
+            // never change after (no write in flight may still land in it).
+            let first = counter(&store.open_snapshot("d", &name).unwrap(), 0);
+            taken.push((name, first));
             std::thread::sleep(std::time::Duration::from_micros(200));
         }
     });
-    let counter = |view: &dyn ReadDisk, v: u64| {
-        let mut b = vec![0u8; 4096];
-        view.read(&mut b, v * 4096).unwrap();
-        u64::from_le_bytes(b[..8].try_into().unwrap())
-    };
     let mut checked = 0;
-    for name in &taken {
+    for (name, first) in &taken {
         let view = store.open_snapshot("d", name).unwrap();
         let k = counter(&view, 0);
+        assert_eq!(k, *first, "snapshot {name} changed after it was taken");
         if k > 0 {
             assert_eq!(
                 counter(&view, 1 + k),

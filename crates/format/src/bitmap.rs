@@ -76,8 +76,9 @@ impl BitmapBlock {
         while i < to {
             if i.is_multiple_of(64) && i + 64 <= to {
                 let at = (i / 8) as usize;
-                let word =
-                    u64::from_le_bytes(self.bits[at..at + 8].try_into().unwrap_or([0xFF; 8]));
+                let mut bytes = [0u8; 8];
+                bytes.copy_from_slice(&self.bits[at..at + 8]);
+                let word = u64::from_le_bytes(bytes);
                 // Bit k of `word` is bit i + k of the bitmap.
                 if word == u64::MAX {
                     run = 0;

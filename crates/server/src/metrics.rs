@@ -321,7 +321,7 @@ impl Metrics {
         );
         registry.register(
             "disk_held_seconds",
-            "Time a disk was held exclusively, from asking for it (requests in flight drain) to letting it go, its reads and writes waiting: by a commit's in-memory part, a snapshot, a schedule tick, a deletion, a rollback",
+            "Time a disk was held exclusively, from asking for it (requests in flight drain) to letting it go, its reads and writes waiting: by a commit's in-memory part, a snapshot, a schedule tick, a deletion, a rollback, or the data path's own exclusive sections",
             m.held_seconds.clone(),
         );
         registry.register(

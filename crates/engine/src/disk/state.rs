@@ -324,7 +324,10 @@ impl std::ops::DerefMut for Exclusive<'_> {
 /// The disk lock held exclusively, timed: when it goes, the time from
 /// asking for it to letting it go (the longest the disk's reads and
 /// writes waited for it, the drain of requests in flight included) is
-/// reported to [`crate::observe::on_disk_held`].
+/// reported to [`crate::observe::on_disk_held`]. Every exclusive hold that
+/// does work goes through it: [`Disk::exclusive`], [`Disk::hold`] and the
+/// data path's [`Disk::lock_tree`]. (The few bare `state.write()` calls
+/// left only move a staged commit or a flag in or out.)
 pub(crate) struct Held<'a> {
     guard: RwLockWriteGuard<'a, DiskState>,
     asked: Instant,
@@ -542,8 +545,8 @@ impl Disk {
     /// The disk lock exclusively, fresh writes folded, without the commit
     /// lock: for the data path, which changes the live tree in memory only
     /// (a commit in flight has adopted its tree already).
-    pub(super) fn lock_tree(&self) -> Result<RwLockWriteGuard<'_, DiskState>> {
-        let mut st = self.state.write();
+    pub(super) fn lock_tree(&self) -> Result<Held<'_>> {
+        let mut st = Held::lock(&self.state);
         self.fold_fresh(&mut st)?;
         self.fold_deltas(&mut st);
         Ok(st)
