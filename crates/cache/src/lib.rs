@@ -1,0 +1,475 @@
+//! The local persistent read cache: copies of immutable pool blocks on a
+//! local device, in front of a pool that may be slow or networked.
+//!
+//! What may be cached, and when a copy may be served, is the engine's
+//! business (see `parallax-engine`'s `read_cache` module): it hands over
+//! blocks with an [`Anchor`], a version (disk, snapshot, creation time)
+//! whose tree held the block when it was read, and on lookup says which
+//! anchors it accepts. A block stays unchanged on the pool as long as a
+//! version holding it exists, so a copy is right whenever the reader knows
+//! its anchor still exists. This crate keeps the copies:
+//!
+//! - **Persistent**: the index is on the device (`layout`), read back at
+//!   [`ReadCache::open`]; a cache bound to another store is wiped.
+//! - **Verified**: every hit is checked against the crc32c of (address,
+//!   anchor, bytes) held in memory; a copy that fails is dropped and the
+//!   read goes to the pool. A torn slot or index entry after a crash is a
+//!   miss, never wrong data. The cache never flushes: it promises nothing
+//!   after a crash but that.
+//! - **Scan-resistant**: entries are kept by `quick_cache`'s S3-FIFO-like
+//!   policy (a block read once stays on probation), so one sequential read
+//!   of a disk does not push out the blocks every clone's boot reads.
+//! - **Off the request path**: [`ReadCache::offer`] copies the block into
+//!   a bounded queue (full: the copy is dropped) that one filler thread
+//!   writes out; lookups never wait for the device.
+//!
+//! Invariants: a slot is in the map or the free list, never both (one
+//! filler thread takes and fills slots; evictions and dropped copies give
+//! theirs back); an index entry on the device is written only after its
+//! slot's bytes, and is believed only together with a crc over them.
+
+pub mod layout;
+
+use layout::{data_crc, Geometry, IndexEntry, Superblock, BLOCK, ENTRIES_PER_BLOCK, ENTRY_BYTES};
+use parallax_device::{AlignedBuf, BlockDevice};
+use parking_lot::Mutex;
+use quick_cache::sync::Cache;
+use quick_cache::{Lifecycle, UnitWeighter};
+use std::collections::BTreeSet;
+use std::io;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+/// Copies waiting for the filler thread; more are dropped.
+const FILL_QUEUE: usize = 1024;
+/// Copies the filler writes before it writes the index blocks they touched.
+const FILL_BATCH: usize = 256;
+
+/// A version whose tree held a block: disk id, snapshot id and the
+/// snapshot's creation time (ids can come back after a crash lost their
+/// commit; the time tells them apart).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Anchor {
+    pub vdi: u64,
+    pub snap: u64,
+    pub created_ns: u64,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Entry {
+    slot: u32,
+    anchor: Anchor,
+    crc: u32,
+}
+
+/// A copy found by [`ReadCache::lookup`]: read it with
+/// [`ReadCache::read`], or read [`Hit::offset`] of [`ReadCache::device`]
+/// yourself and check the bytes with [`ReadCache::verify`].
+#[derive(Debug, Clone, Copy)]
+pub struct Hit {
+    pub addr: u64,
+    slot: u32,
+    anchor: Anchor,
+    crc: u32,
+    offset: u64,
+}
+
+impl Hit {
+    /// Byte offset of the copy on the cache device.
+    pub fn offset(&self) -> u64 {
+        self.offset
+    }
+}
+
+/// Counters since the cache was opened, and its size.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CacheStats {
+    /// Lookups served from the cache (copies that then failed their check
+    /// are counted in `corrupt` too).
+    pub hits: u64,
+    /// Lookups of cacheable blocks that found no acceptable copy.
+    pub misses: u64,
+    /// Copies written to the cache device.
+    pub fills: u64,
+    /// Copies dropped: the queue was full, or the device failed them.
+    pub dropped: u64,
+    /// Copies that failed their check when read (a miss then).
+    pub corrupt: u64,
+    /// Cache device I/O errors (each one a miss or a dropped copy).
+    pub errors: u64,
+    /// Copies held now.
+    pub entries: u64,
+    /// Copies it can hold.
+    pub slots: u64,
+}
+
+/// Gives an evicted entry's slot back to the free list.
+#[derive(Clone)]
+struct ReturnSlot(Arc<Mutex<Vec<u32>>>);
+
+impl Lifecycle<u64, Entry> for ReturnSlot {
+    type RequestState = ();
+
+    fn begin_request(&self) {}
+
+    fn on_evict(&self, _: &mut (), _: u64, entry: Entry) {
+        self.0.lock().push(entry.slot);
+    }
+}
+
+#[derive(Default)]
+struct Counters {
+    hits: AtomicU64,
+    misses: AtomicU64,
+    fills: AtomicU64,
+    dropped: AtomicU64,
+    corrupt: AtomicU64,
+    errors: AtomicU64,
+}
+
+struct Inner {
+    dev: Arc<dyn BlockDevice>,
+    geometry: Geometry,
+    map: Cache<u64, Entry, UnitWeighter, std::collections::hash_map::RandomState, ReturnSlot>,
+    free: Arc<Mutex<Vec<u32>>>,
+    /// The index as on the device, and the index blocks changed since
+    /// they were last written (filler thread only).
+    index: Mutex<(Vec<u8>, BTreeSet<u64>)>,
+    counters: Counters,
+}
+
+struct Fill {
+    addr: u64,
+    anchor: Anchor,
+    data: Box<[u8]>,
+}
+
+/// Work for the filler thread, in order.
+enum Job {
+    Fill(Fill),
+    /// Write the index, then answer.
+    Sync(SyncSender<()>),
+}
+
+/// See the module documentation.
+pub struct ReadCache {
+    inner: Arc<Inner>,
+    fills: Mutex<Option<SyncSender<Job>>>,
+    filler: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl ReadCache {
+    /// Opens the cache on `dev` for the store `store_id`: its copies come
+    /// back if it was this store's; otherwise (another store, another
+    /// size, no cache yet, a damaged superblock) it starts empty.
+    pub fn open(dev: Arc<dyn BlockDevice>, store_id: u64) -> io::Result<ReadCache> {
+        let geometry = Geometry::for_len(dev.len()).ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "a cache of {} bytes is too small (at least {} bytes)",
+                    dev.len(),
+                    3 * BLOCK
+                ),
+            )
+        })?;
+        let mut sb = AlignedBuf::zeroed(BLOCK);
+        dev.read_at(&mut sb, 0)?;
+        let wanted = Superblock { store_id, geometry };
+        let index_len = geometry.index_blocks as usize * BLOCK;
+        let mut index = AlignedBuf::zeroed(index_len);
+        if Superblock::decode(&sb) == Some(wanted) {
+            dev.read_at(&mut index, geometry.index_offset(0))?;
+        } else {
+            // Index first, superblock last: a cut leaves no superblock
+            // that names an index of another store.
+            const CHUNK: usize = 256 * BLOCK;
+            for start in (0..index_len).step_by(CHUNK) {
+                let end = (start + CHUNK).min(index_len);
+                dev.write_at(&index[start..end], geometry.index_offset(0) + start as u64)?;
+            }
+            dev.flush()?;
+            dev.write_at(&wanted.encode(), 0)?;
+            dev.flush()?;
+        }
+        let free = Arc::new(Mutex::new(Vec::new()));
+        // A few slots beyond the map's capacity, so the filler always has
+        // one to fill before the map evicts.
+        let spare = (geometry.slots / 64).clamp(2, 1024);
+        let capacity = geometry.slots.saturating_sub(spare).max(1);
+        let map = Cache::with(
+            capacity as usize,
+            capacity,
+            UnitWeighter,
+            Default::default(),
+            ReturnSlot(free.clone()),
+        );
+        for slot in 0..geometry.slots as usize {
+            let at = slot * ENTRY_BYTES;
+            if let Some(e) = IndexEntry::decode(&index[at..at + ENTRY_BYTES]) {
+                if !map.contains_key(&e.addr) {
+                    map.insert(
+                        e.addr,
+                        Entry {
+                            slot: slot as u32,
+                            anchor: e.anchor,
+                            crc: e.crc,
+                        },
+                    );
+                }
+            }
+        }
+        {
+            let mut used = vec![false; geometry.slots as usize];
+            for (_, e) in map.iter() {
+                used[e.slot as usize] = true;
+            }
+            let mut free = free.lock();
+            free.clear();
+            free.extend(
+                (0..geometry.slots as u32)
+                    .rev()
+                    .filter(|&s| !used[s as usize]),
+            );
+        }
+        let inner = Arc::new(Inner {
+            dev,
+            geometry,
+            map,
+            free,
+            index: Mutex::new((index.to_vec(), BTreeSet::new())),
+            counters: Counters::default(),
+        });
+        let (tx, rx) = sync_channel(FILL_QUEUE);
+        let worker = inner.clone();
+        let filler = std::thread::Builder::new()
+            .name("cache-fill".into())
+            .spawn(move || worker.fill_loop(rx))?;
+        Ok(ReadCache {
+            inner,
+            fills: Mutex::new(Some(tx)),
+            filler: Mutex::new(Some(filler)),
+        })
+    }
+
+    /// The device the copies are on.
+    pub fn device(&self) -> &Arc<dyn BlockDevice> {
+        &self.inner.dev
+    }
+
+    /// A copy of pool block `addr` under an anchor `accept` takes. Never
+    /// touches the device. Counts a hit or a miss.
+    pub fn lookup(&self, addr: u64, accept: impl Fn(&Anchor) -> bool) -> Option<Hit> {
+        let c = &self.inner.counters;
+        match self.inner.map.get(&addr).filter(|e| accept(&e.anchor)) {
+            Some(e) => {
+                c.hits.fetch_add(1, Ordering::Relaxed);
+                Some(Hit {
+                    addr,
+                    slot: e.slot,
+                    anchor: e.anchor,
+                    crc: e.crc,
+                    offset: self.inner.geometry.slot_offset(e.slot),
+                })
+            }
+            None => {
+                c.misses.fetch_add(1, Ordering::Relaxed);
+                None
+            }
+        }
+    }
+
+    /// Reads a hit's copy into `buf` (one block); `false` if it failed its
+    /// check or the device failed (the copy is dropped then): read the
+    /// pool instead.
+    pub fn read(&self, hit: &Hit, buf: &mut [u8]) -> bool {
+        match self.inner.dev.read_at(buf, hit.offset) {
+            Ok(()) => self.verify(hit, buf),
+            Err(_) => {
+                self.inner.counters.errors.fetch_add(1, Ordering::Relaxed);
+                self.drop_copy(hit);
+                false
+            }
+        }
+    }
+
+    /// Whether `data`, read from [`Hit::offset`], is the copy the hit
+    /// names. If not, the copy is dropped (and counted as corrupt).
+    pub fn verify(&self, hit: &Hit, data: &[u8]) -> bool {
+        if data.len() == BLOCK && data_crc(hit.addr, &hit.anchor, data) == hit.crc {
+            return true;
+        }
+        self.inner.counters.corrupt.fetch_add(1, Ordering::Relaxed);
+        self.drop_copy(hit);
+        false
+    }
+
+    /// Forgets the copy a hit names, if the map still holds that one (the
+    /// slot may have been refilled for another block meanwhile).
+    fn drop_copy(&self, hit: &Hit) {
+        let same = |e: &Entry| e.slot == hit.slot && e.crc == hit.crc;
+        if let Some((_, e)) = self.inner.map.remove_if(&hit.addr, same) {
+            self.inner.free.lock().push(e.slot);
+        }
+    }
+
+    /// Queues a copy of pool block `addr` (one block), read through a
+    /// version `anchor` names. Never waits: dropped if the queue is full.
+    pub fn offer(&self, addr: u64, anchor: Anchor, data: &[u8]) {
+        if data.len() != BLOCK {
+            return;
+        }
+        if self
+            .inner
+            .map
+            .peek(&addr)
+            .is_some_and(|e| e.anchor == anchor)
+        {
+            return;
+        }
+        let fills = self.fills.lock();
+        let Some(tx) = fills.as_ref() else {
+            return;
+        };
+        let fill = Fill {
+            addr,
+            anchor,
+            data: data.into(),
+        };
+        if let Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) =
+            tx.try_send(Job::Fill(fill))
+        {
+            self.inner.counters.dropped.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Waits until every copy offered so far is written, index included.
+    pub fn sync(&self) {
+        let (ack, done) = sync_channel(1);
+        let sent = match self.fills.lock().as_ref() {
+            Some(tx) => tx.send(Job::Sync(ack)).is_ok(),
+            None => false,
+        };
+        if sent {
+            let _ = done.recv();
+        }
+    }
+
+    pub fn stats(&self) -> CacheStats {
+        let c = &self.inner.counters;
+        CacheStats {
+            hits: c.hits.load(Ordering::Relaxed),
+            misses: c.misses.load(Ordering::Relaxed),
+            fills: c.fills.load(Ordering::Relaxed),
+            dropped: c.dropped.load(Ordering::Relaxed),
+            corrupt: c.corrupt.load(Ordering::Relaxed),
+            errors: c.errors.load(Ordering::Relaxed),
+            entries: self.inner.map.len() as u64,
+            slots: self.inner.geometry.slots,
+        }
+    }
+}
+
+impl Drop for ReadCache {
+    /// Stops the filler after it wrote what was queued.
+    fn drop(&mut self) {
+        self.fills.lock().take();
+        if let Some(t) = self.filler.lock().take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Inner {
+    fn fill_loop(&self, rx: Receiver<Job>) {
+        while let Ok(first) = rx.recv() {
+            let mut next = Some(first);
+            let mut filled = 0;
+            while let Some(job) = next.take() {
+                match job {
+                    Job::Fill(f) => {
+                        self.store(f);
+                        filled += 1;
+                    }
+                    Job::Sync(ack) => {
+                        self.write_index();
+                        let _ = ack.send(());
+                    }
+                }
+                if filled < FILL_BATCH {
+                    next = rx.try_recv().ok();
+                }
+            }
+            self.write_index();
+        }
+        self.write_index();
+        let _ = self.dev.flush();
+    }
+
+    /// Writes one copy into a free slot and enters it (filler thread only).
+    fn store(&self, f: Fill) {
+        if self.map.peek(&f.addr).is_some_and(|e| e.anchor == f.anchor) {
+            return;
+        }
+        if let Some((_, old)) = self.map.remove(&f.addr) {
+            self.free.lock().push(old.slot);
+        }
+        let Some(slot) = self.free.lock().pop() else {
+            self.counters.dropped.fetch_add(1, Ordering::Relaxed);
+            return;
+        };
+        let mut buf = AlignedBuf::zeroed(BLOCK);
+        buf.copy_from_slice(&f.data);
+        if self
+            .dev
+            .write_at(&buf, self.geometry.slot_offset(slot))
+            .is_err()
+        {
+            self.counters.errors.fetch_add(1, Ordering::Relaxed);
+            self.counters.dropped.fetch_add(1, Ordering::Relaxed);
+            self.free.lock().push(slot);
+            return;
+        }
+        let crc = data_crc(f.addr, &f.anchor, &f.data);
+        {
+            let mut index = self.index.lock();
+            let at = slot as usize * ENTRY_BYTES;
+            IndexEntry {
+                addr: f.addr,
+                anchor: f.anchor,
+                crc,
+            }
+            .encode(&mut index.0[at..at + ENTRY_BYTES]);
+            index.1.insert(slot as u64 / ENTRIES_PER_BLOCK as u64);
+        }
+        self.map.insert(
+            f.addr,
+            Entry {
+                slot,
+                anchor: f.anchor,
+                crc,
+            },
+        );
+        self.counters.fills.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Writes the index blocks changed since the last call.
+    fn write_index(&self) {
+        let mut index = self.index.lock();
+        let dirty = std::mem::take(&mut index.1);
+        let mut buf = AlignedBuf::zeroed(BLOCK);
+        for b in dirty {
+            let at = b as usize * BLOCK;
+            buf.copy_from_slice(&index.0[at..at + BLOCK]);
+            if self
+                .dev
+                .write_at(&buf, self.geometry.index_offset(b))
+                .is_err()
+            {
+                self.counters.errors.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+}
