@@ -131,6 +131,7 @@ struct Counters {
 
 struct Inner {
     dev: Arc<dyn BlockDevice>,
+    store_id: u64,
     geometry: Geometry,
     map: Cache<u64, Entry, UnitWeighter, std::collections::hash_map::RandomState, ReturnSlot>,
     free: Arc<Mutex<Vec<u32>>>,
@@ -236,6 +237,7 @@ impl ReadCache {
         }
         let inner = Arc::new(Inner {
             dev,
+            store_id,
             geometry,
             map,
             free,
@@ -252,6 +254,11 @@ impl ReadCache {
             fills: Mutex::new(Some(tx)),
             filler: Mutex::new(Some(filler)),
         })
+    }
+
+    /// The store it holds blocks of.
+    pub fn store_id(&self) -> u64 {
+        self.inner.store_id
     }
 
     /// The device the copies are on.
@@ -369,6 +376,15 @@ impl ReadCache {
             entries: self.inner.map.len() as u64,
             slots: self.inner.geometry.slots,
         }
+    }
+}
+
+impl std::fmt::Debug for ReadCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ReadCache")
+            .field("store_id", &self.inner.store_id)
+            .field("slots", &self.inner.geometry.slots)
+            .finish()
     }
 }
 

@@ -13,6 +13,9 @@
 //! - [`store`]: the catalogue, the table of open disks, check, gc, space.
 //! - [`observe`]: hooks reporting events (commits) to the daemon's metrics.
 //!
+//! Below them all, `parallax-cache` keeps copies of immutable blocks on a
+//! local device; `disk/cached.rs` decides what goes there.
+//!
 //! The on-disk layout lives in `parallax-format`; the crash-consistency
 //! argument is in `docs/FORMAT.md`; the map of the code in
 //! `docs/ARCHITECTURE.md`.
@@ -37,6 +40,7 @@ pub use disk::{
 };
 pub use error::{Error, Result};
 pub use lineage::SnapshotInfo;
+pub use parallax_cache::{CacheStats, ReadCache};
 pub use parallax_format::{DiskRef, Schedule};
 pub use store::{
     CheckReport, CommittedHead, CreateOptions, DiskRepair, DiskSpace, GcReport, HandoffReport,

@@ -27,6 +27,7 @@ use crate::alloc::Allocator;
 use crate::coord::Coordinator;
 use crate::error::{Error, Result};
 use crate::meta::MetaIo;
+use parallax_cache::ReadCache;
 use parallax_format::BitmapBlock;
 use parking_lot::Mutex;
 use std::collections::HashMap;
@@ -70,6 +71,10 @@ pub(crate) struct Pool {
     /// across the coordinator call, so a pin and an unpin of one snapshot
     /// never cross.
     cluster_pins: Mutex<HashMap<(u64, u64), (u32, u64)>>,
+    /// The local read cache of immutable data blocks (set once, at open).
+    read_cache: std::sync::OnceLock<Arc<ReadCache>>,
+    /// Bytes of disk data read from the pool device (not from the cache).
+    data_read_bytes: AtomicU64,
 }
 
 impl Pool {
@@ -84,7 +89,28 @@ impl Pool {
             damaged: Mutex::new(None),
             coord: std::sync::OnceLock::new(),
             cluster_pins: Mutex::new(HashMap::new()),
+            read_cache: std::sync::OnceLock::new(),
+            data_read_bytes: AtomicU64::new(0),
         }
+    }
+
+    /// Puts `cache` in front of the pool's data reads (once, at open).
+    pub fn set_read_cache(&self, cache: Arc<ReadCache>) {
+        let _ = self.read_cache.set(cache);
+    }
+
+    pub fn read_cache(&self) -> Option<&Arc<ReadCache>> {
+        self.read_cache.get()
+    }
+
+    /// Counts `bytes` of disk data read from the pool device.
+    pub fn count_data_read(&self, bytes: u64) {
+        self.data_read_bytes.fetch_add(bytes, Ordering::Relaxed);
+    }
+
+    /// Bytes of disk data read from the pool device since it was opened.
+    pub fn data_read_bytes(&self) -> u64 {
+        self.data_read_bytes.load(Ordering::Relaxed)
     }
 
     /// Shared mode: pins snapshot `snap` of disk `vdi` cluster-wide for one

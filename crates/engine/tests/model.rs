@@ -7,8 +7,8 @@
 mod common;
 
 use common::{Op, Runner};
-use parallax_device::MemDevice;
-use parallax_engine::{CreateOptions, OpenOptions, Store};
+use parallax_device::{BlockDevice, MemDevice};
+use parallax_engine::{CreateOptions, OpenOptions, ReadCache, Store};
 use proptest::prelude::*;
 use std::sync::Arc;
 
@@ -40,6 +40,14 @@ fn op_strategy() -> impl Strategy<Value = Op> {
 }
 
 fn run(ops: &[Op]) -> Runner {
+    run_with(ops, None)
+}
+
+/// [`run`] with a read cache of `cache_bytes` in front of the pool: one
+/// cache device for the whole sequence, opened again (from what is on it)
+/// at every reopen, so copies outlive the snapshots and disks they were
+/// read through, and ids that a lost commit gives out again.
+fn run_with(ops: &[Op], cache_bytes: Option<u64>) -> Runner {
     let dev = Arc::new(MemDevice::new(64 << 20));
     let store = Store::create(
         dev.clone(),
@@ -49,8 +57,24 @@ fn run(ops: &[Op]) -> Runner {
         },
     )
     .unwrap();
+    let cache_dev: Option<Arc<dyn BlockDevice>> =
+        cache_bytes.map(|len| Arc::new(MemDevice::new(len)) as Arc<dyn BlockDevice>);
+    let options = || OpenOptions {
+        read_cache: cache_dev.as_ref().map(|c| {
+            let id = Store::peek_id(&*dev).unwrap();
+            Arc::new(ReadCache::open(c.clone(), id).unwrap())
+        }),
+        ..OpenOptions::default()
+    };
+    let store = match cache_dev {
+        Some(_) => {
+            drop(store);
+            Store::open(dev.clone(), &options()).unwrap()
+        }
+        None => store,
+    };
     let mut runner = Runner::new(store);
-    let mut reopen = || Store::open(dev.clone(), &OpenOptions::default()).unwrap();
+    let mut reopen = || Store::open(dev.clone(), &options()).unwrap();
     runner
         .apply(&Op::Create { blocks: 20 }, &mut reopen)
         .unwrap();
@@ -91,6 +115,32 @@ proptest! {
     fn store_matches_model(ops in proptest::collection::vec(op_strategy(), 1..120)) {
         run(&ops);
     }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: common::proptest_cases(64), ..ProptestConfig::default() })]
+    /// The same, every read going through a small read cache (a few
+    /// hundred slots: copies are evicted and slots refilled all along).
+    #[test]
+    fn store_matches_model_through_a_read_cache(ops in proptest::collection::vec(op_strategy(), 1..120)) {
+        run_with(&ops, Some(1 << 20));
+    }
+}
+
+/// Thousands of operations through a read cache: it serves many reads
+/// (so the model above compared copies, not only pool reads).
+#[test]
+fn thousands_of_operations_through_a_read_cache() {
+    use proptest::strategy::ValueTree;
+    use proptest::test_runner::TestRunner;
+    let mut runner = TestRunner::deterministic();
+    let ops = proptest::collection::vec(op_strategy(), 3000)
+        .new_tree(&mut runner)
+        .unwrap()
+        .current();
+    let runner = run_with(&ops, Some(2 << 20));
+    let stats = runner.store.read_cache_stats().expect("a cache");
+    assert!(stats.hits > 100, "{stats:?}");
 }
 
 /// A long fixed-seed sequence: thousands of operations, `check` clean at

@@ -54,7 +54,7 @@ pub trait Completion: Send {
 /// back to the pool on failure; the disk is unpinned either way.
 impl Completion for IoPlan {
     fn complete(self: Box<Self>, ok: bool) -> Option<Deferred> {
-        match (*self).try_finish(ok) {
+        match self.try_finish(ok) {
             Ok(()) => None,
             Err(plan) => Some(Box::new(move || plan.finish(ok))),
         }
@@ -465,10 +465,12 @@ mod tests {
                 Transfer {
                     device_offset: 65536,
                     buf: 0..4096,
+                    cached: None,
                 },
                 Transfer {
                     device_offset: 4096,
                     buf: 4096..8192,
+                    cached: None,
                 },
             ];
             let (k, seen) = keep();
@@ -499,6 +501,7 @@ mod tests {
             let past = [Transfer {
                 device_offset: (1 << 20) - 4096,
                 buf: 0..8192,
+                cached: None,
             }];
             let (buf, outcome) = uring
                 .run(Direction::Read, fd, AlignedBuf::zeroed(8192), &past, k_past)
@@ -524,6 +527,7 @@ mod tests {
             let one = [Transfer {
                 device_offset: 0,
                 buf: 0..4096,
+                cached: None,
             }];
             let (_, outcome) = uring
                 .run(

@@ -15,6 +15,7 @@
 //! and a block written in place is one the live tree owns alone (every
 //! pointer on its path writable).
 
+use crate::disk::cached::CacheScope;
 use crate::disk::plan::Transfer;
 use crate::disk::state::{Disk, DiskState, STRIPES};
 use crate::disk::Extent;
@@ -298,6 +299,7 @@ pub(super) fn read_tree(
     pool: &Pool,
     tree: &Tree,
     disk: Option<&Disk>,
+    scope: &CacheScope,
     buf: &mut [u8],
     offset: u64,
 ) -> Result<()> {
@@ -314,33 +316,69 @@ pub(super) fn read_tree(
     if let Some(disk) = disk {
         disk.overlay_fresh(first, &mut found);
     }
-    let entries = found.into_iter().map(|(e, _)| e);
-    // Whole mapped blocks are read in runs of consecutive addresses, each
-    // with one `read_at` straight into the caller's buffer.
-    let mut runs = Runs::default();
-    let mut partial = Vec::new();
-    for ((_, within, r), entry) in pieces(offset, buf.len()).zip(entries) {
-        if entry.is_null() {
-            buf[r].fill(0);
-        } else if r.len() == BLOCK_SIZE {
-            runs.push_range(r, entry.addr());
-        } else {
-            partial.push((within, r, entry.addr()));
-        }
-    }
+    let cache = pool.read_cache();
     let read = |addr: u64, out: &mut [u8]| {
+        pool.count_data_read(out.len() as u64);
         pool.meta()
             .dev
             .read_at(out, addr * BLOCK_SIZE_U64)
             .map_err(Error::io(format!("reading data block {addr}")))
     };
+    // Whole mapped blocks are read in runs of consecutive addresses, each
+    // with one `read_at` straight into the caller's buffer; cached copies
+    // straight into it too.
+    let mut runs = Runs::default();
+    let mut partial = Vec::new();
+    // Whole blocks read from the pool to offer to the cache afterwards.
+    let mut offers = Vec::new();
+    for ((_, within, r), (entry, writable)) in pieces(offset, buf.len()).zip(found) {
+        if entry.is_null() {
+            buf[r].fill(0);
+            continue;
+        }
+        let addr = entry.addr();
+        let anchor = cache.and_then(|_| scope.cacheable(writable));
+        if let (Some(cache), Some(_)) = (cache, anchor) {
+            if r.len() == BLOCK_SIZE {
+                if let Some(hit) = cache.lookup(addr, |a| scope.accepts(a)) {
+                    if cache.read(&hit, &mut buf[r.clone()]) {
+                        continue;
+                    }
+                }
+            }
+        }
+        if r.len() == BLOCK_SIZE {
+            if let Some(anchor) = anchor {
+                offers.push((addr, anchor, r.clone()));
+            }
+            runs.push_range(r, addr);
+        } else {
+            partial.push((within, r, addr, anchor));
+        }
+    }
     for run in runs.0 {
         read(run.addr, &mut buf[run.bytes()])?;
     }
+    if let Some(cache) = cache {
+        for (addr, anchor, r) in offers {
+            cache.offer(addr, anchor, &buf[r]);
+        }
+    }
     if !partial.is_empty() {
         let mut block = parallax_device::AlignedBuf::zeroed(BLOCK_SIZE);
-        for (within, r, addr) in partial {
-            read(addr, &mut block)?;
+        for (within, r, addr, anchor) in partial {
+            let hit = match (cache, anchor) {
+                (Some(cache), Some(_)) => cache
+                    .lookup(addr, |a| scope.accepts(a))
+                    .filter(|hit| cache.read(hit, &mut block)),
+                _ => None,
+            };
+            if hit.is_none() {
+                read(addr, &mut block)?;
+                if let (Some(cache), Some(anchor)) = (cache, anchor) {
+                    cache.offer(addr, anchor, &block);
+                }
+            }
             buf[r.clone()].copy_from_slice(&block[within..within + r.len()]);
         }
     }
@@ -373,6 +411,7 @@ impl Runs {
             .map(|r| Transfer {
                 device_offset: r.addr * BLOCK_SIZE_U64,
                 buf: r.start..r.end,
+                cached: None,
             })
             .collect()
     }
@@ -457,22 +496,17 @@ mod tests {
         runs.push(1, 11);
         runs.push(2, 20);
         runs.push(4, 21);
-        let t = runs.into_transfers();
+        let t: Vec<_> = runs
+            .into_transfers()
+            .into_iter()
+            .map(|t| (t.device_offset, t.buf, t.cached.is_some()))
+            .collect();
         assert_eq!(
             t,
             vec![
-                Transfer {
-                    device_offset: 10 * BLOCK_SIZE_U64,
-                    buf: 0..2 * BLOCK_SIZE
-                },
-                Transfer {
-                    device_offset: 20 * BLOCK_SIZE_U64,
-                    buf: 2 * BLOCK_SIZE..3 * BLOCK_SIZE
-                },
-                Transfer {
-                    device_offset: 21 * BLOCK_SIZE_U64,
-                    buf: 4 * BLOCK_SIZE..5 * BLOCK_SIZE
-                },
+                (10 * BLOCK_SIZE_U64, 0..2 * BLOCK_SIZE, false),
+                (20 * BLOCK_SIZE_U64, 2 * BLOCK_SIZE..3 * BLOCK_SIZE, false),
+                (21 * BLOCK_SIZE_U64, 4 * BLOCK_SIZE..5 * BLOCK_SIZE, false),
             ]
         );
     }

@@ -116,10 +116,14 @@ pub(super) struct LoadedLog {
     pub addrs: Vec<u64>,
 }
 
-/// The root of snapshot `id` of the disk `header` describes, read from the
+/// Snapshot `id` of the disk `header` describes, read from the
 /// pool (shared mode: another host may be writing that disk).
-pub(crate) fn snapshot_root(pool: &Pool, header: &VdiHeader, id: u64) -> Result<Option<Ptr>> {
-    Ok(load_log(pool, header)?.snapshots.get(id).map(|s| s.root))
+pub(crate) fn snapshot_info(
+    pool: &Pool,
+    header: &VdiHeader,
+    id: u64,
+) -> Result<Option<SnapshotInfo>> {
+    Ok(load_log(pool, header)?.snapshots.get(id).cloned())
 }
 
 /// Visible snapshot `name` of the disk `header` describes, from its log

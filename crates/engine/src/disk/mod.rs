@@ -9,6 +9,7 @@
 //! | `log` | snapshot-log I/O |
 //! | `reclaim` | deleting snapshots, retention ticks, what deleting a disk frees |
 //! | `view` | [`ReadDisk`], [`SnapshotView`] |
+//! | `cached` | which blocks a read may take from the local read cache, and which copies |
 //!
 //! A `Vdi` is a cheap handle: the store owns the disk's state (see
 //! `store/mod.rs`) and every handle on one disk shares it. A handle also
@@ -16,6 +17,7 @@
 //! never loses a disk's uncommitted state: the store commits it when it
 //! lets the disk go.
 
+mod cached;
 mod commit;
 mod data;
 pub(crate) mod log;
@@ -148,7 +150,8 @@ impl Vdi {
         let st = disk.state.read();
         disk.usable(&st)?;
         check_io_range(st.size, offset, buf.len() as u64)?;
-        data::read_tree(&disk.pool, &st.tree, Some(disk), buf, offset)
+        let scope = cached::CacheScope::live(&st);
+        data::read_tree(&disk.pool, &st.tree, Some(disk), &scope, buf, offset)
     }
 
     /// Writes `data` at `offset`. Durable after the next [`Vdi::flush`].
@@ -392,7 +395,7 @@ impl Vdi {
         let st = self.disk.state.read();
         let info = st.snapshot_named(name)?.clone();
         // Pinned under the lock: no deletion can reclaim it in between.
-        Ok(SnapshotView::pinned(self, st.name.clone(), info))
+        Ok(SnapshotView::pinned(self, &st, info))
     }
 
     /// Sets (or, with `every_ns` 0, removes) the disk's snapshot schedule.

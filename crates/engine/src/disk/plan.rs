@@ -25,12 +25,14 @@
 //! - Planning never blocks: it takes the lock with `try_read` and uses
 //!   cached tree nodes only; `None` sends the caller to the blocking path.
 
+use crate::disk::cached::CacheScope;
 use crate::disk::data::{check_io_range, Runs, FRESH_FOLD_AT};
 use crate::disk::state::{Disk, DiskState};
 use crate::disk::{Owner, Vdi};
 use crate::error::Result;
 use crate::pool::Pool;
 use crate::tree::Tree;
+use parallax_cache::{Anchor, Hit, ReadCache};
 use parallax_device::BlockDevice;
 use parallax_format::{Ptr, BLOCK_SIZE, BLOCK_SIZE_U64};
 use parking_lot::{ArcRwLockReadGuard, RawRwLock};
@@ -38,12 +40,23 @@ use std::ops::Range;
 use std::sync::Arc;
 
 /// One device transfer of an [`IoPlan`].
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct Transfer {
-    /// Byte offset on the device.
+    /// Byte offset on the pool device.
     pub device_offset: u64,
     /// Bytes of the caller's buffer it reads into or writes from.
     pub buf: Range<usize>,
+    /// A read of one block the local read cache holds: read there (then
+    /// checked), and from `device_offset` only if the copy fails its check.
+    pub cached: Option<Hit>,
+}
+
+/// How a read plan uses the read cache.
+struct CacheUse {
+    cache: Arc<ReadCache>,
+    /// Blocks read from the pool to offer it: (pool block, anchor, bytes
+    /// of the buffer).
+    offers: Vec<(u64, Anchor, Range<usize>)>,
 }
 
 /// See the module documentation. Keep it until every transfer has
@@ -53,6 +66,9 @@ pub struct IoPlan {
     /// Read only: ranges of the buffer that read as zeros.
     pub zeros: Vec<Range<usize>>,
     dev: Arc<dyn BlockDevice>,
+    /// Read only: the read cache, if the plan reads copies from it or
+    /// offers it blocks.
+    cache: Option<Box<CacheUse>>,
     /// Write only: (virtual block, new data block) for the blocks the write
     /// allocated; they join the disk in [`IoPlan::finish`].
     links: Vec<(u64, u64)>,
@@ -62,8 +78,14 @@ pub struct IoPlan {
 }
 
 impl IoPlan {
-    /// The file descriptor to transfer to or from, if the device has one.
+    /// The file descriptor to transfer to or from, if the device has one
+    /// and every transfer is on it: a plan that uses the read cache runs
+    /// through [`IoPlan::execute`], which checks the copies and fills the
+    /// cache.
     pub fn fd(&self) -> Option<std::os::fd::RawFd> {
+        if self.cache.is_some() {
+            return None;
+        }
         self.dev.raw_fd()
     }
 
@@ -72,15 +94,26 @@ impl IoPlan {
     /// [`IoPlan::finish`] afterwards with the outcome.
     pub fn execute(&self, buf: &mut [u8], write: bool) -> std::io::Result<()> {
         for t in &self.transfers {
+            let r = t.buf.clone();
             if write {
-                self.dev.write_at(&buf[t.buf.clone()], t.device_offset)?;
-            } else {
-                self.dev.read_at(&mut buf[t.buf.clone()], t.device_offset)?;
+                self.dev.write_at(&buf[r], t.device_offset)?;
+                continue;
             }
+            if let (Some(hit), Some(c)) = (&t.cached, &self.cache) {
+                if c.cache.read(hit, &mut buf[r.clone()]) {
+                    continue;
+                }
+            }
+            self.dev.read_at(&mut buf[r], t.device_offset)?;
         }
         if !write {
             for z in &self.zeros {
                 buf[z.clone()].fill(0);
+            }
+            if let Some(c) = &self.cache {
+                for (addr, anchor, r) in &c.offers {
+                    c.cache.offer(*addr, *anchor, &buf[r.clone()]);
+                }
             }
         }
         Ok(())
@@ -97,8 +130,8 @@ impl IoPlan {
 
     /// [`IoPlan::finish`] without waiting: gives the plan back if it would
     /// have to wait for the disk's lock (call [`IoPlan::finish`] then, on a
-    /// thread that may wait).
-    pub fn try_finish(mut self, ok: bool) -> std::result::Result<(), IoPlan> {
+    /// thread that may wait). Boxed: the io_uring reaper holds plans so.
+    pub fn try_finish(mut self: Box<Self>, ok: bool) -> std::result::Result<(), Box<IoPlan>> {
         if self.complete(ok, false) {
             Ok(())
         } else {
@@ -162,12 +195,14 @@ impl std::fmt::Debug for IoPlan {
 /// `size` bytes (and the fresh writes of `disk`), with cached nodes only:
 /// a read plan holding `pin`. `None` if the range is not block-aligned or
 /// a node is not in memory.
+#[allow(clippy::too_many_arguments)]
 pub(super) fn plan_read(
     pool: &Pool,
     owner: &Owner,
     tree: &Tree,
     size: u64,
     disk: Option<&Disk>,
+    scope: &CacheScope,
     offset: u64,
     len: usize,
 ) -> Result<Option<IoPlan>> {
@@ -175,23 +210,50 @@ pub(super) fn plan_read(
     let Some(found) = cached_entries(pool, tree, disk, offset, len)? else {
         return Ok(None);
     };
+    let cache = pool.read_cache();
     let mut runs = Runs::default();
     let mut zeros: Vec<Range<usize>> = Vec::new();
-    for (k, (entry, _)) in found.into_iter().enumerate() {
+    let mut hits = Vec::new();
+    let mut offers = Vec::new();
+    let mut from_pool = 0u64;
+    for (k, (entry, writable)) in found.into_iter().enumerate() {
         let start = k * BLOCK_SIZE;
         if entry.is_null() {
             match zeros.last_mut() {
                 Some(z) if z.end == start => z.end += BLOCK_SIZE,
                 _ => zeros.push(start..start + BLOCK_SIZE),
             }
-        } else {
-            runs.push(k as u64, entry.addr());
+            continue;
         }
+        let addr = entry.addr();
+        if let (Some(cache), Some(anchor)) = (cache, scope.cacheable(writable)) {
+            if let Some(hit) = cache.lookup(addr, |a| scope.accepts(a)) {
+                hits.push(Transfer {
+                    device_offset: addr * BLOCK_SIZE_U64,
+                    buf: start..start + BLOCK_SIZE,
+                    cached: Some(hit),
+                });
+                continue;
+            }
+            offers.push((addr, anchor, start..start + BLOCK_SIZE));
+        }
+        from_pool += BLOCK_SIZE_U64;
+        runs.push(k as u64, addr);
     }
+    pool.count_data_read(from_pool);
+    let uses_cache = !hits.is_empty() || !offers.is_empty();
+    let mut transfers = runs.into_transfers();
+    transfers.extend(hits);
     Ok(Some(IoPlan {
-        transfers: runs.into_transfers(),
+        transfers,
         zeros,
         dev: pool.meta().dev.clone(),
+        cache: cache.filter(|_| uses_cache).map(|cache| {
+            Box::new(CacheUse {
+                cache: cache.clone(),
+                offers,
+            })
+        }),
         links: Vec::new(),
         disk: None,
         pin: None,
@@ -245,6 +307,7 @@ impl Vdi {
             &st.tree,
             st.size,
             Some(disk),
+            &CacheScope::live(&st),
             offset,
             len,
         )?;
@@ -306,6 +369,7 @@ impl Vdi {
             transfers: runs.into_transfers(),
             zeros: Vec::new(),
             dev: disk.pool.meta().dev.clone(),
+            cache: None,
             links,
             disk: Some(disk.clone()),
             pin: in_place.then_some(st),
@@ -411,7 +475,7 @@ mod tests {
         let d2 = d.clone();
         let t = std::thread::spawn(move || tx.send(d2.snapshot(Some("s")).is_ok()).unwrap());
         let taken = rx.recv_timeout(std::time::Duration::from_secs(2));
-        plan.try_finish(true).expect("the lock is free");
+        Box::new(plan).try_finish(true).expect("the lock is free");
         assert_eq!(
             taken,
             Ok(true),

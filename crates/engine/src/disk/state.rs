@@ -52,8 +52,9 @@ pub(super) const STRIPES: usize = 64;
 pub(crate) enum Origin {
     /// A disk created empty.
     None,
-    /// A clone: the root of the snapshot it was made from.
-    Root(Ptr),
+    /// A clone: the root of the snapshot it was made from, and when that
+    /// snapshot was taken (what names it in the read cache).
+    Root { root: Ptr, created_ns: u64 },
     /// A clone whose origin could not be found (made by an older version
     /// and orphaned): its versions are not reclaimed, `gc` does it.
     Unknown,
@@ -159,7 +160,7 @@ impl DiskState {
     /// The root of the snapshot this disk was cloned from; null if none.
     pub(crate) fn origin_root(&self) -> Ptr {
         match self.origin {
-            Origin::Root(r) => r,
+            Origin::Root { root, .. } => root,
             Origin::None | Origin::Unknown => Ptr::NULL,
         }
     }

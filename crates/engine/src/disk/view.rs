@@ -8,14 +8,16 @@
 //! coordinator, which every holder consults under the catalogue lock
 //! before it reclaims a snapshot.
 
+use crate::disk::cached::{origin_anchor, CacheScope};
 use crate::disk::data::{check_io_range, count_mapped, read_tree, tree_extents};
 use crate::disk::plan::{plan_read, IoPlan};
-use crate::disk::state::Disk;
+use crate::disk::state::{Disk, DiskState};
 use crate::disk::{Extent, Owner, Vdi};
 use crate::error::Result;
 use crate::lineage::SnapshotInfo;
 use crate::pool::Pool;
 use crate::tree::Tree;
+use parallax_cache::Anchor;
 use parallax_format::DiskRef;
 use std::sync::Arc;
 
@@ -55,7 +57,14 @@ pub(crate) fn read_at_root(
     offset: u64,
 ) -> Result<()> {
     check_io_range(size, offset, buf.len() as u64)?;
-    read_tree(pool, &Tree::open(root), None, buf, offset)
+    read_tree(
+        pool,
+        &Tree::open(root),
+        None,
+        &CacheScope::none(),
+        buf,
+        offset,
+    )
 }
 
 /// [`read_at_root`] for allocation status.
@@ -79,6 +88,10 @@ pub struct SnapshotView {
     /// Keeps the snapshot's blocks from being reclaimed while the view lives.
     pin: Pin,
     owner: Owner,
+    /// The view's snapshot and its disk's clone origin, as the read cache
+    /// names them (see `cached.rs`).
+    anchor: Anchor,
+    origin: Option<Anchor>,
 }
 
 /// How a view pins its snapshot.
@@ -92,12 +105,15 @@ enum Pin {
 
 impl SnapshotView {
     /// A view of `info`, a snapshot of `vdi`, pinned while it lives.
-    pub(super) fn pinned(vdi: &Vdi, disk: String, info: SnapshotInfo) -> SnapshotView {
+    /// The caller holds the disk's state `st`.
+    pub(super) fn pinned(vdi: &Vdi, st: &DiskState, info: SnapshotInfo) -> SnapshotView {
         *vdi.disk.pins.lock().entry(info.id).or_insert(0) += 1;
         SnapshotView {
             tree: Tree::open(info.root),
+            anchor: anchor_of(st.header.vdi_id, &info),
+            origin: origin_anchor(st),
             info,
-            disk,
+            disk: st.name.clone(),
             pool: vdi.disk.pool.clone(),
             pin: Pin::Local(vdi.disk.clone()),
             owner: vdi.owner.clone(),
@@ -118,6 +134,8 @@ impl SnapshotView {
         let incarnation = pool.pin_in_cluster(vdi, info.id)?;
         Ok(SnapshotView {
             tree: Tree::open(info.root),
+            anchor: anchor_of(vdi, &info),
+            origin: None,
             info,
             disk,
             pool: pool.clone(),
@@ -138,6 +156,15 @@ impl SnapshotView {
             Pin::Cluster { incarnation, .. } => self.pool.check_incarnation(*incarnation),
             Pin::Local(disk) => disk.still_ours(),
         }
+    }
+}
+
+/// How the read cache names snapshot `info` of disk `vdi`.
+fn anchor_of(vdi: u64, info: &SnapshotInfo) -> Anchor {
+    Anchor {
+        vdi,
+        snap: info.id,
+        created_ns: info.created_ns,
     }
 }
 
@@ -173,7 +200,8 @@ impl ReadDisk for SnapshotView {
         // A fenced host's pins may be gone: its holder may reclaim.
         self.protected()?;
         check_io_range(self.info.size_bytes, offset, buf.len() as u64)?;
-        read_tree(&self.pool, &self.tree, None, buf, offset)
+        let scope = CacheScope::view(self.anchor, self.origin);
+        read_tree(&self.pool, &self.tree, None, &scope, buf, offset)
     }
 
     fn block_status(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
@@ -190,6 +218,7 @@ impl ReadDisk for SnapshotView {
             &self.tree,
             self.info.size_bytes,
             None,
+            &CacheScope::view(self.anchor, self.origin),
             offset,
             len,
         )

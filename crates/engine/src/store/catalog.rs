@@ -400,7 +400,10 @@ impl Store {
             new_name,
             snap.size_bytes,
             tree,
-            Origin::Root(snap.root),
+            Origin::Root {
+                root: snap.root,
+                created_ns: snap.created_ns,
+            },
             origin.vdi_id,
             snap.id,
             DiskRef::snapshot(&origin.name, snapshot).to_string(),

@@ -42,6 +42,7 @@ use crate::meta::{MetaIo, DEFAULT_CACHE_NODES};
 use crate::pool::Pool;
 use crate::time::now_ns;
 use catalog::Catalog;
+use parallax_cache::{CacheStats, ReadCache};
 use parallax_device::BlockDevice;
 use parallax_format::{RegistryEntry, BITMAP_BITS, BLOCK_SIZE_U64};
 use parking_lot::{Mutex, MutexGuard};
@@ -76,6 +77,9 @@ pub struct OpenOptions {
     /// Shared mode: several appliances use the pool, coordinated by this
     /// (see [`crate::coord`]); its host id must be `host_id`.
     pub coordinator: Option<Arc<dyn Coordinator>>,
+    /// A local read cache in front of the pool's data reads (see
+    /// `disk/cached.rs`); opened for this store.
+    pub read_cache: Option<Arc<ReadCache>>,
 }
 
 impl Default for OpenOptions {
@@ -84,6 +88,7 @@ impl Default for OpenOptions {
             host_id: 1,
             cache_nodes: DEFAULT_CACHE_NODES,
             coordinator: None,
+            read_cache: None,
         }
     }
 }
@@ -198,6 +203,16 @@ impl Store {
         if let Some(c) = &options.coordinator {
             pool.set_coordinator(c.clone());
         }
+        if let Some(cache) = &options.read_cache {
+            if cache.store_id() != sb.store_id {
+                return Err(Error::InvalidArgument(format!(
+                    "the read cache was opened for store {:016x}, not this one ({:016x})",
+                    cache.store_id(),
+                    sb.store_id
+                )));
+            }
+            pool.set_read_cache(cache.clone());
+        }
         let lost = pool.lost_bitmaps();
         if !lost.is_empty() {
             pool.set_damaged(format!(
@@ -237,6 +252,17 @@ impl Store {
 
     pub(crate) fn pool(&self) -> &Arc<Pool> {
         &self.inner.pool
+    }
+
+    /// The read cache's counters, if the store has one.
+    pub fn read_cache_stats(&self) -> Option<CacheStats> {
+        self.inner.pool.read_cache().map(|c| c.stats())
+    }
+
+    /// Bytes of disk data read from the pool device since the store was
+    /// opened (reads the cache served are not counted).
+    pub fn pool_data_read_bytes(&self) -> u64 {
+        self.inner.pool.data_read_bytes()
     }
 
     /// Lets the store go as a killed process would (simulations and
@@ -481,8 +507,11 @@ impl Store {
             match catalog.by_id(header.origin_vdi) {
                 Some(o) => {
                     let (oh, _) = catalog::read_vdi_header(pool, &o)?;
-                    match crate::disk::log::snapshot_root(pool, &oh, header.origin_snapshot)? {
-                        Some(root) => Origin::Root(root),
+                    match crate::disk::log::snapshot_info(pool, &oh, header.origin_snapshot)? {
+                        Some(s) => Origin::Root {
+                            root: s.root,
+                            created_ns: s.created_ns,
+                        },
                         None => Origin::Unknown,
                     }
                 }
@@ -497,7 +526,10 @@ impl Store {
                     let o = self.open_entry(catalog, &o)?;
                     let st = o.disk().read_state()?;
                     match st.snapshots().get(header.origin_snapshot) {
-                        Some(s) => Origin::Root(s.root),
+                        Some(s) => Origin::Root {
+                            root: s.root,
+                            created_ns: s.created_ns,
+                        },
                         None => Origin::Unknown,
                     }
                 }

@@ -1,0 +1,136 @@
+//! Which blocks of a read may come from the local read cache
+//! (`parallax-cache`), and which copies a reader may take.
+//!
+//! A block is unchanged on the pool for as long as a version (a snapshot)
+//! whose tree holds it exists: no live tree owns it (connectivity,
+//! `lineage.rs`), so it is never written in place, and reclamation frees
+//! only what no version holds. A copy is therefore filed under an
+//! [`Anchor`], a version that held the block when it was read, and served
+//! only to a reader that knows the anchor still exists:
+//!
+//! - **A snapshot view** caches every block, anchored at its snapshot (its
+//!   pin keeps it), and takes copies anchored at its snapshot or at its
+//!   disk's clone origin (which outlives every clone).
+//! - **A live disk** caches only blocks its tree does not own (entries that
+//!   are not writable). Those are in its parent version: the newest
+//!   snapshot (`live_parent`), or the clone origin when it has none, since
+//!   a snapshot makes every live pointer shared and deleting the parent
+//!   makes writable exactly what left it. It takes copies anchored at any
+//!   of its own snapshots (hidden ones included) or at its clone origin,
+//!   all of which it sees under its own lock.
+//!
+//! An anchor carries the snapshot's creation time besides its ids, because
+//! a crash can lose a snapshot's commit and the next snapshot then gets the
+//! same id. Disks whose versions are not tracked (`reclaims` false: written
+//! before lineage, or orphaned clones) cache nothing.
+//!
+//! Never cached: writable blocks (they change in place), metadata, and
+//! every read of `check`, `gc`, `repair` and `space`, which go to the pool.
+
+use crate::disk::state::{DiskState, Origin};
+use parallax_cache::Anchor;
+
+/// See the module documentation.
+pub(crate) struct CacheScope<'a> {
+    /// The anchor cacheable blocks are filed under; `None`: cache nothing.
+    insert_as: Option<Anchor>,
+    /// Every block is immutable (a view), not only the non-writable ones.
+    all_immutable: bool,
+    accept: Accept<'a>,
+}
+
+enum Accept<'a> {
+    Nothing,
+    /// A live disk: its snapshots, or its clone origin.
+    Disk {
+        st: &'a DiskState,
+        origin: Option<Anchor>,
+    },
+    /// A view: its snapshot, or its disk's clone origin.
+    View {
+        pinned: Anchor,
+        origin: Option<Anchor>,
+    },
+}
+
+/// The anchor of a disk's clone origin, if it is a clone whose origin is
+/// known.
+pub(crate) fn origin_anchor(st: &DiskState) -> Option<Anchor> {
+    match st.origin {
+        Origin::Root { created_ns, .. } => Some(Anchor {
+            vdi: st.header.origin_vdi,
+            snap: st.header.origin_snapshot,
+            created_ns,
+        }),
+        Origin::None | Origin::Unknown => None,
+    }
+}
+
+impl<'a> CacheScope<'a> {
+    /// Caches nothing (reads of another host's disk, for example).
+    pub fn none() -> CacheScope<'static> {
+        CacheScope {
+            insert_as: None,
+            all_immutable: false,
+            accept: Accept::Nothing,
+        }
+    }
+
+    /// Reads of a live disk through its state `st` (held for the read).
+    pub fn live(st: &'a DiskState) -> CacheScope<'a> {
+        if !st.reclaims() {
+            return CacheScope::none();
+        }
+        let origin = origin_anchor(st);
+        let parent = st.header.live_parent;
+        let insert_as = if parent == 0 {
+            origin
+        } else {
+            st.snapshots.get(parent).map(|s| Anchor {
+                vdi: st.header.vdi_id,
+                snap: s.id,
+                created_ns: s.created_ns,
+            })
+        };
+        CacheScope {
+            insert_as,
+            all_immutable: false,
+            accept: Accept::Disk { st, origin },
+        }
+    }
+
+    /// Reads of a view of snapshot `pinned` (pinned while it reads), of a
+    /// disk whose clone origin is `origin`.
+    pub fn view(pinned: Anchor, origin: Option<Anchor>) -> CacheScope<'static> {
+        CacheScope {
+            insert_as: Some(pinned),
+            all_immutable: true,
+            accept: Accept::View { pinned, origin },
+        }
+    }
+
+    /// The anchor to file a block under, if it may be cached: `writable`
+    /// is the tree's answer for the block (a live tree owns it).
+    pub fn cacheable(&self, writable: bool) -> Option<Anchor> {
+        if writable && !self.all_immutable {
+            return None;
+        }
+        self.insert_as
+    }
+
+    /// Whether a copy filed under `a` is right for this reader.
+    pub fn accepts(&self, a: &Anchor) -> bool {
+        match &self.accept {
+            Accept::Nothing => false,
+            Accept::Disk { st, origin } => {
+                Some(*a) == *origin
+                    || (a.vdi == st.header.vdi_id
+                        && st
+                            .snapshots
+                            .get(a.snap)
+                            .is_some_and(|s| s.created_ns == a.created_ns))
+            }
+            Accept::View { pinned, origin } => a == pinned || Some(*a) == *origin,
+        }
+    }
+}

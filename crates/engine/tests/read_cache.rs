@@ -1,0 +1,219 @@
+//! The read cache in front of a store: clones of a gold image read it from
+//! the pool once; a copy is served only while a version that holds its
+//! block exists, so blocks written in place after their snapshot went,
+//! and snapshot ids a lost commit gave out again, never bring old copies
+//! back; a damaged copy is read from the pool. (`model.rs` runs every
+//! operation through a cache too.)
+
+mod common;
+
+use common::pattern;
+use parallax_device::{BlockDevice, MemDevice};
+use parallax_engine::{CreateOptions, Durability, Error, OpenOptions, ReadCache, ReadDisk, Store};
+use std::sync::Arc;
+
+const BLOCK: usize = 4096;
+
+struct Setup {
+    pool: Arc<MemDevice>,
+    cache_dev: Arc<MemDevice>,
+    cache: Arc<ReadCache>,
+}
+
+impl Setup {
+    fn new() -> (Setup, Store) {
+        let pool = Arc::new(MemDevice::new(64 << 20));
+        drop(Store::create(pool.clone(), &CreateOptions::default()).unwrap());
+        let cache_dev = Arc::new(MemDevice::new(4 << 20));
+        let id = Store::peek_id(&*pool).unwrap();
+        let cache = Arc::new(ReadCache::open(cache_dev.clone(), id).unwrap());
+        let setup = Setup {
+            pool,
+            cache_dev,
+            cache,
+        };
+        let store = setup.open();
+        (setup, store)
+    }
+
+    fn open(&self) -> Store {
+        let options = OpenOptions {
+            read_cache: Some(self.cache.clone()),
+            ..OpenOptions::default()
+        };
+        Store::open(self.pool.clone(), &options).unwrap()
+    }
+
+    /// The cache as a restarted daemon finds it: opened again from its
+    /// device (the old one is stopped first).
+    fn restart_cache(&mut self) {
+        self.cache.sync();
+        let id = Store::peek_id(&*self.pool).unwrap();
+        let dev: Arc<dyn BlockDevice> = self.cache_dev.clone();
+        self.cache = Arc::new(ReadCache::open(dev, id).unwrap());
+    }
+}
+
+fn read_all(r: &dyn ReadDisk, planned: bool) -> Vec<u8> {
+    let len = r.size() as usize;
+    if planned {
+        if let Some(data) = common::read_planned(r, len) {
+            return data;
+        }
+    }
+    let mut buf = vec![0u8; len];
+    r.read(&mut buf, 0).unwrap();
+    buf
+}
+
+#[test]
+fn clones_of_a_gold_image_read_it_from_the_pool_once() {
+    let (mut setup, store) = Setup::new();
+    let gold = store.create_vdi("gold", 64 * BLOCK as u64).unwrap();
+    let image = pattern(7, 0, 64 * BLOCK);
+    gold.write(&image, 0).unwrap();
+    gold.snapshot(Some("base")).unwrap();
+    let clones: Vec<_> = (0..6)
+        .map(|i| {
+            store
+                .clone_snapshot("gold", "base", &format!("vm{i}"))
+                .unwrap()
+        })
+        .collect();
+    // The first clone's read fills the cache...
+    assert_eq!(read_all(&clones[0], false), image);
+    setup.cache.sync();
+    let before = store.pool_data_read_bytes();
+    // ...and every other clone, either path, and the snapshot's view read
+    // it from there.
+    for (i, c) in clones.iter().enumerate().skip(1) {
+        assert_eq!(read_all(c, i % 2 == 0), image, "vm{i}");
+    }
+    // The clones filed their copies under their origin, which is the
+    // snapshot itself: a view of it hits too.
+    let view = store.open_snapshot("gold", "base").unwrap();
+    assert_eq!(read_all(&view, true), image);
+    assert_eq!(
+        store.pool_data_read_bytes(),
+        before,
+        "clones or the view read the gold image from the pool again"
+    );
+    // A block a clone writes is its own: read from the pool, not cached.
+    clones[1].write(&[9u8; BLOCK], 0).unwrap();
+    let mut b = vec![0u8; BLOCK];
+    clones[1].read(&mut b, 0).unwrap();
+    assert_eq!(b, vec![9u8; BLOCK]);
+    drop((clones, view, gold));
+    drop(store);
+    // After a restart of the daemon, the copies are still there.
+    setup.restart_cache();
+    let store = setup.open();
+    let vm = store.open_vdi("vm3").unwrap();
+    assert_eq!(read_all(&vm, false), image);
+    assert_eq!(
+        store.pool_data_read_bytes(),
+        0,
+        "the restarted cache missed"
+    );
+    let stats = store.read_cache_stats().unwrap();
+    assert_eq!(stats.hits, 64, "{stats:?}");
+}
+
+/// A clone's block that left every snapshot is promoted (written in place
+/// from then on); a new snapshot makes it shared again. The copy read
+/// under the first snapshot must not come back.
+#[test]
+fn a_block_written_in_place_after_its_snapshot_went_is_never_served_stale() {
+    let (setup, store) = Setup::new();
+    let d = store.create_vdi("d", 4 * BLOCK as u64).unwrap();
+    d.write(&[1u8; BLOCK], 0).unwrap();
+    d.snapshot(Some("s1")).unwrap();
+    let mut b = vec![0u8; BLOCK];
+    d.read(&mut b, 0).unwrap();
+    setup.cache.sync();
+    d.read(&mut b, 0).unwrap();
+    assert_eq!(store.read_cache_stats().unwrap().hits, 1, "nothing cached");
+    let addr = d.try_plan_read(0, BLOCK).unwrap().unwrap().transfers[0].device_offset;
+    d.delete_snapshot("s1").unwrap();
+    d.write(&[2u8; BLOCK], 0).unwrap();
+    d.snapshot(Some("s2")).unwrap();
+    let plan = d.try_plan_read(0, BLOCK).unwrap().unwrap();
+    assert_eq!(
+        plan.transfers[0].device_offset, addr,
+        "the write did not go in place (the test needs it to)"
+    );
+    drop(plan);
+    for planned in [false, true] {
+        assert_eq!(read_all(&d, planned)[..BLOCK], [2u8; BLOCK], "stale copy");
+    }
+    let view = store.open_snapshot("d", "s2").unwrap();
+    assert_eq!(read_all(&view, false)[..BLOCK], [2u8; BLOCK]);
+}
+
+/// A snapshot whose commit a crash lost gives its id out again: copies
+/// filed under the lost one must not be served for the new one.
+#[test]
+fn a_lost_snapshot_id_given_out_again_never_serves_the_old_copies() {
+    let (setup, store) = Setup::new();
+    let d = store.create_vdi("d", 4 * BLOCK as u64).unwrap();
+    d.write(&[1u8; BLOCK], 0).unwrap();
+    d.flush().unwrap();
+    let lost = d.snapshot_with(Some("s"), Durability::Deferred).unwrap();
+    let mut b = vec![0u8; BLOCK];
+    d.read(&mut b, 0).unwrap();
+    setup.cache.sync();
+    assert_eq!(setup.cache.stats().fills, 1, "the read was not cached");
+    drop(d);
+    store.abandon();
+    let store = setup.open();
+    let d = store.open_vdi("d").unwrap();
+    assert!(d.snapshot_info("s").is_err(), "the snapshot was not lost");
+    d.write(&[2u8; BLOCK], 0).unwrap();
+    let again = d.snapshot(Some("s")).unwrap();
+    assert_eq!(
+        again.id, lost.id,
+        "the id was not given out again (the test needs it)"
+    );
+    for planned in [false, true] {
+        assert_eq!(read_all(&d, planned)[..BLOCK], [2u8; BLOCK], "stale copy");
+    }
+}
+
+#[test]
+fn a_damaged_copy_is_read_from_the_pool() {
+    let (setup, store) = Setup::new();
+    let gold = store.create_vdi("gold", 8 * BLOCK as u64).unwrap();
+    let image = pattern(3, 0, 8 * BLOCK);
+    gold.write(&image, 0).unwrap();
+    gold.snapshot(Some("base")).unwrap();
+    let vm = store.clone_snapshot("gold", "base", "vm").unwrap();
+    assert_eq!(read_all(&vm, false), image);
+    setup.cache.sync();
+    // Flip bits all over the cache's slots.
+    let len = setup.cache_dev.len();
+    for off in (4 * BLOCK as u64..len).step_by(BLOCK) {
+        setup.cache_dev.write_at(&[0xa5; 64], off + 100).unwrap();
+    }
+    for planned in [false, true] {
+        assert_eq!(read_all(&vm, planned), image, "a damaged copy was served");
+    }
+    let stats = store.read_cache_stats().unwrap();
+    assert!(stats.corrupt >= 8, "{stats:?}");
+}
+
+#[test]
+fn a_cache_of_another_store_is_refused() {
+    let (setup, store) = Setup::new();
+    drop(store);
+    let other = Arc::new(MemDevice::new(16 << 20));
+    drop(Store::create(other.clone(), &CreateOptions::default()).unwrap());
+    let options = OpenOptions {
+        read_cache: Some(setup.cache.clone()),
+        ..OpenOptions::default()
+    };
+    match Store::open(other, &options) {
+        Err(Error::InvalidArgument(why)) => assert!(why.contains("read cache"), "{why}"),
+        Err(e) => panic!("wrong error: {e}"),
+        Ok(_) => panic!("a cache of another store was taken"),
+    }
+}
