@@ -43,7 +43,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 
 /// Copies waiting for the filler thread; more are dropped.
-const FILL_QUEUE: usize = 1024;
+const FILL_QUEUE: usize = 4096;
 /// Copies the filler writes before it writes the index blocks they touched.
 const FILL_BATCH: usize = 256;
 
@@ -80,6 +80,12 @@ impl Hit {
     /// Byte offset of the copy on the cache device.
     pub fn offset(&self) -> u64 {
         self.offset
+    }
+
+    /// The version the copy is filed under (one the reader accepted: a
+    /// block read again from the pool may be filed under it again).
+    pub fn anchor(&self) -> Anchor {
+        self.anchor
     }
 }
 

@@ -133,8 +133,17 @@ pub fn serve(ctx: &Context, flags: ServeFlags) -> Result<()> {
         metrics_per_disk,
         control_group,
         nbd_socket_mode,
+        cache,
+        cache_size,
         config: _,
     } = flags;
+    let cache = cache
+        .map(|p| absolute(&p))
+        .transpose()?
+        .map(|path| store_file::CacheFile {
+            path,
+            size: cache_size,
+        });
     let nbd_socket = nbd_socket.map(|p| absolute(&p)).transpose()?;
     let cluster = etcd.map(|urls| ClusterOptions {
         endpoints: urls.split(',').map(str::to_string).collect(),
@@ -183,6 +192,7 @@ pub fn serve(ctx: &Context, flags: ServeFlags) -> Result<()> {
         metrics_per_disk,
         control_group,
         nbd_socket_mode,
+        cache,
     })
 }
 
@@ -326,7 +336,40 @@ pub fn status(ctx: &Context) -> Result<()> {
             },
         ),
         ("connections", status.connections.len().to_string()),
+        (
+            "pool reads",
+            format!("{} of disk data", format_size(status.pool_data_read_bytes)),
+        ),
     ]);
+    if let Some(c) = &status.cache {
+        let looked = c.hits + c.misses;
+        text.push_str(&key_values(&[
+            ("read cache", c.path.clone()),
+            (
+                "cache use",
+                format!(
+                    "{} of {} blocks ({} of {})",
+                    c.entries,
+                    c.slots,
+                    format_size(c.entries * 4096),
+                    format_size(c.slots * 4096)
+                ),
+            ),
+            (
+                "cache hits",
+                format!(
+                    "{} of {} reads ({:.1}%), {} copied in, {} dropped, {} failed their check, {} I/O errors",
+                    c.hits,
+                    looked,
+                    if looked == 0 { 0.0 } else { 100.0 * c.hits as f64 / looked as f64 },
+                    c.fills,
+                    c.dropped,
+                    c.corrupt,
+                    c.errors
+                ),
+            ),
+        ]));
+    }
     if let Some(c) = &status.cluster {
         text.push_str(&key_values(&[
             ("host id", c.host_id.to_string()),

@@ -141,6 +141,17 @@ pub(crate) struct ServeFlags {
     /// 0660 with --socket-group]
     #[arg(long, value_name = "MODE", value_parser = parse_socket_mode)]
     pub nbd_socket_mode: Option<u32>,
+    /// Local read cache: a file (created with --cache-size if missing) or
+    /// a block device on this host, holding copies of the blocks of
+    /// snapshots and gold images the pool serves, so that clones of one
+    /// image read it from the pool once. Kept across restarts; every copy
+    /// is checked when read.
+    #[arg(long, value_name = "PATH")]
+    pub cache: Option<PathBuf>,
+    /// Size of the --cache file (a file of another size is resized and
+    /// starts empty).
+    #[arg(long, value_name = "SIZE", requires = "cache", value_parser = size::parse_size)]
+    pub cache_size: Option<u64>,
     /// Settings file: a TOML table of these flags without their dashes
     /// (`nbd_listen = "0.0.0.0:10809"`, `direct = true`); flags given here
     /// win. [default: /etc/parallax/parallax.toml, when it exists]

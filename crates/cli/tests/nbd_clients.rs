@@ -1503,6 +1503,124 @@ fn qemu_img_convert_and_compare_survive_restarts() {
     assert_eq!(d.json(&["check"])["clean"], true);
 }
 
+/// `serve --cache`: clones of a gold image read it from the pool once,
+/// the copies serve again after a restart, and a damaged cache file
+/// costs pool reads, never wrong data.
+#[test]
+fn a_read_cache_serves_clones_of_a_gold_image_across_restarts_and_damage() {
+    if !have_tools() {
+        return;
+    }
+    const SIZE: u64 = 16 << 20;
+    let mut rng = Rng::new(seed("read_cache"));
+    let mut d = Daemon::with(&["--cache", "cache.bin", "--cache-size", "64M"], &[]);
+    d.ok(&["create", "gold", "--size", "16M"]);
+    let src = d.path("src.raw");
+    let mut image = random_image(&mut rng);
+    image.truncate(SIZE as usize);
+    fs::write(&src, &image).unwrap();
+    let src = src.to_str().unwrap().to_string();
+    run(tool(
+        "qemu-img",
+        &[
+            "convert",
+            "-n",
+            "-f",
+            "raw",
+            "-O",
+            "raw",
+            &src,
+            &d.unix_uri("gold"),
+        ],
+    ))
+    .ok();
+    d.ok(&["snapshot", "gold@base"]);
+    d.ok(&["clone", "gold@base", "vm1"]);
+    d.ok(&["clone", "gold@base", "vm2"]);
+    let compare = |uri: &str| {
+        run(tool(
+            "qemu-img",
+            &["compare", "-f", "raw", "-F", "raw", &src, uri],
+        ))
+        .ok();
+    };
+    let status = |d: &Daemon| d.json(&["status"]);
+    let n = |v: &Value, k: &str| v["cache"][k].as_u64().unwrap_or_else(|| panic!("{k}: {v}"));
+    compare(&d.unix_uri("vm1"));
+    // Wait for the filler to copy (or drop) what vm1 read: every mapped
+    // block of the image (it has holes), each a miss once.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let after_vm1 = loop {
+        let s = status(&d);
+        let done = n(&s, "fills") + n(&s, "dropped") >= n(&s, "misses");
+        if done || Instant::now() > deadline {
+            break s;
+        }
+        thread::sleep(Duration::from_millis(50));
+    };
+    let blocks = n(&after_vm1, "misses");
+    assert!(blocks > SIZE / 4096 / 2, "{after_vm1}");
+    assert_eq!(n(&after_vm1, "hits"), 0, "{after_vm1}");
+    let pool_before = after_vm1["pool_data_read_bytes"].as_u64().unwrap();
+    assert_eq!(pool_before, blocks * 4096, "{after_vm1}");
+    compare(&d.unix_uri("vm2"));
+    let after_vm2 = status(&d);
+    let dropped = n(&after_vm1, "dropped");
+    let pool_vm2 = after_vm2["pool_data_read_bytes"].as_u64().unwrap() - pool_before;
+    assert!(
+        pool_vm2 <= dropped * 4096,
+        "vm2 read {pool_vm2} bytes from the pool ({dropped} copies were dropped): {after_vm2}"
+    );
+    assert!(n(&after_vm2, "hits") >= blocks - dropped, "{after_vm2}");
+    let text = d.ok(&["status"]);
+    assert!(
+        text.contains("read cache") && text.contains("cache hits"),
+        "{text}"
+    );
+    let control = UnixStream::connect(d.cli.control_path()).expect("control socket");
+    let (code, page) = http_get(control, "/metrics");
+    assert_eq!(code, 200, "{page}");
+    let m = samples(&page);
+    assert_eq!(
+        m.get("parallax_read_cache_hits_total").copied(),
+        Some(n(&after_vm2, "hits") as f64),
+        "{page}"
+    );
+    assert_eq!(
+        m.get("parallax_pool_data_read_bytes_total").copied(),
+        after_vm2["pool_data_read_bytes"].as_f64(),
+        "{page}"
+    );
+
+    // Restarted, the daemon finds the copies: no pool reads for the clone.
+    d.restart();
+    compare(&d.unix_uri("vm1"));
+    let s = status(&d);
+    assert_eq!(
+        s["pool_data_read_bytes"], 0,
+        "copies lost in a restart: {s}"
+    );
+    assert_eq!(n(&s, "hits"), blocks - dropped, "{s}");
+
+    // Damage a range of the cache file's slots: reads stay right.
+    d.stop();
+    {
+        use std::os::unix::fs::FileExt;
+        let f = fs::OpenOptions::new()
+            .write(true)
+            .open(d.path("cache.bin"))
+            .unwrap();
+        f.write_all_at(&vec![0x5a; 8 << 20], 2 << 20).unwrap();
+    }
+    d.start();
+    compare(&d.unix_uri("vm2"));
+    let s = status(&d);
+    assert!(n(&s, "corrupt") > 0, "no damaged copy was noticed: {s}");
+    assert!(s["pool_data_read_bytes"].as_u64().unwrap() > 0, "{s}");
+    // Read again: the damaged copies were replaced.
+    compare(&d.unix_uri("vm1"));
+}
+
 // ---- 3. nbdinfo -------------------------------------------------------------------
 
 /// `nbdinfo --json URI`: the one export's description.

@@ -73,8 +73,9 @@ pub(crate) struct Pool {
     cluster_pins: Mutex<HashMap<(u64, u64), (u32, u64)>>,
     /// The local read cache of immutable data blocks (set once, at open).
     read_cache: std::sync::OnceLock<Arc<ReadCache>>,
-    /// Bytes of disk data read from the pool device (not from the cache).
-    data_read_bytes: AtomicU64,
+    /// Bytes of disk data read from the pool device (not from the cache);
+    /// shared with plans that read it on their own.
+    data_read_bytes: Arc<AtomicU64>,
 }
 
 impl Pool {
@@ -90,7 +91,7 @@ impl Pool {
             coord: std::sync::OnceLock::new(),
             cluster_pins: Mutex::new(HashMap::new()),
             read_cache: std::sync::OnceLock::new(),
-            data_read_bytes: AtomicU64::new(0),
+            data_read_bytes: Arc::new(AtomicU64::new(0)),
         }
     }
 
@@ -106,6 +107,11 @@ impl Pool {
     /// Counts `bytes` of disk data read from the pool device.
     pub fn count_data_read(&self, bytes: u64) {
         self.data_read_bytes.fetch_add(bytes, Ordering::Relaxed);
+    }
+
+    /// The counter of [`Pool::count_data_read`], for plans.
+    pub fn data_read_counter(&self) -> Arc<AtomicU64> {
+        self.data_read_bytes.clone()
     }
 
     /// Bytes of disk data read from the pool device since it was opened.

@@ -194,11 +194,23 @@ fn a_damaged_copy_is_read_from_the_pool() {
     for off in (4 * BLOCK as u64..len).step_by(BLOCK) {
         setup.cache_dev.write_at(&[0xa5; 64], off + 100).unwrap();
     }
-    for planned in [false, true] {
-        assert_eq!(read_all(&vm, planned), image, "a damaged copy was served");
-    }
+    let pool_before = store.pool_data_read_bytes();
+    assert_eq!(read_all(&vm, true), image, "a damaged copy was served");
     let stats = store.read_cache_stats().unwrap();
-    assert!(stats.corrupt >= 8, "{stats:?}");
+    assert_eq!(stats.corrupt, 8, "{stats:?}");
+    assert_eq!(
+        store.pool_data_read_bytes() - pool_before,
+        8 * BLOCK as u64,
+        "the pool reads instead of the damaged copies were not counted"
+    );
+    // They were copied in again: the next reads, either path, hit.
+    setup.cache.sync();
+    for planned in [false, true] {
+        assert_eq!(read_all(&vm, planned), image);
+    }
+    let after = store.read_cache_stats().unwrap();
+    assert_eq!(after.corrupt, 8, "{after:?}");
+    assert_eq!(after.hits, stats.hits + 16, "{after:?}");
 }
 
 #[test]

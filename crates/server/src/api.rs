@@ -302,6 +302,29 @@ pub struct DaemonStatus {
     /// Cluster mode: this appliance's standing in the cluster.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cluster: Option<ClusterStatus>,
+    /// `--cache`: the local read cache.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache: Option<CacheStatus>,
+    /// Bytes of disk data read from the pool since the daemon started
+    /// (reads the cache served are not counted).
+    #[serde(default)]
+    pub pool_data_read_bytes: u64,
+}
+
+/// `parallax status`: the local read cache (counters since the daemon
+/// started).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CacheStatus {
+    pub path: String,
+    /// Blocks it can hold, and holds.
+    pub slots: u64,
+    pub entries: u64,
+    pub hits: u64,
+    pub misses: u64,
+    pub fills: u64,
+    pub dropped: u64,
+    pub corrupt: u64,
+    pub errors: u64,
 }
 
 /// `parallax status` in cluster mode.

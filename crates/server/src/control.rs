@@ -34,9 +34,26 @@ pub struct ControlState {
 
 impl ControlState {
     pub fn status(&self) -> DaemonStatus {
+        let store = self.service.store();
+        let cache = match (&self.status.cache, store.read_cache_stats()) {
+            (Some(c), Some(s)) => Some(CacheStatus {
+                path: c.path.clone(),
+                slots: s.slots,
+                entries: s.entries,
+                hits: s.hits,
+                misses: s.misses,
+                fills: s.fills,
+                dropped: s.dropped,
+                corrupt: s.corrupt,
+                errors: s.errors,
+            }),
+            _ => None,
+        };
         DaemonStatus {
             connections: self.service.connections(),
             cluster: self.service.cluster().map(|c| c.status()),
+            cache,
+            pool_data_read_bytes: store.pool_data_read_bytes(),
             ..self.status.clone()
         }
     }

@@ -9,7 +9,7 @@
 //! let the requests in flight finish and their replies go out, flush every
 //! disk, remove the socket files, release the store.
 
-use crate::api::DaemonStatus;
+use crate::api::{CacheStatus, DaemonStatus};
 use crate::cluster::{ClusterOptions, Etcd, EtcdCoordinator};
 use crate::control::{self, ControlState};
 use crate::nbd;
@@ -59,6 +59,8 @@ pub struct ServeOptions {
     pub control_group: Option<u32>,
     /// Mode of the NBD Unix socket (default 0600, 0660 with a group).
     pub nbd_socket_mode: Option<u32>,
+    /// The local read cache, if any.
+    pub cache: Option<store_file::CacheFile>,
 }
 
 /// Every [`SETTLE_INTERVAL`], the store's upkeep ([`Store::settle`]):
@@ -360,19 +362,24 @@ pub fn run(options: ServeOptions) -> Result<()> {
     warn_if_exposed(store_path);
     let mut etcd = None;
     let opened = match &options.cluster {
-        None => {
-            store_file::open_store_with(store_path, Access::Write, options.host_id, options.direct)
-                .map_err(|e| {
-                    anyhow::anyhow!(
-                        "{} (is another parallax daemon serving it?)",
-                        crate::one_line(&e)
-                    )
-                })?
-        }
+        None => store_file::open_store_with(
+            store_path,
+            Access::Write,
+            options.host_id,
+            options.direct,
+            options.cache.as_ref(),
+        )
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "{} (is another parallax daemon serving it?)",
+                crate::one_line(&e)
+            )
+        })?,
         Some(cluster) => store_file::open_shared_store(
             store_path,
             options.host_id,
             cluster.in_flight_bound(),
+            options.cache.as_ref(),
             |store_id| {
                 let c = EtcdCoordinator::connect(cluster, store_id)?;
                 etcd = Some(c.clone());
@@ -483,6 +490,11 @@ async fn serve(options: &ServeOptions, service: Arc<Service>) -> Result<()> {
             control: options.control.display().to_string(),
             connections: Vec::new(),
             cluster: None,
+            cache: options.cache.as_ref().map(|c| CacheStatus {
+                path: c.path.display().to_string(),
+                ..CacheStatus::default()
+            }),
+            pool_data_read_bytes: 0,
         },
     });
     let control_task = tokio::spawn(control::serve(control_listener, state, shutdown_rx.clone()));

@@ -179,6 +179,27 @@ pub struct Metrics {
     taken_over: Counter,
     may_write: Gauge,
     incarnation: Gauge,
+    pool_read_bytes: Counter,
+    cache: CacheMetrics,
+}
+
+/// The read cache's figures, read from it at scrape time (its counters
+/// only grow while the daemon runs, so each series follows them).
+#[derive(Default)]
+struct CacheMetrics {
+    hits: Counter,
+    misses: Counter,
+    fills: Counter,
+    dropped: Counter,
+    corrupt: Counter,
+    errors: Counter,
+    entries: Gauge,
+    slots: Gauge,
+}
+
+/// Brings a counter up to `now` (a count kept elsewhere, which only grows).
+fn follow(c: &Counter, now: u64) {
+    c.inc_by(now.saturating_sub(c.get()));
 }
 
 static GLOBAL: OnceLock<Metrics> = OnceLock::new();
@@ -270,6 +291,8 @@ impl Metrics {
             taken_over: Counter::default(),
             may_write: Gauge::default(),
             incarnation: Gauge::default(),
+            pool_read_bytes: Counter::default(),
+            cache: CacheMetrics::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -335,6 +358,56 @@ impl Metrics {
             m.used.clone(),
         );
         registry.register("disks", "Disks in the store", m.disks.clone());
+        registry.register(
+            "pool_data_read_bytes",
+            "Bytes of disk data read from the pool (reads the read cache served are not counted)",
+            m.pool_read_bytes.clone(),
+        );
+        let c = &m.cache;
+        for (name, help, counter) in [
+            (
+                "read_cache_hits",
+                "Reads of a block the read cache served",
+                &c.hits,
+            ),
+            (
+                "read_cache_misses",
+                "Reads of a cacheable block the read cache did not hold",
+                &c.misses,
+            ),
+            (
+                "read_cache_fills",
+                "Blocks copied into the read cache",
+                &c.fills,
+            ),
+            (
+                "read_cache_dropped",
+                "Blocks not copied into the read cache (its queue was full, or its device failed)",
+                &c.dropped,
+            ),
+            (
+                "read_cache_corrupt",
+                "Copies in the read cache that failed their checksum (read from the pool instead)",
+                &c.corrupt,
+            ),
+            (
+                "read_cache_errors",
+                "I/O errors of the read cache's device",
+                &c.errors,
+            ),
+        ] {
+            registry.register(name, help, counter.clone());
+        }
+        registry.register(
+            "read_cache_entries",
+            "Blocks the read cache holds",
+            c.entries.clone(),
+        );
+        registry.register(
+            "read_cache_slots",
+            "Blocks the read cache can hold",
+            c.slots.clone(),
+        );
         registry.register(
             "cluster_disks_given",
             "Disks this appliance handed to another (by `handoff` or because it asked)",
@@ -494,6 +567,21 @@ impl Metrics {
         self.used.set(stats.used_bytes as i64);
         if let Ok(disks) = service.store().try_list() {
             self.disks.set(disks.len() as i64);
+        }
+        follow(
+            &self.pool_read_bytes,
+            service.store().pool_data_read_bytes(),
+        );
+        if let Some(s) = service.store().read_cache_stats() {
+            let c = &self.cache;
+            follow(&c.hits, s.hits);
+            follow(&c.misses, s.misses);
+            follow(&c.fills, s.fills);
+            follow(&c.dropped, s.dropped);
+            follow(&c.corrupt, s.corrupt);
+            follow(&c.errors, s.errors);
+            c.entries.set(s.entries as i64);
+            c.slots.set(s.slots as i64);
         }
         let mut text = String::new();
         // Writing to a String cannot fail.

@@ -19,13 +19,23 @@
 
 use anyhow::{anyhow, bail, Context, Result};
 use parallax_device::{BlockDevice, FileDevice, NbdDevice, NbdTarget, OpenMode};
-use parallax_engine::{Coordinator, CreateOptions, Error, OpenOptions, Store};
+use parallax_engine::{Coordinator, CreateOptions, Error, OpenOptions, ReadCache, Store};
 use parallax_format::{BLOCK_SIZE, BLOCK_SIZE_U64, MAGIC, SUPERBLOCK_ADDRS};
 use std::fs::{self, File};
 use std::io::{self, ErrorKind};
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+
+/// `serve --cache PATH --cache-size SIZE`: the local read cache.
+#[derive(Debug, Clone)]
+pub struct CacheFile {
+    /// A regular file (created if missing) or a block device.
+    pub path: PathBuf,
+    /// A file's size: needed to create it, and resizes one of another size
+    /// (which empties it). A block device is used whole.
+    pub size: Option<u64>,
+}
 
 /// Whether a command changes the store.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -39,6 +49,8 @@ pub enum Access {
 pub struct OpenStore {
     pub store: Store,
     _lock: Option<File>,
+    /// Keeps other daemons off the read cache's file.
+    _cache_lock: Option<File>,
 }
 
 /// Whether `store` names an NBD export rather than a file or device.
@@ -122,25 +134,93 @@ fn lock(path: &Path, access: Access) -> Result<File> {
     }
 }
 
+/// Opens (creating or resizing a file if need be) the read cache `cache`
+/// for store `store_id`, and locks it for this process. `direct`: with
+/// `O_DIRECT`, as the store.
+pub fn open_read_cache(
+    cache: &CacheFile,
+    store_id: u64,
+    direct: bool,
+) -> Result<(Arc<ReadCache>, File)> {
+    let shown = cache.path.display();
+    match (fs::metadata(&cache.path), cache.size) {
+        (Err(e), Some(size)) if e.kind() == ErrorKind::NotFound => {
+            drop(
+                FileDevice::create(&cache.path, size, OpenMode::default())
+                    .with_context(|| format!("cannot create the cache {shown}"))?,
+            );
+        }
+        (Err(e), None) if e.kind() == ErrorKind::NotFound => {
+            bail!("the cache {shown} does not exist: give --cache-size to create it")
+        }
+        (Err(e), _) => return Err(e).with_context(|| format!("cannot open the cache {shown}")),
+        (Ok(m), _) if m.is_dir() => bail!("the cache {shown} is a directory"),
+        (Ok(m), Some(size)) if m.file_type().is_file() && m.len() != size => {
+            let f = fs::OpenOptions::new()
+                .write(true)
+                .open(&cache.path)
+                .with_context(|| format!("cannot open the cache {shown}"))?;
+            f.set_len(size)
+                .with_context(|| format!("cannot resize the cache {shown}"))?;
+        }
+        (Ok(m), Some(_)) if m.file_type().is_block_device() => {
+            bail!("the cache {shown} is a block device: it is used whole, leave out --cache-size")
+        }
+        (Ok(_), _) => {}
+    }
+    let lock = File::open(&cache.path).with_context(|| format!("cannot open the cache {shown}"))?;
+    match rustix::fs::flock(&lock, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
+        Ok(()) => {}
+        Err(rustix::io::Errno::WOULDBLOCK) => {
+            bail!("the cache {shown} is in use by another parallax daemon")
+        }
+        Err(e) => {
+            return Err(io::Error::from(e))
+                .with_context(|| format!("cannot lock the cache {shown}"))
+        }
+    }
+    let mode = OpenMode {
+        direct,
+        read_only: false,
+    };
+    let dev = FileDevice::open(&cache.path, mode)
+        .with_context(|| format!("cannot open the cache {shown}"))?;
+    let cache = ReadCache::open(Arc::new(dev), store_id)
+        .with_context(|| format!("cannot open the cache {shown}"))?;
+    Ok((Arc::new(cache), lock))
+}
+
 /// Opens the existing store at `path` through the page cache.
 pub fn open_store(path: &Path, access: Access, host_id: u64) -> Result<OpenStore> {
-    open_store_with(path, access, host_id, false)
+    open_store_with(path, access, host_id, false, None)
 }
 
 /// Opens the existing store at `path`; with `direct`, with `O_DIRECT`,
-/// bypassing the page cache.
+/// bypassing the page cache; with `cache`, with that read cache in front.
 pub fn open_store_with(
     path: &Path,
     access: Access,
     host_id: u64,
     direct: bool,
+    cache: Option<&CacheFile>,
 ) -> Result<OpenStore> {
     let shown = path.display();
-    let options = OpenOptions {
-        host_id,
-        ..OpenOptions::default()
-    };
-    let open = |dev: Arc<dyn BlockDevice>| {
+    let mut cache_lock = None;
+    let open = |dev: Arc<dyn BlockDevice>, cache_lock: &mut Option<File>| {
+        let read_cache = match cache {
+            Some(c) => {
+                let id = Store::peek_id(&*dev).map_err(|e| anyhow!("{shown}: {e}"))?;
+                let (cache, lock) = open_read_cache(c, id, direct)?;
+                *cache_lock = Some(lock);
+                Some(cache)
+            }
+            None => None,
+        };
+        let options = OpenOptions {
+            host_id,
+            read_cache,
+            ..OpenOptions::default()
+        };
         Store::open(dev, &options).map_err(|e| match e {
             Error::NotAStore(detail) => anyhow!("{shown} is not a Parallax store: {detail}"),
             Error::NewerVersion { .. } => anyhow!(e),
@@ -148,8 +228,12 @@ pub fn open_store_with(
         })
     };
     if is_nbd_store(path) {
-        let store = open(Arc::new(open_nbd(path)?))?;
-        return Ok(OpenStore { store, _lock: None });
+        let store = open(Arc::new(open_nbd(path)?), &mut cache_lock)?;
+        return Ok(OpenStore {
+            store,
+            _lock: None,
+            _cache_lock: cache_lock,
+        });
     }
     match fs::metadata(path) {
         Err(e) if e.kind() == ErrorKind::NotFound => {
@@ -165,10 +249,11 @@ pub fn open_store_with(
         read_only: access == Access::Read,
     };
     let dev = FileDevice::open(path, mode).with_context(|| format!("cannot open store {shown}"))?;
-    let store = open(Arc::new(dev))?;
+    let store = open(Arc::new(dev), &mut cache_lock)?;
     Ok(OpenStore {
         store,
         _lock: Some(lock),
+        _cache_lock: cache_lock,
     })
 }
 
@@ -200,6 +285,7 @@ pub fn open_shared_store(
     path: &Path,
     host_id: u64,
     in_flight: std::time::Duration,
+    cache: Option<&CacheFile>,
     connect: impl FnOnce(u64) -> Result<Arc<dyn Coordinator>>,
 ) -> Result<OpenStore> {
     let shown = path.display();
@@ -225,14 +311,26 @@ pub fn open_shared_store(
         nbd.set_write_guard(fencing_guard(coordinator.clone()));
         nbd.set_request_timeout(in_flight);
     }
+    let (read_cache, cache_lock) = match cache {
+        Some(c) => {
+            let (cache, lock) = open_read_cache(c, store_id, true)?;
+            (Some(cache), Some(lock))
+        }
+        None => (None, None),
+    };
     let options = OpenOptions {
         host_id,
         coordinator: Some(coordinator),
+        read_cache,
         ..OpenOptions::default()
     };
     let store =
         Store::open(dev, &options).map_err(|e| anyhow!("cannot open store {shown}: {e}"))?;
-    Ok(OpenStore { store, _lock: None })
+    Ok(OpenStore {
+        store,
+        _lock: None,
+        _cache_lock: cache_lock,
+    })
 }
 
 /// Whether the device starts with a Parallax superblock (either copy).

@@ -37,6 +37,7 @@ use parallax_device::BlockDevice;
 use parallax_format::{Ptr, BLOCK_SIZE, BLOCK_SIZE_U64};
 use parking_lot::{ArcRwLockReadGuard, RawRwLock};
 use std::ops::Range;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 /// One device transfer of an [`IoPlan`].
@@ -54,6 +55,9 @@ pub struct Transfer {
 /// How a read plan uses the read cache.
 struct CacheUse {
     cache: Arc<ReadCache>,
+    /// The pool's count of data bytes read from it (a copy that fails its
+    /// check is read from the pool).
+    pool_reads: Arc<AtomicU64>,
     /// Blocks read from the pool to offer it: (pool block, anchor, bytes
     /// of the buffer).
     offers: Vec<(u64, Anchor, Range<usize>)>,
@@ -103,6 +107,13 @@ impl IoPlan {
                 if c.cache.read(hit, &mut buf[r.clone()]) {
                     continue;
                 }
+                // The copy failed its check (and is gone): the pool's
+                // block, copied in again under the same version.
+                self.dev.read_at(&mut buf[r.clone()], t.device_offset)?;
+                c.pool_reads.fetch_add(r.len() as u64, Ordering::Relaxed);
+                c.cache
+                    .offer(t.device_offset / BLOCK_SIZE_U64, hit.anchor(), &buf[r]);
+                continue;
             }
             self.dev.read_at(&mut buf[r], t.device_offset)?;
         }
@@ -251,6 +262,7 @@ pub(super) fn plan_read(
         cache: cache.filter(|_| uses_cache).map(|cache| {
             Box::new(CacheUse {
                 cache: cache.clone(),
+                pool_reads: pool.data_read_counter(),
                 offers,
             })
         }),
