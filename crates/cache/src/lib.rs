@@ -21,7 +21,11 @@
 //!   of a disk does not push out the blocks every clone's boot reads.
 //! - **Off the request path**: [`ReadCache::offer`] copies the block into
 //!   a bounded queue (full: the copy is dropped) that one filler thread
-//!   writes out; lookups never wait for the device.
+//!   writes out; until then lookups find the copy in memory. Lookups never
+//!   wait for the device.
+//! - **One pool read per block in a storm**: readers that miss fetch under
+//!   [`ReadCache::lock_fetches`], so that many clones reading one block at
+//!   once read it from the pool once and the others from memory.
 //!
 //! Invariants: a slot is in the map or the free list, never both (one
 //! filler thread takes and fills slots; evictions and dropped copies give
@@ -35,7 +39,7 @@ use parallax_device::{AlignedBuf, BlockDevice};
 use parking_lot::Mutex;
 use quick_cache::sync::Cache;
 use quick_cache::{Lifecycle, UnitWeighter};
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
@@ -65,21 +69,30 @@ struct Entry {
 }
 
 /// A copy found by [`ReadCache::lookup`]: read it with
-/// [`ReadCache::read`], or read [`Hit::offset`] of [`ReadCache::device`]
-/// yourself and check the bytes with [`ReadCache::verify`].
-#[derive(Debug, Clone, Copy)]
+/// [`ReadCache::read`].
+#[derive(Debug, Clone)]
 pub struct Hit {
     pub addr: u64,
-    slot: u32,
     anchor: Anchor,
-    crc: u32,
-    offset: u64,
+    source: Source,
+}
+
+#[derive(Debug, Clone)]
+enum Source {
+    /// On the device, checked against `crc` when read.
+    Slot { slot: u32, crc: u32, offset: u64 },
+    /// Offered and not written yet: the bytes read from the pool.
+    Memory(Arc<[u8]>),
 }
 
 impl Hit {
-    /// Byte offset of the copy on the cache device.
-    pub fn offset(&self) -> u64 {
-        self.offset
+    /// Byte offset of the copy on the cache device; `None` for a copy
+    /// still in memory, on its way there.
+    pub fn offset(&self) -> Option<u64> {
+        match self.source {
+            Source::Slot { offset, .. } => Some(offset),
+            Source::Memory(_) => None,
+        }
     }
 
     /// The version the copy is filed under (one the reader accepted: a
@@ -144,13 +157,30 @@ struct Inner {
     /// The index as on the device, and the index blocks changed since
     /// they were last written (filler thread only).
     index: Mutex<(Vec<u8>, BTreeSet<u64>)>,
+    /// Copies offered and not written yet, served from memory meanwhile
+    /// (one per queued fill at most).
+    pending: Mutex<HashMap<u64, Pending>>,
+    /// [`ReadCache::lock_fetches`]'s stripes.
+    fetching: Vec<Mutex<()>>,
     counters: Counters,
 }
+
+/// A copy on its way to the device: its anchor and bytes.
+type Pending = (Anchor, Arc<[u8]>);
+
+/// Stripes of [`ReadCache::lock_fetches`].
+const FETCH_STRIPES: usize = 256;
 
 struct Fill {
     addr: u64,
     anchor: Anchor,
-    data: Box<[u8]>,
+    data: Arc<[u8]>,
+}
+
+/// Held while a reader fetches blocks from the pool: see
+/// [`ReadCache::lock_fetches`].
+pub struct FetchGuard<'a> {
+    _held: Vec<parking_lot::MutexGuard<'a, ()>>,
 }
 
 /// Work for the filler thread, in order.
@@ -248,6 +278,8 @@ impl ReadCache {
             map,
             free,
             index: Mutex::new((index.to_vec(), BTreeSet::new())),
+            pending: Mutex::new(HashMap::new()),
+            fetching: (0..FETCH_STRIPES).map(|_| Mutex::new(())).collect(),
             counters: Counters::default(),
         });
         let (tx, rx) = sync_channel(FILL_QUEUE);
@@ -275,22 +307,41 @@ impl ReadCache {
     /// A copy of pool block `addr` under an anchor `accept` takes. Never
     /// touches the device. Counts a hit or a miss.
     pub fn lookup(&self, addr: u64, accept: impl Fn(&Anchor) -> bool) -> Option<Hit> {
-        let c = &self.inner.counters;
-        match self.inner.map.get(&addr).filter(|e| accept(&e.anchor)) {
-            Some(e) => {
-                c.hits.fetch_add(1, Ordering::Relaxed);
-                Some(Hit {
+        let hit = self.probe(addr, accept);
+        self.count(hit.is_some(), 1);
+        hit
+    }
+
+    /// [`ReadCache::lookup`] without counting (see [`ReadCache::count`]).
+    pub fn probe(&self, addr: u64, accept: impl Fn(&Anchor) -> bool) -> Option<Hit> {
+        if let Some((anchor, data)) = self.inner.pending.lock().get(&addr) {
+            if accept(anchor) {
+                return Some(Hit {
                     addr,
-                    slot: e.slot,
-                    anchor: e.anchor,
-                    crc: e.crc,
-                    offset: self.inner.geometry.slot_offset(e.slot),
-                })
+                    anchor: *anchor,
+                    source: Source::Memory(data.clone()),
+                });
             }
-            None => {
-                c.misses.fetch_add(1, Ordering::Relaxed);
-                None
-            }
+        }
+        let e = self.inner.map.get(&addr).filter(|e| accept(&e.anchor))?;
+        Some(Hit {
+            addr,
+            anchor: e.anchor,
+            source: Source::Slot {
+                slot: e.slot,
+                crc: e.crc,
+                offset: self.inner.geometry.slot_offset(e.slot),
+            },
+        })
+    }
+
+    /// Counts `n` lookups made with [`ReadCache::probe`] as hits or misses.
+    pub fn count(&self, hit: bool, n: u64) {
+        let c = &self.inner.counters;
+        if hit {
+            c.hits.fetch_add(n, Ordering::Relaxed);
+        } else {
+            c.misses.fetch_add(n, Ordering::Relaxed);
         }
     }
 
@@ -298,38 +349,61 @@ impl ReadCache {
     /// check or the device failed (the copy is dropped then): read the
     /// pool instead.
     pub fn read(&self, hit: &Hit, buf: &mut [u8]) -> bool {
-        match self.inner.dev.read_at(buf, hit.offset) {
-            Ok(()) => self.verify(hit, buf),
-            Err(_) => {
-                self.inner.counters.errors.fetch_add(1, Ordering::Relaxed);
-                self.drop_copy(hit);
-                false
+        let (slot, crc, offset) = match &hit.source {
+            Source::Memory(data) => {
+                if buf.len() != data.len() {
+                    return false;
+                }
+                buf.copy_from_slice(data);
+                return true;
             }
+            Source::Slot { slot, crc, offset } => (*slot, *crc, *offset),
+        };
+        if self.inner.dev.read_at(buf, offset).is_err() {
+            self.inner.counters.errors.fetch_add(1, Ordering::Relaxed);
+            self.drop_copy(hit.addr, slot, crc);
+            return false;
         }
-    }
-
-    /// Whether `data`, read from [`Hit::offset`], is the copy the hit
-    /// names. If not, the copy is dropped (and counted as corrupt).
-    pub fn verify(&self, hit: &Hit, data: &[u8]) -> bool {
-        if data.len() == BLOCK && data_crc(hit.addr, &hit.anchor, data) == hit.crc {
+        if buf.len() == BLOCK && data_crc(hit.addr, &hit.anchor, buf) == crc {
             return true;
         }
         self.inner.counters.corrupt.fetch_add(1, Ordering::Relaxed);
-        self.drop_copy(hit);
+        self.drop_copy(hit.addr, slot, crc);
         false
     }
 
-    /// Forgets the copy a hit names, if the map still holds that one (the
+    /// Forgets the copy in `slot`, if the map still holds that one (the
     /// slot may have been refilled for another block meanwhile).
-    fn drop_copy(&self, hit: &Hit) {
-        let same = |e: &Entry| e.slot == hit.slot && e.crc == hit.crc;
-        if let Some((_, e)) = self.inner.map.remove_if(&hit.addr, same) {
+    fn drop_copy(&self, addr: u64, slot: u32, crc: u32) {
+        let same = |e: &Entry| e.slot == slot && e.crc == crc;
+        if let Some((_, e)) = self.inner.map.remove_if(&addr, same) {
             self.inner.free.lock().push(e.slot);
         }
     }
 
+    /// Keeps other readers from fetching the blocks `addrs` from the pool
+    /// while the caller does (a boot storm: many clones read one block at
+    /// once). The caller probes again under the guard, reads what is still
+    /// missing and offers it: the others then find it in memory. Stripes
+    /// are taken in order, so two callers never wait for each other.
+    pub fn lock_fetches(&self, addrs: &[u64]) -> FetchGuard<'_> {
+        let mut stripes: Vec<usize> = addrs
+            .iter()
+            .map(|a| (a.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 56) as usize % FETCH_STRIPES)
+            .collect();
+        stripes.sort_unstable();
+        stripes.dedup();
+        FetchGuard {
+            _held: stripes
+                .into_iter()
+                .map(|i| self.inner.fetching[i].lock())
+                .collect(),
+        }
+    }
+
     /// Queues a copy of pool block `addr` (one block), read through a
-    /// version `anchor` names. Never waits: dropped if the queue is full.
+    /// version `anchor` names; until it is written, lookups find it in
+    /// memory. Never waits: dropped if the queue is full.
     pub fn offer(&self, addr: u64, anchor: Anchor, data: &[u8]) {
         if data.len() != BLOCK {
             return;
@@ -342,18 +416,28 @@ impl ReadCache {
         {
             return;
         }
-        let fills = self.fills.lock();
-        let Some(tx) = fills.as_ref() else {
-            return;
-        };
-        let fill = Fill {
-            addr,
-            anchor,
-            data: data.into(),
-        };
-        if let Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) =
-            tx.try_send(Job::Fill(fill))
+        let data: Arc<[u8]> = data.into();
         {
+            let mut pending = self.inner.pending.lock();
+            if pending.get(&addr).is_some_and(|(a, _)| *a == anchor) {
+                return;
+            }
+            pending.insert(addr, (anchor, data.clone()));
+        }
+        let fills = self.fills.lock();
+        let fill = Fill { addr, anchor, data };
+        let refused = match fills.as_ref() {
+            Some(tx) => match tx.try_send(Job::Fill(fill)) {
+                Ok(()) => None,
+                Err(
+                    TrySendError::Full(Job::Fill(f)) | TrySendError::Disconnected(Job::Fill(f)),
+                ) => Some(f),
+                Err(_) => None,
+            },
+            None => Some(fill),
+        };
+        if let Some(f) = refused {
+            self.inner.unpend(&f);
             self.inner.counters.dropped.fetch_add(1, Ordering::Relaxed);
         }
     }
@@ -412,7 +496,8 @@ impl Inner {
             while let Some(job) = next.take() {
                 match job {
                     Job::Fill(f) => {
-                        self.store(f);
+                        self.store(&f);
+                        self.unpend(&f);
                         filled += 1;
                     }
                     Job::Sync(ack) => {
@@ -430,8 +515,19 @@ impl Inner {
         let _ = self.dev.flush();
     }
 
+    /// Forgets the in-memory copy of `f` (if it is still that one).
+    fn unpend(&self, f: &Fill) {
+        let mut pending = self.pending.lock();
+        if pending
+            .get(&f.addr)
+            .is_some_and(|(_, d)| Arc::ptr_eq(d, &f.data))
+        {
+            pending.remove(&f.addr);
+        }
+    }
+
     /// Writes one copy into a free slot and enters it (filler thread only).
-    fn store(&self, f: Fill) {
+    fn store(&self, f: &Fill) {
         if self.map.peek(&f.addr).is_some_and(|e| e.anchor == f.anchor) {
             return;
         }

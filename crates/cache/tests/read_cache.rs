@@ -68,7 +68,8 @@ fn a_damaged_copy_or_index_entry_is_a_miss() {
     }
     cache.sync();
     let hit = cache.lookup(12, |_| true).unwrap();
-    dev.write_at(&[0x5a; 512], hit.offset() + 1024).unwrap();
+    dev.write_at(&[0x5a; 512], hit.offset().unwrap() + 1024)
+        .unwrap();
     let mut buf = vec![0u8; BLOCK];
     assert!(!cache.read(&hit, &mut buf), "a damaged copy was served");
     assert_eq!(cache.stats().corrupt, 1);
@@ -103,7 +104,7 @@ fn a_slot_reused_for_another_block_never_serves_the_old_one() {
     cache.offer(10, anchor(1), &block(10));
     cache.sync();
     let hit = cache.lookup(10, |_| true).unwrap();
-    dev.write_at(&block(11), hit.offset()).unwrap();
+    dev.write_at(&block(11), hit.offset().unwrap()).unwrap();
     let mut buf = vec![0u8; BLOCK];
     assert!(!cache.read(&hit, &mut buf));
 }

@@ -316,7 +316,6 @@ pub(super) fn read_tree(
     if let Some(disk) = disk {
         disk.overlay_fresh(first, &mut found);
     }
-    let cache = pool.read_cache();
     let read = |addr: u64, out: &mut [u8]| {
         pool.count_data_read(out.len() as u64);
         pool.meta()
@@ -324,60 +323,54 @@ pub(super) fn read_tree(
             .read_at(out, addr * BLOCK_SIZE_U64)
             .map_err(Error::io(format!("reading data block {addr}")))
     };
+    let cache = pool.read_cache();
     // Whole mapped blocks are read in runs of consecutive addresses, each
     // with one `read_at` straight into the caller's buffer; cached copies
     // straight into it too.
     let mut runs = Runs::default();
     let mut partial = Vec::new();
-    // Whole blocks read from the pool to offer to the cache afterwards.
-    let mut offers = Vec::new();
+    // Cacheable blocks the cache does not hold: fetched below.
+    let mut missed = Vec::new();
     for ((_, within, r), (entry, writable)) in pieces(offset, buf.len()).zip(found) {
         if entry.is_null() {
             buf[r].fill(0);
             continue;
         }
         let addr = entry.addr();
-        let anchor = cache.and_then(|_| scope.cacheable(writable));
-        if let (Some(cache), Some(_)) = (cache, anchor) {
-            if r.len() == BLOCK_SIZE {
-                if let Some(hit) = cache.lookup(addr, |a| scope.accepts(a)) {
-                    if cache.read(&hit, &mut buf[r.clone()]) {
-                        continue;
+        match (cache, scope.cacheable(writable)) {
+            (Some(cache), Some(anchor)) => {
+                let hit = cache.lookup(addr, |a| scope.accepts(a));
+                if r.len() == BLOCK_SIZE {
+                    if let Some(hit) = hit {
+                        if cache.read(&hit, &mut buf[r.clone()]) {
+                            continue;
+                        }
                     }
                 }
+                missed.push((within, r, addr, anchor));
             }
-        }
-        if r.len() == BLOCK_SIZE {
-            if let Some(anchor) = anchor {
-                offers.push((addr, anchor, r.clone()));
-            }
-            runs.push_range(r, addr);
-        } else {
-            partial.push((within, r, addr, anchor));
+            _ if r.len() == BLOCK_SIZE => runs.push_range(r, addr),
+            _ => partial.push((within, r, addr)),
         }
     }
     for run in runs.0 {
         read(run.addr, &mut buf[run.bytes()])?;
     }
-    if let Some(cache) = cache {
-        for (addr, anchor, r) in offers {
-            cache.offer(addr, anchor, &buf[r]);
-        }
+    let mut block = parallax_device::AlignedBuf::zeroed(BLOCK_SIZE);
+    for (within, r, addr) in partial {
+        read(addr, &mut block)?;
+        buf[r.clone()].copy_from_slice(&block[within..within + r.len()]);
     }
-    if !partial.is_empty() {
-        let mut block = parallax_device::AlignedBuf::zeroed(BLOCK_SIZE);
-        for (within, r, addr, anchor) in partial {
-            let hit = match (cache, anchor) {
-                (Some(cache), Some(_)) => cache
-                    .lookup(addr, |a| scope.accepts(a))
-                    .filter(|hit| cache.read(hit, &mut block)),
-                _ => None,
-            };
-            if hit.is_none() {
+    if let Some(cache) = cache.filter(|_| !missed.is_empty()) {
+        // One reader fetches a block from the pool, the others wait and
+        // find it in memory (a boot storm reads each block once).
+        let addrs: Vec<u64> = missed.iter().map(|m| m.2).collect();
+        let _fetching = cache.lock_fetches(&addrs);
+        for (within, r, addr, anchor) in missed {
+            let hit = cache.probe(addr, |a| scope.accepts(a));
+            if !hit.is_some_and(|hit| cache.read(&hit, &mut block)) {
                 read(addr, &mut block)?;
-                if let (Some(cache), Some(anchor)) = (cache, anchor) {
-                    cache.offer(addr, anchor, &block);
-                }
+                cache.offer(addr, anchor, &block);
             }
             buf[r.clone()].copy_from_slice(&block[within..within + r.len()]);
         }

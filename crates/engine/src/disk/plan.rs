@@ -24,6 +24,8 @@
 //!   keeps them.
 //! - Planning never blocks: it takes the lock with `try_read` and uses
 //!   cached tree nodes only; `None` sends the caller to the blocking path.
+//!   So does a read of a block the read cache should hold and does not
+//!   (see `cached.rs`): the blocking path fetches it once for every reader.
 
 use crate::disk::cached::CacheScope;
 use crate::disk::data::{check_io_range, Runs, FRESH_FOLD_AT};
@@ -32,7 +34,7 @@ use crate::disk::{Owner, Vdi};
 use crate::error::Result;
 use crate::pool::Pool;
 use crate::tree::Tree;
-use parallax_cache::{Anchor, Hit, ReadCache};
+use parallax_cache::{Hit, ReadCache};
 use parallax_device::BlockDevice;
 use parallax_format::{Ptr, BLOCK_SIZE, BLOCK_SIZE_U64};
 use parking_lot::{ArcRwLockReadGuard, RawRwLock};
@@ -58,9 +60,6 @@ struct CacheUse {
     /// The pool's count of data bytes read from it (a copy that fails its
     /// check is read from the pool).
     pool_reads: Arc<AtomicU64>,
-    /// Blocks read from the pool to offer it: (pool block, anchor, bytes
-    /// of the buffer).
-    offers: Vec<(u64, Anchor, Range<usize>)>,
 }
 
 /// See the module documentation. Keep it until every transfer has
@@ -70,8 +69,7 @@ pub struct IoPlan {
     /// Read only: ranges of the buffer that read as zeros.
     pub zeros: Vec<Range<usize>>,
     dev: Arc<dyn BlockDevice>,
-    /// Read only: the read cache, if the plan reads copies from it or
-    /// offers it blocks.
+    /// Read only: the read cache, if the plan reads copies from it.
     cache: Option<Box<CacheUse>>,
     /// Write only: (virtual block, new data block) for the blocks the write
     /// allocated; they join the disk in [`IoPlan::finish`].
@@ -83,9 +81,8 @@ pub struct IoPlan {
 
 impl IoPlan {
     /// The file descriptor to transfer to or from, if the device has one
-    /// and every transfer is on it: a plan that uses the read cache runs
-    /// through [`IoPlan::execute`], which checks the copies and fills the
-    /// cache.
+    /// and every transfer is on it: a plan that reads from the read cache
+    /// runs through [`IoPlan::execute`], which checks the copies.
     pub fn fd(&self) -> Option<std::os::fd::RawFd> {
         if self.cache.is_some() {
             return None;
@@ -120,11 +117,6 @@ impl IoPlan {
         if !write {
             for z in &self.zeros {
                 buf[z.clone()].fill(0);
-            }
-            if let Some(c) = &self.cache {
-                for (addr, anchor, r) in &c.offers {
-                    c.cache.offer(*addr, *anchor, &buf[r.clone()]);
-                }
             }
         }
         Ok(())
@@ -225,7 +217,6 @@ pub(super) fn plan_read(
     let mut runs = Runs::default();
     let mut zeros: Vec<Range<usize>> = Vec::new();
     let mut hits = Vec::new();
-    let mut offers = Vec::new();
     let mut from_pool = 0u64;
     for (k, (entry, writable)) in found.into_iter().enumerate() {
         let start = k * BLOCK_SIZE;
@@ -237,35 +228,38 @@ pub(super) fn plan_read(
             continue;
         }
         let addr = entry.addr();
-        if let (Some(cache), Some(anchor)) = (cache, scope.cacheable(writable)) {
-            if let Some(hit) = cache.lookup(addr, |a| scope.accepts(a)) {
-                hits.push(Transfer {
-                    device_offset: addr * BLOCK_SIZE_U64,
-                    buf: start..start + BLOCK_SIZE,
-                    cached: Some(hit),
-                });
-                continue;
-            }
-            offers.push((addr, anchor, start..start + BLOCK_SIZE));
+        if let (Some(cache), Some(_)) = (cache, scope.cacheable(writable)) {
+            // A block the cache does not hold is fetched on the blocking
+            // path, where readers of one block wait for one pool read.
+            let hit = cache.probe(addr, |a| scope.accepts(a));
+            let Some(hit) = hit else {
+                return Ok(None);
+            };
+            hits.push(Transfer {
+                device_offset: addr * BLOCK_SIZE_U64,
+                buf: start..start + BLOCK_SIZE,
+                cached: Some(hit),
+            });
+            continue;
         }
         from_pool += BLOCK_SIZE_U64;
         runs.push(k as u64, addr);
     }
     pool.count_data_read(from_pool);
-    let uses_cache = !hits.is_empty() || !offers.is_empty();
     let mut transfers = runs.into_transfers();
+    let cache = cache.filter(|_| !hits.is_empty()).map(|cache| {
+        cache.count(true, hits.len() as u64);
+        Box::new(CacheUse {
+            cache: cache.clone(),
+            pool_reads: pool.data_read_counter(),
+        })
+    });
     transfers.extend(hits);
     Ok(Some(IoPlan {
         transfers,
         zeros,
         dev: pool.meta().dev.clone(),
-        cache: cache.filter(|_| uses_cache).map(|cache| {
-            Box::new(CacheUse {
-                cache: cache.clone(),
-                pool_reads: pool.data_read_counter(),
-                offers,
-            })
-        }),
+        cache,
         links: Vec::new(),
         disk: None,
         pin: None,
