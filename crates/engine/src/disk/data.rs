@@ -339,13 +339,12 @@ pub(super) fn read_tree(
         let addr = entry.addr();
         match (cache, scope.cacheable(writable)) {
             (Some(cache), Some(anchor)) => {
-                let hit = cache.lookup(addr, |a| scope.accepts(a));
-                if r.len() == BLOCK_SIZE {
-                    if let Some(hit) = hit {
-                        if cache.read(&hit, &mut buf[r.clone()]) {
-                            continue;
-                        }
-                    }
+                // Counted once known: a miss is a block fetched below.
+                let hit = cache.probe(addr, |a| scope.accepts(a));
+                if r.len() == BLOCK_SIZE && hit.is_some_and(|h| cache.read(&h, &mut buf[r.clone()]))
+                {
+                    cache.count(true, 1);
+                    continue;
                 }
                 missed.push((within, r, addr, anchor));
             }
@@ -366,13 +365,32 @@ pub(super) fn read_tree(
         // find it in memory (a boot storm reads each block once).
         let addrs: Vec<u64> = missed.iter().map(|m| m.2).collect();
         let _fetching = cache.lock_fetches(&addrs);
+        let mut runs = Runs::default();
+        let mut fetched = Vec::new();
         for (within, r, addr, anchor) in missed {
             let hit = cache.probe(addr, |a| scope.accepts(a));
-            if !hit.is_some_and(|hit| cache.read(&hit, &mut block)) {
+            if r.len() == BLOCK_SIZE {
+                let found = hit.is_some_and(|hit| cache.read(&hit, &mut buf[r.clone()]));
+                cache.count(found, 1);
+                if !found {
+                    runs.push_range(r.clone(), addr);
+                    fetched.push((addr, anchor, r));
+                }
+                continue;
+            }
+            let found = hit.is_some_and(|hit| cache.read(&hit, &mut block));
+            cache.count(found, 1);
+            if !found {
                 read(addr, &mut block)?;
                 cache.offer(addr, anchor, &block);
             }
             buf[r.clone()].copy_from_slice(&block[within..within + r.len()]);
+        }
+        for run in runs.0 {
+            read(run.addr, &mut buf[run.bytes()])?;
+        }
+        for (addr, anchor, r) in fetched {
+            cache.offer(addr, anchor, &buf[r]);
         }
     }
     Ok(())
