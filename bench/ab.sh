@@ -7,7 +7,11 @@
 #   bash bench/ab.sh OLD_BINARY NEW_BINARY
 #   ROUNDS=5 RUNTIME=4 JOBS="randread:1 randwrite:32 randread:32" bash bench/ab.sh ...
 #
-# SERVE_ARGS adds options to both daemons' `serve` (for example --direct).
+# SERVE_ARGS adds options to both daemons' `serve` (for example --direct),
+# NEW_SERVE_ARGS to the new one's only (the same binary twice then compares
+# options: NEW_SERVE_ARGS="--cache /var/tmp/c.bin --cache-size 2G").
+# SNAPSHOT_AFTER_FILL=1 snapshots the disk once filled, so that every block
+# is shared with the snapshot (what the read cache may hold).
 # SCHEDULE="10ms 100" switches a snapshot schedule (every 10 ms, keep-last
 # 100) on for each run and off after it, as scenario g does, and prints how
 # many snapshots each run took.
@@ -17,6 +21,7 @@ NEW=${2:?usage: bench/ab.sh OLD_BINARY NEW_BINARY}
 ROUNDS=${ROUNDS:-5} RUNTIME=${RUNTIME:-4}
 JOBS=${JOBS:-"randread:1 randwrite:32 randread:32"}
 SERVE_ARGS=${SERVE_ARGS:-} SCHEDULE=${SCHEDULE:-}
+NEW_SERVE_ARGS=${NEW_SERVE_ARGS:-} SNAPSHOT_AFTER_FILL=${SNAPSHOT_AFTER_FILL:-}
 DIR=$(mktemp -d "${BENCH_DIR:-/var/tmp}/parallax-ab.XXXXXX")
 PIDS=()
 cleanup() {
@@ -25,11 +30,11 @@ cleanup() {
     rm -rf "$DIR"
 }
 trap cleanup EXIT
-declare -A BIN=([old]="$OLD" [new]="$NEW")
+declare -A BIN=([old]="$OLD" [new]="$NEW") EXTRA=([old]="" [new]="$NEW_SERVE_ARGS")
 for v in old new; do
     "${BIN[$v]}" --store "$DIR/$v.px" init --size 2G >/dev/null
-    # shellcheck disable=SC2086 # SERVE_ARGS is a list of options
-    "${BIN[$v]}" --store "$DIR/$v.px" serve $SERVE_ARGS --nbd-listen none --nbd-socket "$DIR/$v.sock" \
+    # shellcheck disable=SC2086 # SERVE_ARGS and EXTRA are lists of options
+    "${BIN[$v]}" --store "$DIR/$v.px" serve $SERVE_ARGS ${EXTRA[$v]} --nbd-listen none --nbd-socket "$DIR/$v.sock" \
         >"$DIR/$v.log" 2>&1 &
     PIDS+=($!)
 done
@@ -39,6 +44,9 @@ for v in old new; do
     fio --name=fill --ioengine=nbd --uri="nbd+unix:///d?socket=$DIR/$v.sock" --size=1G \
         --rw=write --bs=1M --iodepth=8 --refill_buffers --buffer_compress_percentage=0 \
         --output-format=json >/dev/null 2>&1
+    if [ -n "$SNAPSHOT_AFTER_FILL" ]; then
+        "${BIN[$v]}" --store "$DIR/$v.px" snapshot d@filled >/dev/null
+    fi
 done
 iops() { # rw iodepth socket
     fio --name=ab --ioengine=nbd --uri="nbd+unix:///d?socket=$3" --size=1G --rw="$1" --bs=4k \

@@ -69,7 +69,8 @@ struct Entry {
 }
 
 /// A copy found by [`ReadCache::lookup`]: read it with
-/// [`ReadCache::read`].
+/// [`ReadCache::read`], or read [`Hit::offset`] of [`ReadCache::device`]
+/// yourself and check it with [`ReadCache::verify`].
 #[derive(Debug, Clone)]
 pub struct Hit {
     pub addr: u64,
@@ -364,7 +365,18 @@ impl ReadCache {
             self.drop_copy(hit.addr, slot, crc);
             return false;
         }
-        if buf.len() == BLOCK && data_crc(hit.addr, &hit.anchor, buf) == crc {
+        self.verify(hit, buf)
+    }
+
+    /// Whether `data`, read from [`Hit::offset`] by the caller, is the copy
+    /// the hit names. If not, the copy is dropped (and counted as corrupt):
+    /// read the pool instead.
+    pub fn verify(&self, hit: &Hit, data: &[u8]) -> bool {
+        let (slot, crc) = match &hit.source {
+            Source::Memory(mem) => return **mem == *data,
+            Source::Slot { slot, crc, .. } => (*slot, *crc),
+        };
+        if data.len() == BLOCK && data_crc(hit.addr, &hit.anchor, data) == crc {
             return true;
         }
         self.inner.counters.corrupt.fetch_add(1, Ordering::Relaxed);

@@ -35,8 +35,8 @@ mod tree;
 
 pub use coord::{CatalogLock, Coordinator, MemCluster, MemCoordinator};
 pub use disk::{
-    DeleteReport, Durability, Extent, IoPlan, ReadDisk, SnapshotView, Transfer, Vdi, VdiInfo,
-    MAX_VDI_SIZE,
+    CopyChecks, DeleteReport, Durability, Extent, FdTransfer, IoPlan, ReadDisk, SnapshotView,
+    Transfer, Vdi, VdiInfo, MAX_VDI_SIZE,
 };
 pub use error::{Error, Result};
 pub use lineage::SnapshotInfo;

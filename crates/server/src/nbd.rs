@@ -46,7 +46,7 @@ use crate::metrics::{self, DiskMetrics};
 use crate::service::Service;
 use crate::uring::{Direction, Uring};
 use parallax_device::AlignedBuf;
-use parallax_engine::{DiskRef, Error as EngineError, IoPlan, ReadDisk, Vdi};
+use parallax_engine::{DiskRef, Error as EngineError, FdTransfer, IoPlan, ReadDisk, Vdi};
 use parallax_nbd::handshake::{
     BlockSizes, Config as HandshakeConfig, ExportInfo, Exports, Handshake, HandshakeError,
     Negotiated, Progress, TlsMode,
@@ -750,7 +750,8 @@ impl Job {
 /// A READ or WRITE planned by the engine, carried by io_uring when there
 /// is a ring and a file, by the device's own calls otherwise.
 struct Planned {
-    uring: Option<Arc<Uring>>,
+    /// The ring, and the plan's transfers by file descriptor.
+    uring: Option<(Arc<Uring>, Vec<FdTransfer>)>,
     direction: Direction,
     plan: IoPlan,
 }
@@ -781,7 +782,10 @@ fn plan_async(ctx: &Connection, req: &Request) -> Option<Planned> {
         _ => return None,
     };
     let plan = plan.ok()??;
-    let uring = ctx.uring.clone().filter(|_| plan.fd().is_some());
+    let uring = match &ctx.uring {
+        Some(u) => plan.fd_transfers().map(|t| (u.clone(), t)),
+        None => None,
+    };
     Some(Planned {
         uring,
         direction,
@@ -846,7 +850,7 @@ impl Job {
             direction,
             mut plan,
         } = planned;
-        let (Some(uring), Some(fd)) = (uring, plan.fd()) else {
+        let Some((uring, transfers)) = uring else {
             return self.run_planned(
                 Planned {
                     uring: None,
@@ -861,12 +865,14 @@ impl Job {
             Direction::Read => BufPool::global().take(req.length as usize),
             Direction::Write => payload,
         };
-        let transfers = std::mem::take(&mut plan.transfers);
         let zeros = std::mem::take(&mut plan.zeros);
-        let (mut buf, outcome) = uring
-            .run(direction, fd, buf, &transfers, Box::new(plan))
-            .await;
+        let copies = plan.take_copy_checks();
+        let (mut buf, outcome) = uring.run(direction, buf, &transfers, Box::new(plan)).await;
         if let Err(e) = outcome {
+            return self.retry_blocking(direction, buf, &e);
+        }
+        if copies.is_some_and(|c| !c.verify(&buf)) {
+            let e = io::Error::other("a copy in the read cache failed its check");
             return self.retry_blocking(direction, buf, &e);
         }
         if direction == Direction::Read {

@@ -1,7 +1,8 @@
 //! Asynchronous reads and writes of the store file through io_uring.
 //!
 //! The NBD data path plans a request with the engine ([`IoPlan`]: which
-//! byte ranges of the store file to move, with the disk pinned) and hands
+//! byte ranges of the store file, or of the read cache's file for copies
+//! it holds, to move, with the disk pinned) and hands
 //! the transfers here instead of blocking a thread on `pread`/`pwrite`.
 //! One ring serves the whole daemon:
 //!
@@ -29,9 +30,9 @@
 //! blocking thread pool instead.
 
 use parallax_device::AlignedBuf;
-use parallax_engine::{IoPlan, Transfer};
+use parallax_engine::{FdTransfer, IoPlan};
 use std::io;
-use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::{Arc, Mutex, PoisonError};
 use tokio::sync::oneshot;
 
@@ -185,9 +186,8 @@ impl Uring {
     pub async fn run(
         &self,
         direction: Direction,
-        fd: RawFd,
         buf: AlignedBuf,
-        transfers: &[Transfer],
+        transfers: &[FdTransfer],
         keep: Box<dyn Completion>,
     ) -> (AlignedBuf, io::Result<()>) {
         if transfers.is_empty() {
@@ -203,7 +203,7 @@ impl Uring {
             let e = io::Error::other("transfer list does not fit the ring or the buffer");
             return (buf, Err(e));
         }
-        let finished = match self.start(direction, fd, buf, transfers, keep) {
+        let finished = match self.start(direction, buf, transfers, keep) {
             Ok(finished) => finished,
             Err(failed) => return failed,
         };
@@ -222,9 +222,8 @@ impl Uring {
     fn start(
         &self,
         direction: Direction,
-        fd: RawFd,
         mut buf: AlignedBuf,
-        transfers: &[Transfer],
+        transfers: &[FdTransfer],
         keep: Box<dyn Completion>,
     ) -> Result<oneshot::Receiver<(AlignedBuf, io::Result<()>)>, (AlignedBuf, io::Result<()>)> {
         let base = buf.as_mut_ptr();
@@ -237,7 +236,7 @@ impl Uring {
             keep: Some(keep),
             done: Some(done),
         });
-        if let Err(e) = self.submit(direction, fd, base, transfers, slot) {
+        if let Err(e) = self.submit(direction, base, transfers, slot) {
             let op = lock(&self.ops).remove(slot);
             let (buf, keep) = match op {
                 Some(o) => (o.buf, o.keep),
@@ -258,9 +257,8 @@ impl Uring {
     fn submit(
         &self,
         direction: Direction,
-        fd: RawFd,
         base: *mut u8,
-        transfers: &[Transfer],
+        transfers: &[FdTransfer],
         slot: usize,
     ) -> io::Result<()> {
         let _sq = lock(&self.sq_lock);
@@ -282,20 +280,21 @@ impl Uring {
             // operation completes.
             let ptr = unsafe { base.add(t.buf.start) };
             let len = t.buf.len() as u32;
-            let target = io_uring::types::Fd(fd);
+            let target = io_uring::types::Fd(t.fd);
             let entry = match direction {
                 Direction::Read => io_uring::opcode::Read::new(target, ptr, len)
-                    .offset(t.device_offset)
+                    .offset(t.offset)
                     .build(),
                 Direction::Write => io_uring::opcode::Write::new(target, ptr, len)
-                    .offset(t.device_offset)
+                    .offset(t.offset)
                     .build(),
             }
             .user_data(((slot as u64) << 32) | i as u64);
             // SAFETY: the entry's buffer stays valid and unaliased until
             // its completion is reaped (see above); the file descriptor
-            // stays open because `keep` (the plan, holding the store)
-            // lives until then too. Room was checked above.
+            // stays open because `keep` (the plan, holding the store and
+            // the read cache whose files the transfers name) lives until
+            // then too. Room was checked above.
             if unsafe { sq.push(&entry) }.is_err() {
                 // Unreachable (room was checked under the lock). Entries
                 // already pushed will complete: the operation waits for
@@ -461,20 +460,10 @@ mod tests {
             let mut buf = AlignedBuf::zeroed(8192);
             buf[..4096].fill(0xaa);
             buf[4096..].fill(0xbb);
-            let transfers = [
-                Transfer {
-                    device_offset: 65536,
-                    buf: 0..4096,
-                    cached: None,
-                },
-                Transfer {
-                    device_offset: 4096,
-                    buf: 4096..8192,
-                    cached: None,
-                },
-            ];
+            let at = |offset: u64, buf: std::ops::Range<usize>| FdTransfer { fd, offset, buf };
+            let transfers = [at(65536, 0..4096), at(4096, 4096..8192)];
             let (k, seen) = keep();
-            let (_, outcome) = uring.run(Direction::Write, fd, buf, &transfers, k).await;
+            let (_, outcome) = uring.run(Direction::Write, buf, &transfers, k).await;
             outcome.unwrap();
             assert_eq!(*lock(&seen), Some(true), "keep not completed as ok");
             let mut back = vec![0u8; 4096];
@@ -486,7 +475,6 @@ mod tests {
             let (buf, outcome) = uring
                 .run(
                     Direction::Read,
-                    fd,
                     AlignedBuf::zeroed(8192),
                     &transfers,
                     keep().0,
@@ -498,13 +486,9 @@ mod tests {
 
             // Past the end of the file: a short read is an error.
             let (k_past, seen_past) = keep();
-            let past = [Transfer {
-                device_offset: (1 << 20) - 4096,
-                buf: 0..8192,
-                cached: None,
-            }];
+            let past = [at((1 << 20) - 4096, 0..8192)];
             let (buf, outcome) = uring
-                .run(Direction::Read, fd, AlignedBuf::zeroed(8192), &past, k_past)
+                .run(Direction::Read, AlignedBuf::zeroed(8192), &past, k_past)
                 .await;
             assert!(outcome.is_err());
             assert_eq!(
@@ -517,31 +501,29 @@ mod tests {
             let (_, outcome) = uring
                 .run(
                     Direction::Read,
-                    -1,
                     AlignedBuf::zeroed(4096),
                     &past[..0],
                     keep().0,
                 )
                 .await;
             assert!(outcome.is_ok(), "no transfers, nothing to fail");
-            let one = [Transfer {
-                device_offset: 0,
+            let bad = [FdTransfer {
+                fd: 987_654,
+                offset: 0,
                 buf: 0..4096,
-                cached: None,
             }];
             let (_, outcome) = uring
-                .run(
-                    Direction::Read,
-                    987_654,
-                    AlignedBuf::zeroed(4096),
-                    &one,
-                    keep().0,
-                )
+                .run(Direction::Read, AlignedBuf::zeroed(4096), &bad, keep().0)
                 .await;
             assert!(outcome.is_err());
             // A transfer outside the buffer is refused before submission.
             let (_, outcome) = uring
-                .run(Direction::Read, fd, AlignedBuf::zeroed(100), &one, keep().0)
+                .run(
+                    Direction::Read,
+                    AlignedBuf::zeroed(100),
+                    &[at(0, 0..4096)],
+                    keep().0,
+                )
                 .await;
             assert!(outcome.is_err());
         });

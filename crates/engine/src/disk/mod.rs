@@ -35,7 +35,7 @@ use data::{check_io_range, count_mapped, pieces, tree_extents};
 use parallax_format::{validate_name, DiskRef, Schedule, BLOCK_SIZE, BLOCK_SIZE_U64};
 use std::sync::Arc;
 
-pub use plan::{IoPlan, Transfer};
+pub use plan::{CopyChecks, FdTransfer, IoPlan, Transfer};
 pub(crate) use reclaim::Holds;
 pub(crate) use state::{verify_allocated, Disk, DiskState, Origin};
 pub(crate) use view::{extents_at_root, read_at_root};

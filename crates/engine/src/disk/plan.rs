@@ -54,6 +54,35 @@ pub struct Transfer {
     pub cached: Option<Hit>,
 }
 
+/// A transfer of an [`IoPlan`] by file descriptor: see
+/// [`IoPlan::fd_transfers`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FdTransfer {
+    pub fd: std::os::fd::RawFd,
+    /// Byte offset in the file.
+    pub offset: u64,
+    /// Bytes of the caller's buffer it reads into or writes from.
+    pub buf: Range<usize>,
+}
+
+/// The copies a read plan takes from the read cache, to check once they
+/// were read by file descriptor ([`IoPlan::take_copy_checks`]).
+pub struct CopyChecks {
+    cache: Arc<ReadCache>,
+    copies: Vec<(Hit, Range<usize>)>,
+}
+
+impl CopyChecks {
+    /// Whether every copy in `buf` is right. If one is not (it is dropped
+    /// from the cache then), the caller reads again the slow way, which
+    /// goes to the pool for it.
+    pub fn verify(&self, buf: &[u8]) -> bool {
+        self.copies
+            .iter()
+            .all(|(hit, r)| self.cache.verify(hit, &buf[r.clone()]))
+    }
+}
+
 /// How a read plan uses the read cache.
 struct CacheUse {
     cache: Arc<ReadCache>,
@@ -80,14 +109,47 @@ pub struct IoPlan {
 }
 
 impl IoPlan {
-    /// The file descriptor to transfer to or from, if the device has one
-    /// and every transfer is on it: a plan that reads from the read cache
-    /// runs through [`IoPlan::execute`], which checks the copies.
-    pub fn fd(&self) -> Option<std::os::fd::RawFd> {
-        if self.cache.is_some() {
-            return None;
-        }
-        self.dev.raw_fd()
+    /// Every transfer as (file descriptor, offset, buffer range), for
+    /// callers that move the data themselves (io_uring): the pool's file,
+    /// or the read cache's for copies (check those with
+    /// [`IoPlan::take_copy_checks`] afterwards). `None` when one is not
+    /// behind a file descriptor (memory devices, a copy still in memory):
+    /// use [`IoPlan::execute`] then.
+    pub fn fd_transfers(&self) -> Option<Vec<FdTransfer>> {
+        let pool = self.dev.raw_fd()?;
+        let cache = self.cache.as_ref().and_then(|c| c.cache.device().raw_fd());
+        self.transfers
+            .iter()
+            .map(|t| {
+                Some(match &t.cached {
+                    None => FdTransfer {
+                        fd: pool,
+                        offset: t.device_offset,
+                        buf: t.buf.clone(),
+                    },
+                    Some(hit) => FdTransfer {
+                        fd: cache?,
+                        offset: hit.offset()?,
+                        buf: t.buf.clone(),
+                    },
+                })
+            })
+            .collect()
+    }
+
+    /// The checks of the copies this plan reads from the read cache, for a
+    /// caller that reads them through [`IoPlan::fd_transfers`].
+    pub fn take_copy_checks(&mut self) -> Option<CopyChecks> {
+        let c = self.cache.as_ref()?;
+        let copies = self
+            .transfers
+            .iter()
+            .filter_map(|t| Some((t.cached.clone()?, t.buf.clone())))
+            .collect();
+        Some(CopyChecks {
+            cache: c.cache.clone(),
+            copies,
+        })
     }
 
     /// Performs the transfers with the device's own calls: reads fill `buf`
@@ -401,7 +463,7 @@ mod tests {
         let store = store();
         let d = store.create_vdi("d", 1 << 20).unwrap();
         let plan = d.try_plan_write(8192, 8192).unwrap().expect("a plan");
-        assert!(plan.fd().is_none());
+        assert!(plan.fd_transfers().is_none());
         plan.execute(&mut vec![5; 8192], true).unwrap();
         plan.finish(true);
         let plan = d.try_plan_read(4096, 3 * 4096).unwrap().expect("a plan");
