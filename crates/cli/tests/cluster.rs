@@ -221,7 +221,9 @@ impl Cluster {
         serde_json::from_str(&self.ok(h, &a)).unwrap()
     }
 
-    /// Starts appliance `h` and waits until it answers.
+    /// Starts appliance `h` and waits until it answers. Each appliance
+    /// has its own read cache (kept across its restarts), so that reads of
+    /// snapshots and clones across hosts go through one.
     fn start(&self, h: u64) -> Proc {
         let log = std::fs::File::create(self.dir.path().join(format!("serve{h}.log"))).unwrap();
         let child = self
@@ -239,8 +241,12 @@ impl Cluster {
                     self.claim_wait,
                     "--etcd",
                     &self.etcd_url,
+                    "--cache-size",
+                    "64M",
                 ],
             )
+            .arg("--cache")
+            .arg(self.dir.path().join(format!("cache{h}.bin")))
             .arg("--nbd-socket")
             .arg(self.nbd_socket(h))
             .stdout(log.try_clone().unwrap())
@@ -722,6 +728,13 @@ fn snapshots_across_hosts(c: &Cluster) {
     assert!(
         status.success() && !said.contains("failed") && said.matches("read 2097152/").count() == 2,
         "host 2's reader: {said}"
+    );
+    // Host 2 read the snapshot of host 1's disk twice: the second time
+    // from its read cache (the snapshot pinned cluster-wide meanwhile).
+    let status = c.json(2, &["status"]);
+    assert!(
+        status["cache"]["hits"].as_u64().unwrap_or(0) >= 512,
+        "host 2's read cache: {status}"
     );
     // Let go: host 1's upkeep reclaims it (within its retry interval).
     let deadline = Instant::now() + Duration::from_secs(30);
