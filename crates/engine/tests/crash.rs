@@ -5,13 +5,16 @@
 //! open without repair, `check` must be clean, every disk must hold, block
 //! by block, either what was committed (flushed) or something written
 //! since, every snapshot taken before the cut must be intact, and `gc` must
-//! then reclaim every leaked block.
+//! then reclaim every leaked block. With a read cache on its own crash
+//! device (`power_cut_on_the_pool_and_the_read_cache`), the cache loses
+//! power at the same moment, and the reopened store reads through what is
+//! left of it: nothing it serves may differ from the above.
 
 mod common;
 
 use common::{InFlight, Op, Runner};
 use parallax_device::{BlockDevice, CrashDevice, CrashMode, MemDevice, SplitMix};
-use parallax_engine::{CreateOptions, OpenOptions, ReadDisk, Store};
+use parallax_engine::{CreateOptions, OpenOptions, ReadCache, ReadDisk, Store};
 use std::sync::Arc;
 
 const STORE_BYTES: u64 = 24 << 20;
@@ -145,21 +148,81 @@ fn fresh_store(dev: Arc<CrashDevice>) -> Store {
 /// (model and in-flight operation) as it stood then, or `None` if the power
 /// went while the store was being formatted.
 fn run(dev: &Arc<CrashDevice>, ops: &[Op]) -> Option<Runner> {
-    let mut runner = Runner::new(create(dev.clone()).ok()?);
+    run_with(dev, ops, None)
+}
+
+/// [`run`], with the store behind a read cache on `cache` (opened after the
+/// store is formatted), every disk and snapshot read after each operation
+/// so that the cache fills as the sequence goes.
+fn run_with(
+    dev: &Arc<CrashDevice>,
+    ops: &[Op],
+    cache: Option<&Arc<CrashDevice>>,
+) -> Option<Runner> {
+    let mut store = create(dev.clone()).ok()?;
+    if let Some(cache_dev) = cache {
+        drop(store);
+        let id = Store::peek_id(&**dev).ok()?;
+        let cache = Arc::new(ReadCache::open(cache_dev.clone(), id).ok()?);
+        let options = OpenOptions {
+            read_cache: Some(cache),
+            ..OpenOptions::default()
+        };
+        store = Store::open(dev.clone(), &options).ok()?;
+    }
+    let mut runner = Runner::new(store);
     let mut no_reopen = || -> Store { unreachable!("no reopen in crash sequences") };
     for op in ops {
         if runner.apply(op, &mut no_reopen).is_err() {
             assert!(dev.is_crashed(), "an operation failed without a power cut");
             break;
         }
+        if cache.is_some() && read_everything(&runner).is_err() {
+            assert!(dev.is_crashed(), "a read failed without a power cut");
+            break;
+        }
     }
     Some(runner)
 }
 
+/// Reads every disk and snapshot of the model once.
+fn read_everything(runner: &Runner) -> parallax_engine::Result<()> {
+    for (name, m) in &runner.model.disks {
+        let d = runner.store.open_vdi(name)?;
+        let mut buf = vec![0u8; m.data.len()];
+        d.read(&mut buf, 0)?;
+        for (s, content) in &m.snapshots {
+            let mut buf = vec![0u8; content.len()];
+            runner.store.open_snapshot(name, s)?.read(&mut buf, 0)?;
+        }
+    }
+    Ok(())
+}
+
 /// Reopens the durable image and checks everything the module doc promises.
 fn verify_after_crash(image: Vec<u8>, runner: &Runner, what: &str) {
+    verify_after_crash_with(image, None, runner, what);
+}
+
+/// [`verify_after_crash`], reading through a read cache opened on
+/// `cache_image` (what its device kept) when there is one. Returns how many
+/// reads that cache served while the disks and snapshots were checked.
+fn verify_after_crash_with(
+    image: Vec<u8>,
+    cache_image: Option<Vec<u8>>,
+    runner: &Runner,
+    what: &str,
+) -> u64 {
     let dev = Arc::new(MemDevice::from_bytes(image));
-    let store = match Store::open(dev.clone(), &OpenOptions::default()) {
+    let cache = cache_image.map(|c| {
+        let id = Store::peek_id(&*dev).unwrap();
+        Arc::new(ReadCache::open(Arc::new(MemDevice::from_bytes(c)), id).unwrap())
+    });
+    let options = OpenOptions {
+        read_cache: cache.clone(),
+        ..OpenOptions::default()
+    };
+    let store = match Store::open(dev.clone(), &options) {
         Ok(s) => s,
         Err(e) => panic!("{what}: the store does not open: {e}"),
     };
@@ -258,6 +321,7 @@ fn verify_after_crash(image: Vec<u8>, runner: &Runner, what: &str) {
             assert!(buf == *content, "{what}: snapshot {name}@{s} changed");
         }
     }
+    let served = store.read_cache_stats().map_or(0, |s| s.hits);
     // Leaks from the cut are found and returned.
     store.gc().unwrap();
     let report = store.check().unwrap();
@@ -286,7 +350,7 @@ fn verify_after_crash(image: Vec<u8>, runner: &Runner, what: &str) {
     assert!(report.is_clean(), "{what}: check after dropped handles");
     assert_eq!(report.leaked_blocks, 0, "{what}: dropped handles leaked");
     drop(store);
-    let store = Store::open(dev, &OpenOptions::default()).unwrap();
+    let store = Store::open(dev, &options).unwrap();
     let mut buf = vec![0u8; 8192];
     store
         .open_vdi("after-crash")
@@ -304,6 +368,7 @@ fn verify_after_crash(image: Vec<u8>, runner: &Runner, what: &str) {
     }
     let report = store.check().unwrap();
     assert_eq!(report.leaked_blocks, 0, "{what}: leaks after reopening");
+    served
 }
 
 fn mode_for(i: u64, seed: u64) -> CrashMode {
@@ -353,6 +418,44 @@ fn crash_everywhere_in(ops: &[Op], seed: u64, random_writes: u64) {
             dev.durable_image(),
             &runner,
             &format!("seed {seed} write {w} {mode:?}"),
+        );
+    }
+}
+
+/// Power cut at every flush point of the pool, with a read cache on its own
+/// crash device losing power at the same moment (in the same mode): the
+/// reopened store reads through what the cache device kept. The cache
+/// never flushes, so its writes since it was opened are dropped, kept at
+/// random or torn.
+#[test]
+fn power_cut_on_the_pool_and_the_read_cache() {
+    for seed in [21u64, 22] {
+        let ops = sequence(seed, 40);
+        let probe = Arc::new(CrashDevice::new(STORE_BYTES));
+        let cache = Arc::new(CrashDevice::new(1 << 20));
+        assert!(run_with(&probe, &ops, Some(&cache)).is_some());
+        let (flushes, _) = probe.counters();
+        let mut served = 0u64;
+        for k in 0..=flushes {
+            let mode = mode_for(k, seed);
+            let dev = Arc::new(CrashDevice::new(STORE_BYTES));
+            let cache = Arc::new(CrashDevice::new(1 << 20));
+            dev.crash_at_flush(k, mode);
+            let Some(runner) = run_with(&dev, &ops, Some(&cache)) else {
+                continue;
+            };
+            // The filler may still be writing: the cut comes now.
+            cache.cut_power(mode);
+            served += verify_after_crash_with(
+                dev.durable_image(),
+                Some(cache.durable_image()),
+                &runner,
+                &format!("cached seed {seed} flush {k} {mode:?}"),
+            );
+        }
+        assert!(
+            served > flushes,
+            "the reopened caches served {served} reads over {flushes} cuts"
         );
     }
 }
