@@ -190,6 +190,24 @@ mod tests {
         }
     }
 
+    proptest::proptest! {
+        /// Any bytes: the decoders answer, never panic, and what they
+        /// accept encodes back to the same bytes (so nothing but a sealed
+        /// entry or superblock is ever believed).
+        #[test]
+        fn decoders_take_any_bytes(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), BLOCK)) {
+            if let Some(e) = IndexEntry::decode(&bytes) {
+                let mut back = [0u8; ENTRY_BYTES];
+                e.encode(&mut back);
+                proptest::prop_assert_eq!(&back[..36], &bytes[..36]);
+                proptest::prop_assert_eq!(&back[60..], &bytes[60..ENTRY_BYTES]);
+            }
+            if let Some(sb) = Superblock::decode(&bytes) {
+                proptest::prop_assert_eq!(Superblock::decode(&sb.encode()), Some(sb));
+            }
+        }
+    }
+
     #[test]
     fn entries_and_superblocks_round_trip_and_detect_damage() {
         let e = IndexEntry {

@@ -426,10 +426,14 @@ fn crash_everywhere_in(ops: &[Op], seed: u64, random_writes: u64) {
 /// crash device losing power at the same moment (in the same mode): the
 /// reopened store reads through what the cache device kept. The cache
 /// never flushes, so its writes since it was opened are dropped, kept at
-/// random or torn.
+/// random or torn. Two seeds in CI; `CACHE_CRASH_SEEDS=N` runs N (by hand).
 #[test]
 fn power_cut_on_the_pool_and_the_read_cache() {
-    for seed in [21u64, 22] {
+    let seeds: u64 = std::env::var("CACHE_CRASH_SEEDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(2);
+    for seed in 21..21 + seeds {
         let ops = sequence(seed, 40);
         let probe = Arc::new(CrashDevice::new(STORE_BYTES));
         let cache = Arc::new(CrashDevice::new(1 << 20));
