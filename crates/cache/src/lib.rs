@@ -106,10 +106,11 @@ impl Hit {
 /// Counters since the cache was opened, and its size.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct CacheStats {
-    /// Lookups served from the cache (copies that then failed their check
-    /// are counted in `corrupt` too).
+    /// Reads of cacheable blocks served from the cache, a reader that
+    /// waited for another's fetch of the block included (copies that then
+    /// failed their check are counted in `corrupt` too).
     pub hits: u64,
-    /// Lookups of cacheable blocks that found no acceptable copy.
+    /// Reads of cacheable blocks fetched from the pool.
     pub misses: u64,
     /// Copies written to the cache device.
     pub fills: u64,

@@ -1440,6 +1440,24 @@ fn random_image(rng: &mut Rng) -> Vec<u8> {
     data
 }
 
+/// `qemu-img convert -n` of the raw file `src` into the export at `uri`.
+fn convert_into(src: &str, uri: &str) {
+    run(tool(
+        "qemu-img",
+        &["convert", "-n", "-f", "raw", "-O", "raw", src, uri],
+    ))
+    .ok();
+}
+
+/// `qemu-img compare` of the raw file `src` with the export at `uri`: equal.
+fn compare_equal(src: &str, uri: &str) {
+    run(tool(
+        "qemu-img",
+        &["compare", "-f", "raw", "-F", "raw", src, uri],
+    ))
+    .ok();
+}
+
 #[test]
 fn qemu_img_convert_and_compare_survive_restarts() {
     if !have_tools() {
@@ -1451,27 +1469,8 @@ fn qemu_img_convert_and_compare_survive_restarts() {
     let src = d.path("src.raw");
     fs::write(&src, random_image(&mut rng)).unwrap();
     let src = src.to_str().unwrap().to_string();
-    let compare = |uri: &str| {
-        run(tool(
-            "qemu-img",
-            &["compare", "-f", "raw", "-F", "raw", &src, uri],
-        ))
-        .ok();
-    };
-    run(tool(
-        "qemu-img",
-        &[
-            "convert",
-            "-n",
-            "-f",
-            "raw",
-            "-O",
-            "raw",
-            &src,
-            &d.unix_uri("D"),
-        ],
-    ))
-    .ok();
+    let compare = |uri: &str| compare_equal(&src, uri);
+    convert_into(&src, &d.unix_uri("D"));
     compare(&d.unix_uri("D"));
     compare(&d.tcp_uri("D"));
     // A different image compares unequal (exit 1): compare checks.
@@ -1520,30 +1519,11 @@ fn a_read_cache_serves_clones_of_a_gold_image_across_restarts_and_damage() {
     image.truncate(SIZE as usize);
     fs::write(&src, &image).unwrap();
     let src = src.to_str().unwrap().to_string();
-    run(tool(
-        "qemu-img",
-        &[
-            "convert",
-            "-n",
-            "-f",
-            "raw",
-            "-O",
-            "raw",
-            &src,
-            &d.unix_uri("gold"),
-        ],
-    ))
-    .ok();
+    convert_into(&src, &d.unix_uri("gold"));
     d.ok(&["snapshot", "gold@base"]);
     d.ok(&["clone", "gold@base", "vm1"]);
     d.ok(&["clone", "gold@base", "vm2"]);
-    let compare = |uri: &str| {
-        run(tool(
-            "qemu-img",
-            &["compare", "-f", "raw", "-F", "raw", &src, uri],
-        ))
-        .ok();
-    };
+    let compare = |uri: &str| compare_equal(&src, uri);
     let status = |d: &Daemon| d.json(&["status"]);
     let n = |v: &Value, k: &str| v["cache"][k].as_u64().unwrap_or_else(|| panic!("{k}: {v}"));
     compare(&d.unix_uri("vm1"));
