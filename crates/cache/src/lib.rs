@@ -19,6 +19,9 @@
 //! - **Scan-resistant**: entries are kept by `quick_cache`'s S3-FIFO-like
 //!   policy (a block read once stays on probation), so one sequential read
 //!   of a disk does not push out the blocks every clone's boot reads.
+//! - **Given up when its device fails**: after 64 device errors in a row
+//!   it serves and takes nothing more until the daemon restarts (a pulled
+//!   disk costs no more attempts); reads go to the pool.
 //! - **Off the request path**: [`ReadCache::offer`] copies the block into
 //!   a bounded queue (full: the copy is dropped) that one filler thread
 //!   writes out; until then lookups find the copy in memory. Lookups never
@@ -124,6 +127,9 @@ pub struct CacheStats {
     pub entries: u64,
     /// Copies it can hold.
     pub slots: u64,
+    /// Given up after [`ERRORS_TO_GIVE_UP`] device errors in a row: no
+    /// lookup finds anything, nothing is copied in.
+    pub given_up: bool,
 }
 
 /// Gives an evicted entry's slot back to the free list.
@@ -140,8 +146,14 @@ impl Lifecycle<u64, Entry> for ReturnSlot {
     }
 }
 
+/// Device errors in a row after which the cache is given up (until the
+/// daemon restarts): a device that went away costs no more attempts.
+const ERRORS_TO_GIVE_UP: u64 = 64;
+
 #[derive(Default)]
 struct Counters {
+    /// Device errors since the last call that worked.
+    failing: AtomicU64,
     hits: AtomicU64,
     misses: AtomicU64,
     fills: AtomicU64,
@@ -316,6 +328,9 @@ impl ReadCache {
 
     /// [`ReadCache::lookup`] without counting (see [`ReadCache::count`]).
     pub fn probe(&self, addr: u64, accept: impl Fn(&Anchor) -> bool) -> Option<Hit> {
+        if self.inner.given_up() {
+            return None;
+        }
         if let Some((anchor, data)) = self.inner.pending.lock().get(&addr) {
             if accept(anchor) {
                 return Some(Hit {
@@ -362,10 +377,11 @@ impl ReadCache {
             Source::Slot { slot, crc, offset } => (*slot, *crc, *offset),
         };
         if self.inner.dev.read_at(buf, offset).is_err() {
-            self.inner.counters.errors.fetch_add(1, Ordering::Relaxed);
+            self.inner.device_failed();
             self.drop_copy(hit.addr, slot, crc);
             return false;
         }
+        self.inner.device_worked();
         self.verify(hit, buf)
     }
 
@@ -418,7 +434,7 @@ impl ReadCache {
     /// version `anchor` names; until it is written, lookups find it in
     /// memory. Never waits: dropped if the queue is full.
     pub fn offer(&self, addr: u64, anchor: Anchor, data: &[u8]) {
-        if data.len() != BLOCK {
+        if data.len() != BLOCK || self.inner.given_up() {
             return;
         }
         if self
@@ -478,6 +494,7 @@ impl ReadCache {
             errors: c.errors.load(Ordering::Relaxed),
             entries: self.inner.map.len() as u64,
             slots: self.inner.geometry.slots,
+            given_up: self.inner.given_up(),
         }
     }
 }
@@ -502,6 +519,21 @@ impl Drop for ReadCache {
 }
 
 impl Inner {
+    fn given_up(&self) -> bool {
+        self.counters.failing.load(Ordering::Relaxed) >= ERRORS_TO_GIVE_UP
+    }
+
+    fn device_failed(&self) {
+        self.counters.errors.fetch_add(1, Ordering::Relaxed);
+        self.counters.failing.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn device_worked(&self) {
+        if self.counters.failing.load(Ordering::Relaxed) != 0 && !self.given_up() {
+            self.counters.failing.store(0, Ordering::Relaxed);
+        }
+    }
+
     fn fill_loop(&self, rx: Receiver<Job>) {
         while let Ok(first) = rx.recv() {
             let mut next = Some(first);
@@ -541,7 +573,7 @@ impl Inner {
 
     /// Writes one copy into a free slot and enters it (filler thread only).
     fn store(&self, f: &Fill) {
-        if self.map.peek(&f.addr).is_some_and(|e| e.anchor == f.anchor) {
+        if self.given_up() || self.map.peek(&f.addr).is_some_and(|e| e.anchor == f.anchor) {
             return;
         }
         if let Some((_, old)) = self.map.remove(&f.addr) {
@@ -558,11 +590,12 @@ impl Inner {
             .write_at(&buf, self.geometry.slot_offset(slot))
             .is_err()
         {
-            self.counters.errors.fetch_add(1, Ordering::Relaxed);
+            self.device_failed();
             self.counters.dropped.fetch_add(1, Ordering::Relaxed);
             self.free.lock().push(slot);
             return;
         }
+        self.device_worked();
         let crc = data_crc(f.addr, &f.anchor, &f.data);
         {
             let mut index = self.index.lock();
@@ -599,7 +632,7 @@ impl Inner {
                 .write_at(&buf, self.geometry.index_offset(b))
                 .is_err()
             {
-                self.counters.errors.fetch_add(1, Ordering::Relaxed);
+                self.device_failed();
             }
         }
     }

@@ -344,7 +344,14 @@ pub fn status(ctx: &Context) -> Result<()> {
     if let Some(c) = &status.cache {
         let looked = c.hits + c.misses;
         text.push_str(&key_values(&[
-            ("read cache", c.path.clone()),
+            (
+                "read cache",
+                if c.given_up {
+                    format!("{}: given up after I/O errors, reads go to the pool until a restart", c.path)
+                } else {
+                    c.path.clone()
+                },
+            ),
             (
                 "cache use",
                 format!(

@@ -306,6 +306,44 @@ fn a_damaged_copy_is_read_from_the_pool() {
     assert_eq!(after.hits, stats.hits + 16, "{after:?}");
 }
 
+/// The cache device goes away (every call fails from some point on, as a
+/// pulled disk's would): reads go on from the pool, right, and the
+/// failures are counted.
+#[test]
+fn a_cache_device_that_goes_away_costs_pool_reads_only() {
+    let pool = Arc::new(MemDevice::new(64 << 20));
+    drop(Store::create(pool.clone(), &CreateOptions::default()).unwrap());
+    let cache_dev = Arc::new(parallax_device::CrashDevice::new(4 << 20));
+    let id = Store::peek_id(&*pool).unwrap();
+    let cache = Arc::new(ReadCache::open(cache_dev.clone(), id).unwrap());
+    let options = OpenOptions {
+        read_cache: Some(cache.clone()),
+        ..OpenOptions::default()
+    };
+    let store = Store::open(pool, &options).unwrap();
+    let gold = store.create_vdi("gold", 16 * BLOCK as u64).unwrap();
+    let image = pattern(9, 0, 16 * BLOCK);
+    gold.write(&image, 0).unwrap();
+    gold.snapshot(Some("base")).unwrap();
+    let vm = store.clone_snapshot("gold", "base", "vm").unwrap();
+    assert_eq!(read_all(&vm, false), image);
+    cache.sync();
+    assert_eq!(cache.stats().entries, 16);
+    cache_dev.cut_power(parallax_device::CrashMode::DropAll);
+    for planned in [false, true, false] {
+        assert_eq!(read_all(&vm, planned), image, "planned: {planned}");
+    }
+    let view = store.open_snapshot("gold", "base").unwrap();
+    assert_eq!(read_all(&view, true), image);
+    cache.sync();
+    let stats = cache.stats();
+    assert!(stats.errors >= 16, "{stats:?}");
+    assert_eq!(
+        stats.entries, 0,
+        "copies on a dead device were kept: {stats:?}"
+    );
+}
+
 #[test]
 fn a_cache_of_another_store_is_refused() {
     let (setup, store) = Setup::new();

@@ -325,6 +325,10 @@ pub struct CacheStatus {
     pub dropped: u64,
     pub corrupt: u64,
     pub errors: u64,
+    /// Given up after device errors in a row (reads go to the pool until
+    /// the daemon restarts).
+    #[serde(default)]
+    pub given_up: bool,
 }
 
 /// `parallax status` in cluster mode.

@@ -46,6 +46,7 @@ impl ControlState {
                 dropped: s.dropped,
                 corrupt: s.corrupt,
                 errors: s.errors,
+                given_up: s.given_up,
             }),
             _ => None,
         };

@@ -195,6 +195,7 @@ struct CacheMetrics {
     errors: Counter,
     entries: Gauge,
     slots: Gauge,
+    given_up: Gauge,
 }
 
 /// Brings a counter up to `now` (a count kept elsewhere, which only grows).
@@ -409,6 +410,11 @@ impl Metrics {
             c.slots.clone(),
         );
         registry.register(
+            "read_cache_given_up",
+            "1 once the read cache was given up after device errors in a row (reads go to the pool)",
+            c.given_up.clone(),
+        );
+        registry.register(
             "cluster_disks_given",
             "Disks this appliance handed to another (by `handoff` or because it asked)",
             m.given.clone(),
@@ -582,6 +588,7 @@ impl Metrics {
             follow(&c.errors, s.errors);
             c.entries.set(s.entries as i64);
             c.slots.set(s.slots as i64);
+            c.given_up.set(i64::from(s.given_up));
         }
         let mut text = String::new();
         // Writing to a String cannot fail.
