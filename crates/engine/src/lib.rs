@@ -41,7 +41,7 @@ pub use disk::{
 pub use error::{Error, Result};
 pub use lineage::SnapshotInfo;
 pub use parallax_cache::{CacheStats, ReadCache};
-pub use parallax_format::{DiskRef, Schedule};
+pub use parallax_format::{CachePolicy, DiskRef, Schedule};
 pub use store::{
     CheckReport, CommittedHead, CreateOptions, DiskRepair, DiskSpace, GcReport, HandoffReport,
     HeaderCopy, OpenOptions, RepairOptions, RepairReport, SettleReport, SnapshotSpace, Store,

@@ -9,7 +9,9 @@ mod common;
 
 use common::pattern;
 use parallax_device::{BlockDevice, MemDevice};
-use parallax_engine::{CreateOptions, Durability, Error, OpenOptions, ReadCache, ReadDisk, Store};
+use parallax_engine::{
+    CachePolicy, CreateOptions, Durability, Error, OpenOptions, ReadCache, ReadDisk, Store,
+};
 use std::sync::Arc;
 
 const BLOCK: usize = 4096;
@@ -342,6 +344,46 @@ fn a_cache_device_that_goes_away_costs_pool_reads_only() {
         stats.entries, 0,
         "copies on a dead device were kept: {stats:?}"
     );
+}
+
+/// A disk whose cache policy is `none` reads past the cache, and so do
+/// views of its snapshots; the policy is kept in its header.
+#[test]
+fn a_disk_with_the_none_policy_reads_past_the_cache() {
+    let (setup, store) = Setup::new();
+    let gold = store.create_vdi("gold", 8 * BLOCK as u64).unwrap();
+    let image = pattern(4, 0, 8 * BLOCK);
+    gold.write(&image, 0).unwrap();
+    gold.snapshot(Some("base")).unwrap();
+    let vm = store.clone_snapshot("gold", "base", "vm").unwrap();
+    vm.set_cache_policy(CachePolicy::None).unwrap();
+    gold.set_cache_policy(CachePolicy::None).unwrap();
+    for planned in [false, true, false] {
+        assert_eq!(read_all(&vm, planned), image);
+    }
+    let view = store.open_snapshot("gold", "base").unwrap();
+    assert_eq!(read_all(&view, false), image);
+    setup.cache.sync();
+    let stats = setup.cache.stats();
+    assert_eq!(
+        (stats.hits, stats.misses, stats.fills),
+        (0, 0, 0),
+        "{stats:?}"
+    );
+    assert_eq!(store.pool_data_read_bytes(), 4 * 8 * BLOCK as u64);
+    drop((vm, view, gold));
+    drop(store);
+    let store = setup.open();
+    let vm = store.open_vdi("vm").unwrap();
+    assert_eq!(
+        vm.info().cache_policy,
+        CachePolicy::None,
+        "the policy was not kept"
+    );
+    vm.set_cache_policy(CachePolicy::WriteThrough).unwrap();
+    assert_eq!(read_all(&vm, false), image);
+    setup.cache.sync();
+    assert_eq!(setup.cache.stats().fills, 8, "write-through caches again");
 }
 
 #[test]

@@ -42,7 +42,7 @@ pub use node::{NodeBlock, FAN_OUT, TREE_HEIGHT};
 pub use ptr::Ptr;
 pub use registry::{RegistryBlock, RegistryEntry, REGISTRY_ENTRIES_PER_BLOCK};
 pub use superblock::{Superblock, SUPERBLOCK_ADDRS, SUPERBLOCK_REGISTRY_SLOTS};
-pub use vdi::{Schedule, VdiHeader, VDI_FLAG_LINEAGE};
+pub use vdi::{CachePolicy, Schedule, VdiHeader, VDI_FLAG_LINEAGE};
 
 /// Size of every block, data or metadata.
 pub const BLOCK_SIZE: usize = 4096;

@@ -33,8 +33,15 @@
 //!    488    8 writer_epoch      epoch of the writer key under which this
 //!                              commit was made (cluster mode); 0 = none
 //!    496    8 writer_host       host id of that writer; 0 = none
-//!    504 3592 reserved
+//!    504    1 cache_policy      the local cache's use for this disk:
+//!                              0 = write-through (reads cached, writes to
+//!                              the pool), 1 = none; others refused
+//!    505 3591 reserved
 //! ```
+//!
+//! Headers written before `cache_policy` existed have 0 there
+//! (write-through, the default). A binary that predates it drops the field
+//! at its next commit of the disk (the disk goes back to the default).
 
 use crate::bytes::*;
 use crate::{zeroed_block, Block, FormatError, Kind, MetaHeader, Ptr, MAX_NAME_LEN};
@@ -58,6 +65,56 @@ pub struct Schedule {
     pub keep_daily: u32,
     /// Months of 30 days.
     pub keep_monthly: u32,
+}
+
+/// How the local cache serves a disk (the daemon's `--cache`).
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Default)]
+pub enum CachePolicy {
+    /// Reads of its snapshot and clone-origin blocks are cached; writes go
+    /// to the pool.
+    #[default]
+    WriteThrough,
+    /// The cache is not used for the disk or its snapshots.
+    None,
+}
+
+impl CachePolicy {
+    pub fn code(self) -> u8 {
+        match self {
+            CachePolicy::WriteThrough => 0,
+            CachePolicy::None => 1,
+        }
+    }
+
+    pub fn from_code(code: u8) -> Option<CachePolicy> {
+        match code {
+            0 => Some(CachePolicy::WriteThrough),
+            1 => Some(CachePolicy::None),
+            _ => None,
+        }
+    }
+
+    /// `write-through` or `none`.
+    pub fn name(self) -> &'static str {
+        match self {
+            CachePolicy::WriteThrough => "write-through",
+            CachePolicy::None => "none",
+        }
+    }
+
+    pub fn parse(s: &str) -> Result<CachePolicy, String> {
+        match s {
+            "write-through" => Ok(CachePolicy::WriteThrough),
+            "none" => Ok(CachePolicy::None),
+            "write-back" => Err(
+                "the write-back policy is not built yet (writes go to the pool): use write-through or none"
+                    .into(),
+            ),
+            _ => Err(format!(
+                "'{s}' is not a cache policy (write-through or none)"
+            )),
+        }
+    }
 }
 
 /// A decoded VDI header.
@@ -84,6 +141,7 @@ pub struct VdiHeader {
     pub writer_epoch: u64,
     /// Host id of that writer (0 = none).
     pub writer_host: u64,
+    pub cache_policy: CachePolicy,
 }
 
 impl VdiHeader {
@@ -109,6 +167,7 @@ impl VdiHeader {
         put_u32(&mut b[..], 480, self.schedule.keep_monthly);
         put_u64(&mut b[..], 488, self.writer_epoch);
         put_u64(&mut b[..], 496, self.writer_host);
+        b[504] = self.cache_policy.code();
         let crc = MetaHeader {
             kind: Kind::VdiHeader,
             level: 0,
@@ -148,6 +207,9 @@ impl VdiHeader {
             },
             writer_epoch: get_u64(block, 488),
             writer_host: get_u64(block, 496),
+            cache_policy: CachePolicy::from_code(block[504]).ok_or_else(|| {
+                FormatError::field(addr, "unknown cache policy (made by a newer version?)")
+            })?,
         };
         if !v.size_bytes.is_multiple_of(crate::BLOCK_SIZE_U64) {
             return Err(FormatError::field(
@@ -198,9 +260,60 @@ mod tests {
                 keep_monthly: 12,
             },
             writer_epoch: 1234,
+            cache_policy: CachePolicy::None,
             writer_host: 3,
         };
         let (b, _) = v.encode(8, 50);
         assert_eq!(VdiHeader::decode(&b[..], 50, Some(8)).unwrap(), v);
+    }
+
+    /// A header from before the cache policy (0 there) is write-through; a
+    /// policy this version does not know is refused, not guessed.
+    #[test]
+    fn cache_policy_defaults_and_unknown_values() {
+        let mut v = VdiHeader::decode(&sample().encode(8, 50).0[..], 50, Some(8)).unwrap();
+        assert_eq!(v.cache_policy, CachePolicy::WriteThrough);
+        v.cache_policy = CachePolicy::None;
+        let (mut b, _) = v.encode(8, 50);
+        assert_eq!(b[504], 1);
+        b[504] = 2;
+        let h = MetaHeader {
+            kind: Kind::VdiHeader,
+            level: 0,
+            store_id: 8,
+            self_addr: 50,
+            owner: v.vdi_id,
+            generation: v.generation,
+        };
+        h.seal(&mut b);
+        let err = VdiHeader::decode(&b[..], 50, Some(8)).unwrap_err();
+        assert!(err.to_string().contains("cache policy"), "{err}");
+        assert_eq!(CachePolicy::parse("none"), Ok(CachePolicy::None));
+        assert!(CachePolicy::parse("write-back")
+            .unwrap_err()
+            .contains("not built"));
+    }
+
+    fn sample() -> VdiHeader {
+        VdiHeader {
+            vdi_id: 3,
+            generation: 1,
+            size_bytes: 1 << 20,
+            root: Ptr::meta(99, 0xabc, true),
+            log_head: Ptr::NULL,
+            snapshot_count: 0,
+            next_snapshot_id: 1,
+            created_ns: 1,
+            origin_vdi: 0,
+            origin_snapshot: 0,
+            name: "d".into(),
+            origin: String::new(),
+            flags: VDI_FLAG_LINEAGE,
+            live_parent: 0,
+            schedule: Schedule::default(),
+            writer_epoch: 0,
+            writer_host: 0,
+            cache_policy: CachePolicy::WriteThrough,
+        }
     }
 }

@@ -24,11 +24,13 @@
 //! same id. Disks whose versions are not tracked (`reclaims` false: written
 //! before lineage, or orphaned clones) cache nothing.
 //!
-//! Never cached: writable blocks (they change in place), metadata, and
-//! every read of `check`, `gc`, `repair` and `space`, which go to the pool.
+//! Never cached: writable blocks (they change in place), metadata, every
+//! read of `check`, `gc`, `repair` and `space`, which go to the pool, and
+//! disks whose cache policy is `none` (and their views).
 
 use crate::disk::state::{DiskState, Origin};
 use parallax_cache::Anchor;
+use parallax_format::CachePolicy;
 
 /// See the module documentation.
 pub(crate) struct CacheScope<'a> {
@@ -78,7 +80,7 @@ impl<'a> CacheScope<'a> {
 
     /// Reads of a live disk through its state `st` (held for the read).
     pub fn live(st: &'a DiskState) -> CacheScope<'a> {
-        if !st.reclaims() {
+        if !st.reclaims() || st.header.cache_policy == CachePolicy::None {
             return CacheScope::none();
         }
         let origin = origin_anchor(st);

@@ -32,7 +32,7 @@ use crate::time::{compact_utc, now_ns};
 pub use commit::Durability;
 use commit::NewSnapshot;
 use data::{check_io_range, count_mapped, pieces, tree_extents};
-use parallax_format::{validate_name, DiskRef, Schedule, BLOCK_SIZE, BLOCK_SIZE_U64};
+use parallax_format::{validate_name, CachePolicy, DiskRef, Schedule, BLOCK_SIZE, BLOCK_SIZE_U64};
 use std::sync::Arc;
 
 pub use plan::{CopyChecks, FdTransfer, IoPlan, Transfer};
@@ -78,6 +78,8 @@ pub struct VdiInfo {
     /// without cluster mode).
     pub writer_host: u64,
     pub writer_epoch: u64,
+    /// How the daemon's local cache serves the disk.
+    pub cache_policy: CachePolicy,
 }
 
 /// A run of blocks with the same allocation status.
@@ -140,6 +142,7 @@ impl Vdi {
                 0 => st.header.writer_epoch,
                 e => e,
             },
+            cache_policy: st.header.cache_policy,
         }
     }
 
@@ -404,6 +407,17 @@ impl Vdi {
         let mut st = self.disk.exclusive()?;
         self.disk.transact(&mut st, |st| {
             st.header.schedule = schedule;
+            st.header_dirty = true;
+            Ok(((), None))
+        })
+    }
+
+    /// Sets how the local cache serves the disk (and its snapshots' views
+    /// opened from now on). Durable on return.
+    pub fn set_cache_policy(&self, policy: CachePolicy) -> Result<()> {
+        let mut st = self.disk.exclusive()?;
+        self.disk.transact(&mut st, |st| {
+            st.header.cache_policy = policy;
             st.header_dirty = true;
             Ok(((), None))
         })

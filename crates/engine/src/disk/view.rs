@@ -18,7 +18,7 @@ use crate::lineage::SnapshotInfo;
 use crate::pool::Pool;
 use crate::tree::Tree;
 use parallax_cache::Anchor;
-use parallax_format::DiskRef;
+use parallax_format::{CachePolicy, DiskRef};
 use std::sync::Arc;
 
 /// What readers of a disk or of a snapshot need, whichever it is: the NBD
@@ -89,9 +89,9 @@ pub struct SnapshotView {
     pin: Pin,
     owner: Owner,
     /// The view's snapshot and its disk's clone origin, as the read cache
-    /// names them (see `cached.rs`).
-    anchor: Anchor,
-    origin: Option<Anchor>,
+    /// names them (see `cached.rs`); `None`: the disk's cache policy is
+    /// `none`.
+    cache: Option<(Anchor, Option<Anchor>)>,
 }
 
 /// How a view pins its snapshot.
@@ -110,8 +110,8 @@ impl SnapshotView {
         *vdi.disk.pins.lock().entry(info.id).or_insert(0) += 1;
         SnapshotView {
             tree: Tree::open(info.root),
-            anchor: anchor_of(st.header.vdi_id, &info),
-            origin: origin_anchor(st),
+            cache: (st.header.cache_policy != CachePolicy::None)
+                .then(|| (anchor_of(st.header.vdi_id, &info), origin_anchor(st))),
             info,
             disk: st.name.clone(),
             pool: vdi.disk.pool.clone(),
@@ -134,8 +134,7 @@ impl SnapshotView {
         let incarnation = pool.pin_in_cluster(vdi, info.id)?;
         Ok(SnapshotView {
             tree: Tree::open(info.root),
-            anchor: anchor_of(vdi, &info),
-            origin: None,
+            cache: Some((anchor_of(vdi, &info), None)),
             info,
             disk,
             pool: pool.clone(),
@@ -146,6 +145,13 @@ impl SnapshotView {
 
     pub fn info(&self) -> &SnapshotInfo {
         &self.info
+    }
+
+    fn scope(&self) -> CacheScope<'static> {
+        match self.cache {
+            Some((anchor, origin)) => CacheScope::view(anchor, origin),
+            None => CacheScope::none(),
+        }
     }
 
     /// Whether its snapshot is still protected: in shared mode, the host
@@ -200,8 +206,7 @@ impl ReadDisk for SnapshotView {
         // A fenced host's pins may be gone: its holder may reclaim.
         self.protected()?;
         check_io_range(self.info.size_bytes, offset, buf.len() as u64)?;
-        let scope = CacheScope::view(self.anchor, self.origin);
-        read_tree(&self.pool, &self.tree, None, &scope, buf, offset)
+        read_tree(&self.pool, &self.tree, None, &self.scope(), buf, offset)
     }
 
     fn block_status(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
@@ -218,7 +223,7 @@ impl ReadDisk for SnapshotView {
             &self.tree,
             self.info.size_bytes,
             None,
-            &CacheScope::view(self.anchor, self.origin),
+            &self.scope(),
             offset,
             len,
         )
@@ -264,7 +269,7 @@ mod tests {
     use super::ReadDisk;
     use crate::store::{CreateOptions, Store};
     use parallax_device::MemDevice;
-    use parallax_format::DiskRef;
+    use parallax_format::{CachePolicy, DiskRef};
     use std::sync::Arc;
 
     /// A snapshot read through a view is hidden, not reclaimed, when it is

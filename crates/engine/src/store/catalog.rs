@@ -466,6 +466,7 @@ impl Store {
                 schedule: Default::default(),
                 writer_epoch: 0,
                 writer_host: 0,
+                cache_policy: Default::default(),
             };
             let (b, _) = header.encode(meta.store_id, header_a);
             blocks.push((header_a, b));

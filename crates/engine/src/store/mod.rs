@@ -465,6 +465,7 @@ impl Store {
             schedule: h.schedule,
             writer_host: h.writer_host,
             writer_epoch: h.writer_epoch,
+            cache_policy: h.cache_policy,
         })
     }
 
