@@ -488,6 +488,7 @@ pub fn info(ctx: &Context, target: &DiskRef) -> Result<()> {
         ("snapshots", d.snapshots.to_string()),
         ("hidden snapshots", d.hidden_snapshots.to_string()),
         ("schedule", describe_schedule(d.schedule.as_ref())),
+        ("cache policy", d.cache_policy.clone()),
         (
             "writer",
             d.writer.as_ref().filter(|w| w.host_id != 0).map_or_else(
@@ -548,6 +549,18 @@ pub fn schedule(ctx: &Context, disk: &str, spec: Option<ScheduleSpec>, off: bool
         text.push_str("(stored in the store; it runs while `parallax serve` runs)\n");
     }
     print(&text)
+}
+
+/// `parallax cache-policy DISK [POLICY]`.
+pub fn cache_policy(ctx: &Context, disk: &str, policy: Option<&str>) -> Result<()> {
+    let d: DiskInfo = match policy {
+        Some(p) => ctx.write(|api| api.set_cache_policy(disk, p))?,
+        None => ctx.read(|api| api.disk(disk))?,
+    };
+    if ctx.json {
+        return print_json(&d.cache_policy);
+    }
+    print(&format!("{}: {}\n", d.name, d.cache_policy))
 }
 
 pub fn snapshot(ctx: &Context, target: &DiskRef, durable: bool) -> Result<()> {

@@ -304,6 +304,17 @@ enum Command {
         #[arg(long)]
         scan: bool,
     },
+    /// How the daemon's local cache (`serve --cache`) serves a disk:
+    /// `write-through` (the default: reads of its snapshots' and clone
+    /// origin's blocks are cached, writes go to the pool) or `none`.
+    /// Without a policy, show it.
+    CachePolicy {
+        /// The disk.
+        #[arg(value_parser = parse_name)]
+        name: String,
+        /// `write-through` or `none`.
+        policy: Option<String>,
+    },
     /// Take snapshots of a disk on a schedule, thinned by retention rules
     /// (kept in the store; the daemon runs them). Without options, show the
     /// schedule.
@@ -518,6 +529,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             forget,
         } => commands::repair(&ctx, *apply, use_generation, forget),
         Command::Df { scan } => commands::df(&ctx, *scan),
+        Command::CachePolicy { name, policy } => {
+            commands::cache_policy(&ctx, name, policy.as_deref())
+        }
         Command::Schedule {
             name,
             every,

@@ -1599,6 +1599,27 @@ fn a_read_cache_serves_clones_of_a_gold_image_across_restarts_and_damage() {
     assert!(s["pool_data_read_bytes"].as_u64().unwrap() > 0, "{s}");
     // Read again: the damaged copies were replaced.
     compare(&d.unix_uri("vm1"));
+
+    // A disk with the `none` policy reads past the cache.
+    assert_eq!(d.ok(&["cache-policy", "vm2"]), "vm2: write-through\n");
+    assert_eq!(d.ok(&["cache-policy", "vm2", "none"]), "vm2: none\n");
+    assert!(d.ok(&["info", "vm2"]).contains("cache policy:     none"));
+    let before = status(&d);
+    compare(&d.unix_uri("vm2"));
+    let after = status(&d);
+    assert_eq!(n(&after, "hits"), n(&before, "hits"), "{after}");
+    let pool = |s: &Value| s["pool_data_read_bytes"].as_u64().unwrap();
+    assert_eq!(pool(&after) - pool(&before), blocks * 4096, "{after}");
+    let refused = d.cli.run(&["cache-policy", "vm2", "write-back"]);
+    assert!(
+        !refused.status.success() && refused.stderr.contains("not built yet"),
+        "{}",
+        refused.describe()
+    );
+    let refused = d.cli.run(&["cache-policy", "vm2", "sometimes"]);
+    assert!(!refused.status.success(), "{}", refused.describe());
+    d.ok(&["cache-policy", "vm2", "write-through"]);
+    assert_eq!(d.json(&["info", "vm2"])["cache_policy"], "write-through");
 }
 
 // ---- 3. nbdinfo -------------------------------------------------------------------

@@ -39,6 +39,21 @@ pub struct DiskInfo {
     /// the epoch of its writer key then (absent outside cluster mode).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub writer: Option<WriterInfo>,
+    /// How the daemon's local cache serves the disk: `write-through` or
+    /// `none` (docs/CACHE.md).
+    #[serde(default = "write_through")]
+    pub cache_policy: String,
+}
+
+fn write_through() -> String {
+    "write-through".into()
+}
+
+/// Body of `PUT /v1/disks/{disk}/cache-policy`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CachePolicyBody {
+    /// `write-through` or `none`.
+    pub policy: String,
 }
 
 /// The writer of a disk's last commit (cluster mode).
@@ -463,6 +478,8 @@ pub trait Api {
     fn delete_snapshot(&self, disk: &str, snapshot: &str) -> ApiResult<()>;
     /// Sets a disk's snapshot schedule, or removes it with `None`.
     fn set_schedule(&self, disk: &str, schedule: Option<&ScheduleSpec>) -> ApiResult<DiskInfo>;
+    /// Sets how the local cache serves the disk (`write-through`, `none`).
+    fn set_cache_policy(&self, disk: &str, policy: &str) -> ApiResult<DiskInfo>;
     fn import(&self, file: &Path, name: &str, size: Option<u64>) -> ApiResult<DiskInfo>;
     fn export(&self, disk: &str, snapshot: Option<&str>, file: &Path, force: bool)
         -> ApiResult<()>;

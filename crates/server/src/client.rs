@@ -184,6 +184,14 @@ impl Api for Remote {
         }
     }
 
+    fn set_cache_policy(&self, disk: &str, policy: &str) -> ApiResult<DiskInfo> {
+        let path = format!("{}/cache-policy", disk_path(disk));
+        let body = CachePolicyBody {
+            policy: policy.to_string(),
+        };
+        self.call(Method::PUT, &path, Some(&body))
+    }
+
     fn import(&self, file: &Path, name: &str, size: Option<u64>) -> ApiResult<DiskInfo> {
         let body = ImportBody {
             file: file.to_path_buf(),

@@ -366,6 +366,10 @@ fn route(
             ok(200, api.set_schedule(d, Some(&b)))
         }
         ["v1", "disks", d, "schedule"] if delete => ok(200, api.set_schedule(d, None)),
+        ["v1", "disks", d, "cache-policy"] if method == Method::PUT => {
+            let b: CachePolicyBody = parse(body)?;
+            ok(200, api.set_cache_policy(d, &b.policy))
+        }
         ["v1", "disks", d, "takeover"] if post => ok(200, api.takeover(d)),
         ["v1", "disks", d, "handoff"] if post => {
             let b: HandoffBody = parse(body)?;

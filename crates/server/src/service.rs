@@ -377,6 +377,7 @@ impl Service {
             created: rfc3339(info.created_ns),
             name: info.name,
             hidden_snapshots: info.hidden_snapshots,
+            cache_policy: info.cache_policy.name().to_string(),
             schedule: (info.schedule.every_ns != 0).then(|| info.schedule.into()),
             schedule_run: self
                 .scheduler
@@ -521,6 +522,15 @@ impl Api for Service {
                 // A tighter rule applies at once, not at the next tick.
                 vdi.apply_retention()?;
             }
+            self.disk_info(&vdi)
+        })
+    }
+
+    fn set_cache_policy(&self, disk: &str, policy: &str) -> ApiResult<DiskInfo> {
+        let policy = parallax_engine::CachePolicy::parse(policy).map_err(ApiError::invalid)?;
+        self.change(|_| {
+            let vdi = self.open(disk)?;
+            vdi.set_cache_policy(policy)?;
             self.disk_info(&vdi)
         })
     }
