@@ -269,7 +269,7 @@ mod tests {
     use super::ReadDisk;
     use crate::store::{CreateOptions, Store};
     use parallax_device::MemDevice;
-    use parallax_format::{CachePolicy, DiskRef};
+    use parallax_format::DiskRef;
     use std::sync::Arc;
 
     /// A snapshot read through a view is hidden, not reclaimed, when it is
