@@ -3,10 +3,12 @@
 
   python3 bench/soak.py [--minutes 10] [--every 10ms] [--keep-last 200]
                         [--keep-minutely 60] [--size 1G] [--dir /var/tmp]
-                        [--parallax target/release/parallax]
+                        [--cache SIZE] [--parallax target/release/parallax]
 
 1. A fresh store in a temporary directory under --dir, served by
-   `parallax serve --direct` on a Unix socket (no TCP).
+   `parallax serve --direct` on a Unix socket (no TCP); with --cache, with
+   a read cache of that size in the same directory (every verification
+   read then goes through it).
 2. Disk D of --size with `parallax schedule D --every ... --keep-last ...
    --keep-minutely ...`.
 3. For --minutes, two writers at once:
@@ -78,9 +80,13 @@ class Soak:
     def start(self):
         self.px("init", "--size", self.args.store_size)
         logf = open(os.path.join(self.dir, "serve.log"), "w")
+        cache = []
+        if self.args.cache:
+            cache = ["--cache", os.path.join(self.dir, "cache.bin"),
+                     "--cache-size", self.args.cache]
         self.daemon = subprocess.Popen(
             [self.args.parallax, "--store", self.store, "serve", "--direct",
-             "--nbd-listen", "none", "--nbd-socket", self.sock],
+             "--nbd-listen", "none", "--nbd-socket", self.sock] + cache,
             stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         for _ in range(200):
             if self.px("status", check=False).returncode == 0:
@@ -195,6 +201,13 @@ class Soak:
         if r.returncode != 0 or not df.get("scan", {}).get("matches"):
             self.failures.append(f"df --scan: {df.get('scan')} {r.stderr.strip()}")
         disk = df.get("disks", [{}])[0]
+        if self.args.cache:
+            st = self.pxj("status")
+            c = st.get("cache") or {}
+            log(f"read cache: {c.get('hits')} hits, {c.get('misses')} misses, "
+                f"{c.get('fills')} copies in, {c.get('dropped')} dropped, "
+                f"{c.get('corrupt')} failed checks, {c.get('errors')} errors; pool data read "
+                f"{st.get('pool_data_read_bytes', 0) / MIB:.0f} MiB")
         log(f"check clean={report['clean']} leaked={report['leaked_blocks']}; df --scan "
             f"matches={df.get('scan', {}).get('matches')}; D used "
             f"{disk.get('used_bytes', 0) / MIB:.0f} MiB, referenced "
@@ -227,6 +240,7 @@ def main():
     p.add_argument("--size", default="1G")
     p.add_argument("--store-size", default="16G")
     p.add_argument("--dir", default="/var/tmp")
+    p.add_argument("--cache", default=None, help="read cache size (serve --cache-size)")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     p.add_argument("--parallax", default=os.path.join(root, "target/release/parallax"))
     args = p.parse_args()

@@ -386,6 +386,49 @@ fn a_disk_with_the_none_policy_reads_past_the_cache() {
     assert_eq!(setup.cache.stats().fills, 8, "write-through caches again");
 }
 
+/// A disk whose newest snapshot is a scheduled one (retention deletes it
+/// soon) makes no copies of its own blocks, and still takes the copies of
+/// its clone origin that others made.
+#[test]
+fn a_disk_on_a_schedule_takes_copies_and_makes_none() {
+    let (setup, store) = Setup::new();
+    let gold = store.create_vdi("gold", 8 * BLOCK as u64).unwrap();
+    let image = pattern(6, 0, 8 * BLOCK);
+    gold.write(&image, 0).unwrap();
+    gold.snapshot(Some("base")).unwrap();
+    let filler = store.clone_snapshot("gold", "base", "filler").unwrap();
+    assert_eq!(read_all(&filler, false), image);
+    setup.cache.sync();
+    assert_eq!(setup.cache.stats().fills, 8);
+    let vm = store.clone_snapshot("gold", "base", "vm").unwrap();
+    vm.write(&[7u8; BLOCK], 0).unwrap();
+    vm.set_schedule(parallax_engine::Schedule {
+        every_ns: 10_000_000,
+        keep_last: 2,
+        ..Default::default()
+    })
+    .unwrap();
+    assert!(
+        vm.schedule_tick().unwrap().is_some(),
+        "no scheduled snapshot"
+    );
+    let mut want = image.clone();
+    want[..BLOCK].fill(7);
+    for planned in [false, true] {
+        assert_eq!(read_all(&vm, planned), want);
+    }
+    setup.cache.sync();
+    let stats = setup.cache.stats();
+    // The origin's 7 blocks hit (both reads); its own block missed, twice,
+    // and was never copied in (the first 8 misses and fills are the
+    // filler clone's).
+    assert_eq!(
+        (stats.hits, stats.misses, stats.fills),
+        (14, 8 + 2, 8),
+        "{stats:?}"
+    );
+}
+
 #[test]
 fn a_cache_of_another_store_is_refused() {
     let (setup, store) = Setup::new();

@@ -17,7 +17,9 @@
 //!   a snapshot makes every live pointer shared and deleting the parent
 //!   makes writable exactly what left it. It takes copies anchored at any
 //!   of its own snapshots (hidden ones included) or at its clone origin,
-//!   all of which it sees under its own lock.
+//!   all of which it sees under its own lock. When its parent is a
+//!   scheduled snapshot (soon deleted by retention) it makes no copies,
+//!   and only takes those others made.
 //!
 //! An anchor carries the snapshot's creation time besides its ids, because
 //! a crash can lose a snapshot's commit and the next snapshot then gets the
@@ -32,9 +34,25 @@ use crate::disk::state::{DiskState, Origin};
 use parallax_cache::Anchor;
 use parallax_format::CachePolicy;
 
+/// What a read does with the cache for one block.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Use {
+    /// Nothing: the block is read from the pool.
+    Skip,
+    /// Takes a copy if there is one; a miss is read from the pool as
+    /// without a cache.
+    LookUp,
+    /// Takes a copy, or fetches the block (once for every reader of it)
+    /// and files the copy under this anchor.
+    Fill(Anchor),
+}
+
 /// See the module documentation.
 pub(crate) struct CacheScope<'a> {
-    /// The anchor cacheable blocks are filed under; `None`: cache nothing.
+    /// Whether the reader may take copies at all.
+    look_up: bool,
+    /// The anchor cacheable blocks are filed under; `None`: copies are
+    /// taken, never made.
     insert_as: Option<Anchor>,
     /// Every block is immutable (a view), not only the non-writable ones.
     all_immutable: bool,
@@ -72,6 +90,7 @@ impl<'a> CacheScope<'a> {
     /// Caches nothing (reads of another host's disk, for example).
     pub fn none() -> CacheScope<'static> {
         CacheScope {
+            look_up: false,
             insert_as: None,
             all_immutable: false,
             accept: Accept::Nothing,
@@ -85,16 +104,24 @@ impl<'a> CacheScope<'a> {
         }
         let origin = origin_anchor(st);
         let parent = st.header.live_parent;
+        // A scheduled snapshot is deleted by retention soon after: copies
+        // filed under it would be made for nothing (reads of a disk on a
+        // 10 ms schedule would all be misses that fill). Such a disk takes
+        // copies others made (of its clone origin, say) and makes none.
         let insert_as = if parent == 0 {
             origin
         } else {
-            st.snapshots.get(parent).map(|s| Anchor {
-                vdi: st.header.vdi_id,
-                snap: s.id,
-                created_ns: s.created_ns,
-            })
+            st.snapshots
+                .get(parent)
+                .filter(|s| !s.scheduled)
+                .map(|s| Anchor {
+                    vdi: st.header.vdi_id,
+                    snap: s.id,
+                    created_ns: s.created_ns,
+                })
         };
         CacheScope {
+            look_up: true,
             insert_as,
             all_immutable: false,
             accept: Accept::Disk { st, origin },
@@ -105,19 +132,23 @@ impl<'a> CacheScope<'a> {
     /// disk whose clone origin is `origin`.
     pub fn view(pinned: Anchor, origin: Option<Anchor>) -> CacheScope<'static> {
         CacheScope {
+            look_up: true,
             insert_as: Some(pinned),
             all_immutable: true,
             accept: Accept::View { pinned, origin },
         }
     }
 
-    /// The anchor to file a block under, if it may be cached: `writable`
-    /// is the tree's answer for the block (a live tree owns it).
-    pub fn cacheable(&self, writable: bool) -> Option<Anchor> {
-        if writable && !self.all_immutable {
-            return None;
+    /// What to do with the cache for a block: `writable` is the tree's
+    /// answer for it (a live tree owns it, and writes it in place).
+    pub fn for_block(&self, writable: bool) -> Use {
+        if !self.look_up || (writable && !self.all_immutable) {
+            return Use::Skip;
         }
-        self.insert_as
+        match self.insert_as {
+            Some(anchor) => Use::Fill(anchor),
+            None => Use::LookUp,
+        }
     }
 
     /// Whether a copy filed under `a` is right for this reader.

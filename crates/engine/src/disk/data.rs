@@ -15,7 +15,7 @@
 //! and a block written in place is one the live tree owns alone (every
 //! pointer on its path writable).
 
-use crate::disk::cached::CacheScope;
+use crate::disk::cached::{CacheScope, Use};
 use crate::disk::plan::Transfer;
 use crate::disk::state::{Disk, DiskState, STRIPES};
 use crate::disk::Extent;
@@ -337,19 +337,35 @@ pub(super) fn read_tree(
             continue;
         }
         let addr = entry.addr();
-        match (cache, scope.cacheable(writable)) {
-            (Some(cache), Some(anchor)) => {
-                // Counted once known: a miss is a block fetched below.
-                let hit = cache.probe(addr, |a| scope.accepts(a));
-                if r.len() == BLOCK_SIZE && hit.is_some_and(|h| cache.read(&h, &mut buf[r.clone()]))
+        let range = match (cache, scope.for_block(writable)) {
+            (Some(cache), u @ (Use::LookUp | Use::Fill(_))) => {
+                // Counted once known: a miss is a block read from the pool.
+                let whole = r.len() == BLOCK_SIZE;
+                let hit = whole.then(|| cache.probe(addr, |a| scope.accepts(a)));
+                if hit
+                    .flatten()
+                    .is_some_and(|h| cache.read(&h, &mut buf[r.clone()]))
                 {
                     cache.count(true, 1);
                     continue;
                 }
-                missed.push((within, r, addr, anchor));
+                match u {
+                    Use::Fill(anchor) => {
+                        missed.push((within, r, addr, anchor));
+                        continue;
+                    }
+                    _ => {
+                        cache.count(false, u64::from(whole));
+                        r
+                    }
+                }
             }
-            _ if r.len() == BLOCK_SIZE => runs.push_range(r, addr),
-            _ => partial.push((within, r, addr)),
+            _ => r,
+        };
+        if range.len() == BLOCK_SIZE {
+            runs.push_range(range, addr);
+        } else {
+            partial.push((within, range, addr));
         }
     }
     for run in runs.0 {

@@ -27,7 +27,7 @@
 //!   So does a read of a block the read cache should hold and does not
 //!   (see `cached.rs`): the blocking path fetches it once for every reader.
 
-use crate::disk::cached::CacheScope;
+use crate::disk::cached::{CacheScope, Use};
 use crate::disk::data::{check_io_range, Runs, FRESH_FOLD_AT};
 use crate::disk::state::{Disk, DiskState};
 use crate::disk::{Owner, Vdi};
@@ -279,6 +279,7 @@ pub(super) fn plan_read(
     let mut runs = Runs::default();
     let mut zeros: Vec<Range<usize>> = Vec::new();
     let mut hits = Vec::new();
+    let mut misses = 0u64;
     let mut from_pool = 0u64;
     for (k, (entry, writable)) in found.into_iter().enumerate() {
         let start = k * BLOCK_SIZE;
@@ -290,24 +291,32 @@ pub(super) fn plan_read(
             continue;
         }
         let addr = entry.addr();
-        if let (Some(cache), Some(_)) = (cache, scope.cacheable(writable)) {
-            // A block the cache does not hold is fetched on the blocking
-            // path, where readers of one block wait for one pool read.
-            let hit = cache.probe(addr, |a| scope.accepts(a));
-            let Some(hit) = hit else {
-                return Ok(None);
-            };
-            hits.push(Transfer {
-                device_offset: addr * BLOCK_SIZE_U64,
-                buf: start..start + BLOCK_SIZE,
-                cached: Some(hit),
-            });
-            continue;
+        if let Some(cache) = cache {
+            let u = scope.for_block(writable);
+            if u != Use::Skip {
+                match cache.probe(addr, |a| scope.accepts(a)) {
+                    Some(hit) => {
+                        hits.push(Transfer {
+                            device_offset: addr * BLOCK_SIZE_U64,
+                            buf: start..start + BLOCK_SIZE,
+                            cached: Some(hit),
+                        });
+                        continue;
+                    }
+                    // A block to fetch and file goes to the blocking path,
+                    // where readers of one block wait for one pool read.
+                    None if u != Use::LookUp => return Ok(None),
+                    None => misses += 1,
+                }
+            }
         }
         from_pool += BLOCK_SIZE_U64;
         runs.push(k as u64, addr);
     }
     pool.count_data_read(from_pool);
+    if let Some(cache) = cache.filter(|_| misses > 0) {
+        cache.count(false, misses);
+    }
     let mut transfers = runs.into_transfers();
     let cache = cache.filter(|_| !hits.is_empty()).map(|cache| {
         cache.count(true, hits.len() as u64);
