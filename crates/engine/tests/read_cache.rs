@@ -56,6 +56,16 @@ impl Setup {
     }
 }
 
+/// Disk `gold` of `blocks` blocks filled with pattern `seed`, snapshotted
+/// as `gold@base`: its handle and content.
+fn gold_image(store: &Store, blocks: u64, seed: u8) -> (parallax_engine::Vdi, Vec<u8>) {
+    let gold = store.create_vdi("gold", blocks * BLOCK as u64).unwrap();
+    let image = pattern(seed, 0, blocks as usize * BLOCK);
+    gold.write(&image, 0).unwrap();
+    gold.snapshot(Some("base")).unwrap();
+    (gold, image)
+}
+
 fn read_all(r: &dyn ReadDisk, planned: bool) -> Vec<u8> {
     let len = r.size() as usize;
     if planned {
@@ -71,10 +81,7 @@ fn read_all(r: &dyn ReadDisk, planned: bool) -> Vec<u8> {
 #[test]
 fn clones_of_a_gold_image_read_it_from_the_pool_once() {
     let (mut setup, store) = Setup::new();
-    let gold = store.create_vdi("gold", 64 * BLOCK as u64).unwrap();
-    let image = pattern(7, 0, 64 * BLOCK);
-    gold.write(&image, 0).unwrap();
-    gold.snapshot(Some("base")).unwrap();
+    let (gold, image) = gold_image(&store, 64, 7);
     let clones: Vec<_> = (0..6)
         .map(|i| {
             store
@@ -159,10 +166,7 @@ fn clones_reading_one_block_at_once_read_it_from_the_pool_once() {
     };
     let store = Store::open(pool, &options).unwrap();
     let blocks = 32;
-    let gold = store.create_vdi("gold", blocks * BLOCK as u64).unwrap();
-    let image = pattern(5, 0, blocks as usize * BLOCK);
-    gold.write(&image, 0).unwrap();
-    gold.snapshot(Some("base")).unwrap();
+    let (_gold, image) = gold_image(&store, blocks, 5);
     let clones: Vec<_> = (0..8)
         .map(|i| {
             store
@@ -277,10 +281,7 @@ fn a_lost_snapshot_id_given_out_again_never_serves_the_old_copies() {
 #[test]
 fn a_damaged_copy_is_read_from_the_pool() {
     let (setup, store) = Setup::new();
-    let gold = store.create_vdi("gold", 8 * BLOCK as u64).unwrap();
-    let image = pattern(3, 0, 8 * BLOCK);
-    gold.write(&image, 0).unwrap();
-    gold.snapshot(Some("base")).unwrap();
+    let (_gold, image) = gold_image(&store, 8, 3);
     let vm = store.clone_snapshot("gold", "base", "vm").unwrap();
     assert_eq!(read_all(&vm, false), image);
     setup.cache.sync();
@@ -323,10 +324,7 @@ fn a_cache_device_that_goes_away_costs_pool_reads_only() {
         ..OpenOptions::default()
     };
     let store = Store::open(pool, &options).unwrap();
-    let gold = store.create_vdi("gold", 16 * BLOCK as u64).unwrap();
-    let image = pattern(9, 0, 16 * BLOCK);
-    gold.write(&image, 0).unwrap();
-    gold.snapshot(Some("base")).unwrap();
+    let (_gold, image) = gold_image(&store, 16, 9);
     let vm = store.clone_snapshot("gold", "base", "vm").unwrap();
     assert_eq!(read_all(&vm, false), image);
     cache.sync();
@@ -351,10 +349,7 @@ fn a_cache_device_that_goes_away_costs_pool_reads_only() {
 #[test]
 fn a_disk_with_the_none_policy_reads_past_the_cache() {
     let (setup, store) = Setup::new();
-    let gold = store.create_vdi("gold", 8 * BLOCK as u64).unwrap();
-    let image = pattern(4, 0, 8 * BLOCK);
-    gold.write(&image, 0).unwrap();
-    gold.snapshot(Some("base")).unwrap();
+    let (gold, image) = gold_image(&store, 8, 4);
     let vm = store.clone_snapshot("gold", "base", "vm").unwrap();
     vm.set_cache_policy(CachePolicy::None).unwrap();
     gold.set_cache_policy(CachePolicy::None).unwrap();
@@ -392,10 +387,7 @@ fn a_disk_with_the_none_policy_reads_past_the_cache() {
 #[test]
 fn a_disk_on_a_schedule_takes_copies_and_makes_none() {
     let (setup, store) = Setup::new();
-    let gold = store.create_vdi("gold", 8 * BLOCK as u64).unwrap();
-    let image = pattern(6, 0, 8 * BLOCK);
-    gold.write(&image, 0).unwrap();
-    gold.snapshot(Some("base")).unwrap();
+    let (_gold, image) = gold_image(&store, 8, 6);
     let filler = store.clone_snapshot("gold", "base", "filler").unwrap();
     assert_eq!(read_all(&filler, false), image);
     setup.cache.sync();
