@@ -71,7 +71,7 @@ struct Entry {
     crc: u32,
 }
 
-/// A copy found by [`ReadCache::lookup`]: read it with
+/// A copy found by [`ReadCache::probe`]: read it with
 /// [`ReadCache::read`], or read [`Hit::offset`] of [`ReadCache::device`]
 /// yourself and check it with [`ReadCache::verify`].
 #[derive(Debug, Clone)]
@@ -170,7 +170,7 @@ struct Inner {
     free: Arc<Mutex<Vec<u32>>>,
     /// The index as on the device, and the index blocks changed since
     /// they were last written (filler thread only).
-    index: Mutex<(Vec<u8>, BTreeSet<u64>)>,
+    index: Mutex<(AlignedBuf, BTreeSet<u64>)>,
     /// Copies offered and not written yet, served from memory meanwhile
     /// (one per queued fill at most).
     pending: Mutex<HashMap<u64, Pending>>,
@@ -207,8 +207,9 @@ enum Job {
 /// See the module documentation.
 pub struct ReadCache {
     inner: Arc<Inner>,
-    fills: Mutex<Option<SyncSender<Job>>>,
-    filler: Mutex<Option<JoinHandle<()>>>,
+    /// Taken in `drop` (which has the cache to itself), before the join.
+    fills: Option<SyncSender<Job>>,
+    filler: Option<JoinHandle<()>>,
 }
 
 impl ReadCache {
@@ -291,7 +292,7 @@ impl ReadCache {
             geometry,
             map,
             free,
-            index: Mutex::new((index.to_vec(), BTreeSet::new())),
+            index: Mutex::new((index, BTreeSet::new())),
             pending: Mutex::new(HashMap::new()),
             fetching: (0..FETCH_STRIPES).map(|_| Mutex::new(())).collect(),
             counters: Counters::default(),
@@ -303,8 +304,8 @@ impl ReadCache {
             .spawn(move || worker.fill_loop(rx))?;
         Ok(ReadCache {
             inner,
-            fills: Mutex::new(Some(tx)),
-            filler: Mutex::new(Some(filler)),
+            fills: Some(tx),
+            filler: Some(filler),
         })
     }
 
@@ -319,36 +320,29 @@ impl ReadCache {
     }
 
     /// A copy of pool block `addr` under an anchor `accept` takes. Never
-    /// touches the device. Counts a hit or a miss.
-    pub fn lookup(&self, addr: u64, accept: impl Fn(&Anchor) -> bool) -> Option<Hit> {
-        let hit = self.probe(addr, accept);
-        self.count(hit.is_some(), 1);
-        hit
-    }
-
-    /// [`ReadCache::lookup`] without counting (see [`ReadCache::count`]).
+    /// touches the device; counts nothing (see [`ReadCache::count`]).
     pub fn probe(&self, addr: u64, accept: impl Fn(&Anchor) -> bool) -> Option<Hit> {
         if self.inner.given_up() {
             return None;
         }
-        if let Some((anchor, data)) = self.inner.pending.lock().get(&addr) {
-            if accept(anchor) {
-                return Some(Hit {
-                    addr,
-                    anchor: *anchor,
-                    source: Source::Memory(data.clone()),
-                });
-            }
+        // The map first: a warm hit takes no lock but its shard's.
+        if let Some(e) = self.inner.map.get(&addr).filter(|e| accept(&e.anchor)) {
+            return Some(Hit {
+                addr,
+                anchor: e.anchor,
+                source: Source::Slot {
+                    slot: e.slot,
+                    crc: e.crc,
+                    offset: self.inner.geometry.slot_offset(e.slot),
+                },
+            });
         }
-        let e = self.inner.map.get(&addr).filter(|e| accept(&e.anchor))?;
+        let pending = self.inner.pending.lock();
+        let (anchor, data) = pending.get(&addr).filter(|(a, _)| accept(a))?;
         Some(Hit {
             addr,
-            anchor: e.anchor,
-            source: Source::Slot {
-                slot: e.slot,
-                crc: e.crc,
-                offset: self.inner.geometry.slot_offset(e.slot),
-            },
+            anchor: *anchor,
+            source: Source::Memory(data.clone()),
         })
     }
 
@@ -453,9 +447,8 @@ impl ReadCache {
             }
             pending.insert(addr, (anchor, data.clone()));
         }
-        let fills = self.fills.lock();
         let fill = Fill { addr, anchor, data };
-        let refused = match fills.as_ref() {
+        let refused = match &self.fills {
             Some(tx) => match tx.try_send(Job::Fill(fill)) {
                 Ok(()) => None,
                 Err(
@@ -474,7 +467,7 @@ impl ReadCache {
     /// Waits until every copy offered so far is written, index included.
     pub fn sync(&self) {
         let (ack, done) = sync_channel(1);
-        let sent = match self.fills.lock().as_ref() {
+        let sent = match &self.fills {
             Some(tx) => tx.send(Job::Sync(ack)).is_ok(),
             None => false,
         };
@@ -511,8 +504,8 @@ impl std::fmt::Debug for ReadCache {
 impl Drop for ReadCache {
     /// Stops the filler after it wrote what was queued.
     fn drop(&mut self) {
-        self.fills.lock().take();
-        if let Some(t) = self.filler.lock().take() {
+        self.fills.take();
+        if let Some(t) = self.filler.take() {
             let _ = t.join();
         }
     }
@@ -583,11 +576,10 @@ impl Inner {
             self.counters.dropped.fetch_add(1, Ordering::Relaxed);
             return;
         };
-        let mut buf = AlignedBuf::zeroed(BLOCK);
-        buf.copy_from_slice(&f.data);
+        // The device bounces it through an aligned buffer if it must.
         if self
             .dev
-            .write_at(&buf, self.geometry.slot_offset(slot))
+            .write_at(&f.data, self.geometry.slot_offset(slot))
             .is_err()
         {
             self.device_failed();
@@ -623,13 +615,12 @@ impl Inner {
     fn write_index(&self) {
         let mut index = self.index.lock();
         let dirty = std::mem::take(&mut index.1);
-        let mut buf = AlignedBuf::zeroed(BLOCK);
         for b in dirty {
+            // Block-aligned in an aligned buffer: no bounce under O_DIRECT.
             let at = b as usize * BLOCK;
-            buf.copy_from_slice(&index.0[at..at + BLOCK]);
             if self
                 .dev
-                .write_at(&buf, self.geometry.index_offset(b))
+                .write_at(&index.0[at..at + BLOCK], self.geometry.index_offset(b))
                 .is_err()
             {
                 self.device_failed();

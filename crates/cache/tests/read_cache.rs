@@ -21,7 +21,7 @@ fn block(addr: u64) -> Vec<u8> {
 }
 
 fn read(cache: &ReadCache, addr: u64, a: Anchor) -> Option<Vec<u8>> {
-    let hit = cache.lookup(addr, |x| *x == a)?;
+    let hit = cache.probe(addr, |x| *x == a)?;
     let mut buf = vec![0u8; BLOCK];
     cache.read(&hit, &mut buf).then_some(buf)
 }
@@ -67,14 +67,14 @@ fn a_damaged_copy_or_index_entry_is_a_miss() {
         cache.offer(addr, anchor(1), &block(addr));
     }
     cache.sync();
-    let hit = cache.lookup(12, |_| true).unwrap();
+    let hit = cache.probe(12, |_| true).unwrap();
     dev.write_at(&[0x5a; 512], hit.offset().unwrap() + 1024)
         .unwrap();
     let mut buf = vec![0u8; BLOCK];
     assert!(!cache.read(&hit, &mut buf), "a damaged copy was served");
     assert_eq!(cache.stats().corrupt, 1);
     assert!(
-        cache.lookup(12, |_| true).is_none(),
+        cache.probe(12, |_| true).is_none(),
         "the damaged copy stayed"
     );
     cache.offer(12, anchor(1), &block(12));
@@ -103,7 +103,7 @@ fn a_slot_reused_for_another_block_never_serves_the_old_one() {
     let cache = ReadCache::open(dev.clone(), 7).unwrap();
     cache.offer(10, anchor(1), &block(10));
     cache.sync();
-    let hit = cache.lookup(10, |_| true).unwrap();
+    let hit = cache.probe(10, |_| true).unwrap();
     dev.write_at(&block(11), hit.offset().unwrap()).unwrap();
     let mut buf = vec![0u8; BLOCK];
     assert!(!cache.read(&hit, &mut buf));
@@ -161,11 +161,11 @@ fn a_scan_does_not_push_out_the_hot_set() {
     cache.sync();
     for _ in 0..3 {
         for &a in &hot {
-            assert!(cache.lookup(a, |_| true).is_some());
+            assert!(cache.probe(a, |_| true).is_some());
         }
     }
     for a in 100_000..100_000 + 4 * slots {
-        if cache.lookup(a, |_| true).is_none() {
+        if cache.probe(a, |_| true).is_none() {
             cache.offer(a, anchor(1), &block(a));
         }
         if a % 512 == 0 {
@@ -175,7 +175,7 @@ fn a_scan_does_not_push_out_the_hot_set() {
     cache.sync();
     let kept = hot
         .iter()
-        .filter(|&&a| cache.lookup(a, |_| true).is_some())
+        .filter(|&&a| cache.probe(a, |_| true).is_some())
         .count();
     assert!(
         kept * 10 >= hot.len() * 9,
