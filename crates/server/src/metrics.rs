@@ -198,9 +198,11 @@ struct CacheMetrics {
     given_up: Gauge,
 }
 
-/// Brings a counter up to `now` (a count kept elsewhere, which only grows).
+/// Brings a counter up to `now` (a count kept elsewhere, which only
+/// grows). `fetch_max`, not get-then-add: two scrapes at once must not
+/// both add the difference.
 fn follow(c: &Counter, now: u64) {
-    c.inc_by(now.saturating_sub(c.get()));
+    c.inner().fetch_max(now, Ordering::Relaxed);
 }
 
 static GLOBAL: OnceLock<Metrics> = OnceLock::new();
