@@ -342,6 +342,21 @@ fn a_cache_device_that_goes_away_costs_pool_reads_only() {
         stats.entries, 0,
         "copies on a dead device were kept: {stats:?}"
     );
+    // Enough failures in a row: the cache is given up, and costs nothing.
+    for _ in 0..8 {
+        assert_eq!(read_all(&vm, false), image);
+        cache.sync();
+    }
+    let stats = cache.stats();
+    assert!(stats.given_up, "{stats:?}");
+    let errors = stats.errors;
+    assert_eq!(read_all(&vm, true), image);
+    cache.sync();
+    assert_eq!(
+        cache.stats().errors,
+        errors,
+        "a given-up cache was still tried"
+    );
 }
 
 /// A disk whose cache policy is `none` reads past the cache, and so do
