@@ -36,6 +36,9 @@
 //! slot's bytes, and is believed only together with a crc over them.
 
 pub mod layout;
+pub mod write_log;
+
+pub use write_log::{Found, LogStats, WriteLog};
 
 use layout::{data_crc, Geometry, IndexEntry, Superblock, BLOCK, ENTRIES_PER_BLOCK, ENTRY_BYTES};
 use parallax_device::{AlignedBuf, BlockDevice};

@@ -18,19 +18,21 @@
 //! Implementations: [`FileDevice`] (a regular file or a raw block device,
 //! optionally `O_DIRECT`), [`NbdDevice`] (an export of an NBD server: a
 //! pool reached over the network), [`MemDevice`] (a volatile byte vector),
-//! and [`CrashDevice`] (a simulator keeping durable and written state
-//! apart).
+//! [`CrashDevice`] (a simulator keeping durable and written state
+//! apart), and [`Slice`] (a range of another device).
 
 mod aligned;
 mod crash;
 mod file;
 mod mem;
 mod nbd;
+mod slice;
 
 pub use aligned::{is_aligned, AlignedBuf, ALIGN};
 pub use crash::{CrashDevice, CrashMode, Fault, SplitMix};
 pub use file::{FileDevice, OpenMode};
 pub use mem::MemDevice;
+pub use slice::Slice;
 pub use nbd::{NbdAddr, NbdDevice, NbdTarget, WriteGuard, REPLAY_LIMIT};
 
 use std::io;
@@ -66,6 +68,36 @@ pub trait BlockDevice: Send + Sync {
     fn raw_fd(&self) -> Option<std::os::fd::RawFd> {
         None
     }
+
+    /// [`raw_fd`](Self::raw_fd) for I/O that stays in flight after the call
+    /// returns: the [`FdLease`] must be kept until that I/O has completed.
+    /// A device that may start sending writes elsewhere (a write-back log)
+    /// refuses new leases first and waits for the ones out.
+    fn lend_fd(&self) -> Option<FdLease> {
+        self.raw_fd().map(|fd| FdLease { fd, _hold: None })
+    }
+}
+
+/// A file descriptor lent for asynchronous I/O: see [`BlockDevice::lend_fd`].
+pub struct FdLease {
+    pub fd: std::os::fd::RawFd,
+    _hold: Option<Box<dyn Send + Sync>>,
+}
+
+impl FdLease {
+    /// A lease that runs `hold`'s drop when the lease goes.
+    pub fn held(fd: std::os::fd::RawFd, hold: Box<dyn Send + Sync>) -> Self {
+        FdLease {
+            fd,
+            _hold: Some(hold),
+        }
+    }
+}
+
+impl std::fmt::Debug for FdLease {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FdLease").field("fd", &self.fd).finish()
+    }
 }
 
 /// Checks that `[offset, offset + len)` lies inside a device of `size` bytes.
@@ -97,5 +129,8 @@ impl<T: BlockDevice + ?Sized> BlockDevice for std::sync::Arc<T> {
     }
     fn raw_fd(&self) -> Option<std::os::fd::RawFd> {
         (**self).raw_fd()
+    }
+    fn lend_fd(&self) -> Option<FdLease> {
+        (**self).lend_fd()
     }
 }

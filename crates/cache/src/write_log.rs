@@ -1,0 +1,1545 @@
+//! The write-back log: the pool's writes appended to a local device,
+//! acknowledged as durable when that device has them, and written to the
+//! pool ("destaged") in order in the background.
+//!
+//! [`WriteLog`] is a [`BlockDevice`] in front of the pool device. It has two
+//! modes:
+//!
+//! - **Direct**: every call goes to the pool, the log is empty. This is the
+//!   mode while no disk wants write-back, so write-through disks pay nothing.
+//! - **Logging**: every write and discard of the whole pool (data, tree
+//!   nodes, headers, bitmaps, the catalogue) becomes a record of the log, in
+//!   one order (the LSN); reads see the newest record of a block before the
+//!   pool; a flush makes the records durable on the log device, not the
+//!   pool. One thread destages records in LSN order, a batch at a time: the
+//!   batch's blocks written to the pool, the pool flushed, then the log's
+//!   durable tail moved past the batch.
+//!
+//! Why the pool stays consistent: the log is one ordered stream of every
+//! write the pool would have seen, and the pool receives a prefix of it
+//! followed by a pool flush, batch after batch. Any prefix of a stream of
+//! writes is a state a power cut could have left on a plain device (a
+//! subset of the writes since the last flush), so the pool alone is always
+//! a state the store's own crash argument (FORMAT.md §11) accepts: older
+//! than the log, never torn. With the log, replay restores every record up
+//! to the point a flush made durable, so nothing acknowledged is lost.
+//!
+//! Invariants:
+//! - A flush waits until every record with a lower LSN has been written
+//!   (not just its own), so replay, which stops at the first record that
+//!   does not check out, never stops before a flushed record.
+//! - Records carry the log's id, their own position and the session (one
+//!   per open of the log): replay accepts a chain of consecutive LSNs with
+//!   sessions that never go down, so stale records of an earlier session
+//!   left after a crash are never taken for new ones.
+//! - Space is reused only after the durable tail passed it, and a block's
+//!   entry in the dirty map is dropped (after its pool write was flushed)
+//!   before the tail moves; a reader that read a record's bytes checks its
+//!   entry again afterwards and reads the pool if the entry changed.
+//! - Switching to logging waits for lent file descriptors to come back,
+//!   and flushes the pool before a flush in logging mode may skip it;
+//!   switching back to direct happens only with no record left.
+
+use crate::layout::BLOCK;
+use parallax_device::{AlignedBuf, BlockDevice, FdLease};
+use parking_lot::{Condvar, Mutex, RwLock};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::hash::{BuildHasher, Hasher};
+use std::io;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+const BLOCK_U64: u64 = BLOCK as u64;
+const SB_MAGIC: &[u8; 8] = b"PXWLOG01";
+const REC_MAGIC: &[u8; 8] = b"PXWLREC1";
+/// The two superblock copies are blocks 0 and 1; the ring follows.
+const RING_START: u64 = 2;
+/// Payload blocks of one record; longer writes take several.
+const MAX_RECORD_BLOCKS: u64 = 256;
+/// The smallest log region (bytes): room for a few of the longest records.
+pub const MIN_LOG_BYTES: u64 = 8 << 20;
+/// Payload blocks the destager moves per batch (one pool flush each).
+const BATCH_BLOCKS: u64 = 4096;
+/// Pool writes a batch has in flight at once.
+const DESTAGE_THREADS: usize = 8;
+
+const KIND_WRITE: u32 = 1;
+const KIND_DISCARD: u32 = 2;
+const KIND_PAD: u32 = 3;
+
+/// A record of the log not yet destaged.
+#[derive(Debug, Clone, Copy)]
+struct Rec {
+    lsn: u64,
+    /// Ring block of its header.
+    pos: u64,
+    /// Ring blocks it takes (header and payload; a pad: the rest of the ring).
+    len: u64,
+    kind: Kind,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Write { pool_block: u64, blocks: u64 },
+    Discard { pool_block: u64, blocks: u64 },
+    Pad,
+}
+
+/// The newest record of a pool block that is not destaged yet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Dirty {
+    lsn: u64,
+    /// Ring block holding the bytes; `None`: discarded (reads zeros).
+    at: Option<u64>,
+}
+
+struct State {
+    next_lsn: u64,
+    /// Ring block where the next record goes.
+    head: u64,
+    /// Durable tail: where replay would start.
+    tail: u64,
+    tail_lsn: u64,
+    /// Ring blocks between the durable tail and the head.
+    used: u64,
+    session: u64,
+    sb_seq: u64,
+    records: VecDeque<Rec>,
+    /// LSNs written, above `written_upto`.
+    done: BTreeSet<u64>,
+    /// Every LSN below it has been written.
+    written_upto: u64,
+    /// Every LSN below it is durable on the log device.
+    durable: u64,
+    logging: bool,
+    wanted: bool,
+    stop: bool,
+    /// The log device failed: nothing more is appended or acknowledged.
+    failed: Option<String>,
+    /// The last destage failure (retried), for status.
+    destage_error: Option<String>,
+}
+
+/// Counters of a [`WriteLog`] (bytes are whole 4 KiB blocks).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LogStats {
+    /// Logging (some disk wants write-back, or records are left).
+    pub logging: bool,
+    /// Bytes written to the log and not yet to the pool.
+    pub dirty_bytes: u64,
+    /// Bytes of the log in use (records not yet past the durable tail).
+    pub used_bytes: u64,
+    pub size_bytes: u64,
+    pub appended_bytes: u64,
+    pub destaged_bytes: u64,
+    pub flushes: u64,
+    /// Records found at open and replayed.
+    pub replayed: u64,
+    /// Pool writes that failed while destaging (each retried).
+    pub destage_errors: u64,
+    /// Why the log stopped taking writes, if it did.
+    pub failed: Option<String>,
+}
+
+struct Shared {
+    pool: Arc<dyn BlockDevice>,
+    dev: Arc<dyn BlockDevice>,
+    id: u64,
+    store_id: u64,
+    locator: u64,
+    ring_end: u64,
+    state: Mutex<State>,
+    /// Signalled when records are written, destaged or space frees up.
+    changed: Condvar,
+    dirty: Mutex<HashMap<u64, Dirty>>,
+    dirty_count: AtomicUsize,
+    /// Held shared by every write and discard; taken exclusively to switch
+    /// between direct and logging.
+    switch: RwLock<()>,
+    logging: AtomicBool,
+    leases: Mutex<u64>,
+    leases_back: Condvar,
+    pool_unflushed: AtomicBool,
+    /// One log-device flush at a time (others wait and find theirs done).
+    flush_lock: Mutex<()>,
+    /// Read-modify-write of partial blocks, one at a time.
+    rmw: Mutex<()>,
+    appended: AtomicU64,
+    destaged: AtomicU64,
+    flushes: AtomicU64,
+    replayed: AtomicU64,
+    destage_errors: AtomicU64,
+}
+
+/// See the module documentation.
+pub struct WriteLog {
+    shared: Arc<Shared>,
+    destager: Option<JoinHandle<()>>,
+}
+
+/// What [`WriteLog::open`] found on the log device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Found {
+    /// A new log: nothing there, a log of another store or size, or an
+    /// empty log the pool does not name (after a clean stop).
+    Formatted,
+    /// A log of this store holding records the pool does not name (they
+    /// were given up on purpose, or the pool moved on without them):
+    /// dropped, never replayed over a pool that is newer.
+    Dropped,
+    /// This store's log; its records were replayed.
+    Replayed,
+}
+
+fn io_err(msg: impl Into<String>) -> io::Error {
+    io::Error::other(msg.into())
+}
+
+fn put(b: &mut [u8], at: usize, v: u64) {
+    b[at..at + 8].copy_from_slice(&v.to_le_bytes());
+}
+fn get(b: &[u8], at: usize) -> u64 {
+    u64::from_le_bytes(b[at..at + 8].try_into().unwrap())
+}
+fn put32(b: &mut [u8], at: usize, v: u32) {
+    b[at..at + 4].copy_from_slice(&v.to_le_bytes());
+}
+fn get32(b: &[u8], at: usize) -> u32 {
+    u32::from_le_bytes(b[at..at + 4].try_into().unwrap())
+}
+
+/// A log superblock copy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Super {
+    seq: u64,
+    id: u64,
+    store_id: u64,
+    region_blocks: u64,
+    locator: u64,
+    session: u64,
+    tail: u64,
+    tail_lsn: u64,
+}
+
+impl Super {
+    fn encode(&self) -> AlignedBuf {
+        let mut b = AlignedBuf::zeroed(BLOCK);
+        b[..8].copy_from_slice(SB_MAGIC);
+        for (i, v) in [
+            self.seq,
+            self.id,
+            self.store_id,
+            self.region_blocks,
+            self.locator,
+            self.session,
+            self.tail,
+            self.tail_lsn,
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            put(&mut b, 8 + 8 * i, v);
+        }
+        let crc = crc32c::crc32c(&b[..72]);
+        put32(&mut b, 72, crc);
+        b
+    }
+
+    fn decode(b: &[u8]) -> Option<Super> {
+        if &b[..8] != SB_MAGIC || get32(b, 72) != crc32c::crc32c(&b[..72]) {
+            return None;
+        }
+        Some(Super {
+            seq: get(b, 8),
+            id: get(b, 16),
+            store_id: get(b, 24),
+            region_blocks: get(b, 32),
+            locator: get(b, 40),
+            session: get(b, 48),
+            tail: get(b, 56),
+            tail_lsn: get(b, 64),
+        })
+    }
+}
+
+/// A record header as written (the first block of every record).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Header {
+    lsn: u64,
+    session: u64,
+    id: u64,
+    pos: u64,
+    kind: u32,
+    blocks: u32,
+    pool_block: u64,
+    payload_crc: u32,
+}
+
+impl Header {
+    fn encode_into(&self, b: &mut [u8]) {
+        b[..BLOCK].fill(0);
+        b[..8].copy_from_slice(REC_MAGIC);
+        put(b, 8, self.lsn);
+        put(b, 16, self.session);
+        put(b, 24, self.id);
+        put(b, 32, self.pos);
+        put32(b, 40, self.kind);
+        put32(b, 44, self.blocks);
+        put(b, 48, self.pool_block);
+        put32(b, 56, self.payload_crc);
+        let crc = crc32c::crc32c(&b[..60]);
+        put32(b, 60, crc);
+    }
+
+    fn decode(b: &[u8]) -> Option<Header> {
+        if &b[..8] != REC_MAGIC || get32(b, 60) != crc32c::crc32c(&b[..60]) {
+            return None;
+        }
+        Some(Header {
+            lsn: get(b, 8),
+            session: get(b, 16),
+            id: get(b, 24),
+            pos: get(b, 32),
+            kind: get32(b, 40),
+            blocks: get32(b, 44),
+            pool_block: get(b, 48),
+            payload_crc: get32(b, 56),
+        })
+    }
+}
+
+fn random_id() -> u64 {
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0),
+    );
+    h.write_u32(std::process::id());
+    h.finish().max(1)
+}
+
+impl WriteLog {
+    /// Opens the log on `dev` (its whole length) in front of `pool` for
+    /// store `store_id`. `pool_names` is the log id the pool's superblock
+    /// names (0: none). If it names one, that log must be on `dev` (it is
+    /// replayed; anything else is an error and nothing is written); if it
+    /// names none, records found are dropped, never replayed over a pool
+    /// that may be newer. `locator` is kept with the log for error
+    /// messages (the cache's size). Returns what it found.
+    pub fn open(
+        dev: Arc<dyn BlockDevice>,
+        pool: Arc<dyn BlockDevice>,
+        store_id: u64,
+        pool_names: u64,
+        locator: u64,
+    ) -> io::Result<(WriteLog, Found)> {
+        let region_blocks = dev.len() / BLOCK_U64;
+        if region_blocks * BLOCK_U64 < MIN_LOG_BYTES {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "a write-back log needs at least {} MiB, not {} bytes",
+                    MIN_LOG_BYTES >> 20,
+                    dev.len()
+                ),
+            ));
+        }
+        let mut copies = Vec::new();
+        for i in 0..2u64 {
+            let mut b = AlignedBuf::zeroed(BLOCK);
+            dev.read_at(&mut b, i * BLOCK_U64)?;
+            if let Some(s) = Super::decode(&b) {
+                copies.push(s);
+            }
+        }
+        let newest_seq = copies.iter().map(|s| s.seq).max().unwrap_or(0);
+        let best = copies.into_iter().max_by_key(|s| s.seq);
+        let fresh = || Self::fresh(newest_seq, store_id, region_blocks, locator);
+        let ours = best.filter(|s| {
+            s.store_id == store_id
+                && s.region_blocks == region_blocks
+                && s.tail >= RING_START
+                && s.tail < region_blocks
+        });
+        let (sb, found) = match ours {
+            Some(s) if pool_names != 0 && s.id == pool_names => (s, Found::Replayed),
+            // The pool depends on a log that is not here: touch nothing.
+            _ if pool_names != 0 => {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!(
+                        "the store's newest writes are in write-back log {pool_names:016x}, which is not on this device"
+                    ),
+                ))
+            }
+            Some(s) if holds_record_at_tail(&*dev, &s)? => (fresh(), Found::Dropped),
+            _ => (fresh(), Found::Formatted),
+        };
+        let session = sb.session + 1;
+        let shared = Arc::new(Shared {
+            pool,
+            dev,
+            id: sb.id,
+            store_id,
+            locator,
+            ring_end: region_blocks,
+            state: Mutex::new(State {
+                next_lsn: sb.tail_lsn,
+                head: sb.tail,
+                tail: sb.tail,
+                tail_lsn: sb.tail_lsn,
+                used: 0,
+                session,
+                sb_seq: sb.seq,
+                records: VecDeque::new(),
+                done: BTreeSet::new(),
+                written_upto: sb.tail_lsn,
+                durable: sb.tail_lsn,
+                logging: false,
+                wanted: false,
+                stop: false,
+                failed: None,
+                destage_error: None,
+            }),
+            changed: Condvar::new(),
+            dirty: Mutex::new(HashMap::new()),
+            dirty_count: AtomicUsize::new(0),
+            switch: RwLock::new(()),
+            logging: AtomicBool::new(false),
+            leases: Mutex::new(0),
+            leases_back: Condvar::new(),
+            pool_unflushed: AtomicBool::new(false),
+            flush_lock: Mutex::new(()),
+            rmw: Mutex::new(()),
+            appended: AtomicU64::new(0),
+            destaged: AtomicU64::new(0),
+            flushes: AtomicU64::new(0),
+            replayed: AtomicU64::new(0),
+            destage_errors: AtomicU64::new(0),
+        });
+        if found == Found::Replayed {
+            shared.replay()?;
+        }
+        // The new session is durable before any record of it is written.
+        shared.persist_super()?;
+        {
+            let mut st = shared.state.lock();
+            st.logging = !st.records.is_empty();
+            shared.logging.store(st.logging, Ordering::SeqCst);
+        }
+        let destager = {
+            let shared = shared.clone();
+            std::thread::Builder::new()
+                .name("px-destage".into())
+                .spawn(move || shared.destage_loop())?
+        };
+        Ok((
+            WriteLog {
+                shared,
+                destager: Some(destager),
+            },
+            found,
+        ))
+    }
+
+    /// A new log whose superblock outranks every copy on the device.
+    fn fresh(newest_seq: u64, store_id: u64, region_blocks: u64, locator: u64) -> Super {
+        Super {
+            seq: newest_seq,
+            id: random_id(),
+            store_id,
+            region_blocks,
+            locator,
+            session: 0,
+            tail: RING_START,
+            tail_lsn: 1,
+        }
+    }
+
+    /// The log's id (what the pool's superblock names while it may
+    /// depend on the log).
+    pub fn id(&self) -> u64 {
+        self.shared.id
+    }
+
+    /// What the opener gave to tell this log's place (the cache's size).
+    pub fn locator(&self) -> u64 {
+        self.shared.locator
+    }
+
+    pub fn store_id(&self) -> u64 {
+        self.shared.store_id
+    }
+
+    /// Whether writes go to the log now.
+    pub fn is_logging(&self) -> bool {
+        self.shared.logging.load(Ordering::SeqCst)
+    }
+
+    /// Whether some disk wants write-back: logging starts now (waiting for
+    /// lent file descriptors to come back) or, when `false`, stops once
+    /// every record has been destaged.
+    pub fn set_wanted(&self, wanted: bool) {
+        let s = &*self.shared;
+        if wanted && s.logging.load(Ordering::SeqCst) {
+            s.state.lock().wanted = true;
+        } else if wanted {
+            let _w = s.switch.write();
+            let mut st = s.state.lock();
+            st.wanted = true;
+            if !st.logging {
+                st.logging = true;
+                s.logging.store(true, Ordering::SeqCst);
+                s.pool_unflushed.store(true, Ordering::SeqCst);
+            }
+        } else {
+            s.state.lock().wanted = false;
+        }
+        s.changed.notify_all();
+    }
+
+    /// The LSN the next record gets: [`WriteLog::drain_to`] it to have
+    /// everything written so far on the pool.
+    pub fn head_lsn(&self) -> u64 {
+        self.shared.state.lock().next_lsn
+    }
+
+    /// Waits until every record below `lsn` is on the pool and flushed
+    /// there (write-through semantics for a disk's FLUSH).
+    pub fn drain_to(&self, lsn: u64) -> io::Result<()> {
+        let s = &*self.shared;
+        let mut st = s.state.lock();
+        loop {
+            if st.tail_lsn >= lsn || (st.records.is_empty() && st.written_upto >= lsn) {
+                return Ok(());
+            }
+            if let Some(f) = &st.failed {
+                if st.records.front().is_none_or(|r| r.lsn >= st.written_upto) {
+                    return Err(io_err(format!("the write-back log failed: {f}")));
+                }
+            }
+            if st.stop {
+                return Err(io_err("the write-back log is closing"));
+            }
+            s.changed.notify_all();
+            s.changed.wait_for(&mut st, Duration::from_millis(100));
+        }
+    }
+
+    /// Stops logging for good: waits until every record is destaged and the
+    /// log is direct again (a clean stop; the pool then needs no log).
+    pub fn drain_all(&self) -> io::Result<()> {
+        self.set_wanted(false);
+        let s = &*self.shared;
+        let mut st = s.state.lock();
+        while st.logging {
+            if let Some(f) = &st.failed {
+                return Err(io_err(format!("the write-back log failed: {f}")));
+            }
+            s.changed.notify_all();
+            s.changed.wait_for(&mut st, Duration::from_millis(100));
+        }
+        Ok(())
+    }
+
+    pub fn stats(&self) -> LogStats {
+        let s = &*self.shared;
+        let st = s.state.lock();
+        LogStats {
+            logging: st.logging,
+            dirty_bytes: st
+                .records
+                .iter()
+                .map(|r| match r.kind {
+                    Kind::Write { blocks, .. } => blocks * BLOCK_U64,
+                    _ => 0,
+                })
+                .sum(),
+            used_bytes: st.used * BLOCK_U64,
+            size_bytes: (s.ring_end - RING_START) * BLOCK_U64,
+            appended_bytes: s.appended.load(Ordering::Relaxed),
+            destaged_bytes: s.destaged.load(Ordering::Relaxed),
+            flushes: s.flushes.load(Ordering::Relaxed),
+            replayed: s.replayed.load(Ordering::Relaxed),
+            destage_errors: s.destage_errors.load(Ordering::Relaxed),
+            failed: st.failed.clone().or(st.destage_error.clone()),
+        }
+    }
+}
+
+impl Drop for WriteLog {
+    /// Stops the destager where it is: records left are replayed at the
+    /// next open (call [`WriteLog::drain_all`] first for a clean stop).
+    fn drop(&mut self) {
+        self.shared.state.lock().stop = true;
+        self.shared.changed.notify_all();
+        if let Some(t) = self.destager.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Shared {
+    fn persist_super(&self) -> io::Result<()> {
+        let sb = {
+            let mut st = self.state.lock();
+            st.sb_seq += 1;
+            Super {
+                seq: st.sb_seq,
+                id: self.id,
+                store_id: self.store_id,
+                region_blocks: self.ring_end,
+                locator: self.locator,
+                session: st.session,
+                tail: st.tail,
+                tail_lsn: st.tail_lsn,
+            }
+        };
+        self.dev.write_at(&sb.encode(), (sb.seq % 2) * BLOCK_U64)?;
+        self.dev.flush()
+    }
+
+    /// Rebuilds the records and the dirty map from the durable tail: the
+    /// longest chain of records that check out.
+    fn replay(&self) -> io::Result<()> {
+        let mut st = self.state.lock();
+        let mut pos = st.tail;
+        let mut lsn = st.tail_lsn;
+        let mut last_session = 0;
+        let mut used = 0;
+        let mut head = AlignedBuf::zeroed(BLOCK);
+        let mut dirty = self.dirty.lock();
+        loop {
+            if pos >= self.ring_end {
+                pos = RING_START;
+            }
+            if used >= self.ring_end - RING_START {
+                break;
+            }
+            self.dev.read_at(&mut head, pos * BLOCK_U64)?;
+            let Some(h) = Header::decode(&head) else {
+                break;
+            };
+            if h.lsn != lsn || h.id != self.id || h.pos != pos || h.session < last_session {
+                break;
+            }
+            let (kind, len) = match h.kind {
+                KIND_PAD => (Kind::Pad, self.ring_end - pos),
+                KIND_WRITE | KIND_DISCARD => {
+                    let blocks = h.blocks as u64;
+                    if blocks == 0 || blocks > MAX_RECORD_BLOCKS {
+                        break;
+                    }
+                    if h.kind == KIND_WRITE {
+                        if pos + 1 + blocks > self.ring_end {
+                            break;
+                        }
+                        let mut payload = AlignedBuf::zeroed(blocks as usize * BLOCK);
+                        self.dev.read_at(&mut payload, (pos + 1) * BLOCK_U64)?;
+                        if crc32c::crc32c(&payload) != h.payload_crc {
+                            break;
+                        }
+                        (
+                            Kind::Write {
+                                pool_block: h.pool_block,
+                                blocks,
+                            },
+                            1 + blocks,
+                        )
+                    } else {
+                        (
+                            Kind::Discard {
+                                pool_block: h.pool_block,
+                                blocks,
+                            },
+                            1,
+                        )
+                    }
+                }
+                _ => break,
+            };
+            if let Some(end) = kind_end(kind) {
+                if end > self.pool.len() / BLOCK_U64 {
+                    break;
+                }
+            }
+            let rec = Rec {
+                lsn,
+                pos,
+                len,
+                kind,
+            };
+            note_dirty(&mut dirty, &rec);
+            st.records.push_back(rec);
+            used += len;
+            last_session = h.session;
+            pos += len;
+            lsn += 1;
+        }
+        self.dirty_count.store(dirty.len(), Ordering::SeqCst);
+        self.replayed
+            .store(st.records.len() as u64, Ordering::Relaxed);
+        st.head = if pos >= self.ring_end { RING_START } else { pos };
+        st.used = used;
+        st.next_lsn = lsn;
+        st.written_upto = lsn;
+        st.durable = lsn;
+        Ok(())
+    }
+
+    /// Appends one record for `data` (whole blocks, at most
+    /// `MAX_RECORD_BLOCKS`) or a discard of `blocks` blocks.
+    fn append(&self, pool_block: u64, data: Option<&[u8]>, blocks: u64) -> io::Result<()> {
+        let need = if data.is_some() { 1 + blocks } else { 1 };
+        let ring_len = self.ring_end - RING_START;
+        let (lsn, pos, pad, session) = {
+            let mut st = self.state.lock();
+            loop {
+                if let Some(f) = &st.failed {
+                    return Err(io_err(format!("the write-back log failed: {f}")));
+                }
+                let room_here = self.ring_end - st.head;
+                let pad = if room_here >= need { 0 } else { room_here };
+                if st.used + pad + need <= ring_len {
+                    break;
+                }
+                self.changed.notify_all();
+                self.changed.wait_for(&mut st, Duration::from_millis(100));
+            }
+            let room_here = self.ring_end - st.head;
+            let mut pad = None;
+            if room_here < need {
+                let p = Rec {
+                    lsn: st.next_lsn,
+                    pos: st.head,
+                    len: room_here,
+                    kind: Kind::Pad,
+                };
+                st.next_lsn += 1;
+                st.used += room_here;
+                st.records.push_back(p);
+                st.head = RING_START;
+                pad = Some(p);
+            }
+            let kind = match data {
+                Some(_) => Kind::Write { pool_block, blocks },
+                None => Kind::Discard { pool_block, blocks },
+            };
+            let rec = Rec {
+                lsn: st.next_lsn,
+                pos: st.head,
+                len: need,
+                kind,
+            };
+            st.next_lsn += 1;
+            st.used += need;
+            st.head += need;
+            if st.head >= self.ring_end {
+                st.head = RING_START;
+            }
+            st.records.push_back(rec);
+            (rec.lsn, rec.pos, pad, st.session)
+        };
+        let written = self.write_record(lsn, pos, pad, session, pool_block, data, blocks);
+        {
+            let rec = Rec {
+                lsn,
+                pos,
+                len: need,
+                kind: match data {
+                    Some(_) => Kind::Write { pool_block, blocks },
+                    None => Kind::Discard { pool_block, blocks },
+                },
+            };
+            if written.is_ok() {
+                let mut dirty = self.dirty.lock();
+                note_dirty(&mut dirty, &rec);
+                self.dirty_count.store(dirty.len(), Ordering::SeqCst);
+            }
+        }
+        let mut st = self.state.lock();
+        if let Err(e) = &written {
+            st.failed
+                .get_or_insert_with(|| format!("writing a record: {e}"));
+        }
+        // A record that failed to be written is never counted as written:
+        // nothing after it is destaged or acknowledged by a flush.
+        if written.is_ok() {
+            if let Some(p) = pad {
+                st.done.insert(p.lsn);
+            }
+            st.done.insert(lsn);
+        }
+        loop {
+            let next = st.written_upto;
+            if !st.done.remove(&next) {
+                break;
+            }
+            st.written_upto += 1;
+        }
+        drop(st);
+        self.changed.notify_all();
+        if data.is_some() {
+            self.appended
+                .fetch_add(blocks * BLOCK_U64, Ordering::Relaxed);
+        }
+        written
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn write_record(
+        &self,
+        lsn: u64,
+        pos: u64,
+        pad: Option<Rec>,
+        session: u64,
+        pool_block: u64,
+        data: Option<&[u8]>,
+        blocks: u64,
+    ) -> io::Result<()> {
+        if let Some(p) = pad {
+            let mut b = AlignedBuf::zeroed(BLOCK);
+            Header {
+                lsn: p.lsn,
+                session,
+                id: self.id,
+                pos: p.pos,
+                kind: KIND_PAD,
+                blocks: 0,
+                pool_block: 0,
+                payload_crc: 0,
+            }
+            .encode_into(&mut b);
+            self.dev.write_at(&b, p.pos * BLOCK_U64)?;
+        }
+        let payload_len = data.map_or(0, |d| d.len());
+        let mut b = AlignedBuf::zeroed(BLOCK + payload_len);
+        if let Some(d) = data {
+            b[BLOCK..].copy_from_slice(d);
+        }
+        let h = Header {
+            lsn,
+            session,
+            id: self.id,
+            pos,
+            kind: if data.is_some() {
+                KIND_WRITE
+            } else {
+                KIND_DISCARD
+            },
+            blocks: blocks as u32,
+            pool_block,
+            payload_crc: data.map_or(0, crc32c::crc32c),
+        };
+        h.encode_into(&mut b[..BLOCK]);
+        self.dev.write_at(&b, pos * BLOCK_U64)
+    }
+
+    /// Makes every record appended before the call durable on the log
+    /// device.
+    fn flush_log(&self) -> io::Result<()> {
+        let target = {
+            let mut st = self.state.lock();
+            let target = st.next_lsn;
+            loop {
+                if let Some(f) = &st.failed {
+                    return Err(io_err(format!("the write-back log failed: {f}")));
+                }
+                if st.written_upto >= target {
+                    break;
+                }
+                self.changed.wait_for(&mut st, Duration::from_millis(100));
+            }
+            if st.durable >= target {
+                return Ok(());
+            }
+            target
+        };
+        let _one = self.flush_lock.lock();
+        let upto = {
+            let st = self.state.lock();
+            if st.durable >= target {
+                return Ok(());
+            }
+            st.written_upto
+        };
+        self.flushes.fetch_add(1, Ordering::Relaxed);
+        if let Err(e) = self.dev.flush() {
+            let mut st = self.state.lock();
+            st.failed
+                .get_or_insert_with(|| format!("flushing the log device: {e}"));
+            return Err(e);
+        }
+        let mut st = self.state.lock();
+        st.durable = st.durable.max(upto);
+        Ok(())
+    }
+
+    /// The destager: see the module documentation.
+    fn destage_loop(&self) {
+        loop {
+            let batch: Vec<Rec> = {
+                let mut st = self.state.lock();
+                loop {
+                    if st.stop {
+                        return;
+                    }
+                    let ready = st
+                        .records
+                        .front()
+                        .is_some_and(|r| r.lsn < st.written_upto);
+                    if ready && *self.leases.lock() == 0 {
+                        break;
+                    }
+                    if st.records.is_empty() && st.logging && !st.wanted && st.failed.is_none() {
+                        drop(st);
+                        self.try_go_direct();
+                        st = self.state.lock();
+                        continue;
+                    }
+                    self.changed.wait_for(&mut st, Duration::from_millis(50));
+                }
+                let mut blocks = 0;
+                let upto = st.written_upto;
+                st.records
+                    .iter()
+                    .take_while(|r| {
+                        let take = r.lsn < upto && blocks < BATCH_BLOCKS;
+                        if let Kind::Write { blocks: b, .. } = r.kind {
+                            blocks += b;
+                        }
+                        take
+                    })
+                    .copied()
+                    .collect()
+            };
+            match self.destage(&batch) {
+                Ok(()) => {
+                    let mut st = self.state.lock();
+                    st.destage_error = None;
+                    drop(st);
+                }
+                Err(e) => {
+                    self.destage_errors.fetch_add(1, Ordering::Relaxed);
+                    let mut st = self.state.lock();
+                    st.destage_error = Some(format!("destaging to the pool: {e}"));
+                    if st.stop {
+                        return;
+                    }
+                    self.changed.wait_for(&mut st, Duration::from_secs(1));
+                }
+            }
+        }
+    }
+
+    /// Writes `batch` to the pool, flushes the pool, forgets its dirty
+    /// entries, then moves the durable tail past it.
+    fn destage(&self, batch: &[Rec]) -> io::Result<()> {
+        let Some(last) = batch.last() else {
+            return Ok(());
+        };
+        // The newest content of every block the batch touches.
+        let mut plan: BTreeMap<u64, Option<u64>> = BTreeMap::new();
+        for r in batch {
+            match r.kind {
+                Kind::Write { pool_block, blocks } => {
+                    for i in 0..blocks {
+                        plan.insert(pool_block + i, Some(r.pos + 1 + i));
+                    }
+                }
+                Kind::Discard { pool_block, blocks } => {
+                    for i in 0..blocks {
+                        plan.insert(pool_block + i, None);
+                    }
+                }
+                Kind::Pad => {}
+            }
+        }
+        // Runs: consecutive pool blocks from consecutive ring blocks.
+        let mut runs: Vec<(u64, Option<u64>, u64)> = Vec::new();
+        for (&block, &at) in &plan {
+            if let Some((start, from, n)) = runs.last_mut() {
+                let follows = *start + *n == block
+                    && match (*from, at) {
+                        (Some(f), Some(a)) => f + *n == a,
+                        (None, None) => true,
+                        _ => false,
+                    };
+                if follows && *n < MAX_RECORD_BLOCKS {
+                    *n += 1;
+                    continue;
+                }
+            }
+            runs.push((block, at, 1));
+        }
+        let next = AtomicUsize::new(0);
+        let failed: Mutex<Option<io::Error>> = Mutex::new(None);
+        std::thread::scope(|scope| {
+            for _ in 0..DESTAGE_THREADS.min(runs.len()) {
+                scope.spawn(|| {
+                    let mut buf = AlignedBuf::zeroed(MAX_RECORD_BLOCKS as usize * BLOCK);
+                    loop {
+                        let i = next.fetch_add(1, Ordering::Relaxed);
+                        let Some(&(block, at, n)) = runs.get(i) else {
+                            return;
+                        };
+                        let done = match at {
+                            Some(at) => {
+                                if buf.resize_within(n as usize * BLOCK).is_none() {
+                                    buf = AlignedBuf::zeroed(MAX_RECORD_BLOCKS as usize * BLOCK);
+                                    buf.truncate(n as usize * BLOCK);
+                                }
+                                self.dev
+                                    .read_at(&mut buf, at * BLOCK_U64)
+                                    .and_then(|_| self.pool.write_at(&buf, block * BLOCK_U64))
+                            }
+                            None => self.pool.discard(block * BLOCK_U64, n * BLOCK_U64),
+                        };
+                        if let Err(e) = done {
+                            failed.lock().get_or_insert(e);
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        if let Some(e) = failed.into_inner() {
+            return Err(e);
+        }
+        self.pool.flush()?;
+        {
+            let mut dirty = self.dirty.lock();
+            for block in plan.keys() {
+                if dirty.get(block).is_some_and(|d| d.lsn <= last.lsn) {
+                    dirty.remove(block);
+                }
+            }
+            self.dirty_count.store(dirty.len(), Ordering::SeqCst);
+        }
+        let released: u64 = batch.iter().map(|r| r.len).sum();
+        {
+            let mut st = self.state.lock();
+            let end = last.pos + last.len;
+            st.tail = if end >= self.ring_end { RING_START } else { end };
+            st.tail_lsn = last.lsn + 1;
+        }
+        // A failed persist leaves the old tail on the device: the batch is
+        // destaged again after a crash, which writes the same bytes.
+        self.persist_super()?;
+        let mut st = self.state.lock();
+        st.used -= released;
+        for _ in 0..batch.len() {
+            st.records.pop_front();
+        }
+        drop(st);
+        self.destaged.fetch_add(
+            plan.values().filter(|a| a.is_some()).count() as u64 * BLOCK_U64,
+            Ordering::Relaxed,
+        );
+        self.changed.notify_all();
+        Ok(())
+    }
+
+    /// Back to direct mode if nothing is left and no disk wants the log.
+    fn try_go_direct(&self) {
+        let Some(_w) = self.switch.try_write_for(Duration::from_millis(10)) else {
+            return;
+        };
+        let mut st = self.state.lock();
+        if st.records.is_empty() && !st.wanted && st.logging && st.failed.is_none() {
+            st.logging = false;
+            self.logging.store(false, Ordering::SeqCst);
+        }
+        drop(st);
+        self.changed.notify_all();
+    }
+
+    /// Reads `buf.len()` bytes at pool offset `offset`: each block from its
+    /// newest record, or from the pool.
+    fn read(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        if self.dirty_count.load(Ordering::SeqCst) == 0 {
+            return self.pool.read_at(buf, offset);
+        }
+        let end = offset + buf.len() as u64;
+        let mut at = offset;
+        // Start of a run of clean blocks not read yet.
+        let mut clean_from: Option<u64> = None;
+        while at < end {
+            let block = at / BLOCK_U64;
+            let stop = ((block + 1) * BLOCK_U64).min(end);
+            let entry = self.dirty.lock().get(&block).copied();
+            match entry {
+                None => {
+                    clean_from.get_or_insert(at);
+                }
+                Some(d) => {
+                    if let Some(from) = clean_from.take() {
+                        let r = (from - offset) as usize..(at - offset) as usize;
+                        self.pool.read_at(&mut buf[r], from)?;
+                    }
+                    let r = (at - offset) as usize..(stop - offset) as usize;
+                    match d.at {
+                        None => buf[r].fill(0),
+                        Some(ring) => {
+                            let within = at - block * BLOCK_U64;
+                            self.dev
+                                .read_at(&mut buf[r.clone()], ring * BLOCK_U64 + within)?;
+                        }
+                    }
+                    // Destaged (and its space perhaps reused) meanwhile:
+                    // the pool has it now.
+                    if self.dirty.lock().get(&block).copied() != Some(d) {
+                        continue;
+                    }
+                }
+            }
+            at = stop;
+        }
+        if let Some(from) = clean_from {
+            let r = (from - offset) as usize..buf.len();
+            self.pool.read_at(&mut buf[r], from)?;
+        }
+        Ok(())
+    }
+
+    fn check_pool_range(&self, offset: u64, len: u64) -> io::Result<()> {
+        match offset.checked_add(len) {
+            Some(end) if end <= self.pool.len() => Ok(()),
+            _ => Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "I/O range {offset}+{len} is outside the device of {} bytes",
+                    self.pool.len()
+                ),
+            )),
+        }
+    }
+
+    /// A write in logging mode: whole blocks as they are, partial blocks
+    /// read, patched and logged whole.
+    fn log_write(&self, data: &[u8], offset: u64) -> io::Result<()> {
+        self.check_pool_range(offset, data.len() as u64)?;
+        if offset % BLOCK_U64 != 0 || data.len() % BLOCK != 0 {
+            let _one = self.rmw.lock();
+            let first = offset / BLOCK_U64;
+            let end = (offset + data.len() as u64).div_ceil(BLOCK_U64);
+            let mut whole = vec![0u8; ((end - first) * BLOCK_U64) as usize];
+            self.read(&mut whole, first * BLOCK_U64)?;
+            let within = (offset - first * BLOCK_U64) as usize;
+            whole[within..within + data.len()].copy_from_slice(data);
+            return self.log_blocks(&whole, first);
+        }
+        self.log_blocks(data, offset / BLOCK_U64)
+    }
+
+    fn log_blocks(&self, data: &[u8], first: u64) -> io::Result<()> {
+        for (i, chunk) in data.chunks(MAX_RECORD_BLOCKS as usize * BLOCK).enumerate() {
+            let block = first + i as u64 * MAX_RECORD_BLOCKS;
+            self.append(block, Some(chunk), (chunk.len() / BLOCK) as u64)?;
+        }
+        Ok(())
+    }
+}
+
+/// Whether the log `sb` describes has a record at its tail (records left).
+fn holds_record_at_tail(dev: &dyn BlockDevice, sb: &Super) -> io::Result<bool> {
+    let mut b = AlignedBuf::zeroed(BLOCK);
+    dev.read_at(&mut b, sb.tail * BLOCK_U64)?;
+    Ok(Header::decode(&b).is_some_and(|h| h.id == sb.id && h.lsn == sb.tail_lsn && h.pos == sb.tail))
+}
+
+/// One past the last pool block a record touches.
+fn kind_end(kind: Kind) -> Option<u64> {
+    match kind {
+        Kind::Write { pool_block, blocks } | Kind::Discard { pool_block, blocks } => {
+            pool_block.checked_add(blocks)
+        }
+        Kind::Pad => None,
+    }
+}
+
+/// Makes `rec` the newest record of the blocks it touches (unless a newer
+/// one is there already).
+fn note_dirty(dirty: &mut HashMap<u64, Dirty>, rec: &Rec) {
+    let (first, blocks, bytes) = match rec.kind {
+        Kind::Write { pool_block, blocks } => (pool_block, blocks, true),
+        Kind::Discard { pool_block, blocks } => (pool_block, blocks, false),
+        Kind::Pad => return,
+    };
+    for i in 0..blocks {
+        let d = Dirty {
+            lsn: rec.lsn,
+            at: bytes.then_some(rec.pos + 1 + i),
+        };
+        dirty
+            .entry(first + i)
+            .and_modify(|e| {
+                if e.lsn < d.lsn {
+                    *e = d
+                }
+            })
+            .or_insert(d);
+    }
+}
+
+struct Lease(Arc<Shared>);
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        *self.0.leases.lock() -= 1;
+        self.0.leases_back.notify_all();
+        self.0.changed.notify_all();
+    }
+}
+
+impl BlockDevice for WriteLog {
+    fn len(&self) -> u64 {
+        self.shared.pool.len()
+    }
+
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        self.shared.read(buf, offset)
+    }
+
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        let s = &*self.shared;
+        let _mode = s.switch.read();
+        if s.logging.load(Ordering::SeqCst) {
+            s.log_write(buf, offset)
+        } else {
+            s.pool.write_at(buf, offset)
+        }
+    }
+
+    fn flush(&self) -> io::Result<()> {
+        let s = &*self.shared;
+        if !s.logging.load(Ordering::SeqCst) {
+            return s.pool.flush();
+        }
+        // Writes made through lent descriptors before logging started are
+        // on the pool: flush it too until every lease is back.
+        if s.pool_unflushed.load(Ordering::SeqCst) {
+            let quiet = *s.leases.lock() == 0;
+            s.pool.flush()?;
+            if quiet {
+                s.pool_unflushed.store(false, Ordering::SeqCst);
+            }
+        }
+        s.flush_log()
+    }
+
+    fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
+        let s = &*self.shared;
+        let _mode = s.switch.read();
+        if !s.logging.load(Ordering::SeqCst) {
+            return s.pool.discard(offset, len);
+        }
+        s.check_pool_range(offset, len)?;
+        // Only whole blocks are discarded; the content of a discarded range
+        // is unspecified, so partial blocks may stay as they are.
+        let first = offset.div_ceil(BLOCK_U64);
+        let end = (offset + len) / BLOCK_U64;
+        let mut block = first;
+        while block < end {
+            let n = (end - block).min(MAX_RECORD_BLOCKS);
+            s.append(block, None, n)?;
+            block += n;
+        }
+        Ok(())
+    }
+
+    /// None: a descriptor of the pool would go around the log. See
+    /// [`BlockDevice::lend_fd`].
+    fn raw_fd(&self) -> Option<std::os::fd::RawFd> {
+        None
+    }
+
+    fn lend_fd(&self) -> Option<FdLease> {
+        let s = &self.shared;
+        let fd = s.pool.raw_fd()?;
+        let _mode = s.switch.read();
+        if s.logging.load(Ordering::SeqCst) {
+            return None;
+        }
+        *s.leases.lock() += 1;
+        Some(FdLease::held(fd, Box::new(Lease(s.clone()))))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use parallax_device::{CrashDevice, CrashMode, MemDevice, SplitMix};
+    use std::sync::Weak;
+
+    const POOL_BLOCKS: u64 = 96;
+    const STORE: u64 = 0x5107e;
+
+    fn block(seed: u64) -> Vec<u8> {
+        let mut b = vec![0u8; BLOCK];
+        b[..8].copy_from_slice(&seed.to_le_bytes());
+        b[BLOCK - 8..].copy_from_slice(&seed.to_le_bytes());
+        b
+    }
+
+    fn seed_of(b: &[u8]) -> u64 {
+        get(b, 0)
+    }
+
+    /// Cuts power on both devices at once, at the `at`-th flush of either.
+    fn power_domain(a: &Arc<CrashDevice>, b: &Arc<CrashDevice>, at: u64, mode: CrashMode) {
+        let count = Arc::new(AtomicU64::new(0));
+        let (wa, wb): (Weak<CrashDevice>, Weak<CrashDevice>) =
+            (Arc::downgrade(a), Arc::downgrade(b));
+        for dev in [a, b] {
+            let (count, wa, wb) = (count.clone(), wa.clone(), wb.clone());
+            dev.on_flush(Some(Box::new(move |_| {
+                if count.fetch_add(1, Ordering::SeqCst) == at {
+                    for d in [&wa, &wb] {
+                        if let Some(d) = d.upgrade() {
+                            d.cut_power(mode);
+                        }
+                    }
+                }
+            })));
+        }
+    }
+
+    /// What each pool block may read after a crash: one of the values
+    /// from the last one a flush covered on.
+    struct Model {
+        history: Vec<Vec<u64>>,
+        floor: Vec<usize>,
+    }
+
+    impl Model {
+        fn new() -> Model {
+            Model {
+                history: vec![vec![0]; POOL_BLOCKS as usize],
+                floor: vec![0; POOL_BLOCKS as usize],
+            }
+        }
+        fn latest(&self, b: u64) -> u64 {
+            *self.history[b as usize].last().unwrap()
+        }
+        fn flushed(&mut self) {
+            for (f, h) in self.floor.iter_mut().zip(&self.history) {
+                *f = h.len() - 1;
+            }
+        }
+        fn allowed(&self, b: u64) -> &[u64] {
+            &self.history[b as usize][self.floor[b as usize]..]
+        }
+    }
+
+    fn read_seed(dev: &dyn BlockDevice, b: u64) -> u64 {
+        let mut buf = vec![0u8; BLOCK];
+        dev.read_at(&mut buf, b * BLOCK_U64).unwrap();
+        assert_eq!(get(&buf, 0), get(&buf, BLOCK - 8), "block {b} is torn");
+        seed_of(&buf)
+    }
+
+    /// Random writes (some partial, some long), flushes and switches of
+    /// the wanted flag; reads checked as it goes. Stops at the first error
+    /// (the power went).
+    fn run(log: &WriteLog, model: &mut Model, rng: &mut SplitMix, ops: usize) {
+        for step in 0..ops {
+            let r = rng.next_u64();
+            match r % 16 {
+                0..=8 => {
+                    let n = 1 + (r >> 8) % 6;
+                    let first = (r >> 16) % (POOL_BLOCKS - n);
+                    let mut data = Vec::new();
+                    for i in 0..n {
+                        data.extend(block(((step as u64) << 8) + i + 1));
+                    }
+                    if log.write_at(&data, first * BLOCK_U64).is_err() {
+                        return;
+                    }
+                    for i in 0..n {
+                        model.history[(first + i) as usize].push(((step as u64) << 8) + i + 1);
+                    }
+                }
+                9 => {
+                    // A partial write: the middle of one block.
+                    let b = (r >> 16) % POOL_BLOCKS;
+                    let mut whole = block(model.latest(b));
+                    whole[100..200].fill(7);
+                    if log.write_at(&whole[100..200], b * BLOCK_U64 + 100).is_err() {
+                        return;
+                    }
+                    let mut buf = vec![0u8; BLOCK];
+                    log.read_at(&mut buf, b * BLOCK_U64).unwrap();
+                    assert_eq!(buf, whole, "partial write of block {b}");
+                }
+                10..=12 => {
+                    if log.flush().is_err() {
+                        return;
+                    }
+                    model.flushed();
+                }
+                13 => log.set_wanted(r % 3 != 0),
+                _ => {
+                    let b = (r >> 16) % POOL_BLOCKS;
+                    let mut buf = vec![0u8; BLOCK];
+                    if log.read_at(&mut buf, b * BLOCK_U64).is_err() {
+                        return;
+                    }
+                    if buf[100..200] != [7; 100] {
+                        assert_eq!(seed_of(&buf), model.latest(b), "read of block {b}");
+                    }
+                }
+            }
+        }
+    }
+
+    fn open(
+        dev: Arc<dyn BlockDevice>,
+        pool: Arc<dyn BlockDevice>,
+        names: u64,
+    ) -> (WriteLog, Found) {
+        WriteLog::open(dev, pool, STORE, names, 0).unwrap()
+    }
+
+    #[test]
+    fn writes_read_back_through_the_log_and_reach_the_pool_when_drained() {
+        let pool = Arc::new(MemDevice::new(POOL_BLOCKS * BLOCK_U64));
+        let dev = Arc::new(MemDevice::new(MIN_LOG_BYTES));
+        let (log, found) = open(dev, pool.clone(), 0);
+        assert_eq!(found, Found::Formatted);
+        assert!(!log.is_logging());
+        log.set_wanted(true);
+        let mut model = Model::new();
+        run(&log, &mut model, &mut SplitMix(1), 3000);
+        log.drain_all().unwrap();
+        assert!(!log.is_logging());
+        let st = log.stats();
+        assert!(st.appended_bytes > 0 && st.destaged_bytes > 0, "{st:?}");
+        assert_eq!(st.dirty_bytes, 0);
+        for b in 0..POOL_BLOCKS {
+            let mut buf = vec![0u8; BLOCK];
+            pool.read_at(&mut buf, b * BLOCK_U64).unwrap();
+            if buf[100..200] != [7; 100] {
+                assert_eq!(seed_of(&buf), model.latest(b), "pool block {b}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_burst_larger_than_the_log_waits_for_space_and_loses_nothing() {
+        let pool = Arc::new(MemDevice::new(4096 * BLOCK_U64));
+        let dev = Arc::new(MemDevice::new(MIN_LOG_BYTES));
+        let (log, _) = open(dev, pool.clone(), 0);
+        log.set_wanted(true);
+        // 32 MiB through an 8 MiB log, 1 MiB at a time.
+        for round in 0..32u64 {
+            let mut data = Vec::new();
+            for i in 0..256 {
+                data.extend(block(round * 1000 + i));
+            }
+            log.write_at(&data, (round % 16) * 256 * BLOCK_U64).unwrap();
+        }
+        log.flush().unwrap();
+        for b in 0..4096u64 {
+            let round = 16 + b / 256;
+            assert_eq!(read_seed(&log, b), round * 1000 + b % 256);
+        }
+        log.drain_all().unwrap();
+        for b in 0..4096u64 {
+            assert_eq!(read_seed(&*pool, b), (16 + b / 256) * 1000 + b % 256);
+        }
+    }
+
+    #[test]
+    fn a_log_the_pool_does_not_name_is_dropped_and_one_it_names_must_be_there() {
+        let pool: Arc<dyn BlockDevice> = Arc::new(MemDevice::new(POOL_BLOCKS * BLOCK_U64));
+        let dev = Arc::new(MemDevice::new(MIN_LOG_BYTES));
+        let (log, _) = open(dev.clone(), pool.clone(), 0);
+        let id = log.id();
+        log.set_wanted(true);
+        log.write_at(&block(5), 0).unwrap();
+        log.flush().unwrap();
+        // Killed: the record stays in the log.
+        let stop = log.shared.state.lock().records.len();
+        assert_eq!(stop, 1);
+        log.shared.state.lock().stop = true;
+        drop(log);
+        let before = dev.to_bytes();
+        let err = WriteLog::open(dev.clone(), pool.clone(), STORE, 0x1234, 0)
+            .err()
+            .unwrap();
+        assert!(err.to_string().contains("not on this device"), "{err}");
+        assert!(dev.to_bytes() == before, "a refused open wrote to the log");
+        let (log, found) = open(dev.clone(), pool.clone(), id);
+        assert_eq!(found, Found::Replayed);
+        assert_eq!(read_seed(&log, 0), 5);
+        log.shared.state.lock().stop = true;
+        drop(log);
+        let (log, found) = open(dev, pool.clone(), 0);
+        assert_eq!(found, Found::Dropped);
+        assert_eq!(read_seed(&log, 0), 0);
+        assert_ne!(log.id(), id);
+    }
+
+    /// Power cut on the log device and the pool at once, at every flush of
+    /// either (and in three modes): after replay, every block reads a value
+    /// no older than the last flush that covered it, and draining then
+    /// leaves the same on the pool alone.
+    #[test]
+    fn power_cuts_on_both_devices_lose_nothing_flushed() {
+        let seeds: u64 = std::env::var("WRITE_LOG_CRASH_SEEDS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(4);
+        for seed in 0..seeds {
+            for at in 0..40u64 {
+                let mode = match at % 3 {
+                    0 => CrashMode::DropAll,
+                    1 => CrashMode::KeepRandom(seed * 100 + at),
+                    _ => CrashMode::TearOne(seed * 100 + at),
+                };
+                let pool = Arc::new(CrashDevice::new(POOL_BLOCKS * BLOCK_U64));
+                let dev = Arc::new(CrashDevice::new(MIN_LOG_BYTES));
+                let (log, _) = open(dev.clone(), pool.clone(), 0);
+                let id = log.id();
+                log.set_wanted(true);
+                power_domain(&pool, &dev, at, mode);
+                let mut model = Model::new();
+                run(&log, &mut model, &mut SplitMix(seed * 7919 + at), 400);
+                pool.cut_power(mode);
+                dev.cut_power(mode);
+                drop(log);
+                let pool2: Arc<dyn BlockDevice> =
+                    Arc::new(CrashDevice::from_durable(pool.durable_image()));
+                let dev2 = Arc::new(CrashDevice::from_durable(dev.durable_image()));
+                let (log, found) = open(dev2, pool2.clone(), id);
+                assert_eq!(found, Found::Replayed);
+                let check = |dev: &dyn BlockDevice, what: &str| {
+                    for b in 0..POOL_BLOCKS {
+                        let mut buf = vec![0u8; BLOCK];
+                        dev.read_at(&mut buf, b * BLOCK_U64).unwrap();
+                        let mut seed_read = seed_of(&buf);
+                        if buf[100..200] == [7; 100] {
+                            // A partial write over some value: its tail says which.
+                            seed_read = get(&buf, BLOCK - 8);
+                        } else {
+                            assert_eq!(seed_read, get(&buf, BLOCK - 8), "{what}: block {b} torn");
+                        }
+                        assert!(
+                            model.allowed(b).contains(&seed_read),
+                            "seed {seed}, cut at flush {at}, {what}: block {b} reads {seed_read}, allowed {:?}",
+                            model.allowed(b)
+                        );
+                    }
+                };
+                check(&log, "through the log");
+                log.drain_all().unwrap();
+                check(&*pool2, "the pool after draining");
+            }
+        }
+    }
+}
