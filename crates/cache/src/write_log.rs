@@ -1487,6 +1487,40 @@ mod tests {
         assert_ne!(log.id(), id);
     }
 
+    /// After the ring has wrapped, the records of the last lap lie beyond
+    /// the head, at the places new records take: replay must stop at the
+    /// end of the chain, not go on into them.
+    #[test]
+    fn replay_stops_at_the_end_of_the_chain_not_at_an_older_lap() {
+        let pool: Arc<dyn BlockDevice> = Arc::new(MemDevice::new(POOL_BLOCKS * BLOCK_U64));
+        let dev = Arc::new(MemDevice::new(MIN_LOG_BYTES));
+        let (log, _) = open(dev.clone(), pool.clone(), 0);
+        let id = log.id();
+        log.set_wanted(true);
+        let mut latest = vec![0u64; POOL_BLOCKS as usize];
+        // 5-block records: about 410 a lap; 1,500 of them wrap three times.
+        for r in 1..=1500u64 {
+            let first = (r % 16) * 4;
+            let mut data = Vec::new();
+            for i in 0..4 {
+                data.extend(block(r * 10 + i));
+                latest[(first + i) as usize] = r * 10 + i;
+            }
+            log.write_at(&data, first * BLOCK_U64).unwrap();
+            if r % 10 == 0 {
+                log.flush().unwrap();
+            }
+        }
+        log.flush().unwrap();
+        log.shared.state.lock().stop = true;
+        drop(log);
+        let (log, found) = open(dev, pool, id);
+        assert_eq!(found, Found::Replayed);
+        for b in 0..64 {
+            assert_eq!(read_seed(&log, b), latest[b as usize], "block {b}");
+        }
+    }
+
     /// Power cut on the log device and the pool at once, at every flush of
     /// either (and in three modes): after replay, every block reads a value
     /// no older than the last flush that covered it, and draining then
