@@ -571,6 +571,15 @@ impl WriteLog {
     }
 }
 
+impl std::fmt::Debug for WriteLog {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WriteLog")
+            .field("id", &self.shared.id)
+            .field("logging", &self.is_logging())
+            .finish()
+    }
+}
+
 impl Drop for WriteLog {
     /// Stops the destager where it is: records left are replayed at the
     /// next open (call [`WriteLog::drain_all`] first for a clean stop).
@@ -683,7 +692,11 @@ impl Shared {
         self.dirty_count.store(dirty.len(), Ordering::SeqCst);
         self.replayed
             .store(st.records.len() as u64, Ordering::Relaxed);
-        st.head = if pos >= self.ring_end { RING_START } else { pos };
+        st.head = if pos >= self.ring_end {
+            RING_START
+        } else {
+            pos
+        };
         st.used = used;
         st.next_lsn = lsn;
         st.written_upto = lsn;
@@ -888,10 +901,7 @@ impl Shared {
                     if st.stop {
                         return;
                     }
-                    let ready = st
-                        .records
-                        .front()
-                        .is_some_and(|r| r.lsn < st.written_upto);
+                    let ready = st.records.front().is_some_and(|r| r.lsn < st.written_upto);
                     if ready && *self.leases.lock() == 0 {
                         break;
                     }
@@ -1024,7 +1034,11 @@ impl Shared {
         {
             let mut st = self.state.lock();
             let end = last.pos + last.len;
-            st.tail = if end >= self.ring_end { RING_START } else { end };
+            st.tail = if end >= self.ring_end {
+                RING_START
+            } else {
+                end
+            };
             st.tail_lsn = last.lsn + 1;
         }
         // A failed persist leaves the old tail on the device: the batch is
@@ -1149,7 +1163,8 @@ impl Shared {
 fn holds_record_at_tail(dev: &dyn BlockDevice, sb: &Super) -> io::Result<bool> {
     let mut b = AlignedBuf::zeroed(BLOCK);
     dev.read_at(&mut b, sb.tail * BLOCK_U64)?;
-    Ok(Header::decode(&b).is_some_and(|h| h.id == sb.id && h.lsn == sb.tail_lsn && h.pos == sb.tail))
+    Ok(Header::decode(&b)
+        .is_some_and(|h| h.id == sb.id && h.lsn == sb.tail_lsn && h.pos == sb.tail))
 }
 
 /// One past the last pool block a record touches.

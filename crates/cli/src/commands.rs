@@ -377,6 +377,35 @@ pub fn status(ctx: &Context) -> Result<()> {
             ),
         ]));
     }
+    if let Some(l) = &status.write_log {
+        let mut state = if l.logging {
+            format!(
+                "logging: {} not yet on the pool, {} of {} used",
+                format_size(l.dirty_bytes),
+                format_size(l.used_bytes),
+                format_size(l.size_bytes)
+            )
+        } else {
+            "direct (no write-back disk open)".into()
+        };
+        if let Some(e) = &l.error {
+            state.push_str(&format!("; error: {e}"));
+        }
+        text.push_str(&key_values(&[
+            ("write-back log", state),
+            (
+                "log traffic",
+                format!(
+                    "{} logged, {} destaged, {} flushes, {} records replayed at start, {} destage errors",
+                    format_size(l.appended_bytes),
+                    format_size(l.destaged_bytes),
+                    l.flushes,
+                    l.replayed,
+                    l.destage_errors
+                ),
+            ),
+        ]));
+    }
     if let Some(c) = &status.cluster {
         text.push_str(&key_values(&[
             ("host id", c.host_id.to_string()),
@@ -561,6 +590,23 @@ pub fn cache_policy(ctx: &Context, disk: &str, policy: Option<&str>) -> Result<(
         return print_json(&d.cache_policy);
     }
     print(&format!("{}: {}\n", d.name, d.cache_policy))
+}
+
+/// `parallax forget-write-log`.
+pub fn forget_write_log(ctx: &Context) -> Result<()> {
+    if Remote::connect(&ctx.control).is_some() {
+        bail!(
+            "a daemon serves {}: stop it first (it has the write-back log open)",
+            ctx.store_path.display()
+        );
+    }
+    ctx.refuse_if_denied()?;
+    match store_file::forget_write_log(&ctx.store_path)? {
+        Some((id, bytes)) => print(&format!(
+            "the store no longer needs write-back log {id:016x} (of a cache of {bytes} bytes); writes only it held are lost\n"
+        )),
+        None => print("the store names no write-back log: nothing to do\n"),
+    }
 }
 
 pub fn snapshot(ctx: &Context, target: &DiskRef, durable: bool) -> Result<()> {

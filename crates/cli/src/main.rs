@@ -306,15 +306,22 @@ enum Command {
     },
     /// How the daemon's local cache (`serve --cache`) serves a disk:
     /// `write-through` (the default: reads of its snapshots' and clone
-    /// origin's blocks are cached, writes go to the pool) or `none`.
-    /// Without a policy, show it.
+    /// origin's blocks are cached, writes go to the pool), `write-back`
+    /// (also: writes and FLUSH are acknowledged once in the cache's local
+    /// write-back log and reach the pool later, in order: until then they
+    /// live only on this host) or `none`. Without a policy, show it.
     CachePolicy {
         /// The disk.
         #[arg(value_parser = parse_name)]
         name: String,
-        /// `write-through` or `none`.
+        /// `write-through`, `write-back` or `none`.
         policy: Option<String>,
     },
+    /// Give up the write-back log the store depends on (its cache device
+    /// is lost): the store opens again without it, as the log last left
+    /// the pool (a state a power cut could have left); writes only the log
+    /// held are lost. The daemon must be stopped.
+    ForgetWriteLog,
     /// Take snapshots of a disk on a schedule, thinned by retention rules
     /// (kept in the store; the daemon runs them). Without options, show the
     /// schedule.
@@ -532,6 +539,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::CachePolicy { name, policy } => {
             commands::cache_policy(&ctx, name, policy.as_deref())
         }
+        Command::ForgetWriteLog => commands::forget_write_log(&ctx),
         Command::Schedule {
             name,
             every,

@@ -32,8 +32,8 @@ pub use aligned::{is_aligned, AlignedBuf, ALIGN};
 pub use crash::{CrashDevice, CrashMode, Fault, SplitMix};
 pub use file::{FileDevice, OpenMode};
 pub use mem::MemDevice;
-pub use slice::Slice;
 pub use nbd::{NbdAddr, NbdDevice, NbdTarget, WriteGuard, REPLAY_LIMIT};
+pub use slice::Slice;
 
 use std::io;
 

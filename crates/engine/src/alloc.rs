@@ -469,6 +469,8 @@ mod tests {
             first_extent: 2,
             next_vdi_id: 1,
             created_ns: 0,
+            write_log_id: 0,
+            write_log_locator: 0,
             registry: vec![Ptr::NULL; SUPERBLOCK_REGISTRY_SLOTS],
         }
     }

@@ -42,6 +42,12 @@ pub enum Error {
     Busy(String),
     #[error("{0} is read-only")]
     ReadOnly(String),
+    /// The superblock names a write-back log this open was not given: the
+    /// newest writes of the store may be there.
+    #[error(
+        "the store's newest writes may be in the local write-back log {id:016x} (the cache of {cache_bytes} bytes it was served with): serve it with that --cache and --cache-size, or give the log up with `parallax forget-write-log` (writes only that log holds are lost)"
+    )]
+    NeedsWriteLog { id: u64, cache_bytes: u64 },
     #[error(
         "disk {0} failed an earlier write and refuses further work until the store is reopened"
     )]

@@ -40,7 +40,8 @@ pub use disk::{
 };
 pub use error::{Error, Result};
 pub use lineage::SnapshotInfo;
-pub use parallax_cache::{CacheStats, ReadCache};
+pub use parallax_cache::write_log::MIN_LOG_BYTES;
+pub use parallax_cache::{CacheStats, Found, LogStats, ReadCache, WriteLog};
 pub use parallax_format::{CachePolicy, DiskRef, Schedule};
 pub use store::{
     CheckReport, CommittedHead, CreateOptions, DiskRepair, DiskSpace, GcReport, HandoffReport,

@@ -27,7 +27,7 @@ use crate::alloc::Allocator;
 use crate::coord::Coordinator;
 use crate::error::{Error, Result};
 use crate::meta::MetaIo;
-use parallax_cache::ReadCache;
+use parallax_cache::{ReadCache, WriteLog};
 use parallax_format::BitmapBlock;
 use parking_lot::Mutex;
 use std::collections::HashMap;
@@ -73,6 +73,8 @@ pub(crate) struct Pool {
     cluster_pins: Mutex<HashMap<(u64, u64), (u32, u64)>>,
     /// The local read cache of immutable data blocks (set once, at open).
     read_cache: std::sync::OnceLock<Arc<ReadCache>>,
+    /// The write-back log the pool device is seen through, if any.
+    write_log: std::sync::OnceLock<Arc<WriteLog>>,
     /// Bytes of disk data read from the pool device (not from the cache);
     /// shared with plans that read it on their own.
     data_read_bytes: Arc<AtomicU64>,
@@ -91,6 +93,7 @@ impl Pool {
             coord: std::sync::OnceLock::new(),
             cluster_pins: Mutex::new(HashMap::new()),
             read_cache: std::sync::OnceLock::new(),
+            write_log: std::sync::OnceLock::new(),
             data_read_bytes: Arc::new(AtomicU64::new(0)),
         }
     }
@@ -102,6 +105,14 @@ impl Pool {
 
     pub fn read_cache(&self) -> Option<&Arc<ReadCache>> {
         self.read_cache.get()
+    }
+
+    pub fn set_write_log(&self, log: Arc<WriteLog>) {
+        let _ = self.write_log.set(log);
+    }
+
+    pub fn write_log(&self) -> Option<&Arc<WriteLog>> {
+        self.write_log.get()
     }
 
     /// Counts `bytes` of disk data read from the pool device.

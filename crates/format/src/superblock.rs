@@ -9,7 +9,13 @@
 //!     88    8 first_extent        block number of extent 0 (2)
 //!     96    8 next_vdi_id         next VDI id to hand out (ids start at 1)
 //!    104    8 created_ns          creation time, ns since the Unix epoch
-//!    112   16 reserved            0
+//!    112    8 write_log_id        non-zero: newer writes of this store may be
+//!                                 in the local write-back log with this id
+//!                                 (set before the log takes a record, cleared
+//!                                 after it was drained); a version that does
+//!                                 not have that log must not open the store
+//!    120    8 write_log_locator   where that log is (the cache's size in
+//!                                 bytes), for messages; 0 with no log
 //!    128 3968 registry[496]       Ptr to registry blocks (null = unused slot)
 //! ```
 //!
@@ -37,6 +43,9 @@ pub struct Superblock {
     pub first_extent: u64,
     pub next_vdi_id: u64,
     pub created_ns: u64,
+    /// See the layout above: 0, or the write-back log the store needs.
+    pub write_log_id: u64,
+    pub write_log_locator: u64,
     pub registry: Vec<Ptr>,
 }
 
@@ -55,6 +64,8 @@ impl Superblock {
         put_u64(&mut b[..], 88, self.first_extent);
         put_u64(&mut b[..], 96, self.next_vdi_id);
         put_u64(&mut b[..], 104, self.created_ns);
+        put_u64(&mut b[..], 112, self.write_log_id);
+        put_u64(&mut b[..], 120, self.write_log_locator);
         for (i, p) in self
             .registry
             .iter()
@@ -87,6 +98,8 @@ impl Superblock {
             first_extent: get_u64(block, 88),
             next_vdi_id: get_u64(block, 96),
             created_ns: get_u64(block, 104),
+            write_log_id: get_u64(block, 112),
+            write_log_locator: get_u64(block, 120),
             registry: (0..SUPERBLOCK_REGISTRY_SLOTS)
                 .map(|i| Ptr(get_u64(block, REGISTRY_OFF + 8 * i)))
                 .collect(),
@@ -164,6 +177,8 @@ mod tests {
             first_extent: 2,
             next_vdi_id: 1,
             created_ns: 5,
+            write_log_id: 0,
+            write_log_locator: 0,
             registry: vec![Ptr::NULL; SUPERBLOCK_REGISTRY_SLOTS],
         }
     }

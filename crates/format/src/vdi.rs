@@ -35,7 +35,9 @@
 //!    496    8 writer_host       host id of that writer; 0 = none
 //!    504    1 cache_policy      the local cache's use for this disk:
 //!                              0 = write-through (reads cached, writes to
-//!                              the pool), 1 = none; others refused
+//!                              the pool), 1 = none, 2 = write-back (writes
+//!                              acknowledged once in the local write-back
+//!                              log); others refused
 //!    505 3591 reserved
 //! ```
 //!
@@ -76,6 +78,10 @@ pub enum CachePolicy {
     WriteThrough,
     /// The cache is not used for the disk or its snapshots.
     None,
+    /// Like write-through for reads; writes (and a FLUSH) are acknowledged
+    /// once they are in the appliance's local write-back log, and reach the
+    /// pool later, in order.
+    WriteBack,
 }
 
 impl CachePolicy {
@@ -83,6 +89,7 @@ impl CachePolicy {
         match self {
             CachePolicy::WriteThrough => 0,
             CachePolicy::None => 1,
+            CachePolicy::WriteBack => 2,
         }
     }
 
@@ -90,15 +97,17 @@ impl CachePolicy {
         match code {
             0 => Some(CachePolicy::WriteThrough),
             1 => Some(CachePolicy::None),
+            2 => Some(CachePolicy::WriteBack),
             _ => None,
         }
     }
 
-    /// `write-through` or `none`.
+    /// `write-through`, `none` or `write-back`.
     pub fn name(self) -> &'static str {
         match self {
             CachePolicy::WriteThrough => "write-through",
             CachePolicy::None => "none",
+            CachePolicy::WriteBack => "write-back",
         }
     }
 
@@ -106,12 +115,9 @@ impl CachePolicy {
         match s {
             "write-through" => Ok(CachePolicy::WriteThrough),
             "none" => Ok(CachePolicy::None),
-            "write-back" => Err(
-                "the write-back policy is not built yet (writes go to the pool): use write-through or none"
-                    .into(),
-            ),
+            "write-back" => Ok(CachePolicy::WriteBack),
             _ => Err(format!(
-                "'{s}' is not a cache policy (write-through or none)"
+                "'{s}' is not a cache policy (write-through, write-back or none)"
             )),
         }
     }
@@ -276,7 +282,7 @@ mod tests {
         v.cache_policy = CachePolicy::None;
         let (mut b, _) = v.encode(8, 50);
         assert_eq!(b[504], 1);
-        b[504] = 2;
+        b[504] = 3;
         let h = MetaHeader {
             kind: Kind::VdiHeader,
             level: 0,
@@ -289,9 +295,8 @@ mod tests {
         let err = VdiHeader::decode(&b[..], 50, Some(8)).unwrap_err();
         assert!(err.to_string().contains("cache policy"), "{err}");
         assert_eq!(CachePolicy::parse("none"), Ok(CachePolicy::None));
-        assert!(CachePolicy::parse("write-back")
-            .unwrap_err()
-            .contains("not built"));
+        assert_eq!(CachePolicy::parse("write-back"), Ok(CachePolicy::WriteBack));
+        assert!(CachePolicy::parse("back").is_err());
     }
 
     fn sample() -> VdiHeader {

@@ -320,6 +320,9 @@ pub struct DaemonStatus {
     /// `--cache`: the local read cache.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cache: Option<CacheStatus>,
+    /// `--cache` outside cluster mode: the write-back log.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub write_log: Option<WriteLogStatus>,
     /// Bytes of disk data read from the pool since the daemon started
     /// (reads the cache served are not counted).
     #[serde(default)]
@@ -344,6 +347,27 @@ pub struct CacheStatus {
     /// the daemon restarts).
     #[serde(default)]
     pub given_up: bool,
+}
+
+/// `parallax status`: the write-back log (counters since the daemon
+/// started; bytes are whole 4 KiB blocks).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WriteLogStatus {
+    /// Writes go to the log (a write-back disk is open, or records are left).
+    pub logging: bool,
+    /// Written to the log and not yet to the pool: only on this host.
+    pub dirty_bytes: u64,
+    pub used_bytes: u64,
+    pub size_bytes: u64,
+    pub appended_bytes: u64,
+    pub destaged_bytes: u64,
+    pub flushes: u64,
+    /// Records found and replayed when the daemon started.
+    pub replayed: u64,
+    pub destage_errors: u64,
+    /// Why the log stopped taking writes, or the last destage error.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
 }
 
 /// `parallax status` in cluster mode.

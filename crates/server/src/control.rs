@@ -50,8 +50,21 @@ impl ControlState {
             }),
             _ => None,
         };
+        let write_log = store.write_log_stats().map(|s| WriteLogStatus {
+            logging: s.logging,
+            dirty_bytes: s.dirty_bytes,
+            used_bytes: s.used_bytes,
+            size_bytes: s.size_bytes,
+            appended_bytes: s.appended_bytes,
+            destaged_bytes: s.destaged_bytes,
+            flushes: s.flushes,
+            replayed: s.replayed,
+            destage_errors: s.destage_errors,
+            error: s.failed,
+        });
         DaemonStatus {
             connections: self.service.connections(),
+            write_log,
             cluster: self.service.cluster().map(|c| c.status()),
             cache,
             pool_data_read_bytes: store.pool_data_read_bytes(),

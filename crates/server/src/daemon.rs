@@ -494,6 +494,7 @@ async fn serve(options: &ServeOptions, service: Arc<Service>) -> Result<()> {
                 path: c.path.display().to_string(),
                 ..CacheStatus::default()
             }),
+            write_log: None,
             pool_data_read_bytes: 0,
         },
     });

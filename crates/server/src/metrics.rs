@@ -181,6 +181,21 @@ pub struct Metrics {
     incarnation: Gauge,
     pool_read_bytes: Counter,
     cache: CacheMetrics,
+    log: LogMetrics,
+}
+
+/// The write-back log's figures, read from it at scrape time.
+#[derive(Default)]
+struct LogMetrics {
+    appended: Counter,
+    destaged: Counter,
+    flushes: Counter,
+    destage_errors: Counter,
+    dirty: Gauge,
+    used: Gauge,
+    size: Gauge,
+    logging: Gauge,
+    replayed: Gauge,
 }
 
 /// The read cache's figures, read from it at scrape time (its counters
@@ -296,6 +311,7 @@ impl Metrics {
             incarnation: Gauge::default(),
             pool_read_bytes: Counter::default(),
             cache: CacheMetrics::default(),
+            log: LogMetrics::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -416,6 +432,60 @@ impl Metrics {
             "1 once the read cache was given up after device errors in a row (reads go to the pool)",
             c.given_up.clone(),
         );
+        let l = &m.log;
+        for (name, help, counter) in [
+            (
+                "write_log_appended_bytes",
+                "Bytes written to the write-back log",
+                &l.appended,
+            ),
+            (
+                "write_log_destaged_bytes",
+                "Bytes the write-back log wrote to the pool",
+                &l.destaged,
+            ),
+            (
+                "write_log_flushes",
+                "Flushes of the write-back log's device",
+                &l.flushes,
+            ),
+            (
+                "write_log_destage_errors",
+                "Failed attempts to write the write-back log to the pool (each retried)",
+                &l.destage_errors,
+            ),
+        ] {
+            registry.register(name, help, counter.clone());
+        }
+        for (name, help, gauge) in [
+            (
+                "write_log_dirty_bytes",
+                "Bytes in the write-back log not yet on the pool (they live only on this host)",
+                &l.dirty,
+            ),
+            (
+                "write_log_used_bytes",
+                "Bytes of the write-back log in use",
+                &l.used,
+            ),
+            (
+                "write_log_size_bytes",
+                "Bytes the write-back log can hold",
+                &l.size,
+            ),
+            (
+                "write_log_logging",
+                "1 while writes go to the write-back log (a write-back disk is open, or records are left)",
+                &l.logging,
+            ),
+            (
+                "write_log_replayed_records",
+                "Records the write-back log found and replayed when the daemon started",
+                &l.replayed,
+            ),
+        ] {
+            registry.register(name, help, gauge.clone());
+        }
         registry.register(
             "cluster_disks_given",
             "Disks this appliance handed to another (by `handoff` or because it asked)",
@@ -591,6 +661,18 @@ impl Metrics {
             c.entries.set(s.entries as i64);
             c.slots.set(s.slots as i64);
             c.given_up.set(i64::from(s.given_up));
+        }
+        if let Some(s) = service.store().write_log_stats() {
+            let l = &self.log;
+            follow(&l.appended, s.appended_bytes);
+            follow(&l.destaged, s.destaged_bytes);
+            follow(&l.flushes, s.flushes);
+            follow(&l.destage_errors, s.destage_errors);
+            l.dirty.set(s.dirty_bytes as i64);
+            l.used.set(s.used_bytes as i64);
+            l.size.set(s.size_bytes as i64);
+            l.logging.set(i64::from(s.logging));
+            l.replayed.set(s.replayed as i64);
         }
         let mut text = String::new();
         // Writing to a String cannot fail.

@@ -781,7 +781,7 @@ fn plan_async(ctx: &Connection, req: &Request) -> Option<Planned> {
         }
         _ => return None,
     };
-    let plan = plan.ok()??;
+    let mut plan = plan.ok()??;
     let uring = match &ctx.uring {
         Some(u) => plan.fd_transfers().map(|t| (u.clone(), t)),
         None => None,

@@ -528,9 +528,10 @@ impl Api for Service {
 
     fn set_cache_policy(&self, disk: &str, policy: &str) -> ApiResult<DiskInfo> {
         let policy = parallax_engine::CachePolicy::parse(policy).map_err(ApiError::invalid)?;
-        self.change(|_| {
+        self.change(|store| {
             let vdi = self.open(disk)?;
             vdi.set_cache_policy(policy)?;
+            store.refresh_write_back()?;
             self.disk_info(&vdi)
         })
     }

@@ -18,8 +18,11 @@
 //! time must use such a pool, and nothing but the operator enforces it.
 
 use anyhow::{anyhow, bail, Context, Result};
-use parallax_device::{BlockDevice, FileDevice, NbdDevice, NbdTarget, OpenMode};
-use parallax_engine::{Coordinator, CreateOptions, Error, OpenOptions, ReadCache, Store};
+use parallax_device::{BlockDevice, FileDevice, NbdDevice, NbdTarget, OpenMode, Slice};
+use parallax_engine::{
+    Coordinator, CreateOptions, Error, Found, OpenOptions, ReadCache, Store, WriteLog,
+    MIN_LOG_BYTES,
+};
 use parallax_format::{BLOCK_SIZE, BLOCK_SIZE_U64, MAGIC, SUPERBLOCK_ADDRS};
 use std::fs::{self, File};
 use std::io::{self, ErrorKind};
@@ -27,7 +30,9 @@ use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-/// `serve --cache PATH --cache-size SIZE`: the local read cache.
+/// `serve --cache PATH --cache-size SIZE`: the local cache. Its last
+/// quarter (at least 8 MiB, at most 4 GiB; see [`log_bytes`]) is the
+/// write-back log, the rest the read cache.
 #[derive(Debug, Clone)]
 pub struct CacheFile {
     /// A regular file (created if missing) or a block device.
@@ -134,15 +139,49 @@ fn lock(path: &Path, access: Access) -> Result<File> {
     }
 }
 
-/// Opens (creating or resizing a file if need be) the read cache `cache`
-/// for store `store_id`, and locks it for this process. `direct`: with
-/// `O_DIRECT`, as the store.
-pub fn open_read_cache(
+/// The bytes of a cache of `total` bytes that hold the write-back log.
+pub fn log_bytes(total: u64) -> u64 {
+    (total / 4).clamp(MIN_LOG_BYTES, 4 << 30) & !(BLOCK_SIZE_U64 - 1)
+}
+
+/// The local cache, opened: the read cache, the write-back log (not in
+/// cluster mode), and the lock that keeps other daemons off the file.
+pub struct OpenCache {
+    pub read_cache: Arc<ReadCache>,
+    pub write_log: Option<Arc<WriteLog>>,
+    /// What the write-back log found when it opened.
+    pub found: Option<Found>,
+    lock: File,
+}
+
+/// Opens (creating or resizing a file if need be) the cache `cache` for the
+/// store on `pool` (id `store_id`), and locks it for this process.
+/// `direct`: with `O_DIRECT`, as the store. `write_log`: with the
+/// write-back log in front of `pool` (replayed if the store names it).
+pub fn open_cache(
     cache: &CacheFile,
+    pool: &Arc<dyn BlockDevice>,
     store_id: u64,
     direct: bool,
-) -> Result<(Arc<ReadCache>, File)> {
+    write_log: bool,
+) -> Result<OpenCache> {
     let shown = cache.path.display();
+    let named = Store::peek_write_log(&**pool).map_err(|e| anyhow!("{e}"))?;
+    if let Some((id, bytes)) = named {
+        if !write_log {
+            bail!(
+                "the store's newest writes may be in the write-back log {id:016x} of a cache of {bytes} bytes: serve it alone (not in cluster mode) with that cache first"
+            );
+        }
+        let size = cache
+            .size
+            .or_else(|| fs::metadata(&cache.path).ok().map(|m| m.len()));
+        if size.is_some_and(|s| s != bytes) {
+            bail!(
+                "the store's newest writes may be in the write-back log of a cache of {bytes} bytes, and {shown} is given another size: give --cache-size {bytes}"
+            );
+        }
+    }
     match (fs::metadata(&cache.path), cache.size) {
         (Err(e), Some(size)) if e.kind() == ErrorKind::NotFound => {
             drop(
@@ -183,11 +222,44 @@ pub fn open_read_cache(
         direct,
         read_only: false,
     };
-    let dev = FileDevice::open(&cache.path, mode)
+    let dev: Arc<dyn BlockDevice> = Arc::new(
+        FileDevice::open(&cache.path, mode)
+            .with_context(|| format!("cannot open the cache {shown}"))?,
+    );
+    let total = dev.len() & !(BLOCK_SIZE_U64 - 1);
+    let log_len = log_bytes(total);
+    if total < 2 * log_len {
+        bail!(
+            "the cache {shown} is too small ({total} bytes): give it at least {} MiB",
+            2 * MIN_LOG_BYTES >> 20
+        );
+    }
+    let slice = |start, len| -> Result<Arc<dyn BlockDevice>> {
+        Ok(Arc::new(Slice::new(dev.clone(), start, len)?))
+    };
+    // The log first: if the store names it, it must be found before the
+    // read cache (which formats what it does not recognise) is opened.
+    let (write_log, found) = if write_log {
+        let (log, found) = WriteLog::open(
+            slice(total - log_len, log_len)?,
+            pool.clone(),
+            store_id,
+            named.map_or(0, |(id, _)| id),
+            total,
+        )
+        .with_context(|| format!("cannot open the write-back log in the cache {shown}"))?;
+        (Some(Arc::new(log)), Some(found))
+    } else {
+        (None, None)
+    };
+    let read_cache = ReadCache::open(slice(0, total - log_len)?, store_id)
         .with_context(|| format!("cannot open the cache {shown}"))?;
-    let cache = ReadCache::open(Arc::new(dev), store_id)
-        .with_context(|| format!("cannot open the cache {shown}"))?;
-    Ok((Arc::new(cache), lock))
+    Ok(OpenCache {
+        read_cache: Arc::new(read_cache),
+        write_log,
+        found,
+        lock,
+    })
 }
 
 /// Opens the existing store at `path` through the page cache.
@@ -206,21 +278,27 @@ pub fn open_store_with(
 ) -> Result<OpenStore> {
     let shown = path.display();
     let mut cache_lock = None;
-    let open = |dev: Arc<dyn BlockDevice>, cache_lock: &mut Option<File>| {
-        let read_cache = match cache {
-            Some(c) => {
-                let id = Store::peek_id(&*dev).map_err(|e| anyhow!("{shown}: {e}"))?;
-                let (cache, lock) = open_read_cache(c, id, direct)?;
-                *cache_lock = Some(lock);
-                Some(cache)
-            }
-            None => None,
-        };
-        let options = OpenOptions {
+    let open = |mut dev: Arc<dyn BlockDevice>, cache_lock: &mut Option<File>| {
+        let mut options = OpenOptions {
             host_id,
-            read_cache,
             ..OpenOptions::default()
         };
+        if let Some(c) = cache {
+            let id = Store::peek_id(&*dev).map_err(|e| anyhow!("{shown}: {e}"))?;
+            let opened = open_cache(c, &dev, id, direct, access == Access::Write)?;
+            if opened.found == Some(Found::Dropped) {
+                eprintln!(
+                    "warning: the write-back log in {} held writes the store does not name (given up with forget-write-log?): they were dropped",
+                    c.path.display()
+                );
+            }
+            if let Some(log) = &opened.write_log {
+                dev = log.clone();
+            }
+            options.read_cache = Some(opened.read_cache);
+            options.write_log = opened.write_log;
+            *cache_lock = Some(opened.lock);
+        }
         Store::open(dev, &options).map_err(|e| match e {
             Error::NotAStore(detail) => anyhow!("{shown} is not a Parallax store: {detail}"),
             Error::NewerVersion { .. } => anyhow!(e),
@@ -255,6 +333,23 @@ pub fn open_store_with(
         _lock: Some(lock),
         _cache_lock: cache_lock,
     })
+}
+
+/// `parallax forget-write-log`: makes the store at `path` name no
+/// write-back log (see `Store::forget_write_log`). Returns the log it
+/// named, as (id, cache size).
+pub fn forget_write_log(path: &Path) -> Result<Option<(u64, u64)>> {
+    let shown = path.display();
+    let forget = |dev: &dyn BlockDevice| {
+        Store::forget_write_log(dev).map_err(|e| anyhow!("cannot change store {shown}: {e}"))
+    };
+    if is_nbd_store(path) {
+        return forget(&open_nbd(path)?);
+    }
+    let _lock = lock(path, Access::Write)?;
+    let dev = FileDevice::open(path, OpenMode::default())
+        .with_context(|| format!("cannot open store {shown}"))?;
+    forget(&dev)
 }
 
 /// The NBD pool's write guard in cluster mode: no write of this appliance
@@ -313,8 +408,8 @@ pub fn open_shared_store(
     }
     let (read_cache, cache_lock) = match cache {
         Some(c) => {
-            let (cache, lock) = open_read_cache(c, store_id, true)?;
-            (Some(cache), Some(lock))
+            let opened = open_cache(c, &dev, store_id, true, false)?;
+            (Some(opened.read_cache), Some(opened.lock))
         }
         None => (None, None),
     };

@@ -187,13 +187,27 @@ impl Vdi {
     /// then (every write since the last commit went in place), this is a
     /// device flush under no disk lock; otherwise a pipelined commit. Reads
     /// and writes of the disk go on meanwhile, in either case.
+    ///
+    /// With a write-back log logging (`write_log.rs` in `parallax-cache`),
+    /// this is durable in the log; a disk whose policy is not write-back
+    /// then also waits until the log has reached the pool up to here.
     pub fn flush(&self) -> Result<()> {
         let had_written = self.disk.flush_begins();
-        let flushed = self.flush_now();
+        let flushed = self.flush_now().and_then(|_| self.write_through_log());
         if flushed.is_err() {
             self.disk.flush_failed(had_written);
         }
         flushed
+    }
+
+    fn write_through_log(&self) -> Result<()> {
+        match self.disk.pool.write_log() {
+            Some(log) if log.is_logging() && self.disk.cache_policy() != CachePolicy::WriteBack => {
+                log.drain_to(log.head_lsn())
+                    .map_err(Error::io("destaging the write-back log"))
+            }
+            _ => Ok(()),
+        }
     }
 
     fn flush_now(&self) -> Result<()> {

@@ -35,7 +35,7 @@ use crate::error::Result;
 use crate::pool::Pool;
 use crate::tree::Tree;
 use parallax_cache::{Hit, ReadCache};
-use parallax_device::BlockDevice;
+use parallax_device::{BlockDevice, FdLease};
 use parallax_format::{Ptr, BLOCK_SIZE, BLOCK_SIZE_U64};
 use parking_lot::{ArcRwLockReadGuard, RawRwLock};
 use std::ops::Range;
@@ -105,6 +105,9 @@ pub struct IoPlan {
     links: Vec<(u64, u64)>,
     disk: Option<Arc<Disk>>,
     pin: Option<ArcRwLockReadGuard<RawRwLock, DiskState>>,
+    /// The pool's descriptor, lent by [`IoPlan::fd_transfers`] until the
+    /// plan goes (a write-back log starts logging only when it is back).
+    lease: Option<FdLease>,
     _owner: Owner,
 }
 
@@ -114,9 +117,13 @@ impl IoPlan {
     /// or the read cache's for copies (check those with
     /// [`IoPlan::take_copy_checks`] afterwards). `None` when one is not
     /// behind a file descriptor (memory devices, a copy still in memory):
-    /// use [`IoPlan::execute`] then.
-    pub fn fd_transfers(&self) -> Option<Vec<FdTransfer>> {
-        let pool = self.dev.raw_fd()?;
+    /// use [`IoPlan::execute`] then. Keep the plan until the transfers
+    /// have completed: it holds the pool's descriptor lent.
+    pub fn fd_transfers(&mut self) -> Option<Vec<FdTransfer>> {
+        if self.lease.is_none() {
+            self.lease = Some(self.dev.lend_fd()?);
+        }
+        let pool = self.lease.as_ref()?.fd;
         let cache = self.cache.as_ref().and_then(|c| c.cache.device().raw_fd());
         self.transfers
             .iter()
@@ -334,6 +341,7 @@ pub(super) fn plan_read(
         links: Vec::new(),
         disk: None,
         pin: None,
+        lease: None,
         _owner: owner.clone(),
     }))
 }
@@ -450,6 +458,7 @@ impl Vdi {
             links,
             disk: Some(disk.clone()),
             pin: in_place.then_some(st),
+            lease: None,
             _owner: self.owner.clone(),
         }))
     }

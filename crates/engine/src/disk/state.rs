@@ -474,6 +474,11 @@ impl Disk {
         Some(st.snapshots.len() - st.snapshots.visible_len())
     }
 
+    /// How the local cache serves the disk (its header's policy).
+    pub(crate) fn cache_policy(&self) -> parallax_format::CachePolicy {
+        self.state.read().header.cache_policy
+    }
+
     pub(crate) fn id(&self) -> u64 {
         self.id
     }

@@ -183,6 +183,8 @@ pub(super) fn format(dev: &dyn BlockDevice, extent_data_blocks: u64) -> Result<(
         first_extent: 2,
         next_vdi_id: 1,
         created_ns: now_ns(),
+        write_log_id: 0,
+        write_log_locator: 0,
         registry: vec![Ptr::NULL; SUPERBLOCK_REGISTRY_SLOTS],
     };
     let io = Error::io("formatting the store");
@@ -719,9 +721,23 @@ fn write_registry_block(
     ))
 }
 
+/// Writes the superblock again naming no write-back log, outside any open
+/// store (the next generation, into the other copy, then a flush).
+pub(super) fn clear_write_log(dev: &dyn BlockDevice) -> Result<()> {
+    let (mut sb, slot) = read_superblocks(dev)?;
+    sb.write_log_id = 0;
+    sb.write_log_locator = 0;
+    sb.generation += 1;
+    let addr = SUPERBLOCK_ADDRS[1 - slot];
+    let (b, _) = sb.encode(addr);
+    dev.write_at(&b[..], addr * BLOCK_SIZE_U64)
+        .and_then(|_| dev.flush())
+        .map_err(Error::io("writing the superblock"))
+}
+
 /// Makes `sb` (with generation bumped here) the durable superblock.
 /// `allocated` are the blocks the change allocated, released on failure.
-fn commit_superblock(
+pub(super) fn commit_superblock(
     pool: &Pool,
     catalog: &mut Catalog,
     mut sb: Superblock,

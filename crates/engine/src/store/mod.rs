@@ -42,7 +42,7 @@ use crate::meta::{MetaIo, DEFAULT_CACHE_NODES};
 use crate::pool::Pool;
 use crate::time::now_ns;
 use catalog::Catalog;
-use parallax_cache::{CacheStats, ReadCache};
+use parallax_cache::{CacheStats, LogStats, ReadCache, WriteLog};
 use parallax_device::BlockDevice;
 use parallax_format::{RegistryEntry, BITMAP_BITS, BLOCK_SIZE_U64};
 use parking_lot::{Mutex, MutexGuard};
@@ -80,6 +80,10 @@ pub struct OpenOptions {
     /// A local read cache in front of the pool's data reads (see
     /// `disk/cached.rs`); opened for this store.
     pub read_cache: Option<Arc<ReadCache>>,
+    /// The local write-back log: the device given to [`Store::open`] must
+    /// be this log (in front of the pool). Disks with the write-back
+    /// policy make it log while they are open; see [`Store::refresh_write_back`].
+    pub write_log: Option<Arc<WriteLog>>,
 }
 
 impl Default for OpenOptions {
@@ -89,6 +93,7 @@ impl Default for OpenOptions {
             cache_nodes: DEFAULT_CACHE_NODES,
             coordinator: None,
             read_cache: None,
+            write_log: None,
         }
     }
 }
@@ -138,6 +143,20 @@ impl Drop for StoreInner {
         for disk in self.open.get_mut().values() {
             disk.release_writer();
         }
+        // A clean stop: the log drained to the pool, then the superblock
+        // no longer names it (written directly: the log is direct again).
+        // If draining fails, the name stays and the log replays next time.
+        if let Some(log) = self.pool.write_log() {
+            if log.drain_all().is_ok() {
+                let catalog = self.catalog.get_mut();
+                if catalog.sb().write_log_id != 0 && !catalog.is_poisoned() {
+                    let mut sb = catalog.sb().clone();
+                    sb.write_log_id = 0;
+                    sb.write_log_locator = 0;
+                    let _ = catalog::commit_superblock(&self.pool, catalog, sb, &[]);
+                }
+            }
+        }
     }
 }
 
@@ -166,6 +185,25 @@ impl Store {
         Ok(catalog::read_superblocks(dev)?.0.store_id)
     }
 
+    /// The write-back log the superblock on `dev` names, as (log id, the
+    /// cache's size in bytes); `None` if it names none.
+    pub fn peek_write_log(dev: &dyn BlockDevice) -> Result<Option<(u64, u64)>> {
+        let sb = catalog::read_superblocks(dev)?.0;
+        Ok((sb.write_log_id != 0).then_some((sb.write_log_id, sb.write_log_locator)))
+    }
+
+    /// Makes the superblock on `dev` name no write-back log, without opening
+    /// the store: the operator gives up writes only that log holds (the
+    /// cache device is lost). The pool is then as the log last left it: a
+    /// state a power cut could have left. Returns the log it named.
+    pub fn forget_write_log(dev: &dyn BlockDevice) -> Result<Option<(u64, u64)>> {
+        let named = Self::peek_write_log(dev)?;
+        if named.is_some() {
+            catalog::clear_write_log(dev)?;
+        }
+        Ok(named)
+    }
+
     /// Opens an existing store. Never repairs anything: a store that was
     /// cut off at any instant opens as it is.
     pub fn open(dev: Arc<dyn BlockDevice>, options: &OpenOptions) -> Result<Store> {
@@ -185,6 +223,21 @@ impl Store {
             None => None,
         };
         let (sb, slot) = catalog::read_superblocks(&*dev)?;
+        match &options.write_log {
+            _ if sb.write_log_id == 0 => {}
+            Some(log) if log.id() == sb.write_log_id => {}
+            _ => {
+                return Err(Error::NeedsWriteLog {
+                    id: sb.write_log_id,
+                    cache_bytes: sb.write_log_locator,
+                })
+            }
+        }
+        if options.write_log.is_some() && options.coordinator.is_some() {
+            return Err(Error::InvalidArgument(
+                "a write-back log cannot be used in cluster mode yet".into(),
+            ));
+        }
         if dev.len() < sb.total_blocks * BLOCK_SIZE_U64 {
             return Err(Error::Inconsistent(format!(
                 "the store needs {} bytes but the device has only {}",
@@ -212,6 +265,16 @@ impl Store {
                 )));
             }
             pool.set_read_cache(cache.clone());
+        }
+        if let Some(log) = &options.write_log {
+            if log.store_id() != sb.store_id {
+                return Err(Error::InvalidArgument(format!(
+                    "the write-back log was opened for store {:016x}, not this one ({:016x})",
+                    log.store_id(),
+                    sb.store_id
+                )));
+            }
+            pool.set_write_log(log.clone());
         }
         let lost = pool.lost_bitmaps();
         if !lost.is_empty() {
@@ -257,6 +320,39 @@ impl Store {
     /// The read cache's counters, if the store has one.
     pub fn read_cache_stats(&self) -> Option<CacheStats> {
         self.inner.pool.read_cache().map(|c| c.stats())
+    }
+
+    /// The write-back log's counters, if the store has one.
+    pub fn write_log_stats(&self) -> Option<LogStats> {
+        self.inner.pool.write_log().map(|l| l.stats())
+    }
+
+    /// Makes the write-back log log while a disk with the write-back
+    /// policy is open, and lets it drain and go direct when none is
+    /// (callers: opening a disk, a policy change, `settle`). Before the
+    /// log takes its first record, the superblock names it, durably: from
+    /// then on, a program that does not have the log refuses the store
+    /// ([`Error::NeedsWriteLog`]) until a clean stop drained the log and
+    /// cleared the name.
+    pub fn refresh_write_back(&self) -> Result<()> {
+        let Some(log) = self.inner.pool.write_log().cloned() else {
+            return Ok(());
+        };
+        let wanted = self
+            .open_disks()
+            .iter()
+            .any(|d| d.cache_policy() == parallax_format::CachePolicy::WriteBack);
+        if wanted && !log.is_logging() {
+            let mut catalog = self.catalog()?;
+            if catalog.sb().write_log_id != log.id() {
+                let mut sb = catalog.sb().clone();
+                sb.write_log_id = log.id();
+                sb.write_log_locator = log.locator();
+                catalog::commit_superblock(&self.inner.pool, &mut catalog, sb, &[])?;
+            }
+        }
+        log.set_wanted(wanted);
+        Ok(())
     }
 
     /// Bytes of disk data read from the pool device since the store was
@@ -401,7 +497,10 @@ impl Store {
         let (_, entry) = catalog
             .find(name)
             .ok_or_else(|| Error::NotFound(format!("disk {name} does not exist")))?;
-        self.open_entry(&catalog, &entry)
+        let vdi = self.open_entry(&catalog, &entry)?;
+        drop(catalog);
+        self.refresh_write_back()?;
+        Ok(vdi)
     }
 
     /// The size of disk `name`, from its newest header (one block read; the
@@ -678,6 +777,9 @@ impl Store {
             keep
         });
         if let Err(e) = self.reclaim_in_cluster() {
+            first_error.get_or_insert(e);
+        }
+        if let Err(e) = self.refresh_write_back() {
             first_error.get_or_insert(e);
         }
         if self.inner.pool.has_unsynced() {
