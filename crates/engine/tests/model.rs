@@ -8,7 +8,7 @@ mod common;
 
 use common::{Op, Runner};
 use parallax_device::{BlockDevice, MemDevice};
-use parallax_engine::{CreateOptions, OpenOptions, ReadCache, Store};
+use parallax_engine::{CreateOptions, OpenOptions, ReadCache, Store, WriteLog, MIN_LOG_BYTES};
 use proptest::prelude::*;
 use std::sync::Arc;
 
@@ -48,15 +48,7 @@ fn run(ops: &[Op]) -> Runner {
 /// at every reopen, so copies outlive the snapshots and disks they were
 /// read through, and ids that a lost commit gives out again.
 fn run_with(ops: &[Op], cache_bytes: Option<u64>) -> Runner {
-    let dev = Arc::new(MemDevice::new(64 << 20));
-    let store = Store::create(
-        dev.clone(),
-        &CreateOptions {
-            extent_data_blocks: 128,
-            host_id: 1,
-        },
-    )
-    .unwrap();
+    let dev = new_pool();
     let cache_dev: Option<Arc<dyn BlockDevice>> =
         cache_bytes.map(|len| Arc::new(MemDevice::new(len)) as Arc<dyn BlockDevice>);
     let options = || OpenOptions {
@@ -66,15 +58,54 @@ fn run_with(ops: &[Op], cache_bytes: Option<u64>) -> Runner {
         }),
         ..OpenOptions::default()
     };
-    let store = match cache_dev {
-        Some(_) => {
-            drop(store);
-            Store::open(dev.clone(), &options()).unwrap()
-        }
-        None => store,
-    };
-    let mut runner = Runner::new(store);
     let mut reopen = || Store::open(dev.clone(), &options()).unwrap();
+    run_opened(ops, Runner::new(reopen()), &mut reopen)
+}
+
+/// A new pool (the store on it closed).
+fn new_pool() -> Arc<MemDevice> {
+    let dev = Arc::new(MemDevice::new(64 << 20));
+    Store::create(
+        dev.clone(),
+        &CreateOptions {
+            extent_data_blocks: 128,
+            host_id: 1,
+        },
+    )
+    .unwrap();
+    dev
+}
+
+/// [`run`] through a write-back log in front of the pool: disks with an
+/// odd number are write-back, the others write-through (whose flushes
+/// wait for the destage), and every reopen lets the store go as a killed
+/// process would, so the log's records come back by replay.
+/// Returns the runner and the records replayed over all reopens.
+fn run_with_log(ops: &[Op]) -> (Runner, u64) {
+    let dev = new_pool();
+    let log_dev = Arc::new(MemDevice::new(MIN_LOG_BYTES));
+    let replayed = std::cell::Cell::new(0);
+    let mut reopen = || {
+        let id = Store::peek_id(&*dev).unwrap();
+        let named = Store::peek_write_log(&*dev).unwrap().map_or(0, |(id, _)| id);
+        let (log, _) = WriteLog::open(log_dev.clone(), dev.clone(), id, named, 1).unwrap();
+        let log = Arc::new(log);
+        replayed.set(replayed.get() + log.stats().replayed);
+        let options = OpenOptions {
+            write_log: Some(log.clone()),
+            ..OpenOptions::default()
+        };
+        Store::open(log, &options).unwrap()
+    };
+    let mut runner = Runner::new(reopen());
+    runner.write_back_odd = true;
+    runner.abandon_on_reopen = true;
+    let runner = run_opened(ops, runner, &mut reopen);
+    (runner, replayed.get())
+}
+
+fn run_opened(ops: &[Op], mut runner: Runner, reopen: &mut dyn FnMut() -> Store) -> Runner {
+    let mut reopen = reopen;
     runner
         .apply(&Op::Create { blocks: 20 }, &mut reopen)
         .unwrap();
@@ -125,6 +156,31 @@ proptest! {
     fn store_matches_model_through_a_read_cache(ops in proptest::collection::vec(op_strategy(), 1..120)) {
         run_with(&ops, Some(1 << 20));
     }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: common::proptest_cases(64), ..ProptestConfig::default() })]
+    /// The same through a write-back log (see [`run_with_log`]).
+    #[test]
+    fn store_matches_model_through_a_write_back_log(ops in proptest::collection::vec(op_strategy(), 1..120)) {
+        run_with_log(&ops);
+    }
+}
+
+/// Thousands of operations through a write-back log, which logged and
+/// replayed along the way (the model above compared what came back).
+#[test]
+fn thousands_of_operations_through_a_write_back_log() {
+    use proptest::strategy::ValueTree;
+    use proptest::test_runner::TestRunner;
+    let mut runner = TestRunner::deterministic();
+    let ops = proptest::collection::vec(op_strategy(), 3000)
+        .new_tree(&mut runner)
+        .unwrap()
+        .current();
+    let (runner, replayed) = run_with_log(&ops);
+    assert!(runner.store.write_log_stats().expect("a log").logging);
+    assert!(replayed > 100, "{replayed} records replayed");
 }
 
 /// Thousands of operations through a read cache: it serves many reads

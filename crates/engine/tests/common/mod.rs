@@ -266,6 +266,11 @@ pub struct Runner {
     pub planned_reads: u64,
     /// Writes made through an I/O plan.
     pub planned_writes: u64,
+    /// Disks with an odd number get the write-back policy when created.
+    pub write_back_odd: bool,
+    /// `Op::Reopen` lets the store go as a killed process would (after its
+    /// flush): what a write-back log holds must come back by replay.
+    pub abandon_on_reopen: bool,
 }
 
 impl Runner {
@@ -277,7 +282,18 @@ impl Runner {
             in_flight: None,
             planned_reads: 0,
             planned_writes: 0,
+            write_back_odd: false,
+            abandon_on_reopen: false,
         }
+    }
+
+    /// The policy `write_back_odd` gives disk number `n`.
+    fn new_disk_policy(&self, h: &Vdi, n: u32) -> Result<(), Error> {
+        if self.write_back_odd && n % 2 == 1 {
+            h.set_cache_policy(parallax_engine::CachePolicy::WriteBack)?;
+            self.store.refresh_write_back()?;
+        }
+        Ok(())
     }
 
     fn disk_names(&self) -> Vec<String> {
@@ -307,6 +323,7 @@ impl Runner {
                     content: vec![0; len],
                 });
                 let h = self.store.create_vdi(&name, len as u64)?;
+                self.new_disk_policy(&h, self.model.next_disk - 1)?;
                 self.handles.insert(name.clone(), h);
                 self.model.disks.insert(name, DiskModel::new(len));
             }
@@ -444,6 +461,7 @@ impl Runner {
                     content: content.clone(),
                 });
                 let h = self.store.clone_snapshot(&name, &snap, &new)?;
+                self.new_disk_policy(&h, self.model.next_disk - 1)?;
                 // The origin's adopted commits are durable before a clone.
                 self.model.disks.get_mut(&name).unwrap().unsure.clear();
                 self.handles.insert(new.clone(), h);
@@ -554,6 +572,14 @@ impl Runner {
                     m.commit();
                 }
                 self.handles.clear();
+                // The old store goes first: a write-back log is opened by
+                // one store at a time.
+                let old = std::mem::replace(&mut self.store, placeholder_store());
+                if self.abandon_on_reopen {
+                    old.abandon();
+                } else {
+                    drop(old);
+                }
                 self.store = reopen();
             }
             Op::DropHandles => self.handles.clear(),
