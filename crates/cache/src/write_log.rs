@@ -17,11 +17,13 @@
 //!
 //! Why the pool stays consistent: the log is one ordered stream of every
 //! write the pool would have seen, and the pool receives a prefix of it
-//! followed by a pool flush, batch after batch. Any prefix of a stream of
-//! writes is a state a power cut could have left on a plain device (a
-//! subset of the writes since the last flush), so the pool alone is always
-//! a state the store's own crash argument (FORMAT.md §11) accepts: older
-//! than the log, never torn. With the log, replay restores every record up
+//! followed by a pool flush, batch after batch, and no batch spans a
+//! flush of the stream (the first record after a flush is marked a
+//! barrier, in its header, so replayed records keep them too). The
+//! writes of one batch land in any order, as the writes between two
+//! flushes may on a plain device; so the pool alone is always a state a
+//! power cut could have left there, one the store's own crash argument
+//! (FORMAT.md §11) accepts: older than the log, never torn. With the log, replay restores every record up
 //! to the point a flush made durable, so nothing acknowledged is lost.
 //!
 //! Invariants:
@@ -78,6 +80,9 @@ struct Rec {
     /// Ring blocks it takes (header and payload; a pad: the rest of the ring).
     len: u64,
     kind: Kind,
+    /// The first record after a flush: every record before it reaches the
+    /// pool (flushed there) before it does.
+    barrier: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -97,6 +102,9 @@ struct Dirty {
 
 struct State {
     next_lsn: u64,
+    /// A flush started since the last record was allocated: the next one
+    /// is a barrier.
+    barrier_next: bool,
     /// Ring block where the next record goes.
     head: u64,
     /// Durable tail: where replay would start.
@@ -272,6 +280,7 @@ struct Header {
     id: u64,
     pos: u64,
     kind: u32,
+    barrier: bool,
     blocks: u32,
     pool_block: u64,
     payload_crc: u32,
@@ -285,7 +294,7 @@ impl Header {
         put(b, 16, self.session);
         put(b, 24, self.id);
         put(b, 32, self.pos);
-        put32(b, 40, self.kind);
+        put32(b, 40, self.kind | u32::from(self.barrier) << 16);
         put32(b, 44, self.blocks);
         put(b, 48, self.pool_block);
         put32(b, 56, self.payload_crc);
@@ -302,7 +311,8 @@ impl Header {
             session: get(b, 16),
             id: get(b, 24),
             pos: get(b, 32),
-            kind: get32(b, 40),
+            kind: get32(b, 40) & 0xffff,
+            barrier: get32(b, 40) >> 16 == 1,
             blocks: get32(b, 44),
             pool_block: get(b, 48),
             payload_crc: get32(b, 56),
@@ -389,6 +399,7 @@ impl WriteLog {
             ring_end: region_blocks,
             state: Mutex::new(State {
                 next_lsn: sb.tail_lsn,
+                barrier_next: false,
                 head: sb.tail,
                 tail: sb.tail,
                 tail_lsn: sb.tail_lsn,
@@ -509,7 +520,8 @@ impl WriteLog {
     }
 
     /// Waits until every record below `lsn` is on the pool and flushed
-    /// there (write-through semantics for a disk's FLUSH).
+    /// there (write-through semantics for a disk's FLUSH). Fails while the
+    /// pool refuses the destage (the destager keeps trying).
     pub fn drain_to(&self, lsn: u64) -> io::Result<()> {
         let s = &*self.shared;
         let mut st = s.state.lock();
@@ -525,6 +537,9 @@ impl WriteLog {
             if st.stop {
                 return Err(io_err("the write-back log is closing"));
             }
+            if let Some(e) = &st.destage_error {
+                return Err(io_err(e.clone()));
+            }
             s.changed.notify_all();
             s.changed.wait_for(&mut st, Duration::from_millis(100));
         }
@@ -532,6 +547,8 @@ impl WriteLog {
 
     /// Stops logging for good: waits until every record is destaged and the
     /// log is direct again (a clean stop; the pool then needs no log).
+    /// Fails while the pool refuses the destage: the records stay, for
+    /// the destager or the next open.
     pub fn drain_all(&self) -> io::Result<()> {
         self.set_wanted(false);
         let s = &*self.shared;
@@ -539,6 +556,9 @@ impl WriteLog {
         while st.logging {
             if let Some(f) = &st.failed {
                 return Err(io_err(format!("the write-back log failed: {f}")));
+            }
+            if let Some(e) = &st.destage_error {
+                return Err(io_err(e.clone()));
             }
             s.changed.notify_all();
             s.changed.wait_for(&mut st, Duration::from_millis(100));
@@ -681,6 +701,7 @@ impl Shared {
                 pos,
                 len,
                 kind,
+                barrier: h.barrier,
             };
             note_dirty(&mut dirty, &rec);
             st.records.push_back(rec);
@@ -709,7 +730,7 @@ impl Shared {
     fn append(&self, pool_block: u64, data: Option<&[u8]>, blocks: u64) -> io::Result<()> {
         let need = if data.is_some() { 1 + blocks } else { 1 };
         let ring_len = self.ring_end - RING_START;
-        let (lsn, pos, pad, session) = {
+        let (rec, pad, session) = {
             let mut st = self.state.lock();
             loop {
                 if let Some(f) = &st.failed {
@@ -731,6 +752,7 @@ impl Shared {
                     pos: st.head,
                     len: room_here,
                     kind: Kind::Pad,
+                    barrier: std::mem::take(&mut st.barrier_next),
                 };
                 st.next_lsn += 1;
                 st.used += room_here;
@@ -747,6 +769,7 @@ impl Shared {
                 pos: st.head,
                 len: need,
                 kind,
+                barrier: std::mem::take(&mut st.barrier_next),
             };
             st.next_lsn += 1;
             st.used += need;
@@ -755,19 +778,11 @@ impl Shared {
                 st.head = RING_START;
             }
             st.records.push_back(rec);
-            (rec.lsn, rec.pos, pad, st.session)
+            (rec, pad, st.session)
         };
-        let written = self.write_record(lsn, pos, pad, session, pool_block, data, blocks);
+        let lsn = rec.lsn;
+        let written = self.write_record(&rec, pad, session, data);
         {
-            let rec = Rec {
-                lsn,
-                pos,
-                len: need,
-                kind: match data {
-                    Some(_) => Kind::Write { pool_block, blocks },
-                    None => Kind::Discard { pool_block, blocks },
-                },
-            };
             if written.is_ok() {
                 let mut dirty = self.dirty.lock();
                 note_dirty(&mut dirty, &rec);
@@ -803,17 +818,20 @@ impl Shared {
         written
     }
 
-    #[allow(clippy::too_many_arguments)]
+    /// Writes `rec` (after `pad`, if the ring wrapped) with its payload.
     fn write_record(
         &self,
-        lsn: u64,
-        pos: u64,
+        rec: &Rec,
         pad: Option<Rec>,
         session: u64,
-        pool_block: u64,
         data: Option<&[u8]>,
-        blocks: u64,
     ) -> io::Result<()> {
+        let (pool_block, blocks) = match rec.kind {
+            Kind::Write { pool_block, blocks } | Kind::Discard { pool_block, blocks } => {
+                (pool_block, blocks)
+            }
+            Kind::Pad => (0, 0),
+        };
         if let Some(p) = pad {
             let mut b = AlignedBuf::zeroed(BLOCK);
             Header {
@@ -822,6 +840,7 @@ impl Shared {
                 id: self.id,
                 pos: p.pos,
                 kind: KIND_PAD,
+                barrier: p.barrier,
                 blocks: 0,
                 pool_block: 0,
                 payload_crc: 0,
@@ -835,10 +854,11 @@ impl Shared {
             b[BLOCK..].copy_from_slice(d);
         }
         let h = Header {
-            lsn,
+            lsn: rec.lsn,
             session,
             id: self.id,
-            pos,
+            pos: rec.pos,
+            barrier: rec.barrier,
             kind: if data.is_some() {
                 KIND_WRITE
             } else {
@@ -849,7 +869,7 @@ impl Shared {
             payload_crc: data.map_or(0, crc32c::crc32c),
         };
         h.encode_into(&mut b[..BLOCK]);
-        self.dev.write_at(&b, pos * BLOCK_U64)
+        self.dev.write_at(&b, rec.pos * BLOCK_U64)
     }
 
     /// Makes every record appended before the call durable on the log
@@ -858,6 +878,7 @@ impl Shared {
         let target = {
             let mut st = self.state.lock();
             let target = st.next_lsn;
+            st.barrier_next = true;
             loop {
                 if let Some(f) = &st.failed {
                     return Err(io_err(format!("the write-back log failed: {f}")));
@@ -913,12 +934,17 @@ impl Shared {
                     }
                     self.changed.wait_for(&mut st, Duration::from_millis(50));
                 }
+                // One batch never spans a barrier: what came before a
+                // flush is on the pool, flushed, before what came after.
                 let mut blocks = 0;
                 let upto = st.written_upto;
+                let first = st.records.front().map(|r| r.lsn);
                 st.records
                     .iter()
                     .take_while(|r| {
-                        let take = r.lsn < upto && blocks < BATCH_BLOCKS;
+                        let take = r.lsn < upto
+                            && blocks < BATCH_BLOCKS
+                            && (!r.barrier || Some(r.lsn) == first);
                         if let Kind::Write { blocks: b, .. } = r.kind {
                             blocks += b;
                         }

@@ -87,7 +87,9 @@ fn run_with_log(ops: &[Op]) -> (Runner, u64) {
     let replayed = std::cell::Cell::new(0);
     let mut reopen = || {
         let id = Store::peek_id(&*dev).unwrap();
-        let named = Store::peek_write_log(&*dev).unwrap().map_or(0, |(id, _)| id);
+        let named = Store::peek_write_log(&*dev)
+            .unwrap()
+            .map_or(0, |(id, _)| id);
         let (log, _) = WriteLog::open(log_dev.clone(), dev.clone(), id, named, 1).unwrap();
         let log = Arc::new(log);
         replayed.set(replayed.get() + log.stats().replayed);
