@@ -64,8 +64,10 @@ const MAX_RECORD_BLOCKS: u64 = 256;
 pub const MIN_LOG_BYTES: u64 = 8 << 20;
 /// Payload blocks the destager moves per batch (one pool flush each).
 const BATCH_BLOCKS: u64 = 4096;
-/// Pool writes a batch has in flight at once.
-const DESTAGE_THREADS: usize = 8;
+/// Pool writes a batch has in flight at once (a networked pool answers
+/// each after its latency: the destage rate is about this many requests
+/// per round trip).
+const DESTAGE_THREADS: usize = 32;
 
 const KIND_WRITE: u32 = 1;
 const KIND_DISCARD: u32 = 2;
