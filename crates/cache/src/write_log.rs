@@ -163,6 +163,8 @@ struct Shared {
     state: Mutex<State>,
     /// Signalled when records are written, destaged or space frees up.
     changed: Condvar,
+    /// Threads waiting on `changed`.
+    sleepers: AtomicUsize,
     dirty: Mutex<HashMap<u64, Dirty>>,
     dirty_count: AtomicUsize,
     /// Held shared by every write and discard; taken exclusively to switch
@@ -170,7 +172,6 @@ struct Shared {
     switch: RwLock<()>,
     logging: AtomicBool,
     leases: Mutex<u64>,
-    leases_back: Condvar,
     pool_unflushed: AtomicBool,
     /// One log-device flush at a time (others wait and find theirs done).
     flush_lock: Mutex<()>,
@@ -419,12 +420,12 @@ impl WriteLog {
                 destage_error: None,
             }),
             changed: Condvar::new(),
+            sleepers: AtomicUsize::new(0),
             dirty: Mutex::new(HashMap::new()),
             dirty_count: AtomicUsize::new(0),
             switch: RwLock::new(()),
             logging: AtomicBool::new(false),
             leases: Mutex::new(0),
-            leases_back: Condvar::new(),
             pool_unflushed: AtomicBool::new(false),
             flush_lock: Mutex::new(()),
             rmw: Mutex::new(()),
@@ -512,7 +513,7 @@ impl WriteLog {
         } else {
             s.state.lock().wanted = false;
         }
-        s.changed.notify_all();
+        s.wake();
     }
 
     /// The LSN the next record gets: [`WriteLog::drain_to`] it to have
@@ -542,8 +543,8 @@ impl WriteLog {
             if let Some(e) = &st.destage_error {
                 return Err(io_err(e.clone()));
             }
-            s.changed.notify_all();
-            s.changed.wait_for(&mut st, Duration::from_millis(100));
+            s.wake();
+            s.wait(&mut st, Duration::from_millis(100));
         }
     }
 
@@ -562,8 +563,8 @@ impl WriteLog {
             if let Some(e) = &st.destage_error {
                 return Err(io_err(e.clone()));
             }
-            s.changed.notify_all();
-            s.changed.wait_for(&mut st, Duration::from_millis(100));
+            s.wake();
+            s.wait(&mut st, Duration::from_millis(100));
         }
         Ok(())
     }
@@ -607,7 +608,7 @@ impl Drop for WriteLog {
     /// next open (call [`WriteLog::drain_all`] first for a clean stop).
     fn drop(&mut self) {
         self.shared.state.lock().stop = true;
-        self.shared.changed.notify_all();
+        self.shared.wake();
         if let Some(t) = self.destager.take() {
             let _ = t.join();
         }
@@ -615,6 +616,21 @@ impl Drop for WriteLog {
 }
 
 impl Shared {
+    /// Waits on `changed` (at most `timeout`), counted in `sleepers`.
+    fn wait(&self, st: &mut parking_lot::MutexGuard<'_, State>, timeout: Duration) {
+        self.sleepers.fetch_add(1, Ordering::SeqCst);
+        self.changed.wait_for(st, timeout);
+        self.sleepers.fetch_sub(1, Ordering::SeqCst);
+    }
+
+    /// Wakes the threads waiting on `changed`, if any (a write does not
+    /// pay a wake-up when no one waits).
+    fn wake(&self) {
+        if self.sleepers.load(Ordering::SeqCst) > 0 {
+            self.changed.notify_all();
+        }
+    }
+
     fn persist_super(&self) -> io::Result<()> {
         let sb = {
             let mut st = self.state.lock();
@@ -743,8 +759,8 @@ impl Shared {
                 if st.used + pad + need <= ring_len {
                     break;
                 }
-                self.changed.notify_all();
-                self.changed.wait_for(&mut st, Duration::from_millis(100));
+                self.wake();
+                self.wait(&mut st, Duration::from_millis(100));
             }
             let room_here = self.ring_end - st.head;
             let mut pad = None;
@@ -812,7 +828,7 @@ impl Shared {
             st.written_upto += 1;
         }
         drop(st);
-        self.changed.notify_all();
+        self.wake();
         if data.is_some() {
             self.appended
                 .fetch_add(blocks * BLOCK_U64, Ordering::Relaxed);
@@ -888,7 +904,7 @@ impl Shared {
                 if st.written_upto >= target {
                     break;
                 }
-                self.changed.wait_for(&mut st, Duration::from_millis(100));
+                self.wait(&mut st, Duration::from_millis(100));
             }
             if st.durable >= target {
                 return Ok(());
@@ -934,7 +950,7 @@ impl Shared {
                         st = self.state.lock();
                         continue;
                     }
-                    self.changed.wait_for(&mut st, Duration::from_millis(50));
+                    self.wait(&mut st, Duration::from_millis(50));
                 }
                 // One batch never spans a barrier: what came before a
                 // flush is on the pool, flushed, before what came after.
@@ -968,7 +984,7 @@ impl Shared {
                     if st.stop {
                         return;
                     }
-                    self.changed.wait_for(&mut st, Duration::from_secs(1));
+                    self.wait(&mut st, Duration::from_secs(1));
                 }
             }
         }
@@ -1082,7 +1098,7 @@ impl Shared {
             plan.values().filter(|a| a.is_some()).count() as u64 * BLOCK_U64,
             Ordering::Relaxed,
         );
-        self.changed.notify_all();
+        self.wake();
         Ok(())
     }
 
@@ -1097,7 +1113,7 @@ impl Shared {
             self.logging.store(false, Ordering::SeqCst);
         }
         drop(st);
-        self.changed.notify_all();
+        self.wake();
     }
 
     /// Reads `buf.len()` bytes at pool offset `offset`: each block from its
@@ -1234,8 +1250,7 @@ struct Lease(Arc<Shared>);
 impl Drop for Lease {
     fn drop(&mut self) {
         *self.0.leases.lock() -= 1;
-        self.0.leases_back.notify_all();
-        self.0.changed.notify_all();
+        self.0.wake();
     }
 }
 

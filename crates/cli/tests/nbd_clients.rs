@@ -1610,16 +1610,120 @@ fn a_read_cache_serves_clones_of_a_gold_image_across_restarts_and_damage() {
     assert_eq!(n(&after, "hits"), n(&before, "hits"), "{after}");
     let pool = |s: &Value| s["pool_data_read_bytes"].as_u64().unwrap();
     assert_eq!(pool(&after) - pool(&before), blocks * 4096, "{after}");
-    let refused = d.cli.run(&["cache-policy", "vm2", "write-back"]);
-    assert!(
-        !refused.status.success() && refused.stderr.contains("not built yet"),
-        "{}",
-        refused.describe()
-    );
     let refused = d.cli.run(&["cache-policy", "vm2", "sometimes"]);
     assert!(!refused.status.success(), "{}", refused.describe());
     d.ok(&["cache-policy", "vm2", "write-through"]);
     assert_eq!(d.json(&["info", "vm2"])["cache_policy"], "write-through");
+}
+
+/// A write-back disk: its writes go to the cache's write-back log (status,
+/// metrics); killed, the store refuses to open without that log (and with a
+/// cache of another size), the restarted daemon replays it; a clean stop
+/// drains it and frees the store; `forget-write-log` gives a lost log up.
+#[test]
+fn a_write_back_disk_logs_its_writes_and_the_store_needs_the_log_until_drained() {
+    if !have_tools() {
+        return;
+    }
+    const SIZE: u64 = 16 << 20;
+    let mut rng = Rng::new(seed("write_back"));
+    let cache = ["--cache", "cache.bin", "--cache-size", "64M"];
+    let mut d = Daemon::with(&cache, &[]);
+    d.ok(&["create", "wb", "--size", "16M"]);
+    d.ok(&["create", "wt", "--size", "16M"]);
+    assert_eq!(
+        d.ok(&["cache-policy", "wb", "write-back"]),
+        "wb: write-back\n"
+    );
+    assert!(d
+        .ok(&["info", "wb"])
+        .contains("cache policy:     write-back"));
+    let src = d.path("src.raw");
+    let mut image = random_image(&mut rng);
+    image.truncate(SIZE as usize);
+    fs::write(&src, &image).unwrap();
+    let src = src.to_str().unwrap().to_string();
+    convert_into(&src, &d.unix_uri("wb"));
+    // A write-through disk's writes are logged too while the log logs;
+    // its flush waits until they are on the pool.
+    convert_into(&src, &d.unix_uri("wt"));
+    let s = d.json(&["status"]);
+    let log = &s["write_log"];
+    assert_eq!(log["logging"], true, "{s}");
+    // Both images (they have holes, which qemu-img skips).
+    assert!(log["appended_bytes"].as_u64().unwrap() > SIZE, "{s}");
+    assert!(log["flushes"].as_u64().unwrap() > 0, "{s}");
+    let text = d.ok(&["status"]);
+    assert!(text.contains("write-back log: logging"), "{text}");
+    let control = UnixStream::connect(d.cli.control_path()).expect("control socket");
+    let (code, page) = http_get(control, "/metrics");
+    assert_eq!(code, 200, "{page}");
+    let m = samples(&page);
+    assert!(
+        m.get("parallax_write_log_appended_bytes_total").copied() > Some(SIZE as f64),
+        "{page}"
+    );
+    assert_eq!(
+        m.get("parallax_write_log_logging").copied(),
+        Some(1.0),
+        "{page}"
+    );
+
+    // Killed: nothing opens the store without the log.
+    d.kill9();
+    let refused = d.cli.run(&["list"]);
+    assert!(
+        !refused.status.success() && refused.stderr.contains("write-back log"),
+        "{}",
+        refused.describe()
+    );
+    let cache_path = d.path("cache.bin");
+    let cache_path = cache_path.to_str().unwrap();
+    let refused = d.cli.run(&[
+        "serve",
+        "--nbd-listen",
+        "none",
+        "--cache",
+        cache_path,
+        "--cache-size",
+        "128M",
+    ]);
+    assert!(
+        !refused.status.success() && refused.stderr.contains("--cache-size 67108864"),
+        "{}",
+        refused.describe()
+    );
+    assert_eq!(
+        fs::metadata(cache_path).unwrap().len(),
+        64 << 20,
+        "a refused start resized the cache"
+    );
+    d.start();
+    compare_equal(&src, &d.unix_uri("wb"));
+    compare_equal(&src, &d.unix_uri("wt"));
+
+    // A clean stop drains the log: the store opens without it.
+    d.stop();
+    let check = d.cli.json(&["check"]);
+    assert_eq!(check["clean"], true, "{check}");
+    d.start();
+    compare_equal(&src, &d.unix_uri("wb"));
+    let s = d.json(&["status"]);
+    assert_eq!(s["write_log"]["replayed"], 0, "{s}");
+
+    // A lost log, given up: the store opens as the log last left the pool.
+    d.kill9();
+    fs::remove_file(cache_path).unwrap();
+    let out = d.cli.ok(&["forget-write-log"]);
+    assert!(out.contains("no longer needs write-back log"), "{out}");
+    let check = d.cli.json(&["check"]);
+    assert_eq!(check["clean"], true, "{check}");
+    assert_eq!(
+        d.cli.ok(&["forget-write-log"]),
+        "the store names no write-back log: nothing to do\n"
+    );
+    d.start();
+    assert_eq!(d.json(&["info", "wb"])["cache_policy"], "write-back");
 }
 
 // ---- 3. nbdinfo -------------------------------------------------------------------
@@ -2665,13 +2769,17 @@ fn read_blocks(addr: &Addr, export: &str, first: u64, count: u64) -> Vec<u8> {
 
 /// One crash iteration: writers, flusher and snapshots for a random time,
 /// `kill -9`, restart, check.
-/// One crash run; `serve_args` are extra `serve` options (`--direct`).
-fn crash_iteration(seed: u64, serve_args: &[&str]) {
+/// One crash run; `serve_args` are extra `serve` options (`--direct`,
+/// `--cache`); `policy`: D's cache policy, if not the default.
+fn crash_iteration(seed: u64, serve_args: &[&str], policy: Option<&str>) {
     const WRITERS: u64 = 3;
     const REGION: u64 = 1024; // blocks per writer
     let mut rng = Rng::new(seed);
     let mut d = Daemon::with(serve_args, &[]);
     d.ok(&["create", "D", "--size", "64M"]);
+    if let Some(p) = policy {
+        d.ok(&["cache-policy", "D", p]);
+    }
     let blocks = WRITERS * REGION;
     let ledger = Arc::new(Mutex::new(Ledger {
         blocks: vec![BlockLog::default(); blocks as usize],
@@ -2791,8 +2899,24 @@ fn crash_iteration(seed: u64, serve_args: &[&str]) {
         durable >= 100,
         "too little was flushed to test anything: {durable} blocks"
     );
+    if policy == Some("write-back") {
+        // Without its log, the store refuses to open.
+        let ran = d.cli.run(&["list"]);
+        assert!(
+            !ran.status.success() && ran.stderr.contains("write-back log"),
+            "{}",
+            ran.describe()
+        );
+    }
 
     d.start();
+    if policy == Some("write-back") {
+        let s = d.json(&["status"]);
+        eprintln!(
+            "crash: {} records replayed from the write-back log",
+            s["write_log"]["replayed"]
+        );
+    }
     let mut failures = Vec::new();
     for addr in [d.unix_addr(), d.tcp_addr()] {
         let data = read_blocks(&addr, "D", 0, blocks);
@@ -2865,7 +2989,7 @@ fn crash_kill9_keeps_flushed_writes() {
     if !have_tools() {
         return;
     }
-    crash_iteration(seed("crash"), &[]);
+    crash_iteration(seed("crash"), &[], None);
 }
 
 #[test]
@@ -2876,7 +3000,21 @@ fn crash_kill9_keeps_flushed_writes_with_direct_io() {
     // O_DIRECT with io_uring: acknowledged data is on the device, not in
     // the page cache, and allocating writes publish their blocks from the
     // io_uring reaper; the same promises must hold.
-    crash_iteration(seed("crash-direct"), &["--direct"]);
+    crash_iteration(seed("crash-direct"), &["--direct"], None);
+}
+
+#[test]
+fn crash_kill9_keeps_flushed_writes_of_a_write_back_disk() {
+    if !have_tools() {
+        return;
+    }
+    // Everything D writes goes to the write-back log first; a FLUSH is
+    // durable there. The restarted daemon replays what was not destaged.
+    crash_iteration(
+        seed("crash-write-back"),
+        &["--cache", "cache.bin", "--cache-size", "64M"],
+        Some("write-back"),
+    );
 }
 
 // ---- 10. shutdown and listeners ---------------------------------------------------
