@@ -1,0 +1,118 @@
+//! The write-back log under the engine: what a FLUSH promises under each
+//! policy while the log logs, with the destage held back.
+
+use parallax_device::{BlockDevice, MemDevice};
+use parallax_engine::{CachePolicy, CreateOptions, OpenOptions, Store, WriteLog, MIN_LOG_BYTES};
+use std::io;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc};
+use std::time::Duration;
+
+/// A pool whose writes wait while the gate is closed (the destage stalls).
+struct Gate {
+    inner: MemDevice,
+    closed: AtomicBool,
+}
+
+impl BlockDevice for Gate {
+    fn len(&self) -> u64 {
+        self.inner.len()
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        self.inner.read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        while self.closed.load(Ordering::SeqCst) {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        self.inner.write_at(buf, offset)
+    }
+    fn flush(&self) -> io::Result<()> {
+        self.inner.flush()
+    }
+    fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.inner.discard(offset, len)
+    }
+}
+
+/// The disk `name`'s first block on the pool alone (the log given up).
+fn on_pool_alone(pool: &Gate, name: &str) -> Vec<u8> {
+    let copy = Arc::new(MemDevice::from_bytes(pool.inner.to_bytes()));
+    Store::forget_write_log(&*copy).unwrap();
+    let store = Store::open(copy, &OpenOptions::default()).unwrap();
+    let mut buf = vec![0u8; 4096];
+    store.open_vdi(name).unwrap().read(&mut buf, 0).unwrap();
+    buf
+}
+
+#[test]
+fn a_write_back_flush_is_durable_in_the_log_and_a_write_through_flush_on_the_pool() {
+    let pool = Arc::new(Gate {
+        inner: MemDevice::new(64 << 20),
+        closed: AtomicBool::new(false),
+    });
+    drop(Store::create(pool.clone(), &CreateOptions::default()).unwrap());
+    let id = Store::peek_id(&*pool).unwrap();
+    let (log, _) = WriteLog::open(
+        Arc::new(MemDevice::new(MIN_LOG_BYTES)),
+        pool.clone(),
+        id,
+        0,
+        1,
+    )
+    .unwrap();
+    let log = Arc::new(log);
+    let options = OpenOptions {
+        write_log: Some(log.clone()),
+        ..OpenOptions::default()
+    };
+    let store = Store::open(log.clone(), &options).unwrap();
+    let wb = store.create_vdi("wb", 1 << 20).unwrap();
+    let wt = store.create_vdi("wt", 1 << 20).unwrap();
+    assert!(!log.is_logging(), "logging with no write-back disk");
+    wb.set_cache_policy(CachePolicy::WriteBack).unwrap();
+    store.refresh_write_back().unwrap();
+    assert!(log.is_logging());
+    assert_eq!(
+        Store::peek_write_log(&*pool).unwrap().map(|(i, _)| i),
+        Some(log.id()),
+        "the pool does not name the log before it logs"
+    );
+
+    // The destage stalls: a write-back FLUSH returns all the same, and
+    // its write is not on the pool.
+    pool.closed.store(true, Ordering::SeqCst);
+    wb.write(&[0xaa; 4096], 0).unwrap();
+    wb.flush().unwrap();
+    let mut buf = vec![0u8; 4096];
+    wb.read(&mut buf, 0).unwrap();
+    assert_eq!(buf, vec![0xaa; 4096]);
+    assert_ne!(on_pool_alone(&pool, "wb"), vec![0xaa; 4096]);
+
+    // A write-through FLUSH waits until the pool has it.
+    wt.write(&[0xbb; 4096], 0).unwrap();
+    let (tx, rx) = mpsc::channel();
+    let flusher = {
+        let wt = wt.clone();
+        std::thread::spawn(move || tx.send(wt.flush().is_ok()).unwrap())
+    };
+    assert!(
+        rx.recv_timeout(Duration::from_millis(300)).is_err(),
+        "a write-through flush returned while the destage was stalled"
+    );
+    pool.closed.store(false, Ordering::SeqCst);
+    assert_eq!(rx.recv_timeout(Duration::from_secs(10)), Ok(true));
+    flusher.join().unwrap();
+    assert_eq!(on_pool_alone(&pool, "wt"), vec![0xbb; 4096]);
+    // Everything logged before it is there too.
+    assert_eq!(on_pool_alone(&pool, "wb"), vec![0xaa; 4096]);
+
+    // No write-back disk open: the log drains and goes direct; a clean
+    // stop leaves a pool that names no log.
+    drop((wb, wt));
+    store.close_vdi("wb").unwrap();
+    store.refresh_write_back().unwrap();
+    drop(store);
+    assert!(!log.is_logging());
+    assert_eq!(Store::peek_write_log(&*pool).unwrap(), None);
+}
