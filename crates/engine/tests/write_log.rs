@@ -35,6 +35,16 @@ impl BlockDevice for Gate {
     }
 }
 
+/// Opens the gate when dropped: a failed assertion must not leave the
+/// store's clean stop waiting for a destage that cannot finish.
+struct OpenOnDrop(Arc<Gate>);
+
+impl Drop for OpenOnDrop {
+    fn drop(&mut self) {
+        self.0.closed.store(false, Ordering::SeqCst);
+    }
+}
+
 /// The disk `name`'s first block on the pool alone (the log given up).
 fn on_pool_alone(pool: &Gate, name: &str) -> Vec<u8> {
     let copy = Arc::new(MemDevice::from_bytes(pool.inner.to_bytes()));
@@ -67,6 +77,8 @@ fn a_write_back_flush_is_durable_in_the_log_and_a_write_through_flush_on_the_poo
         ..OpenOptions::default()
     };
     let store = Store::open(log.clone(), &options).unwrap();
+    // Dropped before the store (declared after it).
+    let _open = OpenOnDrop(pool.clone());
     let wb = store.create_vdi("wb", 1 << 20).unwrap();
     let wt = store.create_vdi("wt", 1 << 20).unwrap();
     assert!(!log.is_logging(), "logging with no write-back disk");
