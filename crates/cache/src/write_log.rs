@@ -1181,7 +1181,7 @@ impl Shared {
     /// read, patched and logged whole.
     fn log_write(&self, data: &[u8], offset: u64) -> io::Result<()> {
         self.check_pool_range(offset, data.len() as u64)?;
-        if offset % BLOCK_U64 != 0 || data.len() % BLOCK != 0 {
+        if !offset.is_multiple_of(BLOCK_U64) || !data.len().is_multiple_of(BLOCK) {
             let _one = self.rmw.lock();
             let first = offset / BLOCK_U64;
             let end = (offset + data.len() as u64).div_ceil(BLOCK_U64);
@@ -1442,7 +1442,7 @@ mod tests {
                     }
                     model.flushed();
                 }
-                13 => log.set_wanted(r % 3 != 0),
+                13 => log.set_wanted(!r.is_multiple_of(3)),
                 _ => {
                     let b = (r >> 16) % POOL_BLOCKS;
                     let mut buf = vec![0u8; BLOCK];
@@ -1543,6 +1543,33 @@ mod tests {
         assert_eq!(found, Found::Dropped);
         assert_eq!(read_seed(&log, 0), 0);
         assert_ne!(log.id(), id);
+    }
+
+    /// A descriptor lent while direct keeps the destage back once logging
+    /// started (its write may still be in flight), and no new one is lent.
+    #[test]
+    fn a_lent_descriptor_holds_the_destage_back_until_it_is_returned() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("pool");
+        drop(
+            parallax_device::FileDevice::create(&path, POOL_BLOCKS * BLOCK_U64, Default::default())
+                .unwrap(),
+        );
+        let pool = Arc::new(parallax_device::FileDevice::open(&path, Default::default()).unwrap());
+        let (log, _) = open(Arc::new(MemDevice::new(MIN_LOG_BYTES)), pool, 0);
+        let lease = log
+            .lend_fd()
+            .expect("direct: the pool's descriptor is lent");
+        assert!(log.raw_fd().is_none());
+        log.set_wanted(true);
+        assert!(log.lend_fd().is_none(), "a descriptor lent while logging");
+        log.write_at(&block(1), 0).unwrap();
+        log.flush().unwrap();
+        std::thread::sleep(Duration::from_millis(200));
+        assert_eq!(log.stats().destaged_bytes, 0, "destaged with a lease out");
+        drop(lease);
+        log.drain_to(log.head_lsn()).unwrap();
+        assert_eq!(log.stats().destaged_bytes, BLOCK_U64);
     }
 
     /// After the ring has wrapped, the records of the last lap lie beyond

@@ -231,7 +231,7 @@ pub fn open_cache(
     if total < 2 * log_len {
         bail!(
             "the cache {shown} is too small ({total} bytes): give it at least {} MiB",
-            2 * MIN_LOG_BYTES >> 20
+            (2 * MIN_LOG_BYTES) >> 20
         );
     }
     let slice = |start, len| -> Result<Arc<dyn BlockDevice>> {

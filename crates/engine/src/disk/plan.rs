@@ -480,7 +480,7 @@ mod tests {
     fn a_plan_runs_on_a_device_without_a_descriptor() {
         let store = store();
         let d = store.create_vdi("d", 1 << 20).unwrap();
-        let plan = d.try_plan_write(8192, 8192).unwrap().expect("a plan");
+        let mut plan = d.try_plan_write(8192, 8192).unwrap().expect("a plan");
         assert!(plan.fd_transfers().is_none());
         plan.execute(&mut vec![5; 8192], true).unwrap();
         plan.finish(true);
