@@ -83,7 +83,8 @@ fio_iops() { # fio_iops OUT.json: the write IOPS of the job
     python3 -c 'import json,sys; print(round(json.load(open(sys.argv[1]))["jobs"][0]["write"]["iops"]))' "$1"
 }
 
-# one CASE: runs the job, prints "IOPS LEFT_BYTES DESTAGE_S"
+# one CASE: runs the job, writes "IOPS LEFT_BYTES DESTAGE_S" to $TMP/result
+# (not in a subshell: the cleanup must know every PID it started)
 one() {
     local case=$1 left=0 destage=0
     case $case in
@@ -124,7 +125,7 @@ one() {
     fi
     stop
     [ "$case" = local ] || stop_pool
-    echo "$iops $left $destage"
+    echo "$iops $left $destage" >"$TMP/result"
 }
 
 agg() { python3 -c 'import statistics,sys; v=[float(x) for x in sys.argv[2:]]; print(round(statistics.median(v) if sys.argv[1]=="median" else statistics.mean(v), 2))' "$AGG" "$@"; }
@@ -132,7 +133,8 @@ agg() { python3 -c 'import statistics,sys; v=[float(x) for x in sys.argv[2:]]; p
 declare -A IOPS LEFT DESTAGE
 for ((r = 1; r <= ROUNDS; r++)); do
     for c in local slow write-back; do
-        read -r i l d < <(one "$c")
+        one "$c"
+        read -r i l d <"$TMP/result"
         echo "round $r $c: $i IOPS, $l bytes left in the log, destage ${d}s"
         IOPS[$c]+="$i "
         LEFT[$c]+="$l "
