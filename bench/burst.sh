@@ -3,7 +3,7 @@
 #   The pool: a file served by nbdkit through --filter=delay (DELAY per
 #   request) and --filter=rate (RATE), standing for networked storage; the
 #   cache: a file on the local disk (--cache, CACHE_SIZE; its last quarter,
-#   at most 4 GiB, is the write-back log).
+#   at most 16 GiB, is the write-back log).
 #   Each case runs the same fio job (4 KiB random writes, QD32, RUNTIME
 #   seconds, fio's nbd engine, one flush at the end) against a freshly
 #   created disk of DISK bytes on a freshly started appliance:
@@ -20,14 +20,14 @@
 #   here is stopped by its PID; everything is removed at the end.
 #   The appliance reaches the slow pool over CONNECTIONS NBD connections
 #   (one request in flight on each).
-# Knobs: RUNTIME (30) DISK (2G) DELAY (2ms) RATE (200M) CACHE_SIZE (4G) CONNECTIONS (32)
+# Knobs: RUNTIME (30) DISK (2G) DELAY (2ms) RATE (200M) CACHE_SIZE (32G: an 8 GiB log) CONNECTIONS (32)
 #        ROUNDS (1) AGG (median) PARALLAX_BIN (target/release/parallax)
 # Output: stdout and bench/results/burst-<date>.txt
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 RUNTIME=${RUNTIME:-30} DISK=${DISK:-2G} DELAY=${DELAY:-2ms} RATE=${RATE:-200M}
-CACHE_SIZE=${CACHE_SIZE:-4G} ROUNDS=${ROUNDS:-1} AGG=${AGG:-median} CONNECTIONS=${CONNECTIONS:-32}
+CACHE_SIZE=${CACHE_SIZE:-32G} ROUNDS=${ROUNDS:-1} AGG=${AGG:-median} CONNECTIONS=${CONNECTIONS:-32}
 P=${PARALLAX_BIN:-target/release/parallax}
 [ -x "$P" ] || cargo build --release -q -p parallax
 P="$(cd "$(dirname "$P")" && pwd)/$(basename "$P")"

@@ -1013,22 +1013,22 @@ impl Shared {
                 Kind::Pad => {}
             }
         }
-        // Runs: consecutive pool blocks from consecutive ring blocks.
-        let mut runs: Vec<(u64, Option<u64>, u64)> = Vec::new();
+        // Runs of consecutive pool blocks (at most 1 MiB), one pool request
+        // each, whatever their places in the ring: a burst's first writes
+        // allocate pool blocks in order, its records lie apart in the ring.
+        let mut runs: Vec<(u64, Vec<Option<u64>>)> = Vec::new();
         for (&block, &at) in &plan {
-            if let Some((start, from, n)) = runs.last_mut() {
-                let follows = *start + *n == block
-                    && match (*from, at) {
-                        (Some(f), Some(a)) => f + *n == a,
-                        (None, None) => true,
-                        _ => false,
-                    };
-                if follows && *n < MAX_RECORD_BLOCKS {
-                    *n += 1;
+            if let Some((start, from)) = runs.last_mut() {
+                let n = from.len() as u64;
+                if *start + n == block
+                    && from[0].is_some() == at.is_some()
+                    && n < MAX_RECORD_BLOCKS
+                {
+                    from.push(at);
                     continue;
                 }
             }
-            runs.push((block, at, 1));
+            runs.push((block, vec![at]));
         }
         let next = AtomicUsize::new(0);
         let failed: Mutex<Option<io::Error>> = Mutex::new(None);
@@ -1038,20 +1038,17 @@ impl Shared {
                     let mut buf = AlignedBuf::zeroed(MAX_RECORD_BLOCKS as usize * BLOCK);
                     loop {
                         let i = next.fetch_add(1, Ordering::Relaxed);
-                        let Some(&(block, at, n)) = runs.get(i) else {
+                        let Some((block, from)) = runs.get(i) else {
                             return;
                         };
-                        let done = match at {
-                            Some(at) => {
-                                if buf.resize_within(n as usize * BLOCK).is_none() {
-                                    buf = AlignedBuf::zeroed(MAX_RECORD_BLOCKS as usize * BLOCK);
-                                    buf.truncate(n as usize * BLOCK);
-                                }
-                                self.dev
-                                    .read_at(&mut buf, at * BLOCK_U64)
-                                    .and_then(|_| self.pool.write_at(&buf, block * BLOCK_U64))
-                            }
-                            None => self.pool.discard(block * BLOCK_U64, n * BLOCK_U64),
+                        let n = from.len() as u64;
+                        let done = if from[0].is_some() {
+                            buf.truncate(0);
+                            let _ = buf.resize_within(n as usize * BLOCK);
+                            self.gather(from, &mut buf)
+                                .and_then(|_| self.pool.write_at(&buf, block * BLOCK_U64))
+                        } else {
+                            self.pool.discard(block * BLOCK_U64, n * BLOCK_U64)
                         };
                         if let Err(e) = done {
                             failed.lock().get_or_insert(e);
@@ -1099,6 +1096,23 @@ impl Shared {
             Ordering::Relaxed,
         );
         self.wake();
+        Ok(())
+    }
+
+    /// Reads the ring blocks `from` into `buf`, in order (one read per
+    /// stretch of consecutive ring blocks).
+    fn gather(&self, from: &[Option<u64>], buf: &mut [u8]) -> io::Result<()> {
+        let mut i = 0;
+        while i < from.len() {
+            let first = from[i].unwrap_or_default();
+            let mut j = i + 1;
+            while j < from.len() && from[j] == Some(first + (j - i) as u64) {
+                j += 1;
+            }
+            self.dev
+                .read_at(&mut buf[i * BLOCK..j * BLOCK], first * BLOCK_U64)?;
+            i = j;
+        }
         Ok(())
     }
 

@@ -31,7 +31,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 /// `serve --cache PATH --cache-size SIZE`: the local cache. Its last
-/// quarter (at least 8 MiB, at most 4 GiB; see [`log_bytes`]) is the
+/// quarter (at least 8 MiB, at most 16 GiB; see [`log_bytes`]) is the
 /// write-back log, the rest the read cache.
 #[derive(Debug, Clone)]
 pub struct CacheFile {
@@ -141,7 +141,7 @@ fn lock(path: &Path, access: Access) -> Result<File> {
 
 /// The bytes of a cache of `total` bytes that hold the write-back log.
 pub fn log_bytes(total: u64) -> u64 {
-    (total / 4).clamp(MIN_LOG_BYTES, 4 << 30) & !(BLOCK_SIZE_U64 - 1)
+    (total / 4).clamp(MIN_LOG_BYTES, 16 << 30) & !(BLOCK_SIZE_U64 - 1)
 }
 
 /// The local cache, opened: the read cache, the write-back log (not in
