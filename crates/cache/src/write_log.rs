@@ -1020,9 +1020,7 @@ impl Shared {
         for (&block, &at) in &plan {
             if let Some((start, from)) = runs.last_mut() {
                 let n = from.len() as u64;
-                if *start + n == block
-                    && from[0].is_some() == at.is_some()
-                    && n < MAX_RECORD_BLOCKS
+                if *start + n == block && from[0].is_some() == at.is_some() && n < MAX_RECORD_BLOCKS
                 {
                     from.push(at);
                     continue;
@@ -1584,6 +1582,36 @@ mod tests {
         drop(lease);
         log.drain_to(log.head_lsn()).unwrap();
         assert_eq!(log.stats().destaged_bytes, BLOCK_U64);
+    }
+
+    /// The log device fails a write: that write and every later one fail,
+    /// flushes fail, nothing is acknowledged past the hole; the records
+    /// before it still reach the pool.
+    #[test]
+    fn a_failing_log_device_fails_writes_and_flushes_and_keeps_what_came_before() {
+        use parallax_device::Fault;
+        let pool = Arc::new(MemDevice::new(POOL_BLOCKS * BLOCK_U64));
+        let dev = Arc::new(CrashDevice::new(MIN_LOG_BYTES));
+        let (log, _) = open(dev.clone(), pool.clone(), 0);
+        log.set_wanted(true);
+        log.write_at(&block(1), 0).unwrap();
+        log.flush().unwrap();
+        dev.inject(Fault::WriteEio { after_writes: 0 });
+        assert!(log.write_at(&block(2), BLOCK_U64).is_err());
+        assert!(
+            log.write_at(&block(3), 2 * BLOCK_U64).is_err(),
+            "a write after the failure"
+        );
+        assert!(log.flush().is_err());
+        let failed = log.stats().failed.expect("the failure is reported");
+        assert!(failed.contains("writing a record"), "{failed}");
+        // What came before the failure is destaged.
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while read_seed(&*pool, 0) != 1 {
+            assert!(std::time::Instant::now() < deadline, "not destaged");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert_eq!(read_seed(&log, 1), 0, "a failed write is visible");
     }
 
     /// After the ring has wrapped, the records of the last lap lie beyond
