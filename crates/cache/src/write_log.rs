@@ -1343,8 +1343,7 @@ impl BlockDevice for WriteLog {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use parallax_device::{CrashDevice, CrashMode, MemDevice, SplitMix};
-    use std::sync::Weak;
+    use parallax_device::{share_power, CrashDevice, CrashMode, MemDevice, SplitMix};
 
     const POOL_BLOCKS: u64 = 96;
     const STORE: u64 = 0x5107e;
@@ -1358,25 +1357,6 @@ mod tests {
 
     fn seed_of(b: &[u8]) -> u64 {
         get(b, 0)
-    }
-
-    /// Cuts power on both devices at once, at the `at`-th flush of either.
-    fn power_domain(a: &Arc<CrashDevice>, b: &Arc<CrashDevice>, at: u64, mode: CrashMode) {
-        let count = Arc::new(AtomicU64::new(0));
-        let (wa, wb): (Weak<CrashDevice>, Weak<CrashDevice>) =
-            (Arc::downgrade(a), Arc::downgrade(b));
-        for dev in [a, b] {
-            let (count, wa, wb) = (count.clone(), wa.clone(), wb.clone());
-            dev.on_flush(Some(Box::new(move |_| {
-                if count.fetch_add(1, Ordering::SeqCst) == at {
-                    for d in [&wa, &wb] {
-                        if let Some(d) = d.upgrade() {
-                            d.cut_power(mode);
-                        }
-                    }
-                }
-            })));
-        }
     }
 
     /// What each pool block may read after a crash: one of the values
@@ -1670,7 +1650,7 @@ mod tests {
                 let (log, _) = open(dev.clone(), pool.clone(), 0);
                 let id = log.id();
                 log.set_wanted(true);
-                power_domain(&pool, &dev, at, mode);
+                share_power(&[&pool, &dev], at, mode);
                 let mut model = Model::new();
                 run(&log, &mut model, &mut SplitMix(seed * 7919 + at), 400);
                 pool.cut_power(mode);

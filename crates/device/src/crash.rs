@@ -69,6 +69,27 @@ pub struct CrashDevice {
     flush_hook: Mutex<Option<FlushHook>>,
 }
 
+/// Puts `devices` on one power supply: when the `at`-th flush of any of
+/// them starts (counting the flushes of all, from 0), power is cut on all
+/// of them at once, in `mode`. Replaces their flush hooks.
+pub fn share_power(devices: &[&std::sync::Arc<CrashDevice>], at: u64, mode: CrashMode) {
+    let count = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let all: Vec<std::sync::Weak<CrashDevice>> = devices
+        .iter()
+        .map(|d| std::sync::Arc::downgrade(d))
+        .collect();
+    for dev in devices {
+        let (count, all) = (count.clone(), all.clone());
+        dev.on_flush(Some(Box::new(move |_| {
+            if count.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == at {
+                for d in all.iter().filter_map(|d| d.upgrade()) {
+                    d.cut_power(mode);
+                }
+            }
+        })));
+    }
+}
+
 /// SplitMix64: a tiny deterministic generator, enough to pick subsets (and
 /// for tests and benchmarks to pick offsets and contents).
 pub struct SplitMix(pub u64);

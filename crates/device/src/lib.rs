@@ -29,7 +29,7 @@ mod nbd;
 mod slice;
 
 pub use aligned::{is_aligned, AlignedBuf, ALIGN};
-pub use crash::{CrashDevice, CrashMode, Fault, SplitMix};
+pub use crash::{share_power, CrashDevice, CrashMode, Fault, SplitMix};
 pub use file::{FileDevice, OpenMode};
 pub use mem::MemDevice;
 pub use nbd::{NbdAddr, NbdDevice, NbdTarget, WriteGuard, REPLAY_LIMIT};

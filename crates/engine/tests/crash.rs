@@ -201,7 +201,7 @@ fn run_with_log(
     let (wlog, _) = WriteLog::open(log.clone(), dev.clone(), id, 0, 1).ok()?;
     let wlog = Arc::new(wlog);
     if let Some((at, mode)) = cut_at {
-        power_domain(dev, log, at, mode);
+        parallax_device::share_power(&[dev, log], at, mode);
     }
     let options = OpenOptions {
         write_log: Some(wlog.clone()),
@@ -220,24 +220,6 @@ fn run_with_log(
         }
     }
     Some(runner)
-}
-
-/// Cuts power on both devices at once, at the `at`-th flush of either.
-fn power_domain(a: &Arc<CrashDevice>, b: &Arc<CrashDevice>, at: u64, mode: CrashMode) {
-    let count = Arc::new(std::sync::atomic::AtomicU64::new(0));
-    let (wa, wb) = (Arc::downgrade(a), Arc::downgrade(b));
-    for dev in [a, b] {
-        let (count, wa, wb) = (count.clone(), wa.clone(), wb.clone());
-        dev.on_flush(Some(Box::new(move |_| {
-            if count.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == at {
-                for d in [&wa, &wb] {
-                    if let Some(d) = d.upgrade() {
-                        d.cut_power(mode);
-                    }
-                }
-            }
-        })));
-    }
 }
 
 /// Reads every disk and snapshot of the model once.

@@ -173,10 +173,8 @@ pub fn open_cache(
                 "the store's newest writes may be in the write-back log {id:016x} of a cache of {bytes} bytes: serve it alone (not in cluster mode) with that cache first"
             );
         }
-        let size = cache
-            .size
-            .or_else(|| fs::metadata(&cache.path).ok().map(|m| m.len()));
-        if size.is_some_and(|s| s != bytes) {
+        // Before anything resizes the file (that would move the log).
+        if cache.size.is_some_and(|s| s != bytes) {
             bail!(
                 "the store's newest writes may be in the write-back log of a cache of {bytes} bytes, and {shown} is given another size: give --cache-size {bytes}"
             );
@@ -227,6 +225,11 @@ pub fn open_cache(
             .with_context(|| format!("cannot open the cache {shown}"))?,
     );
     let total = dev.len() & !(BLOCK_SIZE_U64 - 1);
+    if let Some((_, bytes)) = named.filter(|&(_, bytes)| bytes != total) {
+        bail!(
+            "the store's newest writes may be in the write-back log of a cache of {bytes} bytes, and {shown} has {total}"
+        );
+    }
     let log_len = log_bytes(total);
     if total < 2 * log_len {
         bail!(
