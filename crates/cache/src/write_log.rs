@@ -171,7 +171,7 @@ struct Shared {
     /// between direct and logging.
     switch: RwLock<()>,
     logging: AtomicBool,
-    leases: Mutex<u64>,
+    leases: AtomicU64,
     pool_unflushed: AtomicBool,
     /// One log-device flush at a time (others wait and find theirs done).
     flush_lock: Mutex<()>,
@@ -425,7 +425,7 @@ impl WriteLog {
             dirty_count: AtomicUsize::new(0),
             switch: RwLock::new(()),
             logging: AtomicBool::new(false),
-            leases: Mutex::new(0),
+            leases: AtomicU64::new(0),
             pool_unflushed: AtomicBool::new(false),
             flush_lock: Mutex::new(()),
             rmw: Mutex::new(()),
@@ -941,7 +941,7 @@ impl Shared {
                         return;
                     }
                     let ready = st.records.front().is_some_and(|r| r.lsn < st.written_upto);
-                    if ready && *self.leases.lock() == 0 {
+                    if ready && self.leases.load(Ordering::SeqCst) == 0 {
                         break;
                     }
                     if st.records.is_empty() && st.logging && !st.wanted && st.failed.is_none() {
@@ -1261,8 +1261,12 @@ struct Lease(Arc<Shared>);
 
 impl Drop for Lease {
     fn drop(&mut self) {
-        *self.0.leases.lock() -= 1;
-        self.0.wake();
+        self.0.leases.fetch_sub(1, Ordering::SeqCst);
+        // Only a destager holding records back waits for leases (a wake
+        // per I/O otherwise costs a context switch of the idle destager).
+        if self.0.logging.load(Ordering::SeqCst) {
+            self.0.wake();
+        }
     }
 }
 
@@ -1293,7 +1297,7 @@ impl BlockDevice for WriteLog {
         // Writes made through lent descriptors before logging started are
         // on the pool: flush it too until every lease is back.
         if s.pool_unflushed.load(Ordering::SeqCst) {
-            let quiet = *s.leases.lock() == 0;
+            let quiet = s.leases.load(Ordering::SeqCst) == 0;
             s.pool.flush()?;
             if quiet {
                 s.pool_unflushed.store(false, Ordering::SeqCst);
@@ -1335,7 +1339,7 @@ impl BlockDevice for WriteLog {
         if s.logging.load(Ordering::SeqCst) {
             return None;
         }
-        *s.leases.lock() += 1;
+        s.leases.fetch_add(1, Ordering::SeqCst);
         Some(FdLease::held(fd, Box::new(Lease(s.clone()))))
     }
 }
