@@ -23,8 +23,9 @@
 //! writes of one batch land in any order, as the writes between two
 //! flushes may on a plain device; so the pool alone is always a state a
 //! power cut could have left there, one the store's own crash argument
-//! (FORMAT.md §11) accepts: older than the log, never torn. With the log, replay restores every record up
-//! to the point a flush made durable, so nothing acknowledged is lost.
+//! (FORMAT.md §11) accepts: older than the log, never torn. With the log,
+//! replay restores every record up to the point a flush made durable, so
+//! nothing acknowledged is lost.
 //!
 //! Invariants:
 //! - A flush waits until every record with a lower LSN has been written
@@ -38,9 +39,10 @@
 //!   entry in the dirty map is dropped (after its pool write was flushed)
 //!   before the tail moves; a reader that read a record's bytes checks its
 //!   entry again afterwards and reads the pool if the entry changed.
-//! - Switching to logging waits for lent file descriptors to come back,
-//!   and flushes the pool before a flush in logging mode may skip it;
-//!   switching back to direct happens only with no record left.
+//! - No file descriptor of the pool is lent (for io_uring) while logging;
+//!   the destager writes nothing while one lent before is still out, and a
+//!   flush in logging mode also flushes the pool until all are back.
+//!   Switching back to direct happens only with no record left.
 
 use crate::layout::BLOCK;
 use parallax_device::{AlignedBuf, BlockDevice, FdLease};
