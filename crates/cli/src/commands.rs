@@ -586,6 +586,19 @@ pub fn cache_policy(ctx: &Context, disk: &str, policy: Option<&str>) -> Result<(
         Some(p) => ctx.write(|api| api.set_cache_policy(disk, p))?,
         None => ctx.read(|api| api.disk(disk))?,
     };
+    if d.cache_policy == "write-back" {
+        // Say so when nothing logs its writes: the policy is kept, and the
+        // disk writes through meanwhile.
+        let logs = Remote::connect(&ctx.control)
+            .and_then(|r| r.status().ok())
+            .is_some_and(|s| s.write_log.is_some());
+        if !logs {
+            eprintln!(
+                "note: no appliance with a write-back log serves this store (serve --cache, not in cluster mode): {} writes through until one does",
+                d.name
+            );
+        }
+    }
     if ctx.json {
         return print_json(&d.cache_policy);
     }

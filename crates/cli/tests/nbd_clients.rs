@@ -1616,6 +1616,23 @@ fn a_read_cache_serves_clones_of_a_gold_image_across_restarts_and_damage() {
     assert_eq!(d.json(&["info", "vm2"])["cache_policy"], "write-through");
 }
 
+/// Without a cache (or in cluster mode) nothing logs: the write-back policy
+/// is kept, the CLI says the disk writes through, and it does.
+#[test]
+fn write_back_without_a_log_is_kept_and_said_to_write_through() {
+    if !have_tools() {
+        return;
+    }
+    let d = Daemon::new();
+    d.ok(&["create", "wb", "--size", "4M"]);
+    let ran = d.cli.run(&["cache-policy", "wb", "write-back"]).ok();
+    assert_eq!(ran.stdout, "wb: write-back\n");
+    assert!(ran.stderr.contains("writes through"), "{}", ran.describe());
+    assert!(d.json(&["status"]).get("write_log").is_none());
+    let ran = d.cli.run(&["cache-policy", "wb", "write-through"]).ok();
+    assert!(ran.stderr.is_empty(), "{}", ran.describe());
+}
+
 /// A write-back disk: its writes go to the cache's write-back log (status,
 /// metrics); killed, the store refuses to open without that log (and with a
 /// cache of another size), the restarted daemon replays it; a clean stop

@@ -106,7 +106,7 @@ pub struct IoPlan {
     disk: Option<Arc<Disk>>,
     pin: Option<ArcRwLockReadGuard<RawRwLock, DiskState>>,
     /// The pool's descriptor, lent by [`IoPlan::fd_transfers`] until the
-    /// plan goes (a write-back log starts logging only when it is back).
+    /// plan goes (a write-back log destages nothing while it is out).
     lease: Option<FdLease>,
     _owner: Owner,
 }
