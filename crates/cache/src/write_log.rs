@@ -119,6 +119,9 @@ struct State {
     session: u64,
     sb_seq: u64,
     records: VecDeque<Rec>,
+    /// Payload blocks of write records in `records` (status reads it; a
+    /// scrape must not walk millions of records under this lock).
+    record_blocks: u64,
     /// LSNs written, above `written_upto`.
     done: BTreeSet<u64>,
     /// Every LSN below it has been written.
@@ -412,6 +415,7 @@ impl WriteLog {
                 session,
                 sb_seq: sb.seq,
                 records: VecDeque::new(),
+                record_blocks: 0,
                 done: BTreeSet::new(),
                 written_upto: sb.tail_lsn,
                 durable: sb.tail_lsn,
@@ -576,14 +580,7 @@ impl WriteLog {
         let st = s.state.lock();
         LogStats {
             logging: st.logging,
-            dirty_bytes: st
-                .records
-                .iter()
-                .map(|r| match r.kind {
-                    Kind::Write { blocks, .. } => blocks * BLOCK_U64,
-                    _ => 0,
-                })
-                .sum(),
+            dirty_bytes: st.record_blocks * BLOCK_U64,
             used_bytes: st.used * BLOCK_U64,
             size_bytes: (s.ring_end - RING_START) * BLOCK_U64,
             appended_bytes: s.appended.load(Ordering::Relaxed),
@@ -724,6 +721,7 @@ impl Shared {
                 barrier: h.barrier,
             };
             note_dirty(&mut dirty, &rec);
+            st.record_blocks += payload_blocks(&rec);
             st.records.push_back(rec);
             used += len;
             last_session = h.session;
@@ -797,6 +795,7 @@ impl Shared {
             if st.head >= self.ring_end {
                 st.head = RING_START;
             }
+            st.record_blocks += payload_blocks(&rec);
             st.records.push_back(rec);
             (rec, pad, st.session)
         };
@@ -1088,7 +1087,9 @@ impl Shared {
         let mut st = self.state.lock();
         st.used -= released;
         for _ in 0..batch.len() {
-            st.records.pop_front();
+            if let Some(r) = st.records.pop_front() {
+                st.record_blocks -= payload_blocks(&r);
+            }
         }
         drop(st);
         self.destaged.fetch_add(
@@ -1223,6 +1224,14 @@ fn holds_record_at_tail(dev: &dyn BlockDevice, sb: &Super) -> io::Result<bool> {
     dev.read_at(&mut b, sb.tail * BLOCK_U64)?;
     Ok(Header::decode(&b)
         .is_some_and(|h| h.id == sb.id && h.lsn == sb.tail_lsn && h.pos == sb.tail))
+}
+
+/// Payload blocks a record holds in the ring (a write's data).
+fn payload_blocks(rec: &Rec) -> u64 {
+    match rec.kind {
+        Kind::Write { blocks, .. } => blocks,
+        _ => 0,
+    }
 }
 
 /// One past the last pool block a record touches.
@@ -1565,9 +1574,11 @@ mod tests {
         log.flush().unwrap();
         std::thread::sleep(Duration::from_millis(200));
         assert_eq!(log.stats().destaged_bytes, 0, "destaged with a lease out");
+        assert_eq!(log.stats().dirty_bytes, BLOCK_U64);
         drop(lease);
         log.drain_to(log.head_lsn()).unwrap();
         assert_eq!(log.stats().destaged_bytes, BLOCK_U64);
+        assert_eq!(log.stats().dirty_bytes, 0);
     }
 
     /// The log device fails a write: that write and every later one fail,
