@@ -32,9 +32,12 @@
 //!   (not just its own), so replay, which stops at the first record that
 //!   does not check out, never stops before a flushed record.
 //! - Records carry the log's id, their own position and the session (one
-//!   per open of the log): replay accepts a chain of consecutive LSNs with
-//!   sessions that never go down, so stale records of an earlier session
-//!   left after a crash are never taken for new ones.
+//!   per open of the log, durable with its first LSN in the superblock
+//!   before it writes): replay accepts a chain of consecutive LSNs whose
+//!   sessions never go down and, from the last session's first LSN on, are
+//!   of that session or later. So a stale record of an earlier session
+//!   left after a crash is never taken for a new one, even when the
+//!   durable tail points right at it.
 //! - Space is reused only after the durable tail passed it, and a block's
 //!   entry in the dirty map is dropped (after its pool write was flushed)
 //!   before the tail moves; a reader that read a record's bytes checks its
@@ -56,7 +59,7 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 const BLOCK_U64: u64 = BLOCK as u64;
-const SB_MAGIC: &[u8; 8] = b"PXWLOG01";
+const SB_MAGIC: &[u8; 8] = b"PXWLOG02";
 const REC_MAGIC: &[u8; 8] = b"PXWLREC1";
 /// The two superblock copies are blocks 0 and 1; the ring follows.
 const RING_START: u64 = 2;
@@ -117,6 +120,8 @@ struct State {
     /// Ring blocks between the durable tail and the head.
     used: u64,
     session: u64,
+    /// The first LSN this session writes (what replay knew at open).
+    session_start: u64,
     sb_seq: u64,
     records: VecDeque<Rec>,
     /// Payload blocks of write records in `records` (status reads it; a
@@ -237,6 +242,9 @@ struct Super {
     session: u64,
     tail: u64,
     tail_lsn: u64,
+    /// The first LSN `session` wrote: records from there on are of this
+    /// session or a later one.
+    session_start: u64,
 }
 
 impl Super {
@@ -252,19 +260,20 @@ impl Super {
             self.session,
             self.tail,
             self.tail_lsn,
+            self.session_start,
         ]
         .into_iter()
         .enumerate()
         {
             put(&mut b, 8 + 8 * i, v);
         }
-        let crc = crc32c::crc32c(&b[..72]);
-        put32(&mut b, 72, crc);
+        let crc = crc32c::crc32c(&b[..80]);
+        put32(&mut b, 80, crc);
         b
     }
 
     fn decode(b: &[u8]) -> Option<Super> {
-        if &b[..8] != SB_MAGIC || get32(b, 72) != crc32c::crc32c(&b[..72]) {
+        if &b[..8] != SB_MAGIC || get32(b, 80) != crc32c::crc32c(&b[..80]) {
             return None;
         }
         Some(Super {
@@ -276,6 +285,7 @@ impl Super {
             session: get(b, 48),
             tail: get(b, 56),
             tail_lsn: get(b, 64),
+            session_start: get(b, 72),
         })
     }
 }
@@ -413,6 +423,7 @@ impl WriteLog {
                 tail_lsn: sb.tail_lsn,
                 used: 0,
                 session,
+                session_start: sb.tail_lsn,
                 sb_seq: sb.seq,
                 records: VecDeque::new(),
                 record_blocks: 0,
@@ -442,7 +453,7 @@ impl WriteLog {
             destage_errors: AtomicU64::new(0),
         });
         if found == Found::Replayed {
-            shared.replay()?;
+            shared.replay(sb.session, sb.session_start)?;
         }
         // The new session is durable before any record of it is written.
         shared.persist_super()?;
@@ -477,6 +488,7 @@ impl WriteLog {
             session: 0,
             tail: RING_START,
             tail_lsn: 1,
+            session_start: 1,
         }
     }
 
@@ -643,6 +655,7 @@ impl Shared {
                 session: st.session,
                 tail: st.tail,
                 tail_lsn: st.tail_lsn,
+                session_start: st.session_start,
             }
         };
         self.dev.write_at(&sb.encode(), (sb.seq % 2) * BLOCK_U64)?;
@@ -650,8 +663,11 @@ impl Shared {
     }
 
     /// Rebuilds the records and the dirty map from the durable tail: the
-    /// longest chain of records that check out.
-    fn replay(&self) -> io::Result<()> {
+    /// longest chain of records that check out. `(session, start)`: the
+    /// last session that wrote, and its first LSN: a record from there on
+    /// of an older session is one that session's records did not replace
+    /// (the end of the chain it found), never part of the chain.
+    fn replay(&self, session: u64, start: u64) -> io::Result<()> {
         let mut st = self.state.lock();
         let mut pos = st.tail;
         let mut lsn = st.tail_lsn;
@@ -670,7 +686,12 @@ impl Shared {
             let Some(h) = Header::decode(&head) else {
                 break;
             };
-            if h.lsn != lsn || h.id != self.id || h.pos != pos || h.session < last_session {
+            if h.lsn != lsn
+                || h.id != self.id
+                || h.pos != pos
+                || h.session < last_session
+                || (h.lsn >= start && h.session < session)
+            {
                 break;
             }
             let (kind, len) = match h.kind {
@@ -738,6 +759,7 @@ impl Shared {
         };
         st.used = used;
         st.next_lsn = lsn;
+        st.session_start = lsn;
         st.written_upto = lsn;
         st.durable = lsn;
         Ok(())
@@ -1609,6 +1631,50 @@ mod tests {
             std::thread::sleep(Duration::from_millis(10));
         }
         assert_eq!(read_seed(&log, 1), 0, "a failed write is visible");
+    }
+
+    /// A crash tore a record; the next session wrote its own record in its
+    /// place and destaged it, so the durable tail now points at the torn
+    /// record's successor, a record of the first session that was never
+    /// flushed (its predecessor was torn). Replay must not take it: from the
+    /// second session's first LSN on, records of older sessions are stale.
+    #[test]
+    fn replay_never_starts_at_a_stale_record_of_an_older_session() {
+        let dev = Arc::new(MemDevice::new(MIN_LOG_BYTES));
+        // Session 1: three one-block records (ring blocks 2-3, 4-5, 6-7),
+        // none destaged (the pool is off), then the process dies.
+        let off = Arc::new(CrashDevice::new(POOL_BLOCKS * BLOCK_U64));
+        off.cut_power(CrashMode::DropAll);
+        let (log, _) = open(dev.clone(), off, 0);
+        let id = log.id();
+        log.set_wanted(true);
+        for (b, seed) in [(0, 10), (1, 20), (2, 30)] {
+            log.write_at(&block(seed), b * BLOCK_U64).unwrap();
+        }
+        log.shared.state.lock().stop = true;
+        drop(log);
+        // The second record's payload was torn.
+        dev.write_at(&[0xff; BLOCK], 5 * BLOCK_U64).unwrap();
+        // Session 2: replays the first record, writes its own second one
+        // in the same place, destages both: the tail moves to block 6.
+        let pool: Arc<dyn BlockDevice> = Arc::new(MemDevice::new(POOL_BLOCKS * BLOCK_U64));
+        let (log, found) = open(dev.clone(), pool.clone(), id);
+        assert_eq!(found, Found::Replayed);
+        log.set_wanted(true);
+        log.write_at(&block(21), BLOCK_U64).unwrap();
+        log.flush().unwrap();
+        log.drain_to(log.head_lsn()).unwrap();
+        log.shared.state.lock().stop = true;
+        drop(log);
+        // Session 3: block 2 was never written by a session that lived on.
+        let (log, _) = open(dev, pool, id);
+        assert_eq!(read_seed(&log, 0), 10);
+        assert_eq!(read_seed(&log, 1), 21);
+        assert_eq!(
+            read_seed(&log, 2),
+            0,
+            "a stale record of session 1 replayed"
+        );
     }
 
     /// After the ring has wrapped, the records of the last lap lie beyond
