@@ -7,9 +7,10 @@
 //!
 //! - **Direct**: every call goes to the pool, the log is empty. This is the
 //!   mode while no disk wants write-back, so write-through disks pay nothing.
-//! - **Logging**: every write and discard of the whole pool (data, tree
-//!   nodes, headers, bitmaps, the catalogue) becomes a record of the log, in
-//!   one order (the LSN); reads see the newest record of a block before the
+//! - **Logging**: every write of the whole pool (data, tree nodes, headers,
+//!   bitmaps, the catalogue) becomes a record of the log, in one order (the
+//!   LSN), and discards are ignored (the engine sends none; a discard is a
+//!   hint whose range reads as unspecified); reads see the newest record of a block before the
 //!   pool; a flush makes the records durable on the log device, not the
 //!   pool. One thread destages records in LSN order, a batch at a time: the
 //!   batch's blocks written to the pool, the pool flushed, then the log's
@@ -75,7 +76,6 @@ const BATCH_BLOCKS: u64 = 4096;
 const DESTAGE_THREADS: usize = 32;
 
 const KIND_WRITE: u32 = 1;
-const KIND_DISCARD: u32 = 2;
 const KIND_PAD: u32 = 3;
 
 /// A record of the log not yet destaged.
@@ -95,7 +95,6 @@ struct Rec {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Kind {
     Write { pool_block: u64, blocks: u64 },
-    Discard { pool_block: u64, blocks: u64 },
     Pad,
 }
 
@@ -103,8 +102,8 @@ enum Kind {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Dirty {
     lsn: u64,
-    /// Ring block holding the bytes; `None`: discarded (reads zeros).
-    at: Option<u64>,
+    /// Ring block holding the bytes.
+    at: u64,
 }
 
 struct State {
@@ -696,36 +695,22 @@ impl Shared {
             }
             let (kind, len) = match h.kind {
                 KIND_PAD => (Kind::Pad, self.ring_end - pos),
-                KIND_WRITE | KIND_DISCARD => {
+                KIND_WRITE => {
                     let blocks = h.blocks as u64;
-                    if blocks == 0 || blocks > MAX_RECORD_BLOCKS {
+                    if blocks == 0 || blocks > MAX_RECORD_BLOCKS || pos + 1 + blocks > self.ring_end
+                    {
                         break;
                     }
-                    if h.kind == KIND_WRITE {
-                        if pos + 1 + blocks > self.ring_end {
-                            break;
-                        }
-                        let mut payload = AlignedBuf::zeroed(blocks as usize * BLOCK);
-                        self.dev.read_at(&mut payload, (pos + 1) * BLOCK_U64)?;
-                        if crc32c::crc32c(&payload) != h.payload_crc {
-                            break;
-                        }
-                        (
-                            Kind::Write {
-                                pool_block: h.pool_block,
-                                blocks,
-                            },
-                            1 + blocks,
-                        )
-                    } else {
-                        (
-                            Kind::Discard {
-                                pool_block: h.pool_block,
-                                blocks,
-                            },
-                            1,
-                        )
+                    let mut payload = AlignedBuf::zeroed(blocks as usize * BLOCK);
+                    self.dev.read_at(&mut payload, (pos + 1) * BLOCK_U64)?;
+                    if crc32c::crc32c(&payload) != h.payload_crc {
+                        break;
                     }
+                    let kind = Kind::Write {
+                        pool_block: h.pool_block,
+                        blocks,
+                    };
+                    (kind, 1 + blocks)
                 }
                 _ => break,
             };
@@ -766,9 +751,10 @@ impl Shared {
     }
 
     /// Appends one record for `data` (whole blocks, at most
-    /// `MAX_RECORD_BLOCKS`) or a discard of `blocks` blocks.
-    fn append(&self, pool_block: u64, data: Option<&[u8]>, blocks: u64) -> io::Result<()> {
-        let need = if data.is_some() { 1 + blocks } else { 1 };
+    /// `MAX_RECORD_BLOCKS`) at pool block `pool_block`.
+    fn append(&self, pool_block: u64, data: &[u8]) -> io::Result<()> {
+        let blocks = (data.len() / BLOCK) as u64;
+        let need = 1 + blocks;
         let ring_len = self.ring_end - RING_START;
         let (rec, pad, session) = {
             let mut st = self.state.lock();
@@ -800,10 +786,7 @@ impl Shared {
                 st.head = RING_START;
                 pad = Some(p);
             }
-            let kind = match data {
-                Some(_) => Kind::Write { pool_block, blocks },
-                None => Kind::Discard { pool_block, blocks },
-            };
+            let kind = Kind::Write { pool_block, blocks };
             let rec = Rec {
                 lsn: st.next_lsn,
                 pos: st.head,
@@ -823,12 +806,10 @@ impl Shared {
         };
         let lsn = rec.lsn;
         let written = self.write_record(&rec, pad, session, data);
-        {
-            if written.is_ok() {
-                let mut dirty = self.dirty.lock();
-                note_dirty(&mut dirty, &rec);
-                self.dirty_count.store(dirty.len(), Ordering::SeqCst);
-            }
+        if written.is_ok() {
+            let mut dirty = self.dirty.lock();
+            note_dirty(&mut dirty, &rec);
+            self.dirty_count.store(dirty.len(), Ordering::SeqCst);
         }
         let mut st = self.state.lock();
         if let Err(e) = &written {
@@ -852,10 +833,8 @@ impl Shared {
         }
         drop(st);
         self.wake();
-        if data.is_some() {
-            self.appended
-                .fetch_add(blocks * BLOCK_U64, Ordering::Relaxed);
-        }
+        self.appended
+            .fetch_add(blocks * BLOCK_U64, Ordering::Relaxed);
         written
     }
 
@@ -865,12 +844,10 @@ impl Shared {
         rec: &Rec,
         pad: Option<Rec>,
         session: u64,
-        data: Option<&[u8]>,
+        data: &[u8],
     ) -> io::Result<()> {
         let (pool_block, blocks) = match rec.kind {
-            Kind::Write { pool_block, blocks } | Kind::Discard { pool_block, blocks } => {
-                (pool_block, blocks)
-            }
+            Kind::Write { pool_block, blocks } => (pool_block, blocks),
             Kind::Pad => (0, 0),
         };
         if let Some(p) = pad {
@@ -889,25 +866,18 @@ impl Shared {
             .encode_into(&mut b);
             self.dev.write_at(&b, p.pos * BLOCK_U64)?;
         }
-        let payload_len = data.map_or(0, |d| d.len());
-        let mut b = AlignedBuf::zeroed(BLOCK + payload_len);
-        if let Some(d) = data {
-            b[BLOCK..].copy_from_slice(d);
-        }
+        let mut b = AlignedBuf::zeroed(BLOCK + data.len());
+        b[BLOCK..].copy_from_slice(data);
         let h = Header {
             lsn: rec.lsn,
             session,
             id: self.id,
             pos: rec.pos,
             barrier: rec.barrier,
-            kind: if data.is_some() {
-                KIND_WRITE
-            } else {
-                KIND_DISCARD
-            },
+            kind: KIND_WRITE,
             blocks: blocks as u32,
             pool_block,
-            payload_crc: data.map_or(0, crc32c::crc32c),
+            payload_crc: crc32c::crc32c(data),
         };
         h.encode_into(&mut b[..BLOCK]);
         self.dev.write_at(&b, rec.pos * BLOCK_U64)
@@ -1020,31 +990,22 @@ impl Shared {
             return Ok(());
         };
         // The newest content of every block the batch touches.
-        let mut plan: BTreeMap<u64, Option<u64>> = BTreeMap::new();
+        let mut plan: BTreeMap<u64, u64> = BTreeMap::new();
         for r in batch {
-            match r.kind {
-                Kind::Write { pool_block, blocks } => {
-                    for i in 0..blocks {
-                        plan.insert(pool_block + i, Some(r.pos + 1 + i));
-                    }
+            if let Kind::Write { pool_block, blocks } = r.kind {
+                for i in 0..blocks {
+                    plan.insert(pool_block + i, r.pos + 1 + i);
                 }
-                Kind::Discard { pool_block, blocks } => {
-                    for i in 0..blocks {
-                        plan.insert(pool_block + i, None);
-                    }
-                }
-                Kind::Pad => {}
             }
         }
         // Runs of consecutive pool blocks (at most 1 MiB), one pool request
         // each, whatever their places in the ring: a burst's first writes
         // allocate pool blocks in order, its records lie apart in the ring.
-        let mut runs: Vec<(u64, Vec<Option<u64>>)> = Vec::new();
+        let mut runs: Vec<(u64, Vec<u64>)> = Vec::new();
         for (&block, &at) in &plan {
             if let Some((start, from)) = runs.last_mut() {
                 let n = from.len() as u64;
-                if *start + n == block && from[0].is_some() == at.is_some() && n < MAX_RECORD_BLOCKS
-                {
+                if *start + n == block && n < MAX_RECORD_BLOCKS {
                     from.push(at);
                     continue;
                 }
@@ -1062,15 +1023,11 @@ impl Shared {
                         let Some((block, from)) = runs.get(i) else {
                             return;
                         };
-                        let n = from.len() as u64;
-                        let done = if from[0].is_some() {
-                            buf.truncate(0);
-                            let _ = buf.resize_within(n as usize * BLOCK);
-                            self.gather(from, &mut buf)
-                                .and_then(|_| self.pool.write_at(&buf, block * BLOCK_U64))
-                        } else {
-                            self.pool.discard(block * BLOCK_U64, n * BLOCK_U64)
-                        };
+                        buf.truncate(0);
+                        let _ = buf.resize_within(from.len() * BLOCK);
+                        let done = self
+                            .gather(from, &mut buf)
+                            .and_then(|_| self.pool.write_at(&buf, block * BLOCK_U64));
                         if let Err(e) = done {
                             failed.lock().get_or_insert(e);
                             return;
@@ -1114,22 +1071,20 @@ impl Shared {
             }
         }
         drop(st);
-        self.destaged.fetch_add(
-            plan.values().filter(|a| a.is_some()).count() as u64 * BLOCK_U64,
-            Ordering::Relaxed,
-        );
+        self.destaged
+            .fetch_add(plan.len() as u64 * BLOCK_U64, Ordering::Relaxed);
         self.wake();
         Ok(())
     }
 
     /// Reads the ring blocks `from` into `buf`, in order (one read per
     /// stretch of consecutive ring blocks).
-    fn gather(&self, from: &[Option<u64>], buf: &mut [u8]) -> io::Result<()> {
+    fn gather(&self, from: &[u64], buf: &mut [u8]) -> io::Result<()> {
         let mut i = 0;
         while i < from.len() {
-            let first = from[i].unwrap_or_default();
+            let first = from[i];
             let mut j = i + 1;
-            while j < from.len() && from[j] == Some(first + (j - i) as u64) {
+            while j < from.len() && from[j] == first + (j - i) as u64 {
                 j += 1;
             }
             self.dev
@@ -1154,51 +1109,73 @@ impl Shared {
     }
 
     /// Reads `buf.len()` bytes at pool offset `offset`: each block from its
-    /// newest record, or from the pool.
+    /// newest record, or from the pool. The dirty map is looked up once for
+    /// the whole range and checked once more after the reads: a block whose
+    /// entry changed meanwhile (destaged, its ring space perhaps reused, or
+    /// written again) is read again alone.
     fn read(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
-        if self.dirty_count.load(Ordering::SeqCst) == 0 {
+        if buf.is_empty() || self.dirty_count.load(Ordering::SeqCst) == 0 {
             return self.pool.read_at(buf, offset);
         }
         let end = offset + buf.len() as u64;
-        let mut at = offset;
-        // Start of a run of clean blocks not read yet.
-        let mut clean_from: Option<u64> = None;
-        while at < end {
-            let block = at / BLOCK_U64;
-            let stop = ((block + 1) * BLOCK_U64).min(end);
-            let entry = self.dirty.lock().get(&block).copied();
-            match entry {
-                None => {
-                    clean_from.get_or_insert(at);
-                }
-                Some(d) => {
-                    if let Some(from) = clean_from.take() {
-                        let r = (from - offset) as usize..(at - offset) as usize;
-                        self.pool.read_at(&mut buf[r], from)?;
-                    }
-                    let r = (at - offset) as usize..(stop - offset) as usize;
-                    match d.at {
-                        None => buf[r].fill(0),
-                        Some(ring) => {
-                            let within = at - block * BLOCK_U64;
-                            self.dev
-                                .read_at(&mut buf[r.clone()], ring * BLOCK_U64 + within)?;
-                        }
-                    }
-                    // Destaged (and its space perhaps reused) meanwhile:
-                    // the pool has it now.
-                    if self.dirty.lock().get(&block).copied() != Some(d) {
-                        continue;
-                    }
-                }
-            }
-            at = stop;
+        let blocks = offset / BLOCK_U64..end.div_ceil(BLOCK_U64);
+        let found: Vec<(u64, Dirty)> = {
+            let dirty = self.dirty.lock();
+            blocks
+                .filter_map(|b| dirty.get(&b).map(|d| (b, *d)))
+                .collect()
+        };
+        if found.is_empty() {
+            return self.pool.read_at(buf, offset);
         }
-        if let Some(from) = clean_from {
-            let r = (from - offset) as usize..buf.len();
-            self.pool.read_at(&mut buf[r], from)?;
+        let part = |block: u64| {
+            let start = (block * BLOCK_U64).max(offset);
+            let stop = ((block + 1) * BLOCK_U64).min(end);
+            (start, (start - offset) as usize..(stop - offset) as usize)
+        };
+        // Clean stretches from the pool, dirty blocks from the ring.
+        let mut at = offset;
+        for &(block, d) in &found {
+            let (start, r) = part(block);
+            if at < start {
+                let clean = (at - offset) as usize..r.start;
+                self.pool.read_at(&mut buf[clean], at)?;
+            }
+            self.dev
+                .read_at(&mut buf[r.clone()], d.at * BLOCK_U64 + start % BLOCK_U64)?;
+            at = start + r.len() as u64;
+        }
+        if at < end {
+            self.pool.read_at(&mut buf[(at - offset) as usize..], at)?;
+        }
+        let moved: Vec<u64> = {
+            let dirty = self.dirty.lock();
+            found
+                .iter()
+                .filter(|(b, d)| dirty.get(b) != Some(d))
+                .map(|(b, _)| *b)
+                .collect()
+        };
+        for block in moved {
+            let (start, r) = part(block);
+            self.read_block(&mut buf[r], start)?;
         }
         Ok(())
+    }
+
+    /// Reads part of one block (`buf` at pool offset `at`) from its newest
+    /// record, or from the pool, until no destage raced with the read.
+    fn read_block(&self, buf: &mut [u8], at: u64) -> io::Result<()> {
+        let block = at / BLOCK_U64;
+        loop {
+            let Some(d) = self.dirty.lock().get(&block).copied() else {
+                return self.pool.read_at(buf, at);
+            };
+            self.dev.read_at(buf, d.at * BLOCK_U64 + at % BLOCK_U64)?;
+            if self.dirty.lock().get(&block) == Some(&d) {
+                return Ok(());
+            }
+        }
     }
 
     fn check_pool_range(&self, offset: u64, len: u64) -> io::Result<()> {
@@ -1234,7 +1211,7 @@ impl Shared {
     fn log_blocks(&self, data: &[u8], first: u64) -> io::Result<()> {
         for (i, chunk) in data.chunks(MAX_RECORD_BLOCKS as usize * BLOCK).enumerate() {
             let block = first + i as u64 * MAX_RECORD_BLOCKS;
-            self.append(block, Some(chunk), (chunk.len() / BLOCK) as u64)?;
+            self.append(block, chunk)?;
         }
         Ok(())
     }
@@ -1259,9 +1236,7 @@ fn payload_blocks(rec: &Rec) -> u64 {
 /// One past the last pool block a record touches.
 fn kind_end(kind: Kind) -> Option<u64> {
     match kind {
-        Kind::Write { pool_block, blocks } | Kind::Discard { pool_block, blocks } => {
-            pool_block.checked_add(blocks)
-        }
+        Kind::Write { pool_block, blocks } => pool_block.checked_add(blocks),
         Kind::Pad => None,
     }
 }
@@ -1269,15 +1244,17 @@ fn kind_end(kind: Kind) -> Option<u64> {
 /// Makes `rec` the newest record of the blocks it touches (unless a newer
 /// one is there already).
 fn note_dirty(dirty: &mut HashMap<u64, Dirty>, rec: &Rec) {
-    let (first, blocks, bytes) = match rec.kind {
-        Kind::Write { pool_block, blocks } => (pool_block, blocks, true),
-        Kind::Discard { pool_block, blocks } => (pool_block, blocks, false),
-        Kind::Pad => return,
+    let Kind::Write {
+        pool_block: first,
+        blocks,
+    } = rec.kind
+    else {
+        return;
     };
     for i in 0..blocks {
         let d = Dirty {
             lsn: rec.lsn,
-            at: bytes.then_some(rec.pos + 1 + i),
+            at: rec.pos + 1 + i,
         };
         dirty
             .entry(first + i)
@@ -1345,18 +1322,10 @@ impl BlockDevice for WriteLog {
         if !s.logging.load(Ordering::SeqCst) {
             return s.pool.discard(offset, len);
         }
-        s.check_pool_range(offset, len)?;
-        // Only whole blocks are discarded; the content of a discarded range
-        // is unspecified, so partial blocks may stay as they are.
-        let first = offset.div_ceil(BLOCK_U64);
-        let end = (offset + len) / BLOCK_U64;
-        let mut block = first;
-        while block < end {
-            let n = (end - block).min(MAX_RECORD_BLOCKS);
-            s.append(block, None, n)?;
-            block += n;
-        }
-        Ok(())
+        // Ignored while logging (the contract allows it: the content of a
+        // discarded range is unspecified). A discard sent straight to the
+        // pool could land before an older record of the range is destaged.
+        s.check_pool_range(offset, len)
     }
 
     /// None: a descriptor of the pool would go around the log. See
