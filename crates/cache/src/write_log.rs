@@ -191,7 +191,22 @@ struct Shared {
     flushes: AtomicU64,
     replayed: AtomicU64,
     destage_errors: AtomicU64,
+    /// Held by the destager around each batch (its pool writes, the dirty
+    /// entries dropped, the durable tail moved), and by
+    /// [`WriteLog::write_through`]: a block with no dirty entry under it has
+    /// no record the durable tail has not passed.
+    destaging: Mutex<()>,
+    /// Whether the destager may write the pool now (cluster mode: this
+    /// appliance is not fenced); unset: always.
+    gate: RwLock<Option<DestageGate>>,
+    /// The log was given up (cluster mode: the operator forgot it while this
+    /// appliance was fenced): nothing more is destaged, ever.
+    given_up: AtomicBool,
 }
+
+/// Whether the destager may write the pool now; see
+/// [`WriteLog::set_destage_gate`].
+pub type DestageGate = Arc<dyn Fn() -> bool + Send + Sync>;
 
 /// See the module documentation.
 pub struct WriteLog {
@@ -450,6 +465,9 @@ impl WriteLog {
             flushes: AtomicU64::new(0),
             replayed: AtomicU64::new(0),
             destage_errors: AtomicU64::new(0),
+            destaging: Mutex::new(()),
+            gate: RwLock::new(None),
+            given_up: AtomicBool::new(false),
         });
         if found == Found::Replayed {
             shared.replay(sb.session, sb.session_start)?;
@@ -584,6 +602,66 @@ impl WriteLog {
             s.wait(&mut st, Duration::from_millis(100));
         }
         Ok(())
+    }
+
+    /// Writes `buf` at pool offset `offset` straight to the pool and
+    /// flushes the pool, around the log: first every record of those blocks
+    /// is destaged (and the durable tail past it), so no older record can
+    /// land over this write later, not even after a crash. Other records
+    /// stay in the log. The caller must be the only writer of these blocks
+    /// meanwhile. For what other hosts read from the pool and must never
+    /// find older (cluster mode: the superblock, a header naming its new
+    /// writer).
+    pub fn write_through(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        let s = &*self.shared;
+        s.check_pool_range(offset, buf.len() as u64)?;
+        let first = offset / BLOCK_U64;
+        let last = (offset + buf.len() as u64).div_ceil(BLOCK_U64);
+        loop {
+            let _mode = s.switch.read();
+            let _destage = s.destaging.lock();
+            let newest = {
+                let dirty = s.dirty.lock();
+                (first..last).filter_map(|b| dirty.get(&b)).map(|d| d.lsn).max()
+            };
+            match newest {
+                None => {
+                    s.pool.write_at(buf, offset)?;
+                    return s.pool.flush();
+                }
+                Some(lsn) => {
+                    drop(_destage);
+                    drop(_mode);
+                    self.drain_to(lsn + 1)?;
+                }
+            }
+        }
+    }
+
+    /// Cluster mode: the destager writes the pool only while `gate` says
+    /// so (this appliance may write: not fenced); meanwhile records wait,
+    /// and [`WriteLog::drain_to`] fails.
+    pub fn set_destage_gate(&self, gate: DestageGate) {
+        *self.shared.gate.write() = Some(gate);
+        self.shared.wake();
+    }
+
+    /// Gives the log up for good (cluster mode: the operator forgot it while
+    /// this appliance could not write, and other hosts may have taken its
+    /// disks since): nothing more is destaged or appended; every write
+    /// and flush fails with `why`.
+    pub fn give_up(&self, why: &str) {
+        let s = &*self.shared;
+        s.given_up.store(true, Ordering::SeqCst);
+        let mut st = s.state.lock();
+        st.failed.get_or_insert_with(|| why.to_string());
+        drop(st);
+        s.wake();
+    }
+
+    /// Whether [`WriteLog::give_up`] was called.
+    pub fn is_given_up(&self) -> bool {
+        self.shared.given_up.load(Ordering::SeqCst)
     }
 
     pub fn stats(&self) -> LogStats {
@@ -935,7 +1013,16 @@ impl Shared {
                     }
                     let ready = st.records.front().is_some_and(|r| r.lsn < st.written_upto);
                     if ready && self.leases.load(Ordering::SeqCst) == 0 {
-                        break;
+                        if self.given_up.load(Ordering::SeqCst) {
+                            st.destage_error = Some("the write-back log was given up".into());
+                        } else if !self.gate_open() {
+                            st.destage_error = Some(
+                                "destage paused: this appliance may not write the pool now (fenced)"
+                                    .into(),
+                            );
+                        } else {
+                            break;
+                        }
                     }
                     if st.records.is_empty() && st.logging && !st.wanted && st.failed.is_none() {
                         drop(st);
@@ -964,7 +1051,11 @@ impl Shared {
                     .copied()
                     .collect()
             };
-            match self.destage(&batch) {
+            let destaged = {
+                let _destage = self.destaging.lock();
+                self.destage(&batch)
+            };
+            match destaged {
                 Ok(()) => {
                     let mut st = self.state.lock();
                     st.destage_error = None;
@@ -981,6 +1072,10 @@ impl Shared {
                 }
             }
         }
+    }
+
+    fn gate_open(&self) -> bool {
+        self.gate.read().as_ref().is_none_or(|g| g())
     }
 
     /// Writes `batch` to the pool, flushes the pool, forgets its dirty

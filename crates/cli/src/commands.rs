@@ -606,7 +606,19 @@ pub fn cache_policy(ctx: &Context, disk: &str, policy: Option<&str>) -> Result<(
 }
 
 /// `parallax forget-write-log`.
-pub fn forget_write_log(ctx: &Context) -> Result<()> {
+pub fn forget_write_log(ctx: &Context, host: Option<u64>) -> Result<()> {
+    if let Some(host) = host {
+        let remote = Remote::connect(&ctx.control).ok_or_else(|| {
+            anyhow!(
+                "no appliance answers on {}: --host goes through a running appliance of the cluster",
+                ctx.control.display()
+            )
+        })?;
+        remote.forget_write_log_of(host)?;
+        return print(&format!(
+            "host {host}'s write-back log is given up: its disks can be taken over from the pool (writes only that log held are lost; the log is dropped if host {host} comes back)\n"
+        ));
+    }
     if Remote::connect(&ctx.control).is_some() {
         bail!(
             "a daemon serves {}: stop it first (it has the write-back log open)",

@@ -320,8 +320,14 @@ enum Command {
     /// Give up the write-back log the store depends on (its cache device
     /// is lost): the store opens again without it, as the log last left
     /// the pool (a state a power cut could have left); writes only the log
-    /// held are lost. The daemon must be stopped.
-    ForgetWriteLog,
+    /// held are lost. The daemon must be stopped. In cluster mode, with
+    /// `--host N` through a running appliance: gives up host N's log (N
+    /// must be down), so that its disks can be taken over.
+    ForgetWriteLog {
+        /// Cluster mode: the host whose log to give up.
+        #[arg(long)]
+        host: Option<u64>,
+    },
     /// Take snapshots of a disk on a schedule, thinned by retention rules
     /// (kept in the store; the daemon runs them). Without options, show the
     /// schedule.
@@ -539,7 +545,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::CachePolicy { name, policy } => {
             commands::cache_policy(&ctx, name, policy.as_deref())
         }
-        Command::ForgetWriteLog => commands::forget_write_log(&ctx),
+        Command::ForgetWriteLog { host } => commands::forget_write_log(&ctx, *host),
         Command::Schedule {
             name,
             every,

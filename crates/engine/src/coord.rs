@@ -116,6 +116,29 @@ pub trait Coordinator: Send + Sync + std::fmt::Debug {
     /// The host holding disk `vdi_id`'s writer key, if any: a cheap look
     /// (no lock) for a host waiting for the disk.
     fn writer_host(&self, vdi_id: u64) -> Result<Option<u64>>;
+
+    /// Names this host's write-back log (its id, and `locator`: the cache's
+    /// size, for messages), durably and not under
+    /// the lease: from then on, a disk this host held and did not let go
+    /// may have its newest writes only in that log, so no other host takes
+    /// it over or reads its snapshots while this host is down (see
+    /// [`Coordinator::write_log_of`]). Called before the log takes its
+    /// first record.
+    fn name_write_log(&self, log_id: u64, locator: u64) -> Result<()>;
+
+    /// This host's log is drained and stopped (a clean stop): it is named
+    /// no more.
+    fn unname_write_log(&self) -> Result<()>;
+
+    /// The write-back log host `host` named: (log id, locator).
+    fn write_log_of(&self, host: u64) -> Result<Option<(u64, u64)>>;
+
+    /// Gives up the write-back log host `host` named (its cache device is
+    /// lost): its disks can then be taken over from the pool as it is,
+    /// without the writes only that log held. Refused while `host` runs
+    /// (holds a lease). A host that finds its log given up when it comes
+    /// back drops it.
+    fn forget_write_log_of(&self, host: u64) -> Result<()>;
 }
 
 /// The state of an in-process cluster.
@@ -137,6 +160,8 @@ struct ClusterState {
     reserved: HashMap<u64, (u64, u64)>,
     /// Standing requests for disks, oldest first: (disk, host asking).
     requests: Vec<(u64, u64)>,
+    /// Host ─▶ the write-back log it named (id, locator).
+    logs: HashMap<u64, (u64, u64)>,
 }
 
 /// An in-process lease service shared by several [`MemCoordinator`]s (one
@@ -432,6 +457,46 @@ impl Coordinator for MemCoordinator {
 
     fn writer_host(&self, vdi_id: u64) -> Result<Option<u64>> {
         Ok(self.cluster.writer(vdi_id).map(|(host, _)| host))
+    }
+
+    fn name_write_log(&self, log_id: u64, locator: u64) -> Result<()> {
+        if !self.may_write() {
+            return Err(self.fenced_error());
+        }
+        self.cluster
+            .state
+            .lock()
+            .logs
+            .insert(self.host_id, (log_id, locator));
+        Ok(())
+    }
+
+    fn unname_write_log(&self) -> Result<()> {
+        if !self.may_write() {
+            return Err(self.fenced_error());
+        }
+        self.cluster.state.lock().logs.remove(&self.host_id);
+        Ok(())
+    }
+
+    fn write_log_of(&self, host: u64) -> Result<Option<(u64, u64)>> {
+        Ok(self.cluster.state.lock().logs.get(&host).copied())
+    }
+
+    fn forget_write_log_of(&self, host: u64) -> Result<()> {
+        let running = self
+            .cluster
+            .hosts
+            .lock()
+            .get(&host)
+            .is_some_and(|c| !c.fenced.load(Ordering::SeqCst));
+        if running {
+            return Err(Error::Busy(format!(
+                "host {host} is running: its write-back log is its own to drain"
+            )));
+        }
+        self.cluster.state.lock().logs.remove(&host);
+        Ok(())
     }
 }
 

@@ -28,7 +28,7 @@ use crate::coord::Coordinator;
 use crate::error::{Error, Result};
 use crate::meta::MetaIo;
 use parallax_cache::{ReadCache, WriteLog};
-use parallax_format::BitmapBlock;
+use parallax_format::{BitmapBlock, Block, BLOCK_SIZE_U64};
 use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -113,6 +113,56 @@ impl Pool {
 
     pub fn write_log(&self) -> Option<&Arc<WriteLog>> {
         self.write_log.get()
+    }
+
+    /// Shared mode with a write-back log: the log's position now (see
+    /// [`Pool::drain_log_to`]); 0 otherwise.
+    pub fn shared_log_mark(&self) -> u64 {
+        match self.write_log() {
+            Some(log) if self.coordinator().is_some() => log.head_lsn(),
+            _ => 0,
+        }
+    }
+
+    /// Shared mode: waits until everything the write-back log took before
+    /// `mark` is on the pool (what another host will read there). Nothing
+    /// to do alone on the pool or without a log.
+    pub fn drain_log_to(&self, mark: u64, why: &str) -> Result<()> {
+        match self.write_log() {
+            Some(log) if self.coordinator().is_some() && mark != 0 => log
+                .drain_to(mark)
+                .map_err(Error::io(format!("destaging the write-back log ({why})"))),
+            _ => Ok(()),
+        }
+    }
+
+    /// Writes block `addr` and makes it durable. In shared mode with a
+    /// write-back log, straight to the pool around the log (after every
+    /// record of that block, and with `after_all` every record so far):
+    /// for blocks other hosts read and must never find older than a write
+    /// this host acknowledged, and that no record of this log may overwrite
+    /// later (the superblock; a header naming its new writer). Otherwise a
+    /// write and a flush of the device.
+    pub fn write_through(
+        &self,
+        addr: u64,
+        block: &Block,
+        what: &str,
+        after_all: bool,
+    ) -> Result<()> {
+        let meta = self.meta();
+        match self.write_log() {
+            Some(log) if self.coordinator().is_some() => {
+                if after_all {
+                    self.drain_log_to(log.head_lsn(), what)?;
+                }
+                log.write_through(&block[..], addr * BLOCK_SIZE_U64)
+                    .map_err(Error::io(format!("writing {what} at block {addr}")))
+            }
+            _ => meta
+                .write_block(addr, block, what)
+                .and_then(|_| meta.flush()),
+        }
     }
 
     /// Counts `bytes` of disk data read from the pool device.

@@ -516,6 +516,10 @@ pub trait Api {
     /// Cluster mode: hands disk `disk`, held here, to host `to` (see
     /// `Store::hand_off`).
     fn handoff(&self, disk: &str, to: u64) -> ApiResult<HandoffSummary>;
+    /// Cluster mode: gives up the write-back log host `host` named (its
+    /// cache is lost; refused while it runs). See
+    /// `Store::forget_write_log_of`.
+    fn forget_write_log_of(&self, host: u64) -> ApiResult<()>;
     fn gc(&self) -> ApiResult<GcSummary>;
     /// The progress of a `gc` running now, if any.
     fn gc_progress(&self) -> ApiResult<Option<GcProgress>>;

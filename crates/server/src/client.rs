@@ -230,6 +230,11 @@ impl Api for Remote {
         self.call(Method::POST, &path, Some(&HandoffBody { to }))
     }
 
+    fn forget_write_log_of(&self, host: u64) -> ApiResult<()> {
+        let path = format!("/v1/hosts/{host}/forget-write-log");
+        self.call(Method::POST, &path, None::<&()>)
+    }
+
     fn takeover(&self, disk: &str) -> ApiResult<TakeoverSummary> {
         let path = format!("{}/takeover", disk_path(disk));
         self.call(Method::POST, &path, None::<&()>)

@@ -959,6 +959,72 @@ impl Coordinator for Etcd {
             .and_then(|kv| kv.value_str().ok()?.parse().ok()))
     }
 
+    fn name_write_log(&self, log_id: u64, locator: u64) -> parallax_engine::Result<()> {
+        let c = &self.0;
+        if !c.may_write() {
+            return Err(c.fenced());
+        }
+        // Not under the lease: the log's records outlive this run.
+        let key = format!("{}logs/{}", c.prefix, c.host_id);
+        let mut client = c.client.clone();
+        c.call("naming this host's write-back log", async move {
+            client.put(key, format!("{log_id:016x} {locator}"), None).await
+        })?;
+        Ok(())
+    }
+
+    fn unname_write_log(&self) -> parallax_engine::Result<()> {
+        let c = &self.0;
+        if !c.may_write() {
+            return Err(c.fenced());
+        }
+        let key = format!("{}logs/{}", c.prefix, c.host_id);
+        let mut client = c.client.clone();
+        c.call("unnaming this host's write-back log", async move {
+            client.delete(key, None).await
+        })?;
+        Ok(())
+    }
+
+    fn write_log_of(&self, host: u64) -> parallax_engine::Result<Option<(u64, u64)>> {
+        let c = &self.0;
+        let key = format!("{}logs/{host}", c.prefix);
+        let mut client = c.client.clone();
+        let resp = c.call("reading a host's write-back log", async move {
+            client.get(key, None).await
+        })?;
+        let Some(kv) = resp.kvs().first() else {
+            return Ok(None);
+        };
+        let parsed = kv.value_str().ok().and_then(|v| {
+            let (id, locator) = v.split_once(' ')?;
+            Some((u64::from_str_radix(id, 16).ok()?, locator.parse().ok()?))
+        });
+        parsed
+            .map(Some)
+            .ok_or_else(|| engine_error("reading a host's write-back log", "not a log id"))
+    }
+
+    fn forget_write_log_of(&self, host: u64) -> parallax_engine::Result<()> {
+        let c = &self.0;
+        let log_key = format!("{}logs/{host}", c.prefix);
+        let host_key = format!("{}hosts/{host}", c.prefix);
+        let mut client = c.client.clone();
+        // Only while the host holds no lease, in one step with the check.
+        let txn = Txn::new()
+            .when([Compare::create_revision(host_key, CompareOp::Equal, 0)])
+            .and_then([TxnOp::delete(log_key, None)]);
+        let resp = c.call("giving up a host's write-back log", async move {
+            client.txn(txn).await
+        })?;
+        if !resp.succeeded() {
+            return Err(EngineError::Busy(format!(
+                "host {host} is running: its write-back log is its own to drain"
+            )));
+        }
+        Ok(())
+    }
+
     fn claim_extent(&self, index: u64) -> parallax_engine::Result<bool> {
         let c = &self.0;
         let key = format!("{}extents/{index}", c.prefix);

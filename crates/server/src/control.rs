@@ -384,6 +384,12 @@ fn route(
             ok(200, api.set_cache_policy(d, &b.policy))
         }
         ["v1", "disks", d, "takeover"] if post => ok(200, api.takeover(d)),
+        ["v1", "hosts", h, "forget-write-log"] if post => {
+            let host = h
+                .parse()
+                .map_err(|_| ApiError::new(ErrorKind::Invalid, format!("not a host id: {h}")))?;
+            done(api.forget_write_log_of(host))
+        }
         ["v1", "disks", d, "handoff"] if post => {
             let b: HandoffBody = parse(body)?;
             ok(200, api.handoff(d, b.to))

@@ -629,6 +629,16 @@ impl Api for Service {
         })
     }
 
+    fn forget_write_log_of(&self, host: u64) -> ApiResult<()> {
+        if self.cluster.is_none() {
+            return Err(ApiError::new(
+                ErrorKind::Invalid,
+                "this appliance is not in cluster mode (serve --etcd)",
+            ));
+        }
+        self.change(|store| Ok(store.forget_write_log_of(host)?))
+    }
+
     fn takeover(&self, disk: &str) -> ApiResult<TakeoverSummary> {
         let Some(c) = &self.cluster else {
             return Err(ApiError::new(

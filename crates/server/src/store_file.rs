@@ -144,8 +144,8 @@ pub fn log_bytes(total: u64) -> u64 {
     (total / 4).clamp(MIN_LOG_BYTES, 16 << 30) & !(BLOCK_SIZE_U64 - 1)
 }
 
-/// The local cache, opened: the read cache, the write-back log (not in
-/// cluster mode), and the lock that keeps other daemons off the file.
+/// The local cache, opened: the read cache, the write-back log, and the
+/// lock that keeps other daemons off the file.
 pub struct OpenCache {
     pub read_cache: Arc<ReadCache>,
     pub write_log: Option<Arc<WriteLog>>,
@@ -157,16 +157,18 @@ pub struct OpenCache {
 /// Opens (creating or resizing a file if need be) the cache `cache` for the
 /// store on `pool` (id `store_id`), and locks it for this process.
 /// `direct`: with `O_DIRECT`, as the store. `write_log`: with the
-/// write-back log in front of `pool` (replayed if the store names it).
+/// write-back log in front of `pool` (replayed if it is `named`: the log
+/// the store depends on, as (id, the cache's size), from the superblock or,
+/// in cluster mode, the coordination service).
 pub fn open_cache(
     cache: &CacheFile,
     pool: &Arc<dyn BlockDevice>,
     store_id: u64,
     direct: bool,
     write_log: bool,
+    named: Option<(u64, u64)>,
 ) -> Result<OpenCache> {
     let shown = cache.path.display();
-    let named = Store::peek_write_log(&**pool).map_err(|e| anyhow!("{e}"))?;
     if let Some((id, bytes)) = named {
         if !write_log {
             bail!(
@@ -288,13 +290,9 @@ pub fn open_store_with(
         };
         if let Some(c) = cache {
             let id = Store::peek_id(&*dev).map_err(|e| anyhow!("{shown}: {e}"))?;
-            let opened = open_cache(c, &dev, id, direct, access == Access::Write)?;
-            if opened.found == Some(Found::Dropped) {
-                eprintln!(
-                    "warning: the write-back log in {} held writes the store does not name (given up with forget-write-log?): they were dropped",
-                    c.path.display()
-                );
-            }
+            let named = Store::peek_write_log(&*dev).map_err(|e| anyhow!("{e}"))?;
+            let opened = open_cache(c, &dev, id, direct, access == Access::Write, named)?;
+            warn_if_dropped(&opened, c);
             if let Some(log) = &opened.write_log {
                 dev = log.clone();
             }
@@ -409,19 +407,32 @@ pub fn open_shared_store(
         nbd.set_write_guard(fencing_guard(coordinator.clone()));
         nbd.set_request_timeout(in_flight);
     }
-    let (read_cache, cache_lock) = match cache {
-        Some(c) => {
-            let opened = open_cache(c, &dev, store_id, true, false)?;
-            (Some(opened.read_cache), Some(opened.lock))
-        }
-        None => (None, None),
-    };
-    let options = OpenOptions {
+    if let Some((id, bytes)) = Store::peek_write_log(&*dev).map_err(|e| anyhow!("{e}"))? {
+        bail!(
+            "the store's newest writes may be in the write-back log {id:016x} of a cache of {bytes} bytes, written by an appliance alone on the pool: serve it alone (not in cluster mode) with that cache first"
+        );
+    }
+    // In cluster mode each host's log is named in etcd.
+    let named = coordinator
+        .write_log_of(host_id)
+        .map_err(|e| anyhow!("{e}"))?;
+    let mut options = OpenOptions {
         host_id,
         coordinator: Some(coordinator),
-        read_cache,
         ..OpenOptions::default()
     };
+    let mut cache_lock = None;
+    let mut dev = dev;
+    if let Some(c) = cache {
+        let opened = open_cache(c, &dev, store_id, true, true, named)?;
+        warn_if_dropped(&opened, c);
+        if let Some(log) = &opened.write_log {
+            dev = log.clone();
+        }
+        options.read_cache = Some(opened.read_cache);
+        options.write_log = opened.write_log;
+        cache_lock = Some(opened.lock);
+    }
     let store =
         Store::open(dev, &options).map_err(|e| anyhow!("cannot open store {shown}: {e}"))?;
     Ok(OpenStore {
@@ -429,6 +440,17 @@ pub fn open_shared_store(
         _lock: None,
         _cache_lock: cache_lock,
     })
+}
+
+/// Warns when the write-back log held records the store does not name
+/// (given up with `forget-write-log`): they were dropped.
+fn warn_if_dropped(opened: &OpenCache, cache: &CacheFile) {
+    if opened.found == Some(Found::Dropped) {
+        eprintln!(
+            "warning: the write-back log in {} held writes the store does not name (given up with forget-write-log?): they were dropped",
+            cache.path.display()
+        );
+    }
 }
 
 /// Whether the device starts with a Parallax superblock (either copy).

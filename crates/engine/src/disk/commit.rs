@@ -63,6 +63,7 @@ use crate::lineage::{diff_blocks, Delta, SnapshotInfo};
 use crate::time::now_ns;
 use parallax_format::{Block, LogBlock, NodeBlock, Ptr, VdiHeader, TREE_HEIGHT};
 use std::collections::VecDeque;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 const ROOT_LEVEL: u8 = (TREE_HEIGHT - 1) as u8;
@@ -310,6 +311,7 @@ impl Disk {
                 error,
                 poison: true,
             })?;
+        self.changes.fetch_add(1, Ordering::SeqCst);
         self.pool.free(&std::mem::take(&mut s.freed));
         self.record_delta(s.delta.take(), None);
         crate::observe::commit_written(started.elapsed());
@@ -341,6 +343,7 @@ impl Disk {
                 return Err(e);
             }
         };
+        let wrote_blocks = !prepared.blocks.is_empty();
         let written = meta
             .write_all(&mut prepared.blocks, "tree nodes and snapshot log blocks")
             .and_then(|_| self.pool.sync_allocations());
@@ -357,13 +360,19 @@ impl Disk {
         // The point of no return: the header write may land or not.
         let addr = self.header_addrs[st.next_slot];
         let (block, _) = prepared.header.encode(meta.store_id, addr);
-        let written = meta
-            .write_block(addr, &block, "a VDI header")
-            .and_then(|_| meta.flush());
+        let written = if self.header_through.load(Ordering::SeqCst) {
+            // After the blocks it references, if it references new ones.
+            self.pool
+                .write_through(addr, &block, "a VDI header", wrote_blocks)
+        } else {
+            meta.write_block(addr, &block, "a VDI header")
+                .and_then(|_| meta.flush())
+        };
         if let Err(e) = written {
             st.poisoned = true;
             return Err(e);
         }
+        self.changes.fetch_add(1, Ordering::SeqCst);
         let job = self.adopt(st, &prepared);
         self.record_delta(job, Some(st));
         let mut to_free = prepared.freed;

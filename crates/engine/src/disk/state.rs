@@ -406,6 +406,18 @@ pub(crate) struct Disk {
     /// hidden versions (ns since the epoch; 0: at its next pass). See
     /// `reclaim.rs`.
     pub(crate) reclaim_after_ns: AtomicU64,
+    /// Counts what the disk sent to the device: every client write (at its
+    /// start) and every commit (at its header write).
+    pub(super) changes: AtomicU64,
+    /// Shared mode with a write-back log: a position of the log above every
+    /// record of this disk, taken while nothing of it was in flight, and
+    /// valid while `changes` is still `log_mark_changes` (see
+    /// [`Disk::drain_log`]).
+    log_mark: AtomicU64,
+    log_mark_changes: AtomicU64,
+    /// The next header goes to the pool around the write-back log (see
+    /// [`Disk::commit_header_through`]).
+    pub(super) header_through: std::sync::atomic::AtomicBool,
 }
 
 impl Disk {
@@ -464,6 +476,10 @@ impl Disk {
             last_use_ns: AtomicU64::new(now_ns()),
             written_since_flush: std::sync::atomic::AtomicBool::new(false),
             reclaim_after_ns: AtomicU64::new(0),
+            changes: AtomicU64::new(0),
+            log_mark: AtomicU64::new(0),
+            log_mark_changes: AtomicU64::new(u64::MAX),
+            header_through: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -487,7 +503,10 @@ impl Disk {
     /// disk go).
     pub(crate) fn release_writer(&self) {
         if let (Some(c), e) = (self.pool.coordinator(), self.writer_epoch()) {
-            if e != 0 && self.key_is_current() {
+            // With a write-back log, only once its commits are on the pool;
+            // otherwise the key stays (with the lease: the disk is then not
+            // let go, and is taken over only once this host's log is).
+            if e != 0 && self.key_is_current() && self.drain_log_again().is_ok() {
                 c.release_writer(self.id, e);
             }
         }
@@ -585,6 +604,7 @@ impl Disk {
         self.last_change_ns.store(now, Ordering::Relaxed);
         self.last_use_ns.store(now, Ordering::Relaxed);
         self.written_since_flush.store(true, Ordering::SeqCst);
+        self.changes.fetch_add(1, Ordering::SeqCst);
     }
 
     /// Notes that a client read the disk now (shared mode only: nothing
@@ -687,6 +707,49 @@ impl Disk {
         let mut st = self.exclusive()?;
         st.header_dirty = true;
         self.commit(&mut st, None)
+    }
+
+    /// [`Disk::commit_header`], the header written straight to the pool
+    /// around a write-back log (shared mode: the acquire or takeover
+    /// commit). Another host that reads the pool then sees this host's
+    /// epoch before this host writes anything of the disk to its log; had
+    /// it gone into the log, a crash before its destage would let another
+    /// host open the disk as let go, and the replay of the record would
+    /// later land over that host's header.
+    pub(crate) fn commit_header_through(&self) -> Result<()> {
+        let mut st = self.exclusive()?;
+        st.header_dirty = true;
+        self.header_through.store(true, Ordering::SeqCst);
+        let done = self.commit(&mut st, None);
+        self.header_through.store(false, Ordering::SeqCst);
+        done
+    }
+
+    /// Shared mode with a write-back log: waits until everything this disk
+    /// sent to the device is on the pool (before its key goes to another
+    /// host, which reads the disk there, and so that no record of it can
+    /// land later over that host's writes). The caller makes sure nothing
+    /// of the disk is in flight (no handle, or sealed): the log's head now
+    /// is then above all of its records, and stays a valid mark until the
+    /// disk changes again.
+    pub(crate) fn drain_log(&self) -> Result<()> {
+        let changes = self.changes.load(Ordering::SeqCst);
+        let mark = self.pool.shared_log_mark();
+        self.pool.drain_log_to(mark, "before the disk is let go")?;
+        self.log_mark.store(mark, Ordering::SeqCst);
+        self.log_mark_changes.store(changes, Ordering::SeqCst);
+        Ok(())
+    }
+
+    /// [`Disk::drain_log`], to the mark an earlier drain took if the disk
+    /// did not change since (the settler drains outside the table's lock,
+    /// then lets the disk go under it).
+    fn drain_log_again(&self) -> Result<()> {
+        if self.log_mark_changes.load(Ordering::SeqCst) == self.changes.load(Ordering::SeqCst) {
+            let mark = self.log_mark.load(Ordering::SeqCst);
+            return self.pool.drain_log_to(mark, "before the disk is let go");
+        }
+        self.drain_log()
     }
 
     pub(crate) fn commit_pending(&self) -> Result<()> {

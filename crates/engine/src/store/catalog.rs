@@ -750,10 +750,10 @@ pub(super) fn commit_superblock(
     sb.generation += 1;
     let addr = SUPERBLOCK_ADDRS[catalog.next_sb_slot];
     let (b, _) = sb.encode(addr);
-    let written = pool
-        .meta()
-        .write_block(addr, &b, "the superblock")
-        .and_then(|_| pool.meta().flush());
+    // Shared mode with a write-back log: the superblock goes to the pool
+    // around the log, after everything before it (other hosts read it
+    // there; a record of it replayed later would undo their changes).
+    let written = pool.write_through(addr, &b, "the superblock", true);
     if let Err(e) = written {
         catalog.poisoned = true;
         return Err(e);

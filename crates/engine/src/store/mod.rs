@@ -127,6 +127,11 @@ pub(crate) struct StoreInner {
     /// Shared mode: disks [`Store::take_over`] holds the writer key of
     /// while it waits out the grace; nothing else opens them meanwhile.
     taking_over: Mutex<std::collections::HashSet<u64>>,
+    /// Shared mode with a write-back log: the coordinator's incarnation
+    /// under which the log was last found still named for this host. The
+    /// destager writes the pool only under it (see
+    /// [`Store::confirm_write_log`]).
+    log_incarnation: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl Drop for StoreInner {
@@ -147,7 +152,11 @@ impl Drop for StoreInner {
         // no longer names it (written directly: the log is direct again).
         // If draining fails, the name stays and the log replays next time.
         if let Some(log) = self.pool.write_log() {
-            if log.drain_all().is_ok() {
+            if let Some(c) = self.pool.coordinator() {
+                if log.drain_all().is_ok() && !log.is_given_up() {
+                    let _ = c.unname_write_log();
+                }
+            } else if log.drain_all().is_ok() {
                 let catalog = self.catalog.get_mut();
                 if catalog.sb().write_log_id != 0 && !catalog.is_poisoned() {
                     let mut sb = catalog.sb().clone();
@@ -223,20 +232,19 @@ impl Store {
             None => None,
         };
         let (sb, slot) = catalog::read_superblocks(&*dev)?;
-        match &options.write_log {
-            _ if sb.write_log_id == 0 => {}
-            Some(log) if log.id() == sb.write_log_id => {}
-            _ => {
-                return Err(Error::NeedsWriteLog {
-                    id: sb.write_log_id,
-                    cache_bytes: sb.write_log_locator,
-                })
-            }
+        // The write-back log the pool depends on: named in the superblock
+        // (one host alone on the pool), or in the coordination service for
+        // this host (cluster mode: one log per host).
+        let mut named = (sb.write_log_id != 0).then_some((sb.write_log_id, sb.write_log_locator));
+        if let (None, Some(c)) = (named, &options.coordinator) {
+            named = c.write_log_of(c.host_id())?;
         }
-        if options.write_log.is_some() && options.coordinator.is_some() {
-            return Err(Error::InvalidArgument(
-                "a write-back log cannot be used in cluster mode yet".into(),
-            ));
+        match (&options.write_log, named) {
+            (_, None) => {}
+            (Some(log), Some((id, _))) if log.id() == id => {}
+            (_, Some((id, cache_bytes))) => {
+                return Err(Error::NeedsWriteLog { id, cache_bytes })
+            }
         }
         if dev.len() < sb.total_blocks * BLOCK_SIZE_U64 {
             return Err(Error::Inconsistent(format!(
@@ -276,6 +284,18 @@ impl Store {
             }
             pool.set_write_log(log.clone());
         }
+        let log_incarnation = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        if let (Some(log), Some(c)) = (&options.write_log, &options.coordinator) {
+            // Records reach the pool only while this host may write, and
+            // only under a lease under which the log was found still named
+            // (after a lost lease: see `Store::confirm_write_log`).
+            log_incarnation.store(c.incarnation(), std::sync::atomic::Ordering::SeqCst);
+            let (c, under) = (c.clone(), log_incarnation.clone());
+            log.set_destage_gate(Arc::new(move || {
+                c.may_write()
+                    && c.incarnation() == under.load(std::sync::atomic::Ordering::SeqCst)
+            }));
+        }
         let lost = pool.lost_bitmaps();
         if !lost.is_empty() {
             pool.set_damaged(format!(
@@ -309,6 +329,7 @@ impl Store {
                 open: Mutex::new(HashMap::new()),
                 abandoned: std::sync::atomic::AtomicBool::new(false),
                 taking_over: Mutex::new(Default::default()),
+                log_incarnation,
             }),
         })
     }
@@ -343,6 +364,13 @@ impl Store {
             .iter()
             .any(|d| d.cache_policy() == parallax_format::CachePolicy::WriteBack);
         if wanted && !log.is_logging() {
+            if let Some(c) = self.inner.pool.coordinator() {
+                if c.write_log_of(c.host_id())?.map(|(id, _)| id) != Some(log.id()) {
+                    c.name_write_log(log.id(), log.locator())?;
+                }
+                log.set_wanted(true);
+                return Ok(());
+            }
             let mut catalog = self.catalog()?;
             if catalog.sb().write_log_id != log.id() {
                 let mut sb = catalog.sb().clone();
@@ -675,10 +703,11 @@ impl Store {
             epoch,
         );
         // The acquire (or takeover) commit: the header names this writer
-        // before anything is written under its key.
+        // before anything is written under its key, on the pool itself
+        // with a write-back log (see `Disk::commit_header_through`).
         let opened = opened.and_then(|d| {
             if epoch != 0 {
-                d.commit_header()?;
+                d.commit_header_through()?;
             }
             Ok(d)
         });
@@ -750,7 +779,11 @@ impl Store {
         let now = now_ns();
         let mut report = SettleReport::default();
         let mut first_error = None;
-        // Shared mode: keys lost with a lease, taken back first.
+        // Shared mode: after a lost lease, the write-back log still ours
+        // (or given up), then the keys lost with the lease taken back.
+        if let Err(e) = self.confirm_write_log() {
+            first_error.get_or_insert(e);
+        }
         if let Err(e) = self.reacquire_in_cluster() {
             first_error.get_or_insert(e);
         }
@@ -766,10 +799,22 @@ impl Store {
                 }
             }
         }
+        // `handles`: the table's own reference, plus the caller's.
+        let closing = |disk: &Arc<Disk>, handles: usize| {
+            Arc::strong_count(disk) <= handles
+                && disk.idle_ns(now) >= close_after.as_nanos() as u64
+                && disk.try_has_pending() == Some(false)
+        };
+        // Shared mode with a write-back log: what the disks about to be let
+        // go committed reaches the pool first, outside the table's lock
+        // (their release then finds it there).
+        for disk in self.open_disks() {
+            if closing(&disk, 2) {
+                let _ = disk.drain_log();
+            }
+        }
         self.inner.open.lock().retain(|_, disk| {
-            let keep = Arc::strong_count(disk) > 1
-                || disk.idle_ns(now) < close_after.as_nanos() as u64
-                || disk.try_has_pending() != Some(false);
+            let keep = !closing(disk, 1);
             report.closed += u64::from(!keep);
             if !keep {
                 disk.release_writer();

@@ -173,6 +173,10 @@ impl Store {
             )));
         }
         let start = std::time::Instant::now();
+        // With a write-back log, most of what the disk wrote reaches the
+        // pool before anything is held (the rest once it is sealed).
+        let pool = &self.inner.pool;
+        pool.drain_log_to(pool.shared_log_mark(), "before a hand-off")?;
         let catalog = self.catalog()?;
         let entry = find(&catalog, name)?;
         let disk = self
@@ -188,6 +192,11 @@ impl Store {
                 ))
             })?;
         let epoch = disk.seal_for_hand_off(to, quiet)?;
+        // `to` reads the disk from the pool: everything committed is there.
+        if let Err(e) = disk.drain_log() {
+            disk.unseal();
+            return Err(e);
+        }
         self.inner.open.lock().remove(&entry.vdi_id);
         if let Err(e) = coord.hand_over(entry.vdi_id, epoch, to) {
             // Still ours: back in service.
@@ -384,6 +393,12 @@ impl Store {
             && header.writer_epoch != released
             && header.writer_epoch != report.epoch;
         if report.taken_over {
+            if let Err(e) = self.refuse_if_in_a_log(&entry, &header) {
+                self.end_take_over(&entry, report.epoch);
+                return Err(e);
+            }
+        }
+        if report.taken_over {
             std::thread::sleep(grace);
             report.grace = grace;
         }
@@ -501,6 +516,7 @@ impl Store {
         let catalog = self.catalog()?;
         let entry = find(&catalog, disk)?;
         let (header, _) = read_vdi_header(&self.inner.pool, &entry)?;
+        self.refuse_if_in_a_log(&entry, &header)?;
         log::committed_snapshots(&self.inner.pool, &header)
     }
 
@@ -512,6 +528,7 @@ impl Store {
         snapshot: &str,
     ) -> Result<SnapshotInfo> {
         let (header, _) = read_vdi_header(&self.inner.pool, entry)?;
+        self.refuse_if_in_a_log(entry, &header)?;
         log::committed_snapshot(&self.inner.pool, &header, snapshot)?.ok_or_else(|| {
             Error::NotFound(format!(
                 "snapshot {} does not exist (one another appliance took is seen once it is committed)",
@@ -577,8 +594,91 @@ impl Store {
             freed += disk
                 .delete_versions(&mut st, &[], Holds::Cluster(&pinned))?
                 .freed_blocks;
+            drop(st);
+            // On the pool before the lock goes: a host that pins a
+            // snapshot next must not find one this commit reclaimed.
+            let pool = &self.inner.pool;
+            pool.drain_log_to(pool.shared_log_mark(), "after reclaiming snapshots")?;
         }
         Ok(freed)
+    }
+
+    /// Shared mode: refuses to take over, or read the snapshots of, disk
+    /// `entry` (whose newest header on the pool is `header`) while its last
+    /// holder is down and names a write-back log: the disk's newest
+    /// commits may be only there, and the pool's header is older (its
+    /// snapshot list too, so a snapshot the log deleted would look alive).
+    /// A holder that runs keeps the key, drains before letting the disk
+    /// go, and looks at pins before reclaiming: nothing to refuse then.
+    pub(super) fn refuse_if_in_a_log(
+        &self,
+        entry: &RegistryEntry,
+        header: &parallax_format::VdiHeader,
+    ) -> Result<()> {
+        let Some(c) = self.inner.pool.coordinator() else {
+            return Ok(());
+        };
+        let holder = header.writer_host;
+        let me = c.host_id();
+        if holder == 0 || holder == me || c.writer_host(entry.vdi_id)?.is_some_and(|h| h != me) {
+            return Ok(());
+        }
+        if c.released_epoch(entry.vdi_id)? == header.writer_epoch {
+            return Ok(());
+        }
+        match c.write_log_of(holder)? {
+            None => Ok(()),
+            Some((id, _)) => Err(Error::Busy(format!(
+                "disk {}: host {holder} did not let it go, and its newest writes may be only in that host's write-back log {id:016x}: start host {holder} again with its cache (it destages them), or, if its cache is lost, give the log up with `parallax forget-write-log --host {holder}` (those writes are lost)",
+                entry.name
+            ))),
+        }
+    }
+
+    /// Shared mode with a write-back log: after a lost lease was renewed,
+    /// checks that the log is still named for this host before anything
+    /// more of it reaches the pool (the destager waits for this). If the
+    /// operator gave it up meanwhile (`forget-write-log --host`), other
+    /// hosts may have taken this host's disks from the pool: the log is
+    /// given up here too, and every open disk is let go (its operations
+    /// fail; restart the appliance).
+    pub(super) fn confirm_write_log(&self) -> Result<()> {
+        let (Some(c), Some(log)) = (self.inner.pool.coordinator(), self.inner.pool.write_log())
+        else {
+            return Ok(());
+        };
+        let incarnation = c.incarnation();
+        let under = &self.inner.log_incarnation;
+        if !c.may_write() || under.load(Ordering::SeqCst) == incarnation || log.is_given_up() {
+            return Ok(());
+        }
+        let named = c.write_log_of(c.host_id())?.map(|(id, _)| id);
+        if named == Some(log.id()) || (named.is_none() && !log.is_logging()) {
+            under.store(incarnation, Ordering::SeqCst);
+            return Ok(());
+        }
+        let why = format!(
+            "this appliance's write-back log {:016x} was given up while it had lost its lease; restart the appliance",
+            log.id()
+        );
+        log.give_up(&why);
+        self.inner.pool.set_damaged(why.clone());
+        for disk in self.open_disks() {
+            disk.mark_lost();
+            self.inner.open.lock().remove(&disk.id());
+        }
+        Err(Error::Fenced(why))
+    }
+
+    /// Shared mode: gives up the write-back log host `host` named (its
+    /// cache device is lost); refused while `host` runs. Its disks can
+    /// then be taken over from the pool, without the writes only that log
+    /// held.
+    pub fn forget_write_log_of(&self, host: u64) -> Result<()> {
+        let c = self.inner.pool.coordinator().ok_or_else(|| {
+            Error::InvalidArgument("--host needs cluster mode (--etcd)".into())
+        })?;
+        c.forget_write_log_of(host)
     }
 }
 
