@@ -1039,6 +1039,18 @@ impl parallax_engine::Coordinator for FixedEpoch {
     fn writer_host(&self, _vdi_id: u64) -> parallax_engine::Result<Option<u64>> {
         Ok(None)
     }
+    fn name_write_log(&self, _log_id: u64, _locator: u64) -> parallax_engine::Result<()> {
+        Ok(())
+    }
+    fn unname_write_log(&self) -> parallax_engine::Result<()> {
+        Ok(())
+    }
+    fn write_log_of(&self, _host: u64) -> parallax_engine::Result<Option<(u64, u64)>> {
+        Ok(None)
+    }
+    fn forget_write_log_of(&self, _host: u64) -> parallax_engine::Result<()> {
+        Ok(())
+    }
 }
 
 /// Every commit carries its writer's epoch; an appliance holding an older
