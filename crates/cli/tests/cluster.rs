@@ -2075,3 +2075,110 @@ fn a_partitioned_appliance_writes_nothing_after_the_new_writer() {
     let report = c.json(2, &["check"]);
     assert_eq!(report["errors"], serde_json::json!([]), "{report}");
 }
+
+/// `qemu-io` commands writing (or, with `read`, checking) pattern `p` into
+/// the first `blocks` 4 KiB blocks, with a flush after the writes.
+fn pattern_cmds(verb: &str, p: u8, blocks: u64) -> Vec<String> {
+    let mut cmds: Vec<String> = (0..blocks)
+        .map(|i| format!("{verb} -P {p} {} 4k", i * 4096))
+        .collect();
+    if verb == "write" {
+        cmds.push("flush".into());
+    }
+    cmds
+}
+
+/// A write-back disk in cluster mode (docs/CACHE.md §9.8): handed off, the
+/// new holder reads every flushed write; its holder killed, no other host
+/// takes it (its writes may be only in that host's log) until the host is
+/// back and drained it, or the operator gave the log up.
+#[test]
+fn a_write_back_disk_is_handed_off_and_taken_over_only_with_its_log() {
+    if !have("etcd", "--version") || !have("qemu-io", "--version") {
+        return;
+    }
+    const BLOCKS: u64 = 256;
+    let mut c = Cluster::with(2, "3s");
+    c.ok(1, &["create", "wb", "--size", "16M"]);
+    c.ok(1, &["cache-policy", "wb", "write-back"]);
+    let w = qemu_io(&c.uri(1, "wb"), &pattern_cmds("write", 1, BLOCKS));
+    assert!(w.status.success(), "{}", text(&w));
+    assert!(c.metric(1, "parallax_write_log_appended_bytes_total") >= (BLOCKS * 4096) as f64);
+    assert_eq!(c.metric(1, "parallax_write_log_logging"), 1.0);
+
+    // Handed off: host 1 drains its log first; host 2 reads everything.
+    c.ok(1, &["handoff", "wb", "--to", "2"]);
+    let r = qemu_io(&c.uri(2, "wb"), &pattern_cmds("read", 1, BLOCKS));
+    assert!(
+        r.status.success() && !text(&r).contains("verification failed"),
+        "host 2 after the hand-off: {}",
+        text(&r)
+    );
+
+    // Host 2 writes round 2 (write-back there too: the policy is the
+    // disk's) and is killed.
+    let w = qemu_io(&c.uri(2, "wb"), &pattern_cmds("write", 2, BLOCKS));
+    assert!(w.status.success(), "{}", text(&w));
+    c.hosts[1].kill9();
+    let refused = c.px(1, &["takeover", "wb"]);
+    assert!(
+        !refused.status.success() && text(&refused).contains("write-back log"),
+        "host 1 took over a disk whose writes may be only in host 2's log: {}",
+        text(&refused)
+    );
+
+    // Host 2 comes back with its cache: its log replays, it takes its own
+    // disk back, and every flushed write is there.
+    c.hosts[1] = c.start(2);
+    let t = c.json(2, &["takeover", "wb"]);
+    assert_eq!(t["taken_over"], true, "{t}");
+    let r = qemu_io(&c.uri(2, "wb"), &pattern_cmds("read", 2, BLOCKS));
+    assert!(
+        r.status.success() && !text(&r).contains("verification failed"),
+        "host 2 after its restart: {}",
+        text(&r)
+    );
+
+    // Killed again, its cache lost: the operator gives its log up (refused
+    // while host 2's lease lives), then host 1 takes the disk over from
+    // the pool: every block is of round 2 or 3 (what reached the pool),
+    // and the store checks clean.
+    let w = qemu_io(&c.uri(2, "wb"), &pattern_cmds("write", 3, BLOCKS));
+    assert!(w.status.success(), "{}", text(&w));
+    c.hosts[1].kill9();
+    std::fs::remove_file(c.dir.path().join("cache2.bin")).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let f = c.px(1, &["forget-write-log", "--host", "2"]);
+        if f.status.success() {
+            break;
+        }
+        assert!(
+            text(&f).contains("is running") && Instant::now() < deadline,
+            "{}",
+            text(&f)
+        );
+        thread::sleep(Duration::from_millis(250));
+    }
+    let t = c.json(1, &["takeover", "wb"]);
+    assert_eq!(t["taken_over"], true, "{t}");
+    let uri = c.uri(1, "wb");
+    for i in 0..BLOCKS {
+        let two = qemu_io(&uri, &[format!("read -P 2 {} 4k", i * 4096)]);
+        if text(&two).contains("verification failed") {
+            let three = qemu_io(&uri, &[format!("read -P 3 {} 4k", i * 4096)]);
+            assert!(
+                !text(&three).contains("verification failed"),
+                "block {i} is neither of round 2 nor 3: {}",
+                text(&three)
+            );
+        }
+    }
+    let check = c.json(1, &["check"]);
+    assert_eq!(check["clean"], true, "{check}");
+    // Host 2, started again with a new cache, serves again.
+    c.hosts[1] = c.start(2);
+    assert_eq!(c.hosts[0].stop(), Some(0));
+    assert_eq!(c.hosts[1].stop(), Some(0));
+    c.etcd.stop();
+}

@@ -232,7 +232,7 @@ impl Api for Remote {
 
     fn forget_write_log_of(&self, host: u64) -> ApiResult<()> {
         let path = format!("/v1/hosts/{host}/forget-write-log");
-        self.call(Method::POST, &path, None::<&()>)
+        self.call_unit(Method::POST, &path, None::<&()>)
     }
 
     fn takeover(&self, disk: &str) -> ApiResult<TakeoverSummary> {
