@@ -622,7 +622,10 @@ impl WriteLog {
             let _destage = s.destaging.lock();
             let newest = {
                 let dirty = s.dirty.lock();
-                (first..last).filter_map(|b| dirty.get(&b)).map(|d| d.lsn).max()
+                (first..last)
+                    .filter_map(|b| dirty.get(&b))
+                    .map(|d| d.lsn)
+                    .max()
             };
             match newest {
                 None => {

@@ -594,7 +594,7 @@ pub fn cache_policy(ctx: &Context, disk: &str, policy: Option<&str>) -> Result<(
             .is_some_and(|s| s.write_log.is_some());
         if !logs {
             eprintln!(
-                "note: no appliance with a write-back log serves this store (serve --cache, not in cluster mode): {} writes through until one does",
+                "note: no appliance with a write-back log serves this store (serve --cache): {} writes through until one does",
                 d.name
             );
         }

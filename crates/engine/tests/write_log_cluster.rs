@@ -105,9 +105,14 @@ impl World {
     fn with_log(&self) -> (Store, Arc<WriteLog>, Found) {
         let coord = self.cluster.host(1);
         let named = coord.write_log_of(1).unwrap().map_or(0, |(id, _)| id);
-        let (log, found) =
-            WriteLog::open(self.log_dev.clone(), self.pool.clone(), self.store_id, named, 1)
-                .unwrap();
+        let (log, found) = WriteLog::open(
+            self.log_dev.clone(),
+            self.pool.clone(),
+            self.store_id,
+            named,
+            1,
+        )
+        .unwrap();
         let log = Arc::new(log);
         let options = OpenOptions {
             host_id: 1,
@@ -147,7 +152,10 @@ fn assert_round(read: impl Fn(&mut [u8], u64), round: u8, what: &str) {
     let mut buf = vec![0u8; 4096];
     for i in 0..BLOCKS {
         read(&mut buf, i * 4096);
-        assert!(buf == pattern(round, i), "{what}: block {i} is not of round {round}");
+        assert!(
+            buf == pattern(round, i),
+            "{what}: block {i} is not of round {round}"
+        );
     }
 }
 
@@ -179,7 +187,11 @@ fn a_hand_off_drains_the_log_first_and_the_new_holder_reads_every_flushed_write(
     let gate = w.close_gate();
     write_round(&s1, "d", 2);
     let head = s2.committed_head("d").unwrap();
-    assert_round(|b, o| head.read(b, o).unwrap(), 1, "the pool while round 2 is in the log");
+    assert_round(
+        |b, o| head.read(b, o).unwrap(),
+        1,
+        "the pool while round 2 is in the log",
+    );
     assert!(log.stats().dirty_bytes > 0);
 
     // The hand-off waits for the destage.
@@ -222,7 +234,11 @@ fn letting_a_disk_go_drains_the_log_first() {
     rx.recv_timeout(Duration::from_secs(20)).unwrap().unwrap();
     closer.join().unwrap();
     let d = s2.open_vdi("d").unwrap();
-    assert_round(|b, o| d.read(b, o).unwrap(), 2, "host 2 after host 1 let the disk go");
+    assert_round(
+        |b, o| d.read(b, o).unwrap(),
+        2,
+        "host 2 after host 1 let the disk go",
+    );
 }
 
 #[test]
@@ -236,7 +252,10 @@ fn a_dead_hosts_log_keeps_its_disks_until_it_is_back_or_given_up() {
     // Round 2 only in the log, then host 1 dies; its lease ends.
     let gate = w.close_gate();
     write_round(&s1, "d", 2);
-    s1.open_vdi("d").unwrap().delete_snapshot(&snap.name).unwrap();
+    s1.open_vdi("d")
+        .unwrap()
+        .delete_snapshot(&snap.name)
+        .unwrap();
     w.kill_host1(s1, log);
     drop(gate);
 
@@ -258,7 +277,10 @@ fn a_dead_hosts_log_keeps_its_disks_until_it_is_back_or_given_up() {
         .take_over("d", Duration::from_secs(5), Duration::ZERO)
         .unwrap();
     assert_round(|b, o| d.read(b, o).unwrap(), 2, "host 1 after its restart");
-    assert!(d.snapshot_info("s").is_err(), "the deleted snapshot is back");
+    assert!(
+        d.snapshot_info("s").is_err(),
+        "the deleted snapshot is back"
+    );
     drop(d);
     s1.hand_off("d", 2).unwrap();
     let d = s2.open_vdi("d").unwrap();
@@ -281,11 +303,19 @@ fn a_dead_hosts_log_keeps_its_disks_until_it_is_back_or_given_up() {
         .take_over("d", Duration::from_secs(5), Duration::ZERO)
         .unwrap();
     assert!(report.taken_over);
-    assert_round(|b, o| d.read(b, o).unwrap(), 2, "host 2 after giving host 1's log up");
+    assert_round(
+        |b, o| d.read(b, o).unwrap(),
+        2,
+        "host 2 after giving host 1's log up",
+    );
     // The old log, found again, is dropped, never replayed over the pool.
     let (_s1, _log, found) = w.with_log();
     assert_eq!(found, Found::Dropped);
-    assert_round(|b, o| d.read(b, o).unwrap(), 2, "host 2 once host 1 is back");
+    assert_round(
+        |b, o| d.read(b, o).unwrap(),
+        2,
+        "host 2 once host 1 is back",
+    );
 }
 
 #[test]
@@ -300,7 +330,10 @@ fn a_log_given_up_while_its_host_was_fenced_never_reaches_the_pool() {
     drop(gate);
     std::thread::sleep(Duration::from_millis(200));
     let destaged = log.stats().destaged_bytes;
-    assert!(log.stats().dirty_bytes > 0, "the destage went on while fenced");
+    assert!(
+        log.stats().dirty_bytes > 0,
+        "the destage went on while fenced"
+    );
 
     s2.forget_write_log_of(1).unwrap();
     let (d, _) = s2
@@ -316,8 +349,15 @@ fn a_log_given_up_while_its_host_was_fenced_never_reaches_the_pool() {
     assert!(matches!(settled, Err(Error::Fenced(_))), "{settled:?}");
     assert!(log.is_given_up());
     std::thread::sleep(Duration::from_millis(300));
-    assert_eq!(log.stats().destaged_bytes, destaged, "a given-up log was destaged");
-    assert!(s1.open_vdi("d").and_then(|d| d.read(&mut [0; 4096], 0)).is_err());
+    assert_eq!(
+        log.stats().destaged_bytes,
+        destaged,
+        "a given-up log was destaged"
+    );
+    assert!(s1
+        .open_vdi("d")
+        .and_then(|d| d.read(&mut [0; 4096], 0))
+        .is_err());
     assert_round(|b, o| d.read(b, o).unwrap(), 4, "host 2's writes");
     drop(d);
     s2.close_vdi("d").unwrap();

@@ -968,7 +968,9 @@ impl Coordinator for Etcd {
         let key = format!("{}logs/{}", c.prefix, c.host_id);
         let mut client = c.client.clone();
         c.call("naming this host's write-back log", async move {
-            client.put(key, format!("{log_id:016x} {locator}"), None).await
+            client
+                .put(key, format!("{log_id:016x} {locator}"), None)
+                .await
         })?;
         Ok(())
     }

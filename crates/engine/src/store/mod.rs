@@ -242,9 +242,7 @@ impl Store {
         match (&options.write_log, named) {
             (_, None) => {}
             (Some(log), Some((id, _))) if log.id() == id => {}
-            (_, Some((id, cache_bytes))) => {
-                return Err(Error::NeedsWriteLog { id, cache_bytes })
-            }
+            (_, Some((id, cache_bytes))) => return Err(Error::NeedsWriteLog { id, cache_bytes }),
         }
         if dev.len() < sb.total_blocks * BLOCK_SIZE_U64 {
             return Err(Error::Inconsistent(format!(
@@ -292,8 +290,7 @@ impl Store {
             log_incarnation.store(c.incarnation(), std::sync::atomic::Ordering::SeqCst);
             let (c, under) = (c.clone(), log_incarnation.clone());
             log.set_destage_gate(Arc::new(move || {
-                c.may_write()
-                    && c.incarnation() == under.load(std::sync::atomic::Ordering::SeqCst)
+                c.may_write() && c.incarnation() == under.load(std::sync::atomic::Ordering::SeqCst)
             }));
         }
         let lost = pool.lost_bitmaps();

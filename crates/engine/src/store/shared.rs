@@ -675,9 +675,10 @@ impl Store {
     /// then be taken over from the pool, without the writes only that log
     /// held.
     pub fn forget_write_log_of(&self, host: u64) -> Result<()> {
-        let c = self.inner.pool.coordinator().ok_or_else(|| {
-            Error::InvalidArgument("--host needs cluster mode (--etcd)".into())
-        })?;
+        let c =
+            self.inner.pool.coordinator().ok_or_else(|| {
+                Error::InvalidArgument("--host needs cluster mode (--etcd)".into())
+            })?;
         c.forget_write_log_of(host)
     }
 }
