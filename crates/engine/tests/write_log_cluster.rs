@@ -269,10 +269,14 @@ fn a_dead_hosts_log_keeps_its_disks_until_it_is_back_or_given_up() {
     assert!(matches!(s2.committed_snapshots("d"), Err(Error::Busy(_))));
     assert!(matches!(s2.open_snapshot("d", "s"), Err(Error::Busy(_))));
 
-    // Host 1 comes back with its cache: the log replays, it takes its own
-    // disk back, and hands it over with everything.
+    // Host 1 comes back with its cache: the log replays and reaches the
+    // pool, it takes its own disk back, and hands it over with everything.
     let (s1, log, found) = w.with_log();
     assert_eq!(found, Found::Replayed);
+    // Drained when the store opened, and named no more: the disks the
+    // last run held are takeover-able again (by this host or another).
+    assert!(!log.is_logging());
+    assert_eq!(w.cluster.host(1).write_log_of(1).unwrap(), None);
     let (d, _) = s1
         .take_over("d", Duration::from_secs(5), Duration::ZERO)
         .unwrap();

@@ -288,10 +288,22 @@ impl Store {
             // only under a lease under which the log was found still named
             // (after a lost lease: see `Store::confirm_write_log`).
             log_incarnation.store(c.incarnation(), std::sync::atomic::Ordering::SeqCst);
-            let (c, under) = (c.clone(), log_incarnation.clone());
+            let (gate, under) = (c.clone(), log_incarnation.clone());
             log.set_destage_gate(Arc::new(move || {
-                c.may_write() && c.incarnation() == under.load(std::sync::atomic::Ordering::SeqCst)
+                gate.may_write()
+                    && gate.incarnation() == under.load(std::sync::atomic::Ordering::SeqCst)
             }));
+            // Records an earlier run left (replayed): on the pool before
+            // anything else, under the catalogue lock. Then the log is
+            // named no more until a write-back disk is opened here again:
+            // the disks that run held and did not let go can be taken over
+            // by other hosts (none could meanwhile: the log was named).
+            if log.is_logging() {
+                log.drain_all().map_err(Error::io(
+                    "destaging the write-back log left by the last run",
+                ))?;
+                c.unname_write_log()?;
+            }
         }
         let lost = pool.lost_bitmaps();
         if !lost.is_empty() {
