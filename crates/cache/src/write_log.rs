@@ -578,6 +578,9 @@ impl WriteLog {
             if let Some(e) = &st.destage_error {
                 return Err(io_err(e.clone()));
             }
+            if let Some(why) = s.held_back() {
+                return Err(io_err(why));
+            }
             s.wake();
             s.wait(&mut st, Duration::from_millis(100));
         }
@@ -597,6 +600,9 @@ impl WriteLog {
             }
             if let Some(e) = &st.destage_error {
                 return Err(io_err(e.clone()));
+            }
+            if let Some(why) = s.held_back() {
+                return Err(io_err(why));
             }
             s.wake();
             s.wait(&mut st, Duration::from_millis(100));
@@ -680,7 +686,11 @@ impl WriteLog {
             flushes: s.flushes.load(Ordering::Relaxed),
             replayed: s.replayed.load(Ordering::Relaxed),
             destage_errors: s.destage_errors.load(Ordering::Relaxed),
-            failed: st.failed.clone().or(st.destage_error.clone()),
+            failed: st
+                .failed
+                .clone()
+                .or(st.destage_error.clone())
+                .or_else(|| s.held_back()),
         }
     }
 }
@@ -1015,17 +1025,12 @@ impl Shared {
                         return;
                     }
                     let ready = st.records.front().is_some_and(|r| r.lsn < st.written_upto);
-                    if ready && self.leases.load(Ordering::SeqCst) == 0 {
-                        if self.given_up.load(Ordering::SeqCst) {
-                            st.destage_error = Some("the write-back log was given up".into());
-                        } else if !self.gate_open() {
-                            st.destage_error = Some(
-                                "destage paused: this appliance may not write the pool now (fenced)"
-                                    .into(),
-                            );
-                        } else {
-                            break;
-                        }
+                    if ready
+                        && self.leases.load(Ordering::SeqCst) == 0
+                        && !self.given_up.load(Ordering::SeqCst)
+                        && self.gate_open()
+                    {
+                        break;
                     }
                     if st.records.is_empty() && st.logging && !st.wanted && st.failed.is_none() {
                         drop(st);
@@ -1079,6 +1084,18 @@ impl Shared {
 
     fn gate_open(&self) -> bool {
         self.gate.read().as_ref().is_none_or(|g| g())
+    }
+
+    /// Why the destager writes nothing now, if it is held back (the log
+    /// given up, or the appliance may not write the pool).
+    fn held_back(&self) -> Option<String> {
+        if self.given_up.load(Ordering::SeqCst) {
+            Some("the write-back log was given up".into())
+        } else if !self.gate_open() {
+            Some("destage paused: this appliance may not write the pool now (fenced)".into())
+        } else {
+            None
+        }
     }
 
     /// Writes `batch` to the pool, flushes the pool, forgets its dirty

@@ -129,9 +129,14 @@ impl Pool {
     /// to do alone on the pool or without a log.
     pub fn drain_log_to(&self, mark: u64, why: &str) -> Result<()> {
         match self.write_log() {
-            Some(log) if self.coordinator().is_some() && mark != 0 => log
-                .drain_to(mark)
-                .map_err(Error::io(format!("destaging the write-back log ({why})"))),
+            Some(log) if self.coordinator().is_some() && mark != 0 => {
+                // Fenced, the destage waits: say so, not an I/O error.
+                self.check_fence()?;
+                log.drain_to(mark).map_err(|e| match self.check_fence() {
+                    Err(fenced) => fenced,
+                    Ok(()) => Error::io(format!("destaging the write-back log ({why})"))(e),
+                })
+            }
             _ => Ok(()),
         }
     }

@@ -19,13 +19,21 @@
 //! clean (no block referenced twice: no double allocation) and every disk
 //! and snapshot holding what the model says (nothing flushed lost).
 //!
+//! Every host has a write-back log on a device of its own that survives
+//! its crashes, and half the disks are created with the write-back
+//! policy: their writes (and every other write of their host meanwhile)
+//! reach the pool through the log (docs/CACHE.md §9.8). A crashed host
+//! comes back with its log, which it replays and destages before anything
+//! else; a disk whose holder lost its lease with its log named stays its
+//! own until it renews or restarts.
+//!
 //! `SIM_SEEDS` sets how many seeds run (CI runs a few hundred; long runs by
 //! hand), `SIM_SEED` runs one.
 
 use parallax_device::{MemDevice, SplitMix};
 use parallax_engine::{
-    Coordinator, CreateOptions, Error, MemCluster, MemCoordinator, OpenOptions, ReadDisk,
-    SnapshotView, Store, Vdi,
+    CachePolicy, Coordinator, CreateOptions, Error, MemCluster, MemCoordinator, OpenOptions,
+    ReadDisk, SnapshotView, Store, Vdi, WriteLog, MIN_LOG_BYTES,
 };
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -80,6 +88,8 @@ struct Host {
     id: u64,
     store: Store,
     coord: Arc<MemCoordinator>,
+    /// Its write-back log (the device is the sim's, kept across crashes).
+    log: Option<Arc<WriteLog>>,
     handles: BTreeMap<String, Vdi>,
     /// Snapshot views open on this host, with what they must read.
     views: Vec<(String, Vec<u8>, SnapshotView)>,
@@ -89,6 +99,10 @@ struct Host {
     /// then (what it brings back if it renews its lease and nobody took
     /// them).
     held_at_expiry: BTreeMap<String, DiskModel>,
+    /// Of those, the ones left as they were because its write-back log was
+    /// named (their newest writes may be only there): resolved once it
+    /// restarts, if it does not renew.
+    in_its_log: Vec<String>,
 }
 
 /// Checks what a view reads: its snapshot's content, or (on a fenced host,
@@ -111,6 +125,12 @@ fn verify_view(host: &Host, what: &str, content: &[u8], view: &SnapshotView) {
 
 struct Sim {
     dev: Arc<MemDevice>,
+    /// Each host's cache device (index: host id − 1).
+    log_devs: Vec<Arc<MemDevice>>,
+    /// Disks created write-back.
+    write_back: u64,
+    /// Snapshots not found elsewhere yet (their commit still in a log).
+    not_yet_on_pool: u64,
     cluster: Arc<MemCluster>,
     hosts: Vec<Host>,
     disks: BTreeMap<String, DiskModel>,
@@ -137,13 +157,23 @@ struct Sim {
     kept_unflushed: u64,
 }
 
-fn open_host(dev: &Arc<MemDevice>, cluster: &Arc<MemCluster>, id: u64) -> Host {
+fn open_host(
+    dev: &Arc<MemDevice>,
+    cluster: &Arc<MemCluster>,
+    id: u64,
+    log_dev: &Arc<MemDevice>,
+) -> Host {
     let coord = cluster.host(id);
+    let named = coord.write_log_of(id).unwrap().map_or(0, |(l, _)| l);
+    let store_id = Store::peek_id(&**dev).unwrap();
+    let (log, _) = WriteLog::open(log_dev.clone(), dev.clone(), store_id, named, 1).unwrap();
+    let log = Arc::new(log);
     let store = Store::open(
-        dev.clone(),
+        log.clone(),
         &OpenOptions {
             host_id: id,
             coordinator: Some(coord.clone()),
+            write_log: Some(log.clone()),
             ..OpenOptions::default()
         },
     )
@@ -152,10 +182,12 @@ fn open_host(dev: &Arc<MemDevice>, cluster: &Arc<MemCluster>, id: u64) -> Host {
         id,
         store,
         coord,
+        log: Some(log),
         handles: BTreeMap::new(),
         views: Vec::new(),
         fenced: false,
         held_at_expiry: BTreeMap::new(),
+        in_its_log: Vec::new(),
     }
 }
 
@@ -169,11 +201,15 @@ impl Sim {
     fn new(seed: u64) -> Sim {
         let dev = new_pool(48 << 20);
         let cluster = MemCluster::new();
+        let log_devs: Vec<_> = (1..=HOSTS).map(|_| log_dev()).collect();
         let hosts = (1..=HOSTS)
-            .map(|id| open_host(&dev, &cluster, id))
+            .map(|id| open_host(&dev, &cluster, id, &log_devs[id as usize - 1]))
             .collect();
         Sim {
             dev,
+            log_devs,
+            write_back: 0,
+            not_yet_on_pool: 0,
             cluster,
             hosts,
             disks: BTreeMap::new(),
@@ -243,6 +279,11 @@ impl Sim {
             Error::Busy(_) => {
                 self.busy_refusals += 1;
             }
+            // A snapshot its holder took is read elsewhere once its commit
+            // is on the pool: with a write-back log, once destaged.
+            Error::NotFound(why) if why.contains("seen once it is committed") => {
+                self.not_yet_on_pool += 1;
+            }
             Error::Fenced(_) => {
                 assert!(
                     self.hosts[h].fenced,
@@ -292,6 +333,11 @@ impl Sim {
                     .store
                     .create_vdi(&name, (blocks * BLOCK) as u64)
                     .unwrap();
+                if self.rng.next_u64().is_multiple_of(2) {
+                    v.set_cache_policy(CachePolicy::WriteBack).unwrap();
+                    self.hosts[h].store.refresh_write_back().unwrap();
+                    self.write_back += 1;
+                }
                 let zero = vec![0; blocks * BLOCK];
                 self.disks.insert(
                     name.clone(),
@@ -454,7 +500,13 @@ impl Sim {
                         m.holder = None;
                     }
                 }
-                self.resolve(&held, "expiry");
+                if self.hosts[h].coord.write_log_of(id).unwrap().is_some() {
+                    // Only this host can bring them back (renewed or
+                    // restarted): nobody else takes them meanwhile.
+                    self.hosts[h].in_its_log = held;
+                } else {
+                    self.resolve(&held, "expiry");
+                }
             }
             20 | 21 => {
                 // A view of any snapshot on host `h`, kept open.
@@ -710,6 +762,7 @@ impl Sim {
         let id = self.hosts[h].id;
         self.cluster.renew(id);
         self.hosts[h].fenced = false;
+        self.hosts[h].in_its_log.clear();
         self.renewals += 1;
         let long = Duration::from_secs(1 << 30);
         if let Err(e) = self.hosts[h].store.settle(long, long) {
@@ -780,21 +833,37 @@ impl Sim {
         let id = self.hosts[h].id;
         // A fenced host holds no key any more (its disks were resolved
         // when its lease ended).
-        let held = self.keys_of(h);
+        let mut held = self.keys_of(h);
         let old = std::mem::replace(&mut self.hosts[h], open_host_placeholder());
+        held.extend(old.in_its_log);
         // Nothing committed, nothing given back: what a dead process leaves
-        // (its pins go with its lease, just below).
+        // (its pins go with its lease, just below). Its log keeps what it
+        // wrote there.
         drop(old.views);
         drop(old.handles);
         old.store.abandon();
+        drop(old.log);
         self.cluster.expire(id);
         for m in self.disks.values_mut() {
             if m.holder == Some(id) {
                 m.holder = None;
             }
         }
+        // Back with its log, which reaches the pool as it opens.
+        self.hosts[h] = open_host(&self.dev, &self.cluster, id, &self.log_devs[h]);
         self.resolve(&held, "crash");
-        self.hosts[h] = open_host(&self.dev, &self.cluster, id);
+    }
+
+    /// Waits until what the hosts' logs hold is on the pool (a fenced
+    /// host's destage waits for its lease: not that one). An observer
+    /// opened alone reads the pool as a whole (every extent's bitmap, then
+    /// headers), which a destage in progress would change under it.
+    fn logs_reach_the_pool(&self) {
+        for host in self.hosts.iter().filter(|h| !h.fenced) {
+            if let Some(log) = &host.log {
+                log.drain_to(log.head_lsn()).unwrap();
+            }
+        }
     }
 
     /// The disks whose writer key host `h` holds.
@@ -816,6 +885,7 @@ impl Sim {
         if names.is_empty() {
             return;
         }
+        self.logs_reach_the_pool();
         let observer = Store::open(self.dev.clone(), &OpenOptions::default()).unwrap();
         for name in names {
             let v = observer.open_vdi(name).unwrap();
@@ -883,6 +953,9 @@ impl Sim {
             "{what}: writer keys left: {:?}",
             self.cluster.writers()
         );
+        // Time passes: what is left in the logs (bitmaps written after the
+        // last disk was let go) reaches the pool.
+        self.logs_reach_the_pool();
         let observer = Store::open(self.dev.clone(), &OpenOptions::default()).unwrap();
         let report = observer.check().unwrap();
         assert!(report.is_clean(), "{what}: check: {:#?}", report.errors);
@@ -916,10 +989,12 @@ fn open_host_placeholder() -> Host {
         id: 0,
         store,
         coord: MemCluster::new().host(1),
+        log: None,
         handles: BTreeMap::new(),
         views: Vec::new(),
         fenced: false,
         held_at_expiry: BTreeMap::new(),
+        in_its_log: Vec::new(),
     }
 }
 
@@ -954,6 +1029,7 @@ fn appliances_sharing_a_pool() {
     let (mut refused, mut busy, mut crashes, mut views, mut deleted) = (0, 0, 0, 0, 0);
     let (mut checks, mut gcs, mut freed, mut takeovers, mut handoffs) = (0, 0, 0, 0, 0);
     let (mut renewals, mut taken_back, mut yielded, mut kept) = (0, 0, 0, 0);
+    let (mut write_back, mut not_yet) = (0, 0);
     for seed in seeds() {
         let sim = run(seed, 300);
         refused += sim.writes_refused_fenced;
@@ -970,6 +1046,8 @@ fn appliances_sharing_a_pool() {
         taken_back += sim.taken_back;
         yielded += sim.yielded;
         kept += sim.kept_unflushed;
+        write_back += sim.write_back;
+        not_yet += sim.not_yet_on_pool;
     }
     eprintln!(
         "fenced refusals {refused}, busy refusals {busy}, crashes {crashes}, \
@@ -977,13 +1055,15 @@ fn appliances_sharing_a_pool() {
          online checks {checks}, online gcs {gcs} (freeing {freed} blocks), \
          takeovers {takeovers}, hand-offs {handoffs}, lease renewals {renewals} \
          (disks taken back {taken_back}), disks given up when asked {yielded} \
-         (kept unflushed when asked {kept})"
+         (kept unflushed when asked {kept}), write-back disks {write_back} \
+         (snapshots not yet on the pool when read elsewhere {not_yet})"
     );
     // The sequences reach the cases they are meant to (over many seeds).
     if seeds().len() >= 50 {
         assert!(refused > 0 && busy > 0 && crashes > 0 && views > 0 && deleted > 0);
         assert!(checks > 0 && gcs > 0 && freed > 0 && takeovers > 0 && handoffs > 0);
         assert!(renewals > 0 && taken_back > 0 && yielded > 0 && kept > 0);
+        assert!(write_back > 0);
     }
 }
 
@@ -1202,7 +1282,7 @@ fn a_disk_not_let_go_is_taken_over_after_the_grace() {
     drop(v);
     // Let go cleanly: another host opens it with no takeover.
     b.close_vdi("d").unwrap();
-    let c = open_host(&dev, &cluster, 3).store;
+    let c = open_host(&dev, &cluster, 3, &log_dev()).store;
     let started = std::time::Instant::now();
     let (v, report) = c
         .take_over("d", Duration::ZERO, Duration::from_secs(5))
@@ -1220,13 +1300,18 @@ fn a_disk_not_let_go_is_taken_over_after_the_grace() {
 fn two_hosts() -> (Arc<MemDevice>, Arc<MemCluster>, Store, Store) {
     let dev = new_pool(32 << 20);
     let cluster = MemCluster::new();
-    let a = open_host(&dev, &cluster, 1).store;
-    let b = open_host(&dev, &cluster, 2).store;
+    let a = open_host(&dev, &cluster, 1, &log_dev()).store;
+    let b = open_host(&dev, &cluster, 2, &log_dev()).store;
     (dev, cluster, a, b)
 }
 
 /// A fresh pool of `bytes` with small extents (256 blocks), so that hosts
 /// claim several.
+/// A host's cache device (its write-back log).
+fn log_dev() -> Arc<MemDevice> {
+    Arc::new(MemDevice::new(MIN_LOG_BYTES))
+}
+
 fn new_pool(bytes: u64) -> Arc<MemDevice> {
     let dev = Arc::new(MemDevice::new(bytes));
     Store::create(

@@ -343,7 +343,6 @@ impl Disk {
                 return Err(e);
             }
         };
-        let wrote_blocks = !prepared.blocks.is_empty();
         let written = meta
             .write_all(&mut prepared.blocks, "tree nodes and snapshot log blocks")
             .and_then(|_| self.pool.sync_allocations());
@@ -361,9 +360,10 @@ impl Disk {
         let addr = self.header_addrs[st.next_slot];
         let (block, _) = prepared.header.encode(meta.store_id, addr);
         let written = if self.header_through.load(Ordering::SeqCst) {
-            // After the blocks it references, if it references new ones.
-            self.pool
-                .write_through(addr, &block, "a VDI header", wrote_blocks)
+            // After everything logged before it: the blocks it references
+            // and their bitmaps may be records of earlier commits still in
+            // the log (a disk whose release could not drain it, reopened).
+            self.pool.write_through(addr, &block, "a VDI header", true)
         } else {
             meta.write_block(addr, &block, "a VDI header")
                 .and_then(|_| meta.flush())
