@@ -142,25 +142,17 @@ impl Pool {
     }
 
     /// Writes block `addr` and makes it durable. In shared mode with a
-    /// write-back log, straight to the pool around the log (after every
-    /// record of that block, and with `after_all` every record so far):
-    /// for blocks other hosts read and must never find older than a write
-    /// this host acknowledged, and that no record of this log may overwrite
-    /// later (the superblock; a header naming its new writer). Otherwise a
-    /// write and a flush of the device.
-    pub fn write_through(
-        &self,
-        addr: u64,
-        block: &Block,
-        what: &str,
-        after_all: bool,
-    ) -> Result<()> {
+    /// write-back log, straight to the pool around the log, once every
+    /// record taken so far is on the pool (what the block names may be
+    /// among them): for blocks other hosts read and must never find older
+    /// than a write this host acknowledged, and that no record of this log
+    /// may overwrite later (the superblock; a header naming its new
+    /// writer). Otherwise a write and a flush of the device.
+    pub fn write_through(&self, addr: u64, block: &Block, what: &str) -> Result<()> {
         let meta = self.meta();
         match self.write_log() {
             Some(log) if self.coordinator().is_some() => {
-                if after_all {
-                    self.drain_log_to(log.head_lsn(), what)?;
-                }
+                self.drain_log_to(log.head_lsn(), what)?;
                 log.write_through(&block[..], addr * BLOCK_SIZE_U64)
                     .map_err(Error::io(format!("writing {what} at block {addr}")))
             }

@@ -363,7 +363,7 @@ impl Disk {
             // After everything logged before it: the blocks it references
             // and their bitmaps may be records of earlier commits still in
             // the log (a disk whose release could not drain it, reopened).
-            self.pool.write_through(addr, &block, "a VDI header", true)
+            self.pool.write_through(addr, &block, "a VDI header")
         } else {
             meta.write_block(addr, &block, "a VDI header")
                 .and_then(|_| meta.flush())

@@ -753,7 +753,7 @@ pub(super) fn commit_superblock(
     // Shared mode with a write-back log: the superblock goes to the pool
     // around the log, after everything before it (other hosts read it
     // there; a record of it replayed later would undo their changes).
-    let written = pool.write_through(addr, &b, "the superblock", true);
+    let written = pool.write_through(addr, &b, "the superblock");
     if let Err(e) = written {
         catalog.poisoned = true;
         return Err(e);
