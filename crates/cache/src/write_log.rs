@@ -304,6 +304,22 @@ impl Super {
     }
 }
 
+/// The session rules of replay: along the chain sessions never go down,
+/// and from the last session's first LSN (`start`) on a record is of that
+/// session (`current`) or later.
+#[derive(Debug, Clone, Copy)]
+struct Sessions {
+    last: u64,
+    current: u64,
+    start: u64,
+}
+
+impl Sessions {
+    fn admit(&self, h: &Header) -> bool {
+        h.session >= self.last && !(h.lsn >= self.start && h.session < self.current)
+    }
+}
+
 /// A record header as written (the first block of every record).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Header {
@@ -316,6 +332,10 @@ struct Header {
     blocks: u32,
     pool_block: u64,
     payload_crc: u32,
+    /// Every LSN below it was durable on the log device when this record
+    /// was built (0: not said: a record of an older version). Replay uses
+    /// it to tell a damaged flushed record from a torn unflushed one.
+    durable: u64,
 }
 
 impl Header {
@@ -332,6 +352,11 @@ impl Header {
         put32(b, 56, self.payload_crc);
         let crc = crc32c::crc32c(&b[..60]);
         put32(b, 60, crc);
+        // After the first checksum, with one of its own: headers written
+        // before this field decode as before (durable 0).
+        put(b, 64, self.durable);
+        let crc = crc32c::crc32c(&b[..72]);
+        put32(b, 72, crc);
     }
 
     fn decode(b: &[u8]) -> Option<Header> {
@@ -348,6 +373,11 @@ impl Header {
             blocks: get32(b, 44),
             pool_block: get(b, 48),
             payload_crc: get32(b, 56),
+            durable: if get32(b, 72) == crc32c::crc32c(&b[..72]) {
+                get(b, 64)
+            } else {
+                0
+            },
         })
     }
 }
@@ -776,12 +806,12 @@ impl Shared {
             let Some(h) = Header::decode(&head) else {
                 break;
             };
-            if h.lsn != lsn
-                || h.id != self.id
-                || h.pos != pos
-                || h.session < last_session
-                || (h.lsn >= start && h.session < session)
-            {
+            let sessions = Sessions {
+                last: last_session,
+                current: session,
+                start,
+            };
+            if h.lsn != lsn || h.id != self.id || h.pos != pos || !sessions.admit(&h) {
                 break;
             }
             let (kind, len) = match h.kind {
@@ -825,6 +855,19 @@ impl Shared {
             pos += len;
             lsn += 1;
         }
+        let sessions = Sessions {
+            last: last_session,
+            current: session,
+            start,
+        };
+        if let Some(durable) = self.flushed_beyond(pos, lsn, used, sessions)? {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!(
+                    "the write-back log is damaged: its record {lsn} (ring block {pos}) does not check out, yet a later record says every record below {durable} was flushed; nothing was replayed. Writes only this log holds are lost: give it up with `parallax forget-write-log` to open the store as the pool has it"
+                ),
+            ));
+        }
         self.dirty_count.store(dirty.len(), Ordering::SeqCst);
         self.replayed
             .store(st.records.len() as u64, Ordering::Relaxed);
@@ -841,13 +884,72 @@ impl Shared {
         Ok(())
     }
 
+    /// Replay stopped at ring block `pos`, where record `lsn` should be,
+    /// with `used` blocks of the ring taken before it: whether a record
+    /// after it says that `lsn` was flushed (then it was damaged, not torn
+    /// by a crash: a flush waits for every lower LSN). Returns the highest
+    /// such claim. Walks the headers that follow (skipping the stopped
+    /// record by its header, or, if that does not decode, looking for the
+    /// next one within the longest record), without checking payloads.
+    fn flushed_beyond(
+        &self,
+        mut pos: u64,
+        lsn: u64,
+        mut used: u64,
+        mut sessions: Sessions,
+    ) -> io::Result<Option<u64>> {
+        let ring_len = self.ring_end - RING_START;
+        let mut head = AlignedBuf::zeroed(BLOCK);
+        let mut want = lsn;
+        let mut claimed = 0;
+        let wrap = |p: u64| if p >= self.ring_end { RING_START } else { p };
+        while used < ring_len {
+            pos = wrap(pos);
+            self.dev.read_at(&mut head, pos * BLOCK_U64)?;
+            let mut h = Header::decode(&head).filter(|h| h.id == self.id && h.pos == pos);
+            if h.is_none() && want == lsn {
+                // The stopped record's own header is unreadable: find the
+                // next record's within the longest record.
+                for skip in 1..=MAX_RECORD_BLOCKS + 1 {
+                    let p = wrap(pos + skip);
+                    self.dev.read_at(&mut head, p * BLOCK_U64)?;
+                    if let Some(next) = Header::decode(&head).filter(|n| {
+                        n.id == self.id && n.pos == p && n.lsn == lsn + 1 && sessions.admit(n)
+                    }) {
+                        used += skip;
+                        pos = p;
+                        want = lsn + 1;
+                        h = Some(next);
+                        break;
+                    }
+                }
+            }
+            let Some(h) = h.filter(|h| h.lsn == want && sessions.admit(h)) else {
+                break;
+            };
+            sessions.last = h.session;
+            claimed = claimed.max(h.durable);
+            let len = match h.kind {
+                KIND_PAD => self.ring_end - pos,
+                KIND_WRITE if (1..=MAX_RECORD_BLOCKS).contains(&(h.blocks as u64)) => {
+                    1 + h.blocks as u64
+                }
+                _ => break,
+            };
+            used += len;
+            pos += len;
+            want += 1;
+        }
+        Ok((claimed > lsn).then_some(claimed))
+    }
+
     /// Appends one record for `data` (whole blocks, at most
     /// `MAX_RECORD_BLOCKS`) at pool block `pool_block`.
     fn append(&self, pool_block: u64, data: &[u8]) -> io::Result<()> {
         let blocks = (data.len() / BLOCK) as u64;
         let need = 1 + blocks;
         let ring_len = self.ring_end - RING_START;
-        let (rec, pad, session) = {
+        let (rec, pad, session, durable) = {
             let mut st = self.state.lock();
             loop {
                 if let Some(f) = &st.failed {
@@ -893,10 +995,10 @@ impl Shared {
             }
             st.record_blocks += payload_blocks(&rec);
             st.records.push_back(rec);
-            (rec, pad, st.session)
+            (rec, pad, st.session, st.durable)
         };
         let lsn = rec.lsn;
-        let written = self.write_record(&rec, pad, session, data);
+        let written = self.write_record(&rec, pad, (session, durable), data);
         if written.is_ok() {
             let mut dirty = self.dirty.lock();
             note_dirty(&mut dirty, &rec);
@@ -934,7 +1036,7 @@ impl Shared {
         &self,
         rec: &Rec,
         pad: Option<Rec>,
-        session: u64,
+        (session, durable): (u64, u64),
         data: &[u8],
     ) -> io::Result<()> {
         let (pool_block, blocks) = match rec.kind {
@@ -953,6 +1055,7 @@ impl Shared {
                 blocks: 0,
                 pool_block: 0,
                 payload_crc: 0,
+                durable,
             }
             .encode_into(&mut b);
             self.dev.write_at(&b, p.pos * BLOCK_U64)?;
@@ -969,6 +1072,7 @@ impl Shared {
             blocks: blocks as u32,
             pool_block,
             payload_crc: crc32c::crc32c(data),
+            durable,
         };
         h.encode_into(&mut b[..BLOCK]);
         self.dev.write_at(&b, rec.pos * BLOCK_U64)
@@ -1759,6 +1863,51 @@ mod tests {
             0,
             "a stale record of session 1 replayed"
         );
+    }
+
+    /// Three one-block records (ring blocks 2-3, 4-5, 6-7) held in the log
+    /// (the destage gate closed), a flush after each of the first `flushed`
+    /// ones; then the process dies, `damage` is written over ring block
+    /// `at`, and the log is opened again.
+    fn damaged_log(flushed: usize, at: u64) -> io::Result<(WriteLog, Found)> {
+        let pool: Arc<dyn BlockDevice> = Arc::new(MemDevice::new(POOL_BLOCKS * BLOCK_U64));
+        let dev = Arc::new(MemDevice::new(MIN_LOG_BYTES));
+        let (log, _) = open(dev.clone(), pool.clone(), 0);
+        log.set_destage_gate(Arc::new(|| false));
+        let id = log.id();
+        log.set_wanted(true);
+        for (i, seed) in [10, 20, 30].into_iter().enumerate() {
+            log.write_at(&block(seed), i as u64 * BLOCK_U64).unwrap();
+            if i < flushed {
+                log.flush().unwrap();
+            }
+        }
+        log.shared.state.lock().stop = true;
+        drop(log);
+        dev.write_at(&[0x5a; BLOCK], at * BLOCK_U64).unwrap();
+        WriteLog::open(dev, pool, STORE, id, 0)
+    }
+
+    /// A flushed record that does not check out is damage, not a crash's
+    /// torn tail: the records after it say it was flushed. Replay refuses
+    /// rather than drop it (and every flushed record after it) in silence.
+    #[test]
+    fn a_damaged_flushed_record_is_reported_not_skipped() {
+        // The first record's payload, then its header: both flushed (the
+        // later records say so).
+        for at in [3, 2] {
+            let err = damaged_log(2, at).err().expect("a damaged log replayed");
+            assert!(err.to_string().contains("damaged"), "{err}");
+        }
+        // The second one's payload, unflushed: a torn tail, cut silently
+        // (the first record replays).
+        let (log, found) = damaged_log(1, 5).unwrap();
+        assert_eq!(found, Found::Replayed);
+        assert_eq!(log.stats().replayed, 1);
+        assert_eq!(read_seed(&log, 0), 10);
+        // Undamaged: all three.
+        let (log, _) = damaged_log(2, 100).unwrap();
+        assert_eq!(log.stats().replayed, 3);
     }
 
     /// After the ring has wrapped, the records of the last lap lie beyond
