@@ -1896,7 +1896,7 @@ mod tests {
         // The first record's payload, then its header: both flushed (the
         // later records say so).
         for at in [3, 2] {
-            let err = damaged_log(2, at).err().expect("a damaged log replayed");
+            let err = damaged_log(2, at).expect_err("a damaged log replayed");
             assert!(err.to_string().contains("damaged"), "{err}");
         }
         // The second one's payload, unflushed: a torn tail, cut silently
