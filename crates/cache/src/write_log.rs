@@ -1733,7 +1733,10 @@ mod tests {
 
     #[test]
     fn a_log_the_pool_does_not_name_is_dropped_and_one_it_names_must_be_there() {
-        let pool: Arc<dyn BlockDevice> = Arc::new(MemDevice::new(POOL_BLOCKS * BLOCK_U64));
+        // The pool refuses writes: the record stays in the log whatever
+        // the destager tries between the steps.
+        let pool: Arc<dyn BlockDevice> =
+            Arc::new(Refusing(MemDevice::new(POOL_BLOCKS * BLOCK_U64)));
         let dev = Arc::new(MemDevice::new(MIN_LOG_BYTES));
         let (log, _) = open(dev.clone(), pool.clone(), 0);
         let id = log.id();
@@ -1760,6 +1763,27 @@ mod tests {
         assert_eq!(found, Found::Dropped);
         assert_eq!(read_seed(&log, 0), 0);
         assert_ne!(log.id(), id);
+    }
+
+    /// A pool that refuses every write (reads zeros).
+    struct Refusing(MemDevice);
+
+    impl BlockDevice for Refusing {
+        fn len(&self) -> u64 {
+            self.0.len()
+        }
+        fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+            self.0.read_at(buf, offset)
+        }
+        fn write_at(&self, _buf: &[u8], _offset: u64) -> io::Result<()> {
+            Err(io::Error::other("the pool refuses writes"))
+        }
+        fn flush(&self) -> io::Result<()> {
+            Ok(())
+        }
+        fn discard(&self, _offset: u64, _len: u64) -> io::Result<()> {
+            Ok(())
+        }
     }
 
     /// A descriptor lent while direct keeps the destage back once logging

@@ -1,49 +1,14 @@
 //! The write-back log under the engine: what a FLUSH promises under each
 //! policy while the log logs, with the destage held back.
 
-use parallax_device::{BlockDevice, MemDevice};
+mod common;
+
+use common::gate::{Gate, OpenOnDrop};
+use parallax_device::MemDevice;
 use parallax_engine::{CachePolicy, CreateOptions, OpenOptions, Store, WriteLog, MIN_LOG_BYTES};
-use std::io;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{mpsc, Arc};
 use std::time::Duration;
-
-/// A pool whose writes wait while the gate is closed (the destage stalls).
-struct Gate {
-    inner: MemDevice,
-    closed: AtomicBool,
-}
-
-impl BlockDevice for Gate {
-    fn len(&self) -> u64 {
-        self.inner.len()
-    }
-    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
-        self.inner.read_at(buf, offset)
-    }
-    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
-        while self.closed.load(Ordering::SeqCst) {
-            std::thread::sleep(Duration::from_millis(1));
-        }
-        self.inner.write_at(buf, offset)
-    }
-    fn flush(&self) -> io::Result<()> {
-        self.inner.flush()
-    }
-    fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
-        self.inner.discard(offset, len)
-    }
-}
-
-/// Opens the gate when dropped: a failed assertion must not leave the
-/// store's clean stop waiting for a destage that cannot finish.
-struct OpenOnDrop(Arc<Gate>);
-
-impl Drop for OpenOnDrop {
-    fn drop(&mut self) {
-        self.0.closed.store(false, Ordering::SeqCst);
-    }
-}
 
 /// The disk `name`'s first block on the pool alone (the log given up).
 fn on_pool_alone(pool: &Gate, name: &str) -> Vec<u8> {
@@ -57,10 +22,7 @@ fn on_pool_alone(pool: &Gate, name: &str) -> Vec<u8> {
 
 #[test]
 fn a_write_back_flush_is_durable_in_the_log_and_a_write_through_flush_on_the_pool() {
-    let pool = Arc::new(Gate {
-        inner: MemDevice::new(64 << 20),
-        closed: AtomicBool::new(false),
-    });
+    let pool = Gate::new(64 << 20);
     drop(Store::create(pool.clone(), &CreateOptions::default()).unwrap());
     let id = Store::peek_id(&*pool).unwrap();
     let (log, _) = WriteLog::open(

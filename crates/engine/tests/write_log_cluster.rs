@@ -4,58 +4,17 @@
 //! writes are only in that log. Another host must never read the disk, or
 //! take it, as the pool alone has it.
 
-use parallax_device::{BlockDevice, MemDevice};
+mod common;
+
+use common::gate::{Gate, OpenOnDrop};
+use parallax_device::MemDevice;
 use parallax_engine::{
     CachePolicy, Coordinator, CreateOptions, Error, Found, MemCluster, OpenOptions, Store,
     WriteLog, MIN_LOG_BYTES,
 };
-use std::io;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{mpsc, Arc};
 use std::time::Duration;
-
-/// The shared pool: its writes wait while the gate is closed (the destage
-/// stalls, and so does anything written straight to it), and fail while
-/// `failing` (a host cut off from it, then killed).
-struct Gate {
-    inner: MemDevice,
-    closed: AtomicBool,
-    failing: AtomicBool,
-}
-
-impl BlockDevice for Gate {
-    fn len(&self) -> u64 {
-        self.inner.len()
-    }
-    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
-        self.inner.read_at(buf, offset)
-    }
-    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
-        while self.closed.load(Ordering::SeqCst) {
-            if self.failing.load(Ordering::SeqCst) {
-                return Err(io::Error::other("cut off from the pool"));
-            }
-            std::thread::sleep(Duration::from_millis(1));
-        }
-        self.inner.write_at(buf, offset)
-    }
-    fn flush(&self) -> io::Result<()> {
-        self.inner.flush()
-    }
-    fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
-        self.inner.discard(offset, len)
-    }
-}
-
-/// Opens the gate when dropped: a failed assertion must not leave a
-/// store's clean stop waiting for a destage that cannot finish.
-struct OpenOnDrop(Arc<Gate>);
-
-impl Drop for OpenOnDrop {
-    fn drop(&mut self) {
-        self.0.closed.store(false, Ordering::SeqCst);
-    }
-}
 
 const BLOCKS: u64 = 48;
 
@@ -76,11 +35,7 @@ struct World {
 
 impl World {
     fn new() -> World {
-        let pool = Arc::new(Gate {
-            inner: MemDevice::new(64 << 20),
-            closed: AtomicBool::new(false),
-            failing: AtomicBool::new(false),
-        });
+        let pool = Gate::new(64 << 20);
         drop(Store::create(pool.clone(), &CreateOptions::default()).unwrap());
         World {
             store_id: Store::peek_id(&*pool).unwrap(),

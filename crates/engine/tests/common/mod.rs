@@ -4,6 +4,8 @@
 
 #![allow(dead_code)]
 
+pub mod gate;
+
 use parallax_engine::{Durability, Error, ReadDisk, Schedule, Store, Vdi};
 use std::collections::BTreeMap;
 
