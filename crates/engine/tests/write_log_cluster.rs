@@ -13,7 +13,7 @@ use parallax_engine::{
     WriteLog, MIN_LOG_BYTES,
 };
 use std::sync::atomic::Ordering;
-use std::sync::{mpsc, Arc};
+use std::sync::Arc;
 use std::time::Duration;
 
 const BLOCKS: u64 = 48;
@@ -36,7 +36,12 @@ struct World {
 impl World {
     fn new() -> World {
         let pool = Gate::new(64 << 20);
-        drop(Store::create(pool.clone(), &CreateOptions::default()).unwrap());
+        // Small extents: each host gets its own.
+        let options = CreateOptions {
+            extent_data_blocks: 256,
+            host_id: 1,
+        };
+        drop(Store::create(pool.clone(), &options).unwrap());
         World {
             store_id: Store::peek_id(&*pool).unwrap(),
             pool,
@@ -149,20 +154,7 @@ fn a_hand_off_drains_the_log_first_and_the_new_holder_reads_every_flushed_write(
     );
     assert!(log.stats().dirty_bytes > 0);
 
-    // The hand-off waits for the destage.
-    let (tx, rx) = mpsc::channel();
-    let giver = {
-        let s1 = s1.clone();
-        std::thread::spawn(move || tx.send(s1.hand_off("d", 2).map(|_| ())).unwrap())
-    };
-    let early = rx.recv_timeout(Duration::from_millis(300));
-    assert!(
-        early.is_err(),
-        "the hand-off went on while the disk's writes were only in the log: {early:?}"
-    );
-    drop(gate);
-    rx.recv_timeout(Duration::from_secs(20)).unwrap().unwrap();
-    giver.join().unwrap();
+    waits_for_the_pool(gate, "the hand-off", || s1.hand_off("d", 2)).unwrap();
 
     let d = s2.open_vdi("d").unwrap();
     assert_round(|b, o| d.read(b, o).unwrap(), 2, "host 2 after the hand-off");
@@ -175,24 +167,99 @@ fn letting_a_disk_go_drains_the_log_first() {
     let (s1, _log) = host1_with_disk(&w);
     let gate = w.close_gate();
     write_round(&s1, "d", 2);
-    let (tx, rx) = mpsc::channel();
-    let closer = {
-        let s1 = s1.clone();
-        std::thread::spawn(move || tx.send(s1.close_vdi("d").map(|_| ())).unwrap())
-    };
-    let early = rx.recv_timeout(Duration::from_millis(300));
-    assert!(
-        early.is_err(),
-        "the disk was let go while its writes were only in the log: {early:?}"
-    );
-    drop(gate);
-    rx.recv_timeout(Duration::from_secs(20)).unwrap().unwrap();
-    closer.join().unwrap();
+    waits_for_the_pool(gate, "letting the disk go", || s1.close_vdi("d")).unwrap();
     let d = s2.open_vdi("d").unwrap();
     assert_round(
         |b, o| d.read(b, o).unwrap(),
         2,
         "host 2 after host 1 let the disk go",
+    );
+}
+
+/// Runs `f` (with the gate closed: what the log holds cannot reach the
+/// pool) and checks that it waits for the pool: it has not returned after
+/// 300 ms; then opens the gate and returns what `f` returned.
+fn waits_for_the_pool<T: Send>(gate: OpenOnDrop, what: &str, f: impl FnOnce() -> T + Send) -> T {
+    std::thread::scope(|scope| {
+        let running = scope.spawn(f);
+        std::thread::sleep(Duration::from_millis(300));
+        let early = running.is_finished();
+        drop(gate);
+        assert!(
+            !early,
+            "{what} went on while what it needs was only in the log"
+        );
+        running.join().unwrap()
+    })
+}
+
+/// A catalogue change (here a new disk) is on the pool when it returns:
+/// the superblock goes there around the log, after what it names.
+#[test]
+fn a_catalogue_change_reaches_the_pool_before_it_returns() {
+    let w = World::new();
+    let s2 = w.plain(2);
+    let (s1, _log) = host1_with_disk(&w);
+    let gate = w.close_gate();
+    write_round(&s1, "d", 2);
+    waits_for_the_pool(gate, "creating a disk", || s1.create_vdi("e", 4096)).unwrap();
+    assert!(
+        s2.list().contains(&"e".to_string()),
+        "host 2 does not see the disk host 1 created: {:?}",
+        s2.list()
+    );
+}
+
+/// A catalogue change never enters the log (the superblock goes to the
+/// pool around it): host 1 killed in the middle of creating a disk leaves
+/// nothing that, replayed when it comes back, would land over the
+/// catalogue host 2 changed meanwhile.
+#[test]
+fn a_killed_hosts_catalogue_change_never_lands_over_a_later_one() {
+    let w = World::new();
+    let s2 = w.plain(2);
+    let (s1, log) = host1_with_disk(&w);
+    let gate = w.close_gate();
+    write_round(&s1, "d", 2);
+    std::thread::scope(|scope| {
+        let creating = scope.spawn(|| s1.create_vdi("e", 4096).map(drop));
+        std::thread::sleep(Duration::from_millis(300));
+        // Cut off from the pool: what waits for it fails.
+        w.pool.failing.store(true, Ordering::SeqCst);
+        let _ = creating.join().unwrap();
+    });
+    w.kill_host1(s1, log);
+    drop(gate);
+    s2.create_vdi("f", 4096).unwrap();
+    let (s1, _log, found) = w.with_log();
+    assert_eq!(found, Found::Replayed);
+    for (host, store) in [(1, &s1), (2, &s2)] {
+        assert!(
+            store.list().contains(&"f".to_string()),
+            "host {host} lost the disk host 2 created: {:?}",
+            store.list()
+        );
+    }
+}
+
+/// Reclaiming a deleted snapshot keeps the catalogue lock until the
+/// reclaiming commit is on the pool: a host that then looks for the
+/// snapshot there finds it gone, never pins one whose blocks are reused.
+#[test]
+fn a_reclaimed_snapshot_is_gone_from_the_pool_before_the_lock_goes() {
+    let w = World::new();
+    let s2 = w.plain(2);
+    let (s1, log) = host1_with_disk(&w);
+    let d = s1.open_vdi("d").unwrap();
+    d.snapshot(Some("s")).unwrap();
+    log.drain_to(log.head_lsn()).unwrap();
+    let gate = w.close_gate();
+    d.delete_snapshot("s").unwrap();
+    let freed = waits_for_the_pool(gate, "reclaiming", || s1.reclaim_hidden()).unwrap();
+    assert!(freed > 0);
+    assert!(
+        matches!(s2.open_snapshot("d", "s"), Err(Error::NotFound(_))),
+        "host 2 found a snapshot host 1 reclaimed"
     );
 }
 
