@@ -68,6 +68,16 @@ use std::sync::Arc;
 
 const ROOT_LEVEL: u8 = (TREE_HEIGHT - 1) as u8;
 
+/// Where a synchronous commit writes its header.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum HeaderTo {
+    /// The store's device (the write-back log, when it logs).
+    Device,
+    /// The pool itself, around a write-back log (`Pool::write_through`):
+    /// see [`Disk::commit_header_through`].
+    PoolAroundLog,
+}
+
 /// When a pipelined commit's caller gets control back.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Durability {
@@ -326,6 +336,29 @@ impl Disk {
         st: &mut Exclusive<'_>,
         snapshot: Option<NewSnapshot>,
     ) -> Result<()> {
+        self.commit_with(st, snapshot, HeaderTo::Device)
+    }
+
+    /// [`Disk::commit_header`], the header written straight to the pool
+    /// around a write-back log (shared mode: the acquire or takeover
+    /// commit). Another host that reads the pool then sees this host's
+    /// epoch before this host writes anything of the disk to its log; had
+    /// it gone into the log, a crash before its destage would let another
+    /// host open the disk as let go, and the replay of the record would
+    /// later land over that host's header.
+    pub(crate) fn commit_header_through(&self) -> Result<()> {
+        let mut st = self.exclusive()?;
+        st.header_dirty = true;
+        self.commit_with(&mut st, None, HeaderTo::PoolAroundLog)
+    }
+
+    /// [`Disk::commit`], the header written as `header_to` says.
+    fn commit_with(
+        &self,
+        st: &mut Exclusive<'_>,
+        snapshot: Option<NewSnapshot>,
+        header_to: HeaderTo,
+    ) -> Result<()> {
         self.usable(st)?;
         self.fold_fresh(st)?;
         self.finish_staged(st)?;
@@ -359,14 +392,14 @@ impl Disk {
         // The point of no return: the header write may land or not.
         let addr = self.header_addrs[st.next_slot];
         let (block, _) = prepared.header.encode(meta.store_id, addr);
-        let written = if self.header_through.load(Ordering::SeqCst) {
+        let written = match header_to {
             // After everything logged before it: the blocks it references
             // and their bitmaps may be records of earlier commits still in
             // the log (a disk whose release could not drain it, reopened).
-            self.pool.write_through(addr, &block, "a VDI header")
-        } else {
-            meta.write_block(addr, &block, "a VDI header")
-                .and_then(|_| meta.flush())
+            HeaderTo::PoolAroundLog => self.pool.write_through(addr, &block, "a VDI header"),
+            HeaderTo::Device => meta
+                .write_block(addr, &block, "a VDI header")
+                .and_then(|_| meta.flush()),
         };
         if let Err(e) = written {
             st.poisoned = true;

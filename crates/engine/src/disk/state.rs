@@ -415,9 +415,6 @@ pub(crate) struct Disk {
     /// [`Disk::drain_log`]).
     log_mark: AtomicU64,
     log_mark_changes: AtomicU64,
-    /// The next header goes to the pool around the write-back log (see
-    /// [`Disk::commit_header_through`]).
-    pub(super) header_through: std::sync::atomic::AtomicBool,
 }
 
 impl Disk {
@@ -479,7 +476,6 @@ impl Disk {
             changes: AtomicU64::new(0),
             log_mark: AtomicU64::new(0),
             log_mark_changes: AtomicU64::new(u64::MAX),
-            header_through: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -701,28 +697,13 @@ impl Disk {
         self.state.write().mark_handed_off(0);
     }
 
-    /// Commits the header (with whatever is pending): shared mode, right
-    /// after opening, so that it names this writer and epoch.
+    /// Commits the header (with whatever is pending), so that it names this
+    /// writer and epoch: shared mode, a key taken back under a new lease
+    /// (opening writes it with [`Disk::commit_header_through`]).
     pub(crate) fn commit_header(&self) -> Result<()> {
         let mut st = self.exclusive()?;
         st.header_dirty = true;
         self.commit(&mut st, None)
-    }
-
-    /// [`Disk::commit_header`], the header written straight to the pool
-    /// around a write-back log (shared mode: the acquire or takeover
-    /// commit). Another host that reads the pool then sees this host's
-    /// epoch before this host writes anything of the disk to its log; had
-    /// it gone into the log, a crash before its destage would let another
-    /// host open the disk as let go, and the replay of the record would
-    /// later land over that host's header.
-    pub(crate) fn commit_header_through(&self) -> Result<()> {
-        let mut st = self.exclusive()?;
-        st.header_dirty = true;
-        self.header_through.store(true, Ordering::SeqCst);
-        let done = self.commit(&mut st, None);
-        self.header_through.store(false, Ordering::SeqCst);
-        done
     }
 
     /// Shared mode with a write-back log: waits until everything this disk
