@@ -153,7 +153,8 @@ impl Drop for StoreInner {
         // If draining fails, the name stays and the log replays next time.
         if let Some(log) = self.pool.write_log() {
             if let Some(c) = self.pool.coordinator() {
-                if log.drain_all().is_ok() && !log.is_given_up() {
+                // (A log given up does not drain.)
+                if log.drain_all().is_ok() {
                     let _ = c.unname_write_log();
                 }
             } else if log.drain_all().is_ok() {
@@ -298,7 +299,9 @@ impl Store {
             // named no more until a write-back disk is opened here again:
             // the disks that run held and did not let go can be taken over
             // by other hosts (none could meanwhile: the log was named).
-            if log.is_logging() {
+            // (The destager may have written them all already: it starts as
+            // the log opens.)
+            if log.stats().replayed > 0 || log.is_logging() {
                 log.drain_all().map_err(Error::io(
                     "destaging the write-back log left by the last run",
                 ))?;
@@ -374,9 +377,7 @@ impl Store {
             .any(|d| d.cache_policy() == parallax_format::CachePolicy::WriteBack);
         if wanted && !log.is_logging() {
             if let Some(c) = self.inner.pool.coordinator() {
-                if c.write_log_of(c.host_id())?.map(|(id, _)| id) != Some(log.id()) {
-                    c.name_write_log(log.id(), log.locator())?;
-                }
+                c.name_write_log(log.id(), log.locator())?;
                 log.set_wanted(true);
                 return Ok(());
             }
