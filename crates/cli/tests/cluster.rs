@@ -2088,6 +2088,17 @@ fn pattern_cmds(verb: &str, p: u8, blocks: u64) -> Vec<String> {
     cmds
 }
 
+/// Checks with `qemu-io` that the first `blocks` blocks at `uri` hold
+/// pattern `p`.
+fn reads_pattern(uri: &str, p: u8, blocks: u64, what: &str) {
+    let r = qemu_io(uri, &pattern_cmds("read", p, blocks));
+    assert!(
+        r.status.success() && !text(&r).contains("verification failed"),
+        "{what}: {}",
+        text(&r)
+    );
+}
+
 /// A write-back disk in cluster mode (docs/CACHE.md §9.8): handed off, the
 /// new holder reads every flushed write; its holder killed, no other host
 /// takes it (its writes may be only in that host's log) until the host is
@@ -2108,12 +2119,7 @@ fn a_write_back_disk_is_handed_off_and_taken_over_only_with_its_log() {
 
     // Handed off: host 1 drains its log first; host 2 reads everything.
     c.ok(1, &["handoff", "wb", "--to", "2"]);
-    let r = qemu_io(&c.uri(2, "wb"), &pattern_cmds("read", 1, BLOCKS));
-    assert!(
-        r.status.success() && !text(&r).contains("verification failed"),
-        "host 2 after the hand-off: {}",
-        text(&r)
-    );
+    reads_pattern(&c.uri(2, "wb"), 1, BLOCKS, "host 2 after the hand-off");
 
     // Host 2 writes round 2 (write-back there too: the policy is the
     // disk's) and is killed.
@@ -2132,12 +2138,7 @@ fn a_write_back_disk_is_handed_off_and_taken_over_only_with_its_log() {
     c.hosts[1] = c.start(2);
     let t = c.json(2, &["takeover", "wb"]);
     assert_eq!(t["taken_over"], true, "{t}");
-    let r = qemu_io(&c.uri(2, "wb"), &pattern_cmds("read", 2, BLOCKS));
-    assert!(
-        r.status.success() && !text(&r).contains("verification failed"),
-        "host 2 after its restart: {}",
-        text(&r)
-    );
+    reads_pattern(&c.uri(2, "wb"), 2, BLOCKS, "host 2 after its restart");
 
     // Killed again, its cache lost: the operator gives its log up (refused
     // while host 2's lease lives), then host 1 takes the disk over from
