@@ -49,11 +49,12 @@
 //!   Switching back to direct happens only with no record left.
 
 use crate::layout::BLOCK;
-use parallax_device::{AlignedBuf, BlockDevice, FdLease};
+use parallax_device::{AlignedBuf, BlockDevice, EndFdWrite, FdLease, FdTransfer, FdWrite};
 use parking_lot::{Condvar, Mutex, RwLock};
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::hash::{BuildHasher, Hasher};
 use std::io;
+use std::ops::Range;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -943,79 +944,126 @@ impl Shared {
         Ok((claimed > lsn).then_some(claimed))
     }
 
+    /// Whether records of `needs` ring blocks each (in that order, with
+    /// the pads their wraps take) fit in the ring now.
+    fn room_for(&self, st: &State, needs: &[u64]) -> bool {
+        let ring_len = self.ring_end - RING_START;
+        let (mut head, mut used) = (st.head, st.used);
+        for &need in needs {
+            let room_here = self.ring_end - head;
+            let pad = if room_here >= need { 0 } else { room_here };
+            if used + pad + need > ring_len {
+                return false;
+            }
+            if pad > 0 {
+                head = RING_START;
+            }
+            used += pad + need;
+            head += need;
+            if head >= self.ring_end {
+                head = RING_START;
+            }
+        }
+        true
+    }
+
+    /// Gives the next record (`blocks` of payload for pool block
+    /// `pool_block`) its LSN and its place in the ring, after a pad if the
+    /// ring wraps first; [`Shared::room_for`] said it fits.
+    fn place(&self, st: &mut State, pool_block: u64, blocks: u64) -> (Option<Rec>, Rec) {
+        let need = 1 + blocks;
+        let room_here = self.ring_end - st.head;
+        let mut pad = None;
+        if room_here < need {
+            let p = Rec {
+                lsn: st.next_lsn,
+                pos: st.head,
+                len: room_here,
+                kind: Kind::Pad,
+                barrier: std::mem::take(&mut st.barrier_next),
+            };
+            st.next_lsn += 1;
+            st.used += room_here;
+            st.records.push_back(p);
+            st.head = RING_START;
+            pad = Some(p);
+        }
+        let rec = Rec {
+            lsn: st.next_lsn,
+            pos: st.head,
+            len: need,
+            kind: Kind::Write { pool_block, blocks },
+            barrier: std::mem::take(&mut st.barrier_next),
+        };
+        st.next_lsn += 1;
+        st.used += need;
+        st.head += need;
+        if st.head >= self.ring_end {
+            st.head = RING_START;
+        }
+        st.record_blocks += payload_blocks(&rec);
+        st.records.push_back(rec);
+        (pad, rec)
+    }
+
     /// Appends one record for `data` (whole blocks, at most
     /// `MAX_RECORD_BLOCKS`) at pool block `pool_block`.
     fn append(&self, pool_block: u64, data: &[u8]) -> io::Result<()> {
         let blocks = (data.len() / BLOCK) as u64;
-        let need = 1 + blocks;
-        let ring_len = self.ring_end - RING_START;
-        let (rec, pad, session, durable) = {
+        let (pad, rec, stamp) = {
             let mut st = self.state.lock();
             loop {
                 if let Some(f) = &st.failed {
                     return Err(io_err(format!("the write-back log failed: {f}")));
                 }
-                let room_here = self.ring_end - st.head;
-                let pad = if room_here >= need { 0 } else { room_here };
-                if st.used + pad + need <= ring_len {
+                if self.room_for(&st, &[1 + blocks]) {
                     break;
                 }
                 self.wake();
                 self.wait(&mut st, Duration::from_millis(100));
             }
-            let room_here = self.ring_end - st.head;
-            let mut pad = None;
-            if room_here < need {
-                let p = Rec {
-                    lsn: st.next_lsn,
-                    pos: st.head,
-                    len: room_here,
-                    kind: Kind::Pad,
-                    barrier: std::mem::take(&mut st.barrier_next),
-                };
-                st.next_lsn += 1;
-                st.used += room_here;
-                st.records.push_back(p);
-                st.head = RING_START;
-                pad = Some(p);
-            }
-            let kind = Kind::Write { pool_block, blocks };
-            let rec = Rec {
-                lsn: st.next_lsn,
-                pos: st.head,
-                len: need,
-                kind,
-                barrier: std::mem::take(&mut st.barrier_next),
-            };
-            st.next_lsn += 1;
-            st.used += need;
-            st.head += need;
-            if st.head >= self.ring_end {
-                st.head = RING_START;
-            }
-            st.record_blocks += payload_blocks(&rec);
-            st.records.push_back(rec);
-            (rec, pad, st.session, st.durable)
+            let (pad, rec) = self.place(&mut st, pool_block, blocks);
+            (pad, rec, (st.session, st.durable))
         };
-        let lsn = rec.lsn;
-        let written = self.write_record(&rec, pad, (session, durable), data);
+        let mut b = AlignedBuf::zeroed(BLOCK + data.len());
+        self.encode_record(&rec, stamp, data, &mut b);
+        let mut written = Ok(());
+        if let Some(p) = pad {
+            let mut h = AlignedBuf::zeroed(BLOCK);
+            self.encode_record(&p, stamp, &[], &mut h);
+            written = self.dev.write_at(&h, p.pos * BLOCK_U64);
+        }
+        if written.is_ok() {
+            written = self.dev.write_at(&b, rec.pos * BLOCK_U64);
+        }
+        let placed: Vec<Rec> = pad.into_iter().chain([rec]).collect();
+        self.count_written(&placed, &written);
+        written
+    }
+
+    /// Counts `placed` (records given their places) written, or, after
+    /// `written` failed, stops the log: a record that failed to be written
+    /// is never counted as written, so nothing after it is destaged or
+    /// acknowledged by a flush.
+    fn count_written(&self, placed: &[Rec], written: &io::Result<()>) {
         if written.is_ok() {
             let mut dirty = self.dirty.lock();
-            note_dirty(&mut dirty, &rec);
+            for rec in placed {
+                note_dirty(&mut dirty, rec);
+            }
             self.dirty_count.store(dirty.len(), Ordering::SeqCst);
         }
         let mut st = self.state.lock();
-        if let Err(e) = &written {
-            st.failed
-                .get_or_insert_with(|| format!("writing a record: {e}"));
-        }
-        // A record that failed to be written is never counted as written:
-        // nothing after it is destaged or acknowledged by a flush.
-        if written.is_ok() {
-            if let Some(p) = pad {
-                st.done.insert(p.lsn);
+        match written {
+            Ok(()) => {
+                for rec in placed {
+                    st.done.insert(rec.lsn);
+                }
             }
-            st.done.insert(lsn);
+            Err(e) => {
+                st.failed
+                    .get_or_insert_with(|| format!("writing a record: {e}"));
+            }
         }
         loop {
             let next = st.written_upto;
@@ -1026,56 +1074,146 @@ impl Shared {
         }
         drop(st);
         self.wake();
+        let blocks: u64 = placed.iter().map(payload_blocks).sum();
         self.appended
             .fetch_add(blocks * BLOCK_U64, Ordering::Relaxed);
-        written
     }
 
-    /// Writes `rec` (after `pad`, if the ring wrapped) with its payload.
-    fn write_record(
+    /// Fills `out` with `rec` as it lies in the ring: its header, then
+    /// `data` (a pad: its header only).
+    fn encode_record(
         &self,
         rec: &Rec,
-        pad: Option<Rec>,
         (session, durable): (u64, u64),
         data: &[u8],
-    ) -> io::Result<()> {
-        let (pool_block, blocks) = match rec.kind {
-            Kind::Write { pool_block, blocks } => (pool_block, blocks),
-            Kind::Pad => (0, 0),
+        out: &mut [u8],
+    ) {
+        let (kind, pool_block, blocks) = match rec.kind {
+            Kind::Write { pool_block, blocks } => (KIND_WRITE, pool_block, blocks),
+            Kind::Pad => (KIND_PAD, 0, 0),
         };
-        if let Some(p) = pad {
-            let mut b = AlignedBuf::zeroed(BLOCK);
-            Header {
-                lsn: p.lsn,
-                session,
-                id: self.id,
-                pos: p.pos,
-                kind: KIND_PAD,
-                barrier: p.barrier,
-                blocks: 0,
-                pool_block: 0,
-                payload_crc: 0,
-                durable,
-            }
-            .encode_into(&mut b);
-            self.dev.write_at(&b, p.pos * BLOCK_U64)?;
-        }
-        let mut b = AlignedBuf::zeroed(BLOCK + data.len());
-        b[BLOCK..].copy_from_slice(data);
-        let h = Header {
+        Header {
             lsn: rec.lsn,
             session,
             id: self.id,
             pos: rec.pos,
+            kind,
             barrier: rec.barrier,
-            kind: KIND_WRITE,
             blocks: blocks as u32,
             pool_block,
-            payload_crc: crc32c::crc32c(data),
+            payload_crc: if kind == KIND_WRITE {
+                crc32c::crc32c(data)
+            } else {
+                0
+            },
             durable,
+        }
+        .encode_into(&mut out[..BLOCK]);
+        out[BLOCK..BLOCK + data.len()].copy_from_slice(data);
+    }
+
+    /// Plans the records of `writes` for a caller that writes them by file
+    /// descriptor: see [`BlockDevice::plan_fd_write`]. `None` when not
+    /// logging, when the log lies on no file, when a write is not of whole
+    /// blocks inside the pool, when the log failed, or when the records do
+    /// not fit in the ring now (the caller's `write_at` waits for room).
+    fn plan_fd_write(
+        self: &Arc<Self>,
+        writes: &[(u64, &[u8])],
+        alloc: &mut dyn FnMut(usize) -> AlignedBuf,
+    ) -> Option<FdWrite> {
+        let (fd, base) = self.dev.fd_region()?;
+        let _mode = self.switch.try_read()?;
+        if !self.logging.load(Ordering::SeqCst) {
+            return None;
+        }
+        let mut pieces: Vec<(u64, &[u8])> = Vec::new();
+        for &(offset, data) in writes {
+            if data.is_empty()
+                || !offset.is_multiple_of(BLOCK_U64)
+                || !data.len().is_multiple_of(BLOCK)
+                || self.check_pool_range(offset, data.len() as u64).is_err()
+            {
+                return None;
+            }
+            for (i, chunk) in data.chunks(MAX_RECORD_BLOCKS as usize * BLOCK).enumerate() {
+                pieces.push((offset / BLOCK_U64 + i as u64 * MAX_RECORD_BLOCKS, chunk));
+            }
+        }
+        let needs: Vec<u64> = pieces
+            .iter()
+            .map(|p| 1 + (p.1.len() / BLOCK) as u64)
+            .collect();
+        let (placed, stamp) = {
+            let mut st = self.state.lock();
+            if st.failed.is_some() || !self.room_for(&st, &needs) {
+                return None;
+            }
+            let placed: Vec<(Option<Rec>, Rec)> = pieces
+                .iter()
+                .map(|&(block, data)| self.place(&mut st, block, (data.len() / BLOCK) as u64))
+                .collect();
+            (placed, (st.session, st.durable))
         };
-        h.encode_into(&mut b[..BLOCK]);
-        self.dev.write_at(&b, rec.pos * BLOCK_U64)
+        // Each record (a pad, or a header and its payload) at its place;
+        // records that follow each other in the ring, in one transfer.
+        let total: usize = placed
+            .iter()
+            .map(|(pad, rec)| (pad.is_some() as usize + rec.len as usize) * BLOCK)
+            .sum();
+        let mut buf = alloc(total);
+        if buf.len() != total {
+            // Not what was asked for: the places are taken, so fill them.
+            buf = AlignedBuf::zeroed(total);
+        }
+        let mut at = 0;
+        let mut records: Vec<(Rec, Range<usize>)> = Vec::new();
+        let mut transfers: Vec<FdTransfer> = Vec::new();
+        for (&(pad, rec), &(_, data)) in placed.iter().zip(&pieces) {
+            for (r, bytes) in pad.iter().map(|p| (p, &[][..])).chain([(&rec, data)]) {
+                let len = if matches!(r.kind, Kind::Pad) {
+                    BLOCK
+                } else {
+                    r.len as usize * BLOCK
+                };
+                self.encode_record(r, stamp, bytes, &mut buf[at..at + len]);
+                let offset = base + r.pos * BLOCK_U64;
+                match transfers.last_mut() {
+                    Some(t) if t.offset + t.buf.len() as u64 == offset && t.buf.end == at => {
+                        t.buf.end += len;
+                    }
+                    _ => transfers.push(FdTransfer {
+                        fd,
+                        offset,
+                        buf: at..at + len,
+                    }),
+                }
+                records.push((*r, at..at + len));
+                at += len;
+            }
+        }
+        let log = self.clone();
+        let end: EndFdWrite = Box::new(move |ok, written| log.end_fd_write(&records, ok, written));
+        Some(FdWrite::new(buf, transfers, end))
+    }
+
+    /// The end of a [`Shared::plan_fd_write`]: `records` with their bytes
+    /// in `written`. Unless `ok`, they are written again here (they hold
+    /// their places in the stream: a hole there would stop it).
+    fn end_fd_write(&self, records: &[(Rec, Range<usize>)], ok: bool, written: &[u8]) {
+        let outcome = if ok {
+            Ok(())
+        } else if records.iter().any(|(_, r)| r.end > written.len()) {
+            Err(io_err(
+                "records planned for io_uring were lost unwritten (a bug)",
+            ))
+        } else {
+            records.iter().try_for_each(|(rec, r)| {
+                self.dev.write_at(&written[r.clone()], rec.pos * BLOCK_U64)
+            })
+        };
+        let placed: Vec<Rec> = records.iter().map(|(rec, _)| *rec).collect();
+        self.count_written(&placed, &outcome);
     }
 
     /// Makes every record appended before the call durable on the log
@@ -1563,6 +1701,17 @@ impl BlockDevice for WriteLog {
         s.leases.fetch_add(1, Ordering::SeqCst);
         Some(FdLease::held(fd, Box::new(Lease(s.clone()))))
     }
+
+    /// While logging, on a log device that is a file: the records of
+    /// `writes`, placed in the log now, for the caller to write by
+    /// descriptor.
+    fn plan_fd_write(
+        &self,
+        writes: &[(u64, &[u8])],
+        alloc: &mut dyn FnMut(usize) -> AlignedBuf,
+    ) -> Option<FdWrite> {
+        self.shared.plan_fd_write(writes, alloc)
+    }
 }
 
 #[cfg(test)]
@@ -1813,6 +1962,181 @@ mod tests {
         log.drain_to(log.head_lsn()).unwrap();
         assert_eq!(log.stats().destaged_bytes, BLOCK_U64);
         assert_eq!(log.stats().dirty_bytes, 0);
+    }
+
+    /// A log in the second half of a cache file (so its descriptor's
+    /// offsets are not the log's), in front of `pool`; and the file, opened
+    /// again for the test's own writes.
+    fn log_on_a_file(
+        dir: &std::path::Path,
+        pool: Arc<dyn BlockDevice>,
+    ) -> (WriteLog, std::fs::File) {
+        let path = dir.join("cache");
+        drop(
+            parallax_device::FileDevice::create(&path, 2 * MIN_LOG_BYTES, Default::default())
+                .unwrap(),
+        );
+        let file: Arc<dyn BlockDevice> =
+            Arc::new(parallax_device::FileDevice::open(&path, Default::default()).unwrap());
+        let dev =
+            Arc::new(parallax_device::Slice::new(file, MIN_LOG_BYTES, MIN_LOG_BYTES).unwrap());
+        let (log, _) = open(dev, pool, 0);
+        let other = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+        (log, other)
+    }
+
+    fn mem_pool() -> Arc<MemDevice> {
+        Arc::new(MemDevice::new(POOL_BLOCKS * BLOCK_U64))
+    }
+
+    /// What the caller's io_uring would do: every transfer, by descriptor.
+    fn carry(planned: &mut FdWrite, file: &std::fs::File) -> AlignedBuf {
+        use std::os::unix::fs::FileExt;
+        let buf = planned.take_buf().expect("the records");
+        for t in &planned.transfers {
+            file.write_all_at(&buf[t.buf.clone()], t.offset).unwrap();
+        }
+        buf
+    }
+
+    fn zeroed(len: usize) -> AlignedBuf {
+        AlignedBuf::zeroed(len)
+    }
+
+    /// Records planned for io_uring: invisible until their plan ends (so a
+    /// read never finds an entry whose bytes are not there yet), visible
+    /// after, in LSN order whatever order the plans end in, and replayed
+    /// after a crash from where the descriptor put them.
+    #[test]
+    fn records_written_by_descriptor_count_when_their_plan_ends_and_replay() {
+        let dir = tempfile::tempdir().unwrap();
+        // Nothing reaches the pool before the crash: everything is replayed.
+        let refusing = Arc::new(Refusing(MemDevice::new(POOL_BLOCKS * BLOCK_U64)));
+        let (log, file) = log_on_a_file(dir.path(), refusing);
+        assert!(
+            log.plan_fd_write(&[(0, &block(1))], &mut zeroed).is_none(),
+            "planned while not logging (the pool's own descriptor is lent then)"
+        );
+        log.set_wanted(true);
+        let two = [block(2), block(3)].concat();
+        let mut a = log
+            .plan_fd_write(&[(0, &block(1)), (5 * BLOCK_U64, &two)], &mut zeroed)
+            .expect("a plan");
+        let mut b = log
+            .plan_fd_write(&[(0, &block(4))], &mut zeroed)
+            .expect("a plan");
+        let b_buf = carry(&mut b, &file);
+        let a_buf = carry(&mut a, &file);
+        assert_eq!(read_seed(&log, 0), 0, "a record read before its plan ended");
+        // The later plan ends first: the newer record of block 0 wins.
+        b.end(true, &b_buf);
+        assert_eq!(read_seed(&log, 0), 4);
+        a.end(true, &a_buf);
+        assert_eq!(
+            read_seed(&log, 0),
+            4,
+            "an older record replaced a newer one"
+        );
+        assert_eq!((read_seed(&log, 5), read_seed(&log, 6)), (2, 3));
+        log.flush().unwrap();
+        let id = log.id();
+        let dev = log.shared.dev.clone();
+        drop(log);
+        let pool = mem_pool();
+        let (log, found) = open(dev, pool.clone(), id);
+        assert_eq!(found, Found::Replayed);
+        assert_eq!(read_seed(&log, 0), 4);
+        assert_eq!((read_seed(&log, 5), read_seed(&log, 6)), (2, 3));
+        log.drain_all().unwrap();
+        assert_eq!(read_seed(&*pool, 0), 4);
+    }
+
+    /// A record planned for io_uring whose transfer failed, or never ran,
+    /// still fills its place in the stream (written again from the bytes
+    /// given back), so the log goes on; one whose bytes are lost stops the
+    /// log, and what came before it still reaches the pool.
+    #[test]
+    fn a_record_that_failed_by_descriptor_is_written_again_and_a_lost_one_stops_the_log() {
+        let dir = tempfile::tempdir().unwrap();
+        let pool = mem_pool();
+        let (log, _file) = log_on_a_file(dir.path(), pool.clone());
+        log.set_wanted(true);
+        // The transfer failed (here: never made): written again.
+        let mut failed = log.plan_fd_write(&[(0, &block(1))], &mut zeroed).unwrap();
+        let bytes = failed.take_buf().unwrap();
+        failed.end(false, &bytes);
+        // Dropped before its bytes were taken: written from them.
+        drop(
+            log.plan_fd_write(&[(BLOCK_U64, &block(2))], &mut zeroed)
+                .unwrap(),
+        );
+        log.write_at(&block(3), 2 * BLOCK_U64).unwrap();
+        log.flush().unwrap();
+        assert!(log.stats().failed.is_none());
+        assert_eq!(
+            (read_seed(&log, 0), read_seed(&log, 1), read_seed(&log, 2)),
+            (1, 2, 3)
+        );
+        // Its bytes taken and lost: the log stops there.
+        let mut lost = log
+            .plan_fd_write(&[(3 * BLOCK_U64, &block(4))], &mut zeroed)
+            .unwrap();
+        drop(lost.take_buf());
+        drop(lost);
+        let failed = log.stats().failed.expect("the lost record is reported");
+        assert!(failed.contains("lost unwritten"), "{failed}");
+        assert!(log.write_at(&block(5), 4 * BLOCK_U64).is_err());
+        assert!(log.flush().is_err());
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while read_seed(&*pool, 2) != 3 {
+            assert!(std::time::Instant::now() < deadline, "not destaged");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert_eq!((read_seed(&*pool, 0), read_seed(&*pool, 1)), (1, 2));
+    }
+
+    /// Planning never waits: a write that is not of whole blocks, or whose
+    /// records do not fit in the ring now, is not planned (and takes no
+    /// place); the caller's `write_at` waits for room instead.
+    #[test]
+    fn planning_refuses_what_it_cannot_place_now_and_takes_no_place() {
+        let dir = tempfile::tempdir().unwrap();
+        let (log, file) = log_on_a_file(dir.path(), mem_pool());
+        log.set_wanted(true);
+        assert!(log
+            .plan_fd_write(&[(100, &block(1))], &mut zeroed)
+            .is_none());
+        assert!(log
+            .plan_fd_write(&[(0, &block(1)[..100])], &mut zeroed)
+            .is_none());
+        assert!(log
+            .plan_fd_write(&[(POOL_BLOCKS * BLOCK_U64, &block(1))], &mut zeroed)
+            .is_none());
+        // Hold the destage back with plans not yet ended, and fill the ring.
+        let mut held = Vec::new();
+        let big: Vec<u8> = (0..64).flat_map(|i| block(100 + i)).collect();
+        loop {
+            let head = log.head_lsn();
+            match log.plan_fd_write(&[(0, &big), (64 * BLOCK_U64, &big)], &mut zeroed) {
+                Some(mut p) => {
+                    let bytes = carry(&mut p, &file);
+                    held.push((p, bytes));
+                }
+                None => {
+                    // Room for the first write but not both: neither placed.
+                    assert_eq!(log.head_lsn(), head, "a refused plan took a place");
+                    break;
+                }
+            }
+            assert!(held.len() < 1000, "the ring never filled");
+        }
+        for (p, bytes) in held {
+            p.end(true, &bytes);
+        }
+        // Room comes back as the destage goes on.
+        log.write_at(&block(7), 0).unwrap();
+        log.flush().unwrap();
+        assert_eq!(read_seed(&log, 0), 7);
     }
 
     /// The log device fails a write: that write and every later one fail,

@@ -23,6 +23,7 @@
 
 mod aligned;
 mod crash;
+mod fd_write;
 mod file;
 mod mem;
 mod nbd;
@@ -30,6 +31,7 @@ mod slice;
 
 pub use aligned::{is_aligned, AlignedBuf, ALIGN};
 pub use crash::{share_power, CrashDevice, CrashMode, Fault, SplitMix};
+pub use fd_write::{EndFdWrite, FdTransfer, FdWrite};
 pub use file::{FileDevice, OpenMode};
 pub use mem::MemDevice;
 pub use nbd::{NbdAddr, NbdDevice, NbdTarget, WriteGuard, REPLAY_LIMIT};
@@ -75,6 +77,29 @@ pub trait BlockDevice: Send + Sync {
     /// refuses new leases first and waits for the ones out.
     fn lend_fd(&self) -> Option<FdLease> {
         self.raw_fd().map(|fd| FdLease { fd, _hold: None })
+    }
+
+    /// The file descriptor behind the device and the file offset of the
+    /// device's offset 0 (a [`Slice`] of a file lies inside it), for a
+    /// device built on this one that plans I/O by descriptor.
+    fn fd_region(&self) -> Option<(std::os::fd::RawFd, u64)> {
+        self.raw_fd().map(|fd| (fd, 0))
+    }
+
+    /// Plans `writes` ((device offset, bytes) each) for a caller that moves
+    /// the bytes itself by file descriptor (io_uring), for a device that
+    /// lends no descriptor of its own ([`lend_fd`](Self::lend_fd) is `None`)
+    /// but knows where the bytes go (a write-back log). The writes count
+    /// as done only once [`FdWrite::end`] is called, after the transfers.
+    /// The bytes to write go in a buffer of the caller's (`alloc(len)`, an
+    /// aligned buffer of `len` bytes, whatever they hold: all are
+    /// overwritten). `None`: not possible now (the caller uses `write_at`).
+    fn plan_fd_write(
+        &self,
+        _writes: &[(u64, &[u8])],
+        _alloc: &mut dyn FnMut(usize) -> AlignedBuf,
+    ) -> Option<FdWrite> {
+        None
     }
 }
 
@@ -132,5 +157,15 @@ impl<T: BlockDevice + ?Sized> BlockDevice for std::sync::Arc<T> {
     }
     fn lend_fd(&self) -> Option<FdLease> {
         (**self).lend_fd()
+    }
+    fn fd_region(&self) -> Option<(std::os::fd::RawFd, u64)> {
+        (**self).fd_region()
+    }
+    fn plan_fd_write(
+        &self,
+        writes: &[(u64, &[u8])],
+        alloc: &mut dyn FnMut(usize) -> AlignedBuf,
+    ) -> Option<FdWrite> {
+        (**self).plan_fd_write(writes, alloc)
     }
 }

@@ -6,7 +6,8 @@ use std::sync::Arc;
 
 /// `[start, start + len)` of `inner`. Its file descriptor is the inner
 /// device's only when the range starts at 0 (offsets then mean the same on
-/// both); otherwise it has none.
+/// both); otherwise it has none, and [`BlockDevice::fd_region`] tells
+/// where in the file it lies.
 pub struct Slice {
     inner: Arc<dyn BlockDevice>,
     start: u64,
@@ -56,6 +57,11 @@ impl BlockDevice for Slice {
         } else {
             None
         }
+    }
+
+    fn fd_region(&self) -> Option<(std::os::fd::RawFd, u64)> {
+        let (fd, base) = self.inner.fd_region()?;
+        Some((fd, base.checked_add(self.start)?))
     }
 }
 

@@ -702,7 +702,7 @@ where
             replies: replies.clone(),
             received: std::time::Instant::now(),
         };
-        match plan_async(&ctx, &request) {
+        match plan_async(&ctx, &request, &payload) {
             Some(planned) if planned.uring.is_some() => {
                 tokio::spawn(job.run_async(planned, payload));
             }
@@ -752,6 +752,10 @@ impl Job {
 struct Planned {
     /// The ring, and the plan's transfers by file descriptor.
     uring: Option<(Arc<Uring>, Vec<FdTransfer>)>,
+    /// A WRITE whose data goes to a write-back log: the log's records (the
+    /// payload with their headers), which the transfers write instead of
+    /// the payload.
+    records: Option<AlignedBuf>,
     direction: Direction,
     plan: IoPlan,
 }
@@ -760,7 +764,7 @@ struct Planned {
 /// a plain aligned READ or WRITE (FUA, errors, other commands), a tree
 /// node is not cached, the store is full, or the disk is locked
 /// exclusively at this moment.
-fn plan_async(ctx: &Connection, req: &Request) -> Option<Planned> {
+fn plan_async(ctx: &Connection, req: &Request, payload: &[u8]) -> Option<Planned> {
     // Requests with flags go the blocking way, which checks them.
     if req.flags != 0 {
         return None;
@@ -782,12 +786,20 @@ fn plan_async(ctx: &Connection, req: &Request) -> Option<Planned> {
         _ => return None,
     };
     let mut plan = plan.ok()??;
-    let uring = match &ctx.uring {
-        Some(u) => plan.fd_transfers().map(|t| (u.clone(), t)),
-        None => None,
+    let mut records = None;
+    let uring = match (&ctx.uring, direction) {
+        (Some(u), Direction::Read) => plan.fd_transfers().map(|t| (u.clone(), t)),
+        (Some(u), Direction::Write) => plan
+            .fd_write_transfers(payload, &mut |len| BufPool::global().take(len))
+            .map(|(r, t)| {
+                records = r;
+                (u.clone(), t)
+            }),
+        (None, _) => None,
     };
     Some(Planned {
         uring,
+        records,
         direction,
         plan,
     })
@@ -847,6 +859,7 @@ impl Job {
     async fn run_async(self, planned: Planned, payload: AlignedBuf) {
         let Planned {
             uring,
+            records,
             direction,
             mut plan,
         } = planned;
@@ -854,6 +867,7 @@ impl Job {
             return self.run_planned(
                 Planned {
                     uring: None,
+                    records,
                     direction,
                     plan,
                 },
@@ -861,13 +875,19 @@ impl Job {
             );
         };
         let req = self.request;
-        let buf = match direction {
-            Direction::Read => BufPool::global().take(req.length as usize),
-            Direction::Write => payload,
+        // A WRITE to a write-back log writes the log's records, and keeps
+        // the payload for a retry.
+        let (buf, mut payload) = match (direction, records) {
+            (Direction::Read, _) => (BufPool::global().take(req.length as usize), None),
+            (Direction::Write, Some(records)) => (records, Some(payload)),
+            (Direction::Write, None) => (payload, None),
         };
         let zeros = std::mem::take(&mut plan.zeros);
         let copies = plan.take_copy_checks();
         let (mut buf, outcome) = uring.run(direction, buf, &transfers, Box::new(plan)).await;
+        if let Some(p) = payload.take() {
+            BufPool::global().give(std::mem::replace(&mut buf, p));
+        }
         if let Err(e) = outcome {
             return self.retry_blocking(direction, buf, &e);
         }

@@ -44,28 +44,39 @@ const RING_ENTRIES: u32 = 1024;
 pub type Deferred = Box<dyn FnOnce() + Send>;
 
 /// What an operation holds until its transfers are over, told how they
-/// went. The reaper calls it as soon as the last transfer completes, even
-/// if the submitting task is gone. It must not block: what would wait for
-/// a lock comes back as [`Deferred`].
+/// went and given the operation's buffer. The reaper calls it as soon as
+/// the last transfer completes, even if the submitting task is gone. It
+/// must not block: what would wait comes back as [`Deferred`].
 pub trait Completion: Send {
-    fn complete(self: Box<Self>, ok: bool) -> Option<Deferred>;
+    fn complete(self: Box<Self>, ok: bool, buf: &[u8]) -> Option<Deferred>;
 }
 
 /// An engine plan: a write's new blocks join the disk on success and go
-/// back to the pool on failure; the disk is unpinned either way.
+/// back to the pool on failure; the disk is unpinned either way. A write
+/// carried as write-back log records counts them written first; after a
+/// failure they are written again from a copy of the buffer, on the
+/// blocking pool (a rare path: the request is then retried anyway).
 impl Completion for IoPlan {
-    fn complete(self: Box<Self>, ok: bool) -> Option<Deferred> {
-        match self.try_finish(ok) {
+    fn complete(self: Box<Self>, ok: bool, buf: &[u8]) -> Option<Deferred> {
+        match self.try_finish_written(ok, buf) {
             Ok(()) => None,
-            Err(plan) => Some(Box::new(move || plan.finish(ok))),
+            Err(plan) => {
+                let copy = if plan.writes_log_records() {
+                    buf.to_vec()
+                } else {
+                    Vec::new()
+                };
+                Some(Box::new(move || plan.finish_written(ok, &copy)))
+            }
         }
     }
 }
 
-/// Completes `keep` where waiting is allowed (failures never wait).
-fn complete_here(keep: Box<dyn Completion>, ok: bool) {
-    if let Some(work) = keep.complete(ok) {
-        work();
+/// Completes `keep` of an operation that never reached the ring, on the
+/// blocking pool if that has to wait.
+async fn complete_unsubmitted(keep: Box<dyn Completion>, ok: bool, buf: &[u8]) {
+    if let Some(work) = keep.complete(ok, buf) {
+        let _ = tokio::task::spawn_blocking(work).await;
     }
 }
 
@@ -191,21 +202,24 @@ impl Uring {
         keep: Box<dyn Completion>,
     ) -> (AlignedBuf, io::Result<()>) {
         if transfers.is_empty() {
-            if let Some(work) = keep.complete(true) {
-                let _ = tokio::task::spawn_blocking(work).await;
-            }
+            complete_unsubmitted(keep, true, &buf).await;
             return (buf, Ok(()));
         }
         if transfers.len() > RING_ENTRIES as usize
             || transfers.iter().any(|t| t.buf.end > buf.len())
         {
-            complete_here(keep, false);
+            complete_unsubmitted(keep, false, &buf).await;
             let e = io::Error::other("transfer list does not fit the ring or the buffer");
             return (buf, Err(e));
         }
         let finished = match self.start(direction, buf, transfers, keep) {
             Ok(finished) => finished,
-            Err(failed) => return failed,
+            Err((buf, keep, e)) => {
+                if let Some(keep) = keep {
+                    complete_unsubmitted(keep, false, &buf).await;
+                }
+                return (buf, Err(e));
+            }
         };
         match finished.await {
             Ok(outcome) => outcome,
@@ -217,7 +231,7 @@ impl Uring {
     }
 
     /// Records the operation and submits it; on failure nothing is in
-    /// flight and the buffer comes back.
+    /// flight and the buffer and `keep` (not completed) come back.
     #[allow(clippy::type_complexity)]
     fn start(
         &self,
@@ -225,7 +239,10 @@ impl Uring {
         mut buf: AlignedBuf,
         transfers: &[FdTransfer],
         keep: Box<dyn Completion>,
-    ) -> Result<oneshot::Receiver<(AlignedBuf, io::Result<()>)>, (AlignedBuf, io::Result<()>)> {
+    ) -> Result<
+        oneshot::Receiver<(AlignedBuf, io::Result<()>)>,
+        (AlignedBuf, Option<Box<dyn Completion>>, io::Error),
+    > {
         let base = buf.as_mut_ptr();
         let (done, finished) = oneshot::channel();
         let slot = lock(&self.ops).insert(Op {
@@ -242,10 +259,7 @@ impl Uring {
                 Some(o) => (o.buf, o.keep),
                 None => (None, None),
             };
-            if let Some(keep) = keep {
-                complete_here(keep, false);
-            }
-            return Err((buf.unwrap_or_else(|| AlignedBuf::zeroed(0)), Err(e)));
+            return Err((buf.unwrap_or_else(|| AlignedBuf::zeroed(0)), keep, e));
         }
         Ok(finished)
     }
@@ -381,7 +395,11 @@ impl Uring {
         }
         for mut op in finished {
             let outcome = op.failure.take().map_or(Ok(()), Err);
-            let deferred = op.keep.take().and_then(|k| k.complete(outcome.is_ok()));
+            let written = op.buf.as_deref().unwrap_or(&[]);
+            let deferred = op
+                .keep
+                .take()
+                .and_then(|k| k.complete(outcome.is_ok(), written));
             let reply = move || {
                 if let (Some(done), Some(buf)) = (op.done.take(), op.buf.take()) {
                     let _ = done.send((buf, outcome));
@@ -421,7 +439,7 @@ mod tests {
     struct Keep(Arc<Mutex<Option<bool>>>);
 
     impl Completion for Keep {
-        fn complete(self: Box<Self>, ok: bool) -> Option<Deferred> {
+        fn complete(self: Box<Self>, ok: bool, _buf: &[u8]) -> Option<Deferred> {
             *lock(&self.0) = Some(ok);
             None
         }

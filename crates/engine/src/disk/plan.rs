@@ -35,7 +35,8 @@ use crate::error::Result;
 use crate::pool::Pool;
 use crate::tree::Tree;
 use parallax_cache::{Hit, ReadCache};
-use parallax_device::{BlockDevice, FdLease};
+pub use parallax_device::FdTransfer;
+use parallax_device::{AlignedBuf, BlockDevice, FdLease, FdWrite};
 use parallax_format::{Ptr, BLOCK_SIZE, BLOCK_SIZE_U64};
 use parking_lot::{ArcRwLockReadGuard, RawRwLock};
 use std::ops::Range;
@@ -52,17 +53,6 @@ pub struct Transfer {
     /// A read of one block the local read cache holds: read there (then
     /// checked), and from `device_offset` only if the copy fails its check.
     pub cached: Option<Hit>,
-}
-
-/// A transfer of an [`IoPlan`] by file descriptor: see
-/// [`IoPlan::fd_transfers`].
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct FdTransfer {
-    pub fd: std::os::fd::RawFd,
-    /// Byte offset in the file.
-    pub offset: u64,
-    /// Bytes of the caller's buffer it reads into or writes from.
-    pub buf: Range<usize>,
 }
 
 /// The copies a read plan takes from the read cache, to check once they
@@ -103,11 +93,16 @@ pub struct IoPlan {
     /// Write only: (virtual block, new data block) for the blocks the write
     /// allocated; they join the disk in [`IoPlan::finish`].
     links: Vec<(u64, u64)>,
+    /// Write only (and only for writes): the disk written.
     disk: Option<Arc<Disk>>,
     pin: Option<ArcRwLockReadGuard<RawRwLock, DiskState>>,
     /// The pool's descriptor, lent by [`IoPlan::fd_transfers`] until the
     /// plan goes (a write-back log destages nothing while it is out).
     lease: Option<FdLease>,
+    /// Write only: the write-back log's records of this write, planned by
+    /// descriptor ([`IoPlan::fd_write_transfers`]); they count as written
+    /// when the plan finishes, before its blocks join the disk.
+    log_write: Option<FdWrite>,
     _owner: Owner,
 }
 
@@ -142,6 +137,42 @@ impl IoPlan {
                 })
             })
             .collect()
+    }
+
+    /// A write plan's transfers by file descriptor, for a caller that holds
+    /// the write's bytes (`data`) and moves them itself (io_uring). Where
+    /// the pool lends its descriptor, those of [`IoPlan::fd_transfers`],
+    /// from `data` (`Some((None, transfers))`). Where the pool's writes go
+    /// to a write-back log, the log's records of them, to write from the
+    /// buffer returned (`Some((Some(records), transfers))`); the records
+    /// take their places in the log now and count as written when the plan
+    /// finishes: end it with [`IoPlan::finish_written`] (or
+    /// [`IoPlan::try_finish_written`]) and that buffer, which comes from
+    /// `alloc` (see [`BlockDevice::plan_fd_write`]). `None`: use
+    /// [`IoPlan::execute`].
+    pub fn fd_write_transfers(
+        &mut self,
+        data: &[u8],
+        alloc: &mut dyn FnMut(usize) -> AlignedBuf,
+    ) -> Option<(Option<AlignedBuf>, Vec<FdTransfer>)> {
+        // Only write plans name their disk.
+        self.disk.as_ref()?;
+        if let Some(t) = self.fd_transfers() {
+            return Some((None, t));
+        }
+        if self.log_write.is_some() || self.transfers.iter().any(|t| t.buf.end > data.len()) {
+            return None;
+        }
+        let writes: Vec<(u64, &[u8])> = self
+            .transfers
+            .iter()
+            .map(|t| (t.device_offset, &data[t.buf.clone()]))
+            .collect();
+        let mut planned = self.dev.plan_fd_write(&writes, alloc)?;
+        let records = planned.take_buf()?;
+        let transfers = planned.transfers.clone();
+        self.log_write = Some(planned);
+        Some((Some(records), transfers))
     }
 
     /// The checks of the copies this plan reads from the read cache, for a
@@ -209,6 +240,42 @@ impl IoPlan {
         } else {
             Err(self)
         }
+    }
+
+    /// [`IoPlan::finish`] for a plan carried by
+    /// [`IoPlan::fd_write_transfers`]: `written` is the buffer the
+    /// transfers wrote from. Write-back log records count as written first
+    /// (written again here, synchronously, unless `ok`), then the blocks
+    /// join the disk, so a read that finds them finds their records.
+    pub fn finish_written(mut self, ok: bool, written: &[u8]) {
+        if let Some(log_write) = self.log_write.take() {
+            log_write.end(ok, written);
+        }
+        self.finish(ok);
+    }
+
+    /// [`IoPlan::finish_written`] without waiting: gives the plan back if
+    /// it would have to wait (for the disk's lock, or, after a failure, to
+    /// write the log's records again: call [`IoPlan::finish_written`] then,
+    /// with a copy of `written`).
+    pub fn try_finish_written(
+        mut self: Box<Self>,
+        ok: bool,
+        written: &[u8],
+    ) -> std::result::Result<(), Box<IoPlan>> {
+        if self.log_write.is_some() && !ok {
+            return Err(self);
+        }
+        if let Some(log_write) = self.log_write.take() {
+            log_write.end(true, written);
+        }
+        self.try_finish(ok)
+    }
+
+    /// Whether the plan's transfers write a write-back log's records
+    /// (finish it with [`IoPlan::finish_written`]).
+    pub fn writes_log_records(&self) -> bool {
+        self.log_write.is_some()
     }
 
     /// Publishes or gives back the plan's new blocks; `false` if that
@@ -342,6 +409,7 @@ pub(super) fn plan_read(
         disk: None,
         pin: None,
         lease: None,
+        log_write: None,
         _owner: owner.clone(),
     }))
 }
@@ -459,6 +527,7 @@ impl Vdi {
             disk: Some(disk.clone()),
             pin: in_place.then_some(st),
             lease: None,
+            log_write: None,
             _owner: self.owner.clone(),
         }))
     }
