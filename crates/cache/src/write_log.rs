@@ -75,6 +75,21 @@ const BATCH_BLOCKS: u64 = 4096;
 /// each after its latency: the destage rate is about this many requests
 /// per round trip).
 const DESTAGE_THREADS: usize = 32;
+/// The nice value of the background destager (and of the threads of its
+/// batches): during a burst the writers come first.
+const BACKGROUND_NICE: i32 = 19;
+
+/// The two destager threads: see the module documentation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Destager {
+    /// Destages whenever records are ready, at a low CPU priority.
+    Background,
+    /// At the daemon's priority, only while something waits for the
+    /// destage (a drain, a writer waiting for room in the ring). A thread
+    /// of its own because an unprivileged thread cannot lower its nice
+    /// value again.
+    Urgent,
+}
 
 const KIND_WRITE: u32 = 1;
 const KIND_PAD: u32 = 3;
@@ -203,6 +218,27 @@ struct Shared {
     /// The log was given up (cluster mode: the operator forgot it while this
     /// appliance was fenced): nothing more is destaged, ever.
     given_up: AtomicBool,
+    /// Threads waiting for the destage (see [`Destager::Urgent`]).
+    waiting: AtomicUsize,
+    /// Tests only: the background destager stays idle.
+    background_paused: AtomicBool,
+}
+
+/// A thread waiting for the destage, counted while it lives.
+struct Waiting<'a>(&'a Shared);
+
+impl<'a> Waiting<'a> {
+    fn new(shared: &'a Shared) -> Self {
+        shared.waiting.fetch_add(1, Ordering::SeqCst);
+        shared.changed.notify_all();
+        Waiting(shared)
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.waiting.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 /// Whether the destager may write the pool now; see
@@ -212,7 +248,7 @@ pub type DestageGate = Arc<dyn Fn() -> bool + Send + Sync>;
 /// See the module documentation.
 pub struct WriteLog {
     shared: Arc<Shared>,
-    destager: Option<JoinHandle<()>>,
+    destagers: Vec<JoinHandle<()>>,
 }
 
 /// What [`WriteLog::open`] found on the log device.
@@ -499,6 +535,8 @@ impl WriteLog {
             destaging: Mutex::new(()),
             gate: RwLock::new(None),
             given_up: AtomicBool::new(false),
+            waiting: AtomicUsize::new(0),
+            background_paused: AtomicBool::new(false),
         });
         if found == Found::Replayed {
             shared.replay(sb.session, sb.session_start)?;
@@ -510,19 +548,25 @@ impl WriteLog {
             st.logging = !st.records.is_empty();
             shared.logging.store(st.logging, Ordering::SeqCst);
         }
-        let destager = {
-            let shared = shared.clone();
-            std::thread::Builder::new()
-                .name("px-destage".into())
-                .spawn(move || shared.destage_loop())?
-        };
-        Ok((
-            WriteLog {
-                shared,
-                destager: Some(destager),
-            },
-            found,
-        ))
+        let mut destagers = Vec::new();
+        for (role, name) in [
+            (Destager::Background, "px-destage"),
+            (Destager::Urgent, "px-destage-now"),
+        ] {
+            let runs = shared.clone();
+            let spawned = std::thread::Builder::new()
+                .name(name.into())
+                .spawn(move || runs.destage_loop(role));
+            match spawned {
+                Ok(t) => destagers.push(t),
+                Err(e) => {
+                    // The one already running stops with the log.
+                    drop(WriteLog { shared, destagers });
+                    return Err(e);
+                }
+            }
+        }
+        Ok((WriteLog { shared, destagers }, found))
     }
 
     /// A new log whose superblock outranks every copy on the device.
@@ -593,6 +637,7 @@ impl WriteLog {
     /// pool refuses the destage (the destager keeps trying).
     pub fn drain_to(&self, lsn: u64) -> io::Result<()> {
         let s = &*self.shared;
+        let _waiting = Waiting::new(s);
         let mut st = s.state.lock();
         loop {
             if st.tail_lsn >= lsn || (st.records.is_empty() && st.written_upto >= lsn) {
@@ -624,6 +669,7 @@ impl WriteLog {
     pub fn drain_all(&self) -> io::Result<()> {
         self.set_wanted(false);
         let s = &*self.shared;
+        let _waiting = Waiting::new(s);
         let mut st = s.state.lock();
         while st.logging {
             if let Some(f) = &st.failed {
@@ -741,7 +787,7 @@ impl Drop for WriteLog {
     fn drop(&mut self) {
         self.shared.state.lock().stop = true;
         self.shared.wake();
-        if let Some(t) = self.destager.take() {
+        for t in self.destagers.drain(..) {
             let _ = t.join();
         }
     }
@@ -1012,6 +1058,7 @@ impl Shared {
         let blocks = (data.len() / BLOCK) as u64;
         let (pad, rec, stamp) = {
             let mut st = self.state.lock();
+            let mut waiting = None;
             loop {
                 if let Some(f) = &st.failed {
                     return Err(io_err(format!("the write-back log failed: {f}")));
@@ -1019,9 +1066,11 @@ impl Shared {
                 if self.room_for(&st, &[1 + blocks]) {
                     break;
                 }
+                waiting.get_or_insert_with(|| Waiting::new(self));
                 self.wake();
                 self.wait(&mut st, Duration::from_millis(100));
             }
+            drop(waiting);
             let (pad, rec) = self.place(&mut st, pool_block, blocks);
             (pad, rec, (st.session, st.durable))
         };
@@ -1257,24 +1306,38 @@ impl Shared {
         Ok(())
     }
 
-    /// The destager: see the module documentation.
-    fn destage_loop(&self) {
+    /// A destager thread: see the module documentation.
+    fn destage_loop(&self, role: Destager) {
+        if role == Destager::Background {
+            // Raising one's own nice value needs no privilege.
+            let _ = rustix::process::setpriority_process(None, BACKGROUND_NICE);
+        }
         loop {
-            let batch: Vec<Rec> = {
+            {
                 let mut st = self.state.lock();
                 loop {
                     if st.stop {
                         return;
                     }
                     let ready = st.records.front().is_some_and(|r| r.lsn < st.written_upto);
+                    let mine = match role {
+                        Destager::Background => !self.background_paused.load(Ordering::SeqCst),
+                        Destager::Urgent => self.waiting.load(Ordering::SeqCst) > 0,
+                    };
                     if ready
+                        && mine
                         && self.leases.load(Ordering::SeqCst) == 0
                         && !self.given_up.load(Ordering::SeqCst)
                         && self.gate_open()
                     {
                         break;
                     }
-                    if st.records.is_empty() && st.logging && !st.wanted && st.failed.is_none() {
+                    if role == Destager::Background
+                        && st.records.is_empty()
+                        && st.logging
+                        && !st.wanted
+                        && st.failed.is_none()
+                    {
                         drop(st);
                         self.try_go_direct();
                         st = self.state.lock();
@@ -1282,27 +1345,15 @@ impl Shared {
                     }
                     self.wait(&mut st, Duration::from_millis(50));
                 }
-                // One batch never spans a barrier: what came before a
-                // flush is on the pool, flushed, before what came after.
-                let mut blocks = 0;
-                let upto = st.written_upto;
-                let first = st.records.front().map(|r| r.lsn);
-                st.records
-                    .iter()
-                    .take_while(|r| {
-                        let take = r.lsn < upto
-                            && blocks < BATCH_BLOCKS
-                            && (!r.barrier || Some(r.lsn) == first);
-                        if let Kind::Write { blocks: b, .. } = r.kind {
-                            blocks += b;
-                        }
-                        take
-                    })
-                    .copied()
-                    .collect()
-            };
+            }
             let destaged = {
+                // The batch is chosen under the lock: the other destager
+                // may have just destaged what was ready.
                 let _destage = self.destaging.lock();
+                let batch = self.next_batch();
+                if batch.is_empty() {
+                    continue;
+                }
                 self.destage(&batch)
             };
             match destaged {
@@ -1322,6 +1373,28 @@ impl Shared {
                 }
             }
         }
+    }
+
+    /// The next batch to destage: the oldest records written, at most
+    /// `BATCH_BLOCKS` payload blocks, never across a barrier (what came
+    /// before a flush is on the pool, flushed, before what came after).
+    fn next_batch(&self) -> Vec<Rec> {
+        let st = self.state.lock();
+        let mut blocks = 0;
+        let upto = st.written_upto;
+        let first = st.records.front().map(|r| r.lsn);
+        st.records
+            .iter()
+            .take_while(|r| {
+                let take =
+                    r.lsn < upto && blocks < BATCH_BLOCKS && (!r.barrier || Some(r.lsn) == first);
+                if let Kind::Write { blocks: b, .. } = r.kind {
+                    blocks += b;
+                }
+                take
+            })
+            .copied()
+            .collect()
     }
 
     fn gate_open(&self) -> bool {
@@ -1962,6 +2035,48 @@ mod tests {
         log.drain_to(log.head_lsn()).unwrap();
         assert_eq!(log.stats().destaged_bytes, BLOCK_U64);
         assert_eq!(log.stats().dirty_bytes, 0);
+    }
+
+    /// The background destager idle (as when the CPU is busy with a
+    /// burst: it runs at nice 19): records wait in the log until something
+    /// waits for them, and then the urgent destager moves them, for a
+    /// drain and for writers waiting for room alike.
+    #[test]
+    fn the_urgent_destager_moves_records_only_while_something_waits() {
+        let pool = Arc::new(MemDevice::new(4096 * BLOCK_U64));
+        let (log, _) = open(Arc::new(MemDevice::new(MIN_LOG_BYTES)), pool.clone(), 0);
+        log.shared.background_paused.store(true, Ordering::SeqCst);
+        log.set_wanted(true);
+        log.write_at(&block(1), 0).unwrap();
+        log.flush().unwrap();
+        std::thread::sleep(Duration::from_millis(300));
+        assert_eq!(
+            log.stats().destaged_bytes,
+            0,
+            "destaged with no one waiting"
+        );
+        std::thread::scope(|scope| {
+            let (tx, rx) = std::sync::mpsc::channel();
+            let log = &log;
+            scope.spawn(move || tx.send(log.drain_to(log.head_lsn()).is_ok()));
+            let drained = rx.recv_timeout(Duration::from_secs(30));
+            // Unstick the drain if the urgent destager failed it.
+            log.shared.background_paused.store(false, Ordering::SeqCst);
+            assert_eq!(drained, Ok(true), "no destage for a drain");
+            log.shared.background_paused.store(true, Ordering::SeqCst);
+        });
+        assert_eq!(read_seed(&*pool, 0), 1);
+        // 32 MiB through the 8 MiB log: the writer waits for room, and the
+        // urgent destager makes it.
+        for round in 0..32u64 {
+            let data: Vec<u8> = (0..256).flat_map(|i| block(round * 1000 + i)).collect();
+            log.write_at(&data, (round % 16) * 256 * BLOCK_U64).unwrap();
+        }
+        assert!(log.stats().destaged_bytes >= 16 << 20, "{:?}", log.stats());
+        log.drain_all().unwrap();
+        for b in 0..4096u64 {
+            assert_eq!(read_seed(&*pool, b), (16 + b / 256) * 1000 + b % 256);
+        }
     }
 
     /// A log in the second half of a cache file (so its descriptor's
