@@ -12,9 +12,22 @@
 //!   LSN), and discards are ignored (the engine sends none; a discard is a
 //!   hint whose range reads as unspecified); reads see the newest record of a block before the
 //!   pool; a flush makes the records durable on the log device, not the
-//!   pool. One thread destages records in LSN order, a batch at a time: the
+//!   pool. Records are destaged in LSN order, a batch at a time: the
 //!   batch's blocks written to the pool, the pool flushed, then the log's
 //!   durable tail moved past the batch.
+//!
+//! Records are written by the log itself (`write_at`, blocking), or placed
+//! by [`BlockDevice::plan_fd_write`] for a caller that writes them by file
+//! descriptor (the daemon's io_uring): placing gives them their LSNs and
+//! ring positions at once, and they count as written when the caller ends
+//! the plan ([`FdWrite::end`]), which writes them again itself if the
+//! caller's transfers failed.
+//!
+//! Two destager threads take turns, one batch at a time (under
+//! `destaging`): a background one at nice 19, so that a burst's writers
+//! get the CPU first and the log absorbs it, and an urgent one at the
+//! daemon's priority that only runs while something waits for the destage
+//! (a drain, a writer waiting for room in the ring).
 //!
 //! Why the pool stays consistent: the log is one ordered stream of every
 //! write the pool would have seen, and the pool receives a prefix of it
@@ -188,6 +201,11 @@ struct Shared {
     state: Mutex<State>,
     /// Signalled when records are written, destaged or space frees up.
     changed: Condvar,
+    /// What the destagers wait on, besides a 50 ms poll: signalled when a
+    /// thread starts waiting for the destage and when the log stops (not
+    /// at every record written: a wake-up per write costs a context
+    /// switch of an idle destager).
+    destage_wake: Condvar,
     /// Threads waiting on `changed`.
     sleepers: AtomicUsize,
     dirty: Mutex<HashMap<u64, Dirty>>,
@@ -230,7 +248,7 @@ struct Waiting<'a>(&'a Shared);
 impl<'a> Waiting<'a> {
     fn new(shared: &'a Shared) -> Self {
         shared.waiting.fetch_add(1, Ordering::SeqCst);
-        shared.changed.notify_all();
+        shared.destage_wake.notify_all();
         Waiting(shared)
     }
 }
@@ -518,6 +536,7 @@ impl WriteLog {
                 destage_error: None,
             }),
             changed: Condvar::new(),
+            destage_wake: Condvar::new(),
             sleepers: AtomicUsize::new(0),
             dirty: Mutex::new(HashMap::new()),
             dirty_count: AtomicUsize::new(0),
@@ -787,6 +806,7 @@ impl Drop for WriteLog {
     fn drop(&mut self) {
         self.shared.state.lock().stop = true;
         self.shared.wake();
+        self.shared.destage_wake.notify_all();
         for t in self.destagers.drain(..) {
             let _ = t.join();
         }
@@ -1343,7 +1363,8 @@ impl Shared {
                         st = self.state.lock();
                         continue;
                     }
-                    self.wait(&mut st, Duration::from_millis(50));
+                    self.destage_wake
+                        .wait_for(&mut st, Duration::from_millis(50));
                 }
             }
             let destaged = {
@@ -1369,7 +1390,7 @@ impl Shared {
                     if st.stop {
                         return;
                     }
-                    self.wait(&mut st, Duration::from_secs(1));
+                    self.destage_wake.wait_for(&mut st, Duration::from_secs(1));
                 }
             }
         }
@@ -1453,6 +1474,12 @@ impl Shared {
                         let Some((block, from)) = runs.get(i) else {
                             return;
                         };
+                        // Fenced (or given up) mid-batch: no further pool
+                        // write; the batch fails and its records stay.
+                        if let Some(why) = self.held_back() {
+                            failed.lock().get_or_insert(io_err(why));
+                            return;
+                        }
                         buf.truncate(0);
                         let _ = buf.resize_within(from.len() * BLOCK);
                         let done = self
@@ -1468,6 +1495,9 @@ impl Shared {
         });
         if let Some(e) = failed.into_inner() {
             return Err(e);
+        }
+        if let Some(why) = self.held_back() {
+            return Err(io_err(why));
         }
         self.pool.flush()?;
         {
@@ -1705,7 +1735,7 @@ impl Drop for Lease {
         // Only a destager holding records back waits for leases (a wake
         // per I/O otherwise costs a context switch of the idle destager).
         if self.0.logging.load(Ordering::SeqCst) {
-            self.0.wake();
+            self.0.destage_wake.notify_all();
         }
     }
 }
