@@ -123,10 +123,10 @@ fn a_write_carried_into_the_log_by_descriptor_counts_when_its_plan_finishes() {
     wb.write(&[1; 8192], 0).unwrap();
     let file = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
     let carry = |plan: &mut parallax_engine::IoPlan, data: &[u8], write: bool| {
-        let (records, transfers) = plan
+        let transfers = plan
             .fd_write_transfers(data, &mut AlignedBuf::zeroed)
             .expect("carried by descriptor");
-        let records = records.expect("into the log, not the pool");
+        let records = plan.take_log_records().expect("into the log, not the pool");
         if write {
             for t in &transfers {
                 file.write_all_at(&records[t.buf.clone()], t.offset)

@@ -752,10 +752,6 @@ impl Job {
 struct Planned {
     /// The ring, and the plan's transfers by file descriptor.
     uring: Option<(Arc<Uring>, Vec<FdTransfer>)>,
-    /// A WRITE whose data goes to a write-back log: the log's records (the
-    /// payload with their headers), which the transfers write instead of
-    /// the payload.
-    records: Option<AlignedBuf>,
     direction: Direction,
     plan: IoPlan,
 }
@@ -786,20 +782,15 @@ fn plan_async(ctx: &Connection, req: &Request, payload: &[u8]) -> Option<Planned
         _ => return None,
     };
     let mut plan = plan.ok()??;
-    let mut records = None;
     let uring = match (&ctx.uring, direction) {
         (Some(u), Direction::Read) => plan.fd_transfers().map(|t| (u.clone(), t)),
         (Some(u), Direction::Write) => plan
             .fd_write_transfers(payload, &mut |len| BufPool::global().take(len))
-            .map(|(r, t)| {
-                records = r;
-                (u.clone(), t)
-            }),
+            .map(|t| (u.clone(), t)),
         (None, _) => None,
     };
     Some(Planned {
         uring,
-        records,
         direction,
         plan,
     })
@@ -859,7 +850,6 @@ impl Job {
     async fn run_async(self, planned: Planned, payload: AlignedBuf) {
         let Planned {
             uring,
-            records,
             direction,
             mut plan,
         } = planned;
@@ -867,7 +857,6 @@ impl Job {
             return self.run_planned(
                 Planned {
                     uring: None,
-                    records,
                     direction,
                     plan,
                 },
@@ -875,9 +864,10 @@ impl Job {
             );
         };
         let req = self.request;
-        // A WRITE to a write-back log writes the log's records, and keeps
-        // the payload for a retry.
-        let (buf, mut payload) = match (direction, records) {
+        // A WRITE to a write-back log writes the log's records (taken just
+        // before the ring has them: no await until then), and keeps the
+        // payload for a retry.
+        let (buf, mut payload) = match (direction, plan.take_log_records()) {
             (Direction::Read, _) => (BufPool::global().take(req.length as usize), None),
             (Direction::Write, Some(records)) => (records, Some(payload)),
             (Direction::Write, None) => (payload, None),

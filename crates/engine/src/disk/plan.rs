@@ -142,23 +142,22 @@ impl IoPlan {
     /// A write plan's transfers by file descriptor, for a caller that holds
     /// the write's bytes (`data`) and moves them itself (io_uring). Where
     /// the pool lends its descriptor, those of [`IoPlan::fd_transfers`],
-    /// from `data` (`Some((None, transfers))`). Where the pool's writes go
-    /// to a write-back log, the log's records of them, to write from the
-    /// buffer returned (`Some((Some(records), transfers))`); the records
-    /// take their places in the log now and count as written when the plan
-    /// finishes: end it with [`IoPlan::finish_written`] (or
-    /// [`IoPlan::try_finish_written`]) and that buffer, which comes from
-    /// `alloc` (see [`BlockDevice::plan_fd_write`]). `None`: use
+    /// from `data`. Where the pool's writes go to a write-back log, the
+    /// log's records of them, placed in the log now, to write from the
+    /// buffer [`IoPlan::take_log_records`] hands over (filled from `alloc`:
+    /// see [`BlockDevice::plan_fd_write`]); they count as written when the
+    /// plan finishes: end it with [`IoPlan::finish_written`] (or
+    /// [`IoPlan::try_finish_written`]) and that buffer. `None`: use
     /// [`IoPlan::execute`].
     pub fn fd_write_transfers(
         &mut self,
         data: &[u8],
         alloc: &mut dyn FnMut(usize) -> AlignedBuf,
-    ) -> Option<(Option<AlignedBuf>, Vec<FdTransfer>)> {
+    ) -> Option<Vec<FdTransfer>> {
         // Only write plans name their disk.
         self.disk.as_ref()?;
         if let Some(t) = self.fd_transfers() {
-            return Some((None, t));
+            return Some(t);
         }
         if self.log_write.is_some() || self.transfers.iter().any(|t| t.buf.end > data.len()) {
             return None;
@@ -168,11 +167,19 @@ impl IoPlan {
             .iter()
             .map(|t| (t.device_offset, &data[t.buf.clone()]))
             .collect();
-        let mut planned = self.dev.plan_fd_write(&writes, alloc)?;
-        let records = planned.take_buf()?;
+        let planned = self.dev.plan_fd_write(&writes, alloc)?;
         let transfers = planned.transfers.clone();
         self.log_write = Some(planned);
-        Some((Some(records), transfers))
+        Some(transfers)
+    }
+
+    /// The write-back log records of a plan carried by
+    /// [`IoPlan::fd_write_transfers`], to write instead of the data: take
+    /// them right before handing them to the I/O (a plan dropped before
+    /// then writes them itself; one whose records were taken and lost
+    /// stops the log). `None` for a plan that writes the data itself.
+    pub fn take_log_records(&mut self) -> Option<AlignedBuf> {
+        self.log_write.as_mut()?.take_buf()
     }
 
     /// The checks of the copies this plan reads from the read cache, for a
