@@ -4,7 +4,7 @@
 mod common;
 
 use common::gate::{Gate, OpenOnDrop};
-use parallax_device::MemDevice;
+use parallax_device::{BlockDevice, MemDevice};
 use parallax_engine::{CachePolicy, CreateOptions, OpenOptions, Store, WriteLog, MIN_LOG_BYTES};
 use std::sync::atomic::Ordering;
 use std::sync::{mpsc, Arc};
@@ -20,25 +20,23 @@ fn on_pool_alone(pool: &Gate, name: &str) -> Vec<u8> {
     buf
 }
 
-#[test]
-fn a_write_back_flush_is_durable_in_the_log_and_a_write_through_flush_on_the_pool() {
-    let pool = Gate::new(64 << 20);
+/// A new store on `pool`, opened through a write-back log on `log_dev`.
+fn store_with_log(pool: &Arc<Gate>, log_dev: Arc<dyn BlockDevice>) -> (Store, Arc<WriteLog>) {
     drop(Store::create(pool.clone(), &CreateOptions::default()).unwrap());
-    let id = Store::peek_id(&*pool).unwrap();
-    let (log, _) = WriteLog::open(
-        Arc::new(MemDevice::new(MIN_LOG_BYTES)),
-        pool.clone(),
-        id,
-        0,
-        1,
-    )
-    .unwrap();
+    let id = Store::peek_id(&**pool).unwrap();
+    let (log, _) = WriteLog::open(log_dev, pool.clone(), id, 0, 1).unwrap();
     let log = Arc::new(log);
     let options = OpenOptions {
         write_log: Some(log.clone()),
         ..OpenOptions::default()
     };
-    let store = Store::open(log.clone(), &options).unwrap();
+    (Store::open(log.clone(), &options).unwrap(), log)
+}
+
+#[test]
+fn a_write_back_flush_is_durable_in_the_log_and_a_write_through_flush_on_the_pool() {
+    let pool = Gate::new(64 << 20);
+    let (store, log) = store_with_log(&pool, Arc::new(MemDevice::new(MIN_LOG_BYTES)));
     // Dropped before the store (declared after it).
     let _open = OpenOnDrop(pool.clone());
     let wb = store.create_vdi("wb", 1 << 20).unwrap();
@@ -104,16 +102,8 @@ fn a_write_carried_into_the_log_by_descriptor_counts_when_its_plan_finishes() {
     let path = dir.path().join("log");
     drop(FileDevice::create(&path, MIN_LOG_BYTES, Default::default()).unwrap());
     let pool = Gate::new(64 << 20);
-    drop(Store::create(pool.clone(), &CreateOptions::default()).unwrap());
-    let id = Store::peek_id(&*pool).unwrap();
     let log_dev = Arc::new(FileDevice::open(&path, Default::default()).unwrap());
-    let (log, _) = WriteLog::open(log_dev, pool.clone(), id, 0, 1).unwrap();
-    let log = Arc::new(log);
-    let options = OpenOptions {
-        write_log: Some(log.clone()),
-        ..OpenOptions::default()
-    };
-    let store = Store::open(log.clone(), &options).unwrap();
+    let (store, log) = store_with_log(&pool, log_dev);
     let _open = OpenOnDrop(pool.clone());
     let wb = store.create_vdi("wb", 1 << 20).unwrap();
     wb.set_cache_policy(CachePolicy::WriteBack).unwrap();
