@@ -287,6 +287,23 @@ fn io_err(msg: impl Into<String>) -> io::Error {
     io::Error::other(msg.into())
 }
 
+/// Why a destage batch stopped halfway: the destager was held back (see
+/// `Shared::held_back`), not a failure of the pool.
+#[derive(Debug)]
+struct HeldBack(String);
+
+impl std::fmt::Display for HeldBack {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for HeldBack {}
+
+fn held_back_error(why: String) -> io::Error {
+    io::Error::other(HeldBack(why))
+}
+
 fn put(b: &mut [u8], at: usize, v: u64) {
     b[at..at + 8].copy_from_slice(&v.to_le_bytes());
 }
@@ -1383,6 +1400,9 @@ impl Shared {
                     st.destage_error = None;
                     drop(st);
                 }
+                // Held back mid-batch (fenced): not a failure of the pool;
+                // the records wait for the gate like any others.
+                Err(e) if e.get_ref().is_some_and(|i| i.is::<HeldBack>()) => {}
                 Err(e) => {
                     self.destage_errors.fetch_add(1, Ordering::Relaxed);
                     let mut st = self.state.lock();
@@ -1477,7 +1497,7 @@ impl Shared {
                         // Fenced (or given up) mid-batch: no further pool
                         // write; the batch fails and its records stay.
                         if let Some(why) = self.held_back() {
-                            failed.lock().get_or_insert(io_err(why));
+                            failed.lock().get_or_insert(held_back_error(why));
                             return;
                         }
                         buf.truncate(0);
@@ -1497,7 +1517,7 @@ impl Shared {
             return Err(e);
         }
         if let Some(why) = self.held_back() {
-            return Err(io_err(why));
+            return Err(held_back_error(why));
         }
         self.pool.flush()?;
         {
