@@ -1,4 +1,4 @@
-//! Every on-disk decoder of format v1 gets the same arbitrary block: each
+//! Every on-disk decoder of the format gets the same arbitrary block: each
 //! must return an error or a value, never panic. Inputs shorter than a block
 //! are padded, so that the fuzzer reaches past the length check.
 #![no_main]
@@ -22,6 +22,7 @@ fuzz_target!(|data: &[u8]| {
     let _ = RegistryBlock::decode(&block, addr, None);
     let _ = VdiHeader::decode(&block, addr, None);
     let _ = LogBlock::decode(&block, addr, None);
+    let _ = JournalBlock::decode(&block, addr, None);
     for level in 0..4 {
         let _ = NodeBlock::decode(&block, addr, None, level);
     }

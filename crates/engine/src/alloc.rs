@@ -472,6 +472,7 @@ mod tests {
             write_log_id: 0,
             write_log_locator: 0,
             registry: vec![Ptr::NULL; SUPERBLOCK_REGISTRY_SLOTS],
+            journaled: false,
         }
     }
 

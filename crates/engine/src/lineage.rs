@@ -58,6 +58,9 @@ pub struct SnapshotInfo {
     /// taken by hand are kept until deleted.
     pub scheduled: bool,
     pub(crate) root: Ptr,
+    /// The head of the entry journal this snapshot holds on top of `root`
+    /// (null: a tree snapshot; see `parallax_format::JournalBlock`).
+    pub(crate) journal: Ptr,
     /// The version this one derives from (see `lineage.rs`).
     pub(crate) parent: u64,
     /// Deleted by the user but kept: other versions branch from it.
@@ -73,6 +76,7 @@ impl SnapshotInfo {
             size_bytes: e.size_bytes,
             scheduled: e.flags & LOG_FLAG_SCHEDULED != 0,
             root: e.root,
+            journal: e.journal,
             parent: e.parent,
             hidden: e.flags & LOG_FLAG_HIDDEN != 0,
         }
@@ -93,6 +97,7 @@ impl SnapshotInfo {
                 0
             },
             parent: self.parent,
+            journal: self.journal,
         }
     }
 }

@@ -5,7 +5,8 @@
 //!      0    4 magic       "PRLX"
 //!      4    1 kind        see `Kind`
 //!      5    1 level       tree nodes: 0 (points at data) .. 3 (root); else 0
-//!      6    2 version     format version that wrote the block (1)
+//!      6    2 version     format version that wrote the block (1; 2 for
+//!                         journal blocks and a journaled store's superblock)
 //!      8    4 crc32c      of the whole block with these 4 bytes zeroed
 //!     12    4 reserved    0
 //!     16    8 store_id    random id chosen by `init`
@@ -17,6 +18,9 @@
 
 use crate::bytes::*;
 use crate::{Block, FormatError, BLOCK_SIZE, FORMAT_VERSION};
+
+/// The version every block is written with unless it needs a newer one.
+pub const BASE_FORMAT_VERSION: u16 = 1;
 use std::fmt;
 
 /// The magic bytes opening every metadata block.
@@ -35,6 +39,7 @@ pub enum Kind {
     VdiHeader = 4,
     Node = 5,
     SnapshotLog = 6,
+    Journal = 7,
 }
 
 impl fmt::Display for Kind {
@@ -46,6 +51,7 @@ impl fmt::Display for Kind {
             Kind::VdiHeader => "VDI header",
             Kind::Node => "tree node",
             Kind::SnapshotLog => "snapshot log",
+            Kind::Journal => "entry journal",
         };
         f.write_str(name)
     }
@@ -62,6 +68,15 @@ pub struct MetaHeader {
     pub generation: u64,
 }
 
+/// The format version a block's header says wrote it (bytes 6..8); 0 for
+/// a buffer too short to hold one. Meaningful once the block was opened.
+pub fn block_version(block: &[u8]) -> u16 {
+    if block.len() < 8 {
+        return 0;
+    }
+    get_u16(block, 6)
+}
+
 /// crc32c of a block with its crc field taken as zero.
 pub fn block_crc(block: &[u8]) -> u32 {
     let crc = crc32c::crc32c(&block[..CRC_OFF]);
@@ -73,10 +88,17 @@ impl MetaHeader {
     /// Writes the header into `block` and seals it: computes the crc over
     /// the whole block. Call last, after the body is filled in. Returns the crc.
     pub fn seal(&self, block: &mut Block) -> u32 {
+        self.seal_as(block, BASE_FORMAT_VERSION)
+    }
+
+    /// [`MetaHeader::seal`] with format version `version` (at most
+    /// [`FORMAT_VERSION`]).
+    pub fn seal_as(&self, block: &mut Block, version: u16) -> u32 {
+        debug_assert!((1..=FORMAT_VERSION).contains(&version));
         block[0..4].copy_from_slice(&MAGIC);
         block[4] = self.kind as u8;
         block[5] = self.level;
-        put_u16(block, 6, FORMAT_VERSION);
+        put_u16(block, 6, version);
         put_u32(block, CRC_OFF, 0);
         put_u32(block, 12, 0);
         put_u64(block, 16, self.store_id);
@@ -220,10 +242,10 @@ mod tests {
             Err(FormatError::BadMagic { .. })
         ));
         let mut newer = b.clone();
-        newer[6] = 2;
+        newer[6] = 3;
         assert!(matches!(
             MetaHeader::open(&newer[..], Kind::Node, 77, None),
-            Err(FormatError::NewerVersion { found: 2, .. })
+            Err(FormatError::NewerVersion { found: 3, .. })
         ));
     }
 }

@@ -1,4 +1,4 @@
-//! Parallax on-disk format, version 1.
+//! Parallax on-disk format, versions 1 and 2 (2 adds the entry journal).
 //!
 //! This crate is pure: it turns 4 KiB blocks into typed values and back, and
 //! does no I/O. `docs/FORMAT.md` describes the same layouts for humans; the
@@ -18,6 +18,7 @@
 
 mod bitmap;
 mod header;
+mod journal;
 mod log;
 mod name;
 mod node;
@@ -27,7 +28,8 @@ mod superblock;
 mod vdi;
 
 pub use bitmap::{BitmapBlock, BITMAP_BITS};
-pub use header::{Kind, MetaHeader, MAGIC};
+pub use header::{block_version, Kind, MetaHeader, BASE_FORMAT_VERSION, MAGIC};
+pub use journal::{JournalBlock, JournalRecord, JOURNAL_FORMAT_VERSION, JOURNAL_RECORDS_PER_BLOCK};
 
 /// crc32c of a block as stored in its header (crc field taken as zero).
 /// Public for fuzzers and tools that forge valid blocks.
@@ -48,8 +50,10 @@ pub use vdi::{CachePolicy, Schedule, VdiHeader, VDI_FLAG_LINEAGE};
 pub const BLOCK_SIZE: usize = 4096;
 /// `BLOCK_SIZE` as a u64, for offset arithmetic.
 pub const BLOCK_SIZE_U64: u64 = BLOCK_SIZE as u64;
-/// The format version this code writes and the newest it reads.
-pub const FORMAT_VERSION: u16 = 1;
+/// The newest format version this code reads and writes: blocks are
+/// written as [`BASE_FORMAT_VERSION`] (1) unless they need version 2 (the
+/// entry journal; see `journal.rs` and the superblock).
+pub const FORMAT_VERSION: u16 = 2;
 /// Longest name of a disk or a snapshot, in bytes of UTF-8.
 pub const MAX_NAME_LEN: usize = 96;
 /// Largest block address a pointer can hold (40 bits): 4 PiB of store.

@@ -25,8 +25,16 @@
 //!             32    8 size_bytes  virtual size of the disk when taken (Taken)
 //!             40   96 name        UTF-8 (Taken)
 //!            136    8 parent      Taken: id of the version it derives from, 0 = the disk's origin
-//!            144   16 reserved
+//!            144    8 journal     Taken (format 2): Ptr to the head of the
+//!                                 entry journal chain the snapshot holds on
+//!                                 top of `root`, or null (a tree snapshot);
+//!                                 null in other records
+//!            152    8 reserved
 //! ```
+//!
+//! A *journal snapshot* (non-null `journal`) is its `root`, the base tree it
+//! shares with the live tree of its time, plus the records of the chain from
+//! `journal` (see `journal.rs`).
 
 use crate::bytes::*;
 use crate::{zeroed_block, Block, FormatError, Kind, MetaHeader, Ptr, MAX_NAME_LEN};
@@ -65,6 +73,9 @@ pub struct LogEntry {
     /// Taken: the snapshot id of the version this one derives from, 0 for
     /// the disk's origin (nothing, or the snapshot it was cloned from).
     pub parent: u64,
+    /// Taken: the head of the entry journal the snapshot holds on top of
+    /// `root` (null: none).
+    pub journal: Ptr,
 }
 
 impl LogEntry {
@@ -79,6 +90,7 @@ impl LogEntry {
             name: String::new(),
             flags: 0,
             parent: 0,
+            journal: Ptr::NULL,
         }
     }
 }
@@ -107,6 +119,7 @@ impl LogBlock {
             b[o] = e.kind as u8;
             b[o + 1] = e.flags;
             put_u64(&mut b[..], o + 136, e.parent);
+            put_u64(&mut b[..], o + 144, e.journal.0);
             put_u64(&mut b[..], o + 8, e.snapshot_id);
             put_u64(&mut b[..], o + 16, e.created_ns);
             put_u64(&mut b[..], o + 24, e.root.0);
@@ -162,14 +175,16 @@ impl LogBlock {
                 name: get_name(block, o + 4, o + 40, MAX_NAME_LEN, addr)?,
                 flags: block[o + 1],
                 parent: get_u64(block, o + 136),
+                journal: Ptr(get_u64(block, o + 144)),
             };
             let ok = e.snapshot_id != 0
                 && e.size_bytes.is_multiple_of(crate::BLOCK_SIZE_U64)
                 && e.root.is_valid()
+                && e.journal.is_valid()
                 && match kind {
                     LogEntryKind::Taken => !e.root.is_null() && !e.name.is_empty(),
                     LogEntryKind::Deleted | LogEntryKind::Hidden => {
-                        e.root.is_null() && e.flags == 0 && e.parent == 0
+                        e.root.is_null() && e.flags == 0 && e.parent == 0 && e.journal.is_null()
                     }
                 };
             if !ok {
@@ -202,6 +217,7 @@ mod tests {
                     name: "s1".into(),
                     flags: LOG_FLAG_SCHEDULED,
                     parent: 7,
+                    journal: Ptr::meta(12, 4, false),
                 },
                 LogEntry::removal(LogEntryKind::Hidden, 1, 4),
                 LogEntry::removal(LogEntryKind::Deleted, 1, 5),

@@ -2,7 +2,8 @@
 //!
 //! ```text
 //! offset size field
-//!      0   64 common header (kind 1, owner 0, generation = superblock generation)
+//!      0   64 common header (kind 1, owner 0, generation = superblock generation;
+//!              version 2 once a disk of the store has an entry journal)
 //!     64    8 total_blocks        size of the store in 4 KiB blocks
 //!     72    8 extent_data_blocks  data blocks per extent (D, at most 31744)
 //!     80    8 extent_count        number of extents
@@ -19,12 +20,20 @@
 //!    128 3968 registry[496]       Ptr to registry blocks (null = unused slot)
 //! ```
 //!
+//! The superblock has no room left for feature flags: a store one of whose
+//! disks may have an entry journal (format 2) says so by the version of its
+//! superblock copies, which a version-1 binary refuses, so that it never
+//! opens a disk while ignoring its journal.
+//!
 //! The two copies are written alternately (ping-pong): an update goes to the
 //! copy with the lower generation, after the other copy is durable. Opening
 //! picks the valid copy with the highest generation.
 
 use crate::bytes::*;
-use crate::{zeroed_block, Block, FormatError, Kind, MetaHeader, Ptr, BITMAP_BITS};
+use crate::header::{block_version, BASE_FORMAT_VERSION};
+use crate::{
+    zeroed_block, Block, FormatError, Kind, MetaHeader, Ptr, BITMAP_BITS, JOURNAL_FORMAT_VERSION,
+};
 
 /// Where the two superblock copies live.
 pub const SUPERBLOCK_ADDRS: [u64; 2] = [0, 1];
@@ -47,6 +56,9 @@ pub struct Superblock {
     pub write_log_id: u64,
     pub write_log_locator: u64,
     pub registry: Vec<Ptr>,
+    /// Disks of the store may have entry journals: the copy is written as
+    /// format version 2 (see the module documentation).
+    pub journaled: bool,
 }
 
 impl Superblock {
@@ -82,7 +94,14 @@ impl Superblock {
             owner: 0,
             generation: self.generation,
         }
-        .seal(&mut b);
+        .seal_as(
+            &mut b,
+            if self.journaled {
+                JOURNAL_FORMAT_VERSION
+            } else {
+                BASE_FORMAT_VERSION
+            },
+        );
         (b, crc)
     }
 
@@ -103,6 +122,7 @@ impl Superblock {
             registry: (0..SUPERBLOCK_REGISTRY_SLOTS)
                 .map(|i| Ptr(get_u64(block, REGISTRY_OFF + 8 * i)))
                 .collect(),
+            journaled: block_version(block) >= JOURNAL_FORMAT_VERSION,
         };
         sb.validate(addr)?;
         Ok(sb)
@@ -180,7 +200,21 @@ mod tests {
             write_log_id: 0,
             write_log_locator: 0,
             registry: vec![Ptr::NULL; SUPERBLOCK_REGISTRY_SLOTS],
+            journaled: false,
         }
+    }
+
+    /// A journaled store's superblock is written as version 2 and read
+    /// back as journaled; an unjournaled one stays version 1.
+    #[test]
+    fn journaled_is_the_version() {
+        let mut sb = sample();
+        let (b, _) = sb.encode(0);
+        assert_eq!(block_version(&b[..]), 1);
+        sb.journaled = true;
+        let (b, _) = sb.encode(0);
+        assert_eq!(block_version(&b[..]), 2);
+        assert_eq!(Superblock::decode(&b[..], 0).unwrap(), sb);
     }
 
     #[test]

@@ -38,8 +38,17 @@
 //!                              the pool), 1 = none, 2 = write-back (writes
 //!                              acknowledged once in the local write-back
 //!                              log); others refused
-//!    505 3591 reserved
+//!    505    7 reserved
+//!    512    8 journal_head      Ptr to the newest block of the live tree's
+//!                              entry journal (format 2, `journal.rs`), or
+//!                              null: the live tree is `root` plus the
+//!                              journal's records
+//!    520 3576 reserved
 //! ```
+//!
+//! `root` and `journal_head` are writable pointers unless a journal
+//! snapshot shares them (it names the same base tree and, if nothing was
+//! appended since, the same head).
 //!
 //! Headers written before `cache_policy` existed have 0 there
 //! (write-through, the default). A binary that predates it drops the field
@@ -148,6 +157,8 @@ pub struct VdiHeader {
     /// Host id of that writer (0 = none).
     pub writer_host: u64,
     pub cache_policy: CachePolicy,
+    /// The live tree's entry journal (see the layout above).
+    pub journal_head: Ptr,
 }
 
 impl VdiHeader {
@@ -174,6 +185,7 @@ impl VdiHeader {
         put_u64(&mut b[..], 488, self.writer_epoch);
         put_u64(&mut b[..], 496, self.writer_host);
         b[504] = self.cache_policy.code();
+        put_u64(&mut b[..], 512, self.journal_head.0);
         let crc = MetaHeader {
             kind: Kind::VdiHeader,
             level: 0,
@@ -216,6 +228,7 @@ impl VdiHeader {
             cache_policy: CachePolicy::from_code(block[504]).ok_or_else(|| {
                 FormatError::field(addr, "unknown cache policy (made by a newer version?)")
             })?,
+            journal_head: Ptr(get_u64(block, 512)),
         };
         if !v.size_bytes.is_multiple_of(crate::BLOCK_SIZE_U64) {
             return Err(FormatError::field(
@@ -223,7 +236,11 @@ impl VdiHeader {
                 "VDI size is not a multiple of 4096",
             ));
         }
-        if v.root.is_null() || !v.root.is_valid() || !v.log_head.is_valid() {
+        if v.root.is_null()
+            || !v.root.is_valid()
+            || !v.log_head.is_valid()
+            || !v.journal_head.is_valid()
+        {
             return Err(FormatError::field(
                 addr,
                 "VDI root or log pointer is malformed",
@@ -268,6 +285,7 @@ mod tests {
             writer_epoch: 1234,
             cache_policy: CachePolicy::None,
             writer_host: 3,
+            journal_head: Ptr::meta(400, 0x1234, false),
         };
         let (b, _) = v.encode(8, 50);
         assert_eq!(VdiHeader::decode(&b[..], 50, Some(8)).unwrap(), v);
@@ -319,6 +337,7 @@ mod tests {
             writer_epoch: 0,
             writer_host: 0,
             cache_policy: CachePolicy::WriteThrough,
+            journal_head: Ptr::NULL,
         }
     }
 }

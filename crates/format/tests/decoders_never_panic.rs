@@ -11,6 +11,7 @@ fn decode_all(block: &[u8], addr: u64) {
     let _ = RegistryBlock::decode(block, addr, None);
     let _ = VdiHeader::decode(block, addr, None);
     let _ = LogBlock::decode(block, addr, None);
+    let _ = JournalBlock::decode(block, addr, None);
     for level in 0..4 {
         let _ = NodeBlock::decode(block, addr, None, level);
     }
@@ -24,12 +25,12 @@ proptest! {
     }
 
     #[test]
-    fn resealed_blocks_with_valid_header(kind in 1u8..7, level in 0u8..4, body in proptest::collection::vec(any::<u8>(), BLOCK_SIZE - 64)) {
+    fn resealed_blocks_with_valid_header(kind in 1u8..8, level in 0u8..4, version in 1u8..3, body in proptest::collection::vec(any::<u8>(), BLOCK_SIZE - 64)) {
         let mut block = vec![0u8; BLOCK_SIZE];
         block[0..4].copy_from_slice(&MAGIC);
         block[4] = kind;
         block[5] = level;
-        block[6] = 1;
+        block[6] = version;
         block[64..].copy_from_slice(&body);
         let crc = block_crc_for_fuzzing(&block);
         block[8..12].copy_from_slice(&crc.to_le_bytes());

@@ -508,6 +508,7 @@ impl Disk {
                 size_bytes: st.size,
                 scheduled,
                 root: unchanged.unwrap_or(root),
+                journal: Ptr::NULL,
                 parent: live_parent,
                 hidden: false,
             };

@@ -437,6 +437,11 @@ impl Disk {
             )));
         }
         let log = load_log(&pool, &header)?;
+        if !header.journal_head.is_null() || log.snapshots.all().any(|s| !s.journal.is_null()) {
+            return Err(Error::Inconsistent(format!(
+                "disk {name} has an entry journal (format 2), which this build does not read"
+            )));
+        }
         verify_allocated(&pool, &name, &header, &log.addrs)?;
         let (snapshots, log_block, log_records) = (log.snapshots, log.head, log.records);
         Ok(Disk {

@@ -186,6 +186,7 @@ pub(super) fn format(dev: &dyn BlockDevice, extent_data_blocks: u64) -> Result<(
         write_log_id: 0,
         write_log_locator: 0,
         registry: vec![Ptr::NULL; SUPERBLOCK_REGISTRY_SLOTS],
+        journaled: false,
     };
     let io = Error::io("formatting the store");
     // Invalidate any previous store first: once both old superblocks are
@@ -238,6 +239,15 @@ pub(super) fn read_superblocks(dev: &dyn BlockDevice) -> Result<(Superblock, usi
         }
     }
     if let Some(best) = copies.into_iter().max_by_key(|(sb, _)| sb.generation) {
+        if best.0.journaled {
+            // Entry journals (format 2) are not read by this build yet
+            // (docs/JOURNAL-PLAN.md): refused as a newer format, never
+            // opened while ignoring them.
+            return Err(Error::NewerVersion {
+                found: parallax_format::JOURNAL_FORMAT_VERSION,
+                supported: parallax_format::BASE_FORMAT_VERSION,
+            });
+        }
         return Ok(best);
     }
     if let Some((_, FormatError::NewerVersion { found, .. })) = errors
@@ -469,6 +479,7 @@ impl Store {
                 writer_epoch: 0,
                 writer_host: 0,
                 cache_policy: Default::default(),
+                journal_head: Ptr::NULL,
             };
             let (b, _) = header.encode(meta.store_id, header_a);
             blocks.push((header_a, b));
