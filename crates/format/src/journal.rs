@@ -206,7 +206,8 @@ mod tests {
             .seal_as(&mut b, JOURNAL_FORMAT_VERSION);
             JournalBlock::decode(&b[..], 40, Some(1))
         };
-        let cases: [(&str, &dyn Fn(&mut Block)); 5] = [
+        type Edit<'a> = &'a dyn Fn(&mut Block);
+        let cases: [(&str, Edit); 5] = [
             ("count", &|b| put_u32(&mut b[..], 80, 249)),
             ("vblock", &|b| {
                 put_u64(&mut b[..], RECORDS_OFF, max_vblocks())
