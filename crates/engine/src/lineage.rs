@@ -43,9 +43,12 @@ use crate::meta::MetaIo;
 use crate::tree::span;
 use parallax_format::{
     LogEntry, LogEntryKind, NodeBlock, Ptr, FAN_OUT, LOG_FLAG_HIDDEN, LOG_FLAG_SCHEDULED,
+    TREE_HEIGHT,
 };
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
+
+const ROOT_LEVEL: u8 = (TREE_HEIGHT - 1) as u8;
 
 /// A snapshot as listed to users.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -315,17 +318,105 @@ fn same(a: Ptr, b: Ptr) -> bool {
     !a.is_null() && !b.is_null() && a.addr() == b.addr()
 }
 
-fn load_all(meta: &MetaIo, level: u8, ptrs: &[Ptr]) -> Result<Vec<Arc<NodeBlock>>> {
-    ptrs.iter()
-        .filter(|p| !p.is_null())
-        .map(|p| meta.load_node(*p, level))
-        .collect()
+/// One version of a disk as the walks below see it: a base tree and, for a
+/// journal version (a journal snapshot, or a journaled live tree), the
+/// level-0 entries its entry journal lays over it and the journal blocks
+/// it holds. A tree version has neither. Like tree nodes, journal blocks
+/// are held by a connected run of versions (the live tree's chain is
+/// copied on append, and a snapshot keeps the chain of its time), so they
+/// follow the same reclamation rule, compared as sets rather than by
+/// position.
+#[derive(Clone, Default, Debug)]
+pub(crate) struct Version {
+    pub root: Ptr,
+    /// Virtual block ─▶ entry (null: unmapped), over the base tree.
+    pub overlay: Arc<BTreeMap<u64, Ptr>>,
+    /// The journal blocks this version holds, sorted.
+    pub journal: Arc<Vec<u64>>,
+    /// Records in its journal chain (0 for a tree version).
+    pub records: u64,
 }
 
-/// Calls `f(addr, is_data)` for every block of the tree under `v` (a
-/// pointer to a node of level `level`) that none of `others` (pointers at
-/// the same tree position) references at the same position. Descends only
-/// where `v` differs from all of them.
+impl Version {
+    /// A tree version.
+    pub fn tree(root: Ptr) -> Self {
+        Version {
+            root,
+            ..Version::default()
+        }
+    }
+
+    fn entry(&self, v: u64, node_entry: Ptr) -> Ptr {
+        self.overlay.get(&v).copied().unwrap_or(node_entry)
+    }
+
+    fn overlays_in(&self, lo: u64, hi: u64) -> bool {
+        self.overlay.range(lo..hi).next().is_some()
+    }
+
+    /// Whether both lay the same entries over `[lo, hi)`.
+    fn same_overlay(&self, other: &Version, lo: u64, hi: u64) -> bool {
+        Arc::ptr_eq(&self.overlay, &other.overlay)
+            || self.overlay.range(lo..hi).eq(other.overlay.range(lo..hi))
+    }
+}
+
+/// A version at one tree position: the version and its node pointer there.
+#[derive(Clone, Copy)]
+struct At<'a> {
+    ver: &'a Version,
+    ptr: Ptr,
+}
+
+/// Virtual blocks covered by the level-`level` node number `pfx`.
+fn covered(level: u8, pfx: u64) -> (u64, u64) {
+    let n = span(level + 1);
+    (pfx * n, (pfx + 1) * n)
+}
+
+fn load_opt(meta: &MetaIo, level: u8, p: Ptr) -> Result<Option<Arc<NodeBlock>>> {
+    if p.is_null() {
+        Ok(None)
+    } else {
+        meta.load_node(p, level).map(Some)
+    }
+}
+
+fn child(node: &Option<Arc<NodeBlock>>, i: usize) -> Ptr {
+    node.as_ref().map_or(Ptr::NULL, |n| n.entries[i])
+}
+
+/// Calls `f(addr, is_data)` for every block of version `v` that none of
+/// `others` holds: tree blocks not at the same position in any of them,
+/// and journal blocks none of them holds. Descends only where `v` differs
+/// from all of them.
+pub(crate) fn exclusive_of(
+    meta: &MetaIo,
+    v: &Version,
+    others: &[&Version],
+    f: &mut dyn FnMut(u64, bool),
+) -> Result<()> {
+    let at: Vec<At<'_>> = others
+        .iter()
+        .map(|o| At {
+            ver: o,
+            ptr: o.root,
+        })
+        .collect();
+    let root = At {
+        ver: v,
+        ptr: v.root,
+    };
+    exclusive_at(meta, ROOT_LEVEL, 0, root, &at, f)?;
+    for &b in v.journal.iter() {
+        if !others.iter().any(|o| o.journal.binary_search(&b).is_ok()) {
+            f(b, false);
+        }
+    }
+    Ok(())
+}
+
+/// [`exclusive_of`] for tree versions, from a node of level `level`.
 pub(crate) fn exclusive_blocks(
     meta: &MetaIo,
     level: u8,
@@ -333,111 +424,281 @@ pub(crate) fn exclusive_blocks(
     others: &[Ptr],
     f: &mut dyn FnMut(u64, bool),
 ) -> Result<()> {
-    if v.is_null() || others.iter().any(|o| same(*o, v)) {
+    let vv = Version::tree(v);
+    let ov: Vec<Version> = others.iter().map(|&o| Version::tree(o)).collect();
+    let at: Vec<At<'_>> = ov
+        .iter()
+        .map(|o| At {
+            ver: o,
+            ptr: o.root,
+        })
+        .collect();
+    exclusive_at(meta, level, 0, At { ver: &vv, ptr: v }, &at, f)
+}
+
+fn exclusive_at(
+    meta: &MetaIo,
+    level: u8,
+    pfx: u64,
+    v: At<'_>,
+    others: &[At<'_>],
+    f: &mut dyn FnMut(u64, bool),
+) -> Result<()> {
+    let (lo, hi) = covered(level, pfx);
+    let v_over = v.ver.overlays_in(lo, hi);
+    if v.ptr.is_null() && !v_over {
         return Ok(());
     }
-    f(v.addr(), false);
-    let node = meta.load_node(v, level)?;
-    let other_nodes = load_all(meta, level, others)?;
+    let identical = |o: &At<'_>| {
+        (same(o.ptr, v.ptr) || (o.ptr.is_null() && v.ptr.is_null()))
+            && (!v_over && !o.ver.overlays_in(lo, hi) || v.ver.same_overlay(o.ver, lo, hi))
+    };
+    if others.iter().any(identical) {
+        return Ok(());
+    }
+    if !v.ptr.is_null() && !others.iter().any(|o| same(o.ptr, v.ptr)) {
+        f(v.ptr.addr(), false);
+    }
+    let node = load_opt(meta, level, v.ptr)?;
+    let other_nodes = others
+        .iter()
+        .map(|o| load_opt(meta, level, o.ptr))
+        .collect::<Result<Vec<_>>>()?;
     if level == 0 {
-        for (i, e) in node.entries.iter().enumerate() {
-            if !e.is_null() && !other_nodes.iter().any(|n| same(n.entries[i], *e)) {
+        for i in 0..FAN_OUT {
+            let vb = lo + i as u64;
+            let e = v.ver.entry(vb, child(&node, i));
+            if e.is_null() {
+                continue;
+            }
+            let held = others
+                .iter()
+                .zip(&other_nodes)
+                .any(|(o, on)| same(o.ver.entry(vb, child(on, i)), e));
+            if !held {
                 f(e.addr(), true);
             }
         }
         return Ok(());
     }
-    let mut below = Vec::with_capacity(other_nodes.len());
-    for (i, e) in node.entries.iter().enumerate() {
-        if e.is_null() {
+    let mut below = Vec::with_capacity(others.len());
+    for i in 0..FAN_OUT {
+        let c = pfx * FAN_OUT as u64 + i as u64;
+        let e = child(&node, i);
+        if e.is_null() && !v_over {
             continue;
         }
         below.clear();
-        below.extend(other_nodes.iter().map(|n| n.entries[i]));
-        exclusive_blocks(meta, level - 1, *e, &below, f)?;
+        below.extend(others.iter().zip(&other_nodes).map(|(o, on)| At {
+            ver: o.ver,
+            ptr: child(on, i),
+        }));
+        exclusive_at(meta, level - 1, c, At { ver: v.ver, ptr: e }, &below, f)?;
     }
     Ok(())
 }
 
-/// The blocks of the tree under `a` that the tree under `b` does not hold
-/// at the same position (`only_a`), and those of `b` that `a` does not
-/// (`only_b`): what `exclusive_blocks(a, [b])` and `exclusive_blocks(b,
-/// [a])` give, in one walk of both trees that descends only where they
-/// differ, loading each node once.
-pub(crate) fn diff_blocks(
+/// The blocks of version `a` that version `b` does not hold (`only_a`),
+/// and those of `b` that `a` does not (`only_b`): what
+/// `exclusive_of(a, [b])` and `exclusive_of(b, [a])` give, in one walk of
+/// both trees that descends only where they differ, loading each node once.
+pub(crate) fn diff_versions(
     meta: &MetaIo,
-    level: u8,
-    a: Ptr,
-    b: Ptr,
+    a: &Version,
+    b: &Version,
     only_a: &mut dyn FnMut(u64),
     only_b: &mut dyn FnMut(u64),
 ) -> Result<()> {
-    if same(a, b) {
+    diff_at(
+        meta,
+        ROOT_LEVEL,
+        0,
+        At {
+            ver: a,
+            ptr: a.root,
+        },
+        At {
+            ver: b,
+            ptr: b.root,
+        },
+        only_a,
+        only_b,
+    )?;
+    for x in minus(&a.journal, &b.journal) {
+        only_a(x);
+    }
+    for x in minus(&b.journal, &a.journal) {
+        only_b(x);
+    }
+    Ok(())
+}
+
+fn diff_at(
+    meta: &MetaIo,
+    level: u8,
+    pfx: u64,
+    a: At<'_>,
+    b: At<'_>,
+    only_a: &mut dyn FnMut(u64),
+    only_b: &mut dyn FnMut(u64),
+) -> Result<()> {
+    let (lo, hi) = covered(level, pfx);
+    let (a_over, b_over) = (a.ver.overlays_in(lo, hi), b.ver.overlays_in(lo, hi));
+    let same_nodes = same(a.ptr, b.ptr) || (a.ptr.is_null() && b.ptr.is_null());
+    if same_nodes && (!a_over && !b_over || a.ver.same_overlay(b.ver, lo, hi)) {
         return Ok(());
     }
-    if a.is_null() || b.is_null() {
-        exclusive_blocks(meta, level, a, &[], &mut |x, _| only_a(x))?;
-        return exclusive_blocks(meta, level, b, &[], &mut |x, _| only_b(x));
+    if a.ptr.is_null() && !a_over {
+        return exclusive_at(meta, level, pfx, b, &[], &mut |x, _| only_b(x));
     }
-    only_a(a.addr());
-    only_b(b.addr());
-    let (node_a, node_b) = (meta.load_node(a, level)?, meta.load_node(b, level)?);
-    for (ea, eb) in node_a.entries.iter().zip(node_b.entries.iter()) {
-        if level > 0 {
-            diff_blocks(meta, level - 1, *ea, *eb, only_a, only_b)?;
-        } else if !same(*ea, *eb) {
-            if !ea.is_null() {
-                only_a(ea.addr());
+    if b.ptr.is_null() && !b_over {
+        return exclusive_at(meta, level, pfx, a, &[], &mut |x, _| only_a(x));
+    }
+    if !same_nodes {
+        if !a.ptr.is_null() {
+            only_a(a.ptr.addr());
+        }
+        if !b.ptr.is_null() {
+            only_b(b.ptr.addr());
+        }
+    }
+    let (node_a, node_b) = (load_opt(meta, level, a.ptr)?, load_opt(meta, level, b.ptr)?);
+    for i in 0..FAN_OUT {
+        let (ca, cb) = (child(&node_a, i), child(&node_b, i));
+        if level == 0 {
+            let vb = lo + i as u64;
+            let (ea, eb) = (a.ver.entry(vb, ca), b.ver.entry(vb, cb));
+            if !same(ea, eb) {
+                if !ea.is_null() {
+                    only_a(ea.addr());
+                }
+                if !eb.is_null() {
+                    only_b(eb.addr());
+                }
             }
-            if !eb.is_null() {
-                only_b(eb.addr());
-            }
+        } else if !(ca.is_null() && cb.is_null()) || a_over || b_over {
+            let c = pfx * FAN_OUT as u64 + i as u64;
+            diff_at(
+                meta,
+                level - 1,
+                c,
+                At {
+                    ver: a.ver,
+                    ptr: ca,
+                },
+                At {
+                    ver: b.ver,
+                    ptr: cb,
+                },
+                only_a,
+                only_b,
+            )?;
         }
     }
     Ok(())
 }
 
-/// Entries of the (clean, committed) live tree under `live` that point at
+/// Entries of the (clean, committed) live version's *tree* that point at
 /// the same block as the deleted version `gone` and not as `keep` (the
 /// deleted version's parent): once `gone` is deleted the live tree holds
-/// them alone, so their writable bits may be set. Returned as (level of the
-/// node holding the entry, a virtual block the entry covers), parents
-/// before children, ready for [`crate::tree::Tree::promote`].
+/// them alone, so their writable bits may be set. Entries the live
+/// version's journal replaces are left out (its own records are unsealed
+/// by the caller instead), and so is the root pointer itself (the caller's
+/// too). Returned as (level of the node holding the entry, a virtual block
+/// the entry covers), parents before children, ready for
+/// [`crate::tree::Tree::promote`].
 pub(crate) fn promotions(
+    meta: &MetaIo,
+    live: &Version,
+    gone: &Version,
+    keep: &Version,
+    out: &mut Vec<(u8, u64)>,
+) -> Result<()> {
+    promotions_at(
+        meta,
+        ROOT_LEVEL,
+        0,
+        At {
+            ver: live,
+            ptr: live.root,
+        },
+        At {
+            ver: gone,
+            ptr: gone.root,
+        },
+        At {
+            ver: keep,
+            ptr: keep.root,
+        },
+        out,
+    )
+}
+
+fn promotions_at(
     meta: &MetaIo,
     level: u8,
     pfx: u64,
-    live: Ptr,
-    gone: Ptr,
-    keep: Ptr,
+    live: At<'_>,
+    gone: At<'_>,
+    keep: At<'_>,
     out: &mut Vec<(u8, u64)>,
 ) -> Result<()> {
-    if live.is_null() || gone.is_null() || same(live, keep) {
+    let (lo, hi) = covered(level, pfx);
+    let overlays = gone.ver.overlays_in(lo, hi) || keep.ver.overlays_in(lo, hi);
+    if live.ptr.is_null() || (gone.ptr.is_null() && !gone.ver.overlays_in(lo, hi)) {
         return Ok(());
     }
-    let live_node = meta.load_node(live, level)?;
-    let gone_node = if same(live, gone) {
-        live_node.clone()
-    } else {
-        meta.load_node(gone, level)?
-    };
-    let keep_node = if keep.is_null() {
-        None
-    } else {
-        Some(meta.load_node(keep, level)?)
-    };
+    if same(live.ptr, keep.ptr) && !overlays {
+        return Ok(());
+    }
+    let live_node = meta.load_node(live.ptr, level)?;
+    let gone_node = load_opt(meta, level, gone.ptr)?;
+    let keep_node = load_opt(meta, level, keep.ptr)?;
     for i in 0..FAN_OUT {
-        let (l, g) = (live_node.entries[i], gone_node.entries[i]);
-        let k = keep_node.as_ref().map_or(Ptr::NULL, |n| n.entries[i]);
-        if l.is_null() || g.is_null() || same(l, k) {
+        let l = live_node.entries[i];
+        let (g, k) = (child(&gone_node, i), child(&keep_node, i));
+        let child_pfx = pfx * FAN_OUT as u64 + i as u64;
+        if level == 0 {
+            let vb = lo + i as u64;
+            if l.is_null() || live.ver.overlay.contains_key(&vb) {
+                continue;
+            }
+            let (g, k) = (gone.ver.entry(vb, g), keep.ver.entry(vb, k));
+            if same(l, g) && !same(l, k) && !l.writable() {
+                out.push((0, vb));
+            }
             continue;
         }
-        let child_pfx = pfx * FAN_OUT as u64 + i as u64;
-        if same(l, g) && !l.writable() {
+        let (clo, chi) = covered(level - 1, child_pfx);
+        let child_overlays = gone.ver.overlays_in(clo, chi) || keep.ver.overlays_in(clo, chi);
+        if l.is_null() || (g.is_null() && !gone.ver.overlays_in(clo, chi)) {
+            continue;
+        }
+        if same(l, k) && !child_overlays {
+            continue;
+        }
+        if same(l, g) && !same(l, k) && !l.writable() {
             out.push((level, child_pfx * span(level)));
         }
-        if level > 0 && (same(l, g) || l.writable()) {
-            promotions(meta, level - 1, child_pfx, l, g, k, out)?;
+        if same(l, g) || l.writable() || child_overlays {
+            promotions_at(
+                meta,
+                level - 1,
+                child_pfx,
+                At {
+                    ver: live.ver,
+                    ptr: l,
+                },
+                At {
+                    ver: gone.ver,
+                    ptr: g,
+                },
+                At {
+                    ver: keep.ver,
+                    ptr: k,
+                },
+                out,
+            )?;
         }
     }
     Ok(())

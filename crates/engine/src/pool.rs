@@ -78,6 +78,9 @@ pub(crate) struct Pool {
     /// Bytes of disk data read from the pool device (not from the cache);
     /// shared with plans that read it on their own.
     data_read_bytes: Arc<AtomicU64>,
+    /// Disks commit level-0 changes to entry journals between checkpoints
+    /// (format 2; the superblock says so once set).
+    journal: std::sync::atomic::AtomicBool,
 }
 
 impl Pool {
@@ -95,7 +98,18 @@ impl Pool {
             read_cache: std::sync::OnceLock::new(),
             write_log: std::sync::OnceLock::new(),
             data_read_bytes: Arc::new(AtomicU64::new(0)),
+            journal: std::sync::atomic::AtomicBool::new(false),
         }
+    }
+
+    /// Whether disks commit through entry journals (see `tree.rs`).
+    pub fn journal_mode(&self) -> bool {
+        self.journal.load(Ordering::SeqCst)
+    }
+
+    /// Turns journal mode on (the store's superblock already says so).
+    pub fn set_journal_mode(&self) {
+        self.journal.store(true, Ordering::SeqCst);
     }
 
     /// Puts `cache` in front of the pool's data reads (once, at open).

@@ -18,6 +18,18 @@
 //! - Committing writes dirty nodes bottom-up to newly allocated blocks, so
 //!   a committed node is never overwritten: a crash before the VDI header
 //!   is written leaves the previous tree intact.
+//!
+//! **Journal overlay.** A tree in journal mode ([`Tree::with_journal`])
+//! also keeps an [`Overlay`]: the level-0 entries changed since the last
+//! checkpoint, newer than every node (dirty or not). Writes change only the
+//! overlay (no node is copied); a journal commit appends its new entries to
+//! the disk's entry journal; a checkpoint folds the overlay into dirty
+//! nodes ([`Tree::fold_overlay`]) and commits them as above. Ownership of an
+//! overlay entry: writable if its block is writable (a fresh block) and no
+//! snapshot holds it, which is when its sequence number is at least
+//! `sealed` (a snapshot holds every entry made before it). Through a
+//! non-writable root (a journal snapshot shares the base tree) every base
+//! entry is shared.
 
 use crate::error::{Error, Result};
 use crate::meta::MetaIo;
@@ -92,11 +104,167 @@ impl Leaf<'_> {
     }
 }
 
+/// Sequence numbers of overlay entries: record indexes in the journal
+/// chain for committed entries, and upwards from the chain's length for
+/// entries made since.
+pub(crate) type Seq = u64;
+
+/// The level-0 entries a tree in journal mode changed since its last
+/// checkpoint (see the module documentation). The map is shared between
+/// clones (a savepoint costs nothing) and copied on the first change after.
+#[derive(Clone, Default)]
+pub(crate) struct Overlay {
+    /// Virtual block ─▶ (entry as written, its sequence number).
+    map: Arc<BTreeMap<u64, (Ptr, Seq)>>,
+    /// The next sequence number.
+    next: Seq,
+    /// Entries from here on are not in the journal yet.
+    committed: Seq,
+    /// Entries below this are shared with a snapshot.
+    sealed: Seq,
+    /// For every block changed since the last snapshot, its entry then
+    /// (what the new snapshot's parent holds there): the next snapshot's
+    /// delta, without a walk. `None` when not known (after a reopen, a
+    /// checkpoint or a promotion).
+    since: Option<BTreeMap<u64, Ptr>>,
+}
+
+impl Overlay {
+    /// An overlay of committed journal records, oldest first (a later one
+    /// for the same block wins), the first `sealed` shared with a snapshot.
+    pub fn from_records(records: impl IntoIterator<Item = (u64, Ptr)>, sealed: Seq) -> Self {
+        let mut map = BTreeMap::new();
+        let mut next = 0;
+        for (v, p) in records {
+            map.insert(v, (p, next));
+            next += 1;
+        }
+        Overlay {
+            map: Arc::new(map),
+            next,
+            committed: next,
+            sealed: sealed.min(next),
+            since: None,
+        }
+    }
+
+    /// The entry for `v`, with its writable bit made exact.
+    fn get(&self, v: u64) -> Option<Ptr> {
+        self.map.get(&v).map(|&(p, seq)| self.exact(p, seq))
+    }
+
+    fn exact(&self, p: Ptr, seq: Seq) -> Ptr {
+        if seq >= self.sealed {
+            p
+        } else {
+            p.shared()
+        }
+    }
+
+    /// Sets `v` to `p`; `old` is its entry until now.
+    fn set(&mut self, v: u64, p: Ptr, old: Ptr) {
+        if let Some(since) = &mut self.since {
+            since.entry(v).or_insert(old);
+        }
+        Arc::make_mut(&mut self.map).insert(v, (p, self.next));
+        self.next += 1;
+    }
+
+    /// Entries made since the last journal commit, oldest first: the
+    /// records the next one appends.
+    pub fn uncommitted(&self) -> Vec<(u64, Ptr)> {
+        let mut out: Vec<(Seq, u64, Ptr)> = self
+            .map
+            .iter()
+            .filter(|(_, &(_, seq))| seq >= self.committed)
+            .map(|(&v, &(p, seq))| (seq, v, p))
+            .collect();
+        out.sort_unstable_by_key(|e| e.0);
+        out.into_iter().map(|(_, v, p)| (v, p)).collect()
+    }
+
+    /// Whether entries were made since the last journal commit.
+    pub fn has_uncommitted(&self) -> bool {
+        self.next > self.committed
+    }
+
+    /// Records in the journal (the chain's length once the next commit is
+    /// durable counts what it appends: see [`Overlay::committed_through`]).
+    pub fn len(&self) -> u64 {
+        self.map.len() as u64
+    }
+
+    /// Every entry as written, in block order: what a version built from
+    /// this overlay lays over its base.
+    pub fn entries(&self) -> impl Iterator<Item = (u64, Ptr)> + '_ {
+        self.map.iter().map(|(&v, &(p, _))| (v, p))
+    }
+
+    /// The entries of `[start, end)`, with exact writable bits.
+    fn range(&self, start: u64, end: u64) -> impl Iterator<Item = (u64, Ptr)> + '_ {
+        self.map
+            .range(start..end)
+            .map(|(&v, &(p, seq))| (v, self.exact(p, seq)))
+    }
+
+    /// The journal now holds every entry made so far.
+    pub fn mark_committed(&mut self) {
+        self.committed = self.next;
+    }
+
+    /// A snapshot now holds every entry made so far (its commit also
+    /// committed them); what changes from here on is its child's delta.
+    pub fn seal_all(&mut self) {
+        self.committed = self.next;
+        self.sealed = self.next;
+        self.since = Some(BTreeMap::new());
+    }
+
+    /// A snapshot that held entries was deleted: only those below `sealed`
+    /// stay shared (and the next snapshot's parent is another one).
+    pub fn unseal_to(&mut self, sealed: Seq) {
+        self.sealed = sealed.min(self.sealed);
+        self.since = None;
+    }
+
+    /// The born and dead data blocks of a snapshot taken now, against the
+    /// last one (see [`Overlay::since`]), if known: (born, dead), sorted.
+    pub fn delta_since_snapshot(&self) -> Option<(Vec<u64>, Vec<u64>)> {
+        let since = self.since.as_ref()?;
+        let (mut born, mut dead) = (Vec::new(), Vec::new());
+        for (&v, &old) in since {
+            let new = self.map.get(&v).map_or(Ptr::NULL, |e| e.0);
+            if !new.is_null() && !old.is_null() && new.addr() == old.addr() {
+                continue;
+            }
+            if !new.is_null() {
+                born.push(new.addr());
+            }
+            if !old.is_null() {
+                dead.push(old.addr());
+            }
+        }
+        born.sort_unstable();
+        dead.sort_unstable();
+        Some((born, dead))
+    }
+
+    /// Data blocks of entries this tree owns (writable and not sealed).
+    fn owned_data(&self) -> impl Iterator<Item = u64> + '_ {
+        self.map
+            .values()
+            .filter(|&&(p, seq)| p.writable() && seq >= self.sealed)
+            .map(|(p, _)| p.addr())
+    }
+}
+
 /// See the module documentation.
 #[derive(Clone)]
 pub(crate) struct Tree {
     root: Ptr,
     dirty: BTreeMap<(u8, u64), DirtyNode>,
+    /// Journal mode: the entries changed since the last checkpoint.
+    overlay: Option<Overlay>,
 }
 
 impl Tree {
@@ -105,6 +273,61 @@ impl Tree {
         Tree {
             root,
             dirty: BTreeMap::new(),
+            overlay: None,
+        }
+    }
+
+    /// This tree in journal mode, with `overlay` over its nodes (see the
+    /// module documentation).
+    pub fn with_journal(mut self, overlay: Overlay) -> Self {
+        self.overlay = Some(overlay);
+        self
+    }
+
+    pub fn overlay(&self) -> Option<&Overlay> {
+        self.overlay.as_ref()
+    }
+
+    pub fn overlay_mut(&mut self) -> Option<&mut Overlay> {
+        self.overlay.as_mut()
+    }
+
+    /// A checkpoint: moves every overlay entry into dirty nodes (copying
+    /// paths as a write does), leaving an empty overlay that starts a new
+    /// journal. The tree's content does not change.
+    pub fn fold_overlay(&mut self, meta: &MetaIo) -> Result<()> {
+        let Some(overlay) = self.overlay.take() else {
+            return Ok(());
+        };
+        let folded = (|| {
+            for (&v, &(p, seq)) in overlay.map.iter() {
+                let exact = overlay.exact(p, seq);
+                self.dirty_path(meta, v, 0)?.entries[index(v, 0)] = exact;
+            }
+            Ok(())
+        })();
+        // On error the entries stay in the overlay (those already folded
+        // are in both, with the same content).
+        self.overlay = Some(if folded.is_ok() {
+            Overlay::default()
+        } else {
+            Overlay {
+                since: None,
+                ..overlay
+            }
+        });
+        folded
+    }
+
+    /// Sets the root pointer's writable bit: whether this tree owns its
+    /// base tree's root alone (a journal snapshot shares it otherwise).
+    pub fn set_root_owned(&mut self, owned: bool) {
+        if !self.root.is_null() {
+            self.root = if owned {
+                self.root.owned()
+            } else {
+                self.root.shared()
+            };
         }
     }
 
@@ -140,7 +363,14 @@ impl Tree {
         self.root
     }
 
+    /// Whether the next commit has tree changes to write: dirty nodes, or
+    /// overlay entries not yet in the journal.
     pub fn is_dirty(&self) -> bool {
+        !self.dirty.is_empty() || self.overlay.as_ref().is_some_and(Overlay::has_uncommitted)
+    }
+
+    /// Whether nodes must be written (the next commit is a checkpoint).
+    pub fn has_dirty_nodes(&self) -> bool {
         !self.dirty.is_empty()
     }
 
@@ -151,6 +381,9 @@ impl Tree {
     /// The level-0 entry for virtual block `v`, and whether the whole path
     /// to it is writable (so the data block may be overwritten in place).
     pub fn lookup(&self, meta: &MetaIo, v: u64) -> Result<(Ptr, bool)> {
+        if let Some(p) = self.overlay.as_ref().and_then(|o| o.get(v)) {
+            return Ok((p, p.writable()));
+        }
         let load = |p: Ptr, level: u8| meta.load_node(p, level).map(Some);
         match self.leaf(v, &load)? {
             Some(leaf) => Ok(leaf.entry(index(v, 0))),
@@ -202,8 +435,15 @@ impl Tree {
                 return Ok(false);
             };
             let leaf_end = ((prefix(v, 0) + 1) * FAN).min(end);
+            let mut over = self
+                .overlay
+                .as_ref()
+                .map(|o| o.range(v, leaf_end).peekable());
             while v < leaf_end {
-                let (entry, writable) = leaf.entry(index(v, 0));
+                let (entry, writable) = match over.as_mut().and_then(|o| o.next_if(|e| e.0 == v)) {
+                    Some((_, p)) => (p, p.writable()),
+                    None => leaf.entry(index(v, 0)),
+                };
                 f(v, entry, writable)?;
                 v += 1;
             }
@@ -243,13 +483,34 @@ impl Tree {
     /// Makes the path to `v` dirty and returns the level-0 entry for `v`
     /// with ownership made exact (writable only if this tree owns it).
     pub fn entry_for_write(&mut self, meta: &MetaIo, v: u64) -> Result<Ptr> {
+        if self.overlay.is_some() {
+            return self.exact_entry(meta, v);
+        }
         Ok(self.dirty_path(meta, v, 0)?.entries[index(v, 0)])
+    }
+
+    /// The entry for `v` with its writable bit made exact, without
+    /// dirtying anything.
+    fn exact_entry(&self, meta: &MetaIo, v: u64) -> Result<Ptr> {
+        let (p, writable) = self.lookup(meta, v)?;
+        Ok(if writable || p.is_null() {
+            p
+        } else {
+            p.shared()
+        })
     }
 
     /// [`Tree::entry_for_write`] and [`Tree::set_entry`] in one walk: sets
     /// the level-0 entry for `v` to `p` and returns the entry it replaced,
     /// with ownership made exact.
     pub fn replace_entry(&mut self, meta: &MetaIo, v: u64, p: Ptr) -> Result<Ptr> {
+        if self.overlay.is_some() {
+            let old = self.exact_entry(meta, v)?;
+            if let Some(o) = self.overlay.as_mut() {
+                o.set(v, p, old);
+            }
+            return Ok(old);
+        }
         let leaf = self.dirty_path(meta, v, 0)?;
         Ok(std::mem::replace(&mut leaf.entries[index(v, 0)], p))
     }
@@ -310,8 +571,11 @@ impl Tree {
     }
 
     /// Sets the level-0 entry for `v`; the path must have been made dirty
-    /// with [`Tree::entry_for_write`].
-    pub fn set_entry(&mut self, v: u64, p: Ptr) -> Result<()> {
+    /// with [`Tree::entry_for_write`] (in journal mode, nothing is).
+    pub fn set_entry(&mut self, meta: &MetaIo, v: u64, p: Ptr) -> Result<()> {
+        if self.overlay.is_some() {
+            return self.replace_entry(meta, v, p).map(drop);
+        }
         match self.dirty.get_mut(&(0, prefix(v, 0))) {
             Some(d) => {
                 d.entries[index(v, 0)] = p;
@@ -382,6 +646,7 @@ impl Tree {
             .iter()
             .filter(|((level, _), _)| *level == 0)
             .flat_map(|(_, d)| d.entries.iter().filter(|p| p.writable()).map(|p| p.addr()))
+            .chain(self.overlay.iter().flat_map(Overlay::owned_data))
             .collect()
     }
 
@@ -400,14 +665,52 @@ impl Tree {
         end: u64,
         f: &mut dyn FnMut(u64, Ptr) -> Result<()>,
     ) -> Result<()> {
-        self.visit(meta, ROOT_LEVEL, 0, self.root, start, end, f)
+        let Some(o) = self.overlay.as_ref().filter(|o| !o.map.is_empty()) else {
+            return self.visit(meta, ROOT_LEVEL, 0, self.root, start, end, f);
+        };
+        // The overlay's entries merged in block order, replacing the nodes'.
+        let mut over = o.range(start, end).peekable();
+        self.visit(meta, ROOT_LEVEL, 0, self.root, start, end, &mut |v, e| {
+            while let Some((ov, op)) = over.next_if(|x| x.0 < v) {
+                if !op.is_null() {
+                    f(ov, op)?;
+                }
+            }
+            match over.next_if(|x| x.0 == v) {
+                Some((_, op)) if op.is_null() => Ok(()),
+                Some((_, op)) => f(v, op),
+                None => f(v, e),
+            }
+        })?;
+        for (ov, op) in over {
+            if !op.is_null() {
+                f(ov, op)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The level-0 entry for `v` in the nodes alone (the overlay ignored).
+    fn node_entry(&self, meta: &MetaIo, v: u64) -> Result<Ptr> {
+        let load = |p: Ptr, level: u8| meta.load_node(p, level).map(Some);
+        match self.leaf(v, &load)? {
+            Some(leaf) => Ok(leaf.entries.get(index(v, 0))),
+            None => Err(Error::Inconsistent("internal: node loader gave up".into())),
+        }
     }
 
     /// How many virtual blocks are mapped: [`Tree::for_each_mapped`]
     /// over the whole tree, without a call per entry (what `info` and a
     /// clone's answer report).
     pub fn count_mapped(&self, meta: &MetaIo) -> Result<u64> {
-        self.count_below(meta, ROOT_LEVEL, 0, self.root)
+        let mut n = self.count_below(meta, ROOT_LEVEL, 0, self.root)?;
+        if let Some(o) = &self.overlay {
+            for (v, p) in o.entries() {
+                let was = !self.node_entry(meta, v)?.is_null();
+                n = n + u64::from(!p.is_null()) - u64::from(was);
+            }
+        }
+        Ok(n)
     }
 
     fn count_below(&self, meta: &MetaIo, level: u8, pfx: u64, ptr: Ptr) -> Result<u64> {
@@ -472,5 +775,110 @@ impl Tree {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use parallax_device::MemDevice;
+    use proptest::prelude::*;
+
+    /// Commits `tree`'s dirty nodes to the device (blocks from `next`).
+    fn commit(meta: &MetaIo, tree: &mut Tree, next: &mut u64) {
+        let (mut out, mut allocated) = (Vec::new(), Vec::new());
+        let mut allocate = || {
+            *next += 1;
+            Ok(*next)
+        };
+        let plan = tree
+            .write_dirty(meta, 1, 1, &mut allocate, &mut allocated, &mut out)
+            .unwrap();
+        meta.write_all(&mut out, "test nodes").unwrap();
+        meta.unstage(&allocated);
+        tree.apply(plan.root);
+    }
+
+    fn entries(meta: &MetaIo, t: &Tree, end: u64) -> Vec<(u64, u64, bool)> {
+        let mut out = Vec::new();
+        t.for_each_entry(meta, 0, end, &mut |v, e, w| {
+            out.push((v, e.addr() * u64::from(!e.is_null()), w));
+            Ok(())
+        })
+        .unwrap();
+        out
+    }
+
+    fn mapped(meta: &MetaIo, t: &Tree, start: u64, end: u64) -> Vec<(u64, u64)> {
+        let mut out = Vec::new();
+        t.for_each_mapped(meta, start, end, &mut |v, e| {
+            out.push((v, e.addr()));
+            Ok(())
+        })
+        .unwrap();
+        out
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+
+        /// A tree in journal mode answers every lookup, range and count
+        /// as the same writes made to nodes do; folded and committed, it
+        /// is the same tree; sealing makes its entries shared and a shared
+        /// root makes the base's shared.
+        #[test]
+        fn the_overlay_reads_as_the_nodes_it_folds_into(
+            base in proptest::collection::vec((0u64..3000, any::<bool>()), 0..60),
+            writes in proptest::collection::vec((0u64..3000, 0u8..4), 0..80),
+        ) {
+            let meta = MetaIo::new(Arc::new(MemDevice::new(64 << 20)), 7, 16384, 64);
+            let mut next = 5000;
+            let mut fresh = || { next += 1; next };
+            let mut nodes = Tree::empty();
+            for &(v, keep) in &base {
+                let p = Ptr::data(fresh(), keep);
+                nodes.entry_for_write(&meta, v).unwrap();
+                nodes.set_entry(&meta, v, p).unwrap();
+            }
+            let mut alloc_at = 100;
+            commit(&meta, &mut nodes, &mut alloc_at);
+            let mut journal = Tree::open(nodes.root()).with_journal(Overlay::default());
+            for &(v, op) in &writes {
+                let p = if op == 0 { Ptr::NULL } else { Ptr::data(fresh(), true) };
+                let a = nodes.replace_entry(&meta, v, p).unwrap();
+                let b = journal.replace_entry(&meta, v, p).unwrap();
+                prop_assert_eq!(a, b, "replaced entry of block {}", v);
+                if op == 3 {
+                    prop_assert_eq!(nodes.lookup(&meta, v).unwrap(), journal.lookup(&meta, v).unwrap());
+                }
+            }
+            let end = 3100;
+            prop_assert_eq!(entries(&meta, &nodes, end), entries(&meta, &journal, end));
+            prop_assert_eq!(mapped(&meta, &nodes, 0, end), mapped(&meta, &journal, 0, end));
+            prop_assert_eq!(mapped(&meta, &nodes, 700, 1500), mapped(&meta, &journal, 700, 1500));
+            prop_assert_eq!(nodes.count_mapped(&meta).unwrap(), journal.count_mapped(&meta).unwrap());
+            let mut owned_a = nodes.dirty_owned_data();
+            let mut owned_b: Vec<u64> = journal.overlay().unwrap().owned_data().collect();
+            owned_a.sort_unstable();
+            owned_b.sort_unstable();
+            // Node mode also lists the untouched owned entries of dirty leaves.
+            prop_assert!(owned_b.iter().all(|b| owned_a.binary_search(b).is_ok()));
+            prop_assert_eq!(journal.is_dirty(), !writes.is_empty());
+
+            // Sealed and shared: nothing reads writable any more.
+            let mut sealed = journal.clone();
+            sealed.overlay_mut().unwrap().seal_all();
+            sealed.set_root_owned(false);
+            prop_assert!(entries(&meta, &sealed, end).iter().all(|e| !e.2));
+            prop_assert!(!sealed.is_dirty());
+
+            // Folded and committed: the same content, read from nodes.
+            journal.fold_overlay(&meta).unwrap();
+            prop_assert!(journal.overlay().unwrap().len() == 0);
+            commit(&meta, &mut journal, &mut alloc_at);
+            commit(&meta, &mut nodes, &mut alloc_at);
+            prop_assert_eq!(entries(&meta, &nodes, end), entries(&meta, &journal, end));
+            prop_assert_eq!(nodes.count_mapped(&meta).unwrap(), journal.count_mapped(&meta).unwrap());
+        }
     }
 }

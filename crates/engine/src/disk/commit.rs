@@ -56,17 +56,22 @@
 //! - Blocks the commit stops referencing are freed (through the pool's one
 //!   release path) only after step 5.
 
+use crate::disk::journal;
 use crate::disk::log::{self, LogWriter};
-use crate::disk::state::{Disk, DiskState, Exclusive};
+use crate::disk::state::{snapshot_version, Disk, DiskState, Exclusive, LiveChain};
 use crate::error::{Error, Result};
-use crate::lineage::{diff_blocks, Delta, SnapshotInfo};
+use crate::lineage::{diff_versions, minus, union, Delta, SnapshotInfo, Version};
 use crate::time::now_ns;
-use parallax_format::{Block, LogBlock, NodeBlock, Ptr, VdiHeader, TREE_HEIGHT};
+use parallax_format::{Block, JournalRecord, LogBlock, NodeBlock, Ptr, VdiHeader, TREE_HEIGHT};
 use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 const ROOT_LEVEL: u8 = (TREE_HEIGHT - 1) as u8;
+
+/// Journal mode: a commit whose disk's journal chain holds this many
+/// records is a checkpoint (its records are folded into tree nodes).
+const CHECKPOINT_RECORDS: u64 = 65536;
 
 /// Where a synchronous commit writes its header.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -105,6 +110,11 @@ struct Prepared {
     freed: Vec<u64>,
     new_snapshot: Option<SnapshotInfo>,
     new_log: Option<(LogBlock, u64)>,
+    /// Journal mode: the live tree's chain once the commit is durable.
+    journal: Option<LiveChain>,
+    /// Journal mode, a snapshot taken without a checkpoint: its delta to
+    /// the last one, when the overlay knows it.
+    known_delta: Option<Delta>,
 }
 
 /// A commit adopted in memory whose steps 4–6 are still to run (or to run
@@ -124,12 +134,18 @@ pub(crate) struct Staged {
     delta: Option<DeltaJob>,
 }
 
-/// A snapshot's delta to compute (see [`Disk::delta_to_parent`]).
-struct DeltaJob {
-    id: u64,
-    root: Ptr,
-    /// `None`: the snapshot derives from an empty disk.
-    parent: Option<Ptr>,
+/// A snapshot's delta to record (see [`Disk::delta_to_parent`]).
+enum DeltaJob {
+    /// Known when the snapshot was taken (journal mode).
+    Known { id: u64, delta: Delta },
+    /// To walk.
+    Walk {
+        id: u64,
+        version: Version,
+        /// The parent's root and journal head; `None`: the snapshot derives
+        /// from an empty disk.
+        parent: Option<(Ptr, Ptr)>,
+    },
 }
 
 /// How steps 4–6 failed.
@@ -192,7 +208,10 @@ impl Disk {
         }
         let mut allocated = Vec::new();
         let generation = st.header.generation + 1;
-        let mut prepared = match self.prepare(st, snapshot, generation, &mut allocated) {
+        let prepared = self
+            .checkpoint_if_due(st)
+            .and_then(|()| self.prepare(st, snapshot, generation, &mut allocated));
+        let mut prepared = match prepared {
             Ok(p) => p,
             Err(e) => {
                 self.pool.free(&allocated);
@@ -200,6 +219,9 @@ impl Disk {
                 return Err(e);
             }
         };
+        // Not needed any more, and a copy of the tree it holds would make
+        // the next write copy the journal overlay.
+        drop(savepoint);
         let header_addr = self.header_addrs[st.next_slot];
         let taken = prepared.new_snapshot.clone();
         let blocks = std::mem::take(&mut prepared.blocks);
@@ -369,6 +391,7 @@ impl Disk {
         let meta = self.pool.meta();
         let generation = st.header.generation + 1;
         let mut allocated = Vec::new();
+        self.checkpoint_if_due(st)?;
         let mut prepared = match self.prepare(st, snapshot, generation, &mut allocated) {
             Ok(p) => p,
             Err(e) => {
@@ -423,10 +446,31 @@ impl Disk {
         st.header = p.header.clone();
         st.header_dirty = false;
         st.pending_log.clear();
+        if let Some(chain) = &p.journal {
+            st.journal = chain.clone();
+            if let Some(o) = st.tree.overlay_mut() {
+                if p.new_snapshot.is_some() {
+                    o.seal_all();
+                } else {
+                    o.mark_committed();
+                }
+            }
+        } else if self.pool.journal_mode() && st.tree.overlay().is_none() {
+            // A disk opened before journals were turned on: from its next
+            // commit on.
+            let tree = std::mem::replace(&mut st.tree, crate::tree::Tree::open(Ptr::NULL));
+            st.tree = tree.with_journal(Default::default());
+        }
         let mut job = None;
         if let Some(s) = &p.new_snapshot {
             st.snapshots.insert(s.clone());
-            job = self.delta_job(st, s.id);
+            job = match (&p.known_delta, st.reclaims()) {
+                (Some(delta), true) => Some(DeltaJob::Known {
+                    id: s.id,
+                    delta: delta.clone(),
+                }),
+                _ => self.delta_job(st, s.id),
+            };
         }
         if let Some((block, records)) = &p.new_log {
             st.log_block = Some(block.clone());
@@ -440,14 +484,34 @@ impl Disk {
     /// the exclusive lock, or (pipelined) in `Disk::deltas`, which every
     /// exclusive holder folds in first.
     fn record_delta(&self, job: Option<DeltaJob>, st: Option<&mut DiskState>) {
-        let Some(job) = job else {
-            return;
+        let (id, delta) = match job {
+            None => return,
+            Some(DeltaJob::Known { id, delta }) => (id, Some(delta)),
+            Some(DeltaJob::Walk {
+                id,
+                version,
+                parent,
+            }) => (id, self.delta_to_parent(&version, parent).ok()),
         };
-        let delta = self.delta_to_parent(&job).ok();
         match st {
-            Some(st) => st.snapshots.set_delta(job.id, delta),
-            None => self.deltas.lock().push((job.id, delta)),
+            Some(st) => st.snapshots.set_delta(id, delta),
+            None => self.deltas.lock().push((id, delta)),
         }
+    }
+
+    /// Journal mode: folds the overlay into tree nodes when the commit
+    /// about to be prepared must be a checkpoint: nodes are dirty (a
+    /// promotion, a rollback), or the journal is long.
+    fn checkpoint_if_due(&self, st: &mut DiskState) -> Result<()> {
+        let Some(o) = st.tree.overlay() else {
+            return Ok(());
+        };
+        let due = st.tree.has_dirty_nodes()
+            || st.journal.len() + o.len().min(CHECKPOINT_RECORDS) >= CHECKPOINT_RECORDS;
+        if due && (o.len() > 0 || !st.journal.addrs.is_empty()) {
+            st.tree.fold_overlay(self.pool.meta())?;
+        }
+        Ok(())
     }
 
     /// Steps 1–4, with the nodes, root copy and log block taken from one run
@@ -460,7 +524,11 @@ impl Disk {
         allocated: &mut Vec<u64>,
     ) -> Result<Prepared> {
         let pool = &self.pool;
-        let mut run = VecDeque::from(pool.allocate_run(st.tree.dirty_nodes() as u64 + 2));
+        let journal_blocks = st.tree.overlay().map_or(0, |o| {
+            (o.len() as usize).div_ceil(parallax_format::JOURNAL_RECORDS_PER_BLOCK) as u64 + 1
+        });
+        let mut run =
+            VecDeque::from(pool.allocate_run(st.tree.dirty_nodes() as u64 + 2 + journal_blocks));
         let mut allocate = || match run.pop_front() {
             Some(a) => Ok(a),
             None => pool.allocate(0),
@@ -491,7 +559,87 @@ impl Disk {
         let mut log_entries = st.pending_log.clone();
         let mut new_snapshot = None;
         let mut live_parent = st.header.live_parent;
-        if let Some(NewSnapshot {
+        let mut journal = None;
+        let mut known_delta = None;
+        let mut journal_head = st.header.journal_head;
+        if let Some(o) = st.tree.overlay() {
+            let mut chain = st.journal.clone();
+            if st.tree.has_dirty_nodes() || (o.len() == 0 && !chain.addrs.is_empty()) {
+                // A checkpoint (`checkpoint_if_due` folded the overlay):
+                // the chain's blocks no snapshot holds go.
+                freed.extend(minus(&chain.addrs, &chain.sealed_chain));
+                chain = LiveChain::default();
+                journal_head = Ptr::NULL;
+            } else if o.has_uncommitted() {
+                let records: Vec<JournalRecord> = o
+                    .uncommitted()
+                    .into_iter()
+                    .map(|(vblock, ptr)| JournalRecord { vblock, ptr })
+                    .collect();
+                let mut writer = LogWriter {
+                    pool,
+                    owner: self.id,
+                    generation,
+                    allocate: &mut *allocate,
+                    allocated: &mut *allocated,
+                    out: &mut blocks,
+                };
+                let (head_ptr, head, written) =
+                    journal::append(&mut writer, chain.head_ptr, chain.head.as_ref(), &records)?;
+                if chain.head.as_ref().is_some_and(|h| !h.is_full()) {
+                    // The old head was copied: no longer in the live chain.
+                    let old = chain.head_ptr.addr();
+                    chain.addrs.retain(|&a| a != old);
+                    if chain.sealed_chain.binary_search(&old).is_err() {
+                        freed.push(old);
+                    }
+                }
+                chain.addrs = union(&chain.addrs, &written);
+                chain.head_ptr = head_ptr;
+                chain.head = Some(head);
+                journal_head = head_ptr;
+            }
+            if snapshot.is_some() && !st.tree.has_dirty_nodes() {
+                if let Some((born, dead)) = o.delta_since_snapshot() {
+                    known_delta = Some(Delta {
+                        born: union(&born, &minus(&chain.addrs, &st.journal.sealed_chain)),
+                        dead: union(&dead, &minus(&st.journal.sealed_chain, &chain.addrs)),
+                    });
+                }
+            }
+            if snapshot.is_some() {
+                chain.sealed_chain = chain.addrs.clone();
+            }
+            journal = Some(chain);
+        }
+        if let (
+            Some(NewSnapshot {
+                id,
+                name,
+                scheduled,
+            }),
+            true,
+        ) = (&snapshot, journal.is_some())
+        {
+            // Journal mode: the snapshot is the base tree plus the chain as
+            // it now stands, both shared with the live tree from here on
+            // (nothing is copied).
+            root = root.shared();
+            let info = SnapshotInfo {
+                id: *id,
+                name: name.clone(),
+                created_ns: now_ns(),
+                size_bytes: st.size,
+                scheduled: *scheduled,
+                root,
+                journal: journal_head,
+                parent: live_parent,
+                hidden: false,
+            };
+            log_entries.push(info.record());
+            live_parent = *id;
+            new_snapshot = Some(info);
+        } else if let Some(NewSnapshot {
             id,
             name,
             scheduled,
@@ -536,6 +684,7 @@ impl Disk {
             header.writer_host = pool.coordinator().map_or(0, |c| c.host_id());
         }
         header.root = root;
+        header.journal_head = journal_head;
         header.size_bytes = st.size;
         header.live_parent = live_parent;
         let mut new_log = None;
@@ -578,6 +727,8 @@ impl Disk {
             freed,
             new_snapshot,
             new_log,
+            journal,
+            known_delta,
         })
     }
 
@@ -617,31 +768,41 @@ impl Disk {
         let s = st.snapshots.get(id)?;
         let parent = if s.parent == 0 && st.origin_root().is_null() {
             None
+        } else if s.parent == 0 {
+            Some((st.origin_root(), Ptr::NULL))
         } else {
-            Some(st.version_root(s.parent).ok()?)
+            let p = st.snapshots.get(s.parent)?;
+            Some((p.root, p.journal))
         };
-        Some(DeltaJob {
+        // Taken just now: a journal snapshot holds what the live tree does.
+        let version = if s.journal.is_null() {
+            Version::tree(s.root)
+        } else {
+            Version {
+                root: s.root,
+                ..st.live_version()
+            }
+        };
+        Some(DeltaJob::Walk {
             id,
-            root: s.root,
+            version,
             parent,
         })
     }
 
     /// The delta of a snapshot to its parent (see `lineage.rs`), walked
     /// while both trees' nodes are likely cached: right after it is taken.
-    /// Reads immutable trees only: no lock needed.
-    fn delta_to_parent(&self, job: &DeltaJob) -> Result<Delta> {
-        let Some(parent) = job.parent else {
+    /// Reads immutable trees and journals only: no lock needed.
+    fn delta_to_parent(&self, version: &Version, parent: Option<(Ptr, Ptr)>) -> Result<Delta> {
+        let Some((root, journal)) = parent else {
             return Ok(Delta::default());
         };
-        let root = job.root;
-        let meta = self.pool.meta();
+        let parent = snapshot_version(&self.pool, self.id, root, journal)?;
         let mut delta = Delta::default();
-        diff_blocks(
-            meta,
-            ROOT_LEVEL,
-            root,
-            parent,
+        diff_versions(
+            self.pool.meta(),
+            version,
+            &parent,
             &mut |a| delta.born.push(a),
             &mut |a| delta.dead.push(a),
         )?;

@@ -219,7 +219,8 @@ impl Disk {
             self.pool.free(&[addr]);
             return Err(e);
         }
-        st.tree.set_entry(v, Ptr::data(addr, true))
+        st.tree
+            .set_entry(self.pool.meta(), v, Ptr::data(addr, true))
     }
 
     /// Writes whole blocks `first..first + data.len() / BLOCK_SIZE`, all
@@ -289,7 +290,7 @@ impl Disk {
         if entry.writable() {
             st.pending_free.push(entry.addr());
         }
-        st.tree.set_entry(v, Ptr::NULL)
+        st.tree.set_entry(self.pool.meta(), v, Ptr::NULL)
     }
 }
 

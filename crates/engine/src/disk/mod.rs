@@ -7,6 +7,7 @@
 //! | `plan` | planned I/O ([`IoPlan`]) for callers that move the data themselves |
 //! | `commit` | the commit pipeline and the one transaction every change runs in |
 //! | `log` | snapshot-log I/O |
+//! | `journal` | entry-journal I/O (format 2): the level-0 changes since a checkpoint |
 //! | `reclaim` | deleting snapshots, retention ticks, what deleting a disk frees |
 //! | `view` | [`ReadDisk`], [`SnapshotView`] |
 //! | `cached` | which blocks a read may take from the local read cache, and which copies |
@@ -20,6 +21,7 @@
 mod cached;
 mod commit;
 mod data;
+mod journal;
 pub(crate) mod log;
 mod plan;
 mod reclaim;

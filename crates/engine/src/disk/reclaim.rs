@@ -24,7 +24,7 @@ use crate::disk::commit::{Durability, NewSnapshot};
 use crate::disk::state::{Disk, DiskState, Exclusive, Origin};
 use crate::disk::DeleteReport;
 use crate::error::Result;
-use crate::lineage::{exclusive_blocks, intersect, promotions, Delta, SnapshotInfo};
+use crate::lineage::{exclusive_of, intersect, promotions, Delta, SnapshotInfo, Version};
 use crate::meta::MetaIo;
 use crate::time::{compact_utc, now_ns};
 use parallax_format::{LogEntry, LogEntryKind, Ptr, TREE_HEIGHT};
@@ -197,12 +197,19 @@ impl Disk {
             {
                 continue;
             }
-            let parent_root = st.version_root(s.parent)?;
             let child = kids.first().copied();
-            let child_root = match child {
-                Some(k) => st.version_root(k)?,
-                None if live_kid => st.tree.root(),
-                None => Ptr::NULL,
+            // The versions, read only when a walk needs them.
+            let versions = |st: &DiskState| -> Result<[Version; 3]> {
+                let child_v = match child {
+                    Some(k) => st.version(&self.pool, k)?,
+                    None if live_kid => st.live_version(),
+                    None => Version::default(),
+                };
+                Ok([
+                    st.version(&self.pool, v)?,
+                    st.version(&self.pool, s.parent)?,
+                    child_v,
+                ])
             };
             // From the deltas when they are known: no tree is read.
             let by_delta = child.and_then(|k| {
@@ -217,33 +224,22 @@ impl Disk {
             match by_delta {
                 Some((gone, merged)) => {
                     if cfg!(debug_assertions) {
+                        let [vv, parent_v, child_v] = versions(st)?;
                         let mut walked = Vec::new();
-                        exclusive_blocks(
-                            meta,
-                            ROOT_LEVEL,
-                            s.root,
-                            &[parent_root, child_root],
-                            &mut |addr, _| walked.push(addr),
-                        )?;
+                        exclusive_of(meta, &vv, &[&parent_v, &child_v], &mut |addr, _| {
+                            walked.push(addr)
+                        })?;
                         walked.sort_unstable();
                         walked.dedup();
                         assert_eq!(gone, walked, "the deltas disagree with the walk");
                         if s.parent != 0 || st.origin != Origin::None {
                             let mut want = Delta::default();
-                            exclusive_blocks(
-                                meta,
-                                ROOT_LEVEL,
-                                child_root,
-                                &[parent_root],
-                                &mut |a, _| want.born.push(a),
-                            )?;
-                            exclusive_blocks(
-                                meta,
-                                ROOT_LEVEL,
-                                parent_root,
-                                &[child_root],
-                                &mut |a, _| want.dead.push(a),
-                            )?;
+                            exclusive_of(meta, &child_v, &[&parent_v], &mut |a, _| {
+                                want.born.push(a)
+                            })?;
+                            exclusive_of(meta, &parent_v, &[&child_v], &mut |a, _| {
+                                want.dead.push(a)
+                            })?;
                             want.born.sort_unstable();
                             want.born.dedup();
                             want.dead.sort_unstable();
@@ -254,28 +250,16 @@ impl Disk {
                     freed.extend(gone);
                     child_delta = Some(merged);
                 }
-                None => exclusive_blocks(
-                    meta,
-                    ROOT_LEVEL,
-                    s.root,
-                    &[parent_root, child_root],
-                    &mut |addr, _| freed.push(addr),
-                )?,
+                None => {
+                    let [vv, parent_v, child_v] = versions(st)?;
+                    exclusive_of(meta, &vv, &[&parent_v, &child_v], &mut |addr, _| {
+                        freed.push(addr)
+                    })?
+                }
             }
             if live_kid {
-                let mut promos = Vec::new();
-                promotions(
-                    meta,
-                    ROOT_LEVEL,
-                    0,
-                    st.tree.root(),
-                    s.root,
-                    parent_root,
-                    &mut promos,
-                )?;
-                for (level, vb) in promos {
-                    st.tree.promote(meta, level, vb)?;
-                }
+                let [vv, parent_v, _] = versions(st)?;
+                self.promote_live(st, &vv, &parent_v)?;
                 st.header.live_parent = s.parent;
                 st.header_dirty = true;
                 // The walks read the committed live tree: no second
@@ -307,6 +291,38 @@ impl Disk {
         Ok(deferred)
     }
 
+    /// The live tree's parent `gone` is deleted (its parent `keep` becomes
+    /// the live tree's): what the live tree held with it alone becomes
+    /// its own. Tree pointers are promoted (their nodes become dirty, so
+    /// the next commit is a checkpoint); in journal mode, the journal
+    /// records `gone` held beyond `keep` are unsealed, and the base tree's
+    /// root is owned again when `gone` shared it and `keep` does not.
+    fn promote_live(&self, st: &mut DiskState, gone: &Version, keep: &Version) -> Result<()> {
+        let meta = self.pool.meta();
+        let live = st.live_version();
+        let shares = |a: &Version, b: &Version| !a.root.is_null() && a.root.addr() == b.root.addr();
+        if st.tree.overlay().is_some() {
+            let (records, chain) = if shares(keep, &live) {
+                (keep.records, keep.journal.to_vec())
+            } else {
+                (0, Vec::new())
+            };
+            if let Some(o) = st.tree.overlay_mut() {
+                o.unseal_to(records);
+            }
+            st.journal.sealed_chain = chain;
+            if shares(gone, &live) && !shares(keep, &live) {
+                st.tree.set_root_owned(true);
+            }
+        }
+        let mut promos = Vec::new();
+        promotions(meta, &live, gone, keep, &mut promos)?;
+        for (level, vb) in promos {
+            st.tree.promote(meta, level, vb)?;
+        }
+        Ok(())
+    }
+
     /// Every block that deleting this disk frees: all it holds that its
     /// origin does not (clones of it are refused before this is asked),
     /// its snapshot log and its two headers.
@@ -329,11 +345,12 @@ impl Disk {
         let mut add = |addr: u64, _| {
             out.insert(addr);
         };
-        let live_parent = st.version_root(st.header.live_parent)?;
-        exclusive_blocks(meta, ROOT_LEVEL, st.tree.root(), &[live_parent], &mut add)?;
+        let live_parent = st.version(&self.pool, st.header.live_parent)?;
+        exclusive_of(meta, &st.live_version(), &[&live_parent], &mut add)?;
         for s in st.snapshots.all() {
-            let parent = st.version_root(s.parent)?;
-            exclusive_blocks(meta, ROOT_LEVEL, s.root, &[parent], &mut add)?;
+            let parent = st.version(&self.pool, s.parent)?;
+            let version = st.version(&self.pool, s.id)?;
+            exclusive_of(meta, &version, &[&parent], &mut add)?;
         }
         Ok(out.into_iter().collect())
     }

@@ -31,9 +31,10 @@
 //!   unlocked meanwhile, so a later header never lands without the blocks
 //!   it builds on.
 
+use crate::disk::journal::{read_journal, Chain};
 use crate::disk::log::load_log;
 use crate::error::{Error, Result};
-use crate::lineage::{Delta, SnapSet, SnapshotInfo};
+use crate::lineage::{Delta, SnapSet, SnapshotInfo, Version};
 use crate::pool::Pool;
 use crate::time::now_ns;
 use crate::tree::Tree;
@@ -70,6 +71,8 @@ pub(crate) struct DiskState {
     pub(super) size: u64,
     pub(super) snapshots: SnapSet,
     pub(super) origin: Origin,
+    /// The live tree's entry journal as committed (journal mode).
+    pub(super) journal: LiveChain,
     /// Records in the snapshot log chain (for compaction).
     pub(super) log_records: u64,
     pub(super) log_block: Option<LogBlock>,
@@ -172,18 +175,34 @@ impl DiskState {
         self.header.flags & VDI_FLAG_LINEAGE != 0 && self.origin != Origin::Unknown
     }
 
-    /// The root of the version `parent` (a snapshot id, or 0 for the
-    /// disk's origin); null when there is none.
-    pub(crate) fn version_root(&self, parent: u64) -> Result<Ptr> {
-        if parent == 0 {
-            return Ok(self.origin_root());
+    /// The version `id` (a snapshot id, or 0 for the disk's origin) as the
+    /// lineage walks see it; empty when there is none.
+    pub(crate) fn version(&self, pool: &Pool, id: u64) -> Result<Version> {
+        if id == 0 {
+            return Ok(Version::tree(self.origin_root()));
         }
-        self.snapshots.get(parent).map(|p| p.root).ok_or_else(|| {
+        let s = self.snapshots.get(id).ok_or_else(|| {
             Error::Inconsistent(format!(
-                "disk {}: snapshot parent id {parent} is missing",
+                "disk {}: snapshot parent id {id} is missing",
                 self.name
             ))
-        })
+        })?;
+        snapshot_version(pool, self.header.vdi_id, s.root, s.journal)
+    }
+
+    /// The live tree as a version, as last committed (the caller makes
+    /// sure nothing is pending).
+    pub(crate) fn live_version(&self) -> Version {
+        let mut v = Version {
+            root: self.tree.root(),
+            journal: Arc::new(self.journal.addrs.clone()),
+            ..Version::default()
+        };
+        if let Some(o) = self.tree.overlay() {
+            v.overlay = Arc::new(o.entries().collect());
+            v.records = self.journal.len();
+        }
+        v
     }
 
     /// Everything a transaction may change, to go back to if it fails.
@@ -223,6 +242,89 @@ impl DiskState {
             }
             Err(_) => self.poisoned = true,
         }
+    }
+}
+
+/// The live tree of a disk as its header and snapshots describe it: in
+/// journal mode (the store's, or a journal the header names), its nodes
+/// with the journal's records laid over them, those a snapshot holds
+/// sealed (the longest chain among the snapshots that share its base).
+fn open_tree(pool: &Pool, header: &VdiHeader, snapshots: &SnapSet) -> Result<(Tree, LiveChain)> {
+    let tree = Tree::open(header.root);
+    if !pool.journal_mode() && header.journal_head.is_null() {
+        return Ok((tree, LiveChain::default()));
+    }
+    let chain = read_journal(pool, header.journal_head, header.vdi_id)?;
+    let (sealed, sealed_chain) = sealed_by_snapshots(pool, header, snapshots)?;
+    let records = chain.records().map(|r| (r.vblock, r.ptr));
+    let overlay = crate::tree::Overlay::from_records(records, sealed);
+    Ok((
+        tree.with_journal(overlay),
+        LiveChain::from_chain(header.journal_head, &chain, sealed_chain),
+    ))
+}
+
+/// The records of the live tree's journal that snapshots hold, and the
+/// chain of the newest snapshot sharing its base (whose chain is the
+/// longest of those: the history of a base is linear).
+pub(crate) fn sealed_by_snapshots(
+    pool: &Pool,
+    header: &VdiHeader,
+    snapshots: &SnapSet,
+) -> Result<(u64, Vec<u64>)> {
+    let newest = snapshots
+        .all()
+        .filter(|s| s.root.addr() == header.root.addr() && !s.journal.is_null())
+        .last();
+    match newest {
+        None => Ok((0, Vec::new())),
+        Some(s) => {
+            let chain = read_journal(pool, s.journal, header.vdi_id)?;
+            Ok((chain.len(), chain.addrs()))
+        }
+    }
+}
+
+/// A snapshot as the lineage walks see it: its root, and the journal chain
+/// it holds on top (read from the device).
+pub(crate) fn snapshot_version(
+    pool: &Pool,
+    owner: u64,
+    root: Ptr,
+    journal: Ptr,
+) -> Result<Version> {
+    if journal.is_null() {
+        return Ok(Version::tree(root));
+    }
+    Ok(read_journal(pool, journal, owner)?.version(root))
+}
+
+/// The live tree's journal chain as committed: its head block (copied by
+/// the next append) and every block's address (sorted).
+#[derive(Clone, Default, Debug)]
+pub(crate) struct LiveChain {
+    pub head_ptr: Ptr,
+    pub head: Option<parallax_format::JournalBlock>,
+    pub addrs: Vec<u64>,
+    /// The chain of the newest snapshot that shares the live tree's base
+    /// (sorted): those of `addrs` it holds are not the live tree's alone,
+    /// and the next journal snapshot's delta is against it.
+    pub sealed_chain: Vec<u64>,
+}
+
+impl LiveChain {
+    pub fn from_chain(head_ptr: Ptr, chain: &Chain, sealed_chain: Vec<u64>) -> Self {
+        LiveChain {
+            head_ptr,
+            head: chain.head().cloned(),
+            addrs: chain.addrs(),
+            sealed_chain,
+        }
+    }
+
+    /// Records in the chain.
+    pub fn len(&self) -> u64 {
+        self.head.as_ref().map_or(0, |h| h.chain_len())
     }
 }
 
@@ -437,13 +539,9 @@ impl Disk {
             )));
         }
         let log = load_log(&pool, &header)?;
-        if !header.journal_head.is_null() || log.snapshots.all().any(|s| !s.journal.is_null()) {
-            return Err(Error::Inconsistent(format!(
-                "disk {name} has an entry journal (format 2), which this build does not read"
-            )));
-        }
         verify_allocated(&pool, &name, &header, &log.addrs)?;
         let (snapshots, log_block, log_records) = (log.snapshots, log.head, log.records);
+        let (tree, journal) = open_tree(&pool, &header, &snapshots)?;
         Ok(Disk {
             id: header.vdi_id,
             writer_epoch: AtomicU64::new(writer_epoch),
@@ -452,7 +550,8 @@ impl Disk {
             header_addrs,
             state: Arc::new(RwLock::new(DiskState {
                 name,
-                tree: Tree::open(header.root),
+                tree,
+                journal,
                 size: header.size_bytes,
                 next_slot,
                 header,

@@ -239,15 +239,6 @@ pub(super) fn read_superblocks(dev: &dyn BlockDevice) -> Result<(Superblock, usi
         }
     }
     if let Some(best) = copies.into_iter().max_by_key(|(sb, _)| sb.generation) {
-        if best.0.journaled {
-            // Entry journals (format 2) are not read by this build yet
-            // (docs/JOURNAL-PLAN.md): refused as a newer format, never
-            // opened while ignoring them.
-            return Err(Error::NewerVersion {
-                found: parallax_format::JOURNAL_FORMAT_VERSION,
-                supported: parallax_format::BASE_FORMAT_VERSION,
-            });
-        }
         return Ok(best);
     }
     if let Some((_, FormatError::NewerVersion { found, .. })) = errors
@@ -744,6 +735,16 @@ pub(super) fn clear_write_log(dev: &dyn BlockDevice) -> Result<()> {
     dev.write_at(&b[..], addr * BLOCK_SIZE_U64)
         .and_then(|_| dev.flush())
         .map_err(Error::io("writing the superblock"))
+}
+
+/// Whether both superblock copies are intact and say the store is
+/// journaled (format 2).
+pub(super) fn both_superblocks_journaled(dev: &dyn BlockDevice) -> bool {
+    SUPERBLOCK_ADDRS.iter().all(|&addr| {
+        let mut b = vec![0u8; BLOCK_SIZE];
+        dev.read_at(&mut b, addr * BLOCK_SIZE_U64).is_ok()
+            && Superblock::decode(&b, addr).is_ok_and(|sb| sb.journaled)
+    })
 }
 
 /// Makes `sb` (with generation bumped here) the durable superblock.
