@@ -416,26 +416,6 @@ pub(crate) fn exclusive_of(
     Ok(())
 }
 
-/// [`exclusive_of`] for tree versions, from a node of level `level`.
-pub(crate) fn exclusive_blocks(
-    meta: &MetaIo,
-    level: u8,
-    v: Ptr,
-    others: &[Ptr],
-    f: &mut dyn FnMut(u64, bool),
-) -> Result<()> {
-    let vv = Version::tree(v);
-    let ov: Vec<Version> = others.iter().map(|&o| Version::tree(o)).collect();
-    let at: Vec<At<'_>> = ov
-        .iter()
-        .map(|o| At {
-            ver: o,
-            ptr: o.root,
-        })
-        .collect();
-    exclusive_at(meta, level, 0, At { ver: &vv, ptr: v }, &at, f)
-}
-
 fn exclusive_at(
     meta: &MetaIo,
     level: u8,

@@ -8,7 +8,9 @@
 //! Nodes of a commit not yet written (see `disk/commit.rs`) are *staged*:
 //! kept in a map beside the cache, which no eviction touches, until the
 //! commit has written them; a lookup that misses the cache finds them
-//! there before it would read the device.
+//! there before it would read the device. Other metadata blocks of such a
+//! commit (entry journal blocks) are staged whole, and
+//! [`MetaIo::read_block`] finds them the same way.
 //!
 //! The cache is split into [`CACHE_SHARDS`] LRU shards by block address,
 //! each behind its own mutex, so that concurrent lookups on different
@@ -41,6 +43,8 @@ pub(crate) struct MetaIo {
     cache: Vec<Mutex<LruCache<u64, Cached>>>,
     /// Nodes of commits in flight, not yet on the device.
     staged: Mutex<HashMap<u64, Cached>>,
+    /// Other blocks of commits in flight, whole.
+    staged_raw: Mutex<HashMap<u64, Box<Block>>>,
 }
 
 impl MetaIo {
@@ -60,6 +64,7 @@ impl MetaIo {
                 .map(|_| Mutex::new(LruCache::new(cap)))
                 .collect(),
             staged: Mutex::new(HashMap::new()),
+            staged_raw: Mutex::new(HashMap::new()),
         }
     }
 
@@ -83,6 +88,9 @@ impl MetaIo {
     }
 
     pub fn read_block(&self, addr: u64, what: &str) -> Result<Box<Block>> {
+        if let Some(b) = self.staged_raw.lock().get(&addr) {
+            return Ok(b.clone());
+        }
         let mut b = zeroed_block();
         self.dev
             .read_at(&mut b[..], addr * BLOCK_SIZE_U64)
@@ -197,8 +205,22 @@ impl MetaIo {
         self.cache_node(addr, node, crc);
     }
 
+    /// Keeps a block a commit is about to write (not a node) for
+    /// [`MetaIo::read_block`] until [`MetaIo::unstage`].
+    pub fn stage_block(&self, addr: u64, block: &Block) {
+        self.staged_raw.lock().insert(addr, Box::new(*block));
+    }
+
     /// The commit has written these blocks: the device serves them now.
     pub fn unstage(&self, addrs: &[u64]) {
+        {
+            let mut raw = self.staged_raw.lock();
+            if !raw.is_empty() {
+                for a in addrs {
+                    raw.remove(a);
+                }
+            }
+        }
         let mut staged = self.staged.lock();
         if staged.is_empty() {
             return;
@@ -216,6 +238,12 @@ impl MetaIo {
     /// Forgets a block that is being freed.
     pub fn evict(&self, addr: u64) {
         self.shard(addr).lock().pop(&addr);
+        {
+            let mut raw = self.staged_raw.lock();
+            if !raw.is_empty() {
+                raw.remove(&addr);
+            }
+        }
         let mut staged = self.staged.lock();
         if !staged.is_empty() {
             staged.remove(&addr);

@@ -105,8 +105,10 @@ impl Leaf<'_> {
 }
 
 /// Sequence numbers of overlay entries: record indexes in the journal
-/// chain for committed entries, and upwards from the chain's length for
-/// entries made since.
+/// chain for committed entries (renumbered so when their commit is
+/// adopted: [`Overlay::committed`]), and upwards from the chain's length
+/// for entries made since. A snapshot holding the first n records of the
+/// chain holds the entries below n.
 pub(crate) type Seq = u64;
 
 /// The level-0 entries a tree in journal mode changed since its last
@@ -146,6 +148,11 @@ impl Overlay {
             sealed: sealed.min(next),
             since: None,
         }
+    }
+
+    /// Whether the overlay has an entry for `v` (replacing the nodes').
+    pub fn contains(&self, v: u64) -> bool {
+        self.map.contains_key(&v)
     }
 
     /// The entry for `v`, with its writable bit made exact.
@@ -207,17 +214,26 @@ impl Overlay {
             .map(|(&v, &(p, seq))| (v, self.exact(p, seq)))
     }
 
-    /// The journal now holds every entry made so far.
-    pub fn mark_committed(&mut self) {
+    /// A journal commit is adopted: it appended `records` (the blocks of
+    /// [`Overlay::uncommitted`], in that order) to a chain of `base`
+    /// records, and, with `snapshot`, a snapshot now holds the whole chain
+    /// (what changes from here on is its child's delta). Nothing was set
+    /// since [`Overlay::uncommitted`] was called.
+    pub fn committed(&mut self, records: &[u64], base: Seq, snapshot: bool) {
+        if !records.is_empty() {
+            let map = Arc::make_mut(&mut self.map);
+            for (k, v) in records.iter().enumerate() {
+                if let Some(e) = map.get_mut(v) {
+                    e.1 = base + k as Seq;
+                }
+            }
+        }
+        self.next = base + records.len() as Seq;
         self.committed = self.next;
-    }
-
-    /// A snapshot now holds every entry made so far (its commit also
-    /// committed them); what changes from here on is its child's delta.
-    pub fn seal_all(&mut self) {
-        self.committed = self.next;
-        self.sealed = self.next;
-        self.since = Some(BTreeMap::new());
+        if snapshot {
+            self.sealed = self.next;
+            self.since = Some(BTreeMap::new());
+        }
     }
 
     /// A snapshot that held entries was deleted: only those below `sealed`
@@ -356,6 +372,22 @@ impl Tree {
                 old: None,
             },
         );
+        Ok(t)
+    }
+
+    /// A new tree holding what version (`root`, `records`) holds, sharing
+    /// all of it: [`Tree::shared_copy`] with the records (a journal
+    /// snapshot's, oldest first) set as shared entries in dirty nodes.
+    /// What a clone or a rollback starts from.
+    pub fn from_version(
+        meta: &MetaIo,
+        root: Ptr,
+        records: impl IntoIterator<Item = (u64, Ptr)>,
+    ) -> Result<Self> {
+        let mut t = Tree::shared_copy(meta, root)?;
+        for (v, p) in records {
+            t.dirty_path(meta, v, 0)?.entries[index(v, 0)] = p.shared();
+        }
         Ok(t)
     }
 
@@ -641,11 +673,21 @@ impl Tree {
     /// blocks this tree owns that the committed tree may not know about.
     /// (Entries reached through clean nodes are not exact about ownership:
     /// a clean node below a shared pointer keeps its old writable bits.)
+    /// Entries the overlay replaces are left out (see
+    /// [`Tree::fold_overlay`]: a node entry the overlay shadows may name a
+    /// block already freed).
     pub fn dirty_owned_data(&self) -> Vec<u64> {
+        let shadowed = |v: u64| self.overlay.as_ref().is_some_and(|o| o.contains(v));
         self.dirty
             .iter()
             .filter(|((level, _), _)| *level == 0)
-            .flat_map(|(_, d)| d.entries.iter().filter(|p| p.writable()).map(|p| p.addr()))
+            .flat_map(|(&(_, pfx), d)| {
+                d.entries
+                    .iter()
+                    .enumerate()
+                    .filter(move |(i, p)| p.writable() && !shadowed(pfx * FAN + *i as u64))
+                    .map(|(_, p)| p.addr())
+            })
             .chain(self.overlay.iter().flat_map(Overlay::owned_data))
             .collect()
     }
@@ -867,7 +909,9 @@ mod tests {
 
             // Sealed and shared: nothing reads writable any more.
             let mut sealed = journal.clone();
-            sealed.overlay_mut().unwrap().seal_all();
+            let o = sealed.overlay_mut().unwrap();
+            let records: Vec<u64> = o.uncommitted().into_iter().map(|(v, _)| v).collect();
+            o.committed(&records, 0, true);
             sealed.set_root_owned(false);
             prop_assert!(entries(&meta, &sealed, end).iter().all(|e| !e.2));
             prop_assert!(!sealed.is_dirty());

@@ -62,6 +62,18 @@ fn run_with(ops: &[Op], cache_bytes: Option<u64>) -> Runner {
     run_opened(ops, Runner::new(reopen()), &mut reopen)
 }
 
+/// [`run`] with entry journals on (format 2): writes between checkpoints
+/// are journal records, snapshots positions in the journal.
+fn run_journaled(ops: &[Op]) -> Runner {
+    let dev = new_pool();
+    Store::open(dev.clone(), &OpenOptions::default())
+        .unwrap()
+        .enable_journal()
+        .unwrap();
+    let mut reopen = || Store::open(dev.clone(), &OpenOptions::default()).unwrap();
+    run_opened(ops, Runner::new(reopen()), &mut reopen)
+}
+
 /// A new pool (the store on it closed).
 fn new_pool() -> Arc<MemDevice> {
     let dev = Arc::new(MemDevice::new(64 << 20));
@@ -147,6 +159,15 @@ proptest! {
     #[test]
     fn store_matches_model(ops in proptest::collection::vec(op_strategy(), 1..120)) {
         run(&ops);
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: common::proptest_cases(256), ..ProptestConfig::default() })]
+    /// The same with entry journals (see [`run_journaled`]).
+    #[test]
+    fn store_matches_model_with_journals(ops in proptest::collection::vec(op_strategy(), 1..120)) {
+        run_journaled(&ops);
     }
 }
 
@@ -267,5 +288,80 @@ fn regression_delete_middle_clone_then_origin() {
         Op::Clone { disk: 1, snap: 0 },
         Op::DeleteDisk { disk: 1 },
         Op::DeleteDisk { disk: 0 },
+    ]);
+}
+
+/// With journals: a clone's first snapshot's delta is against its origin,
+/// a journal snapshot (records and journal blocks of the origin's disk).
+#[test]
+fn regression_journal_clones_then_tick_then_delete() {
+    run_journaled(&[
+        Op::Snapshot { disk: 0 },
+        Op::Clone { disk: 0, snap: 0 },
+        Op::Clone { disk: 104, snap: 0 },
+        Op::Write {
+            disk: 0,
+            offset: 0,
+            len: 0,
+            seed: 0,
+        },
+        Op::DeleteDisk { disk: 7 },
+        Op::Write {
+            disk: 43,
+            offset: 0,
+            len: 1,
+            seed: 0,
+        },
+        Op::Write {
+            disk: 0,
+            offset: 0,
+            len: 0,
+            seed: 0,
+        },
+        Op::Snapshot { disk: 31 },
+        Op::Clone { disk: 19, snap: 0 },
+        Op::ScheduleTick { disk: 29, keep: 0 },
+        Op::Snapshot { disk: 137 },
+        Op::Create { blocks: 0 },
+        Op::DeleteSnapshot {
+            disk: 62,
+            snap: 224,
+        },
+    ]);
+}
+
+/// With journals: a rollback, its snapshot deleted (its blocks promoted
+/// in the live tree), a snapshot sharing the base, a partial write over a
+/// promoted block, that snapshot deleted, then the disk: the base entry the
+/// journal replaced was freed with the snapshot and must not be freed again
+/// with the disk.
+#[test]
+fn regression_journal_rollback_deletions_then_delete_disk() {
+    run_journaled(&[
+        Op::Create { blocks: 0 },
+        Op::Create { blocks: 0 },
+        Op::Create { blocks: 72 },
+        Op::Write {
+            disk: 51,
+            offset: 0,
+            len: 0,
+            seed: 48,
+        },
+        Op::Snapshot { disk: 107 },
+        Op::DeleteDisk { disk: 36 },
+        Op::DeleteDisk { disk: 0 },
+        Op::Create { blocks: 0 },
+        Op::Rollback { disk: 82, snap: 0 },
+        Op::DeleteDisk { disk: 137 },
+        Op::DeleteSnapshot { disk: 31, snap: 0 },
+        Op::Snapshot { disk: 73 },
+        Op::Write {
+            disk: 29,
+            offset: 0,
+            len: 1,
+            seed: 0,
+        },
+        Op::DeleteSnapshot { disk: 103, snap: 0 },
+        Op::DeleteDisk { disk: 91 },
     ]);
 }

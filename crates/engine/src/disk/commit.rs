@@ -110,8 +110,10 @@ struct Prepared {
     freed: Vec<u64>,
     new_snapshot: Option<SnapshotInfo>,
     new_log: Option<(LogBlock, u64)>,
-    /// Journal mode: the live tree's chain once the commit is durable.
+    /// Journal mode: the live tree's chain once the commit is durable, and
+    /// the blocks of the records it appends, in order.
     journal: Option<LiveChain>,
+    journal_records: Vec<u64>,
     /// Journal mode, a snapshot taken without a checkpoint: its delta to
     /// the last one, when the overlay knows it.
     known_delta: Option<Delta>,
@@ -142,9 +144,9 @@ enum DeltaJob {
     Walk {
         id: u64,
         version: Version,
-        /// The parent's root and journal head; `None`: the snapshot derives
-        /// from an empty disk.
-        parent: Option<(Ptr, Ptr)>,
+        /// The parent's disk (its journal's owner), root and journal head;
+        /// `None`: the snapshot derives from an empty disk.
+        parent: Option<(u64, Ptr, Ptr)>,
     },
 }
 
@@ -447,13 +449,12 @@ impl Disk {
         st.header_dirty = false;
         st.pending_log.clear();
         if let Some(chain) = &p.journal {
+            // The records appended follow the chain's earlier ones (none
+            // after a checkpoint).
+            let base = chain.len() - p.journal_records.len() as u64;
             st.journal = chain.clone();
             if let Some(o) = st.tree.overlay_mut() {
-                if p.new_snapshot.is_some() {
-                    o.seal_all();
-                } else {
-                    o.mark_committed();
-                }
+                o.committed(&p.journal_records, base, p.new_snapshot.is_some());
             }
         } else if self.pool.journal_mode() && st.tree.overlay().is_none() {
             // A disk opened before journals were turned on: from its next
@@ -560,6 +561,7 @@ impl Disk {
         let mut new_snapshot = None;
         let mut live_parent = st.header.live_parent;
         let mut journal = None;
+        let mut journal_records = Vec::new();
         let mut known_delta = None;
         let mut journal_head = st.header.journal_head;
         if let Some(o) = st.tree.overlay() {
@@ -576,6 +578,7 @@ impl Disk {
                     .into_iter()
                     .map(|(vblock, ptr)| JournalRecord { vblock, ptr })
                     .collect();
+                journal_records = records.iter().map(|r| r.vblock).collect();
                 let mut writer = LogWriter {
                     pool,
                     owner: self.id,
@@ -728,6 +731,7 @@ impl Disk {
             new_snapshot,
             new_log,
             journal,
+            journal_records,
             known_delta,
         })
     }
@@ -766,13 +770,16 @@ impl Disk {
             return None;
         }
         let s = st.snapshots.get(id)?;
-        let parent = if s.parent == 0 && st.origin_root().is_null() {
-            None
-        } else if s.parent == 0 {
-            Some((st.origin_root(), Ptr::NULL))
+        let parent = if s.parent == 0 {
+            match st.origin {
+                crate::disk::state::Origin::Root { root, journal, .. } => {
+                    Some((st.header.origin_vdi, root, journal))
+                }
+                _ => None,
+            }
         } else {
             let p = st.snapshots.get(s.parent)?;
-            Some((p.root, p.journal))
+            Some((self.id, p.root, p.journal))
         };
         // Taken just now: a journal snapshot holds what the live tree does.
         let version = if s.journal.is_null() {
@@ -793,11 +800,11 @@ impl Disk {
     /// The delta of a snapshot to its parent (see `lineage.rs`), walked
     /// while both trees' nodes are likely cached: right after it is taken.
     /// Reads immutable trees and journals only: no lock needed.
-    fn delta_to_parent(&self, version: &Version, parent: Option<(Ptr, Ptr)>) -> Result<Delta> {
-        let Some((root, journal)) = parent else {
+    fn delta_to_parent(&self, version: &Version, parent: Option<(u64, Ptr, Ptr)>) -> Result<Delta> {
+        let Some((owner, root, journal)) = parent else {
             return Ok(Delta::default());
         };
-        let parent = snapshot_version(&self.pool, self.id, root, journal)?;
+        let parent = snapshot_version(&self.pool, owner, root, journal)?;
         let mut delta = Delta::default();
         diff_versions(
             self.pool.meta(),

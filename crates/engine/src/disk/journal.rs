@@ -125,6 +125,9 @@ pub(super) fn append(
         let addr = (w.allocate)()?;
         w.allocated.push(addr);
         let (b, crc) = block.encode(store_id, addr, w.owner, w.generation);
+        // Readable before the commit writes it (a view of a snapshot
+        // answered when taken reads its chain).
+        w.pool.meta().stage_block(addr, &b);
         w.out.push((addr, b));
         written.push(addr);
         Ok(Ptr::meta(addr, crc, true))

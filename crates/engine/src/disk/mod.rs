@@ -21,7 +21,7 @@
 mod cached;
 mod commit;
 mod data;
-mod journal;
+pub(crate) mod journal;
 pub(crate) mod log;
 mod plan;
 mod reclaim;
@@ -39,7 +39,7 @@ use std::sync::Arc;
 
 pub use plan::{CopyChecks, FdTransfer, IoPlan, Transfer};
 pub(crate) use reclaim::Holds;
-pub(crate) use state::{verify_allocated, Disk, DiskState, Origin};
+pub(crate) use state::{tree_from_snapshot, verify_allocated, Disk, DiskState, Origin};
 pub(crate) use view::{extents_at_root, read_at_root};
 pub use view::{ReadDisk, SnapshotView};
 
@@ -414,7 +414,7 @@ impl Vdi {
         let st = self.disk.state.read();
         let info = st.snapshot_named(name)?.clone();
         // Pinned under the lock: no deletion can reclaim it in between.
-        Ok(SnapshotView::pinned(self, &st, info))
+        SnapshotView::pinned(self, &st, info)
     }
 
     /// Sets (or, with `every_ns` 0, removes) the disk's snapshot schedule.
@@ -489,7 +489,8 @@ impl Vdi {
                 return Err(st.no_such_snapshot(name));
             }
             let owned = disk.live_owned_blocks(st)?;
-            st.tree = crate::tree::Tree::shared_copy(disk.pool.meta(), snap.root)?;
+            st.tree =
+                state::tree_from_snapshot(&disk.pool, disk.id, &snap, st.tree.overlay().is_some())?;
             st.pending_free.extend(owned);
             st.size = snap.size_bytes;
             st.header.live_parent = snap.id;

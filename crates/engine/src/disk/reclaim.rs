@@ -338,7 +338,7 @@ impl Disk {
             // Without lineage only the writable closures are known to be
             // exclusive; the rest is left to `gc`.
             for s in st.snapshots.all() {
-                collect_owned(meta, s.root, ROOT_LEVEL, &mut out)?;
+                collect_owned(meta, s.root, ROOT_LEVEL, 0, &|_| false, &mut out)?;
             }
             return Ok(out.into_iter().collect());
         }
@@ -361,8 +361,12 @@ impl Disk {
     pub(super) fn live_owned_blocks(&self, st: &DiskState) -> Result<Vec<u64>> {
         let meta = self.pool.meta();
         let mut owned = HashSet::new();
-        if !st.tree.root().is_null() {
-            collect_owned(meta, st.tree.root(), ROOT_LEVEL, &mut owned)?;
+        // A root a journal snapshot shares is not the live tree's alone.
+        if !st.tree.root().is_null() && st.tree.root().writable() {
+            // Base entries the journal replaced are not the tree's any more
+            // (those it owned were freed when they were replaced).
+            let shadowed = |v: u64| st.tree.overlay().is_some_and(|o| o.contains(v));
+            collect_owned(meta, st.tree.root(), ROOT_LEVEL, 0, &shadowed, &mut owned)?;
         }
         owned.extend(st.tree.dirty_owned_data());
         let pending: HashSet<u64> = st.pending_free.iter().copied().collect();
@@ -370,16 +374,31 @@ impl Disk {
     }
 }
 
-/// Adds to `out` the block `ptr` points at and everything below it reached
-/// through writable pointers.
-fn collect_owned(meta: &MetaIo, ptr: Ptr, level: u8, out: &mut HashSet<u64>) -> Result<()> {
+/// Adds to `out` the block `ptr` (the level-`level` node number `pfx`)
+/// points at and everything below it reached through writable pointers,
+/// save the data of virtual blocks `shadowed` says a journal replaced.
+fn collect_owned(
+    meta: &MetaIo,
+    ptr: Ptr,
+    level: u8,
+    pfx: u64,
+    shadowed: &dyn Fn(u64) -> bool,
+    out: &mut HashSet<u64>,
+) -> Result<()> {
     out.insert(ptr.addr());
     let node = meta.load_node(ptr, level)?;
-    for e in node.entries.iter().filter(|e| e.writable()) {
+    let fan = parallax_format::FAN_OUT as u64;
+    for (i, e) in node.entries.iter().enumerate() {
+        let child = pfx * fan + i as u64;
+        if !e.writable() {
+            continue;
+        }
         if level == 0 {
-            out.insert(e.addr());
+            if !shadowed(child) {
+                out.insert(e.addr());
+            }
         } else {
-            collect_owned(meta, *e, level - 1, out)?;
+            collect_owned(meta, *e, level - 1, child, shadowed, out)?;
         }
     }
     Ok(())

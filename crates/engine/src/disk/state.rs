@@ -53,9 +53,14 @@ pub(super) const STRIPES: usize = 64;
 pub(crate) enum Origin {
     /// A disk created empty.
     None,
-    /// A clone: the root of the snapshot it was made from, and when that
-    /// snapshot was taken (what names it in the read cache).
-    Root { root: Ptr, created_ns: u64 },
+    /// A clone: the root (and, for a journal snapshot, the journal head) of
+    /// the snapshot it was made from, and when that snapshot was taken
+    /// (what names it in the read cache).
+    Root {
+        root: Ptr,
+        journal: Ptr,
+        created_ns: u64,
+    },
     /// A clone whose origin could not be found (made by an older version
     /// and orphaned): its versions are not reclaimed, `gc` does it.
     Unknown,
@@ -142,11 +147,6 @@ impl DiskState {
         ))
     }
 
-    /// The live tree's root as of the last commit.
-    pub(crate) fn live_root(&self) -> Ptr {
-        self.tree.root()
-    }
-
     /// The snapshot the live tree derives from (0: the disk's origin).
     pub(crate) fn live_parent(&self) -> u64 {
         self.header.live_parent
@@ -160,14 +160,6 @@ impl DiskState {
         self.header.log_head
     }
 
-    /// The root of the snapshot this disk was cloned from; null if none.
-    pub(crate) fn origin_root(&self) -> Ptr {
-        match self.origin {
-            Origin::Root { root, .. } => root,
-            Origin::None | Origin::Unknown => Ptr::NULL,
-        }
-    }
-
     /// Whether this disk's deleted versions are reclaimed at once (see
     /// `lineage.rs`). Disks written before lineage was recorded, and clones
     /// whose origin is gone, leave them to `gc`.
@@ -179,7 +171,12 @@ impl DiskState {
     /// lineage walks see it; empty when there is none.
     pub(crate) fn version(&self, pool: &Pool, id: u64) -> Result<Version> {
         if id == 0 {
-            return Ok(Version::tree(self.origin_root()));
+            return match self.origin {
+                Origin::Root { root, journal, .. } => {
+                    snapshot_version(pool, self.header.origin_vdi, root, journal)
+                }
+                Origin::None | Origin::Unknown => Ok(Version::default()),
+            };
         }
         let s = self.snapshots.get(id).ok_or_else(|| {
             Error::Inconsistent(format!(
@@ -283,6 +280,43 @@ pub(crate) fn sealed_by_snapshots(
             Ok((chain.len(), chain.addrs()))
         }
     }
+}
+
+/// The tree of a snapshot to read: its root, and in journal mode the
+/// records of its journal chain laid over it (all shared: read-only).
+pub(crate) fn snapshot_tree(pool: &Pool, owner: u64, s: &SnapshotInfo) -> Result<Tree> {
+    let tree = Tree::open(s.root);
+    if s.journal.is_null() {
+        return Ok(tree);
+    }
+    let chain = read_journal(pool, s.journal, owner)?;
+    let records = chain.records().map(|r| (r.vblock, r.ptr));
+    Ok(tree.with_journal(crate::tree::Overlay::from_records(records, u64::MAX)))
+}
+
+/// What a clone or a rollback to snapshot `s` starts from (see
+/// [`Tree::from_version`]); in journal mode (`journal`), with an empty
+/// journal overlay over it.
+pub(crate) fn tree_from_snapshot(
+    pool: &Pool,
+    owner: u64,
+    s: &SnapshotInfo,
+    journal: bool,
+) -> Result<Tree> {
+    let records: Vec<(u64, Ptr)> = if s.journal.is_null() {
+        Vec::new()
+    } else {
+        read_journal(pool, s.journal, owner)?
+            .records()
+            .map(|r| (r.vblock, r.ptr))
+            .collect()
+    };
+    let tree = Tree::from_version(pool.meta(), s.root, records)?;
+    Ok(if journal {
+        tree.with_journal(Default::default())
+    } else {
+        tree
+    })
 }
 
 /// A snapshot as the lineage walks see it: its root, and the journal chain

@@ -11,7 +11,7 @@
 use crate::disk::cached::{origin_anchor, CacheScope};
 use crate::disk::data::{check_io_range, count_mapped, read_tree, tree_extents};
 use crate::disk::plan::{plan_read, IoPlan};
-use crate::disk::state::{Disk, DiskState};
+use crate::disk::state::{snapshot_tree, Disk, DiskState};
 use crate::disk::{Extent, Owner, Vdi};
 use crate::error::Result;
 use crate::lineage::SnapshotInfo;
@@ -106,10 +106,11 @@ enum Pin {
 impl SnapshotView {
     /// A view of `info`, a snapshot of `vdi`, pinned while it lives.
     /// The caller holds the disk's state `st`.
-    pub(super) fn pinned(vdi: &Vdi, st: &DiskState, info: SnapshotInfo) -> SnapshotView {
+    pub(super) fn pinned(vdi: &Vdi, st: &DiskState, info: SnapshotInfo) -> Result<SnapshotView> {
+        let tree = snapshot_tree(&vdi.disk.pool, st.header.vdi_id, &info)?;
         *vdi.disk.pins.lock().entry(info.id).or_insert(0) += 1;
-        SnapshotView {
-            tree: Tree::open(info.root),
+        Ok(SnapshotView {
+            tree,
             cache: (st.header.cache_policy != CachePolicy::None)
                 .then(|| (anchor_of(st.header.vdi_id, &info), origin_anchor(st))),
             info,
@@ -117,7 +118,7 @@ impl SnapshotView {
             pool: vdi.disk.pool.clone(),
             pin: Pin::Local(vdi.disk.clone()),
             owner: vdi.owner.clone(),
-        }
+        })
     }
 
     /// A view of `info`, a committed snapshot of disk `vdi` (named `disk`)
@@ -131,9 +132,10 @@ impl SnapshotView {
         disk: String,
         info: SnapshotInfo,
     ) -> Result<SnapshotView> {
+        let tree = snapshot_tree(pool, vdi, &info)?;
         let incarnation = pool.pin_in_cluster(vdi, info.id)?;
         Ok(SnapshotView {
-            tree: Tree::open(info.root),
+            tree,
             cache: Some((anchor_of(vdi, &info), None)),
             info,
             disk,

@@ -397,7 +397,10 @@ impl Store {
         snapshot: &str,
         new_name: &str,
     ) -> Result<Vdi> {
-        let tree = Tree::shared_copy(self.inner.pool.meta(), snap.root)?;
+        // The clone's tree is its own from the start (a journal snapshot's
+        // records are set in its first nodes); its journal starts empty.
+        let pool = &self.inner.pool;
+        let tree = crate::disk::tree_from_snapshot(pool, origin.vdi_id, snap, pool.journal_mode())?;
         let vdi = self.create_with_tree(
             catalog,
             new_name,
@@ -405,6 +408,7 @@ impl Store {
             tree,
             Origin::Root {
                 root: snap.root,
+                journal: snap.journal,
                 created_ns: snap.created_ns,
             },
             origin.vdi_id,

@@ -2,9 +2,19 @@
 //!
 //! Both start with the same *mark* pass over the durable state: from the
 //! newest valid superblock, every registry block, every disk's newest valid
-//! header, its snapshot log, its live tree and every snapshot's tree. Every
-//! node is read from the device and verified (checksum, kind, level, store
-//! id, address, the parent's check value).
+//! header, its snapshot log, its live tree and every snapshot's tree, and
+//! (format 2) their entry journals. Every node is read from the device and
+//! verified (checksum, kind, level, store id, address, the parent's check
+//! value).
+//!
+//! **Journal versions.** A version with a journal is its base tree plus
+//! its records: a base entry every version of that base replaces with a
+//! record may have been freed (the live tree owned it when it replaced
+//! it), so a base tree is walked with the blocks *all* its versions
+//! replace skipped (its *shadow*), and each version marks its own records'
+//! blocks. A node is descended into once per shadow it is reached with
+//! (once in all if reached with none), so that a block some other version
+//! reaches without that shadow is still marked.
 //!
 //! `check` then verifies the invariants the crash-consistency argument
 //! relies on:
@@ -30,6 +40,7 @@
 //! unreferenced blocks may be writes in flight there.
 
 use crate::alloc::Allocator;
+use crate::disk::journal::{read_journal, Chain};
 use crate::disk::log::read_chain;
 use crate::error::{Error, Result};
 use crate::lineage::SnapSet;
@@ -39,7 +50,7 @@ use parallax_format::{
     DiskRef, Ptr, Superblock, BLOCK_SIZE, BLOCK_SIZE_U64, SUPERBLOCK_ADDRS, TREE_HEIGHT,
 };
 use parallax_format::{RegistryEntry, VdiHeader};
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 
 /// What `check` found.
 #[derive(Debug, Clone, Default)]
@@ -67,8 +78,17 @@ pub(super) enum Role {
     Registry,
     Header,
     Log,
+    Journal,
     Node(u8),
     Data,
+}
+
+/// The blocks a base tree is walked without (see the module
+/// documentation): its root's address and the virtual blocks every version
+/// of it replaces.
+struct Shadow {
+    base: u64,
+    vblocks: BTreeSet<u64>,
 }
 
 #[derive(Default)]
@@ -81,6 +101,9 @@ pub(super) struct Marking<'p> {
     warnings: Vec<String>,
     /// For each disk, the blocks its live tree owns.
     live_owned: Vec<(String, HashSet<u64>)>,
+    /// Nodes descended into: node ─▶ the shadows (base addresses; 0 for
+    /// none) it was walked with.
+    descended: HashMap<u64, Vec<u64>>,
     /// Shared mode: disks that changed under every try (see the module
     /// documentation), and why the last try failed.
     pub(super) unverified: Vec<String>,
@@ -191,6 +214,65 @@ impl Marking<'_> {
                 header.live_parent
             ));
         }
+        // Journal chains, and the shadow of every base tree they lay
+        // records over.
+        let mut chains: HashMap<u64, Chain> = HashMap::new();
+        let mut heads: Vec<(String, Ptr)> = snaps
+            .all()
+            .map(|s| {
+                (
+                    format!("snapshot {}", DiskRef::snapshot(name, &s.name)),
+                    s.journal,
+                )
+            })
+            .collect();
+        heads.push((who.clone(), header.journal_head));
+        for (by, head) in heads {
+            if head.is_null() || chains.contains_key(&head.addr()) {
+                continue;
+            }
+            match read_journal(store.pool(), head, header.vdi_id) {
+                Ok(c) => {
+                    for (addr, _) in &c.blocks {
+                        self.mark(*addr, Role::Journal, &by);
+                    }
+                    chains.insert(head.addr(), c);
+                }
+                Err(e) => self.errors.push(format!("{by}: entry journal: {e}")),
+            }
+        }
+        let overlay_of = |head: Ptr| -> BTreeSet<u64> {
+            chains
+                .get(&head.addr())
+                .filter(|_| !head.is_null())
+                .map(|c| c.records().map(|r| r.vblock).collect())
+                .unwrap_or_default()
+        };
+        let mut shadows: HashMap<u64, BTreeSet<u64>> = HashMap::new();
+        let versions = snaps
+            .all()
+            .map(|s| (s.root, s.journal))
+            .chain([(header.root, header.journal_head)]);
+        for (root, head) in versions {
+            let replaced = overlay_of(head);
+            shadows
+                .entry(root.addr())
+                .and_modify(|s| s.retain(|v| replaced.contains(v)))
+                .or_insert(replaced);
+        }
+        let shadow_of = |root: Ptr| -> Option<Shadow> {
+            shadows
+                .get(&root.addr())
+                .filter(|s| !s.is_empty())
+                .map(|s| Shadow {
+                    base: root.addr(),
+                    vblocks: s.clone(),
+                })
+        };
+        // The live tree's records a snapshot holds, and its chain's blocks
+        // one holds (see `Overlay` in `tree.rs`).
+        let mut sealed = 0;
+        let mut sealed_blocks = HashSet::new();
         for s in snaps.all() {
             let snap = format!("snapshot {}", DiskRef::snapshot(name, &s.name));
             if !s.hidden {
@@ -202,42 +284,117 @@ impl Marking<'_> {
                     s.id, s.parent
                 ));
             }
-            self.walk_tree(store, s.root, &snap, None);
+            self.walk_tree(store, s.root, &snap, None, shadow_of(s.root).as_ref());
+            if let Some(c) = chains
+                .get(&s.journal.addr())
+                .filter(|_| !s.journal.is_null())
+            {
+                self.mark_records(c, &snap, None);
+                if s.root.addr() == header.root.addr() {
+                    sealed = sealed.max(c.len());
+                    sealed_blocks.extend(c.blocks.iter().map(|(a, _)| *a));
+                }
+            }
         }
         let mut owned = HashSet::new();
-        self.walk_tree(store, header.root, &who, Some(&mut owned));
+        self.walk_tree(
+            store,
+            header.root,
+            &who,
+            Some(&mut owned),
+            shadow_of(header.root).as_ref(),
+        );
+        if let Some(c) = chains
+            .get(&header.journal_head.addr())
+            .filter(|_| !header.journal_head.is_null())
+        {
+            self.mark_records(c, &who, Some((sealed, &mut owned)));
+            owned.extend(
+                c.blocks
+                    .iter()
+                    .map(|(a, _)| *a)
+                    .filter(|a| !sealed_blocks.contains(a)),
+            );
+        }
         if let Err(e) = meta.check_ptr(header.root, "root") {
             self.errors.push(format!("{who}: {e}"));
         }
         owned
     }
 
-    fn walk_tree(&mut self, store: &Store, root: Ptr, who: &str, owned: Option<&mut HashSet<u64>>) {
+    /// Marks the blocks a journal chain's records name (the newest record
+    /// of each virtual block). With `owned`, the live tree's chain: those
+    /// from record `sealed` on that are writable it owns.
+    fn mark_records(&mut self, chain: &Chain, who: &str, owned: Option<(u64, &mut HashSet<u64>)>) {
+        let mut newest: HashMap<u64, (u64, Ptr)> = HashMap::new();
+        for (i, r) in chain.records().enumerate() {
+            newest.insert(r.vblock, (i as u64, r.ptr));
+        }
         let mut owned = owned;
-        self.walk(store, root, (TREE_HEIGHT - 1) as u8, who, true, &mut owned);
+        for (_, (i, p)) in newest {
+            if p.is_null() {
+                continue;
+            }
+            self.mark(p.addr(), Role::Data, who);
+            if let Some((sealed, o)) = owned.as_mut() {
+                if i >= *sealed && p.writable() {
+                    o.insert(p.addr());
+                }
+            }
+        }
     }
 
+    fn walk_tree(
+        &mut self,
+        store: &Store,
+        root: Ptr,
+        who: &str,
+        owned: Option<&mut HashSet<u64>>,
+        shadow: Option<&Shadow>,
+    ) {
+        let mut owned = owned;
+        // The root pointer itself says whether the live tree owns the base
+        // (a journal snapshot shares it otherwise).
+        let writable = owned.is_none() || root.writable();
+        self.walk(
+            store,
+            root,
+            (TREE_HEIGHT - 1) as u8,
+            0,
+            who,
+            writable,
+            &mut owned,
+            shadow,
+        );
+    }
+
+    #[allow(clippy::too_many_arguments)]
     fn walk(
         &mut self,
         store: &Store,
         ptr: Ptr,
         level: u8,
+        pfx: u64,
         who: &str,
         path_writable: bool,
         owned: &mut Option<&mut HashSet<u64>>,
+        shadow: Option<&Shadow>,
     ) {
-        let first = self.mark(ptr.addr(), Role::Node(level), who);
+        self.mark(ptr.addr(), Role::Node(level), who);
         if path_writable {
             if let Some(o) = owned.as_deref_mut() {
                 o.insert(ptr.addr());
             }
         }
-        // A node shared by several trees is descended into once. (A live
-        // tree's owned node seen before is already an error: its reference
-        // count is above one.)
-        if !first {
+        // A node shared by several trees is descended into once per shadow
+        // (see the module documentation). (A live tree's owned node seen
+        // before is already an error: its reference count is above one.)
+        let context = shadow.map_or(0, |s| s.base);
+        let seen = self.descended.entry(ptr.addr()).or_default();
+        if seen.contains(&0) || seen.contains(&context) {
             return;
         }
+        seen.push(context);
         let node = match store.pool().meta().load_node(ptr, level) {
             Ok(n) => n,
             Err(e) => {
@@ -245,9 +402,17 @@ impl Marking<'_> {
                 return;
             }
         };
-        for e in node.entries.iter().filter(|e| !e.is_null()) {
+        let fan = parallax_format::FAN_OUT as u64;
+        for (i, e) in node.entries.iter().enumerate() {
+            if e.is_null() {
+                continue;
+            }
             let writable = path_writable && e.writable();
+            let child = pfx * fan + i as u64;
             if level == 0 {
+                if shadow.is_some_and(|s| s.vblocks.contains(&child)) {
+                    continue;
+                }
                 self.mark(e.addr(), Role::Data, who);
                 if writable {
                     if let Some(o) = owned.as_deref_mut() {
@@ -255,7 +420,11 @@ impl Marking<'_> {
                     }
                 }
             } else {
-                self.walk(store, *e, level - 1, who, writable, owned);
+                let below = shadow.filter(|s| {
+                    let n = crate::tree::span(level);
+                    s.vblocks.range(child * n..(child + 1) * n).next().is_some()
+                });
+                self.walk(store, *e, level - 1, child, who, writable, owned, below);
             }
         }
     }

@@ -686,6 +686,7 @@ impl Store {
                     match crate::disk::log::snapshot_info(pool, &oh, header.origin_snapshot)? {
                         Some(s) => Origin::Root {
                             root: s.root,
+                            journal: s.journal,
                             created_ns: s.created_ns,
                         },
                         None => Origin::Unknown,
@@ -704,6 +705,7 @@ impl Store {
                     match st.snapshots().get(header.origin_snapshot) {
                         Some(s) => Origin::Root {
                             root: s.root,
+                            journal: s.journal,
                             created_ns: s.created_ns,
                         },
                         None => Origin::Unknown,

@@ -172,6 +172,8 @@ fn root_and_log_readable(store: &Store, header: &VdiHeader) -> bool {
     let root =
         header.root.is_null() || meta.load_node(header.root, (TREE_HEIGHT - 1) as u8).is_ok();
     root && crate::disk::log::read_chain(store.pool(), header.log_head, header.vdi_id).is_ok()
+        && crate::disk::journal::read_journal(store.pool(), header.journal_head, header.vdi_id)
+            .is_ok()
 }
 
 /// A disk's plan while it is being made.

@@ -21,12 +21,10 @@
 use crate::disk::log::read_chain;
 use crate::disk::{DiskState, Vdi};
 use crate::error::{Error, Result};
-use crate::lineage::exclusive_blocks;
+use crate::lineage::{exclusive_of, Version};
 use crate::store::Store;
-use parallax_format::{Ptr, BLOCK_SIZE_U64, TREE_HEIGHT};
+use parallax_format::BLOCK_SIZE_U64;
 use std::collections::{HashMap, HashSet};
-
-const ROOT_LEVEL: u8 = (TREE_HEIGHT - 1) as u8;
 
 /// Space of one snapshot.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -53,26 +51,24 @@ pub struct DiskSpace {
     pub snapshots: Vec<SnapshotSpace>,
 }
 
-fn count(store: &Store, v: Ptr, others: &[Ptr]) -> Result<u64> {
+fn count(store: &Store, v: &Version, others: &[&Version]) -> Result<u64> {
     let mut n = 0;
-    exclusive_blocks(store.pool().meta(), ROOT_LEVEL, v, others, &mut |_, _| {
-        n += 1
-    })?;
+    exclusive_of(store.pool().meta(), v, others, &mut |_, _| n += 1)?;
     Ok(n)
 }
 
-/// Root pointers of a clone's versions that derive from its origin.
-fn clone_roots(st: &DiskState) -> Vec<Ptr> {
-    let mut roots: Vec<Ptr> = st
+/// A clone's versions that derive from its origin.
+fn clone_roots(store: &Store, st: &DiskState) -> Result<Vec<Version>> {
+    let mut roots = st
         .snapshots()
         .children(0)
         .iter()
-        .filter_map(|id| st.snapshots().get(*id).map(|s| s.root))
-        .collect();
+        .map(|&id| st.version(store.pool(), id))
+        .collect::<Result<Vec<_>>>()?;
     if st.live_parent() == 0 {
-        roots.push(st.live_root());
+        roots.push(st.live_version());
     }
-    roots
+    Ok(roots)
 }
 
 impl Store {
@@ -99,41 +95,44 @@ impl Store {
             .iter()
             .map(|c| c.disk().read_state())
             .collect::<Result<_>>()?;
-        let mut clone_children: HashMap<u64, Vec<Ptr>> = HashMap::new();
+        let mut clone_children: HashMap<u64, Vec<Version>> = HashMap::new();
         for cs in &clone_states {
             clone_children
                 .entry(cs.origin_snapshot())
                 .or_default()
-                .extend(clone_roots(cs));
+                .extend(clone_roots(self, cs)?);
         }
-        let parent_root = |parent: u64| -> Result<Ptr> {
-            if parent == 0 {
-                return Ok(st.origin_root());
-            }
-            st.snapshots()
-                .get(parent)
-                .map(|s| s.root)
-                .ok_or_else(|| Error::Inconsistent(format!("snapshot parent {parent} missing")))
-        };
-        let live = st.live_root();
-        // Versions: snapshot ids, and 0 for the live tree (parent = live_parent).
-        let mut roots: HashMap<u64, Ptr> = st.snapshots().all().map(|s| (s.id, s.root)).collect();
+        let origin = st.version(self.pool(), 0)?;
+        let live = st.live_version();
+        // Versions: snapshot ids, and LIVE for the live tree (parent = live_parent).
+        let mut roots: HashMap<u64, Version> = HashMap::new();
+        for s in st.snapshots().all() {
+            roots.insert(s.id, st.version(self.pool(), s.id)?);
+        }
         let mut parents: HashMap<u64, u64> =
             st.snapshots().all().map(|s| (s.id, s.parent)).collect();
         const LIVE: u64 = u64::MAX;
-        roots.insert(LIVE, live);
+        roots.insert(LIVE, live.clone());
         parents.insert(LIVE, st.live_parent());
-        let children = |id: u64| -> Vec<Ptr> {
-            let mut out: Vec<Ptr> = st
+        let parent_root = |parent: u64| -> Result<&Version> {
+            if parent == 0 {
+                return Ok(&origin);
+            }
+            roots
+                .get(&parent)
+                .ok_or_else(|| Error::Inconsistent(format!("snapshot parent {parent} missing")))
+        };
+        let children = |id: u64| -> Vec<&Version> {
+            let mut out: Vec<&Version> = st
                 .snapshots()
                 .children(id)
                 .iter()
-                .map(|c| roots[c])
+                .map(|c| &roots[c])
                 .collect();
             if id != LIVE && st.live_parent() == id {
-                out.push(live);
+                out.push(&roots[&LIVE]);
             }
-            out.extend(clone_children.get(&id).into_iter().flatten().copied());
+            out.extend(clone_children.get(&id).into_iter().flatten());
             out
         };
         // referenced, computed parents first (ids grow with time, and a
@@ -143,12 +142,12 @@ impl Store {
         let mut referenced: HashMap<u64, u64> = HashMap::new();
         let mut disk_blocks = 0u64;
         for &id in &order {
-            let v = roots[&id];
+            let v = &roots[&id];
             let p = parents[&id];
             let (added, base) = if p == 0 {
-                (count(self, v, &[parent_root(0)?])?, None)
+                (count(self, v, &[&origin])?, None)
             } else {
-                let pr = roots[&p];
+                let pr = &roots[&p];
                 (count(self, v, &[pr])?, Some((p, count(self, pr, &[v])?)))
             };
             disk_blocks += added;
@@ -160,13 +159,12 @@ impl Store {
         }
         // Blocks of this disk that clones hold too are not the disk's alone.
         let mut shared_with_clones = HashSet::new();
-        let origin = st.origin_root();
         for (snap, croots) in &clone_children {
-            let Some(v) = roots.get(snap).copied() else {
+            let Some(v) = roots.get(snap) else {
                 continue;
             };
             for c in croots {
-                shared_in(self, ROOT_LEVEL, *c, v, origin, &mut shared_with_clones)?;
+                shared_in(self, c, v, &origin, &mut shared_with_clones)?;
             }
         }
         let log_blocks = read_chain(self.pool(), st.log_head(), vdi.id())?.len() as u64;
@@ -179,10 +177,10 @@ impl Store {
                 name: s.name.clone(),
                 hidden: s.hidden,
                 referenced_bytes: referenced[&s.id] * BLOCK_SIZE_U64,
-                used_bytes: count(self, s.root, &others)? * BLOCK_SIZE_U64,
+                used_bytes: count(self, &roots[&s.id], &others)? * BLOCK_SIZE_U64,
             });
         }
-        let live_used = count(self, live, &[parent_root(st.live_parent())?])?;
+        let live_used = count(self, &live, &[parent_root(st.live_parent())?])?;
         let used = disk_blocks - shared_with_clones.len() as u64 + 2 + log_blocks;
         Ok(DiskSpace {
             name: st.name().to_string(),
@@ -223,13 +221,15 @@ impl Store {
         // Per disk, per version (snapshot id or u64::MAX for live): blocks.
         let mut version_sets: Vec<Vec<(u64, HashSet<u64>)>> = Vec::new();
         for (i, st) in states.iter().enumerate() {
-            let mut versions: Vec<(u64, Ptr)> =
-                st.snapshots().all().map(|s| (s.id, s.root)).collect();
-            versions.push((u64::MAX, st.live_root()));
+            let mut versions: Vec<(u64, Version)> = Vec::new();
+            for s in st.snapshots().all() {
+                versions.push((s.id, st.version(self.pool(), s.id)?));
+            }
+            versions.push((u64::MAX, st.live_version()));
             let mut sets = Vec::new();
-            for (id, root) in versions {
+            for (id, version) in versions {
                 let mut set = HashSet::new();
-                exclusive_blocks(self.pool().meta(), ROOT_LEVEL, root, &[], &mut |a, _| {
+                exclusive_of(self.pool().meta(), &version, &[], &mut |a, _| {
                     set.insert(a);
                 })?;
                 for &b in &set {
@@ -284,42 +284,24 @@ impl Store {
 
 /// Adds to `out` the blocks of the clone version `c` that it shares with
 /// its origin snapshot `v` and that the disk's own origin `o` does not
-/// hold: the disk's blocks the clone keeps alive.
+/// hold: the disk's blocks the clone keeps alive (those of `v` not in `o`,
+/// less those in neither `o` nor `c`).
 fn shared_in(
     store: &Store,
-    level: u8,
-    c: Ptr,
-    v: Ptr,
-    o: Ptr,
+    c: &Version,
+    v: &Version,
+    o: &Version,
     out: &mut HashSet<u64>,
 ) -> Result<()> {
-    if c.is_null() || v.is_null() {
-        return Ok(());
-    }
-    if c.addr() == v.addr() {
-        return exclusive_blocks(store.pool().meta(), level, v, &[o], &mut |a, _| {
-            out.insert(a);
-        });
-    }
     let meta = store.pool().meta();
-    let (cn, vn) = (meta.load_node(c, level)?, meta.load_node(v, level)?);
-    let on = if o.is_null() {
-        None
-    } else {
-        Some(meta.load_node(o, level)?)
-    };
-    for i in 0..cn.entries.len() {
-        let oe = on.as_ref().map_or(Ptr::NULL, |n| n.entries[i]);
-        let (ce, ve) = (cn.entries[i], vn.entries[i]);
-        if level == 0 {
-            // Data blocks.
-            let same = |a: Ptr, b: Ptr| !a.is_null() && !b.is_null() && a.addr() == b.addr();
-            if same(ce, ve) && !same(ce, oe) {
-                out.insert(ce.addr());
-            }
-        } else {
-            shared_in(store, level - 1, ce, ve, oe, out)?;
-        }
-    }
+    let mut not_in_o = HashSet::new();
+    exclusive_of(meta, v, &[o], &mut |a, _| {
+        not_in_o.insert(a);
+    })?;
+    let mut nor_in_c = HashSet::new();
+    exclusive_of(meta, v, &[o, c], &mut |a, _| {
+        nor_in_c.insert(a);
+    })?;
+    out.extend(not_in_o.difference(&nor_in_c).copied());
     Ok(())
 }
