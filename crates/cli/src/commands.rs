@@ -135,6 +135,7 @@ pub fn serve(ctx: &Context, flags: ServeFlags) -> Result<()> {
         nbd_socket_mode,
         cache,
         cache_size,
+        journal,
         config: _,
     } = flags;
     let cache = cache
@@ -193,6 +194,7 @@ pub fn serve(ctx: &Context, flags: ServeFlags) -> Result<()> {
         control_group,
         nbd_socket_mode,
         cache,
+        journal,
     })
 }
 

@@ -68,6 +68,12 @@ pub(crate) struct ServeFlags {
     /// cache (durability still needs a flush or FUA).
     #[arg(long)]
     pub direct: bool,
+    /// Experimental, not reversible: turn on entry journals (format 2),
+    /// which make snapshots between checkpoints positions in a per-disk
+    /// journal (docs/JOURNAL-PLAN.md). Binaries before them refuse the
+    /// store from then on.
+    #[arg(long, hide = true)]
+    pub journal: bool,
     /// Let this group (a name or a number) use the NBD and control
     /// Unix sockets (mode 0660); by default only the daemon's user may
     /// (0600). See also --control-group and --nbd-socket-mode.

@@ -153,6 +153,12 @@ fn run(dev: &Arc<CrashDevice>, ops: &[Op]) -> Option<Runner> {
     run_with(dev, ops, None)
 }
 
+/// [`run`] on a store with entry journals (format 2) turned on right after
+/// it is formatted.
+fn run_journaled(dev: &Arc<CrashDevice>, ops: &[Op]) -> Option<Runner> {
+    run_in(dev, ops, None, true)
+}
+
 /// [`run`], with the store behind a read cache on `cache` (opened after the
 /// store is formatted), every disk and snapshot read after each operation
 /// so that the cache fills as the sequence goes.
@@ -161,7 +167,21 @@ fn run_with(
     ops: &[Op],
     cache: Option<&Arc<CrashDevice>>,
 ) -> Option<Runner> {
+    run_in(dev, ops, cache, false)
+}
+
+fn run_in(
+    dev: &Arc<CrashDevice>,
+    ops: &[Op],
+    cache: Option<&Arc<CrashDevice>>,
+    journal: bool,
+) -> Option<Runner> {
     let mut store = create(dev.clone()).ok()?;
+    if journal {
+        // A cut while it is turned on: the store is as formatted, or
+        // journaled with nothing in a journal yet.
+        store.enable_journal().ok()?;
+    }
     if let Some(cache_dev) = cache {
         drop(store);
         let id = Store::peek_id(&**dev).ok()?;
@@ -452,6 +472,16 @@ fn crash_everywhere(seed: u64, len: usize, random_writes: u64) {
 }
 
 fn crash_everywhere_in(ops: &[Op], seed: u64, random_writes: u64) {
+    crash_everywhere_with(ops, seed, random_writes, run);
+}
+
+/// [`crash_everywhere_in`], running the sequence with `run`.
+fn crash_everywhere_with(
+    ops: &[Op],
+    seed: u64,
+    random_writes: u64,
+    run: fn(&Arc<CrashDevice>, &[Op]) -> Option<Runner>,
+) {
     let ops = ops.to_vec();
     let dev = Arc::new(CrashDevice::new(STORE_BYTES));
     assert!(run(&dev, &ops).is_some());
@@ -631,6 +661,26 @@ fn power_cut_during_log_compaction() {
     }
     ops.extend((0..125).map(|_| Op::DeleteSnapshot { disk: 0, snap: 0 }));
     crash_everywhere_in(&ops, 7, 20);
+}
+
+/// With entry journals (format 2): power cuts at every flush point of
+/// journal commits, journal snapshots, checkpoints (folds before a
+/// rollback, promotions) and deletions. Six seeds in CI;
+/// `JOURNAL_CRASH_SEEDS=N` runs N (by hand).
+#[test]
+fn power_cut_at_every_flush_point_with_journals() {
+    let seeds: u64 = std::env::var("JOURNAL_CRASH_SEEDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(6);
+    for seed in 200..200 + seeds {
+        let ops = if seed % 2 == 0 {
+            sequence(seed, 60)
+        } else {
+            deletion_sequence(seed, 60)
+        };
+        crash_everywhere_with(&ops, seed, 20, run_journaled);
+    }
 }
 
 /// Twelve more seeds in CI; `CRASH_SEEDS=N` runs N of them (by hand).

@@ -61,6 +61,8 @@ pub struct ServeOptions {
     pub nbd_socket_mode: Option<u32>,
     /// The local read cache, if any.
     pub cache: Option<store_file::CacheFile>,
+    /// Turn on entry journals (format 2, being built: docs/JOURNAL-PLAN.md).
+    pub journal: bool,
 }
 
 /// Every [`SETTLE_INTERVAL`], the store's upkeep ([`Store::settle`]):
@@ -387,6 +389,13 @@ pub fn run(options: ServeOptions) -> Result<()> {
             },
         )?,
     };
+    if options.journal {
+        opened
+            .store
+            .enable_journal()
+            .context("cannot turn on entry journals")?;
+        warn!("entry journals are on (format 2, still being built): binaries before them refuse this store from now on");
+    }
     if let Some(reason) = opened.store.damage() {
         warn!("the store is damaged and takes no writes (reads of intact disks go on): {reason}; run `parallax check`");
     }
