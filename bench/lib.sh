@@ -102,12 +102,14 @@ declare -gA URI=() PIDOF=() STORE=()
 
 # px_start NAME [serve options]: a fresh store SDIR/NAME.px and its daemon,
 # serving NBD on SDIR/NAME.sock only. Waits until `status` answers.
+# PX_SERVE_ARGS adds options to every such daemon (PX_SERVE_ARGS=--journal).
 px_start() {
     local name=$1 i
     shift
     STORE[$name]="$SDIR/$name.px"
     "$P" --store "${STORE[$name]}" init --size "${PX_STORE_SIZE:-16G}" >/dev/null
-    "$P" --store "${STORE[$name]}" serve "$@" --nbd-listen none --nbd-socket "$SDIR/$name.sock" \
+    # shellcheck disable=SC2086 # a list of options
+    "$P" --store "${STORE[$name]}" serve "$@" ${PX_SERVE_ARGS:-} --nbd-listen none --nbd-socket "$SDIR/$name.sock" \
         >"$SDIR/$name.log" 2>&1 </dev/null &
     PIDOF[$name]=$!
     track "${PIDOF[$name]}" "$name"
