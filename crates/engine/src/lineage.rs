@@ -445,16 +445,30 @@ fn exclusive_at(
         .map(|o| load_opt(meta, level, o.ptr))
         .collect::<Result<Vec<_>>>()?;
     if level == 0 {
+        // Overlays are looked up only in the leaves they touch.
+        let over: Vec<bool> = others.iter().map(|o| o.ver.overlays_in(lo, hi)).collect();
         for i in 0..FAN_OUT {
             let vb = lo + i as u64;
-            let e = v.ver.entry(vb, child(&node, i));
+            let e = if v_over {
+                v.ver.entry(vb, child(&node, i))
+            } else {
+                child(&node, i)
+            };
             if e.is_null() {
                 continue;
             }
             let held = others
                 .iter()
                 .zip(&other_nodes)
-                .any(|(o, on)| same(o.ver.entry(vb, child(on, i)), e));
+                .zip(&over)
+                .any(|((o, on), &ov)| {
+                    let oe = if ov {
+                        o.ver.entry(vb, child(on, i))
+                    } else {
+                        child(on, i)
+                    };
+                    same(oe, e)
+                });
             if !held {
                 f(e.addr(), true);
             }
@@ -547,7 +561,8 @@ fn diff_at(
         let (ca, cb) = (child(&node_a, i), child(&node_b, i));
         if level == 0 {
             let vb = lo + i as u64;
-            let (ea, eb) = (a.ver.entry(vb, ca), b.ver.entry(vb, cb));
+            let ea = if a_over { a.ver.entry(vb, ca) } else { ca };
+            let eb = if b_over { b.ver.entry(vb, cb) } else { cb };
             if !same(ea, eb) {
                 if !ea.is_null() {
                     only_a(ea.addr());

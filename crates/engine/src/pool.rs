@@ -47,6 +47,11 @@ impl Drop for FreesHeld<'_> {
     }
 }
 
+/// Journal mode: records a disk's journal holds before a commit folds them
+/// into tree nodes (a checkpoint): about 1 MiB of them, 256 journal
+/// blocks.
+pub(crate) const DEFAULT_CHECKPOINT_RECORDS: u64 = 65536;
+
 /// See the module documentation.
 pub(crate) struct Pool {
     meta: MetaIo,
@@ -81,6 +86,9 @@ pub(crate) struct Pool {
     /// Disks commit level-0 changes to entry journals between checkpoints
     /// (format 2; the superblock says so once set).
     journal: std::sync::atomic::AtomicBool,
+    /// Journal mode: a commit whose disk's journal holds this many records
+    /// is a checkpoint.
+    checkpoint_records: AtomicU64,
 }
 
 impl Pool {
@@ -99,12 +107,26 @@ impl Pool {
             write_log: std::sync::OnceLock::new(),
             data_read_bytes: Arc::new(AtomicU64::new(0)),
             journal: std::sync::atomic::AtomicBool::new(false),
+            checkpoint_records: AtomicU64::new(DEFAULT_CHECKPOINT_RECORDS),
         }
     }
 
     /// Whether disks commit through entry journals (see `tree.rs`).
     pub fn journal_mode(&self) -> bool {
         self.journal.load(Ordering::SeqCst)
+    }
+
+    /// See [`Pool::set_checkpoint_records`].
+    pub fn checkpoint_records(&self) -> u64 {
+        self.checkpoint_records.load(Ordering::Relaxed)
+    }
+
+    /// Journal mode: a commit whose disk's journal chain holds `records`
+    /// records (at least 1) is a checkpoint: they are folded into tree
+    /// nodes.
+    pub fn set_checkpoint_records(&self, records: u64) {
+        self.checkpoint_records
+            .store(records.max(1), Ordering::Relaxed);
     }
 
     /// Turns journal mode on (the store's superblock already says so).

@@ -60,6 +60,8 @@ struct DirtyNode {
     entries: Vec<Ptr>,
     /// Address of the owned node this one replaces, freed after commit.
     old: Option<u64>,
+    /// Address of the node it was copied from, owned or shared.
+    src: Option<u64>,
 }
 
 /// The result of writing a tree's dirty nodes; applied with [`Tree::apply`]
@@ -68,6 +70,11 @@ pub(crate) struct TreePlan {
     pub root: Ptr,
     /// Blocks the committed tree no longer references (old node locations).
     pub freed: Vec<u64>,
+    /// Nodes written, and the nodes the committed tree held at their
+    /// positions before (owned or shared), each sorted: what the commit's
+    /// tree adds to and drops from the one it was copied from.
+    pub written: Vec<u64>,
+    pub replaced: Vec<u64>,
 }
 
 /// Loads the node a pointer points at, at a level; `Ok(None)` to give up.
@@ -122,6 +129,8 @@ pub(crate) struct Overlay {
     next: Seq,
     /// Entries from here on are not in the journal yet.
     committed: Seq,
+    /// The blocks set since the last journal commit (repeats included).
+    pending: Vec<u64>,
     /// Entries below this are shared with a snapshot.
     sealed: Seq,
     /// For every block changed since the last snapshot, its entry then
@@ -145,6 +154,7 @@ impl Overlay {
             map: Arc::new(map),
             next,
             committed: next,
+            pending: Vec::new(),
             sealed: sealed.min(next),
             since: None,
         }
@@ -174,6 +184,7 @@ impl Overlay {
             since.entry(v).or_insert(old);
         }
         Arc::make_mut(&mut self.map).insert(v, (p, self.next));
+        self.pending.push(v);
         self.next += 1;
     }
 
@@ -181,12 +192,14 @@ impl Overlay {
     /// records the next one appends.
     pub fn uncommitted(&self) -> Vec<(u64, Ptr)> {
         let mut out: Vec<(Seq, u64, Ptr)> = self
-            .map
+            .pending
             .iter()
-            .filter(|(_, &(_, seq))| seq >= self.committed)
-            .map(|(&v, &(p, seq))| (seq, v, p))
+            .filter_map(|v| self.map.get(v).map(|&(p, seq)| (seq, *v, p)))
+            .filter(|&(seq, _, _)| seq >= self.committed)
             .collect();
+        // A block set twice appears twice with its one newest entry.
         out.sort_unstable_by_key(|e| e.0);
+        out.dedup_by_key(|e| e.0);
         out.into_iter().map(|(_, v, p)| (v, p)).collect()
     }
 
@@ -230,6 +243,7 @@ impl Overlay {
         }
         self.next = base + records.len() as Seq;
         self.committed = self.next;
+        self.pending.clear();
         if snapshot {
             self.sealed = self.next;
             self.since = Some(BTreeMap::new());
@@ -243,13 +257,31 @@ impl Overlay {
         self.since = None;
     }
 
+    /// The next snapshot's delta is not known any more (see
+    /// [`Overlay::since`]).
+    pub fn forget_since(&mut self) {
+        self.since = None;
+    }
+
+    /// Data blocks of entries this tree owns (writable and not sealed).
+    fn owned_data(&self) -> impl Iterator<Item = u64> + '_ {
+        self.map
+            .values()
+            .filter(|&&(p, seq)| p.writable() && seq >= self.sealed)
+            .map(|(p, _)| p.addr())
+    }
+}
+
+impl Tree {
     /// The born and dead data blocks of a snapshot taken now, against the
     /// last one (see [`Overlay::since`]), if known: (born, dead), sorted.
-    pub fn delta_since_snapshot(&self) -> Option<(Vec<u64>, Vec<u64>)> {
-        let since = self.since.as_ref()?;
+    pub fn delta_since_snapshot(&self, meta: &MetaIo) -> Result<Option<(Vec<u64>, Vec<u64>)>> {
+        let Some(since) = self.overlay.as_ref().and_then(|o| o.since.as_ref()) else {
+            return Ok(None);
+        };
         let (mut born, mut dead) = (Vec::new(), Vec::new());
         for (&v, &old) in since {
-            let new = self.map.get(&v).map_or(Ptr::NULL, |e| e.0);
+            let (new, _) = self.lookup(meta, v)?;
             if !new.is_null() && !old.is_null() && new.addr() == old.addr() {
                 continue;
             }
@@ -262,15 +294,7 @@ impl Overlay {
         }
         born.sort_unstable();
         dead.sort_unstable();
-        Some((born, dead))
-    }
-
-    /// Data blocks of entries this tree owns (writable and not sealed).
-    fn owned_data(&self) -> impl Iterator<Item = u64> + '_ {
-        self.map
-            .values()
-            .filter(|&&(p, seq)| p.writable() && seq >= self.sealed)
-            .map(|(p, _)| p.addr())
+        Ok(Some((born, dead)))
     }
 }
 
@@ -325,7 +349,12 @@ impl Tree {
         // On error the entries stay in the overlay (those already folded
         // are in both, with the same content).
         self.overlay = Some(if folded.is_ok() {
-            Overlay::default()
+            // The next snapshot's delta is still known: the checkpoint
+            // reports the nodes it writes and drops (`TreePlan`).
+            Overlay {
+                since: overlay.since.clone(),
+                ..Overlay::default()
+            }
         } else {
             Overlay {
                 since: None,
@@ -355,6 +384,7 @@ impl Tree {
             DirtyNode {
                 entries: vec![Ptr::NULL; FAN_OUT],
                 old: None,
+                src: None,
             },
         );
         t
@@ -370,6 +400,7 @@ impl Tree {
             DirtyNode {
                 entries: node.entries.iter().map(|p| p.shared()).collect(),
                 old: None,
+                src: Some(root.addr()),
             },
         );
         Ok(t)
@@ -584,6 +615,7 @@ impl Tree {
             DirtyNode {
                 entries: vec![Ptr::NULL; FAN_OUT],
                 old: None,
+                src: None,
             }
         } else {
             let n = meta.load_node(src, level)?;
@@ -591,11 +623,13 @@ impl Tree {
                 DirtyNode {
                     entries: n.entries.clone(),
                     old: Some(src.addr()),
+                    src: Some(src.addr()),
                 }
             } else {
                 DirtyNode {
                     entries: n.entries.iter().map(|p| p.shared()).collect(),
                     old: None,
+                    src: Some(src.addr()),
                 }
             }
         };
@@ -633,6 +667,7 @@ impl Tree {
         out: &mut Vec<(u64, Box<Block>)>,
     ) -> Result<TreePlan> {
         let mut freed = Vec::new();
+        let (mut new_nodes, mut replaced) = (Vec::new(), Vec::new());
         // Pointers to freshly written children, keyed by child position.
         let mut written: BTreeMap<(u8, u64), Ptr> = BTreeMap::new();
         let mut root = self.root;
@@ -648,12 +683,14 @@ impl Tree {
             if let Some(old) = node.old {
                 freed.push(old);
             }
+            replaced.extend(node.src);
             let ptr = if level < ROOT_LEVEL && entries.iter().all(|p| p.is_null()) {
                 // An empty subtree is dropped rather than written.
                 Ptr::NULL
             } else {
                 let addr = allocate()?;
                 allocated.push(addr);
+                new_nodes.push(addr);
                 let node = NodeBlock { level, entries };
                 let (block, crc) = node.encode(meta.store_id, addr, owner, generation);
                 out.push((addr, block));
@@ -666,7 +703,14 @@ impl Tree {
                 written.insert((level, pfx), ptr);
             }
         }
-        Ok(TreePlan { root, freed })
+        new_nodes.sort_unstable();
+        replaced.sort_unstable();
+        Ok(TreePlan {
+            root,
+            freed,
+            written: new_nodes,
+            replaced,
+        })
     }
 
     /// Data blocks that dirty level-0 nodes point at with the writable bit:

@@ -156,7 +156,12 @@ fn run(dev: &Arc<CrashDevice>, ops: &[Op]) -> Option<Runner> {
 /// [`run`] on a store with entry journals (format 2) turned on right after
 /// it is formatted.
 fn run_journaled(dev: &Arc<CrashDevice>, ops: &[Op]) -> Option<Runner> {
-    run_in(dev, ops, None, true)
+    run_in(dev, ops, None, Some(65536))
+}
+
+/// [`run_journaled`], with a checkpoint whenever a journal holds 4 records.
+fn run_journaled_checkpoints(dev: &Arc<CrashDevice>, ops: &[Op]) -> Option<Runner> {
+    run_in(dev, ops, None, Some(4))
 }
 
 /// [`run`], with the store behind a read cache on `cache` (opened after the
@@ -167,20 +172,21 @@ fn run_with(
     ops: &[Op],
     cache: Option<&Arc<CrashDevice>>,
 ) -> Option<Runner> {
-    run_in(dev, ops, cache, false)
+    run_in(dev, ops, cache, None)
 }
 
 fn run_in(
     dev: &Arc<CrashDevice>,
     ops: &[Op],
     cache: Option<&Arc<CrashDevice>>,
-    journal: bool,
+    journal_checkpoint: Option<u64>,
 ) -> Option<Runner> {
     let mut store = create(dev.clone()).ok()?;
-    if journal {
+    if let Some(records) = journal_checkpoint {
         // A cut while it is turned on: the store is as formatted, or
         // journaled with nothing in a journal yet.
         store.enable_journal().ok()?;
+        store.set_journal_checkpoint(records);
     }
     if let Some(cache_dev) = cache {
         drop(store);
@@ -679,7 +685,12 @@ fn power_cut_at_every_flush_point_with_journals() {
         } else {
             deletion_sequence(seed, 60)
         };
-        crash_everywhere_with(&ops, seed, 20, run_journaled);
+        let run = if seed % 3 == 0 {
+            run_journaled
+        } else {
+            run_journaled_checkpoints
+        };
+        crash_everywhere_with(&ops, seed, 20, run);
     }
 }
 

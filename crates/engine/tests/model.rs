@@ -65,12 +65,22 @@ fn run_with(ops: &[Op], cache_bytes: Option<u64>) -> Runner {
 /// [`run`] with entry journals on (format 2): writes between checkpoints
 /// are journal records, snapshots positions in the journal.
 fn run_journaled(ops: &[Op]) -> Runner {
+    run_journaled_with(ops, 65536)
+}
+
+/// [`run_journaled`] with a checkpoint whenever a disk's journal holds
+/// `checkpoint` records.
+fn run_journaled_with(ops: &[Op], checkpoint: u64) -> Runner {
     let dev = new_pool();
     Store::open(dev.clone(), &OpenOptions::default())
         .unwrap()
         .enable_journal()
         .unwrap();
-    let mut reopen = || Store::open(dev.clone(), &OpenOptions::default()).unwrap();
+    let mut reopen = || {
+        let store = Store::open(dev.clone(), &OpenOptions::default()).unwrap();
+        store.set_journal_checkpoint(checkpoint);
+        store
+    };
     run_opened(ops, Runner::new(reopen()), &mut reopen)
 }
 
@@ -168,6 +178,16 @@ proptest! {
     #[test]
     fn store_matches_model_with_journals(ops in proptest::collection::vec(op_strategy(), 1..120)) {
         run_journaled(&ops);
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: common::proptest_cases(128), ..ProptestConfig::default() })]
+    /// The same with a checkpoint every few records: journals folded into
+    /// nodes all along, with snapshots or without.
+    #[test]
+    fn store_matches_model_with_journals_and_frequent_checkpoints(ops in proptest::collection::vec(op_strategy(), 1..120)) {
+        run_journaled_with(&ops, 3);
     }
 }
 

@@ -69,10 +69,6 @@ use std::sync::Arc;
 
 const ROOT_LEVEL: u8 = (TREE_HEIGHT - 1) as u8;
 
-/// Journal mode: a commit whose disk's journal chain holds this many
-/// records is a checkpoint (its records are folded into tree nodes).
-const CHECKPOINT_RECORDS: u64 = 65536;
-
 /// Where a synchronous commit writes its header.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum HeaderTo {
@@ -114,6 +110,8 @@ struct Prepared {
     /// the blocks of the records it appends, in order.
     journal: Option<LiveChain>,
     journal_records: Vec<u64>,
+    /// Journal mode: the commit folded the journal into nodes.
+    checkpoint: bool,
     /// Journal mode, a snapshot taken without a checkpoint: its delta to
     /// the last one, when the overlay knows it.
     known_delta: Option<Delta>,
@@ -455,6 +453,10 @@ impl Disk {
             st.journal = chain.clone();
             if let Some(o) = st.tree.overlay_mut() {
                 o.committed(&p.journal_records, base, p.new_snapshot.is_some());
+                if p.checkpoint && p.new_snapshot.is_none() {
+                    // Its nodes are not counted in the next snapshot's delta.
+                    o.forget_since();
+                }
             }
         } else if self.pool.journal_mode() && st.tree.overlay().is_none() {
             // A disk opened before journals were turned on: from its next
@@ -507,8 +509,8 @@ impl Disk {
         let Some(o) = st.tree.overlay() else {
             return Ok(());
         };
-        let due = st.tree.has_dirty_nodes()
-            || st.journal.len() + o.len().min(CHECKPOINT_RECORDS) >= CHECKPOINT_RECORDS;
+        let at = self.pool.checkpoint_records();
+        let due = st.tree.has_dirty_nodes() || st.journal.len() + o.len().min(at) >= at;
         if due && (o.len() > 0 || !st.journal.addrs.is_empty()) {
             st.tree.fold_overlay(self.pool.meta())?;
         }
@@ -555,6 +557,7 @@ impl Disk {
         let plan =
             st.tree
                 .write_dirty(meta, self.id, generation, allocate, allocated, &mut blocks)?;
+        let (plan_written, plan_replaced) = (plan.written, plan.replaced);
         let mut freed = plan.freed;
         let mut root = plan.root;
         let mut log_entries = st.pending_log.clone();
@@ -564,13 +567,19 @@ impl Disk {
         let mut journal_records = Vec::new();
         let mut known_delta = None;
         let mut journal_head = st.header.journal_head;
+        let mut checkpoint = false;
         if let Some(o) = st.tree.overlay() {
             let mut chain = st.journal.clone();
             if st.tree.has_dirty_nodes() || (o.len() == 0 && !chain.addrs.is_empty()) {
                 // A checkpoint (`checkpoint_if_due` folded the overlay):
-                // the chain's blocks no snapshot holds go.
+                // the chain's blocks no snapshot holds go. The newest
+                // snapshot's chain stays known (the next one's delta).
+                checkpoint = true;
                 freed.extend(minus(&chain.addrs, &chain.sealed_chain));
-                chain = LiveChain::default();
+                chain = LiveChain {
+                    sealed_chain: chain.sealed_chain,
+                    ..LiveChain::default()
+                };
                 journal_head = Ptr::NULL;
             } else if o.has_uncommitted() {
                 let records: Vec<JournalRecord> = o
@@ -602,8 +611,16 @@ impl Disk {
                 chain.head = Some(head);
                 journal_head = head_ptr;
             }
-            if snapshot.is_some() && !st.tree.has_dirty_nodes() {
-                if let Some((born, dead)) = o.delta_since_snapshot() {
+            if snapshot.is_some() {
+                // Against the last snapshot: the data changed since, the
+                // journal blocks, and a checkpoint's nodes (the tree the
+                // snapshot shared was the committed one: a checkpoint with
+                // no snapshot forgets the delta, see `adopt`).
+                if let Some((mut born, mut dead)) = st.tree.delta_since_snapshot(pool.meta())? {
+                    if checkpoint {
+                        born = union(&born, &plan_written);
+                        dead = union(&dead, &plan_replaced);
+                    }
                     known_delta = Some(Delta {
                         born: union(&born, &minus(&chain.addrs, &st.journal.sealed_chain)),
                         dead: union(&dead, &minus(&st.journal.sealed_chain, &chain.addrs)),
@@ -732,6 +749,7 @@ impl Disk {
             new_log,
             journal,
             journal_records,
+            checkpoint,
             known_delta,
         })
     }

@@ -431,6 +431,14 @@ impl Store {
         Ok(())
     }
 
+    /// Journal mode: how many records a disk's journal holds before a
+    /// commit folds them into tree nodes (default 65,536); small values
+    /// make tests checkpoint often.
+    #[doc(hidden)]
+    pub fn set_journal_checkpoint(&self, records: u64) {
+        self.inner.pool.set_checkpoint_records(records);
+    }
+
     /// Bytes of disk data read from the pool device since the store was
     /// opened (reads the cache served are not counted).
     pub fn pool_data_read_bytes(&self) -> u64 {
