@@ -16,14 +16,24 @@ use crate::error::{Error, Result};
 use crate::lineage::Version;
 use crate::pool::Pool;
 use parallax_format::{JournalBlock, JournalRecord, Ptr};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 /// A journal chain as read from the device.
 #[derive(Clone, Debug, Default)]
 pub(crate) struct Chain {
     /// (address, block), oldest first.
-    pub blocks: Vec<(u64, JournalBlock)>,
+    pub blocks: Vec<(u64, Arc<JournalBlock>)>,
+}
+
+/// Journal blocks of one disk already read, by address (with their crc):
+/// chains of one disk share most of their blocks, which are then read and
+/// kept once.
+pub(crate) type BlockCache = HashMap<u64, CachedBlock>;
+
+pub(crate) struct CachedBlock {
+    block: Arc<JournalBlock>,
+    crc: u32,
 }
 
 impl Chain {
@@ -46,7 +56,7 @@ impl Chain {
 
     /// The head block's content.
     pub fn head(&self) -> Option<&JournalBlock> {
-        self.blocks.last().map(|(_, b)| b)
+        self.blocks.last().map(|(_, b)| &**b)
     }
 
     /// The version `root` plus this chain.
@@ -66,24 +76,50 @@ impl Chain {
 
 /// Reads the journal chain headed by `head` (null: empty) of disk `owner`.
 pub(crate) fn read_journal(pool: &Pool, head: Ptr, owner: u64) -> Result<Chain> {
+    read_journal_cached(pool, head, owner, &mut BlockCache::new())
+}
+
+/// [`read_journal`], taking blocks from `cache` when they are there (still
+/// checked against the pointer to them) and adding those it reads.
+pub(crate) fn read_journal_cached(
+    pool: &Pool,
+    head: Ptr,
+    owner: u64,
+    cache: &mut BlockCache,
+) -> Result<Chain> {
     let meta = pool.meta();
-    let mut blocks: Vec<(u64, JournalBlock)> = Vec::new();
+    let mut blocks: Vec<(u64, Arc<JournalBlock>)> = Vec::new();
     let mut p = head;
     while !p.is_null() {
         meta.check_ptr(p, "an entry journal pointer")?;
         if blocks.len() as u64 > meta.total_blocks {
             return Err(Error::Inconsistent("an entry journal has a cycle".into()));
         }
-        let raw = meta.read_block(p.addr(), "an entry journal block")?;
-        let (block, h, crc) = JournalBlock::decode(&raw[..], p.addr(), Some(meta.store_id))?;
-        p.verify_crc(crc)?;
-        if h.owner != owner {
-            return Err(Error::Inconsistent(format!(
-                "entry journal block {} belongs to disk id {}, not {owner}",
-                p.addr(),
-                h.owner
-            )));
-        }
+        let block = match cache.get(&p.addr()) {
+            Some(b) if p.matches_crc(b.crc) => b.block.clone(),
+            _ => {
+                let raw = meta.read_block(p.addr(), "an entry journal block")?;
+                let (block, h, crc) =
+                    JournalBlock::decode(&raw[..], p.addr(), Some(meta.store_id))?;
+                p.verify_crc(crc)?;
+                if h.owner != owner {
+                    return Err(Error::Inconsistent(format!(
+                        "entry journal block {} belongs to disk id {}, not {owner}",
+                        p.addr(),
+                        h.owner
+                    )));
+                }
+                let block = Arc::new(block);
+                cache.insert(
+                    p.addr(),
+                    CachedBlock {
+                        block: block.clone(),
+                        crc,
+                    },
+                );
+                block
+            }
+        };
         if let Some((addr, newer)) = blocks.last() {
             if newer.first != block.chain_len() {
                 return Err(Error::Inconsistent(format!(

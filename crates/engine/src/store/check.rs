@@ -40,7 +40,7 @@
 //! unreferenced blocks may be writes in flight there.
 
 use crate::alloc::Allocator;
-use crate::disk::journal::{read_journal, Chain};
+use crate::disk::journal::{read_journal_cached, BlockCache, Chain};
 use crate::disk::log::read_chain;
 use crate::error::{Error, Result};
 use crate::lineage::SnapSet;
@@ -49,7 +49,7 @@ use crate::store::Store;
 use parallax_format::{
     DiskRef, Ptr, Superblock, BLOCK_SIZE, BLOCK_SIZE_U64, SUPERBLOCK_ADDRS, TREE_HEIGHT,
 };
-use parallax_format::{RegistryEntry, VdiHeader};
+use parallax_format::{JournalRecord, RegistryEntry, VdiHeader};
 use std::collections::{BTreeSet, HashMap, HashSet};
 
 /// What `check` found.
@@ -81,6 +81,35 @@ pub(super) enum Role {
     Journal,
     Node(u8),
     Data,
+}
+
+/// One version with a journal, as `mark_disk` groups them by base tree.
+struct JournalVersion {
+    who: String,
+    chain: Chain,
+    live: bool,
+}
+
+/// Whether chain `a` is a prefix of chain `b` (whose block addresses are
+/// `in_b`): every block of `a` but its head is one of `b`'s, and its head's
+/// records start the block of `b` at the same place.
+fn is_prefix(a: &Chain, b: &Chain, in_b: &HashSet<u64>) -> std::result::Result<(), String> {
+    let Some((head_addr, head)) = a.blocks.last() else {
+        return Ok(());
+    };
+    for (addr, _) in &a.blocks[..a.blocks.len() - 1] {
+        if !in_b.contains(addr) {
+            return Err(format!("block {addr} is not in it"));
+        }
+    }
+    if in_b.contains(head_addr) {
+        return Ok(());
+    }
+    let same_place = b.blocks.iter().find(|(_, x)| x.first == head.first);
+    match same_place {
+        Some((_, x)) if x.records.starts_with(&head.records) => Ok(()),
+        _ => Err(format!("its records from {} on differ", head.first)),
+    }
 }
 
 /// The blocks a base tree is walked without (see the module
@@ -214,65 +243,51 @@ impl Marking<'_> {
                 header.live_parent
             ));
         }
-        // Journal chains, and the shadow of every base tree they lay
-        // records over.
-        let mut chains: HashMap<u64, Chain> = HashMap::new();
-        let mut heads: Vec<(String, Ptr)> = snaps
-            .all()
-            .map(|s| {
-                (
-                    format!("snapshot {}", DiskRef::snapshot(name, &s.name)),
-                    s.journal,
-                )
-            })
-            .collect();
-        heads.push((who.clone(), header.journal_head));
-        for (by, head) in heads {
-            if head.is_null() || chains.contains_key(&head.addr()) {
-                continue;
-            }
-            match read_journal(store.pool(), head, header.vdi_id) {
-                Ok(c) => {
-                    for (addr, _) in &c.blocks {
-                        self.mark(*addr, Role::Journal, &by);
-                    }
-                    chains.insert(head.addr(), c);
-                }
-                Err(e) => self.errors.push(format!("{by}: entry journal: {e}")),
-            }
-        }
-        let overlay_of = |head: Ptr| -> BTreeSet<u64> {
-            chains
-                .get(&head.addr())
-                .filter(|_| !head.is_null())
-                .map(|c| c.records().map(|r| r.vblock).collect())
-                .unwrap_or_default()
-        };
-        let mut shadows: HashMap<u64, BTreeSet<u64>> = HashMap::new();
+        // Versions by base tree (root address): each with its journal chain
+        // (the live tree last).
+        let mut cache = BlockCache::new();
+        let mut by_base: HashMap<u64, Vec<JournalVersion>> = HashMap::new();
         let versions = snaps
             .all()
-            .map(|s| (s.root, s.journal))
-            .chain([(header.root, header.journal_head)]);
-        for (root, head) in versions {
-            let replaced = overlay_of(head);
-            shadows
+            .map(|s| {
+                let who = format!("snapshot {}", DiskRef::snapshot(name, &s.name));
+                (who, s.root, s.journal, false)
+            })
+            .chain([(who.clone(), header.root, header.journal_head, true)]);
+        for (by, root, head, live) in versions {
+            let chain = match read_journal_cached(store.pool(), head, header.vdi_id, &mut cache) {
+                Ok(c) => c,
+                Err(e) => {
+                    self.errors.push(format!("{by}: entry journal: {e}"));
+                    Chain::default()
+                }
+            };
+            for (addr, _) in &chain.blocks {
+                self.mark(*addr, Role::Journal, &by);
+            }
+            by_base
                 .entry(root.addr())
-                .and_modify(|s| s.retain(|v| replaced.contains(v)))
-                .or_insert(replaced);
+                .or_default()
+                .push(JournalVersion {
+                    who: by,
+                    chain,
+                    live,
+                });
         }
-        let shadow_of = |root: Ptr| -> Option<Shadow> {
-            shadows
-                .get(&root.addr())
-                .filter(|s| !s.is_empty())
-                .map(|s| Shadow {
-                    base: root.addr(),
-                    vblocks: s.clone(),
-                })
-        };
-        // The live tree's records a snapshot holds, and its chain's blocks
-        // one holds (see `Overlay` in `tree.rs`).
-        let mut sealed = 0;
-        let mut sealed_blocks = HashSet::new();
+        drop(cache);
+        let mut shadows: HashMap<u64, Shadow> = HashMap::new();
+        let mut owned = HashSet::new();
+        for (base, versions) in &by_base {
+            if let Some(shadow) = self.mark_journals(versions, &mut owned) {
+                shadows.insert(
+                    *base,
+                    Shadow {
+                        base: *base,
+                        vblocks: shadow,
+                    },
+                );
+            }
+        }
         for s in snaps.all() {
             let snap = format!("snapshot {}", DiskRef::snapshot(name, &s.name));
             if !s.hidden {
@@ -284,64 +299,101 @@ impl Marking<'_> {
                     s.id, s.parent
                 ));
             }
-            self.walk_tree(store, s.root, &snap, None, shadow_of(s.root).as_ref());
-            if let Some(c) = chains
-                .get(&s.journal.addr())
-                .filter(|_| !s.journal.is_null())
-            {
-                self.mark_records(c, &snap, None);
-                if s.root.addr() == header.root.addr() {
-                    sealed = sealed.max(c.len());
-                    sealed_blocks.extend(c.blocks.iter().map(|(a, _)| *a));
-                }
-            }
+            self.walk_tree(store, s.root, &snap, None, shadows.get(&s.root.addr()));
         }
-        let mut owned = HashSet::new();
         self.walk_tree(
             store,
             header.root,
             &who,
             Some(&mut owned),
-            shadow_of(header.root).as_ref(),
+            shadows.get(&header.root.addr()),
         );
-        if let Some(c) = chains
-            .get(&header.journal_head.addr())
-            .filter(|_| !header.journal_head.is_null())
-        {
-            self.mark_records(c, &who, Some((sealed, &mut owned)));
-            owned.extend(
-                c.blocks
-                    .iter()
-                    .map(|(a, _)| *a)
-                    .filter(|a| !sealed_blocks.contains(a)),
-            );
-        }
         if let Err(e) = meta.check_ptr(header.root, "root") {
             self.errors.push(format!("{who}: {e}"));
         }
         owned
     }
 
-    /// Marks the blocks a journal chain's records name (the newest record
-    /// of each virtual block). With `owned`, the live tree's chain: those
-    /// from record `sealed` on that are writable it owns.
-    fn mark_records(&mut self, chain: &Chain, who: &str, owned: Option<(u64, &mut HashSet<u64>)>) {
-        let mut newest: HashMap<u64, (u64, Ptr)> = HashMap::new();
-        for (i, r) in chain.records().enumerate() {
-            newest.insert(r.vblock, (i as u64, r.ptr));
+    /// Marks the data blocks the records of the journal versions of one
+    /// base tree name: a record's block is referenced by every version
+    /// whose chain reaches it and no later record of the same virtual block
+    /// (one pass over the longest chain: the chains of one base are
+    /// prefixes of each other, which is checked). Adds to `owned` the live
+    /// tree's: its chain's blocks no snapshot holds, and the writable
+    /// entries of records no snapshot holds. Returns the virtual blocks
+    /// every version replaces (the base tree's shadow), if any.
+    fn mark_journals(
+        &mut self,
+        versions: &[JournalVersion],
+        owned: &mut HashSet<u64>,
+    ) -> Option<BTreeSet<u64>> {
+        let longest = versions.iter().max_by_key(|v| v.chain.len())?;
+        if longest.chain.len() == 0 {
+            return None;
         }
-        let mut owned = owned;
-        for (_, (i, p)) in newest {
-            if p.is_null() {
+        let in_longest: HashSet<u64> = longest.chain.blocks.iter().map(|(a, _)| *a).collect();
+        for v in versions {
+            if let Err(why) = is_prefix(&v.chain, &longest.chain, &in_longest) {
+                self.errors.push(format!(
+                    "{}: its entry journal is not a prefix of {}'s, which shares its base tree: {why}",
+                    v.who, longest.who
+                ));
+                return None;
+            }
+        }
+        let records: Vec<JournalRecord> = longest.chain.records().copied().collect();
+        // The index of the next record of the same block (or the end).
+        let mut next = vec![u64::MAX; records.len()];
+        let mut seen: HashMap<u64, u64> = HashMap::new();
+        for (k, r) in records.iter().enumerate().rev() {
+            if let Some(&n) = seen.get(&r.vblock) {
+                next[k] = n;
+            }
+            seen.insert(r.vblock, k as u64);
+        }
+        let mut lens: Vec<u64> = versions.iter().map(|v| v.chain.len()).collect();
+        lens.sort_unstable();
+        let live = versions.iter().find(|v| v.live);
+        let sealed = versions
+            .iter()
+            .filter(|v| !v.live)
+            .map(|v| v.chain.len())
+            .max()
+            .unwrap_or(0);
+        for (k, r) in records.iter().enumerate() {
+            let k = k as u64;
+            // Versions of lengths in (k, next]: they hold this record.
+            let from = lens.partition_point(|&l| l <= k);
+            let to = lens.partition_point(|&l| l <= next[k as usize]);
+            let holders = (to - from) as u32;
+            if holders == 0 || r.ptr.is_null() {
                 continue;
             }
-            self.mark(p.addr(), Role::Data, who);
-            if let Some((sealed, o)) = owned.as_mut() {
-                if i >= *sealed && p.writable() {
-                    o.insert(p.addr());
-                }
+            self.mark_n(r.ptr.addr(), Role::Data, &longest.who, holders);
+            let live_holds =
+                live.is_some_and(|l| k < l.chain.len() && l.chain.len() <= next[k as usize]);
+            if live_holds && k >= sealed && r.ptr.writable() {
+                owned.insert(r.ptr.addr());
             }
         }
+        if let Some(l) = live {
+            let held: HashSet<u64> = versions
+                .iter()
+                .filter(|v| !v.live)
+                .flat_map(|v| v.chain.blocks.iter().map(|(a, _)| *a))
+                .collect();
+            owned.extend(
+                l.chain
+                    .blocks
+                    .iter()
+                    .map(|(a, _)| *a)
+                    .filter(|a| !held.contains(a)),
+            );
+        }
+        // Every version replaces what the shortest replaces (prefixes).
+        let shortest = versions.iter().min_by_key(|v| v.chain.len())?;
+        let shadow: BTreeSet<u64> = shortest.chain.records().map(|r| r.vblock).collect();
+        (!shadow.is_empty()).then_some(shadow)
     }
 
     fn walk_tree(
