@@ -3121,10 +3121,21 @@ fn space_freed_through_the_daemon_reaches_the_disk_without_a_commit() {
 /// schedule survives a restart, and nothing leaks.
 #[test]
 fn scheduled_snapshots_with_retention_while_writing() {
+    scheduled_retention_while_writing(&[]);
+}
+
+/// The same with entry journals (`serve --journal`, format 2): the
+/// snapshots are positions in the disk's journal between checkpoints.
+#[test]
+fn scheduled_snapshots_with_retention_while_writing_with_journals() {
+    scheduled_retention_while_writing(&["--journal"]);
+}
+
+fn scheduled_retention_while_writing(serve_args: &[&str]) {
     if !have_tools() {
         return;
     }
-    let mut d = Daemon::new();
+    let mut d = Daemon::with(serve_args, &[]);
     d.ok(&["create", "D", "--size", "48M"]);
     d.ok(&["schedule", "D", "--every", "10ms", "--keep-last", "15"]);
     let info = d.json(&["info", "D"]);

@@ -104,7 +104,18 @@ fn new_pool() -> Arc<MemDevice> {
 /// process would, so the log's records come back by replay.
 /// Returns the runner and the records replayed over all reopens.
 fn run_with_log(ops: &[Op]) -> (Runner, u64) {
+    run_with_log_journaled(ops, false)
+}
+
+/// [`run_with_log`], with entry journals on (`journal`).
+fn run_with_log_journaled(ops: &[Op], journal: bool) -> (Runner, u64) {
     let dev = new_pool();
+    if journal {
+        Store::open(dev.clone(), &OpenOptions::default())
+            .unwrap()
+            .enable_journal()
+            .unwrap();
+    }
     let log_dev = Arc::new(MemDevice::new(MIN_LOG_BYTES));
     let replayed = std::cell::Cell::new(0);
     let mut reopen = || {
@@ -207,6 +218,16 @@ proptest! {
     #[test]
     fn store_matches_model_through_a_write_back_log(ops in proptest::collection::vec(op_strategy(), 1..120)) {
         run_with_log(&ops);
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: common::proptest_cases(32), ..ProptestConfig::default() })]
+    /// The same with entry journals: journal blocks are logged and
+    /// replayed like any other block.
+    #[test]
+    fn store_matches_model_through_a_write_back_log_with_journals(ops in proptest::collection::vec(op_strategy(), 1..120)) {
+        run_with_log_journaled(&ops, true);
     }
 }
 
