@@ -3,12 +3,13 @@
 
   python3 bench/soak.py [--minutes 10] [--every 10ms] [--keep-last 200]
                         [--keep-minutely 60] [--size 1G] [--dir /var/tmp]
-                        [--cache SIZE] [--parallax target/release/parallax]
+                        [--cache SIZE] [--journal]
+                        [--parallax target/release/parallax]
 
 1. A fresh store in a temporary directory under --dir, served by
    `parallax serve --direct` on a Unix socket (no TCP); with --cache, with
    a read cache of that size in the same directory (every verification
-   read then goes through it).
+   read then goes through it); with --journal, with entry journals.
 2. Disk D of --size with `parallax schedule D --every ... --keep-last ...
    --keep-minutely ...`.
 3. For --minutes, two writers at once:
@@ -84,9 +85,10 @@ class Soak:
         if self.args.cache:
             cache = ["--cache", os.path.join(self.dir, "cache.bin"),
                      "--cache-size", self.args.cache]
+        extra = ["--journal"] if self.args.journal else []
         self.daemon = subprocess.Popen(
             [self.args.parallax, "--store", self.store, "serve", "--direct",
-             "--nbd-listen", "none", "--nbd-socket", self.sock] + cache,
+             "--nbd-listen", "none", "--nbd-socket", self.sock] + cache + extra,
             stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         for _ in range(200):
             if self.px("status", check=False).returncode == 0:
@@ -241,6 +243,8 @@ def main():
     p.add_argument("--store-size", default="16G")
     p.add_argument("--dir", default="/var/tmp")
     p.add_argument("--cache", default=None, help="read cache size (serve --cache-size)")
+    p.add_argument("--journal", action="store_true",
+                   help="entry journals (serve --journal, format 2)")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     p.add_argument("--parallax", default=os.path.join(root, "target/release/parallax"))
     args = p.parse_args()
