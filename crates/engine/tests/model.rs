@@ -48,7 +48,18 @@ fn run(ops: &[Op]) -> Runner {
 /// at every reopen, so copies outlive the snapshots and disks they were
 /// read through, and ids that a lost commit gives out again.
 fn run_with(ops: &[Op], cache_bytes: Option<u64>) -> Runner {
+    run_with_cache(ops, cache_bytes, false)
+}
+
+/// [`run_with`], with entry journals on (`journal`).
+fn run_with_cache(ops: &[Op], cache_bytes: Option<u64>, journal: bool) -> Runner {
     let dev = new_pool();
+    if journal {
+        Store::open(dev.clone(), &OpenOptions::default())
+            .unwrap()
+            .enable_journal()
+            .unwrap();
+    }
     let cache_dev: Option<Arc<dyn BlockDevice>> =
         cache_bytes.map(|len| Arc::new(MemDevice::new(len)) as Arc<dyn BlockDevice>);
     let options = || OpenOptions {
@@ -209,6 +220,16 @@ proptest! {
     #[test]
     fn store_matches_model_through_a_read_cache(ops in proptest::collection::vec(op_strategy(), 1..120)) {
         run_with(&ops, Some(1 << 20));
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: common::proptest_cases(32), ..ProptestConfig::default() })]
+    /// The same with entry journals: a live disk caches the sealed records'
+    /// blocks and its shared base's under its parent snapshot.
+    #[test]
+    fn store_matches_model_through_a_read_cache_with_journals(ops in proptest::collection::vec(op_strategy(), 1..120)) {
+        run_with_cache(&ops, Some(1 << 20), true);
     }
 }
 
