@@ -16,6 +16,19 @@
 //! 6. release the blocks the commit stopped referencing
 //! ```
 //!
+//! **Journal mode** (format 2, `tree.rs`): a commit with no dirty node
+//! and a journal below its checkpoint length writes no node. Step 1 appends
+//! the level-0 entries set since the last commit to the disk's entry
+//! journal instead (a copy of the head block with the new records,
+//! `journal.rs`), and a snapshot in step 2 is a Taken record naming the base
+//! root and the new journal head, the header's root losing its writable bit
+//! (nothing is copied). A commit with dirty nodes, or whose journal is long,
+//! is a *checkpoint*: the journal is folded into the tree first
+//! (`checkpoint_if_due`), the nodes are written as above, the header names
+//! no journal, and the old chain's blocks no snapshot holds are freed after
+//! step 5. A snapshot's delta is known without a walk when the overlay
+//! tracked what changed since the last one.
+//!
 //! Two ways to run it, both under the disk's `commit` lock from start to
 //! end (so the commits of a disk never overlap, and header g+1 is never
 //! written before header g is durable):
@@ -112,8 +125,8 @@ struct Prepared {
     journal_records: Vec<u64>,
     /// Journal mode: the commit folded the journal into nodes.
     checkpoint: bool,
-    /// Journal mode, a snapshot taken without a checkpoint: its delta to
-    /// the last one, when the overlay knows it.
+    /// Journal mode, a snapshot: its delta to the last one, when the
+    /// overlay knows it (see `Overlay::since` in `tree.rs`).
     known_delta: Option<Delta>,
 }
 
