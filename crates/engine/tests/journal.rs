@@ -121,3 +121,49 @@ fn a_snapshot_between_checkpoints_writes_records_not_leaves() {
         written[0]
     );
 }
+
+/// A deletion of the live tree's parent that fails before its header goes
+/// back whole: which journal blocks a snapshot holds included (a promotion
+/// changes it), so that a later checkpoint frees none of the snapshot's.
+#[test]
+fn a_failed_deletion_leaves_the_journal_ownership_as_before() {
+    use parallax_device::{CrashDevice, Fault};
+    let dev = Arc::new(CrashDevice::new(256 * MIB));
+    let store = Store::create(dev.clone(), &CreateOptions::default()).unwrap();
+    store.enable_journal().unwrap();
+    let d = store.create_vdi("d", 64 * MIB).unwrap();
+    // Chains longer than a block (248 records): s2 holds full blocks s1
+    // does not.
+    for i in 0..300 {
+        d.write(&block(i), i * 4096).unwrap();
+    }
+    d.snapshot(Some("s1")).unwrap();
+    for i in 0..300 {
+        d.write(&block(1000 + i), (300 + i) * 4096).unwrap();
+    }
+    d.snapshot(Some("s2")).unwrap();
+    d.write(&block(7), 0).unwrap();
+    d.flush().unwrap();
+    dev.inject(Fault::WriteEio { after_writes: 0 });
+    assert!(
+        d.delete_snapshot("s2").is_err(),
+        "the deletion went through"
+    );
+    // A checkpoint now: it frees the live chain's blocks no snapshot holds.
+    store.set_journal_checkpoint(1);
+    d.write(&block(8), 4096).unwrap();
+    d.flush().unwrap();
+    let report = store.check().unwrap();
+    assert!(report.is_clean(), "{:#?}", report.errors);
+    let view = store.open_snapshot("d", "s2").unwrap();
+    let mut b = vec![0u8; 4096];
+    for i in 0..600 {
+        view.read(&mut b, i * 4096).unwrap();
+        let want = if i < 300 {
+            block(i)
+        } else {
+            block(1000 + i - 300)
+        };
+        assert_eq!(b, want, "d@s2, block {i}");
+    }
+}

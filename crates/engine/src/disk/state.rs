@@ -211,6 +211,7 @@ impl DiskState {
         Savepoint {
             tree: (!self.tree.is_dirty()).then(|| self.tree.clone()),
             header: self.header.clone(),
+            journal: self.journal.clone(),
             size: self.size,
             header_dirty: self.header_dirty,
             pending_log: self.pending_log.len(),
@@ -227,6 +228,9 @@ impl DiskState {
             self.tree = tree;
         }
         self.header = sp.header;
+        // A deletion's promotion may have changed which chain blocks a
+        // snapshot holds.
+        self.journal = sp.journal;
         self.size = sp.size;
         self.header_dirty = sp.header_dirty;
         self.pending_log.truncate(sp.pending_log);
@@ -367,6 +371,7 @@ pub(super) struct Savepoint {
     /// `None`: the tree was dirty, and the transaction leaves it alone.
     tree: Option<Tree>,
     header: VdiHeader,
+    journal: LiveChain,
     size: u64,
     header_dirty: bool,
     pending_log: usize,
