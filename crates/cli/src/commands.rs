@@ -342,6 +342,15 @@ pub fn status(ctx: &Context) -> Result<()> {
             "pool reads",
             format!("{} of disk data", format_size(status.pool_data_read_bytes)),
         ),
+        (
+            "entry journals",
+            if status.journal {
+                "on (format 2)"
+            } else {
+                "off"
+            }
+            .into(),
+        ),
     ]);
     if let Some(c) = &status.cache {
         let looked = c.hits + c.misses;

@@ -3136,6 +3136,12 @@ fn scheduled_retention_while_writing(serve_args: &[&str]) {
         return;
     }
     let mut d = Daemon::with(serve_args, &[]);
+    let journal = serve_args.contains(&"--journal");
+    assert_eq!(
+        d.json(&["status"])["journal"],
+        journal,
+        "status says whether journals are on"
+    );
     d.ok(&["create", "D", "--size", "48M"]);
     d.ok(&["schedule", "D", "--every", "10ms", "--keep-last", "15"]);
     let info = d.json(&["info", "D"]);

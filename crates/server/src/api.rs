@@ -327,6 +327,9 @@ pub struct DaemonStatus {
     /// (reads the cache served are not counted).
     #[serde(default)]
     pub pool_data_read_bytes: u64,
+    /// Entry journals (format 2, `serve --journal`) are on for the store.
+    #[serde(default)]
+    pub journal: bool,
 }
 
 /// `parallax status`: the local read cache (counters since the daemon

@@ -68,6 +68,7 @@ impl ControlState {
             cluster: self.service.cluster().map(|c| c.status()),
             cache,
             pool_data_read_bytes: store.pool_data_read_bytes(),
+            journal: store.journal_mode(),
             ..self.status.clone()
         }
     }

@@ -505,6 +505,7 @@ async fn serve(options: &ServeOptions, service: Arc<Service>) -> Result<()> {
             }),
             write_log: None,
             pool_data_read_bytes: 0,
+            journal: false,
         },
     });
     let control_task = tokio::spawn(control::serve(control_listener, state, shutdown_rx.clone()));

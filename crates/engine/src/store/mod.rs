@@ -431,6 +431,12 @@ impl Store {
         Ok(())
     }
 
+    /// Whether entry journals are on for the store (format 2; see
+    /// [`Store::enable_journal`]).
+    pub fn journal_mode(&self) -> bool {
+        self.inner.pool.journal_mode()
+    }
+
     /// Journal mode: how many records a disk's journal holds before a
     /// commit folds them into tree nodes (default 65,536); small values
     /// make tests checkpoint often.
