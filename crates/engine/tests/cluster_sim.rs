@@ -1026,11 +1026,29 @@ fn seeds() -> Vec<u64> {
 
 #[test]
 fn appliances_sharing_a_pool() {
+    appliances_sharing(seeds());
+}
+
+/// The same on a pool with entry journals (format 2): every host reads the
+/// others' journal snapshots, hands off and takes over journaled disks.
+/// 60 seeds in CI (`SIM_SEEDS` for more).
+#[test]
+fn appliances_sharing_a_pool_with_journals() {
+    JOURNALS.with(|j| j.set(true));
+    let mut seeds = seeds();
+    if std::env::var("SIM_SEEDS").is_err() && std::env::var("SIM_SEED").is_err() {
+        seeds.truncate(60);
+    }
+    appliances_sharing(seeds);
+}
+
+fn appliances_sharing(seeds: Vec<u64>) {
+    let n = seeds.len();
     let (mut refused, mut busy, mut crashes, mut views, mut deleted) = (0, 0, 0, 0, 0);
     let (mut checks, mut gcs, mut freed, mut takeovers, mut handoffs) = (0, 0, 0, 0, 0);
     let (mut renewals, mut taken_back, mut yielded, mut kept) = (0, 0, 0, 0);
     let (mut write_back, mut not_yet) = (0, 0);
-    for seed in seeds() {
+    for seed in seeds {
         let sim = run(seed, 300);
         refused += sim.writes_refused_fenced;
         busy += sim.busy_refusals;
@@ -1059,7 +1077,7 @@ fn appliances_sharing_a_pool() {
          (snapshots not yet on the pool when read elsewhere {not_yet})"
     );
     // The sequences reach the cases they are meant to (over many seeds).
-    if seeds().len() >= 50 {
+    if n >= 50 {
         assert!(refused > 0 && busy > 0 && crashes > 0 && views > 0 && deleted > 0);
         assert!(checks > 0 && gcs > 0 && freed > 0 && takeovers > 0 && handoffs > 0);
         assert!(renewals > 0 && taken_back > 0 && yielded > 0 && kept > 0);
@@ -1314,16 +1332,23 @@ fn log_dev() -> Arc<MemDevice> {
 
 fn new_pool(bytes: u64) -> Arc<MemDevice> {
     let dev = Arc::new(MemDevice::new(bytes));
-    Store::create(
+    let store = Store::create(
         dev.clone(),
         &CreateOptions {
             extent_data_blocks: 256,
             host_id: 1,
         },
     )
-    .map(drop)
     .unwrap();
+    if JOURNALS.with(|j| j.get()) {
+        store.enable_journal().unwrap();
+    }
     dev
+}
+
+thread_local! {
+    /// The pools this thread makes have entry journals on (format 2).
+    static JOURNALS: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
 
 /// A host whose lease ended while it ran (fenced) and that got a new one

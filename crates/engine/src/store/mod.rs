@@ -348,8 +348,13 @@ impl Store {
                 log_incarnation,
             }),
         };
-        if journaled {
-            // Both copies, if a crash came between the two writes.
+        if journaled && !catalog::both_superblocks_journaled(&*store.inner.pool.meta().dev) {
+            // A crash came between the two writes of `enable_journal`.
+            if store.is_shared() {
+                return Err(Error::Inconsistent(
+                    "only one superblock copy says entry journals are on (a crash while they were turned on): open the store once without a coordinator, or turn them on again".into(),
+                ));
+            }
             store.enable_journal()?;
         }
         Ok(store)
@@ -411,11 +416,6 @@ impl Store {
     /// not offered to users yet.
     #[doc(hidden)]
     pub fn enable_journal(&self) -> Result<()> {
-        if self.inner.pool.coordinator().is_some() {
-            return Err(Error::InvalidArgument(
-                "entry journals are not available in shared mode yet".into(),
-            ));
-        }
         let mut catalog = self.catalog()?;
         // Each commit writes the other copy: at most two make both say so
         // (also after a crash between the two, found at the next open).
