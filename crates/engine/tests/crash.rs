@@ -465,6 +465,15 @@ fn verify_after_crash_through(
     served
 }
 
+/// How many seeds a test runs: the environment variable `var` (by hand),
+/// or `default` (CI).
+fn seeds_from_env(var: &str, default: u64) -> u64 {
+    std::env::var(var)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
 fn mode_for(i: u64, seed: u64) -> CrashMode {
     match i % 3 {
         0 => CrashMode::DropAll,
@@ -533,10 +542,7 @@ fn crash_everywhere_with(
 /// random or torn. Two seeds in CI; `CACHE_CRASH_SEEDS=N` runs N (by hand).
 #[test]
 fn power_cut_on_the_pool_and_the_read_cache() {
-    let seeds: u64 = std::env::var("CACHE_CRASH_SEEDS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(2);
+    let seeds = seeds_from_env("CACHE_CRASH_SEEDS", 2);
     // Reads the reopened caches served, and cuts made, over all seeds (a
     // sequence may leave nothing cacheable: no snapshot, no clone).
     let (mut served, mut cuts) = (0u64, 0u64);
@@ -581,10 +587,7 @@ fn power_cut_on_the_pool_and_the_read_cache() {
 /// across a flush (the barrier ignored) leaves a torn pool alone.
 #[test]
 fn power_cut_on_the_pool_and_the_write_back_log() {
-    let seeds: u64 = std::env::var("WRITE_LOG_CRASH_SEEDS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(4);
+    let seeds = seeds_from_env("WRITE_LOG_CRASH_SEEDS", 4);
     let mut cuts = 0;
     for seed in 41..41 + seeds {
         let ops = sequence(seed, 40);
@@ -675,10 +678,7 @@ fn power_cut_during_log_compaction() {
 /// `JOURNAL_CRASH_SEEDS=N` runs N (by hand).
 #[test]
 fn power_cut_at_every_flush_point_with_journals() {
-    let seeds: u64 = std::env::var("JOURNAL_CRASH_SEEDS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(6);
+    let seeds = seeds_from_env("JOURNAL_CRASH_SEEDS", 6);
     for seed in 200..200 + seeds {
         let ops = if seed % 2 == 0 {
             sequence(seed, 60)
@@ -697,10 +697,7 @@ fn power_cut_at_every_flush_point_with_journals() {
 /// Twelve more seeds in CI; `CRASH_SEEDS=N` runs N of them (by hand).
 #[test]
 fn power_cut_at_every_flush_point_many_seeds() {
-    let seeds: u64 = std::env::var("CRASH_SEEDS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(12);
+    let seeds = seeds_from_env("CRASH_SEEDS", 12);
     for seed in 10..10 + seeds {
         crash_everywhere(seed, 40, 10);
     }

@@ -53,13 +53,7 @@ fn run_with(ops: &[Op], cache_bytes: Option<u64>) -> Runner {
 
 /// [`run_with`], with entry journals on (`journal`).
 fn run_with_cache(ops: &[Op], cache_bytes: Option<u64>, journal: bool) -> Runner {
-    let dev = new_pool();
-    if journal {
-        Store::open(dev.clone(), &OpenOptions::default())
-            .unwrap()
-            .enable_journal()
-            .unwrap();
-    }
+    let dev = new_pool_with(journal);
     let cache_dev: Option<Arc<dyn BlockDevice>> =
         cache_bytes.map(|len| Arc::new(MemDevice::new(len)) as Arc<dyn BlockDevice>);
     let options = || OpenOptions {
@@ -82,17 +76,25 @@ fn run_journaled(ops: &[Op]) -> Runner {
 /// [`run_journaled`] with a checkpoint whenever a disk's journal holds
 /// `checkpoint` records.
 fn run_journaled_with(ops: &[Op], checkpoint: u64) -> Runner {
-    let dev = new_pool();
-    Store::open(dev.clone(), &OpenOptions::default())
-        .unwrap()
-        .enable_journal()
-        .unwrap();
+    let dev = new_pool_with(true);
     let mut reopen = || {
         let store = Store::open(dev.clone(), &OpenOptions::default()).unwrap();
         store.set_journal_checkpoint(checkpoint);
         store
     };
     run_opened(ops, Runner::new(reopen()), &mut reopen)
+}
+
+/// [`new_pool`], with entry journals turned on (`journal`).
+fn new_pool_with(journal: bool) -> Arc<MemDevice> {
+    let dev = new_pool();
+    if journal {
+        Store::open(dev.clone(), &OpenOptions::default())
+            .unwrap()
+            .enable_journal()
+            .unwrap();
+    }
+    dev
 }
 
 /// A new pool (the store on it closed).
@@ -120,13 +122,7 @@ fn run_with_log(ops: &[Op]) -> (Runner, u64) {
 
 /// [`run_with_log`], with entry journals on (`journal`).
 fn run_with_log_journaled(ops: &[Op], journal: bool) -> (Runner, u64) {
-    let dev = new_pool();
-    if journal {
-        Store::open(dev.clone(), &OpenOptions::default())
-            .unwrap()
-            .enable_journal()
-            .unwrap();
-    }
+    let dev = new_pool_with(journal);
     let log_dev = Arc::new(MemDevice::new(MIN_LOG_BYTES));
     let replayed = std::cell::Cell::new(0);
     let mut reopen = || {
