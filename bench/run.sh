@@ -55,6 +55,7 @@
 #   snapshot request per 20 ms)  E_QCOW2 (e: 100 qcow2
 #   snapshots for context, 0 = skip)  F_DISKS F_MIB (f: 100 disks, 16 MiB each)
 #   META_SIZE (f: 1G written per fill pattern)  G_EVERY G_KEEP (g: 10ms, 100)
+#   G_AGED=1 (g: the store file written whole first; see g-schedule.sh)
 #   PX_SERVE_ARGS (options added to every parallax daemon, e.g. --journal)
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"

@@ -6,6 +6,13 @@
 # old snapshot with each new one, so snapshot creation and reclamation both
 # run under the load) and off between them. Each scheduled run reports how
 # many snapshots it took.
+#
+# G_AGED=1 first writes a ballast disk over most of the store file and
+# deletes it, so that no write of the runs makes the file system allocate
+# (an aged store, or one on a block device): on a fresh, sparse store file
+# every copy-on-write of the scheduled disk allocates file blocks (ext4
+# allocation, and the flushes that commit it), which the unscheduled disk,
+# writing in place, never does.
 [ -n "${BENCH_LIB:-}" ] || { echo "run through bench/run.sh" >&2; exit 2; }
 declare -gA URI PIDOF STORE # from bench/lib.sh
 
@@ -13,6 +20,14 @@ TSIZE=$SIZE
 G_EVERY=${G_EVERY:-10ms}
 G_KEEP=${G_KEEP:-100}
 px_start parallax --direct
+if [ -n "${G_AGED:-}" ]; then
+    ballast=$(($(numfmt --from=iec "${PX_STORE_SIZE:-16G}") * 9 / 10 >> 20))
+    log "== ageing the store: a ${ballast} MiB ballast disk written and deleted"
+    px parallax create ballast --size "${ballast}M"
+    fio --name=ballast --ioengine=nbd --uri="$(px_uri parallax ballast)" --size="${ballast}M" \
+        --rw=write --bs=1M --iodepth=8 --output-format=terse >/dev/null 2>&1
+    px parallax delete ballast >/dev/null
+fi
 px parallax create plain --size "$SIZE"
 px parallax create sched --size "$SIZE"
 URI[none]=$(px_uri parallax plain)
