@@ -167,3 +167,47 @@ fn a_failed_deletion_leaves_the_journal_ownership_as_before() {
         assert_eq!(b, want, "d@s2, block {i}");
     }
 }
+
+/// The newest copy of a journaled disk's header is lost: the older copy
+/// names a journal head the newer commit freed (its root is the same
+/// base). The disk is refused, as a header gone back in time is, instead
+/// of being served from a block the pool may hand out again.
+#[test]
+fn a_header_gone_back_to_a_freed_journal_head_is_refused() {
+    use parallax_engine::Error;
+    use parallax_format::VdiHeader;
+    let dev = Arc::new(MemDevice::new(64 * MIB));
+    let store = Store::create(dev.clone(), &CreateOptions::default()).unwrap();
+    store.enable_journal().unwrap();
+    let store_id = store.store_id();
+    let d = store.create_vdi("d", MIB).unwrap();
+    d.write(&block(1), 0).unwrap();
+    d.flush().unwrap();
+    d.write(&block(2), 4096).unwrap();
+    d.flush().unwrap();
+    drop(d);
+    drop(store);
+    let mut newest: Option<(u64, VdiHeader)> = None;
+    let mut raw = vec![0u8; 4096];
+    for addr in 0..dev.len() / 4096 {
+        dev.read_at(&mut raw, addr * 4096).unwrap();
+        if let Ok(h) = VdiHeader::decode(&raw, addr, Some(store_id)) {
+            if h.vdi_id == 1
+                && newest
+                    .as_ref()
+                    .is_none_or(|(_, n)| h.generation > n.generation)
+            {
+                newest = Some((addr, h));
+            }
+        }
+    }
+    let (addr, header) = newest.expect("a header of disk d");
+    assert!(!header.journal_head.is_null(), "the disk has no journal");
+    dev.write_at(&[0u8; 4096], addr * 4096).unwrap();
+    let store = Store::open(dev.clone(), &OpenOptions::default()).unwrap();
+    match store.open_vdi("d") {
+        Err(Error::Inconsistent(msg)) => assert!(msg.contains("marks free"), "{msg}"),
+        Ok(_) => panic!("a disk whose header names a freed journal block was served"),
+        Err(e) => panic!("unexpected error: {e}"),
+    }
+}

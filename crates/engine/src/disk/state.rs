@@ -404,7 +404,7 @@ impl Fresh {
 }
 
 /// Refuses a header whose own blocks the bitmaps call free: its root, the
-/// nodes right below it, its snapshot log. By the crash-consistency
+/// nodes right below it, its snapshot log and entry journal (`log`). By the crash-consistency
 /// invariant (a commit's blocks are marked allocated before its header is
 /// written; a block is freed only after a newer header is durable) that
 /// never happens in a store that is merely cut off; it means a header went
@@ -418,7 +418,10 @@ pub(crate) fn verify_allocated(
     header: &VdiHeader,
     log: &[u64],
 ) -> Result<()> {
-    let mut refs: Vec<(u64, &str)> = log.iter().map(|&a| (a, "a snapshot log block")).collect();
+    let mut refs: Vec<(u64, &str)> = log
+        .iter()
+        .map(|&a| (a, "a snapshot log or entry journal block"))
+        .collect();
     if !header.root.is_null() {
         refs.push((header.root.addr(), "the root node"));
         let root = pool
@@ -578,9 +581,12 @@ impl Disk {
             )));
         }
         let log = load_log(&pool, &header)?;
-        verify_allocated(&pool, &name, &header, &log.addrs)?;
         let (snapshots, log_block, log_records) = (log.snapshots, log.head, log.records);
         let (tree, journal) = open_tree(&pool, &header, &snapshots)?;
+        // The live journal's blocks are the header's too.
+        let mut meta_blocks = log.addrs;
+        meta_blocks.extend(&journal.addrs);
+        verify_allocated(&pool, &name, &header, &meta_blocks)?;
         Ok(Disk {
             id: header.vdi_id,
             writer_epoch: AtomicU64::new(writer_epoch),
