@@ -329,8 +329,8 @@ fn same(a: Ptr, b: Ptr) -> bool {
 #[derive(Clone, Default, Debug)]
 pub(crate) struct Version {
     pub root: Ptr,
-    /// Virtual block ─▶ entry (null: unmapped), over the base tree.
-    pub overlay: Arc<BTreeMap<u64, Ptr>>,
+    /// The entries laid over the base tree.
+    pub overlay: Overlaid,
     /// The journal blocks this version holds, sorted.
     pub journal: Arc<Vec<u64>>,
     /// Records in its journal chain (0 for a tree version).
@@ -347,17 +347,90 @@ impl Version {
     }
 
     fn entry(&self, v: u64, node_entry: Ptr) -> Ptr {
-        self.overlay.get(&v).copied().unwrap_or(node_entry)
+        self.overlay.get(v).unwrap_or(node_entry)
     }
 
     fn overlays_in(&self, lo: u64, hi: u64) -> bool {
-        self.overlay.range(lo..hi).next().is_some()
+        self.overlay.any_in(lo, hi)
     }
 
     /// Whether both lay the same entries over `[lo, hi)`.
     fn same_overlay(&self, other: &Version, lo: u64, hi: u64) -> bool {
-        Arc::ptr_eq(&self.overlay, &other.overlay)
-            || self.overlay.range(lo..hi).eq(other.overlay.range(lo..hi))
+        self.overlay.same_in(&other.overlay, lo, hi)
+    }
+}
+
+/// The records of one journal chain by virtual block: (record index,
+/// entry) of each, oldest first. The versions of one base tree share the
+/// index of the longest chain (the others are prefixes of it).
+pub(crate) type ChainIndex = BTreeMap<u64, Vec<(u64, Ptr)>>;
+
+/// The entries a journal lays over a version's base tree.
+#[derive(Clone, Debug)]
+pub(crate) enum Overlaid {
+    /// Virtual block ─▶ entry (null: unmapped).
+    Map(Arc<BTreeMap<u64, Ptr>>),
+    /// The first `len` records of an indexed chain (a later record of a
+    /// block replaces an earlier one).
+    Prefix { index: Arc<ChainIndex>, len: u64 },
+}
+
+impl Default for Overlaid {
+    fn default() -> Self {
+        Overlaid::Map(Arc::default())
+    }
+}
+
+/// The newest of `records` (oldest first) below index `len`.
+fn newest_below(records: &[(u64, Ptr)], len: u64) -> Option<Ptr> {
+    let k = records.partition_point(|r| r.0 < len);
+    (k > 0).then(|| records[k - 1].1)
+}
+
+impl Overlaid {
+    fn get(&self, v: u64) -> Option<Ptr> {
+        match self {
+            Overlaid::Map(m) => m.get(&v).copied(),
+            Overlaid::Prefix { index, len } => index.get(&v).and_then(|r| newest_below(r, *len)),
+        }
+    }
+
+    fn any_in(&self, lo: u64, hi: u64) -> bool {
+        match self {
+            Overlaid::Map(m) => m.range(lo..hi).next().is_some(),
+            Overlaid::Prefix { index, len } => index.range(lo..hi).any(|(_, r)| r[0].0 < *len),
+        }
+    }
+
+    /// The entries over `[lo, hi)`, in block order.
+    fn entries_in(&self, lo: u64, hi: u64) -> Box<dyn Iterator<Item = (u64, Ptr)> + '_> {
+        match self {
+            Overlaid::Map(m) => Box::new(m.range(lo..hi).map(|(&v, &p)| (v, p))),
+            Overlaid::Prefix { index, len } => Box::new(
+                index
+                    .range(lo..hi)
+                    .filter_map(move |(&v, r)| newest_below(r, *len).map(|p| (v, p))),
+            ),
+        }
+    }
+
+    fn same_in(&self, other: &Overlaid, lo: u64, hi: u64) -> bool {
+        match (self, other) {
+            (Overlaid::Map(a), Overlaid::Map(b)) if Arc::ptr_eq(a, b) => true,
+            (Overlaid::Prefix { index: a, len: la }, Overlaid::Prefix { index: b, len: lb })
+                if Arc::ptr_eq(a, b) =>
+            {
+                la == lb
+                    || a.range(lo..hi)
+                        .all(|(_, r)| newest_below(r, *la) == newest_below(r, *lb))
+            }
+            _ => self.entries_in(lo, hi).eq(other.entries_in(lo, hi)),
+        }
+    }
+
+    /// Whether it has an entry for `v`.
+    pub fn contains(&self, v: u64) -> bool {
+        self.get(v).is_some()
     }
 }
 
@@ -655,7 +728,7 @@ fn promotions_at(
         let child_pfx = pfx * FAN_OUT as u64 + i as u64;
         if level == 0 {
             let vb = lo + i as u64;
-            if l.is_null() || live.ver.overlay.contains_key(&vb) {
+            if l.is_null() || live.ver.overlay.contains(vb) {
                 continue;
             }
             let (g, k) = (gone.ver.entry(vb, g), keep.ver.entry(vb, k));

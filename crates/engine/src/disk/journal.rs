@@ -67,7 +67,7 @@ impl Chain {
         }
         Version {
             root,
-            overlay: Arc::new(overlay),
+            overlay: crate::lineage::Overlaid::Map(Arc::new(overlay)),
             journal: Arc::new(self.addrs()),
             records: self.len(),
         }

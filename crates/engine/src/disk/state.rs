@@ -196,7 +196,7 @@ impl DiskState {
             ..Version::default()
         };
         if let Some(o) = self.tree.overlay() {
-            v.overlay = Arc::new(o.entries().collect());
+            v.overlay = crate::lineage::Overlaid::Map(Arc::new(o.entries().collect()));
             v.records = self.journal.len();
         }
         v

@@ -18,13 +18,15 @@
 //! parent's plus what it adds minus what it drops. One full walk per root
 //! version, then work proportional to what changed.
 
+use crate::disk::journal::{read_journal_cached, BlockCache, Chain};
 use crate::disk::log::read_chain;
 use crate::disk::{DiskState, Vdi};
 use crate::error::{Error, Result};
-use crate::lineage::{exclusive_of, Version};
+use crate::lineage::{exclusive_of, ChainIndex, Overlaid, Version};
 use crate::store::Store;
 use parallax_format::BLOCK_SIZE_U64;
 use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
 
 /// Space of one snapshot.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -49,6 +51,54 @@ pub struct DiskSpace {
     pub used_bytes: u64,
     /// Every snapshot, hidden ones included, oldest first.
     pub snapshots: Vec<SnapshotSpace>,
+}
+
+/// Every snapshot of disk `owner` (state `st`) as a version; the journal
+/// snapshots of one base tree share one index of their longest chain
+/// (the others are its prefixes), so that memory grows with the journals,
+/// not with the journals times the snapshots.
+fn snapshot_versions(store: &Store, st: &DiskState, owner: u64) -> Result<HashMap<u64, Version>> {
+    let mut cache = BlockCache::new();
+    let mut chains: HashMap<u64, Chain> = HashMap::new();
+    for s in st.snapshots().all().filter(|s| !s.journal.is_null()) {
+        chains.insert(
+            s.id,
+            read_journal_cached(store.pool(), s.journal, owner, &mut cache)?,
+        );
+    }
+    // The longest chain of each base, indexed.
+    let mut longest: HashMap<u64, u64> = HashMap::new();
+    for s in st.snapshots().all().filter(|s| chains.contains_key(&s.id)) {
+        let best = longest.entry(s.root.addr()).or_insert(s.id);
+        if chains[&s.id].len() > chains[best].len() {
+            *best = s.id;
+        }
+    }
+    let mut indexes: HashMap<u64, Arc<ChainIndex>> = HashMap::new();
+    for (base, id) in longest {
+        let mut index = ChainIndex::new();
+        for (k, r) in chains[&id].records().enumerate() {
+            index.entry(r.vblock).or_default().push((k as u64, r.ptr));
+        }
+        indexes.insert(base, Arc::new(index));
+    }
+    let mut versions = HashMap::new();
+    for s in st.snapshots().all() {
+        let v = match chains.get(&s.id) {
+            None => Version::tree(s.root),
+            Some(c) => Version {
+                root: s.root,
+                overlay: Overlaid::Prefix {
+                    index: indexes[&s.root.addr()].clone(),
+                    len: c.len(),
+                },
+                journal: Arc::new(c.addrs()),
+                records: c.len(),
+            },
+        };
+        versions.insert(s.id, v);
+    }
+    Ok(versions)
 }
 
 fn count(store: &Store, v: &Version, others: &[&Version]) -> Result<u64> {
@@ -105,10 +155,7 @@ impl Store {
         let origin = st.version(self.pool(), 0)?;
         let live = st.live_version();
         // Versions: snapshot ids, and LIVE for the live tree (parent = live_parent).
-        let mut roots: HashMap<u64, Version> = HashMap::new();
-        for s in st.snapshots().all() {
-            roots.insert(s.id, st.version(self.pool(), s.id)?);
-        }
+        let mut roots = snapshot_versions(self, &st, vdi.id())?;
         let mut parents: HashMap<u64, u64> =
             st.snapshots().all().map(|s| (s.id, s.parent)).collect();
         const LIVE: u64 = u64::MAX;
