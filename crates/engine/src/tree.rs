@@ -208,8 +208,8 @@ impl Overlay {
         self.next > self.committed
     }
 
-    /// Records in the journal (the chain's length once the next commit is
-    /// durable counts what it appends: see [`Overlay::committed_through`]).
+    /// Blocks with an entry (committed or not): at most the records the
+    /// chain holds plus those the next commit appends.
     pub fn len(&self) -> u64 {
         self.map.len() as u64
     }

@@ -522,9 +522,10 @@ impl Disk {
         let Some(o) = st.tree.overlay() else {
             return Ok(());
         };
-        let at = self.pool.checkpoint_records();
-        let due = st.tree.has_dirty_nodes() || st.journal.len() + o.len().min(at) >= at;
-        if due && (o.len() > 0 || !st.journal.addrs.is_empty()) {
+        // The overlay's size bounds what this commit would append.
+        let due = st.tree.has_dirty_nodes()
+            || st.journal.len() + o.len() >= self.pool.checkpoint_records();
+        if due {
             st.tree.fold_overlay(self.pool.meta())?;
         }
         Ok(())
