@@ -35,8 +35,8 @@ mod tree;
 
 pub use coord::{CatalogLock, Coordinator, MemCluster, MemCoordinator};
 pub use disk::{
-    CopyChecks, DeleteReport, Durability, Extent, FdTransfer, IoPlan, ReadDisk, SnapshotView,
-    Transfer, Vdi, VdiInfo, MAX_VDI_SIZE,
+    diff, Change, ChangeKind, CopyChecks, DeleteReport, DiffTarget, Durability, Extent, FdTransfer,
+    IoPlan, ReadDisk, SnapshotView, Transfer, Vdi, VdiInfo, MAX_VDI_SIZE,
 };
 pub use error::{Error, Result};
 pub use lineage::SnapshotInfo;

@@ -9,6 +9,7 @@
 //! | `log` | snapshot-log I/O |
 //! | `journal` | entry-journal I/O (format 2): the level-0 changes since a checkpoint |
 //! | `reclaim` | deleting snapshots, retention ticks, what deleting a disk frees |
+//! | `diff` | what changed between two versions of one lineage ([`diff()`]) |
 //! | `view` | [`ReadDisk`], [`SnapshotView`] |
 //! | `cached` | which blocks a read may take from the local read cache, and which copies |
 //!
@@ -21,6 +22,7 @@
 mod cached;
 mod commit;
 mod data;
+mod diff;
 pub(crate) mod journal;
 pub(crate) mod log;
 mod plan;
@@ -37,6 +39,7 @@ use data::{check_io_range, count_mapped, pieces, tree_extents};
 use parallax_format::{validate_name, CachePolicy, DiskRef, Schedule, BLOCK_SIZE, BLOCK_SIZE_U64};
 use std::sync::Arc;
 
+pub use diff::{diff, Change, ChangeKind, DiffTarget};
 pub use plan::{CopyChecks, FdTransfer, IoPlan, Transfer};
 pub(crate) use reclaim::Holds;
 pub(crate) use state::{tree_from_snapshot, verify_allocated, Disk, DiskState, Origin};

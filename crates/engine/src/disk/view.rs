@@ -149,6 +149,18 @@ impl SnapshotView {
         &self.info
     }
 
+    pub(super) fn tree(&self) -> &Tree {
+        &self.tree
+    }
+
+    pub(super) fn pool(&self) -> &Arc<Pool> {
+        &self.pool
+    }
+
+    pub(super) fn size_bytes(&self) -> u64 {
+        self.info.size_bytes
+    }
+
     fn scope(&self) -> CacheScope<'static> {
         match self.cache {
             Some((anchor, origin)) => CacheScope::view(anchor, origin),
@@ -159,7 +171,7 @@ impl SnapshotView {
     /// Whether its snapshot is still protected: in shared mode, the host
     /// may write (a fenced host's pins may be gone), the pin's lease is
     /// current, and a disk held here is still this host's.
-    fn protected(&self) -> Result<()> {
+    pub(super) fn protected(&self) -> Result<()> {
         match &self.pin {
             Pin::Cluster { incarnation, .. } => self.pool.check_incarnation(*incarnation),
             Pin::Local(disk) => disk.still_ours(),
