@@ -68,6 +68,9 @@ pub struct SnapshotInfo {
     pub(crate) parent: u64,
     /// Deleted by the user but kept: other versions branch from it.
     pub(crate) hidden: bool,
+    /// The identity it was received as from another store, 0: none (see
+    /// [`SnapshotInfo::identity`]).
+    pub(crate) received: u64,
 }
 
 impl SnapshotInfo {
@@ -82,7 +85,29 @@ impl SnapshotInfo {
             journal: e.journal,
             parent: e.parent,
             hidden: e.flags & LOG_FLAG_HIDDEN != 0,
+            received: e.received,
         }
+    }
+
+    /// The snapshot's identity across stores, what `send` names a
+    /// snapshot by and `receive` looks for: the identity it was received
+    /// as, else one derived from where and when it was taken (store id,
+    /// disk id, snapshot id, creation time), never 0.
+    pub fn identity(&self, store_id: u64, vdi_id: u64) -> u64 {
+        if self.received != 0 {
+            return self.received;
+        }
+        // splitmix64's finaliser over each field in turn.
+        let mix = |mut z: u64| {
+            z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+            z ^ (z >> 31)
+        };
+        let fields = [store_id, vdi_id, self.id, self.created_ns];
+        fields
+            .iter()
+            .fold(0x9e37_79b9_7f4a_7c15, |h, &x| mix(h ^ x))
+            .max(1)
     }
 
     /// The Taken record that recreates this snapshot (visible).
@@ -101,6 +126,7 @@ impl SnapshotInfo {
             },
             parent: self.parent,
             journal: self.journal,
+            received: self.received,
         }
     }
 }

@@ -15,6 +15,10 @@
 //! child's crc (see [`Ptr`]).
 //!
 //! Decoders accept arbitrary bytes and never panic.
+//!
+//! [`stream`] is the one part that reads and writes (through
+//! `std::io::Read` and `Write`): the send stream of `parallax send` and
+//! `receive`, a format of its own.
 
 mod bitmap;
 mod header;
@@ -24,6 +28,7 @@ mod name;
 mod node;
 mod ptr;
 mod registry;
+pub mod stream;
 mod superblock;
 mod vdi;
 

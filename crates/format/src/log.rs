@@ -29,7 +29,9 @@
 //!                                 entry journal chain the snapshot holds on
 //!                                 top of `root`, or null (a tree snapshot);
 //!                                 null in other records
-//!            152    8 reserved
+//!            152    8 received    Taken: the identity the snapshot was received
+//!                                 as (`parallax receive`), 0 = its own; 0 in
+//!                                 other records
 //! ```
 //!
 //! A *journal snapshot* (non-null `journal`) is its `root`, the base tree it
@@ -76,6 +78,9 @@ pub struct LogEntry {
     /// Taken: the head of the entry journal the snapshot holds on top of
     /// `root` (null: none).
     pub journal: Ptr,
+    /// Taken: the identity this snapshot was received as from another
+    /// store (0: none, its identity is its own).
+    pub received: u64,
 }
 
 impl LogEntry {
@@ -91,6 +96,7 @@ impl LogEntry {
             flags: 0,
             parent: 0,
             journal: Ptr::NULL,
+            received: 0,
         }
     }
 }
@@ -120,6 +126,7 @@ impl LogBlock {
             b[o + 1] = e.flags;
             put_u64(&mut b[..], o + 136, e.parent);
             put_u64(&mut b[..], o + 144, e.journal.0);
+            put_u64(&mut b[..], o + 152, e.received);
             put_u64(&mut b[..], o + 8, e.snapshot_id);
             put_u64(&mut b[..], o + 16, e.created_ns);
             put_u64(&mut b[..], o + 24, e.root.0);
@@ -176,6 +183,7 @@ impl LogBlock {
                 flags: block[o + 1],
                 parent: get_u64(block, o + 136),
                 journal: Ptr(get_u64(block, o + 144)),
+                received: get_u64(block, o + 152),
             };
             let ok = e.snapshot_id != 0
                 && e.size_bytes.is_multiple_of(crate::BLOCK_SIZE_U64)
@@ -184,7 +192,11 @@ impl LogBlock {
                 && match kind {
                     LogEntryKind::Taken => !e.root.is_null() && !e.name.is_empty(),
                     LogEntryKind::Deleted | LogEntryKind::Hidden => {
-                        e.root.is_null() && e.flags == 0 && e.parent == 0 && e.journal.is_null()
+                        e.root.is_null()
+                            && e.flags == 0
+                            && e.parent == 0
+                            && e.journal.is_null()
+                            && e.received == 0
                     }
                 };
             if !ok {
@@ -218,6 +230,7 @@ mod tests {
                     flags: LOG_FLAG_SCHEDULED,
                     parent: 7,
                     journal: Ptr::meta(12, 4, false),
+                    received: 0x1234_5678_9abc_def0,
                 },
                 LogEntry::removal(LogEntryKind::Hidden, 1, 4),
                 LogEntry::removal(LogEntryKind::Deleted, 1, 5),

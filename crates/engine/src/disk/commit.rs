@@ -109,6 +109,8 @@ pub(super) struct NewSnapshot {
     pub id: u64,
     pub name: String,
     pub scheduled: bool,
+    /// The identity it is received as (`parallax receive`), 0: its own.
+    pub received: u64,
 }
 
 /// What steps 1–3 produced: the blocks to write, the header, and what to
@@ -651,6 +653,7 @@ impl Disk {
                 id,
                 name,
                 scheduled,
+                received,
             }),
             true,
         ) = (&snapshot, journal.is_some())
@@ -669,6 +672,7 @@ impl Disk {
                 journal: journal_head,
                 parent: live_parent,
                 hidden: false,
+                received: *received,
             };
             log_entries.push(info.record());
             live_parent = *id;
@@ -677,6 +681,7 @@ impl Disk {
             id,
             name,
             scheduled,
+            received,
         }) = snapshot
         {
             // Nothing changed since the parent snapshot: share its root.
@@ -693,6 +698,7 @@ impl Disk {
                 journal: Ptr::NULL,
                 parent: live_parent,
                 hidden: false,
+                received,
             };
             log_entries.push(info.record());
             live_parent = id;

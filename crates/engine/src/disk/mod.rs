@@ -338,6 +338,28 @@ impl Vdi {
         name: Option<&str>,
         durability: Durability,
     ) -> Result<SnapshotInfo> {
+        self.snapshot_as(name, 0, durability)
+    }
+
+    /// [`Vdi::snapshot`] of a disk that `parallax receive` just brought to
+    /// the state of snapshot `identity` of another store: the new
+    /// snapshot keeps that identity (see [`SnapshotInfo::identity`]), so
+    /// that a later incremental stream from it applies here.
+    pub fn snapshot_received(&self, name: &str, identity: u64) -> Result<SnapshotInfo> {
+        if identity == 0 {
+            return Err(Error::InvalidArgument(
+                "a snapshot identity is never 0".into(),
+            ));
+        }
+        self.snapshot_as(Some(name), identity, Durability::OnReturn)
+    }
+
+    fn snapshot_as(
+        &self,
+        name: Option<&str>,
+        received: u64,
+        durability: Durability,
+    ) -> Result<SnapshotInfo> {
         let st = self.disk.exclusive()?;
         self.disk.usable(&st)?;
         let id = st.header.next_snapshot_id;
@@ -358,6 +380,7 @@ impl Vdi {
             id,
             name,
             scheduled: false,
+            received,
         };
         self.disk.take_snapshot(st, new, durability)
     }
@@ -410,6 +433,12 @@ impl Vdi {
     /// may be stale).
     pub fn snapshot_info(&self, name: &str) -> Result<SnapshotInfo> {
         self.disk.read_state()?.snapshot_named(name).cloned()
+    }
+
+    /// The identity of snapshot `info` of this disk across stores (see
+    /// [`SnapshotInfo::identity`]).
+    pub fn snapshot_identity(&self, info: &SnapshotInfo) -> u64 {
+        info.identity(self.disk.pool.meta().store_id, self.disk.id)
     }
 
     /// A read-only view of snapshot `name`, whose blocks stay while it lives.

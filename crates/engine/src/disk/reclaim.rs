@@ -135,6 +135,7 @@ impl Disk {
                 id,
                 name,
                 scheduled: true,
+                received: 0,
             };
             Ok((report, Some(new)))
         })?;

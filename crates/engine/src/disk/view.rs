@@ -84,6 +84,8 @@ pub struct SnapshotView {
     tree: Tree,
     info: SnapshotInfo,
     disk: String,
+    /// The id of the disk it is a snapshot of.
+    vdi: u64,
     pool: Arc<Pool>,
     /// Keeps the snapshot's blocks from being reclaimed while the view lives.
     pin: Pin,
@@ -115,6 +117,7 @@ impl SnapshotView {
                 .then(|| (anchor_of(st.header.vdi_id, &info), origin_anchor(st))),
             info,
             disk: st.name.clone(),
+            vdi: st.header.vdi_id,
             pool: vdi.disk.pool.clone(),
             pin: Pin::Local(vdi.disk.clone()),
             owner: vdi.owner.clone(),
@@ -139,6 +142,7 @@ impl SnapshotView {
             cache: Some((anchor_of(vdi, &info), None)),
             info,
             disk,
+            vdi,
             pool: pool.clone(),
             pin: Pin::Cluster { vdi, incarnation },
             owner,
@@ -147,6 +151,17 @@ impl SnapshotView {
 
     pub fn info(&self) -> &SnapshotInfo {
         &self.info
+    }
+
+    /// The snapshot's identity across stores (see
+    /// [`SnapshotInfo::identity`]).
+    pub fn identity(&self) -> u64 {
+        self.info.identity(self.pool.meta().store_id, self.vdi)
+    }
+
+    /// The id of the disk it is a snapshot of.
+    pub fn vdi_id(&self) -> u64 {
+        self.vdi
     }
 
     pub(super) fn tree(&self) -> &Tree {
