@@ -6,14 +6,15 @@
 use crate::output::{key_values, print, print_json, Table};
 use crate::size::format_size;
 use crate::{DiskRef, Listen, ServeFlags, SnapRef};
-use anyhow::{anyhow, bail, Result};
-use parallax_server::api::{Api, ApiResult, DiskInfo, ErrorKind, ScheduleSpec};
+use anyhow::{anyhow, bail, Context as _, Result};
+use parallax_server::api::{Api, ApiResult, DiskInfo, ErrorKind, ScheduleSpec, SnapName};
 use parallax_server::client::Remote;
 use parallax_server::cluster::ClusterOptions;
 use parallax_server::daemon::{self, ServeOptions};
 use parallax_server::service::Service;
 use parallax_server::store_file::{self, open_store, Access};
 use parallax_server::tls::{NbdTls, TlsFiles};
+use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 
 /// What every command gets from the global options.
@@ -715,6 +716,122 @@ pub fn import(ctx: &Context, file: &Path, name: &str, size: Option<u64>) -> Resu
 pub fn export(ctx: &Context, source: &DiskRef, file: &Path, force: bool) -> Result<()> {
     let file = absolute(file)?;
     ctx.read(|api| api.export(&source.disk, source.snapshot.as_deref(), &file, force))
+}
+
+pub fn diff(ctx: &Context, from: &SnapRef, to: &DiskRef) -> Result<()> {
+    let from = SnapName {
+        disk: from.disk.clone(),
+        snapshot: from.snapshot.clone(),
+    };
+    let report = ctx.read(|api| api.diff(&from, &to.disk, to.snapshot.as_deref()))?;
+    if ctx.json {
+        return print_json(&report);
+    }
+    let mut table = Table::new(&["OFFSET", "LENGTH", "KIND"]);
+    for e in &report.extents {
+        table.row(vec![
+            e.offset.to_string(),
+            e.length.to_string(),
+            e.kind.clone(),
+        ]);
+    }
+    print(&format!(
+        "{}{} changed in {} extents\n",
+        if report.extents.is_empty() {
+            String::new()
+        } else {
+            table.render()
+        },
+        size_with_bytes(report.changed_bytes),
+        report.extents.len()
+    ))
+}
+
+pub fn send(ctx: &Context, to: &SnapRef, from: Option<&str>, output: &Path) -> Result<()> {
+    let to = SnapName {
+        disk: to.disk.clone(),
+        snapshot: to.snapshot.clone(),
+    };
+    let from = from
+        .map(|f| match DiskRef::parse(f) {
+            Ok(DiskRef {
+                disk,
+                snapshot: Some(snapshot),
+            }) => Ok(SnapName { disk, snapshot }),
+            _ if !f.contains('@') => Ok(SnapName {
+                disk: to.disk.clone(),
+                snapshot: f.to_string(),
+            }),
+            _ => Err(anyhow!("--from {f}: expected SNAP or NAME@SNAP")),
+        })
+        .transpose()?;
+    let to_stdout = output == Path::new("-");
+    let report = if to_stdout {
+        if std::io::stdout().is_terminal() {
+            bail!("the stream is binary: redirect standard output, or write it to a file with -o FILE");
+        }
+        let mut out = std::io::stdout().lock();
+        ctx.read(|api| api.send(&to, from.as_ref(), &mut out))?
+    } else {
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(output)
+            .with_context(|| format!("cannot create {}", output.display()))?;
+        let sent = ctx
+            .read(|api| api.send(&to, from.as_ref(), &mut file))
+            .and_then(|r| file.sync_all().map(|()| r).map_err(Into::into));
+        if sent.is_err() {
+            let _ = std::fs::remove_file(output);
+        }
+        sent?
+    };
+    let text = format!(
+        "sent {}@{}{}: {} of data, {} zeroed (identity {})\n",
+        to.disk,
+        to.snapshot,
+        from.as_ref()
+            .map(|f| format!(" from {}@{}", f.disk, f.snapshot))
+            .unwrap_or_default(),
+        size_with_bytes(report.data_bytes),
+        size_with_bytes(report.zero_bytes),
+        report.identity
+    );
+    match (to_stdout, ctx.json) {
+        // Standard output carries the stream: the report goes to stderr.
+        (true, _) => {
+            eprint!("{text}");
+            Ok(())
+        }
+        (false, true) => print_json(&report),
+        (false, false) => print(&text),
+    }
+}
+
+pub fn receive(ctx: &Context, name: &str, input: &Path, force: bool) -> Result<()> {
+    let report = if input == Path::new("-") {
+        let mut stdin = std::io::stdin().lock();
+        ctx.write(|api| api.receive(name, &mut stdin, force))?
+    } else {
+        let mut file = std::fs::File::open(input)
+            .with_context(|| format!("cannot open {}", input.display()))?;
+        ctx.write(|api| api.receive(name, &mut file, force))?
+    };
+    if ctx.json {
+        return print_json(&report);
+    }
+    print(&format!(
+        "received {}@{} ({}): {} of data, {} zeroed\n",
+        report.disk,
+        report.snapshot,
+        if report.incremental {
+            "incremental"
+        } else {
+            "full"
+        },
+        size_with_bytes(report.data_bytes),
+        size_with_bytes(report.zero_bytes)
+    ))
 }
 
 pub fn check(ctx: &Context) -> Result<()> {

@@ -280,6 +280,56 @@ enum Command {
         #[arg(long)]
         force: bool,
     },
+    /// List what changed from a snapshot to a later one of the same disk
+    /// (or to the live disk, or to a snapshot of a clone of it): ranges
+    /// that now hold other data, and ranges that now read as zeros. The
+    /// cost follows the change, not the disk.
+    Diff {
+        /// The older snapshot.
+        #[arg(value_name = "NAME@SNAP", value_parser = parse_snap_ref)]
+        from: SnapRef,
+        /// The newer snapshot, or a disk (as it is now).
+        #[arg(value_name = "NAME[@SNAP]", value_parser = parse_disk_ref)]
+        to: DiskRef,
+    },
+    /// Write a snapshot as a stream for `parallax receive` on another
+    /// store: whole, or with --from only what changed since an older
+    /// snapshot that the receiving disk holds.
+    Send {
+        /// The snapshot to send.
+        #[arg(value_name = "NAME@SNAP", value_parser = parse_snap_ref)]
+        snapshot: SnapRef,
+        /// The older snapshot: SNAP of the same disk, or NAME@SNAP (a
+        /// snapshot of the disk's clone origin).
+        #[arg(long, value_name = "[NAME@]SNAP")]
+        from: Option<String>,
+        /// Where to write the stream: a new file, or `-` for standard
+        /// output (not a terminal).
+        #[arg(short = 'o', long = "output", value_name = "FILE|-")]
+        output: PathBuf,
+    },
+    /// Apply a stream from `parallax send`. A full stream makes the new
+    /// disk NAME; an incremental one brings NAME, which holds the stream's
+    /// older snapshot and has not changed since, to the stream's snapshot.
+    /// It takes effect as one snapshot once the whole stream has arrived
+    /// and checked out: a cut or damaged stream leaves NAME as it was.
+    Receive {
+        /// The disk to make or to bring up to date.
+        #[arg(value_parser = parse_name)]
+        name: String,
+        /// The stream: a file, or `-` for standard input.
+        #[arg(
+            short = 'i',
+            long = "input",
+            value_name = "FILE|-",
+            default_value = "-"
+        )]
+        input: PathBuf,
+        /// Roll NAME back to the stream's older snapshot first if it
+        /// changed since (its writes since are lost).
+        #[arg(long)]
+        force: bool,
+    },
     /// Verify the consistency of the store (exit 1 if damaged).
     Check,
     /// Return unreferenced blocks to the free pool.
@@ -540,6 +590,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             file,
             force,
         } => commands::export(&ctx, source, file, *force),
+        Command::Diff { from, to } => commands::diff(&ctx, from, to),
+        Command::Send {
+            snapshot,
+            from,
+            output,
+        } => commands::send(&ctx, snapshot, from.as_deref(), output),
+        Command::Receive { name, input, force } => commands::receive(&ctx, name, input, *force),
         Command::Check => commands::check(&ctx),
         Command::Gc => commands::gc(&ctx),
         Command::Repair {

@@ -5,6 +5,7 @@
 //! the same either way. The JSON forms of these types are the control API's
 //! bodies (`docs/API.md`).
 
+pub use crate::replication::{DiffReport, ReceiveReport, SendReport, SnapName};
 use serde::{Deserialize, Serialize};
 use std::fmt;
 use std::path::Path;
@@ -528,4 +529,23 @@ pub trait Api {
     fn gc_progress(&self) -> ApiResult<Option<GcProgress>>;
     /// Space figures; with `scan`, also checked against a full scan.
     fn df(&self, scan: bool) -> ApiResult<SpaceSummary>;
+    /// What changed from snapshot `from` to snapshot `to_snapshot` of disk
+    /// `to` (`None`: the live disk).
+    fn diff(&self, from: &SnapName, to: &str, to_snapshot: Option<&str>) -> ApiResult<DiffReport>;
+    /// Writes snapshot `to` as a send stream to `out`, whole or as its
+    /// difference from `from`.
+    fn send(
+        &self,
+        to: &SnapName,
+        from: Option<&SnapName>,
+        out: &mut dyn std::io::Write,
+    ) -> ApiResult<SendReport>;
+    /// Applies the send stream read from `input` to disk `name` (see
+    /// `replication.rs`).
+    fn receive(
+        &self,
+        name: &str,
+        input: &mut dyn std::io::Read,
+        force: bool,
+    ) -> ApiResult<ReceiveReport>;
 }

@@ -3,10 +3,13 @@
 
 use crate::api::*;
 use crate::control::{
-    CloneBody, CreateBody, ExportBody, HandoffBody, ImportBody, RollbackBody, SnapshotBody,
+    CloneBody, CreateBody, DiffBody, ExportBody, HandoffBody, ImportBody, RollbackBody, SendBody,
+    SnapshotBody,
 };
+use crate::stream_body::ChannelBody;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Bytes;
+use hyper::body::Incoming;
 use hyper::{Method, Request};
 use hyper_util::rt::TokioIo;
 use serde::de::DeserializeOwned;
@@ -91,23 +94,151 @@ impl Remote {
         method: Method,
         path: &str,
         body: Vec<u8>,
-    ) -> Result<(u16, Bytes), Box<dyn std::error::Error + Send + Sync>> {
+    ) -> Result<(u16, Bytes), BoxError> {
+        let body = Full::new(Bytes::from(body));
+        let (response, driver) = self.request(method, path, "application/json", body).await?;
+        let status = response.status().as_u16();
+        let bytes = response.into_body().collect().await?.to_bytes();
+        let _ = driver.await;
+        Ok((status, bytes))
+    }
+
+    /// Sends a request with `body`; returns the response (its body still
+    /// to read) and the connection's task, which ends once it is read.
+    async fn request<B>(
+        &self,
+        method: Method,
+        path: &str,
+        content_type: &'static str,
+        body: B,
+    ) -> Result<(hyper::Response<Incoming>, tokio::task::JoinHandle<()>), BoxError>
+    where
+        B: hyper::body::Body<Data = Bytes> + Send + 'static,
+        B::Error: Into<BoxError>,
+    {
         let stream = UnixStream::connect(&self.socket).await?;
         let (mut sender, connection) =
             hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
-        let driver = tokio::spawn(connection);
+        let driver = tokio::spawn(async move {
+            let _ = connection.await;
+        });
         let request = Request::builder()
             .method(method)
             .uri(path)
             .header(hyper::header::HOST, "parallax")
-            .header(hyper::header::CONTENT_TYPE, "application/json")
-            .body(Full::new(Bytes::from(body)))?;
+            .header(hyper::header::CONTENT_TYPE, content_type)
+            .body(body)?;
         let response = sender.send_request(request).await?;
+        Ok((response, driver))
+    }
+
+    /// The error a failed response carries.
+    async fn error_of(response: hyper::Response<Incoming>) -> ApiError {
         let status = response.status().as_u16();
-        let bytes = response.into_body().collect().await?.to_bytes();
-        drop(sender);
+        let bytes = response
+            .into_body()
+            .collect()
+            .await
+            .map(|b| b.to_bytes())
+            .unwrap_or_default();
+        serde_json::from_slice::<ApiError>(&bytes).unwrap_or_else(|_| {
+            ApiError::new(
+                ApiError::kind_of_status(status),
+                format!(
+                    "the daemon answered {status}: {}",
+                    String::from_utf8_lossy(&bytes)
+                ),
+            )
+        })
+    }
+
+    fn unreachable(&self, e: BoxError) -> ApiError {
+        ApiError::internal(format!(
+            "cannot talk to the parallax daemon at {}: {e}",
+            self.socket.display()
+        ))
+    }
+
+    async fn send_stream(
+        &self,
+        body: Vec<u8>,
+        out: &mut dyn std::io::Write,
+    ) -> ApiResult<SendReport> {
+        let body = Full::new(Bytes::from(body));
+        let (response, driver) = self
+            .request(Method::POST, "/v1/send", "application/json", body)
+            .await
+            .map_err(|e| self.unreachable(e))?;
+        if !response.status().is_success() {
+            return Err(Self::error_of(response).await);
+        }
+        let report: SendReport = response
+            .headers()
+            .get(crate::control::SEND_REPORT_HEADER)
+            .and_then(|v| serde_json::from_slice(v.as_bytes()).ok())
+            .ok_or_else(|| ApiError::internal("the daemon's send answer has no report"))?;
+        let mut body = response.into_body();
+        while let Some(frame) = body.frame().await {
+            let frame = frame.map_err(|e| {
+                ApiError::internal(format!("the send broke off in the daemon: {e}"))
+            })?;
+            if let Ok(data) = frame.into_data() {
+                out.write_all(&data)
+                    .map_err(|e| ApiError::internal(format!("cannot write the stream: {e}")))?;
+            }
+        }
+        out.flush()
+            .map_err(|e| ApiError::internal(format!("cannot write the stream: {e}")))?;
         let _ = driver.await;
-        Ok((status, bytes))
+        Ok(report)
+    }
+
+    async fn receive_stream(&self, path: &str, body: ChannelBody) -> ApiResult<ReceiveReport> {
+        let (response, driver) = self
+            .request(Method::POST, path, "application/octet-stream", body)
+            .await
+            .map_err(|e| self.unreachable(e))?;
+        if !response.status().is_success() {
+            let e = Self::error_of(response).await;
+            // The daemon answered without reading the whole stream: drop
+            // the connection, and with it the body, so that the thread
+            // feeding the body stops.
+            driver.abort();
+            let _ = driver.await;
+            return Err(e);
+        }
+        let bytes = response
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| self.unreachable(e.into()))?
+            .to_bytes();
+        let _ = driver.await;
+        serde_json::from_slice(&bytes)
+            .map_err(|e| ApiError::internal(format!("unexpected answer from the daemon: {e}")))
+    }
+}
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Sends what `input` reads to `tx`, in chunks, until its end (or an
+/// error chunk when it fails), or until the other side stops listening.
+fn feed(input: &mut dyn std::io::Read, tx: tokio::sync::mpsc::Sender<std::io::Result<Bytes>>) {
+    loop {
+        let mut buf = vec![0u8; 256 << 10];
+        let chunk = match input.read(&mut buf) {
+            Ok(0) => return,
+            Ok(n) => {
+                buf.truncate(n);
+                Ok(Bytes::from(buf))
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => Err(e),
+        };
+        let failed = chunk.is_err();
+        if tx.blocking_send(chunk).is_err() || failed {
+            return;
+        }
     }
 }
 
@@ -215,6 +346,52 @@ impl Api for Remote {
         };
         let path = format!("{}/export", disk_path(disk));
         self.call_unit(Method::POST, &path, Some(&body))
+    }
+
+    fn diff(&self, from: &SnapName, to: &str, to_snapshot: Option<&str>) -> ApiResult<DiffReport> {
+        let body = DiffBody {
+            from: from.clone(),
+            to: to.to_string(),
+            to_snapshot: to_snapshot.map(str::to_string),
+        };
+        self.call(Method::POST, "/v1/diff", Some(&body))
+    }
+
+    fn send(
+        &self,
+        to: &SnapName,
+        from: Option<&SnapName>,
+        out: &mut dyn std::io::Write,
+    ) -> ApiResult<SendReport> {
+        let body = serde_json::to_vec(&SendBody {
+            to: to.clone(),
+            from: from.cloned(),
+        })
+        .map_err(|e| ApiError::internal(e.to_string()))?;
+        self.runtime.block_on(self.send_stream(body, out))
+    }
+
+    fn receive(
+        &self,
+        name: &str,
+        input: &mut dyn std::io::Read,
+        force: bool,
+    ) -> ApiResult<ReceiveReport> {
+        let path = format!(
+            "{}/receive{}",
+            disk_path(name),
+            if force { "?force=1" } else { "" }
+        );
+        let (tx, body) = ChannelBody::new();
+        std::thread::scope(|scope| {
+            // The exchange runs on its own thread while this one reads
+            // the input into the request body.
+            let exchange = scope.spawn(|| self.runtime.block_on(self.receive_stream(&path, body)));
+            feed(input, tx);
+            exchange
+                .join()
+                .unwrap_or_else(|_| Err(ApiError::internal("the receive thread panicked")))
+        })
     }
 
     fn check(&self) -> ApiResult<CheckSummary> {

@@ -8,6 +8,7 @@
 
 use crate::api::*;
 use crate::service::Service;
+use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::{Bytes, Incoming};
 use hyper::{Method, Request, Response, StatusCode};
@@ -123,6 +124,23 @@ pub struct ImportBody {
     pub size_bytes: Option<u64>,
 }
 
+/// Body of `POST /v1/send`.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct SendBody {
+    pub to: SnapName,
+    #[serde(default)]
+    pub from: Option<SnapName>,
+}
+
+/// Body of `POST /v1/diff`.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct DiffBody {
+    pub from: SnapName,
+    pub to: String,
+    #[serde(default)]
+    pub to_snapshot: Option<String>,
+}
+
 /// Body of `POST /v1/disks/{disk}/export`.
 #[derive(Debug, Serialize, Deserialize)]
 pub struct ExportBody {
@@ -165,7 +183,7 @@ impl HttpListener for tokio::net::TcpListener {
 
 /// Serves HTTP/1 on `listener` with `handler` until `shutdown` turns
 /// true; `what` names the listener in the log.
-async fn serve_http<L, H, F>(
+async fn serve_http<L, H, F, B>(
     listener: L,
     what: &'static str,
     mut shutdown: watch::Receiver<bool>,
@@ -173,7 +191,9 @@ async fn serve_http<L, H, F>(
 ) where
     L: HttpListener,
     H: Fn(Request<Incoming>) -> F + Clone + Send + Sync + 'static,
-    F: std::future::Future<Output = Result<Response<Full<Bytes>>, Infallible>> + Send + 'static,
+    F: std::future::Future<Output = Result<Response<B>, Infallible>> + Send + 'static,
+    B: hyper::body::Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     loop {
         let stream = tokio::select! {
@@ -252,31 +272,47 @@ fn error_response(e: &ApiError) -> Response<Full<Bytes>> {
     json_response(e.http_status(), body)
 }
 
+/// A control response's body: JSON, or a send stream.
+type ControlBody = BoxBody<Bytes, std::io::Error>;
+
+fn boxed(r: Response<Full<Bytes>>) -> Response<ControlBody> {
+    r.map(|b| b.map_err(|never| match never {}).boxed())
+}
+
 async fn handle(
     state: Arc<ControlState>,
     req: Request<Incoming>,
-) -> Result<Response<Full<Bytes>>, Infallible> {
+) -> Result<Response<ControlBody>, Infallible> {
     let method = req.method().clone();
     let path = req.uri().path().to_string();
     let query = req.uri().query().unwrap_or("").to_string();
+    // The two endpoints whose bodies are streams, not JSON.
+    if method == Method::POST {
+        if let Some(disk) = receive_target(&path) {
+            return Ok(receive_streamed(state, disk, &query, req.into_body()).await);
+        }
+    }
     let body = match Limited::new(req.into_body(), MAX_BODY).collect().await {
         Ok(b) => b.to_bytes(),
         Err(e) => {
-            return Ok(error_response(&ApiError::invalid(format!(
+            return Ok(boxed(error_response(&ApiError::invalid(format!(
                 "cannot read the request body: {e}"
-            ))))
+            )))))
         }
     };
     if method == Method::GET && path == "/metrics" {
-        return Ok(metrics_response(state.service.clone()).await);
+        return Ok(boxed(metrics_response(state.service.clone()).await));
+    }
+    if method == Method::POST && path == "/v1/send" {
+        return Ok(send_streamed(state, &body).await);
     }
     let (m, p) = (method.clone(), path.clone());
     let routed = tokio::task::spawn_blocking(move || route(&state, &m, &p, &query, &body)).await;
-    let response = match routed {
+    let response = boxed(match routed {
         Ok(Ok((status, body))) => json_response(status, body),
         Ok(Err(e)) => error_response(&e),
         Err(_) => error_response(&ApiError::internal("the operation panicked")),
-    };
+    });
     if response.status().is_success() {
         debug!(%method, %path, status = response.status().as_u16(), "control request");
     } else {
@@ -284,6 +320,85 @@ async fn handle(
     }
     Ok(response)
 }
+
+/// The disk of `POST /v1/disks/{disk}/receive`, if that is the path.
+fn receive_target(path: &str) -> Option<String> {
+    let rest = path.strip_prefix("/v1/disks/")?.strip_suffix("/receive")?;
+    (!rest.contains('/')).then(|| percent_decode(rest).ok())?
+}
+
+/// `POST /v1/disks/{disk}/receive[?force=1]`: the body is a send stream,
+/// read as it arrives (see `stream_body.rs`).
+async fn receive_streamed(
+    state: Arc<ControlState>,
+    disk: String,
+    query: &str,
+    body: Incoming,
+) -> Response<ControlBody> {
+    let force = query.split('&').any(|q| q == "force=1");
+    let (tx, mut reader) = crate::stream_body::ChannelReader::new();
+    let feeding = tokio::spawn(crate::stream_body::forward(body, tx));
+    let service = state.service.clone();
+    let received =
+        tokio::task::spawn_blocking(move || service.receive(&disk, &mut reader, force)).await;
+    feeding.abort();
+    let response = match received {
+        Ok(r) => ok(200, r).map_or_else(|e| error_response(&e), |(s, b)| json_response(s, b)),
+        Err(_) => error_response(&ApiError::internal("the operation panicked")),
+    };
+    info!(status = response.status().as_u16(), "receive");
+    boxed(response)
+}
+
+/// `POST /v1/send`: a [`SendBody`]; answers with the stream as the body
+/// and the send's report (JSON) in the `x-parallax-send` header, or with
+/// a JSON error when the send cannot start. A send that fails midway ends
+/// the body with an error (the client sees a broken stream, never a cut
+/// one that looks whole).
+async fn send_streamed(state: Arc<ControlState>, body: &[u8]) -> Response<ControlBody> {
+    let request: SendBody = match parse(body) {
+        Ok(b) => b,
+        Err(e) => return boxed(error_response(&e)),
+    };
+    let service = state.service.clone();
+    let planned = tokio::task::spawn_blocking(move || {
+        crate::replication::plan_send(service.store(), &request.to, request.from.as_ref())
+    })
+    .await;
+    let plan = match planned {
+        Ok(Ok(p)) => p,
+        Ok(Err(e)) => return boxed(error_response(&e)),
+        Err(_) => {
+            return boxed(error_response(&ApiError::internal(
+                "the operation panicked",
+            )))
+        }
+    };
+    let report = serde_json::to_string(plan.report()).unwrap_or_default();
+    let (mut writer, stream) = crate::stream_body::channel();
+    tokio::task::spawn_blocking(move || {
+        let written = plan.write(&mut writer, false);
+        match written {
+            Ok(()) => {
+                let _ = writer.finish();
+            }
+            // Dropping the writer unfinished ends the body with an error.
+            Err(e) => warn!("send failed midway: {e}"),
+        }
+    });
+    let mut response = Response::new(stream.boxed());
+    response.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static("application/octet-stream"),
+    );
+    if let Ok(v) = hyper::header::HeaderValue::from_str(&report) {
+        response.headers_mut().insert(SEND_REPORT_HEADER, v);
+    }
+    response
+}
+
+/// The response header of `POST /v1/send` that carries its report.
+pub const SEND_REPORT_HEADER: &str = "x-parallax-send";
 
 fn parse<T: DeserializeOwned>(body: &[u8]) -> ApiResult<T> {
     let body = if body.is_empty() { &b"{}"[..] } else { body };
@@ -406,6 +521,10 @@ fn route(
         ["v1", "import"] if post => {
             let b: ImportBody = parse(body)?;
             ok(201, api.import(absolute(&b.file)?, &b.name, b.size_bytes))
+        }
+        ["v1", "diff"] if post => {
+            let b: DiffBody = parse(body)?;
+            ok(200, api.diff(&b.from, &b.to, b.to_snapshot.as_deref()))
         }
         ["v1", "df"] if get => ok(200, api.df(query.split('&').any(|q| q == "scan=1"))),
         ["v1", "check"] if get => ok(200, api.check()),

@@ -13,6 +13,7 @@
 //! - [`store_file`]: finding, locking, creating and opening the store file.
 //! - [`tls`]: NBD over TLS: credentials and policy.
 //! - [`transfer`]: import from and export to image files.
+//! - [`replication`]: `diff`, and `send`/`receive` of snapshots between stores.
 
 pub mod api;
 pub mod client;
@@ -21,9 +22,11 @@ pub mod control;
 pub mod daemon;
 pub mod metrics;
 pub mod nbd;
+pub mod replication;
 pub mod scheduler;
 pub mod service;
 pub mod store_file;
+pub mod stream_body;
 pub mod tls;
 pub mod transfer;
 pub mod uring;

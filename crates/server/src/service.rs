@@ -14,6 +14,7 @@
 
 use crate::api::*;
 use crate::cluster::EtcdCoordinator;
+use crate::replication;
 use crate::scheduler::Scheduler;
 use crate::transfer;
 use crate::uring::Uring;
@@ -556,6 +557,30 @@ impl Api for Service {
         };
         transfer::export(&*source, file, force, &self.store_path, self.show_progress)?;
         Ok(())
+    }
+
+    fn diff(&self, from: &SnapName, to: &str, to_snapshot: Option<&str>) -> ApiResult<DiffReport> {
+        replication::diff_report(&self.store, from, to, to_snapshot)
+    }
+
+    fn send(
+        &self,
+        to: &SnapName,
+        from: Option<&SnapName>,
+        out: &mut dyn std::io::Write,
+    ) -> ApiResult<SendReport> {
+        let plan = replication::plan_send(&self.store, to, from)?;
+        plan.write(out, self.show_progress)?;
+        Ok(plan.report().clone())
+    }
+
+    fn receive(
+        &self,
+        name: &str,
+        input: &mut dyn std::io::Read,
+        force: bool,
+    ) -> ApiResult<ReceiveReport> {
+        self.change(|store| replication::receive(store, name, input, force, self.show_progress))
     }
 
     fn hosts(&self) -> ApiResult<Vec<HostInfo>> {
