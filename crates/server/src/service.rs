@@ -580,6 +580,8 @@ impl Api for Service {
         input: &mut dyn std::io::Read,
         force: bool,
     ) -> ApiResult<ReceiveReport> {
+        // A receive may roll the disk back: not under a client's feet.
+        self.refuse_if_connected(name, None)?;
         self.change(|store| replication::receive(store, name, input, force, self.show_progress))
     }
 
