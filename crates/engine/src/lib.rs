@@ -35,8 +35,9 @@ mod tree;
 
 pub use coord::{CatalogLock, Coordinator, MemCluster, MemCoordinator};
 pub use disk::{
-    diff, Change, ChangeKind, CopyChecks, DeleteReport, DiffTarget, Durability, Extent, FdTransfer,
-    IoPlan, ReadDisk, SnapshotView, Transfer, Vdi, VdiInfo, MAX_VDI_SIZE,
+    allocation_depth, diff, diff_in, Change, ChangeKind, CopyChecks, DeleteReport, DepthRun,
+    DiffTarget, Durability, Extent, FdTransfer, IoPlan, ReadDisk, SnapshotView, Transfer, Vdi,
+    VdiInfo, MAX_VDI_SIZE,
 };
 pub use error::{Error, Result};
 pub use lineage::SnapshotInfo;

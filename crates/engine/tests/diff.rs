@@ -16,7 +16,8 @@
 
 use parallax_device::{BlockDevice, MemDevice};
 use parallax_engine::{
-    diff, Change, ChangeKind, CreateOptions, DiffTarget, OpenOptions, SnapshotView, Store,
+    allocation_depth, diff, diff_in, Change, ChangeKind, CreateOptions, DepthRun, DiffTarget,
+    OpenOptions, SnapshotView, Store,
 };
 use proptest::prelude::*;
 use std::collections::BTreeMap;
@@ -75,6 +76,8 @@ struct ModelDisk {
     live: Blocks,
     /// Kept snapshots, oldest first.
     snapshots: Vec<(String, Blocks)>,
+    /// A clone: the blocks of the snapshot it was made from.
+    origin: Option<Blocks>,
 }
 
 struct Runner {
@@ -103,6 +106,7 @@ impl Runner {
                 name: "d0".into(),
                 live: Blocks::new(),
                 snapshots: Vec::new(),
+                origin: None,
             }],
             current: 0,
             next_id: 1,
@@ -144,8 +148,9 @@ impl Runner {
                     self.store.clone_snapshot(&from, &snap, &name).unwrap();
                     self.disks.push(ModelDisk {
                         name,
-                        live: blocks,
+                        live: blocks.clone(),
                         snapshots: Vec::new(),
+                        origin: Some(blocks),
                     });
                     self.current = self.disks.len() - 1;
                 }
@@ -205,7 +210,56 @@ impl Runner {
             let full = diff(None, DiffTarget::Snapshot(a)).unwrap();
             check_against(&full, &Blocks::new(), a_blocks, "full");
         }
+        // Allocation depth of every version, and a diff of a sub-range.
+        for d in &self.disks {
+            let vdi = self.store.open_vdi(&d.name).unwrap();
+            let depth = allocation_depth(DiffTarget::Live(&vdi), 0, DISK_SIZE).unwrap();
+            check_depth(&depth, &d.live, d.origin.as_ref());
+            for (s, blocks) in &d.snapshots {
+                let view = self.store.open_snapshot(&d.name, s).unwrap();
+                let depth = allocation_depth(DiffTarget::Snapshot(&view), 0, DISK_SIZE).unwrap();
+                check_depth(&depth, blocks, d.origin.as_ref());
+            }
+        }
+        if let Some((a, a_blocks)) = versions.first() {
+            let (lo, hi) = (position(9) * 4096 + 100, position(40) * 4096);
+            let vdi = self.store.open_vdi(&self.disks[0].name).unwrap();
+            let got = diff_in(Some(a), DiffTarget::Live(&vdi), lo, hi - lo).unwrap();
+            let (lo_b, hi_b) = (lo / 4096, hi.div_ceil(4096));
+            let clip =
+                |m: &Blocks| -> Blocks { m.range(lo_b..hi_b).map(|(k, v)| (*k, *v)).collect() };
+            for c in &got {
+                assert!(c.offset / 4096 >= lo_b && (c.offset + c.length) / 4096 <= hi_b);
+            }
+            check_against(&got, &clip(a_blocks), &clip(&self.disks[0].live), "range");
+        }
     }
+}
+
+/// Runs covering the disk in order; depth 0 where unmapped, 2 where the
+/// block is the clone origin's (same write), 1 elsewhere.
+fn check_depth(runs: &[DepthRun], blocks: &Blocks, origin: Option<&Blocks>) {
+    let mut at = 0;
+    for r in runs {
+        assert_eq!(
+            r.offset, at,
+            "runs do not cover the disk in order: {runs:?}"
+        );
+        at += r.length;
+        for v in r.offset / 4096..(r.offset + r.length) / 4096 {
+            let want = match (blocks.get(&v), origin.and_then(|o| o.get(&v))) {
+                (None, _) => 0,
+                (Some(b), Some(o)) if b.0 == o.0 => 2,
+                (Some(_), _) => 1,
+            };
+            assert_eq!(
+                r.depth, want,
+                "block {v}: depth {} instead of {want}",
+                r.depth
+            );
+        }
+    }
+    assert_eq!(at, DISK_SIZE);
 }
 
 /// See the module documentation.

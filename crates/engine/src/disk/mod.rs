@@ -39,7 +39,7 @@ use data::{check_io_range, count_mapped, pieces, tree_extents};
 use parallax_format::{validate_name, CachePolicy, DiskRef, Schedule, BLOCK_SIZE, BLOCK_SIZE_U64};
 use std::sync::Arc;
 
-pub use diff::{diff, Change, ChangeKind, DiffTarget};
+pub use diff::{allocation_depth, diff, diff_in, Change, ChangeKind, DepthRun, DiffTarget};
 pub use plan::{CopyChecks, FdTransfer, IoPlan, Transfer};
 pub(crate) use reclaim::Holds;
 pub(crate) use state::{tree_from_snapshot, verify_allocated, Disk, DiskState, Origin};

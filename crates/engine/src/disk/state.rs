@@ -167,6 +167,18 @@ impl DiskState {
         self.header.flags & VDI_FLAG_LINEAGE != 0 && self.origin != Origin::Unknown
     }
 
+    /// The tree of the snapshot this disk was cloned from, for reading;
+    /// `None` for a disk created empty or whose origin is unknown. (The
+    /// clone keeps that snapshot while it lives.)
+    pub(crate) fn origin_tree(&self, pool: &Pool) -> Result<Option<Tree>> {
+        match self.origin {
+            Origin::Root { root, journal, .. } => {
+                version_tree(pool, self.header.origin_vdi, root, journal).map(Some)
+            }
+            Origin::None | Origin::Unknown => Ok(None),
+        }
+    }
+
     /// The version `id` (a snapshot id, or 0 for the disk's origin) as the
     /// lineage walks see it; empty when there is none.
     pub(crate) fn version(&self, pool: &Pool, id: u64) -> Result<Version> {
@@ -289,11 +301,17 @@ pub(crate) fn sealed_by_snapshots(
 /// The tree of a snapshot to read: its root, and in journal mode the
 /// records of its journal chain laid over it (all shared: read-only).
 pub(crate) fn snapshot_tree(pool: &Pool, owner: u64, s: &SnapshotInfo) -> Result<Tree> {
-    let tree = Tree::open(s.root);
-    if s.journal.is_null() {
+    version_tree(pool, owner, s.root, s.journal)
+}
+
+/// The tree of a snapshot of disk `owner` with root `root` and journal
+/// head `journal` (null: a tree snapshot), for reading.
+fn version_tree(pool: &Pool, owner: u64, root: Ptr, journal: Ptr) -> Result<Tree> {
+    let tree = Tree::open(root);
+    if journal.is_null() {
         return Ok(tree);
     }
-    let chain = read_journal(pool, s.journal, owner)?;
+    let chain = read_journal(pool, journal, owner)?;
     let records = chain.records().map(|r| (r.vblock, r.ptr));
     Ok(tree.with_journal(crate::tree::Overlay::from_records(records, u64::MAX)))
 }

@@ -12,7 +12,7 @@ use crate::disk::cached::{origin_anchor, CacheScope};
 use crate::disk::data::{check_io_range, count_mapped, read_tree, tree_extents};
 use crate::disk::plan::{plan_read, IoPlan};
 use crate::disk::state::{snapshot_tree, Disk, DiskState};
-use crate::disk::{Extent, Owner, Vdi};
+use crate::disk::{DiffTarget, Extent, Owner, Vdi};
 use crate::error::Result;
 use crate::lineage::SnapshotInfo;
 use crate::pool::Pool;
@@ -42,6 +42,8 @@ pub trait ReadDisk: Send + Sync {
     fn writable(&self) -> Option<&Vdi> {
         None
     }
+    /// What [`crate::diff()`] and [`crate::allocation_depth`] take.
+    fn diff_target(&self) -> DiffTarget<'_>;
 }
 
 /// Reads a disk as the commit with root `root` has it, for reads of a disk
@@ -164,6 +166,15 @@ impl SnapshotView {
         self.vdi
     }
 
+    /// The tree of its disk's clone origin (see `DiskState::origin_tree`),
+    /// when this host has the disk open; `None` otherwise.
+    pub(super) fn origin_tree(&self) -> Result<Option<Tree>> {
+        match &self.pin {
+            Pin::Local(disk) => disk.state.read().origin_tree(&self.pool),
+            Pin::Cluster { .. } => Ok(None),
+        }
+    }
+
     pub(super) fn tree(&self) -> &Tree {
         &self.tree
     }
@@ -261,6 +272,10 @@ impl ReadDisk for SnapshotView {
     fn allocated_bytes(&self) -> Result<u64> {
         count_mapped(&self.pool, &self.tree)
     }
+
+    fn diff_target(&self) -> DiffTarget<'_> {
+        DiffTarget::Snapshot(self)
+    }
 }
 
 impl ReadDisk for Vdi {
@@ -290,6 +305,10 @@ impl ReadDisk for Vdi {
 
     fn writable(&self) -> Option<&Vdi> {
         Some(self)
+    }
+
+    fn diff_target(&self) -> DiffTarget<'_> {
+        DiffTarget::Live(self)
     }
 }
 

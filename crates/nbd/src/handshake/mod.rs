@@ -43,10 +43,15 @@
 //!   ends the session, and a client without `FIXED_NEWSTYLE` (which cannot
 //!   ask for TLS) is refused at once; once TLS is up, `NBD_REP_ERR_TLS_REQD`
 //!   is never sent and a second STARTTLS gets `NBD_REP_ERR_INVALID`.
-//! - The only metadata context is `base:allocation`, with id
-//!   [`BASE_ALLOCATION_ID`]; [`Negotiated::base_allocation`] is set only if
-//!   the last `NBD_OPT_SET_META_CONTEXT` selected it for the very export
-//!   that was finally chosen.
+//! - Metadata contexts: `base:allocation`, with id [`BASE_ALLOCATION_ID`],
+//!   and whatever else [`Exports::meta_contexts`] offers for an export
+//!   (ids from [`FIRST_EXTRA_CONTEXT_ID`] in the order the client's SET
+//!   named them, at most [`MAX_EXTRA_CONTEXTS`]). The selection is
+//!   [`Negotiated::base_allocation`] and [`Negotiated::meta_contexts`],
+//!   both set only if the last `NBD_OPT_SET_META_CONTEXT` named the very
+//!   export that was finally chosen. A LIST query ending in `:` (`base:`,
+//!   `qemu:`, `qemu:dirty-bitmap:`) lists every context it begins; no
+//!   query lists them all.
 
 use crate::proto::*;
 
@@ -55,6 +60,10 @@ pub const BASE_ALLOCATION: &str = "base:allocation";
 /// Context id of `base:allocation` once selected with
 /// `NBD_OPT_SET_META_CONTEXT`.
 pub const BASE_ALLOCATION_ID: u32 = 1;
+/// Context id of the first other context a SET selects.
+pub const FIRST_EXTRA_CONTEXT_ID: u32 = 2;
+/// Contexts besides `base:allocation` one SET may select.
+pub const MAX_EXTRA_CONTEXTS: usize = 16;
 /// Longest export name or description we handle (the protocol's limit
 /// for any string).
 pub const MAX_STRING_LEN: usize = 4096;
@@ -98,6 +107,11 @@ pub trait Exports {
     /// client sees it in the error reply).
     fn why_not(&self, _name: &str) -> Option<String> {
         None
+    }
+    /// The metadata contexts export `name` offers besides
+    /// `base:allocation` (full names, e.g. `qemu:allocation-depth`).
+    fn meta_contexts(&self, _name: &str) -> Vec<String> {
+        Vec::new()
     }
 }
 
@@ -248,6 +262,8 @@ pub struct Negotiated {
     pub structured_replies: bool,
     /// Context id chosen for `base:allocation` by SET_META_CONTEXT, if selected.
     pub base_allocation: Option<u32>,
+    /// The other contexts SET_META_CONTEXT selected: (id, name).
+    pub meta_contexts: Vec<(u32, String)>,
     /// The connection was upgraded to TLS before the export was chosen.
     pub tls: bool,
 }
@@ -342,9 +358,8 @@ pub struct Handshake {
     state: State,
     no_zeroes: bool,
     structured_replies: bool,
-    /// Export named by the last SET_META_CONTEXT, if it selected
-    /// `base:allocation`.
-    meta_export: Option<String>,
+    /// What the last SET_META_CONTEXT selected, if anything.
+    meta: Option<MetaSelection>,
     /// The session runs inside TLS.
     tls: bool,
     /// The server is shutting down ([`Handshake::shut_down`]).
@@ -359,7 +374,7 @@ impl Handshake {
             state: State::ClientFlags,
             no_zeroes: false,
             structured_replies: false,
-            meta_export: None,
+            meta: None,
             tls: false,
             shutting_down: false,
         }
@@ -478,7 +493,7 @@ impl Handshake {
                             option_reply(out, option, REP_ACK, &[]);
                             self.tls = true;
                             self.structured_replies = false;
-                            self.meta_export = None;
+                            self.meta = None;
                             return (pos, Ok(Progress::StartTls));
                         }
                     }
@@ -594,15 +609,27 @@ impl Handshake {
     }
 
     fn negotiated(&self, export: &str, info: ExportInfo) -> Negotiated {
-        let base_allocation = (self.structured_replies
-            && self.meta_export.as_deref() == Some(export))
-        .then_some(BASE_ALLOCATION_ID);
+        let selected = self
+            .meta
+            .as_ref()
+            .filter(|m| self.structured_replies && m.export == export);
+        let base_allocation = selected
+            .is_some_and(|m| m.base)
+            .then_some(BASE_ALLOCATION_ID);
+        let meta_contexts = selected
+            .map(|m| {
+                (FIRST_EXTRA_CONTEXT_ID..)
+                    .zip(m.extra.iter().cloned())
+                    .collect()
+            })
+            .unwrap_or_default();
         Negotiated {
             export: export.to_owned(),
             transmission_flags: transmission_flags(&self.config, &info, self.structured_replies),
             info,
             structured_replies: self.structured_replies,
             base_allocation,
+            meta_contexts,
             tls: self.tls,
         }
     }
@@ -700,7 +727,7 @@ impl Handshake {
         let set = option == OPT_SET_META_CONTEXT;
         if set {
             // A SET replaces the previous selection even when it fails.
-            self.meta_export = None;
+            self.meta = None;
         }
         if !self.structured_replies {
             reply_error(
@@ -731,15 +758,43 @@ impl Handshake {
             reply_error(out, option, REP_ERR_UNKNOWN, &not_found(exports, name));
             return;
         }
-        let exact = |q: &&[u8]| *q == BASE_ALLOCATION.as_bytes();
+        let offered = exports.meta_contexts(name);
         if set {
-            if queries.iter().any(exact) {
-                meta_context_reply(out, option, BASE_ALLOCATION_ID);
-                self.meta_export = Some(name.to_owned());
+            let mut selection = MetaSelection {
+                export: name.to_owned(),
+                base: false,
+                extra: Vec::new(),
+            };
+            for q in &queries {
+                if *q == BASE_ALLOCATION.as_bytes() {
+                    if !selection.base {
+                        selection.base = true;
+                        meta_context_reply(out, option, BASE_ALLOCATION_ID, BASE_ALLOCATION);
+                    }
+                } else if let Some(c) = offered.iter().find(|c| c.as_bytes() == *q) {
+                    if !selection.extra.contains(c) && selection.extra.len() < MAX_EXTRA_CONTEXTS {
+                        let id = FIRST_EXTRA_CONTEXT_ID + selection.extra.len() as u32;
+                        meta_context_reply(out, option, id, c);
+                        selection.extra.push(c.clone());
+                    }
+                }
             }
-        } else if queries.is_empty() || queries.iter().any(|q| exact(q) || *q == b"base:") {
-            // Context ids in LIST replies are reserved: the spec says 0.
-            meta_context_reply(out, option, 0);
+            if selection.base || !selection.extra.is_empty() {
+                self.meta = Some(selection);
+            }
+        } else {
+            let listed = |c: &str| {
+                queries.is_empty()
+                    || queries.iter().any(|q| {
+                        *q == c.as_bytes() || (q.ends_with(b":") && c.as_bytes().starts_with(q))
+                    })
+            };
+            for c in std::iter::once(BASE_ALLOCATION).chain(offered.iter().map(String::as_str)) {
+                if listed(c) {
+                    // Context ids in LIST replies are reserved: the spec says 0.
+                    meta_context_reply(out, option, 0, c);
+                }
+            }
         }
         option_reply(out, option, REP_ACK, &[]);
     }
@@ -749,11 +804,20 @@ fn reply_error(out: &mut Vec<u8>, option: u32, reply_type: u32, message: &str) {
     option_reply(out, option, reply_type, message.as_bytes());
 }
 
-fn meta_context_reply(out: &mut Vec<u8>, option: u32, id: u32) {
-    let mut payload = Vec::with_capacity(4 + BASE_ALLOCATION.len());
+fn meta_context_reply(out: &mut Vec<u8>, option: u32, id: u32, name: &str) {
+    let mut payload = Vec::with_capacity(4 + name.len());
     payload.extend_from_slice(&id.to_be_bytes());
-    payload.extend_from_slice(BASE_ALLOCATION.as_bytes());
+    payload.extend_from_slice(name.as_bytes());
     option_reply(out, option, REP_META_CONTEXT, &payload);
+}
+
+/// What a SET_META_CONTEXT selected, for which export.
+#[derive(Debug)]
+struct MetaSelection {
+    export: String,
+    base: bool,
+    /// The other contexts, in the order of their ids.
+    extra: Vec<String>,
 }
 
 /// One `NBD_REP_SERVER` per export, then ACK.
