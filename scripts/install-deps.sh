@@ -8,7 +8,9 @@
 #                                    protobuf-compiler (the etcd client's build);
 #                                    openssl (the TLS tests' certificates);
 #                                    systemd-analyze, virt-xml-validate and
-#                                    xmllint (the contrib/ files' checks)
+#                                    xmllint (the contrib/ files' checks);
+#                                    python3-libnbd (the incremental backup
+#                                    script, contrib/nbd-backup.py)
 #   scripts/install-deps.sh --vm     also qemu-system-x86 and busybox-static (README
 #                                    VM walk-through; the live-migration test's guest)
 set -euo pipefail
@@ -30,6 +32,7 @@ command -v openssl >/dev/null || need+=(openssl)
 command -v systemd-analyze >/dev/null || need+=(systemd)
 command -v virt-xml-validate >/dev/null || need+=(libvirt-clients)
 command -v xmllint >/dev/null || need+=(libxml2-utils)
+/usr/bin/python3 -c 'import nbd' 2>/dev/null || need+=(python3-libnbd)
 vm_needed=0
 if [ "$want_vm" = 1 ] && ! command -v qemu-system-x86_64 >/dev/null; then vm_needed=1; fi
 if [ "$want_vm" = 1 ] && [ ! -x /bin/busybox ]; then need+=(busybox-static); fi

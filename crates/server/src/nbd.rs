@@ -46,7 +46,10 @@ use crate::metrics::{self, DiskMetrics};
 use crate::service::Service;
 use crate::uring::{Direction, Uring};
 use parallax_device::AlignedBuf;
-use parallax_engine::{DiskRef, Error as EngineError, FdTransfer, IoPlan, ReadDisk, Vdi};
+use parallax_engine::{
+    allocation_depth, diff_in, DiskRef, Error as EngineError, FdTransfer, IoPlan, ReadDisk,
+    SnapshotView, Vdi,
+};
 use parallax_nbd::handshake::{
     BlockSizes, Config as HandshakeConfig, ExportInfo, Exports, Handshake, HandshakeError,
     Negotiated, Progress, TlsMode,
@@ -219,6 +222,10 @@ impl Exports for StoreExports<'_> {
         let refused = self.refused.lock().ok()?.take()?;
         (refused.0 == name).then_some(refused.1)
     }
+
+    fn meta_contexts(&self, name: &str) -> Vec<String> {
+        off_runtime(|| offered_contexts(self.service, name))
+    }
 }
 
 /// Serves one client from its first byte to its last. Errors end only this
@@ -288,6 +295,11 @@ pub async fn serve_connection<S>(
         read_only: negotiated.info.read_only,
         structured: negotiated.structured_replies,
         base_allocation: negotiated.base_allocation,
+        contexts: negotiated
+            .meta_contexts
+            .iter()
+            .map(|(id, name)| (*id, open_context(&service, &negotiated.export, name)))
+            .collect(),
         uring: service.uring().cloned(),
     });
     let reader = Cursor::new(leftover).chain(BufReader::with_capacity(READ_BUFFER, reader));
@@ -463,6 +475,8 @@ struct Connection {
     read_only: bool,
     structured: bool,
     base_allocation: Option<u32>,
+    /// The other metadata contexts negotiated, with their ids.
+    contexts: Vec<(u32, ExtraContext)>,
     uring: Option<Arc<Uring>>,
     /// This connection's per-disk counters (`--metrics-per-disk`).
     disk_metrics: Option<DiskMetrics>,
@@ -1032,9 +1046,11 @@ fn execute(ctx: &Connection, req: Request, payload: &[u8]) -> (Vec<u8>, Option<A
             Err(f) => error_reply(ctx, &req, f, &mut out),
         },
         Command::BlockStatus => match block_status(ctx, &req) {
-            Ok(extents) => {
-                let id = ctx.base_allocation.unwrap_or(0);
-                proto::structured_block_status(&mut out, req.cookie, id, &extents, true);
+            Ok(chunks) => {
+                let last = chunks.len().saturating_sub(1);
+                for (i, (id, extents)) in chunks.iter().enumerate() {
+                    proto::structured_block_status(&mut out, req.cookie, *id, extents, i == last);
+                }
                 return (out, None, true);
             }
             Err(f) => error_reply(ctx, &req, f, &mut out),
@@ -1178,8 +1194,10 @@ fn writable(ctx: &Connection) -> Result<&Vdi, Failure> {
     ctx.target()?.writable().ok_or_else(read_only)
 }
 
-fn block_status(ctx: &Connection, req: &Request) -> Result<Vec<(u32, u32)>, Failure> {
-    if ctx.base_allocation.is_none() {
+/// BLOCK_STATUS: one list of (length, flags) per negotiated context, with
+/// its id.
+fn block_status(ctx: &Connection, req: &Request) -> Result<Vec<(u32, Vec<(u32, u32)>)>, Failure> {
+    if ctx.base_allocation.is_none() && ctx.contexts.is_empty() {
         return Err(Failure::new(
             proto::EINVAL,
             "no metadata context was negotiated for BLOCK_STATUS",
@@ -1190,6 +1208,132 @@ fn block_status(ctx: &Connection, req: &Request) -> Result<Vec<(u32, u32)>, Fail
     }
     check_range(ctx, req, proto::EINVAL)?;
     let len = u64::from(req.length).min(STATUS_WINDOW);
+    let mut chunks = Vec::new();
+    if let Some(id) = ctx.base_allocation {
+        chunks.push((id, allocation(ctx, req, len)?));
+    }
+    for (id, context) in &ctx.contexts {
+        let mut extents = extra_extents(ctx, context, req.offset, len)?;
+        if req.flags & proto::CMD_FLAG_REQ_ONE != 0 {
+            extents.truncate(1);
+        }
+        chunks.push((*id, extents));
+    }
+    Ok(chunks)
+}
+
+/// A metadata context besides `base:allocation`, as a connection serves
+/// it.
+enum ExtraContext {
+    /// `qemu:allocation-depth`: 0 unmapped, 1 the disk's own block, 2 its
+    /// clone origin's.
+    Depth,
+    /// `qemu:dirty-bitmap:SNAP`: bit 0 set where the export differs from
+    /// snapshot SNAP of the same disk (a view of it, pinned while the
+    /// connection lives), or why that snapshot could not be opened.
+    Bitmap(Result<SnapshotView, String>),
+}
+
+/// The context `name` that the handshake selected for `export`.
+fn open_context(service: &Service, export: &str, name: &str) -> ExtraContext {
+    match name.strip_prefix(DIRTY_BITMAP) {
+        Some(snap) => {
+            let disk = DiskRef::split(export).disk;
+            ExtraContext::Bitmap(
+                off_runtime(|| service.store().open_snapshot(&disk, snap))
+                    .map_err(|e| format!("{name}: {e}")),
+            )
+        }
+        None => ExtraContext::Depth,
+    }
+}
+
+/// The contexts besides `base:allocation` that export `name` offers: the
+/// allocation depth, and a dirty bitmap against each other snapshot of
+/// its disk.
+fn offered_contexts(service: &Service, name: &str) -> Vec<String> {
+    let export = DiskRef::split(name);
+    let store = service.store();
+    let snapshots = match store.open_if_held(&export.disk) {
+        Ok(Some(vdi)) => vdi.snapshots(),
+        _ => store.committed_snapshots(&export.disk).unwrap_or_default(),
+    };
+    std::iter::once(ALLOCATION_DEPTH.to_string())
+        .chain(
+            snapshots
+                .into_iter()
+                .filter(|s| export.snapshot.as_deref() != Some(s.name.as_str()))
+                .map(|s| format!("{DIRTY_BITMAP}{}", s.name)),
+        )
+        .collect()
+}
+
+const ALLOCATION_DEPTH: &str = "qemu:allocation-depth";
+const DIRTY_BITMAP: &str = "qemu:dirty-bitmap:";
+
+/// The extents of `context` over `[offset, offset + len)`.
+fn extra_extents(
+    ctx: &Connection,
+    context: &ExtraContext,
+    offset: u64,
+    len: u64,
+) -> Result<Vec<(u32, u32)>, Failure> {
+    let target = ctx.held_here()?.ok_or_else(|| {
+        Failure::new(
+            proto::EINVAL,
+            "qemu: contexts are served once this appliance holds the disk (write to it first)",
+        )
+    })?;
+    let runs: Vec<(u64, u64, u32)> = match context {
+        ExtraContext::Depth => allocation_depth(target.diff_target(), offset, len)?
+            .into_iter()
+            .map(|r| (r.offset, r.length, r.depth))
+            .collect(),
+        ExtraContext::Bitmap(Ok(base)) => diff_in(Some(base), target.diff_target(), offset, len)?
+            .into_iter()
+            .map(|c| (c.offset, c.length, 1))
+            .collect(),
+        ExtraContext::Bitmap(Err(why)) => return Err(Failure::new(proto::EIO, why)),
+    };
+    clip_runs(&runs, offset, len)
+}
+
+/// `runs` (offset, length, value; sorted, not overlapping, value 0 where
+/// there is none) as (length, value) extents covering exactly `[offset,
+/// offset + len)`, equal neighbours merged.
+fn clip_runs(runs: &[(u64, u64, u32)], offset: u64, len: u64) -> Result<Vec<(u32, u32)>, Failure> {
+    let end = offset + len;
+    let mut out: Vec<(u32, u32)> = Vec::new();
+    let mut push = |from: u64, to: u64, value: u32| {
+        if to <= from {
+            return;
+        }
+        // `len` fits in u32 (at most STATUS_WINDOW), so every piece does.
+        let n = (to - from) as u32;
+        match out.last_mut() {
+            Some((l, v)) if *v == value => *l += n,
+            _ => out.push((n, value)),
+        }
+    };
+    let mut at = offset;
+    for &(start, length, value) in runs {
+        let (from, to) = (start.max(at), (start + length).min(end));
+        if to <= from {
+            continue;
+        }
+        push(at, from, 0);
+        push(from, to, value);
+        at = to;
+    }
+    push(at, end, 0);
+    if out.is_empty() {
+        return Err(Failure::new(proto::EIO, "no extent information"));
+    }
+    Ok(out)
+}
+
+/// `base:allocation` over `[req.offset, req.offset + len)`.
+fn allocation(ctx: &Connection, req: &Request, len: u64) -> Result<Vec<(u32, u32)>, Failure> {
     let mut extents = Vec::new();
     let status = match (ctx.target.get(), &ctx.claim) {
         (None, Some(claim)) => claim.committed.block_status(req.offset, len)?,
