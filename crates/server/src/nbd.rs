@@ -1194,9 +1194,11 @@ fn writable(ctx: &Connection) -> Result<&Vdi, Failure> {
     ctx.target()?.writable().ok_or_else(read_only)
 }
 
-/// BLOCK_STATUS: one list of (length, flags) per negotiated context, with
-/// its id.
-fn block_status(ctx: &Connection, req: &Request) -> Result<Vec<(u32, Vec<(u32, u32)>)>, Failure> {
+/// A context id and its (length, flags) extents.
+type StatusChunk = (u32, Vec<(u32, u32)>);
+
+/// BLOCK_STATUS: one chunk per negotiated context.
+fn block_status(ctx: &Connection, req: &Request) -> Result<Vec<StatusChunk>, Failure> {
     if ctx.base_allocation.is_none() && ctx.contexts.is_empty() {
         return Err(Failure::new(
             proto::EINVAL,
@@ -1231,7 +1233,7 @@ enum ExtraContext {
     /// `qemu:dirty-bitmap:SNAP`: bit 0 set where the export differs from
     /// snapshot SNAP of the same disk (a view of it, pinned while the
     /// connection lives), or why that snapshot could not be opened.
-    Bitmap(Result<SnapshotView, String>),
+    Bitmap(Result<Box<SnapshotView>, String>),
 }
 
 /// The context `name` that the handshake selected for `export`.
@@ -1241,6 +1243,7 @@ fn open_context(service: &Service, export: &str, name: &str) -> ExtraContext {
             let disk = DiskRef::split(export).disk;
             ExtraContext::Bitmap(
                 off_runtime(|| service.store().open_snapshot(&disk, snap))
+                    .map(Box::new)
                     .map_err(|e| format!("{name}: {e}")),
             )
         }
