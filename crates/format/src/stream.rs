@@ -272,7 +272,7 @@ impl<R: Read> StreamReader<R> {
             let u64_at = |o: usize| u64::from_le_bytes(p[o..o + 8].try_into().expect("8 bytes"));
             match kind {
                 KIND_END => {
-                    if len != 16 {
+                    if len != 16 || p[12..16] != [0; 4] {
                         return Err(corrupt("the END record is malformed"));
                     }
                     let want = u32::from_le_bytes(p[8..12].try_into().expect("4 bytes"));
@@ -441,6 +441,21 @@ mod tests {
         w.data(0, &[1u8; 4096]).unwrap();
         let (_, records) = read_all(&w.finish().unwrap()).unwrap();
         assert_eq!(records.len(), 3);
+    }
+
+    /// Every bit of the END record counts, its reserved bytes too (they
+    /// are outside the checksum; mutation tried: not required to be 0 ->
+    /// a flip there is accepted).
+    #[test]
+    fn every_bit_of_the_end_record_counts() {
+        let s = sample();
+        for pos in s.len() - 32..s.len() {
+            for bit in 0..8 {
+                let mut t = s.clone();
+                t[pos] ^= 1 << bit;
+                assert!(read_all(&t).is_err(), "bit {bit} of byte {pos} flipped was accepted");
+            }
+        }
     }
 
     #[test]

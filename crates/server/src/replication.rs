@@ -175,6 +175,9 @@ impl SendPlan {
     }
 
     fn write_records(&self, out: &mut dyn Write, progress: &dyn Fn(u64)) -> anyhow::Result<()> {
+        // A record is three writes: gather them (a pipe or a file would
+        // take a system call each).
+        let out = std::io::BufWriter::with_capacity(IO_BUFFER, out);
         let mut w = StreamWriter::new(out, &self.header)?;
         w.size(self.view.size())?;
         let mut buf = vec![0u8; CHUNK as usize];
@@ -199,6 +202,10 @@ impl SendPlan {
     }
 }
 
+/// Bytes gathered before a stream goes to its writer, or read ahead from
+/// its reader.
+const IO_BUFFER: usize = 1 << 20;
+
 fn bytes_of(changes: &[Change], kind: ChangeKind) -> u64 {
     changes
         .iter()
@@ -217,6 +224,9 @@ pub fn receive(
     force: bool,
     show_progress: bool,
 ) -> ApiResult<ReceiveReport> {
+    // A record is three reads: read ahead instead of a system call each.
+    let mut input = std::io::BufReader::with_capacity(IO_BUFFER, input);
+    let input: &mut dyn Read = &mut input;
     let (mut reader, header) = StreamReader::new(input).map_err(stream_error)?;
     let bar = progress_bar(
         show_progress,
