@@ -1261,3 +1261,50 @@ fn send_refuses_a_terminal_and_an_existing_file() {
     daemon.assert_alive();
     daemon.stop();
 }
+
+/// A clone's snapshot sent from its origin's snapshot arrives as a clone:
+/// the receiving store has no disk of that name, finds the stream's base
+/// in another disk (the origin, received before) and clones it; the
+/// stream carries only what the clone changed, and the result equals the
+/// source. Without the origin's snapshot on the target, it is refused and
+/// nothing is made (mutation tried: no search of the other disks -> the
+/// clone's stream is refused).
+#[test]
+fn a_clone_sent_from_its_origins_snapshot_arrives_as_a_clone() {
+    let (src, dst) = (Env::new(), Env::new());
+    src.ok(&["create", "golden", "--size", "4M"]);
+    src.with_disk("golden", |vdi| vdi.write(&[5u8; 1 << 20], 0).unwrap());
+    src.ok(&["snapshot", "golden@v1"]);
+    src.ok(&["clone", "golden@v1", "c7"]);
+    src.with_disk("c7", |vdi| vdi.write(&[9u8; 8192], 65536).unwrap());
+    src.ok(&["snapshot", "c7@s1"]);
+
+    let golden = src.path("golden.stream");
+    src.ok(&["send", "golden@v1", "-o", golden.to_str().unwrap()]);
+    let clone = src.path("c7.stream");
+    let sent = src.json(&[
+        "send",
+        "c7@s1",
+        "--from",
+        "golden@v1",
+        "-o",
+        clone.to_str().unwrap(),
+    ]);
+    assert_eq!(
+        sent["data_bytes"], 8192,
+        "only the clone's change is sent: {sent}"
+    );
+
+    // Without the origin on the target: refused, nothing made.
+    let why = dst.receive("c7", &clone, &[], false).error();
+    assert!(why.contains("golden@v1"), "{why}");
+    assert!(dst.disk_names().is_empty());
+
+    dst.receive("golden", &golden, &[], false).ok();
+    dst.receive("c7", &clone, &[], true).ok();
+    let info = dst.json(&["info", "c7"]);
+    assert_eq!(info["origin"], "golden@v1", "{info}");
+    assert_eq!(dst.snapshot_names("c7"), ["s1"]);
+    assert_same_file(&src.export("c7@s1", "s.raw"), &dst.export("c7@s1", "d.raw"));
+    dst.assert_clean();
+}

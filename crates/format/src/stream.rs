@@ -8,7 +8,8 @@
 //!   kind 1 HEADER (first, once): version u32 (1) | reserved u32 |
 //!          store_id u64 | disk_id u64 | from_identity u64 (0: a full
 //!          stream) | to_identity u64 | to_created_ns u64 | data_bytes u64
-//!          | disk name, from name, to name: each u16 length + UTF-8
+//!          | disk name, from name (`SNAP`, or `DISK@SNAP` when the base
+//!          is another disk's snapshot), to name: each u16 length + UTF-8
 //!   kind 2 SIZE (after the header, before any DATA or ZERO): size u64
 //!   kind 3 DATA: offset u64 | the bytes (length - 8)
 //!   kind 4 ZERO: offset u64 | length u64 (reads as zeros)
@@ -56,7 +57,8 @@ pub struct StreamHeader {
     /// The bytes of all DATA records (for progress).
     pub data_bytes: u64,
     pub disk_name: String,
-    /// Empty in a full stream.
+    /// The base snapshot: `SNAP` of the same disk, or `DISK@SNAP` (a
+    /// clone's origin); empty in a full stream.
     pub from_name: String,
     pub to_name: String,
 }
@@ -453,7 +455,10 @@ mod tests {
             for bit in 0..8 {
                 let mut t = s.clone();
                 t[pos] ^= 1 << bit;
-                assert!(read_all(&t).is_err(), "bit {bit} of byte {pos} flipped was accepted");
+                assert!(
+                    read_all(&t).is_err(),
+                    "bit {bit} of byte {pos} flipped was accepted"
+                );
             }
         }
     }

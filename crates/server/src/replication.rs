@@ -7,7 +7,9 @@
 //! again if anything fails; an incremental one is applied to a disk whose
 //! live state is exactly the stream's base snapshot (checked with a diff,
 //! so nobody wrote to it since), and rolled back to that snapshot if
-//! anything fails. Either way it takes effect as one snapshot taken at the
+//! anything fails; or, when the disk does not exist, to a new clone of the
+//! snapshot of another disk that is the base (a clone sent from its
+//! origin's snapshot), deleted again if anything fails. Either way it takes effect as one snapshot taken at the
 //! end, carrying the sender's identity for the next incremental stream.
 //! The disk should not be attached to clients while it receives (a
 //! replica): their writes would be refused next time, or rolled back.
@@ -139,7 +141,14 @@ pub fn plan_send(store: &Store, to: &SnapName, from: Option<&SnapName>) -> ApiRe
         to_created_ns: view.info().created_ns,
         data_bytes,
         disk_name: to.disk.clone(),
-        from_name: from.map(|f| f.snapshot.clone()).unwrap_or_default(),
+        // `DISK@SNAP` when the base is a snapshot of another disk (a
+        // clone's origin), else `SNAP`.
+        from_name: from
+            .map(|f| match f.disk == to.disk {
+                true => f.snapshot.clone(),
+                false => format!("{}@{}", f.disk, f.snapshot),
+            })
+            .unwrap_or_default(),
         to_name: to.snapshot.clone(),
     };
     let report = SendReport {
@@ -290,8 +299,9 @@ fn receive_full(
     result
 }
 
-/// An incremental stream: onto a disk that is exactly its base snapshot,
-/// rolled back to it if anything fails.
+/// An incremental stream: onto disk `name`, or, when there is no such
+/// disk, onto a new clone of the snapshot of another disk that is its base
+/// (a clone's snapshot sent from its origin's snapshot).
 fn receive_incremental(
     store: &Store,
     name: &str,
@@ -301,34 +311,81 @@ fn receive_incremental(
     applied: &mut Applied,
     progress: &dyn Fn(u64),
 ) -> ApiResult<()> {
-    let vdi = store.open_vdi(name)?;
-    let base = find_base(&vdi, header)?;
+    match store.open_vdi(name) {
+        Ok(vdi) => receive_onto(store, &vdi, reader, header, force, applied, progress),
+        Err(parallax_engine::Error::NotFound(_)) => {
+            receive_as_clone(store, name, reader, header, applied, progress)
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Onto a disk that is exactly its base snapshot, rolled back to it if
+/// anything fails.
+fn receive_onto(
+    store: &Store,
+    vdi: &Vdi,
+    reader: &mut Reader<'_>,
+    header: &StreamHeader,
+    force: bool,
+    applied: &mut Applied,
+    progress: &dyn Fn(u64),
+) -> ApiResult<()> {
+    let base = find_base(vdi, header)?;
     if vdi.snapshot_info(&header.to_name).is_ok() {
         return Err(ApiError::new(
             ErrorKind::Conflict,
-            format!("{name}@{} already exists", header.to_name),
+            format!("{}@{} already exists", vdi.name(), header.to_name),
         ));
     }
-    prepare_base(store, &vdi, &base, force)?;
-    let result = (|| {
-        let size = first_size(reader)?;
-        if size < vdi.size() {
-            return Err(ApiError::invalid(format!(
-                "the stream's disk is {size} bytes, smaller than {name} ({} bytes): disks do not shrink",
-                vdi.size()
-            )));
-        }
-        if size > vdi.size() {
-            vdi.grow(size)?;
-        }
-        apply(reader, &vdi, applied, progress)?;
-        finish(&vdi, header)
-    })();
+    prepare_base(store, vdi, &base, force)?;
+    let result = apply_sized(reader, vdi, applied, progress).and_then(|()| finish(vdi, header));
     if result.is_err() {
         // Back to the base: the stream never happened.
         let _ = vdi.rollback(&base);
     }
     result
+}
+
+/// Onto a new disk `name`, a clone of the snapshot of another disk whose
+/// identity is the stream's base; deleted again if anything fails.
+fn receive_as_clone(
+    store: &Store,
+    name: &str,
+    reader: &mut Reader<'_>,
+    header: &StreamHeader,
+    applied: &mut Applied,
+    progress: &dyn Fn(u64),
+) -> ApiResult<()> {
+    let (disk, snapshot) = find_base_anywhere(store, header)?;
+    let vdi = store.clone_snapshot(&disk, &snapshot, name)?;
+    let result = apply_sized(reader, &vdi, applied, progress).and_then(|()| finish(&vdi, header));
+    if result.is_err() {
+        drop(vdi);
+        let _ = store.delete_vdi(name);
+    }
+    result
+}
+
+/// The SIZE record (the disk grown to it), then the rest of the stream.
+fn apply_sized(
+    reader: &mut Reader<'_>,
+    vdi: &Vdi,
+    applied: &mut Applied,
+    progress: &dyn Fn(u64),
+) -> ApiResult<()> {
+    let size = first_size(reader)?;
+    if size < vdi.size() {
+        return Err(ApiError::invalid(format!(
+            "the stream's disk is {size} bytes, smaller than {} ({} bytes): disks do not shrink",
+            vdi.name(),
+            vdi.size()
+        )));
+    }
+    if size > vdi.size() {
+        vdi.grow(size)?;
+    }
+    apply(reader, vdi, applied, progress)
 }
 
 /// The SIZE record, which comes before any data.
@@ -359,14 +416,44 @@ fn find_base(vdi: &Vdi, header: &StreamHeader) -> ApiResult<String> {
             ApiError::new(
                 ErrorKind::NotFound,
                 format!(
-                    "the stream is the difference from {}@{} (identity {}), which {} does not hold: send from a snapshot it has, or a full stream",
-                    header.disk_name,
-                    header.from_name,
+                    "the stream is the difference from {} (identity {}), which {} does not hold: send from a snapshot it has, or a full stream",
+                    base_name(header),
                     show_identity(header.from_identity),
                     vdi.name()
                 ),
             )
         })
+}
+
+/// The stream's base as the sender named it: `DISK@SNAP`.
+fn base_name(header: &StreamHeader) -> String {
+    match header.from_name.contains('@') {
+        true => header.from_name.clone(),
+        false => format!("{}@{}", header.disk_name, header.from_name),
+    }
+}
+
+/// The disk and snapshot of this store whose identity is the stream's
+/// base, searched in every disk.
+fn find_base_anywhere(store: &Store, header: &StreamHeader) -> ApiResult<(String, String)> {
+    for disk in store.try_list()? {
+        // A disk this host cannot open (another appliance holds it) is
+        // not a base here.
+        let Ok(vdi) = store.open_vdi(&disk) else {
+            continue;
+        };
+        if let Ok(snapshot) = find_base(&vdi, header) {
+            return Ok((disk, snapshot));
+        }
+    }
+    Err(ApiError::new(
+        ErrorKind::NotFound,
+        format!(
+            "no disk here holds {} (identity {}), the stream's base: receive it first, or send a full stream",
+            base_name(header),
+            show_identity(header.from_identity)
+        ),
+    ))
 }
 
 /// Checks that `vdi` is still exactly snapshot `base` (or, with `force`,
