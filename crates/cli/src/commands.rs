@@ -14,6 +14,7 @@ use parallax_server::daemon::{self, ServeOptions};
 use parallax_server::service::Service;
 use parallax_server::store_file::{self, open_store, Access};
 use parallax_server::tls::{NbdTls, TlsFiles};
+use parallax_server::transfer::stream_progress;
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 
@@ -766,26 +767,30 @@ pub fn send(ctx: &Context, to: &SnapRef, from: Option<&str>, output: &Path) -> R
         })
         .transpose()?;
     let to_stdout = output == Path::new("-");
-    let report = if to_stdout {
-        if std::io::stdout().is_terminal() {
-            bail!("the stream is binary: redirect standard output, or write it to a file with -o FILE");
-        }
-        let mut out = std::io::stdout().lock();
-        ctx.read(|api| api.send(&to, from.as_ref(), &mut out))?
+    if to_stdout && std::io::stdout().is_terminal() {
+        bail!("the stream is binary: redirect standard output, or write it to a file with -o FILE");
+    }
+    let bar = stream_progress("send", None);
+    let sent = if to_stdout {
+        let mut out = bar.wrap_write(std::io::stdout().lock());
+        ctx.read(|api| api.send(&to, from.as_ref(), &mut out))
     } else {
-        let mut file = std::fs::OpenOptions::new()
+        let file = std::fs::OpenOptions::new()
             .write(true)
             .create_new(true)
             .open(output)
             .with_context(|| format!("cannot create {}", output.display()))?;
+        let mut out = bar.wrap_write(&file);
         let sent = ctx
-            .read(|api| api.send(&to, from.as_ref(), &mut file))
+            .read(|api| api.send(&to, from.as_ref(), &mut out))
             .and_then(|r| file.sync_all().map(|()| r).map_err(Into::into));
         if sent.is_err() {
             let _ = std::fs::remove_file(output);
         }
-        sent?
+        sent
     };
+    bar.finish_and_clear();
+    let report = sent?;
     let text = format!(
         "sent {}@{}{}: {} of data, {} zeroed (identity {})\n",
         to.disk,
@@ -810,12 +815,19 @@ pub fn send(ctx: &Context, to: &SnapRef, from: Option<&str>, output: &Path) -> R
 
 pub fn receive(ctx: &Context, name: &str, input: &Path, force: bool) -> Result<()> {
     let report = if input == Path::new("-") {
-        let mut stdin = std::io::stdin().lock();
-        ctx.write(|api| api.receive(name, &mut stdin, force))?
+        let bar = stream_progress("receive", None);
+        let mut stdin = bar.wrap_read(std::io::stdin().lock());
+        let received = ctx.write(|api| api.receive(name, &mut stdin, force));
+        bar.finish_and_clear();
+        received?
     } else {
-        let mut file = std::fs::File::open(input)
+        let file = std::fs::File::open(input)
             .with_context(|| format!("cannot open {}", input.display()))?;
-        ctx.write(|api| api.receive(name, &mut file, force))?
+        let bar = stream_progress("receive", file.metadata().ok().map(|m| m.len()));
+        let mut file = bar.wrap_read(file);
+        let received = ctx.write(|api| api.receive(name, &mut file, force));
+        bar.finish_and_clear();
+        received?
     };
     if ctx.json {
         return print_json(&report);

@@ -1308,3 +1308,58 @@ fn a_clone_sent_from_its_origins_snapshot_arrives_as_a_clone() {
     assert_same_file(&src.export("c7@s1", "s.raw"), &dst.export("c7@s1", "d.raw"));
     dst.assert_clean();
 }
+
+/// The replication recipe, `contrib/parallax-replicate.sh`, run step by
+/// step with writes in between: the first step sends the disk whole, each
+/// later one only what changed since the newest `repl-` snapshot both
+/// sides hold; after each the target's newest snapshot equals the
+/// source's, the source keeps one `repl-` snapshot and the target at most
+/// KEEP. A step whose target fails exits 1 and leaves no new snapshot, and
+/// the next step goes on from the last common one.
+#[test]
+fn the_replication_script_keeps_a_replica_in_sync() {
+    let (src, dst) = (Env::new(), Env::new());
+    src.ok(&["create", "vm", "--size", "8M"]);
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../contrib/parallax-replicate.sh");
+    let bin = env!("CARGO_BIN_EXE_parallax");
+    let step = |target_store: &Path| {
+        let mut cmd = Command::new("bash");
+        cmd.arg(&script)
+            .arg("vm")
+            .arg(bin)
+            .arg("--store")
+            .arg(target_store)
+            .env("PARALLAX", bin)
+            .env("PARALLAX_STORE", &src.store)
+            .env("KEEP", "3")
+            .env_remove("PARALLAX_CONTROL");
+        run(cmd)
+    };
+    let mut rng = Rng::new(seed("the_replication_script_keeps_a_replica_in_sync"));
+    for i in 0..6u64 {
+        src.with_disk("vm", |vdi| {
+            for _ in 0..4 {
+                let at = rng.below(2040) * 4096;
+                vdi.write(&rng.bytes(8192), at).unwrap();
+            }
+        });
+        if i == 3 {
+            // A target that cannot receive: the step fails cleanly.
+            let failed = step(&src.path("missing/store.px"));
+            assert_eq!(failed.status.code(), Some(1), "{}", failed.describe());
+            let mine = src.snapshot_names("vm");
+            assert_eq!(mine.len(), 1, "the failed step left a snapshot: {mine:?}");
+        }
+        let out = step(&dst.store).ok().stdout;
+        assert_eq!(out.contains("(from repl-"), i > 0, "step {i}: {out}");
+        let (mine, theirs) = (src.snapshot_names("vm"), dst.snapshot_names("vm"));
+        assert_eq!(mine.len(), 1, "step {i}: source keeps {mine:?}");
+        assert!(
+            theirs.len() <= 3 && theirs.last() == mine.last(),
+            "{theirs:?} vs {mine:?}"
+        );
+        let snap = format!("vm@{}", mine[0]);
+        assert_same_file(&src.export(&snap, "s.raw"), &dst.export(&snap, "d.raw"));
+    }
+    dst.assert_clean();
+}

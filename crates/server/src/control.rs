@@ -377,7 +377,7 @@ async fn send_streamed(state: Arc<ControlState>, body: &[u8]) -> Response<Contro
     let report = serde_json::to_string(plan.report()).unwrap_or_default();
     let (mut writer, stream) = crate::stream_body::channel();
     tokio::task::spawn_blocking(move || {
-        let written = plan.write(&mut writer, false);
+        let written = plan.write(&mut writer);
         match written {
             Ok(()) => {
                 let _ = writer.finish();

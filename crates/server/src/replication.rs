@@ -15,7 +15,6 @@
 //! replica): their writes would be refused next time, or rolled back.
 
 use crate::api::{ApiError, ApiResult, ErrorKind};
-use crate::transfer::progress_bar;
 use parallax_engine::{diff, Change, ChangeKind, DiffTarget, ReadDisk, SnapshotView, Store, Vdi};
 use parallax_format::stream::{
     StreamError, StreamHeader, StreamReader, StreamRecord, StreamWriter, MAX_DATA_RECORD,
@@ -170,20 +169,14 @@ impl SendPlan {
         &self.report
     }
 
-    /// Writes the stream to `out`.
-    pub fn write(&self, out: &mut dyn Write, show_progress: bool) -> ApiResult<()> {
-        let bar = progress_bar(
-            show_progress,
-            self.header.data_bytes,
-            "send",
-            "{bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
-        );
-        let written = self.write_records(out, &|n| bar.inc(n));
-        bar.finish_and_clear();
-        written.map_err(|e| ApiError::internal(format!("cannot write the stream: {e:#}")))
+    /// Writes the stream to `out` (the caller shows progress, if it
+    /// wants, by counting what goes through `out`).
+    pub fn write(&self, out: &mut dyn Write) -> ApiResult<()> {
+        self.write_records(out)
+            .map_err(|e| ApiError::internal(format!("cannot write the stream: {e:#}")))
     }
 
-    fn write_records(&self, out: &mut dyn Write, progress: &dyn Fn(u64)) -> anyhow::Result<()> {
+    fn write_records(&self, out: &mut dyn Write) -> anyhow::Result<()> {
         // A record is three writes: gather them (a pipe or a file would
         // take a system call each).
         let out = std::io::BufWriter::with_capacity(IO_BUFFER, out);
@@ -200,7 +193,6 @@ impl SendPlan {
                         let n = CHUNK.min(end - at) as usize;
                         self.view.read(&mut buf[..n], at)?;
                         w.data(at, &buf[..n])?;
-                        progress(n as u64);
                         at += n as u64;
                     }
                 }
@@ -225,41 +217,24 @@ fn bytes_of(changes: &[Change], kind: ChangeKind) -> u64 {
 
 /// Applies the stream read from `input` to disk `name` (see the module
 /// documentation). `force`: an incremental stream's target that changed
-/// since the base snapshot is rolled back to it first.
+/// since the base snapshot is rolled back to it first. (The caller shows
+/// progress, if it wants, by counting what it reads into `input`.)
 pub fn receive(
     store: &Store,
     name: &str,
     input: &mut dyn Read,
     force: bool,
-    show_progress: bool,
 ) -> ApiResult<ReceiveReport> {
     // A record is three reads: read ahead instead of a system call each.
     let mut input = std::io::BufReader::with_capacity(IO_BUFFER, input);
     let input: &mut dyn Read = &mut input;
     let (mut reader, header) = StreamReader::new(input).map_err(stream_error)?;
-    let bar = progress_bar(
-        show_progress,
-        header.data_bytes,
-        "receive",
-        "{bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
-    );
     let mut applied = Applied::default();
-    let progress = |n| bar.inc(n);
-    let result = if header.from_identity == 0 {
-        receive_full(store, name, &mut reader, &header, &mut applied, &progress)
+    if header.from_identity == 0 {
+        receive_full(store, name, &mut reader, &header, &mut applied)?;
     } else {
-        receive_incremental(
-            store,
-            name,
-            &mut reader,
-            &header,
-            force,
-            &mut applied,
-            &progress,
-        )
-    };
-    bar.finish_and_clear();
-    result?;
+        receive_incremental(store, name, &mut reader, &header, force, &mut applied)?;
+    }
     Ok(ReceiveReport {
         disk: name.to_string(),
         snapshot: header.to_name.clone(),
@@ -279,7 +254,6 @@ fn receive_full(
     reader: &mut Reader<'_>,
     header: &StreamHeader,
     applied: &mut Applied,
-    progress: &dyn Fn(u64),
 ) -> ApiResult<()> {
     if store.open_vdi(name).is_ok() {
         return Err(ApiError::new(
@@ -291,7 +265,7 @@ fn receive_full(
     }
     let size = first_size(reader)?;
     let vdi = store.create_vdi(name, size)?;
-    let result = apply(reader, &vdi, applied, progress).and_then(|()| finish(&vdi, header));
+    let result = apply(reader, &vdi, applied).and_then(|()| finish(&vdi, header));
     if result.is_err() {
         drop(vdi);
         let _ = store.delete_vdi(name);
@@ -309,12 +283,11 @@ fn receive_incremental(
     header: &StreamHeader,
     force: bool,
     applied: &mut Applied,
-    progress: &dyn Fn(u64),
 ) -> ApiResult<()> {
     match store.open_vdi(name) {
-        Ok(vdi) => receive_onto(store, &vdi, reader, header, force, applied, progress),
+        Ok(vdi) => receive_onto(store, &vdi, reader, header, force, applied),
         Err(parallax_engine::Error::NotFound(_)) => {
-            receive_as_clone(store, name, reader, header, applied, progress)
+            receive_as_clone(store, name, reader, header, applied)
         }
         Err(e) => Err(e.into()),
     }
@@ -329,7 +302,6 @@ fn receive_onto(
     header: &StreamHeader,
     force: bool,
     applied: &mut Applied,
-    progress: &dyn Fn(u64),
 ) -> ApiResult<()> {
     let base = find_base(vdi, header)?;
     if vdi.snapshot_info(&header.to_name).is_ok() {
@@ -339,7 +311,7 @@ fn receive_onto(
         ));
     }
     prepare_base(store, vdi, &base, force)?;
-    let result = apply_sized(reader, vdi, applied, progress).and_then(|()| finish(vdi, header));
+    let result = apply_sized(reader, vdi, applied).and_then(|()| finish(vdi, header));
     if result.is_err() {
         // Back to the base: the stream never happened.
         let _ = vdi.rollback(&base);
@@ -355,11 +327,10 @@ fn receive_as_clone(
     reader: &mut Reader<'_>,
     header: &StreamHeader,
     applied: &mut Applied,
-    progress: &dyn Fn(u64),
 ) -> ApiResult<()> {
     let (disk, snapshot) = find_base_anywhere(store, header)?;
     let vdi = store.clone_snapshot(&disk, &snapshot, name)?;
-    let result = apply_sized(reader, &vdi, applied, progress).and_then(|()| finish(&vdi, header));
+    let result = apply_sized(reader, &vdi, applied).and_then(|()| finish(&vdi, header));
     if result.is_err() {
         drop(vdi);
         let _ = store.delete_vdi(name);
@@ -368,12 +339,7 @@ fn receive_as_clone(
 }
 
 /// The SIZE record (the disk grown to it), then the rest of the stream.
-fn apply_sized(
-    reader: &mut Reader<'_>,
-    vdi: &Vdi,
-    applied: &mut Applied,
-    progress: &dyn Fn(u64),
-) -> ApiResult<()> {
+fn apply_sized(reader: &mut Reader<'_>, vdi: &Vdi, applied: &mut Applied) -> ApiResult<()> {
     let size = first_size(reader)?;
     if size < vdi.size() {
         return Err(ApiError::invalid(format!(
@@ -385,7 +351,7 @@ fn apply_sized(
     if size > vdi.size() {
         vdi.grow(size)?;
     }
-    apply(reader, vdi, applied, progress)
+    apply(reader, vdi, applied)
 }
 
 /// The SIZE record, which comes before any data.
@@ -487,18 +453,12 @@ struct Applied {
 }
 
 /// Applies the records after SIZE, up to and including END.
-fn apply(
-    reader: &mut Reader<'_>,
-    vdi: &Vdi,
-    applied: &mut Applied,
-    progress: &dyn Fn(u64),
-) -> ApiResult<()> {
+fn apply(reader: &mut Reader<'_>, vdi: &Vdi, applied: &mut Applied) -> ApiResult<()> {
     loop {
         match reader.next_record().map_err(stream_error)? {
             StreamRecord::Data { offset, data } => {
                 vdi.write(&data, offset)?;
                 applied.data += data.len() as u64;
-                progress(data.len() as u64);
             }
             StreamRecord::Zero { offset, length } => {
                 vdi.write_zeroes(offset, length)?;

@@ -570,7 +570,7 @@ impl Api for Service {
         out: &mut dyn std::io::Write,
     ) -> ApiResult<SendReport> {
         let plan = replication::plan_send(&self.store, to, from)?;
-        plan.write(out, self.show_progress)?;
+        plan.write(out)?;
         Ok(plan.report().clone())
     }
 
@@ -582,7 +582,7 @@ impl Api for Service {
     ) -> ApiResult<ReceiveReport> {
         // A receive may roll the disk back: not under a client's feet.
         self.refuse_if_connected(name, None)?;
-        self.change(|store| replication::receive(store, name, input, force, self.show_progress))
+        self.change(|store| replication::receive(store, name, input, force))
     }
 
     fn hosts(&self) -> ApiResult<Vec<HostInfo>> {

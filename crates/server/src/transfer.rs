@@ -13,7 +13,8 @@
 //! blocks that are all zeros, then fsyncs the file.
 
 use anyhow::{anyhow, bail, Context, Result};
-use indicatif::{ProgressBar, ProgressStyle};
+pub use indicatif::ProgressBar;
+use indicatif::ProgressStyle;
 use parallax_engine::{ReadDisk, Store, Vdi};
 use parallax_format::BLOCK_SIZE;
 use parallax_image::{open_image, DiskImage};
@@ -74,6 +75,29 @@ fn progress(show: bool, total: u64, what: &str) -> ProgressBar {
         what,
         "{bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
     )
+}
+
+/// Bytes of a stream moved so far, on stderr when it is a terminal: a bar
+/// when the `total` is known, else a count with the rate (`send` and
+/// `receive` wrap their output or input in it).
+pub fn stream_progress(what: &str, total: Option<u64>) -> ProgressBar {
+    if let Some(total) = total {
+        return progress_bar(
+            true,
+            total,
+            what,
+            "{bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+        );
+    }
+    if !std::io::stderr().is_terminal() {
+        return ProgressBar::hidden();
+    }
+    let bar = ProgressBar::new_spinner();
+    if let Ok(style) = ProgressStyle::with_template("{msg} {bytes} {bytes_per_sec} {elapsed}") {
+        bar.set_style(style);
+    }
+    bar.set_message(what.to_string());
+    bar
 }
 
 /// A progress bar on stderr, if `show` and stderr is a terminal: `what`,
