@@ -2,13 +2,16 @@
 # Builds a tiny Linux guest for the tests that boot real VMs under TCG:
 # Debian's kernel and a busybox initramfs with the virtio modules.
 #   scripts/guest.sh DIR     writes DIR/vmlinuz and DIR/initrd.img (kept:
-#                            nothing is done when both exist)
+#                            nothing is done when both exist and were made
+#                            by this version of the script)
 #
 # The guest's init mounts /proc, /sys and /dev, loads virtio-blk, waits for
 # /dev/vda and runs the program in the disk's first 4 KiB (a shell script,
 # NUL-padded): the VM's behaviour comes from its disk, so a clone of a gold
 # image decides what it does. The kernel command line is expected to say
 # `console=ttyS0 quiet panic=-1`; init powers off when the program ends.
+# Besides busybox, the initramfs has util-linux's blkdiscard as
+# `blkdiscard-util` (busybox's has no -z, which issues WRITE_ZEROES).
 # Needs busybox-static (scripts/install-deps.sh --vm) and Debian's
 # package mirror (the kernel package is downloaded once).
 set -euo pipefail
@@ -16,7 +19,10 @@ set -euo pipefail
 dir="${1:?usage: scripts/guest.sh DIR}"
 mkdir -p "$dir"
 dir="$(cd "$dir" && pwd)"
-if [ -s "$dir/vmlinuz" ] && [ -s "$dir/initrd.img" ]; then
+# Raised whenever the initramfs changes, so that a kept one is rebuilt.
+version_mark=2
+if [ -s "$dir/vmlinuz" ] && [ -s "$dir/initrd.img" ] &&
+    [ "$(cat "$dir/guest-version" 2>/dev/null)" = "$version_mark" ]; then
     exit 0
 fi
 
@@ -47,6 +53,14 @@ for m in virtio/virtio_ring virtio/virtio virtio/virtio_pci_legacy_dev \
     fi
 done
 
+# util-linux's blkdiscard and the libraries it needs.
+mkdir -p initrd/lib/x86_64-linux-gnu initrd/lib64
+cp "$(command -v blkdiscard)" initrd/bin/blkdiscard-util
+for lib in $(ldd "$(command -v blkdiscard)" | awk '/=>/ { print $3 }'); do
+    cp "$lib" initrd/lib/x86_64-linux-gnu/
+done
+cp /lib64/ld-linux-x86-64.so.2 initrd/lib64/
+
 cat > initrd/init <<'EOF'
 #!/bin/sh
 mount -t proc proc /proc
@@ -72,4 +86,5 @@ chmod +x initrd/init
 cp "kpkg/boot/vmlinuz-$version" "$dir/vmlinuz.tmp"
 mv "$work/initrd.img" "$dir/initrd.img"
 mv "$dir/vmlinuz.tmp" "$dir/vmlinuz"
+echo "$version_mark" > "$dir/guest-version"
 echo "guest: $dir/vmlinuz ($version), $dir/initrd.img"

@@ -138,8 +138,10 @@ pub fn serve(ctx: &Context, flags: ServeFlags) -> Result<()> {
         cache,
         cache_size,
         journal,
+        vhost_user,
         config: _,
     } = flags;
+    let vhost_user = vhost_user.map(|p| absolute(&p)).transpose()?;
     let cache = cache
         .map(|p| absolute(&p))
         .transpose()?
@@ -197,6 +199,7 @@ pub fn serve(ctx: &Context, flags: ServeFlags) -> Result<()> {
         nbd_socket_mode,
         cache,
         journal,
+        vhost_user,
     })
 }
 

@@ -158,6 +158,11 @@ pub(crate) struct ServeFlags {
     /// starts empty).
     #[arg(long, value_name = "SIZE", requires = "cache", value_parser = size::parse_size)]
     pub cache_size: Option<u64>,
+    /// Also serve every disk over vhost-user-blk, for QEMU guests on this
+    /// host: a socket DIR/NAME.sock per disk (made and removed as disks
+    /// come and go). A disk is served over vhost-user or NBD, not both.
+    #[arg(long, value_name = "DIR")]
+    pub vhost_user: Option<PathBuf>,
     /// Settings file: a TOML table of these flags without their dashes
     /// (`nbd_listen = "0.0.0.0:10809"`, `direct = true`); flags given here
     /// win. [default: /etc/parallax/parallax.toml, when it exists]

@@ -63,6 +63,8 @@ pub struct ServeOptions {
     pub cache: Option<store_file::CacheFile>,
     /// Turn on entry journals (format 2, being built: docs/JOURNAL-PLAN.md).
     pub journal: bool,
+    /// Serve every disk over vhost-user-blk on `DIR/NAME.sock`.
+    pub vhost_user: Option<PathBuf>,
 }
 
 /// Every [`SETTLE_INTERVAL`], the store's upkeep ([`Store::settle`]):
@@ -417,7 +419,16 @@ pub fn run(options: ServeOptions) -> Result<()> {
     let etcd_handle = etcd;
     // Snapshot schedules stored in the disks' headers resume.
     scheduler.start_all(service.store());
+    let vhost_user = match &options.vhost_user {
+        Some(dir) => Some(
+            crate::vhost_user::VhostUserExports::start(service.clone(), dir.clone())
+                .with_context(|| format!("cannot serve vhost-user sockets in {}", dir.display()))?,
+        ),
+        None => None,
+    };
     let result = runtime.block_on(serve(&options, service.clone()));
+    // The guests' sockets go first: nothing writes after the final flush.
+    drop(vhost_user);
     scheduler.stop_all();
     drop(runtime);
     // Every connection is gone; commit whatever is still in memory.

@@ -30,6 +30,7 @@ pub mod stream_body;
 pub mod tls;
 pub mod transfer;
 pub mod uring;
+pub mod vhost_user;
 
 /// The error and its causes on one line.
 pub fn one_line(error: &anyhow::Error) -> String {

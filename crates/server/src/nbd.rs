@@ -107,6 +107,17 @@ type Target = Box<dyn ReadDisk>;
 fn open_target(service: &Service, name: &str) -> Result<Option<Target>, EngineError> {
     let store = service.store();
     let export = DiskRef::split(name);
+    // One writer: not a disk a vhost-user frontend has.
+    if export.snapshot.is_none()
+        && service
+            .connections()
+            .iter()
+            .any(|c| c.export == name && c.peer == crate::vhost_user::VHOST_USER_PEER)
+    {
+        return Err(EngineError::Busy(format!(
+            "{name} is attached over vhost-user (one writer at a time)"
+        )));
+    }
     Ok(Some(match &export.snapshot {
         Some(snap) => Box::new(store.open_snapshot(&export.disk, snap)?),
         None => match store.open_vdi(&export.disk) {

@@ -1,0 +1,665 @@
+//! vhost-user-blk: a QEMU guest on this host reads and writes a disk
+//! through shared memory, without the NBD protocol in between
+//! (`serve --vhost-user DIR`; `docs/VHOST-USER.md`).
+//!
+//! QEMU connects to a Unix socket per disk and hands over the guest's
+//! memory and virtqueues; the rust-vmm crates (`vhost-user-backend`,
+//! `virtio-queue`, `vm-memory`) run the vhost-user protocol and the rings,
+//! and this module is the block device behind them: the virtio-blk
+//! configuration space, and each request (virtio spec, "Block Device")
+//! read from its descriptor chain and carried out on the engine through
+//! the same `ReadDisk`/`Vdi` calls as NBD.
+//!
+//! Invariants:
+//! - Every chain gets a used entry. A chain whose buffers lie outside guest
+//!   memory, overflow, or leave no room for the status byte is answered
+//!   with length 0 and no status (there is nowhere to write one) and
+//!   logged; nothing else is disturbed. A request that is well formed but
+//!   wrong (past the end, not a multiple of 512 bytes, a write to a
+//!   read-only snapshot, too many segments) gets `VIRTIO_BLK_S_IOERR`;
+//!   an unknown type `VIRTIO_BLK_S_UNSUPP`.
+//! - With the write cache off (`CONFIG_WCE`: the guest set `writeback` to
+//!   0), a write is durable before it completes; with it on (the default),
+//!   after the next FLUSH, as over NBD.
+//! - One writer: a writable disk is served over vhost-user or NBD, not
+//!   both. A vhost-user connection registers itself as a connection to the
+//!   disk (`parallax status` lists it); it is refused while NBD clients
+//!   have the disk, and NBD clients are refused while it lasts.
+//! - Each queue is served by its own worker thread (`queues_per_thread`),
+//!   its requests one after the other: queues run concurrently, the
+//!   requests of one queue do not (yet).
+
+use crate::service::Service;
+use parallax_engine::ReadDisk;
+use std::io::{self, Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::thread;
+use tracing::{debug, info, warn};
+use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
+use vhost::vhost_user::Listener;
+use vhost_user_backend::{VhostUserBackend, VhostUserDaemon, VringRwLock, VringT};
+use virtio_queue::{DescriptorChain, QueueOwnedT};
+use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryLoadGuard, GuestMemoryMmap};
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::event::{
+    new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
+};
+
+type Memory = GuestMemoryAtomic<GuestMemoryMmap>;
+
+/// Descriptors per queue.
+const QUEUE_SIZE: usize = 256;
+const SECTOR: u64 = 512;
+/// Data segments one request may have (`seg_max`).
+const SEG_MAX: u32 = QUEUE_SIZE as u32 - 2;
+/// Largest DISCARD / WRITE_ZEROES segment, in sectors (1 GiB), and the
+/// segments one such request may carry.
+const MAX_ZERO_SECTORS: u32 = 1 << 21;
+const MAX_ZERO_SEG: u32 = 16;
+/// GET_ID's answer is at most this long (`VIRTIO_BLK_ID_BYTES`).
+const ID_BYTES: usize = 20;
+
+// Request types and statuses (virtio spec, 5.2.6).
+const T_IN: u32 = 0;
+const T_OUT: u32 = 1;
+const T_FLUSH: u32 = 4;
+const T_GET_ID: u32 = 8;
+const T_DISCARD: u32 = 11;
+const T_WRITE_ZEROES: u32 = 13;
+const S_OK: u8 = 0;
+const S_IOERR: u8 = 1;
+const S_UNSUPP: u8 = 2;
+
+// Feature bits (virtio spec, 5.2.3 and 6).
+const F_SEG_MAX: u64 = 1 << 2;
+const F_RO: u64 = 1 << 5;
+const F_BLK_SIZE: u64 = 1 << 6;
+const F_FLUSH: u64 = 1 << 9;
+const F_TOPOLOGY: u64 = 1 << 10;
+const F_CONFIG_WCE: u64 = 1 << 11;
+const F_MQ: u64 = 1 << 12;
+const F_DISCARD: u64 = 1 << 13;
+const F_WRITE_ZEROES: u64 = 1 << 14;
+const F_INDIRECT_DESC: u64 = 1 << 28;
+const F_EVENT_IDX: u64 = 1 << 29;
+const F_VERSION_1: u64 = 1 << 32;
+
+/// Offset of `writeback` in the configuration space.
+const CONFIG_WRITEBACK: usize = 32;
+const CONFIG_LEN: usize = 60;
+
+/// The block device behind one vhost-user connection.
+pub struct BlkBackend {
+    disk: Arc<dyn ReadDisk>,
+    /// What GET_ID answers (`/sys/block/vda/serial` in the guest).
+    id: String,
+    queues: usize,
+    mem: RwLock<Memory>,
+    event_idx: AtomicBool,
+    /// The guest's write cache setting: 1 write-back (FLUSH makes writes
+    /// durable), 0 write-through (every write durable when it completes).
+    writeback: AtomicU8,
+    /// One exit event per worker thread (one per queue).
+    exits: Vec<(Mutex<EventConsumer>, EventNotifier)>,
+}
+
+impl BlkBackend {
+    pub fn new(disk: Arc<dyn ReadDisk>, id: String, queues: usize) -> io::Result<BlkBackend> {
+        let exits = (0..queues)
+            .map(|_| {
+                new_event_consumer_and_notifier(EventFlag::NONBLOCK)
+                    .map(|(c, n)| (Mutex::new(c), n))
+            })
+            .collect::<io::Result<Vec<_>>>()?;
+        Ok(BlkBackend {
+            disk,
+            id,
+            queues,
+            mem: RwLock::new(GuestMemoryAtomic::new(GuestMemoryMmap::new())),
+            event_idx: AtomicBool::new(false),
+            writeback: AtomicU8::new(1),
+            exits,
+        })
+    }
+
+    fn read_only(&self) -> bool {
+        self.disk.writable().is_none()
+    }
+
+    /// The virtio-blk configuration space (`struct virtio_blk_config`).
+    fn config(&self) -> [u8; CONFIG_LEN] {
+        let mut c = [0u8; CONFIG_LEN];
+        c[0..8].copy_from_slice(&(self.disk.size() / SECTOR).to_le_bytes());
+        // size_max (8) is not offered; seg_max:
+        c[12..16].copy_from_slice(&SEG_MAX.to_le_bytes());
+        // blk_size: the engine's block, 4 KiB (logical sectors stay 512).
+        c[20..24].copy_from_slice(&4096u32.to_le_bytes());
+        // topology: physical_block_exp 3 (8 sectors), alignment 0,
+        // min_io_size 8 sectors, opt_io_size 0.
+        c[24] = 3;
+        c[26..28].copy_from_slice(&8u16.to_le_bytes());
+        c[CONFIG_WRITEBACK] = self.writeback.load(Ordering::Relaxed);
+        c[34..36].copy_from_slice(&(self.queues as u16).to_le_bytes());
+        c[36..40].copy_from_slice(&MAX_ZERO_SECTORS.to_le_bytes());
+        c[40..44].copy_from_slice(&MAX_ZERO_SEG.to_le_bytes());
+        c[44..48].copy_from_slice(&8u32.to_le_bytes());
+        c[48..52].copy_from_slice(&MAX_ZERO_SECTORS.to_le_bytes());
+        c[52..56].copy_from_slice(&MAX_ZERO_SEG.to_le_bytes());
+        c[56] = 1;
+        c
+    }
+
+    /// Serves the requests waiting on `vring` (with EVENT_IDX, until the
+    /// guest adds none between the last pass and re-enabling
+    /// notifications).
+    fn serve_queue(&self, vring: &VringRwLock<Memory>) -> io::Result<()> {
+        let mem = self.mem.read().unwrap_or_else(|e| e.into_inner()).memory();
+        if !self.event_idx.load(Ordering::Relaxed) {
+            self.drain_queue(vring, &mem)?;
+            return vring.signal_used_queue();
+        }
+        loop {
+            vring.disable_notification().map_err(io::Error::other)?;
+            self.drain_queue(vring, &mem)?;
+            if !vring.enable_notification().map_err(io::Error::other)? {
+                break;
+            }
+        }
+        if vring.needs_notification().map_err(io::Error::other)? {
+            vring.signal_used_queue()?;
+        }
+        Ok(())
+    }
+
+    fn drain_queue(
+        &self,
+        vring: &VringRwLock<Memory>,
+        mem: &GuestMemoryLoadGuard<GuestMemoryMmap>,
+    ) -> io::Result<()> {
+        let chains: Vec<_> = vring
+            .get_mut()
+            .get_queue_mut()
+            .iter(mem.clone())
+            .map_err(io::Error::other)?
+            .collect();
+        for chain in chains {
+            let head = chain.head_index();
+            let used = self.execute(chain, mem);
+            vring.add_used(head, used).map_err(io::Error::other)?;
+        }
+        Ok(())
+    }
+
+    /// Carries out one request; returns the bytes written into the
+    /// guest's buffers (the status byte included).
+    fn execute(
+        &self,
+        chain: DescriptorChain<GuestMemoryLoadGuard<GuestMemoryMmap>>,
+        mem: &GuestMemoryMmap,
+    ) -> u32 {
+        match self.try_execute(chain, mem) {
+            Ok(n) => n,
+            Err(e) => {
+                warn!(id = %self.id, "vhost-user: a malformed request is ignored: {e}");
+                0
+            }
+        }
+    }
+
+    fn try_execute(
+        &self,
+        chain: DescriptorChain<GuestMemoryLoadGuard<GuestMemoryMmap>>,
+        mem: &GuestMemoryMmap,
+    ) -> io::Result<u32> {
+        let bad =
+            |e: virtio_queue::Error| io::Error::new(io::ErrorKind::InvalidData, e.to_string());
+        let mut reader = chain.clone().reader(mem).map_err(bad)?;
+        let mut writer = chain.writer(mem).map_err(bad)?;
+        let room = writer.available_bytes();
+        if room == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "no room for the status byte",
+            ));
+        }
+        let mut status_at = writer.split_at(room - 1).map_err(bad)?;
+        let mut header = [0u8; 16];
+        reader.read_exact(&mut header)?;
+        let kind = u32::from_le_bytes(header[0..4].try_into().expect("4 bytes"));
+        let sector = u64::from_le_bytes(header[8..16].try_into().expect("8 bytes"));
+        let (status, written) = match self.request(kind, sector, &mut reader, &mut writer) {
+            Ok(n) => (S_OK, n),
+            Err(Status(s, why)) => {
+                debug!(id = %self.id, kind, sector, "vhost-user request failed: {why}");
+                (s, 0)
+            }
+        };
+        status_at.write_all(&[status])?;
+        Ok(written as u32 + 1)
+    }
+
+    /// The request's work; the bytes it wrote into the guest's buffers.
+    fn request(
+        &self,
+        kind: u32,
+        sector: u64,
+        reader: &mut impl Read,
+        writer: &mut virtio_queue::Writer<'_>,
+    ) -> Result<usize, Status> {
+        match kind {
+            T_IN => {
+                let len = writer.available_bytes();
+                let offset = self.range(sector, len as u64)?;
+                let mut buf = vec![0u8; len];
+                self.disk.read(&mut buf, offset).map_err(Status::io)?;
+                writer.write_all(&buf).map_err(Status::io)?;
+                Ok(len)
+            }
+            T_OUT => {
+                let vdi = self
+                    .disk
+                    .writable()
+                    .ok_or_else(|| Status::err("the disk is read-only"))?;
+                let mut buf = Vec::new();
+                reader.read_to_end(&mut buf).map_err(Status::io)?;
+                let offset = self.range(sector, buf.len() as u64)?;
+                vdi.write(&buf, offset).map_err(Status::io)?;
+                if self.writeback.load(Ordering::Relaxed) == 0 {
+                    vdi.flush().map_err(Status::io)?;
+                }
+                Ok(0)
+            }
+            T_FLUSH => {
+                if let Some(vdi) = self.disk.writable() {
+                    vdi.flush().map_err(Status::io)?;
+                }
+                Ok(0)
+            }
+            T_GET_ID => {
+                let mut id = [0u8; ID_BYTES];
+                let n = self.id.len().min(ID_BYTES);
+                id[..n].copy_from_slice(&self.id.as_bytes()[..n]);
+                let n = writer.available_bytes().min(ID_BYTES);
+                writer.write_all(&id[..n]).map_err(Status::io)?;
+                Ok(n)
+            }
+            T_DISCARD | T_WRITE_ZEROES => {
+                let vdi = self
+                    .disk
+                    .writable()
+                    .ok_or_else(|| Status::err("the disk is read-only"))?;
+                let mut segments = Vec::new();
+                reader.read_to_end(&mut segments).map_err(Status::io)?;
+                if segments.is_empty()
+                    || !segments.len().is_multiple_of(16)
+                    || segments.len() / 16 > MAX_ZERO_SEG as usize
+                {
+                    return Err(Status::err("malformed discard or write-zeroes segments"));
+                }
+                for seg in segments.chunks(16) {
+                    let start = u64::from_le_bytes(seg[0..8].try_into().expect("8 bytes"));
+                    let sectors = u32::from_le_bytes(seg[8..12].try_into().expect("4 bytes"));
+                    if sectors > MAX_ZERO_SECTORS {
+                        return Err(Status::err("a segment longer than max_*_sectors"));
+                    }
+                    let len = u64::from(sectors) * SECTOR;
+                    let offset = self.range(start, len)?;
+                    match kind {
+                        T_DISCARD => vdi.discard(offset, len),
+                        _ => vdi.write_zeroes(offset, len),
+                    }
+                    .map_err(Status::io)?;
+                }
+                Ok(0)
+            }
+            _ => Err(Status(S_UNSUPP, format!("request type {kind}"))),
+        }
+    }
+
+    /// The byte offset of `len` bytes at `sector`, checked against the
+    /// disk.
+    fn range(&self, sector: u64, len: u64) -> Result<u64, Status> {
+        let offset = sector
+            .checked_mul(SECTOR)
+            .ok_or_else(|| Status::err("sector out of range"))?;
+        if !len.is_multiple_of(SECTOR)
+            || offset
+                .checked_add(len)
+                .is_none_or(|end| end > self.disk.size())
+        {
+            return Err(Status::err(format!(
+                "{len} bytes at sector {sector}: past the end or not whole sectors"
+            )));
+        }
+        Ok(offset)
+    }
+}
+
+/// A request's failure: its status and why.
+struct Status(u8, String);
+
+impl Status {
+    fn err(why: impl Into<String>) -> Status {
+        Status(S_IOERR, why.into())
+    }
+
+    fn io(e: impl std::fmt::Display) -> Status {
+        Status(S_IOERR, e.to_string())
+    }
+}
+
+impl VhostUserBackend for BlkBackend {
+    type Bitmap = ();
+    type Vring = VringRwLock<Memory>;
+
+    fn num_queues(&self) -> usize {
+        self.queues
+    }
+
+    fn max_queue_size(&self) -> usize {
+        QUEUE_SIZE
+    }
+
+    fn features(&self) -> u64 {
+        let mut f = F_VERSION_1
+            | F_INDIRECT_DESC
+            | F_EVENT_IDX
+            | F_SEG_MAX
+            | F_BLK_SIZE
+            | F_TOPOLOGY
+            | F_FLUSH
+            | F_CONFIG_WCE
+            | F_MQ
+            | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
+        if self.read_only() {
+            f |= F_RO;
+        } else {
+            f |= F_DISCARD | F_WRITE_ZEROES;
+        }
+        f
+    }
+
+    fn protocol_features(&self) -> VhostUserProtocolFeatures {
+        VhostUserProtocolFeatures::CONFIG | VhostUserProtocolFeatures::MQ
+    }
+
+    fn set_event_idx(&self, enabled: bool) {
+        self.event_idx.store(enabled, Ordering::Relaxed);
+    }
+
+    fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
+        let config = self.config();
+        let start = (offset as usize).min(CONFIG_LEN);
+        let end = start.saturating_add(size as usize).min(CONFIG_LEN);
+        config[start..end].to_vec()
+    }
+
+    /// Only `writeback` is writable (CONFIG_WCE).
+    fn set_config(&self, offset: u32, buf: &[u8]) -> io::Result<()> {
+        if offset as usize == CONFIG_WRITEBACK && buf.len() == 1 {
+            self.writeback
+                .store(u8::from(buf[0] != 0), Ordering::Relaxed);
+            if let (0, Some(vdi)) = (buf[0], self.disk.writable()) {
+                // Switching to write-through: what was cached becomes durable.
+                vdi.flush().map_err(io::Error::other)?;
+            }
+            return Ok(());
+        }
+        Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "only the writeback field of the configuration is writable",
+        ))
+    }
+
+    fn update_memory(&self, mem: Memory) -> io::Result<()> {
+        *self.mem.write().unwrap_or_else(|e| e.into_inner()) = mem;
+        Ok(())
+    }
+
+    fn queues_per_thread(&self) -> Vec<u64> {
+        (0..self.queues).map(|q| 1u64 << q).collect()
+    }
+
+    fn exit_event(&self, thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
+        let (consumer, notifier) = self.exits.get(thread_index)?;
+        let consumer = consumer.lock().ok()?.try_clone().ok()?;
+        Some((consumer, notifier.try_clone().ok()?))
+    }
+
+    fn handle_event(
+        &self,
+        device_event: u16,
+        evset: EventSet,
+        vrings: &[Self::Vring],
+        _thread_id: usize,
+    ) -> io::Result<()> {
+        if evset != EventSet::IN {
+            return Err(io::Error::other(format!("unexpected event set {evset:?}")));
+        }
+        let vring = vrings
+            .get(device_event as usize)
+            .ok_or_else(|| io::Error::other(format!("no queue {device_event}")))?;
+        self.serve_queue(vring)
+    }
+}
+
+/// One disk served on one socket: QEMU may connect, go, and connect again
+/// (`reconnect=` on its chardev). Dropping it stops serving and removes the
+/// socket.
+pub struct VhostUserSocket {
+    path: PathBuf,
+    stop: Arc<AtomicBool>,
+    connection: Arc<Mutex<Option<vhost_user_backend::ShutdownHandle>>>,
+    thread: Option<thread::JoinHandle<()>>,
+}
+
+impl VhostUserSocket {
+    /// Serves `disk` (export `export`: `NAME` or `NAME@SNAP`) on a socket
+    /// at `path` (replaced if it exists), with `queues` queues.
+    pub fn serve(
+        service: Arc<Service>,
+        export: String,
+        disk: Arc<dyn ReadDisk>,
+        id: String,
+        path: &Path,
+        queues: usize,
+    ) -> io::Result<VhostUserSocket> {
+        let mut listener = Listener::new(path, true).map_err(io::Error::other)?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let connection = Arc::new(Mutex::new(None));
+        let (stop2, connection2, path2) = (stop.clone(), connection.clone(), path.to_path_buf());
+        let thread = thread::Builder::new()
+            .name(format!("vhost-user {export}"))
+            .spawn(move || {
+                while !stop2.load(Ordering::Acquire) {
+                    if let Err(e) = serve_one(
+                        &service,
+                        &export,
+                        &disk,
+                        &id,
+                        queues,
+                        &mut listener,
+                        &stop2,
+                        &connection2,
+                    ) {
+                        warn!(%export, socket = %path2.display(), "vhost-user: {e}");
+                        // Do not spin on a persistent failure.
+                        thread::sleep(std::time::Duration::from_millis(200));
+                    }
+                }
+            })?;
+        Ok(VhostUserSocket {
+            path: path.to_path_buf(),
+            stop,
+            connection,
+            thread: Some(thread),
+        })
+    }
+}
+
+/// Accepts one connection and serves it until QEMU goes.
+#[allow(clippy::too_many_arguments)]
+fn serve_one(
+    service: &Service,
+    export: &str,
+    disk: &Arc<dyn ReadDisk>,
+    id: &str,
+    queues: usize,
+    listener: &mut Listener,
+    stop: &AtomicBool,
+    connection: &Mutex<Option<vhost_user_backend::ShutdownHandle>>,
+) -> io::Result<()> {
+    let backend = Arc::new(BlkBackend::new(disk.clone(), id.to_string(), queues)?);
+    let memory = GuestMemoryAtomic::new(GuestMemoryMmap::new());
+    let mut daemon = VhostUserDaemon::new(format!("vhost-user {export}"), backend, memory)
+        .map_err(|e| io::Error::other(format!("{e:?}")))?;
+    daemon
+        .start(listener)
+        .map_err(|e| io::Error::other(format!("{e:?}")))?;
+    if stop.load(Ordering::Acquire) {
+        daemon.request_shutdown();
+        return Ok(());
+    }
+    // One writer: not while NBD clients have the disk.
+    let nbd = disk.writable().is_some() && service.connections().iter().any(|c| c.export == export);
+    if nbd {
+        warn!(%export, "vhost-user connection refused: NBD clients have the disk (one writer)");
+        daemon.request_shutdown();
+        let _ = daemon.wait();
+        return Ok(());
+    }
+    let _registered = service.register_connection(export, VHOST_USER_PEER);
+    *connection.lock().unwrap_or_else(|e| e.into_inner()) = daemon.shutdown_handle();
+    info!(%export, "vhost-user frontend connected");
+    let ended = daemon.wait();
+    *connection.lock().unwrap_or_else(|e| e.into_inner()) = None;
+    info!(%export, "vhost-user frontend disconnected");
+    if let Some(vdi) = disk.writable() {
+        // What the guest left unflushed is committed as on any disconnect.
+        if let Err(e) = vdi.flush() {
+            warn!(%export, "flush after the vhost-user frontend left: {e}");
+        }
+    }
+    // QEMU going away (it quit, or was killed) is how a connection ends.
+    use vhost::vhost_user::Error as Protocol;
+    match ended {
+        Ok(()) => Ok(()),
+        Err(vhost_user_backend::Error::HandleRequest(
+            Protocol::Disconnected | Protocol::PartialMessage | Protocol::SocketBroken(_),
+        )) => Ok(()),
+        Err(e) => Err(io::Error::other(format!("{e:?}"))),
+    }
+}
+
+/// The peer a vhost-user connection registers as (`parallax status`).
+pub const VHOST_USER_PEER: &str = "vhost-user";
+
+impl Drop for VhostUserSocket {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Release);
+        if let Some(h) = self
+            .connection
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+        {
+            h.shutdown();
+        }
+        // Wake the accept.
+        let _ = std::os::unix::net::UnixStream::connect(&self.path);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// Queues offered per disk (QEMU's `num-queues` may ask for fewer).
+pub const QUEUES: usize = 4;
+
+/// `serve --vhost-user DIR`: a socket `DIR/NAME.sock` for every writable
+/// disk of the store, made and removed as disks come and go (checked every
+/// [`SYNC_EVERY`]). Dropping it removes them all.
+pub struct VhostUserExports {
+    stop: Arc<AtomicBool>,
+    thread: Option<thread::JoinHandle<()>>,
+}
+
+/// How often the sockets are matched with the store's disks.
+const SYNC_EVERY: std::time::Duration = std::time::Duration::from_millis(500);
+
+impl VhostUserExports {
+    pub fn start(service: Arc<Service>, dir: PathBuf) -> io::Result<VhostUserExports> {
+        std::fs::create_dir_all(&dir)?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let stop2 = stop.clone();
+        let thread = thread::Builder::new()
+            .name("vhost-user sockets".into())
+            .spawn(move || {
+                let mut sockets = std::collections::BTreeMap::<String, VhostUserSocket>::new();
+                while !stop2.load(Ordering::Acquire) {
+                    sync_sockets(&service, &dir, &mut sockets);
+                    thread::sleep(SYNC_EVERY);
+                }
+            })?;
+        Ok(VhostUserExports {
+            stop,
+            thread: Some(thread),
+        })
+    }
+}
+
+impl Drop for VhostUserExports {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Release);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Makes `sockets` match the store's disks: a socket for each disk that
+/// this appliance can open, none for a disk that is gone.
+fn sync_sockets(
+    service: &Arc<Service>,
+    dir: &Path,
+    sockets: &mut std::collections::BTreeMap<String, VhostUserSocket>,
+) {
+    let disks = match service.store().try_list() {
+        Ok(d) => d,
+        Err(e) => {
+            debug!("vhost-user: cannot list the disks: {e}");
+            return;
+        }
+    };
+    sockets.retain(|name, _| disks.contains(name));
+    for name in disks {
+        if sockets.contains_key(&name) {
+            continue;
+        }
+        // Another appliance may hold it (cluster mode): try again later.
+        let Ok(vdi) = service.store().open_vdi(&name) else {
+            continue;
+        };
+        let id = format!("parallax-{}", vdi.id());
+        let path = dir.join(format!("{name}.sock"));
+        match VhostUserSocket::serve(
+            service.clone(),
+            name.clone(),
+            Arc::new(vdi),
+            id,
+            &path,
+            QUEUES,
+        ) {
+            Ok(s) => {
+                info!(disk = %name, socket = %path.display(), "vhost-user socket ready");
+                sockets.insert(name, s);
+            }
+            Err(e) => {
+                warn!(disk = %name, socket = %path.display(), "cannot serve over vhost-user: {e}")
+            }
+        }
+    }
+}
