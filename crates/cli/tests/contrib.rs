@@ -80,7 +80,12 @@ fn the_libvirt_domain_validates() {
         String::from_utf8_lossy(&out.stderr)
     );
     let xml = std::fs::read_to_string(contrib("libvirt-domain.xml")).expect("read");
-    for disk in ["name='vm1' tls='yes'", "name='vm1-data'", "name='vm1@gold'"] {
+    for disk in [
+        "name='vm1' tls='yes'",
+        "name='vm1-data'",
+        "name='vm1@gold'",
+        "type='vhostuser'",
+    ] {
         assert!(xml.contains(disk), "{disk}");
     }
 }
