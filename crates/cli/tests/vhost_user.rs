@@ -153,6 +153,60 @@ fn read_nbd(uri: &str, dir: &Path, offset: u64, len: u64) -> Vec<u8> {
     all[offset as usize..(offset + len) as usize].to_vec()
 }
 
+/// A TCG guest on vhost-user socket `socket` with 2 queues, its console
+/// in `log`.
+fn start_guest(guest: &Path, socket: &Path, log: &Path) -> Child {
+    Command::new("qemu-system-x86_64")
+        .args([
+            "-accel",
+            "tcg",
+            "-m",
+            "256",
+            "-smp",
+            "2",
+            "-nographic",
+            "-no-reboot",
+        ])
+        .args([
+            "-object",
+            "memory-backend-memfd,id=mem,size=256M,share=on",
+            "-numa",
+            "node,memdev=mem",
+        ])
+        .arg("-kernel")
+        .arg(guest.join("vmlinuz"))
+        .arg("-initrd")
+        .arg(guest.join("initrd.img"))
+        .args(["-append", "console=ttyS0 quiet panic=-1"])
+        .arg("-chardev")
+        .arg(format!("socket,id=c0,path={}", socket.display()))
+        .args(["-device", "vhost-user-blk-pci,chardev=c0,num-queues=2"])
+        .stdin(Stdio::null())
+        .stdout(fs::File::create(log).unwrap())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start qemu")
+}
+
+/// The guest kit of `scripts/guest.sh`, built once per target directory.
+fn guest_kit() -> PathBuf {
+    let guest = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("guest");
+    let built = Command::new("bash")
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../scripts/guest.sh"
+        ))
+        .arg(&guest)
+        .output()
+        .unwrap();
+    assert!(
+        built.status.success(),
+        "scripts/guest.sh: {}",
+        String::from_utf8_lossy(&built.stderr)
+    );
+    guest
+}
+
 /// Whether `[offset, offset + len)` of `uri` lies in one `hole` extent of
 /// `nbdinfo --map`.
 fn is_hole(uri: &str, offset: u64, len: u64) -> bool {
@@ -270,36 +324,7 @@ fn a_guest_boots_from_a_clone_over_vhost_user_with_two_queues() {
         || socket.exists(),
     );
 
-    let mut qemu = Command::new("qemu-system-x86_64")
-        .args([
-            "-accel",
-            "tcg",
-            "-m",
-            "256",
-            "-smp",
-            "2",
-            "-nographic",
-            "-no-reboot",
-        ])
-        .args([
-            "-object",
-            "memory-backend-memfd,id=mem,size=256M,share=on",
-            "-numa",
-            "node,memdev=mem",
-        ])
-        .arg("-kernel")
-        .arg(guest.join("vmlinuz"))
-        .arg("-initrd")
-        .arg(guest.join("initrd.img"))
-        .args(["-append", "console=ttyS0 quiet panic=-1"])
-        .arg("-chardev")
-        .arg(format!("socket,id=c0,path={}", socket.display()))
-        .args(["-device", "vhost-user-blk-pci,chardev=c0,num-queues=2"])
-        .stdin(Stdio::null())
-        .stdout(fs::File::create(dir.join("vm.log")).unwrap())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start qemu");
+    let mut qemu = start_guest(&guest, &socket, &dir.join("vm.log"));
     let console = || fs::read_to_string(dir.join("vm.log")).unwrap_or_default();
     wait_for("the guest's program", Duration::from_secs(120), || {
         console().contains("holding")
@@ -383,6 +408,82 @@ fn a_guest_boots_from_a_clone_over_vhost_user_with_two_queues() {
         &read_nbd(&gold, &dir, 12 * MIB, MIB),
         &ones,
         "the gold image",
+    );
+    let check = d.ok(&["check", "--json"]);
+    assert!(check.contains("\"clean\": true"), "{check}");
+}
+
+/// QEMU killed (SIGKILL) while its guest writes, then started again on the
+/// same socket: the appliance takes the new connection, the second boot
+/// sees what the first flushed, and the store is clean (mutation tried: a
+/// socket that serves one connection only -> the second QEMU cannot
+/// connect).
+#[test]
+fn qemu_killed_mid_write_and_started_again() {
+    if !have("qemu-system-x86_64") || !have("qemu-io") {
+        return;
+    }
+    let guest = guest_kit();
+    let d = start_daemon();
+    let dir = d.dir.path().to_path_buf();
+    // First boot: mark block 64, then write blocks for ever. Second boot:
+    // the mark is there.
+    let program = "if dd if=/dev/vda bs=4096 skip=64 count=1 2>/dev/null | grep -q booted; then\n\
+        echo \"second boot: the mark is there\"\n\
+        else\n\
+        echo booted | dd of=/dev/vda bs=4096 seek=64 conv=sync,fsync 2>/dev/null\n\
+        echo \"first boot: writing\"\n\
+        i=0\n\
+        while true; do dd if=/dev/urandom of=/dev/vda bs=65536 seek=$((16 + i % 64)) count=1 conv=fsync 2>/dev/null; i=$((i+1)); done\n\
+        fi\n";
+    fs::write(dir.join("program.sh"), program).unwrap();
+    d.ok(&["create", "vm", "--size", "32M"]);
+    qemu_io(
+        &d.nbd("vm"),
+        &[format!(
+            "write -s {} 0 {}",
+            dir.join("program.sh").display(),
+            program.len()
+        )],
+    );
+    let socket = dir.join("vhost").join("vm.sock");
+    wait_for("the vhost-user socket", Duration::from_secs(10), || {
+        socket.exists()
+    });
+    let mut first = start_guest(&guest, &socket, &dir.join("first.log"));
+    let console = |name: &str| fs::read_to_string(dir.join(name)).unwrap_or_default();
+    wait_for("the first boot's writes", Duration::from_secs(120), || {
+        console("first.log").contains("first boot: writing")
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    first.kill().unwrap();
+    first.wait().unwrap();
+    wait_for("the connection to end", Duration::from_secs(10), || {
+        !d.ok(&["status", "--json"]).contains("vhost-user")
+    });
+    let mut second = start_guest(&guest, &socket, &dir.join("second.log"));
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let exit = loop {
+        if let Some(s) = second.try_wait().unwrap() {
+            break s;
+        }
+        if Instant::now() > deadline {
+            let _ = second.kill();
+            let _ = second.wait();
+            panic!(
+                "the second boot did not end:\n{}\n{}",
+                console("second.log"),
+                d.log()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(exit.success(), "qemu: {exit}");
+    assert!(
+        console("second.log").contains("second boot: the mark is there"),
+        "{}\n{}",
+        console("second.log"),
+        d.log()
     );
     let check = d.ok(&["check", "--json"]);
     assert!(check.contains("\"clean\": true"), "{check}");
