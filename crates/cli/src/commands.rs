@@ -849,6 +849,16 @@ pub fn receive(ctx: &Context, name: &str, input: &Path, force: bool) -> Result<(
     ))
 }
 
+pub fn attach(ctx: &Context, target: &DiskRef, socket: &Path) -> Result<()> {
+    let socket = absolute(socket)?;
+    ctx.read(|api| api.attach_vhost_user(&target.to_string(), &socket))
+}
+
+pub fn detach(ctx: &Context, socket: &Path) -> Result<()> {
+    let socket = absolute(socket)?;
+    ctx.read(|api| api.detach_vhost_user(&socket))
+}
+
 pub fn check(ctx: &Context) -> Result<()> {
     let r = ctx.read(|api| api.check())?;
     if ctx.json {

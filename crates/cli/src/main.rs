@@ -335,6 +335,22 @@ enum Command {
         #[arg(long)]
         force: bool,
     },
+    /// Serve a disk (or, read-only, a snapshot) over vhost-user-blk on a
+    /// socket of your choice, from the running daemon, until `detach`.
+    Attach {
+        /// The disk or snapshot.
+        #[arg(value_name = "NAME[@SNAP]", value_parser = parse_disk_ref)]
+        target: DiskRef,
+        /// The Unix socket to make, for QEMU's `-chardev socket,path=`.
+        #[arg(long, value_name = "SOCKET")]
+        vhost_user: PathBuf,
+    },
+    /// Stop serving a socket `attach` made (a guest on it is disconnected).
+    Detach {
+        /// The socket.
+        #[arg(long, value_name = "SOCKET")]
+        vhost_user: PathBuf,
+    },
     /// Verify the consistency of the store (exit 1 if damaged).
     Check,
     /// Return unreferenced blocks to the free pool.
@@ -602,6 +618,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             output,
         } => commands::send(&ctx, snapshot, from.as_deref(), output),
         Command::Receive { name, input, force } => commands::receive(&ctx, name, input, *force),
+        Command::Attach { target, vhost_user } => commands::attach(&ctx, target, vhost_user),
+        Command::Detach { vhost_user } => commands::detach(&ctx, vhost_user),
         Command::Check => commands::check(&ctx),
         Command::Gc => commands::gc(&ctx),
         Command::Repair {

@@ -540,6 +540,12 @@ pub trait Api {
         from: Option<&SnapName>,
         out: &mut dyn std::io::Write,
     ) -> ApiResult<SendReport>;
+    /// Serves `export` (`NAME`, or `NAME@SNAP` read-only) over
+    /// vhost-user-blk on a socket at `socket` until detached (a running
+    /// daemon only).
+    fn attach_vhost_user(&self, export: &str, socket: &Path) -> ApiResult<()>;
+    /// Stops serving the socket `attach_vhost_user` made at `socket`.
+    fn detach_vhost_user(&self, socket: &Path) -> ApiResult<()>;
     /// Applies the send stream read from `input` to disk `name` (see
     /// `replication.rs`).
     fn receive(

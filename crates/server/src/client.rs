@@ -4,7 +4,7 @@
 use crate::api::*;
 use crate::control::{
     CloneBody, CreateBody, DiffBody, ExportBody, HandoffBody, ImportBody, RollbackBody, SendBody,
-    SnapshotBody,
+    SnapshotBody, VhostUserBody,
 };
 use crate::stream_body::ChannelBody;
 use http_body_util::{BodyExt, Full};
@@ -392,6 +392,22 @@ impl Api for Remote {
                 .join()
                 .unwrap_or_else(|_| Err(ApiError::internal("the receive thread panicked")))
         })
+    }
+
+    fn attach_vhost_user(&self, export: &str, socket: &Path) -> ApiResult<()> {
+        let body = VhostUserBody {
+            export: export.to_string(),
+            socket: socket.to_path_buf(),
+        };
+        self.call_unit(Method::POST, "/v1/vhost-user", Some(&body))
+    }
+
+    fn detach_vhost_user(&self, socket: &Path) -> ApiResult<()> {
+        let body = VhostUserBody {
+            export: String::new(),
+            socket: socket.to_path_buf(),
+        };
+        self.call_unit(Method::DELETE, "/v1/vhost-user", Some(&body))
     }
 
     fn check(&self) -> ApiResult<CheckSummary> {

@@ -8,6 +8,7 @@
 
 use crate::api::*;
 use crate::service::Service;
+use crate::vhost_user::VhostUserSocket;
 use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::{Bytes, Incoming};
@@ -31,6 +32,9 @@ pub struct ControlState {
     pub service: Arc<Service>,
     /// `status` without its live connection list.
     pub status: DaemonStatus,
+    /// Sockets `attach --vhost-user` made, by path (dropped, and so
+    /// removed, when the daemon stops).
+    pub attached: parking_lot::Mutex<std::collections::BTreeMap<PathBuf, VhostUserSocket>>,
 }
 
 impl ControlState {
@@ -139,6 +143,15 @@ pub struct DiffBody {
     pub to: String,
     #[serde(default)]
     pub to_snapshot: Option<String>,
+}
+
+/// Body of `POST /v1/vhost-user` and `DELETE /v1/vhost-user`.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct VhostUserBody {
+    /// `NAME` or `NAME@SNAP` (attach only).
+    #[serde(default)]
+    pub export: String,
+    pub socket: PathBuf,
 }
 
 /// Body of `POST /v1/disks/{disk}/export`.
@@ -452,6 +465,43 @@ fn percent_decode(segment: &str) -> ApiResult<String> {
 }
 
 /// Maps one request to its operation.
+/// `attach --vhost-user`: serves `export` on `socket` from now on.
+fn attach(state: &ControlState, export: &str, socket: &Path) -> ApiResult<()> {
+    let mut attached = state.attached.lock();
+    if attached.contains_key(socket) {
+        return Err(ApiError::new(
+            ErrorKind::Conflict,
+            format!("{} already serves a disk", socket.display()),
+        ));
+    }
+    let store = state.service.store();
+    let target = parallax_engine::DiskRef::split(export);
+    let (disk, id): (Arc<dyn parallax_engine::ReadDisk>, String) = match &target.snapshot {
+        Some(snap) => {
+            let view = store.open_snapshot(&target.disk, snap)?;
+            let id = format!("parallax-{}@{}", view.vdi_id(), view.info().id);
+            (Arc::new(view), id)
+        }
+        None => {
+            let vdi = store.open_vdi(&target.disk)?;
+            let id = format!("parallax-{}", vdi.id());
+            (Arc::new(vdi), id)
+        }
+    };
+    let served = VhostUserSocket::serve(
+        state.service.clone(),
+        export.to_string(),
+        disk,
+        id,
+        socket,
+        crate::vhost_user::QUEUES,
+    )
+    .map_err(|e| ApiError::internal(format!("cannot serve {}: {e}", socket.display())))?;
+    info!(export, socket = %socket.display(), "attached over vhost-user");
+    attached.insert(socket.to_path_buf(), served);
+    Ok(())
+}
+
 fn route(
     state: &ControlState,
     method: &Method,
@@ -525,6 +575,24 @@ fn route(
         ["v1", "diff"] if post => {
             let b: DiffBody = parse(body)?;
             ok(200, api.diff(&b.from, &b.to, b.to_snapshot.as_deref()))
+        }
+        ["v1", "vhost-user"] if post => {
+            let b: VhostUserBody = parse(body)?;
+            done(attach(state, &b.export, absolute(&b.socket)?))
+        }
+        ["v1", "vhost-user"] if delete => {
+            let b: VhostUserBody = parse(body)?;
+            let gone = state.attached.lock().remove(absolute(&b.socket)?);
+            match gone {
+                Some(socket) => {
+                    drop(socket);
+                    done(Ok(()))
+                }
+                None => Err(ApiError::new(
+                    ErrorKind::NotFound,
+                    format!("nothing is attached at {}", b.socket.display()),
+                )),
+            }
         }
         ["v1", "df"] if get => ok(200, api.df(query.split('&').any(|q| q == "scan=1"))),
         ["v1", "check"] if get => ok(200, api.check()),

@@ -518,6 +518,7 @@ async fn serve(options: &ServeOptions, service: Arc<Service>) -> Result<()> {
             pool_data_read_bytes: 0,
             journal: false,
         },
+        attached: Default::default(),
     });
     let control_task = tokio::spawn(control::serve(control_listener, state, shutdown_rx.clone()));
     let mut accept_tasks = Vec::new();

@@ -585,6 +585,16 @@ impl Api for Service {
         self.change(|store| replication::receive(store, name, input, force))
     }
 
+    fn attach_vhost_user(&self, _export: &str, _socket: &Path) -> ApiResult<()> {
+        Err(ApiError::invalid(
+            "attach serves the disk from the daemon: start `parallax serve` first",
+        ))
+    }
+
+    fn detach_vhost_user(&self, _socket: &Path) -> ApiResult<()> {
+        Err(ApiError::invalid("no daemon runs: nothing is attached"))
+    }
+
     fn hosts(&self) -> ApiResult<Vec<HostInfo>> {
         let Some(c) = &self.cluster else {
             return Err(ApiError::new(
