@@ -20,6 +20,8 @@
 # with the host's disk.
 #
 # Usage: bench/vhost.sh        ROUNDS=5 PARALLAX_BIN=... bench/vhost.sh
+#        PARALLAX_BIN_B=/old/parallax bench/vhost.sh   adds a column: another
+#        binary's vhost-user on a store of its own, in the same rounds
 # Needs qemu-system-x86_64, qemu-storage-daemon, busybox-static and
 # Debian's kernel package (scripts/install-deps.sh --vm; scripts/guest.sh).
 set -euo pipefail
@@ -76,7 +78,17 @@ qemu-storage-daemon --blockdev driver=file,node-name=f0,filename="$work/raw.img"
     --export type=vhost-user-blk,id=e0,node-name=d0,addr.type=unix,addr.path="$work/qsd.sock",writable=on,num-queues=1 \
     > qsd.log 2>&1 &
 pids+=($!)
+if [ -n "${PARALLAX_BIN_B:-}" ]; then
+    PARALLAX_STORE="$work/store-b.px" "$PARALLAX_BIN_B" init --size 4G >/dev/null
+    PARALLAX_STORE="$work/store-b.px" "$PARALLAX_BIN_B" serve --direct --nbd-listen none \
+        --nbd-socket "$work/nbd-b.sock" --vhost-user "$work/vhost-b" > serve-b.log 2>&1 &
+    pids+=($!)
+    for _ in $(seq 100); do PARALLAX_STORE="$work/store-b.px" "$PARALLAX_BIN_B" status >/dev/null 2>&1 && break; sleep 0.1; done
+    PARALLAX_STORE="$work/store-b.px" "$PARALLAX_BIN_B" create vm --size 1G >/dev/null
+    qemu-io -f raw -c "write -s program.sh 0 4096" "nbd+unix:///vm?socket=$work/nbd-b.sock" >/dev/null
+fi
 for _ in $(seq 100); do [ -S "$work/qsd.sock" ] && [ -S "$work/vhost/vm.sock" ] && break; sleep 0.1; done
+[ -z "${PARALLAX_BIN_B:-}" ] || for _ in $(seq 100); do [ -S "$work/vhost-b/vm.sock" ] && break; sleep 0.1; done
 
 boot() { # boot NAME QEMU-DISK-ARGS...: runs the guest, appends "NAME ROW SECONDS" lines
     local name=$1
@@ -94,6 +106,8 @@ for r in $(seq "$rounds"); do
     boot vhost -chardev socket,id=c0,path="$work/vhost/vm.sock" -device vhost-user-blk-pci,chardev=c0,num-queues=1
     boot nbd -drive "file=nbd+unix:///vm?socket=$work/nbd.sock,format=raw,if=virtio,cache=none"
     boot qsd -chardev socket,id=c0,path="$work/qsd.sock" -device vhost-user-blk-pci,chardev=c0,num-queues=1
+    [ -z "${PARALLAX_BIN_B:-}" ] ||
+        boot vhost-b -chardev socket,id=c0,path="$work/vhost-b/vm.sock" -device vhost-user-blk-pci,chardev=c0,num-queues=1
 done
 
 median() { sort -g | awk '{ v[NR] = $1 } END { print v[int((NR + 1) / 2)] }'; }
@@ -111,3 +125,11 @@ for row in seq-write seq-read 4k-write 4k-read; do
     printf '%-10s %-18s %-18s %-18s %s\n' "$row" "$(rate $row "$v")" "$(rate $row "$n")" "$(rate $row "$q")" \
         "$(awk -v v="$v" -v q="$q" -v n="$n" 'BEGIN { printf "%.2fx      %.2fx", q / v, n / v }')"
 done
+if [ -n "${PARALLAX_BIN_B:-}" ]; then
+    echo "# B: $PARALLAX_BIN_B's vhost-user, same rounds"
+    for row in seq-write seq-read 4k-write 4k-read; do
+        v=$(m vhost $row) b=$(m vhost-b $row)
+        printf '%-10s %-18s B %-18s %s\n' "$row" "$(rate $row "$v")" "$(rate $row "$b")" \
+            "$(awk -v v="$v" -v b="$b" 'BEGIN { printf "this/B %.2fx", b / v }')"
+    done
+fi

@@ -243,16 +243,17 @@ impl BlkBackend {
         &self,
         kind: u32,
         sector: u64,
-        reader: &mut impl Read,
+        reader: &mut virtio_queue::Reader<'_>,
         writer: &mut virtio_queue::Writer<'_>,
     ) -> Result<usize, Status> {
         match kind {
             T_IN => {
                 let len = writer.available_bytes();
                 let offset = self.range(sector, len as u64)?;
-                let mut buf = vec![0u8; len];
-                self.disk.read(&mut buf, offset).map_err(Status::io)?;
-                writer.write_all(&buf).map_err(Status::io)?;
+                with_buffer(len, |buf| {
+                    self.disk.read(buf, offset).map_err(Status::io)?;
+                    writer.write_all(buf).map_err(Status::io)
+                })??;
                 Ok(len)
             }
             T_OUT => {
@@ -260,10 +261,12 @@ impl BlkBackend {
                     .disk
                     .writable()
                     .ok_or_else(|| Status::err("the disk is read-only"))?;
-                let mut buf = Vec::new();
-                reader.read_to_end(&mut buf).map_err(Status::io)?;
-                let offset = self.range(sector, buf.len() as u64)?;
-                vdi.write(&buf, offset).map_err(Status::io)?;
+                let len = reader.available_bytes();
+                let offset = self.range(sector, len as u64)?;
+                with_buffer(len, |buf| {
+                    reader.read_exact(buf).map_err(Status::io)?;
+                    vdi.write(buf, offset).map_err(Status::io)
+                })??;
                 if self.writeback.load(Ordering::Relaxed) == 0 {
                     vdi.flush().map_err(Status::io)?;
                 }
@@ -333,6 +336,31 @@ impl BlkBackend {
         }
         Ok(offset)
     }
+}
+
+/// The largest data a request may carry (a Linux guest sends at most
+/// `seg_max` pages, about 1 MiB).
+const MAX_REQUEST: usize = 32 << 20;
+
+thread_local! {
+    /// The data of the request this worker thread serves (each queue has
+    /// its own thread), kept from one request to the next: no allocation
+    /// or zero-filling per request.
+    static BUFFER: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Runs `f` on `len` bytes of this thread's request buffer.
+fn with_buffer<T>(len: usize, f: impl FnOnce(&mut [u8]) -> T) -> Result<T, Status> {
+    if len > MAX_REQUEST {
+        return Err(Status::err(format!("a request of {len} bytes")));
+    }
+    BUFFER.with(|b| {
+        let mut b = b.borrow_mut();
+        if b.len() < len {
+            b.resize(len, 0);
+        }
+        Ok(f(&mut b[..len]))
+    })
 }
 
 /// A request's failure: its status and why.
