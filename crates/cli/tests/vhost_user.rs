@@ -79,6 +79,12 @@ impl Daemon {
     fn log(&self) -> String {
         fs::read_to_string(self.dir.path().join("serve.log")).unwrap_or_default()
     }
+
+    #[track_caller]
+    fn assert_clean(&self) {
+        let check = self.ok(&["check", "--json"]);
+        assert!(check.contains("\"clean\": true"), "{check}");
+    }
 }
 
 impl Drop for Daemon {
@@ -238,6 +244,28 @@ fn same(got: &[u8], want: &[u8], what: &str) {
     assert_eq!(got.len(), want.len(), "{what}: length");
 }
 
+/// Waits for QEMU to exit (it powers off); kills it and fails, with
+/// `describe()` (its console), after `timeout`.
+#[track_caller]
+fn wait_exit(
+    qemu: &mut Child,
+    timeout: Duration,
+    describe: &dyn Fn() -> String,
+) -> std::process::ExitStatus {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(s) = qemu.try_wait().unwrap() {
+            return s;
+        }
+        if Instant::now() > deadline {
+            let _ = qemu.kill();
+            let _ = qemu.wait();
+            panic!("the guest did not power off:\n{}", describe());
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 fn wait_for(what: &str, timeout: Duration, mut done: impl FnMut() -> bool) {
     let deadline = Instant::now() + timeout;
     while !done() {
@@ -345,18 +373,7 @@ fn a_guest_boots_from_a_clone_over_vhost_user_with_two_queues() {
     );
     let status = d.ok(&["status", "--json"]);
     assert!(status.contains("vhost-user"), "{status}");
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let exit = loop {
-        if let Some(s) = qemu.try_wait().unwrap() {
-            break s;
-        }
-        if Instant::now() > deadline {
-            let _ = qemu.kill();
-            let _ = qemu.wait();
-            panic!("the guest did not power off:\n{}", console());
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    };
+    let exit = wait_exit(&mut qemu, Duration::from_secs(60), &console);
     let out = console();
     assert!(exit.success(), "qemu: {exit}\n{out}");
     for line in [
@@ -409,8 +426,7 @@ fn a_guest_boots_from_a_clone_over_vhost_user_with_two_queues() {
         &ones,
         "the gold image",
     );
-    let check = d.ok(&["check", "--json"]);
-    assert!(check.contains("\"clean\": true"), "{check}");
+    d.assert_clean();
 }
 
 /// QEMU killed (SIGKILL) while its guest writes, then started again on the
@@ -462,22 +478,9 @@ fn qemu_killed_mid_write_and_started_again() {
         !d.ok(&["status", "--json"]).contains("vhost-user")
     });
     let mut second = start_guest(&guest, &socket, &dir.join("second.log"));
-    let deadline = Instant::now() + Duration::from_secs(120);
-    let exit = loop {
-        if let Some(s) = second.try_wait().unwrap() {
-            break s;
-        }
-        if Instant::now() > deadline {
-            let _ = second.kill();
-            let _ = second.wait();
-            panic!(
-                "the second boot did not end:\n{}\n{}",
-                console("second.log"),
-                d.log()
-            );
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    };
+    let exit = wait_exit(&mut second, Duration::from_secs(120), &|| {
+        format!("{}\n{}", console("second.log"), d.log())
+    });
     assert!(exit.success(), "qemu: {exit}");
     assert!(
         console("second.log").contains("second boot: the mark is there"),
@@ -485,8 +488,7 @@ fn qemu_killed_mid_write_and_started_again() {
         console("second.log"),
         d.log()
     );
-    let check = d.ok(&["check", "--json"]);
-    assert!(check.contains("\"clean\": true"), "{check}");
+    d.assert_clean();
 }
 
 /// `attach NAME@SNAP --vhost-user SOCKET` serves a snapshot read-only at a
@@ -526,16 +528,11 @@ fn attach_serves_a_snapshot_read_only() {
     let again = d.parallax(&["attach", "gold", "--vhost-user", socket.to_str().unwrap()]);
     assert!(!again.status.success(), "a second attach on one socket");
     let mut qemu = start_guest(&guest, &socket, &dir.join("vm.log"));
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while qemu.try_wait().unwrap().is_none() {
-        if Instant::now() > deadline {
-            let _ = qemu.kill();
-            let _ = qemu.wait();
-            panic!("the guest did not power off");
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    let console = fs::read_to_string(dir.join("vm.log")).unwrap();
+    let log = dir.join("vm.log");
+    wait_exit(&mut qemu, Duration::from_secs(120), &|| {
+        fs::read_to_string(&log).unwrap_or_default()
+    });
+    let console = fs::read_to_string(&log).unwrap();
     assert!(console.contains("ro: 1"), "{console}");
     assert!(console.contains("write: refused"), "{console}");
     d.ok(&["detach", "--vhost-user", socket.to_str().unwrap()]);
