@@ -647,7 +647,8 @@ impl Drop for VhostUserExports {
 }
 
 /// Makes `sockets` match the store's disks: a socket for each disk that
-/// this appliance can open, none for a disk that is gone.
+/// this appliance can open (in cluster mode: holds), none for a disk that
+/// is gone (or handed off).
 fn sync_sockets(
     service: &Arc<Service>,
     dir: &Path,
@@ -660,13 +661,20 @@ fn sync_sockets(
             return;
         }
     };
-    sockets.retain(|name, _| disks.contains(name));
+    // Cluster mode: only the disks this appliance holds (opening a disk
+    // would take it from the appliance that writes it); a socket goes when
+    // its disk is handed off.
+    let clustered = service.cluster().is_some();
+    let open = |name: &str| match clustered {
+        true => service.store().open_if_held(name).ok().flatten(),
+        false => service.store().open_vdi(name).ok(),
+    };
+    sockets.retain(|name, _| disks.contains(name) && (!clustered || open(name).is_some()));
     for name in disks {
         if sockets.contains_key(&name) {
             continue;
         }
-        // Another appliance may hold it (cluster mode): try again later.
-        let Ok(vdi) = service.store().open_vdi(&name) else {
+        let Some(vdi) = open(&name) else {
             continue;
         };
         let id = format!("parallax-{}", vdi.id());
