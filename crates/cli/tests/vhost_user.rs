@@ -7,7 +7,8 @@
 //! host put in the gold image to another place, drops its caches and reads
 //! it back, discards a range (DISCARD) and zeroes another (util-linux's
 //! `blkdiscard -z`: WRITE_ZEROES). While it runs, the disk refuses NBD
-//! clients (one writer). Afterwards the host reads the clone through NBD:
+//! clients (one writer), rollback and deletion, and takes a snapshot that
+//! a clone then shows holding the guest's copy. Afterwards the host reads the clone through NBD:
 //! the copy is there, the discarded and zeroed ranges read as zeros, and
 //! the gold image did not change.
 //!
@@ -373,6 +374,18 @@ fn a_guest_boots_from_a_clone_over_vhost_user_with_two_queues() {
     );
     let status = d.ok(&["status", "--json"]);
     assert!(status.contains("vhost-user"), "{status}");
+    // Snapshots and clones go on while the guest has the disk; rollback
+    // and deletion are refused, as with NBD clients.
+    d.ok(&["snapshot", "vm@during"]);
+    d.ok(&["clone", "vm@during", "copy"]);
+    assert!(
+        !d.parallax(&["rollback", "vm@during"]).status.success(),
+        "rollback under a guest"
+    );
+    assert!(
+        !d.parallax(&["delete", "vm"]).status.success(),
+        "delete under a guest"
+    );
     let exit = wait_exit(&mut qemu, Duration::from_secs(60), &console);
     let out = console();
     assert!(exit.success(), "qemu: {exit}\n{out}");
@@ -412,6 +425,12 @@ fn a_guest_boots_from_a_clone_over_vhost_user_with_two_queues() {
         &read_nbd(&vm, &dir, 16 * MIB, MIB),
         &zeros,
         "the zeroed range",
+    );
+    // The snapshot taken while the guest ran holds its flushed copy.
+    same(
+        &read_nbd(&d.nbd("copy"), &dir, 2 * MIB, MIB),
+        &payload,
+        "the clone of vm@during",
     );
     // Zeroed with WRITE_ZEROES, not written: the blocks are unmapped.
     assert!(is_hole(&vm, 16 * MIB, MIB), "the zeroed range holds blocks");
