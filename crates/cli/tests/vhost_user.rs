@@ -89,10 +89,21 @@ impl Daemon {
 }
 
 impl Drop for Daemon {
+    /// SIGTERM, then SIGKILL after 10 s.
     fn drop(&mut self) {
-        let _ = Command::new("kill")
-            .arg(self.child.id().to_string())
-            .status();
+        if let Ok(None) = self.child.try_wait() {
+            let _ = Command::new("kill")
+                .arg(self.child.id().to_string())
+                .status();
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while let Ok(None) = self.child.try_wait() {
+                if Instant::now() > deadline {
+                    let _ = self.child.kill();
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
         let _ = self.child.wait();
     }
 }
@@ -558,4 +569,30 @@ fn attach_serves_a_snapshot_read_only() {
     assert!(!socket.exists(), "detach left the socket");
     let gone = d.parallax(&["detach", "--vhost-user", socket.to_str().unwrap()]);
     assert!(!gone.status.success());
+}
+
+/// The daemon stops on SIGTERM even when someone removed its vhost-user
+/// sockets' files (nothing can connect to wake their `accept`: shutting the
+/// listening socket down does; mutation tried: without that shutdown, the
+/// daemon hangs and this test fails).
+#[test]
+fn the_daemon_stops_when_its_socket_files_are_gone() {
+    let mut d = start_daemon();
+    d.ok(&["create", "a", "--size", "16M"]);
+    let dir = d.dir.path().join("vhost");
+    wait_for("the socket", Duration::from_secs(10), || {
+        dir.join("a.sock").exists()
+    });
+    fs::remove_dir_all(&dir).unwrap();
+    let pid = d.child.id().to_string();
+    assert!(Command::new("kill").arg(&pid).status().unwrap().success());
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while d.child.try_wait().unwrap().is_none() {
+        assert!(
+            Instant::now() < deadline,
+            "the daemon did not stop:\n{}",
+            d.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }

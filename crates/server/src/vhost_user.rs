@@ -476,6 +476,9 @@ impl VhostUserBackend for BlkBackend {
 /// socket.
 pub struct VhostUserSocket {
     path: PathBuf,
+    /// A duplicate of the listening socket: shutting it down wakes the
+    /// serving thread's `accept` (even when the socket file is gone).
+    wake: std::os::fd::OwnedFd,
     stop: Arc<AtomicBool>,
     connection: Arc<Mutex<Option<vhost_user_backend::ShutdownHandle>>>,
     thread: Option<thread::JoinHandle<()>>,
@@ -493,6 +496,11 @@ impl VhostUserSocket {
         queues: usize,
     ) -> io::Result<VhostUserSocket> {
         let mut listener = Listener::new(path, true).map_err(io::Error::other)?;
+        // SAFETY: `listener` owns this descriptor and outlives the call.
+        let listening = unsafe {
+            std::os::fd::BorrowedFd::borrow_raw(std::os::fd::AsRawFd::as_raw_fd(&listener))
+        };
+        let wake = rustix::io::dup(listening)?;
         let stop = Arc::new(AtomicBool::new(false));
         let connection = Arc::new(Mutex::new(None));
         let (stop2, connection2, path2) = (stop.clone(), connection.clone(), path.to_path_buf());
@@ -510,6 +518,9 @@ impl VhostUserSocket {
                         &stop2,
                         &connection2,
                     ) {
+                        if stop2.load(Ordering::Acquire) {
+                            break;
+                        }
                         warn!(%export, socket = %path2.display(), "vhost-user: {e}");
                         // Do not spin on a persistent failure.
                         thread::sleep(std::time::Duration::from_millis(200));
@@ -518,6 +529,7 @@ impl VhostUserSocket {
             })?;
         Ok(VhostUserSocket {
             path: path.to_path_buf(),
+            wake,
             stop,
             connection,
             thread: Some(thread),
@@ -594,6 +606,7 @@ impl Drop for VhostUserSocket {
             h.shutdown();
         }
         // Wake the accept.
+        let _ = rustix::net::shutdown(&self.wake, rustix::net::Shutdown::Both);
         let _ = std::os::unix::net::UnixStream::connect(&self.path);
         if let Some(t) = self.thread.take() {
             let _ = t.join();
