@@ -81,6 +81,19 @@ impl Daemon {
         fs::read_to_string(self.dir.path().join("serve.log")).unwrap_or_default()
     }
 
+    /// Creates disk `name` of `size` with the guest's `program` in its
+    /// first 4 KiB (written over NBD).
+    fn create_with_program(&self, name: &str, size: &str, program: &str) {
+        assert!(program.len() <= 4096);
+        let file = self.dir.path().join("program.sh");
+        fs::write(&file, program).unwrap();
+        self.ok(&["create", name, "--size", size]);
+        qemu_io(
+            &self.nbd(name),
+            &[format!("write -s {} 0 {}", file.display(), program.len())],
+        );
+    }
+
     #[track_caller]
     fn assert_clean(&self) {
         let check = self.ok(&["check", "--json"]);
@@ -482,16 +495,7 @@ fn qemu_killed_mid_write_and_started_again() {
         i=0\n\
         while true; do dd if=/dev/urandom of=/dev/vda bs=65536 seek=$((16 + i % 64)) count=1 conv=fsync 2>/dev/null; i=$((i+1)); done\n\
         fi\n";
-    fs::write(dir.join("program.sh"), program).unwrap();
-    d.ok(&["create", "vm", "--size", "32M"]);
-    qemu_io(
-        &d.nbd("vm"),
-        &[format!(
-            "write -s {} 0 {}",
-            dir.join("program.sh").display(),
-            program.len()
-        )],
-    );
+    d.create_with_program("vm", "32M", program);
     let socket = dir.join("vhost").join("vm.sock");
     wait_for("the vhost-user socket", Duration::from_secs(10), || {
         socket.exists()
@@ -536,16 +540,7 @@ fn attach_serves_a_snapshot_read_only() {
     let dir = d.dir.path().to_path_buf();
     let program = "echo \"ro: $(cat /sys/block/vda/ro)\"\n\
         if echo x | dd of=/dev/vda bs=4096 seek=8 conv=sync,fsync 2>/dev/null; then echo \"write: accepted\"; else echo \"write: refused\"; fi\n";
-    fs::write(dir.join("program.sh"), program).unwrap();
-    d.ok(&["create", "gold", "--size", "16M"]);
-    qemu_io(
-        &d.nbd("gold"),
-        &[format!(
-            "write -s {} 0 {}",
-            dir.join("program.sh").display(),
-            program.len()
-        )],
-    );
+    d.create_with_program("gold", "16M", program);
     d.ok(&["snapshot", "gold@v1"]);
     let socket = dir.join("snap.sock");
     d.ok(&[
